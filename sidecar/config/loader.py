@@ -1,0 +1,128 @@
+"""Read and validate ``sidecar.yaml``.
+
+Errors name the file, the field and the reason::
+
+    /etc/agent-authz/sidecar.yaml: tasks[0].egress[1].paths[0]: '/v1/../x' is not in canonical form
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from sidecar.config.schema import SidecarConfig
+from sidecar.errors import ConfigError, KeyLoadError
+
+__all__ = ["MAX_CONFIG_BYTES", "LoadedConfig", "format_loc", "load_config", "read_secret_file"]
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A validated configuration and where it came from.
+
+    Attributes:
+        settings: the validated model.
+        source: the config file path as given.
+        base_dir: directory that relative paths in the file are resolved against.
+        digest: SHA-256 hex of the file bytes.
+    """
+
+    settings: SidecarConfig
+    source: Path
+    base_dir: Path
+    digest: str
+
+    def resolve(self, path: Path) -> Path:
+        """Resolve ``path`` against the config file's directory when relative."""
+        return path if path.is_absolute() else self.base_dir / path
+
+
+def format_loc(loc: tuple[int | str, ...]) -> str:
+    """Render a pydantic error location as ``tasks[0].egress[1].paths``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _parse(source: Path, raw: bytes) -> SidecarConfig:
+    name = str(source)
+    try:
+        data = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(name, where, f"invalid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(name, "", "the top level must be a mapping")
+    try:
+        return SidecarConfig.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        first = errors[0]
+        reason = first["msg"].removeprefix("Value error, ")
+        more = ""
+        if len(errors) > 1:
+            rest = "; ".join(
+                f"{format_loc(e['loc']) or '(top)'}: {e['msg'].removeprefix('Value error, ')}" for e in errors[1:6]
+            )
+            more = f" (and {len(errors) - 1} more: {rest})"
+        raise ConfigError(name, format_loc(first["loc"]), reason + more) from None
+
+
+def load_config(path: str | Path) -> LoadedConfig:
+    """Read, parse and validate a config file.
+
+    Args:
+        path: path to ``sidecar.yaml`` (a symlink, as in a Kubernetes ConfigMap mount, is fine).
+
+    Returns:
+        The :class:`LoadedConfig`.
+
+    Raises:
+        ConfigError: unreadable, too large (over 4 MiB), not YAML, or invalid against the schema.
+    """
+    source = Path(path)
+    try:
+        with source.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(str(source), "", f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(source), "", f"larger than {MAX_CONFIG_BYTES} bytes")
+    settings = _parse(source, raw)
+    return LoadedConfig(settings, source, source.absolute().parent, hashlib.sha256(raw).hexdigest())
+
+
+def read_secret_file(path: Path, *, file: str, field: str, limit: int = 64 * 1024) -> bytes:
+    """Read a key or credential file.
+
+    Args:
+        path: resolved path.
+        file: the config file that named it (for the error message).
+        field: the config field that named it.
+        limit: maximum size in bytes.
+
+    Raises:
+        KeyLoadError: missing, unreadable, empty or too large.
+    """
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise KeyLoadError(file, field, f"cannot read {path}: {exc.strerror or exc}") from None
+    if not data.strip():
+        raise KeyLoadError(file, field, f"{path} is empty")
+    if len(data) > limit:
+        raise KeyLoadError(file, field, f"{path} is larger than {limit} bytes")
+    return data

@@ -1,0 +1,136 @@
+"""The request and decision values exchanged between the protocol edge and the policy code.
+
+Neither type knows about Envoy protobufs: :mod:`sidecar.envoy_authz` translates CheckRequest into
+:class:`AuthzRequest` and :class:`Decision` into CheckResponse.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "DECISION_ID_HEADER",
+    "REASON_HEADER",
+    "TASK_HEADER",
+    "AuthzRequest", "Decision", "Direction", "Reason", "TokenInfo", "deny_status"]
+
+TASK_HEADER = "x-agent-task"
+"""Request header an agent with several active tasks uses to pick one; stripped before forwarding."""
+DECISION_ID_HEADER = "x-agent-authz-decision-id"
+"""Set on the forwarded request, on the response and on a deny: joins logs to decisions."""
+REASON_HEADER = "x-agent-authz-reason"
+"""The reason code of a deny, on the deny response."""
+
+
+class Direction(enum.StrEnum):
+    """Which side of the agent a request is on."""
+
+    EGRESS = "egress"
+    INGRESS = "ingress"
+
+
+class Reason(enum.StrEnum):
+    """Stable reason codes. They appear in deny bodies, decision records and metrics labels.
+
+    Never rename a member: dashboards and alerts key on these strings.
+    """
+
+    ALLOWED = "allowed"
+    BAD_REQUEST = "bad_request"
+    NO_TASK = "no_task"
+    UNKNOWN_TASK = "unknown_task"
+    TASK_NOT_FOR_AGENT = "task_not_for_agent"
+    TASK_AMBIGUOUS = "task_ambiguous"
+    TASK_NOT_YET_VALID = "task_not_yet_valid"
+    TASK_EXPIRED = "task_expired"
+    TASK_REVOKED = "task_revoked"
+    HOST_NOT_ALLOWED = "host_not_allowed"
+    PORT_NOT_ALLOWED = "port_not_allowed"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    PATH_NOT_ALLOWED = "path_not_allowed"
+    BUDGET_EXHAUSTED = "budget_exhausted"
+    INTERNAL_ERROR = "internal_error"
+
+
+_STATUS = {Reason.BUDGET_EXHAUSTED: 429, Reason.BAD_REQUEST: 400}
+
+
+def deny_status(reason: Reason) -> int:
+    """HTTP status for a deny: 429 for an exhausted budget, 400 for a malformed request, else 403."""
+    return _STATUS.get(reason, 403)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzRequest:
+    """One HTTP request as seen by Envoy, before normalization.
+
+    Attributes:
+        direction: egress (the agent calls out) or ingress (someone calls the agent).
+        method: HTTP method as sent, e.g. ``"GET"``.
+        scheme: ``"http"`` or ``"https"`` (Envoy's ``:scheme``).
+        authority: the ``:authority``/Host value, possibly with a port.
+        path: the ``:path`` value; Envoy includes the query string here.
+        headers: lower-case header names to values (duplicates arrive comma-joined).
+        request_id: Envoy's ``x-request-id``.
+        context: the listener's ``context_extensions``.
+        peer_certificate: URL-encoded PEM of the client certificate (ingress mTLS), or ``""``.
+    """
+
+    direction: Direction
+    method: str
+    scheme: str
+    authority: str
+    path: str
+    headers: Mapping[str, str]
+    request_id: str = ""
+    context: Mapping[str, str] = field(default_factory=dict)
+    peer_certificate: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenInfo:
+    """What a decision record may say about a minted token: never the token itself."""
+
+    jti: str
+    aud: str
+    exp: int
+    cached: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The single outcome value of an authorization decision.
+
+    Attributes:
+        allow: whether Envoy forwards the request.
+        reason: stable reason code.
+        http_status: 200 on allow; 403, 429 or 400 on deny.
+        decision_id: unique id, returned to Envoy as dynamic metadata and as a header.
+        detail: a short human explanation (never secret material).
+        task_id / agent / on_behalf_of / rule: what the decision was judged against.
+        host / port / path / method: the normalized request (path without query).
+        headers_to_set: request headers Envoy overwrites (``append_action=OVERWRITE_IF_EXISTS_OR_ADD``).
+            May hold a bearer token or an API key: never log this field.
+        headers_to_remove: request headers Envoy removes before forwarding.
+        token: jti/aud/exp of the token injected, if any.
+    """
+
+    allow: bool
+    reason: Reason
+    http_status: int
+    decision_id: str
+    detail: str = ""
+    direction: Direction = Direction.EGRESS
+    task_id: str | None = None
+    agent: str | None = None
+    on_behalf_of: str | None = None
+    rule: str | None = None
+    method: str = ""
+    host: str = ""
+    port: int = 0
+    path: str = ""
+    headers_to_set: tuple[tuple[str, str], ...] = ()
+    headers_to_remove: tuple[str, ...] = ()
+    token: TokenInfo | None = None

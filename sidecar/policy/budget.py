@@ -1,0 +1,56 @@
+"""Call budgets: exact counters per task and per rule.
+
+The ledger lives outside the compiled policy so that counts survive a configuration reload.
+``try_consume`` checks and increments all counters of one call without yielding to the event
+loop, so concurrent requests can never overspend a budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+__all__ = ["BudgetKey", "BudgetLedger"]
+
+BudgetKey = tuple[str, str]
+"""``(task_id, rule_budget_key)``; the task-wide counter uses ``(task_id, "")``."""
+
+
+class BudgetLedger:
+    """Counts calls spent against ``max_calls`` limits."""
+
+    __slots__ = ("_used",)
+
+    def __init__(self) -> None:
+        self._used: dict[BudgetKey, int] = {}
+
+    def used(self, key: BudgetKey) -> int:
+        """Calls spent so far under ``key``."""
+        return self._used.get(key, 0)
+
+    def available(self, limits: Sequence[tuple[BudgetKey, int | None]]) -> bool:
+        """Whether one more call fits under every ``(key, limit)``; ``None`` limits are unlimited."""
+        used = self._used
+        return all(limit is None or used.get(key, 0) < limit for key, limit in limits)
+
+    def try_consume(self, limits: Sequence[tuple[BudgetKey, int | None]]) -> bool:
+        """Spend one call under every key if all have room; otherwise spend nothing.
+
+        Returns:
+            ``True`` when the call was counted.
+        """
+        if not self.available(limits):
+            return False
+        used = self._used
+        for key, _ in limits:
+            used[key] = used.get(key, 0) + 1
+        return True
+
+    def retain(self, task_ids: Iterable[str]) -> None:
+        """Drop counters of tasks no longer declared."""
+        keep = set(task_ids)
+        for key in [k for k in self._used if k[0] not in keep]:
+            del self._used[key]
+
+    def snapshot(self) -> dict[BudgetKey, int]:
+        """A copy of all counters."""
+        return dict(self._used)

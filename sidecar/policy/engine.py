@@ -1,0 +1,192 @@
+"""The egress decision: select the task, match the call, spend the budget, attach obligations.
+
+The function is synchronous and does no I/O: between the budget check and the budget spend nothing
+yields to the event loop, so budgets are exact under concurrency.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sidecar.decision import DECISION_ID_HEADER, TASK_HEADER, AuthzRequest, Decision, Direction, Reason, deny_status
+from sidecar.errors import BadRequestError
+from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_target
+from sidecar.policy.budget import BudgetKey, BudgetLedger
+from sidecar.policy.model import EgressRule, PolicyIndex, Task
+from sidecar.tokens.minter import TokenMinter
+
+__all__ = ["decide_egress"]
+
+_ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER)
+
+# How far a rule got before it failed; the deepest failure explains a deny best.
+_STAGES = (Reason.HOST_NOT_ALLOWED, Reason.PORT_NOT_ALLOWED, Reason.METHOD_NOT_ALLOWED, Reason.PATH_NOT_ALLOWED)
+
+
+@dataclass(frozen=True, slots=True)
+class _Match:
+    rules: tuple[EgressRule, ...]  # rules that match host, port, method and path
+    reason: Reason  # deepest failure when ``rules`` is empty
+
+
+def _task_state(task: Task, now: float) -> Reason | None:
+    if task.revoked:
+        return Reason.TASK_REVOKED
+    if now < task.not_before:
+        return Reason.TASK_NOT_YET_VALID
+    if now >= task.expires_at:
+        return Reason.TASK_EXPIRED
+    return None
+
+
+def _match(task: Task, target: Target, method: str) -> _Match:
+    candidates = task.rules_for_host(target.host)
+    if not candidates:
+        return _Match((), Reason.HOST_NOT_ALLOWED)
+    deepest = 1
+    matched = []
+    for rule in candidates:
+        port = rule.port if rule.port is not None else DEFAULT_PORTS["http"]
+        if port != target.port:
+            continue
+        deepest = max(deepest, 2)
+        if rule.methods is not None and method not in rule.methods:
+            continue
+        deepest = max(deepest, 3)
+        if not rule.paths.matches(target.path):
+            continue
+        matched.append(rule)
+    return _Match(tuple(matched), _STAGES[deepest] if not matched else Reason.ALLOWED)
+
+
+def _budget_limits(task: Task, rule: EgressRule) -> tuple[tuple[BudgetKey, int | None], ...]:
+    return (((task.id, ""), task.max_calls), ((task.id, rule.budget_key), rule.max_calls))
+
+
+def _default_audience(scheme: str, target: Target) -> str:
+    default = DEFAULT_PORTS.get(scheme)
+    return f"{scheme}://{target.host}" if target.port == default else f"{scheme}://{target.host}:{target.port}"
+
+
+def decide_egress(
+    policy: PolicyIndex,
+    request: AuthzRequest,
+    *,
+    now: float,
+    decision_id: str,
+    budgets: BudgetLedger,
+    minter: TokenMinter,
+) -> Decision:
+    """Decide one egress call of the local agent.
+
+    Args:
+        policy: the active compiled policy.
+        request: the call as Envoy saw it.
+        now: POSIX seconds.
+        decision_id: id to put on the decision.
+        budgets: the call counters (spent here on allow).
+        minter: mints or reuses the task-scoped token.
+
+    Returns:
+        A :class:`Decision`. Deny reasons: ``bad_request``, ``no_task``, ``unknown_task``,
+        ``task_not_for_agent``, ``task_ambiguous``, ``task_not_yet_valid``, ``task_expired``,
+        ``task_revoked``, ``host_not_allowed``, ``port_not_allowed``, ``method_not_allowed``,
+        ``path_not_allowed``, ``budget_exhausted``.
+    """
+    agent = policy.agent
+    method = request.method.upper()
+    base = {"direction": Direction.EGRESS, "agent": agent, "method": method, "decision_id": decision_id}
+    try:
+        target = normalize_target(request.authority, request.path, request.scheme or "http")
+    except BadRequestError as exc:
+        return Decision(False, Reason.BAD_REQUEST, 400, detail=str(exc), path=request.path[:256], **base)
+    base.update(host=target.host, port=target.port, path=target.path)
+
+    def deny(reason: Reason, detail: str, task: Task | None = None) -> Decision:
+        return Decision(
+            False,
+            reason,
+            deny_status(reason),
+            detail=detail,
+            task_id=task.id if task else None,
+            on_behalf_of=task.on_behalf_of if task else None,
+            **base,
+        )
+
+    headers: Mapping[str, str] = request.headers
+    chosen = headers.get(TASK_HEADER)
+    task: Task | None
+    if chosen is not None:
+        task = policy.tasks_by_id.get(chosen)
+        if task is None:
+            return deny(Reason.UNKNOWN_TASK, "no task with the id named in x-agent-task")
+        if task.agent != agent:
+            return deny(Reason.TASK_NOT_FOR_AGENT, "the task named in x-agent-task belongs to another agent", task)
+        state = _task_state(task, now)
+        if state is not None:
+            return deny(state, f"task is {state.value.removeprefix('task_').replace('_', ' ')}", task)
+        match = _match(task, target, method)
+    else:
+        tasks = policy.tasks_by_agent.get(agent, ())
+        if not tasks:
+            return deny(Reason.NO_TASK, "no task is declared for this agent")
+        active = [t for t in tasks if _task_state(t, now) is None]
+        if not active:
+            first = tasks[0]
+            state = _task_state(first, now)
+            assert state is not None
+            return deny(state, f"no active task (first: {state.value})", first)
+        if len(active) == 1:
+            task = active[0]
+            match = _match(task, target, method)
+        else:
+            results = [(t, _match(t, target, method)) for t in active]
+            allowed = [(t, m) for t, m in results if m.rules]
+            if len(allowed) > 1:
+                return deny(Reason.TASK_AMBIGUOUS, "several active tasks allow this call; name one in x-agent-task")
+            if allowed:
+                task, match = allowed[0]
+            else:
+                task, match = max(results, key=lambda tm: _STAGES.index(tm[1].reason))
+    if not match.rules:
+        return deny(match.reason, f"no egress rule of the task allows this call ({match.reason.value})", task)
+
+    rule = next((r for r in match.rules if budgets.available(_budget_limits(task, r))), None)
+    if rule is None or not budgets.try_consume(_budget_limits(task, rule)):
+        return deny(Reason.BUDGET_EXHAUSTED, "the task's call budget is spent", task)
+
+    to_set: list[tuple[str, str]] = [(DECISION_ID_HEADER, decision_id)]
+    to_remove = list(_ALWAYS_REMOVE)
+    token_info = None
+    if rule.token:
+        audience = rule.audience or _default_audience(request.scheme or "http", target)
+        minted = minter.token_for(
+            task_id=task.id,
+            task_fingerprint=task.fingerprint,
+            task_expires_at=task.expires_at,
+            subject=task.on_behalf_of or agent,
+            actor={"sub": agent},
+            client_id=agent,
+            audience=audience,
+            scope=rule.scope,
+            now=now,
+        )
+        to_set.append(("authorization", "Bearer " + minted.token))
+        token_info = minted.info
+    elif rule.credential is None or rule.credential.header != "authorization":
+        to_remove.append("authorization")
+    if rule.credential is not None:
+        to_set.append((rule.credential.header, rule.credential.value))
+    return Decision(
+        True,
+        Reason.ALLOWED,
+        200,
+        task_id=task.id,
+        on_behalf_of=task.on_behalf_of,
+        rule=rule.name,
+        headers_to_set=tuple(to_set),
+        headers_to_remove=tuple(to_remove),
+        token=token_info,
+        **base,
+    )

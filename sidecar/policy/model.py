@@ -1,0 +1,133 @@
+"""Compiled, immutable policy values: tasks, egress rules and the index that finds them.
+
+Everything here is built once per configuration load (:mod:`sidecar.policy.compile`) and then only
+read, so a reload swaps the whole :class:`PolicyIndex` with one assignment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["Credential", "EgressRule", "PathMatcher", "PolicyIndex", "Task"]
+
+
+@dataclass(frozen=True, slots=True)
+class PathMatcher:
+    """Matches canonical paths against exact paths and ``/prefix/*`` patterns.
+
+    Attributes:
+        exact: paths that match exactly.
+        prefixes: each ends with ``/``; a path matches when it starts with one and is longer.
+        any: the pattern ``*`` was given.
+    """
+
+    exact: frozenset[str]
+    prefixes: tuple[str, ...]
+    any: bool
+
+    @classmethod
+    def compile(cls, patterns: list[str]) -> PathMatcher:
+        """Build a matcher from validated patterns (see :class:`~sidecar.config.schema.EgressRuleSpec`)."""
+        exact = frozenset(p for p in patterns if p != "*" and not p.endswith("/*"))
+        prefixes = tuple(sorted({p[:-1] for p in patterns if p.endswith("/*")}))
+        return cls(exact, prefixes, "*" in patterns)
+
+    def matches(self, path: str) -> bool:
+        """Whether the canonical ``path`` is allowed."""
+        if self.any or path in self.exact:
+            return True
+        return any(path.startswith(prefix) and len(path) > len(prefix) for prefix in self.prefixes)
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """An API key injected into ``header``. ``value`` is secret: it is excluded from ``repr``."""
+
+    header: str
+    value: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class EgressRule:
+    """One compiled egress rule.
+
+    Attributes:
+        name: the rule's name, or ``egress[i]``.
+        budget_key: identifies the rule's call counter across reloads (its name, or a hash of what it
+            matches, so raising ``max_calls`` keeps the count).
+        host: exact host or ``*.suffix``.
+        port: destination port the agent must name; ``None`` means the scheme's default port.
+        methods: upper-case methods; ``None`` means any.
+        audience / scope: claims of the minted token; ``audience`` ``None`` means ``scheme://host[:port]``.
+        max_calls: calls allowed for this rule over the task's life; ``None`` means unlimited.
+        token: whether a task-scoped token is injected as ``Authorization: Bearer``.
+        credential: a static API key to inject, if any.
+    """
+
+    name: str
+    budget_key: str
+    host: str
+    port: int | None
+    methods: frozenset[str] | None
+    paths: PathMatcher
+    audience: str | None
+    scope: str | None
+    max_calls: int | None
+    token: bool
+    credential: Credential | None
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One compiled task.
+
+    Attributes:
+        id / agent / on_behalf_of / purpose: from the declaration.
+        not_before / expires_at: validity as POSIX seconds (UTC).
+        max_calls: calls allowed across all rules; ``None`` means unlimited.
+        revoked: set by ``revoked: true``; denies every call.
+        rules: all rules in declaration order.
+        exact_hosts / suffix_hosts: ``host -> ((index, rule), ...)``; suffix keys start with ``.``.
+        fingerprint: hash of the declaration; cached tokens are keyed by it.
+    """
+
+    id: str
+    agent: str
+    on_behalf_of: str | None
+    purpose: str
+    not_before: float
+    expires_at: float
+    max_calls: int | None
+    revoked: bool
+    rules: tuple[EgressRule, ...]
+    exact_hosts: Mapping[str, tuple[tuple[int, EgressRule], ...]]
+    suffix_hosts: Mapping[str, tuple[tuple[int, EgressRule], ...]]
+    fingerprint: str
+
+    def rules_for_host(self, host: str) -> tuple[EgressRule, ...]:
+        """Rules whose host pattern matches ``host``, in declaration order. O(number of labels)."""
+        found = list(self.exact_hosts.get(host, ()))
+        if self.suffix_hosts:
+            dot = host.find(".")
+            while dot >= 0:
+                found.extend(self.suffix_hosts.get(host[dot:], ()))
+                dot = host.find(".", dot + 1)
+        if len(found) > 1:
+            found.sort(key=lambda item: item[0])
+        return tuple(rule for _, rule in found)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyIndex:
+    """All tasks, indexed by id and by agent SPIFFE ID.
+
+    Attributes:
+        agent: the local agent's SPIFFE ID (the egress caller).
+        tasks_by_id: task id to task.
+        tasks_by_agent: agent SPIFFE ID to that agent's tasks, in declaration order.
+    """
+
+    agent: str
+    tasks_by_id: Mapping[str, Task]
+    tasks_by_agent: Mapping[str, tuple[Task, ...]]

@@ -1,0 +1,120 @@
+"""``agent-authz serve``: the ext_authz gRPC service and the admin server in one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+from pathlib import Path
+
+import grpc
+import structlog
+from aiohttp import web
+
+from sidecar.admin.app import make_admin_app
+from sidecar.audit.log import DecisionLog
+from sidecar.config.watch import watch_and_reload
+from sidecar.envoy_authz.service import AuthorizationService
+from sidecar.runtime import Runtime
+
+__all__ = ["run_server", "serve"]
+
+_log = structlog.get_logger("agent_authz.server")
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop``), then shut down gracefully.
+
+    Args:
+        config_path: ``sidecar.yaml``.
+        ready_file: once listening, write ``{"authz": addr, "admin": "host:port", "pid": n}`` here
+            (atomically), so callers can use port 0 without races.
+        stop: an event that ends the server (tests); signals are handled too.
+
+    Raises:
+        ConfigError: the initial configuration is invalid.
+        OSError: a listen address is unavailable.
+    """
+    loop = asyncio.get_running_loop()
+    runtime = Runtime(config_path, defer=loop.call_soon)
+    settings = runtime.snapshot.loaded.settings
+    log_spec = settings.decision_log
+    log_path = runtime.snapshot.loaded.resolve(log_spec.path) if log_spec.path is not None else None
+    decision_log = DecisionLog(log_path, stdout=log_spec.stdout)
+    service = AuthorizationService(runtime.decide, decision_log, runtime.clock)
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server.add_generic_rpc_handlers((service.handler(),))
+    authz = settings.listen.authz
+    if authz.startswith("unix:"):
+        sock_path = Path(authz[5:])
+        sock_path.unlink(missing_ok=True)
+        server.add_insecure_port(f"unix:{sock_path}")
+        authz_bound = authz
+    else:
+        host, port = _split(authz)
+        bound = server.add_insecure_port(f"{host}:{port}")
+        if bound == 0:
+            raise OSError(f"cannot listen on {authz}")
+        authz_bound = f"{host}:{bound}"
+    await server.start()
+
+    runner = web.AppRunner(make_admin_app(runtime), access_log=None, handle_signals=False)
+    await runner.setup()
+    admin = settings.listen.admin
+    if admin.startswith("unix:"):
+        site: web.BaseSite = web.UnixSite(runner, admin[5:])
+        await site.start()
+        admin_bound = admin
+    else:
+        host, port = _split(admin)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        site = web.SockSite(runner, sock)
+        await site.start()
+        admin_bound = f"{host}:{sock.getsockname()[1]}"
+
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watcher = asyncio.create_task(
+        watch_and_reload(lambda: runtime.snapshot.watched, runtime.reload, stop), name="config-watch"
+    )
+    _log.info("serving", authz=authz_bound, admin=admin_bound, tasks=len(runtime.snapshot.policy.tasks_by_id))
+    if ready_file is not None:
+        tmp = ready_file.with_name(ready_file.name + ".tmp")
+        tmp.write_text(json.dumps({"authz": authz_bound, "admin": admin_bound, "pid": os.getpid()}))
+        tmp.replace(ready_file)
+    try:
+        await stop.wait()
+    finally:
+        _log.info("shutting_down", decisions=service.decisions)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await server.stop(grace=2.0)
+        await runner.cleanup()
+        watcher.cancel()
+        try:
+            await watcher
+        except asyncio.CancelledError:
+            pass
+        decision_log.close()
+
+
+def run_server(config_path: Path, *, ready_file: Path | None = None) -> None:
+    """Run :func:`serve` on uvloop (when installed)."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(serve(config_path, ready_file=ready_file))
+    else:
+        uvloop.run(serve(config_path, ready_file=ready_file))

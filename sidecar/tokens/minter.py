@@ -1,0 +1,169 @@
+"""Token exchange on egress: task-scoped access tokens.
+
+For each allowed call the agent's identity is exchanged for a JWT shaped as an RFC 9068 access
+token (header ``typ: at+jwt``) for exactly that destination::
+
+    {"iss": issuer, "sub": on_behalf_of or agent, "act": {"sub": agent}, "client_id": agent,
+     "aud": audience, "scope": scope, "txn": task_id, "iat", "nbf", "exp", "jti"}
+
+``act`` follows RFC 8693 §4.1 (the current actor is outermost); ``txn`` carries the task id as the
+OAuth Transaction Tokens draft does. NumericDates are integers (RFC 7519 §2). ``exp`` is never later
+than the task's expiry nor ``iat + max_token_ttl``.
+
+Tokens are cached per (task, audience, scope, key) and refreshed ahead of expiry, so the request
+path normally signs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from sidecar.decision import TokenInfo
+from sidecar.tokens.keys import SigningKey
+
+__all__ = ["MintedToken", "TokenCache", "TokenMinter"]
+
+
+@dataclass(frozen=True, slots=True)
+class MintedToken:
+    """A compact JWS and what may be logged about it."""
+
+    token: str
+    info: TokenInfo
+    refresh_at: float
+    exp: float
+
+
+CacheKey = tuple[str, str, str, str, str]
+
+
+class TokenCache:
+    """Tokens by ``(task_id, task_fingerprint, audience, scope, kid)``; shared across reloads."""
+
+    __slots__ = ("_entries", "_pending")
+
+    def __init__(self) -> None:
+        self._entries: dict[CacheKey, MintedToken] = {}
+        self._pending: set[CacheKey] = set()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def retain(self, fingerprints: set[tuple[str, str]]) -> None:
+        """Drop entries whose ``(task_id, fingerprint)`` is no longer declared (revoked, changed)."""
+        for key in [k for k in self._entries if (k[0], k[1]) not in fingerprints]:
+            del self._entries[key]
+
+
+class TokenMinter:
+    """Mints and caches task-scoped tokens with one signing key.
+
+    Args:
+        key: the current signing key.
+        issuer: the ``iss`` claim.
+        max_ttl: upper bound of a token's lifetime in seconds.
+        refresh_ahead: fraction of the lifetime left at which a cached token is re-minted.
+        per_call: mint a fresh token on every call (no cache).
+        cache: shared :class:`TokenCache`.
+        defer: schedules a background refresh (e.g. ``loop.call_soon``); ``None`` refreshes inline.
+    """
+
+    __slots__ = ("_cache", "_defer", "_issuer", "_key", "_max_ttl", "_per_call", "_refresh_ahead", "minted")
+
+    def __init__(
+        self,
+        key: SigningKey,
+        issuer: str,
+        max_ttl: float,
+        refresh_ahead: float,
+        per_call: bool,
+        cache: TokenCache,
+        defer: Callable[[Callable[[], None]], Any] | None = None,
+    ) -> None:
+        self._key = key
+        self._issuer = issuer
+        self._max_ttl = max_ttl
+        self._refresh_ahead = refresh_ahead
+        self._per_call = per_call
+        self._cache = cache
+        self._defer = defer
+        self.minted = 0
+
+    def _mint(self, claims: dict[str, Any], expires_at: float, now: float) -> MintedToken:
+        iat = int(now)
+        exp = max(iat, math.floor(min(now + self._max_ttl, expires_at)))
+        jti = secrets.token_urlsafe(16)
+        payload = {**claims, "iat": iat, "nbf": iat, "exp": exp, "jti": jti}
+        token = jwt.encode(
+            payload,
+            self._key.private_key,
+            algorithm=self._key.algorithm,
+            headers={"kid": self._key.kid, "typ": "at+jwt"},
+        )
+        self.minted += 1
+        refresh_at = exp - (exp - iat) * self._refresh_ahead
+        return MintedToken(token, TokenInfo(jti=jti, aud=str(claims["aud"]), exp=exp, cached=False), refresh_at, exp)
+
+    def token_for(
+        self,
+        *,
+        task_id: str,
+        task_fingerprint: str,
+        task_expires_at: float,
+        subject: str,
+        actor: dict[str, Any],
+        client_id: str,
+        audience: str,
+        scope: str | None,
+        now: float,
+    ) -> MintedToken:
+        """Return a valid token for this task and destination, from cache when possible.
+
+        Args:
+            task_id / task_fingerprint / task_expires_at: the task (expiry in POSIX seconds).
+            subject: ``sub`` - the principal the task serves, or the agent.
+            actor: the ``act`` claim (RFC 8693 §4.1), e.g. ``{"sub": agent_spiffe_id}``.
+            client_id: RFC 9068 ``client_id`` (the agent's SPIFFE ID).
+            audience / scope: ``aud`` and ``scope``.
+            now: POSIX seconds.
+
+        Returns:
+            A :class:`MintedToken`; ``info.cached`` says whether it came from the cache.
+        """
+        claims: dict[str, Any] = {"iss": self._issuer, "sub": subject, "act": actor, "client_id": client_id}
+        claims["aud"] = audience
+        if scope:
+            claims["scope"] = scope
+        claims["txn"] = task_id
+        if self._per_call:
+            return self._mint(claims, task_expires_at, now)
+        key: CacheKey = (task_id, task_fingerprint, audience, scope or "", self._key.kid)
+        entries = self._cache._entries
+        hit = entries.get(key)
+        if hit is not None and now < hit.exp - 1:
+            if now >= hit.refresh_at and key not in self._cache._pending:
+                self._refresh(key, claims, task_expires_at)
+            return MintedToken(hit.token, TokenInfo(hit.info.jti, hit.info.aud, hit.info.exp, True), hit.refresh_at, hit.exp)
+        fresh = self._mint(claims, task_expires_at, now)
+        entries[key] = fresh
+        return fresh
+
+    def _refresh(self, key: CacheKey, claims: dict[str, Any], expires_at: float) -> None:
+        def run() -> None:
+            try:
+                self._cache._entries[key] = self._mint(claims, expires_at, time.time())
+            finally:
+                self._cache._pending.discard(key)
+
+        self._cache._pending.add(key)
+        if self._defer is None:
+            run()
+        else:
+            self._defer(run)
