@@ -14,7 +14,13 @@ __all__ = [
     "DECISION_ID_HEADER",
     "REASON_HEADER",
     "TASK_HEADER",
-    "AuthzRequest", "Decision", "Direction", "Reason", "TokenInfo", "deny_status"]
+    "AuthzRequest",
+    "Decision",
+    "Direction",
+    "Reason",
+    "TokenInfo",
+    "deny_status",
+]
 
 TASK_HEADER = "x-agent-task"
 """Request header an agent with several active tasks uses to pick one; stripped before forwarding."""

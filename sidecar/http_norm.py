@@ -77,13 +77,15 @@ def normalize_authority(authority: str, scheme: str = "http") -> tuple[str, int]
         except ValueError:
             raise BadRequestError("invalid IPv6 literal") from None
         host = f"[{ip6.compressed}]"
-        if rest and not rest.startswith(":"):
+        if rest and (not rest.startswith(":") or rest == ":"):
             raise BadRequestError("garbage after IPv6 literal")
         port_text = rest[1:] if rest else ""
     else:
         host, sep, port_text = authority.rpartition(":")
         if not sep:
             host, port_text = authority, ""
+        elif not port_text:
+            raise BadRequestError("empty port")
         host = host.lower()
         if host.endswith("."):
             host = host[:-1]

@@ -130,7 +130,9 @@ class ManagedProcess:
 class SidecarProcess(ManagedProcess):
     """``agent-authz serve`` with a ready file."""
 
-    def __init__(self, config: Path, *, log_dir: Path, env: Mapping[str, str] | None = None, name: str = "sidecar") -> None:
+    def __init__(
+        self, config: Path, *, log_dir: Path, env: Mapping[str, str] | None = None, name: str = "sidecar"
+    ) -> None:
         self.ready_file = log_dir / f"{name}.ready.json"
         argv = [sys.executable, "-m", "sidecar", "serve", "--config", str(config), "--ready-file", str(self.ready_file)]
         super().__init__(name, argv, log_dir=log_dir, env=env)

@@ -140,6 +140,7 @@ class Runtime:
             issuer.mint_per_call,
             self.tokens,
             self._defer,
+            self.clock,
         )
         snapshot = Snapshot(loaded, policy, keys, minter, digest.hexdigest(), frozenset(watched))
         # Commit state only once the whole snapshot is built.
@@ -169,8 +170,12 @@ class Runtime:
         self.snapshot = snapshot
         self.reloads += 1
         self.last_error = None
-        _log.info("config_reloaded", file=str(self.config_path), digest=snapshot.digest[:16],
-                  tasks=len(snapshot.policy.tasks_by_id))
+        _log.info(
+            "config_reloaded",
+            file=str(self.config_path),
+            digest=snapshot.digest[:16],
+            tasks=len(snapshot.policy.tasks_by_id),
+        )
         return True
 
     def decide(self, request: AuthzRequest, decision_id: str) -> Decision:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -103,10 +104,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         await server.stop(grace=2.0)
         await runner.cleanup()
         watcher.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await watcher
-        except asyncio.CancelledError:
-            pass
         decision_log.close()
 
 

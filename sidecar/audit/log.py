@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import MutableMapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -71,7 +72,7 @@ class _Sinks:
     info = msg
 
 
-def _render(_: Any, __: str, event_dict: dict[str, Any]) -> bytes:
+def _render(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> bytes:
     return orjson.dumps(event_dict)
 
 
@@ -96,9 +97,7 @@ class DecisionLog:
             streams.append(self._file)
         if stdout:
             streams.append(sys.stdout.buffer)
-        self._logger = structlog.wrap_logger(
-            _Sinks(streams), processors=[_render], cache_logger_on_first_use=True
-        )
+        self._logger = structlog.wrap_logger(_Sinks(streams), processors=[_render], cache_logger_on_first_use=True)
 
     def write(self, record: dict[str, Any]) -> None:
         """Write one record built by :func:`decision_record`.

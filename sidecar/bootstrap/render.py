@@ -91,7 +91,12 @@ def render_bootstrap(loaded: LoadedConfig) -> Any:
         Pipe,
         SubstitutionFormatString,
     )
-    from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
+    from envoy_data_plane.envoy.config.endpoint.v3 import (
+        ClusterLoadAssignment,
+        Endpoint,
+        LbEndpoint,
+        LocalityLbEndpoints,
+    )
     from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
     from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost
     from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
@@ -161,7 +166,9 @@ def render_bootstrap(loaded: LoadedConfig) -> Any:
                     cluster_name=name,
                     endpoints=[
                         LocalityLbEndpoints(
-                            lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_socket_address(addr.strip("[]"), int(port))))]
+                            lb_endpoints=[
+                                LbEndpoint(endpoint=Endpoint(address=_socket_address(addr.strip("[]"), int(port))))
+                            ]
                         )
                     ],
                 ),

@@ -133,7 +133,7 @@ class EgressRuleSpec(_Model):
     @field_validator("scope")
     @classmethod
     def _scope(cls, value: str | None) -> str | None:
-        if value is not None and (not value.strip() or any(c in value for c in "\"\\") or "  " in value):
+        if value is not None and (not value.strip() or any(c in value for c in '"\\') or "  " in value):
             raise ValueError("scope is a space-separated list of scope tokens (RFC 6749 §3.3)")
         return value
 
@@ -260,11 +260,12 @@ class SidecarConfig(_Model):
     decision_log: DecisionLogSpec = DecisionLogSpec()
     tasks: list[TaskSpec] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _unique_tasks(self) -> SidecarConfig:
+    @field_validator("tasks")
+    @classmethod
+    def _unique_tasks(cls, tasks: list[TaskSpec]) -> list[TaskSpec]:
         seen: set[str] = set()
-        for task in self.tasks:
+        for task in tasks:
             if task.id in seen:
                 raise ValueError(f"duplicate task id {task.id!r}")
             seen.add(task.id)
-        return self
+        return tasks

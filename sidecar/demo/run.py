@@ -93,15 +93,18 @@ def _check_upstream(upstream: SampleUpstream, api_key: str, problems: list[str])
             if claims.get("txn") != scenario.TASK_ID:
                 problems.append(f"token txn is {claims.get('txn')!r}")
             lines.append(
-                f"  {item.method} {item.host}{item.raw_path}: token sub={claims['sub']} act.sub={claims['act']['sub']} "
-                f"aud={claims['aud']} scope={claims.get('scope')} txn={claims['txn']} "
-                f"ttl={claims['exp'] - claims['iat']}s"
+                f"  {item.method} {item.host}{item.raw_path}\n"
+                f"      Bearer token verified: sub={claims['sub']} act.sub={claims['act']['sub']}\n"
+                f"      aud={claims['aud']} scope={claims.get('scope')} txn={claims['txn']} "
+                f"lifetime={claims['exp'] - claims['iat']}s jti={claims['jti'][:8]}…"
             )
         if item.host == scenario.SENTIMENT:
             ok = item.headers.get("x-api-key") == api_key
             if not ok:
                 problems.append("sentiment API did not get the injected key")
-            lines.append(f"  {item.method} {item.host}{item.raw_path}: x-api-key injected={'yes' if ok else 'NO'}")
+            lines.append(
+                f"  {item.method} {item.host}{item.raw_path}\n      x-api-key injected: {'yes' if ok else 'NO'}"
+            )
     allowed = sum(1 for c in scenario.calls() if c.status == 200)
     if len(seen) != allowed:
         problems.append(f"upstream received {len(seen)} requests, expected {allowed}")
@@ -123,28 +126,25 @@ def _check_log(log_path: Path, outcomes: list[_Outcome], api_key: str, problems:
 
 
 def _table(outcomes: list[_Outcome]) -> str:
-    rows = [("#", "call", "expected", "got", "decision id", "")]
+    rows = [("#", "call", "expected", "got", "decision", "why", "")]
     for i, o in enumerate(outcomes, 1):
         call = o.call
         target = call.url.removeprefix("http://")
-        if len(target) > 46:
-            target = target[:45] + "…"
+        if len(target) > 44:
+            target = target[:43] + "…"
         rows.append(
             (
                 str(i),
                 f"{call.method} {target}",
                 f"{call.status} {call.reason}",
                 f"{o.status} {o.reason}",
-                (o.decision_id or "-")[:12],
+                (o.decision_id or "-")[:8],
+                call.note,
                 _color("ok", _GREEN) if o.ok else _color("MISMATCH", _RED),
             )
         )
-    widths = [max(len(r[c]) for r in rows) for c in range(5)]
-    out = []
-    for r in rows:
-        out.append("  ".join(r[c].ljust(widths[c]) for c in range(5)) + "  " + r[5])
-    notes = [f"{_color(f'  {i}. {o.call.note}', _DIM)}" for i, o in enumerate(outcomes, 1)]
-    return "\n".join(out) + "\n" + "\n".join(notes)
+    widths = [max(len(r[c]) for r in rows) for c in range(6)]
+    return "\n".join("  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6] for r in rows)
 
 
 def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: str | None = None) -> int:

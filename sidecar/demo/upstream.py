@@ -88,7 +88,7 @@ class SampleUpstream:
         return self._jwks
 
     def _verify(self, token: str, check: TokenCheck) -> dict[str, Any]:
-        kid = jwt.get_unverified_header(token).get("kid")
+        kid = str(jwt.get_unverified_header(token).get("kid"))
         keys = self._keys()
         if kid not in {k.key_id for k in keys.keys}:
             keys = self._keys(refresh=True)
@@ -146,9 +146,7 @@ class SampleUpstream:
             await self._runner.setup()
             site = web.TCPSite(self._runner, "127.0.0.1", 0)
             await site.start()
-            server = site._server
-            assert server is not None
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            self.port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
         def run() -> None:
             loop = asyncio.new_event_loop()

@@ -14,6 +14,8 @@ betterproto2 classes). Envoy facts relied on (``envoy.service.auth.v3``):
 
 from __future__ import annotations
 
+import re
+
 import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
@@ -30,7 +32,9 @@ METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 """Envoy stores ``CheckResponse.dynamic_metadata`` under the filter's name; access logs read
 ``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%``."""
 
-_MAX_REQUEST_BYTES = 1024 * 1024
+_MAX_REQUEST_BYTES = 96 * 1024
+"""Envoy caps request headers at 60 KiB by default; anything much larger is not a request we judge."""
+_METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")  # RFC 9110 §9.1 token
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _DIRECTIONS = {d.value: d for d in Direction}
 _OK = status_pb2.Status(code=code_pb2.OK)
@@ -47,11 +51,11 @@ def parse_check_request(raw: bytes) -> AuthzRequest:
         The :class:`AuthzRequest`.
 
     Raises:
-        BadRequestError: not a CheckRequest, over 1 MiB, no HTTP attributes, or no usable
+        BadRequestError: not a CheckRequest, over 96 KiB, no HTTP attributes, or no usable
             ``direction`` context extension.
     """
     if len(raw) > _MAX_REQUEST_BYTES:
-        raise BadRequestError("CheckRequest larger than 1 MiB")
+        raise BadRequestError("CheckRequest larger than 96 KiB")
     try:
         message = external_auth_pb2.CheckRequest.FromString(raw)
     except (DecodeError, ValueError, RuntimeError) as exc:
@@ -60,8 +64,8 @@ def parse_check_request(raw: bytes) -> AuthzRequest:
     if not attributes.request.HasField("http"):
         raise BadRequestError("CheckRequest has no HTTP attributes")
     http = attributes.request.http
-    if not http.method:
-        raise BadRequestError("CheckRequest has no HTTP method")
+    if not _METHOD.match(http.method):
+        raise BadRequestError("missing or malformed HTTP method")
     context = attributes.context_extensions
     direction = _DIRECTIONS.get(context.get("direction", ""))
     if direction is None:
@@ -113,7 +117,7 @@ def build_check_response(decision: Decision) -> bytes:
     else:
         response.status.CopyFrom(_DENIED)
         denied = response.denied_response
-        denied.status.code = decision.http_status  # type: ignore[assignment]
+        denied.status.code = decision.http_status
         denied.headers.extend(
             (
                 _header("content-type", "application/json"),
@@ -122,4 +126,5 @@ def build_check_response(decision: Decision) -> bytes:
             )
         )
         denied.body = orjson.dumps({"decision_id": decision.decision_id, "reason": decision.reason.value}).decode()
-    return response.SerializeToString()
+    data: bytes = response.SerializeToString()
+    return data

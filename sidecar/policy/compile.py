@@ -72,7 +72,8 @@ def compile_policy(
     by_agent: dict[str, list[Task]] = defaultdict(list)
     for t_index, spec in enumerate(settings.tasks):
         rules = tuple(
-            _compile_rule(r_index, rule, credentials.get((t_index, r_index))) for r_index, rule in enumerate(spec.egress)
+            _compile_rule(r_index, rule, credentials.get((t_index, r_index)))
+            for r_index, rule in enumerate(spec.egress)
         )
         exact: dict[str, list[tuple[int, EgressRule]]] = defaultdict(list)
         suffix: dict[str, list[tuple[int, EgressRule]]] = defaultdict(list)

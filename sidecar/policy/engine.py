@@ -7,7 +7,7 @@ yields to the event loop, so budgets are exact under concurrency.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from sidecar.decision import DECISION_ID_HEADER, TASK_HEADER, AuthzRequest, Decision, Direction, Reason, deny_status
 from sidecar.errors import BadRequestError
@@ -96,22 +96,42 @@ def decide_egress(
     """
     agent = policy.agent
     method = request.method.upper()
-    base = {"direction": Direction.EGRESS, "agent": agent, "method": method, "decision_id": decision_id}
     try:
         target = normalize_target(request.authority, request.path, request.scheme or "http")
     except BadRequestError as exc:
-        return Decision(False, Reason.BAD_REQUEST, 400, detail=str(exc), path=request.path[:256], **base)
-    base.update(host=target.host, port=target.port, path=target.path)
-
-    def deny(reason: Reason, detail: str, task: Task | None = None) -> Decision:
         return Decision(
             False,
-            reason,
-            deny_status(reason),
+            Reason.BAD_REQUEST,
+            400,
+            decision_id,
+            str(exc),
+            Direction.EGRESS,
+            agent=agent,
+            method=method,
+            path=request.path[:256],
+        )
+    base = Decision(
+        False,
+        Reason.NO_TASK,
+        403,
+        decision_id,
+        "",
+        Direction.EGRESS,
+        agent=agent,
+        method=method,
+        host=target.host,
+        port=target.port,
+        path=target.path,
+    )
+
+    def deny(reason: Reason, detail: str, task: Task | None = None) -> Decision:
+        return replace(
+            base,
+            reason=reason,
+            http_status=deny_status(reason),
             detail=detail,
             task_id=task.id if task else None,
             on_behalf_of=task.on_behalf_of if task else None,
-            **base,
         )
 
     headers: Mapping[str, str] = request.headers
@@ -178,15 +198,15 @@ def decide_egress(
         to_remove.append("authorization")
     if rule.credential is not None:
         to_set.append((rule.credential.header, rule.credential.value))
-    return Decision(
-        True,
-        Reason.ALLOWED,
-        200,
+    return replace(
+        base,
+        allow=True,
+        reason=Reason.ALLOWED,
+        http_status=200,
         task_id=task.id,
         on_behalf_of=task.on_behalf_of,
         rule=rule.name,
         headers_to_set=tuple(to_set),
         headers_to_remove=tuple(to_remove),
         token=token_info,
-        **base,
     )

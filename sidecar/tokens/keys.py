@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm
@@ -79,13 +80,23 @@ def load_signing_key(pem: bytes, algorithm: Algorithm, *, file: str, field: str)
         jwk = OKPAlgorithm.to_jwk(key.public_key(), as_dict=True)
     kid = thumbprint(jwk)
     public = {**jwk, "kid": kid, "alg": algorithm, "use": "sig"}
+    # Self-test once at load: sign and verify a probe (also warms pyjwt's code paths).
+    try:
+        probe = jwt.encode({"probe": kid}, key, algorithm=algorithm)
+        jwt.decode(probe, key.public_key(), algorithms=[algorithm])
+    except jwt.PyJWTError as exc:  # pragma: no cover - a loaded key of the right type always signs
+        raise KeyLoadError(file, field, f"key cannot sign ({exc})") from None
     return SigningKey(kid=kid, algorithm=algorithm, private_key=key, public_jwk=public)
 
 
 def generate_private_key_pem(algorithm: Algorithm = "ES256") -> bytes:
     """A fresh unencrypted PKCS#8 PEM private key for ``algorithm`` (used by the demo and tests)."""
-    key: PrivateKey = ec.generate_private_key(ec.SECP256R1()) if algorithm == "ES256" else ed25519.Ed25519PrivateKey.generate()
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    key: PrivateKey = (
+        ec.generate_private_key(ec.SECP256R1()) if algorithm == "ES256" else ed25519.Ed25519PrivateKey.generate()
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,8 +17,8 @@ path normally signs nothing.
 from __future__ import annotations
 
 import math
-import time
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,9 +73,10 @@ class TokenMinter:
         per_call: mint a fresh token on every call (no cache).
         cache: shared :class:`TokenCache`.
         defer: schedules a background refresh (e.g. ``loop.call_soon``); ``None`` refreshes inline.
+        clock: POSIX seconds, for background refreshes.
     """
 
-    __slots__ = ("_cache", "_defer", "_issuer", "_key", "_max_ttl", "_per_call", "_refresh_ahead", "minted")
+    __slots__ = ("_cache", "_clock", "_defer", "_issuer", "_key", "_max_ttl", "_per_call", "_refresh_ahead", "minted")
 
     def __init__(
         self,
@@ -86,6 +87,7 @@ class TokenMinter:
         per_call: bool,
         cache: TokenCache,
         defer: Callable[[Callable[[], None]], Any] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._key = key
         self._issuer = issuer
@@ -94,6 +96,7 @@ class TokenMinter:
         self._per_call = per_call
         self._cache = cache
         self._defer = defer
+        self._clock = clock
         self.minted = 0
 
     def _mint(self, claims: dict[str, Any], expires_at: float, now: float) -> MintedToken:
@@ -150,7 +153,9 @@ class TokenMinter:
         if hit is not None and now < hit.exp - 1:
             if now >= hit.refresh_at and key not in self._cache._pending:
                 self._refresh(key, claims, task_expires_at)
-            return MintedToken(hit.token, TokenInfo(hit.info.jti, hit.info.aud, hit.info.exp, True), hit.refresh_at, hit.exp)
+            return MintedToken(
+                hit.token, TokenInfo(hit.info.jti, hit.info.aud, hit.info.exp, True), hit.refresh_at, hit.exp
+            )
         fresh = self._mint(claims, task_expires_at, now)
         entries[key] = fresh
         return fresh
@@ -158,7 +163,7 @@ class TokenMinter:
     def _refresh(self, key: CacheKey, claims: dict[str, Any], expires_at: float) -> None:
         def run() -> None:
             try:
-                self._cache._entries[key] = self._mint(claims, expires_at, time.time())
+                self._cache._entries[key] = self._mint(claims, expires_at, self._clock())
             finally:
                 self._cache._pending.discard(key)
 

@@ -1,0 +1,44 @@
+"""``agent-authz demo``: the main job in one command, green, and leaving nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie would still answer; our children are reaped, so check /proc state too
+    status = Path(f"/proc/{pid}/status")
+    return status.exists() and "State:\tZ" not in status.read_text()
+
+
+def test_demo_runs_green_and_reaps_everything(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "demo", "--state-dir", str(state)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "All 11 outcomes match the task" in result.stdout
+    records = [json.loads(line) for line in (state / "decisions.log").read_text().splitlines()]
+    assert len(records) == 11
+    assert {r["reason"] for r in records} >= {"allowed", "path_not_allowed", "budget_exhausted", "host_not_allowed"}
+    sidecar_pid = json.loads((state / "sidecar.ready.json").read_text())["pid"]
+    assert not _pid_alive(sidecar_pid)
+    envoy_admin = (state / "envoy.admin").read_text().strip()
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    assert str(state) not in ps, ps
+    assert envoy_admin  # Envoy was really started
