@@ -36,7 +36,7 @@ def _reset_structlog() -> Iterator[None]:
 
 
 def write_keys(state: Path, algorithm: str = "ES256") -> None:
-    """Mint a fresh signing key (and next key) under ``state/keys``."""
+    """Mint a fresh signing key (and next key) under ``state/keys``; overwrites existing ones."""
     keys = state / "keys"
     keys.mkdir(parents=True, exist_ok=True)
     (keys / "signing.pem").write_bytes(generate_private_key_pem(algorithm))  # type: ignore[arg-type]

@@ -120,6 +120,18 @@ def test_tokens_are_cached_and_refreshed_ahead(tmp_path: Path) -> None:
     assert runtime.snapshot.minter.minted == 2
 
 
+def test_eddsa_tokens(tmp_path: Path) -> None:
+    write_keys(tmp_path, "EdDSA")
+    config = base_config(tmp_path, [task()])
+    config["issuer"]["algorithm"] = "EdDSA"
+    write_config(tmp_path, config)
+    runtime = Runtime(tmp_path / "sidecar.yaml", clock=Clock())
+    decision = runtime.decide(req(), "d")
+    token = dict(decision.headers_to_set)["authorization"].removeprefix("Bearer ")
+    assert jwt.get_unverified_header(token)["alg"] == "EdDSA"
+    assert claims_of(runtime, decision)["txn"] == "t1"
+
+
 def test_per_call_minting(tmp_path: Path) -> None:
     runtime = make_runtime(tmp_path, [task()], mint_per_call=True)
     jtis = {runtime.decide(req(), str(i)).token.jti for i in range(3)}  # type: ignore[union-attr]
