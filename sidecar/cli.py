@@ -4,12 +4,14 @@ Subcommands:
     ``serve``         run the ext_authz gRPC service and the admin server.
     ``envoy-config``  render the Envoy bootstrap for a config.
     ``check``         decide one call offline (exit 0 allow, 1 deny, 2 bad input).
+    ``dev-ca``        a development trust domain: ``init`` a CA, ``issue`` SVIDs.
     ``demo``          run the quarterly-report demo with real Envoy.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import sys
 import urllib.parse
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sidecar import __version__
+from sidecar.config.durations import parse_duration
 from sidecar.errors import AgentAuthzError
 
 __all__ = ["main"]
@@ -33,14 +36,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_envoy_config(args: argparse.Namespace) -> int:
-    from sidecar.bootstrap.render import render_bootstrap_json
+    from sidecar.bootstrap.render import render_bootstrap_json, write_envoy
     from sidecar.config.loader import load_config
 
-    text = render_bootstrap_json(load_config(args.config))
+    loaded = load_config(args.config)
     if args.out:
-        Path(args.out).write_text(text)
+        rendered = write_envoy(loaded, Path(args.out))
+        for path in rendered.files:
+            print(f"wrote {path}", file=sys.stderr)
     else:
-        sys.stdout.write(text)
+        sys.stdout.write(render_bootstrap_json(loaded))
     return 0
 
 
@@ -99,6 +104,44 @@ def _cmd_check(args: argparse.Namespace) -> int:
     return 0 if decision.allow else 1
 
 
+def _cmd_dev_ca_init(args: argparse.Namespace) -> int:
+    from sidecar.identity.devca import DevCA
+
+    ca = DevCA.create(args.trust_domain, ttl=dt.timedelta(seconds=args.ttl))
+    out = Path(args.out)
+    ca.save(out)
+    print(f"dev CA for {args.trust_domain} in {out}: bundle.pem, ca.key, jwt-bundle.json, jwt-ca.key")
+    return 0
+
+
+def _cmd_dev_ca_issue(args: argparse.Namespace) -> int:
+    from sidecar.identity.devca import DevCA
+
+    out = Path(args.out)
+    ca = DevCA.load(Path(args.ca) if args.ca else out)
+    if args.audience and not args.jwt:
+        print("agent-authz dev-ca issue: --audience needs --jwt", file=sys.stderr)
+        return 2
+    if args.jwt and not args.audience:
+        print("agent-authz dev-ca issue: --jwt needs at least one --audience", file=sys.stderr)
+        return 2
+    try:
+        issued = ca.write_svid(
+            args.spiffe_id,
+            out,
+            name=args.name,
+            ttl=dt.timedelta(seconds=args.ttl),
+            jwt_audience=args.audience if args.jwt else None,
+        )
+    except ValueError as exc:
+        print(f"agent-authz dev-ca issue: {exc}", file=sys.stderr)
+        return 2
+    print(f"X.509-SVID {issued.cert}\nkey        {issued.key}")
+    if issued.jwt is not None:
+        print(f"JWT-SVID   {issued.jwt}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo.run import run_demo
 
@@ -107,6 +150,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         keep_running=args.keep_running,
         envoy_bin=args.envoy_bin,
     )
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     envoy = sub.add_parser("envoy-config", help="render the Envoy bootstrap")
     envoy.add_argument("--config", required=True, help="path to sidecar.yaml")
-    envoy.add_argument("--out", help="write here instead of stdout")
+    envoy.add_argument("--out", help="write here instead of stdout (file-based SDS resources go beside it)")
     envoy.set_defaults(func=_cmd_envoy_config)
 
     check = sub.add_parser("check", help="decide one egress call offline")
@@ -134,6 +184,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--header", action="append", help="extra request header 'Name: value' (repeatable)")
     check.add_argument("--json", action="store_true", help="print the decision as JSON")
     check.set_defaults(func=_cmd_check)
+
+    dev_ca = sub.add_parser("dev-ca", help="a development trust domain (self-signed CA issuing SVIDs)")
+    dev_sub = dev_ca.add_subparsers(dest="dev_ca_command", required=True)
+    init = dev_sub.add_parser("init", help="create a CA for a trust domain")
+    init.add_argument("--trust-domain", required=True, help="e.g. example.org")
+    init.add_argument("--out", required=True, help="directory for bundle.pem, ca.key, jwt-bundle.json, jwt-ca.key")
+    init.add_argument("--ttl", default="30d", type=_duration, help="CA lifetime (default 30d)")
+    init.set_defaults(func=_cmd_dev_ca_init)
+    issue = dev_sub.add_parser("issue", help="issue an X.509-SVID (and a JWT-SVID with --jwt)")
+    issue.add_argument("spiffe_id", help="e.g. spiffe://example.org/ns/x/sa/y")
+    issue.add_argument("--out", required=True, help="directory for NAME.pem, NAME.key (and NAME.jwt)")
+    issue.add_argument("--ca", help="CA directory (default: --out)")
+    issue.add_argument("--name", help="file name stem (default: last path segment of the ID)")
+    issue.add_argument("--ttl", default="1h", type=_duration, help="SVID lifetime (default 1h)")
+    issue.add_argument("--jwt", action="store_true", help="also issue a JWT-SVID")
+    issue.add_argument("--audience", action="append", help="JWT-SVID audience (repeatable)")
+    issue.set_defaults(func=_cmd_dev_ca_issue)
 
     demo = sub.add_parser("demo", help="run the quarterly-report demo with real Envoy")
     demo.add_argument("--state-dir", help="keep keys, config and logs here (default: a temporary dir)")

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 __all__ = [
+    "CALLER_HEADER",
     "DECISION_ID_HEADER",
     "REASON_HEADER",
     "TASK_HEADER",
@@ -28,6 +29,8 @@ DECISION_ID_HEADER = "x-agent-authz-decision-id"
 """Set on the forwarded request, on the response and on a deny: joins logs to decisions."""
 REASON_HEADER = "x-agent-authz-reason"
 """The reason code of a deny, on the deny response."""
+CALLER_HEADER = "x-agent-authz-caller"
+"""On an allowed ingress request: the verified caller SPIFFE ID (overwrites any client value)."""
 
 
 class Direction(enum.StrEnum):
@@ -45,6 +48,9 @@ class Reason(enum.StrEnum):
 
     ALLOWED = "allowed"
     BAD_REQUEST = "bad_request"
+    NO_CLIENT_IDENTITY = "no_client_identity"
+    UNTRUSTED_IDENTITY = "untrusted_identity"
+    CALLER_NOT_ALLOWED = "caller_not_allowed"
     NO_TASK = "no_task"
     UNKNOWN_TASK = "unknown_task"
     TASK_NOT_FOR_AGENT = "task_not_for_agent"
@@ -115,7 +121,9 @@ class Decision:
         http_status: 200 on allow; 403, 429 or 400 on deny.
         decision_id: unique id, returned to Envoy as dynamic metadata and as a header.
         detail: a short human explanation (never secret material).
-        task_id / agent / on_behalf_of / rule: what the decision was judged against.
+        task_id / agent / on_behalf_of / rule: what the decision was judged against (``agent`` is
+            this sidecar's agent: the caller on egress, the callee on ingress).
+        caller: on ingress, the verified caller SPIFFE ID (when identification succeeded).
         host / port / path / method: the normalized request (path without query).
         headers_to_set: request headers Envoy overwrites (``append_action=OVERWRITE_IF_EXISTS_OR_ADD``).
             May hold a bearer token or an API key: never log this field.
@@ -131,6 +139,7 @@ class Decision:
     direction: Direction = Direction.EGRESS
     task_id: str | None = None
     agent: str | None = None
+    caller: str | None = None
     on_behalf_of: str | None = None
     rule: str | None = None
     method: str = ""

@@ -12,6 +12,7 @@ __all__ = [
     "BadRequestError",
     "ConfigError",
     "EnvoyNotFoundError",
+    "IdentityError",
     "KeyLoadError",
     "SpiffeIdError",
 ]
@@ -62,3 +63,17 @@ class EnvoyNotFoundError(AgentAuthzError):
     """No Envoy binary could be located."""
 
     code = "envoy_not_found"
+
+
+class IdentityError(AgentAuthzError):
+    """A peer's SVID (X.509 or JWT) failed verification.
+
+    ``detail`` is a stable sub-code such as ``svid_expired`` or ``jwt_svid_bad_audience`` that the
+    decision record carries next to the reason ``untrusted_identity``.
+    """
+
+    code = "untrusted_identity"
+
+    def __init__(self, detail: str, message: str) -> None:
+        self.detail = detail
+        super().__init__(f"{detail}: {message}")

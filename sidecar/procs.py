@@ -252,12 +252,12 @@ class AuthzStack:
 
     def start(self, timeout: float = 20.0) -> None:
         """Start the sidecar, render the bootstrap, start Envoy; wait for both to be ready."""
-        from sidecar.bootstrap.render import render_bootstrap_json
+        from sidecar.bootstrap.render import write_envoy
         from sidecar.config.loader import load_config
 
         try:
             self.sidecar.start()
-            self.bootstrap.write_text(render_bootstrap_json(load_config(self.config)))
+            write_envoy(load_config(self.config), self.bootstrap)
             self.sidecar.wait_ready(timeout)
             self.envoy.start()
             self.envoy.wait_ready(timeout)

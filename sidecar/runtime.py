@@ -12,18 +12,20 @@ import hashlib
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from sidecar.config.loader import LoadedConfig, load_config, read_secret_file
-from sidecar.decision import AuthzRequest, Decision, Direction, Reason
+from sidecar.decision import AuthzRequest, Decision, Direction
 from sidecar.errors import ConfigError, KeyLoadError
+from sidecar.identity.state import IdentityState, load_identity_files
 from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.compile import compile_policy
 from sidecar.policy.engine import decide_egress
+from sidecar.policy.ingress import IdentityContext, IngressPolicy, compile_ingress, decide_ingress
 from sidecar.policy.model import PolicyIndex
 from sidecar.tokens.keys import KeySet, SigningKey, load_signing_key
 from sidecar.tokens.minter import TokenCache, TokenMinter
@@ -40,7 +42,9 @@ class Snapshot:
 
     Attributes:
         loaded: the validated file.
-        policy: compiled tasks.
+        policy: compiled tasks (``policy.agent`` is this agent's SPIFFE ID).
+        ingress: compiled ingress rules.
+        identity: this agent's SVID, the trust bundles and verifiers; ``None`` without an identity source.
         keys: signing and published keys.
         minter: token minter bound to ``keys.current``.
         digest: SHA-256 over the config file and every file it references.
@@ -49,6 +53,8 @@ class Snapshot:
 
     loaded: LoadedConfig
     policy: PolicyIndex
+    ingress: IngressPolicy
+    identity: IdentityContext | None
     keys: KeySet
     minter: TokenMinter
     digest: str
@@ -62,6 +68,8 @@ class Runtime:
         config_path: path to ``sidecar.yaml``.
         clock: returns POSIX seconds (tests pass a fake clock).
         defer: schedules background token refreshes (``loop.call_soon``); ``None`` refreshes inline.
+        workload_identity: the first state from the Workload API, when ``identity.source`` is
+            ``workload_api`` (later states arrive through :meth:`set_identity`).
 
     Raises:
         ConfigError: the initial configuration is invalid (there is no previous one to keep).
@@ -73,8 +81,11 @@ class Runtime:
         *,
         clock: Callable[[], float] = time.time,
         defer: Callable[[Callable[[], None]], Any] | None = None,
+        workload_identity: IdentityState | None = None,
     ) -> None:
         self.config_path = Path(config_path)
+        self._workload_identity = workload_identity
+        self.last_identity_error: str | None = None
         self.clock = clock
         self.budgets = BudgetLedger()
         self.tokens = TokenCache()
@@ -108,6 +119,9 @@ class Runtime:
             next_key = load_signing_key(pem, issuer.algorithm, file=name, field="issuer.next_signing_key")
             watched.add(loaded.resolve(issuer.next_signing_key))
 
+        identity = self._load_identity(loaded, digest, watched)
+        agent = self._agent(loaded, identity)
+
         credentials: dict[tuple[int, int], str] = {}
         for t_index, task in enumerate(settings.tasks):
             for r_index, rule in enumerate(task.egress):
@@ -126,7 +140,9 @@ class Runtime:
 
         now = self.clock()
         first_seen = dict(self._first_seen)
-        policy = compile_policy(settings, credentials, lambda task_id: first_seen.setdefault(task_id, now))
+        policy = compile_policy(settings, credentials, lambda task_id: first_seen.setdefault(task_id, now), agent)
+        ingress = compile_ingress(settings, agent)
+        identity_ctx = IdentityContext.build(identity, ingress.audiences) if identity is not None else None
 
         retired = tuple((key, until) for key, until in self._retired if until > now)
         if previous is not None and previous.keys.current.kid != current.kid:
@@ -142,13 +158,60 @@ class Runtime:
             self._defer,
             self.clock,
         )
-        snapshot = Snapshot(loaded, policy, keys, minter, digest.hexdigest(), frozenset(watched))
+        snapshot = Snapshot(loaded, policy, ingress, identity_ctx, keys, minter, digest.hexdigest(), frozenset(watched))
         # Commit state only once the whole snapshot is built.
         self._first_seen = {tid: first_seen[tid] for tid in policy.tasks_by_id}
         self._retired = retired
         self.budgets.retain(policy.tasks_by_id)
         self.tokens.retain({(t.id, t.fingerprint) for t in policy.tasks_by_id.values()})
         return snapshot
+
+    def _load_identity(self, loaded: LoadedConfig, digest: Any, watched: set[Path]) -> IdentityState | None:
+        spec = loaded.settings.identity
+        if spec is None:
+            return None
+        if spec.source == "workload_api":
+            if self._workload_identity is None:
+                raise ConfigError(str(loaded.source), "identity", "no identity from the Workload API yet")
+            return self._workload_identity
+        assert spec.files is not None
+
+        def read(path: Path, field: str) -> bytes:
+            watched.add(loaded.resolve(path))
+            return self._read(loaded, path, field, digest)
+
+        return load_identity_files(spec.files, read, file=str(loaded.source))
+
+    @staticmethod
+    def _agent(loaded: LoadedConfig, identity: IdentityState | None) -> str:
+        configured = loaded.settings.agent
+        if identity is None:
+            assert configured is not None  # the schema requires agent or identity
+            return configured
+        if configured is not None and configured != identity.svid.spiffe_id:
+            raise ConfigError(
+                str(loaded.source),
+                "agent",
+                f"{configured} does not match the SVID's SPIFFE ID {identity.svid.spiffe_id}",
+            )
+        return identity.svid.spiffe_id
+
+    def set_identity(self, state: IdentityState) -> bool:
+        """Swap in a new identity from the Workload API (rotation without restart).
+
+        Returns:
+            ``False`` (and logs ``identity_rejected``) when the SVID names another SPIFFE ID than the
+            one the policy was compiled for; the previous identity then stays active.
+        """
+        snapshot = self.snapshot
+        if state.svid.spiffe_id != snapshot.policy.agent:
+            self.last_identity_error = f"SVID for {state.svid.spiffe_id}, expected {snapshot.policy.agent}"
+            _log.error("identity_rejected", reason=self.last_identity_error)
+            return False
+        self._workload_identity = state
+        self.last_identity_error = None
+        self.snapshot = replace(snapshot, identity=IdentityContext.build(state, snapshot.ingress.audiences))
+        return True
 
     def reload(self) -> bool:
         """Re-read the configuration and swap it in if it is valid and changed.
@@ -182,6 +245,8 @@ class Runtime:
         """Decide ``request`` against the active snapshot (read once, so a swap mid-call is harmless)."""
         snapshot = self.snapshot
         if request.direction is Direction.EGRESS:
+            identity = snapshot.identity
+            bind = identity is not None and snapshot.loaded.settings.issuer.bind_to_svid
             return decide_egress(
                 snapshot.policy,
                 request,
@@ -189,14 +254,15 @@ class Runtime:
                 decision_id=decision_id,
                 budgets=self.budgets,
                 minter=snapshot.minter,
+                cnf=identity.state.svid.x5t_s256 if bind and identity is not None else None,
             )
-        return Decision(
-            False,
-            Reason.BAD_REQUEST,
-            400,
+        return decide_ingress(
+            snapshot.ingress,
+            request,
+            identity=snapshot.identity,
+            agent=snapshot.policy.agent,
+            now=self.clock(),
             decision_id=decision_id,
-            direction=request.direction,
-            detail="no ingress policy is configured",
         )
 
     def jwks(self) -> dict[str, Any]:

@@ -16,8 +16,11 @@ from aiohttp import web
 
 from sidecar.admin.app import make_admin_app
 from sidecar.audit.log import DecisionLog
+from sidecar.config.loader import load_config
 from sidecar.config.watch import watch_and_reload
 from sidecar.envoy_authz.service import AuthorizationService
+from sidecar.identity.state import IdentityState
+from sidecar.identity.workload_api import WorkloadApiIdentity
 from sidecar.runtime import Runtime
 
 __all__ = ["run_server", "serve"]
@@ -44,7 +47,21 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         OSError: a listen address is unavailable.
     """
     loop = asyncio.get_running_loop()
-    runtime = Runtime(config_path, defer=loop.call_soon)
+    workload = await _start_workload_identity(config_path, loop)
+    try:
+        runtime = Runtime(
+            config_path, defer=loop.call_soon, workload_identity=workload.state if workload is not None else None
+        )
+    except BaseException:
+        if workload is not None:
+            workload.close()
+        raise
+    if workload is not None:
+
+        def identity_changed(state: IdentityState) -> None:
+            loop.call_soon_threadsafe(runtime.set_identity, state)
+
+        workload.set_callback(identity_changed)
     settings = runtime.snapshot.loaded.settings
     log_spec = settings.decision_log
     log_path = runtime.snapshot.loaded.resolve(log_spec.path) if log_spec.path is not None else None
@@ -103,10 +120,24 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
             loop.remove_signal_handler(sig)
         await server.stop(grace=2.0)
         await runner.cleanup()
+        if workload is not None:
+            workload.close()
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         decision_log.close()
+
+
+async def _start_workload_identity(config_path: Path, loop: asyncio.AbstractEventLoop) -> WorkloadApiIdentity | None:
+    """Connect to the Workload API when the config asks for it (blocking work runs in a thread)."""
+    settings = load_config(config_path).settings
+    spec = settings.identity
+    if spec is None or spec.source != "workload_api":
+        return None
+    api = spec.workload_api
+    return await loop.run_in_executor(
+        None, lambda: WorkloadApiIdentity(api.socket, timeout=api.timeout, with_jwt=settings.ingress.jwt_svid)
+    )
 
 
 def run_server(config_path: Path, *, ready_file: Path | None = None) -> None:

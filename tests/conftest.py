@@ -16,11 +16,14 @@ import pytest
 import structlog
 import yaml
 
+from sidecar.demo.tls_client import TlsReply, mtls_request  # noqa: F401  (re-exported for tests)
 from sidecar.demo.upstream import SampleUpstream, TokenCheck
+from sidecar.identity.devca import DevCA
 from sidecar.procs import AuthzStack
 from sidecar.tokens.keys import generate_private_key_pem
 
 AGENT = "spiffe://test.example/ns/agents/sa/worker"
+PLANNER = "spiffe://test.example/ns/orchestration/sa/planner"
 OTHER_AGENT = "spiffe://test.example/ns/agents/sa/other"
 ISSUER = "https://issuer.test.example"
 API_HOST = "api.internal"
@@ -179,12 +182,42 @@ class Env:
         write_config(self.state, config)
 
 
-def start_env(state: Path, sock_dir: Path, tasks: list[dict[str, Any]], checks: dict[str, Any] | None = None) -> Env:
-    """Start the upstream, write keys and config, start the stack."""
+def add_file_identity(state: Path, config: dict[str, Any], local_app: str | None = None) -> dict[str, DevCA]:
+    """Create dev CAs (``test.example`` and the federated ``partner.example``), an SVID for ``AGENT``,
+    and point ``config`` at them (``identity.source: files``); with ``local_app``, render an inbound
+    listener on 127.0.0.1 port 0 forwarding to it."""
+    cas = {"test.example": DevCA.create("test.example"), "partner.example": DevCA.create("partner.example")}
+    for td, ca in cas.items():
+        ca.save(state / "cas" / td)
+    cas["test.example"].write_svid(AGENT, state / "svid", name="agent")
+    config["identity"] = {
+        "source": "files",
+        "files": {
+            "svid": "svid/agent.pem",
+            "key": "svid/agent.key",
+            "bundles": {td: f"cas/{td}/bundle.pem" for td in cas},
+            "jwt_bundles": {td: f"cas/{td}/jwt-bundle.json" for td in cas},
+        },
+    }
+    if local_app is not None:
+        config["envoy"].update(local_app=local_app, ingress_address="127.0.0.1", ingress_port=0)
+    return cas
+
+
+def start_env(
+    state: Path,
+    sock_dir: Path,
+    tasks: list[dict[str, Any]],
+    checks: dict[str, Any] | None = None,
+    mutate: Callable[[dict[str, Any], int], None] | None = None,
+) -> Env:
+    """Start the upstream, write keys and config (``mutate(config, upstream_port)`` may edit it), start the stack."""
     write_keys(state)
     upstream = SampleUpstream(checks if checks is not None else {API_HOST: TokenCheck(API_AUDIENCE, ISSUER)})
     port = upstream.start()
     config = base_config(sock_dir, tasks, {API_HOST: f"127.0.0.1:{port}", "other.internal": f"127.0.0.1:{port}"})
+    if mutate is not None:
+        mutate(config, port)
     config_path = write_config(state, config)
     stack = AuthzStack(config_path, state)
     try:
@@ -201,8 +234,12 @@ def env_factory(tmp_path: Path, short_dir: Path) -> Iterator[Callable[..., Env]]
     """Start a stack with the given tasks; everything is stopped and reaped after the test."""
     started: list[Env] = []
 
-    def make(tasks: list[dict[str, Any]], checks: dict[str, Any] | None = None) -> Env:
-        env = start_env(tmp_path, short_dir, tasks, checks)
+    def make(
+        tasks: list[dict[str, Any]],
+        checks: dict[str, Any] | None = None,
+        mutate: Callable[[dict[str, Any], int], None] | None = None,
+    ) -> Env:
+        env = start_env(tmp_path, short_dir, tasks, checks, mutate)
         started.append(env)
         return env
 

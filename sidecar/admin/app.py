@@ -29,13 +29,29 @@ async def _healthz(_: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
     snapshot = runtime.snapshot
-    body = {
+    body: dict[str, object] = {
         "status": "ready",
+        "agent": snapshot.policy.agent,
         "config_digest": snapshot.digest[:16],
         "tasks": len(snapshot.policy.tasks_by_id),
         "kid": snapshot.keys.current.kid,
         "last_reload_error": runtime.last_error,
+        "identity": None,
     }
+    identity = snapshot.identity
+    if identity is not None:
+        svid = identity.state.svid
+        body["identity"] = {
+            "source": identity.state.source,
+            "spiffe_id": svid.spiffe_id,
+            "serial": svid.serial,
+            "not_after": int(svid.not_after),
+            "trust_domains": sorted(identity.state.bundles.trust_domains),
+            "last_error": runtime.last_identity_error,
+        }
+        if svid.not_after <= runtime.clock():
+            body["status"] = "svid_expired"
+            return web.json_response(body, status=503)
     return web.json_response(body)
 
 

@@ -5,7 +5,8 @@ fields that describe the call, never from ``headers_to_set``. Values are JSON-es
 path or header stays inside its line.
 
 Record fields: ``time`` (RFC 3339, UTC, ms), ``event`` (``"decision"``), ``decision_id``,
-``request_id``, ``direction``, ``agent``, ``task_id``, ``on_behalf_of``, ``method``, ``host``, ``port``,
+``request_id``, ``direction``, ``agent``, ``caller`` (ingress: the verified caller), ``task_id``,
+``on_behalf_of``, ``method``, ``host``, ``port``,
 ``path`` (no query), ``rule``, ``decision`` (``allow``/``deny``), ``reason``, ``status``, ``detail``,
 ``token`` (``{"jti", "aud", "exp", "cached"}`` or null), ``latency_us``.
 """
@@ -37,6 +38,7 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
         "request_id": request_id,
         "direction": decision.direction.value,
         "agent": decision.agent,
+        "caller": decision.caller,
         "task_id": decision.task_id,
         "on_behalf_of": decision.on_behalf_of,
         "method": decision.method,

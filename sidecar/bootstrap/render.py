@@ -1,23 +1,25 @@
-"""Render the Envoy bootstrap from ``sidecar.yaml``.
+"""Render the Envoy bootstrap (and, for file identities, its SDS files) from ``sidecar.yaml``.
 
-The bootstrap is built from envoy-data-plane's typed message classes (betterproto2 + pydantic), so a
-wrong field name or type fails here, at render time, and ``envoy --mode validate`` checks the rest.
-These classes are slow to import (~1 s) and are never loaded by ``agent-authz serve``.
+The configuration is built from envoy-data-plane's typed message classes (betterproto2 + pydantic),
+so a wrong field name or type fails here, at render time, and ``envoy --mode validate`` checks the
+rest. These classes are slow to import (~1 s) and are never loaded by ``agent-authz serve``.
 
-What is rendered (``egress_http`` listener):
+Listeners:
 
-* HTTP connection manager with ``normalize_path``, ``merge_slashes`` and
-  ``path_with_escaped_slashes_action: REJECT_REQUEST``, so the upstream receives exactly the
-  canonical path the sidecar authorized (see :mod:`sidecar.http_norm`);
-* the ext_authz filter (gRPC, ``failure_mode_allow: false``, short timeout,
-  ``validate_mutations``), then the dynamic forward proxy filter, then the router;
-* ``context_extensions: {direction: egress}`` on every virtual host;
-* one virtual host and cluster per ``envoy.destinations`` entry (like an Istio ServiceEntry);
-  other hosts go through the dynamic forward proxy (DNS);
-* an access log on stdout with the decision id from ext_authz dynamic metadata.
-
-Works both as a forward proxy (``HTTP_PROXY`` pointing at the listener; Envoy accepts absolute-form
-request targets) and for requests addressed to the listener directly.
+* ``egress_http`` (always): HTTP connection manager with ``normalize_path``, ``merge_slashes`` and
+  ``path_with_escaped_slashes_action: REJECT_REQUEST`` so the upstream receives exactly the canonical
+  path the sidecar authorized; ext_authz (gRPC, ``failure_mode_allow: false``, short timeout,
+  ``validate_mutations``) then the dynamic forward proxy then the router; ``context_extensions:
+  {direction: egress}``; one virtual host and cluster per ``envoy.destinations`` entry; an access
+  log on stdout carrying the decision id from ext_authz dynamic metadata.
+* ``ingress_https`` (with an ``identity`` source and ``envoy.local_app``): terminates mTLS and
+  requires a client certificate; Envoy's certificate and validation context come through SDS - from
+  the SPIRE agent's SDS (``identity.source: workload_api``; secrets ``default`` and ``ALL``) or from
+  file-based SDS (``identity.source: files``; Envoy watches the files, so rotation needs no restart);
+  the validation context is Envoy's SPIFFE validator with one bundle per trust domain. The client's
+  leaf certificate goes to ext_authz (``include_peer_certificate``) and its chain in
+  ``x-forwarded-client-cert`` (``SANITIZE_SET``, so clients cannot forge it), with
+  ``context_extensions: {direction: ingress}``.
 """
 
 from __future__ import annotations
@@ -25,15 +27,31 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sidecar.config.loader import LoadedConfig
+from sidecar.errors import ConfigError
 
-__all__ = ["AUTHZ_CLUSTER", "render_bootstrap", "render_bootstrap_json"]
+__all__ = [
+    "AUTHZ_CLUSTER",
+    "BUNDLE_SECRET",
+    "SVID_SECRET",
+    "RenderedEnvoy",
+    "render_bootstrap_json",
+    "render_envoy",
+    "write_envoy",
+]
 
 AUTHZ_CLUSTER = "agent_authz"
 DFP_CLUSTER = "dynamic_forward_proxy"
+LOCAL_APP_CLUSTER = "local_app"
+SPIRE_CLUSTER = "spire_agent"
+SVID_SECRET = "spiffe_svid"  # noqa: S105 - an SDS resource name, not a secret
+BUNDLE_SECRET = "spiffe_bundles"  # noqa: S105
+_SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # noqa: S105
 _ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
     "decision_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%",
@@ -46,17 +64,20 @@ _ACCESS_LOG_FORMAT = {
     "upstream": "%UPSTREAM_HOST%",
     "duration_ms": "%DURATION%",
     "request_id": "%REQ(X-REQUEST-ID)%",
+    "peer": "%DOWNSTREAM_PEER_URI_SAN%",
 }
+
+
+@dataclass(frozen=True)
+class RenderedEnvoy:
+    """A bootstrap (proto3 JSON as a dict) and the extra files it references (path -> content)."""
+
+    bootstrap: dict[str, Any]
+    files: dict[Path, str] = field(default_factory=dict)
 
 
 def _cluster_name(host: str) -> str:
     return "dest|" + re.sub(r"[^a-z0-9._-]", "_", host)
-
-
-def _socket_address(address: str, port: int) -> Any:
-    from envoy_data_plane.envoy.config.core.v3 import Address, SocketAddress
-
-    return Address(socket_address=SocketAddress(address=address, port_value=port))
 
 
 def _is_ip(host: str) -> bool:
@@ -67,200 +88,337 @@ def _is_ip(host: str) -> bool:
     return True
 
 
-def render_bootstrap(loaded: LoadedConfig) -> Any:
-    """Build the ``envoy.config.bootstrap.v3.Bootstrap`` message for ``loaded``.
+class _Builder:
+    """Holds the envoy-data-plane imports for one rendering (they are slow; import on demand)."""
 
-    Returns:
-        An envoy-data-plane ``Bootstrap`` instance.
-    """
-    from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
-    from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
-    from envoy_data_plane.envoy.config.cluster.v3 import (
-        Cluster,
-        ClusterCustomClusterType,
-        ClusterDiscoveryType,
-        ClusterLbPolicy,
-    )
-    from envoy_data_plane.envoy.config.core.v3 import (
-        Address,
-        ApiVersion,
-        GrpcService,
-        GrpcServiceEnvoyGrpc,
-        Http2ProtocolOptions,
-        Node,
-        Pipe,
-        SubstitutionFormatString,
-    )
-    from envoy_data_plane.envoy.config.endpoint.v3 import (
-        ClusterLoadAssignment,
-        Endpoint,
-        LbEndpoint,
-        LocalityLbEndpoints,
-    )
-    from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
-    from envoy_data_plane.envoy.config.route.v3 import Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost
-    from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
-    from envoy_data_plane.envoy.extensions.clusters.dynamic_forward_proxy.v3 import ClusterConfig
-    from envoy_data_plane.envoy.extensions.filters.http.dynamic_forward_proxy.v3 import FilterConfig as DfpFilter
-    from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import CheckSettings, ExtAuthz, ExtAuthzPerRoute
-    from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
-    from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
-        HttpConnectionManager,
-        HttpConnectionManagerCodecType,
-        HttpConnectionManagerPathWithEscapedSlashesAction,
-        HttpFilter,
-    )
-    from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
-        HttpProtocolOptions,
-        HttpProtocolOptionsExplicitHttpConfig,
-    )
-    from envoy_data_plane.envoy.type.v3 import HttpStatus, StatusCode
-    from envoy_data_plane.google.protobuf import Any as PbAny
-    from envoy_data_plane.google.protobuf import Struct
+    def __init__(self, loaded: LoadedConfig, sds_dir: Path | None) -> None:
+        from envoy_data_plane.envoy.config import accesslog, cluster, core, endpoint, listener, route
+        from envoy_data_plane.envoy.config.bootstrap import v3 as bootstrap
+        from envoy_data_plane.envoy.extensions.access_loggers.stream import v3 as stream
+        from envoy_data_plane.envoy.extensions.clusters.dynamic_forward_proxy import v3 as dfp_cluster
+        from envoy_data_plane.envoy.extensions.common.dynamic_forward_proxy import v3 as dfp_common
+        from envoy_data_plane.envoy.extensions.filters.http.dynamic_forward_proxy import v3 as dfp_filter
+        from envoy_data_plane.envoy.extensions.filters.http.ext_authz import v3 as ext_authz
+        from envoy_data_plane.envoy.extensions.filters.http.router import v3 as router
+        from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm
+        from envoy_data_plane.envoy.extensions.transport_sockets.tls import v3 as tls
+        from envoy_data_plane.envoy.extensions.upstreams.http import v3 as upstream_http
+        from envoy_data_plane.envoy.type import v3 as types
+        from envoy_data_plane.google import protobuf
 
-    settings = loaded.settings
-    envoy = settings.envoy
-    timeout = timedelta(seconds=envoy.authz_timeout)
+        self.accesslog, self.cluster, self.core = accesslog.v3, cluster.v3, core.v3
+        self.endpoint, self.listener, self.route = endpoint.v3, listener.v3, route.v3
+        self.bootstrap, self.stream, self.tls, self.types, self.pb = bootstrap, stream, tls, types, protobuf
+        self.dfp_cluster, self.dfp_common, self.dfp_filter = dfp_cluster, dfp_common, dfp_filter
+        self.ext_authz, self.router, self.hcm, self.upstream_http = ext_authz, router, hcm, upstream_http
+        self.loaded = loaded
+        self.settings = loaded.settings
+        self.sds_dir = sds_dir
+        self.files: dict[Path, str] = {}
 
-    # -- ext_authz gRPC cluster ---------------------------------------------------------------
-    authz = settings.listen.authz
-    if authz.startswith("unix:"):
-        authz_address = Address(pipe=Pipe(path=authz[5:]))
-    else:
-        host, _, port = authz.rpartition(":")
-        authz_address = _socket_address(host.strip("[]"), int(port))
-    h2 = PbAny.pack(
-        HttpProtocolOptions(
-            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
-        )
-    )
-    clusters = [
-        Cluster(
-            name=AUTHZ_CLUSTER,
-            type=ClusterDiscoveryType.STATIC,
-            connect_timeout=timedelta(seconds=1),
-            typed_extension_protocol_options={"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": h2},
-            load_assignment=ClusterLoadAssignment(
-                cluster_name=AUTHZ_CLUSTER,
-                endpoints=[LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=authz_address))])],
-            ),
-        )
-    ]
+    # -- small pieces ------------------------------------------------------------------------------
+    def pack(self, message: Any) -> Any:
+        return self.pb.Any.pack(message)
 
-    # -- destinations: one cluster and virtual host per declared host --------------------------
-    egress_ctx = {
-        "envoy.filters.http.ext_authz": PbAny.pack(
-            ExtAuthzPerRoute(check_settings=CheckSettings(context_extensions={"direction": "egress"}))
-        )
-    }
-    virtual_hosts = []
-    for host, address in sorted(envoy.destinations.items()):
-        name = _cluster_name(host)
-        addr, _, port = address.rpartition(":")
-        clusters.append(
-            Cluster(
-                name=name,
-                type=ClusterDiscoveryType.STATIC if _is_ip(addr) else ClusterDiscoveryType.STRICT_DNS,
-                connect_timeout=timedelta(seconds=2),
-                load_assignment=ClusterLoadAssignment(
-                    cluster_name=name,
-                    endpoints=[
-                        LocalityLbEndpoints(
-                            lb_endpoints=[
-                                LbEndpoint(endpoint=Endpoint(address=_socket_address(addr.strip("[]"), int(port))))
-                            ]
-                        )
-                    ],
-                ),
+    def address(self, host: str, port: int) -> Any:
+        return self.core.Address(socket_address=self.core.SocketAddress(address=host.strip("[]"), port_value=port))
+
+    def static_cluster(self, name: str, address: Any, *, http2: bool = False, dns: bool = False) -> Any:
+        c = self.cluster
+        options = {}
+        if http2:
+            protocol = self.upstream_http.HttpProtocolOptions(
+                explicit_http_config=self.upstream_http.HttpProtocolOptionsExplicitHttpConfig(
+                    http2_protocol_options=self.core.Http2ProtocolOptions()
+                )
             )
-        )
-        virtual_hosts.append(
-            VirtualHost(
-                name=name,
-                domains=[host, f"{host}:*"],
-                routes=[Route(match=RouteMatch(prefix="/"), route=RouteAction(cluster=name))],
-                typed_per_filter_config=egress_ctx,
-            )
-        )
-    virtual_hosts.append(
-        VirtualHost(
-            name="any_host",
-            domains=["*"],
-            routes=[Route(match=RouteMatch(prefix="/"), route=RouteAction(cluster=DFP_CLUSTER))],
-            typed_per_filter_config=egress_ctx,
-        )
-    )
-
-    clusters.append(
-        Cluster(
-            name=DFP_CLUSTER,
+            options = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": self.pack(protocol)}
+        return c.Cluster(
+            name=name,
+            type=c.ClusterDiscoveryType.STRICT_DNS if dns else c.ClusterDiscoveryType.STATIC,
             connect_timeout=timedelta(seconds=2),
-            lb_policy=ClusterLbPolicy.CLUSTER_PROVIDED,
-            cluster_type=ClusterCustomClusterType(
-                name="envoy.clusters.dynamic_forward_proxy",
-                typed_config=PbAny.pack(ClusterConfig(dns_cache_config=_dns_cache())),
+            typed_extension_protocol_options=options,
+            load_assignment=self.endpoint.ClusterLoadAssignment(
+                cluster_name=name,
+                endpoints=[
+                    self.endpoint.LocalityLbEndpoints(
+                        lb_endpoints=[self.endpoint.LbEndpoint(endpoint=self.endpoint.Endpoint(address=address))]
+                    )
+                ],
             ),
         )
-    )
 
-    # -- the egress listener ---------------------------------------------------------------------
-    ext_authz = ExtAuthz(
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER), timeout=timeout),
-        transport_api_version=ApiVersion.V3,
-        failure_mode_allow=False,
-        validate_mutations=True,
-        include_peer_certificate=True,
-        status_on_error=HttpStatus(code=StatusCode.ServiceUnavailable),
-    )
-    hcm = HttpConnectionManager(
-        stat_prefix="egress_http",
-        codec_type=HttpConnectionManagerCodecType.AUTO,
-        normalize_path=True,
-        merge_slashes=True,
-        path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
-        route_config=RouteConfiguration(name="egress", virtual_hosts=virtual_hosts),
-        http_filters=[
-            HttpFilter(name="envoy.filters.http.ext_authz", typed_config=PbAny.pack(ext_authz)),
-            HttpFilter(
-                name="envoy.filters.http.dynamic_forward_proxy",
-                typed_config=PbAny.pack(DfpFilter(dns_cache_config=_dns_cache())),
+    def host_port_cluster(self, name: str, host_port: str) -> Any:
+        host, _, port = host_port.rpartition(":")
+        return self.static_cluster(name, self.address(host, int(port)), dns=not _is_ip(host))
+
+    def context(self, direction: str) -> dict[str, Any]:
+        ea = self.ext_authz
+        per_route = ea.ExtAuthzPerRoute(check_settings=ea.CheckSettings(context_extensions={"direction": direction}))
+        return {"envoy.filters.http.ext_authz": self.pack(per_route)}
+
+    def ext_authz_filter(self) -> Any:
+        ea, core = self.ext_authz, self.core
+        config = ea.ExtAuthz(
+            grpc_service=core.GrpcService(
+                envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+                timeout=timedelta(seconds=self.settings.envoy.authz_timeout),
             ),
-            HttpFilter(name="envoy.filters.http.router", typed_config=PbAny.pack(Router())),
-        ],
-        access_log=[
-            AccessLog(
-                name="envoy.access_loggers.stdout",
-                typed_config=PbAny.pack(
-                    StdoutAccessLog(
-                        log_format=SubstitutionFormatString(json_format=Struct.from_dict(_ACCESS_LOG_FORMAT))
-                    )
+            transport_api_version=core.ApiVersion.V3,
+            failure_mode_allow=False,
+            validate_mutations=True,
+            include_peer_certificate=True,
+            status_on_error=self.types.HttpStatus(code=self.types.StatusCode.ServiceUnavailable),
+        )
+        return self.hcm.HttpFilter(name="envoy.filters.http.ext_authz", typed_config=self.pack(config))
+
+    def access_log(self) -> Any:
+        log = self.stream.StdoutAccessLog(
+            log_format=self.core.SubstitutionFormatString(json_format=self.pb.Struct.from_dict(_ACCESS_LOG_FORMAT))
+        )
+        return self.accesslog.AccessLog(name="envoy.access_loggers.stdout", typed_config=self.pack(log))
+
+    def connection_manager(self, stat_prefix: str, vhosts: list[Any], filters: list[Any], **extra: Any) -> Any:
+        hcm = self.hcm
+        manager = hcm.HttpConnectionManager(
+            stat_prefix=stat_prefix,
+            codec_type=hcm.HttpConnectionManagerCodecType.AUTO,
+            normalize_path=True,
+            merge_slashes=True,
+            path_with_escaped_slashes_action=hcm.HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
+            route_config=self.route.RouteConfiguration(name=stat_prefix, virtual_hosts=vhosts),
+            http_filters=[
+                self.ext_authz_filter(),
+                *filters,
+                hcm.HttpFilter(name="envoy.filters.http.router", typed_config=self.pack(self.router.Router())),
+            ],
+            access_log=[self.access_log()],
+            **extra,
+        )
+        return self.listener.Filter(
+            name="envoy.filters.network.http_connection_manager", typed_config=self.pack(manager)
+        )
+
+    def vhost(self, name: str, domains: list[str], cluster: str, direction: str) -> Any:
+        r = self.route
+        return r.VirtualHost(
+            name=name,
+            domains=domains,
+            routes=[r.Route(match=r.RouteMatch(prefix="/"), route=r.RouteAction(cluster=cluster))],
+            typed_per_filter_config=self.context(direction),
+        )
+
+    # -- egress -------------------------------------------------------------------------------------
+    def dns_cache(self) -> Any:
+        return self.dfp_common.DnsCacheConfig(
+            name="egress_dns", dns_lookup_family=self.cluster.ClusterDnsLookupFamily.V4_PREFERRED
+        )
+
+    def egress(self) -> tuple[Any, list[Any]]:
+        envoy = self.settings.envoy
+        clusters = []
+        vhosts = []
+        for host, address in sorted(envoy.destinations.items()):
+            name = _cluster_name(host)
+            clusters.append(self.host_port_cluster(name, address))
+            vhosts.append(self.vhost(name, [host, f"{host}:*"], name, "egress"))
+        vhosts.append(self.vhost("any_host", ["*"], DFP_CLUSTER, "egress"))
+        c = self.cluster
+        clusters.append(
+            c.Cluster(
+                name=DFP_CLUSTER,
+                connect_timeout=timedelta(seconds=2),
+                lb_policy=c.ClusterLbPolicy.CLUSTER_PROVIDED,
+                cluster_type=c.ClusterCustomClusterType(
+                    name="envoy.clusters.dynamic_forward_proxy",
+                    typed_config=self.pack(self.dfp_cluster.ClusterConfig(dns_cache_config=self.dns_cache())),
                 ),
             )
-        ],
-    )
-    listener = Listener(
-        name="egress_http",
-        address=_socket_address(envoy.egress_address, envoy.egress_port),
-        filter_chains=[
-            FilterChain(
-                filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=PbAny.pack(hcm))]
+        )
+        dfp = self.hcm.HttpFilter(
+            name="envoy.filters.http.dynamic_forward_proxy",
+            typed_config=self.pack(self.dfp_filter.FilterConfig(dns_cache_config=self.dns_cache())),
+        )
+        listener = self.listener.Listener(
+            name="egress_http",
+            address=self.address(envoy.egress_address, envoy.egress_port),
+            filter_chains=[self.listener.FilterChain(filters=[self.connection_manager("egress_http", vhosts, [dfp])])],
+        )
+        return listener, clusters
+
+    # -- ingress ------------------------------------------------------------------------------------
+    def sds(self, name: str, file_name: str) -> Any:
+        core = self.core
+        identity = self.settings.identity
+        assert identity is not None
+        if identity.source == "workload_api":
+            source = core.ConfigSource(
+                api_config_source=core.ApiConfigSource(
+                    api_type=core.ApiConfigSourceApiType.GRPC,
+                    transport_api_version=core.ApiVersion.V3,
+                    grpc_services=[core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=SPIRE_CLUSTER))],
+                ),
+                resource_api_version=core.ApiVersion.V3,
             )
-        ],
-    )
-    return Bootstrap(
-        node=Node(id="agent-authz", cluster="agent-authz"),
-        admin=Admin(address=_socket_address("127.0.0.1", envoy.admin_port)),
-        static_resources=BootstrapStaticResources(listeners=[listener], clusters=clusters),
-    )
+        else:
+            assert self.sds_dir is not None
+            source = core.ConfigSource(
+                path_config_source=core.PathConfigSource(
+                    path=str(self.sds_dir / file_name), watched_directory=core.WatchedDirectory(path=str(self.sds_dir))
+                ),
+                resource_api_version=core.ApiVersion.V3,
+            )
+        return self.tls.SdsSecretConfig(name=name, sds_config=source)
+
+    def file_secrets(self) -> None:
+        """Write the file-based SDS resources: the SVID and the SPIFFE validation context."""
+        identity = self.settings.identity
+        assert identity is not None and identity.files is not None and self.sds_dir is not None
+        files, core, tls = identity.files, self.core, self.tls
+
+        def source(path: Path) -> Any:
+            resolved = self.loaded.resolve(path).absolute()
+            return core.DataSource(
+                filename=str(resolved), watched_directory=core.WatchedDirectory(path=str(resolved.parent))
+            )
+
+        svid_path = self.loaded.resolve(files.svid).absolute()
+        svid = tls.Secret(
+            name=SVID_SECRET,
+            tls_certificate=tls.TlsCertificate(
+                certificate_chain=core.DataSource(filename=str(svid_path)),
+                private_key=core.DataSource(filename=str(self.loaded.resolve(files.key).absolute())),
+                watched_directory=core.WatchedDirectory(path=str(svid_path.parent)),
+            ),
+        )
+        validator = tls.SpiffeCertValidatorConfig(
+            trust_domains=[
+                tls.SpiffeCertValidatorConfigTrustDomain(name=td, trust_bundle=source(path))
+                for td, path in sorted(files.bundles.items())
+            ]
+        )
+        bundles = tls.Secret(
+            name=BUNDLE_SECRET,
+            validation_context=tls.CertificateValidationContext(
+                custom_validator_config=core.TypedExtensionConfig(
+                    name="envoy.tls.cert_validator.spiffe", typed_config=self.pack(validator)
+                )
+            ),
+        )
+        for secret, name in ((svid, "svid.json"), (bundles, "bundles.json")):
+            resource = {"@type": _SECRET_TYPE, **secret.to_dict()}
+            self.files[self.sds_dir / name] = json.dumps({"resources": [resource]}, indent=2) + "\n"
+
+    def ingress(self) -> tuple[Any, list[Any]]:
+        envoy, identity = self.settings.envoy, self.settings.identity
+        assert envoy.local_app is not None and identity is not None
+        clusters = [self.host_port_cluster(LOCAL_APP_CLUSTER, envoy.local_app)]
+        if identity.source == "workload_api":
+            svid_name, bundle_name = identity.workload_api.svid_secret, identity.workload_api.bundle_secret
+            socket = identity.workload_api.socket.removeprefix("unix://")
+            clusters.append(
+                self.static_cluster(SPIRE_CLUSTER, self.core.Address(pipe=self.core.Pipe(path=socket)), http2=True)
+            )
+        else:
+            svid_name, bundle_name = SVID_SECRET, BUNDLE_SECRET
+            self.file_secrets()
+        tls = self.tls
+        context = tls.DownstreamTlsContext(
+            require_client_certificate=True,
+            common_tls_context=tls.CommonTlsContext(
+                tls_params=tls.TlsParameters(tls_minimum_protocol_version=tls.TlsParametersTlsProtocol.TLSv1_2),
+                tls_certificate_sds_secret_configs=[self.sds(svid_name, "svid.json")],
+                validation_context_sds_secret_config=self.sds(bundle_name, "bundles.json"),
+                alpn_protocols=["h2", "http/1.1"],
+            ),
+        )
+        hcm = self.hcm
+        manager = self.connection_manager(
+            "ingress_http",
+            [self.vhost("local_app", ["*"], LOCAL_APP_CLUSTER, "ingress")],
+            [],
+            forward_client_cert_details=hcm.HttpConnectionManagerForwardClientCertDetails.SANITIZE_SET,
+            set_current_client_cert_details=hcm.HttpConnectionManagerSetCurrentClientCertDetails(uri=True, chain=True),
+        )
+        listener = self.listener.Listener(
+            name="ingress_https",
+            address=self.address(envoy.ingress_address, envoy.ingress_port),
+            filter_chains=[
+                self.listener.FilterChain(
+                    filters=[manager],
+                    transport_socket=self.core.TransportSocket(
+                        name="envoy.transport_sockets.tls", typed_config=self.pack(context)
+                    ),
+                )
+            ],
+        )
+        return listener, clusters
+
+    # -- the whole bootstrap --------------------------------------------------------------------------
+    def build(self) -> RenderedEnvoy:
+        settings = self.settings
+        authz = settings.listen.authz
+        if authz.startswith("unix:"):
+            authz_address = self.core.Address(pipe=self.core.Pipe(path=authz[5:]))
+        else:
+            host, _, port = authz.rpartition(":")
+            authz_address = self.address(host, int(port))
+        clusters = [self.static_cluster(AUTHZ_CLUSTER, authz_address, http2=True)]
+        egress, egress_clusters = self.egress()
+        listeners = [egress]
+        clusters += egress_clusters
+        if settings.identity is not None and settings.envoy.local_app is not None:
+            ingress, ingress_clusters = self.ingress()
+            listeners.append(ingress)
+            clusters += ingress_clusters
+        b = self.bootstrap
+        message = b.Bootstrap(
+            node=self.core.Node(id="agent-authz", cluster="agent-authz"),
+            admin=b.Admin(address=self.address("127.0.0.1", settings.envoy.admin_port)),
+            static_resources=b.BootstrapStaticResources(listeners=listeners, clusters=clusters),
+        )
+        return RenderedEnvoy(message.to_dict(), dict(self.files))
 
 
-def _dns_cache() -> Any:
-    from envoy_data_plane.envoy.config.cluster.v3 import ClusterDnsLookupFamily
-    from envoy_data_plane.envoy.extensions.common.dynamic_forward_proxy.v3 import DnsCacheConfig
+def _sds_dir(loaded: LoadedConfig, out: Path | None) -> Path | None:
+    configured = loaded.settings.envoy.sds_dir
+    if configured is not None:
+        return loaded.resolve(configured).absolute()
+    if out is not None:
+        return out.absolute().parent / (out.stem + "-sds")
+    return None
 
-    return DnsCacheConfig(name="egress_dns", dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED)
+
+def render_envoy(loaded: LoadedConfig, *, out: Path | None = None) -> RenderedEnvoy:
+    """Build the bootstrap for ``loaded``.
+
+    Args:
+        loaded: the validated configuration.
+        out: where the bootstrap will be written; file-based SDS resources go to
+            ``envoy.sds_dir`` or, by default, ``<out stem>-sds/`` beside it.
+
+    Raises:
+        ConfigError: a file identity with an inbound listener, but nowhere to put the SDS files.
+    """
+    identity = loaded.settings.identity
+    sds_dir = _sds_dir(loaded, out)
+    needs_files = identity is not None and identity.source == "files" and loaded.settings.envoy.local_app is not None
+    if needs_files and sds_dir is None:
+        raise ConfigError(str(loaded.source), "envoy.sds_dir", "file identities need envoy.sds_dir (or --out)")
+    return _Builder(loaded, sds_dir).build()
+
+
+def write_envoy(loaded: LoadedConfig, out: Path) -> RenderedEnvoy:
+    """Render and write the bootstrap to ``out`` and the SDS files beside it (each atomically)."""
+    rendered = render_envoy(loaded, out=out)
+    for path, text in [*rendered.files.items(), (out, json.dumps(rendered.bootstrap, indent=2) + "\n")]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return rendered
 
 
 def render_bootstrap_json(loaded: LoadedConfig) -> str:
-    """The bootstrap as pretty-printed proto3 JSON (Envoy reads JSON as YAML)."""
-    return json.dumps(render_bootstrap(loaded).to_dict(), indent=2) + "\n"
+    """The bootstrap alone as pretty-printed proto3 JSON (configs without file-based SDS)."""
+    return json.dumps(render_envoy(loaded).bootstrap, indent=2) + "\n"

@@ -18,14 +18,20 @@ from sidecar.http_norm import normalize_path
 from sidecar.identity.spiffe_id import parse_spiffe_id
 
 __all__ = [
+    "CallerSpec",
     "CredentialSpec",
     "DecisionLogSpec",
     "EgressRuleSpec",
     "EnvoySpec",
+    "IdentityFilesSpec",
+    "IdentitySpec",
+    "IngressRuleSpec",
+    "IngressSpec",
     "IssuerSpec",
     "ListenSpec",
     "SidecarConfig",
     "TaskSpec",
+    "WorkloadApiSpec",
 ]
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
@@ -72,36 +78,17 @@ class CredentialSpec(_Model):
         return lowered
 
 
-class EgressRuleSpec(_Model):
-    """One outbound call pattern a task allows.
+class _HttpMatchSpec(_Model):
+    """Methods and paths a rule matches.
 
     ``paths`` syntax: ``/exact/path`` matches only that path; ``/prefix/*`` matches every path
     below ``/prefix/`` (not ``/prefix`` itself, nor ``/prefixes``); ``*`` matches any path. Paths are
     compared after normalization (decoded once, dot segments removed, slashes merged); the query
-    string is never part of the match.
+    string is never part of the match. ``methods`` are HTTP methods, or ``["*"]`` for any.
     """
 
-    name: str | None = Field(default=None, max_length=128)
-    host: str
-    port: int | None = Field(default=None, ge=1, le=65535)
-    scheme: Literal["http", "https"] = "http"
     methods: list[str] = Field(min_length=1)
     paths: list[str] = Field(min_length=1)
-    audience: str | None = None
-    scope: str | None = None
-    max_calls: int | None = Field(default=None, ge=0)
-    token: bool = True
-    credential: CredentialSpec | None = None
-
-    @field_validator("host")
-    @classmethod
-    def _host(cls, value: str) -> str:
-        host = value.lower()
-        if host.endswith("."):
-            host = host[:-1]
-        if not _HOST.match(host) or len(host) > 253:
-            raise ValueError("must be a DNS name or '*.' followed by a DNS suffix, e.g. '*.example.com'")
-        return host
 
     @field_validator("methods")
     @classmethod
@@ -129,6 +116,32 @@ class EgressRuleSpec(_Model):
             if query or canonical != base:
                 raise ValueError(f"{pattern!r} is not in canonical form (expected {canonical!r})")
         return value
+
+
+class EgressRuleSpec(_HttpMatchSpec):
+    """One outbound call pattern a task allows.
+
+    ``host`` is an exact DNS name or ``*.suffix``; ``methods`` and ``paths`` as in :class:`_HttpMatchSpec`.
+    """
+
+    name: str | None = Field(default=None, max_length=128)
+    host: str
+    port: int | None = Field(default=None, ge=1, le=65535)
+    audience: str | None = None
+    scope: str | None = None
+    max_calls: int | None = Field(default=None, ge=0)
+    token: bool = True
+    credential: CredentialSpec | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        host = value.lower()
+        if host.endswith("."):
+            host = host[:-1]
+        if not _HOST.match(host) or len(host) > 253:
+            raise ValueError("must be a DNS name or '*.' followed by a DNS suffix, e.g. '*.example.com'")
+        return host
 
     @field_validator("scope")
     @classmethod
@@ -184,6 +197,107 @@ class TaskSpec(_Model):
         return self
 
 
+class WorkloadApiSpec(_Model):
+    """The SPIFFE Workload API (a SPIRE agent socket)."""
+
+    socket: str = "unix:///run/spire/sockets/agent.sock"
+    timeout: Seconds = 10.0
+    svid_secret: str = "default"  # noqa: S105 - SPIRE's SDS resource names
+    bundle_secret: str = "ALL"  # noqa: S105
+
+    @field_validator("socket")
+    @classmethod
+    def _socket(cls, value: str) -> str:
+        if not value.startswith("unix:///") or len(value) > 7 + 107:
+            raise ValueError("expected unix:///absolute/path (at most 107 bytes of path)")
+        return value
+
+
+class IdentityFilesSpec(_Model):
+    """An X.509-SVID and trust bundles from PEM files (watched; rotation needs no restart).
+
+    ``bundles`` maps each trust domain to a PEM file of its X.509 authorities (federation: one entry
+    per trust domain); ``jwt_bundles`` maps trust domains to JWKS files of JWT-SVID signers.
+    """
+
+    svid: Path
+    key: Path
+    bundles: dict[str, Path] = Field(min_length=1)
+    jwt_bundles: dict[str, Path] = Field(default_factory=dict)
+
+    @field_validator("bundles", "jwt_bundles")
+    @classmethod
+    def _trust_domains(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for trust_domain in value:
+            try:
+                parse_spiffe_id(f"spiffe://{trust_domain}", require_path=False)
+            except SpiffeIdError as exc:
+                raise ValueError(f"{trust_domain!r} is not a trust domain name ({exc})") from None
+        return value
+
+
+class IdentitySpec(_Model):
+    """Where this agent's identity and the trust bundles come from."""
+
+    source: Literal["workload_api", "files"]
+    workload_api: WorkloadApiSpec = WorkloadApiSpec()
+    files: IdentityFilesSpec | None = None
+
+    @model_validator(mode="after")
+    def _files_present(self) -> IdentitySpec:
+        if self.source == "files" and self.files is None:
+            raise ValueError("source 'files' needs a 'files' section")
+        return self
+
+
+class CallerSpec(_Model):
+    """Who may call: an exact SPIFFE ``id``, or a ``trust_domain`` with an optional ``path_prefix``.
+
+    ``path_prefix`` is segment-aware: ``/ns/finance`` matches ``/ns/finance`` and ``/ns/finance/...``,
+    not ``/ns/financeX``.
+    """
+
+    id: Annotated[str, BeforeValidator(_spiffe_id)] | None = None
+    trust_domain: str | None = None
+    path_prefix: str | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> CallerSpec:
+        if (self.id is None) == (self.trust_domain is None):
+            raise ValueError("set exactly one of 'id' or 'trust_domain'")
+        if self.path_prefix is not None and self.trust_domain is None:
+            raise ValueError("'path_prefix' needs 'trust_domain'")
+        if self.trust_domain is not None:
+            probe = f"spiffe://{self.trust_domain}{(self.path_prefix or '').rstrip('/')}"
+            try:
+                parse_spiffe_id(probe, require_path=False)
+            except SpiffeIdError as exc:
+                raise ValueError(f"invalid trust_domain/path_prefix ({exc})") from None
+            if self.path_prefix is not None and not self.path_prefix.startswith("/"):
+                raise ValueError("path_prefix must start with '/'")
+        return self
+
+
+class IngressRuleSpec(_HttpMatchSpec):
+    """Which callers may call which methods and paths on the agent."""
+
+    name: str | None = Field(default=None, max_length=128)
+    callers: list[CallerSpec] = Field(min_length=1)
+
+
+class IngressSpec(_Model):
+    """Inbound policy: default deny; each rule names callers, methods and paths.
+
+    ``jwt_svid``: accept ``Authorization: Bearer <JWT-SVID>`` as the caller's identity (verified
+    against the JWT bundle of its trust domain, ``aud`` one of ``audiences``, default: this agent's
+    SPIFFE ID). Without a JWT-SVID the caller is the mTLS peer's X.509-SVID.
+    """
+
+    jwt_svid: bool = True
+    audiences: list[str] = Field(default_factory=list)
+    rules: list[IngressRuleSpec] = Field(default_factory=list)
+
+
 class IssuerSpec(_Model):
     """The token issuer: who signs task-scoped access tokens (RFC 9068) and with which key."""
 
@@ -194,6 +308,7 @@ class IssuerSpec(_Model):
     max_token_ttl: Seconds = 300.0
     refresh_ahead: float = Field(default=0.25, gt=0, lt=1)
     mint_per_call: bool = False
+    bind_to_svid: bool = False
 
     @field_validator("max_token_ttl")
     @classmethod
@@ -230,6 +345,19 @@ class EnvoySpec(_Model):
     admin_port: int = Field(default=15000, ge=0, le=65535)
     authz_timeout: Seconds = 0.25
     destinations: dict[str, str] = Field(default_factory=dict)
+    ingress_address: str = "0.0.0.0"
+    ingress_port: int = Field(default=15006, ge=0, le=65535)
+    local_app: str | None = None
+    sds_dir: Path | None = None
+
+    @field_validator("local_app")
+    @classmethod
+    def _local_app(cls, value: str | None) -> str | None:
+        if value is not None:
+            addr, sep, port = value.rpartition(":")
+            if not sep or not addr or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError("local_app must be host:port")
+        return value
 
     @field_validator("destinations")
     @classmethod
@@ -251,14 +379,26 @@ class DecisionLogSpec(_Model):
 
 
 class SidecarConfig(_Model):
-    """The whole ``sidecar.yaml``."""
+    """The whole ``sidecar.yaml``.
 
-    agent: Annotated[str, BeforeValidator(_spiffe_id)]
+    ``agent`` is the local agent's SPIFFE ID. With an ``identity`` source it is optional and only a
+    cross-check: the ID in the SVID is authoritative, and a mismatch is an error.
+    """
+
+    agent: Annotated[str, BeforeValidator(_spiffe_id)] | None = None
+    identity: IdentitySpec | None = None
+    ingress: IngressSpec = IngressSpec()
     issuer: IssuerSpec
     listen: ListenSpec = ListenSpec()
     envoy: EnvoySpec = EnvoySpec()
     decision_log: DecisionLogSpec = DecisionLogSpec()
     tasks: list[TaskSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _agent_known(self) -> SidecarConfig:
+        if self.agent is None and self.identity is None:
+            raise ValueError("set 'agent' or an 'identity' source")
+        return self
 
     @field_validator("tasks")
     @classmethod

@@ -24,7 +24,9 @@ from typing import Any
 import yaml
 
 from sidecar.demo import scenario
+from sidecar.demo.tls_client import mtls_request
 from sidecar.demo.upstream import ApiKeyCheck, SampleUpstream, TokenCheck
+from sidecar.identity.devca import DevCA
 from sidecar.procs import AuthzStack
 from sidecar.tokens.keys import generate_private_key_pem
 
@@ -53,13 +55,17 @@ def _color(text: str, code: str) -> str:
     return f"{code}{text}{_RESET}" if sys.stdout.isatty() else text
 
 
-def _prepare(state: Path, upstream_port: int) -> tuple[Path, str]:
+def _prepare(state: Path, upstream_port: int, agent_app_port: int) -> tuple[Path, str]:
+    ca = DevCA.create(scenario.TRUST_DOMAIN)
+    ca.save(state / "ca")
+    for spiffe_id in (scenario.AGENT, scenario.ORCHESTRATOR, scenario.INTRUDER):
+        ca.write_svid(spiffe_id, state / "svids")
     _write_secret(state / "keys" / "signing.pem", generate_private_key_pem("ES256"))
     _write_secret(state / "keys" / "next.pem", generate_private_key_pem("ES256"))
     api_key = "sk-demo-" + secrets.token_hex(16)
     _write_secret(state / "secrets" / "sentiment-api.key", api_key.encode() + b"\n")
     config = state / "sidecar.yaml"
-    config.write_text(yaml.safe_dump(scenario.sidecar_config(state, upstream_port), sort_keys=False))
+    config.write_text(yaml.safe_dump(scenario.sidecar_config(state, upstream_port, agent_app_port), sort_keys=False))
     return config, api_key
 
 
@@ -125,26 +131,72 @@ def _check_log(log_path: Path, outcomes: list[_Outcome], api_key: str, problems:
     return len(records)
 
 
-def _table(outcomes: list[_Outcome]) -> str:
-    rows = [("#", "call", "expected", "got", "decision", "why", "")]
-    for i, o in enumerate(outcomes, 1):
-        call = o.call
-        target = call.url.removeprefix("http://")
-        if len(target) > 44:
-            target = target[:43] + "…"
+def _table(rows: list[tuple[str, str, str, str, str, str, bool]]) -> str:
+    """Rows of (#, call, expected, got, decision id, why, ok) as aligned text."""
+    cells = [("#", "call", "expected", "got", "decision", "why", "")]
+    for number, call, expected, got, decision_id, note, ok in rows:
+        short = call if len(call) <= 50 else call[:49] + "…"
+        mark = _color("ok", _GREEN) if ok else _color("MISMATCH", _RED)
+        cells.append((number, short, expected, got, decision_id[:8] or "-", note, mark))
+    widths = [max(len(r[c]) for r in cells) for c in range(6)]
+    return "\n".join("  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6] for r in cells)
+
+
+def _egress_rows(outcomes: list[_Outcome]) -> list[tuple[str, str, str, str, str, str, bool]]:
+    return [
+        (
+            str(i),
+            f"{o.call.method} {o.call.url.removeprefix('http://')}",
+            f"{o.call.status} {o.call.reason}",
+            f"{o.status} {o.reason}",
+            o.decision_id or "",
+            o.call.note,
+            o.ok,
+        )
+        for i, o in enumerate(outcomes, 1)
+    ]
+
+
+def _run_inbound(
+    state: Path, port: int, app: SampleUpstream, problems: list[str]
+) -> list[tuple[str, str, str, str, str, str, bool]]:
+    rows = []
+    for i, call in enumerate(scenario.inbound_calls(), 1):
+        name = call.caller.rsplit("/", 1)[-1] if call.caller else None
+        client = (state / "svids" / f"{name}.pem", state / "svids" / f"{name}.key") if name else None
+        before = len(app.requests())
+        reply = mtls_request(port, state / "ca" / "bundle.pem", client, call.path, method=call.method)
+        if reply.status is None:
+            got = "TLS handshake refused"
+            ok = call.status is None
+        else:
+            reason = reply.reason or ("allowed" if reply.status == 200 else "?")
+            got = f"{reply.status} {reason}"
+            ok = reply.status == call.status and reason == call.reason
+        if ok and call.status == 200:
+            seen = app.requests()[before:]
+            ok = len(seen) == 1 and seen[0].headers.get("x-agent-authz-caller") == call.caller
+            if not ok:
+                problems.append(f"the agent did not see the verified caller for {call.method} {call.path}")
+        elif len(app.requests()) != before:
+            ok = False
+            problems.append(f"a refused call reached the agent: {call.method} {call.path}")
+        if not ok:
+            problems.append(f"inbound {call.method} {call.path} from {call.caller}: got {got}")
+        expected = "TLS handshake refused" if call.status is None else f"{call.status} {call.reason}"
+        who = call.caller.removeprefix(f"spiffe://{scenario.TRUST_DOMAIN}") if call.caller else "(no certificate)"
         rows.append(
             (
                 str(i),
-                f"{call.method} {target}",
-                f"{call.status} {call.reason}",
-                f"{o.status} {o.reason}",
-                (o.decision_id or "-")[:8],
+                f"{who} {call.method} {call.path}",
+                expected,
+                got,
+                reply.headers.get("x-agent-authz-decision-id", ""),
                 call.note,
-                _color("ok", _GREEN) if o.ok else _color("MISMATCH", _RED),
+                ok,
             )
         )
-    widths = [max(len(r[c]) for r in rows) for c in range(6)]
-    return "\n".join("  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6] for r in rows)
+    return rows
 
 
 def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: str | None = None) -> int:
@@ -163,10 +215,11 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
     for stale in ("decisions.log", "agent-calls.json"):
         (state / stale).unlink(missing_ok=True)
     upstream = SampleUpstream({})
+    agent_app = SampleUpstream({})  # the agent's own API, behind Envoy's mTLS ingress listener
     stack: AuthzStack | None = None
     try:
         port = upstream.start()
-        config, api_key = _prepare(state, port)
+        config, api_key = _prepare(state, port, agent_app.start())
         upstream.checks = {
             scenario.MARKET: TokenCheck(audience=scenario.MARKET_AUDIENCE, issuer=scenario.ISSUER),
             scenario.SENTIMENT: ApiKeyCheck("x-api-key", api_key),
@@ -175,11 +228,13 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
         stack.start()
         upstream.jwks_url = stack.sidecar.admin_url + "/.well-known/jwks.json"
 
+        ingress_port = stack.envoy.listener_port("ingress_https")
         print(f"agent-authz demo - task {scenario.TASK_ID!r}")
-        print(f"  agent        {scenario.AGENT}")
-        print(f"  on behalf of {scenario.ON_BEHALF_OF}")
-        print(f"  envoy egress {stack.egress_proxy} (the agent's HTTP_PROXY)")
-        print(f"  state dir    {state}\n")
+        print(f"  agent         {scenario.AGENT} (from its X.509-SVID)")
+        print(f"  on behalf of  {scenario.ON_BEHALF_OF}")
+        print(f"  envoy egress  {stack.egress_proxy} (the agent's HTTP_PROXY)")
+        print(f"  envoy ingress https://127.0.0.1:{ingress_port} (mTLS, SPIFFE X.509-SVIDs)")
+        print(f"  state dir     {state}\n")
 
         calls = scenario.calls()
         results = _run_agent(state, stack.egress_proxy, calls)
@@ -193,7 +248,11 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
             outcomes.append(_Outcome(call, result["status"], reason, result["decision_id"], ok))
             if not ok:
                 problems.append(f"{call.method} {call.url}: expected {call.status} {call.reason}, got {result}")
-        print(_table(outcomes))
+        print("Egress - the agent calls out:")
+        print(_table(_egress_rows(outcomes)))
+        print("\nIngress - other workloads call the agent:")
+        inbound = _run_inbound(state, ingress_port, agent_app, problems)
+        print(_table(inbound))
         print("\nWhat the upstream received:")
         for line in _check_upstream(upstream, api_key, problems):
             print(line)
@@ -206,7 +265,8 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
             for problem in problems:
                 print(f"  - {problem}")
             return 1
-        print(_color(f"\nAll {len(outcomes)} outcomes match the task ({elapsed:.1f}s).", _GREEN))
+        total = len(outcomes) + len(inbound)
+        print(_color(f"\nAll {total} outcomes match the task and the ingress policy ({elapsed:.1f}s).", _GREEN))
         if keep_running:
             _hold(stack, upstream)
         return 0
@@ -214,6 +274,7 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
         if stack is not None:
             stack.stop()
         upstream.stop()
+        agent_app.stop()
         if tmp is not None:
             tmp.cleanup()
 

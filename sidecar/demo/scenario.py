@@ -11,9 +11,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AGENT", "ISSUER", "MARKET", "ON_BEHALF_OF", "SENTIMENT", "TASK_ID", "Call", "calls", "sidecar_config"]
+__all__ = [
+    "AGENT",
+    "INTRUDER",
+    "ISSUER",
+    "MARKET",
+    "ON_BEHALF_OF",
+    "ORCHESTRATOR",
+    "SENTIMENT",
+    "TASK_ID",
+    "Call",
+    "InboundCall",
+    "calls",
+    "inbound_calls",
+    "sidecar_config",
+]
 
-AGENT = "spiffe://demo.agent-authz.local/ns/finance/sa/risk-reporter"
+TRUST_DOMAIN = "demo.agent-authz.local"
+AGENT = f"spiffe://{TRUST_DOMAIN}/ns/finance/sa/risk-reporter"
+ORCHESTRATOR = f"spiffe://{TRUST_DOMAIN}/ns/finance/sa/orchestrator"
+INTRUDER = f"spiffe://{TRUST_DOMAIN}/ns/marketing/sa/campaign-bot"
 ON_BEHALF_OF = "user:jane.doe@example.com"
 TASK_ID = "q3-risk-report"
 ISSUER = "https://agent-authz.demo.local"
@@ -72,11 +89,54 @@ def calls() -> list[Call]:
     ]
 
 
-def sidecar_config(state: Path, upstream_port: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class InboundCall:
+    """A call made *to* the agent by a workload holding the SVID ``caller`` (``None``: no certificate)."""
+
+    caller: str | None
+    method: str
+    path: str
+    status: int | None  # None: the TLS handshake must fail
+    reason: str
+    note: str
+
+
+def inbound_calls() -> list[InboundCall]:
+    """Who calls the agent's own API (through Envoy's mTLS ingress listener)."""
+    return [
+        InboundCall(ORCHESTRATOR, "GET", "/v1/report/status", 200, "allowed", "the orchestrator checks progress"),
+        InboundCall(ORCHESTRATOR, "DELETE", "/v1/report", 403, "method_not_allowed", "read-only for the orchestrator"),
+        InboundCall(
+            INTRUDER, "GET", "/v1/report/status", 403, "caller_not_allowed", "valid SVID, not an allowed caller"
+        ),
+        InboundCall(None, "GET", "/v1/report/status", None, "handshake_refused", "no client certificate"),
+    ]
+
+
+def sidecar_config(state: Path, upstream_port: int, agent_app_port: int) -> dict[str, Any]:
     """The demo's ``sidecar.yaml`` as a dict (ports 0: Envoy and the admin server pick free ones)."""
     address = f"127.0.0.1:{upstream_port}"
     return {
         "agent": AGENT,
+        "identity": {
+            "source": "files",
+            "files": {
+                "svid": "svids/risk-reporter.pem",
+                "key": "svids/risk-reporter.key",
+                "bundles": {TRUST_DOMAIN: "ca/bundle.pem"},
+                "jwt_bundles": {TRUST_DOMAIN: "ca/jwt-bundle.json"},
+            },
+        },
+        "ingress": {
+            "rules": [
+                {
+                    "name": "orchestrator-status",
+                    "callers": [{"id": ORCHESTRATOR}],
+                    "methods": ["GET"],
+                    "paths": ["/v1/report/*"],
+                }
+            ]
+        },
         "issuer": {
             "url": ISSUER,
             "signing_key": "keys/signing.pem",
@@ -89,6 +149,9 @@ def sidecar_config(state: Path, upstream_port: int) -> dict[str, Any]:
             "egress_port": 0,
             "admin_port": 0,
             "destinations": {MARKET: address, SENTIMENT: address},
+            "local_app": f"127.0.0.1:{agent_app_port}",
+            "ingress_address": "127.0.0.1",
+            "ingress_port": 0,
         },
         "decision_log": {"path": "decisions.log", "stdout": False},
         "tasks": [

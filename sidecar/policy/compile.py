@@ -57,11 +57,13 @@ def compile_policy(
     settings: SidecarConfig,
     credentials: Mapping[tuple[int, int], str],
     first_seen: Callable[[str], float],
+    agent: str,
 ) -> PolicyIndex:
     """Build the policy index.
 
     Args:
         settings: the validated configuration.
+        agent: this agent's SPIFFE ID (from its SVID, or ``settings.agent``).
         credentials: ``(task_index, rule_index) -> secret value`` for rules with a ``credential``.
         first_seen: returns when a task id was first loaded (POSIX seconds), for ``ttl`` tasks.
 
@@ -101,7 +103,7 @@ def compile_policy(
         by_id[task.id] = task
         by_agent[task.agent].append(task)
     return PolicyIndex(
-        agent=settings.agent,
+        agent=agent,
         tasks_by_id=by_id,
         tasks_by_agent={agent: tuple(tasks) for agent, tasks in by_agent.items()},
     )

@@ -77,6 +77,7 @@ def decide_egress(
     decision_id: str,
     budgets: BudgetLedger,
     minter: TokenMinter,
+    cnf: str | None = None,
 ) -> Decision:
     """Decide one egress call of the local agent.
 
@@ -87,6 +88,7 @@ def decide_egress(
         decision_id: id to put on the decision.
         budgets: the call counters (spent here on allow).
         minter: mints or reuses the task-scoped token.
+        cnf: bind tokens to this SVID thumbprint (RFC 8705 §3.1), or ``None``.
 
     Returns:
         A :class:`Decision`. Deny reasons: ``bad_request``, ``no_task``, ``unknown_task``,
@@ -191,6 +193,7 @@ def decide_egress(
             audience=audience,
             scope=rule.scope,
             now=now,
+            cnf=cnf,
         )
         to_set.append(("authorization", "Bearer " + minted.token))
         token_info = minted.info

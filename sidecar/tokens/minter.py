@@ -126,6 +126,7 @@ class TokenMinter:
         audience: str,
         scope: str | None,
         now: float,
+        cnf: str | None = None,
     ) -> MintedToken:
         """Return a valid token for this task and destination, from cache when possible.
 
@@ -136,6 +137,8 @@ class TokenMinter:
             client_id: RFC 9068 ``client_id`` (the agent's SPIFFE ID).
             audience / scope: ``aud`` and ``scope``.
             now: POSIX seconds.
+            cnf: SHA-256 thumbprint (base64url) of the agent's X.509-SVID to bind the token to
+                (``cnf: {"x5t#S256": ...}``, RFC 8705 §3.1), or ``None``.
 
         Returns:
             A :class:`MintedToken`; ``info.cached`` says whether it came from the cache.
@@ -145,9 +148,11 @@ class TokenMinter:
         if scope:
             claims["scope"] = scope
         claims["txn"] = task_id
+        if cnf:
+            claims["cnf"] = {"x5t#S256": cnf}
         if self._per_call:
             return self._mint(claims, task_expires_at, now)
-        key: CacheKey = (task_id, task_fingerprint, audience, scope or "", self._key.kid)
+        key: CacheKey = (task_id, task_fingerprint, audience, scope or "", self._key.kid + (cnf or ""))
         entries = self._cache._entries
         hit = entries.get(key)
         if hit is not None and now < hit.exp - 1:

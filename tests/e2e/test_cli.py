@@ -95,3 +95,100 @@ def test_rendered_config_enforces_fail_closed_and_path_normalization(config: Pat
         ctx = vhost["typedPerFilterConfig"]["envoy.filters.http.ext_authz"]["checkSettings"]["contextExtensions"]
         assert ctx == {"direction": "egress"}
     assert bootstrap["admin"]["address"]["socketAddress"]["address"] == "127.0.0.1"
+
+
+def test_dev_ca_init_and_issue(tmp_path: Path) -> None:
+    ca_dir = tmp_path / "ca"
+    assert run("dev-ca", "init", "--trust-domain", "example.org", "--out", str(ca_dir)).returncode == 0
+    assert oct((ca_dir / "ca.key").stat().st_mode & 0o777) == "0o600"
+    result = run(
+        "dev-ca",
+        "issue",
+        "spiffe://example.org/ns/x/sa/y",
+        "--out",
+        str(tmp_path / "svids"),
+        "--ca",
+        str(ca_dir),
+        "--ttl",
+        "10m",
+        "--jwt",
+        "--audience",
+        "spiffe://example.org/ns/z",
+    )
+    assert result.returncode == 0, result.stderr
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((tmp_path / "svids" / "y.pem").read_bytes())
+    lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+    assert 600 <= lifetime.total_seconds() <= 700
+    from sidecar.identity.bundles import TrustBundles
+    from sidecar.identity.jwtsvid import JwtSvidVerifier
+    from sidecar.identity.state import parse_jwt_bundle
+
+    bundles = TrustBundles(jwt={"example.org": parse_jwt_bundle((ca_dir / "jwt-bundle.json").read_bytes())})
+    import time
+
+    token = (tmp_path / "svids" / "y.jwt").read_text()
+    assert (
+        JwtSvidVerifier(bundles, ["spiffe://example.org/ns/z"]).verify(token, now=time.time()).spiffe_id.endswith("/y")
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "text"),
+    [
+        (["init", "--trust-domain", "Bad.Domain", "--out", "{tmp}/x"], "lower case"),
+        (["issue", "spiffe://example.org/a", "--out", "{tmp}/none"], "not a dev CA directory"),
+        (["issue", "spiffe://example.org/a", "--out", "{tmp}", "--ttl", "soon"], "invalid duration"),
+        (["issue", "not-an-id", "--out", "{tmp}"], "not a dev CA directory"),
+    ],
+)
+def test_dev_ca_bad_input(tmp_path: Path, args: list[str], text: str) -> None:
+    result = run("dev-ca", *[a.format(tmp=tmp_path) for a in args])
+    assert result.returncode == 2 and text in result.stderr
+
+
+def test_spire_mode_renders_sds_from_the_agent_socket(tmp_path: Path) -> None:
+    write_keys(tmp_path)
+    config = base_config(tmp_path, [task()])
+    config["identity"] = {"source": "workload_api", "workload_api": {"socket": "unix:///run/spire/sockets/agent.sock"}}
+    config["envoy"]["local_app"] = "127.0.0.1:8080"
+    path = write_config(tmp_path, config)
+    out = tmp_path / "envoy.json"
+    assert run("envoy-config", "--config", str(path), "--out", str(out)).returncode == 0
+    bootstrap = json.loads(out.read_text())
+    clusters = {c["name"]: c for c in bootstrap["staticResources"]["clusters"]}
+    pipe = clusters["spire_agent"]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["pipe"]
+    assert pipe["path"] == "/run/spire/sockets/agent.sock"
+    ingress = next(lst for lst in bootstrap["staticResources"]["listeners"] if lst["name"] == "ingress_https")
+    tls = ingress["filterChains"][0]["transportSocket"]["typedConfig"]
+    assert tls["requireClientCertificate"] is True
+    common = tls["commonTlsContext"]
+    assert common["tlsCertificateSdsSecretConfigs"][0]["name"] == "default"
+    assert common["validationContextSdsSecretConfig"]["name"] == "ALL"
+    validate = subprocess.run(
+        [str(find_envoy()), "--mode", "validate", "-c", str(out)], capture_output=True, text=True, timeout=60
+    )
+    assert validate.returncode == 0, validate.stderr[-2000:]
+
+
+def test_file_identity_renders_file_sds(tmp_path: Path) -> None:
+    from tests.conftest import add_file_identity
+
+    write_keys(tmp_path)
+    config = base_config(tmp_path, [task()])
+    add_file_identity(tmp_path, config, local_app="127.0.0.1:8080")
+    path = write_config(tmp_path, config)
+    assert (
+        "envoy.sds_dir" in run("envoy-config", "--config", str(path)).stderr
+    )  # stdout rendering needs a place for SDS
+    out = tmp_path / "envoy.json"
+    assert run("envoy-config", "--config", str(path), "--out", str(out)).returncode == 0
+    sds = json.loads((tmp_path / "envoy-sds" / "bundles.json").read_text())["resources"][0]
+    validator = sds["validationContext"]["customValidatorConfig"]
+    assert validator["name"] == "envoy.tls.cert_validator.spiffe"
+    assert {td["name"] for td in validator["typedConfig"]["trustDomains"]} == {"test.example", "partner.example"}
+    validate = subprocess.run(
+        [str(find_envoy()), "--mode", "validate", "-c", str(out)], capture_output=True, text=True, timeout=60
+    )
+    assert validate.returncode == 0, validate.stderr[-2000:]

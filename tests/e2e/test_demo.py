@@ -32,10 +32,20 @@ def test_demo_runs_green_and_reaps_everything(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "All 11 outcomes match the task" in result.stdout
+    assert "All 15 outcomes match the task and the ingress policy" in result.stdout
     records = [json.loads(line) for line in (state / "decisions.log").read_text().splitlines()]
-    assert len(records) == 11
-    assert {r["reason"] for r in records} >= {"allowed", "path_not_allowed", "budget_exhausted", "host_not_allowed"}
+    assert len(records) == 14  # 11 egress calls, 3 ingress calls (the 4th fails the TLS handshake)
+    assert {r["reason"] for r in records} >= {
+        "allowed",
+        "path_not_allowed",
+        "budget_exhausted",
+        "host_not_allowed",
+        "caller_not_allowed",
+    }
+    assert {r["caller"] for r in records if r["direction"] == "ingress"} == {
+        "spiffe://demo.agent-authz.local/ns/finance/sa/orchestrator",
+        "spiffe://demo.agent-authz.local/ns/marketing/sa/campaign-bot",
+    }
     sidecar_pid = json.loads((state / "sidecar.ready.json").read_text())["pid"]
     assert not _pid_alive(sidecar_pid)
     envoy_admin = (state / "envoy.admin").read_text().strip()

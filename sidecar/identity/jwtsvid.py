@@ -1,0 +1,131 @@
+"""Verify JWT-SVIDs presented as ``Authorization: Bearer`` on ingress (JWT-SVID §2, §3).
+
+* header: only ``alg``, ``kid`` and ``typ`` (JWT-SVID §2; anything else, ``crit`` included, is
+  rejected); ``alg`` one of RS/ES/PS 256/384/512 (§2.1: never ``none`` or ``HS*``); ``kid``
+  required; ``typ``, when present, ``JWT`` or ``JOSE``;
+* claims: ``sub`` a strict SPIFFE ID with a path, ``aud`` required and one of the accepted
+  audiences (a list is accepted when one member matches), ``exp`` required and in the future (§3);
+* key: chosen by ``kid`` from the JWT bundle of the ``sub``'s trust domain only.
+
+Keys are ``cryptography`` objects loaded with the bundle; nothing is parsed per call but the token.
+Failures raise :class:`~sidecar.errors.IdentityError` with a ``jwt_svid_*`` detail code.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from sidecar.errors import IdentityError, SpiffeIdError
+from sidecar.identity.bundles import TrustBundles
+from sidecar.identity.spiffe_id import parse_spiffe_id
+
+__all__ = ["ALLOWED_ALGORITHMS", "JwtSvidVerifier", "VerifiedJwtSvid", "looks_like_jwt"]
+
+ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"})
+_ALLOWED_HEADERS = frozenset({"alg", "kid", "typ"})
+_MAX_TOKEN = 16 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedJwtSvid:
+    """A verified JWT-SVID: its subject, trust domain and expiry (POSIX seconds)."""
+
+    spiffe_id: str
+    trust_domain: str
+    exp: int
+
+
+def looks_like_jwt(token: str) -> bool:
+    """Whether ``token`` has the compact JWS shape (three base64url parts)."""
+    return token.count(".") == 2
+
+
+def _b64json(part: str) -> Any:
+    padded = part + "=" * (-len(part) % 4)
+    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+
+
+class JwtSvidVerifier:
+    """Verifies JWT-SVIDs against per-trust-domain JWT bundles.
+
+    Args:
+        bundles: the trust bundles.
+        audiences: accepted ``aud`` values (normally this agent's SPIFFE ID).
+    """
+
+    def __init__(self, bundles: TrustBundles, audiences: Iterable[str]) -> None:
+        self.bundles = bundles
+        self.audiences = list(audiences)
+
+    def verify(self, token: str, *, now: float) -> VerifiedJwtSvid:
+        """Verify ``token``.
+
+        Raises:
+            IdentityError: detail ``jwt_svid_malformed``, ``jwt_svid_bad_header``, ``jwt_svid_bad_algorithm``,
+                ``jwt_svid_invalid_subject``, ``jwt_svid_unknown_trust_domain``, ``jwt_svid_unknown_key``,
+                ``jwt_svid_bad_signature``, ``jwt_svid_missing_claim``, ``jwt_svid_bad_audience``,
+                ``jwt_svid_expired``.
+        """
+        if len(token) > _MAX_TOKEN or not looks_like_jwt(token):
+            raise IdentityError("jwt_svid_malformed", "not a compact JWS")
+        head, body, _ = token.split(".")
+        try:
+            header = _b64json(head)
+            claims = _b64json(body)
+        except (ValueError, UnicodeError):
+            raise IdentityError("jwt_svid_malformed", "header or payload is not base64url JSON") from None
+        if not isinstance(header, dict) or not isinstance(claims, dict):
+            raise IdentityError("jwt_svid_malformed", "header and payload must be JSON objects")
+        extra = set(header) - _ALLOWED_HEADERS
+        if extra:
+            raise IdentityError("jwt_svid_bad_header", f"header parameters not allowed: {sorted(extra)}")
+        alg = header.get("alg")
+        if alg not in ALLOWED_ALGORITHMS:
+            raise IdentityError("jwt_svid_bad_algorithm", f"alg {alg!r} is not allowed")
+        if header.get("typ") not in (None, "JWT", "JOSE"):
+            raise IdentityError("jwt_svid_bad_header", "typ must be JWT or JOSE")
+        kid = header.get("kid")
+        if not isinstance(kid, str) or not kid:
+            raise IdentityError("jwt_svid_bad_header", "kid is required")
+        for claim in ("sub", "aud", "exp"):
+            if claims.get(claim) in (None, "", []):
+                raise IdentityError("jwt_svid_missing_claim", f"claim {claim!r} is required")
+        sub = claims["sub"]
+        try:
+            spiffe_id = parse_spiffe_id(sub) if isinstance(sub, str) else parse_spiffe_id("")
+        except SpiffeIdError as exc:
+            raise IdentityError("jwt_svid_invalid_subject", str(exc)) from None
+        trust_domain = str(spiffe_id.trust_domain)
+        keys = self.bundles.jwt.get(trust_domain)
+        if keys is None:
+            raise IdentityError("jwt_svid_unknown_trust_domain", f"no JWT bundle for {trust_domain}")
+        key = keys.get(kid)
+        if key is None:
+            raise IdentityError("jwt_svid_unknown_key", f"kid {kid!r} is not in the {trust_domain} JWT bundle")
+        try:
+            verified = jwt.decode(
+                token,
+                key,  # type: ignore[arg-type]
+                algorithms=[alg],
+                audience=self.audiences,
+                options={"require": ["sub", "aud", "exp"], "verify_iat": False, "verify_nbf": True},
+                leeway=0,
+            )
+        except jwt.InvalidAudienceError:
+            raise IdentityError("jwt_svid_bad_audience", "aud does not name this agent") from None
+        except jwt.ExpiredSignatureError:
+            raise IdentityError("jwt_svid_expired", "the token has expired") from None
+        except jwt.InvalidSignatureError:
+            raise IdentityError("jwt_svid_bad_signature", "signature does not verify") from None
+        except jwt.PyJWTError as exc:
+            raise IdentityError("jwt_svid_malformed", str(exc)) from None
+        exp = verified["exp"]
+        if not isinstance(exp, int | float) or exp <= now:
+            raise IdentityError("jwt_svid_expired", "the token has expired")
+        return VerifiedJwtSvid(str(spiffe_id), trust_domain, int(exp))
