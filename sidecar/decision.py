@@ -124,6 +124,8 @@ class Decision:
         task_id / agent / on_behalf_of / rule: what the decision was judged against (``agent`` is
             this sidecar's agent: the caller on egress, the callee on ingress).
         caller: on ingress, the verified caller SPIFFE ID (when identification succeeded).
+        txn: the task's transaction id (the root task of a delegation chain).
+        act_chain: SPIFFE IDs of the actors on egress, current first (the ``act`` nesting).
         host / port / path / method: the normalized request (path without query).
         headers_to_set: request headers Envoy overwrites (``append_action=OVERWRITE_IF_EXISTS_OR_ADD``).
             May hold a bearer token or an API key: never log this field.
@@ -141,6 +143,8 @@ class Decision:
     agent: str | None = None
     caller: str | None = None
     on_behalf_of: str | None = None
+    txn: str | None = None
+    act_chain: tuple[str, ...] = ()
     rule: str | None = None
     method: str = ""
     host: str = ""

@@ -9,7 +9,6 @@ Call budgets, token cache and ``ttl`` anchors live in the :class:`Runtime` and s
 from __future__ import annotations
 
 import hashlib
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -19,21 +18,26 @@ from typing import Any
 import structlog
 
 from sidecar.config.loader import LoadedConfig, load_config, read_secret_file
+from sidecar.config.schema import TaskSpec
+from sidecar.credentials import credential_value
 from sidecar.decision import AuthzRequest, Decision, Direction
-from sidecar.errors import ConfigError, KeyLoadError
+from sidecar.errors import ConfigError
+from sidecar.grants.issue import DelegationRequest, delegate
+from sidecar.grants.model import Grant, GrantError
+from sidecar.grants.revocations import RevocationList, revoked_by, sign_revocations
+from sidecar.grants.sources import GrantSet, check_grant_usable, load_grants
 from sidecar.identity.state import IdentityState, load_identity_files
 from sidecar.policy.budget import BudgetLedger
-from sidecar.policy.compile import compile_policy
+from sidecar.policy.compile import TaskSource, compile_policy
 from sidecar.policy.engine import decide_egress
 from sidecar.policy.ingress import IdentityContext, IngressPolicy, compile_ingress, decide_ingress
-from sidecar.policy.model import PolicyIndex
+from sidecar.policy.model import Credential, PolicyIndex
 from sidecar.tokens.keys import KeySet, SigningKey, load_signing_key
 from sidecar.tokens.minter import TokenCache, TokenMinter
 
 __all__ = ["Runtime", "Snapshot"]
 
 _log = structlog.get_logger("agent_authz.runtime")
-_HEADER_VALUE = re.compile(r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +49,7 @@ class Snapshot:
         policy: compiled tasks (``policy.agent`` is this agent's SPIFFE ID).
         ingress: compiled ingress rules.
         identity: this agent's SVID, the trust bundles and verifiers; ``None`` without an identity source.
+        grants: the grant verifier, accepted grants and revocation lists.
         keys: signing and published keys.
         minter: token minter bound to ``keys.current``.
         digest: SHA-256 over the config file and every file it references.
@@ -55,10 +60,30 @@ class Snapshot:
     policy: PolicyIndex
     ingress: IngressPolicy
     identity: IdentityContext | None
+    grants: GrantSet
     keys: KeySet
     minter: TokenMinter
     digest: str
     watched: frozenset[Path]
+
+
+class _Reader:
+    """Reads files named in one configuration, hashing them (change detection) and noting them (watching)."""
+
+    def __init__(self, loaded: LoadedConfig) -> None:
+        self.loaded = loaded
+        self.digest = hashlib.sha256(loaded.digest.encode())
+        self.watched: set[Path] = {loaded.source}
+
+    def watch(self, path: Path) -> None:
+        self.watched.add(self.loaded.resolve(path))
+
+    def read(self, path: Path, field: str) -> bytes:
+        resolved = self.loaded.resolve(path)
+        data = read_secret_file(resolved, file=str(self.loaded.source), field=field)
+        self.digest.update(field.encode() + b"\0" + data + b"\0")
+        self.watched.add(resolved)
+        return data
 
 
 class Runtime:
@@ -86,6 +111,10 @@ class Runtime:
         self.config_path = Path(config_path)
         self._workload_identity = workload_identity
         self.last_identity_error: str | None = None
+        self._posted: dict[str, str] = {}
+        self._own_revoked: dict[str, int] = {}
+        self._issued: set[str] = set()
+        self._published: str | None = None
         self.clock = clock
         self.budgets = BudgetLedger()
         self.tokens = TokenCache()
@@ -97,52 +126,84 @@ class Runtime:
         self.last_error: str | None = None
         self.snapshot: Snapshot = self._build(None)
 
-    def _read(self, loaded: LoadedConfig, path: Path, field: str, digest: Any) -> bytes:
-        data = read_secret_file(loaded.resolve(path), file=str(loaded.source), field=field)
-        digest.update(field.encode() + b"\0" + data + b"\0")
-        return data
-
     def _build(self, previous: Snapshot | None) -> Snapshot:
         loaded = load_config(self.config_path)
         settings = loaded.settings
         issuer = settings.issuer
-        digest = hashlib.sha256(loaded.digest.encode())
-        watched = {loaded.source}
+        reader = _Reader(loaded)
         name = str(loaded.source)
 
-        pem = self._read(loaded, issuer.signing_key, "issuer.signing_key", digest)
-        current = load_signing_key(pem, issuer.algorithm, file=name, field="issuer.signing_key")
-        watched.add(loaded.resolve(issuer.signing_key))
+        current = load_signing_key(
+            reader.read(issuer.signing_key, "issuer.signing_key"),
+            issuer.algorithm,
+            file=name,
+            field="issuer.signing_key",
+        )
         next_key = None
         if issuer.next_signing_key is not None:
-            pem = self._read(loaded, issuer.next_signing_key, "issuer.next_signing_key", digest)
+            pem = reader.read(issuer.next_signing_key, "issuer.next_signing_key")
             next_key = load_signing_key(pem, issuer.algorithm, file=name, field="issuer.next_signing_key")
-            watched.add(loaded.resolve(issuer.next_signing_key))
 
-        identity = self._load_identity(loaded, digest, watched)
+        identity = self._load_identity(loaded, reader)
         agent = self._agent(loaded, identity)
-
-        credentials: dict[tuple[int, int], str] = {}
-        for t_index, task in enumerate(settings.tasks):
-            for r_index, rule in enumerate(task.egress):
-                if rule.credential is None:
-                    continue
-                field = f"tasks[{t_index}].egress[{r_index}].credential.file"
-                raw = self._read(loaded, rule.credential.file, field, digest)
-                try:
-                    value = rule.credential.prefix + raw.decode("ascii").strip()
-                except UnicodeDecodeError:
-                    raise KeyLoadError(name, field, "credential must be printable ASCII") from None
-                if not _HEADER_VALUE.match(value):
-                    raise KeyLoadError(name, field, "credential must be one line of printable ASCII")
-                credentials[(t_index, r_index)] = value
-                watched.add(loaded.resolve(rule.credential.file))
-
-        now = self.clock()
-        first_seen = dict(self._first_seen)
-        policy = compile_policy(settings, credentials, lambda task_id: first_seen.setdefault(task_id, now), agent)
         ingress = compile_ingress(settings, agent)
         identity_ctx = IdentityContext.build(identity, ingress.audiences) if identity is not None else None
+
+        named = {
+            cred_name: Credential(
+                spec.header,
+                credential_value(
+                    reader.read(spec.file, f"credentials.{cred_name}.file"),
+                    spec.prefix,
+                    file=name,
+                    field=f"credentials.{cred_name}.file",
+                ),
+            )
+            for cred_name, spec in settings.credentials.items()
+        }
+        sources: list[TaskSource] = []
+        for t_index, task in enumerate(settings.tasks):
+            creds: dict[int, Credential] = {}
+            for r_index, rule in enumerate(task.egress):
+                if isinstance(rule.credential, str):
+                    creds[r_index] = named[rule.credential]
+                elif rule.credential is not None:
+                    field = f"tasks[{t_index}].egress[{r_index}].credential.file"
+                    value = credential_value(
+                        reader.read(rule.credential.file, field), rule.credential.prefix, file=name, field=field
+                    )
+                    creds[r_index] = Credential(rule.credential.header, value)
+            sources.append(TaskSource(task, creds))
+
+        now = self.clock()
+        for token in self._posted.values():
+            reader.digest.update(token.encode() + b"\0")
+        reader.digest.update(",".join(sorted(self._own_revoked)).encode())
+        grant_set = load_grants(
+            settings.grants,
+            reader.read,
+            lambda path: loaded.resolve(path).exists(),
+            file=name,
+            svids=identity_ctx.x509 if identity_ctx is not None else None,
+            agent=agent,
+            credentials=named,
+            posted=self._posted,
+            own_revocations=self._own_revocation_list(agent),
+            now=now,
+        )
+        for path in settings.grants.revocations:
+            reader.watch(path)  # a list published later must trigger a reload
+        for grant in grant_set.grants:
+            creds = {i: named[r.credential] for i, r in enumerate(grant.spec.egress) if isinstance(r.credential, str)}
+            sources.append(TaskSource(grant.spec, creds, grant, revoked_by(grant, grant_set.revocations) is not None))
+        seen: set[str] = set()
+        for source in sources:
+            if source.spec.id in seen:
+                raise ConfigError(name, "tasks", f"task id {source.spec.id!r} is declared twice (config and grants)")
+            seen.add(source.spec.id)
+
+        first_seen = dict(self._first_seen)
+        policy = compile_policy(sources, lambda task_id: first_seen.setdefault(task_id, now), agent)
 
         retired = tuple((key, until) for key, until in self._retired if until > now)
         if previous is not None and previous.keys.current.kid != current.kid:
@@ -158,7 +219,17 @@ class Runtime:
             self._defer,
             self.clock,
         )
-        snapshot = Snapshot(loaded, policy, ingress, identity_ctx, keys, minter, digest.hexdigest(), frozenset(watched))
+        snapshot = Snapshot(
+            loaded,
+            policy,
+            ingress,
+            identity_ctx,
+            grant_set,
+            keys,
+            minter,
+            reader.digest.hexdigest(),
+            frozenset(reader.watched),
+        )
         # Commit state only once the whole snapshot is built.
         self._first_seen = {tid: first_seen[tid] for tid in policy.tasks_by_id}
         self._retired = retired
@@ -166,7 +237,7 @@ class Runtime:
         self.tokens.retain({(t.id, t.fingerprint) for t in policy.tasks_by_id.values()})
         return snapshot
 
-    def _load_identity(self, loaded: LoadedConfig, digest: Any, watched: set[Path]) -> IdentityState | None:
+    def _load_identity(self, loaded: LoadedConfig, reader: _Reader) -> IdentityState | None:
         spec = loaded.settings.identity
         if spec is None:
             return None
@@ -175,12 +246,7 @@ class Runtime:
                 raise ConfigError(str(loaded.source), "identity", "no identity from the Workload API yet")
             return self._workload_identity
         assert spec.files is not None
-
-        def read(path: Path, field: str) -> bytes:
-            watched.add(loaded.resolve(path))
-            return self._read(loaded, path, field, digest)
-
-        return load_identity_files(spec.files, read, file=str(loaded.source))
+        return load_identity_files(spec.files, reader.read, file=str(loaded.source))
 
     @staticmethod
     def _agent(loaded: LoadedConfig, identity: IdentityState | None) -> str:
@@ -264,6 +330,110 @@ class Runtime:
             now=self.clock(),
             decision_id=decision_id,
         )
+
+    # -- grants: accept, delegate, revoke ------------------------------------------------------------
+    def add_grant(self, token: str) -> Grant:
+        """Accept a grant posted by the local agent (``POST /v1/tasks``) and enforce it at once.
+
+        Raises:
+            GrantError: it does not verify, is expired, names another agent or a credential this
+                sidecar lacks, or reuses a task id.
+        """
+        snapshot = self.snapshot
+        now = self.clock()
+        grant = snapshot.grants.verifier.verify(token.strip(), now=now)
+        check_grant_usable(grant, snapshot.policy.agent, snapshot.loaded.settings.credentials)
+        if now >= grant.expires_at:
+            raise GrantError("grant_expired", "the grant has expired")
+        if grant.id in snapshot.policy.tasks_by_id:
+            raise GrantError("grant_duplicate", f"task {grant.id!r} is already active")
+        self._posted[grant.id] = grant.token
+        if not self.reload():
+            del self._posted[grant.id]
+            raise GrantError("grant_rejected", self.last_error or "the configuration did not reload")
+        return grant
+
+    def delegate(self, task_id: str, request: DelegationRequest) -> tuple[str, TaskSpec]:
+        """Issue a sub-grant of ``task_id`` signed with this agent's SVID (``POST /v1/tasks/{id}/delegate``).
+
+        Raises:
+            GrantError: unknown task, no identity to sign with, or a widening (see
+                :func:`sidecar.grants.issue.delegate`).
+        """
+        snapshot = self.snapshot
+        task = snapshot.policy.tasks_by_id.get(task_id)
+        if task is None or task.agent != snapshot.policy.agent:
+            raise GrantError("grant_unknown_task", f"no task {task_id!r} for this agent")
+        if snapshot.identity is None:
+            raise GrantError(
+                "grant_not_delegable", "delegation signs with the agent's X.509-SVID: configure an identity source"
+            )
+        token, child = delegate(
+            task,
+            request,
+            svid=snapshot.identity.state.svid,
+            budgets=self.budgets,
+            now=self.clock(),
+            max_depth=snapshot.loaded.settings.grants.max_depth,
+        )
+        self._issued.add(child.id)
+        _log.info(
+            "task_delegated", task_id=task_id, child=child.id, subject=child.agent, expires_at=str(child.expires_at)
+        )
+        return token, child
+
+    def revoke(self, task_id: str) -> str | None:
+        """Revoke a task this agent holds or delegated (``POST /v1/tasks/{id}/revoke``).
+
+        The id joins this sidecar's own revocation list, which applies here at once and is signed with
+        the agent's SVID and written to ``grants.publish_revocations`` for other sidecars to watch.
+
+        Returns:
+            The compact JWS of the published list, or ``None`` without an identity to sign it.
+
+        Raises:
+            GrantError: ``grant_unknown_task`` for an id this sidecar has never seen.
+        """
+        snapshot = self.snapshot
+        known = set(snapshot.policy.tasks_by_id) | self._issued
+        if task_id not in known:
+            raise GrantError("grant_unknown_task", f"no task {task_id!r} held or delegated here")
+        self._own_revoked[task_id] = int(self.clock())
+        token = self._publish_revocations(snapshot)
+        self.reload()
+        _log.info("task_revoked", task_id=task_id, published=token is not None)
+        return token
+
+    def revocation_list(self) -> str | None:
+        """This sidecar's own signed revocation list (``GET /v1/revocations``), or ``None``."""
+        return self._published
+
+    def _publish_revocations(self, snapshot: Snapshot) -> str | None:
+        identity = snapshot.identity
+        if identity is None:
+            return None
+        svid = identity.state.svid
+        token = sign_revocations(
+            self._own_revoked,
+            svid.private_key,
+            issuer=svid.spiffe_id,
+            issued_at=max(self._own_revoked.values()),
+            x5c=list(svid.chain),
+        )
+        self._published = token
+        target = snapshot.loaded.settings.grants.publish_revocations
+        if target is not None:
+            path = snapshot.loaded.resolve(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(token + "\n")
+            tmp.replace(path)  # atomic: watchers never read half a list
+        return token
+
+    def _own_revocation_list(self, agent: str) -> RevocationList | None:
+        if not self._own_revoked:
+            return None
+        return RevocationList(agent, frozenset(self._own_revoked), max(self._own_revoked.values()), False, "")
 
     def jwks(self) -> dict[str, Any]:
         """The JWKS document of the active keys (RFC 7517 §5)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from sidecar.admin.tasks_api import add_task_routes
 from sidecar.runtime import Runtime
 
 __all__ = ["make_admin_app"]
@@ -62,4 +63,5 @@ def make_admin_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/.well-known/jwks.json", _jwks)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    add_task_routes(app, runtime)
     return app

@@ -6,7 +6,7 @@ path or header stays inside its line.
 
 Record fields: ``time`` (RFC 3339, UTC, ms), ``event`` (``"decision"``), ``decision_id``,
 ``request_id``, ``direction``, ``agent``, ``caller`` (ingress: the verified caller), ``task_id``,
-``on_behalf_of``, ``method``, ``host``, ``port``,
+``txn`` (root task id), ``act`` (actors, current first), ``on_behalf_of``, ``method``, ``host``, ``port``,
 ``path`` (no query), ``rule``, ``decision`` (``allow``/``deny``), ``reason``, ``status``, ``detail``,
 ``token`` (``{"jti", "aud", "exp", "cached"}`` or null), ``latency_us``.
 """
@@ -40,6 +40,8 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
         "agent": decision.agent,
         "caller": decision.caller,
         "task_id": decision.task_id,
+        "txn": decision.txn,
+        "act": list(decision.act_chain),
         "on_behalf_of": decision.on_behalf_of,
         "method": decision.method,
         "host": decision.host,

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from sidecar.config.schema import SidecarConfig
+from sidecar.config.schema import UNION_TAGS, SidecarConfig
 from sidecar.errors import ConfigError, KeyLoadError
 
 __all__ = ["MAX_CONFIG_BYTES", "LoadedConfig", "format_loc", "load_config", "read_secret_file"]
@@ -44,9 +44,11 @@ class LoadedConfig:
 
 
 def format_loc(loc: tuple[int | str, ...]) -> str:
-    """Render a pydantic error location as ``tasks[0].egress[1].paths``."""
+    """Render a pydantic error location as ``tasks[0].egress[1].paths`` (union tags left out)."""
     out = ""
     for part in loc:
+        if part in UNION_TAGS:
+            continue
         if isinstance(part, int):
             out += f"[{part}]"
         else:

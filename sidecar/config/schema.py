@@ -10,7 +10,17 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from sidecar.config.durations import parse_duration
 from sidecar.errors import BadRequestError, SpiffeIdError
@@ -23,12 +33,14 @@ __all__ = [
     "DecisionLogSpec",
     "EgressRuleSpec",
     "EnvoySpec",
+    "GrantsSpec",
     "IdentityFilesSpec",
     "IdentitySpec",
     "IngressRuleSpec",
     "IngressSpec",
     "IssuerSpec",
     "ListenSpec",
+    "RootIssuerSpec",
     "SidecarConfig",
     "TaskSpec",
     "WorkloadApiSpec",
@@ -37,7 +49,8 @@ __all__ = [
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 §5.6.2 token
-_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}$")
+_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _HOST = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$")
 _FORBIDDEN_CREDENTIAL_HEADERS = frozenset(
     {"host", "connection", "content-length", "transfer-encoding", "te", "upgrade", "x-agent-task"}
@@ -76,6 +89,17 @@ class CredentialSpec(_Model):
         if lowered in _FORBIDDEN_CREDENTIAL_HEADERS or lowered.startswith("x-agent-authz-"):
             raise ValueError(f"header {value!r} cannot carry a credential")
         return lowered
+
+
+def _credential_kind(value: object) -> str:
+    return "by_name" if isinstance(value, str) else "inline"
+
+
+CredentialRef = Annotated[
+    Annotated[CredentialSpec, Tag("inline")] | Annotated[str, Tag("by_name")], Discriminator(_credential_kind)
+]
+"""A rule's credential: inline ``{header, file, prefix}``, or the name of an entry in ``credentials``."""
+UNION_TAGS = frozenset({"inline", "by_name"})
 
 
 class _HttpMatchSpec(_Model):
@@ -131,7 +155,7 @@ class EgressRuleSpec(_HttpMatchSpec):
     scope: str | None = None
     max_calls: int | None = Field(default=None, ge=0)
     token: bool = True
-    credential: CredentialSpec | None = None
+    credential: CredentialRef | None = None
 
     @field_validator("host")
     @classmethod
@@ -150,9 +174,16 @@ class EgressRuleSpec(_HttpMatchSpec):
             raise ValueError("scope is a space-separated list of scope tokens (RFC 6749 §3.3)")
         return value
 
+    @field_validator("credential")
+    @classmethod
+    def _credential_name(cls, value: CredentialSpec | str | None) -> CredentialSpec | str | None:
+        if isinstance(value, str) and not _NAME.match(value):
+            raise ValueError("a credential name: 1-64 characters of a-z 0-9 . _ -")
+        return value
+
     @model_validator(mode="after")
     def _token_vs_credential(self) -> EgressRuleSpec:
-        if self.token and self.credential is not None and self.credential.header == "authorization":
+        if self.token and isinstance(self.credential, CredentialSpec) and self.credential.header == "authorization":
             raise ValueError("credential.header 'authorization' needs 'token: false' (the token goes there)")
         return self
 
@@ -180,7 +211,7 @@ class TaskSpec(_Model):
     @classmethod
     def _id(cls, value: str) -> str:
         if not _TASK_ID.match(value):
-            raise ValueError("task id: 1-128 characters of A-Z a-z 0-9 . _ : - starting with a letter or digit")
+            raise ValueError("task id: 1-256 characters of A-Z a-z 0-9 . _ : / - starting with a letter or digit")
         return value
 
     @model_validator(mode="after")
@@ -298,6 +329,37 @@ class IngressSpec(_Model):
     rules: list[IngressRuleSpec] = Field(default_factory=list)
 
 
+class RootIssuerSpec(_Model):
+    """Who may sign root task grants: a key set (``jwks`` file, keys chosen by ``kid``) or a workload
+    (``spiffe_id``) signing with its X.509-SVID (``x5c``, verified against its trust domain's bundle)."""
+
+    jwks: Path | None = None
+    spiffe_id: Annotated[str, BeforeValidator(_spiffe_id)] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> RootIssuerSpec:
+        if (self.jwks is None) == (self.spiffe_id is None):
+            raise ValueError("set exactly one of 'jwks' or 'spiffe_id'")
+        return self
+
+
+class GrantsSpec(_Model):
+    """Signed task grants (``agent-task+jwt``) this sidecar accepts, and delegation limits.
+
+    ``files``: compact-JWS grant files (watched; a Kubernetes annotation mounted through the
+    downward API works as a file). ``root_issuers``: who may sign root grants. ``max_depth``: the
+    longest delegation chain accepted or issued (a root grant has depth 0). ``revocations``: signed
+    revocation-list files to honour. ``publish_revocations``: where ``POST /v1/tasks/{id}/revoke``
+    writes this sidecar's own signed revocation list.
+    """
+
+    files: list[Path] = Field(default_factory=list)
+    root_issuers: list[RootIssuerSpec] = Field(default_factory=list)
+    max_depth: int = Field(default=3, ge=0, le=16)
+    revocations: list[Path] = Field(default_factory=list)
+    publish_revocations: Path | None = None
+
+
 class IssuerSpec(_Model):
     """The token issuer: who signs task-scoped access tokens (RFC 9068) and with which key."""
 
@@ -392,13 +454,27 @@ class SidecarConfig(_Model):
     listen: ListenSpec = ListenSpec()
     envoy: EnvoySpec = EnvoySpec()
     decision_log: DecisionLogSpec = DecisionLogSpec()
+    credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
+    grants: GrantsSpec = GrantsSpec()
     tasks: list[TaskSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _agent_known(self) -> SidecarConfig:
         if self.agent is None and self.identity is None:
             raise ValueError("set 'agent' or an 'identity' source")
+        for task in self.tasks:
+            for rule in task.egress:
+                if isinstance(rule.credential, str) and rule.credential not in self.credentials:
+                    raise ValueError(f"task {task.id!r}: credential {rule.credential!r} is not in 'credentials'")
         return self
+
+    @field_validator("credentials")
+    @classmethod
+    def _credential_names(cls, value: dict[str, CredentialSpec]) -> dict[str, CredentialSpec]:
+        for name in value:
+            if not _NAME.match(name):
+                raise ValueError(f"credential name {name!r}: 1-64 characters of a-z 0-9 . _ -")
+        return value
 
     @field_validator("tasks")
     @classmethod

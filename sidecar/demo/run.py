@@ -9,21 +9,18 @@ the decision log says. Exits 0 only if all of it matches.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import yaml
 
 from sidecar.demo import scenario
+from sidecar.demo.common import GREEN, RED, color, run_agent, table, write_secret
 from sidecar.demo.tls_client import mtls_request
 from sidecar.demo.upstream import ApiKeyCheck, SampleUpstream, TokenCheck
 from sidecar.identity.devca import DevCA
@@ -31,8 +28,6 @@ from sidecar.procs import AuthzStack
 from sidecar.tokens.keys import generate_private_key_pem
 
 __all__ = ["run_demo"]
-
-_GREEN, _RED, _DIM, _RESET = "\033[32m", "\033[31m", "\033[2m", "\033[0m"
 
 
 @dataclass
@@ -44,44 +39,18 @@ class _Outcome:
     ok: bool
 
 
-def _write_secret(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-
-
-def _color(text: str, code: str) -> str:
-    return f"{code}{text}{_RESET}" if sys.stdout.isatty() else text
-
-
 def _prepare(state: Path, upstream_port: int, agent_app_port: int) -> tuple[Path, str]:
     ca = DevCA.create(scenario.TRUST_DOMAIN)
     ca.save(state / "ca")
     for spiffe_id in (scenario.AGENT, scenario.ORCHESTRATOR, scenario.INTRUDER):
         ca.write_svid(spiffe_id, state / "svids")
-    _write_secret(state / "keys" / "signing.pem", generate_private_key_pem("ES256"))
-    _write_secret(state / "keys" / "next.pem", generate_private_key_pem("ES256"))
+    write_secret(state / "keys" / "signing.pem", generate_private_key_pem("ES256"))
+    write_secret(state / "keys" / "next.pem", generate_private_key_pem("ES256"))
     api_key = "sk-demo-" + secrets.token_hex(16)
-    _write_secret(state / "secrets" / "sentiment-api.key", api_key.encode() + b"\n")
+    write_secret(state / "secrets" / "sentiment-api.key", api_key.encode() + b"\n")
     config = state / "sidecar.yaml"
     config.write_text(yaml.safe_dump(scenario.sidecar_config(state, upstream_port, agent_app_port), sort_keys=False))
     return config, api_key
-
-
-def _run_agent(state: Path, proxy: str, calls: list[scenario.Call]) -> list[dict[str, Any]]:
-    calls_file = state / "agent-calls.json"
-    calls_file.write_text(json.dumps([c.as_json() for c in calls]))
-    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
-    env["HTTP_PROXY"] = env["http_proxy"] = proxy
-    result = subprocess.run(
-        [sys.executable, "-m", "sidecar.demo.agent", str(calls_file)],
-        env=env,
-        capture_output=True,
-        timeout=60,
-        check=True,
-    )
-    return [json.loads(line) for line in result.stdout.decode().splitlines() if line.strip()]
 
 
 def _check_upstream(upstream: SampleUpstream, api_key: str, problems: list[str]) -> list[str]:
@@ -129,17 +98,6 @@ def _check_log(log_path: Path, outcomes: list[_Outcome], api_key: str, problems:
         elif record["reason"] != outcome.call.reason:
             problems.append(f"decision record says {record['reason']} for {outcome.call.url}")
     return len(records)
-
-
-def _table(rows: list[tuple[str, str, str, str, str, str, bool]]) -> str:
-    """Rows of (#, call, expected, got, decision id, why, ok) as aligned text."""
-    cells = [("#", "call", "expected", "got", "decision", "why", "")]
-    for number, call, expected, got, decision_id, note, ok in rows:
-        short = call if len(call) <= 50 else call[:49] + "…"
-        mark = _color("ok", _GREEN) if ok else _color("MISMATCH", _RED)
-        cells.append((number, short, expected, got, decision_id[:8] or "-", note, mark))
-    widths = [max(len(r[c]) for r in cells) for c in range(6)]
-    return "\n".join("  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6] for r in cells)
 
 
 def _egress_rows(outcomes: list[_Outcome]) -> list[tuple[str, str, str, str, str, str, bool]]:
@@ -237,7 +195,7 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
         print(f"  state dir     {state}\n")
 
         calls = scenario.calls()
-        results = _run_agent(state, stack.egress_proxy, calls)
+        results = run_agent(state, stack.egress_proxy, [c.as_json() for c in calls])
         problems: list[str] = []
         outcomes = []
         if len(results) != len(calls):
@@ -249,10 +207,10 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
             if not ok:
                 problems.append(f"{call.method} {call.url}: expected {call.status} {call.reason}, got {result}")
         print("Egress - the agent calls out:")
-        print(_table(_egress_rows(outcomes)))
+        print(table(_egress_rows(outcomes)))
         print("\nIngress - other workloads call the agent:")
         inbound = _run_inbound(state, ingress_port, agent_app, problems)
-        print(_table(inbound))
+        print(table(inbound))
         print("\nWhat the upstream received:")
         for line in _check_upstream(upstream, api_key, problems):
             print(line)
@@ -261,12 +219,12 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
         print(f"\nDecision log: {log_path} ({count} records, no token or key material)")
         elapsed = time.monotonic() - started
         if problems:
-            print(_color(f"\nFAILED ({len(problems)} problems, {elapsed:.1f}s):", _RED))
+            print(color(f"\nFAILED ({len(problems)} problems, {elapsed:.1f}s):", RED))
             for problem in problems:
                 print(f"  - {problem}")
             return 1
         total = len(outcomes) + len(inbound)
-        print(_color(f"\nAll {total} outcomes match the task and the ingress policy ({elapsed:.1f}s).", _GREEN))
+        print(color(f"\nAll {total} outcomes match the task and the ingress policy ({elapsed:.1f}s).", GREEN))
         if keep_running:
             _hold(stack, upstream)
         return 0

@@ -164,14 +164,25 @@ class X509SvidVerifier:
 
     def _verify(self, certificate: str, chain: str, now: float) -> VerifiedSvid:
         leaf = _decode(certificate, "peer certificate")[0]
+        return self.verify_certificates(leaf, _decode(chain, "XFCC chain") if chain else [], now=now)
+
+    def verify_certificates(self, leaf: x509.Certificate, chain: list[x509.Certificate], *, now: float) -> VerifiedSvid:
+        """Verify already-parsed certificates (e.g. a JWS ``x5c`` chain); no cache.
+
+        Args:
+            leaf: the SVID.
+            chain: more certificates (the leaf itself may be among them), intermediates for path building.
+            now: POSIX seconds.
+
+        Raises:
+            IdentityError: as :meth:`verify`.
+        """
         spiffe_id, trust_domain = _check_leaf(leaf, now)
         store = self._stores.get(trust_domain)
         if store is None:
             raise IdentityError("svid_unknown_trust_domain", f"no trust bundle for {trust_domain}")
         fingerprint = leaf.fingerprint(hashes.SHA256())
-        intermediates = [
-            c for c in (_decode(chain, "XFCC chain") if chain else []) if c.fingerprint(hashes.SHA256()) != fingerprint
-        ]
+        intermediates = [c for c in chain if c.fingerprint(hashes.SHA256()) != fingerprint]
         verifier = (
             PolicyBuilder()
             .store(store)

@@ -7,7 +7,7 @@ loop, so concurrent requests can never overspend a budget.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 __all__ = ["BudgetKey", "BudgetLedger"]
 
@@ -43,6 +43,18 @@ class BudgetLedger:
         used = self._used
         for key, _ in limits:
             used[key] = used.get(key, 0) + 1
+        return True
+
+    def try_reserve(self, amounts: Mapping[BudgetKey, tuple[int, int | None]]) -> bool:
+        """Spend ``amount`` calls under each key at once if every ``(amount, limit)`` fits; else nothing.
+
+        Used when a task delegates budget to a sub-agent: the delegated calls are reserved up front.
+        """
+        used = self._used
+        if not all(limit is None or used.get(key, 0) + amount <= limit for key, (amount, limit) in amounts.items()):
+            return False
+        for key, (amount, _) in amounts.items():
+            used[key] = used.get(key, 0) + amount
         return True
 
     def retain(self, task_ids: Iterable[str]) -> None:

@@ -1,30 +1,55 @@
-"""Compile validated task declarations into the immutable :class:`~sidecar.policy.model.PolicyIndex`."""
+"""Compile task declarations into the immutable :class:`~sidecar.policy.model.PolicyIndex`.
+
+Tasks come from two sources with one shape: ``tasks:`` in ``sidecar.yaml`` and verified grants
+(:mod:`sidecar.grants`). Both arrive here as :class:`TaskSource` values.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from sidecar.config.schema import EgressRuleSpec, SidecarConfig, TaskSpec
+from sidecar.config.schema import EgressRuleSpec, TaskSpec
+from sidecar.grants.model import Grant
 from sidecar.policy.model import Credential, EgressRule, PathMatcher, PolicyIndex, Task
 
-__all__ = ["compile_policy", "task_anchor_time"]
+__all__ = ["TaskSource", "compile_policy", "rule_budget_key", "task_anchor_time"]
 
 
-def _rule_budget_key(spec: EgressRuleSpec) -> str:
+@dataclass(frozen=True)
+class TaskSource:
+    """One task to compile.
+
+    Attributes:
+        spec: the declaration.
+        credentials: rule index -> the credential to inject (already read from its file).
+        grant: the verified grant the task comes from, or ``None`` for a ``sidecar.yaml`` task.
+        revoked: revoked by a revocation list (``spec.revoked`` is honoured as well).
+    """
+
+    spec: TaskSpec
+    credentials: Mapping[int, Credential] = field(default_factory=dict)
+    grant: Grant | None = None
+    revoked: bool = False
+
+
+def rule_budget_key(spec: EgressRuleSpec) -> str:
+    """The key of a rule's call counter: its name, or a hash of what it matches (stable across reloads)."""
     if spec.name:
         return spec.name
     shape = {"host": spec.host, "port": spec.port, "methods": sorted(spec.methods), "paths": sorted(spec.paths)}
     return "h:" + hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _compile_rule(index: int, spec: EgressRuleSpec, credential: str | None) -> EgressRule:
+def _compile_rule(index: int, spec: EgressRuleSpec, credential: Credential | None) -> EgressRule:
     methods = None if "*" in spec.methods else frozenset(spec.methods)
     return EgressRule(
         name=spec.name or f"egress[{index}]",
-        budget_key=_rule_budget_key(spec),
+        budget_key=rule_budget_key(spec),
         host=spec.host,
         port=spec.port,
         methods=methods,
@@ -33,9 +58,7 @@ def _compile_rule(index: int, spec: EgressRuleSpec, credential: str | None) -> E
         scope=spec.scope,
         max_calls=spec.max_calls,
         token=spec.token,
-        credential=Credential(spec.credential.header, credential)
-        if spec.credential is not None and credential is not None
-        else None,
+        credential=credential,
     )
 
 
@@ -53,57 +76,64 @@ def task_anchor_time(spec: TaskSpec, first_seen: float) -> tuple[float, float]:
     return not_before, start + spec.ttl
 
 
-def compile_policy(
-    settings: SidecarConfig,
-    credentials: Mapping[tuple[int, int], str],
-    first_seen: Callable[[str], float],
-    agent: str,
-) -> PolicyIndex:
+def _compile_task(source: TaskSource, first_seen: Callable[[str], float]) -> Task:
+    spec, grant = source.spec, source.grant
+    rules = tuple(_compile_rule(i, rule, source.credentials.get(i)) for i, rule in enumerate(spec.egress))
+    exact: dict[str, list[tuple[int, EgressRule]]] = defaultdict(list)
+    suffix: dict[str, list[tuple[int, EgressRule]]] = defaultdict(list)
+    for index, rule in enumerate(rules):
+        if rule.host.startswith("*."):
+            suffix[rule.host[1:]].append((index, rule))
+        else:
+            exact[rule.host].append((index, rule))
+    not_before, expires_at = task_anchor_time(spec, first_seen(spec.id))
+    fingerprint = hashlib.sha256((spec.model_dump_json() + str(source.revoked)).encode()).hexdigest()[:16]
+    actor: dict[str, Any]
+    chain: tuple[str, ...]
+    if grant is None:
+        txn, actor, chain, root_subject = spec.id, {"sub": spec.agent}, (spec.agent,), spec.agent
+    else:
+        txn, actor, chain, root_subject = grant.txn, grant.act_claim(), grant.actors, grant.actors[-1]
+    return Task(
+        id=spec.id,
+        agent=spec.agent,
+        on_behalf_of=spec.on_behalf_of,
+        purpose=spec.purpose,
+        not_before=not_before,
+        expires_at=expires_at,
+        max_calls=spec.max_calls,
+        revoked=spec.revoked or source.revoked,
+        rules=rules,
+        exact_hosts={k: tuple(v) for k, v in exact.items()},
+        suffix_hosts={k: tuple(v) for k, v in suffix.items()},
+        fingerprint=fingerprint,
+        txn=txn,
+        token_subject=spec.on_behalf_of or root_subject,
+        token_actor=actor,
+        act_chain=chain,
+        grant=grant,
+    )
+
+
+def compile_policy(sources: Sequence[TaskSource], first_seen: Callable[[str], float], agent: str) -> PolicyIndex:
     """Build the policy index.
 
     Args:
-        settings: the validated configuration.
-        agent: this agent's SPIFFE ID (from its SVID, or ``settings.agent``).
-        credentials: ``(task_index, rule_index) -> secret value`` for rules with a ``credential``.
+        sources: the tasks (ids must be unique).
         first_seen: returns when a task id was first loaded (POSIX seconds), for ``ttl`` tasks.
+        agent: this agent's SPIFFE ID (from its SVID, or ``settings.agent``).
 
     Returns:
         The immutable index; lookups cost O(1) in the number of tasks.
     """
     by_id: dict[str, Task] = {}
     by_agent: dict[str, list[Task]] = defaultdict(list)
-    for t_index, spec in enumerate(settings.tasks):
-        rules = tuple(
-            _compile_rule(r_index, rule, credentials.get((t_index, r_index)))
-            for r_index, rule in enumerate(spec.egress)
-        )
-        exact: dict[str, list[tuple[int, EgressRule]]] = defaultdict(list)
-        suffix: dict[str, list[tuple[int, EgressRule]]] = defaultdict(list)
-        for r_index, rule in enumerate(rules):
-            if rule.host.startswith("*."):
-                suffix[rule.host[1:]].append((r_index, rule))
-            else:
-                exact[rule.host].append((r_index, rule))
-        not_before, expires_at = task_anchor_time(spec, first_seen(spec.id))
-        fingerprint = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
-        task = Task(
-            id=spec.id,
-            agent=spec.agent,
-            on_behalf_of=spec.on_behalf_of,
-            purpose=spec.purpose,
-            not_before=not_before,
-            expires_at=expires_at,
-            max_calls=spec.max_calls,
-            revoked=spec.revoked,
-            rules=rules,
-            exact_hosts={k: tuple(v) for k, v in exact.items()},
-            suffix_hosts={k: tuple(v) for k, v in suffix.items()},
-            fingerprint=fingerprint,
-        )
+    for source in sources:
+        task = _compile_task(source, first_seen)
         by_id[task.id] = task
         by_agent[task.agent].append(task)
     return PolicyIndex(
         agent=agent,
         tasks_by_id=by_id,
-        tasks_by_agent={agent: tuple(tasks) for agent, tasks in by_agent.items()},
+        tasks_by_agent={a: tuple(tasks) for a, tasks in by_agent.items()},
     )

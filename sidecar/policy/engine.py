@@ -185,10 +185,11 @@ def decide_egress(
         audience = rule.audience or _default_audience(request.scheme or "http", target)
         minted = minter.token_for(
             task_id=task.id,
+            txn=task.txn,
             task_fingerprint=task.fingerprint,
             task_expires_at=task.expires_at,
-            subject=task.on_behalf_of or agent,
-            actor={"sub": agent},
+            subject=task.token_subject,
+            actor=dict(task.token_actor),
             client_id=agent,
             audience=audience,
             scope=rule.scope,
@@ -208,6 +209,8 @@ def decide_egress(
         http_status=200,
         task_id=task.id,
         on_behalf_of=task.on_behalf_of,
+        txn=task.txn,
+        act_chain=task.act_chain,
         rule=rule.name,
         headers_to_set=tuple(to_set),
         headers_to_remove=tuple(to_remove),

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sidecar.grants.model import Grant
 
 __all__ = ["Credential", "EgressRule", "PathMatcher", "PolicyIndex", "Task"]
 
@@ -90,6 +94,11 @@ class Task:
         rules: all rules in declaration order.
         exact_hosts / suffix_hosts: ``host -> ((index, rule), ...)``; suffix keys start with ``.``.
         fingerprint: hash of the declaration; cached tokens are keyed by it.
+        txn: the ``txn`` of tokens minted under the task: its id, or the root grant's id.
+        token_subject: ``sub`` of those tokens: ``on_behalf_of``, else the (root) agent.
+        token_actor: their ``act`` claim, current actor outermost (RFC 8693 §4.1).
+        act_chain: the actors' SPIFFE IDs, current first.
+        grant: the verified grant the task comes from, or ``None`` for a ``sidecar.yaml`` task.
     """
 
     id: str
@@ -104,6 +113,11 @@ class Task:
     exact_hosts: Mapping[str, tuple[tuple[int, EgressRule], ...]]
     suffix_hosts: Mapping[str, tuple[tuple[int, EgressRule], ...]]
     fingerprint: str
+    txn: str
+    token_subject: str
+    token_actor: Mapping[str, Any]
+    act_chain: tuple[str, ...]
+    grant: Grant | None = None
 
     def rules_for_host(self, host: str) -> tuple[EgressRule, ...]:
         """Rules whose host pattern matches ``host``, in declaration order. O(number of labels)."""

@@ -118,6 +118,7 @@ class TokenMinter:
         self,
         *,
         task_id: str,
+        txn: str,
         task_fingerprint: str,
         task_expires_at: float,
         subject: str,
@@ -132,6 +133,7 @@ class TokenMinter:
 
         Args:
             task_id / task_fingerprint / task_expires_at: the task (expiry in POSIX seconds).
+            txn: the ``txn`` claim: the task id, or the root task's id for a delegated task.
             subject: ``sub`` - the principal the task serves, or the agent.
             actor: the ``act`` claim (RFC 8693 §4.1), e.g. ``{"sub": agent_spiffe_id}``.
             client_id: RFC 9068 ``client_id`` (the agent's SPIFFE ID).
@@ -147,7 +149,7 @@ class TokenMinter:
         claims["aud"] = audience
         if scope:
             claims["scope"] = scope
-        claims["txn"] = task_id
+        claims["txn"] = txn
         if cnf:
             claims["cnf"] = {"x5t#S256": cnf}
         if self._per_call:

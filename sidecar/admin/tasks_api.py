@@ -1,0 +1,167 @@
+"""The local task API on the admin port: accept grants, delegate, revoke, list.
+
+Routes (JSON unless noted; errors are ``{"error": <code>, "detail": <text>}``):
+
+* ``GET  /v1/tasks`` - the active tasks with their budgets and chains.
+* ``POST /v1/tasks`` - accept a grant (body: the compact JWS, or ``{"grant": "<jws>"}``); 201 ``{"id"}``.
+* ``POST /v1/tasks/{id}/delegate`` - body :class:`~sidecar.grants.issue.DelegationRequest`; 201
+  ``{"id", "grant", "expires_at"}``; 400 ``grant_widening`` names the widening field.
+* ``POST /v1/tasks/{id}/revoke`` - 200 ``{"revoked", "revocations"}`` (the signed list published).
+* ``GET  /v1/revocations`` - this sidecar's signed revocation list (``application/jwt``), 404 if none.
+
+Only loopback (or unix-socket) clients may use these routes: the admin server binds to localhost by
+default, and this check keeps the task API local even when the admin port is exposed for metrics.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from sidecar.config.loader import format_loc
+from sidecar.grants.issue import DelegationRequest
+from sidecar.grants.model import GrantError
+from sidecar.runtime import Runtime
+
+__all__ = ["add_task_routes"]
+
+_STATUS = {"grant_unknown_task": 404, "grant_duplicate": 409, "grant_not_delegable": 409}
+
+
+def _error(code: str, detail: str, status: int = 400) -> web.Response:
+    return web.json_response({"error": code, "detail": detail}, status=status)
+
+
+@web.middleware
+async def _local_only(request: web.Request, handler: Any) -> web.StreamResponse:
+    if request.path.startswith("/v1/"):
+        remote = request.remote
+        if remote:
+            try:
+                loopback = ipaddress.ip_address(remote).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                return _error("forbidden", "the task API is only for the local agent", 403)
+    response: web.StreamResponse = await handler(request)
+    return response
+
+
+RUNTIME: web.AppKey[Runtime] = web.AppKey("task_runtime", Runtime)
+
+
+def _runtime(request: web.Request) -> Runtime:
+    return request.app[RUNTIME]
+
+
+def _grant_error(exc: GrantError) -> web.Response:
+    return _error(exc.detail, str(exc), _STATUS.get(exc.detail, 400))
+
+
+async def _list(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    snapshot = runtime.snapshot
+    now = runtime.clock()
+    tasks = []
+    for task in snapshot.policy.tasks_by_id.values():
+        state = (
+            "revoked"
+            if task.revoked
+            else "expired"
+            if now >= task.expires_at
+            else "pending"
+            if now < task.not_before
+            else "active"
+        )
+        tasks.append(
+            {
+                "id": task.id,
+                "agent": task.agent,
+                "on_behalf_of": task.on_behalf_of,
+                "purpose": task.purpose,
+                "state": state,
+                "expires_at": int(task.expires_at),
+                "txn": task.txn,
+                "act": list(task.act_chain),
+                "source": "grant" if task.grant is not None else "config",
+                "ancestors": list(task.grant.ancestors) if task.grant is not None else [],
+                "budget": {
+                    "max_calls": task.max_calls,
+                    "used": runtime.budgets.used((task.id, "")),
+                    "rules": {
+                        rule.name: {
+                            "max_calls": rule.max_calls,
+                            "used": runtime.budgets.used((task.id, rule.budget_key)),
+                        }
+                        for rule in task.rules
+                    },
+                },
+            }
+        )
+    return web.json_response({"agent": snapshot.policy.agent, "tasks": tasks})
+
+
+async def _accept(request: web.Request) -> web.Response:
+    text = await request.text()
+    token = text.strip()
+    if token.startswith("{"):
+        try:
+            body = json.loads(token)
+            token = str(body["grant"])
+        except (ValueError, KeyError, TypeError):
+            return _error("bad_request", 'expected a compact JWS or {"grant": "<jws>"}')
+    try:
+        grant = _runtime(request).add_grant(token)
+    except GrantError as exc:
+        return _grant_error(exc)
+    return web.json_response({"id": grant.id, "expires_at": int(grant.expires_at)}, status=201)
+
+
+async def _delegate(request: web.Request) -> web.Response:
+    try:
+        body = await request.json()
+        delegation = DelegationRequest.model_validate(body)
+    except ValueError as exc:
+        if isinstance(exc, ValidationError):
+            first = exc.errors(include_url=False)[0]
+            return _error("bad_request", f"{format_loc(first['loc'])}: {first['msg']}")
+        return _error("bad_request", "the body must be JSON")
+    try:
+        token, child = _runtime(request).delegate(request.match_info["task_id"], delegation)
+    except GrantError as exc:
+        return _grant_error(exc)
+    assert child.expires_at is not None
+    return web.json_response(
+        {"id": child.id, "subject": child.agent, "grant": token, "expires_at": int(child.expires_at.timestamp())},
+        status=201,
+    )
+
+
+async def _revoke(request: web.Request) -> web.Response:
+    try:
+        token = _runtime(request).revoke(request.match_info["task_id"])
+    except GrantError as exc:
+        return _grant_error(exc)
+    return web.json_response({"revoked": request.match_info["task_id"], "revocations": token})
+
+
+async def _revocations(request: web.Request) -> web.Response:
+    token = _runtime(request).revocation_list()
+    if token is None:
+        return _error("not_found", "this sidecar has revoked nothing", 404)
+    return web.Response(text=token, content_type="application/jwt")
+
+
+def add_task_routes(app: web.Application, runtime: Runtime) -> None:
+    """Register the task API on ``app``."""
+    app[RUNTIME] = runtime
+    app.middlewares.append(_local_only)
+    app.router.add_get("/v1/tasks", _list)
+    app.router.add_post("/v1/tasks", _accept)
+    app.router.add_post("/v1/tasks/{task_id:.+}/delegate", _delegate)
+    app.router.add_post("/v1/tasks/{task_id:.+}/revoke", _revoke)
+    app.router.add_get("/v1/revocations", _revocations)

@@ -1,0 +1,497 @@
+"""``agent-authz demo --scenario quarterly-report``: an orchestrator, three sub-agents, one task.
+
+The seed workflow end to end, each agent with its own sidecar and Envoy (as separate pods would
+have):
+
+1. An admin signs the root grant ``q3-risk-report`` for the orchestrator (``agent-authz task sign``).
+2. The orchestrator delegates narrower sub-grants through its sidecar's task API - market data
+   (read-only, one table prefix), sales data (read-only), competitor filings plus the paid sentiment
+   API (whose key the sub-agent's sidecar injects) - each signed with the orchestrator's X.509-SVID.
+   A widening request is refused and the refusal names the widening field.
+3. The sub-agents' sidecars verify the chains offline and enforce them; the upstreams see tokens
+   whose ``act`` chain names the sub-agent and the orchestrator, with the root task as ``txn``.
+4. Mid-way the orchestrator revokes the sales sub-agent; its next call is denied ``task_revoked``
+   (the time from revocation to first deny is measured).
+5. The orchestrator consolidates the report into temporary storage.
+6. At the end the admin revokes the root task: every agent's next call is denied.
+
+Exits 0 only if every outcome matches expectation and every sidecar's decision log agrees.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from sidecar.config.schema import TaskSpec
+from sidecar.demo.common import GREEN, RED, color, run_agent, write_secret
+from sidecar.demo.upstream import ApiKeyCheck, SampleUpstream, TokenCheck
+from sidecar.grants.issue import sign_root_grant
+from sidecar.grants.revocations import sign_revocations
+from sidecar.identity.devca import DevCA
+from sidecar.procs import AuthzStack
+from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
+
+__all__ = ["run_quarterly"]
+
+TD = "demo.agent-authz.local"
+USER = "user:jane.doe@example.com"
+ROOT_ID = "q3-risk-report"
+ISSUER = "https://agent-authz.demo.local"
+AGENTS = {
+    "orchestrator": f"spiffe://{TD}/ns/finance/sa/orchestrator",
+    "market-data": f"spiffe://{TD}/ns/finance/sa/market-data",
+    "sales-data": f"spiffe://{TD}/ns/finance/sa/sales-data",
+    "filings": f"spiffe://{TD}/ns/finance/sa/competitor-filings",
+}
+HOSTS = ["market-data.internal", "sales.internal", "filings.internal", "sentiment.example.com", "storage.internal"]
+INTERNAL = [h for h in HOSTS if h.endswith(".internal")]
+
+ROOT_TASK: dict[str, Any] = {
+    "id": ROOT_ID,
+    "agent": AGENTS["orchestrator"],
+    "on_behalf_of": USER,
+    "purpose": "Generate the Q3 quarterly risk assessment report",
+    "ttl": "30m",
+    "max_calls": 100,
+    "egress": [
+        {
+            "name": "market-data",
+            "host": "market-data.internal",
+            "methods": ["GET"],
+            "paths": ["/v1/tables/*"],
+            "audience": "https://market-data.internal",
+            "scope": "tables:read",
+            "max_calls": 40,
+        },
+        {
+            "name": "sales",
+            "host": "sales.internal",
+            "methods": ["GET"],
+            "paths": ["/v1/sales/*"],
+            "audience": "https://sales.internal",
+            "scope": "sales:read",
+        },
+        {
+            "name": "filings",
+            "host": "filings.internal",
+            "methods": ["GET"],
+            "paths": ["/v1/filings/*"],
+            "audience": "https://filings.internal",
+            "scope": "filings:read",
+        },
+        {
+            "name": "sentiment",
+            "host": "sentiment.example.com",
+            "methods": ["POST"],
+            "paths": ["/v1/analyze"],
+            "token": False,
+            "credential": "sentiment",
+            "max_calls": 4,
+        },
+        {
+            "name": "report-storage",
+            "host": "storage.internal",
+            "methods": ["PUT", "GET"],
+            "paths": ["/v1/tmp/q3/*"],
+            "audience": "https://storage.internal",
+            "scope": "tmp:write",
+        },
+    ],
+}
+
+DELEGATIONS: dict[str, dict[str, Any]] = {
+    "market-data": {
+        "name": "market-data",
+        "ttl": "10m",
+        "max_calls": 10,
+        "purpose": "Pull Q3 price tables",
+        "egress": [
+            {"host": "market-data.internal", "methods": ["GET"], "paths": ["/v1/tables/prices_q3/*"], "max_calls": 10}
+        ],
+    },
+    "sales-data": {
+        "name": "sales-data",
+        "ttl": "10m",
+        "max_calls": 10,
+        "purpose": "Pull Q3 sales figures",
+        "egress": [{"host": "sales.internal", "methods": ["GET"], "paths": ["/v1/sales/q3/*"]}],
+    },
+    "filings": {
+        "name": "filings",
+        "ttl": "10m",
+        "max_calls": 10,
+        "purpose": "Read competitor filings, score sentiment",
+        "egress": [
+            {"host": "filings.internal", "methods": ["GET"], "paths": ["/v1/filings/*"]},
+            {
+                "host": "sentiment.example.com",
+                "methods": ["POST"],
+                "paths": ["/v1/analyze"],
+                "credential": "sentiment",
+                "max_calls": 2,
+            },
+        ],
+    },
+}
+WIDENING = {
+    "name": "market-data-admin",
+    "ttl": "10m",
+    "max_calls": 5,
+    "subject": AGENTS["market-data"],
+    "egress": [
+        {"host": "market-data.internal", "methods": ["GET", "DELETE"], "paths": ["/v1/tables/*"], "max_calls": 5}
+    ],
+}
+
+
+@dataclass
+class _Step:
+    phase: str
+    agent: str
+    action: str
+    expected: str
+    got: str
+    ok: bool
+
+
+@dataclass
+class _World:
+    state: Path
+    stacks: dict[str, AuthzStack] = field(default_factory=dict)
+    steps: list[_Step] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def record(self, phase: str, agent: str, action: str, expected: str, got: str) -> bool:
+        ok = expected == got
+        self.steps.append(_Step(phase, agent, action, expected, got, ok))
+        if not ok:
+            self.problems.append(f"{phase}: {agent} {action}: expected {expected}, got {got}")
+        return ok
+
+
+def _admin(stack: AuthzStack, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
+    request = urllib.request.Request(stack.sidecar.admin_url + path, data=data, method=method)  # noqa: S310 - http://127.0.0.1
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=10) as response:
+            return int(response.status), json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return int(err.code), json.loads(err.read() or b"null")
+
+
+def _config(world: _World, name: str, upstream_port: int, sock_dir: Path) -> Path:
+    state = world.state
+    home = state / name
+    grants: dict[str, Any] = {
+        "root_issuers": [{"jwks": str(state / "issuer" / "issuer.jwks.json")}],
+        "revocations": [str(state / "issuer" / "revocations.jwt"), str(state / "orchestrator" / "revocations.jwt")],
+        "max_depth": 2,
+    }
+    if name == "orchestrator":
+        grants.update(files=["root-grant.jwt"], publish_revocations="revocations.jwt")
+        grants["revocations"] = [str(state / "issuer" / "revocations.jwt")]
+    config = {
+        "identity": {
+            "source": "files",
+            "files": {
+                "svid": "svid/agent.pem",
+                "key": "svid/agent.key",
+                "bundles": {TD: str(state / "ca" / "bundle.pem")},
+            },
+        },
+        "issuer": {"url": ISSUER, "signing_key": str(state / "keys" / "signing.pem"), "max_token_ttl": "5m"},
+        "listen": {"authz": f"unix:{sock_dir / name}.sock", "admin": "127.0.0.1:0"},
+        "envoy": {"egress_port": 0, "admin_port": 0, "destinations": {h: f"127.0.0.1:{upstream_port}" for h in HOSTS}},
+        "decision_log": {"path": "decisions.log", "stdout": False},
+        "credentials": {"sentiment": {"header": "x-api-key", "file": str(state / "secrets" / "sentiment.key")}},
+        "grants": grants,
+    }
+    path = home / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _prepare(world: _World, upstream_port: int, sock_dir: Path) -> tuple[str, Any]:
+    state = world.state
+    ca = DevCA.create(TD)
+    ca.save(state / "ca")
+    for name, spiffe_id in AGENTS.items():
+        ca.write_svid(spiffe_id, state / name / "svid", name="agent")
+    write_secret(state / "keys" / "signing.pem", generate_private_key_pem())
+    api_key = "sk-demo-" + generate_private_key_pem()[40:56].hex()
+    write_secret(state / "secrets" / "sentiment.key", api_key.encode() + b"\n")
+    issuer_pem = generate_private_key_pem()
+    write_secret(state / "issuer" / "issuer.key", issuer_pem)
+    issuer = load_signing_key(issuer_pem, "ES256", file="issuer.key", field="")
+    (state / "issuer" / "issuer.jwks.json").write_text(json.dumps({"keys": [issuer.public_jwk]}))
+    root = sign_root_grant(
+        TaskSpec.model_validate(ROOT_TASK), issuer.private_key, kid=issuer.kid, issuer="demo-admin", now=time.time()
+    )
+    (state / "orchestrator" / "root-grant.jwt").write_text(root + "\n")
+    for name in AGENTS:
+        _config(world, name, upstream_port, sock_dir)
+    return api_key, issuer
+
+
+def _calls(world: _World, phase: str, name: str, calls: list[tuple[str, str, str, str]]) -> None:
+    """Run ``calls`` = [(method, url, expected status+reason, note)] as agent ``name``."""
+    stack = world.stacks[name]
+    body = '{"text": "ACME beats Q3 estimates"}'
+    results = run_agent(
+        world.state / name,
+        stack.egress_proxy,
+        [{"method": m, "url": u, "body": body if m in ("POST", "PUT") else None} for m, u, _, _ in calls],
+        name=f"{phase}-{name}".replace(" ", "-"),
+    )
+    for (method, url, expected, note), result in zip(calls, results, strict=True):
+        reason = result["reason"] or ("allowed" if result["status"] == 200 else "?")
+        world.record(
+            phase, name, f"{method} {url.removeprefix('http://')}  ({note})", expected, f"{result['status']} {reason}"
+        )
+
+
+def _revocation_latency(world: _World, name: str, url: str, started: float) -> float:
+    """Seconds from ``started`` until ``name``'s calls to ``url`` are denied (polled through Envoy)."""
+    deadline = started + 10
+    while time.monotonic() < deadline:
+        result = run_agent(
+            world.state / name, world.stacks[name].egress_proxy, [{"method": "GET", "url": url}], name="probe"
+        )[0]
+        if result["reason"] == "task_revoked":
+            return time.monotonic() - started
+    return float("inf")
+
+
+def _narrate(world: _World, upstream: SampleUpstream, api_key: str) -> list[str]:
+    lines = []
+    for item in upstream.requests():
+        claims = item.claims
+        if claims is not None:
+            chain: list[str] = []
+            act = claims.get("act")
+            while isinstance(act, dict):
+                chain.append(str(act.get("sub", "")).rsplit("/", 1)[-1])
+                act = act.get("act")
+            lines.append(
+                f"  {item.method:4} {item.host}{item.raw_path}: sub={claims['sub']} act={' <- '.join(chain)} "
+                f"txn={claims['txn']} scope={claims.get('scope')}"
+            )
+        elif item.host == "sentiment.example.com":
+            lines.append(
+                f"  {item.method:4} {item.host}{item.raw_path}: x-api-key "
+                f"{'injected' if item.headers.get('x-api-key') == api_key else 'MISSING'}"
+            )
+        if item.error:
+            world.problems.append(f"upstream rejected {item.method} {item.host}{item.raw_path}: {item.error}")
+    return lines
+
+
+def _check_logs(world: _World) -> int:
+    total = 0
+    for name in AGENTS:
+        text = (world.state / name / "decisions.log").read_text()
+        if "eyJ" in text or "sk-demo-" in text:
+            world.problems.append(f"{name}: token or key material in the decision log")
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        total += len(records)
+        if name != "orchestrator" and not any(r["reason"] == "task_revoked" for r in records):
+            world.problems.append(f"{name}: the decision log shows no task_revoked")
+        for record in records:
+            if record["decision"] == "allow" and record["txn"] != ROOT_ID:
+                world.problems.append(f"{name}: allowed call outside txn {ROOT_ID}")
+    return total
+
+
+def _print(world: _World) -> None:
+    phase = None
+    for step in world.steps:
+        if step.phase != phase:
+            phase = step.phase
+            print(f"\n{phase}")
+        mark = color("ok", GREEN) if step.ok else color("MISMATCH", RED)
+        print(f"  {step.agent:13} {step.action[:72]:72} {step.got:24} {mark}")
+
+
+def run_quarterly(*, state_dir: Path | None, envoy_bin: str | None = None) -> int:
+    """Run the quarterly-report scenario; 0 when every outcome matches, else 1."""
+    started = time.monotonic()
+    tmp = tempfile.TemporaryDirectory(prefix="agent-authz-q3-") if state_dir is None else None
+    state = Path(tmp.name) if tmp is not None else Path(state_dir).absolute()  # type: ignore[arg-type]
+    state.mkdir(parents=True, exist_ok=True)
+    for name in AGENTS:
+        (state / name / "decisions.log").unlink(missing_ok=True)
+        (state / name / "revocations.jwt").unlink(missing_ok=True)
+    (state / "issuer" / "revocations.jwt").unlink(missing_ok=True)
+    sock_dir = Path(tempfile.mkdtemp(prefix="aa-q3-", dir="/tmp"))
+    world = _World(state)
+    upstream = SampleUpstream({})
+    try:
+        port = upstream.start()
+        api_key, issuer = _prepare(world, port, sock_dir)
+        upstream.checks = {h: TokenCheck(audience=f"https://{h}", issuer=ISSUER) for h in INTERNAL}
+        upstream.checks["sentiment.example.com"] = ApiKeyCheck("x-api-key", api_key)
+        for name in AGENTS:
+            stack = AuthzStack(state / name / "sidecar.yaml", state / name, envoy_bin=envoy_bin)
+            world.stacks[name] = stack
+            stack.start()
+        upstream.jwks_url = world.stacks["orchestrator"].sidecar.admin_url + "/.well-known/jwks.json"
+        orch = world.stacks["orchestrator"]
+        print(f"agent-authz demo --scenario quarterly-report: task {ROOT_ID!r} on behalf of {USER}")
+        for name, spiffe_id in AGENTS.items():
+            print(f"  {name:13} {spiffe_id}  egress {world.stacks[name].egress_proxy}")
+
+        phase = "1. The orchestrator delegates narrower sub-grants (signed with its X.509-SVID)"
+        for name, body in DELEGATIONS.items():
+            status, reply = _admin(orch, "POST", f"/v1/tasks/{ROOT_ID}/delegate", {**body, "subject": AGENTS[name]})
+            world.record(phase, "orchestrator", f"delegate to {name}", "201", str(status))
+            if status == 201:
+                status, _ = _admin(world.stacks[name], "POST", "/v1/tasks", reply["grant"])
+                world.record(phase, name, f"accept grant {reply['id']}", "201", str(status))
+        status, reply = _admin(orch, "POST", f"/v1/tasks/{ROOT_ID}/delegate", WIDENING)
+        got = f"{status} {reply.get('error')} {reply.get('detail', '').split(':')[1].strip() if status == 400 else ''}"
+        world.record(
+            phase,
+            "orchestrator",
+            "delegate DELETE on tables (wider than its own task)",
+            "400 grant_widening egress[0].methods",
+            got.strip(),
+        )
+
+        phase = "2. The sub-agents work, each through its own Envoy and sidecar"
+        _calls(
+            world,
+            phase,
+            "market-data",
+            [
+                ("GET", "http://market-data.internal/v1/tables/prices_q3/rows?limit=100", "200 allowed", "its table"),
+                (
+                    "GET",
+                    "http://market-data.internal/v1/tables/customers/rows",
+                    "403 path_not_allowed",
+                    "another table",
+                ),
+                (
+                    "DELETE",
+                    "http://market-data.internal/v1/tables/prices_q3/rows",
+                    "403 method_not_allowed",
+                    "read-only",
+                ),
+                ("GET", "http://sales.internal/v1/sales/q3/summary", "403 host_not_allowed", "not its data"),
+            ],
+        )
+        _calls(
+            world,
+            phase,
+            "sales-data",
+            [
+                ("GET", "http://sales.internal/v1/sales/q3/summary", "200 allowed", "Q3 sales"),
+                ("GET", "http://sales.internal/v1/sales/q2/summary", "403 path_not_allowed", "only Q3"),
+            ],
+        )
+        _calls(
+            world,
+            phase,
+            "filings",
+            [
+                ("GET", "http://filings.internal/v1/filings/GLOBEX/10-Q", "200 allowed", "competitor filing"),
+                ("POST", "http://sentiment.example.com/v1/analyze", "200 allowed", "paid API, key injected"),
+                ("POST", "http://sentiment.example.com/v1/analyze", "200 allowed", "paid API, 2nd of 2"),
+                ("POST", "http://sentiment.example.com/v1/analyze", "429 budget_exhausted", "its share of the budget"),
+            ],
+        )
+
+        phase = "3. Mid-way, the orchestrator revokes the sales sub-agent"
+        revoked_at = time.monotonic()
+        status, reply = _admin(orch, "POST", f"/v1/tasks/{ROOT_ID}/sales-data/revoke")
+        world.record(phase, "orchestrator", f"revoke {ROOT_ID}/sales-data", "200", str(status))
+        latency = _revocation_latency(world, "sales-data", "http://sales.internal/v1/sales/q3/details", revoked_at)
+        world.record(
+            phase,
+            "sales-data",
+            f"first deny {latency * 1000:.0f} ms after the revocation",
+            "under 1 s",
+            "under 1 s" if latency < 1 else f"{latency:.2f} s",
+        )
+        _calls(
+            world,
+            phase,
+            "market-data",
+            [
+                ("GET", "http://market-data.internal/v1/tables/prices_q3/rows", "200 allowed", "others keep working"),
+            ],
+        )
+
+        phase = "4. The orchestrator consolidates the report into temporary storage"
+        _calls(
+            world,
+            phase,
+            "orchestrator",
+            [
+                ("PUT", "http://storage.internal/v1/tmp/q3/report.json", "200 allowed", "its own task"),
+                ("GET", "http://storage.internal/v1/tmp/q3/report.json", "200 allowed", "read it back"),
+            ],
+        )
+
+        phase = "5. Done: the admin revokes the whole task; every grant below it ends"
+        token = sign_revocations(
+            [ROOT_ID], issuer.private_key, issuer="demo-admin", issued_at=int(time.time()), kid=issuer.kid
+        )
+        revoked_at = time.monotonic()
+        (state / "issuer" / "revocations.jwt").write_text(token + "\n")
+        latency = _revocation_latency(world, "filings", "http://filings.internal/v1/filings/GLOBEX/10-K", revoked_at)
+        world.record(
+            phase,
+            "filings",
+            f"first deny {latency * 1000:.0f} ms after the root revocation",
+            "under 1 s",
+            "under 1 s" if latency < 1 else f"{latency:.2f} s",
+        )
+        _calls(
+            world,
+            phase,
+            "market-data",
+            [
+                ("GET", "http://market-data.internal/v1/tables/prices_q3/rows", "403 task_revoked", "ancestor revoked"),
+            ],
+        )
+        _calls(
+            world,
+            phase,
+            "orchestrator",
+            [
+                ("GET", "http://storage.internal/v1/tmp/q3/report.json", "403 task_revoked", "root revoked"),
+            ],
+        )
+
+        _print(world)
+        print("\nWho did what, for which task, on whose behalf (as the upstreams saw it):")
+        for line in _narrate(world, upstream, api_key):
+            print(line)
+        count = _check_logs(world)
+        print(f"\nDecision logs: {', '.join(str(state / n / 'decisions.log') for n in AGENTS)} ({count} records)")
+        elapsed = time.monotonic() - started
+        if world.problems:
+            print(color(f"\nFAILED ({len(world.problems)} problems, {elapsed:.1f}s):", RED))
+            for problem in world.problems:
+                print(f"  - {problem}")
+            return 1
+        print(color(f"\nAll {len(world.steps)} outcomes match ({elapsed:.1f}s).", GREEN))
+        return 0
+    finally:
+        for stack in world.stacks.values():
+            stack.stop()
+        upstream.stop()
+        shutil.rmtree(sock_dir, ignore_errors=True)
+        if tmp is not None:
+            tmp.cleanup()

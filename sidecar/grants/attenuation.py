@@ -1,0 +1,157 @@
+"""Attenuation: a delegated task is never wider than its parent.
+
+Every child rule must lie within one parent rule, dimension by dimension:
+
+* host - equal, or inside the parent's ``*.suffix`` (``a.x.com`` or ``*.a.x.com`` within ``*.x.com``);
+* port - equal (after defaults);
+* methods - a subset (``*`` only under ``*``);
+* paths - each child pattern within a parent pattern (``/a/b`` within ``/a/*``; ``/a/b/*`` within
+  ``/a/*``; anything within ``*``);
+* token, audience - the same;
+* scope - a subset of the parent's scope tokens (no scope only under no scope);
+* credential - only a credential the parent rule already injects;
+* max_calls - required when the parent rule is limited, and no more than its limit (at issuance:
+  no more than what is left, and then reserved).
+
+Task-wide: the same ``on_behalf_of``; not valid before the parent nor after it; ``max_calls``
+within the parent's. :func:`check_attenuation` returns which parent rule holds each child rule, or
+raises :class:`AttenuationError` naming the first widening child rule and dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from sidecar.config.schema import EgressRuleSpec, TaskSpec
+from sidecar.grants.model import GrantError
+
+__all__ = ["AttenuationError", "check_attenuation", "host_within", "inherit", "path_within", "rule_within"]
+
+_INHERITED = ("audience", "scope", "token")
+
+
+def inherit(child: EgressRuleSpec, parent: EgressRuleSpec) -> EgressRuleSpec:
+    """``child`` with the ``audience``, ``scope`` and ``token`` it did not set taken from ``parent``.
+
+    Used when issuing: a delegation request may leave these out and get the parent rule's values.
+    """
+    update = {name: getattr(parent, name) for name in _INHERITED if name not in child.model_fields_set}
+    return child.model_copy(update=update) if update else child
+
+
+_DEFAULT_PORT = 80
+
+
+class AttenuationError(GrantError):
+    """A child grant would be wider than its parent. ``field`` names the widening part."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__("grant_widening", f"{field}: {message}")
+
+
+def host_within(child: str, parent: str) -> bool:
+    """Whether every host ``child`` matches is matched by ``parent`` (both exact or ``*.suffix``)."""
+    if child == parent:
+        return True
+    return parent.startswith("*.") and child.endswith(parent[1:])
+
+
+def path_within(child: str, parent: str) -> bool:
+    """Whether every path ``child`` matches is matched by ``parent`` (patterns as in egress rules)."""
+    if parent == "*":
+        return True
+    if child == "*":
+        return False
+    if parent.endswith("/*"):
+        prefix = parent[:-1]  # "/a/"
+        if child.endswith("/*"):
+            return child[:-1].startswith(prefix)
+        return child.startswith(prefix) and len(child) > len(prefix)
+    return child == parent
+
+
+def _scopes(scope: str | None) -> frozenset[str]:
+    return frozenset(scope.split()) if scope else frozenset()
+
+
+def rule_within(child: EgressRuleSpec, parent: EgressRuleSpec) -> tuple[str, str] | None:
+    """``None`` if ``child`` lies within ``parent``, else ``(dimension, explanation)``."""
+    if not host_within(child.host, parent.host):
+        return "host", f"{child.host!r} is not within {parent.host!r}"
+    if (child.port or _DEFAULT_PORT) != (parent.port or _DEFAULT_PORT):
+        return "port", f"{child.port or _DEFAULT_PORT} is not {parent.port or _DEFAULT_PORT}"
+    if "*" not in parent.methods and ("*" in child.methods or not set(child.methods) <= set(parent.methods)):
+        return "methods", f"{child.methods} is not within {parent.methods}"
+    for pattern in child.paths:
+        if not any(path_within(pattern, p) for p in parent.paths):
+            return "paths", f"{pattern!r} is not within {parent.paths}"
+    if child.token != parent.token:
+        return "token", "a delegated rule keeps the parent's token setting"
+    if child.audience != parent.audience:
+        return "audience", f"{child.audience!r} is not the parent's audience {parent.audience!r}"
+    if (child.scope is None) != (parent.scope is None) or not _scopes(child.scope) <= _scopes(parent.scope):
+        return "scope", f"{child.scope!r} is not within {parent.scope!r}"
+    if child.credential is not None and child.credential != parent.credential:
+        return "credential", "only a credential the parent rule injects can be delegated"
+    if parent.max_calls is not None and (child.max_calls is None or child.max_calls > parent.max_calls):
+        return "max_calls", f"{child.max_calls} is not within the parent's {parent.max_calls}"
+    return None
+
+
+def check_attenuation(
+    parent: TaskSpec,
+    child: TaskSpec,
+    *,
+    parent_window: tuple[float, float],
+    child_window: tuple[float, float],
+    remaining: Callable[[int | None], int | None] | None = None,
+) -> dict[int, int]:
+    """Check that ``child`` is no wider than ``parent``.
+
+    Args:
+        parent / child: the task declarations.
+        parent_window / child_window: ``(not_before, expires_at)`` in POSIX seconds.
+        remaining: at issuance, calls left in the parent's budget: ``remaining(rule_index)`` for a
+            rule, ``remaining(None)`` for the task; ``None`` means unlimited. At verification (no
+            ledger) the static limits are used.
+
+    Returns:
+        child rule index -> index of the parent rule that holds it.
+
+    Raises:
+        AttenuationError: naming the first widening field, e.g. ``egress[1].methods``.
+    """
+    if child.on_behalf_of != parent.on_behalf_of:
+        raise AttenuationError("on_behalf_of", "a delegated task serves the same principal as its parent")
+    if child_window[1] > parent_window[1]:
+        raise AttenuationError("expires_at", "the delegated task outlives its parent")
+    if child_window[0] < parent_window[0]:
+        raise AttenuationError("not_before", "the delegated task starts before its parent")
+    task_left = remaining(None) if remaining is not None else parent.max_calls
+    if task_left is not None and (child.max_calls is None or child.max_calls > task_left):
+        raise AttenuationError("max_calls", f"{child.max_calls} is more than the parent's {task_left} left")
+    holders: dict[int, int] = {}
+    for c_index, rule in enumerate(child.egress):
+        failures: list[tuple[int, str, str]] = []
+        for p_index, candidate in enumerate(parent.egress):
+            failure = rule_within(rule, candidate)
+            if failure is None and remaining is not None:
+                left = remaining(p_index)
+                if left is not None and (rule.max_calls is None or rule.max_calls > left):
+                    failure = ("max_calls", f"{rule.max_calls} is more than the {left} calls left")
+            if failure is None:
+                holders[c_index] = p_index
+                break
+            failures.append((p_index, *failure))
+        else:
+            name = f" ({rule.name})" if rule.name else ""
+            if not failures:
+                raise AttenuationError(f"egress[{c_index}]{name}", "the parent task has no egress rules")
+            order = ("host", "port", "methods", "paths", "token", "audience", "scope", "credential", "max_calls")
+            p_index, dimension, why = max(failures, key=lambda f: order.index(f[1]))
+            parent_name = parent.egress[p_index].name or f"egress[{p_index}]"
+            raise AttenuationError(
+                f"egress[{c_index}]{name}.{dimension}", f"{why} (closest parent rule: {parent_name})"
+            )
+    return holders

@@ -1,0 +1,127 @@
+"""Compact JWS for grants and revocation lists: sign with a key or an X.509-SVID, verify either.
+
+Only asymmetric algorithms are accepted (``ES256``, ``ES384``, ``EdDSA``, ``RS256``, ``PS256``);
+``none`` and ``HS*`` never verify. With ``x5c`` (RFC 7515 §4.1.6) the leaf must be a valid
+X.509-SVID chaining to the bundle of its own trust domain; the signer is its SPIFFE ID. With
+``kid`` the key must be a configured root issuer key; the signer is ``key:<kid>``. ``crit``
+(RFC 7515 §4.1.11) is refused: we understand no extensions.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from typing import Any
+
+import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+
+from sidecar.errors import IdentityError
+from sidecar.grants.model import GrantError
+from sidecar.identity.x509svid import X509SvidVerifier
+
+__all__ = ["ALGORITHMS", "algorithm_for", "sign", "verify"]
+
+ALGORITHMS = frozenset({"ES256", "ES384", "EdDSA", "RS256", "PS256"})
+_ALLOWED_HEADERS = frozenset({"alg", "typ", "kid", "x5c"})
+_MAX_TOKEN = 256 * 1024
+
+
+def algorithm_for(key: PrivateKeyTypes) -> str:
+    """The JWS ``alg`` for a private key (EC P-256 → ES256, P-384 → ES384, Ed25519 → EdDSA, RSA → PS256)."""
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return "ES384" if isinstance(key.curve, ec.SECP384R1) else "ES256"
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "EdDSA"
+    return "PS256"
+
+
+def sign(
+    payload: Mapping[str, Any],
+    key: PrivateKeyTypes,
+    *,
+    typ: str,
+    kid: str | None = None,
+    x5c: list[x509.Certificate] | None = None,
+) -> str:
+    """Sign ``payload`` as a compact JWS with exactly one of ``kid`` or ``x5c`` (leaf first)."""
+    if (kid is None) == (x5c is None):
+        raise ValueError("give exactly one of kid or x5c")
+    headers: dict[str, Any] = {"typ": typ}
+    if kid is not None:
+        headers["kid"] = kid
+    else:
+        assert x5c is not None
+        headers["x5c"] = [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in x5c]
+    return jwt.encode(dict(payload), key, algorithm=algorithm_for(key), headers=headers)  # type: ignore[arg-type]
+
+
+def verify(
+    token: str,
+    *,
+    typ: str,
+    root_keys: Mapping[str, PublicKeyTypes],
+    svids: X509SvidVerifier | None,
+    now: float,
+) -> tuple[str, dict[str, Any]]:
+    """Verify a compact JWS of type ``typ``.
+
+    Returns:
+        ``(signer, payload)``: ``signer`` is the SPIFFE ID of the ``x5c`` leaf or ``key:<kid>``.
+
+    Raises:
+        GrantError: ``grant_malformed``, ``grant_bad_header``, ``grant_untrusted_signer`` or
+            ``grant_bad_signature``.
+    """
+    if not isinstance(token, str) or len(token) > _MAX_TOKEN or token.count(".") != 2:
+        raise GrantError("grant_malformed", "not a compact JWS")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise GrantError("grant_malformed", str(exc)) from None
+    if header.get("typ") != typ:
+        raise GrantError("grant_bad_header", f"typ must be {typ!r}")
+    extra = set(header) - _ALLOWED_HEADERS
+    if extra:
+        raise GrantError("grant_bad_header", f"header parameters not allowed: {sorted(extra)}")
+    alg = header.get("alg")
+    if alg not in ALGORITHMS:
+        raise GrantError("grant_bad_header", f"alg {alg!r} is not allowed")
+    key: PublicKeyTypes
+    if "x5c" in header:
+        if svids is None:
+            raise GrantError("grant_untrusted_signer", "x5c signatures need trust bundles (an identity source)")
+        chain = header["x5c"]
+        if not isinstance(chain, list) or not chain or not all(isinstance(c, str) for c in chain) or len(chain) > 8:
+            raise GrantError("grant_bad_header", "x5c must be a list of base64 DER certificates")
+        try:
+            certs = [x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in chain]
+        except ValueError as exc:
+            raise GrantError("grant_bad_header", f"x5c does not parse ({exc})") from None
+        try:
+            verified = svids.verify_certificates(certs[0], certs[1:], now=now)
+        except IdentityError as exc:
+            raise GrantError("grant_untrusted_signer", str(exc)) from None
+        signer, key = verified.spiffe_id, certs[0].public_key()
+    elif isinstance(header.get("kid"), str):
+        found = root_keys.get(header["kid"])
+        if found is None:
+            raise GrantError("grant_untrusted_signer", f"kid {header['kid']!r} is not a root issuer key")
+        signer, key = f"key:{header['kid']}", found
+    else:
+        raise GrantError("grant_bad_header", "a kid or an x5c chain is required")
+    try:
+        payload: dict[str, Any] = jwt.decode(
+            token,
+            key,  # type: ignore[arg-type]
+            algorithms=[alg],
+            options={"verify_exp": False, "verify_nbf": False, "verify_iat": False, "verify_aud": False},
+        )
+    except jwt.InvalidSignatureError:
+        raise GrantError("grant_bad_signature", "the signature does not verify") from None
+    except jwt.PyJWTError as exc:
+        raise GrantError("grant_malformed", str(exc)) from None
+    return signer, payload

@@ -1,0 +1,90 @@
+"""Signed revocation lists (``typ: agent-revocations+jwt``) and who may revoke what.
+
+Payload: ``{"iss": signer, "revoked": [grant id, ...], "iat": NumericDate}``. Revoking a grant revokes
+every grant below it (grants carry their ancestors' ids). A list is honoured for a grant only when
+its signer had authority over that link: a root issuer revokes anything; an agent revokes grants it
+signed, grants below them, and its own grant (giving up authority).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+
+from sidecar.grants import codec
+from sidecar.grants.model import REVOCATION_TYP, Grant, GrantError
+from sidecar.identity.x509svid import X509SvidVerifier
+
+__all__ = ["RevocationList", "revoked_by", "sign_revocations", "verify_revocations"]
+
+_MAX_IDS = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationList:
+    """A verified revocation list: its signer, the revoked ids, and when it was issued."""
+
+    signer: str
+    ids: frozenset[str]
+    issued_at: int
+    root: bool
+    token: str = field(repr=False)
+
+
+def sign_revocations(
+    ids: Iterable[str],
+    key: PrivateKeyTypes,
+    *,
+    issuer: str,
+    issued_at: int,
+    kid: str | None = None,
+    x5c: list[x509.Certificate] | None = None,
+) -> str:
+    """A compact JWS revocation list."""
+    payload = {"iss": issuer, "revoked": sorted(set(ids)), "iat": issued_at}
+    return codec.sign(payload, key, typ=REVOCATION_TYP, kid=kid, x5c=x5c)
+
+
+def verify_revocations(
+    token: str,
+    *,
+    root_keys: Mapping[str, PublicKeyTypes],
+    root_ids: frozenset[str],
+    svids: X509SvidVerifier | None,
+    now: float,
+) -> RevocationList:
+    """Verify a revocation list.
+
+    Raises:
+        GrantError: as :func:`sidecar.grants.codec.verify`, or ``grant_malformed``.
+    """
+    signer, payload = codec.verify(token.strip(), typ=REVOCATION_TYP, root_keys=root_keys, svids=svids, now=now)
+    revoked: Any = payload.get("revoked")
+    issued_at = payload.get("iat")
+    if not isinstance(revoked, list) or not all(isinstance(i, str) for i in revoked) or len(revoked) > _MAX_IDS:
+        raise GrantError("grant_malformed", "revoked must be a list of grant ids")
+    if not isinstance(issued_at, int):
+        raise GrantError("grant_malformed", "iat must be an integer NumericDate")
+    root = signer.startswith("key:") or signer in root_ids
+    return RevocationList(signer, frozenset(revoked), issued_at, root, token.strip())
+
+
+def revoked_by(grant: Grant, lists: Iterable[RevocationList]) -> RevocationList | None:
+    """The first list that revokes ``grant`` (itself or an ancestor) with authority, or ``None``."""
+    chain = grant.chain  # this grant first, root last
+    for revocations in lists:
+        for index, link in enumerate(chain):
+            if link.id not in revocations.ids:
+                continue
+            above = chain[index:]
+            if (
+                revocations.root
+                or revocations.signer == link.subject
+                or any(g.signer == revocations.signer for g in above)
+            ):
+                return revocations
+    return None
