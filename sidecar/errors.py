@@ -11,6 +11,7 @@ __all__ = [
     "AgentAuthzError",
     "BadRequestError",
     "ConfigError",
+    "DecisionLogError",
     "EnvoyNotFoundError",
     "KeyLoadError",
     "SpiffeIdError",
@@ -62,3 +63,17 @@ class EnvoyNotFoundError(AgentAuthzError):
     """No Envoy binary could be located."""
 
     code = "envoy_not_found"
+
+
+class DecisionLogError(AgentAuthzError):
+    """A decision record could not be written (or synced) to its sink; the decision fails closed.
+
+    Attributes:
+        sink: ``"file"`` or ``"stdout"``.
+    """
+
+    code = "decision_log_unavailable"
+
+    def __init__(self, message: str, *, sink: str = "file") -> None:
+        self.sink = sink
+        super().__init__(message)

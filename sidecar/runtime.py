@@ -23,7 +23,7 @@ from sidecar.decision import AuthzRequest, Decision, Direction, Reason
 from sidecar.errors import ConfigError, KeyLoadError
 from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.compile import compile_policy
-from sidecar.policy.engine import decide_egress
+from sidecar.policy.engine import decide_egress, dry_run
 from sidecar.policy.model import PolicyIndex
 from sidecar.tokens.keys import KeySet, SigningKey, load_signing_key
 from sidecar.tokens.minter import TokenCache, TokenMinter
@@ -167,6 +167,8 @@ class Runtime:
             return False
         if snapshot.digest == previous.digest:
             return False
+        if snapshot.loaded.settings.decision_log != previous.loaded.settings.decision_log:
+            _log.warning("decision_log_change_needs_restart", file=str(self.config_path))
         self.snapshot = snapshot
         self.reloads += 1
         self.last_error = None
@@ -179,10 +181,14 @@ class Runtime:
         return True
 
     def decide(self, request: AuthzRequest, decision_id: str) -> Decision:
-        """Decide ``request`` against the active snapshot (read once, so a swap mid-call is harmless)."""
+        """Decide ``request`` against the active snapshot (read once, so a swap mid-call is harmless).
+
+        With ``dry_run: true`` the policy's decision is turned into an allow by
+        :func:`~sidecar.policy.engine.dry_run`.
+        """
         snapshot = self.snapshot
         if request.direction is Direction.EGRESS:
-            return decide_egress(
+            decision = decide_egress(
                 snapshot.policy,
                 request,
                 now=self.clock(),
@@ -190,14 +196,16 @@ class Runtime:
                 budgets=self.budgets,
                 minter=snapshot.minter,
             )
-        return Decision(
-            False,
-            Reason.BAD_REQUEST,
-            400,
-            decision_id=decision_id,
-            direction=request.direction,
-            detail="no ingress policy is configured",
-        )
+        else:
+            decision = Decision(
+                False,
+                Reason.BAD_REQUEST,
+                400,
+                decision_id=decision_id,
+                direction=request.direction,
+                detail="no ingress policy is configured",
+            )
+        return dry_run(decision) if snapshot.loaded.settings.dry_run else decision
 
     def jwks(self) -> dict[str, Any]:
         """The JWKS document of the active keys (RFC 7517 §5)."""

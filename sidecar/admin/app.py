@@ -1,20 +1,31 @@
-"""The admin HTTP server (aiohttp): JWKS, health and readiness.
+"""The admin HTTP server (aiohttp): JWKS, health, readiness, metrics and the decision viewer.
 
 Routes:
     ``GET /.well-known/jwks.json`` - public keys of task-scoped tokens (current, next, retired).
     ``GET /healthz`` - the process is alive.
-    ``GET /readyz`` - 200 when configuration and keys are loaded; 503 otherwise.
+    ``GET /readyz`` - 200 when configuration and keys are loaded and the decision log sink works;
+        503 (with the reason in the body) when the last decision log write failed.
+    ``GET /metrics`` - Prometheus text exposition (:mod:`sidecar.metrics`).
+    ``/decisions…`` - the decision viewer (:mod:`sidecar.admin.viewer`).
+
+The admin server listens on ``127.0.0.1`` by default; reach it from outside the pod with
+``kubectl port-forward``.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
 
+from sidecar.admin.viewer import add_viewer_routes
+from sidecar.audit.log import DecisionLog
+from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.runtime import Runtime
 
 __all__ = ["make_admin_app"]
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
+DECISION_LOG: web.AppKey[DecisionLog] = web.AppKey("decision_log", DecisionLog)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
 
 async def _jwks(request: web.Request) -> web.Response:
@@ -28,22 +39,40 @@ async def _healthz(_: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
+    log = request.app[DECISION_LOG]
     snapshot = runtime.snapshot
     body = {
-        "status": "ready",
+        "status": "ready" if log.healthy else "not_ready",
         "config_digest": snapshot.digest[:16],
         "tasks": len(snapshot.policy.tasks_by_id),
         "kid": snapshot.keys.current.kid,
         "last_reload_error": runtime.last_error,
+        "dry_run": snapshot.loaded.settings.dry_run,
+        "decision_log": {
+            "healthy": log.healthy,
+            "error": log.last_error,
+            "path": None if log.path is None else str(log.path),
+            "seq": log.head.seq,
+            "hash": log.head.hash,
+        },
     }
-    return web.json_response(body)
+    return web.json_response(body, status=200 if log.healthy else 503)
 
 
-def make_admin_app(runtime: Runtime) -> web.Application:
-    """Build the admin application bound to ``runtime``."""
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def make_admin_app(runtime: Runtime, decision_log: DecisionLog, metrics: Metrics) -> web.Application:
+    """Build the admin application bound to ``runtime``, ``decision_log`` and ``metrics``."""
     app = web.Application()
     app[RUNTIME] = runtime
+    app[DECISION_LOG] = decision_log
+    app[METRICS] = metrics
     app.router.add_get("/.well-known/jwks.json", _jwks)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    add_viewer_routes(app, runtime, decision_log)
     return app

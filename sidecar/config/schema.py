@@ -10,7 +10,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ByteSize,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from sidecar.config.durations import parse_duration
 from sidecar.errors import BadRequestError, SpiffeIdError
@@ -24,6 +33,7 @@ __all__ = [
     "EnvoySpec",
     "IssuerSpec",
     "ListenSpec",
+    "RotateSpec",
     "SidecarConfig",
     "TaskSpec",
 ]
@@ -243,11 +253,49 @@ class EnvoySpec(_Model):
         return value
 
 
+class RotateSpec(_Model):
+    """When the decision log file is rotated (the hash chain continues into the next file)."""
+
+    max_bytes: ByteSize | None = None
+    max_age: Seconds | None = None
+    keep: int | None = Field(default=None, ge=1)
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _bytes(cls, value: ByteSize | None) -> ByteSize | None:
+        if value is not None and value < 4096:
+            raise ValueError("max_bytes must be at least 4 KiB")
+        return value
+
+    @field_validator("max_age")
+    @classmethod
+    def _age(cls, value: float | None) -> float | None:
+        if value is not None and value < 1:
+            raise ValueError("max_age must be at least 1s")
+        return value
+
+
 class DecisionLogSpec(_Model):
-    """Where decision records go: a JSON-lines file and/or stdout."""
+    """Where decision records go (a JSON-lines file and/or stdout), how durable and how chained.
+
+    These settings take effect at start; a reload that changes them logs a warning and keeps the
+    running log as it is.
+    """
 
     path: Path | None = None
     stdout: bool = True
+    fsync: bool = False
+    hmac_key_file: Path | None = None
+    on_log_failure: Literal["deny", "allow"] = "deny"
+    rotate: RotateSpec = RotateSpec()
+
+    @model_validator(mode="after")
+    def _sinks(self) -> DecisionLogSpec:
+        if self.path is None and not self.stdout:
+            raise ValueError("decision records need a sink: set 'path' or 'stdout: true'")
+        if self.path is None and self.rotate != RotateSpec():
+            raise ValueError("'rotate' needs a 'path'")
+        return self
 
 
 class SidecarConfig(_Model):
@@ -258,6 +306,7 @@ class SidecarConfig(_Model):
     listen: ListenSpec = ListenSpec()
     envoy: EnvoySpec = EnvoySpec()
     decision_log: DecisionLogSpec = DecisionLogSpec()
+    dry_run: bool = False
     tasks: list[TaskSpec] = Field(default_factory=list)
 
     @field_validator("tasks")
