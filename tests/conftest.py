@@ -161,6 +161,10 @@ class Env:
     def send(self, method: str, url: str, headers: dict[str, str] | None = None, body: bytes | None = None) -> Reply:
         return send(self.port, method, url, headers, body)
 
+    @property
+    def admin(self) -> str:
+        return self.stack.sidecar.admin_url
+
     def records(self) -> list[dict[str, Any]]:
         path = self.state / "decisions.log"
         if not path.exists():
@@ -179,12 +183,20 @@ class Env:
         write_config(self.state, config)
 
 
-def start_env(state: Path, sock_dir: Path, tasks: list[dict[str, Any]], checks: dict[str, Any] | None = None) -> Env:
-    """Start the upstream, write keys and config, start the stack."""
+def start_env(
+    state: Path,
+    sock_dir: Path,
+    tasks: list[dict[str, Any]],
+    checks: dict[str, Any] | None = None,
+    mutate: Callable[[dict[str, Any]], None] | None = None,
+) -> Env:
+    """Start the upstream, write keys and config (``mutate`` may edit it first), start the stack."""
     write_keys(state)
     upstream = SampleUpstream(checks if checks is not None else {API_HOST: TokenCheck(API_AUDIENCE, ISSUER)})
     port = upstream.start()
     config = base_config(sock_dir, tasks, {API_HOST: f"127.0.0.1:{port}", "other.internal": f"127.0.0.1:{port}"})
+    if mutate is not None:
+        mutate(config)
     config_path = write_config(state, config)
     stack = AuthzStack(config_path, state)
     try:
@@ -201,8 +213,12 @@ def env_factory(tmp_path: Path, short_dir: Path) -> Iterator[Callable[..., Env]]
     """Start a stack with the given tasks; everything is stopped and reaped after the test."""
     started: list[Env] = []
 
-    def make(tasks: list[dict[str, Any]], checks: dict[str, Any] | None = None) -> Env:
-        env = start_env(tmp_path, short_dir, tasks, checks)
+    def make(
+        tasks: list[dict[str, Any]],
+        checks: dict[str, Any] | None = None,
+        mutate: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Env:
+        env = start_env(tmp_path, short_dir, tasks, checks, mutate)
         started.append(env)
         return env
 

@@ -158,7 +158,7 @@ class Verification:
 def _describe_gap(expected: int, seq: int) -> tuple[str, str]:
     if seq > expected:
         missing = seq - expected
-        return "seq_gap", f"seq {seq} follows seq {expected - 1}: {missing} record(s) deleted"
+        return "seq_gap", f"seq {seq} follows seq {expected - 1}: {missing} record(s) missing here (deleted or moved)"
     return "out_of_order", f"seq {seq} where seq {expected} was expected: records reordered or duplicated"
 
 

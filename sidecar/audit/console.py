@@ -120,7 +120,12 @@ def _cell(record: dict[str, Any], column: str) -> str:
 def _fit(text: str, column: str) -> str:
     limit = _MAX_WIDTH.get(column)
     text = text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", " ")
-    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
+    if limit is None or len(text) <= limit:
+        return text
+    if column in ("agent", "caller"):  # the workload name is at the end of a SPIFFE ID
+        head = limit // 3
+        return text[:head] + "…" + text[len(text) - (limit - head - 1) :]
+    return text[: limit - 1] + "…"
 
 
 class _Table:

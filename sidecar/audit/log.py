@@ -36,7 +36,7 @@ import orjson
 import structlog
 
 from sidecar.audit.chain import ChainHead, link
-from sidecar.audit.reader import last_line, log_files, parse_time, rotated_name
+from sidecar.audit.reader import last_chained, log_files, parse_time, rotated_name
 from sidecar.decision import Decision, Reason
 from sidecar.errors import DecisionLogError
 
@@ -172,13 +172,11 @@ class DecisionLog:
                 self._file_started = parse_time(str(head["time"]))
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
                 self._file_first_seq = None
-        raw = last_line(log_files(path))
-        if raw is not None:
-            try:
-                last = orjson.loads(raw)
-                self.head = ChainHead(int(last["seq"]), str(last["hash"]))
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
-                _log.warning("decision_log_unchained_tail", path=str(path))
+        last = last_chained(log_files(path))
+        if last is not None:
+            self.head = ChainHead(last["seq"], last["hash"])
+        elif self._size:
+            _log.warning("decision_log_unchained", path=str(path), detail="no chained record found; starting a chain")
         if self.head.seq >= 0:
             _log.info("decision_log_resumed", path=str(path), seq=self.head.seq)
 

@@ -24,7 +24,7 @@ __all__ = [
     "follow_lines",
     "iter_lines",
     "iter_records",
-    "last_line",
+    "last_chained",
     "log_files",
     "parse_time",
     "rotated_name",
@@ -120,12 +120,23 @@ def _reverse_lines(path: Path) -> Iterator[bytes]:
             yield buf
 
 
-def last_line(files: list[Path]) -> bytes | None:
-    """The last complete line (ending in a newline) across ``files``, newest file first."""
+def last_chained(files: list[Path], *, scan: int = 1000) -> dict[str, Any] | None:
+    """The last record with an integer ``seq`` and a string ``hash`` across ``files``, newest first.
+
+    Torn or foreign lines at the end are skipped; at most ``scan`` lines are examined.
+    """
+    seen = 0
     for path in reversed(files):
         for raw in _reverse_lines(path):
-            if raw.endswith(b"\n") and raw.strip():
-                return raw
+            seen += 1
+            if seen > scan:
+                return None
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("seq"), int) and isinstance(record.get("hash"), str):
+                return record
     return None
 
 
