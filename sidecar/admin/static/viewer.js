@@ -70,21 +70,25 @@ async function fetchJSON(url) {
   return response.json();
 }
 
+let loadSeq = 0;
 async function loadRecords() {
   const params = filterQuery();
   params.set("limit", String(MAX_ROWS));
+  const mine = ++loadSeq;
   let body;
   try {
     body = await fetchJSON(`${API}/records?${params}`);
   } catch (err) {
-    $("filter-error").textContent = err.message;
+    if (mine === loadSeq) $("filter-error").textContent = err.message;
     return false;
   }
+  if (mine !== loadSeq) return false; // a newer filter's answer wins, whatever order they arrive in
   $("filter-error").textContent = "";
   fillReasons(body.reasons);
   const tbody = $("records").tBodies[0];
   tbody.replaceChildren(...body.records.map(row));
   state.shown = new Set(body.records.map((r) => r.decision_id));
+  tbody.dataset.query = filterQuery().toString();
   updateCount();
   return true;
 }
@@ -211,7 +215,7 @@ async function loadSummary() {
   $("dry-run").hidden = !body.dry_run;
   const cards = body.tasks.map((task) => {
     const card = el("div", { class: "task", "data-task": task.task_id || "" });
-    card.append(el("h3", {}, task.task_id || "(no task)", task.declared ? "" : " – not declared now"));
+    card.append(el("h3", {}, task.task_id || "(no task matched)", task.declared || !task.task_id ? "" : " – not declared now"));
     if (task.purpose) card.append(el("div", { class: "muted" }, task.purpose, task.on_behalf_of ? ` – on behalf of ${task.on_behalf_of}` : ""));
     card.append(el("div", {}, el("span", { class: "allow s-allowed" }, `${task.allowed} allowed`), " · ",
       el("span", { class: "deny s-denied" }, `${task.denied} denied`)));
