@@ -9,6 +9,7 @@ chain (:mod:`sidecar.audit.chain`) and exits 0 when intact, 1 at the first broke
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -187,9 +188,20 @@ def run_logs(args: argparse.Namespace) -> int:
         since=_time_bound(args.since, now),
         until=_time_bound(args.until, now),
     )
+    position: list[int] = [0, 0]  # inode and bytes read of the current file, where --follow goes on
     if args.paths:
         files = _expand(args.paths)
-        lines: Iterable[tuple[str, int, bytes]] = iter_lines(files)
+        with contextlib.suppress(OSError):
+            position[0] = files[-1].stat().st_ino
+        current = str(files[-1])
+
+        def counted() -> Iterator[tuple[str, int, bytes]]:
+            for item in iter_lines(files):
+                if item[0] == current:
+                    position[1] += len(item[2])
+                yield item
+
+        lines: Iterable[tuple[str, int, bytes]] = counted()
     elif not sys.stdin.isatty():
         files = []
         lines = _stdin_lines()
@@ -212,7 +224,7 @@ def run_logs(args: argparse.Namespace) -> int:
         table.print_rows(records, rows)
     if args.follow and files:
         try:
-            for raw in follow_lines(files[-1], start_at_end=True):
+            for raw in follow_lines(files[-1], position=(position[0], position[1])):
                 for record in iter_records([("", 0, raw)]):
                     if record.get("event") != "decision" or not selected.matches(record):
                         continue

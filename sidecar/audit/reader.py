@@ -221,7 +221,7 @@ def _identity(handle: IO[bytes]) -> tuple[int, int]:
 def follow_lines(
     path: Path,
     *,
-    start_at_end: bool,
+    position: tuple[int, int] | None = None,
     stop: Callable[[], bool] = lambda: False,
     interval: float = 0.2,
 ) -> Iterator[bytes]:
@@ -232,7 +232,8 @@ def follow_lines(
 
     Args:
         path: the current log file (it may not exist yet).
-        start_at_end: skip what is already in the file.
+        position: ``(inode, offset)`` already read: continue from there if ``path`` is still that
+            file, else from the top of the file now at ``path``; ``None`` skips what is already there.
         stop: polled between reads; return ``True`` to end.
         interval: seconds between polls when nothing new arrived.
     """
@@ -247,8 +248,11 @@ def follow_lines(
                 except FileNotFoundError:
                     time.sleep(interval)
                     continue
-                if first and start_at_end:
-                    handle.seek(0, os.SEEK_END)
+                if first:
+                    if position is None:
+                        handle.seek(0, os.SEEK_END)
+                    elif _identity(handle)[1] == position[0]:
+                        handle.seek(position[1])
                 first = False
                 pending = b""
             chunk = handle.read()
