@@ -34,7 +34,12 @@ def record(i: int) -> dict[str, Any]:
         "reason": "allowed",
         "status": 200,
         "detail": "",
-        "token": {"jti": "6qhcj8n0XDjQK9DwXlShdw", "aud": "https://market-data.internal", "exp": 1795944361, "cached": True},
+        "token": {
+            "jti": "6qhcj8n0XDjQK9DwXlShdw",
+            "aud": "https://market-data.internal",
+            "exp": 1795944361,
+            "cached": True,
+        },
         "latency_us": 212,
         "event": "decision",
     }

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 A = "spiffe://test.example/ns/agents/sa/a"
 B = "spiffe://test.example/ns/agents/sa/b"
 CALLER = "spiffe://test.example/ns/ops/sa/scheduler"
-NOW = time.time()
+_NOW = [time.time()]  # reset when a log is generated, so --since/--until margins hold in a long run
 
 
 def run(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
@@ -46,7 +46,7 @@ def _records() -> list[dict[str, Any]]:
         deny = i % 4 == 0
         out.append(
             {
-                "time": _iso(NOW - (40 - i) * 60),
+                "time": _iso(_NOW[0] - (40 - i) * 60),
                 "decision_id": f"d{i:03d}",
                 "direction": "ingress" if i % 5 == 0 else "egress",
                 "agent": A if i % 2 else B,
@@ -68,6 +68,7 @@ def _records() -> list[dict[str, Any]]:
 
 @pytest.fixture
 def log(tmp_path: Path) -> Path:
+    _NOW[0] = time.time()
     path = tmp_path / "decisions.log"
     writer = DecisionLog(path, stdout=False, max_bytes=4096)  # several rotated files
     for record in _records():
@@ -104,7 +105,7 @@ def test_filters_across_rotated_files_in_chain_order(log: Path, args: list[str],
 def test_since_and_until(log: Path) -> None:
     recent = _ids(run(str(log), "--json", "--since", "10m30s"))
     assert recent == [f"d{i:03d}" for i in range(30, 40)]
-    until = _iso(NOW - 35 * 60 + 1)
+    until = _iso(_NOW[0] - 35 * 60 + 1)
     assert _ids(run(str(log), "--json", "--until", until)) == [f"d{i:03d}" for i in range(6)]
     bad = run(str(log), "--since", "yesterday")
     assert bad.returncode == 2 and "neither a duration" in bad.stderr
