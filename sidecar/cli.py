@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``agent-authz``."""
     parser = argparse.ArgumentParser(prog="agent-authz", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"agent-authz {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,envoy-config,check,demo,logs}")
 
     serve = sub.add_parser("serve", help="run the ext_authz and admin servers")
     serve.add_argument("--config", required=True, help="path to sidecar.yaml")
@@ -178,7 +178,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except AgentAuthzError as exc:
-        print(f"agent-authz {args.command}: {exc}", file=sys.stderr)
+        print(
+            f"agent-authz {args.command.replace('-', ' ') if args.command == 'logs-verify' else args.command}: {exc}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130
