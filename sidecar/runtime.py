@@ -29,7 +29,7 @@ from sidecar.grants.sources import GrantSet, check_grant_usable, load_grants
 from sidecar.identity.state import IdentityState, load_identity_files
 from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.compile import TaskSource, compile_policy
-from sidecar.policy.engine import decide_egress
+from sidecar.policy.engine import decide_egress, dry_run
 from sidecar.policy.ingress import IdentityContext, IngressPolicy, compile_ingress, decide_ingress
 from sidecar.policy.model import Credential, PolicyIndex
 from sidecar.tokens.keys import KeySet, SigningKey, load_signing_key
@@ -296,6 +296,8 @@ class Runtime:
             return False
         if snapshot.digest == previous.digest:
             return False
+        if snapshot.loaded.settings.decision_log != previous.loaded.settings.decision_log:
+            _log.warning("decision_log_change_needs_restart", file=str(self.config_path))
         self.snapshot = snapshot
         self.reloads += 1
         self.last_error = None
@@ -308,12 +310,16 @@ class Runtime:
         return True
 
     def decide(self, request: AuthzRequest, decision_id: str) -> Decision:
-        """Decide ``request`` against the active snapshot (read once, so a swap mid-call is harmless)."""
+        """Decide ``request`` against the active snapshot (read once, so a swap mid-call is harmless).
+
+        With ``dry_run: true`` the policy's decision is turned into an allow by
+        :func:`~sidecar.policy.engine.dry_run`.
+        """
         snapshot = self.snapshot
         if request.direction is Direction.EGRESS:
             identity = snapshot.identity
             bind = identity is not None and snapshot.loaded.settings.issuer.bind_to_svid
-            return decide_egress(
+            decision = decide_egress(
                 snapshot.policy,
                 request,
                 now=self.clock(),
@@ -322,14 +328,16 @@ class Runtime:
                 minter=snapshot.minter,
                 cnf=identity.state.svid.x5t_s256 if bind and identity is not None else None,
             )
-        return decide_ingress(
-            snapshot.ingress,
-            request,
-            identity=snapshot.identity,
-            agent=snapshot.policy.agent,
-            now=self.clock(),
-            decision_id=decision_id,
-        )
+        else:
+            decision = decide_ingress(
+                snapshot.ingress,
+                request,
+                identity=snapshot.identity,
+                agent=snapshot.policy.agent,
+                now=self.clock(),
+                decision_id=decision_id,
+            )
+        return dry_run(decision) if snapshot.loaded.settings.dry_run else decision
 
     # -- grants: accept, delegate, revoke ------------------------------------------------------------
     def add_grant(self, token: str) -> Grant:

@@ -15,15 +15,17 @@ import structlog
 from aiohttp import web
 
 from sidecar.admin.app import make_admin_app
+from sidecar.audit.chain import load_hmac_key
 from sidecar.audit.log import DecisionLog
 from sidecar.config.loader import load_config
 from sidecar.config.watch import watch_and_reload
 from sidecar.envoy_authz.service import AuthorizationService
 from sidecar.identity.state import IdentityState
 from sidecar.identity.workload_api import WorkloadApiIdentity
+from sidecar.metrics import Metrics
 from sidecar.runtime import Runtime
 
-__all__ = ["run_server", "serve"]
+__all__ = ["open_decision_log", "run_server", "serve"]
 
 _log = structlog.get_logger("agent_authz.server")
 
@@ -43,7 +45,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         stop: an event that ends the server (tests); signals are handled too.
 
     Raises:
-        ConfigError: the initial configuration is invalid.
+        ConfigError: the initial configuration (or the decision log's HMAC key) is invalid.
+        DecisionLogError: the decision log file cannot be opened.
         OSError: a listen address is unavailable.
     """
     loop = asyncio.get_running_loop()
@@ -62,11 +65,17 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
             loop.call_soon_threadsafe(runtime.set_identity, state)
 
         workload.set_callback(identity_changed)
+    decision_log = open_decision_log(runtime)
+    metrics = Metrics()
+    metrics.bind(runtime, decision_log)
     settings = runtime.snapshot.loaded.settings
-    log_spec = settings.decision_log
-    log_path = runtime.snapshot.loaded.resolve(log_spec.path) if log_spec.path is not None else None
-    decision_log = DecisionLog(log_path, stdout=log_spec.stdout)
-    service = AuthorizationService(runtime.decide, decision_log, runtime.clock)
+    service = AuthorizationService(
+        runtime.decide,
+        decision_log,
+        runtime.clock,
+        metrics=metrics,
+        on_log_failure=settings.decision_log.on_log_failure,
+    )
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((service.handler(),))
@@ -84,7 +93,7 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         authz_bound = f"{host}:{bound}"
     await server.start()
 
-    runner = web.AppRunner(make_admin_app(runtime), access_log=None, handle_signals=False)
+    runner = web.AppRunner(make_admin_app(runtime, decision_log, metrics), access_log=None, handle_signals=False)
     await runner.setup()
     admin = settings.listen.admin
     if admin.startswith("unix:"):
@@ -115,7 +124,7 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     try:
         await stop.wait()
     finally:
-        _log.info("shutting_down", decisions=service.decisions)
+        _log.info("shutting_down", decisions=service.decisions, seq=decision_log.head.seq)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await server.stop(grace=2.0)
@@ -125,7 +134,34 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
-        decision_log.close()
+        await decision_log.aclose()
+        _log.info("stopped", seq=decision_log.head.seq)
+
+
+def open_decision_log(runtime: Runtime) -> DecisionLog:
+    """The decision log described by the active configuration's ``decision_log`` section.
+
+    Raises:
+        KeyLoadError: the HMAC key file cannot be read or is too short.
+        DecisionLogError: the file cannot be opened.
+    """
+    loaded = runtime.snapshot.loaded
+    spec = loaded.settings.decision_log
+    key = None
+    if spec.hmac_key_file is not None:
+        key = load_hmac_key(
+            loaded.resolve(spec.hmac_key_file), file=str(loaded.source), field="decision_log.hmac_key_file"
+        )
+    return DecisionLog(
+        loaded.resolve(spec.path) if spec.path is not None else None,
+        stdout=spec.stdout,
+        fsync=spec.fsync,
+        hmac_key=key,
+        max_bytes=int(spec.rotate.max_bytes) if spec.rotate.max_bytes is not None else None,
+        max_age=spec.rotate.max_age,
+        keep=spec.rotate.keep,
+        clock=runtime.clock,
+    )
 
 
 async def _start_workload_identity(config_path: Path, loop: asyncio.AbstractEventLoop) -> WorkloadApiIdentity | None:

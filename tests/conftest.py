@@ -164,6 +164,10 @@ class Env:
     def send(self, method: str, url: str, headers: dict[str, str] | None = None, body: bytes | None = None) -> Reply:
         return send(self.port, method, url, headers, body)
 
+    @property
+    def admin(self) -> str:
+        return self.stack.sidecar.admin_url
+
     def records(self) -> list[dict[str, Any]]:
         path = self.state / "decisions.log"
         if not path.exists():

@@ -1,9 +1,17 @@
-"""The admin HTTP server (aiohttp): JWKS, health and readiness.
+"""The admin HTTP server (aiohttp): JWKS, health, readiness, metrics and the decision viewer.
 
 Routes:
     ``GET /.well-known/jwks.json`` - public keys of task-scoped tokens (current, next, retired).
     ``GET /healthz`` - the process is alive.
-    ``GET /readyz`` - 200 when configuration and keys are loaded; 503 otherwise.
+    ``GET /readyz`` - 200 when configuration and keys are loaded, the decision log sink works and
+        the SVID (if any) is unexpired; 503 (with the reason in the body) otherwise. The body also
+        shows the identity (SPIFFE ID, SVID serial and expiry) and the decision log head.
+    ``GET /metrics`` - Prometheus text exposition (:mod:`sidecar.metrics`).
+    ``/decisions…`` - the decision viewer (:mod:`sidecar.admin.viewer`).
+    ``/v1/tasks…``, ``/v1/revocations`` - the local task API (:mod:`sidecar.admin.tasks_api`).
+
+The admin server listens on ``127.0.0.1`` by default; reach it from outside the pod with
+``kubectl port-forward``.
 """
 
 from __future__ import annotations
@@ -11,11 +19,16 @@ from __future__ import annotations
 from aiohttp import web
 
 from sidecar.admin.tasks_api import add_task_routes
+from sidecar.admin.viewer import add_viewer_routes
+from sidecar.audit.log import DecisionLog
+from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.runtime import Runtime
 
 __all__ = ["make_admin_app"]
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
+DECISION_LOG: web.AppKey[DecisionLog] = web.AppKey("decision_log", DecisionLog)
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 
 
 async def _jwks(request: web.Request) -> web.Response:
@@ -29,16 +42,26 @@ async def _healthz(_: web.Request) -> web.Response:
 
 async def _readyz(request: web.Request) -> web.Response:
     runtime = request.app[RUNTIME]
+    log = request.app[DECISION_LOG]
     snapshot = runtime.snapshot
     body: dict[str, object] = {
-        "status": "ready",
+        "status": "ready" if log.healthy else "not_ready",
         "agent": snapshot.policy.agent,
         "config_digest": snapshot.digest[:16],
         "tasks": len(snapshot.policy.tasks_by_id),
         "kid": snapshot.keys.current.kid,
         "last_reload_error": runtime.last_error,
+        "dry_run": snapshot.loaded.settings.dry_run,
+        "decision_log": {
+            "healthy": log.healthy,
+            "error": log.last_error,
+            "path": None if log.path is None else str(log.path),
+            "seq": log.head.seq,
+            "hash": log.head.hash,
+        },
         "identity": None,
     }
+    ready = log.healthy
     identity = snapshot.identity
     if identity is not None:
         svid = identity.state.svid
@@ -52,16 +75,25 @@ async def _readyz(request: web.Request) -> web.Response:
         }
         if svid.not_after <= runtime.clock():
             body["status"] = "svid_expired"
-            return web.json_response(body, status=503)
-    return web.json_response(body)
+            ready = False
+    return web.json_response(body, status=200 if ready else 503)
 
 
-def make_admin_app(runtime: Runtime) -> web.Application:
-    """Build the admin application bound to ``runtime``."""
+async def _metrics(request: web.Request) -> web.Response:
+    body = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+def make_admin_app(runtime: Runtime, decision_log: DecisionLog, metrics: Metrics) -> web.Application:
+    """Build the admin application bound to ``runtime``, ``decision_log`` and ``metrics``."""
     app = web.Application()
     app[RUNTIME] = runtime
+    app[DECISION_LOG] = decision_log
+    app[METRICS] = metrics
     app.router.add_get("/.well-known/jwks.json", _jwks)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    add_viewer_routes(app, runtime, decision_log)
     add_task_routes(app, runtime)
     return app

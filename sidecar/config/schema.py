@@ -14,6 +14,7 @@ from pydantic import (
     AwareDatetime,
     BaseModel,
     BeforeValidator,
+    ByteSize,
     ConfigDict,
     Discriminator,
     Field,
@@ -41,6 +42,7 @@ __all__ = [
     "IssuerSpec",
     "ListenSpec",
     "RootIssuerSpec",
+    "RotateSpec",
     "SidecarConfig",
     "TaskSpec",
     "WorkloadApiSpec",
@@ -433,11 +435,49 @@ class EnvoySpec(_Model):
         return value
 
 
+class RotateSpec(_Model):
+    """When the decision log file is rotated (the hash chain continues into the next file)."""
+
+    max_bytes: ByteSize | None = None
+    max_age: Seconds | None = None
+    keep: int | None = Field(default=None, ge=1)
+
+    @field_validator("max_bytes")
+    @classmethod
+    def _bytes(cls, value: ByteSize | None) -> ByteSize | None:
+        if value is not None and value < 4096:
+            raise ValueError("max_bytes must be at least 4 KiB")
+        return value
+
+    @field_validator("max_age")
+    @classmethod
+    def _age(cls, value: float | None) -> float | None:
+        if value is not None and value < 1:
+            raise ValueError("max_age must be at least 1s")
+        return value
+
+
 class DecisionLogSpec(_Model):
-    """Where decision records go: a JSON-lines file and/or stdout."""
+    """Where decision records go (a JSON-lines file and/or stdout), how durable and how chained.
+
+    These settings take effect at start; a reload that changes them logs a warning and keeps the
+    running log as it is.
+    """
 
     path: Path | None = None
     stdout: bool = True
+    fsync: bool = False
+    hmac_key_file: Path | None = None
+    on_log_failure: Literal["deny", "allow"] = "deny"
+    rotate: RotateSpec = RotateSpec()
+
+    @model_validator(mode="after")
+    def _sinks(self) -> DecisionLogSpec:
+        if self.path is None and not self.stdout:
+            raise ValueError("decision records need a sink: set 'path' or 'stdout: true'")
+        if self.path is None and self.rotate != RotateSpec():
+            raise ValueError("'rotate' needs a 'path'")
+        return self
 
 
 class SidecarConfig(_Model):
@@ -456,6 +496,7 @@ class SidecarConfig(_Model):
     decision_log: DecisionLogSpec = DecisionLogSpec()
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
     grants: GrantsSpec = GrantsSpec()
+    dry_run: bool = False
     tasks: list[TaskSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")

@@ -3,6 +3,11 @@
 The handler receives the raw request bytes (no generated deserializer), so a garbage protobuf
 becomes a logged deny with reason ``bad_request`` instead of a gRPC error. Any unexpected
 exception becomes a logged deny with reason ``internal_error``. Nothing here ever allows on error.
+
+Every decision is written to the decision log before the answer is returned (and, with
+``decision_log.fsync``, synced). If the record cannot be written, ``on_log_failure: deny`` (the
+default) turns an allow into an ``internal_error`` deny; ``allow`` keeps the decision. Either way the
+record goes to stderr in a ``decision_log_write_failed`` event, so nothing is dropped silently.
 """
 
 from __future__ import annotations
@@ -10,7 +15,8 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from dataclasses import replace
+from typing import Any, Literal
 
 import grpc
 import structlog
@@ -18,7 +24,8 @@ import structlog
 from sidecar.audit.log import DecisionLog, decision_record
 from sidecar.decision import AuthzRequest, Decision, Reason
 from sidecar.envoy_authz.translate import build_check_response, parse_check_request
-from sidecar.errors import BadRequestError
+from sidecar.errors import BadRequestError, DecisionLogError
+from sidecar.metrics import Metrics
 
 __all__ = ["SERVICE_NAME", "AuthorizationService"]
 
@@ -31,8 +38,11 @@ class AuthorizationService:
 
     Args:
         decide: the decision function (``Runtime.decide``).
-        decision_log: where records go; a failed write turns the answer into a deny.
+        decision_log: where records go.
         clock: POSIX seconds.
+        metrics: counts each answered decision and its handling time.
+        on_log_failure: ``"deny"`` turns an allow whose record cannot be written into a deny;
+            ``"allow"`` answers the decision anyway.
     """
 
     def __init__(
@@ -40,15 +50,18 @@ class AuthorizationService:
         decide: Callable[[AuthzRequest, str], Decision],
         decision_log: DecisionLog,
         clock: Callable[[], float] = time.time,
+        *,
+        metrics: Metrics | None = None,
+        on_log_failure: Literal["deny", "allow"] = "deny",
     ) -> None:
         self._decide = decide
         self._log = decision_log
         self._clock = clock
+        self._metrics = metrics
+        self._fail_closed = on_log_failure == "deny"
         self.decisions = 0
 
-    def check_bytes(self, raw: bytes) -> bytes:
-        """Decide one serialized CheckRequest and return the serialized CheckResponse."""
-        started = time.perf_counter_ns()
+    def _decide_and_record(self, raw: bytes, started: int) -> tuple[Decision, dict[str, Any]]:
         decision_id = uuid.uuid4().hex
         request_id = ""
         try:
@@ -63,16 +76,59 @@ class AuthorizationService:
         latency_us = (time.perf_counter_ns() - started) // 1000
         record = decision_record(decision, request_id=request_id, latency_us=latency_us, now=self._clock())
         try:
-            self._log.write(record)
-        except OSError as exc:
-            _log.error("decision_log_write_failed", error=str(exc), decision_id=decision_id)
-            if decision.allow:
-                decision = Decision(False, Reason.INTERNAL_ERROR, 403, decision_id, detail="decision log unavailable")
+            self._log.append(record)
+        except DecisionLogError as exc:
+            decision = self._log_failed(decision, exc, record)
+        return decision, record
+
+    def _log_failed(self, decision: Decision, exc: DecisionLogError, record: dict[str, Any]) -> Decision:
+        unchained = {k: v for k, v in record.items() if k not in ("seq", "prev_hash", "hash")}
+        _log.error(
+            "decision_log_write_failed",
+            error=str(exc),
+            sink=exc.sink,
+            decision_id=decision.decision_id,
+            on_log_failure="deny" if self._fail_closed else "allow",
+            record=unchained,
+        )
+        if decision.allow and self._fail_closed:
+            return replace(
+                decision,
+                allow=False,
+                reason=Reason.INTERNAL_ERROR,
+                http_status=403,
+                detail="decision log unavailable",
+                headers_to_set=(),
+                headers_to_remove=(),
+                token=None,
+            )
+        return decision
+
+    def _finish(self, decision: Decision, started: int) -> bytes:
         self.decisions += 1
+        if self._metrics is not None:
+            self._metrics.observe(decision, (time.perf_counter_ns() - started) / 1e9)
         return build_check_response(decision)
 
+    def check_bytes(self, raw: bytes) -> bytes:
+        """Decide one serialized CheckRequest and return the serialized CheckResponse (no fsync wait)."""
+        started = time.perf_counter_ns()
+        decision, _ = self._decide_and_record(raw, started)
+        return self._finish(decision, started)
+
+    async def check(self, raw: bytes) -> bytes:
+        """Like :meth:`check_bytes`, and with ``decision_log.fsync`` wait until the record is synced."""
+        started = time.perf_counter_ns()
+        decision, record = self._decide_and_record(raw, started)
+        if self._log.fsync:
+            try:
+                await self._log.sync()
+            except DecisionLogError as exc:
+                decision = self._log_failed(decision, exc, record)
+        return self._finish(decision, started)
+
     async def _check(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        return self.check_bytes(raw)
+        return await self.check(raw)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """A generic handler for ``Check`` taking and returning raw bytes."""

@@ -100,7 +100,7 @@ class DevCA:
             .issuer_name(name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_before(now - dt.timedelta(hours=1))  # tolerate clock skew between machines
             .not_valid_after(now + ttl)
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .add_extension(

@@ -16,9 +16,10 @@ from sidecar.policy.budget import BudgetKey, BudgetLedger
 from sidecar.policy.model import EgressRule, PolicyIndex, Task
 from sidecar.tokens.minter import TokenMinter
 
-__all__ = ["decide_egress"]
+__all__ = ["decide_egress", "dry_run"]
 
 _ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER)
+_AGENT_CREDENTIALS = ("authorization", *_ALWAYS_REMOVE)
 
 # How far a rule got before it failed; the deepest failure explains a deny best.
 _STAGES = (Reason.HOST_NOT_ALLOWED, Reason.PORT_NOT_ALLOWED, Reason.METHOD_NOT_ALLOWED, Reason.PATH_NOT_ALLOWED)
@@ -215,4 +216,28 @@ def decide_egress(
         headers_to_set=tuple(to_set),
         headers_to_remove=tuple(to_remove),
         token=token_info,
+    )
+
+
+def dry_run(decision: Decision) -> Decision:
+    """The dry-run form of ``decision``: the call is let through, the policy's verdict is kept aside.
+
+    A call the policy allows keeps its obligations (token, API key, header removal) and is marked
+    ``dry_run``. A call the policy denies becomes an allow with reason ``dry_run``, ``would_reason`` set
+    to the deny reason, no token or API key, and the agent's credential headers (``authorization``,
+    ``proxy-authorization``, ``x-agent-task``) still removed, so a credential the task would not have
+    granted never leaves the pod.
+    """
+    if decision.allow:
+        return replace(decision, dry_run=True, would_reason=decision.reason)
+    return replace(
+        decision,
+        allow=True,
+        reason=Reason.DRY_RUN,
+        http_status=200,
+        dry_run=True,
+        would_reason=decision.reason,
+        headers_to_set=((DECISION_ID_HEADER, decision.decision_id),),
+        headers_to_remove=_AGENT_CREDENTIALS,
+        token=None,
     )

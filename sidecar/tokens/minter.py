@@ -45,13 +45,20 @@ CacheKey = tuple[str, str, str, str, str]
 
 
 class TokenCache:
-    """Tokens by ``(task_id, task_fingerprint, audience, scope, kid)``; shared across reloads."""
+    """Tokens by ``(task_id, task_fingerprint, audience, scope, kid)``; shared across reloads.
 
-    __slots__ = ("_entries", "_pending")
+    Attributes:
+        minted: tokens signed so far (on the request path and in background refreshes).
+        hits: tokens served from the cache.
+    """
+
+    __slots__ = ("_entries", "_pending", "hits", "minted")
 
     def __init__(self) -> None:
         self._entries: dict[CacheKey, MintedToken] = {}
         self._pending: set[CacheKey] = set()
+        self.minted = 0
+        self.hits = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -111,6 +118,7 @@ class TokenMinter:
             headers={"kid": self._key.kid, "typ": "at+jwt"},
         )
         self.minted += 1
+        self._cache.minted += 1
         refresh_at = exp - (exp - iat) * self._refresh_ahead
         return MintedToken(token, TokenInfo(jti=jti, aud=str(claims["aud"]), exp=exp, cached=False), refresh_at, exp)
 
@@ -160,6 +168,7 @@ class TokenMinter:
         if hit is not None and now < hit.exp - 1:
             if now >= hit.refresh_at and key not in self._cache._pending:
                 self._refresh(key, claims, task_expires_at)
+            self._cache.hits += 1
             return MintedToken(
                 hit.token, TokenInfo(hit.info.jti, hit.info.aud, hit.info.exp, True), hit.refresh_at, hit.exp
             )

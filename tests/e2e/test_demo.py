@@ -52,3 +52,16 @@ def test_demo_runs_green_and_reaps_everything(tmp_path: Path) -> None:
     ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     assert str(state) not in ps, ps
     assert envoy_admin  # Envoy was really started
+
+    # Done when: the demo's decisions can be shown and verified.
+    log = str(state / "decisions.log")
+    shown = subprocess.run([sys.executable, "-m", "sidecar", "logs", log], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[0].startswith("TIME") and len(lines) == 15  # header + 14 records
+    assert sum("budget_exhausted" in line for line in lines) == 1
+    verified = subprocess.run(
+        [sys.executable, "-m", "sidecar", "logs", "verify", log], capture_output=True, text=True, timeout=60
+    )
+    assert verified.returncode == 0 and "intact: 14 records" in verified.stdout, verified.stdout
+    assert [r["seq"] for r in records] == list(range(14))

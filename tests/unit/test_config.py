@@ -138,3 +138,38 @@ def test_durations(value: object, seconds: float) -> None:
 def test_bad_durations(value: object) -> None:
     with pytest.raises(ValueError):
         parse_duration(value)
+
+
+@pytest.mark.parametrize(
+    ("decision_log", "field", "reason"),
+    [
+        ({"path": None, "stdout": False}, "decision_log", "need a sink"),
+        ({"path": None, "stdout": True, "rotate": {"keep": 3}}, "decision_log", "'rotate' needs a 'path'"),
+        ({"path": "d.log", "rotate": {"max_bytes": "1KiB"}}, "decision_log.rotate.max_bytes", "at least 4 KiB"),
+        ({"path": "d.log", "rotate": {"max_age": "10ms"}}, "decision_log.rotate.max_age", "at least 1s"),
+        ({"path": "d.log", "on_log_failure": "ignore"}, "decision_log.on_log_failure", "'deny' or 'allow'"),
+        ({"path": "d.log", "fsnyc": True}, "decision_log.fsnyc", "Extra inputs"),
+    ],
+)
+def test_decision_log_settings_are_validated(
+    tmp_path: Path, decision_log: dict[str, Any], field: str, reason: str
+) -> None:
+    config = _config(tmp_path)
+    config["decision_log"] = decision_log
+    with pytest.raises(ConfigError) as caught:
+        load_config(_write(tmp_path, config))
+    assert caught.value.field == field and reason in caught.value.reason
+
+
+def test_decision_log_settings_load(tmp_path: Path) -> None:
+    config = _config(tmp_path)
+    config["dry_run"] = True
+    config["decision_log"] = {
+        "path": "d.log",
+        "fsync": True,
+        "hmac_key_file": "k",
+        "rotate": {"max_bytes": "64MiB", "max_age": "1h", "keep": 2},
+    }
+    settings = load_config(_write(tmp_path, config)).settings
+    assert settings.dry_run and settings.decision_log.on_log_failure == "deny"
+    assert settings.decision_log.rotate.max_bytes == 64 * 1024 * 1024 and settings.decision_log.rotate.max_age == 3600

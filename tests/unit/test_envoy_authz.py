@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
@@ -160,15 +162,24 @@ def test_service_denies_on_internal_error(recorder: _Recorder) -> None:
     assert recorder.records()[0]["reason"] == "internal_error"
 
 
-def test_service_denies_when_the_log_cannot_be_written(tmp_path: Path) -> None:
-    log = DecisionLog(None, stdout=False)
-
-    def broken(record: dict[str, Any]) -> None:
-        raise OSError(28, "No space left on device")
-
-    log.write = broken  # type: ignore[method-assign]
-    response = _response(AuthorizationService(_allow_all, log).check_bytes(check_request()))
-    assert response.status.code == code_pb2.PERMISSION_DENIED
+@pytest.mark.parametrize("policy", ["deny", "allow"])
+def test_a_full_device_fails_closed_unless_told_otherwise(policy: str, capsys: pytest.CaptureFixture[str]) -> None:
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
+    log = DecisionLog(Path("/dev/full"), stdout=False)  # every write: ENOSPC
+    service = AuthorizationService(_allow_all, log, on_log_failure=policy)  # type: ignore[arg-type]
+    response = _response(service.check_bytes(check_request()))
+    if policy == "deny":
+        assert response.status.code == code_pb2.PERMISSION_DENIED
+        assert response.denied_response.status.code == 403
+        assert response.dynamic_metadata["reason"] == "internal_error"
+    else:
+        assert response.status.code == code_pb2.OK
+    assert not log.healthy and log.write_errors["file"] == 1 and "No space left" in (log.last_error or "")
+    assert log.head.seq == -1  # nothing was chained
+    event = capsys.readouterr().err
+    assert "decision_log_write_failed" in event and response.dynamic_metadata["decision_id"] in event
+    assert "SECRET-TOKEN" not in event
+    log.close()
 
 
 def test_records_hold_no_token_and_crlf_stays_on_one_line(recorder: _Recorder) -> None:

@@ -19,7 +19,6 @@ from sidecar.identity.x509svid import X509SvidVerifier, chain_from_xfcc
 from tests.certs import PEM, key_usage, make_leaf, url_pem
 
 ID = "spiffe://example.org/ns/a/sa/caller"
-NOW = time.time()
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def verifier(cas: dict[str, DevCA]) -> X509SvidVerifier:
 
 def test_valid_svid(cas: dict[str, DevCA], verifier: X509SvidVerifier) -> None:
     cert, _ = make_leaf(cas["example.org"], [ID])
-    verified = verifier.verify(url_pem(cert), now=NOW)
+    verified = verifier.verify(url_pem(cert), now=time.time())
     assert verified.spiffe_id == ID and verified.trust_domain == "example.org"
     assert verified.serial == format(cert.serial_number, "x")
     assert verified.fingerprint == cert.fingerprint(hashes.SHA256()).hex()
@@ -42,10 +41,10 @@ def test_valid_svid(cas: dict[str, DevCA], verifier: X509SvidVerifier) -> None:
 
 def test_federated_trust_domain_uses_its_own_bundle(cas: dict[str, DevCA], verifier: X509SvidVerifier) -> None:
     cert, _ = make_leaf(cas["partner.example"], ["spiffe://partner.example/reports/x"])
-    assert verifier.verify(url_pem(cert), now=NOW).trust_domain == "partner.example"
+    assert verifier.verify(url_pem(cert), now=time.time()).trust_domain == "partner.example"
 
 
-NOW_DT = dt.datetime.fromtimestamp(NOW, dt.UTC)
+NOW_DT = dt.datetime.now(dt.UTC)  # import time: only for "long ago" / "far ahead" certificates
 CASES = [
     ("svid_chain_invalid", lambda c: make_leaf(c["example.org"], [ID], signer=c["partner.example"])),
     (
@@ -57,7 +56,12 @@ CASES = [
             not_after=NOW_DT - dt.timedelta(seconds=1),
         ),
     ),
-    ("svid_not_yet_valid", lambda c: make_leaf(c["example.org"], [ID], not_before=NOW_DT + dt.timedelta(minutes=5))),
+    (
+        "svid_not_yet_valid",
+        lambda c: make_leaf(
+            c["example.org"], [ID], not_before=NOW_DT + dt.timedelta(days=1), not_after=NOW_DT + dt.timedelta(days=2)
+        ),
+    ),
     ("svid_leaf_is_ca", lambda c: make_leaf(c["example.org"], [ID], ca_flag=True)),
     ("svid_bad_key_usage", lambda c: make_leaf(c["example.org"], [ID], usage=key_usage(cert_sign=True))),
     ("svid_bad_key_usage", lambda c: make_leaf(c["example.org"], [ID], usage=key_usage(crl_sign=True))),
@@ -81,7 +85,7 @@ def test_bad_svids_are_rejected_with_a_reason(
 ) -> None:
     cert, _ = build(cas)  # type: ignore[operator]
     with pytest.raises(IdentityError) as info:
-        verifier.verify(url_pem(cert), now=NOW)
+        verifier.verify(url_pem(cert), now=time.time())
     assert info.value.detail == detail
 
 
@@ -99,7 +103,7 @@ def test_bad_svids_are_rejected_with_a_reason(
 )
 def test_garbage_certificates(verifier: X509SvidVerifier, garbage: str) -> None:
     with pytest.raises(IdentityError) as info:
-        verifier.verify(garbage, now=NOW)
+        verifier.verify(garbage, now=time.time())
     assert info.value.detail == "svid_malformed"
 
 
@@ -107,26 +111,27 @@ def test_truncated_pem(cas: dict[str, DevCA], verifier: X509SvidVerifier) -> Non
     cert, _ = make_leaf(cas["example.org"], [ID])
     pem = cert.public_bytes(PEM).decode()
     with pytest.raises(IdentityError, match="svid_malformed"):
-        verifier.verify(urllib.parse.quote(pem[: len(pem) // 2]), now=NOW)
+        verifier.verify(urllib.parse.quote(pem[: len(pem) // 2]), now=time.time())
 
 
 def test_results_are_cached_until_expiry(cas: dict[str, DevCA], verifier: X509SvidVerifier) -> None:
-    cert, _ = make_leaf(cas["example.org"], [ID], not_after=NOW_DT + dt.timedelta(seconds=30))
+    now = time.time()
+    cert, _ = make_leaf(cas["example.org"], [ID], not_after=dt.datetime.fromtimestamp(now + 30, dt.UTC))
     encoded = url_pem(cert)
-    verifier.verify(encoded, now=NOW)
-    verifier.verify(encoded, now=NOW + 1)
+    verifier.verify(encoded, now=now)
+    verifier.verify(encoded, now=now + 1)
     assert (verifier.misses, verifier.hits) == (1, 1)
     with pytest.raises(IdentityError, match="svid_expired"):
-        verifier.verify(encoded, now=NOW + 31)
+        verifier.verify(encoded, now=now + 31)
 
 
 def test_new_bundles_mean_a_new_cache(cas: dict[str, DevCA]) -> None:
     cert, _ = make_leaf(cas["example.org"], [ID])
     first = X509SvidVerifier(TrustBundles({"example.org": (cas["example.org"].ca_cert,)}))
-    first.verify(url_pem(cert), now=NOW)
+    first.verify(url_pem(cert), now=time.time())
     rotated = X509SvidVerifier(TrustBundles({"example.org": (DevCA.create("example.org").ca_cert,)}))
     with pytest.raises(IdentityError, match="svid_chain_invalid"):
-        rotated.verify(url_pem(cert), now=NOW)
+        rotated.verify(url_pem(cert), now=time.time())
 
 
 def _intermediate(root: DevCA) -> DevCA:
@@ -138,8 +143,8 @@ def _intermediate(root: DevCA) -> DevCA:
         .issuer_name(root.ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(NOW_DT - dt.timedelta(minutes=5))
-        .not_valid_after(NOW_DT + dt.timedelta(hours=2))
+        .not_valid_before(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
+        .not_valid_after(dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(key_usage(digital_signature=False, cert_sign=True, crl_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -154,9 +159,9 @@ def test_chain_through_an_intermediate_from_xfcc(cas: dict[str, DevCA], verifier
     leaf, _ = make_leaf(middle, [ID])
     chain = urllib.parse.quote((leaf.public_bytes(PEM) + middle.ca_cert.public_bytes(PEM)).decode(), safe="")
     with pytest.raises(IdentityError, match="svid_chain_invalid"):
-        verifier.verify(url_pem(leaf), now=NOW)
+        verifier.verify(url_pem(leaf), now=time.time())
     xfcc = f'By=spiffe://example.org/ns/me;Hash=abc;Chain="{chain}";URI={ID}'
-    assert verifier.verify(url_pem(leaf), chain_from_xfcc(xfcc), now=NOW).spiffe_id == ID
+    assert verifier.verify(url_pem(leaf), chain_from_xfcc(xfcc), now=time.time()).spiffe_id == ID
 
 
 def test_intermediate_from_another_trust_domain_does_not_help(
@@ -166,7 +171,7 @@ def test_intermediate_from_another_trust_domain_does_not_help(
     leaf, _ = make_leaf(middle, [ID])  # claims example.org, chains to partner.example
     chain = urllib.parse.quote((leaf.public_bytes(PEM) + middle.ca_cert.public_bytes(PEM)).decode(), safe="")
     with pytest.raises(IdentityError, match="svid_chain_invalid"):
-        verifier.verify(url_pem(leaf), chain, now=NOW)
+        verifier.verify(url_pem(leaf), chain, now=time.time())
 
 
 def test_xfcc_chain_parsing() -> None:

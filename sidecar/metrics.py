@@ -1,0 +1,168 @@
+"""Prometheus metrics of one sidecar process, on a dedicated :class:`~prometheus_client.CollectorRegistry`.
+
+The request path touches only pre-resolved counter and histogram children (:meth:`Metrics.observe`).
+Everything else is read from the runtime and the decision log when ``/metrics`` is scraped, so it
+costs nothing per request.
+
+Metrics (all prefixed ``agent_authz_``):
+
+========================================  =========  ==================================================
+name                                      type       labels / meaning
+========================================  =========  ==================================================
+``decisions_total``                       counter    ``direction``, ``decision``, ``reason``: answers
+                                                     given to Envoy (after any log-failure override)
+``decision_duration_seconds``             histogram  ``reason``: Check handling time, log write included
+``dry_run_would_deny_total``              counter    ``direction``, ``reason``: calls dry-run let through
+``tokens_minted_total``                   counter    tokens signed (request path and refreshes)
+``tokens_served_from_cache_total``        counter    tokens reused from the cache
+``task_budget_remaining``                 gauge      ``task``: calls left under a task's ``max_calls``;
+                                                     at most :data:`MAX_TASK_LABELS` tasks, fewest left
+                                                     first
+``task_budget_series_dropped``            gauge      tasks with a budget left out by that cap
+``config_reloads_total``                  counter    configurations swapped in
+``config_reload_failures_total``          counter    reloads rejected (the last good config stays)
+``decision_log_write_errors_total``       counter    ``sink`` (``file``/``stdout``): failed writes/syncs
+``decision_log_healthy``                  gauge      1 when the last write succeeded
+``decision_log_seq``                      gauge      ``seq`` of the last record written
+``decision_log_rotations_total``          counter    files rotated by this process
+``dry_run``                               gauge      1 when dry-run mode is on
+``svid_expiry_timestamp_seconds``         gauge      ``spiffe_id``: expiry of the X.509-SVID (set by
+                                                     the identity source; no sample until it does)
+========================================  =========  ==================================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sidecar.decision import Decision, Reason
+
+if TYPE_CHECKING:
+    from sidecar.audit.log import DecisionLog
+    from sidecar.runtime import Runtime
+
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "MAX_TASK_LABELS", "Metrics"]
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+MAX_TASK_LABELS = 50
+"""At most this many ``task`` label values on ``agent_authz_task_budget_remaining`` (fewest calls left first)."""
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+"""Seconds; Envoy's default ext_authz timeout is 250 ms."""
+
+
+class Metrics:
+    """The metrics of one process.
+
+    Attributes:
+        registry: the process's own registry (never the global one).
+        svid_expiry: ``agent_authz_svid_expiry_timestamp_seconds{spiffe_id}``, for the identity source
+            to set (POSIX seconds).
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._decisions = Counter(
+            "agent_authz_decisions",
+            "Authorization decisions answered to Envoy.",
+            ["direction", "decision", "reason"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "agent_authz_decision_duration_seconds",
+            "Time to handle one Check, decision log write included.",
+            ["reason"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._would_deny = Counter(
+            "agent_authz_dry_run_would_deny",
+            "Calls dry-run mode let through that the policy denies.",
+            ["direction", "reason"],
+            registry=self.registry,
+        )
+        self.svid_expiry = Gauge(
+            "agent_authz_svid_expiry_timestamp_seconds",
+            "Expiry of the workload's X.509-SVID, POSIX seconds.",
+            ["spiffe_id"],
+            registry=self.registry,
+        )
+        self._children: dict[tuple[str, bool, Reason, Reason | None], tuple[Counter, Histogram, Counter | None]] = {}
+
+    def observe(self, decision: Decision, seconds: float) -> None:
+        """Count one answered decision and its handling time (``seconds``)."""
+        key = (decision.direction.value, decision.allow, decision.reason, decision.would_reason)
+        children = self._children.get(key)
+        if children is None:
+            would = decision.would_reason if decision.dry_run and decision.would_reason is not Reason.ALLOWED else None
+            children = (
+                self._decisions.labels(key[0], "allow" if decision.allow else "deny", decision.reason.value),
+                self._latency.labels(decision.reason.value),
+                self._would_deny.labels(key[0], would.value) if would is not None else None,
+            )
+            self._children[key] = children
+        counter, histogram, would_deny = children
+        counter.inc()
+        histogram.observe(seconds)
+        if would_deny is not None:
+            would_deny.inc()
+
+    def bind(self, runtime: Runtime, decision_log: DecisionLog) -> None:
+        """Expose the state of ``runtime`` and ``decision_log`` at scrape time."""
+        self.registry.register(_StateCollector(runtime, decision_log))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)
+
+
+class _StateCollector(Collector):
+    def __init__(self, runtime: Runtime, decision_log: DecisionLog) -> None:
+        self._runtime = runtime
+        self._log = decision_log
+
+    def collect(self) -> Iterator[Metric]:
+        runtime, log = self._runtime, self._log
+        yield CounterMetricFamily("agent_authz_tokens_minted", "Tokens signed.", value=runtime.tokens.minted)
+        yield CounterMetricFamily(
+            "agent_authz_tokens_served_from_cache", "Tokens reused from the cache.", value=runtime.tokens.hits
+        )
+        remaining = GaugeMetricFamily(
+            "agent_authz_task_budget_remaining", "Calls left under the task's max_calls.", labels=["task"]
+        )
+        budgets = [
+            (task.max_calls - runtime.budgets.used((task.id, "")), task.id)
+            for task in runtime.snapshot.policy.tasks_by_id.values()
+            if task.max_calls is not None
+        ]
+        budgets.sort()
+        for left, task_id in budgets[:MAX_TASK_LABELS]:
+            remaining.add_metric([task_id], max(0, left))
+        yield remaining
+        yield GaugeMetricFamily(
+            "agent_authz_task_budget_series_dropped",
+            f"Tasks with a budget not exported (more than {MAX_TASK_LABELS}).",
+            value=max(0, len(budgets) - MAX_TASK_LABELS),
+        )
+        yield CounterMetricFamily("agent_authz_config_reloads", "Configurations swapped in.", value=runtime.reloads)
+        yield CounterMetricFamily(
+            "agent_authz_config_reload_failures", "Reloads rejected.", value=runtime.reload_failures
+        )
+        errors = CounterMetricFamily(
+            "agent_authz_decision_log_write_errors", "Failed decision log writes.", labels=["sink"]
+        )
+        for sink, count in log.write_errors.items():
+            errors.add_metric([sink], count)
+        yield errors
+        yield GaugeMetricFamily(
+            "agent_authz_decision_log_healthy", "1 when the last log write succeeded.", value=int(log.healthy)
+        )
+        yield GaugeMetricFamily("agent_authz_decision_log_seq", "seq of the last record written.", value=log.head.seq)
+        yield CounterMetricFamily("agent_authz_decision_log_rotations", "Files rotated.", value=log.rotations)
+        yield GaugeMetricFamily(
+            "agent_authz_dry_run", "1 in dry-run mode.", value=int(runtime.snapshot.loaded.settings.dry_run)
+        )
