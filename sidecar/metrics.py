@@ -26,8 +26,8 @@ name                                      type       labels / meaning
 ``decision_log_seq``                      gauge      ``seq`` of the last record written
 ``decision_log_rotations_total``          counter    files rotated by this process
 ``dry_run``                               gauge      1 when dry-run mode is on
-``svid_expiry_timestamp_seconds``         gauge      ``spiffe_id``: expiry of the X.509-SVID (set by
-                                                     the identity source; no sample until it does)
+``svid_expiry_timestamp_seconds``         gauge      ``spiffe_id``, ``serial``: expiry of the agent's
+                                                     X.509-SVID (no sample without an identity source)
 ========================================  =========  ==================================================
 """
 
@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -60,8 +60,6 @@ class Metrics:
 
     Attributes:
         registry: the process's own registry (never the global one).
-        svid_expiry: ``agent_authz_svid_expiry_timestamp_seconds{spiffe_id}``, for the identity source
-            to set (POSIX seconds).
     """
 
     def __init__(self) -> None:
@@ -83,12 +81,6 @@ class Metrics:
             "agent_authz_dry_run_would_deny",
             "Calls dry-run mode let through that the policy denies.",
             ["direction", "reason"],
-            registry=self.registry,
-        )
-        self.svid_expiry = Gauge(
-            "agent_authz_svid_expiry_timestamp_seconds",
-            "Expiry of the workload's X.509-SVID, POSIX seconds.",
-            ["spiffe_id"],
             registry=self.registry,
         )
         self._children: dict[tuple[str, bool, Reason, Reason | None], tuple[Counter, Histogram, Counter | None]] = {}
@@ -158,6 +150,16 @@ class _StateCollector(Collector):
         for sink, count in log.write_errors.items():
             errors.add_metric([sink], count)
         yield errors
+        expiry = GaugeMetricFamily(
+            "agent_authz_svid_expiry_timestamp_seconds",
+            "Expiry of the agent's X.509-SVID, POSIX seconds (absent without an identity source).",
+            labels=["spiffe_id", "serial"],
+        )
+        identity = runtime.snapshot.identity
+        if identity is not None:
+            svid = identity.state.svid
+            expiry.add_metric([svid.spiffe_id, svid.serial], svid.not_after)
+        yield expiry
         yield GaugeMetricFamily(
             "agent_authz_decision_log_healthy", "1 when the last log write succeeded.", value=int(log.healthy)
         )

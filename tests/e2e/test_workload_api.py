@@ -92,6 +92,9 @@ def test_identity_and_rotation_from_the_workload_api(
 
     new_serial = workload_api.rotate()
     wait_until(lambda: _identity(sidecar)["serial"] == new_serial, timeout=10, what="rotated SVID in /readyz")
+    metrics = http_get(sidecar.admin_url + "/metrics")[1].decode()
+    expiry = [line for line in metrics.splitlines() if line.startswith("agent_authz_svid_expiry_timestamp_seconds{")]
+    assert len(expiry) == 1 and f'serial="{new_serial}"' in expiry[0] and f'spiffe_id="{AGENT}"' in expiry[0]
     second_cnf = _token_cnf(_check(short_dir, check_request()))
     assert second_cnf != first_cnf  # tokens are re-bound to the new SVID (RFC 8705 §3.1)
     assert workload_api.rejected_without_header == 0

@@ -139,6 +139,7 @@ function connect() {
 }
 
 function actChain(act) {
+  if (Array.isArray(act)) return act.map(String);  // decision records: actors, current first
   const actors = [];
   for (let current = act; current && typeof current === "object"; current = current.act) {
     actors.push(current.sub || JSON.stringify(current));
