@@ -19,6 +19,7 @@ import ipaddress
 import json
 from typing import Any
 
+import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -29,6 +30,7 @@ from sidecar.runtime import Runtime
 
 __all__ = ["add_task_routes"]
 
+_log = structlog.get_logger("agent_authz.tasks_api")
 _STATUS = {"grant_unknown_task": 404, "grant_duplicate": 409, "grant_not_delegable": 409}
 
 
@@ -47,7 +49,13 @@ async def _local_only(request: web.Request, handler: Any) -> web.StreamResponse:
                 loopback = False
             if not loopback:
                 return _error("forbidden", "the task API is only for the local agent", 403)
-    response: web.StreamResponse = await handler(request)
+    try:
+        response: web.StreamResponse = await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:  # an answer in the API's own shape, never a bare 500 page
+        _log.exception("task_api_failed", path=request.path)
+        return _error("internal_error", "the request could not be handled", 500)
     return response
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "RootIssuerSpec",
     "RotateSpec",
     "SidecarConfig",
+    "SpiffeIdStr",
     "TaskSpec",
     "WorkloadApiSpec",
 ]
@@ -69,6 +70,10 @@ def _spiffe_id(value: str) -> str:
     except SpiffeIdError as exc:
         raise ValueError(str(exc)) from None
     return value
+
+
+SpiffeIdStr = Annotated[str, BeforeValidator(_spiffe_id)]
+"""A string validated as a strict workload SPIFFE ID (SPIFFE-ID §2)."""
 
 
 class CredentialSpec(_Model):
@@ -199,7 +204,7 @@ class TaskSpec(_Model):
     """
 
     id: str
-    agent: Annotated[str, BeforeValidator(_spiffe_id)]
+    agent: SpiffeIdStr
     on_behalf_of: str | None = Field(default=None, min_length=1, max_length=512)
     purpose: str = Field(min_length=1, max_length=1024)
     not_before: AwareDatetime | None = None
@@ -290,7 +295,7 @@ class CallerSpec(_Model):
     not ``/ns/financeX``.
     """
 
-    id: Annotated[str, BeforeValidator(_spiffe_id)] | None = None
+    id: SpiffeIdStr | None = None
     trust_domain: str | None = None
     path_prefix: str | None = None
 
@@ -336,7 +341,7 @@ class RootIssuerSpec(_Model):
     (``spiffe_id``) signing with its X.509-SVID (``x5c``, verified against its trust domain's bundle)."""
 
     jwks: Path | None = None
-    spiffe_id: Annotated[str, BeforeValidator(_spiffe_id)] | None = None
+    spiffe_id: SpiffeIdStr | None = None
 
     @model_validator(mode="after")
     def _one_form(self) -> RootIssuerSpec:
@@ -487,7 +492,7 @@ class SidecarConfig(_Model):
     cross-check: the ID in the SVID is authoritative, and a mismatch is an error.
     """
 
-    agent: Annotated[str, BeforeValidator(_spiffe_id)] | None = None
+    agent: SpiffeIdStr | None = None
     identity: IdentitySpec | None = None
     ingress: IngressSpec = IngressSpec()
     issuer: IssuerSpec

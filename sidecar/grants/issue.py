@@ -9,22 +9,16 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from sidecar.config.durations import parse_duration
-from sidecar.config.schema import EgressRuleSpec, TaskSpec
+from sidecar.config.schema import EgressRuleSpec, SpiffeIdStr, TaskSpec
 from sidecar.grants import codec
 from sidecar.grants.attenuation import check_attenuation, host_within, inherit, rule_within
 from sidecar.grants.model import GRANT_TYP, GrantError
 from sidecar.grants.verify import task_spec_from_claims
-from sidecar.identity.spiffe_id import parse_spiffe_id
 from sidecar.identity.state import Svid
 from sidecar.policy.budget import BudgetKey, BudgetLedger
 from sidecar.policy.model import Task
 
 __all__ = ["DelegationRequest", "delegate", "grant_payload", "sign_root_grant"]
-
-
-def _spiffe(value: str) -> str:
-    parse_spiffe_id(value)
-    return value
 
 
 class DelegationRequest(BaseModel):
@@ -41,7 +35,7 @@ class DelegationRequest(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    subject: Annotated[str, BeforeValidator(_spiffe)]
+    subject: SpiffeIdStr
     ttl: Annotated[float, BeforeValidator(parse_duration)] = Field(gt=0)
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     purpose: str | None = Field(default=None, min_length=1, max_length=1024)

@@ -135,6 +135,8 @@ def decide_egress(
             detail=detail,
             task_id=task.id if task else None,
             on_behalf_of=task.on_behalf_of if task else None,
+            txn=task.txn if task else None,
+            act_chain=task.act_chain if task else (),
         )
 
     headers: Mapping[str, str] = request.headers
