@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -113,8 +114,10 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    own_files = _own_files(runtime, decision_log)
     watcher = asyncio.create_task(
-        watch_and_reload(lambda: runtime.snapshot.watched, runtime.reload, stop), name="config-watch"
+        watch_and_reload(lambda: runtime.snapshot.watched, runtime.reload, stop, ignore=own_files),
+        name="config-watch",
     )
     _log.info("serving", authz=authz_bound, admin=admin_bound, tasks=len(runtime.snapshot.policy.tasks_by_id))
     if ready_file is not None:
@@ -162,6 +165,21 @@ def open_decision_log(runtime: Runtime) -> DecisionLog:
         keep=spec.rotate.keep,
         clock=runtime.clock,
     )
+
+
+def _own_files(runtime: Runtime, decision_log: DecisionLog) -> Callable[[Path], bool]:
+    """A predicate for the files this process writes (decision log and rotations, published revocations)."""
+    log_path = decision_log.path.absolute() if decision_log.path is not None else None
+    publish = runtime.snapshot.loaded.settings.grants.publish_revocations
+    published = runtime.snapshot.loaded.resolve(publish).absolute() if publish is not None else None
+
+    def own(path: Path) -> bool:
+        path = path.absolute()
+        if log_path is not None and path.parent == log_path.parent and path.name.startswith(log_path.name):
+            return True
+        return published is not None and path.parent == published.parent and path.name.endswith(published.name)
+
+    return own
 
 
 async def _start_workload_identity(config_path: Path, loop: asyncio.AbstractEventLoop) -> WorkloadApiIdentity | None:

@@ -128,12 +128,20 @@ def compile_policy(sources: Sequence[TaskSource], first_seen: Callable[[str], fl
     """
     by_id: dict[str, Task] = {}
     by_agent: dict[str, list[Task]] = defaultdict(list)
+    exact: dict[tuple[str, str], list[Task]] = defaultdict(list)
+    suffix: dict[tuple[str, str], list[Task]] = defaultdict(list)
     for source in sources:
         task = _compile_task(source, first_seen)
         by_id[task.id] = task
         by_agent[task.agent].append(task)
+        for host in task.exact_hosts:
+            exact[(task.agent, host)].append(task)
+        for host in task.suffix_hosts:
+            suffix[(task.agent, host)].append(task)
     return PolicyIndex(
         agent=agent,
         tasks_by_id=by_id,
         tasks_by_agent={a: tuple(tasks) for a, tasks in by_agent.items()},
+        exact_hosts={k: tuple(v) for k, v in exact.items()},
+        suffix_hosts={k: tuple(v) for k, v in suffix.items()},
     )

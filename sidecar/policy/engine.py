@@ -156,6 +156,10 @@ def decide_egress(
         tasks = policy.tasks_by_agent.get(agent, ())
         if not tasks:
             return deny(Reason.NO_TASK, "no task is declared for this agent")
+        if len(tasks) > 1:  # only the tasks that name this host can allow the call
+            tasks = policy.tasks_for_host(agent, target.host)
+            if not tasks:
+                return deny(Reason.HOST_NOT_ALLOWED, "no task of this agent names this host")
         active = [t for t in tasks if _task_state(t, now) is None]
         if not active:
             first = tasks[0]

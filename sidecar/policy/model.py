@@ -140,8 +140,26 @@ class PolicyIndex:
         agent: the local agent's SPIFFE ID (the egress caller).
         tasks_by_id: task id to task.
         tasks_by_agent: agent SPIFFE ID to that agent's tasks, in declaration order.
+        exact_hosts / suffix_hosts: ``(agent, host)`` and ``(agent, ".suffix")`` to the tasks with a
+            rule naming it, so that choosing among many tasks costs O(tasks naming the host).
     """
 
     agent: str
     tasks_by_id: Mapping[str, Task]
     tasks_by_agent: Mapping[str, tuple[Task, ...]]
+    exact_hosts: Mapping[tuple[str, str], tuple[Task, ...]] = field(default_factory=dict)
+    suffix_hosts: Mapping[tuple[str, str], tuple[Task, ...]] = field(default_factory=dict)
+
+    def tasks_for_host(self, agent: str, host: str) -> tuple[Task, ...]:
+        """``agent``'s tasks with a rule for ``host`` (exact or ``*.suffix``), in declaration order."""
+        found = list(self.exact_hosts.get((agent, host), ()))
+        if self.suffix_hosts:
+            dot = host.find(".")
+            while dot >= 0:
+                found.extend(self.suffix_hosts.get((agent, host[dot:]), ()))
+                dot = host.find(".", dot + 1)
+        if len(found) < 2:
+            return tuple(found)
+        order = {id(t): i for i, t in enumerate(self.tasks_by_agent.get(agent, ()))}
+        unique = {id(t): t for t in found}
+        return tuple(sorted(unique.values(), key=lambda t: order[id(t)]))

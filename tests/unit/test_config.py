@@ -113,7 +113,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 def test_oversized_file(tmp_path: Path) -> None:
     path = tmp_path / "big.yaml"
-    path.write_bytes(b"#" * (4 * 1024 * 1024 + 10))
+    path.write_bytes(b"#" * (64 * 1024 * 1024 + 10))
     with pytest.raises(ConfigError, match="larger than"):
         load_config(path)
 

@@ -369,3 +369,18 @@ def test_ingress_is_denied_until_configured(tmp_path: Path) -> None:
     runtime = make_runtime(tmp_path, [task()])
     ingress = AuthzRequest(Direction.INGRESS, "GET", "http", "agent", "/", {})
     assert not runtime.decide(ingress, "d").allow
+
+
+def test_reload_back_to_an_earlier_file_after_a_failure(tmp_path: Path) -> None:
+    """The unchanged-files shortcut must not hide a return to earlier content."""
+    runtime = make_runtime(tmp_path, [task()])
+    original = (tmp_path / "sidecar.yaml").read_text()
+    wider = [{"name": "all", "host": API_HOST, "methods": ["GET"], "paths": ["*"]}]
+    write_config(tmp_path, base_config(tmp_path, [task(egress=wider)]))
+    assert runtime.reload() and runtime.decide(req("/v1/other"), "a").allow
+    (tmp_path / "sidecar.yaml").write_text("agent: [broken")
+    assert not runtime.reload()
+    (tmp_path / "sidecar.yaml").write_text(original)
+    assert runtime.reload()
+    assert runtime.decide(req("/v1/other"), "b").reason is Reason.PATH_NOT_ALLOWED
+    assert not runtime.reload()  # nothing changed since: no rebuild

@@ -1,0 +1,626 @@
+"""Benchmark agent-authz against Envoy alone, Envoy's RBAC filter and a trivial Python ext_authz.
+
+Run: ``.venv/bin/python bench/run.py [--quick] [--json PATH] [--tasks N]``
+
+Everything runs in one go on this machine, side by side, against the same fast upstream (an Envoy
+answering with ``direct_response``):
+
+(a) Envoy alone - a proxy hop with no authorization;
+(b) Envoy's built-in RBAC filter holding the same allow-list (what one would pick for plain
+    allow-lists, without tokens);
+(c) Envoy + a trivial allow-all ext_authz in our stack (``bench/trivial_authz.py``): the Python ceiling;
+(d) Envoy + agent-authz, token served from the cache (the normal path);
+(e) Envoy + agent-authz minting a token on every call (``mint_per_call``);
+(f) ingress: mTLS to Envoy's ingress listener with the sidecar re-verifying the SVID; (f0) the same
+    mTLS hop without ext_authz, as its baseline.
+
+The configuration is realistic: ``--tasks`` tasks (default 1,000) of 10 egress rules each, all
+for the local agent, requests hitting the last task's last rule without naming the task. Decision
+logging is on (a file) in every agent-authz figure.
+
+Per configuration: saturation with ``wrk`` (req/s = decisions/s), fixed rate with ``hey -q`` at 500
+and 1000 req/s (latency p50/p90/p99 and the latency added over (a)). For (d): the sidecar's RSS, CPU
+seconds per 1000 decisions, and start-to-ready time. Separately, in-process: the decision cost with
+10 and with 10,000 tasks. Prints a markdown table; ``--json`` writes every raw figure.
+
+Needs ``wrk`` and ``hey`` (Debian packages) on PATH.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sidecar.decision import AuthzRequest, Direction  # noqa: E402
+from sidecar.identity.devca import DevCA  # noqa: E402
+from sidecar.procs import AuthzStack, EnvoyProcess, ManagedProcess, http_get, wait_until  # noqa: E402
+from sidecar.runtime import Runtime  # noqa: E402
+from sidecar.tokens.keys import generate_private_key_pem  # noqa: E402
+
+AGENT = "spiffe://bench.example/ns/agents/sa/worker"
+CALLER = "spiffe://bench.example/ns/agents/sa/caller"
+RULES_PER_TASK = 10
+
+
+# -- configuration ----------------------------------------------------------------------------------
+def _tasks(count: int) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"task-{i}",
+            "agent": AGENT,
+            "purpose": "bench",
+            "ttl": "2h",
+            "egress": [
+                {
+                    "name": f"r{j}",
+                    "host": f"t{i}.svc.internal",
+                    "methods": ["GET", "POST"],
+                    "paths": [f"/api/v{j}/*"],
+                    "scope": "read",
+                }
+                for j in range(RULES_PER_TASK)
+            ],
+        }
+        for i in range(count)
+    ]
+
+
+def _target(count: int) -> tuple[str, str]:
+    """The host and path every benchmark request uses: the last task's last rule."""
+    return f"t{count - 1}.svc.internal", f"/api/v{RULES_PER_TASK - 1}/items/42"
+
+
+def _write_keys(state: Path) -> None:
+    (state / "keys").mkdir(parents=True, exist_ok=True)
+    (state / "keys" / "signing.pem").write_bytes(generate_private_key_pem())
+
+
+def _sidecar_config(state: Path, sock: Path, tasks: int, upstream: str, **extra: Any) -> Path:
+    host, _ = _target(tasks)
+    config: dict[str, Any] = {
+        "agent": AGENT,
+        "issuer": {"url": "https://bench.example", "signing_key": "keys/signing.pem", "max_token_ttl": "10m"},
+        "listen": {"authz": f"unix:{sock}", "admin": "127.0.0.1:0"},
+        "envoy": {"egress_port": 0, "admin_port": 0, "destinations": {host: upstream}},
+        "decision_log": {"path": "decisions.log", "stdout": False},
+        "tasks": _tasks(tasks),
+    }
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key].update(value)
+        else:
+            config[key] = value
+    path = state / "sidecar.yaml"
+    path.write_text(json.dumps(config))  # JSON is YAML, and the loader reads it with orjson
+    return path
+
+
+def _any(type_name: str, body: dict[str, Any]) -> dict[str, Any]:
+    return {"@type": f"type.googleapis.com/{type_name}", **body}
+
+
+HCM = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER = {
+    "name": "envoy.filters.http.router",
+    "typed_config": _any("envoy.extensions.filters.http.router.v3.Router", {}),
+}
+
+
+def _cluster(name: str, address: str, *, http2: bool = False, tls: dict[str, Any] | None = None) -> dict[str, Any]:
+    if address.startswith("unix:"):
+        endpoint = {"pipe": {"path": address[5:]}}
+    else:
+        host, _, port = address.rpartition(":")
+        endpoint = {"socket_address": {"address": host, "port_value": int(port)}}
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "2s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": endpoint}}]}],
+        },
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _any(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                {"explicit_http_config": {"http2_protocol_options": {}}},
+            )
+        }
+    if tls is not None:
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": tls}
+    return cluster
+
+
+def _listener(
+    name: str,
+    filters: list[dict[str, Any]],
+    cluster: str,
+    transport: dict[str, Any] | None = None,
+    direct: bool = False,
+) -> dict[str, Any]:
+    route: dict[str, Any] = (
+        {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}}
+        if direct
+        else {"match": {"prefix": "/"}, "route": {"cluster": cluster}}
+    )
+    hcm = _any(
+        HCM,
+        {
+            "stat_prefix": name,
+            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+            "http_filters": [*filters, ROUTER],
+        },
+    )
+    chain: dict[str, Any] = {
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]
+    }
+    if transport is not None:
+        chain["transport_socket"] = transport
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+        "filter_chains": [chain],
+    }
+
+
+def _bootstrap(listener: dict[str, Any], clusters: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"listeners": [listener], "clusters": clusters},
+    }
+
+
+def _rbac(tasks: int) -> dict[str, Any]:
+    permissions = []
+    for i in range(tasks):
+        for j in range(RULES_PER_TASK):
+            permissions.append(
+                {
+                    "and_rules": {
+                        "rules": [
+                            {"header": {"name": ":authority", "string_match": {"exact": f"t{i}.svc.internal"}}},
+                            {
+                                "or_rules": {
+                                    "rules": [
+                                        {"header": {"name": ":method", "string_match": {"exact": m}}}
+                                        for m in ("GET", "POST")
+                                    ]
+                                }
+                            },
+                            {"url_path": {"path": {"prefix": f"/api/v{j}/"}}},
+                        ]
+                    }
+                }
+            )
+    policy = {"permissions": permissions, "principals": [{"any": True}]}
+    return {
+        "name": "envoy.filters.http.rbac",
+        "typed_config": _any(
+            "envoy.extensions.filters.http.rbac.v3.RBAC",
+            {"rules": {"action": "ALLOW", "policies": {"allow-list": policy}}},
+        ),
+    }
+
+
+def _ext_authz(address: str) -> dict[str, Any]:
+    return {
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": _any(
+            "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            {
+                "grpc_service": {"envoy_grpc": {"cluster_name": "authz"}, "timeout": "0.25s"},
+                "transport_api_version": "V3",
+                "failure_mode_allow": False,
+            },
+        ),
+    }
+
+
+def _client_tls(cert: Path, key: Path, ca: Path) -> dict[str, Any]:
+    return _any(
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        {
+            "common_tls_context": {
+                "tls_certificates": [
+                    {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
+                ],
+                "validation_context": {"trusted_ca": {"filename": str(ca)}},
+            }
+        },
+    )
+
+
+def _server_tls(cert: Path, key: Path, ca: Path) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": _any(
+            "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            {
+                "require_client_certificate": True,
+                "common_tls_context": {
+                    "tls_certificates": [
+                        {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
+                    ],
+                    "validation_context": {"trusted_ca": {"filename": str(ca)}},
+                },
+            },
+        ),
+    }
+
+
+# -- processes ---------------------------------------------------------------------------------------
+class Bench:
+    def __init__(self, work: Path, quick: bool, tasks: int) -> None:
+        self.work = work
+        self.seconds = 2 if quick else 8
+        self.tasks = tasks
+        self.procs: list[Any] = []
+        self.results: dict[str, dict[str, Any]] = {}
+
+    def envoy(self, name: str, bootstrap: dict[str, Any]) -> EnvoyProcess:
+        path = self.work / f"{name}.json"
+        path.write_text(json.dumps(bootstrap))
+        proc = EnvoyProcess(path, log_dir=self.work, name=name)
+        self.procs.append(proc)
+        proc.start()
+        proc.wait_ready(30)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        self.procs.clear()
+
+    # -- load --------------------------------------------------------------------------------------
+    def wrk(self, port: int, host: str, path: str) -> float:
+        url = f"http://127.0.0.1:{port}{path}"
+        subprocess.run(["wrk", "-t1", "-c16", "-d1s", "-H", f"Host: {host}", url], capture_output=True, check=True)
+        out = subprocess.run(
+            ["wrk", "-t1", "-c16", f"-d{self.seconds}s", "-H", f"Host: {host}", url],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        if "Non-2xx" in out:
+            raise RuntimeError(f"wrk saw errors:\n{out}")
+        return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+
+    def hey(self, port: int, host: str, path: str, rate: int) -> dict[str, float]:
+        workers = 10
+        out = subprocess.run(
+            [
+                "hey",
+                "-z",
+                f"{self.seconds}s",
+                "-c",
+                str(workers),
+                "-q",
+                str(rate // workers),
+                "-host",
+                host,
+                f"http://127.0.0.1:{port}{path}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        codes = re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)
+        if any(code != "200" for code, _ in codes):
+            raise RuntimeError(f"hey saw non-200 responses:\n{out}")
+        figures = {f"p{p}": float(re.search(rf"{p}%+ in ([\d.]+) secs", out).group(1)) * 1000 for p in (50, 90, 99)}  # type: ignore[union-attr]
+        figures["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        return figures
+
+    def measure(self, name: str, port: int, host: str, path: str, extra: dict[str, Any] | None = None) -> None:
+        figures: dict[str, Any] = {"rps": self.wrk(port, host, path)}
+        for rate in (500, 1000):
+            figures[f"at_{rate}"] = self.hey(port, host, path, rate)
+        figures.update(extra or {})
+        self.results[name] = figures
+        print(
+            f"  {name}: {figures['rps']:.0f} req/s; @1000: p50 {figures['at_1000']['p50']:.2f} ms, "
+            f"p99 {figures['at_1000']['p99']:.2f} ms",
+            flush=True,
+        )
+
+
+def _proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def run_configs(bench: Bench) -> None:
+    work, tasks = bench.work, bench.tasks
+    host, path = _target(tasks)
+    upstream = bench.envoy("upstream", _bootstrap(_listener("up", [], "", direct=True), []))
+    up = f"127.0.0.1:{upstream.listener_port('up')}"
+    try:
+        # (a) Envoy alone, (b) RBAC
+        for name, filters in (("a_envoy", []), ("b_rbac", [_rbac(tasks)])):
+            front = bench.envoy(name, _bootstrap(_listener(name, filters, "up"), [_cluster("up", up)]))
+            bench.measure(name, front.listener_port(name), host, path)
+            front.stop()
+        # (c) trivial ext_authz
+        sock = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "trivial.sock"
+        trivial = ManagedProcess(
+            "trivial", [sys.executable, str(REPO / "bench" / "trivial_authz.py"), f"unix:{sock}"], log_dir=work
+        )
+        trivial.start()
+        bench.procs.append(trivial)
+        wait_until(lambda: "ready" in trivial.stdout_path.read_text(), timeout=20, what="trivial authz")
+        front = bench.envoy(
+            "c_trivial",
+            _bootstrap(
+                _listener("c_trivial", [_ext_authz("authz")], "up"),
+                [_cluster("up", up), _cluster("authz", f"unix:{sock}", http2=True)],
+            ),
+        )
+        bench.measure("c_trivial_ext_authz", front.listener_port("c_trivial"), host, path)
+        front.stop()
+        trivial.stop()
+        # (d) agent-authz, token cache hits; (e) minting on every call
+        for name, issuer in (("d_agent_authz", {}), ("e_mint_per_call", {"mint_per_call": True})):
+            state = work / name
+            state.mkdir()
+            _write_keys(state)
+            config = _sidecar_config(
+                state, Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "authz.sock", tasks, up, issuer=issuer
+            )
+            stack = AuthzStack(config, state)
+            started = time.monotonic()
+            stack.start()
+            bench.procs.append(stack.envoy)
+            bench.procs.append(stack.sidecar)
+            pid = stack.sidecar.proc.pid  # type: ignore[union-attr]
+            extra: dict[str, Any] = {}
+            if name == "d_agent_authz":
+                extra["stack_start_s"] = round(time.monotonic() - started, 2)
+            cpu_before = _proc_cpu(pid)
+            decisions_before = _decisions(stack)
+            bench.measure(name, stack.egress_port, host, path, extra)
+            cpu = _proc_cpu(pid) - cpu_before
+            decisions = _decisions(stack) - decisions_before
+            bench.results[name]["cpu_s_per_1000_decisions"] = round(cpu / decisions * 1000, 4)
+            bench.results[name]["rss_mb"] = round(_proc_rss_mb(pid), 1)
+            bench.results[name]["decisions_measured"] = decisions
+            stack.stop()
+        # (f0) mTLS hop without ext_authz, (f) agent-authz ingress
+        ca = DevCA.create("bench.example")
+        ca.save(work / "ca")
+        server = ca.write_svid(AGENT, work / "svids", name="server")
+        client = ca.write_svid(CALLER, work / "svids", name="client")
+        bundle = work / "ca" / "bundle.pem"
+        front = bench.envoy(
+            "f0_mtls",
+            _bootstrap(
+                _listener("f0_mtls", [], "up", _server_tls(server.cert, server.key, bundle)), [_cluster("up", up)]
+            ),
+        )
+        client_envoy = bench.envoy(
+            "f0_client",
+            _bootstrap(
+                _listener("f0_client", [], "target"),
+                [
+                    _cluster(
+                        "target",
+                        f"127.0.0.1:{front.listener_port('f0_mtls')}",
+                        tls=_client_tls(client.cert, client.key, bundle),
+                    )
+                ],
+            ),
+        )
+        bench.measure("f0_mtls_baseline", client_envoy.listener_port("f0_client"), "agent.local", "/v1/status")
+        client_envoy.stop()
+        front.stop()
+        state = work / "f_ingress"
+        state.mkdir()
+        _write_keys(state)
+        config = _sidecar_config(
+            state,
+            Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "authz.sock",
+            tasks,
+            up,
+            identity={
+                "source": "files",
+                "files": {"svid": str(server.cert), "key": str(server.key), "bundles": {"bench.example": str(bundle)}},
+            },
+            envoy={"local_app": up, "ingress_address": "127.0.0.1", "ingress_port": 0},
+            ingress={"rules": [{"callers": [{"id": CALLER}], "methods": ["GET"], "paths": ["/v1/*"]}]},
+        )
+        stack = AuthzStack(config, state)
+        stack.start()
+        bench.procs.append(stack.envoy)
+        bench.procs.append(stack.sidecar)
+        client_envoy = bench.envoy(
+            "f_client",
+            _bootstrap(
+                _listener("f_client", [], "target"),
+                [
+                    _cluster(
+                        "target",
+                        f"127.0.0.1:{stack.envoy.listener_port('ingress_https')}",
+                        tls=_client_tls(client.cert, client.key, bundle),
+                    )
+                ],
+            ),
+        )
+        bench.measure("f_ingress_mtls_svid", client_envoy.listener_port("f_client"), "agent.local", "/v1/status")
+    finally:
+        bench.stop_all()
+
+
+def _decisions(stack: AuthzStack) -> int:
+    _, body = http_get(stack.sidecar.admin_url + "/metrics")
+    total = 0.0
+    for line in body.decode().splitlines():
+        if line.startswith("agent_authz_decisions_total{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return int(total)
+
+
+# -- in-process figures ------------------------------------------------------------------------------
+def decision_cost(work: Path, tasks: int, iterations: int) -> float:
+    """µs per decision (the decide function alone) with ``tasks`` tasks, hitting the last one."""
+    state = work / f"flat-{tasks}"
+    state.mkdir()
+    _write_keys(state)
+    runtime = Runtime(_sidecar_config(state, state / "x.sock", tasks, "127.0.0.1:9"))
+    host, path = _target(tasks)
+    request = AuthzRequest(Direction.EGRESS, "GET", "http", host, path, {"x-request-id": "r"})
+    for _ in range(1000):
+        runtime.decide(request, "warm")
+    best = float("inf")
+    for _ in range(5):
+        started = time.perf_counter()
+        for _ in range(iterations):
+            runtime.decide(request, "d")
+        best = min(best, (time.perf_counter() - started) / iterations * 1e6)
+    return best
+
+
+def startup(work: Path, tasks: int, runs: int) -> float:
+    """Seconds from spawning ``agent-authz serve`` to a ready ``/readyz`` (median of ``runs``)."""
+    from sidecar.procs import SidecarProcess
+
+    state = work / "startup"
+    state.mkdir()
+    _write_keys(state)
+    config = _sidecar_config(
+        state, Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "authz.sock", tasks, "127.0.0.1:9"
+    )
+    times = []
+    for i in range(runs):
+        proc = SidecarProcess(config, log_dir=state, name=f"s{i}")
+        started = time.monotonic()
+        proc.start()
+        try:
+            proc.wait_ready(30)
+            times.append(time.monotonic() - started)
+        finally:
+            proc.stop()
+    return sorted(times)[len(times) // 2]
+
+
+# -- report ----------------------------------------------------------------------------------------
+def report(results: dict[str, Any]) -> str:
+    configs = results["configs"]
+    base = configs["a_envoy"]["at_1000"]
+    lines = [
+        f"Machine: {results['machine']}; {results['tasks']} tasks × {RULES_PER_TASK} rules; "
+        f"{results['seconds_per_run']} s per run; decision log on.",
+        "",
+        "| configuration | req/s (wrk -c16) | p50 / p90 / p99 @500 (ms) | p50 / p90 / p99 @1000 (ms) "
+        "| added @1000 vs (a) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, figures in configs.items():
+        f5, f10 = figures["at_500"], figures["at_1000"]
+        added = " / ".join(f"{f10[p] - base[p]:+.2f}" for p in ("p50", "p90", "p99"))
+        lines.append(
+            f"| {name} | {figures['rps']:.0f} | {f5['p50']:.2f} / {f5['p90']:.2f} / {f5['p99']:.2f} | "
+            f"{f10['p50']:.2f} / {f10['p90']:.2f} / {f10['p99']:.2f} | {added} |"
+        )
+    t, flat = results["targets"], results["flat_cost"]
+
+    def row(target: str, goal: str, measured: str, met: bool | None) -> str:
+        return f"| {target} | {goal} | {measured} | {'' if met is None else 'yes' if met else 'no'} |"
+
+    cpu = configs["d_agent_authz"]["cpu_s_per_1000_decisions"]
+    lines += [
+        "",
+        "| target | goal | measured | met |",
+        "|---|---|---|---|",
+        row("throughput (d)/(c)", "≥ 0.85", f"{results['throughput_ratio']:.2f}", t["throughput"]),
+        row("added p50 @1000 (d)", "≤ 0.5 ms", f"{results['added_latency_ms']['p50']:.2f} ms", t["p50"]),
+        row("added p99 @1000 (d)", "≤ 2 ms", f"{results['added_latency_ms']['p99']:.2f} ms", t["p99"]),
+        row("sidecar RSS (d)", "≤ 80 MB", f"{results['rss_mb']:.1f} MB", t["rss"]),
+        row(
+            "decision cost 10 vs 10,000 tasks",
+            "within 10%",
+            f"{flat['us_10']:.1f} µs vs {flat['us_10000']:.1f} µs ({flat['ratio']:.2f}×)",
+            t["flat"],
+        ),
+        row("sidecar start to ready", "< 1.5 s", f"{results['startup_s']:.2f} s", t["startup"]),
+        row("CPU per 1000 decisions (d)", "-", f"{cpu:.3f} s", None),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short runs (finishes within ~90 s here)")
+    parser.add_argument("--json", help="write all figures here")
+    parser.add_argument("--tasks", type=int, default=1000, help="tasks in the configuration (10 rules each)")
+    args = parser.parse_args(argv)
+    for tool in ("wrk", "hey"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is not installed (apt-get install -y wrk hey)", file=sys.stderr)
+            return 2
+    started = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="agent-authz-bench-"))
+    bench = Bench(work, args.quick, args.tasks)
+    try:
+        print(f"benchmark in {work}", flush=True)
+        run_configs(bench)
+        iterations = 2000 if args.quick else 20000
+        flat = {"us_10": decision_cost(work, 10, iterations), "us_10000": decision_cost(work, 10_000, iterations)}
+        flat["ratio"] = flat["us_10000"] / flat["us_10"]
+        start_s = startup(work, args.tasks, 3 if args.quick else 5)
+    finally:
+        bench.stop_all()
+    configs = bench.results
+    d, c, a = configs["d_agent_authz"], configs["c_trivial_ext_authz"], configs["a_envoy"]
+    added = {p: round(d["at_1000"][p] - a["at_1000"][p], 3) for p in ("p50", "p90", "p99")}
+    results: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "tasks": args.tasks,
+        "seconds_per_run": bench.seconds,
+        "configs": configs,
+        "throughput_ratio": round(d["rps"] / c["rps"], 3),
+        "added_latency_ms": added,
+        "rss_mb": d["rss_mb"],
+        "flat_cost": {k: round(v, 2) for k, v in flat.items()},
+        "startup_s": round(start_s, 3),
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    results["targets"] = {
+        "throughput": results["throughput_ratio"] >= 0.85,
+        "p50": added["p50"] <= 0.5,
+        "p99": added["p99"] <= 2.0,
+        "rss": results["rss_mb"] <= 80,
+        "flat": abs(flat["ratio"] - 1) <= 0.10,
+        "startup": start_s < 1.5,
+    }
+    print()
+    print(report(results))
+    print(f"\n(elapsed {results['elapsed_s']} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
