@@ -18,6 +18,7 @@ __all__ = [
     "AuthzRequest",
     "Decision",
     "Direction",
+    "Protocol",
     "Reason",
     "TokenInfo",
     "deny_status",
@@ -38,6 +39,19 @@ class Direction(enum.StrEnum):
 
     EGRESS = "egress"
     INGRESS = "ingress"
+
+
+class Protocol(enum.StrEnum):
+    """What Envoy saw on the connection: an HTTP request, or a connection it cannot look into.
+
+    ``tls`` and ``tcp`` come only from the transparent ``outbound`` listener (network ext_authz):
+    a TLS connection the agent started itself (judged on SNI and original destination), or a
+    connection that is neither HTTP nor TLS.
+    """
+
+    HTTP = "http"
+    TLS = "tls"
+    TCP = "tcp"
 
 
 class Reason(enum.StrEnum):
@@ -64,6 +78,11 @@ class Reason(enum.StrEnum):
     PATH_NOT_ALLOWED = "path_not_allowed"
     BUDGET_EXHAUSTED = "budget_exhausted"
     INTERNAL_ERROR = "internal_error"
+    TLS_NOT_ALLOWED = "tls_not_allowed"
+    NO_SNI = "no_sni"
+    TCP_NOT_ALLOWED = "tcp_not_allowed"
+    UNKNOWN_DESTINATION = "unknown_destination"
+    TLS_ORIGINATION_UNAVAILABLE = "tls_origination_unavailable"
 
 
 _STATUS = {Reason.BUDGET_EXHAUSTED: 429, Reason.BAD_REQUEST: 400}
@@ -88,6 +107,11 @@ class AuthzRequest:
         request_id: Envoy's ``x-request-id``.
         context: the listener's ``context_extensions``.
         peer_certificate: URL-encoded PEM of the client certificate (ingress mTLS), or ``""``.
+        protocol: ``http``, or ``tls``/``tcp`` for a connection-level check (then ``method``,
+            ``authority`` and ``path`` are empty).
+        sni: the TLS ClientHello's server name (``tls``), ``""`` when absent.
+        destination: the address the agent connected to, ``ip:port`` (``[v6]:port``); behind the
+            transparent listener this is the original destination (``SO_ORIGINAL_DST``).
     """
 
     direction: Direction
@@ -99,6 +123,9 @@ class AuthzRequest:
     request_id: str = ""
     context: Mapping[str, str] = field(default_factory=dict)
     peer_certificate: str = ""
+    protocol: Protocol = Protocol.HTTP
+    sni: str = ""
+    destination: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +156,8 @@ class Decision:
             May hold a bearer token or an API key: never log this field.
         headers_to_remove: request headers Envoy removes before forwarding.
         token: jti/aud/exp of the token injected, if any.
+        protocol / sni / destination: as in :class:`AuthzRequest` (recorded for connection checks
+            and for requests that arrived through the transparent listener).
     """
 
     allow: bool
@@ -149,3 +178,6 @@ class Decision:
     headers_to_set: tuple[tuple[str, str], ...] = ()
     headers_to_remove: tuple[str, ...] = ()
     token: TokenInfo | None = None
+    protocol: Protocol = Protocol.HTTP
+    sni: str = ""
+    destination: str = ""

@@ -19,11 +19,12 @@ from typing import Any
 import structlog
 
 from sidecar.config.loader import LoadedConfig, load_config, read_secret_file
-from sidecar.decision import AuthzRequest, Decision, Direction
+from sidecar.decision import AuthzRequest, Decision, Direction, Protocol
 from sidecar.errors import ConfigError, KeyLoadError
 from sidecar.identity.state import IdentityState, load_identity_files
 from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.compile import compile_policy
+from sidecar.policy.connection import decide_connection
 from sidecar.policy.engine import decide_egress
 from sidecar.policy.ingress import IdentityContext, IngressPolicy, compile_ingress, decide_ingress
 from sidecar.policy.model import PolicyIndex
@@ -244,6 +245,10 @@ class Runtime:
     def decide(self, request: AuthzRequest, decision_id: str) -> Decision:
         """Decide ``request`` against the active snapshot (read once, so a swap mid-call is harmless)."""
         snapshot = self.snapshot
+        if request.protocol is not Protocol.HTTP:
+            return decide_connection(
+                snapshot.policy, request, now=self.clock(), decision_id=decision_id, budgets=self.budgets
+            )
         if request.direction is Direction.EGRESS:
             identity = snapshot.identity
             bind = identity is not None and snapshot.loaded.settings.issuer.bind_to_svid

@@ -8,7 +8,9 @@ Record fields: ``time`` (RFC 3339, UTC, ms), ``event`` (``"decision"``), ``decis
 ``request_id``, ``direction``, ``agent``, ``caller`` (ingress: the verified caller), ``task_id``,
 ``on_behalf_of``, ``method``, ``host``, ``port``,
 ``path`` (no query), ``rule``, ``decision`` (``allow``/``deny``), ``reason``, ``status``, ``detail``,
-``token`` (``{"jti", "aud", "exp", "cached"}`` or null), ``latency_us``.
+``token`` (``{"jti", "aud", "exp", "cached"}`` or null), ``latency_us``, ``protocol`` (``http``, or
+``tls``/``tcp`` for a connection), ``sni`` (TLS server name), ``destination`` (``ip:port`` the agent
+connected to: the original destination behind the transparent listener).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
         if token is None
         else {"jti": token.jti, "aud": token.aud, "exp": token.exp, "cached": token.cached},
         "latency_us": latency_us,
+        "protocol": decision.protocol.value,
+        "sni": decision.sni,
+        "destination": decision.destination,
     }
 
 

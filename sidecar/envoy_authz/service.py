@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -46,13 +46,16 @@ class AuthorizationService:
         self._clock = clock
         self.decisions = 0
 
-    def check_bytes(self, raw: bytes) -> bytes:
-        """Decide one serialized CheckRequest and return the serialized CheckResponse."""
+    def check_bytes(self, raw: bytes, metadata: Mapping[str, str] | None = None) -> bytes:
+        """Decide one serialized CheckRequest and return the serialized CheckResponse.
+
+        ``metadata`` is the call's gRPC metadata (network checks carry their context there).
+        """
         started = time.perf_counter_ns()
         decision_id = uuid.uuid4().hex
         request_id = ""
         try:
-            request = parse_check_request(raw)
+            request = parse_check_request(raw, metadata)
             request_id = request.request_id
             decision = self._decide(request, decision_id)
         except BadRequestError as exc:
@@ -72,7 +75,8 @@ class AuthorizationService:
         return build_check_response(decision)
 
     async def _check(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        return self.check_bytes(raw)
+        metadata = context.invocation_metadata() or ()
+        return self.check_bytes(raw, {k: v for k, v in metadata if isinstance(v, str)})
 
     def handler(self) -> grpc.GenericRpcHandler:
         """A generic handler for ``Check`` taking and returning raw bytes."""

@@ -16,7 +16,14 @@ __all__ = ["compile_policy", "task_anchor_time"]
 def _rule_budget_key(spec: EgressRuleSpec) -> str:
     if spec.name:
         return spec.name
-    shape = {"host": spec.host, "port": spec.port, "methods": sorted(spec.methods), "paths": sorted(spec.paths)}
+    shape: dict[str, object] = {
+        "host": spec.host,
+        "port": spec.port,
+        "methods": sorted(spec.methods),
+        "paths": sorted(spec.paths),
+    }
+    if spec.tls != "none":
+        shape["tls"] = spec.tls
     return "h:" + hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -36,6 +43,8 @@ def _compile_rule(index: int, spec: EgressRuleSpec, credential: str | None) -> E
         credential=Credential(spec.credential.header, credential)
         if spec.credential is not None and credential is not None
         else None,
+        tls=spec.tls,
+        upstream_port=spec.upstream_port,
     )
 
 
