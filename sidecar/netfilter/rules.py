@@ -19,8 +19,9 @@ What the rules do (IPv4, and IPv6 with ``--ipv6 same``), in the pod's network na
     and loopback pass; excluded CIDRs and ports pass). Without this an agent could leave by QUIC.
     ``allow_non_tcp`` turns this table's rules off.
 
-IPv6 with ``--ipv6 block``: no ``nat`` rules; ``filter`` drops every IPv6 packet in and out that
-is not on ``lo`` (``AGENT_AUTHZ_BLOCK_IN``/``AGENT_AUTHZ_BLOCK_OUT``), for every UID.
+IPv6 with ``--ipv6 block``: no ``nat`` rules; ``filter`` drops every IPv6 packet coming in and
+rejects every one going out (so connects fail at once) that is not on ``lo``
+(``AGENT_AUTHZ_BLOCK_IN``/``AGENT_AUTHZ_BLOCK_OUT``), for every UID.
 
 Installation is a read-modify-write of whole tables (:func:`merge_table`): the current table from
 ``iptables-save``, minus every ``AGENT_AUTHZ_*`` chain and every jump to one, plus the new rule
@@ -270,7 +271,7 @@ def _block6() -> TableRules:
         f"-A {BLOCK_IN_CHAIN} -i lo -j RETURN",
         f"-A {BLOCK_IN_CHAIN} -j DROP",
         f"-A {BLOCK_OUT_CHAIN} -o lo -j RETURN",
-        f"-A {BLOCK_OUT_CHAIN} -j DROP",
+        f"-A {BLOCK_OUT_CHAIN} -j REJECT --reject-with icmp6-adm-prohibited",
     )
     jumps = (f"-A INPUT -j {BLOCK_IN_CHAIN}", f"-A OUTPUT -j {BLOCK_OUT_CHAIN}")
     return TableRules("filter", (BLOCK_IN_CHAIN, BLOCK_OUT_CHAIN), jumps, rules)

@@ -102,7 +102,7 @@ def test_ipv6_same_and_block() -> None:
     blocked = render_rules(InterceptSpec(ipv6=Ipv6Mode.BLOCK))
     assert [t.table for t in blocked.ipv6] == ["filter"]
     text = restore_text(blocked.ipv6)
-    assert "-A AGENT_AUTHZ_BLOCK_OUT -o lo -j RETURN\n-A AGENT_AUTHZ_BLOCK_OUT -j DROP" in text
+    assert "-A AGENT_AUTHZ_BLOCK_OUT -o lo -j RETURN\n-A AGENT_AUTHZ_BLOCK_OUT -j REJECT" in text
     assert "-A AGENT_AUTHZ_BLOCK_IN -i lo -j RETURN\n-A AGENT_AUTHZ_BLOCK_IN -j DROP" in text
 
 
