@@ -184,6 +184,9 @@ def _config(state: Path, public: Path) -> Path:
 def pod() -> Iterator[Pod]:
     missing = missing_tools()
     assert not missing, f"missing tools: {missing} (.ci/run installs iptables)"
+    for uid in (PROXY_UID, AGENT_UID):
+        probe = subprocess.run([*as_user(uid), sys.executable, "-c", "import sidecar"], capture_output=True, timeout=30)
+        assert probe.returncode == 0, f"UID {uid} cannot run {sys.executable} from {REPO}: {probe.stderr[-500:]!r}"
     net = PodNetwork()
     base = Path(tempfile.mkdtemp(prefix="aa-ns-", dir="/tmp"))
     base.chmod(0o755)
@@ -322,6 +325,7 @@ def test_tls_to_another_sni_is_refused_and_logged(pod: Pod, args: list[str], mat
     assert reply.exit_code != 0 and reply.status is None, reply
     record = pod.record(protocol="tls", **match)
     assert record["decision"] == "deny" and record["agent"] == AGENT
+    assert pod.stack.envoy.stat("ext_authz.outbound_tls.denied") >= 1  # the stat the README points to
     assert pod.upstream(path=args[-1].rsplit("/", 1)[-1]) == []
 
 
@@ -341,6 +345,7 @@ def test_raw_tcp_is_refused_and_logged(pod: Pod) -> None:
     assert pod.python(RAW_TCP) == "b''"
     record = pod.record(protocol="tcp", destination=f"{UPSTREAM_IP}:9000")
     assert (record["decision"], record["reason"]) == ("deny", "tcp_not_allowed")
+    assert pod.stack.envoy.stat("ext_authz.outbound_tcp.denied") >= 1
     assert pod.upstream(scheme="tcp") == []  # Envoy never even connected upstream
 
 
@@ -395,6 +400,7 @@ def test_inbound_is_redirected_to_the_mtls_listener(pod: Pod) -> None:
     cert, key = pod.planner
     ok = pod.from_upstream(
         "curl", "-sS", "-k", "--max-time", "10", "--cert", str(cert), "--key", str(key), "-o", "/dev/null",
+        "-H", f"x-agent-authz-inbound-dst: {UPSTREAM_IP}:80",  # forged: the route overwrites it
         "-w", "%{http_code}", f"https://{POD_IP}:{APP_PORT}/v1/status",
     )  # fmt: skip
     assert ok.stdout == "200", ok
