@@ -437,3 +437,65 @@ def test_install_is_idempotent_and_cleanup_restores_direct_connectivity(pod: Pod
     finally:
         subprocess.run(IPTABLES, check=True, capture_output=True, timeout=30)
     assert pod.iptables_save().count("AGENT_AUTHZ") == installed.count("AGENT_AUTHZ")
+
+
+@pytest.fixture
+def empty_netns() -> Iterator[PodNetwork]:
+    """A pod namespace alone (no processes), entered by the test; always deleted."""
+    assert not missing_tools()
+    net = PodNetwork()
+    try:
+        net.create()
+        with net.inside():
+            yield net
+    finally:
+        net.close()
+        assert not net.exists()
+
+
+def _iptables(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "sidecar", "iptables", *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env, check=False)
+
+
+def _saved() -> str:
+    return subprocess.run(["iptables-save"], capture_output=True, text=True, check=True, timeout=10).stdout + (
+        subprocess.run(["ip6tables-save"], capture_output=True, text=True, check=True, timeout=10).stdout
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--outbound-port", "70000"], "--outbound-port: port 70000 is out of range"),
+        (["--exclude-outbound-cidrs", "10.0.0.0/8,10.0.0.0/33"], "'10.0.0.0/33' is not a CIDR"),
+        (["--proxy-uid", "envoy"], "--proxy-uid: 'envoy' is not a numeric id"),
+        (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+    ],
+)
+def test_bad_input_installs_nothing(empty_netns: PodNetwork, args: list[str], message: str) -> None:
+    result = _iptables(*args)
+    assert result.returncode == 2 and message in result.stderr
+    assert "AGENT_AUTHZ" not in _saved()
+
+
+def test_a_failing_ipv6_step_rolls_ipv4_back(empty_netns: PodNetwork, tmp_path: Path) -> None:
+    """ip6tables-restore fails (as on a kernel without IPv6 netfilter): IPv4 is left as it was."""
+    subprocess.run(["iptables", "-t", "nat", "-N", "KEEP_ME"], check=True, timeout=10)
+    subprocess.run(["iptables", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "--dport", "7", "-j", "KEEP_ME"], check=True)
+    before = _saved()
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "ip6tables-restore").write_text("#!/bin/sh\necho 'ip6tables-restore: no IPv6 here' >&2\nexit 1\n")
+    (shim / "ip6tables-restore").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}
+    result = _iptables("--ipv6", "same", env=env)
+    assert result.returncode == 2 and "no IPv6 here" in result.stderr
+    after = _saved()
+    assert "AGENT_AUTHZ" not in after and ":KEEP_ME" in after
+    # the same chains and rules as before (an empty table may now be listed where none was)
+    assert _rules(after) == _rules(before)
+
+
+def _rules(saved: str) -> list[str]:
+    return sorted(line for line in saved.splitlines() if line.startswith("-A") or " - [" in line)
