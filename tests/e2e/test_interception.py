@@ -499,3 +499,16 @@ def test_a_failing_ipv6_step_rolls_ipv4_back(empty_netns: PodNetwork, tmp_path: 
 
 def _rules(saved: str) -> list[str]:
     return sorted(line for line in saved.splitlines() if line.startswith("-A") or " - [" in line)
+
+
+def test_ipv6_same_is_accepted_by_ip6tables_and_cleaned_up(empty_netns: PodNetwork) -> None:
+    assert _iptables("--ipv6", "same", "--exclude-outbound-cidrs", "fd00::/8,10.0.0.0/8").returncode == 0
+    v6 = subprocess.run(["ip6tables-save"], capture_output=True, text=True, check=True, timeout=10).stdout
+    assert "-A AGENT_AUTHZ_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in v6
+    assert "-A AGENT_AUTHZ_OUTPUT -d fd00::/8 -j RETURN" in v6 and "10.0.0.0/8" not in v6
+    assert "AGENT_AUTHZ_BLOCK" not in v6
+    assert _iptables("--ipv6", "block").returncode == 0  # switching modes replaces the IPv6 rules
+    v6 = subprocess.run(["ip6tables-save"], capture_output=True, text=True, check=True, timeout=10).stdout
+    assert "AGENT_AUTHZ_BLOCK_OUT" in v6 and "AGENT_AUTHZ_REDIRECT" not in v6
+    assert _iptables("--cleanup").returncode == 0
+    assert "AGENT_AUTHZ" not in _saved()
