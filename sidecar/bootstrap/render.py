@@ -324,9 +324,8 @@ class _Builder:
         )
         return vhosts, clusters, dfp
 
-    def egress(self) -> tuple[Any, list[Any]]:
+    def egress(self, vhosts: list[Any], clusters: list[Any], dfp: Any) -> tuple[Any, list[Any]]:
         envoy = self.settings.envoy
-        vhosts, clusters, dfp = self.egress_routes()
         listener = self.listener.Listener(
             name="egress_http",
             address=self.address(envoy.egress_address, envoy.egress_port),
@@ -589,11 +588,11 @@ class _Builder:
             host, _, port = authz.rpartition(":")
             authz_address = self.address(host, int(port))
         clusters = [self.static_cluster(AUTHZ_CLUSTER, authz_address, http2=True)]
-        egress, egress_clusters = self.egress()
+        vhosts, route_clusters, dfp = self.egress_routes()
+        egress, egress_clusters = self.egress(vhosts, route_clusters, dfp)
         listeners = [egress]
         clusters += egress_clusters
         if settings.envoy.outbound_port is not None:
-            vhosts, _, dfp = self.egress_routes()
             outbound, outbound_clusters = self.outbound(vhosts, dfp)
             listeners.append(outbound)
             clusters += outbound_clusters
