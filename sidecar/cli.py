@@ -8,6 +8,7 @@ Subcommands:
     ``task``          root task grants: ``keygen``, ``sign``, ``revoke``, ``inspect``.
     ``demo``          run the quarterly-report demo with real Envoy.
     ``logs``          show, filter and follow decision logs; ``logs verify`` checks their hash chain.
+    ``iptables``      install (or ``--cleanup``, or ``--dry-run`` print) the interception rules.
 """
 
 from __future__ import annotations
@@ -162,6 +163,54 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_iptables(args: argparse.Namespace) -> int:
+    from sidecar.netfilter.rules import (
+        InterceptSpec,
+        Ipv6Mode,
+        parse_cidrs,
+        parse_id,
+        parse_inbound_ports,
+        parse_port,
+        parse_ports,
+        render_rules,
+        restore_text,
+    )
+
+    spec = InterceptSpec(
+        outbound_port=parse_port(args.outbound_port, "--outbound-port"),
+        inbound_port=parse_port(args.inbound_port, "--inbound-port"),
+        proxy_uid=parse_id(args.proxy_uid, "--proxy-uid"),
+        proxy_gid=parse_id(args.proxy_gid if args.proxy_gid is not None else args.proxy_uid, "--proxy-gid"),
+        inbound_ports=parse_inbound_ports(args.inbound_ports),
+        exclude_inbound_ports=parse_ports(args.exclude_inbound_ports, "--exclude-inbound-ports"),
+        exclude_outbound_cidrs=parse_cidrs(args.exclude_outbound_cidrs),
+        exclude_outbound_ports=parse_ports(args.exclude_outbound_ports, "--exclude-outbound-ports"),
+        ipv6=Ipv6Mode(args.ipv6),
+        allow_non_tcp=args.allow_non_tcp,
+    )
+    rules = render_rules(spec)
+    if args.dry_run:
+        if args.cleanup:
+            print("# --cleanup: every AGENT_AUTHZ_* chain and jump would be removed (IPv4 and IPv6)")
+            return 0
+        sys.stdout.write("# IPv4 (iptables-restore)\n" + restore_text(rules.ipv4))
+        sys.stdout.write("# IPv6 (ip6tables-restore)\n" + restore_text(rules.ipv6))
+        return 0
+    from sidecar.netfilter.apply import apply_rules, cleanup_rules
+
+    if args.cleanup:
+        cleanup_rules()
+        print("agent-authz iptables: removed the AGENT_AUTHZ_* rules (IPv4 and IPv6)", file=sys.stderr)
+    else:
+        apply_rules(rules)
+        print(
+            f"agent-authz iptables: installed (outbound -> {spec.outbound_port}, inbound -> {spec.inbound_port}, "
+            f"proxy uid {spec.proxy_uid} gid {spec.proxy_gid}, ipv6 {spec.ipv6.value})",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -250,6 +299,28 @@ def build_parser() -> argparse.ArgumentParser:
     verify = sub.add_parser("logs-verify", prog="agent-authz logs verify", help=argparse.SUPPRESS)
     add_verify_arguments(verify)
     verify.set_defaults(func=_cmd_logs_verify)
+    ipt = sub.add_parser(
+        "iptables",
+        help="install the transparent-interception rules (the pod's init step)",
+        description="Redirect the pod's TCP to Envoy (outbound and inbound), as Istio's init container does. "
+        "Atomic (iptables-restore) and idempotent; see the README's 'Transparent interception'.",
+    )
+    mode = ipt.add_mutually_exclusive_group()
+    mode.add_argument("--cleanup", action="store_true", help="remove the rules instead")
+    ipt.add_argument("--dry-run", action="store_true", help="print the rules (iptables-restore input); change nothing")
+    ipt.add_argument("--outbound-port", default="15001", help="Envoy's outbound listener (default 15001)")
+    ipt.add_argument("--inbound-port", default="15006", help="Envoy's inbound listener (default 15006)")
+    ipt.add_argument("--proxy-uid", default="1337", help="UID of Envoy and the sidecar: never redirected (1337)")
+    ipt.add_argument("--proxy-gid", default=None, help="GID of Envoy and the sidecar (default: --proxy-uid)")
+    ipt.add_argument(
+        "--inbound-ports", default="*", help="inbound ports to intercept: '*' all (default), '' none, or a list"
+    )
+    ipt.add_argument("--exclude-inbound-ports", default="", help="inbound ports reaching the app directly (probes)")
+    ipt.add_argument("--exclude-outbound-cidrs", default="", help="destinations reached directly (comma-separated)")
+    ipt.add_argument("--exclude-outbound-ports", default="", help="destination ports reached directly")
+    ipt.add_argument("--ipv6", default="block", choices=["block", "same"], help="IPv6: block (default) or same rules")
+    ipt.add_argument("--allow-non-tcp", action="store_true", help="do not drop the agent's non-TCP, non-DNS traffic")
+    ipt.set_defaults(func=_cmd_iptables)
     return parser
 
 

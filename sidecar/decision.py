@@ -18,6 +18,7 @@ __all__ = [
     "AuthzRequest",
     "Decision",
     "Direction",
+    "Protocol",
     "Reason",
     "TokenInfo",
     "deny_status",
@@ -38,6 +39,19 @@ class Direction(enum.StrEnum):
 
     EGRESS = "egress"
     INGRESS = "ingress"
+
+
+class Protocol(enum.StrEnum):
+    """What Envoy saw on the connection: an HTTP request, or a connection it cannot look into.
+
+    ``tls`` and ``tcp`` come only from the transparent ``outbound`` listener (network ext_authz):
+    a TLS connection the agent started itself (judged on SNI and original destination), or a
+    connection that is neither HTTP nor TLS.
+    """
+
+    HTTP = "http"
+    TLS = "tls"
+    TCP = "tcp"
 
 
 class Reason(enum.StrEnum):
@@ -66,6 +80,11 @@ class Reason(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"
     DRY_RUN = "dry_run"
     """Dry-run mode let through a call the policy denies; ``would_reason`` says why."""
+    TLS_NOT_ALLOWED = "tls_not_allowed"
+    NO_SNI = "no_sni"
+    TCP_NOT_ALLOWED = "tcp_not_allowed"
+    UNKNOWN_DESTINATION = "unknown_destination"
+    TLS_ORIGINATION_UNAVAILABLE = "tls_origination_unavailable"
 
 
 _STATUS = {Reason.BUDGET_EXHAUSTED: 429, Reason.BAD_REQUEST: 400}
@@ -90,6 +109,11 @@ class AuthzRequest:
         request_id: Envoy's ``x-request-id``.
         context: the listener's ``context_extensions``.
         peer_certificate: URL-encoded PEM of the client certificate (ingress mTLS), or ``""``.
+        protocol: ``http``, or ``tls``/``tcp`` for a connection-level check (then ``method``,
+            ``authority`` and ``path`` are empty).
+        sni: the TLS ClientHello's server name (``tls``), ``""`` when absent.
+        destination: the address the agent connected to, ``ip:port`` (``[v6]:port``); behind the
+            transparent listener this is the original destination (``SO_ORIGINAL_DST``).
     """
 
     direction: Direction
@@ -101,6 +125,9 @@ class AuthzRequest:
     request_id: str = ""
     context: Mapping[str, str] = field(default_factory=dict)
     peer_certificate: str = ""
+    protocol: Protocol = Protocol.HTTP
+    sni: str = ""
+    destination: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +162,8 @@ class Decision:
         token: jti/aud/exp of the token injected, if any.
         dry_run: decided in dry-run mode (the call is let through whatever the policy says).
         would_reason: in dry-run mode, the reason the policy gave (``allowed`` or a deny reason).
+        protocol / sni / destination: as in :class:`AuthzRequest` (recorded for connection checks
+            and for requests that arrived through the transparent listener).
     """
 
     allow: bool
@@ -159,3 +188,6 @@ class Decision:
     token: TokenInfo | None = None
     dry_run: bool = False
     would_reason: Reason | None = None
+    protocol: Protocol = Protocol.HTTP
+    sni: str = ""
+    destination: str = ""

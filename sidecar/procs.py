@@ -67,6 +67,8 @@ class ManagedProcess:
         log_dir: where ``NAME.out`` and ``NAME.err`` are written.
         env: environment (default: inherit).
         cwd: working directory.
+        prefix: prepended to ``argv``, e.g. ``["setpriv", "--reuid", "1337", ...]`` to run as the
+            proxy user (the interception tests).
     """
 
     def __init__(
@@ -77,9 +79,10 @@ class ManagedProcess:
         log_dir: Path,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.name = name
-        self.argv = list(argv)
+        self.argv = [*prefix, *argv]
         self.log_dir = log_dir
         self.env = dict(env) if env is not None else None
         self.cwd = cwd
@@ -131,11 +134,17 @@ class SidecarProcess(ManagedProcess):
     """``agent-authz serve`` with a ready file."""
 
     def __init__(
-        self, config: Path, *, log_dir: Path, env: Mapping[str, str] | None = None, name: str = "sidecar"
+        self,
+        config: Path,
+        *,
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+        name: str = "sidecar",
+        prefix: Sequence[str] = (),
     ) -> None:
         self.ready_file = log_dir / f"{name}.ready.json"
         argv = [sys.executable, "-m", "sidecar", "serve", "--config", str(config), "--ready-file", str(self.ready_file)]
-        super().__init__(name, argv, log_dir=log_dir, env=env)
+        super().__init__(name, argv, log_dir=log_dir, env=env, prefix=prefix)
         self.addresses: dict[str, Any] = {}
 
     def start(self) -> None:
@@ -175,6 +184,7 @@ class EnvoyProcess(ManagedProcess):
         name: str = "envoy",
         concurrency: int = 1,
         log_level: str = "warning",
+        prefix: Sequence[str] = (),
     ) -> None:
         self.admin_path = log_dir / f"{name}.admin"
         argv = [
@@ -189,7 +199,7 @@ class EnvoyProcess(ManagedProcess):
             "--log-level",
             log_level,
         ]
-        super().__init__(name, argv, log_dir=log_dir)
+        super().__init__(name, argv, log_dir=log_dir, prefix=prefix)
 
     def start(self) -> None:
         """Start Envoy; :meth:`wait_ready` waits for it."""
@@ -239,15 +249,26 @@ class AuthzStack:
         work_dir: logs, ready files and the rendered ``envoy.json`` go here.
         envoy_bin: Envoy binary override.
         name: prefix for log file names.
+        run_as: command prefix for both processes (e.g. ``setpriv`` to the proxy UID).
     """
 
-    def __init__(self, config: Path, work_dir: Path, *, envoy_bin: str | None = None, name: str = "") -> None:
+    def __init__(
+        self,
+        config: Path,
+        work_dir: Path,
+        *,
+        envoy_bin: str | None = None,
+        name: str = "",
+        run_as: Sequence[str] = (),
+    ) -> None:
         self.config = config
         self.work_dir = work_dir
         prefix = f"{name}-" if name else ""
         self.bootstrap = work_dir / f"{prefix}envoy.json"
-        self.sidecar = SidecarProcess(config, log_dir=work_dir, name=f"{prefix}sidecar")
-        self.envoy = EnvoyProcess(self.bootstrap, log_dir=work_dir, envoy_bin=envoy_bin, name=f"{prefix}envoy")
+        self.sidecar = SidecarProcess(config, log_dir=work_dir, name=f"{prefix}sidecar", prefix=run_as)
+        self.envoy = EnvoyProcess(
+            self.bootstrap, log_dir=work_dir, envoy_bin=envoy_bin, name=f"{prefix}envoy", prefix=run_as
+        )
         self.egress_port = 0
 
     def start(self, timeout: float = 20.0) -> None:

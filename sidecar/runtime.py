@@ -20,7 +20,7 @@ import structlog
 from sidecar.config.loader import LoadedConfig, load_config, read_secret_file
 from sidecar.config.schema import TaskSpec
 from sidecar.credentials import credential_value
-from sidecar.decision import AuthzRequest, Decision, Direction
+from sidecar.decision import AuthzRequest, Decision, Direction, Protocol
 from sidecar.errors import ConfigError
 from sidecar.grants.issue import DelegationRequest, delegate
 from sidecar.grants.model import Grant, GrantError
@@ -29,6 +29,7 @@ from sidecar.grants.sources import GrantSet, check_grant_usable, load_grants
 from sidecar.identity.state import IdentityState, load_identity_files
 from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.compile import TaskSource, compile_policy
+from sidecar.policy.connection import decide_connection
 from sidecar.policy.engine import decide_egress, dry_run
 from sidecar.policy.ingress import IdentityContext, IngressPolicy, compile_ingress, decide_ingress
 from sidecar.policy.model import Credential, PolicyIndex
@@ -336,7 +337,11 @@ class Runtime:
         :func:`~sidecar.policy.engine.dry_run`.
         """
         snapshot = self.snapshot
-        if request.direction is Direction.EGRESS:
+        if request.protocol is not Protocol.HTTP:
+            decision = decide_connection(
+                snapshot.policy, request, now=self.clock(), decision_id=decision_id, budgets=self.budgets
+            )
+        elif request.direction is Direction.EGRESS:
             identity = snapshot.identity
             bind = identity is not None and snapshot.loaded.settings.issuer.bind_to_svid
             decision = decide_egress(

@@ -10,7 +10,9 @@ first), ``on_behalf_of``, ``method``, ``host``, ``port``, ``path`` (no query), `
 ``decision`` (``allow``/``deny``), ``reason``, ``status``, ``detail``, ``token``
 (``{"jti", "aud", "exp", "cached"}`` or null), ``latency_us``, in dry-run mode ``dry_run`` (true),
 ``would_decision`` and ``would_reason``, then ``event`` (``"decision"``) and the chain fields ``seq``,
-``prev_hash``, ``hash`` (:mod:`sidecar.audit.chain`).
+``prev_hash``, ``hash`` (:mod:`sidecar.audit.chain`). Connection checks and requests that came
+through the transparent listener also carry ``protocol`` (``http``, or ``tls``/``tcp``), ``sni`` and
+``destination`` (the ``ip:port`` the agent connected to).
 
 Durability (``decision_log.fsync``): each record is written with one ``write(2)`` to an ``O_APPEND``
 file *before* Envoy gets the answer, so an answered decision survives a crash or SIGTERM of the
@@ -73,6 +75,9 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
         if token is None
         else {"jti": token.jti, "aud": token.aud, "exp": token.exp, "cached": token.cached},
         "latency_us": latency_us,
+        "protocol": decision.protocol.value,
+        "sni": decision.sni,
+        "destination": decision.destination,
     }
     if decision.dry_run and decision.would_reason is not None:
         record["dry_run"] = True

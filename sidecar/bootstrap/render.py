@@ -20,6 +20,20 @@ Listeners:
   leaf certificate goes to ext_authz (``include_peer_certificate``) and its chain in
   ``x-forwarded-client-cert`` (``SANITIZE_SET``, so clients cannot forge it), with
   ``context_extensions: {direction: ingress}``.
+* ``outbound`` (with ``envoy.outbound_port``): the listener the iptables rules of
+  ``agent-authz iptables`` redirect the agent's TCP to (``original_dst``, ``tls_inspector`` and
+  ``http_inspector`` listener filters). Plain HTTP gets the egress HTTP connection manager above -
+  judged on the Host the agent named and routed by that name, never to the original destination
+  IP. TLS the agent starts itself goes through the network ext_authz filter (SNI and original
+  destination; gRPC metadata ``x-agent-authz-protocol: tls``) and then ``tcp_proxy`` to the
+  original destination, connecting upstream only once allowed (``ON_DOWNSTREAM_DATA``). Anything
+  else is asked about as ``tcp`` (always denied) and has only a cluster without endpoints behind it.
+* ``tls: originate`` hosts: a virtual host per host (in ``egress_http`` and ``outbound``) routing to
+  a cluster that opens TLS to ``host:upstream_port`` with SNI ``host``, verifying the certificate
+  against ``envoy.upstream_ca`` (default: the system bundle) and the DNS name ``host``; its
+  ``context_extensions`` carry ``upstream_tls: originate``.
+* ``envoy.inbound_redirect``: the inbound listener gets ``original_dst``; a redirected connection is
+  forwarded to ``127.0.0.1:<original port>`` (the agent's app), a direct one to ``local_app``.
 """
 
 from __future__ import annotations
@@ -33,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.config.loader import LoadedConfig
+from sidecar.config.schema import SYSTEM_CA_BUNDLE
 from sidecar.errors import ConfigError
 
 __all__ = [
@@ -48,6 +63,24 @@ __all__ = [
 AUTHZ_CLUSTER = "agent_authz"
 DFP_CLUSTER = "dynamic_forward_proxy"
 LOCAL_APP_CLUSTER = "local_app"
+ORIGINAL_DST_CLUSTER = "outbound_original_dst"
+BLACKHOLE_CLUSTER = "blackhole"
+INBOUND_DST_CLUSTER = "inbound_original_dst"
+INBOUND_DST_HEADER = "x-agent-authz-inbound-dst"
+_EARLY_DATA_BYTES = 64 * 1024
+_TCP_ACCESS_LOG_FORMAT = {
+    "time": "%START_TIME%",
+    "listener": "outbound",
+    "decision_id": "%DYNAMIC_METADATA(envoy.filters.network.ext_authz:decision_id)%",
+    "reason": "%DYNAMIC_METADATA(envoy.filters.network.ext_authz:reason)%",
+    "sni": "%REQUESTED_SERVER_NAME%",
+    "destination": "%DOWNSTREAM_LOCAL_ADDRESS%",
+    "upstream": "%UPSTREAM_HOST%",
+    "flags": "%RESPONSE_FLAGS%",
+    "bytes_in": "%BYTES_RECEIVED%",
+    "bytes_out": "%BYTES_SENT%",
+    "duration_ms": "%DURATION%",
+}
 SPIRE_CLUSTER = "spire_agent"
 SVID_SECRET = "spiffe_svid"  # noqa: S105 - an SDS resource name, not a secret
 BUNDLE_SECRET = "spiffe_bundles"  # noqa: S105
@@ -100,10 +133,16 @@ class _Builder:
         from envoy_data_plane.envoy.extensions.filters.http.dynamic_forward_proxy import v3 as dfp_filter
         from envoy_data_plane.envoy.extensions.filters.http.ext_authz import v3 as ext_authz
         from envoy_data_plane.envoy.extensions.filters.http.router import v3 as router
+        from envoy_data_plane.envoy.extensions.filters.listener.http_inspector import v3 as http_inspector
+        from envoy_data_plane.envoy.extensions.filters.listener.original_dst import v3 as original_dst
+        from envoy_data_plane.envoy.extensions.filters.listener.tls_inspector import v3 as tls_inspector
+        from envoy_data_plane.envoy.extensions.filters.network.ext_authz import v3 as net_ext_authz
         from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager import v3 as hcm
+        from envoy_data_plane.envoy.extensions.filters.network.tcp_proxy import v3 as tcp_proxy
         from envoy_data_plane.envoy.extensions.transport_sockets.tls import v3 as tls
         from envoy_data_plane.envoy.extensions.upstreams.http import v3 as upstream_http
         from envoy_data_plane.envoy.type import v3 as types
+        from envoy_data_plane.envoy.type.matcher import v3 as matcher
         from envoy_data_plane.google import protobuf
 
         self.accesslog, self.cluster, self.core = accesslog.v3, cluster.v3, core.v3
@@ -111,6 +150,8 @@ class _Builder:
         self.bootstrap, self.stream, self.tls, self.types, self.pb = bootstrap, stream, tls, types, protobuf
         self.dfp_cluster, self.dfp_common, self.dfp_filter = dfp_cluster, dfp_common, dfp_filter
         self.ext_authz, self.router, self.hcm, self.upstream_http = ext_authz, router, hcm, upstream_http
+        self.http_inspector, self.original_dst, self.tls_inspector = http_inspector, original_dst, tls_inspector
+        self.net_ext_authz, self.tcp_proxy, self.matcher = net_ext_authz, tcp_proxy, matcher
         self.loaded = loaded
         self.settings = loaded.settings
         self.sds_dir = sds_dir
@@ -152,9 +193,10 @@ class _Builder:
         host, _, port = host_port.rpartition(":")
         return self.static_cluster(name, self.address(host, int(port)), dns=not _is_ip(host))
 
-    def context(self, direction: str) -> dict[str, Any]:
+    def context(self, direction: str, **extra: str) -> dict[str, Any]:
         ea = self.ext_authz
-        per_route = ea.ExtAuthzPerRoute(check_settings=ea.CheckSettings(context_extensions={"direction": direction}))
+        extensions = {"direction": direction, **extra}
+        per_route = ea.ExtAuthzPerRoute(check_settings=ea.CheckSettings(context_extensions=extensions))
         return {"envoy.filters.http.ext_authz": self.pack(per_route)}
 
     def ext_authz_filter(self) -> Any:
@@ -199,13 +241,15 @@ class _Builder:
             name="envoy.filters.network.http_connection_manager", typed_config=self.pack(manager)
         )
 
-    def vhost(self, name: str, domains: list[str], cluster: str, direction: str) -> Any:
+    def vhost(self, name: str, domains: list[str], cluster: str, direction: str, **extra: Any) -> Any:
         r = self.route
+        context = extra.pop("context", {})
         return r.VirtualHost(
             name=name,
             domains=domains,
             routes=[r.Route(match=r.RouteMatch(prefix="/"), route=r.RouteAction(cluster=cluster))],
-            typed_per_filter_config=self.context(direction),
+            typed_per_filter_config=self.context(direction, **context),
+            **extra,
         )
 
     # -- egress -------------------------------------------------------------------------------------
@@ -214,11 +258,50 @@ class _Builder:
             name="egress_dns", dns_lookup_family=self.cluster.ClusterDnsLookupFamily.V4_PREFERRED
         )
 
-    def egress(self) -> tuple[Any, list[Any]]:
+    def originate_cluster(self, host: str, port: int) -> Any:
+        """A cluster opening TLS to ``host:port`` (or the ``envoy.destinations`` address of ``host``)."""
+        envoy, tls = self.settings.envoy, self.tls
+        address = envoy.destinations.get(host)
+        target = address.rpartition(":")[0] if address is not None else host
+        ca = self.loaded.resolve(envoy.upstream_ca).absolute() if envoy.upstream_ca is not None else SYSTEM_CA_BUNDLE
+        context = tls.UpstreamTlsContext(
+            sni=host,
+            common_tls_context=tls.CommonTlsContext(
+                tls_params=tls.TlsParameters(tls_minimum_protocol_version=tls.TlsParametersTlsProtocol.TLSv1_2),
+                validation_context=tls.CertificateValidationContext(
+                    trusted_ca=self.core.DataSource(filename=str(ca)),
+                    match_typed_subject_alt_names=[
+                        tls.SubjectAltNameMatcher(
+                            san_type=tls.SubjectAltNameMatcherSanType.DNS,
+                            matcher=self.matcher.StringMatcher(exact=host),
+                        )
+                    ],
+                ),
+            ),
+        )
+        cluster = self.static_cluster("tls|" + _cluster_name(host), self.address(target, port), dns=not _is_ip(target))
+        cluster.transport_socket = self.core.TransportSocket(
+            name="envoy.transport_sockets.tls", typed_config=self.pack(context)
+        )
+        return cluster
+
+    def egress_routes(self) -> tuple[list[Any], list[Any], Any]:
+        """Virtual hosts, clusters and the DFP filter shared by ``egress_http`` and ``outbound``."""
         envoy = self.settings.envoy
+        originate = self.settings.originate_hosts()
         clusters = []
         vhosts = []
+        for host, port in sorted(originate.items()):
+            cluster = self.originate_cluster(host, port)
+            clusters.append(cluster)
+            vhosts.append(
+                self.vhost(
+                    cluster.name, [host, f"{host}:*"], cluster.name, "egress", context={"upstream_tls": "originate"}
+                )
+            )
         for host, address in sorted(envoy.destinations.items()):
+            if host in originate:
+                continue
             name = _cluster_name(host)
             clusters.append(self.host_port_cluster(name, address))
             vhosts.append(self.vhost(name, [host, f"{host}:*"], name, "egress"))
@@ -239,10 +322,105 @@ class _Builder:
             name="envoy.filters.http.dynamic_forward_proxy",
             typed_config=self.pack(self.dfp_filter.FilterConfig(dns_cache_config=self.dns_cache())),
         )
+        return vhosts, clusters, dfp
+
+    def egress(self, vhosts: list[Any], clusters: list[Any], dfp: Any) -> tuple[Any, list[Any]]:
+        envoy = self.settings.envoy
         listener = self.listener.Listener(
             name="egress_http",
             address=self.address(envoy.egress_address, envoy.egress_port),
             filter_chains=[self.listener.FilterChain(filters=[self.connection_manager("egress_http", vhosts, [dfp])])],
+        )
+        return listener, clusters
+
+    # -- outbound (transparent) -----------------------------------------------------------------------
+    def listener_filter(self, name: str, config: Any) -> Any:
+        return self.listener.ListenerFilter(name=name, typed_config=self.pack(config))
+
+    def additional_addresses(self, host: str, port: int) -> list[Any]:
+        if not self.settings.envoy.ipv6:
+            return []
+        return [self.listener.AdditionalAddress(address=self.address(host, port))]
+
+    def network_check(self, protocol: str) -> Any:
+        """Network ext_authz: one Check per connection, its context in gRPC metadata."""
+        core = self.core
+        config = self.net_ext_authz.ExtAuthz(
+            stat_prefix=f"outbound_{protocol}",
+            grpc_service=core.GrpcService(
+                envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+                timeout=timedelta(seconds=self.settings.envoy.authz_timeout),
+                initial_metadata=[
+                    core.HeaderValue(key="x-agent-authz-direction", value="egress"),
+                    core.HeaderValue(key="x-agent-authz-protocol", value=protocol),
+                ],
+            ),
+            transport_api_version=core.ApiVersion.V3,
+            failure_mode_allow=False,
+            include_tls_session=True,
+            send_tls_alert_on_denial=protocol == "tls",
+        )
+        return self.listener.Filter(name="envoy.filters.network.ext_authz", typed_config=self.pack(config))
+
+    def tcp_forward(self, stat_prefix: str, cluster: str) -> Any:
+        """``tcp_proxy`` that connects upstream only after the first bytes passed ext_authz."""
+        tp = self.tcp_proxy
+        log = self.stream.StdoutAccessLog(
+            log_format=self.core.SubstitutionFormatString(json_format=self.pb.Struct.from_dict(_TCP_ACCESS_LOG_FORMAT))
+        )
+        config = tp.TcpProxy(
+            stat_prefix=stat_prefix,
+            cluster=cluster,
+            upstream_connect_mode=tp.UpstreamConnectMode.ON_DOWNSTREAM_DATA,
+            max_early_data_bytes=_EARLY_DATA_BYTES,
+            access_log=[self.accesslog.AccessLog(name="envoy.access_loggers.stdout", typed_config=self.pack(log))],
+        )
+        return self.listener.Filter(name="envoy.filters.network.tcp_proxy", typed_config=self.pack(config))
+
+    def outbound(self, vhosts: list[Any], dfp: Any) -> tuple[Any, list[Any]]:
+        envoy, ls, c = self.settings.envoy, self.listener, self.cluster
+        assert envoy.outbound_port is not None
+        clusters = [
+            c.Cluster(
+                name=ORIGINAL_DST_CLUSTER,
+                type=c.ClusterDiscoveryType.ORIGINAL_DST,
+                lb_policy=c.ClusterLbPolicy.CLUSTER_PROVIDED,
+                connect_timeout=timedelta(seconds=2),
+            ),
+            c.Cluster(
+                name=BLACKHOLE_CLUSTER,
+                type=c.ClusterDiscoveryType.STATIC,
+                connect_timeout=timedelta(seconds=1),
+                load_assignment=self.endpoint.ClusterLoadAssignment(cluster_name=BLACKHOLE_CLUSTER),
+            ),
+        ]
+        listener = ls.Listener(
+            name="outbound",
+            address=self.address(envoy.outbound_address, envoy.outbound_port),
+            additional_addresses=self.additional_addresses("::1", envoy.outbound_port),
+            listener_filters=[
+                self.listener_filter("envoy.filters.listener.original_dst", self.original_dst.OriginalDst()),
+                self.listener_filter("envoy.filters.listener.tls_inspector", self.tls_inspector.TlsInspector()),
+                self.listener_filter("envoy.filters.listener.http_inspector", self.http_inspector.HttpInspector()),
+            ],
+            filter_chains=[
+                ls.FilterChain(
+                    name="outbound_tls",
+                    filter_chain_match=ls.FilterChainMatch(transport_protocol="tls"),
+                    filters=[self.network_check("tls"), self.tcp_forward("outbound_tls", ORIGINAL_DST_CLUSTER)],
+                ),
+                ls.FilterChain(
+                    name="outbound_http",
+                    filter_chain_match=ls.FilterChainMatch(
+                        transport_protocol="raw_buffer", application_protocols=["http/1.0", "http/1.1", "h2c"]
+                    ),
+                    filters=[self.connection_manager("outbound_http", vhosts, [dfp])],
+                ),
+            ],
+            default_filter_chain=ls.FilterChain(
+                name="outbound_tcp",
+                filters=[self.network_check("tcp"), self.tcp_forward("outbound_tcp", BLACKHOLE_CLUSTER)],
+            ),
         )
         return listener, clusters
 
@@ -311,8 +489,10 @@ class _Builder:
 
     def ingress(self) -> tuple[Any, list[Any]]:
         envoy, identity = self.settings.envoy, self.settings.identity
-        assert envoy.local_app is not None and identity is not None
-        clusters = [self.host_port_cluster(LOCAL_APP_CLUSTER, envoy.local_app)]
+        assert identity is not None
+        clusters = []
+        if envoy.local_app is not None:
+            clusters.append(self.host_port_cluster(LOCAL_APP_CLUSTER, envoy.local_app))
         if identity.source == "workload_api":
             svid_name, bundle_name = identity.workload_api.svid_secret, identity.workload_api.bundle_secret
             socket = identity.workload_api.socket.removeprefix("unix://")
@@ -332,27 +512,71 @@ class _Builder:
                 alpn_protocols=["h2", "http/1.1"],
             ),
         )
-        hcm = self.hcm
-        manager = self.connection_manager(
-            "ingress_http",
-            [self.vhost("local_app", ["*"], LOCAL_APP_CLUSTER, "ingress")],
-            [],
-            forward_client_cert_details=hcm.HttpConnectionManagerForwardClientCertDetails.SANITIZE_SET,
-            set_current_client_cert_details=hcm.HttpConnectionManagerSetCurrentClientCertDetails(uri=True, chain=True),
-        )
-        listener = self.listener.Listener(
+        hcm, ls = self.hcm, self.listener
+
+        def chain(vhost: Any, **match: Any) -> Any:
+            manager = self.connection_manager(
+                "ingress_http",
+                [vhost],
+                [],
+                forward_client_cert_details=hcm.HttpConnectionManagerForwardClientCertDetails.SANITIZE_SET,
+                set_current_client_cert_details=hcm.HttpConnectionManagerSetCurrentClientCertDetails(
+                    uri=True, chain=True
+                ),
+            )
+            return ls.FilterChain(
+                filter_chain_match=ls.FilterChainMatch(**match) if match else None,
+                filters=[manager],
+                transport_socket=self.core.TransportSocket(
+                    name="envoy.transport_sockets.tls", typed_config=self.pack(context)
+                ),
+            )
+
+        local = self.vhost("local_app", ["*"], LOCAL_APP_CLUSTER, "ingress")
+        if not envoy.inbound_redirect:
+            chains = [chain(local)]
+            listener_filters = []
+        else:
+            clusters.append(self.inbound_dst_cluster())
+            redirected = self.vhost(
+                "inbound_original_dst",
+                ["*"],
+                INBOUND_DST_CLUSTER,
+                "ingress",
+                request_headers_to_add=[
+                    self.core.HeaderValueOption(
+                        header=self.core.HeaderValue(key=INBOUND_DST_HEADER, value="127.0.0.1:%DOWNSTREAM_LOCAL_PORT%"),
+                        append_action=self.core.HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                    )
+                ],
+            )
+            chains = [chain(redirected)]
+            if envoy.local_app is not None:  # a direct connection to the listener's own port
+                chains.insert(0, chain(local, destination_port=envoy.ingress_port))
+            listener_filters = [
+                self.listener_filter("envoy.filters.listener.original_dst", self.original_dst.OriginalDst())
+            ]
+        listener = ls.Listener(
             name="ingress_https",
             address=self.address(envoy.ingress_address, envoy.ingress_port),
-            filter_chains=[
-                self.listener.FilterChain(
-                    filters=[manager],
-                    transport_socket=self.core.TransportSocket(
-                        name="envoy.transport_sockets.tls", typed_config=self.pack(context)
-                    ),
-                )
-            ],
+            additional_addresses=self.additional_addresses("::", envoy.ingress_port),
+            listener_filters=listener_filters,
+            filter_chains=chains,
         )
         return listener, clusters
+
+    def inbound_dst_cluster(self) -> Any:
+        """Original-destination cluster whose address comes from a header the route sets (never the client)."""
+        c = self.cluster
+        return c.Cluster(
+            name=INBOUND_DST_CLUSTER,
+            type=c.ClusterDiscoveryType.ORIGINAL_DST,
+            lb_policy=c.ClusterLbPolicy.CLUSTER_PROVIDED,
+            connect_timeout=timedelta(seconds=2),
+            original_dst_lb_config=c.ClusterOriginalDstLbConfig(
+                use_http_header=True, http_header_name=INBOUND_DST_HEADER
+            ),
+        )
 
     # -- the whole bootstrap --------------------------------------------------------------------------
     def build(self) -> RenderedEnvoy:
@@ -364,10 +588,16 @@ class _Builder:
             host, _, port = authz.rpartition(":")
             authz_address = self.address(host, int(port))
         clusters = [self.static_cluster(AUTHZ_CLUSTER, authz_address, http2=True)]
-        egress, egress_clusters = self.egress()
+        vhosts, route_clusters, dfp = self.egress_routes()
+        egress, egress_clusters = self.egress(vhosts, route_clusters, dfp)
         listeners = [egress]
         clusters += egress_clusters
-        if settings.identity is not None and settings.envoy.local_app is not None:
+        if settings.envoy.outbound_port is not None:
+            outbound, outbound_clusters = self.outbound(vhosts, dfp)
+            listeners.append(outbound)
+            clusters += outbound_clusters
+        envoy = settings.envoy
+        if settings.identity is not None and (envoy.local_app is not None or envoy.inbound_redirect):
             ingress, ingress_clusters = self.ingress()
             listeners.append(ingress)
             clusters += ingress_clusters
@@ -402,7 +632,9 @@ def render_envoy(loaded: LoadedConfig, *, out: Path | None = None) -> RenderedEn
     """
     identity = loaded.settings.identity
     sds_dir = _sds_dir(loaded, out)
-    needs_files = identity is not None and identity.source == "files" and loaded.settings.envoy.local_app is not None
+    envoy = loaded.settings.envoy
+    inbound = envoy.local_app is not None or envoy.inbound_redirect
+    needs_files = identity is not None and identity.source == "files" and inbound
     if needs_files and sds_dir is None:
         raise ConfigError(str(loaded.source), "envoy.sds_dir", "file identities need envoy.sds_dir (or --out)")
     return _Builder(loaded, sds_dir).build()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AwareDatetime,
@@ -55,6 +55,9 @@ _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # RFC 9110 §5.6.2 token
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _HOST = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$")
+SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
+"""Upstream CA bundle for ``tls: originate`` when ``envoy.upstream_ca`` is not set (Debian/Ubuntu path)."""
+_NO_HTTP_MATCH = ("methods", "paths", "audience", "scope", "credential")
 _FORBIDDEN_CREDENTIAL_HEADERS = frozenset(
     {"host", "connection", "content-length", "transfer-encoding", "te", "upgrade", "x-agent-task"}
 )
@@ -153,7 +156,31 @@ class EgressRuleSpec(_HttpMatchSpec):
     """One outbound call pattern a task allows.
 
     ``host`` is an exact DNS name or ``*.suffix``; ``methods`` and ``paths`` as in :class:`_HttpMatchSpec`.
+
+    ``tls`` (transparent interception):
+
+    * ``none`` (default): plain HTTP to ``host:port`` (port default 80).
+    * ``passthrough``: a TLS connection the agent opens itself to ``host:port`` (port default 443),
+      judged on the SNI and the original destination; Envoy sees no HTTP, so the rule has no
+      ``methods``, ``paths``, ``audience``, ``scope``, ``credential`` and injects no token.
+      ``max_calls`` counts connections.
+    * ``originate``: the agent calls ``http://host`` (port default 80) and Envoy opens TLS to
+      ``host:upstream_port`` (default 443) with SNI ``host``, verifying the upstream certificate;
+      the token is injected and travels encrypted. ``host`` must be exact (Envoy needs the name to
+      verify the certificate), and all ``originate`` rules for one host agree on ``upstream_port``.
     """
+
+    @model_validator(mode="before")
+    @classmethod
+    def _passthrough_sees_no_http(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tls") == "passthrough":
+            given = [key for key in _NO_HTTP_MATCH if key in data]
+            if data.get("token", False) is not False:
+                given.append("token")
+            if given:
+                raise ValueError(f"'tls: passthrough' sees no HTTP request: remove {', '.join(given)}")
+            data = {**data, "methods": ["*"], "paths": ["*"], "token": False}
+        return data
 
     name: str | None = Field(default=None, max_length=128)
     host: str
@@ -163,6 +190,8 @@ class EgressRuleSpec(_HttpMatchSpec):
     max_calls: int | None = Field(default=None, ge=0)
     token: bool = True
     credential: CredentialRef | None = None
+    tls: Literal["none", "passthrough", "originate"] = "none"
+    upstream_port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("host")
     @classmethod
@@ -192,6 +221,10 @@ class EgressRuleSpec(_HttpMatchSpec):
     def _token_vs_credential(self) -> EgressRuleSpec:
         if self.token and isinstance(self.credential, CredentialSpec) and self.credential.header == "authorization":
             raise ValueError("credential.header 'authorization' needs 'token: false' (the token goes there)")
+        if self.upstream_port is not None and self.tls != "originate":
+            raise ValueError("'upstream_port' needs 'tls: originate'")
+        if self.tls == "originate" and self.host.startswith("*."):
+            raise ValueError("'tls: originate' needs an exact host: Envoy verifies the upstream certificate by name")
         return self
 
 
@@ -418,6 +451,19 @@ class EnvoySpec(_Model):
     ingress_port: int = Field(default=15006, ge=0, le=65535)
     local_app: str | None = None
     sds_dir: Path | None = None
+    outbound_port: int | None = Field(default=None, ge=1, le=65535)
+    outbound_address: str = "127.0.0.1"
+    inbound_redirect: bool = False
+    upstream_ca: Path | None = None
+    ipv6: bool = False
+
+    @model_validator(mode="after")
+    def _interception(self) -> EnvoySpec:
+        if self.outbound_port is not None and self.outbound_port == self.egress_port:
+            raise ValueError("outbound_port and egress_port must differ (two listeners)")
+        if self.inbound_redirect and self.ingress_port == 0:
+            raise ValueError("inbound_redirect needs a fixed ingress_port (the iptables rules name it)")
+        return self
 
     @field_validator("local_app")
     @classmethod
@@ -512,7 +558,30 @@ class SidecarConfig(_Model):
             for rule in task.egress:
                 if isinstance(rule.credential, str) and rule.credential not in self.credentials:
                     raise ValueError(f"task {task.id!r}: credential {rule.credential!r} is not in 'credentials'")
+        if self.envoy.inbound_redirect and self.identity is None:
+            raise ValueError("envoy.inbound_redirect needs an 'identity' source (the inbound listener is mTLS)")
+        upstream: dict[str, tuple[int, str]] = {}
+        for t_index, task in enumerate(self.tasks):
+            for r_index, rule in enumerate(task.egress):
+                if rule.tls != "originate":
+                    continue
+                port, where = rule.upstream_port or 443, f"tasks[{t_index}].egress[{r_index}]"
+                seen = upstream.setdefault(rule.host, (port, where))
+                if seen[0] != port:
+                    raise ValueError(
+                        f"{where}: 'tls: originate' for {rule.host} with upstream_port {port}, "
+                        f"but {seen[1]} says {seen[0]} (one upstream per host)"
+                    )
         return self
+
+    def originate_hosts(self) -> dict[str, int]:
+        """``host -> upstream port`` of every ``tls: originate`` rule (Envoy renders one TLS route each)."""
+        return {
+            rule.host: rule.upstream_port or 443
+            for task in self.tasks
+            for rule in task.egress
+            if rule.tls == "originate"
+        }
 
     @field_validator("credentials")
     @classmethod

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -61,11 +61,13 @@ class AuthorizationService:
         self._fail_closed = on_log_failure == "deny"
         self.decisions = 0
 
-    def _decide_and_record(self, raw: bytes, started: int) -> tuple[Decision, dict[str, Any]]:
+    def _decide_and_record(
+        self, raw: bytes, metadata: Mapping[str, str] | None, started: int
+    ) -> tuple[Decision, dict[str, Any]]:
         decision_id = uuid.uuid4().hex
         request_id = ""
         try:
-            request = parse_check_request(raw)
+            request = parse_check_request(raw, metadata)
             request_id = request.request_id
             decision = self._decide(request, decision_id)
         except BadRequestError as exc:
@@ -110,16 +112,19 @@ class AuthorizationService:
             self._metrics.observe(decision, (time.perf_counter_ns() - started) / 1e9)
         return build_check_response(decision)
 
-    def check_bytes(self, raw: bytes) -> bytes:
-        """Decide one serialized CheckRequest and return the serialized CheckResponse (no fsync wait)."""
+    def check_bytes(self, raw: bytes, metadata: Mapping[str, str] | None = None) -> bytes:
+        """Decide one serialized CheckRequest and return the serialized CheckResponse (no fsync wait).
+
+        ``metadata`` is the call's gRPC metadata (network-level checks carry their context there).
+        """
         started = time.perf_counter_ns()
-        decision, _ = self._decide_and_record(raw, started)
+        decision, _ = self._decide_and_record(raw, metadata, started)
         return self._finish(decision, started)
 
-    async def check(self, raw: bytes) -> bytes:
+    async def check(self, raw: bytes, metadata: Mapping[str, str] | None = None) -> bytes:
         """Like :meth:`check_bytes`, and with ``decision_log.fsync`` wait until the record is synced."""
         started = time.perf_counter_ns()
-        decision, record = self._decide_and_record(raw, started)
+        decision, record = self._decide_and_record(raw, metadata, started)
         if self._log.fsync:
             try:
                 await self._log.sync()
@@ -128,7 +133,8 @@ class AuthorizationService:
         return self._finish(decision, started)
 
     async def _check(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        return await self.check(raw)
+        metadata = context.invocation_metadata() or ()
+        return await self.check(raw, {k: v for k, v in metadata if isinstance(v, str)})
 
     def handler(self) -> grpc.GenericRpcHandler:
         """A generic handler for ``Check`` taking and returning raw bytes."""

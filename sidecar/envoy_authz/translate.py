@@ -9,24 +9,45 @@ betterproto2 classes). Envoy facts relied on (``envoy.service.auth.v3``):
 * ``attributes.source.certificate`` is the URL-encoded PEM of the peer, sent only with
   ``include_peer_certificate``;
 * an OkHttpResponse header with ``append_action: OVERWRITE_IF_EXISTS_OR_ADD`` replaces the
-  request's value.
+  request's value;
+* the network filter (``envoy.filters.network.ext_authz``) sends no ``request.http`` and has no
+  ``context_extensions``: the listener names the check's direction and protocol in gRPC initial
+  metadata (``x-agent-authz-direction``, ``x-agent-authz-protocol``); with ``include_tls_session``
+  it sends ``tls_session`` (``sni`` empty when the ClientHello named none, and also for non-TLS
+  connections); ``destination.address`` is the connection's local address, which the
+  ``original_dst`` listener filter restores to the original destination.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 import orjson
 from envoy.config.core.v3 import base_pb2
-from envoy.service.auth.v3 import external_auth_pb2
+from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
-from sidecar.decision import DECISION_ID_HEADER, REASON_HEADER, AuthzRequest, Decision, Direction
+from sidecar.decision import DECISION_ID_HEADER, REASON_HEADER, AuthzRequest, Decision, Direction, Protocol
 from sidecar.errors import BadRequestError
 
-__all__ = ["DECISION_ID_HEADER", "METADATA_NAMESPACE", "REASON_HEADER", "build_check_response", "parse_check_request"]
+__all__ = [
+    "DECISION_ID_HEADER",
+    "DIRECTION_METADATA",
+    "METADATA_NAMESPACE",
+    "PROTOCOL_METADATA",
+    "REASON_HEADER",
+    "build_check_response",
+    "parse_check_request",
+]
+
+DIRECTION_METADATA = "x-agent-authz-direction"
+"""gRPC metadata key: the direction of a network (connection-level) check."""
+PROTOCOL_METADATA = "x-agent-authz-protocol"
+"""gRPC metadata key: ``tls`` or ``tcp``, the filter chain that asks (network checks only)."""
+_NETWORK_PROTOCOLS = {Protocol.TLS.value: Protocol.TLS, Protocol.TCP.value: Protocol.TCP}
 
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 """Envoy stores ``CheckResponse.dynamic_metadata`` under the filter's name; access logs read
@@ -41,18 +62,50 @@ _OK = status_pb2.Status(code=code_pb2.OK)
 _DENIED = status_pb2.Status(code=code_pb2.PERMISSION_DENIED)
 
 
-def parse_check_request(raw: bytes) -> AuthzRequest:
+def _address(peer: attribute_context_pb2.AttributeContext.Peer) -> str:
+    if not peer.HasField("address") or not peer.address.HasField("socket_address"):
+        return ""
+    socket = peer.address.socket_address
+    host = f"[{socket.address}]" if ":" in socket.address else socket.address
+    return f"{host}:{socket.port_value}"
+
+
+def _network_request(
+    attributes: attribute_context_pb2.AttributeContext, metadata: Mapping[str, str] | None
+) -> AuthzRequest:
+    metadata = metadata or {}
+    protocol = _NETWORK_PROTOCOLS.get(metadata.get(PROTOCOL_METADATA, ""))
+    if protocol is None or metadata.get(DIRECTION_METADATA) != Direction.EGRESS.value:
+        raise BadRequestError("CheckRequest has no HTTP attributes")
+    return AuthzRequest(
+        direction=Direction.EGRESS,
+        method="",
+        scheme="",
+        authority="",
+        path="",
+        headers={},
+        context={"direction": Direction.EGRESS.value, "protocol": protocol.value},
+        protocol=protocol,
+        sni=attributes.tls_session.sni,
+        destination=_address(attributes.destination),
+    )
+
+
+def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -> AuthzRequest:
     """Decode a serialized ``CheckRequest``.
 
     Args:
         raw: the gRPC request message bytes.
+        metadata: the call's gRPC metadata (lower-case keys); names direction and protocol of a
+            network check, which has no ``context_extensions``.
 
     Returns:
-        The :class:`AuthzRequest`.
+        The :class:`AuthzRequest`: an HTTP request, or (no HTTP attributes, and metadata naming an
+        egress ``tls``/``tcp`` check) a connection with its SNI and original destination.
 
     Raises:
-        BadRequestError: not a CheckRequest, over 96 KiB, no HTTP attributes, or no usable
-            ``direction`` context extension.
+        BadRequestError: not a CheckRequest, over 96 KiB, no HTTP attributes and no network check
+            metadata, or no usable ``direction`` context extension.
     """
     if len(raw) > _MAX_REQUEST_BYTES:
         raise BadRequestError("CheckRequest larger than 96 KiB")
@@ -62,7 +115,7 @@ def parse_check_request(raw: bytes) -> AuthzRequest:
         raise BadRequestError(f"undecodable CheckRequest ({type(exc).__name__})") from None
     attributes = message.attributes
     if not attributes.request.HasField("http"):
-        raise BadRequestError("CheckRequest has no HTTP attributes")
+        return _network_request(attributes, metadata)
     http = attributes.request.http
     if not _METHOD.match(http.method):
         raise BadRequestError("missing or malformed HTTP method")
@@ -80,6 +133,7 @@ def parse_check_request(raw: bytes) -> AuthzRequest:
         request_id=http.headers.get("x-request-id", http.id),
         context=dict(context),
         peer_certificate=attributes.source.certificate,
+        destination=_address(attributes.destination),
     )
 
 

@@ -3,6 +3,7 @@
 Every child rule must lie within one parent rule, dimension by dimension:
 
 * host - equal, or inside the parent's ``*.suffix`` (``a.x.com`` or ``*.a.x.com`` within ``*.x.com``);
+* tls (``none``/``passthrough``/``originate``) and its upstream port - the same;
 * port - equal (after defaults);
 * methods - a subset (``*`` only under ``*``);
 * paths - each child pattern within a parent pattern (``/a/b`` within ``/a/*``; ``/a/b/*`` within
@@ -71,6 +72,10 @@ def path_within(child: str, parent: str) -> bool:
     return child == parent
 
 
+def _port(rule: EgressRuleSpec) -> int:
+    return rule.port or (443 if rule.tls == "passthrough" else _DEFAULT_PORT)
+
+
 def _scopes(scope: str | None) -> frozenset[str]:
     return frozenset(scope.split()) if scope else frozenset()
 
@@ -79,8 +84,10 @@ def rule_within(child: EgressRuleSpec, parent: EgressRuleSpec) -> tuple[str, str
     """``None`` if ``child`` lies within ``parent``, else ``(dimension, explanation)``."""
     if not host_within(child.host, parent.host):
         return "host", f"{child.host!r} is not within {parent.host!r}"
-    if (child.port or _DEFAULT_PORT) != (parent.port or _DEFAULT_PORT):
-        return "port", f"{child.port or _DEFAULT_PORT} is not {parent.port or _DEFAULT_PORT}"
+    if child.tls != parent.tls or child.upstream_port != parent.upstream_port:
+        return "tls", f"tls {child.tls!r} (upstream port {child.upstream_port}) is not the parent's {parent.tls!r}"
+    if _port(child) != _port(parent):
+        return "port", f"{_port(child)} is not {_port(parent)}"
     if "*" not in parent.methods and ("*" in child.methods or not set(child.methods) <= set(parent.methods)):
         return "methods", f"{child.methods} is not within {parent.methods}"
     for pattern in child.paths:
@@ -148,7 +155,7 @@ def check_attenuation(
             name = f" ({rule.name})" if rule.name else ""
             if not failures:
                 raise AttenuationError(f"egress[{c_index}]{name}", "the parent task has no egress rules")
-            order = ("host", "port", "methods", "paths", "token", "audience", "scope", "credential", "max_calls")
+            order = ("host", "tls", "port", "methods", "paths", "token", "audience", "scope", "credential", "max_calls")
             p_index, dimension, why = max(failures, key=lambda f: order.index(f[1]))
             parent_name = parent.egress[p_index].name or f"egress[{p_index}]"
             raise AttenuationError(

@@ -41,7 +41,14 @@ def rule_budget_key(spec: EgressRuleSpec) -> str:
     """The key of a rule's call counter: its name, or a hash of what it matches (stable across reloads)."""
     if spec.name:
         return spec.name
-    shape = {"host": spec.host, "port": spec.port, "methods": sorted(spec.methods), "paths": sorted(spec.paths)}
+    shape: dict[str, object] = {
+        "host": spec.host,
+        "port": spec.port,
+        "methods": sorted(spec.methods),
+        "paths": sorted(spec.paths),
+    }
+    if spec.tls != "none":
+        shape["tls"] = spec.tls
     return "h:" + hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -59,6 +66,8 @@ def _compile_rule(index: int, spec: EgressRuleSpec, credential: Credential | Non
         max_calls=spec.max_calls,
         token=spec.token,
         credential=credential,
+        tls=spec.tls,
+        upstream_port=spec.upstream_port,
     )
 
 

@@ -16,7 +16,12 @@ from sidecar.policy.budget import BudgetKey, BudgetLedger
 from sidecar.policy.model import EgressRule, PolicyIndex, Task
 from sidecar.tokens.minter import TokenMinter
 
-__all__ = ["decide_egress", "dry_run"]
+__all__ = ["UPSTREAM_TLS_CONTEXT", "decide_egress", "dry_run"]
+
+UPSTREAM_TLS_CONTEXT = "upstream_tls"
+"""``context_extensions`` key Envoy sets to ``originate`` on routes that open TLS to the upstream;
+a ``tls: originate`` rule allows a call only through such a route, so a bootstrap rendered before the
+rule existed can never send its token in clear text."""
 
 _ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER)
 _AGENT_CREDENTIALS = ("authorization", *_ALWAYS_REMOVE)
@@ -48,6 +53,8 @@ def _match(task: Task, target: Target, method: str) -> _Match:
     deepest = 1
     matched = []
     for rule in candidates:
+        if rule.tls == "passthrough":  # a TLS connection rule never allows an HTTP request
+            continue
         port = rule.port if rule.port is not None else DEFAULT_PORTS["http"]
         if port != target.port:
             continue
@@ -95,7 +102,7 @@ def decide_egress(
         A :class:`Decision`. Deny reasons: ``bad_request``, ``no_task``, ``unknown_task``,
         ``task_not_for_agent``, ``task_ambiguous``, ``task_not_yet_valid``, ``task_expired``,
         ``task_revoked``, ``host_not_allowed``, ``port_not_allowed``, ``method_not_allowed``,
-        ``path_not_allowed``, ``budget_exhausted``.
+        ``path_not_allowed``, ``budget_exhausted``, ``tls_origination_unavailable``.
     """
     agent = policy.agent
     method = request.method.upper()
@@ -125,6 +132,7 @@ def decide_egress(
         host=target.host,
         port=target.port,
         path=target.path,
+        destination=request.destination,
     )
 
     def deny(reason: Reason, detail: str, task: Task | None = None) -> Decision:
@@ -180,8 +188,14 @@ def decide_egress(
                 task, match = max(results, key=lambda tm: _STAGES.index(tm[1].reason))
     if not match.rules:
         return deny(match.reason, f"no egress rule of the task allows this call ({match.reason.value})", task)
+    rules = match.rules
+    if request.context.get(UPSTREAM_TLS_CONTEXT) != "originate":
+        rules = tuple(r for r in rules if r.tls != "originate")
+        if not rules:
+            detail = "the rule needs 'tls: originate' and this Envoy route sends plain HTTP (re-render the bootstrap)"
+            return deny(Reason.TLS_ORIGINATION_UNAVAILABLE, detail, task)
 
-    rule = next((r for r in match.rules if budgets.available(_budget_limits(task, r))), None)
+    rule = next((r for r in rules if budgets.available(_budget_limits(task, r))), None)
     if rule is None or not budgets.try_consume(_budget_limits(task, rule)):
         return deny(Reason.BUDGET_EXHAUSTED, "the task's call budget is spent", task)
 
@@ -189,7 +203,11 @@ def decide_egress(
     to_remove = list(_ALWAYS_REMOVE)
     token_info = None
     if rule.token:
-        audience = rule.audience or _default_audience(request.scheme or "http", target)
+        if rule.tls == "originate":
+            upstream = Target(target.host, rule.upstream_port or DEFAULT_PORTS["https"], target.path, "")
+            audience = rule.audience or _default_audience("https", upstream)
+        else:
+            audience = rule.audience or _default_audience(request.scheme or "http", target)
         minted = minter.token_for(
             task_id=task.id,
             txn=task.txn,

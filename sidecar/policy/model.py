@@ -67,6 +67,9 @@ class EgressRule:
         max_calls: calls allowed for this rule over the task's life; ``None`` means unlimited.
         token: whether a task-scoped token is injected as ``Authorization: Bearer``.
         credential: a static API key to inject, if any.
+        tls: ``none`` (plain HTTP), ``passthrough`` (a TLS connection judged on SNI; never matches
+            an HTTP request) or ``originate`` (HTTP from the agent, TLS from Envoy to the upstream).
+        upstream_port: with ``originate``, the upstream TLS port (default 443).
     """
 
     name: str
@@ -80,6 +83,8 @@ class EgressRule:
     max_calls: int | None
     token: bool
     credential: Credential | None
+    tls: str = "none"
+    upstream_port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

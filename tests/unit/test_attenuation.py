@@ -103,6 +103,7 @@ def narrow(**kw: Any) -> EgressRuleSpec:
     [
         (narrow(host="b.x.com"), "egress[0].host"),
         (narrow(port=8080), "egress[0].port"),
+        (narrow(tls="originate"), "egress[0].tls"),
         (narrow(methods=["GET", "DELETE"]), "egress[0].methods"),
         (narrow(methods=["*"]), "egress[0].methods"),
         (narrow(paths=["/b/*"]), "egress[0].paths"),

@@ -1,0 +1,173 @@
+"""The connection decision: a TLS connection the agent opened itself, or other TCP.
+
+Behind the transparent ``outbound`` listener Envoy cannot read what a TLS connection carries, and
+nothing at all of a protocol it does not know. It asks once per connection (network ext_authz);
+the answer is judged on the SNI and the original destination:
+
+1. the original destination must be known and not loopback (a connection that reached the
+   listener without being redirected has no destination of its own) - else ``unknown_destination``;
+2. neither HTTP nor TLS: ``tcp_not_allowed``, always;
+3. TLS without a server name: ``no_sni``; a server name that is not a DNS name (an IP literal,
+   odd characters, RFC 6066 §3): ``bad_request``;
+4. an active task with a rule for that host and ``tls: passthrough`` on that port (default 443)
+   allows it, charging the rules' and task's ``max_calls`` per connection. Otherwise the deepest
+   failure: ``host_not_allowed`` < ``tls_not_allowed`` (rules name the host, none with
+   ``tls: passthrough``) < ``port_not_allowed``; ``budget_exhausted``.
+
+The connection goes to the original destination, so a passthrough rule trusts the agent to connect
+to an address of the host it names (see the README's "Transparent interception"). No token is
+injected: Envoy cannot change what the TLS connection carries.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import replace
+
+from sidecar.decision import AuthzRequest, Decision, Direction, Protocol, Reason, deny_status
+from sidecar.errors import BadRequestError
+from sidecar.http_norm import DEFAULT_PORTS, normalize_authority
+from sidecar.policy.budget import BudgetLedger
+from sidecar.policy.engine import _budget_limits, _task_state
+from sidecar.policy.model import EgressRule, PolicyIndex, Task
+
+__all__ = ["decide_connection", "parse_destination", "sni_host"]
+
+_STAGES = (Reason.HOST_NOT_ALLOWED, Reason.TLS_NOT_ALLOWED, Reason.PORT_NOT_ALLOWED)
+
+
+def parse_destination(destination: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int] | None:
+    """``ip:port`` or ``[v6]:port`` to ``(address, port)``; ``None`` when unusable.
+
+    Unusable: empty, malformed, port 0, or a loopback or unspecified address (a connection made to
+    the listener itself, not redirected to it).
+    """
+    host, sep, port_text = destination.rpartition(":")
+    if not sep or not port_text.isdigit() or not port_text.isascii():
+        return None
+    try:
+        address = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return None
+    port = int(port_text)
+    if not 0 < port < 65536 or address.is_loopback or address.is_unspecified:
+        return None
+    return address, port
+
+
+def sni_host(sni: str) -> str:
+    """The canonical host of a TLS server name (lower case, no trailing dot).
+
+    Raises:
+        BadRequestError: not a DNS host name: a port, an IP literal (RFC 6066 §3 forbids them),
+            odd characters, an overlong name or label.
+    """
+    if ":" in sni or "[" in sni:
+        raise BadRequestError("SNI is not a DNS host name")
+    host, _ = normalize_authority(sni, "https")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    raise BadRequestError("SNI is an IP literal (RFC 6066 §3)")
+
+
+def _stage(task: Task, host: str, port: int) -> tuple[int, tuple[EgressRule, ...]]:
+    candidates = task.rules_for_host(host)
+    if not candidates:
+        return 0, ()
+    passthrough = [r for r in candidates if r.tls == "passthrough"]
+    if not passthrough:
+        return 1, ()
+    matched = tuple(r for r in passthrough if (r.port or DEFAULT_PORTS["https"]) == port)
+    return (3, matched) if matched else (2, ())
+
+
+def decide_connection(
+    policy: PolicyIndex,
+    request: AuthzRequest,
+    *,
+    now: float,
+    decision_id: str,
+    budgets: BudgetLedger,
+) -> Decision:
+    """Decide one egress connection (``request.protocol`` is ``tls`` or ``tcp``).
+
+    Args:
+        policy: the active compiled policy.
+        request: the connection as Envoy saw it (``sni``, ``destination``).
+        now: POSIX seconds.
+        decision_id: id to put on the decision.
+        budgets: the call counters (one connection = one call).
+
+    Returns:
+        A :class:`Decision` (see the module docstring for the reasons).
+    """
+    destination = parse_destination(request.destination)
+    base = Decision(
+        False,
+        Reason.TCP_NOT_ALLOWED,
+        403,
+        decision_id,
+        "",
+        Direction.EGRESS,
+        agent=policy.agent,
+        port=destination[1] if destination else 0,
+        protocol=request.protocol,
+        sni=request.sni[:256],
+        destination=request.destination[:64],
+    )
+
+    def deny(reason: Reason, detail: str, task: Task | None = None) -> Decision:
+        return replace(
+            base,
+            reason=reason,
+            http_status=deny_status(reason),
+            detail=detail,
+            task_id=task.id if task else None,
+            on_behalf_of=task.on_behalf_of if task else None,
+        )
+
+    if destination is None:
+        return deny(Reason.UNKNOWN_DESTINATION, "no usable original destination (not a redirected connection)")
+    if request.protocol is not Protocol.TLS:
+        return deny(Reason.TCP_NOT_ALLOWED, "neither HTTP nor TLS: only HTTP and TLS leave through Envoy")
+    if not request.sni:
+        return deny(Reason.NO_SNI, "the TLS ClientHello names no server (SNI)")
+    try:
+        host = sni_host(request.sni)
+    except BadRequestError as exc:
+        return deny(Reason.BAD_REQUEST, str(exc))
+    base = replace(base, host=host)
+
+    tasks = policy.tasks_by_agent.get(policy.agent, ())
+    if not tasks:
+        return deny(Reason.NO_TASK, "no task is declared for this agent")
+    active = [t for t in tasks if _task_state(t, now) is None]
+    if not active:
+        state = _task_state(tasks[0], now)
+        assert state is not None
+        return deny(state, f"no active task (first: {state.value})", tasks[0])
+    deepest, deepest_task = -1, active[0]
+    exhausted: Task | None = None
+    for task in active:  # declaration order: a connection cannot name its task
+        stage, rules = _stage(task, host, destination[1])
+        if stage > deepest:
+            deepest, deepest_task = stage, task
+        for rule in rules:
+            limits = _budget_limits(task, rule)
+            if budgets.available(limits) and budgets.try_consume(limits):
+                return replace(
+                    base,
+                    allow=True,
+                    reason=Reason.ALLOWED,
+                    http_status=200,
+                    task_id=task.id,
+                    on_behalf_of=task.on_behalf_of,
+                    rule=rule.name,
+                )
+            exhausted = task
+    if exhausted is not None:
+        return deny(Reason.BUDGET_EXHAUSTED, "the task's call budget is spent", exhausted)
+    reason = _STAGES[deepest]
+    return deny(reason, f"no egress rule allows a TLS connection to this host and port ({reason.value})", deepest_task)
