@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+import yaml
+from pydantic import ValidationError
 
-from sidecar.config.loader import LoadedConfig, load_config, read_secret_file
+from sidecar.config.loader import LoadedConfig, format_loc, load_config, read_secret_file
 from sidecar.config.schema import TaskSpec
 from sidecar.credentials import credential_value
 from sidecar.decision import AuthzRequest, Decision, Direction, Protocol
@@ -68,6 +70,28 @@ class Snapshot:
     watched: frozenset[Path]
 
 
+def _looks_like_jws(text: str) -> bool:
+    return text.count(".") == 2 and not any(c.isspace() for c in text)
+
+
+def _task_document(text: str, agent: str, file: str, field: str, revoked: bool) -> TaskSpec:
+    """One task in YAML/JSON (``agent`` defaults to this agent)."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, field, f"invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(file, field, "a task file holds one task (a mapping) or a grant (a compact JWS)")
+    data.setdefault("agent", agent)
+    if revoked:
+        data["revoked"] = True
+    try:
+        return TaskSpec.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise ConfigError(file, f"{field}: {format_loc(first['loc'])}", first["msg"]) from None
+
+
 class _Reader:
     """Reads files named in one configuration, hashing them (change detection) and noting them (watching)."""
 
@@ -82,6 +106,20 @@ class _Reader:
     def read(self, path: Path, field: str) -> bytes:
         resolved = self.loaded.resolve(path)
         data = read_secret_file(resolved, file=str(self.loaded.source), field=field)
+        self.digest.update(field.encode() + b"\0" + data + b"\0")
+        self.watched.add(resolved)
+        return data
+
+    def read_optional(self, path: Path, field: str, limit: int = 1024 * 1024) -> bytes:
+        """Like :meth:`read`, but an empty file is fine (an unset annotation mounts as an empty file)."""
+        resolved = self.loaded.resolve(path)
+        try:
+            with resolved.open("rb") as handle:
+                data = handle.read(limit + 1)
+        except OSError as exc:
+            raise ConfigError(str(self.loaded.source), field, f"cannot read {resolved}: {exc.strerror}") from None
+        if len(data) > limit:
+            raise ConfigError(str(self.loaded.source), field, f"{resolved} is larger than {limit} bytes")
         self.digest.update(field.encode() + b"\0" + data + b"\0")
         self.watched.add(resolved)
         return data
@@ -195,9 +233,12 @@ class Runtime:
         )
         for path in settings.grants.revocations:
             reader.watch(path)  # a list published later must trigger a reload
-        for grant in grant_set.grants:
+        file_grants, file_tasks = self._task_files(loaded, reader, grant_set, agent, named, now)
+        for grant, revoked_here in [(g, False) for g in grant_set.grants] + file_grants:
             creds = {i: named[r.credential] for i, r in enumerate(grant.spec.egress) if isinstance(r.credential, str)}
-            sources.append(TaskSource(grant.spec, creds, grant, revoked_by(grant, grant_set.revocations) is not None))
+            revoked = revoked_here or revoked_by(grant, grant_set.revocations) is not None
+            sources.append(TaskSource(grant.spec, creds, grant, revoked))
+        sources.extend(file_tasks)
         seen: set[str] = set()
         for source in sources:
             if source.spec.id in seen:
@@ -238,6 +279,51 @@ class Runtime:
         self.budgets.retain(policy.tasks_by_id)
         self.tokens.retain({(t.id, t.fingerprint) for t in policy.tasks_by_id.values()})
         return snapshot
+
+    def _task_files(
+        self,
+        loaded: LoadedConfig,
+        reader: _Reader,
+        grant_set: GrantSet,
+        agent: str,
+        named: dict[str, Credential],
+        now: float,
+    ) -> tuple[list[tuple[Grant, bool]], list[TaskSource]]:
+        """Tasks from ``task_files`` (downward-API annotation files): grants, or plain task documents."""
+        name = str(loaded.source)
+        grants: list[tuple[Grant, bool]] = []
+        tasks: list[TaskSource] = []
+        for index, spec in enumerate(loaded.settings.task_files):
+            field = f"task_files[{index}]"
+            reader.watch(spec.path)
+            revoked = False
+            if spec.revoked is not None:
+                reader.watch(spec.revoked)
+                if loaded.resolve(spec.revoked).exists():
+                    revoked = reader.read_optional(spec.revoked, f"{field}.revoked").strip().lower() == b"true"
+            if not loaded.resolve(spec.path).exists():
+                continue
+            text = reader.read_optional(spec.path, f"{field}.path").decode("utf-8", "replace").strip()
+            if not text:
+                continue
+            if _looks_like_jws(text):
+                try:
+                    grant = grant_set.verifier.verify(text, now=now)
+                    check_grant_usable(grant, agent, named)
+                except GrantError as exc:
+                    raise ConfigError(name, f"{field}.path", str(exc)) from None
+                grants.append((grant, revoked))
+                continue
+            task = _task_document(text, agent, name, f"{field}.path", revoked)
+            creds: dict[int, Credential] = {}
+            for r_index, rule in enumerate(task.egress):
+                if rule.credential is None:
+                    continue
+                if not isinstance(rule.credential, str) or rule.credential not in named:
+                    raise ConfigError(name, f"{field}.path", f"egress[{r_index}]: name a credential from 'credentials'")
+                creds[r_index] = named[rule.credential]
+            tasks.append(TaskSource(task, creds))
+        return grants, tasks
 
     def _load_identity(self, loaded: LoadedConfig, reader: _Reader) -> IdentityState | None:
         spec = loaded.settings.identity

@@ -45,6 +45,7 @@ __all__ = [
     "RotateSpec",
     "SidecarConfig",
     "SpiffeIdStr",
+    "TaskFileSpec",
     "TaskSpec",
     "WorkloadApiSpec",
 ]
@@ -383,6 +384,19 @@ class RootIssuerSpec(_Model):
         return self
 
 
+class TaskFileSpec(_Model):
+    """A task declared in a file of its own - in Kubernetes, a pod annotation mounted through a
+    downward-API volume, so that changing the annotation reaches the sidecar without a restart.
+
+    ``path`` holds either a signed grant (a compact JWS, verified like ``grants.files``) or one task
+    in YAML/JSON (the shape of a ``tasks[]`` entry; ``agent`` defaults to this agent). A missing or
+    empty file declares nothing. ``revoked`` names a file whose content ``true`` revokes that task.
+    """
+
+    path: Path
+    revoked: Path | None = None
+
+
 class GrantsSpec(_Model):
     """Signed task grants (``agent-task+jwt``) this sidecar accepts, and delegation limits.
 
@@ -547,6 +561,7 @@ class SidecarConfig(_Model):
     decision_log: DecisionLogSpec = DecisionLogSpec()
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
     grants: GrantsSpec = GrantsSpec()
+    task_files: list[TaskFileSpec] = Field(default_factory=list)
     dry_run: bool = False
     tasks: list[TaskSpec] = Field(default_factory=list)
 

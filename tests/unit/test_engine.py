@@ -384,3 +384,26 @@ def test_reload_back_to_an_earlier_file_after_a_failure(tmp_path: Path) -> None:
     assert runtime.reload()
     assert runtime.decide(req("/v1/other"), "b").reason is Reason.PATH_NOT_ALLOWED
     assert not runtime.reload()  # nothing changed since: no rebuild
+
+
+def test_task_files_from_annotations(tmp_path: Path) -> None:
+    """A pod annotation mounted as a file: a plain task document, revoked through a second file."""
+    write_keys(tmp_path)
+    config = base_config(tmp_path, [])
+    config["task_files"] = [{"path": "pod/task", "revoked": "pod/revoked"}]
+    write_config(tmp_path, config)
+    (tmp_path / "pod").mkdir()
+    runtime = Runtime(tmp_path / "sidecar.yaml", clock=Clock())
+    assert runtime.decide(req(), "a").reason is Reason.NO_TASK  # missing annotation: no task
+    (tmp_path / "pod" / "task").write_text(
+        "id: from-annotation\npurpose: p\nttl: 1h\negress: [{host: api.internal, methods: [GET], paths: ['/v1/items/*']}]\n"
+    )
+    (tmp_path / "pod" / "revoked").write_text("")
+    assert runtime.reload()
+    decision = runtime.decide(req(), "b")
+    assert decision.allow and decision.task_id == "from-annotation"
+    (tmp_path / "pod" / "revoked").write_text("true")
+    assert runtime.reload()
+    assert runtime.decide(req(), "c").reason is Reason.TASK_REVOKED
+    (tmp_path / "pod" / "task").write_text("id: [not a task")
+    assert not runtime.reload() and "task_files[0].path" in (runtime.last_error or "")
