@@ -20,7 +20,7 @@ import yaml
 from pydantic import ValidationError
 
 from sidecar.config.loader import LoadedConfig, format_loc, load_config, read_secret_file
-from sidecar.config.schema import TaskSpec
+from sidecar.config.schema import TaskSpec, tls_rule_conflicts
 from sidecar.credentials import credential_value
 from sidecar.decision import AuthzRequest, Decision, Direction, Protocol
 from sidecar.errors import ConfigError
@@ -92,6 +92,25 @@ def _task_document(text: str, agent: str, file: str, field: str, revoked: bool) 
         raise ConfigError(file, f"{field}: {format_loc(first['loc'])}", first["msg"]) from None
 
 
+def _check_tls_rules(sources: list[TaskSource], intercept: bool, file: str) -> None:
+    """TLS rules of all tasks (config, grants, task files) agree, and ``tls: intercept`` has its CA.
+
+    Raises:
+        ConfigError: see :func:`~sidecar.config.schema.tls_rule_conflicts`; or a ``tls: intercept``
+            rule without the ``intercept`` section.
+    """
+    located = [(f"task {src.spec.id!r} egress[{i}]", rule) for src in sources for i, rule in enumerate(src.spec.egress)]
+    conflict = tls_rule_conflicts(located)
+    if conflict is not None:
+        raise ConfigError(file, "tasks", conflict)
+    if not intercept:
+        for where, rule in located:
+            if rule.tls == "intercept":
+                raise ConfigError(
+                    file, "tasks", f"{where}: 'tls: intercept' needs the 'intercept' section (the pod CA)"
+                )
+
+
 class _Reader:
     """Reads files named in one configuration, hashing them (change detection) and noting them (watching)."""
 
@@ -160,6 +179,7 @@ class Runtime:
         self._defer = defer
         self._first_seen: dict[str, float] = {}
         self._retired: tuple[tuple[SigningKey, float], ...] = ()
+        self._listeners: list[Callable[[Snapshot], None]] = []
         self.reloads = 0
         self.reload_failures = 0
         self.last_error: str | None = None
@@ -239,6 +259,8 @@ class Runtime:
             revoked = revoked_here or revoked_by(grant, grant_set.revocations) is not None
             sources.append(TaskSource(grant.spec, creds, grant, revoked))
         sources.extend(file_tasks)
+        if len(sources) > len(settings.tasks):  # grants and task files: check them with the config's tasks
+            _check_tls_rules(sources, settings.intercept is not None, name)
         seen: set[str] = set()
         for source in sources:
             if source.spec.id in seen:
@@ -411,6 +433,8 @@ class Runtime:
         self.snapshot = snapshot
         self.reloads += 1
         self.last_error = None
+        for listener in self._listeners:
+            listener(snapshot)
         _log.info(
             "config_reloaded",
             file=str(self.config_path),
@@ -418,6 +442,10 @@ class Runtime:
             tasks=len(snapshot.policy.tasks_by_id),
         )
         return True
+
+    def add_listener(self, listener: Callable[[Snapshot], None]) -> None:
+        """Call ``listener(snapshot)`` after each new snapshot is swapped in (on the reloading thread)."""
+        self._listeners.append(listener)
 
     def decide(self, request: AuthzRequest, decision_id: str) -> Decision:
         """Decide ``request`` against the active snapshot (read once, so a swap mid-call is harmless).
