@@ -608,6 +608,34 @@ class _Builder:
             self.blackhole_cluster(),
         ]
         intercepting = [self.intercept_chain(t, match_port=True) for t in targets or ()]
+
+        def generic(port: int | None = None) -> list[Any]:
+            """Passthrough/refusal of other TLS, and plain HTTP: for any port, or for ``port``."""
+            suffix = f"|{port}" if port is not None else ""
+            tls, http = (
+                ls.FilterChainMatch(transport_protocol="tls"),
+                ls.FilterChainMatch(
+                    transport_protocol="raw_buffer", application_protocols=["http/1.0", "http/1.1", "h2c"]
+                ),
+            )
+            if port is not None:
+                tls.destination_port = http.destination_port = port
+            return [
+                ls.FilterChain(
+                    name="outbound_tls" + suffix,
+                    filter_chain_match=tls,
+                    filters=[self.network_check("tls"), self.tcp_forward("outbound_tls", ORIGINAL_DST_CLUSTER)],
+                ),
+                ls.FilterChain(
+                    name="outbound_http" + suffix,
+                    filter_chain_match=http,
+                    filters=[self.connection_manager("outbound_http", vhosts, [dfp])],
+                ),
+            ]
+
+        # Envoy matches the destination port first and never falls back to chains without one: every
+        # port that has intercepting chains gets its own copy of the other chains.
+        per_port = [chain for port in sorted({t.port for t in targets or ()}) for chain in generic(port)]
         listener = ls.Listener(
             name="outbound",
             address=self.address(envoy.outbound_address, envoy.outbound_port),
@@ -617,21 +645,7 @@ class _Builder:
                 self.listener_filter("envoy.filters.listener.tls_inspector", self.tls_inspector.TlsInspector()),
                 self.listener_filter("envoy.filters.listener.http_inspector", self.http_inspector.HttpInspector()),
             ],
-            filter_chains=[
-                *intercepting,
-                ls.FilterChain(
-                    name="outbound_tls",
-                    filter_chain_match=ls.FilterChainMatch(transport_protocol="tls"),
-                    filters=[self.network_check("tls"), self.tcp_forward("outbound_tls", ORIGINAL_DST_CLUSTER)],
-                ),
-                ls.FilterChain(
-                    name="outbound_http",
-                    filter_chain_match=ls.FilterChainMatch(
-                        transport_protocol="raw_buffer", application_protocols=["http/1.0", "http/1.1", "h2c"]
-                    ),
-                    filters=[self.connection_manager("outbound_http", vhosts, [dfp])],
-                ),
-            ],
+            filter_chains=[*intercepting, *per_port, *generic()],
             default_filter_chain=ls.FilterChain(
                 name="outbound_tcp",
                 filters=[self.network_check("tcp"), self.tcp_forward("outbound_tcp", BLACKHOLE_CLUSTER)],
