@@ -69,7 +69,8 @@ class Leaf:
         cert_pem: the certificate (PEM).
         key_pem: its PKCS#8 private key (PEM); secret, excluded from ``repr``.
         serial: the certificate serial number (hex).
-        not_before / not_after: validity, POSIX seconds.
+        not_before / not_after: validity, POSIX seconds (``not_before`` is a minute before issuance).
+        issued_at: when it was minted, POSIX seconds; its useful life is ``not_after - issued_at``.
     """
 
     host: str
@@ -78,6 +79,7 @@ class Leaf:
     serial: str
     not_before: float
     not_after: float
+    issued_at: float
 
 
 class PodCA:
@@ -212,4 +214,5 @@ class PodCA:
             serial=format(cert.serial_number, "x"),
             not_before=(start - _BACKDATE).timestamp(),
             not_after=end.timestamp(),
+            issued_at=now,
         )

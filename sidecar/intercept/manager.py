@@ -141,7 +141,7 @@ class InterceptManager:
 
     # -- one reconciliation ----------------------------------------------------------------------
     def _renew_at(self, leaf: Leaf) -> float:
-        return leaf.not_after - self.spec.leaf_refresh_ahead * (leaf.not_after - leaf.not_before)
+        return leaf.not_after - self.spec.leaf_refresh_ahead * (leaf.not_after - leaf.issued_at)
 
     def sync(self, policy: PolicyIndex, now: float) -> float:
         """Make the files match ``policy`` at ``now``; returns when to call again (POSIX seconds).
