@@ -26,6 +26,7 @@ from sidecar.errors import ConfigError
 from sidecar.identity.state import IdentityState
 from sidecar.identity.workload_api import WorkloadApiIdentity
 from sidecar.intercept.manager import InterceptManager
+from sidecar.intercept.sds import SecretStore
 from sidecar.metrics import Metrics
 from sidecar.runtime import Runtime
 
@@ -89,6 +90,9 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((service.handler(),))
+    if intercept is not None:  # the pod-CA leaves, for Envoy's intercepting filter chains (gRPC SDS)
+        intercept.secrets.bind(loop)
+        server.add_generic_rpc_handlers((intercept.secrets.handler(),))
     authz = settings.listen.authz
     if authz.startswith("unix:"):
         sock_path = Path(authz[5:])
@@ -221,7 +225,8 @@ async def _start_intercept(config_path: Path, runtime: Runtime) -> InterceptMana
         return None
     loop = asyncio.get_running_loop()
     # The bootstrap was rendered from the file with its tasks; the runtime keeps a copy without them.
-    manager = InterceptManager(await loop.run_in_executor(None, load_config, config_path), clock=runtime.clock)
+    loaded = await loop.run_in_executor(None, load_config, config_path)
+    manager = InterceptManager(loaded, SecretStore(), clock=runtime.clock)
     try:
         await loop.run_in_executor(None, manager.prepare)
         await manager.sync_now(runtime)

@@ -40,9 +40,10 @@ Listeners:
   clusters from file-based CDS, in ``intercept.state_dir`` - written by the sidecar
   (:mod:`sidecar.intercept.manager`) with :func:`render_dynamic`, the same code as the rest. Per
   intercepted ``host:port``: a filter chain matching the SNI (and, on ``outbound``, the original
-  destination port) that terminates TLS with the host's pod-CA leaf (file-based SDS; ALPN ``h2``,
-  ``http/1.1``), then the egress HTTP connection manager with ext_authz (``context_extensions``
-  ``intercept: host:port``, ``upstream_verify``) and a route to a cluster that opens a new TLS
+  destination port) that terminates TLS with the host's pod-CA leaf (gRPC SDS from the sidecar,
+  over the ``agent_authz`` cluster: the key never touches a disk; ALPN ``h2``, ``http/1.1``), then
+  the egress HTTP connection manager with ext_authz (``context_extensions`` ``intercept:
+  host:port``, ``upstream_verify``) and a route to a cluster that opens a new TLS
   connection to the host (``envoy.destinations`` address, else DNS) with SNI = the host, verifying
   the chain against ``envoy.upstream_ca`` (default: the system bundle) and the ``dNSName`` SAN;
   an upstream that fails is a 502 (``local_reply_config`` on ``UF``) and Envoy's access log carries
@@ -54,6 +55,7 @@ Listeners:
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 import re
@@ -77,10 +79,10 @@ __all__ = [
     "RenderedEnvoy",
     "intercept_cluster_name",
     "intercept_secret_name",
+    "prune_render_cache",
     "render_bootstrap_json",
     "render_dynamic",
     "render_envoy",
-    "render_leaf_secret",
     "write_envoy",
 ]
 
@@ -459,12 +461,13 @@ class _Builder:
         return f"dns:{host} ca:{self.upstream_ca()}"
 
     def intercept_secret(self, host: str) -> Any:
-        assert self.xds is not None
+        """The leaf of ``host`` from the sidecar's gRPC SDS (:mod:`sidecar.intercept.sds`), over ``agent_authz``."""
         core = self.core
         source = core.ConfigSource(
-            path_config_source=core.PathConfigSource(
-                path=str(self.xds.secret(host)),
-                watched_directory=core.WatchedDirectory(path=str(self.xds.secret_dir(host))),
+            api_config_source=core.ApiConfigSource(
+                api_type=core.ApiConfigSourceApiType.GRPC,
+                transport_api_version=core.ApiVersion.V3,
+                grpc_services=[core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER))],
             ),
             resource_api_version=core.ApiVersion.V3,
         )
@@ -518,8 +521,9 @@ class _Builder:
             ),
         )
 
-    def intercept_connect_listener(self, targets: list[InterceptTarget]) -> Any:
-        """The internal listener ``CONNECT host:443`` tunnels end in: the intercepting chains of port 443."""
+    def intercept_connect_listener(self) -> Any:
+        """The internal listener ``CONNECT host:443`` tunnels end in (the intercepting chains of port 443
+        are added by :meth:`dynamic`)."""
         ls = self.listener
         return ls.Listener(
             name=INTERCEPT_CONNECT,
@@ -527,7 +531,6 @@ class _Builder:
             listener_filters=[
                 self.listener_filter("envoy.filters.listener.tls_inspector", self.tls_inspector.TlsInspector())
             ],
-            filter_chains=[self.intercept_chain(t, match_port=False) for t in targets if t.port == 443],
             default_filter_chain=ls.FilterChain(
                 name="intercept_connect_other",
                 filters=[
@@ -593,9 +596,9 @@ class _Builder:
         )
         return self.listener.Filter(name="envoy.filters.network.tcp_proxy", typed_config=self.pack(config))
 
-    def outbound(
-        self, vhosts: list[Any], dfp: Any, targets: list[InterceptTarget] | None = None
-    ) -> tuple[Any, list[Any]]:
+    def outbound(self, vhosts: list[Any], dfp: Any, ports: tuple[int, ...] = ()) -> tuple[Any, list[Any]]:
+        """The transparent listener (without intercepting chains) and its clusters; ``ports`` are the
+        ports that have intercepting chains (each gets its own copy of the generic chains)."""
         envoy, ls, c = self.settings.envoy, self.listener, self.cluster
         assert envoy.outbound_port is not None
         clusters = [
@@ -607,7 +610,6 @@ class _Builder:
             ),
             self.blackhole_cluster(),
         ]
-        intercepting = [self.intercept_chain(t, match_port=True) for t in targets or ()]
 
         def generic(port: int | None = None) -> list[Any]:
             """Passthrough/refusal of other TLS, and plain HTTP: for any port, or for ``port``."""
@@ -635,7 +637,7 @@ class _Builder:
 
         # Envoy matches the destination port first and never falls back to chains without one: every
         # port that has intercepting chains gets its own copy of the other chains.
-        per_port = [chain for port in sorted({t.port for t in targets or ()}) for chain in generic(port)]
+        per_port = [chain for port in ports for chain in generic(port)]
         listener = ls.Listener(
             name="outbound",
             address=self.address(envoy.outbound_address, envoy.outbound_port),
@@ -645,7 +647,7 @@ class _Builder:
                 self.listener_filter("envoy.filters.listener.tls_inspector", self.tls_inspector.TlsInspector()),
                 self.listener_filter("envoy.filters.listener.http_inspector", self.http_inspector.HttpInspector()),
             ],
-            filter_chains=[*intercepting, *per_port, *generic()],
+            filter_chains=[*per_port, *generic()],
             default_filter_chain=ls.FilterChain(
                 name="outbound_tcp",
                 filters=[self.network_check("tcp"), self.tcp_forward("outbound_tcp", BLACKHOLE_CLUSTER)],
@@ -866,14 +868,49 @@ class _Builder:
         )
         return RenderedEnvoy(message.to_dict(), dict(self.files))
 
-    def dynamic(self, targets: list[InterceptTarget]) -> DynamicResources:
-        """The listeners and clusters file-based LDS/CDS serve for ``targets``."""
-        vhosts, _, dfp = self.egress_routes()
-        listeners = [self.intercept_connect_listener(targets)]
+    def dynamic(self, targets: list[InterceptTarget], cache: dict[Any, dict[str, Any]]) -> DynamicResources:
+        """The listeners and clusters file-based LDS/CDS serve for ``targets``.
+
+        Each piece is rendered once and kept in ``cache`` (the typed classes cost ~25 ms per filter
+        chain), so adding a host renders only that host's chains and cluster.
+        """
+
+        def memo(key: Any, make: Any) -> dict[str, Any]:
+            if key not in cache:
+                cache[key] = make().to_dict()
+            return copy.deepcopy(cache[key])
+
+        def with_chains(listener: dict[str, Any], chains: list[dict[str, Any]]) -> dict[str, Any]:
+            listener["filterChains"] = [*chains, *listener.get("filterChains", [])]
+            return listener
+
+        listeners = [
+            with_chains(
+                memo(("connect",), self.intercept_connect_listener),
+                [
+                    memo(("chain", t, False), lambda t=t: self.intercept_chain(t, match_port=False))
+                    for t in targets
+                    if t.port == 443
+                ],
+            )
+        ]
         if self.settings.envoy.outbound_port is not None:
-            listeners.insert(0, self.outbound(vhosts, dfp, targets)[0])
-        clusters = [self.tls_cluster(intercept_cluster_name(t), t.host, t.upstream_port, alpn=True) for t in targets]
-        return DynamicResources([x.to_dict() for x in listeners], [x.to_dict() for x in clusters])
+            ports = tuple(sorted({t.port for t in targets}))
+
+            def outbound() -> Any:
+                vhosts, _, dfp = self.egress_routes()
+                return self.outbound(vhosts, dfp, ports)[0]
+
+            chains = [memo(("chain", t, True), lambda t=t: self.intercept_chain(t, match_port=True)) for t in targets]
+            listeners.insert(0, with_chains(memo(("outbound", ports), outbound), chains))
+        clusters = [
+            memo(
+                ("cluster", t),
+                lambda t=t: self.tls_cluster(intercept_cluster_name(t), t.host, t.upstream_port, alpn=True),
+            )
+            for t in targets
+        ]
+        return DynamicResources(listeners, clusters)
 
 
 def _sds_dir(loaded: LoadedConfig, out: Path | None) -> Path | None:
@@ -917,43 +954,37 @@ def write_envoy(loaded: LoadedConfig, out: Path) -> RenderedEnvoy:
     return rendered
 
 
-def render_dynamic(loaded: LoadedConfig, targets: list[InterceptTarget]) -> DynamicResources:
+def render_dynamic(
+    loaded: LoadedConfig, targets: list[InterceptTarget], cache: dict[Any, dict[str, Any]] | None = None
+) -> DynamicResources:
     """The dynamic listeners and clusters of an ``intercept`` configuration (file-based LDS/CDS).
 
     Args:
         loaded: the configuration the bootstrap was rendered from (the listeners refer to its static
             clusters, so render from the same configuration).
-        targets: the intercepted ``host:port`` pairs, sorted (equal input gives equal output, so
+        targets: the intercepted ``host:port`` pairs (sorted here: equal input gives equal output, so
             Envoy keeps the filter chains that did not change and their connections).
+        cache: rendered pieces from earlier calls with the same ``loaded`` (filled in; keys name
+            their target, so entries of targets gone can be dropped: :func:`prune_render_cache`).
 
     Raises:
         ValueError: ``loaded`` has no ``intercept`` section.
     """
     if loaded.settings.intercept is None:
         raise ValueError("render_dynamic needs an 'intercept' section")
-    return _Builder(loaded, None).dynamic(sorted(targets))
+    return _Builder(loaded, None).dynamic(sorted(targets), cache if cache is not None else {})
+
+
+def prune_render_cache(cache: dict[Any, dict[str, Any]], targets: frozenset[InterceptTarget]) -> None:
+    """Drop the cached pieces of :func:`render_dynamic` that belong to targets not in ``targets``
+    (and the listener shells of other sets of intercepted ports)."""
+    ports = tuple(sorted({t.port for t in targets}))
+    for key in list(cache):
+        gone = any(isinstance(part, InterceptTarget) and part not in targets for part in key)
+        if gone or (key[0] == "outbound" and key[1] != ports):
+            del cache[key]
 
 
 def render_bootstrap_json(loaded: LoadedConfig) -> str:
     """The bootstrap alone as pretty-printed proto3 JSON (configs without file-based SDS)."""
     return json.dumps(render_envoy(loaded).bootstrap, indent=2) + "\n"
-
-
-def render_leaf_secret(name: str, cert_pem: bytes, key_pem: bytes) -> dict[str, Any]:
-    """An SDS ``Secret`` named ``name`` holding a certificate chain and its private key (inline).
-
-    Returns:
-        The proto3 JSON dict (bytes base64-encoded); it contains the private key - write it only
-        to a file no one but the proxy user can read.
-    """
-    from envoy_data_plane.envoy.config.core import v3 as core
-    from envoy_data_plane.envoy.extensions.transport_sockets.tls import v3 as tls
-
-    secret = tls.Secret(
-        name=name,
-        tls_certificate=tls.TlsCertificate(
-            certificate_chain=core.DataSource(inline_bytes=cert_pem), private_key=core.DataSource(inline_bytes=key_pem)
-        ),
-    )
-    result: dict[str, Any] = secret.to_dict()
-    return result

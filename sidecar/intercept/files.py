@@ -2,9 +2,11 @@
 
 ``intercept.state_dir`` (``0700``, the proxy user's; Envoy runs as the same user)::
 
+    ca/ca.key, ca/ca.pem      the pod CA (0600), so that a restarted sidecar keeps the CA the agent trusts
     xds/listeners.json        file-based LDS: the ``outbound`` and ``intercept_connect`` listeners
     xds/clusters.json         file-based CDS: one verifying TLS cluster per intercepted host and port
-    sds/<host>/secret.json    file-based SDS: the host's pod-CA leaf certificate and key (0600)
+
+(The leaves' keys are not here: Envoy gets them over gRPC SDS, :mod:`sidecar.intercept.sds`.)
 
 ``intercept.publish_dir`` (for the agent container; only certificates)::
 
@@ -21,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ from typing import Any
 __all__ = [
     "BUNDLE_FILE",
     "CA_FILE",
-    "SECRET_TYPE",
+    "CLUSTER_TYPE",
+    "LISTENER_TYPE",
     "XdsPaths",
     "ensure_private_dir",
     "ensure_public_dir",
@@ -40,7 +42,6 @@ __all__ = [
 
 CA_FILE = "ca.pem"
 BUNDLE_FILE = "ca-bundle.pem"
-SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # noqa: S105 - a type URL
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 
@@ -67,17 +68,9 @@ class XdsPaths:
         return self.xds_dir / "clusters.json"
 
     @property
-    def sds_dir(self) -> Path:
-        """Parent of the per-host secret directories."""
-        return self.state_dir / "sds"
-
-    def secret_dir(self, host: str) -> Path:
-        """Directory Envoy watches for ``host``'s secret (one per host: a rotation wakes one watcher)."""
-        return self.sds_dir / host
-
-    def secret(self, host: str) -> Path:
-        """The SDS file of ``host``'s leaf certificate and key."""
-        return self.secret_dir(host) / "secret.json"
+    def ca_dir(self) -> Path:
+        """Where the pod CA is kept across restarts of the sidecar."""
+        return self.state_dir / "ca"
 
 
 def ensure_private_dir(path: Path) -> None:
@@ -126,8 +119,3 @@ def write_resources(path: Path, type_url: str, resources: list[dict[str, Any]], 
     """Write an xDS file: a ``DiscoveryResponse`` holding ``resources`` (proto3 JSON dicts) of ``type_url``."""
     body = {"version_info": version, "resources": [{"@type": type_url, **resource} for resource in resources]}
     write_atomic(path, (json.dumps(body, indent=1) + "\n").encode(), mode)
-
-
-def remove_secret(paths: XdsPaths, host: str) -> None:
-    """Delete ``host``'s secret directory (after Envoy's listener no longer refers to it)."""
-    shutil.rmtree(paths.secret_dir(host), ignore_errors=True)

@@ -1,18 +1,17 @@
 """Keep Envoy's intercepting filter chains, clusters and leaf certificates in step with the active tasks.
 
-The :class:`InterceptManager` owns the per-pod CA and the files of ``intercept.state_dir``
-(:mod:`sidecar.intercept.files`). :meth:`InterceptManager.sync` makes them match the policy at a
-given instant:
+The :class:`InterceptManager` owns the per-pod CA, the leaves (handed to Envoy by the gRPC SDS of
+:mod:`sidecar.intercept.sds`) and the files of ``intercept.state_dir`` (:mod:`sidecar.intercept.files`).
+:meth:`InterceptManager.sync` makes them match the policy at a given instant:
 
 1. a leaf certificate for every intercepted host that has none, or whose remaining life fell below
-   ``leaf_refresh_ahead`` - written to that host's SDS file, so Envoy uses it for new handshakes
-   while connections already open keep theirs (nothing in flight is dropped);
+   ``leaf_refresh_ahead`` - put in the SDS store, which pushes it to Envoy at once, so new
+   handshakes use it while connections already open keep theirs (nothing in flight is dropped);
 2. when the set of targets changed: the verifying clusters (CDS, first as the union of old and new,
    so no route ever names a missing cluster), the listeners with one filter chain per target (LDS;
    rendered in sorted order, so Envoy keeps the chains that did not change and their connections),
    then CDS without the clusters no longer used;
-3. the secret files of hosts no longer intercepted are deleted (their directories stay: Envoy may
-   still watch them, and a host intercepted again gets a fresh secret through the same watcher).
+3. the leaves of hosts no longer intercepted leave the SDS store.
 
 :meth:`InterceptManager.run` calls it at start, whenever the runtime swaps in a new policy (tasks
 added or revoked), when a task's ``not_before`` or ``expires_at`` passes and when a leaf is due.
@@ -23,7 +22,6 @@ milliseconds; it runs in a worker thread so the event loop keeps deciding.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -36,14 +34,8 @@ import structlog
 from sidecar.config.loader import LoadedConfig
 from sidecar.errors import ConfigError
 from sidecar.intercept.ca import Leaf, PodCA
-from sidecar.intercept.files import (
-    CLUSTER_TYPE,
-    LISTENER_TYPE,
-    SECRET_TYPE,
-    XdsPaths,
-    ensure_private_dir,
-    write_resources,
-)
+from sidecar.intercept.files import CLUSTER_TYPE, LISTENER_TYPE, XdsPaths, ensure_private_dir, write_resources
+from sidecar.intercept.sds import SecretStore
 from sidecar.intercept.targets import InterceptTarget, active_targets
 from sidecar.intercept.trust import write_trust_files
 from sidecar.policy.model import PolicyIndex
@@ -65,6 +57,7 @@ class InterceptManager:
     Args:
         loaded: the configuration the Envoy bootstrap was rendered from (with its ``tasks``: the
             listeners refer to the static clusters rendered from them). Must have ``intercept``.
+        secrets: where leaves go for Envoy (served by the sidecar's gRPC server).
         clock: POSIX seconds.
 
     Attributes:
@@ -76,11 +69,12 @@ class InterceptManager:
         ca_file / bundle_file: the published certificate and bundle.
     """
 
-    def __init__(self, loaded: LoadedConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, loaded: LoadedConfig, secrets: SecretStore, *, clock: Callable[[], float] = time.time) -> None:
         spec = loaded.settings.intercept
         if spec is None:
             raise ValueError("InterceptManager needs an 'intercept' section")
         self.loaded = loaded
+        self.secrets = secrets
         self.spec = spec
         self.clock = clock
         self.paths = XdsPaths(loaded.resolve(spec.state_dir).absolute())
@@ -94,6 +88,7 @@ class InterceptManager:
         self.ca_file: Path | None = None
         self.bundle_file: Path | None = None
         self._clusters: dict[str, dict[str, Any]] = {}
+        self._rendered: dict[Any, dict[str, Any]] = {}
         self._written = False
         self._version = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intercept")
@@ -110,9 +105,9 @@ class InterceptManager:
                 bundle cannot be read, or the certificates cannot be published.
         """
         name, spec = str(self.loaded.source), self.spec
-        ca_dir = self.paths.state_dir / "ca"
+        ca_dir = self.paths.ca_dir
         try:
-            for directory in (self.paths.state_dir, self.paths.xds_dir, self.paths.sds_dir, ca_dir):
+            for directory in (self.paths.state_dir, self.paths.xds_dir, ca_dir):
                 ensure_private_dir(directory)
         except OSError as exc:
             raise ConfigError(name, "intercept.state_dir", str(exc)) from None
@@ -150,7 +145,7 @@ class InterceptManager:
             OSError: a file cannot be written (the previous files stay; call again later).
             ValueError: the pod CA has expired.
         """
-        from sidecar.bootstrap.render import intercept_secret_name, render_dynamic, render_leaf_secret
+        from sidecar.bootstrap.render import intercept_secret_name, prune_render_cache, render_dynamic
 
         ca = self.ca
         assert ca is not None, "prepare() first"
@@ -161,9 +156,7 @@ class InterceptManager:
             if old is not None and now < self._renew_at(old):
                 continue
             leaf = ca.issue(host, ttl=self.spec.leaf_ttl, now=now)
-            secret = render_leaf_secret(intercept_secret_name(host), leaf.cert_pem, leaf.key_pem)
-            ensure_private_dir(self.paths.secret_dir(host))
-            write_resources(self.paths.secret(host), SECRET_TYPE, [secret], leaf.serial, 0o600)
+            self.secrets.put_certificate(intercept_secret_name(host), leaf.cert_pem, leaf.key_pem)
             self.leaves[host] = leaf
             if old is not None:
                 self.rotations += 1
@@ -171,7 +164,8 @@ class InterceptManager:
                 "intercept_leaf", host=host, serial=leaf.serial, not_after=int(leaf.not_after), renewed=old is not None
             )
         if targets != self.targets or not self._written:
-            dynamic = render_dynamic(self.loaded, sorted(targets))
+            prune_render_cache(self._rendered, targets)
+            dynamic = render_dynamic(self.loaded, sorted(targets), self._rendered)
             clusters = {c["name"]: c for c in dynamic.clusters}
             self._version += 1
             version = str(self._version)
@@ -188,11 +182,9 @@ class InterceptManager:
                 added=[f"{t.host}:{t.port}" for t in sorted(added)],
                 removed=[f"{t.host}:{t.port}" for t in sorted(removed)],
             )
-        for directory in self.paths.sds_dir.iterdir():
-            if directory.name not in hosts:
-                self.leaves.pop(directory.name, None)
-                with contextlib.suppress(FileNotFoundError):
-                    (directory / "secret.json").unlink()
+        for host in set(self.leaves) - hosts:
+            del self.leaves[host]
+            self.secrets.remove(intercept_secret_name(host))
         self.syncs += 1
         renew = min((self._renew_at(leaf) for leaf in self.leaves.values()), default=math.inf)
         return max(min(next_change, renew, now + 3600.0), now + _MIN_WAKE)

@@ -14,8 +14,9 @@ from sidecar.bootstrap.render import render_dynamic, write_envoy
 from sidecar.config.loader import load_config
 from sidecar.envoy_bin import find_envoy
 from sidecar.intercept.manager import InterceptManager
+from sidecar.intercept.sds import SecretStore
 from sidecar.intercept.targets import InterceptTarget
-from sidecar.procs import EnvoyProcess, http_get
+from sidecar.procs import AuthzStack, http_get, wait_until
 from sidecar.runtime import Runtime
 from tests.conftest import base_config, task, write_config, write_keys
 
@@ -83,7 +84,7 @@ def test_static_bootstrap(tmp_path: Path) -> None:
 
 def _write_dynamic(path: Path) -> InterceptManager:
     """What the sidecar writes at start: the CA, the trust files, the secrets and the LDS/CDS files."""
-    manager = InterceptManager(load_config(path))
+    manager = InterceptManager(load_config(path), SecretStore())
     manager.prepare()
     runtime = Runtime(path)
     manager.sync(runtime.snapshot.policy, runtime.clock())
@@ -109,11 +110,11 @@ def test_dynamic_listeners_and_clusters(tmp_path: Path) -> None:
     context = api["transportSocket"]["typedConfig"]["commonTlsContext"]
     assert context["alpnProtocols"] == ["h2", "http/1.1"]
     (sds,) = context["tlsCertificateSdsSecretConfigs"]
-    secret_dir = tmp_path / "state" / "sds" / API
     assert sds["name"] == f"intercept|{API}"
-    assert sds["sdsConfig"]["pathConfigSource"] == {
-        "path": str(secret_dir / "secret.json"),
-        "watchedDirectory": {"path": str(secret_dir)},
+    assert sds["sdsConfig"]["apiConfigSource"] == {  # gRPC SDS from the sidecar: no key on disk
+        "apiType": "GRPC",
+        "transportApiVersion": "V3",
+        "grpcServices": [{"envoyGrpc": {"clusterName": "agent_authz"}}],
     }
     (manager,) = _typed(api["filters"])
     assert manager["routeConfig"]["validateClusters"] is False
@@ -164,26 +165,25 @@ def test_render_is_deterministic(tmp_path: Path) -> None:
     assert render_dynamic(loaded, TARGETS) == render_dynamic(loaded, list(reversed(TARGETS)))
 
 
-def test_envoy_loads_what_the_manager_writes(tmp_path: Path) -> None:
+def test_envoy_loads_the_dynamic_listeners_and_the_secrets_from_the_sidecar(tmp_path: Path) -> None:
     with socket.socket() as probe:  # a free port for the outbound listener (0 is refused: iptables names it)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    path = _config(tmp_path, outbound_port=port, egress_port=0, admin_port=0)
-    write_envoy(load_config(path), tmp_path / "envoy.json")
-    manager = _write_dynamic(path)
-    envoy = EnvoyProcess(tmp_path / "envoy.json", log_dir=tmp_path)
+    path = _config(tmp_path, outbound_port=port)
+    stack = AuthzStack(path, tmp_path)
     try:
-        envoy.start()
-        envoy.wait_ready()
+        stack.start()
+        envoy = stack.envoy
         for stat in ("listener_manager.lds.update_success", "cluster_manager.cds.update_success"):
             assert envoy.stat(stat) >= 1, stat
         for stat in ("listener_manager.lds.update_rejected", "cluster_manager.cds.update_rejected"):
             assert envoy.stat(stat) == 0, envoy.log_tail()
-        assert envoy.stat(f"sds.intercept|{API}.update_success") == 1
+        for host in (API, ALT):  # both listeners' chains took their leaf from the sidecar's gRPC SDS
+            wait_until(lambda h=host: envoy.stat(f"sds.intercept|{h}.update_success") >= 1, timeout=10, what=host)
         status, body = http_get(envoy.admin_url + "/listeners")
         assert status == 200 and {"egress_http", "outbound", "intercept_connect"} <= {
             line.split("::")[0] for line in body.decode().splitlines()
         }
+        assert envoy.stat("listener_manager.total_listeners_warming") == 0
     finally:
-        envoy.stop()
-        manager.close()
+        stack.stop()

@@ -280,7 +280,8 @@ def test_tasks_added_and_revoked_add_and_remove_chains_without_restart(stack: St
     refused = stack.curl(f"https://{LATER}/hello")
     assert refused.returncode != 0
     assert stack.record(sni=LATER, protocol="tls")["reason"] == "tls_not_allowed"
-    assert not (stack.state / "intercept" / "sds" / LATER / "secret.json").exists()
+    status, ready = http_get(stack.stack.sidecar.admin_url + "/readyz")
+    assert status == 200 and LATER not in json.loads(ready)["intercept"]["leaves"]  # its leaf is gone too
     stack.rewrite(base)
     assert stack.stack.envoy.proc is not None and stack.stack.envoy.proc.pid == envoy_pid
 

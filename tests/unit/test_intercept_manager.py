@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import stat
 from pathlib import Path
@@ -12,11 +11,13 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
 from sidecar.config.loader import load_config
 from sidecar.errors import ConfigError
 from sidecar.intercept import manager as manager_module
 from sidecar.intercept.manager import InterceptManager
+from sidecar.intercept.sds import SecretStore
 from sidecar.runtime import Runtime
 from tests.conftest import base_config, task, write_config, write_keys
 from tests.unit.test_engine import Clock
@@ -38,7 +39,7 @@ def _setup(tmp_path: Path, tasks: list[dict[str, Any]], clock: Clock) -> tuple[R
     }
     path = write_config(tmp_path, config)
     runtime = Runtime(path, clock=clock)
-    manager = InterceptManager(load_config(path), clock=clock)
+    manager = InterceptManager(load_config(path), SecretStore(), clock=clock)
     manager.prepare()
     return runtime, manager
 
@@ -58,8 +59,11 @@ def _chains(manager: InterceptManager) -> set[str]:
 
 
 def _leaf(manager: InterceptManager, host: str) -> x509.Certificate:
-    (secret,) = _resources(manager.paths.secret(host))
-    return x509.load_pem_x509_certificate(base64.b64decode(secret["tlsCertificate"]["certificateChain"]["inlineBytes"]))
+    response, _ = manager.secrets._response([f"intercept|{host}"])
+    assert response is not None
+    secret = secret_pb2.Secret()
+    response.resources[0].Unpack(secret)
+    return x509.load_pem_x509_certificate(secret.tls_certificate.certificate_chain.inline_bytes)
 
 
 def test_prepare_publishes_the_ca_and_keeps_it_across_restarts(tmp_path: Path) -> None:
@@ -70,7 +74,7 @@ def test_prepare_publishes_the_ca_and_keeps_it_across_restarts(tmp_path: Path) -
     assert stat.S_IMODE((tmp_path / "state" / "ca" / "ca.key").stat().st_mode) == 0o600
     assert (tmp_path / "trust" / "ca.pem").read_bytes() == manager.ca.cert_pem
     assert (tmp_path / "trust" / "ca-bundle.pem").read_bytes() == SYSTEM + manager.ca.cert_pem
-    again = InterceptManager(load_config(tmp_path / "sidecar.yaml"), clock=clock)
+    again = InterceptManager(load_config(tmp_path / "sidecar.yaml"), SecretStore(), clock=clock)
     again.prepare()
     assert again.ca is not None and again.ca.serial == manager.ca.serial  # the agent's trust stays valid
 
@@ -79,7 +83,7 @@ def test_prepare_fails_closed_without_a_system_bundle(tmp_path: Path) -> None:
     _setup(tmp_path, [], Clock())
     (tmp_path / "system.pem").unlink()
     with pytest.raises(ConfigError, match=r"intercept\.system_bundle"):
-        InterceptManager(load_config(tmp_path / "sidecar.yaml")).prepare()
+        InterceptManager(load_config(tmp_path / "sidecar.yaml"), SecretStore()).prepare()
 
 
 def test_sync_writes_secret_then_clusters_then_listeners_and_removes_in_reverse(
@@ -95,6 +99,11 @@ def test_sync_writes_secret_then_clusters_then_listeners_and_removes_in_reverse(
         real_write(path, type_url, resources, version, mode)
 
     monkeypatch.setattr(manager_module, "write_resources", spy)
+    put, remove = manager.secrets.put_certificate, manager.secrets.remove
+    monkeypatch.setattr(
+        manager.secrets, "put_certificate", lambda n, c, k: (writes.append(("secret", [n])), put(n, c, k))
+    )
+    monkeypatch.setattr(manager.secrets, "remove", lambda n: (writes.append(("forget", [n])), remove(n)))
     wake = manager.sync(runtime.snapshot.policy, clock.now)
     cluster = f"intercept|{API}|443"
     assert writes == [
@@ -104,7 +113,9 @@ def test_sync_writes_secret_then_clusters_then_listeners_and_removes_in_reverse(
         ("clusters.json", [cluster]),
     ]
     assert _chains(manager) == {f"intercept|{API}:443"}
-    assert stat.S_IMODE(manager.paths.secret(API).stat().st_mode) == 0o600
+    assert manager.secrets.names() == [f"intercept|{API}"]
+    keys = [p for p in manager.paths.state_dir.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()]
+    assert keys == [manager.paths.ca_dir / "ca.key"]  # the leaf's key went to the SDS store, not to a file
     assert wake == pytest.approx(clock.now + 20, abs=1)  # renewed with a third of its 30 s left
     leaf = _leaf(manager, API)
     assert leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
@@ -123,9 +134,13 @@ def test_sync_writes_secret_then_clusters_then_listeners_and_removes_in_reverse(
     write_config(tmp_path, config)
     assert runtime.reload()
     manager.sync(runtime.snapshot.policy, clock.now)
-    assert writes == [("clusters.json", [cluster]), ("listeners.json", ["intercept_connect"]), ("clusters.json", [])]
-    assert _chains(manager) == set()
-    assert not manager.paths.secret(API).exists() and manager.paths.secret_dir(API).is_dir()
+    assert writes == [
+        ("clusters.json", [cluster]),
+        ("listeners.json", ["intercept_connect"]),
+        ("clusters.json", []),
+        ("forget", [f"intercept|{API}"]),
+    ]
+    assert _chains(manager) == set() and manager.secrets.names() == []
 
 
 def test_a_failed_sync_is_reported_and_retried(tmp_path: Path) -> None:
