@@ -162,6 +162,24 @@ def test_allowed_https_call_arrives_with_token_and_key(pod: Pod) -> None:
     assert received["headers"]["x-api-key"] == KEY and received["headers"]["authorization"].startswith("Bearer ")
 
 
+NODE_GET = """
+require("https").get(process.argv[1], (r) => {   // no agent, no ca option: NODE_EXTRA_CA_CERTS
+  let body = ""; r.on("data", (c) => (body += c));
+  r.on("end", () => console.log(JSON.stringify({status: r.statusCode, headers: r.headers, body})));
+}).on("error", (e) => { console.log(JSON.stringify({error: String(e)})); });
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="Node.js is not installed")
+def test_node_trusts_the_pod_ca_through_node_extra_ca_certs(pod: Pod) -> None:
+    argv = pod.as_agent(["node", "-e", NODE_GET, f"https://{API}/v1/items/node"])
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=20, env=pod.env(), check=False)
+    reply = json.loads(result.stdout or "{}")
+    assert reply.get("status") == 200, (reply, result.stderr)
+    (received,) = pod.upstream(path="/v1/items/node")
+    assert received["headers"]["x-api-key"] == KEY and KEY not in result.stdout
+
+
 def test_the_agent_never_sees_the_api_key(pod: Pod) -> None:
     reply = _httpx(pod, f"https://{API}/v1/items/key")
     assert reply["status"] == 200 and KEY not in json.dumps(reply)
