@@ -396,7 +396,8 @@ def test_task_files_from_annotations(tmp_path: Path) -> None:
     runtime = Runtime(tmp_path / "sidecar.yaml", clock=Clock())
     assert runtime.decide(req(), "a").reason is Reason.NO_TASK  # missing annotation: no task
     (tmp_path / "pod" / "task").write_text(
-        "id: from-annotation\npurpose: p\nttl: 1h\negress: [{host: api.internal, methods: [GET], paths: ['/v1/items/*']}]\n"
+        "id: from-annotation\npurpose: p\nttl: 1h\n"
+        "egress: [{host: api.internal, methods: [GET], paths: ['/v1/items/*']}]\n"
     )
     (tmp_path / "pod" / "revoked").write_text("")
     assert runtime.reload()
