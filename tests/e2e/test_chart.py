@@ -20,6 +20,7 @@ from sidecar.config.loader import load_config
 from sidecar.inject.settings import load_injector
 from sidecar.tokens.keys import load_signing_key
 from tests.k8s import CHART, find, helm, helm_template, kubectl, secret_data, validate
+from tests.unit.test_dockerfile import parses
 
 pytestmark = pytest.mark.e2e
 
@@ -317,3 +318,16 @@ def test_port_collisions_are_rejected() -> None:
     result = helm("template", "aa", str(CHART), "--set", "sidecar.healthPort=15006", check=False)
     assert result.returncode != 0
     assert "interception.inboundPort and sidecar.healthPort are both 15006" in result.stderr, result.stderr
+
+
+def test_every_command_in_the_rendered_chart_exists(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The webhook Deployment's and the helm test's commands parse with the CLI the image installs."""
+    commands = [
+        container["command"]
+        for manifest in rendered["agents"]
+        if manifest["kind"] in ("Deployment", "Pod")
+        for container in (manifest["spec"].get("template", manifest)["spec"]["containers"])
+    ]
+    assert len(commands) == 2
+    for argv in commands:
+        parses(argv)
