@@ -136,6 +136,8 @@ def _check_security(spec: Mapping[str, Any], config: InjectorConfig, *, ours: fr
         if ctx.get("privileged") is True:
             raise InjectionDenied(f"container {name!r} is privileged: it could remove agent-authz's interception rules")
         added = _mapping(ctx.get("capabilities"), f"{name}.securityContext.capabilities").get("add") or []
+        if not isinstance(added, list):
+            raise InjectionDenied(f"malformed pod: container {name!r}: capabilities.add must be a list")
         escalating = sorted({str(c).upper().removeprefix("CAP_") for c in added} & _ESCALATING_CAPABILITIES)
         if escalating:
             raise InjectionDenied(
