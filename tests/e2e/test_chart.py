@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from sidecar.bootstrap.render import SPIRE_CLUSTER, render_envoy
 from sidecar.config.loader import load_config
+from sidecar.inject.annotations import check_task_annotation
 from sidecar.inject.settings import load_injector
 from sidecar.tokens.keys import load_signing_key
 from tests.k8s import CHART, find, helm, helm_template, kubectl, secret_data, validate
@@ -331,3 +332,25 @@ def test_every_command_in_the_rendered_chart_exists(rendered: dict[str, list[dic
     assert len(commands) == 2
     for argv in commands:
         parses(argv)
+
+
+def _notes(*set_values: str) -> str:
+    args = ["install", "aa", str(CHART), "--dry-run=client", "--namespace", NS]
+    for item in set_values:
+        args += ["--set", item]
+    out = helm(*args).stdout
+    assert "NOTES:" in out
+    return out.split("NOTES:", 1)[1]
+
+
+def test_notes_say_what_to_label_and_show_a_valid_task() -> None:
+    notes = _notes("agentNamespaces={agents,research}")
+    assert "kubectl label namespace agents agent-authz.io/inject=enabled --overwrite" in notes
+    assert "kubectl label namespace research agent-authz.io/inject=enabled --overwrite" in notes
+    assert "kubectl annotate pod POD agent-authz.io/revoked=true --overwrite" in notes
+    assert "kubectl logs POD -c agent-authz | agent-authz logs" in notes and "helm test aa -n agent-authz" in notes
+    block = notes.split("agent-authz.io/task: |\n", 1)[1].split("\n\n", 1)[0]
+    example = "\n".join(line.removeprefix("        ") for line in block.splitlines())
+    checked = check_task_annotation(example, agent="spiffe://example.org/ns/agents/sa/a", credentials=set(), now=0)
+    assert (checked.kind, checked.task_id) == ("task", "q3-risk-report")
+    assert "WARNING: agentNamespaces is empty" in _notes()

@@ -524,3 +524,15 @@ def test_grant_expiry_uses_now(webhook: Webhook) -> None:
     soon = _grant(now=time.time() - 590)  # 10 min ttl, 10 s left
     response = webhook.review(admission_review(agent_pod(**{layout.ANNOTATION_TASK: soon})))
     assert response["allowed"] is True
+
+
+def test_the_readme_job_example_is_admitted_and_injected(webhook: Webhook) -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### Give an agent its task", 1)[1]
+    job = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
+    assert job["kind"] == "Job"
+    template = job["spec"]["template"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {**template["metadata"], "generateName": "q3-report-"}}
+    pod["spec"] = template["spec"]
+    response = webhook.review(admission_review(pod, namespace=job["metadata"]["namespace"]))
+    validate(patched(pod, response))
