@@ -39,18 +39,21 @@ def main() -> None:
         directory.mkdir()
     _mount("-t", "overlay", "overlay", "-o", f"lowerdir=/,upperdir={upper},workdir={work}", str(root))
     binds = [(p, p, True) for p in ("/proc", "/dev", "/sys")]
-    binds += [(layer, layer, True) for layer in spec["layers"]]
     binds += [(m["source"], m["target"], bool(m.get("readOnly"))) for m in spec["mounts"]]
-    for _, target, _ in binds:
+    # the "image layers" last: a volume over a parent directory (an emptyDir at /tmp, with the
+    # repository under /tmp) must not hide the test's Python
+    layers = [(layer, layer, True) for layer in spec["layers"]]
+    for _, target, _ in binds + layers:
         (root / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
     if spec["readOnlyRootFilesystem"]:
         _mount("--bind", str(root), str(root))
         _mount("-o", "remount,bind,ro", str(root))
-    for source, target, read_only in binds:
-        where = str(root / target.lstrip("/"))
-        _mount("--rbind", source, where)
+    for source, target, read_only in binds + layers:
+        where = root / target.lstrip("/")
+        where.mkdir(parents=True, exist_ok=True)  # a layer below a volume: its mount point is in the volume
+        _mount("--rbind", source, str(where))
         if read_only and source not in ("/proc", "/dev", "/sys"):
-            _mount("-o", "remount,bind,ro", where)
+            _mount("-o", "remount,bind,ro", str(where))
     os.chroot(root)
     os.chdir(spec.get("workingDir") or "/")
     setpriv = ["setpriv", f"--reuid={spec['uid']}", f"--regid={spec['gid']}", "--clear-groups"]
