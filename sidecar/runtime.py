@@ -47,7 +47,7 @@ class Snapshot:
     """One consistent, compiled configuration.
 
     Attributes:
-        loaded: the validated file.
+        loaded: the validated file (its ``tasks`` dropped once compiled into ``policy``).
         policy: compiled tasks (``policy.agent`` is this agent's SPIFFE ID).
         ingress: compiled ingress rules.
         identity: this agent's SVID, the trust bundles and verifiers; ``None`` without an identity source.
@@ -239,8 +239,11 @@ class Runtime:
             self._defer,
             self.clock,
         )
+        # The compiled policy replaces the task declarations: keep the settings without them
+        # (10,000 rules as pydantic models are ~14 MB; nothing reads them after compiling).
+        slim = replace(loaded, settings=settings.model_copy(update={"tasks": []}))
         snapshot = Snapshot(
-            loaded,
+            slim,
             policy,
             ingress,
             identity_ctx,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import signal
@@ -117,10 +118,20 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     own_files = _own_files(runtime, decision_log)
+
+    def reload() -> bool:
+        changed = runtime.reload()
+        if changed:
+            gc.freeze()  # the new snapshot is long-lived: keep it out of the collector's scans
+        return changed
+
     watcher = asyncio.create_task(
-        watch_and_reload(lambda: runtime.snapshot.watched, runtime.reload, stop, ignore=own_files),
+        watch_and_reload(lambda: runtime.snapshot.watched, reload, stop, ignore=own_files),
         name="config-watch",
     )
+    # Everything built so far (imports, the compiled policy) lives as long as the process: freeze it,
+    # so a full collection never walks 10,000 compiled rules in the middle of a decision.
+    gc.freeze()
     _log.info(
         "serving",
         authz=authz_bound,

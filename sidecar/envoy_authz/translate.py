@@ -21,12 +21,12 @@ betterproto2 classes). Envoy facts relied on (``envoy.service.auth.v3``):
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
-from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
@@ -129,29 +129,21 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
         scheme=http.scheme,
         authority=http.host,
         path=http.path,
-        headers=dict(http.headers),
+        headers=http.headers,  # the protobuf map itself: read-only use, no copy
         request_id=http.headers.get("x-request-id", http.id),
-        context=dict(context),
+        context=context,
         peer_certificate=attributes.source.certificate,
         destination=_address(attributes.destination),
     )
 
 
-def _metadata(decision: Decision) -> struct_pb2.Struct:
-    meta = struct_pb2.Struct()
-    meta.update(
-        {
-            "decision_id": decision.decision_id,
-            "decision": "allow" if decision.allow else "deny",
-            "reason": decision.reason.value,
-            "task_id": decision.task_id or "",
-        }
-    )
-    return meta
-
-
-def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value), append_action=_OVERWRITE)
+def _add_headers(target: Any, headers: Iterable[tuple[str, str]]) -> None:
+    """Append overwriting ``HeaderValueOption`` s (field by field: ~2x faster than building messages)."""
+    for key, value in headers:
+        option = target.add()
+        option.header.key = key
+        option.header.value = value
+        option.append_action = _OVERWRITE
 
 
 def build_check_response(decision: Decision) -> bytes:
@@ -159,25 +151,32 @@ def build_check_response(decision: Decision) -> bytes:
 
     Allow: ``OkHttpResponse`` overwriting ``headers_to_set``, removing ``headers_to_remove`` and
     adding ``x-agent-authz-decision-id`` to the response. Deny: ``DeniedHttpResponse`` with the
-    decision's status and the JSON body ``{"decision_id", "reason"}``. Both carry dynamic metadata.
+    decision's status and the JSON body ``{"decision_id", "reason"}``. Both carry dynamic metadata
+    (``decision_id``, ``decision``, ``reason``, ``task_id``).
     """
-    response = external_auth_pb2.CheckResponse(dynamic_metadata=_metadata(decision))
+    response = external_auth_pb2.CheckResponse()
+    fields = response.dynamic_metadata.fields
+    fields["decision_id"].string_value = decision.decision_id
+    fields["decision"].string_value = "allow" if decision.allow else "deny"
+    fields["reason"].string_value = decision.reason.value
+    fields["task_id"].string_value = decision.task_id or ""
     if decision.allow:
         response.status.CopyFrom(_OK)
         ok = response.ok_response
-        ok.headers.extend(_header(k, v) for k, v in decision.headers_to_set)
+        _add_headers(ok.headers, decision.headers_to_set)
         ok.headers_to_remove.extend(decision.headers_to_remove)
-        ok.response_headers_to_add.append(_header(DECISION_ID_HEADER, decision.decision_id))
+        _add_headers(ok.response_headers_to_add, ((DECISION_ID_HEADER, decision.decision_id),))
     else:
         response.status.CopyFrom(_DENIED)
         denied = response.denied_response
         denied.status.code = decision.http_status
-        denied.headers.extend(
+        _add_headers(
+            denied.headers,
             (
-                _header("content-type", "application/json"),
-                _header(DECISION_ID_HEADER, decision.decision_id),
-                _header(REASON_HEADER, decision.reason.value),
-            )
+                ("content-type", "application/json"),
+                (DECISION_ID_HEADER, decision.decision_id),
+                (REASON_HEADER, decision.reason.value),
+            ),
         )
         denied.body = orjson.dumps({"decision_id": decision.decision_id, "reason": decision.reason.value}).decode()
     data: bytes = response.SerializeToString()

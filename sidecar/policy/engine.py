@@ -6,7 +6,6 @@ yields to the event loop, so budgets are exact under concurrency.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from sidecar.decision import DECISION_ID_HEADER, TASK_HEADER, AuthzRequest, Decision, Direction, Reason, deny_status
@@ -24,6 +23,7 @@ a ``tls: originate`` rule allows a call only through such a route, so a bootstra
 rule existed can never send its token in clear text."""
 
 _ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER)
+_ALWAYS_REMOVE_WITH_AUTHORIZATION = (*_ALWAYS_REMOVE, "authorization")
 _AGENT_CREDENTIALS = ("authorization", *_ALWAYS_REMOVE)
 
 # How far a rule got before it failed; the deepest failure explains a deny best.
@@ -46,26 +46,34 @@ def _task_state(task: Task, now: float) -> Reason | None:
     return None
 
 
+_HTTP_PORT = DEFAULT_PORTS["http"]
+_NO_HOST = _Match((), Reason.HOST_NOT_ALLOWED)
+
+
 def _match(task: Task, target: Target, method: str) -> _Match:
     candidates = task.rules_for_host(target.host)
     if not candidates:
-        return _Match((), Reason.HOST_NOT_ALLOWED)
-    deepest = 1
-    matched = []
+        return _NO_HOST
+    port, path = target.port, target.path
+    matched = tuple(
+        rule
+        for rule in candidates
+        if rule.tls != "passthrough"  # a TLS connection rule never allows an HTTP request
+        and (rule.port or _HTTP_PORT) == port
+        and (rule.methods is None or method in rule.methods)
+        and rule.paths.matches(path)
+    )
+    if matched:
+        return _Match(matched, Reason.ALLOWED)
+    deepest = 0  # nothing allows it: find the check that failed last, to explain the deny
     for rule in candidates:
-        if rule.tls == "passthrough":  # a TLS connection rule never allows an HTTP request
+        if rule.tls == "passthrough" or (rule.port or _HTTP_PORT) != port:
             continue
-        port = rule.port if rule.port is not None else DEFAULT_PORTS["http"]
-        if port != target.port:
-            continue
-        deepest = max(deepest, 2)
-        if rule.methods is not None and method not in rule.methods:
-            continue
-        deepest = max(deepest, 3)
-        if not rule.paths.matches(target.path):
-            continue
-        matched.append(rule)
-    return _Match(tuple(matched), _STAGES[deepest] if not matched else Reason.ALLOWED)
+        deepest = max(deepest, 1)
+        if rule.methods is None or method in rule.methods:
+            deepest = 2
+            break
+    return _Match((), _STAGES[deepest + 1])
 
 
 def _budget_limits(task: Task, rule: EgressRule) -> tuple[tuple[BudgetKey, int | None], ...]:
@@ -120,87 +128,43 @@ def decide_egress(
             method=method,
             path=request.path[:256],
         )
-    base = Decision(
-        False,
-        Reason.NO_TASK,
-        403,
-        decision_id,
-        "",
-        Direction.EGRESS,
-        agent=agent,
-        method=method,
-        host=target.host,
-        port=target.port,
-        path=target.path,
-        destination=request.destination,
-    )
-
-    def deny(reason: Reason, detail: str, task: Task | None = None) -> Decision:
-        return replace(
-            base,
-            reason=reason,
-            http_status=deny_status(reason),
-            detail=detail,
+    task, outcome, detail = _select(policy, request.headers.get(TASK_HEADER), agent, target, method, now)
+    rule: EgressRule | None = None
+    if isinstance(outcome, _Match):
+        rules = outcome.rules
+        if request.context.get(UPSTREAM_TLS_CONTEXT) != "originate":
+            rules = tuple(r for r in rules if r.tls != "originate")
+        if not rules:
+            outcome = Reason.TLS_ORIGINATION_UNAVAILABLE
+            detail = "the rule needs 'tls: originate' and this Envoy route sends plain HTTP (re-render the bootstrap)"
+        else:
+            assert task is not None
+            rule = next((r for r in rules if budgets.available(_budget_limits(task, r))), None)
+            if rule is None or not budgets.try_consume(_budget_limits(task, rule)):
+                rule, outcome, detail = None, Reason.BUDGET_EXHAUSTED, "the task's call budget is spent"
+    if rule is None:
+        reason = outcome if isinstance(outcome, Reason) else Reason.INTERNAL_ERROR
+        return Decision(
+            False,
+            reason,
+            deny_status(reason),
+            decision_id,
+            detail,
+            Direction.EGRESS,
+            agent=agent,
+            method=method,
+            host=target.host,
+            port=target.port,
+            path=target.path,
+            destination=request.destination,
             task_id=task.id if task else None,
             on_behalf_of=task.on_behalf_of if task else None,
             txn=task.txn if task else None,
             act_chain=task.act_chain if task else (),
         )
-
-    headers: Mapping[str, str] = request.headers
-    chosen = headers.get(TASK_HEADER)
-    task: Task | None
-    if chosen is not None:
-        task = policy.tasks_by_id.get(chosen)
-        if task is None:
-            return deny(Reason.UNKNOWN_TASK, "no task with the id named in x-agent-task")
-        if task.agent != agent:
-            return deny(Reason.TASK_NOT_FOR_AGENT, "the task named in x-agent-task belongs to another agent", task)
-        state = _task_state(task, now)
-        if state is not None:
-            return deny(state, f"task is {state.value.removeprefix('task_').replace('_', ' ')}", task)
-        match = _match(task, target, method)
-    else:
-        tasks = policy.tasks_by_agent.get(agent, ())
-        if not tasks:
-            return deny(Reason.NO_TASK, "no task is declared for this agent")
-        if len(tasks) > 1:  # only the tasks that name this host can allow the call
-            tasks = policy.tasks_for_host(agent, target.host)
-            if not tasks:
-                return deny(Reason.HOST_NOT_ALLOWED, "no task of this agent names this host")
-        active = [t for t in tasks if _task_state(t, now) is None]
-        if not active:
-            first = tasks[0]
-            state = _task_state(first, now)
-            assert state is not None
-            return deny(state, f"no active task (first: {state.value})", first)
-        if len(active) == 1:
-            task = active[0]
-            match = _match(task, target, method)
-        else:
-            results = [(t, _match(t, target, method)) for t in active]
-            allowed = [(t, m) for t, m in results if m.rules]
-            if len(allowed) > 1:
-                return deny(Reason.TASK_AMBIGUOUS, "several active tasks allow this call; name one in x-agent-task")
-            if allowed:
-                task, match = allowed[0]
-            else:
-                task, match = max(results, key=lambda tm: _STAGES.index(tm[1].reason))
-    if not match.rules:
-        return deny(match.reason, f"no egress rule of the task allows this call ({match.reason.value})", task)
-    rules = match.rules
-    if request.context.get(UPSTREAM_TLS_CONTEXT) != "originate":
-        rules = tuple(r for r in rules if r.tls != "originate")
-        if not rules:
-            detail = "the rule needs 'tls: originate' and this Envoy route sends plain HTTP (re-render the bootstrap)"
-            return deny(Reason.TLS_ORIGINATION_UNAVAILABLE, detail, task)
-
-    rule = next((r for r in rules if budgets.available(_budget_limits(task, r))), None)
-    if rule is None or not budgets.try_consume(_budget_limits(task, rule)):
-        return deny(Reason.BUDGET_EXHAUSTED, "the task's call budget is spent", task)
-
+    assert task is not None
     to_set: list[tuple[str, str]] = [(DECISION_ID_HEADER, decision_id)]
-    to_remove = list(_ALWAYS_REMOVE)
+    to_remove: tuple[str, ...] = _ALWAYS_REMOVE
     token_info = None
     if rule.token:
         if rule.tls == "originate":
@@ -214,7 +178,7 @@ def decide_egress(
             task_fingerprint=task.fingerprint,
             task_expires_at=task.expires_at,
             subject=task.token_subject,
-            actor=dict(task.token_actor),
+            actor=task.token_actor,
             client_id=agent,
             audience=audience,
             scope=rule.scope,
@@ -224,23 +188,74 @@ def decide_egress(
         to_set.append(("authorization", "Bearer " + minted.token))
         token_info = minted.info
     elif rule.credential is None or rule.credential.header != "authorization":
-        to_remove.append("authorization")
+        to_remove = _ALWAYS_REMOVE_WITH_AUTHORIZATION
     if rule.credential is not None:
         to_set.append((rule.credential.header, rule.credential.value))
-    return replace(
-        base,
-        allow=True,
-        reason=Reason.ALLOWED,
-        http_status=200,
+    return Decision(
+        True,
+        Reason.ALLOWED,
+        200,
+        decision_id,
+        "",
+        Direction.EGRESS,
+        agent=agent,
+        method=method,
+        host=target.host,
+        port=target.port,
+        path=target.path,
+        destination=request.destination,
         task_id=task.id,
         on_behalf_of=task.on_behalf_of,
         txn=task.txn,
         act_chain=task.act_chain,
         rule=rule.name,
         headers_to_set=tuple(to_set),
-        headers_to_remove=tuple(to_remove),
+        headers_to_remove=to_remove,
         token=token_info,
     )
+
+
+def _select(
+    policy: PolicyIndex, chosen: str | None, agent: str, target: Target, method: str, now: float
+) -> tuple[Task | None, _Match | Reason, str]:
+    """Pick the task and match the call: ``(task, match or deny reason, detail)``."""
+    if chosen is not None:
+        task = policy.tasks_by_id.get(chosen)
+        if task is None:
+            return None, Reason.UNKNOWN_TASK, "no task with the id named in x-agent-task"
+        if task.agent != agent:
+            return task, Reason.TASK_NOT_FOR_AGENT, "the task named in x-agent-task belongs to another agent"
+        state = _task_state(task, now)
+        if state is not None:
+            return task, state, f"task is {state.value.removeprefix('task_').replace('_', ' ')}"
+        return _explained(task, _match(task, target, method))
+    tasks = policy.tasks_by_agent.get(agent, ())
+    if not tasks:
+        return None, Reason.NO_TASK, "no task is declared for this agent"
+    if len(tasks) > 1:  # only the tasks that name this host can allow the call
+        tasks = policy.tasks_for_host(agent, target.host)
+        if not tasks:
+            return None, Reason.HOST_NOT_ALLOWED, "no task of this agent names this host"
+    active = [t for t in tasks if _task_state(t, now) is None]
+    if not active:
+        state = _task_state(tasks[0], now)
+        assert state is not None
+        return tasks[0], state, f"no active task (first: {state.value})"
+    if len(active) == 1:
+        return _explained(active[0], _match(active[0], target, method))
+    results = [(t, _match(t, target, method)) for t in active]
+    allowed = [(t, m) for t, m in results if m.rules]
+    if len(allowed) > 1:
+        return None, Reason.TASK_AMBIGUOUS, "several active tasks allow this call; name one in x-agent-task"
+    if allowed:
+        return allowed[0][0], allowed[0][1], ""
+    return _explained(*max(results, key=lambda tm: _STAGES.index(tm[1].reason)))
+
+
+def _explained(task: Task, match: _Match) -> tuple[Task, _Match | Reason, str]:
+    if match.rules:
+        return task, match, ""
+    return task, match.reason, f"no egress rule of the task allows this call ({match.reason.value})"
 
 
 def dry_run(decision: Decision) -> Decision:

@@ -38,10 +38,14 @@ class PathMatcher:
         return cls(exact, prefixes, "*" in patterns)
 
     def matches(self, path: str) -> bool:
-        """Whether the canonical ``path`` is allowed."""
+        """Whether the canonical ``path`` is allowed.
+
+        A prefix ends with ``/``, so "starts with it and is longer" is "starts with it and is not it";
+        ``str.startswith`` takes the whole tuple at once.
+        """
         if self.any or path in self.exact:
             return True
-        return any(path.startswith(prefix) and len(path) > len(prefix) for prefix in self.prefixes)
+        return bool(self.prefixes) and path.startswith(self.prefixes) and path not in self.prefixes
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,13 +130,15 @@ class Task:
 
     def rules_for_host(self, host: str) -> tuple[EgressRule, ...]:
         """Rules whose host pattern matches ``host``, in declaration order. O(number of labels)."""
-        found = list(self.exact_hosts.get(host, ()))
-        if self.suffix_hosts:
-            dot = host.find(".")
-            while dot >= 0:
-                found.extend(self.suffix_hosts.get(host[dot:], ()))
-                dot = host.find(".", dot + 1)
-        if len(found) > 1:
+        exact = self.exact_hosts.get(host, ())
+        if not self.suffix_hosts:
+            return tuple(rule for _, rule in exact)
+        found = list(exact)
+        dot = host.find(".")
+        while dot >= 0:
+            found.extend(self.suffix_hosts.get(host[dot:], ()))
+            dot = host.find(".", dot + 1)
+        if len(found) > len(exact):
             found.sort(key=lambda item: item[0])
         return tuple(rule for _, rule in found)
 

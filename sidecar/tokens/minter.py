@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +122,12 @@ class TokenMinter:
         refresh_at = exp - (exp - iat) * self._refresh_ahead
         return MintedToken(token, TokenInfo(jti=jti, aud=str(claims["aud"]), exp=exp, cached=False), refresh_at, exp)
 
+    @staticmethod
+    def _for_cache(minted: MintedToken) -> MintedToken:
+        """The entry kept in the cache: the same token, reported as served from the cache."""
+        info = minted.info
+        return MintedToken(minted.token, TokenInfo(info.jti, info.aud, info.exp, True), minted.refresh_at, minted.exp)
+
     def token_for(
         self,
         *,
@@ -130,7 +136,7 @@ class TokenMinter:
         task_fingerprint: str,
         task_expires_at: float,
         subject: str,
-        actor: dict[str, Any],
+        actor: Mapping[str, Any],
         client_id: str,
         audience: str,
         scope: str | None,
@@ -153,33 +159,41 @@ class TokenMinter:
         Returns:
             A :class:`MintedToken`; ``info.cached`` says whether it came from the cache.
         """
-        claims: dict[str, Any] = {"iss": self._issuer, "sub": subject, "act": actor, "client_id": client_id}
+        key: CacheKey = (task_id, task_fingerprint, audience, scope or "", self._key.kid + (cnf or ""))
+        hit = None if self._per_call else self._cache._entries.get(key)
+        if hit is not None and now < hit.exp - 1:
+            if now >= hit.refresh_at and key not in self._cache._pending:
+                self._refresh(key, self._claims(subject, actor, client_id, audience, scope, txn, cnf), task_expires_at)
+            self._cache.hits += 1
+            return hit
+        fresh = self._mint(self._claims(subject, actor, client_id, audience, scope, txn, cnf), task_expires_at, now)
+        if not self._per_call:
+            self._cache._entries[key] = self._for_cache(fresh)
+        return fresh
+
+    def _claims(
+        self,
+        subject: str,
+        actor: Mapping[str, Any],
+        client_id: str,
+        audience: str,
+        scope: str | None,
+        txn: str,
+        cnf: str | None,
+    ) -> dict[str, Any]:
+        claims: dict[str, Any] = {"iss": self._issuer, "sub": subject, "act": dict(actor), "client_id": client_id}
         claims["aud"] = audience
         if scope:
             claims["scope"] = scope
         claims["txn"] = txn
         if cnf:
             claims["cnf"] = {"x5t#S256": cnf}
-        if self._per_call:
-            return self._mint(claims, task_expires_at, now)
-        key: CacheKey = (task_id, task_fingerprint, audience, scope or "", self._key.kid + (cnf or ""))
-        entries = self._cache._entries
-        hit = entries.get(key)
-        if hit is not None and now < hit.exp - 1:
-            if now >= hit.refresh_at and key not in self._cache._pending:
-                self._refresh(key, claims, task_expires_at)
-            self._cache.hits += 1
-            return MintedToken(
-                hit.token, TokenInfo(hit.info.jti, hit.info.aud, hit.info.exp, True), hit.refresh_at, hit.exp
-            )
-        fresh = self._mint(claims, task_expires_at, now)
-        entries[key] = fresh
-        return fresh
+        return claims
 
     def _refresh(self, key: CacheKey, claims: dict[str, Any], expires_at: float) -> None:
         def run() -> None:
             try:
-                self._cache._entries[key] = self._mint(claims, expires_at, self._clock())
+                self._cache._entries[key] = self._for_cache(self._mint(claims, expires_at, self._clock()))
             finally:
                 self._cache._pending.discard(key)
 
