@@ -24,7 +24,7 @@ from sidecar.audit.log import DecisionLog
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.runtime import Runtime
 
-__all__ = ["make_admin_app"]
+__all__ = ["make_admin_app", "readiness"]
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 DECISION_LOG: web.AppKey[DecisionLog] = web.AppKey("decision_log", DecisionLog)
@@ -40,9 +40,12 @@ async def _healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def _readyz(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    log = request.app[DECISION_LOG]
+def readiness(runtime: Runtime, log: DecisionLog) -> tuple[bool, dict[str, object]]:
+    """Whether the sidecar is ready, and the ``/readyz`` body.
+
+    Ready: configuration and keys loaded (always, once running), the decision log sink works, and
+    the SVID (with an identity source) has not expired.
+    """
     snapshot = runtime.snapshot
     body: dict[str, object] = {
         "status": "ready" if log.healthy else "not_ready",
@@ -76,6 +79,11 @@ async def _readyz(request: web.Request) -> web.Response:
         if svid.not_after <= runtime.clock():
             body["status"] = "svid_expired"
             ready = False
+    return ready, body
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ready, body = readiness(request.app[RUNTIME], request.app[DECISION_LOG])
     return web.json_response(body, status=200 if ready else 503)
 
 
