@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``agent-authz``."""
     parser = argparse.ArgumentParser(prog="agent-authz", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"agent-authz {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,envoy-config,check,demo,logs}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the ext_authz and admin servers")
     serve.add_argument("--config", required=True, help="path to sidecar.yaml")
@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_logs_arguments(logs)
     logs.set_defaults(func=_cmd_logs)
-    verify = sub.add_parser("logs-verify", prog="agent-authz logs verify", help=argparse.SUPPRESS)
+    # No help=: the hidden parser behind ``logs verify`` stays out of the command list.
+    verify = sub.add_parser("logs-verify", prog="agent-authz logs verify")
     add_verify_arguments(verify)
     verify.set_defaults(func=_cmd_logs_verify)
     ipt = sub.add_parser(
