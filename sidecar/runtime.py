@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import structlog
-import yaml
-from pydantic import ValidationError
 
-from sidecar.config.loader import LoadedConfig, format_loc, load_config, read_secret_file
+from sidecar.config.loader import LoadedConfig, load_config, read_secret_file
 from sidecar.config.schema import TaskSpec, tls_rule_conflicts
+from sidecar.config.task_file import check_task_credentials, looks_like_jws, parse_task_document
 from sidecar.credentials import credential_value
 from sidecar.decision import AuthzRequest, Decision, Direction, Protocol
 from sidecar.errors import ConfigError
@@ -68,28 +67,6 @@ class Snapshot:
     minter: TokenMinter
     digest: str
     watched: frozenset[Path]
-
-
-def _looks_like_jws(text: str) -> bool:
-    return text.count(".") == 2 and not any(c.isspace() for c in text)
-
-
-def _task_document(text: str, agent: str, file: str, field: str, revoked: bool) -> TaskSpec:
-    """One task in YAML/JSON (``agent`` defaults to this agent)."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(file, field, f"invalid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(file, field, "a task file holds one task (a mapping) or a grant (a compact JWS)")
-    data.setdefault("agent", agent)
-    if revoked:
-        data["revoked"] = True
-    try:
-        return TaskSpec.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        raise ConfigError(file, f"{field}: {format_loc(first['loc'])}", first["msg"]) from None
 
 
 def _check_tls_rules(sources: list[TaskSource], intercept: bool, file: str) -> None:
@@ -331,7 +308,7 @@ class Runtime:
             text = reader.read_optional(spec.path, f"{field}.path").decode("utf-8", "replace").strip()
             if not text:
                 continue
-            if _looks_like_jws(text):
+            if looks_like_jws(text):
                 try:
                     grant = grant_set.verifier.verify(text, now=now)
                     check_grant_usable(grant, agent, named)
@@ -339,14 +316,9 @@ class Runtime:
                     raise ConfigError(name, f"{field}.path", str(exc)) from None
                 grants.append((grant, revoked))
                 continue
-            task = _task_document(text, agent, name, f"{field}.path", revoked)
-            creds: dict[int, Credential] = {}
-            for r_index, rule in enumerate(task.egress):
-                if rule.credential is None:
-                    continue
-                if not isinstance(rule.credential, str) or rule.credential not in named:
-                    raise ConfigError(name, f"{field}.path", f"egress[{r_index}]: name a credential from 'credentials'")
-                creds[r_index] = named[rule.credential]
+            task = parse_task_document(text, agent, file=name, field=f"{field}.path", revoked=revoked)
+            check_task_credentials(task, named, file=name, field=f"{field}.path")
+            creds = {i: named[r.credential] for i, r in enumerate(task.egress) if isinstance(r.credential, str)}
             tasks.append(TaskSource(task, creds))
         return grants, tasks
 

@@ -17,6 +17,7 @@ import structlog
 from aiohttp import web
 
 from sidecar.admin.app import make_admin_app
+from sidecar.admin.health import make_health_app
 from sidecar.audit.chain import load_hmac_key
 from sidecar.audit.log import DecisionLog
 from sidecar.config.loader import load_config
@@ -46,7 +47,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     Args:
         config_path: ``sidecar.yaml``.
         ready_file: once listening, write ``{"authz": addr, "admin": "host:port", "pid": n}`` here
-            (atomically), so callers can use port 0 without races.
+            (atomically; with ``listen.health`` also ``"health": "host:port"``), so callers can use
+            port 0 without races.
         stop: an event that ends the server (tests); signals are handled too.
 
     Raises:
@@ -116,14 +118,16 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         await site.start()
         admin_bound = admin
     else:
-        host, port = _split(admin)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        site = web.SockSite(runner, sock)
-        await site.start()
-        admin_bound = f"{host}:{sock.getsockname()[1]}"
+        admin_bound = await _start_tcp_site(runner, admin)
+
+    health_runner: web.AppRunner | None = None
+    health_bound: str | None = None
+    if settings.listen.health is not None:
+        health_runner = web.AppRunner(
+            make_health_app(runtime, decision_log, intercept=intercept), access_log=None, handle_signals=False
+        )
+        await health_runner.setup()
+        health_bound = await _start_tcp_site(health_runner, settings.listen.health)
 
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -146,10 +150,19 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     # Everything built so far (imports, the compiled policy) lives as long as the process: freeze it,
     # so a full collection never walks 10,000 compiled rules in the middle of a decision.
     gc.freeze()
-    _log.info("serving", authz=authz_bound, admin=admin_bound, tasks=len(runtime.snapshot.policy.tasks_by_id))
+    _log.info(
+        "serving",
+        authz=authz_bound,
+        admin=admin_bound,
+        health=health_bound,
+        tasks=len(runtime.snapshot.policy.tasks_by_id),
+    )
     if ready_file is not None:
         tmp = ready_file.with_name(ready_file.name + ".tmp")
-        tmp.write_text(json.dumps({"authz": authz_bound, "admin": admin_bound, "pid": os.getpid()}))
+        addresses: dict[str, object] = {"authz": authz_bound, "admin": admin_bound, "pid": os.getpid()}
+        if health_bound is not None:
+            addresses["health"] = health_bound
+        tmp.write_text(json.dumps(addresses))
         tmp.replace(ready_file)
     try:
         await stop.wait()
@@ -159,6 +172,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
             loop.remove_signal_handler(sig)
         await server.stop(grace=2.0)
         await runner.cleanup()
+        if health_runner is not None:
+            await health_runner.cleanup()
         if workload is not None:
             workload.close()
         watcher.cancel()
@@ -171,6 +186,18 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
             intercept.close()
         await decision_log.aclose()
         _log.info("stopped", seq=decision_log.head.seq)
+
+
+async def _start_tcp_site(runner: web.AppRunner, address: str) -> str:
+    """Listen on ``host:port`` (port 0: any free port); returns the bound ``host:port``."""
+    host, port = _split(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    site = web.SockSite(runner, sock)
+    await site.start()
+    return f"{host}:{sock.getsockname()[1]}"
 
 
 def open_decision_log(runtime: Runtime) -> DecisionLog:

@@ -3,6 +3,7 @@
 It stands in for a SPIRE agent (which cannot run here): it serves X.509-SVID and JWT bundle streams
 from dev CAs, insists on the ``workload.spiffe.io: true`` security header as SPIRE does, and can
 rotate the SVID, pushing the new one to every open stream. py-spiffe ships the generated stubs.
+:func:`serve_sds` adds Envoy's Secret Discovery Service on the same socket, as the SPIRE agent does.
 """
 
 from __future__ import annotations
@@ -12,14 +13,21 @@ import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives import serialization
+from envoy.config.core.v3 import base_pb2, extension_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_spiffe_validator_config_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.secret.v3 import sds_pb2_grpc
+from google.protobuf import any_pb2
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from sidecar.identity.devca import DevCA
 
 _DER = serialization.Encoding.DER
+_SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 
 class WorkloadApiServer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
@@ -137,3 +145,92 @@ class WorkloadApiServer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: i
             return workload_pb2.JWTBundlesResponse(bundles=bundles)
 
         yield from self._stream(context, build)
+
+
+class SecretDiscovery(sds_pb2_grpc.SecretDiscoveryServiceServicer):  # type: ignore[misc]
+    """Envoy's SDS (``envoy.service.secret.v3``) on the same socket, as the SPIRE agent serves it.
+
+    Resource ``default``: the workload's X.509-SVID as a ``tls_certificate``; ``ALL``: a
+    validation context with Envoy's SPIFFE certificate validator holding every trust domain's
+    bundle (SPIRE's behaviour unless ``disable_spiffe_cert_validation``); a trust domain name
+    (``spiffe://td``) gives that domain's bundle alone. Rotations are pushed on open streams.
+    """
+
+    def __init__(self, api: WorkloadApiServer) -> None:
+        self.api = api
+        self.requests: list[list[str]] = []
+
+    def _secret(self, name: str) -> Any:
+        api = self.api
+        pem = serialization.Encoding.PEM
+        if name == "default":
+            key = api.key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            return secret_pb2.Secret(
+                name=name,
+                tls_certificate=common_pb2.TlsCertificate(
+                    certificate_chain=base_pb2.DataSource(
+                        inline_bytes=b"".join(c.public_bytes(pem) for c in api.chain)
+                    ),
+                    private_key=base_pb2.DataSource(inline_bytes=key),
+                ),
+            )
+        cas = {api.ca.trust_domain: api.ca, **api.federated}
+        if name != "ALL":
+            cas = {td: ca for td, ca in cas.items() if f"spiffe://{td}" == name}
+        validator = tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig(
+            trust_domains=[
+                tls_spiffe_validator_config_pb2.SPIFFECertValidatorConfig.TrustDomain(
+                    name=td, trust_bundle=base_pb2.DataSource(inline_bytes=ca.ca_cert.public_bytes(pem))
+                )
+                for td, ca in sorted(cas.items())
+            ]
+        )
+        typed = any_pb2.Any()
+        typed.Pack(validator)
+        return secret_pb2.Secret(
+            name=name,
+            validation_context=common_pb2.CertificateValidationContext(
+                custom_validator_config=extension_pb2.TypedExtensionConfig(
+                    name="envoy.tls.cert_validator.spiffe", typed_config=typed
+                )
+            ),
+        )
+
+    def StreamSecrets(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        names = list(first.resource_names)
+        self.requests.append(names)
+
+        def drain() -> None:  # Envoy's ACKs; the stream's end shows up as an RpcError here
+            try:
+                for _ in request_iterator:
+                    pass
+            except grpc.RpcError:
+                pass
+
+        threading.Thread(target=drain, daemon=True).start()
+        api, seen = self.api, -1
+        while True:
+            with api._cond:
+                while seen == api.generation and not api._stopping and context.is_active():
+                    api._cond.wait(0.2)
+                if api._stopping or not context.is_active():
+                    return
+                seen = api.generation
+                resources = []
+                for name in names:
+                    packed = any_pb2.Any()
+                    packed.Pack(self._secret(name))
+                    resources.append(packed)
+            yield discovery_pb2.DiscoveryResponse(
+                version_info=str(seen), resources=resources, type_url=_SECRET_TYPE, nonce=str(seen)
+            )
+
+
+def serve_sds(api: WorkloadApiServer) -> SecretDiscovery:
+    """Add Envoy's SDS to ``api``'s server (call before :meth:`WorkloadApiServer.start`)."""
+    sds = SecretDiscovery(api)
+    sds_pb2_grpc.add_SecretDiscoveryServiceServicer_to_server(sds, api._server)
+    return sds

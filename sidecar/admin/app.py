@@ -26,7 +26,7 @@ from sidecar.intercept.manager import InterceptManager
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.runtime import Runtime
 
-__all__ = ["make_admin_app"]
+__all__ = ["make_admin_app", "readiness"]
 
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 DECISION_LOG: web.AppKey[DecisionLog] = web.AppKey("decision_log", DecisionLog)
@@ -43,9 +43,15 @@ async def _healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def _readyz(request: web.Request) -> web.Response:
-    runtime = request.app[RUNTIME]
-    log = request.app[DECISION_LOG]
+def readiness(
+    runtime: Runtime, log: DecisionLog, intercept: InterceptManager | None = None
+) -> tuple[bool, dict[str, object]]:
+    """Whether the sidecar is ready, and the ``/readyz`` body.
+
+    Ready: configuration and keys loaded (always, once running), the decision log sink works, the
+    SVID (with an identity source) has not expired, and the pod CA (with ``intercept``) has not
+    expired. With ``intercept`` the body also shows the CA, the intercepted hosts and their leaves.
+    """
     snapshot = runtime.snapshot
     body: dict[str, object] = {
         "status": "ready" if log.healthy else "not_ready",
@@ -79,13 +85,17 @@ async def _readyz(request: web.Request) -> web.Response:
         if svid.not_after <= runtime.clock():
             body["status"] = "svid_expired"
             ready = False
-    intercept = request.app[INTERCEPT]
     if intercept is not None:
         status = intercept.status(runtime.clock())
         body["intercept"] = status
         if status["ca_expired"]:
             body["status"] = "intercept_ca_expired"
             ready = False
+    return ready, body
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ready, body = readiness(request.app[RUNTIME], request.app[DECISION_LOG], request.app[INTERCEPT])
     return web.json_response(body, status=200 if ready else 503)
 
 

@@ -36,8 +36,7 @@ from aiohttp import web
 from aiohttp_sse import sse_response
 
 from sidecar.audit.log import DecisionLog
-from sidecar.audit.reader import RecordFilter, log_files, parse_time, tail_records
-from sidecar.config.durations import parse_duration
+from sidecar.audit.reader import RecordFilter, log_files, tail_records, time_bound
 from sidecar.decision import Reason
 from sidecar.runtime import Runtime
 
@@ -210,12 +209,8 @@ def _filter_from(query: Any) -> RecordFilter:
         if value is None:
             return None
         try:
-            return parse_time(value)
+            return time_bound(value, now)
         except ValueError:
-            pass
-        try:
-            return now - parse_duration(value)
-        except (ValueError, TypeError):
             raise web.HTTPBadRequest(text=f"{name}: expected an RFC 3339 time or a duration such as 15m") from None
 
     decision = query.get("decision") or None

@@ -20,8 +20,7 @@ from typing import IO, Any
 import orjson
 
 from sidecar.audit.chain import ChainHead, load_hmac_key, verify_lines
-from sidecar.audit.reader import RecordFilter, follow_lines, iter_lines, iter_records, log_files, parse_time
-from sidecar.config.durations import parse_duration
+from sidecar.audit.reader import RecordFilter, follow_lines, iter_lines, iter_records, log_files, time_bound
 from sidecar.errors import AgentAuthzError
 
 __all__ = ["add_logs_arguments", "add_verify_arguments", "run_logs", "run_verify"]
@@ -75,13 +74,9 @@ def _time_bound(value: str | None, now: float) -> float | None:
     if value is None:
         return None
     try:
-        return parse_time(value)
-    except ValueError:
-        pass
-    try:
-        return now - parse_duration(value)
-    except (ValueError, TypeError):
-        raise UsageError(f"{value!r} is neither a duration (15m, 2h) nor an RFC 3339 time") from None
+        return time_bound(value, now)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _expand(paths: Iterable[str]) -> list[Path]:

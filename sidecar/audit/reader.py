@@ -19,6 +19,8 @@ from typing import IO, Any
 
 import orjson
 
+from sidecar.config.durations import parse_duration
+
 __all__ = [
     "RecordFilter",
     "follow_lines",
@@ -169,6 +171,22 @@ def parse_time(value: str) -> float:
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     return parsed.timestamp()
+
+
+def time_bound(value: str, now: float) -> float:
+    """A filter bound: an RFC 3339 time, or a duration (``15m``, ``2h``) counted back from ``now``.
+
+    Raises:
+        ValueError: neither.
+    """
+    try:
+        return parse_time(value)
+    except ValueError:
+        pass
+    try:
+        return now - parse_duration(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"{value!r} is neither a duration (15m, 2h) nor an RFC 3339 time") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -512,14 +512,29 @@ class IssuerSpec(_Model):
 
 
 class ListenSpec(_Model):
-    """Where the sidecar listens: ``host:port`` or ``unix:/path`` for the gRPC ext_authz service."""
+    """Where the sidecar listens: ``host:port`` or ``unix:/path`` for the gRPC ext_authz service.
+
+    ``health`` (optional, ``host:port``): a plain HTTP server with only ``/healthz``, ``/readyz`` and
+    ``/envoy/ready`` (Envoy's admin ``/ready``, relayed) and minimal bodies, for kubelet probes, which
+    cannot reach the admin port on ``127.0.0.1`` (the Helm chart uses ``0.0.0.0:15021``).
+    """
 
     authz: str = "127.0.0.1:9191"
     admin: str = "127.0.0.1:9902"
+    health: str | None = None
 
-    @field_validator("authz", "admin")
+    @field_validator("health")
     @classmethod
-    def _addr(cls, value: str) -> str:
+    def _health(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("unix:"):
+            raise ValueError("expected host:port (kubelet probes speak TCP)")
+        return value
+
+    @field_validator("authz", "admin", "health")
+    @classmethod
+    def _addr(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
         if value.startswith("unix:"):
             if not value[5:].startswith("/") or len(value[5:].encode()) > 107:
                 raise ValueError("unix: needs an absolute socket path of at most 107 bytes")

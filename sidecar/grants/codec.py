@@ -23,7 +23,7 @@ from sidecar.errors import IdentityError
 from sidecar.grants.model import GrantError
 from sidecar.identity.x509svid import X509SvidVerifier
 
-__all__ = ["ALGORITHMS", "algorithm_for", "sign", "verify"]
+__all__ = ["ALGORITHMS", "algorithm_for", "sign", "unverified", "verify"]
 
 ALGORITHMS = frozenset({"ES256", "ES384", "EdDSA", "RS256", "PS256"})
 _ALLOWED_HEADERS = frozenset({"alg", "typ", "kid", "x5c"})
@@ -59,6 +59,44 @@ def sign(
     return jwt.encode(dict(payload), key, algorithm=algorithm_for(key), headers=headers)  # type: ignore[arg-type]
 
 
+def _checked_header(token: str, typ: str) -> dict[str, Any]:
+    if not isinstance(token, str) or len(token) > _MAX_TOKEN or token.count(".") != 2:
+        raise GrantError("grant_malformed", "not a compact JWS")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise GrantError("grant_malformed", str(exc)) from None
+    if header.get("typ") != typ:
+        raise GrantError("grant_bad_header", f"typ must be {typ!r}")
+    extra = set(header) - _ALLOWED_HEADERS
+    if extra:
+        raise GrantError("grant_bad_header", f"header parameters not allowed: {sorted(extra)}")
+    alg = header.get("alg")
+    if alg not in ALGORITHMS:
+        raise GrantError("grant_bad_header", f"alg {alg!r} is not allowed")
+    return header
+
+
+def unverified(token: str, *, typ: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header and payload of a compact JWS of type ``typ``, WITHOUT verifying the signature.
+
+    For structural checks where the trust bundles are not at hand (the injection webhook checks a
+    task annotation's shape; the sidecar verifies the signature). The header passes the same checks
+    as in :func:`verify` (``typ``, allowed parameters and ``alg``), and names a ``kid`` or an ``x5c``.
+
+    Raises:
+        GrantError: ``grant_malformed`` or ``grant_bad_header``.
+    """
+    header = _checked_header(token, typ)
+    if not isinstance(header.get("kid"), str) and not isinstance(header.get("x5c"), list):
+        raise GrantError("grant_bad_header", "a kid or an x5c chain is required")
+    try:
+        payload: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError as exc:
+        raise GrantError("grant_malformed", str(exc)) from None
+    return header, payload
+
+
 def verify(
     token: str,
     *,
@@ -76,20 +114,8 @@ def verify(
         GrantError: ``grant_malformed``, ``grant_bad_header``, ``grant_untrusted_signer`` or
             ``grant_bad_signature``.
     """
-    if not isinstance(token, str) or len(token) > _MAX_TOKEN or token.count(".") != 2:
-        raise GrantError("grant_malformed", "not a compact JWS")
-    try:
-        header = jwt.get_unverified_header(token)
-    except jwt.PyJWTError as exc:
-        raise GrantError("grant_malformed", str(exc)) from None
-    if header.get("typ") != typ:
-        raise GrantError("grant_bad_header", f"typ must be {typ!r}")
-    extra = set(header) - _ALLOWED_HEADERS
-    if extra:
-        raise GrantError("grant_bad_header", f"header parameters not allowed: {sorted(extra)}")
-    alg = header.get("alg")
-    if alg not in ALGORITHMS:
-        raise GrantError("grant_bad_header", f"alg {alg!r} is not allowed")
+    header = _checked_header(token, typ)
+    alg = header["alg"]
     key: PublicKeyTypes
     if "x5c" in header:
         if svids is None:

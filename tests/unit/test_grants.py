@@ -193,22 +193,19 @@ def test_forged_signature(sc: Scenario) -> None:
         sub_agent(sc).add_grant(f"{head}.{forged_body}.{sig}")
 
 
-def test_x5c_chain_from_another_trust_domain(sc: Scenario) -> None:
-    orch = orchestrator(sc)
-    parent = orch.snapshot.policy.tasks_by_id["q3"].grant
-    assert parent is not None
-    rogue = DevCA.create("rogue.example")  # a CA that is not in anyone's bundles
-    chain, key = rogue.issue_x509("spiffe://rogue.example/ns/finance/sa/orchestrator")
-    payload = {
-        "iss": ORCH,
+def hand_made_child(parent_token: str, *, issuer: str, jti: str) -> dict[str, Any]:
+    """A well-formed, narrower sub-grant payload of q3 for SUB, to be signed by whatever a test picks."""
+    now = int(time.time())
+    return {
+        "iss": issuer,
         "sub": SUB,
-        "jti": "q3/rogue",
+        "jti": jti,
         "txn": "q3",
-        "iat": int(time.time()),
-        "nbf": int(time.time()),
-        "exp": int(time.time()) + 60,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 60,
         "ancestors": ["q3"],
-        "parent": parent.token,
+        "parent": parent_token,
         "task": {
             "purpose": "p",
             "on_behalf_of": USER,
@@ -216,6 +213,15 @@ def test_x5c_chain_from_another_trust_domain(sc: Scenario) -> None:
             "egress": [{"host": "market.internal", "methods": ["GET"], "paths": ["/v1/prices/*"], "max_calls": 1}],
         },
     }
+
+
+def test_x5c_chain_from_another_trust_domain(sc: Scenario) -> None:
+    orch = orchestrator(sc)
+    parent = orch.snapshot.policy.tasks_by_id["q3"].grant
+    assert parent is not None
+    rogue = DevCA.create("rogue.example")  # a CA that is not in anyone's bundles
+    chain, key = rogue.issue_x509("spiffe://rogue.example/ns/finance/sa/orchestrator")
+    payload = hand_made_child(parent.token, issuer=ORCH, jti="q3/rogue")
     token = codec.sign(payload, key, typ=GRANT_TYP, x5c=chain)
     with pytest.raises(GrantError, match="grant_untrusted_signer"):
         sub_agent(sc).add_grant(token)
@@ -226,23 +232,7 @@ def test_signed_by_someone_other_than_the_parent(sc: Scenario) -> None:
     parent = orch.snapshot.policy.tasks_by_id["q3"].grant
     assert parent is not None
     chain, key = sc.ca.issue_x509(OTHER)  # a valid SVID of the same trust domain, but not the parent's subject
-    payload = {
-        "iss": OTHER,
-        "sub": SUB,
-        "jti": "q3/x",
-        "txn": "q3",
-        "iat": int(time.time()),
-        "nbf": int(time.time()),
-        "exp": int(time.time()) + 60,
-        "ancestors": ["q3"],
-        "parent": parent.token,
-        "task": {
-            "purpose": "p",
-            "on_behalf_of": USER,
-            "max_calls": 1,
-            "egress": [{"host": "market.internal", "methods": ["GET"], "paths": ["/v1/prices/*"], "max_calls": 1}],
-        },
-    }
+    payload = hand_made_child(parent.token, issuer=OTHER, jti="q3/x")
     with pytest.raises(GrantError, match="grant_wrong_signer"):
         sub_agent(sc).add_grant(codec.sign(payload, key, typ=GRANT_TYP, x5c=chain))
 

@@ -1,0 +1,119 @@
+{{/* Chart name. */}}
+{{- define "agent-authz.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Full name: release-chart, unless overridden or the release already contains the chart name. */}}
+{{- define "agent-authz.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "agent-authz.webhookName" -}}
+{{- printf "%s-webhook" (include "agent-authz.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "agent-authz.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "agent-authz.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{- define "agent-authz.webhookSelector" -}}
+app.kubernetes.io/name: {{ include "agent-authz.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: webhook
+{{- end -}}
+
+{{/* The image reference: repository@digest, else repository:tag (tag defaults to appVersion). */}}
+{{- define "agent-authz.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "agent-authz.tlsSecret" -}}
+{{- if eq .Values.webhook.tls.mode "secret" -}}
+{{- .Values.webhook.tls.existingSecret -}}
+{{- else -}}
+{{- printf "%s-tls" (include "agent-authz.webhookName" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "agent-authz.sidecarConfigMap" -}}
+{{- printf "%s-sidecar" (include "agent-authz.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "agent-authz.signingKeySecret" -}}
+{{- default (printf "%s-signing-key" (include "agent-authz.fullname" .) | trunc 63 | trimSuffix "-") .Values.signingKey.existingSecret -}}
+{{- end -}}
+
+{{/*
+sidecar.yaml of every injected pod. The paths are the pod layout of sidecar/inject/layout.py; the
+webhook refuses to start when they disagree.
+*/}}
+{{- define "agent-authz.sidecarConfig" -}}
+{{- $s := .Values.sidecar -}}
+{{- $log := dict "stdout" $s.decisionLog.stdout "fsync" $s.decisionLog.fsync -}}
+{{- if $s.decisionLog.file -}}
+{{- $_ := set $log "path" "/var/log/agent-authz/decisions.log" -}}
+{{- $_ := set $log "rotate" (dict "max_bytes" $s.decisionLog.rotateMaxBytes "keep" $s.decisionLog.rotateKeep) -}}
+{{- end -}}
+{{- $config := dict
+  "identity" (dict "source" "workload_api" "workload_api" (dict "socket" (printf "unix:///spiffe-workload-api/%s" .Values.identity.workloadApi.socketName)))
+  "issuer" (dict "url" $s.issuerUrl "signing_key" "/etc/agent-authz/keys/signing.pem" "max_token_ttl" $s.maxTokenTtl)
+  "listen" (dict "authz" "unix:/run/agent-authz/authz.sock" "admin" (printf "127.0.0.1:%d" (int $s.adminPort)) "health" (printf "0.0.0.0:%d" (int $s.healthPort)))
+  "envoy" (dict
+    "egress_port" (int $s.egressPort)
+    "admin_port" (int $s.envoyAdminPort)
+    "outbound_port" (int .Values.interception.outboundPort)
+    "ingress_port" (int .Values.interception.inboundPort)
+    "inbound_redirect" .Values.interception.inbound
+    "ipv6" (eq .Values.interception.ipv6 "same")
+    "authz_timeout" $s.authzTimeout)
+  "decision_log" $log
+  "task_files" (list (dict "path" "/etc/agent-authz/pod/task" "revoked" "/etc/agent-authz/pod/revoked"))
+  "dry_run" $s.dryRun
+-}}
+{{- toYaml (mergeOverwrite $config (deepCopy $s.extraConfig)) -}}
+{{- end -}}
+
+{{/* injector.yaml: the webhook's settings (sidecar/inject/settings.py). */}}
+{{- define "agent-authz.injectorSettings" -}}
+{{- $settings := dict
+  "image" (include "agent-authz.image" .)
+  "image_pull_policy" .Values.image.pullPolicy
+  "proxy_uid" (int .Values.proxy.uid)
+  "proxy_gid" (int .Values.proxy.gid)
+  "sidecar_config" "sidecar.yaml"
+  "config_map" (include "agent-authz.sidecarConfigMap" .)
+  "signing_key_secret" (include "agent-authz.signingKeySecret" .)
+  "namespaces" .Values.agentNamespaces
+  "trust_domain" .Values.identity.trustDomain
+  "spiffe_id_template" .Values.identity.spiffeIdTemplate
+  "workload_api" (dict "mode" .Values.identity.workloadApi.mode "driver" .Values.identity.workloadApi.csiDriver "host_path" .Values.identity.workloadApi.hostPath)
+  "exclude_inbound_ports" .Values.interception.excludeInboundPorts
+  "exclude_outbound_cidrs" .Values.interception.excludeOutboundCIDRs
+  "exclude_outbound_ports" .Values.interception.excludeOutboundPorts
+  "allow_non_tcp" .Values.interception.allowNonTcp
+  "allow_opt_out" .Values.injection.allowOptOut
+  "require_run_as_user" .Values.injection.requireRunAsUser
+  "logs_size_limit" .Values.sidecar.decisionLog.sizeLimit
+  "init" (dict "resources" .Values.init.resources)
+  "sidecar" (dict "resources" .Values.sidecar.resources "log_level" .Values.sidecar.logLevel)
+  "envoy" (dict "resources" .Values.envoy.resources "concurrency" (int .Values.envoy.concurrency) "log_level" .Values.envoy.logLevel)
+-}}
+{{- toYaml $settings -}}
+{{- end -}}

@@ -1,0 +1,66 @@
+"""The probe server (``listen.health``): what kubelet may see of the sidecar, and nothing more.
+
+Routes (plain HTTP, minimal bodies - no SPIFFE ID, digest or log head, unlike the admin ``/readyz``):
+    ``GET /healthz`` - 200 ``{"status": "ok"}``: the process is alive.
+    ``GET /readyz`` - 200 ``{"status": "ready"}`` or 503 with the status word
+        (:func:`sidecar.admin.app.readiness`).
+    ``GET /envoy/ready`` - Envoy's admin ``/ready`` (``127.0.0.1:envoy.admin_port``) relayed: 200 when
+        Envoy's listeners are initialised, 503 otherwise or when Envoy's admin does not answer
+        within 1 s. Envoy's admin stays on ``127.0.0.1``; this relays one read-only path.
+
+The admin server binds to ``127.0.0.1`` (it serves the task API and the decision viewer), which a
+kubelet probe cannot reach: it connects to the pod IP. The Helm chart's injector points the
+native sidecars' startup, readiness and liveness probes here and excludes this port from inbound
+interception.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from aiohttp import web
+
+from sidecar.admin.app import DECISION_LOG, INTERCEPT, RUNTIME, readiness
+from sidecar.audit.log import DecisionLog
+from sidecar.intercept.manager import InterceptManager
+from sidecar.runtime import Runtime
+
+__all__ = ["make_health_app"]
+
+_ENVOY_TIMEOUT = aiohttp.ClientTimeout(total=1.0)
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ready, body = readiness(request.app[RUNTIME], request.app[DECISION_LOG], request.app[INTERCEPT])
+    return web.json_response({"status": body["status"]}, status=200 if ready else 503)
+
+
+async def _envoy_ready(request: web.Request) -> web.Response:
+    port = request.app[RUNTIME].snapshot.loaded.settings.envoy.admin_port
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=_ENVOY_TIMEOUT) as session,
+            session.get(f"http://127.0.0.1:{port}/ready") as reply,
+        ):
+            text = (await reply.text()).strip()[:64]
+            status = 200 if reply.status == 200 else 503
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        return web.json_response({"status": "envoy_unreachable", "error": type(exc).__name__}, status=503)
+    return web.json_response({"status": "ready" if status == 200 else "not_ready", "envoy": text}, status=status)
+
+
+def make_health_app(
+    runtime: Runtime, decision_log: DecisionLog, *, intercept: InterceptManager | None = None
+) -> web.Application:
+    """Build the probe application bound to ``runtime`` and ``decision_log`` (and ``intercept``)."""
+    app = web.Application()
+    app[RUNTIME] = runtime
+    app[DECISION_LOG] = decision_log
+    app[INTERCEPT] = intercept
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/envoy/ready", _envoy_ready)
+    return app

@@ -1,0 +1,10 @@
+"""Sidecar injection: the ``agent-authz webhook`` mutating admission webhook (Kubernetes
+``admission.k8s.io/v1``) that adds the iptables init step, the authz sidecar and Envoy to agent pods.
+
+Modules: :mod:`~sidecar.inject.layout` (where things live inside an injected pod),
+:mod:`~sidecar.inject.settings` (the injector's settings file), :mod:`~sidecar.inject.annotations`
+(the pod annotations and their validation), :mod:`~sidecar.inject.patch` (the pure patch builder),
+:mod:`~sidecar.inject.review` (AdmissionReview in, AdmissionReview out),
+:mod:`~sidecar.inject.server` (the aiohttp HTTPS server), :mod:`~sidecar.inject.check` (the client
+the chart's ``helm test`` runs).
+"""

@@ -1,0 +1,91 @@
+"""Where things live inside an injected pod: container names, volume names and mount paths.
+
+The Helm chart writes the sidecar configuration with exactly these paths, and the webhook checks at
+start that the configuration it injects agrees (:func:`sidecar.inject.settings.check_layout`).
+
+====================================  =======================  ==========================================
+path                                  volume                   content
+====================================  =======================  ==========================================
+``/etc/agent-authz/config/``          ConfigMap                ``sidecar.yaml``
+``/etc/agent-authz/pod/``             downwardAPI              ``task``, ``revoked`` (pod annotations)
+``/etc/agent-authz/keys/``            Secret                   ``signing.pem`` (token signing key)
+``/run/agent-authz/``                 emptyDir (memory)        ext_authz socket, rendered ``envoy.json``
+``/var/log/agent-authz/``             emptyDir                 the decision log
+``/spiffe-workload-api/``             CSI (csi.spiffe.io)      the SPIRE agent socket
+                                      or hostPath
+``/tmp/``  (init step only)           emptyDir (memory)        the xtables lock (read-only root filesystem)
+====================================  =======================  ==========================================
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ANNOTATION_INJECT",
+    "ANNOTATION_REVOKED",
+    "ANNOTATION_STATUS",
+    "ANNOTATION_TASK",
+    "CONFIG_DIR",
+    "CONFIG_FILE",
+    "CONTAINER_ENVOY",
+    "CONTAINER_INIT",
+    "CONTAINER_SIDECAR",
+    "ENVOY_BOOTSTRAP",
+    "KEYS_DIR",
+    "LOG_DIR",
+    "NAMESPACE_LABEL",
+    "POD_DIR",
+    "RESERVED_PREFIX",
+    "REVOKED_FILE",
+    "RUN_DIR",
+    "SIGNING_KEY_FILE",
+    "STATUS_INJECTED",
+    "TASK_FILE",
+    "TMP_DIR",
+    "VOLUME_CONFIG",
+    "VOLUME_KEYS",
+    "VOLUME_LOGS",
+    "VOLUME_POD",
+    "VOLUME_RUN",
+    "VOLUME_TMP",
+    "VOLUME_WORKLOAD_API",
+    "WORKLOAD_API_DIR",
+]
+
+NAMESPACE_LABEL = "agent-authz.io/inject"
+"""Namespace label that opts a namespace in (value ``enabled``; the chart's namespaceSelector)."""
+ANNOTATION_INJECT = "agent-authz.io/inject"
+"""Pod annotation; ``"false"`` opts the pod out (when the chart allows it)."""
+ANNOTATION_TASK = "agent-authz.io/task"
+"""Pod annotation holding the task: a signed grant (compact JWS) or one task in YAML/JSON."""
+ANNOTATION_REVOKED = "agent-authz.io/revoked"
+"""Pod annotation; ``"true"`` revokes the task."""
+ANNOTATION_STATUS = "agent-authz.io/status"
+"""Set by the webhook on the pods it injected (value :data:`STATUS_INJECTED`)."""
+STATUS_INJECTED = "injected"
+
+RESERVED_PREFIX = "agent-authz"
+"""Container and volume names starting with this belong to the injector."""
+CONTAINER_INIT = "agent-authz-init"
+CONTAINER_SIDECAR = "agent-authz"
+CONTAINER_ENVOY = "agent-authz-envoy"
+
+VOLUME_CONFIG = "agent-authz-config"
+VOLUME_POD = "agent-authz-pod"
+VOLUME_KEYS = "agent-authz-signing-key"
+VOLUME_RUN = "agent-authz-run"
+VOLUME_LOGS = "agent-authz-logs"
+VOLUME_TMP = "agent-authz-tmp"
+VOLUME_WORKLOAD_API = "agent-authz-workload-api"
+
+CONFIG_DIR = "/etc/agent-authz/config"
+CONFIG_FILE = f"{CONFIG_DIR}/sidecar.yaml"
+POD_DIR = "/etc/agent-authz/pod"
+TASK_FILE = f"{POD_DIR}/task"
+REVOKED_FILE = f"{POD_DIR}/revoked"
+KEYS_DIR = "/etc/agent-authz/keys"
+SIGNING_KEY_FILE = f"{KEYS_DIR}/signing.pem"
+RUN_DIR = "/run/agent-authz"
+ENVOY_BOOTSTRAP = f"{RUN_DIR}/envoy.json"
+LOG_DIR = "/var/log/agent-authz"
+WORKLOAD_API_DIR = "/spiffe-workload-api"
+TMP_DIR = "/tmp"  # noqa: S108 - the init container's own emptyDir

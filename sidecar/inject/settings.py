@@ -1,0 +1,321 @@
+"""The injector's settings file (``injector.yaml``, rendered by the Helm chart from its values).
+
+The sidecar configuration that injected pods run (``sidecar.yaml``, the same content as the
+ConfigMap the chart creates in every agent namespace) is loaded beside it: the webhook takes the
+ports the iptables step must name from it (``envoy.outbound_port``, ``envoy.ingress_port``,
+``envoy.inbound_redirect``, ``envoy.ipv6``, ``listen.health``) and the credential names task
+annotations may refer to, and refuses to start when it disagrees with the pod layout
+(:mod:`sidecar.inject.layout`). Every model is frozen and forbids unknown keys.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sidecar.config.loader import LoadedConfig, format_loc, load_config
+from sidecar.config.schema import SidecarConfig
+from sidecar.errors import ConfigError
+from sidecar.inject import layout
+from sidecar.netfilter.rules import InterceptError, parse_cidrs
+
+__all__ = [
+    "ContainerSettings",
+    "EnvoyContainerSettings",
+    "InjectorConfig",
+    "InjectorSettings",
+    "Resources",
+    "WorkloadApiVolume",
+    "check_layout",
+    "load_injector",
+]
+
+_QUANTITY = re.compile(r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_MAX_ID = 2**31 - 1
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Resources(_Model):
+    """Kubernetes ``resources`` of one injected container (``cpu``/``memory``/``ephemeral-storage`` quantities)."""
+
+    requests: dict[str, str] = Field(default_factory=dict)
+    limits: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("requests", "limits")
+    @classmethod
+    def _quantities(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, quantity in value.items():
+            if name not in ("cpu", "memory", "ephemeral-storage"):
+                raise ValueError(f"{name!r}: expected cpu, memory or ephemeral-storage")
+            if not _QUANTITY.match(str(quantity)):
+                raise ValueError(f"{name}: {quantity!r} is not a Kubernetes quantity (e.g. 100m, 64Mi)")
+        return value
+
+
+class ContainerSettings(_Model):
+    """Settings of one injected container."""
+
+    resources: Resources = Resources()
+
+
+class EnvoyContainerSettings(ContainerSettings):
+    """Envoy's container: worker threads (``--concurrency``) and log level."""
+
+    concurrency: int = Field(default=2, ge=1, le=64)
+    log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
+
+
+class SidecarContainerSettings(ContainerSettings):
+    """The authz sidecar's container: operational log level (decision records are not affected)."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class WorkloadApiVolume(_Model):
+    """How the SPIRE agent's Workload API socket reaches the pod (mounted at ``/spiffe-workload-api``).
+
+    ``csi``: the SPIFFE CSI driver (``driver``, default ``csi.spiffe.io``) - no hostPath in agent pods.
+    ``hostPath``: the node directory ``host_path`` holding the socket (a DaemonSet-managed path).
+    """
+
+    mode: Literal["csi", "hostPath"] = "csi"
+    driver: str = "csi.spiffe.io"
+    host_path: str = "/run/spire/agent-sockets"
+
+    @field_validator("host_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/") or "\n" in value:
+            raise ValueError("an absolute node path")
+        return value
+
+
+class InjectorSettings(_Model):
+    """``injector.yaml``.
+
+    Attributes:
+        image: the agent-authz image of all three injected containers (``repo:tag`` or ``repo@sha256:…``).
+        image_pull_policy: Kubernetes ``imagePullPolicy``.
+        proxy_uid / proxy_gid: UID and GID of Envoy and the sidecar; their traffic is never
+            redirected, so no other container of the pod may run with them.
+        sidecar_config: path of the ``sidecar.yaml`` injected pods run (mounted in the webhook pod).
+        config_map: name of the ConfigMap holding ``sidecar.yaml`` in every agent namespace.
+        signing_key_secret: name of the Secret holding ``signing.pem`` in every agent namespace.
+        namespaces: namespaces provisioned with that ConfigMap and Secret; a pod elsewhere is
+            refused with a message saying so (empty: not checked, the operator provisions them).
+        trust_domain / spiffe_id_template: the SPIFFE ID SPIRE gives a pod, e.g.
+            ``spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}`` (SPIRE controller
+            manager's default); the ``agent`` a task annotation defaults to and must equal. Empty
+            template: not checked (a warning instead).
+        workload_api: the SPIRE agent socket volume.
+        exclude_inbound_ports / exclude_outbound_cidrs / exclude_outbound_ports / allow_non_tcp:
+            passed to ``agent-authz iptables``. The health port and the pod's probe ports are
+            always excluded from inbound interception (kubelet has no SVID).
+        allow_opt_out: whether ``agent-authz.io/inject: "false"`` is honoured (else refused).
+        require_run_as_user: refuse containers without an explicit ``runAsUser`` (an image's own
+            ``USER`` cannot be seen at admission and might be the proxy UID).
+        logs_size_limit: ``sizeLimit`` of the decision-log emptyDir.
+        init / sidecar / envoy: per-container settings.
+    """
+
+    image: str = Field(min_length=1, max_length=512)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    proxy_uid: int = Field(default=1337, ge=1, le=_MAX_ID)
+    proxy_gid: int = Field(default=1337, ge=1, le=_MAX_ID)
+    sidecar_config: Path
+    config_map: str = "agent-authz-sidecar"
+    signing_key_secret: str = "agent-authz-signing-key"  # noqa: S105 - a Secret's name
+    namespaces: list[str] = Field(default_factory=list)
+    trust_domain: str = "example.org"
+    spiffe_id_template: str = "spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+    workload_api: WorkloadApiVolume = WorkloadApiVolume()
+    exclude_inbound_ports: list[int] = Field(default_factory=list)
+    exclude_outbound_cidrs: list[str] = Field(default_factory=list)
+    exclude_outbound_ports: list[int] = Field(default_factory=list)
+    allow_non_tcp: bool = False
+    allow_opt_out: bool = True
+    require_run_as_user: bool = False
+    logs_size_limit: str = "256Mi"
+    init: ContainerSettings = ContainerSettings()
+    sidecar: SidecarContainerSettings = SidecarContainerSettings()
+    envoy: EnvoyContainerSettings = EnvoyContainerSettings()
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        if any(c.isspace() for c in value):
+            raise ValueError("an image reference has no whitespace")
+        return value
+
+    @field_validator("config_map", "signing_key_secret")
+    @classmethod
+    def _object_name(cls, value: str) -> str:
+        if not _DNS_SUBDOMAIN.match(value):
+            raise ValueError(f"{value!r} is not a Kubernetes object name (DNS subdomain)")
+        return value
+
+    @field_validator("namespaces")
+    @classmethod
+    def _namespaces(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if not _DNS_LABEL.match(name):
+                raise ValueError(f"{name!r} is not a namespace name (DNS label)")
+        return value
+
+    @field_validator("exclude_inbound_ports", "exclude_outbound_ports")
+    @classmethod
+    def _ports(cls, value: list[int]) -> list[int]:
+        for port in value:
+            if not 1 <= port <= 65535:
+                raise ValueError(f"port {port} is outside 1-65535")
+        return value
+
+    @field_validator("exclude_outbound_cidrs")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        try:
+            parse_cidrs(",".join(value))  # the iptables step's own parser: refuse here what it would refuse
+        except InterceptError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("logs_size_limit")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not _QUANTITY.match(value):
+            raise ValueError(f"{value!r} is not a Kubernetes quantity")
+        return value
+
+    @field_validator("spiffe_id_template")
+    @classmethod
+    def _template(cls, value: str) -> str:
+        if value:
+            try:
+                value.format(trust_domain="td", namespace="ns", service_account="sa")
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ValueError(
+                    f"placeholders are {{trust_domain}}, {{namespace}} and {{service_account}} ({exc})"
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _distinct_ids(self) -> InjectorSettings:
+        if self.workload_api.mode == "csi" and not self.workload_api.driver:
+            raise ValueError("workload_api.driver is required with mode csi")
+        return self
+
+    def spiffe_id(self, namespace: str, service_account: str) -> str | None:
+        """The SPIFFE ID SPIRE is expected to give a pod (``None`` when no template is set)."""
+        if not self.spiffe_id_template:
+            return None
+        return self.spiffe_id_template.format(
+            trust_domain=self.trust_domain, namespace=namespace, service_account=service_account
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class InjectorConfig:
+    """The injector's settings and the sidecar configuration it injects.
+
+    Attributes:
+        settings: ``injector.yaml``.
+        sidecar: the validated ``sidecar.yaml``.
+        outbound_port / inbound_port / inbound / ipv6 / health_port: what the iptables step and
+            the probes name, from ``sidecar.yaml``.
+    """
+
+    settings: InjectorSettings
+    sidecar: LoadedConfig
+    outbound_port: int
+    inbound_port: int
+    inbound: bool
+    ipv6: bool
+    health_port: int
+
+
+def check_layout(config: SidecarConfig) -> list[str]:
+    """Where ``config`` disagrees with the injected pod's layout (:mod:`sidecar.inject.layout`).
+
+    Returns:
+        One message per problem (empty when the configuration fits the pod).
+    """
+    problems = []
+    if config.identity is None or config.identity.source != "workload_api":
+        problems.append("identity.source must be workload_api (the SPIRE agent socket is what the pod gets)")
+    else:
+        socket = config.identity.workload_api.socket.removeprefix("unix://")
+        if Path(socket).parent != Path(layout.WORKLOAD_API_DIR):
+            problems.append(f"identity.workload_api.socket must be in {layout.WORKLOAD_API_DIR}/, got {socket}")
+    if str(config.issuer.signing_key) != layout.SIGNING_KEY_FILE:
+        problems.append(f"issuer.signing_key must be {layout.SIGNING_KEY_FILE}")
+    if config.issuer.next_signing_key is not None and Path(config.issuer.next_signing_key).parent != Path(
+        layout.KEYS_DIR
+    ):
+        problems.append(f"issuer.next_signing_key must be in {layout.KEYS_DIR}/")
+    authz = config.listen.authz
+    if authz.startswith("unix:") and Path(authz[5:]).parent != Path(layout.RUN_DIR):
+        problems.append(f"listen.authz must be a socket in {layout.RUN_DIR}/ (shared by Envoy and the sidecar)")
+    if config.listen.health is None or config.listen.health.rpartition(":")[2] in ("", "0"):
+        problems.append("listen.health must be set to a fixed port (kubelet probes it)")
+    if config.envoy.outbound_port is None:
+        problems.append("envoy.outbound_port must be set (the iptables step redirects there)")
+    expected = [(Path(layout.TASK_FILE), Path(layout.REVOKED_FILE))]
+    if [(spec.path, spec.revoked) for spec in config.task_files] != expected:
+        problems.append(f"task_files must be [{{path: {layout.TASK_FILE}, revoked: {layout.REVOKED_FILE}}}]")
+    log_path = config.decision_log.path
+    if log_path is not None and Path(log_path).parent != Path(layout.LOG_DIR):
+        problems.append(f"decision_log.path must be in {layout.LOG_DIR}/")
+    return problems
+
+
+def load_injector(path: str | Path) -> InjectorConfig:
+    """Read ``injector.yaml`` and the ``sidecar.yaml`` it names.
+
+    Raises:
+        ConfigError: either file is unreadable or invalid, or ``sidecar.yaml`` does not fit the
+            pod layout (the message lists every disagreement).
+    """
+    source = Path(path)
+    try:
+        data = yaml.safe_load(source.read_bytes())
+    except OSError as exc:
+        raise ConfigError(str(source), "", f"cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(source), "", f"invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(source), "", "the top level must be a mapping")
+    try:
+        settings = InjectorSettings.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise ConfigError(str(source), format_loc(first["loc"]), first["msg"].removeprefix("Value error, ")) from None
+    sidecar_path = (
+        settings.sidecar_config if settings.sidecar_config.is_absolute() else source.parent / settings.sidecar_config
+    )
+    loaded = load_config(sidecar_path)
+    problems = check_layout(loaded.settings)
+    if problems:
+        raise ConfigError(str(sidecar_path), "", "does not fit the injected pod: " + "; ".join(problems))
+    sidecar = loaded.settings
+    assert sidecar.envoy.outbound_port is not None and sidecar.listen.health is not None
+    if settings.proxy_uid == 0 or settings.proxy_gid == 0:
+        raise ConfigError(str(source), "proxy_uid", "the proxy runs as non-root")
+    return InjectorConfig(
+        settings=settings,
+        sidecar=loaded,
+        outbound_port=sidecar.envoy.outbound_port,
+        inbound_port=sidecar.envoy.ingress_port,
+        inbound=sidecar.envoy.inbound_redirect,
+        ipv6=sidecar.envoy.ipv6,
+        health_port=int(sidecar.listen.health.rpartition(":")[2]),
+    )

@@ -1,0 +1,356 @@
+"""The Helm chart: ``helm lint`` and ``helm template`` with several value sets, every manifest
+validated offline against the Kubernetes 1.29 and 1.35 JSON schemas (strict), and the values
+schema rejecting bad values. Real helm and kubectl binaries (``scripts/install-k8s-tools.sh``)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from sidecar.bootstrap.render import SPIRE_CLUSTER, render_envoy
+from sidecar.config.loader import load_config
+from sidecar.inject.annotations import check_task_annotation
+from sidecar.inject.settings import load_injector
+from sidecar.tokens.keys import load_signing_key
+from tests.k8s import CHART, find, helm, helm_template, kubectl, secret_data, validate
+from tests.unit.test_dockerfile import parses
+
+pytestmark = pytest.mark.e2e
+
+NS = "agent-authz"
+WEBHOOK = "aa-agent-authz-webhook"
+CA_BUNDLE = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").decode()
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "agents": {
+        "agentNamespaces": ["agents", "research"],
+        "identity": {"trustDomain": "prod.example", "workloadApi": {"mode": "hostPath", "socketName": "agent.sock"}},
+        "interception": {
+            "inbound": False,
+            "ipv6": "same",
+            "excludeInboundPorts": [9090],
+            "excludeOutboundCIDRs": ["10.96.0.0/12", "fd00::/8"],
+            "excludeOutboundPorts": [5432],
+        },
+        "image": {"digest": "sha256:" + "ab" * 32},
+        "webhook": {"networkPolicy": {"enabled": True, "ingressFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}},
+        "sidecar": {
+            "dryRun": True,
+            "decisionLog": {"file": False},
+            "extraConfig": {
+                "ingress": {
+                    "rules": [{"callers": [{"trust_domain": "prod.example"}], "methods": ["GET"], "paths": ["*"]}]
+                },
+                "envoy": {"destinations": {"api.internal": "10.1.2.3:8080"}},
+            },
+        },
+    },
+    "existing-secrets": {
+        "agentNamespaces": ["agents"],
+        "signingKey": {"existingSecret": "my-signing-key"},
+        "webhook": {"tls": {"mode": "secret", "existingSecret": "my-webhook-tls", "caBundle": CA_BUNDLE}},
+    },
+    "cert-manager": {"agentNamespaces": ["agents"], "webhook": {"tls": {"mode": "certManager"}}},
+    "cert-manager-issuer": {
+        "webhook": {
+            "tls": {"mode": "certManager", "certManager": {"issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}
+        }
+    },
+    "minimal": {
+        "webhook": {
+            "replicas": 1,
+            "failurePolicy": "Ignore",
+            "validateUpdates": False,
+            "podDisruptionBudget": {"enabled": False},
+        },
+        "tests": {"enabled": False},
+        "injection": {"allowOptOut": False, "requireRunAsUser": True},
+    },
+}
+CERT_MANAGER_KINDS = {"Issuer", "Certificate"}
+
+
+def _render(name: str) -> list[dict[str, Any]]:
+    return helm_template(values=VALUE_SETS[name], namespace=NS)
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {name: _render(name) for name in VALUE_SETS}
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_helm_lint(name: str, tmp_path: Path) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(VALUE_SETS[name]))
+    result = helm("lint", str(CHART), "--strict", "-f", str(values), "--namespace", NS, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 chart(s) linted, 0 chart(s) failed" in result.stdout
+
+
+@pytest.mark.parametrize("name", sorted(VALUE_SETS))
+def test_every_manifest_validates_against_kubernetes_schemas(
+    rendered: dict[str, list[dict[str, Any]]], name: str
+) -> None:
+    manifests = rendered[name]
+    kinds = sorted(m["kind"] for m in manifests)
+    assert {"Deployment", "Service", "MutatingWebhookConfiguration", "ServiceAccount", "ConfigMap"} <= set(kinds)
+    for manifest in manifests:
+        if manifest["apiVersion"].startswith("cert-manager.io/"):
+            assert manifest["kind"] in CERT_MANAGER_KINDS  # a CRD: no schema in kubernetes-validate
+            continue
+        validate(manifest)
+
+
+def test_default_install(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    manifests = rendered["defaults"]
+    (config,) = find(manifests, "MutatingWebhookConfiguration")
+    (hook,) = config["webhooks"]
+    assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+    assert hook["admissionReviewVersions"] == ["v1"] and hook["reinvocationPolicy"] == "IfNeeded"
+    assert hook["clientConfig"]["service"] == {"name": WEBHOOK, "namespace": NS, "path": "/inject", "port": 443}
+    assert hook["rules"] == [
+        {
+            "apiGroups": [""],
+            "apiVersions": ["v1"],
+            "resources": ["pods"],
+            "operations": ["CREATE", "UPDATE"],
+            "scope": "Namespaced",
+        }
+    ]
+    selector = hook["namespaceSelector"]
+    assert selector["matchLabels"] == {"agent-authz.io/inject": "enabled"}
+    assert selector["matchExpressions"] == [
+        {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [NS, "kube-system"]}
+    ]
+    # the label the README tells users to set matches the selector (kubectl, offline)
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "agents"}}
+    labeled = json.loads(
+        kubectl(
+            "label", "--local", "-f", "-", "agent-authz.io/inject=enabled", "-o", "json", stdin=json.dumps(namespace)
+        ).stdout
+    )
+    assert selector["matchLabels"].items() <= labeled["metadata"]["labels"].items()
+    (pdb,) = find(manifests, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    assert find(manifests, "NetworkPolicy") == []
+    # no agent namespace: nothing provisioned, the webhook does not check namespaces
+    assert [m["metadata"]["name"] for m in find(manifests, "ConfigMap")] == [f"{WEBHOOK}-settings"]
+
+
+def test_generated_tls_serves_the_service_name_and_matches_the_ca_bundle(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    manifests = rendered["defaults"]
+    (secret,) = find(manifests, "Secret", "-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    (config,) = find(manifests, "MutatingWebhookConfiguration")
+    ca_pem = base64.b64decode(config["webhooks"][0]["clientConfig"]["caBundle"])
+    assert ca_pem == secret_data(secret, "ca.crt")
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    leaf = x509.load_pem_x509_certificate(secret_data(secret, "tls.crt"))
+    leaf.verify_directly_issued_by(ca)
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert f"{WEBHOOK}.{NS}.svc" in names and f"{WEBHOOK}.{NS}.svc.cluster.local" in names
+    key = serialization.load_pem_private_key(secret_data(secret, "tls.key"), None)
+    assert key.public_key().public_numbers() == leaf.public_key().public_numbers()  # type: ignore[union-attr]
+
+
+def test_webhook_has_no_api_access_and_runs_locked_down(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for manifests in rendered.values():
+        assert not [m for m in manifests if m["kind"] in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")]
+        (account,) = find(manifests, "ServiceAccount")
+        assert account["automountServiceAccountToken"] is False
+        (deployment,) = find(manifests, "Deployment")
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == account["metadata"]["name"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        (container,) = pod["containers"]
+        ctx = container["securityContext"]
+        assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
+        assert ctx["capabilities"] == {"drop": ["ALL"]}
+        assert container["command"][:2] == ["agent-authz", "webhook"]
+        assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+
+
+def test_agent_namespaces_get_the_same_config_and_signing_key(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    manifests = rendered["agents"]
+    configs = find(manifests, "ConfigMap", "-sidecar")
+    keys = find(manifests, "Secret", "-signing-key")
+    assert sorted(m["metadata"]["namespace"] for m in configs) == ["agents", "research"]
+    assert sorted(m["metadata"]["namespace"] for m in keys) == ["agents", "research"]
+    assert len({secret_data(k, "signing.pem") for k in keys}) == 1  # one JWKS for every upstream
+    pem = secret_data(keys[0], "signing.pem")
+    assert isinstance(serialization.load_pem_private_key(pem, None), ec.EllipticCurvePrivateKey)
+    assert load_signing_key(pem, "ES256", file="chart", field="signing.pem").kid
+    (settings,) = find(manifests, "ConfigMap", "-settings")
+    assert {m["data"]["sidecar.yaml"] for m in configs} == {settings["data"]["sidecar.yaml"]}
+    for name, text in settings["data"].items():
+        (tmp_path / name).write_text(text)
+    injector = load_injector(tmp_path / "injector.yaml")  # validates sidecar.yaml against the pod layout
+    assert injector.settings.namespaces == ["agents", "research"]
+    assert injector.settings.image == "ghcr.io/agent-authz/agent-authz@sha256:" + "ab" * 32
+    assert injector.settings.workload_api.mode == "hostPath" and not injector.inbound and injector.ipv6
+    sidecar = injector.sidecar.settings
+    assert sidecar.dry_run and sidecar.decision_log.path is None and sidecar.ingress.rules
+    assert (
+        sidecar.identity is not None
+        and sidecar.identity.workload_api.socket == "unix:///spiffe-workload-api/agent.sock"
+    )
+    (policy,) = find(manifests, "NetworkPolicy")
+    assert policy["spec"]["egress"] == [] and policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert policy["spec"]["ingress"][0]["ports"] == [{"port": 8443, "protocol": "TCP"}]
+
+
+def test_the_injected_sidecar_config_renders_envoy_with_spire_sds(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    (settings,) = find(rendered["defaults"], "ConfigMap", "-settings")
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(settings["data"]["sidecar.yaml"])
+    loaded = load_config(path)
+    bootstrap = render_envoy(loaded).bootstrap
+    listeners = {item["name"]: item for item in bootstrap["staticResources"]["listeners"]}
+    assert {"egress_http", "outbound", "ingress_https"} <= set(listeners)
+    assert listeners["outbound"]["address"]["socketAddress"]["portValue"] == 15001
+    assert listeners["ingress_https"]["address"]["socketAddress"]["portValue"] == 15006
+    clusters = {c["name"]: c for c in bootstrap["staticResources"]["clusters"]}
+    pipe = clusters[SPIRE_CLUSTER]["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["pipe"]
+    assert pipe["path"] == "/spiffe-workload-api/spire-agent.sock"
+
+
+def test_secret_and_cert_manager_modes(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    existing = rendered["existing-secrets"]
+    assert find(existing, "Secret") == []  # both supplied by the operator
+    (config,) = find(existing, "MutatingWebhookConfiguration")
+    assert config["webhooks"][0]["clientConfig"]["caBundle"] == CA_BUNDLE
+    (deployment,) = find(existing, "Deployment")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "my-webhook-tls"
+    (settings,) = find(existing, "ConfigMap", "-settings")
+    assert yaml.safe_load(settings["data"]["injector.yaml"])["signing_key_secret"] == "my-signing-key"
+
+    managed = rendered["cert-manager"]
+    (config,) = find(managed, "MutatingWebhookConfiguration")
+    assert "caBundle" not in config["webhooks"][0]["clientConfig"]
+    assert config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"] == f"{NS}/{WEBHOOK}"
+    certificates = {m["metadata"]["name"]: m for m in find(managed, "Certificate")}
+    assert certificates[WEBHOOK]["spec"]["secretName"] == f"{WEBHOOK}-tls"
+    assert f"{WEBHOOK}.{NS}.svc" in certificates[WEBHOOK]["spec"]["dnsNames"]
+    assert certificates[f"{WEBHOOK}-ca"]["spec"]["isCA"] is True
+    assert find(managed, "Secret", "-tls") == []
+    (own,) = find(rendered["cert-manager-issuer"], "Certificate")
+    assert own["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
+    assert find(rendered["cert-manager-issuer"], "Issuer") == []
+
+
+def test_minimal_values(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    manifests = rendered["minimal"]
+    (config,) = find(manifests, "MutatingWebhookConfiguration")
+    assert config["webhooks"][0]["failurePolicy"] == "Ignore"
+    assert config["webhooks"][0]["rules"][0]["operations"] == ["CREATE"]
+    assert find(manifests, "PodDisruptionBudget") == [] and find(manifests, "Pod") == []
+    (settings,) = find(manifests, "ConfigMap", "-settings")
+    injector = yaml.safe_load(settings["data"]["injector.yaml"])
+    assert injector["allow_opt_out"] is False and injector["require_run_as_user"] is True
+
+
+def test_helm_test_pod_checks_the_service_with_its_ca(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    (pod,) = find(rendered["agents"], "Pod")
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == [
+        "agent-authz",
+        "webhook-check",
+        "--url",
+        f"https://{WEBHOOK}.{NS}.svc:443/inject",
+        "--ca-file",
+        "/etc/agent-authz-webhook/tls/ca.crt",
+        "--namespace",
+        "agents",
+    ]
+    assert pod["spec"]["volumes"][0]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    (policy,) = find(rendered["agents"], "NetworkPolicy")
+    peers = policy["spec"]["ingress"][0]["from"]
+    assert peers[-1]["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+
+
+@pytest.mark.parametrize(
+    ("setting", "field"),
+    [
+        ("proxy.uid=0", "/proxy/uid"),
+        ("webhook.failurePolicy=Sometimes", "/webhook/failurePolicy"),
+        ("webhook.port=443", "/webhook/port"),
+        ("webhook.timeoutSeconds=60", "/webhook/timeoutSeconds"),
+        ("interception.outboundPort=70000", "/interception/outboundPort"),
+        ("interception.ipv6=maybe", "/interception/ipv6"),
+        ("interception.excludeOutboundCIDRs={not-a-cidr}", "/interception/excludeOutboundCIDRs/0"),
+        ("identity.workloadApi.mode=socket", "/identity/workloadApi/mode"),
+        ("identity.trustDomain=Bad Domain", "/identity/trustDomain"),
+        ("agentNamespaces={Bad_NS}", "/agentNamespaces/0"),
+        ("sidecar.maxTokenTtl=forever", "/sidecar/maxTokenTtl"),
+        ("sidecar.issuerUrl=not-a-url", "/sidecar/issuerUrl"),
+        ("sidecar.resources.requests.cpu=lots", "/sidecar/resources/requests/cpu"),
+        ("image.digest=sha256:short", "/image/digest"),
+        ("webhook.tls.mode=secret", "/webhook/tls"),
+        ("webhook.tls.mode=selfsigned", "/webhook/tls/mode"),
+        ("typo=1", "additional properties 'typo'"),
+        ("webhook.replica=3", "additional properties 'replica'"),
+    ],
+)
+def test_bad_values_are_rejected_by_the_schema(setting: str, field: str) -> None:
+    result = helm("template", "aa", str(CHART), "--set", setting, check=False)
+    assert result.returncode != 0
+    assert "don't meet the specifications of the schema" in result.stderr and field in result.stderr, result.stderr
+
+
+def test_port_collisions_are_rejected() -> None:
+    result = helm("template", "aa", str(CHART), "--set", "sidecar.healthPort=15006", check=False)
+    assert result.returncode != 0
+    assert "interception.inboundPort and sidecar.healthPort are both 15006" in result.stderr, result.stderr
+
+
+def test_every_command_in_the_rendered_chart_exists(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """The webhook Deployment's and the helm test's commands parse with the CLI the image installs."""
+    commands = [
+        container["command"]
+        for manifest in rendered["agents"]
+        if manifest["kind"] in ("Deployment", "Pod")
+        for container in (manifest["spec"].get("template", manifest)["spec"]["containers"])
+    ]
+    assert len(commands) == 2
+    for argv in commands:
+        parses(argv)
+
+
+def _notes(*set_values: str) -> str:
+    args = ["install", "aa", str(CHART), "--dry-run=client", "--namespace", NS]
+    for item in set_values:
+        args += ["--set", item]
+    out = helm(*args).stdout
+    assert "NOTES:" in out
+    return out.split("NOTES:", 1)[1]
+
+
+def test_notes_say_what_to_label_and_show_a_valid_task() -> None:
+    notes = _notes("agentNamespaces={agents,research}")
+    assert "kubectl label namespace agents agent-authz.io/inject=enabled --overwrite" in notes
+    assert "kubectl label namespace research agent-authz.io/inject=enabled --overwrite" in notes
+    assert "kubectl annotate pod POD agent-authz.io/revoked=true --overwrite" in notes
+    assert "kubectl logs POD -c agent-authz | agent-authz logs" in notes and "helm test aa -n agent-authz" in notes
+    block = notes.split("agent-authz.io/task: |\n", 1)[1].split("\n\n", 1)[0]
+    example = "\n".join(line.removeprefix("        ") for line in block.splitlines())
+    checked = check_task_annotation(example, agent="spiffe://example.org/ns/agents/sa/a", credentials=set(), now=0)
+    assert (checked.kind, checked.task_id) == ("task", "q3-risk-report")
+    assert "WARNING: agentNamespaces is empty" in _notes()

