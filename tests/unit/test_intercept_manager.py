@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import yaml
 from cryptography import x509
 from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 
+from sidecar.bootstrap.launch import wait_for_intercept_files
 from sidecar.config.loader import load_config
 from sidecar.errors import ConfigError
 from sidecar.intercept import manager as manager_module
@@ -158,3 +161,18 @@ def test_a_failed_sync_is_reported_and_retried(tmp_path: Path) -> None:
     asyncio.run(manager.sync_now(runtime))
     assert manager.last_error is None and _chains(manager) == {f"intercept|{API}:443"}
     manager.close()
+
+
+def test_envoy_launch_waits_for_the_sidecars_files(tmp_path: Path) -> None:
+    """``agent-authz envoy`` (the injected Envoy container) starts Envoy only once LDS/CDS exist."""
+    clock = Clock()
+    runtime, manager = _setup(tmp_path, [task("t1", egress=[RULE])], clock)
+    loaded = load_config(tmp_path / "sidecar.yaml")
+    with pytest.raises(ConfigError, match="has not written"):
+        wait_for_intercept_files(loaded, timeout=0.2)
+    timer = threading.Timer(0.3, manager.sync, args=(runtime.snapshot.policy, clock.now))
+    timer.start()
+    started = time.monotonic()
+    wait_for_intercept_files(loaded, timeout=10)
+    assert 0.2 < time.monotonic() - started < 5
+    timer.join()
