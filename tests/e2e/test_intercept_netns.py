@@ -72,8 +72,8 @@ TASK = task(
 
 @pytest.fixture(scope="module")
 def pod() -> Iterator[Pod]:
-    missing = missing_tools()
-    assert not missing, f"missing tools: {missing} (.ci/run installs iptables)"
+    missing = missing_tools() + [tool for tool in ("openssl",) if shutil.which(tool) is None]
+    assert not missing, f"missing tools: {missing} (.ci/run installs them)"
     net = PodNetwork()
     base = Path(tempfile.mkdtemp(prefix="aa-tls-", dir="/tmp"))
     base.chmod(0o755)

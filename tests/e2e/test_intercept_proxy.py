@@ -316,11 +316,27 @@ print(json.dumps({"done": done, "failures": failures, "serials": sorted(serials)
 """
 
 
-def test_leaf_rotation_drops_no_request(stack: Stack) -> None:
-    """leaf_ttl 4s, re-minted with a third of its life left: a 7 s stream sees several leaves."""
-    argv = [sys.executable, "-c", ROTATION_SCRIPT, API, "7"]
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=40, env=stack.env, check=False)
-    assert result.returncode == 0, result.stderr
-    outcome = json.loads(result.stdout)
+def test_leaf_rotation_and_listener_changes_drop_no_request(stack: Stack) -> None:
+    """leaf_ttl 4 s, re-minted with a third of its life left: an 8 s stream sees several leaves. Meanwhile
+    a task with a 3 s ttl adds a filter chain (LDS) that its expiry removes again, with no config change."""
+    argv = [sys.executable, "-c", ROTATION_SCRIPT, API, "8"]
+    stream = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=stack.env)
+    try:
+        wait_until(
+            lambda: any(r.raw_path == "/v1/items/rot" for r in stack.upstream.requests()), timeout=10, what="stream"
+        )
+        rule = {"host": LATER, "tls": "intercept", "upstream_port": stack.upstream.port, "methods": ["GET"]}
+        base = _tasks(stack.upstream.port, stack.other.port)
+        stack.rewrite([*base, task("short", ttl="3s", egress=[{**rule, "paths": ["*"]}])])
+        wait_until(lambda: f"intercept|{LATER}:443" in stack.chains(), timeout=5, what="the chain of the new task")
+        wait_until(lambda: f"intercept|{LATER}:443" not in stack.chains(), timeout=10, what="the chain gone at expiry")
+        out, err = stream.communicate(timeout=40)
+    finally:
+        if stream.poll() is None:
+            stream.kill()
+            stream.communicate()
+    assert stream.returncode == 0, err
+    outcome = json.loads(out)
     assert outcome["failures"] == [] and outcome["done"] > 20, outcome
     assert len(outcome["serials"]) >= 2, outcome  # new handshakes got new leaves
+    stack.rewrite(_tasks(stack.upstream.port, stack.other.port))
