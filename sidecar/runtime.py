@@ -402,6 +402,8 @@ class Runtime:
             return False
         if snapshot.loaded.settings.decision_log != previous.loaded.settings.decision_log:
             _log.warning("decision_log_change_needs_restart", file=str(self.config_path))
+        if snapshot.loaded.settings.intercept != previous.loaded.settings.intercept:
+            _log.warning("intercept_change_needs_restart", file=str(self.config_path))
         self.snapshot = snapshot
         self.reloads += 1
         self.last_error = None
