@@ -12,14 +12,20 @@ answering with ``direct_response``):
 (d) Envoy + agent-authz, token served from the cache (the normal path);
 (e) Envoy + agent-authz minting a token on every call (``mint_per_call``);
 (f) ingress: mTLS to Envoy's ingress listener with the sidecar re-verifying the SVID; (f0) the same
-    mTLS hop without ext_authz, as its baseline.
+    mTLS hop without ext_authz, as its baseline;
+(g) HTTPS the agent opens itself, intercepted (``tls: intercept``): ``hey`` through ``HTTPS_PROXY``
+    (``CONNECT``), trusting the pod CA through ``SSL_CERT_FILE`` as any Go program does; Envoy
+    terminates TLS with the pod-CA leaf, agent-authz decides (token, API key) and Envoy opens a
+    verified TLS connection to an upstream serving HTTPS; (g0) the same Envoy configuration with
+    the ext_authz filter removed, as its baseline. TLS on both sides, connections kept alive.
 
 The configuration is realistic: ``--tasks`` tasks (default 1,000) of 10 egress rules each, all
 for the local agent, requests hitting the last task's last rule without naming the task. Decision
 logging is on (a file) in every agent-authz figure.
 
-Per configuration: saturation with ``wrk`` (req/s = decisions/s), fixed rate with ``hey -q`` at 500
-and 1000 req/s (latency p50/p90/p99 and the latency added over (a)). For (d): the sidecar's RSS, CPU
+Per configuration: saturation with ``wrk`` (req/s = decisions/s; ``hey -c16`` for (g0)/(g), which go
+through a proxy), fixed rate with ``hey -q`` at 500 and 1000 req/s (latency p50/p90/p99 and the
+latency added over (a); for (g), also over (g0) and over (d)). For (d): the sidecar's RSS, CPU
 seconds per 1000 decisions, and start-to-ready time. Separately, in-process: the decision cost with
 10 and with 10,000 tasks. Prints a markdown table; ``--json`` writes every raw figure.
 
@@ -46,6 +52,8 @@ sys.path.insert(0, str(REPO))
 
 from sidecar.decision import AuthzRequest, Direction  # noqa: E402
 from sidecar.identity.devca import DevCA  # noqa: E402
+from sidecar.intercept.ca import PodCA  # noqa: E402
+from sidecar.intercept.trust import agent_trust_env  # noqa: E402
 from sidecar.procs import AuthzStack, EnvoyProcess, ManagedProcess, http_get, wait_until  # noqa: E402
 from sidecar.runtime import Runtime  # noqa: E402
 from sidecar.tokens.keys import generate_private_key_pem  # noqa: E402
@@ -53,6 +61,8 @@ from sidecar.tokens.keys import generate_private_key_pem  # noqa: E402
 AGENT = "spiffe://bench.example/ns/agents/sa/worker"
 CALLER = "spiffe://bench.example/ns/agents/sa/caller"
 RULES_PER_TASK = 10
+TLS_HOST = "secure.svc.internal"
+TLS_PATH = "/api/v1/items/42"
 
 
 # -- configuration ----------------------------------------------------------------------------------
@@ -88,7 +98,9 @@ def _write_keys(state: Path) -> None:
     (state / "keys" / "signing.pem").write_bytes(generate_private_key_pem())
 
 
-def _sidecar_config(state: Path, sock: Path, tasks: int, upstream: str, **extra: Any) -> Path:
+def _sidecar_config(
+    state: Path, sock: Path, tasks: int, upstream: str, more_tasks: tuple[dict[str, Any], ...] = (), **extra: Any
+) -> Path:
     host, _ = _target(tasks)
     config: dict[str, Any] = {
         "agent": AGENT,
@@ -96,7 +108,7 @@ def _sidecar_config(state: Path, sock: Path, tasks: int, upstream: str, **extra:
         "listen": {"authz": f"unix:{sock}", "admin": "127.0.0.1:0"},
         "envoy": {"egress_port": 0, "admin_port": 0, "destinations": {host: upstream}},
         "decision_log": {"path": "decisions.log", "stdout": False},
-        "tasks": _tasks(tasks),
+        "tasks": [*_tasks(tasks), *more_tasks],
     }
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
@@ -245,6 +257,24 @@ def _client_tls(cert: Path, key: Path, ca: Path) -> dict[str, Any]:
     )
 
 
+def _tls_server(cert: Path, key: Path) -> dict[str, Any]:
+    """A plain TLS server context (no client certificate): the HTTPS upstream of (g)."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": _any(
+            "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            {
+                "common_tls_context": {
+                    "alpn_protocols": ["h2", "http/1.1"],
+                    "tls_certificates": [
+                        {"certificate_chain": {"filename": str(cert)}, "private_key": {"filename": str(key)}}
+                    ],
+                }
+            },
+        ),
+    }
+
+
 def _server_tls(cert: Path, key: Path, ca: Path) -> dict[str, Any]:
     return {
         "name": "envoy.transport_sockets.tls",
@@ -326,6 +356,32 @@ class Bench:
         figures["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
         return figures
 
+    def hey_proxy(self, proxy: int, url: str, env: dict[str, str], rate: int | None) -> dict[str, float]:
+        """``hey`` through ``http://127.0.0.1:proxy`` (``CONNECT`` for https), at ``rate`` or flat out (-c16)."""
+        workers = 10 if rate else 16
+        limit = ["-q", str(rate // workers)] if rate else []
+        argv = ["hey", "-z", f"{self.seconds}s", "-c", str(workers), *limit, "-x", f"http://127.0.0.1:{proxy}", url]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True, env=env).stdout
+        codes = re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)
+        if not codes or any(code != "200" for code, _ in codes):
+            raise RuntimeError(f"hey saw non-200 responses or errors:\n{out}")
+        figures = {f"p{p}": float(re.search(rf"{p}%+ in ([\d.]+) secs", out).group(1)) * 1000 for p in (50, 90, 99)}  # type: ignore[union-attr]
+        figures["rps"] = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        return figures
+
+    def measure_proxy(self, name: str, proxy: int, url: str, env: dict[str, str]) -> None:
+        """Like :meth:`measure`, for a client that goes through the proxy (saturation with hey -c16)."""
+        self.hey_proxy(proxy, url, env, None)  # warm-up: connections, the pod-CA leaf, the token cache
+        figures: dict[str, Any] = {"rps": self.hey_proxy(proxy, url, env, None)["rps"]}
+        for rate in (500, 1000):
+            figures[f"at_{rate}"] = self.hey_proxy(proxy, url, env, rate)
+        self.results[name] = figures
+        print(
+            f"  {name}: {figures['rps']:.0f} req/s; @1000: p50 {figures['at_1000']['p50']:.2f} ms, "
+            f"p99 {figures['at_1000']['p99']:.2f} ms",
+            flush=True,
+        )
+
     def measure(self, name: str, port: int, host: str, path: str, extra: dict[str, Any] | None = None) -> None:
         figures: dict[str, Any] = {"rps": self.wrk(port, host, path)}
         for rate in (500, 1000):
@@ -406,6 +462,7 @@ def run_configs(bench: Bench) -> None:
             bench.results[name]["rss_mb"] = round(_proc_rss_mb(pid), 1)
             bench.results[name]["decisions_measured"] = decisions
             stack.stop()
+        run_intercept(bench, up)
         # (f0) mTLS hop without ext_authz, (f) agent-authz ingress
         ca = DevCA.create("bench.example")
         ca.save(work / "ca")
@@ -469,6 +526,82 @@ def run_configs(bench: Bench) -> None:
         bench.measure("f_ingress_mtls_svid", client_envoy.listener_port("f_client"), "agent.local", "/v1/status")
     finally:
         bench.stop_all()
+
+
+def run_intercept(bench: Bench, plain_upstream: str) -> None:
+    """(g0) and (g): intercepted HTTPS, TLS on both sides (see the module docstring)."""
+    work, tasks = bench.work, bench.tasks
+    upstream_ca = PodCA.create(ttl=86400, now=time.time(), label="bench upstream CA")
+    leaf = upstream_ca.issue(TLS_HOST, ttl=7200, now=time.time())
+    (work / "up-tls").mkdir()
+    cert, key = work / "up-tls" / "leaf.pem", work / "up-tls" / "leaf.key"
+    cert.write_bytes(leaf.cert_pem)
+    key.write_bytes(leaf.key_pem)
+    (work / "up-tls" / "ca.pem").write_bytes(upstream_ca.cert_pem)
+    tls_up = bench.envoy(
+        "upstream_tls", _bootstrap(_listener("up_tls", [], "", _tls_server(cert, key), direct=True), [])
+    )
+    tls_address = f"127.0.0.1:{tls_up.listener_port('up_tls')}"
+    state = work / "g_intercept"
+    state.mkdir()
+    _write_keys(state)
+    (state / "api.key").write_text("sk-bench-0123456789abcdef\n")
+    rule = {
+        "name": "tls",
+        "host": TLS_HOST,
+        "tls": "intercept",
+        "upstream_port": int(tls_address.rsplit(":", 1)[1]),
+        "methods": ["GET"],
+        "paths": ["/api/*"],
+        "credential": {"header": "x-api-key", "file": "api.key"},
+    }
+    config = _sidecar_config(
+        state,
+        Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "authz.sock",
+        tasks,
+        plain_upstream,
+        envoy={
+            "destinations": {_target(tasks)[0]: plain_upstream, TLS_HOST: tls_address},
+            "upstream_ca": str(work / "up-tls" / "ca.pem"),
+        },
+        more_tasks=({"id": "intercept", "agent": AGENT, "purpose": "bench", "ttl": "2h", "egress": [rule]},),
+        intercept={"state_dir": "intercept", "publish_dir": "trust"},
+    )
+    stack = AuthzStack(config, state)
+    stack.start()
+    bench.procs.append(stack.envoy)
+    bench.procs.append(stack.sidecar)
+    env = {"PATH": os.environ["PATH"], **agent_trust_env(state / "trust")}  # hey is Go: SSL_CERT_FILE
+    url = f"https://{TLS_HOST}{TLS_PATH}"
+    # (g0): the very same Envoy configuration, with every ext_authz filter taken out
+    baseline = work / "g0_intercept"
+    shutil.copytree(state / "intercept", baseline, ignore=shutil.ignore_patterns("ca"))
+    for path in [*baseline.rglob("*.json")]:
+        text = path.read_text().replace(str(state / "intercept"), str(baseline))
+        path.write_text(json.dumps(_without_ext_authz(json.loads(text))))
+    bootstrap = _without_ext_authz(
+        json.loads(stack.bootstrap.read_text().replace(str(state / "intercept"), str(baseline)))
+    )
+    front = bench.envoy("g0_envoy", bootstrap)
+    bench.measure_proxy("g0_intercept_no_authz", front.listener_port("egress_http"), url, env)
+    front.stop()
+    bench.measure_proxy("g_intercept", stack.egress_port, url, env)
+    stack.stop()
+    tls_up.stop()
+
+
+def _without_ext_authz(config: Any) -> Any:
+    """``config`` (proto3 JSON) with every ``envoy.filters.http.ext_authz`` HTTP filter removed."""
+    if isinstance(config, dict):
+        return {
+            k: [f for f in map(_without_ext_authz, v) if f.get("name") != "envoy.filters.http.ext_authz"]
+            if k == "httpFilters"
+            else _without_ext_authz(v)
+            for k, v in config.items()
+        }
+    if isinstance(config, list):
+        return [_without_ext_authz(v) for v in config]
+    return config
 
 
 def _decisions(stack: AuthzStack) -> int:
@@ -537,9 +670,10 @@ def report(results: dict[str, Any]) -> str:
     ]
     for name, figures in configs.items():
         f5, f10 = figures["at_500"], figures["at_1000"]
+        label = f"{name} ¹" if name.startswith("g") else name
         added = " / ".join(f"{f10[p] - base[p]:+.2f}" for p in ("p50", "p90", "p99"))
         lines.append(
-            f"| {name} | {figures['rps']:.0f} | {f5['p50']:.2f} / {f5['p90']:.2f} / {f5['p99']:.2f} | "
+            f"| {label} | {figures['rps']:.0f} | {f5['p50']:.2f} / {f5['p90']:.2f} / {f5['p99']:.2f} | "
             f"{f10['p50']:.2f} / {f10['p90']:.2f} / {f10['p99']:.2f} | {added} |"
         )
     t, flat = results["targets"], results["flat_cost"]
@@ -548,6 +682,17 @@ def report(results: dict[str, Any]) -> str:
         return f"| {target} | {goal} | {measured} | {'' if met is None else 'yes' if met else 'no'} |"
 
     cpu = configs["d_agent_authz"]["cpu_s_per_1000_decisions"]
+    if "g_intercept" in configs:
+        g, g0, d = (configs[n]["at_1000"] for n in ("g_intercept", "g0_intercept_no_authz", "d_agent_authz"))
+        lines += [
+            "",
+            "¹ through `HTTPS_PROXY` (`hey -x`, CONNECT), TLS terminated by Envoy and re-originated to an HTTPS "
+            "upstream; req/s with `hey -c16`.",
+            "",
+            "Intercepted HTTPS @1000 req/s, added p50 / p90 / p99 (ms): over the same TLS path without ext_authz "
+            f"(g0): {' / '.join(f'{g[p] - g0[p]:+.2f}' for p in ('p50', 'p90', 'p99'))}; "
+            f"over plain-HTTP agent-authz (d): {' / '.join(f'{g[p] - d[p]:+.2f}' for p in ('p50', 'p90', 'p99'))}.",
+        ]
     lines += [
         "",
         "| target | goal | measured | met |",

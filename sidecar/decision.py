@@ -85,13 +85,16 @@ class Reason(enum.StrEnum):
     TCP_NOT_ALLOWED = "tcp_not_allowed"
     UNKNOWN_DESTINATION = "unknown_destination"
     TLS_ORIGINATION_UNAVAILABLE = "tls_origination_unavailable"
+    MISDIRECTED_REQUEST = "misdirected_request"
+    """An intercepted TLS connection carried a request for another host or port than its SNI."""
 
 
-_STATUS = {Reason.BUDGET_EXHAUSTED: 429, Reason.BAD_REQUEST: 400}
+_STATUS = {Reason.BUDGET_EXHAUSTED: 429, Reason.BAD_REQUEST: 400, Reason.MISDIRECTED_REQUEST: 421}
 
 
 def deny_status(reason: Reason) -> int:
-    """HTTP status for a deny: 429 for an exhausted budget, 400 for a malformed request, else 403."""
+    """HTTP status for a deny: 429 for an exhausted budget, 400 for a malformed request, 421
+    (RFC 9110 §15.5.20) for a request misdirected into an intercepted connection, else 403."""
     return _STATUS.get(reason, 403)
 
 
@@ -164,6 +167,11 @@ class Decision:
         would_reason: in dry-run mode, the reason the policy gave (``allowed`` or a deny reason).
         protocol / sni / destination: as in :class:`AuthzRequest` (recorded for connection checks
             and for requests that arrived through the transparent listener).
+        tls: ``intercept`` for a request Envoy read by terminating the agent's TLS with a pod-CA
+            certificate (``sni`` is then the intercepted name); ``""`` otherwise.
+        upstream_verify: with ``tls: intercept``, how Envoy verifies the upstream it re-originates
+            to (``dns:<name> ca:<bundle>``); the outcome is in Envoy's access log
+            (``upstream_tls_failure``), joined on ``decision_id``.
     """
 
     allow: bool
@@ -191,3 +199,5 @@ class Decision:
     protocol: Protocol = Protocol.HTTP
     sni: str = ""
     destination: str = ""
+    tls: str = ""
+    upstream_verify: str = ""

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from sidecar.config.loader import LoadedConfig, load_config, read_secret_file
-from sidecar.config.schema import TaskSpec
+from sidecar.config.schema import TaskSpec, tls_rule_conflicts
 from sidecar.config.task_file import check_task_credentials, looks_like_jws, parse_task_document
 from sidecar.credentials import credential_value
 from sidecar.decision import AuthzRequest, Decision, Direction, Protocol
@@ -67,6 +67,25 @@ class Snapshot:
     minter: TokenMinter
     digest: str
     watched: frozenset[Path]
+
+
+def _check_tls_rules(sources: list[TaskSource], intercept: bool, file: str) -> None:
+    """TLS rules of all tasks (config, grants, task files) agree, and ``tls: intercept`` has its CA.
+
+    Raises:
+        ConfigError: see :func:`~sidecar.config.schema.tls_rule_conflicts`; or a ``tls: intercept``
+            rule without the ``intercept`` section.
+    """
+    located = [(f"task {src.spec.id!r} egress[{i}]", rule) for src in sources for i, rule in enumerate(src.spec.egress)]
+    conflict = tls_rule_conflicts(located)
+    if conflict is not None:
+        raise ConfigError(file, "tasks", conflict)
+    if not intercept:
+        for where, rule in located:
+            if rule.tls == "intercept":
+                raise ConfigError(
+                    file, "tasks", f"{where}: 'tls: intercept' needs the 'intercept' section (the pod CA)"
+                )
 
 
 class _Reader:
@@ -137,6 +156,7 @@ class Runtime:
         self._defer = defer
         self._first_seen: dict[str, float] = {}
         self._retired: tuple[tuple[SigningKey, float], ...] = ()
+        self._listeners: list[Callable[[Snapshot], None]] = []
         self.reloads = 0
         self.reload_failures = 0
         self.last_error: str | None = None
@@ -216,6 +236,8 @@ class Runtime:
             revoked = revoked_here or revoked_by(grant, grant_set.revocations) is not None
             sources.append(TaskSource(grant.spec, creds, grant, revoked))
         sources.extend(file_tasks)
+        if len(sources) > len(settings.tasks):  # grants and task files: check them with the config's tasks
+            _check_tls_rules(sources, settings.intercept is not None, name)
         seen: set[str] = set()
         for source in sources:
             if source.spec.id in seen:
@@ -380,9 +402,13 @@ class Runtime:
             return False
         if snapshot.loaded.settings.decision_log != previous.loaded.settings.decision_log:
             _log.warning("decision_log_change_needs_restart", file=str(self.config_path))
+        if snapshot.loaded.settings.intercept != previous.loaded.settings.intercept:
+            _log.warning("intercept_change_needs_restart", file=str(self.config_path))
         self.snapshot = snapshot
         self.reloads += 1
         self.last_error = None
+        for listener in self._listeners:
+            listener(snapshot)
         _log.info(
             "config_reloaded",
             file=str(self.config_path),
@@ -390,6 +416,10 @@ class Runtime:
             tasks=len(snapshot.policy.tasks_by_id),
         )
         return True
+
+    def add_listener(self, listener: Callable[[Snapshot], None]) -> None:
+        """Call ``listener(snapshot)`` after each new snapshot is swapped in (on the reloading thread)."""
+        self._listeners.append(listener)
 
     def decide(self, request: AuthzRequest, decision_id: str) -> Decision:
         """Decide ``request`` against the active snapshot (read once, so a swap mid-call is harmless).

@@ -23,8 +23,11 @@ from sidecar.audit.log import DecisionLog
 from sidecar.config.loader import load_config
 from sidecar.config.watch import watch_and_reload
 from sidecar.envoy_authz.service import AuthorizationService
+from sidecar.errors import ConfigError
 from sidecar.identity.state import IdentityState
 from sidecar.identity.workload_api import WorkloadApiIdentity
+from sidecar.intercept.manager import InterceptManager
+from sidecar.intercept.sds import SecretStore
 from sidecar.metrics import Metrics
 from sidecar.runtime import Runtime
 
@@ -69,6 +72,12 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
             loop.call_soon_threadsafe(runtime.set_identity, state)
 
         workload.set_callback(identity_changed)
+    try:
+        intercept = await _start_intercept(config_path, runtime)
+    except BaseException:
+        if workload is not None:
+            workload.close()
+        raise
     decision_log = open_decision_log(runtime)
     metrics = Metrics()
     metrics.bind(runtime, decision_log)
@@ -83,6 +92,9 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((service.handler(),))
+    if intercept is not None:  # the pod-CA leaves, for Envoy's intercepting filter chains (gRPC SDS)
+        intercept.secrets.bind(loop)
+        server.add_generic_rpc_handlers((intercept.secrets.handler(),))
     authz = settings.listen.authz
     if authz.startswith("unix:"):
         sock_path = Path(authz[5:])
@@ -97,7 +109,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         authz_bound = f"{host}:{bound}"
     await server.start()
 
-    runner = web.AppRunner(make_admin_app(runtime, decision_log, metrics), access_log=None, handle_signals=False)
+    admin_app = make_admin_app(runtime, decision_log, metrics, intercept=intercept)
+    runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
     await runner.setup()
     admin = settings.listen.admin
     if admin.startswith("unix:"):
@@ -110,7 +123,9 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     health_runner: web.AppRunner | None = None
     health_bound: str | None = None
     if settings.listen.health is not None:
-        health_runner = web.AppRunner(make_health_app(runtime, decision_log), access_log=None, handle_signals=False)
+        health_runner = web.AppRunner(
+            make_health_app(runtime, decision_log, intercept=intercept), access_log=None, handle_signals=False
+        )
         await health_runner.setup()
         health_bound = await _start_tcp_site(health_runner, settings.listen.health)
 
@@ -128,6 +143,9 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     watcher = asyncio.create_task(
         watch_and_reload(lambda: runtime.snapshot.watched, reload, stop, ignore=own_files),
         name="config-watch",
+    )
+    intercepting = (
+        asyncio.create_task(intercept.run(runtime, stop), name="intercept") if intercept is not None else None
     )
     # Everything built so far (imports, the compiled policy) lives as long as the process: freeze it,
     # so a full collection never walks 10,000 compiled rules in the middle of a decision.
@@ -161,6 +179,11 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        if intercepting is not None and intercept is not None:
+            intercepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await intercepting
+            intercept.close()
         await decision_log.aclose()
         _log.info("stopped", seq=decision_log.head.seq)
 
@@ -216,6 +239,32 @@ def _own_files(runtime: Runtime, decision_log: DecisionLog) -> Callable[[Path], 
         return published is not None and path.parent == published.parent and path.name.endswith(published.name)
 
     return own
+
+
+async def _start_intercept(config_path: Path, runtime: Runtime) -> InterceptManager | None:
+    """With an ``intercept`` section: the pod CA, its published certificate and Envoy's first
+    intercept files, all before the sidecar reports ready (Envoy's bootstrap names those files).
+
+    Raises:
+        ConfigError: see :meth:`InterceptManager.prepare`, or the first sync failed.
+    """
+    if runtime.snapshot.loaded.settings.intercept is None:
+        return None
+    loop = asyncio.get_running_loop()
+    # The bootstrap was rendered from the file with its tasks; the runtime keeps a copy without them.
+    loaded = await loop.run_in_executor(None, load_config, config_path)
+    manager = InterceptManager(loaded, SecretStore(), clock=runtime.clock)
+    try:
+        await loop.run_in_executor(None, manager.prepare)
+        await manager.sync_now(runtime)
+        if manager.last_error is not None:
+            raise ConfigError(
+                str(config_path), "intercept", f"cannot write Envoy's intercept files: {manager.last_error}"
+            )
+    except BaseException:
+        manager.close()
+        raise
+    return manager
 
 
 async def _start_workload_identity(config_path: Path, loop: asyncio.AbstractEventLoop) -> WorkloadApiIdentity | None:

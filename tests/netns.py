@@ -84,6 +84,18 @@ class PodNetwork:
             self.close()
             raise
 
+    @property
+    def hosts_file(self) -> Path:
+        """``/etc/netns/<pod>/hosts``: ``ip netns exec <pod>`` bind-mounts it over ``/etc/hosts``."""
+        return Path("/etc/netns") / self.pod / "hosts"
+
+    def write_hosts(self, names: dict[str, str]) -> None:
+        """Name resolution inside the pod (there is no DNS): ``name -> address``; removed by :meth:`close`."""
+        self.hosts_file.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost", *(f"{address} {name}" for name, address in sorted(names.items()))]
+        self.hosts_file.write_text("\n".join(lines) + "\n")
+        self.hosts_file.chmod(0o644)
+
     def exec_in(self, ns: str, argv: Sequence[str]) -> list[str]:
         """``ip netns exec ns argv...``."""
         return ["ip", "netns", "exec", ns, *argv]
@@ -108,6 +120,7 @@ class PodNetwork:
         for ns in reversed(self.created):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
         self.created.clear()
+        shutil.rmtree(self.hosts_file.parent, ignore_errors=True)
         # a veth that never reached a namespace would stay in the root namespace
         subprocess.run(["ip", "link", "del", self.veth_pod], capture_output=True, timeout=10, check=False)
 

@@ -1,7 +1,9 @@
 """Servers for the interception tests, run as a child process inside a namespace.
 
     python -m tests.netns_servers --log FILE --ready FILE [--http ADDR:PORT]... [--https ADDR:PORT]...
-        [--cert PEM --key PEM] [--tcp ADDR:PORT]...
+        [--cert PEM --key PEM] [--https-cert ADDR:PORT PEM KEY]... [--tcp ADDR:PORT]...
+
+``--https`` listeners share ``--cert``/``--key``; ``--https-cert`` names a listener's own pair.
 
 Every HTTP(S) request is answered 200 and logged as one JSON line ``{"listener", "scheme", "host",
 "path", "headers", "peer"}``; every TCP connection is logged as ``{"listener", "scheme": "tcp",
@@ -87,6 +89,7 @@ def main() -> None:
     parser.add_argument("--http", action="append", default=[])
     parser.add_argument("--https", action="append", default=[])
     parser.add_argument("--tcp", action="append", default=[])
+    parser.add_argument("--https-cert", action="append", nargs=3, default=[], metavar=("ADDR:PORT", "PEM", "KEY"))
     parser.add_argument("--cert")
     parser.add_argument("--key")
     args = parser.parse_args()
@@ -94,10 +97,10 @@ def main() -> None:
     servers: list[socketserver.BaseServer] = []
     for address in args.http:
         servers.append(ThreadingHTTPServer(_split(address), _http_handler(log, f"http {address}", "http")))
-    for address in args.https:
+    for address, cert, key in [(a, args.cert, args.key) for a in args.https] + args.https_cert:
         server = ThreadingHTTPServer(_split(address), _http_handler(log, f"https {address}", "https"))
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(args.cert, args.key)
+        context.load_cert_chain(cert, key)
         server.socket = context.wrap_socket(server.socket, server_side=True)
         servers.append(server)
     for address in args.tcp:

@@ -9,6 +9,7 @@ Routes:
     ``GET /metrics`` - Prometheus text exposition (:mod:`sidecar.metrics`).
     ``/decisions…`` - the decision viewer (:mod:`sidecar.admin.viewer`).
     ``/v1/tasks…``, ``/v1/revocations`` - the local task API (:mod:`sidecar.admin.tasks_api`).
+    ``GET /ca.pem`` - with ``intercept``: the per-pod CA certificate (PEM) the agent trusts; 404 otherwise.
 
 The admin server listens on ``127.0.0.1`` by default; reach it from outside the pod with
 ``kubectl port-forward``.
@@ -21,6 +22,7 @@ from aiohttp import web
 from sidecar.admin.tasks_api import add_task_routes
 from sidecar.admin.viewer import add_viewer_routes
 from sidecar.audit.log import DecisionLog
+from sidecar.intercept.manager import InterceptManager
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.runtime import Runtime
 
@@ -29,6 +31,7 @@ __all__ = ["make_admin_app", "readiness"]
 RUNTIME: web.AppKey[Runtime] = web.AppKey("runtime", Runtime)
 DECISION_LOG: web.AppKey[DecisionLog] = web.AppKey("decision_log", DecisionLog)
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
+INTERCEPT: web.AppKey[InterceptManager | None] = web.AppKey("intercept")
 
 
 async def _jwks(request: web.Request) -> web.Response:
@@ -40,11 +43,14 @@ async def _healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-def readiness(runtime: Runtime, log: DecisionLog) -> tuple[bool, dict[str, object]]:
+def readiness(
+    runtime: Runtime, log: DecisionLog, intercept: InterceptManager | None = None
+) -> tuple[bool, dict[str, object]]:
     """Whether the sidecar is ready, and the ``/readyz`` body.
 
-    Ready: configuration and keys loaded (always, once running), the decision log sink works, and
-    the SVID (with an identity source) has not expired.
+    Ready: configuration and keys loaded (always, once running), the decision log sink works, the
+    SVID (with an identity source) has not expired, and the pod CA (with ``intercept``) has not
+    expired. With ``intercept`` the body also shows the CA, the intercepted hosts and their leaves.
     """
     snapshot = runtime.snapshot
     body: dict[str, object] = {
@@ -79,12 +85,25 @@ def readiness(runtime: Runtime, log: DecisionLog) -> tuple[bool, dict[str, objec
         if svid.not_after <= runtime.clock():
             body["status"] = "svid_expired"
             ready = False
+    if intercept is not None:
+        status = intercept.status(runtime.clock())
+        body["intercept"] = status
+        if status["ca_expired"]:
+            body["status"] = "intercept_ca_expired"
+            ready = False
     return ready, body
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    ready, body = readiness(request.app[RUNTIME], request.app[DECISION_LOG])
+    ready, body = readiness(request.app[RUNTIME], request.app[DECISION_LOG], request.app[INTERCEPT])
     return web.json_response(body, status=200 if ready else 503)
+
+
+async def _ca_pem(request: web.Request) -> web.Response:
+    intercept = request.app[INTERCEPT]
+    if intercept is None or intercept.ca is None:
+        return web.json_response({"error": "not_configured", "detail": "no 'intercept' section"}, status=404)
+    return web.Response(body=intercept.ca.cert_pem, content_type="application/x-pem-file")
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -92,12 +111,16 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
-def make_admin_app(runtime: Runtime, decision_log: DecisionLog, metrics: Metrics) -> web.Application:
-    """Build the admin application bound to ``runtime``, ``decision_log`` and ``metrics``."""
+def make_admin_app(
+    runtime: Runtime, decision_log: DecisionLog, metrics: Metrics, *, intercept: InterceptManager | None = None
+) -> web.Application:
+    """Build the admin application bound to ``runtime``, ``decision_log``, ``metrics`` (and ``intercept``)."""
     app = web.Application()
     app[RUNTIME] = runtime
     app[DECISION_LOG] = decision_log
     app[METRICS] = metrics
+    app[INTERCEPT] = intercept
+    app.router.add_get("/ca.pem", _ca_pem)
     app.router.add_get("/.well-known/jwks.json", _jwks)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

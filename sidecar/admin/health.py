@@ -19,8 +19,9 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
-from sidecar.admin.app import DECISION_LOG, RUNTIME, readiness
+from sidecar.admin.app import DECISION_LOG, INTERCEPT, RUNTIME, readiness
 from sidecar.audit.log import DecisionLog
+from sidecar.intercept.manager import InterceptManager
 from sidecar.runtime import Runtime
 
 __all__ = ["make_health_app"]
@@ -33,7 +34,7 @@ async def _healthz(_: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    ready, body = readiness(request.app[RUNTIME], request.app[DECISION_LOG])
+    ready, body = readiness(request.app[RUNTIME], request.app[DECISION_LOG], request.app[INTERCEPT])
     return web.json_response({"status": body["status"]}, status=200 if ready else 503)
 
 
@@ -51,11 +52,14 @@ async def _envoy_ready(request: web.Request) -> web.Response:
     return web.json_response({"status": "ready" if status == 200 else "not_ready", "envoy": text}, status=status)
 
 
-def make_health_app(runtime: Runtime, decision_log: DecisionLog) -> web.Application:
-    """Build the probe application bound to ``runtime`` and ``decision_log``."""
+def make_health_app(
+    runtime: Runtime, decision_log: DecisionLog, *, intercept: InterceptManager | None = None
+) -> web.Application:
+    """Build the probe application bound to ``runtime`` and ``decision_log`` (and ``intercept``)."""
     app = web.Application()
     app[RUNTIME] = runtime
     app[DECISION_LOG] = decision_log
+    app[INTERCEPT] = intercept
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/envoy/ready", _envoy_ready)

@@ -12,7 +12,8 @@ first), ``on_behalf_of``, ``method``, ``host``, ``port``, ``path`` (no query), `
 ``would_decision`` and ``would_reason``, then ``event`` (``"decision"``) and the chain fields ``seq``,
 ``prev_hash``, ``hash`` (:mod:`sidecar.audit.chain`). Connection checks and requests that came
 through the transparent listener also carry ``protocol`` (``http``, or ``tls``/``tcp``), ``sni`` and
-``destination`` (the ``ip:port`` the agent connected to).
+``destination`` (the ``ip:port`` the agent connected to). Requests read by intercepting the
+agent's TLS add ``tls`` (``"intercept"``) and ``upstream_verify`` (how Envoy verifies the upstream).
 
 Durability (``decision_log.fsync``): each record is written with one ``write(2)`` to an ``O_APPEND``
 file *before* Envoy gets the answer, so an answered decision survives a crash or SIGTERM of the
@@ -79,6 +80,9 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
         "sni": decision.sni,
         "destination": decision.destination,
     }
+    if decision.tls:
+        record["tls"] = decision.tls
+        record["upstream_verify"] = decision.upstream_verify
     if decision.dry_run and decision.would_reason is not None:
         record["dry_run"] = True
         record["would_decision"] = "allow" if decision.would_reason is Reason.ALLOWED else "deny"

@@ -8,13 +8,40 @@ and the process is replaced by Envoy, so Envoy is PID 1 of its container and get
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from sidecar.bootstrap.render import write_envoy
-from sidecar.config.loader import load_config
+from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.envoy_bin import find_envoy
+from sidecar.errors import ConfigError
+from sidecar.intercept.files import XdsPaths
 
-__all__ = ["envoy_argv", "exec_envoy"]
+__all__ = ["envoy_argv", "exec_envoy", "wait_for_intercept_files"]
+
+
+def wait_for_intercept_files(loaded: LoadedConfig, timeout: float = 60.0) -> None:
+    """With ``intercept``: wait until the sidecar has written Envoy's LDS and CDS files.
+
+    The bootstrap names them and Envoy refuses to start without them; the sidecar writes them
+    before it reports ready, but the containers start side by side.
+
+    Raises:
+        ConfigError: they did not appear within ``timeout`` seconds.
+    """
+    intercept = loaded.settings.intercept
+    if intercept is None:
+        return
+    paths = XdsPaths(loaded.resolve(intercept.state_dir).absolute())
+    deadline = time.monotonic() + timeout
+    while not (paths.listeners.exists() and paths.clusters.exists()):
+        if time.monotonic() >= deadline:
+            raise ConfigError(
+                str(loaded.source),
+                "intercept.state_dir",
+                f"the sidecar has not written {paths.listeners} within {timeout:.0f}s (is it running?)",
+            )
+        time.sleep(0.1)
 
 
 def envoy_argv(envoy: Path, bootstrap: Path, *, concurrency: int, log_level: str, extra: list[str]) -> list[str]:
@@ -43,12 +70,16 @@ def exec_envoy(
 ) -> None:
     """Render ``config``'s bootstrap to ``out`` (file-based SDS beside it) and exec Envoy; never returns.
 
+    With ``intercept``, Envoy starts once the sidecar has written its dynamic listeners and clusters.
+
     Raises:
-        ConfigError: the configuration is invalid.
+        ConfigError: the configuration is invalid, or the intercept files did not appear in 60 s.
         EnvoyNotFoundError: no Envoy binary.
         OSError: ``out`` cannot be written or Envoy cannot be executed.
     """
     envoy = find_envoy(envoy_bin)
-    write_envoy(load_config(config), out)
+    loaded = load_config(config)
+    write_envoy(loaded, out)
+    wait_for_intercept_files(loaded)
     argv = envoy_argv(envoy, out, concurrency=concurrency, log_level=log_level, extra=extra or [])
     os.execv(argv[0], argv)  # noqa: S606 - the located Envoy binary, with our arguments

@@ -34,10 +34,28 @@ Listeners:
   ``context_extensions`` carry ``upstream_tls: originate``.
 * ``envoy.inbound_redirect``: the inbound listener gets ``original_dst``; a redirected connection is
   forwarded to ``127.0.0.1:<original port>`` (the agent's app), a direct one to ``local_app``.
+* ``intercept`` (``tls: intercept`` rules): the filter chains that terminate the agent's TLS change
+  with the active tasks, which a static bootstrap cannot do. So the ``outbound`` listener and the
+  internal listener ``intercept_connect`` come from file-based LDS, and the verifying upstream
+  clusters from file-based CDS, in ``intercept.state_dir`` - written by the sidecar
+  (:mod:`sidecar.intercept.manager`) with :func:`render_dynamic`, the same code as the rest. Per
+  intercepted ``host:port``: a filter chain matching the SNI (and, on ``outbound``, the original
+  destination port) that terminates TLS with the host's pod-CA leaf (gRPC SDS from the sidecar,
+  over the ``agent_authz`` cluster: the key never touches a disk; ALPN ``h2``, ``http/1.1``), then
+  the egress HTTP connection manager with ext_authz (``context_extensions`` ``intercept:
+  host:port``, ``upstream_verify``) and a route to a cluster that opens a new TLS
+  connection to the host (``envoy.destinations`` address, else DNS) with SNI = the host, verifying
+  the chain against ``envoy.upstream_ca`` (default: the system bundle) and the ``dNSName`` SAN;
+  an upstream that fails is a 502 (``local_reply_config`` on ``UF``) and Envoy's access log carries
+  ``upstream_tls_failure``. A request naming another host or port than the SNI gets 421. The
+  ``egress_http`` listener accepts ``CONNECT host:443`` (``HTTPS_PROXY``) and hands the tunnel to
+  ``intercept_connect``, whose chains are the same (port 443 only); a connection there that no
+  chain takes is asked about (``x-agent-authz-via: connect``) and closed.
 """
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import json
 import re
@@ -49,13 +67,21 @@ from typing import Any
 from sidecar.config.loader import LoadedConfig
 from sidecar.config.schema import SYSTEM_CA_BUNDLE
 from sidecar.errors import ConfigError
+from sidecar.intercept.files import XdsPaths
+from sidecar.intercept.targets import InterceptTarget
 
 __all__ = [
     "AUTHZ_CLUSTER",
     "BUNDLE_SECRET",
+    "INTERCEPT_CONNECT",
     "SVID_SECRET",
+    "DynamicResources",
     "RenderedEnvoy",
+    "intercept_cluster_name",
+    "intercept_secret_name",
+    "prune_render_cache",
     "render_bootstrap_json",
+    "render_dynamic",
     "render_envoy",
     "write_envoy",
 ]
@@ -67,6 +93,8 @@ ORIGINAL_DST_CLUSTER = "outbound_original_dst"
 BLACKHOLE_CLUSTER = "blackhole"
 INBOUND_DST_CLUSTER = "inbound_original_dst"
 INBOUND_DST_HEADER = "x-agent-authz-inbound-dst"
+INTERCEPT_CONNECT = "intercept_connect"
+"""The internal listener (and the cluster reaching it) that ``CONNECT host:443`` tunnels end in."""
 _EARLY_DATA_BYTES = 64 * 1024
 _TCP_ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
@@ -98,6 +126,13 @@ _ACCESS_LOG_FORMAT = {
     "duration_ms": "%DURATION%",
     "request_id": "%REQ(X-REQUEST-ID)%",
     "peer": "%DOWNSTREAM_PEER_URI_SAN%",
+    "sni": "%REQUESTED_SERVER_NAME%",
+    "upstream_tls_failure": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+}
+_UPSTREAM_FAILURE_BODY = {
+    "decision_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%",
+    "reason": "upstream_failed",
+    "detail": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
 }
 
 
@@ -109,8 +144,26 @@ class RenderedEnvoy:
     files: dict[Path, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class DynamicResources:
+    """What file-based LDS and CDS serve (proto3 JSON dicts, without ``@type``)."""
+
+    listeners: list[dict[str, Any]]
+    clusters: list[dict[str, Any]]
+
+
 def _cluster_name(host: str) -> str:
     return "dest|" + re.sub(r"[^a-z0-9._-]", "_", host)
+
+
+def intercept_cluster_name(target: InterceptTarget) -> str:
+    """The CDS cluster re-originating TLS for ``target``: ``intercept|<host>|<upstream port>``."""
+    return f"intercept|{target.host}|{target.upstream_port}"
+
+
+def intercept_secret_name(host: str) -> str:
+    """The SDS secret holding ``host``'s pod-CA leaf: ``intercept|<host>``."""
+    return f"intercept|{host}"
 
 
 def _is_ip(host: str) -> bool:
@@ -128,6 +181,7 @@ class _Builder:
         from envoy_data_plane.envoy.config import accesslog, cluster, core, endpoint, listener, route
         from envoy_data_plane.envoy.config.bootstrap import v3 as bootstrap
         from envoy_data_plane.envoy.extensions.access_loggers.stream import v3 as stream
+        from envoy_data_plane.envoy.extensions.bootstrap.internal_listener import v3 as internal_listener
         from envoy_data_plane.envoy.extensions.clusters.dynamic_forward_proxy import v3 as dfp_cluster
         from envoy_data_plane.envoy.extensions.common.dynamic_forward_proxy import v3 as dfp_common
         from envoy_data_plane.envoy.extensions.filters.http.dynamic_forward_proxy import v3 as dfp_filter
@@ -152,10 +206,13 @@ class _Builder:
         self.ext_authz, self.router, self.hcm, self.upstream_http = ext_authz, router, hcm, upstream_http
         self.http_inspector, self.original_dst, self.tls_inspector = http_inspector, original_dst, tls_inspector
         self.net_ext_authz, self.tcp_proxy, self.matcher = net_ext_authz, tcp_proxy, matcher
+        self.internal_listener = internal_listener
         self.loaded = loaded
         self.settings = loaded.settings
         self.sds_dir = sds_dir
         self.files: dict[Path, str] = {}
+        intercept = self.settings.intercept
+        self.xds = XdsPaths(loaded.resolve(intercept.state_dir).absolute()) if intercept is not None else None
 
     # -- small pieces ------------------------------------------------------------------------------
     def pack(self, message: Any) -> Any:
@@ -199,6 +256,10 @@ class _Builder:
         per_route = ea.ExtAuthzPerRoute(check_settings=ea.CheckSettings(context_extensions=extensions))
         return {"envoy.filters.http.ext_authz": self.pack(per_route)}
 
+    def no_authz(self) -> dict[str, Any]:
+        """Per-route config switching ext_authz off (the ``CONNECT`` tunnel: decisions happen inside)."""
+        return {"envoy.filters.http.ext_authz": self.pack(self.ext_authz.ExtAuthzPerRoute(disabled=True))}
+
     def ext_authz_filter(self) -> Any:
         ea, core = self.ext_authz, self.core
         config = ea.ExtAuthz(
@@ -220,15 +281,28 @@ class _Builder:
         )
         return self.accesslog.AccessLog(name="envoy.access_loggers.stdout", typed_config=self.pack(log))
 
-    def connection_manager(self, stat_prefix: str, vhosts: list[Any], filters: list[Any], **extra: Any) -> Any:
+    def connection_manager(
+        self,
+        stat_prefix: str,
+        vhosts: list[Any],
+        filters: list[Any],
+        *,
+        validate_clusters: bool | None = None,
+        **extra: Any,
+    ) -> Any:
+        """The egress/ingress HTTP connection manager. ``validate_clusters=False`` for routes to CDS
+        clusters, which may arrive after the listener that names them (file-based xDS has no order)."""
         hcm = self.hcm
+        route_config = self.route.RouteConfiguration(name=stat_prefix, virtual_hosts=vhosts)
+        if validate_clusters is not None:
+            route_config.validate_clusters = validate_clusters
         manager = hcm.HttpConnectionManager(
             stat_prefix=stat_prefix,
             codec_type=hcm.HttpConnectionManagerCodecType.AUTO,
             normalize_path=True,
             merge_slashes=True,
             path_with_escaped_slashes_action=hcm.HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
-            route_config=self.route.RouteConfiguration(name=stat_prefix, virtual_hosts=vhosts),
+            route_config=route_config,
             http_filters=[
                 self.ext_authz_filter(),
                 *filters,
@@ -258,18 +332,24 @@ class _Builder:
             name="egress_dns", dns_lookup_family=self.cluster.ClusterDnsLookupFamily.V4_PREFERRED
         )
 
-    def originate_cluster(self, host: str, port: int) -> Any:
-        """A cluster opening TLS to ``host:port`` (or the ``envoy.destinations`` address of ``host``)."""
+    def upstream_ca(self) -> Path:
+        """The bundle upstream certificates are verified against (``envoy.upstream_ca``, else the system's)."""
+        envoy = self.settings.envoy
+        return self.loaded.resolve(envoy.upstream_ca).absolute() if envoy.upstream_ca is not None else SYSTEM_CA_BUNDLE
+
+    def tls_cluster(self, name: str, host: str, port: int, *, alpn: bool = False) -> Any:
+        """A cluster opening TLS to ``host:port`` (or the ``envoy.destinations`` address of ``host``)
+        with SNI ``host``, verifying the chain against :meth:`upstream_ca` and the ``dNSName`` SAN
+        ``host``. With ``alpn``, HTTP/2 or HTTP/1.1 as the upstream's ALPN says (``auto_config``)."""
         envoy, tls = self.settings.envoy, self.tls
         address = envoy.destinations.get(host)
         target = address.rpartition(":")[0] if address is not None else host
-        ca = self.loaded.resolve(envoy.upstream_ca).absolute() if envoy.upstream_ca is not None else SYSTEM_CA_BUNDLE
         context = tls.UpstreamTlsContext(
             sni=host,
             common_tls_context=tls.CommonTlsContext(
                 tls_params=tls.TlsParameters(tls_minimum_protocol_version=tls.TlsParametersTlsProtocol.TLSv1_2),
                 validation_context=tls.CertificateValidationContext(
-                    trusted_ca=self.core.DataSource(filename=str(ca)),
+                    trusted_ca=self.core.DataSource(filename=str(self.upstream_ca())),
                     match_typed_subject_alt_names=[
                         tls.SubjectAltNameMatcher(
                             san_type=tls.SubjectAltNameMatcherSanType.DNS,
@@ -277,13 +357,29 @@ class _Builder:
                         )
                     ],
                 ),
+                alpn_protocols=["h2", "http/1.1"] if alpn else [],
             ),
         )
-        cluster = self.static_cluster("tls|" + _cluster_name(host), self.address(target, port), dns=not _is_ip(target))
+        cluster = self.static_cluster(name, self.address(target, port), dns=not _is_ip(target))
         cluster.transport_socket = self.core.TransportSocket(
             name="envoy.transport_sockets.tls", typed_config=self.pack(context)
         )
+        if alpn:
+            uh, core = self.upstream_http, self.core
+            protocol = uh.HttpProtocolOptions(
+                auto_config=uh.HttpProtocolOptionsAutoHttpConfig(
+                    http_protocol_options=core.Http1ProtocolOptions(),
+                    http2_protocol_options=core.Http2ProtocolOptions(),
+                )
+            )
+            cluster.typed_extension_protocol_options = {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": self.pack(protocol)
+            }
         return cluster
+
+    def originate_cluster(self, host: str, port: int) -> Any:
+        """A cluster opening TLS to ``host:port`` (or the ``envoy.destinations`` address of ``host``)."""
+        return self.tls_cluster("tls|" + _cluster_name(host), host, port)
 
     def egress_routes(self) -> tuple[list[Any], list[Any], Any]:
         """Virtual hosts, clusters and the DFP filter shared by ``egress_http`` and ``outbound``."""
@@ -325,13 +421,133 @@ class _Builder:
         return vhosts, clusters, dfp
 
     def egress(self, vhosts: list[Any], clusters: list[Any], dfp: Any) -> tuple[Any, list[Any]]:
-        envoy = self.settings.envoy
+        envoy, r, hcm = self.settings.envoy, self.route, self.hcm
+        extra: dict[str, Any] = {}
+        if self.xds is not None:  # HTTPS_PROXY: CONNECT host:443 ends in the intercepting internal listener
+            connect = r.VirtualHost(
+                name="connect_intercept",
+                domains=["*:443"],
+                routes=[
+                    r.Route(
+                        match=r.RouteMatch(connect_matcher=r.RouteMatchConnectMatcher()),
+                        route=r.RouteAction(
+                            cluster=INTERCEPT_CONNECT,
+                            upgrade_configs=[
+                                r.RouteActionUpgradeConfig(
+                                    upgrade_type="CONNECT", connect_config=r.RouteActionUpgradeConfigConnectConfig()
+                                )
+                            ],
+                        ),
+                        typed_per_filter_config=self.no_authz(),
+                    )
+                ],
+            )
+            vhosts = [connect, *vhosts]
+            extra["upgrade_configs"] = [hcm.HttpConnectionManagerUpgradeConfig(upgrade_type="CONNECT")]
+            # Python's http.client (urllib, and so many agents) tunnels with "CONNECT host:443 HTTP/1.0"
+            extra["http_protocol_options"] = self.core.Http1ProtocolOptions(accept_http_10=True)
         listener = self.listener.Listener(
             name="egress_http",
             address=self.address(envoy.egress_address, envoy.egress_port),
-            filter_chains=[self.listener.FilterChain(filters=[self.connection_manager("egress_http", vhosts, [dfp])])],
+            filter_chains=[
+                self.listener.FilterChain(filters=[self.connection_manager("egress_http", vhosts, [dfp], **extra)])
+            ],
         )
         return listener, clusters
+
+    # -- intercept (tls: intercept) ---------------------------------------------------------------------
+    def upstream_verify(self, host: str) -> str:
+        """What the intercept cluster of ``host`` checks, as recorded in decisions."""
+        return f"dns:{host} ca:{self.upstream_ca()}"
+
+    def intercept_secret(self, host: str) -> Any:
+        """The leaf of ``host`` from the sidecar's gRPC SDS (:mod:`sidecar.intercept.sds`), over ``agent_authz``."""
+        core = self.core
+        source = core.ConfigSource(
+            api_config_source=core.ApiConfigSource(
+                api_type=core.ApiConfigSourceApiType.GRPC,
+                transport_api_version=core.ApiVersion.V3,
+                grpc_services=[core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER))],
+            ),
+            resource_api_version=core.ApiVersion.V3,
+        )
+        return self.tls.SdsSecretConfig(name=intercept_secret_name(host), sds_config=source)
+
+    def intercept_chain(self, target: InterceptTarget, *, match_port: bool) -> Any:
+        """Terminate TLS for ``target.host`` with its pod-CA leaf, judge each request, re-originate TLS."""
+        ls, r, tls, hcm = self.listener, self.route, self.tls, self.hcm
+        host, port = target.host, target.port
+        context = {"intercept": f"{host}:{port}", "upstream_verify": self.upstream_verify(host)}
+        cluster = intercept_cluster_name(target)
+        domains = [host, f"{host}:{port}"]
+        allowed = self.vhost(cluster, domains, cluster, "egress", context=context)
+        misdirected = r.VirtualHost(
+            name="misdirected",
+            domains=["*"],
+            routes=[r.Route(match=r.RouteMatch(prefix="/"), direct_response=r.DirectResponseAction(status=421))],
+            typed_per_filter_config=self.context("egress", **context),
+        )
+        failure = self.core.SubstitutionFormatString(json_format=self.pb.Struct.from_dict(_UPSTREAM_FAILURE_BODY))
+        local_reply = hcm.LocalReplyConfig(
+            mappers=[
+                hcm.ResponseMapper(
+                    filter=self.accesslog.AccessLogFilter(
+                        response_flag_filter=self.accesslog.ResponseFlagFilter(flags=["UF"])
+                    ),
+                    status_code=502,
+                    body_format_override=failure,
+                )
+            ]
+        )
+        manager = self.connection_manager(
+            "outbound_intercept", [allowed, misdirected], [], local_reply_config=local_reply, validate_clusters=False
+        )
+        downstream = tls.DownstreamTlsContext(
+            common_tls_context=tls.CommonTlsContext(
+                tls_params=tls.TlsParameters(tls_minimum_protocol_version=tls.TlsParametersTlsProtocol.TLSv1_2),
+                tls_certificate_sds_secret_configs=[self.intercept_secret(host)],
+                alpn_protocols=["h2", "http/1.1"],
+            )
+        )
+        match = ls.FilterChainMatch(server_names=[host], transport_protocol="tls")
+        if match_port:
+            match.destination_port = port
+        return ls.FilterChain(
+            name=f"intercept|{host}:{port}",
+            filter_chain_match=match,
+            filters=[manager],
+            transport_socket=self.core.TransportSocket(
+                name="envoy.transport_sockets.tls", typed_config=self.pack(downstream)
+            ),
+        )
+
+    def intercept_connect_listener(self) -> Any:
+        """The internal listener ``CONNECT host:443`` tunnels end in (the intercepting chains of port 443
+        are added by :meth:`dynamic`)."""
+        ls = self.listener
+        return ls.Listener(
+            name=INTERCEPT_CONNECT,
+            internal_listener=ls.ListenerInternalListenerConfig(),
+            listener_filters=[
+                self.listener_filter("envoy.filters.listener.tls_inspector", self.tls_inspector.TlsInspector())
+            ],
+            default_filter_chain=ls.FilterChain(
+                name="intercept_connect_other",
+                filters=[
+                    self.network_check("tls", via="connect"),
+                    self.tcp_forward("intercept_connect", BLACKHOLE_CLUSTER),
+                ],
+            ),
+        )
+
+    def blackhole_cluster(self) -> Any:
+        c = self.cluster
+        return c.Cluster(
+            name=BLACKHOLE_CLUSTER,
+            type=c.ClusterDiscoveryType.STATIC,
+            connect_timeout=timedelta(seconds=1),
+            load_assignment=self.endpoint.ClusterLoadAssignment(cluster_name=BLACKHOLE_CLUSTER),
+        )
 
     # -- outbound (transparent) -----------------------------------------------------------------------
     def listener_filter(self, name: str, config: Any) -> Any:
@@ -342,18 +558,21 @@ class _Builder:
             return []
         return [self.listener.AdditionalAddress(address=self.address(host, port))]
 
-    def network_check(self, protocol: str) -> Any:
+    def network_check(self, protocol: str, *, via: str = "") -> Any:
         """Network ext_authz: one Check per connection, its context in gRPC metadata."""
         core = self.core
+        metadata = [
+            core.HeaderValue(key="x-agent-authz-direction", value="egress"),
+            core.HeaderValue(key="x-agent-authz-protocol", value=protocol),
+        ]
+        if via:
+            metadata.append(core.HeaderValue(key="x-agent-authz-via", value=via))
         config = self.net_ext_authz.ExtAuthz(
-            stat_prefix=f"outbound_{protocol}",
+            stat_prefix=f"{via or 'outbound'}_{protocol}",
             grpc_service=core.GrpcService(
                 envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
                 timeout=timedelta(seconds=self.settings.envoy.authz_timeout),
-                initial_metadata=[
-                    core.HeaderValue(key="x-agent-authz-direction", value="egress"),
-                    core.HeaderValue(key="x-agent-authz-protocol", value=protocol),
-                ],
+                initial_metadata=metadata,
             ),
             transport_api_version=core.ApiVersion.V3,
             failure_mode_allow=False,
@@ -377,7 +596,9 @@ class _Builder:
         )
         return self.listener.Filter(name="envoy.filters.network.tcp_proxy", typed_config=self.pack(config))
 
-    def outbound(self, vhosts: list[Any], dfp: Any) -> tuple[Any, list[Any]]:
+    def outbound(self, vhosts: list[Any], dfp: Any, ports: tuple[int, ...] = ()) -> tuple[Any, list[Any]]:
+        """The transparent listener (without intercepting chains) and its clusters; ``ports`` are the
+        ports that have intercepting chains (each gets its own copy of the generic chains)."""
         envoy, ls, c = self.settings.envoy, self.listener, self.cluster
         assert envoy.outbound_port is not None
         clusters = [
@@ -387,13 +608,36 @@ class _Builder:
                 lb_policy=c.ClusterLbPolicy.CLUSTER_PROVIDED,
                 connect_timeout=timedelta(seconds=2),
             ),
-            c.Cluster(
-                name=BLACKHOLE_CLUSTER,
-                type=c.ClusterDiscoveryType.STATIC,
-                connect_timeout=timedelta(seconds=1),
-                load_assignment=self.endpoint.ClusterLoadAssignment(cluster_name=BLACKHOLE_CLUSTER),
-            ),
+            self.blackhole_cluster(),
         ]
+
+        def generic(port: int | None = None) -> list[Any]:
+            """Passthrough/refusal of other TLS, and plain HTTP: for any port, or for ``port``."""
+            suffix = f"|{port}" if port is not None else ""
+            tls, http = (
+                ls.FilterChainMatch(transport_protocol="tls"),
+                ls.FilterChainMatch(
+                    transport_protocol="raw_buffer", application_protocols=["http/1.0", "http/1.1", "h2c"]
+                ),
+            )
+            if port is not None:
+                tls.destination_port = http.destination_port = port
+            return [
+                ls.FilterChain(
+                    name="outbound_tls" + suffix,
+                    filter_chain_match=tls,
+                    filters=[self.network_check("tls"), self.tcp_forward("outbound_tls", ORIGINAL_DST_CLUSTER)],
+                ),
+                ls.FilterChain(
+                    name="outbound_http" + suffix,
+                    filter_chain_match=http,
+                    filters=[self.connection_manager("outbound_http", vhosts, [dfp])],
+                ),
+            ]
+
+        # Envoy matches the destination port first and never falls back to chains without one: every
+        # port that has intercepting chains gets its own copy of the other chains.
+        per_port = [chain for port in ports for chain in generic(port)]
         listener = ls.Listener(
             name="outbound",
             address=self.address(envoy.outbound_address, envoy.outbound_port),
@@ -403,20 +647,7 @@ class _Builder:
                 self.listener_filter("envoy.filters.listener.tls_inspector", self.tls_inspector.TlsInspector()),
                 self.listener_filter("envoy.filters.listener.http_inspector", self.http_inspector.HttpInspector()),
             ],
-            filter_chains=[
-                ls.FilterChain(
-                    name="outbound_tls",
-                    filter_chain_match=ls.FilterChainMatch(transport_protocol="tls"),
-                    filters=[self.network_check("tls"), self.tcp_forward("outbound_tls", ORIGINAL_DST_CLUSTER)],
-                ),
-                ls.FilterChain(
-                    name="outbound_http",
-                    filter_chain_match=ls.FilterChainMatch(
-                        transport_protocol="raw_buffer", application_protocols=["http/1.0", "http/1.1", "h2c"]
-                    ),
-                    filters=[self.connection_manager("outbound_http", vhosts, [dfp])],
-                ),
-            ],
+            filter_chains=[*per_port, *generic()],
             default_filter_chain=ls.FilterChain(
                 name="outbound_tcp",
                 filters=[self.network_check("tcp"), self.tcp_forward("outbound_tcp", BLACKHOLE_CLUSTER)],
@@ -594,20 +825,92 @@ class _Builder:
         clusters += egress_clusters
         if settings.envoy.outbound_port is not None:
             outbound, outbound_clusters = self.outbound(vhosts, dfp)
-            listeners.append(outbound)
+            if self.xds is None:
+                listeners.append(outbound)  # else it comes from LDS (render_dynamic), with the intercepting chains
             clusters += outbound_clusters
         envoy = settings.envoy
         if settings.identity is not None and (envoy.local_app is not None or envoy.inbound_redirect):
             ingress, ingress_clusters = self.ingress()
             listeners.append(ingress)
             clusters += ingress_clusters
-        b = self.bootstrap
+        b, core = self.bootstrap, self.core
+        extra: dict[str, Any] = {}
+        if self.xds is not None:
+            if settings.envoy.outbound_port is None:
+                clusters.append(self.blackhole_cluster())
+            internal = core.Address(
+                envoy_internal_address=core.EnvoyInternalAddress(server_listener_name=INTERCEPT_CONNECT)
+            )
+            clusters.append(self.static_cluster(INTERCEPT_CONNECT, internal))
+
+            def watched(path: Path) -> Any:
+                return core.ConfigSource(
+                    path_config_source=core.PathConfigSource(
+                        path=str(path), watched_directory=core.WatchedDirectory(path=str(path.parent))
+                    ),
+                    resource_api_version=core.ApiVersion.V3,
+                )
+
+            extra["dynamic_resources"] = b.BootstrapDynamicResources(
+                lds_config=watched(self.xds.listeners), cds_config=watched(self.xds.clusters)
+            )
+            extra["bootstrap_extensions"] = [
+                core.TypedExtensionConfig(
+                    name="envoy.bootstrap.internal_listener",
+                    typed_config=self.pack(self.internal_listener.InternalListener()),
+                )
+            ]
         message = b.Bootstrap(
-            node=self.core.Node(id="agent-authz", cluster="agent-authz"),
+            node=core.Node(id="agent-authz", cluster="agent-authz"),
             admin=b.Admin(address=self.address("127.0.0.1", settings.envoy.admin_port)),
             static_resources=b.BootstrapStaticResources(listeners=listeners, clusters=clusters),
+            **extra,
         )
         return RenderedEnvoy(message.to_dict(), dict(self.files))
+
+    def dynamic(self, targets: list[InterceptTarget], cache: dict[Any, dict[str, Any]]) -> DynamicResources:
+        """The listeners and clusters file-based LDS/CDS serve for ``targets``.
+
+        Each piece is rendered once and kept in ``cache`` (the typed classes cost ~25 ms per filter
+        chain), so adding a host renders only that host's chains and cluster.
+        """
+
+        def memo(key: Any, make: Any) -> dict[str, Any]:
+            if key not in cache:
+                cache[key] = make().to_dict()
+            return copy.deepcopy(cache[key])
+
+        def with_chains(listener: dict[str, Any], chains: list[dict[str, Any]]) -> dict[str, Any]:
+            listener["filterChains"] = [*chains, *listener.get("filterChains", [])]
+            return listener
+
+        listeners = [
+            with_chains(
+                memo(("connect",), self.intercept_connect_listener),
+                [
+                    memo(("chain", t, False), lambda t=t: self.intercept_chain(t, match_port=False))
+                    for t in targets
+                    if t.port == 443
+                ],
+            )
+        ]
+        if self.settings.envoy.outbound_port is not None:
+            ports = tuple(sorted({t.port for t in targets}))
+
+            def outbound() -> Any:
+                vhosts, _, dfp = self.egress_routes()
+                return self.outbound(vhosts, dfp, ports)[0]
+
+            chains = [memo(("chain", t, True), lambda t=t: self.intercept_chain(t, match_port=True)) for t in targets]
+            listeners.insert(0, with_chains(memo(("outbound", ports), outbound), chains))
+        clusters = [
+            memo(
+                ("cluster", t),
+                lambda t=t: self.tls_cluster(intercept_cluster_name(t), t.host, t.upstream_port, alpn=True),
+            )
+            for t in targets
+        ]
+        return DynamicResources(listeners, clusters)
 
 
 def _sds_dir(loaded: LoadedConfig, out: Path | None) -> Path | None:
@@ -649,6 +952,37 @@ def write_envoy(loaded: LoadedConfig, out: Path) -> RenderedEnvoy:
         tmp.write_text(text)
         tmp.replace(path)
     return rendered
+
+
+def render_dynamic(
+    loaded: LoadedConfig, targets: list[InterceptTarget], cache: dict[Any, dict[str, Any]] | None = None
+) -> DynamicResources:
+    """The dynamic listeners and clusters of an ``intercept`` configuration (file-based LDS/CDS).
+
+    Args:
+        loaded: the configuration the bootstrap was rendered from (the listeners refer to its static
+            clusters, so render from the same configuration).
+        targets: the intercepted ``host:port`` pairs (sorted here: equal input gives equal output, so
+            Envoy keeps the filter chains that did not change and their connections).
+        cache: rendered pieces from earlier calls with the same ``loaded`` (filled in; keys name
+            their target, so entries of targets gone can be dropped: :func:`prune_render_cache`).
+
+    Raises:
+        ValueError: ``loaded`` has no ``intercept`` section.
+    """
+    if loaded.settings.intercept is None:
+        raise ValueError("render_dynamic needs an 'intercept' section")
+    return _Builder(loaded, None).dynamic(sorted(targets), cache if cache is not None else {})
+
+
+def prune_render_cache(cache: dict[Any, dict[str, Any]], targets: frozenset[InterceptTarget]) -> None:
+    """Drop the cached pieces of :func:`render_dynamic` that belong to targets not in ``targets``
+    (and the listener shells of other sets of intercepted ports)."""
+    ports = tuple(sorted({t.port for t in targets}))
+    for key in list(cache):
+        gone = any(isinstance(part, InterceptTarget) and part not in targets for part in key)
+        if gone or (key[0] == "outbound" and key[1] != ports):
+            del cache[key]
 
 
 def render_bootstrap_json(loaded: LoadedConfig) -> str:

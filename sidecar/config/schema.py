@@ -6,7 +6,9 @@ setting. See the README's "Configuration reference" for the prose version of thi
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,6 +41,7 @@ __all__ = [
     "IdentitySpec",
     "IngressRuleSpec",
     "IngressSpec",
+    "InterceptSpec",
     "IssuerSpec",
     "ListenSpec",
     "RootIssuerSpec",
@@ -48,6 +51,9 @@ __all__ = [
     "TaskFileSpec",
     "TaskSpec",
     "WorkloadApiSpec",
+    "default_port",
+    "intercept_host_problem",
+    "tls_rule_conflicts",
 ]
 
 Seconds = Annotated[float, BeforeValidator(parse_duration)]
@@ -59,6 +65,7 @@ _HOST = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 """Upstream CA bundle for ``tls: originate`` when ``envoy.upstream_ca`` is not set (Debian/Ubuntu path)."""
 _NO_HTTP_MATCH = ("methods", "paths", "audience", "scope", "credential")
+_TLS_PORT_MODES = ("passthrough", "intercept")
 _FORBIDDEN_CREDENTIAL_HEADERS = frozenset(
     {"host", "connection", "content-length", "transfer-encoding", "te", "upgrade", "x-agent-task"}
 )
@@ -169,6 +176,12 @@ class EgressRuleSpec(_HttpMatchSpec):
       ``host:upstream_port`` (default 443) with SNI ``host``, verifying the upstream certificate;
       the token is injected and travels encrypted. ``host`` must be exact (Envoy needs the name to
       verify the certificate), and all ``originate`` rules for one host agree on ``upstream_port``.
+    * ``intercept``: the agent calls ``https://host`` (port default 443) itself; Envoy terminates
+      its TLS with a certificate for ``host`` from the per-pod CA (``intercept`` section), judges
+      every request inside (methods, paths, token, credential as for plain HTTP) and opens a new,
+      verified TLS connection to ``host:upstream_port`` (default: ``port``). ``host`` must be an
+      exact DNS name - no ``*.`` wildcard and no IP address (:func:`intercept_host_problem`) - since
+      the pod CA certifies exactly that name (RFC 6125 §6.4.1 reference identifiers).
     """
 
     @model_validator(mode="before")
@@ -191,7 +204,7 @@ class EgressRuleSpec(_HttpMatchSpec):
     max_calls: int | None = Field(default=None, ge=0)
     token: bool = True
     credential: CredentialRef | None = None
-    tls: Literal["none", "passthrough", "originate"] = "none"
+    tls: Literal["none", "passthrough", "originate", "intercept"] = "none"
     upstream_port: int | None = Field(default=None, ge=1, le=65535)
 
     @field_validator("host")
@@ -222,11 +235,75 @@ class EgressRuleSpec(_HttpMatchSpec):
     def _token_vs_credential(self) -> EgressRuleSpec:
         if self.token and isinstance(self.credential, CredentialSpec) and self.credential.header == "authorization":
             raise ValueError("credential.header 'authorization' needs 'token: false' (the token goes there)")
-        if self.upstream_port is not None and self.tls != "originate":
-            raise ValueError("'upstream_port' needs 'tls: originate'")
+        if self.upstream_port is not None and self.tls not in ("originate", "intercept"):
+            raise ValueError("'upstream_port' needs 'tls: originate' or 'tls: intercept'")
         if self.tls == "originate" and self.host.startswith("*."):
             raise ValueError("'tls: originate' needs an exact host: Envoy verifies the upstream certificate by name")
+        if self.tls == "intercept":
+            problem = intercept_host_problem(self.host)
+            if problem is not None:
+                raise ValueError(f"'tls: intercept' needs an exact DNS name: {problem}")
         return self
+
+    @property
+    def agent_port(self) -> int:
+        """The port the agent connects to: ``port``, else the default of the rule's ``tls`` mode."""
+        return self.port or default_port(self.tls)
+
+    @property
+    def intercept_upstream_port(self) -> int:
+        """With ``tls: intercept``: the upstream's TLS port (``upstream_port``, else :attr:`agent_port`)."""
+        return self.upstream_port or self.agent_port
+
+
+def default_port(tls: str) -> int:
+    """The default agent-facing port of a rule: 443 for ``passthrough``/``intercept`` (TLS the agent
+    starts itself), else 80 (plain HTTP, also for ``originate``)."""
+    return 443 if tls in _TLS_PORT_MODES else 80
+
+
+def intercept_host_problem(host: str) -> str | None:
+    """Why ``host`` (canonical form) cannot have a pod-CA certificate, or ``None`` if it can.
+
+    Refused: a ``*.`` wildcard (the CA certifies exact names only), an IP address literal or a
+    name whose last label is all digits (RFC 1123 §2.1, RFC 3696 §2: such a name is read as an
+    address; RFC 6066 §3 forbids addresses in SNI).
+    """
+    if host.startswith("*."):
+        return f"{host!r} is a wildcard; name each host"
+    if host.rsplit(".", 1)[-1].isdigit():
+        return f"{host!r} is an IP address, not a DNS name"
+    return None
+
+
+def tls_rule_conflicts(rules: Iterable[tuple[str, EgressRuleSpec]]) -> str | None:
+    """Check rules (``(where, rule)`` pairs, from every task) that share a TLS listener match.
+
+    A TLS connection to ``host:port`` is either passed through (judged on SNI) or intercepted
+    (terminated with a pod-CA certificate): Envoy picks one filter chain per server name and port.
+    And all ``intercept`` rules for one ``host:port`` name the same ``upstream_port``.
+
+    Returns:
+        A message naming both rules, or ``None`` when they agree.
+    """
+    seen: dict[tuple[str, int], tuple[str, str, int | None]] = {}
+    for where, rule in rules:
+        if rule.tls not in _TLS_PORT_MODES:
+            continue
+        key = (rule.host, rule.agent_port)
+        upstream = rule.intercept_upstream_port if rule.tls == "intercept" else None
+        first = seen.setdefault(key, (where, rule.tls, upstream))
+        if first[1] != rule.tls:
+            return (
+                f"{where}: 'tls: {rule.tls}' for {rule.host}:{key[1]}, but {first[0]} says 'tls: {first[1]}' "
+                "(a TLS connection is either passed through or intercepted)"
+            )
+        if first[2] != upstream:
+            return (
+                f"{where}: 'tls: intercept' for {rule.host}:{key[1]} with upstream_port {upstream}, "
+                f"but {first[0]} says {first[2]} (one upstream per host and port)"
+            )
+    return None
 
 
 class TaskSpec(_Model):
@@ -515,6 +592,50 @@ class EnvoySpec(_Model):
         return value
 
 
+class InterceptSpec(_Model):
+    """TLS interception for ``tls: intercept`` rules: the per-pod CA and where its files go.
+
+    The sidecar creates the CA (EC P-256, valid ``ca_ttl``) at start and keeps its private key in
+    memory only. ``publish_dir`` receives only certificates, for the agent container: ``ca.pem``
+    (the pod CA) and ``ca-bundle.pem`` (``system_bundle`` followed by the pod CA).
+    ``state_dir`` (created ``0700``; Envoy runs as the same user) receives what Envoy reads: a
+    leaf certificate and key per intercepted host (file-based SDS) and the dynamic listeners and
+    clusters (file-based LDS/CDS); mount a memory-backed volume there that the agent container does
+    not mount. Leaves are valid ``leaf_ttl`` and re-minted when ``leaf_refresh_ahead`` of their
+    life is left.
+    """
+
+    state_dir: Path
+    publish_dir: Path
+    system_bundle: Path = SYSTEM_CA_BUNDLE
+    ca_ttl: Seconds = 86400.0
+    leaf_ttl: Seconds = 3600.0
+    leaf_refresh_ahead: float = Field(default=1 / 3, gt=0, lt=1)
+
+    @field_validator("ca_ttl")
+    @classmethod
+    def _ca_ttl(cls, value: float) -> float:
+        if not 600 <= value <= 90 * 86400:
+            raise ValueError("ca_ttl must be between 10m and 90d")
+        return value
+
+    @field_validator("leaf_ttl")
+    @classmethod
+    def _leaf_ttl(cls, value: float) -> float:
+        if not 2 <= value <= 7 * 86400:
+            raise ValueError("leaf_ttl must be between 2s and 7d")
+        return value
+
+    @model_validator(mode="after")
+    def _dirs(self) -> InterceptSpec:
+        if self.leaf_ttl >= self.ca_ttl:
+            raise ValueError("leaf_ttl must be shorter than ca_ttl")
+        state, publish = Path(os.path.normpath(self.state_dir)), Path(os.path.normpath(self.publish_dir))
+        if state == publish or state in publish.parents or publish in state.parents:
+            raise ValueError("state_dir (keys, proxy only) and publish_dir (certificates, for the agent) must not nest")
+        return self
+
+
 class RotateSpec(_Model):
     """When the decision log file is rotated (the hash chain continues into the next file)."""
 
@@ -576,6 +697,7 @@ class SidecarConfig(_Model):
     decision_log: DecisionLogSpec = DecisionLogSpec()
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
     grants: GrantsSpec = GrantsSpec()
+    intercept: InterceptSpec | None = None
     task_files: list[TaskFileSpec] = Field(default_factory=list)
     dry_run: bool = False
     tasks: list[TaskSpec] = Field(default_factory=list)
@@ -602,6 +724,16 @@ class SidecarConfig(_Model):
                         f"{where}: 'tls: originate' for {rule.host} with upstream_port {port}, "
                         f"but {seen[1]} says {seen[0]} (one upstream per host)"
                     )
+        located = [
+            (f"tasks[{t}].egress[{r}]", rule) for t, task in enumerate(self.tasks) for r, rule in enumerate(task.egress)
+        ]
+        conflict = tls_rule_conflicts(located)
+        if conflict is not None:
+            raise ValueError(conflict)
+        if self.intercept is None:
+            for where, rule in located:
+                if rule.tls == "intercept":
+                    raise ValueError(f"{where}: 'tls: intercept' needs the 'intercept' section (the per-pod CA)")
         return self
 
     def originate_hosts(self) -> dict[str, int]:

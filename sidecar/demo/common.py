@@ -27,8 +27,18 @@ def color(text: str, code: str) -> str:
     return f"{code}{text}{RESET}" if sys.stdout.isatty() else text
 
 
-def run_agent(work: Path, proxy: str, calls: list[dict[str, Any]], name: str = "agent") -> list[dict[str, Any]]:
+def run_agent(
+    work: Path,
+    proxy: str,
+    calls: list[dict[str, Any]],
+    name: str = "agent",
+    *,
+    trust: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
     """Run the sample agent (:mod:`sidecar.demo.agent`) with ``HTTP_PROXY=proxy`` and ``calls``.
+
+    With ``trust`` (the variables of :func:`sidecar.intercept.trust.agent_trust_env`), also
+    ``HTTPS_PROXY=proxy``: the agent's ``https://`` calls are intercepted, and it trusts the pod CA.
 
     Returns:
         One result per call: ``{"status", "decision_id", "reason", "body"}``.
@@ -37,6 +47,9 @@ def run_agent(work: Path, proxy: str, calls: list[dict[str, Any]], name: str = "
     calls_file.write_text(json.dumps(calls))
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "http_proxy", "https_proxy")}
     env["HTTP_PROXY"] = env["http_proxy"] = proxy
+    if trust is not None:
+        env["HTTPS_PROXY"] = env["https_proxy"] = proxy
+        env.update(trust)
     result = subprocess.run(
         [sys.executable, "-m", "sidecar.demo.agent", str(calls_file)],
         env=env,

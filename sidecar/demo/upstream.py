@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import threading
 import urllib.request
 from collections.abc import Mapping
@@ -48,6 +49,7 @@ class Received:
         headers: all headers, lower-case names (duplicates joined by ``, ``).
         claims: verified token claims, when the host checks tokens and the token verified.
         error: why verification failed, or ``None``.
+        scheme: ``https`` when it arrived over TLS, else ``http``.
     """
 
     host: str
@@ -56,6 +58,7 @@ class Received:
     headers: Mapping[str, str]
     claims: Mapping[str, Any] | None
     error: str | None
+    scheme: str = "http"
 
 
 class SampleUpstream:
@@ -64,11 +67,19 @@ class SampleUpstream:
     Args:
         checks: host name (without port) to the check it applies; other hosts get 200 unchecked.
         jwks_url: where to fetch the verification keys (may be set after start).
+        ssl_context: serve HTTPS with this server context (its certificate names the hosts).
     """
 
-    def __init__(self, checks: Mapping[str, TokenCheck | ApiKeyCheck], jwks_url: str | None = None) -> None:
+    def __init__(
+        self,
+        checks: Mapping[str, TokenCheck | ApiKeyCheck],
+        jwks_url: str | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.checks = dict(checks)
         self.jwks_url = jwks_url
+        self.ssl_context = ssl_context
         self.received: list[Received] = []
         self.port = 0
         self._lock = threading.Lock()
@@ -125,7 +136,9 @@ class SampleUpstream:
         elif isinstance(check, ApiKeyCheck) and headers.get(check.header) != check.value:
             error = f"missing or wrong {check.header}"
         with self._lock:
-            self.received.append(Received(host, request.method, request.raw_path, headers, claims, error))
+            self.received.append(
+                Received(host, request.method, request.raw_path, headers, claims, error, request.scheme)
+            )
         if error is not None:
             return web.json_response({"error": error}, status=401)
         body: dict[str, Any] = {"ok": True, "host": host, "path": request.path}
@@ -144,7 +157,7 @@ class SampleUpstream:
             app.router.add_route("*", "/{tail:.*}", self._handle)
             self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
             await site.start()
             self.port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 

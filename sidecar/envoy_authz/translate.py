@@ -39,6 +39,7 @@ __all__ = [
     "METADATA_NAMESPACE",
     "PROTOCOL_METADATA",
     "REASON_HEADER",
+    "VIA_METADATA",
     "build_check_response",
     "parse_check_request",
 ]
@@ -47,6 +48,9 @@ DIRECTION_METADATA = "x-agent-authz-direction"
 """gRPC metadata key: the direction of a network (connection-level) check."""
 PROTOCOL_METADATA = "x-agent-authz-protocol"
 """gRPC metadata key: ``tls`` or ``tcp``, the filter chain that asks (network checks only)."""
+VIA_METADATA = "x-agent-authz-via"
+"""gRPC metadata key: ``connect`` when the connection arrived through a proxy ``CONNECT`` tunnel
+(the internal listener behind ``egress_http``), so it has no original destination."""
 _NETWORK_PROTOCOLS = {Protocol.TLS.value: Protocol.TLS, Protocol.TCP.value: Protocol.TCP}
 
 METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
@@ -84,7 +88,11 @@ def _network_request(
         authority="",
         path="",
         headers={},
-        context={"direction": Direction.EGRESS.value, "protocol": protocol.value},
+        context={
+            "direction": Direction.EGRESS.value,
+            "protocol": protocol.value,
+            "via": metadata.get(VIA_METADATA, ""),
+        },
         protocol=protocol,
         sni=attributes.tls_session.sni,
         destination=_address(attributes.destination),

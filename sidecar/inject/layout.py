@@ -14,10 +14,17 @@ path                                  volume                   content
 ``/spiffe-workload-api/``             CSI (csi.spiffe.io)      the SPIRE agent socket
                                       or hostPath
 ``/tmp/``  (init step only)           emptyDir (memory)        the xtables lock (read-only root filesystem)
+``/run/agent-authz/intercept/``       (the ``run`` emptyDir)   with ``intercept``: the pod CA, Envoy's LDS/CDS
+``/etc/agent-authz/trust/``           emptyDir                 with ``intercept``: ``ca.pem``, ``ca-bundle.pem``;
+                                                               written by the sidecar, read-only in the
+                                                               pod's own containers (with the variables of
+                                                               :func:`sidecar.intercept.trust.agent_trust_env`)
 ====================================  =======================  ==========================================
 """
 
 from __future__ import annotations
+
+from sidecar.intercept.trust import AGENT_TRUST_DIR, TRUST_VOLUME
 
 __all__ = [
     "ANNOTATION_INJECT",
@@ -30,6 +37,7 @@ __all__ = [
     "CONTAINER_INIT",
     "CONTAINER_SIDECAR",
     "ENVOY_BOOTSTRAP",
+    "INTERCEPT_STATE_DIR",
     "KEYS_DIR",
     "LOG_DIR",
     "NAMESPACE_LABEL",
@@ -41,12 +49,14 @@ __all__ = [
     "STATUS_INJECTED",
     "TASK_FILE",
     "TMP_DIR",
+    "TRUST_DIR",
     "VOLUME_CONFIG",
     "VOLUME_KEYS",
     "VOLUME_LOGS",
     "VOLUME_POD",
     "VOLUME_RUN",
     "VOLUME_TMP",
+    "VOLUME_TRUST",
     "VOLUME_WORKLOAD_API",
     "WORKLOAD_API_DIR",
 ]
@@ -76,6 +86,7 @@ VOLUME_RUN = "agent-authz-run"
 VOLUME_LOGS = "agent-authz-logs"
 VOLUME_TMP = "agent-authz-tmp"
 VOLUME_WORKLOAD_API = "agent-authz-workload-api"
+VOLUME_TRUST = TRUST_VOLUME
 
 CONFIG_DIR = "/etc/agent-authz/config"
 CONFIG_FILE = f"{CONFIG_DIR}/sidecar.yaml"
@@ -89,3 +100,7 @@ ENVOY_BOOTSTRAP = f"{RUN_DIR}/envoy.json"
 LOG_DIR = "/var/log/agent-authz"
 WORKLOAD_API_DIR = "/spiffe-workload-api"
 TMP_DIR = "/tmp"  # noqa: S108 - the init container's own emptyDir
+INTERCEPT_STATE_DIR = f"{RUN_DIR}/intercept"
+"""``intercept.state_dir``: in the ``run`` emptyDir, which the sidecar and Envoy share and the agent lacks."""
+TRUST_DIR = AGENT_TRUST_DIR
+"""``intercept.publish_dir``, and where the pod's own containers see the pod CA (read-only)."""

@@ -16,6 +16,13 @@ What an injected pod gets (Kubernetes >= 1.29: native sidecars are init containe
 
 All three come before the pod's own init containers, so those are intercepted too and find Envoy
 running. Volumes: see :mod:`sidecar.inject.layout`.
+
+With an ``intercept`` section in ``sidecar.yaml`` (HTTPS interception, ``tls: intercept``), the pod
+also gets the trust volume: the sidecar writes the pod CA there, and every container of the pod's
+own (init containers included) mounts it read-only at ``/etc/agent-authz/trust`` and gets the
+variables common runtimes read (:func:`sidecar.intercept.trust.agent_trust_env`). A variable the
+container already sets is kept (with a warning: that runtime will not trust the pod CA); a
+container already mounting something at that path is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from sidecar.inject.annotations import (
     inject_choice,
 )
 from sidecar.inject.settings import InjectorConfig, Resources
+from sidecar.intercept.trust import agent_trust_env, agent_trust_mount, trust_volume
 
 __all__ = ["Injection", "InjectionDenied", "check_update", "plan_injection"]
 
@@ -269,6 +277,16 @@ def build_containers(config: InjectorConfig, probe_ports: list[int]) -> list[Jso
         "volumeMounts": [{"name": layout.VOLUME_TMP, "mountPath": layout.TMP_DIR}],
     }
     health = config.health_port
+    sidecar_mounts: list[Json] = [
+        conf,
+        {"name": layout.VOLUME_POD, "mountPath": layout.POD_DIR, "readOnly": True},
+        {"name": layout.VOLUME_KEYS, "mountPath": layout.KEYS_DIR, "readOnly": True},
+        run,
+        {"name": layout.VOLUME_LOGS, "mountPath": layout.LOG_DIR},
+        spire,
+    ]
+    if config.intercept:  # the sidecar publishes the pod CA there (the agent mounts it read-only)
+        sidecar_mounts.append({"name": layout.VOLUME_TRUST, "mountPath": layout.TRUST_DIR})
     sidecar = {
         "name": layout.CONTAINER_SIDECAR,
         **image,
@@ -280,14 +298,7 @@ def build_containers(config: InjectorConfig, probe_ports: list[int]) -> list[Jso
         "startupProbe": _http_probe("/readyz", health, period=1, failures=120),
         "readinessProbe": _http_probe("/readyz", health, period=5, failures=3),
         "livenessProbe": _http_probe("/healthz", health, period=10, failures=3),
-        "volumeMounts": [
-            conf,
-            {"name": layout.VOLUME_POD, "mountPath": layout.POD_DIR, "readOnly": True},
-            {"name": layout.VOLUME_KEYS, "mountPath": layout.KEYS_DIR, "readOnly": True},
-            run,
-            {"name": layout.VOLUME_LOGS, "mountPath": layout.LOG_DIR},
-            spire,
-        ],
+        "volumeMounts": sidecar_mounts,
     }
     envoy = {
         "name": layout.CONTAINER_ENVOY,
@@ -347,7 +358,48 @@ def build_volumes(config: InjectorConfig) -> list[Json]:
         {"name": layout.VOLUME_LOGS, "emptyDir": {"sizeLimit": settings.logs_size_limit}},
         {"name": layout.VOLUME_TMP, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         {"name": layout.VOLUME_WORKLOAD_API, **workload},
+        *([trust_volume(layout.VOLUME_TRUST)] if config.intercept else []),
     ]
+
+
+def _trust_patch(spec: Mapping[str, Any]) -> tuple[list[Json], list[str]]:
+    """Operations giving every container of the pod's own the pod CA (mount) and the trust variables.
+
+    Applied before the injected containers are inserted, so the indices are the pod's own.
+
+    Raises:
+        InjectionDenied: a container already mounts something at the trust directory.
+    """
+    ops: list[Json] = []
+    warnings: list[str] = []
+    env = agent_trust_env(layout.TRUST_DIR)
+    mount = agent_trust_mount(layout.TRUST_DIR, layout.VOLUME_TRUST)
+    for kind in ("initContainers", "containers"):
+        for index, container in enumerate(_list(spec.get(kind), f"spec.{kind}")):
+            name = str(container.get("name", "?"))
+            mounts = _list(container.get("volumeMounts"), f"{name}.volumeMounts")
+            if any(str(m.get("mountPath", "")).rstrip("/") == layout.TRUST_DIR for m in mounts):
+                raise InjectionDenied(
+                    f"container {name!r} mounts {layout.TRUST_DIR}, where agent-authz puts the pod CA"
+                )
+            base = f"/spec/{kind}/{index}"
+            if container.get("volumeMounts") is None:
+                ops.append({"op": "add", "path": f"{base}/volumeMounts", "value": [mount]})
+            else:
+                ops.append({"op": "add", "path": f"{base}/volumeMounts/-", "value": mount})
+            own = {str(e.get("name")) for e in _list(container.get("env"), f"{name}.env")}
+            kept = sorted(own & set(env))
+            if kept:
+                warnings.append(
+                    f"agent-authz: container {name!r} sets {', '.join(kept)}: kept, so those runtimes will not trust "
+                    "the pod CA (its HTTPS to intercepted hosts fails)"
+                )
+            added = [{"name": k, "value": v} for k, v in env.items() if k not in own]
+            if container.get("env") is None:
+                ops.append({"op": "add", "path": f"{base}/env", "value": added})
+            else:
+                ops += [{"op": "add", "path": f"{base}/env/-", "value": item} for item in added]
+    return ops, warnings
 
 
 _OUR_CONTAINERS = frozenset({layout.CONTAINER_INIT, layout.CONTAINER_SIDECAR, layout.CONTAINER_ENVOY})
@@ -504,6 +556,10 @@ def plan_injection(pod: object, namespace: str, config: InjectorConfig, *, now: 
                 "value": layout.STATUS_INJECTED,
             }
         )
+    if config.intercept:  # before our containers are inserted: the pod's own indices still hold
+        trust_ops, trust_warnings = _trust_patch(spec)
+        patch += trust_ops
+        warnings += trust_warnings
     containers = build_containers(config, probe_ports)
     if spec.get("initContainers") is None:
         patch.append({"op": "add", "path": "/spec/initContainers", "value": containers})

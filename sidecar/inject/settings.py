@@ -232,6 +232,8 @@ class InjectorConfig:
         sidecar: the validated ``sidecar.yaml``.
         outbound_port / inbound_port / inbound / ipv6 / health_port: what the iptables step and
             the probes name, from ``sidecar.yaml``.
+        intercept: ``sidecar.yaml`` has an ``intercept`` section: the pod gets the trust volume, and
+            its own containers the pod CA and the variables runtimes read.
     """
 
     settings: InjectorSettings
@@ -241,6 +243,7 @@ class InjectorConfig:
     inbound: bool
     ipv6: bool
     health_port: int
+    intercept: bool = False
 
 
 def check_layout(config: SidecarConfig) -> list[str]:
@@ -275,6 +278,12 @@ def check_layout(config: SidecarConfig) -> list[str]:
     log_path = config.decision_log.path
     if log_path is not None and Path(log_path).parent != Path(layout.LOG_DIR):
         problems.append(f"decision_log.path must be in {layout.LOG_DIR}/")
+    intercept = config.intercept
+    if intercept is not None:
+        if Path(intercept.state_dir) != Path(layout.INTERCEPT_STATE_DIR):
+            problems.append(f"intercept.state_dir must be {layout.INTERCEPT_STATE_DIR} (the sidecar's and Envoy's)")
+        if Path(intercept.publish_dir) != Path(layout.TRUST_DIR):
+            problems.append(f"intercept.publish_dir must be {layout.TRUST_DIR} (the agent's trust volume)")
     return problems
 
 
@@ -318,4 +327,5 @@ def load_injector(path: str | Path) -> InjectorConfig:
         inbound=sidecar.envoy.inbound_redirect,
         ipv6=sidecar.envoy.ipv6,
         health_port=int(sidecar.listen.health.rpartition(":")[2]),
+        intercept=sidecar.intercept is not None,
     )

@@ -17,6 +17,12 @@ the answer is judged on the SNI and the original destination:
 The connection goes to the original destination, so a passthrough rule trusts the agent to connect
 to an address of the host it names (see the README's "Transparent interception"). No token is
 injected: Envoy cannot change what the TLS connection carries.
+
+A TLS connection to a server name and port that an active task intercepts (``tls: intercept``)
+never gets here: Envoy terminates it in a filter chain of its own. Inside a proxy ``CONNECT``
+tunnel (context ``via: connect``) there is no original destination and nothing is passed through:
+a connection that reaches this check there is denied after the SNI checks - ``host_not_allowed``,
+or ``tls_not_allowed`` when rules name the host (none intercepting it on port 443).
 """
 
 from __future__ import annotations
@@ -128,7 +134,8 @@ def decide_connection(
             on_behalf_of=task.on_behalf_of if task else None,
         )
 
-    if destination is None:
+    via_connect = request.context.get("via") == "connect"
+    if destination is None and not via_connect:
         return deny(Reason.UNKNOWN_DESTINATION, "no usable original destination (not a redirected connection)")
     if request.protocol is not Protocol.TLS:
         return deny(Reason.TCP_NOT_ALLOWED, "neither HTTP nor TLS: only HTTP and TLS leave through Envoy")
@@ -139,6 +146,11 @@ def decide_connection(
     except BadRequestError as exc:
         return deny(Reason.BAD_REQUEST, str(exc))
     base = replace(base, host=host)
+    if via_connect or destination is None:
+        named = policy.tasks_for_host(policy.agent, host)
+        reason = Reason.TLS_NOT_ALLOWED if named else Reason.HOST_NOT_ALLOWED
+        detail = "through the proxy (CONNECT) only hosts a task intercepts on port 443 ('tls: intercept') are reached"
+        return deny(reason, detail, named[0] if named else None)
 
     tasks = policy.tasks_by_agent.get(policy.agent, ())
     if not tasks:

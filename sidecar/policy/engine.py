@@ -15,12 +15,19 @@ from sidecar.policy.budget import BudgetKey, BudgetLedger
 from sidecar.policy.model import EgressRule, PolicyIndex, Task
 from sidecar.tokens.minter import TokenMinter
 
-__all__ = ["UPSTREAM_TLS_CONTEXT", "decide_egress", "dry_run"]
+__all__ = ["INTERCEPT_CONTEXT", "UPSTREAM_TLS_CONTEXT", "UPSTREAM_VERIFY_CONTEXT", "decide_egress", "dry_run"]
 
 UPSTREAM_TLS_CONTEXT = "upstream_tls"
 """``context_extensions`` key Envoy sets to ``originate`` on routes that open TLS to the upstream;
 a ``tls: originate`` rule allows a call only through such a route, so a bootstrap rendered before the
 rule existed can never send its token in clear text."""
+INTERCEPT_CONTEXT = "intercept"
+"""``context_extensions`` key of the routes behind an intercepting filter chain: ``host:port``, the
+server name and port whose TLS Envoy terminated with a pod-CA certificate. Only ``tls: intercept``
+rules match such a request, and only if it names that host and port; ``tls: intercept`` rules match
+nothing else."""
+UPSTREAM_VERIFY_CONTEXT = "upstream_verify"
+"""``context_extensions`` key: how that route's cluster verifies the upstream (recorded as is)."""
 
 _ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER)
 _ALWAYS_REMOVE_WITH_AUTHORIZATION = (*_ALWAYS_REMOVE, "authorization")
@@ -47,10 +54,19 @@ def _task_state(task: Task, now: float) -> Reason | None:
 
 
 _HTTP_PORT = DEFAULT_PORTS["http"]
+_HTTPS_PORT = DEFAULT_PORTS["https"]
 _NO_HOST = _Match((), Reason.HOST_NOT_ALLOWED)
 
 
-def _match(task: Task, target: Target, method: str) -> _Match:
+def _fits(rule: EgressRule, port: int, intercepted: bool) -> bool:
+    """Whether ``rule`` can judge an HTTP request on ``port``: a passthrough rule never can (Envoy
+    sees no request); an ``intercept`` rule judges only intercepted requests, and only those."""
+    if rule.tls == "intercept":
+        return intercepted and (rule.port or _HTTPS_PORT) == port
+    return not intercepted and rule.tls != "passthrough" and (rule.port or _HTTP_PORT) == port
+
+
+def _match(task: Task, target: Target, method: str, intercepted: bool = False) -> _Match:
     candidates = task.rules_for_host(target.host)
     if not candidates:
         return _NO_HOST
@@ -58,8 +74,7 @@ def _match(task: Task, target: Target, method: str) -> _Match:
     matched = tuple(
         rule
         for rule in candidates
-        if rule.tls != "passthrough"  # a TLS connection rule never allows an HTTP request
-        and (rule.port or _HTTP_PORT) == port
+        if _fits(rule, port, intercepted)
         and (rule.methods is None or method in rule.methods)
         and rule.paths.matches(path)
     )
@@ -67,7 +82,7 @@ def _match(task: Task, target: Target, method: str) -> _Match:
         return _Match(matched, Reason.ALLOWED)
     deepest = 0  # nothing allows it: find the check that failed last, to explain the deny
     for rule in candidates:
-        if rule.tls == "passthrough" or (rule.port or _HTTP_PORT) != port:
+        if not _fits(rule, port, intercepted):
             continue
         deepest = max(deepest, 1)
         if rule.methods is None or method in rule.methods:
@@ -110,12 +125,19 @@ def decide_egress(
         A :class:`Decision`. Deny reasons: ``bad_request``, ``no_task``, ``unknown_task``,
         ``task_not_for_agent``, ``task_ambiguous``, ``task_not_yet_valid``, ``task_expired``,
         ``task_revoked``, ``host_not_allowed``, ``port_not_allowed``, ``method_not_allowed``,
-        ``path_not_allowed``, ``budget_exhausted``, ``tls_origination_unavailable``.
+        ``path_not_allowed``, ``budget_exhausted``, ``tls_origination_unavailable``,
+        ``misdirected_request`` (an intercepted connection's request for another host or port than
+        the one its SNI named: RFC 9110 §7.4, 421).
     """
     agent = policy.agent
     method = request.method.upper()
+    intercept = request.context.get(INTERCEPT_CONTEXT)
+    tls = ("", "") if intercept is None else ("intercept", request.context.get(UPSTREAM_VERIFY_CONTEXT, ""))
+    sni_host, _, sni_port = (intercept or "").rpartition(":")
     try:
-        target = normalize_target(request.authority, request.path, request.scheme or "http")
+        if method == "CONNECT":
+            raise BadRequestError("CONNECT is accepted only to port 443 (the proxy intercepts HTTPS there)")
+        target = normalize_target(request.authority, request.path, "https" if intercept else request.scheme or "http")
     except BadRequestError as exc:
         return Decision(
             False,
@@ -127,8 +149,32 @@ def decide_egress(
             agent=agent,
             method=method,
             path=request.path[:256],
+            destination=request.destination,
+            sni=sni_host,
+            tls=tls[0],
+            upstream_verify=tls[1],
         )
-    task, outcome, detail = _select(policy, request.headers.get(TASK_HEADER), agent, target, method, now)
+    if intercept is not None and (target.host != sni_host or str(target.port) != sni_port):
+        return Decision(
+            False,
+            Reason.MISDIRECTED_REQUEST,
+            421,
+            decision_id,
+            f"the TLS connection was opened for {intercept}, the request names {target.host}:{target.port}",
+            Direction.EGRESS,
+            agent=agent,
+            method=method,
+            host=target.host,
+            port=target.port,
+            path=target.path,
+            destination=request.destination,
+            sni=sni_host,
+            tls=tls[0],
+            upstream_verify=tls[1],
+        )
+    task, outcome, detail = _select(
+        policy, request.headers.get(TASK_HEADER), agent, target, method, now, intercept is not None
+    )
     rule: EgressRule | None = None
     if isinstance(outcome, _Match):
         rules = outcome.rules
@@ -161,6 +207,9 @@ def decide_egress(
             on_behalf_of=task.on_behalf_of if task else None,
             txn=task.txn if task else None,
             act_chain=task.act_chain if task else (),
+            sni=sni_host,
+            tls=tls[0],
+            upstream_verify=tls[1],
         )
     assert task is not None
     to_set: list[tuple[str, str]] = [(DECISION_ID_HEADER, decision_id)]
@@ -170,6 +219,8 @@ def decide_egress(
         if rule.tls == "originate":
             upstream = Target(target.host, rule.upstream_port or DEFAULT_PORTS["https"], target.path, "")
             audience = rule.audience or _default_audience("https", upstream)
+        elif rule.tls == "intercept":
+            audience = rule.audience or _default_audience("https", target)
         else:
             audience = rule.audience or _default_audience(request.scheme or "http", target)
         minted = minter.token_for(
@@ -212,11 +263,14 @@ def decide_egress(
         headers_to_set=tuple(to_set),
         headers_to_remove=to_remove,
         token=token_info,
+        sni=sni_host,
+        tls=tls[0],
+        upstream_verify=tls[1],
     )
 
 
 def _select(
-    policy: PolicyIndex, chosen: str | None, agent: str, target: Target, method: str, now: float
+    policy: PolicyIndex, chosen: str | None, agent: str, target: Target, method: str, now: float, intercepted: bool
 ) -> tuple[Task | None, _Match | Reason, str]:
     """Pick the task and match the call: ``(task, match or deny reason, detail)``."""
     if chosen is not None:
@@ -228,7 +282,7 @@ def _select(
         state = _task_state(task, now)
         if state is not None:
             return task, state, f"task is {state.value.removeprefix('task_').replace('_', ' ')}"
-        return _explained(task, _match(task, target, method))
+        return _explained(task, _match(task, target, method, intercepted))
     tasks = policy.tasks_by_agent.get(agent, ())
     if not tasks:
         return None, Reason.NO_TASK, "no task is declared for this agent"
@@ -242,8 +296,8 @@ def _select(
         assert state is not None
         return tasks[0], state, f"no active task (first: {state.value})"
     if len(active) == 1:
-        return _explained(active[0], _match(active[0], target, method))
-    results = [(t, _match(t, target, method)) for t in active]
+        return _explained(active[0], _match(active[0], target, method, intercepted))
+    results = [(t, _match(t, target, method, intercepted)) for t in active]
     allowed = [(t, m) for t, m in results if m.rules]
     if len(allowed) > 1:
         return None, Reason.TASK_AMBIGUOUS, "several active tasks allow this call; name one in x-agent-task"

@@ -42,6 +42,14 @@ def test_demo_runs_green_and_reaps_everything(tmp_path: Path) -> None:
         "host_not_allowed",
         "caller_not_allowed",
     }
+    # the paid API is called over HTTPS: the agent's TLS intercepted, the key injected inside it
+    paid = [r for r in records if r["host"] == "sentiment.example.com"]
+    assert [(r["reason"], r.get("tls"), r["sni"]) for r in paid] == [
+        ("allowed", "intercept", "sentiment.example.com"),
+        ("allowed", "intercept", "sentiment.example.com"),
+        ("budget_exhausted", "intercept", "sentiment.example.com"),
+    ]
+    assert "x-api-key injected: yes, received over HTTPS" in result.stdout
     assert {r["caller"] for r in records if r["direction"] == "ingress"} == {
         "spiffe://demo.agent-authz.local/ns/finance/sa/orchestrator",
         "spiffe://demo.agent-authz.local/ns/marketing/sa/campaign-bot",

@@ -9,22 +9,18 @@ settings, no token), the agent's own app (UID 1000, ports 8080 and 8081) and Env
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import jwt
 import pytest
 
 from sidecar.identity.devca import DevCA
-from sidecar.procs import AuthzStack, ManagedProcess, http_get, wait_until
+from sidecar.procs import AuthzStack, ManagedProcess
 from tests.certs import make_leaf, write_pair
 from tests.conftest import AGENT, PLANNER, add_file_identity, base_config, task, write_config, write_keys
 from tests.netns import (
@@ -39,6 +35,7 @@ from tests.netns import (
     chown_tree,
     missing_tools,
 )
+from tests.netns_pod import Pod, start_servers, token_claims
 
 pytestmark = [
     pytest.mark.e2e,
@@ -60,103 +57,6 @@ TASK = task(
     ],
 )
 IPTABLES = [sys.executable, "-m", "sidecar", "iptables", "--exclude-inbound-ports", str(PROBE_PORT)]
-
-
-@dataclass
-class Curl:
-    """What the agent's curl saw."""
-
-    exit_code: int
-    status: int | None
-    headers: dict[str, str]
-    stderr: str
-
-
-@dataclass
-class Pod:
-    net: PodNetwork
-    state: Path
-    public: Path
-    stack: AuthzStack
-    upstream_log: Path
-    app_log: Path
-    planner: tuple[Path, Path]
-
-    def curl(self, *args: str, uid: int = AGENT_UID) -> Curl:
-        """``curl`` as ``uid`` inside the pod: no proxy variables, a clean environment."""
-        argv = [*as_user(uid), "curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-D", "-", *args]
-        result = subprocess.run(
-            argv, capture_output=True, text=True, timeout=20, env={"PATH": os.environ["PATH"]}, check=False
-        )
-        lines = result.stdout.splitlines()
-        status = int(lines[0].split()[1]) if lines and lines[0].startswith("HTTP/") else None
-        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:]) if v}
-        return Curl(result.returncode, status, headers, result.stderr)
-
-    def python(self, code: str, uid: int = AGENT_UID) -> str:
-        """Run ``code`` with the agent's UID; returns its stdout."""
-        result = subprocess.run(
-            [*as_user(uid), sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            env={"PATH": os.environ["PATH"]},
-            check=False,
-        )
-        assert result.returncode == 0, result.stderr
-        return result.stdout.strip()
-
-    def from_upstream(self, *argv: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            self.net.exec_in(self.net.upstream, argv), capture_output=True, text=True, timeout=20, check=False
-        )
-
-    def records(self) -> list[dict[str, Any]]:
-        path = self.state / "decisions.log"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def record(self, **match: Any) -> dict[str, Any]:
-        """The one decision record whose fields equal ``match`` (waits for it)."""
-
-        def find() -> dict[str, Any] | None:
-            found = [r for r in self.records() if all(r.get(k) == v for k, v in match.items())]
-            assert len(found) <= 1, found
-            return found[0] if found else None
-
-        return wait_until(find, timeout=10, what=f"decision record {match}")
-
-    @staticmethod
-    def _lines(path: Path) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-    def upstream(self, **match: Any) -> list[dict[str, Any]]:
-        return [e for e in self._lines(self.upstream_log) if all(e.get(k) == v for k, v in match.items())]
-
-    def app(self, **match: Any) -> list[dict[str, Any]]:
-        return [e for e in self._lines(self.app_log) if all(e.get(k) == v for k, v in match.items())]
-
-    def outbound_connections(self) -> int:
-        return self.stack.envoy.stat(f"listener.127.0.0.1_{OUTBOUND_PORT}.downstream_cx_total")
-
-    def iptables_save(self) -> str:
-        return "".join(
-            subprocess.run([tool], capture_output=True, text=True, check=True, timeout=10).stdout
-            for tool in ("iptables-save", "ip6tables-save")
-        )
-
-
-def _servers(name: str, log_dir: Path, prefix: list[str], *args: str) -> ManagedProcess:
-    ready = log_dir / f"{name}.ready"
-    argv = [sys.executable, "-m", "tests.netns_servers", "--log", str(log_dir / f"{name}.log"), "--ready", str(ready)]
-    proc = ManagedProcess(name, [*argv, *args], log_dir=log_dir, cwd=REPO, prefix=prefix)
-    proc.start()
-
-    def up() -> bool:
-        proc.check_alive()
-        return ready.exists()
-
-    wait_until(up, timeout=15, what=f"{name} servers")
-    return proc
 
 
 def _config(state: Path, public: Path) -> Path:
@@ -202,7 +102,7 @@ def pod() -> Iterator[Pod]:
         upstream_ca.save(public / "upstream-ca")
         cert, key = write_pair(logs, "upstream", *make_leaf(upstream_ca, [], dns=[SECURE, VAULT, "evil.example.com"]))
         procs.append(
-            _servers(
+            start_servers(
                 "upstream",
                 logs,
                 net.exec_in(net.upstream, []),
@@ -214,7 +114,9 @@ def pod() -> Iterator[Pod]:
         chown_tree(app_dir, AGENT_UID)
         with net.inside():
             procs.append(
-                _servers("app", app_dir, as_user(AGENT_UID), "--http", f"0.0.0.0:{APP_PORT}", "--http", "0.0.0.0:8081")
+                start_servers(
+                    "app", app_dir, as_user(AGENT_UID), "--http", f"0.0.0.0:{APP_PORT}", "--http", "0.0.0.0:8081"
+                )
             )
             subprocess.run(IPTABLES, check=True, capture_output=True, timeout=30)  # the init step, as root
             chown_tree(state, PROXY_UID)
@@ -235,24 +137,12 @@ def pod() -> Iterator[Pod]:
             shutil.rmtree(base, ignore_errors=True)
 
 
-def _jwks(pod: Pod) -> jwt.PyJWKSet:
-    status, body = http_get(pod.stack.sidecar.admin_url + "/.well-known/jwks.json")
-    assert status == 200
-    return jwt.PyJWKSet.from_dict(json.loads(body))
-
-
-def _claims(pod: Pod, authorization: str, audience: str) -> dict[str, Any]:
-    token = authorization.removeprefix("Bearer ")
-    key = _jwks(pod)[jwt.get_unverified_header(token)["kid"]]
-    return jwt.decode(token, key.key, algorithms=["ES256"], audience=audience)
-
-
 def test_allowed_http_call_arrives_with_the_minted_token(pod: Pod) -> None:
     reply = pod.curl(f"http://{API}/v1/items/1", "--resolve", f"{API}:80:{UPSTREAM_IP}")
     assert reply.status == 200, reply
     (received,) = pod.upstream(path="/v1/items/1")
     assert received["listener"] == f"http {UPSTREAM_IP}:80" and received["peer"] == POD_IP
-    claims = _claims(pod, received["headers"]["authorization"], f"http://{API}")
+    claims = token_claims(pod, received["headers"]["authorization"], f"http://{API}")
     assert claims["txn"] == "work" and claims["act"] == {"sub": AGENT} and claims["scope"] == "items:read"
     record = pod.record(decision_id=reply.headers["x-agent-authz-decision-id"])
     assert (record["decision"], record["protocol"], record["destination"]) == ("allow", "http", f"{UPSTREAM_IP}:80")
@@ -285,7 +175,7 @@ def test_tls_originate_injects_the_token_and_encrypts(pod: Pod) -> None:
     assert reply.status == 200, reply
     (received,) = pod.upstream(path="/v1/secret")
     assert received["listener"] == f"https {UPSTREAM_IP}:443" and received["scheme"] == "https"
-    claims = _claims(pod, received["headers"]["authorization"], f"https://{VAULT}")
+    claims = token_claims(pod, received["headers"]["authorization"], f"https://{VAULT}")
     assert claims["txn"] == "work"
 
 
@@ -397,6 +287,7 @@ def test_the_agents_local_services_are_not_intercepted(pod: Pod) -> None:
 
 
 def test_inbound_is_redirected_to_the_mtls_listener(pod: Pod) -> None:
+    assert pod.planner is not None
     cert, key = pod.planner
     ok = pod.from_upstream(
         "curl", "-sS", "-k", "--max-time", "10", "--cert", str(cert), "--key", str(key), "-o", "/dev/null",

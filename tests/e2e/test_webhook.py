@@ -25,6 +25,7 @@ from sidecar.config.schema import TaskSpec
 from sidecar.grants.issue import sign_root_grant
 from sidecar.identity.devca import DevCA
 from sidecar.inject import layout
+from sidecar.intercept.trust import agent_trust_env
 from sidecar.procs import http_get
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
 from tests.certs import make_leaf, write_pair
@@ -536,3 +537,89 @@ def test_the_readme_job_example_is_admitted_and_injected(webhook: Webhook) -> No
     pod["spec"] = template["spec"]
     response = webhook.review(admission_review(pod, namespace=job["metadata"]["namespace"]))
     validate(patched(pod, response))
+
+
+# -- HTTPS interception (sidecar.intercept.enabled): the trust volume and variables --------------------
+INTERCEPT_VALUES = {**VALUES, "sidecar": {**VALUES["sidecar"], "intercept": {"enabled": True, "leafTtl": "30m"}}}
+
+
+@pytest.fixture(scope="module")
+def intercepting(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
+    installed = install(tmp_path_factory.mktemp("chart-intercept"), INTERCEPT_VALUES)
+    config = yaml.safe_load((installed.settings_dir / "sidecar.yaml").read_text())
+    assert config["intercept"] == {
+        "state_dir": layout.INTERCEPT_STATE_DIR,
+        "publish_dir": layout.TRUST_DIR,
+        "ca_ttl": "24h",
+        "leaf_ttl": "30m",
+    }
+    server = Webhook(installed, tmp_path_factory.mktemp("webhook-intercept"))
+    server.start()  # it starts: the chart's intercept section fits the pod layout
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _trust_env() -> list[dict[str, str]]:
+    return [{"name": k, "value": v} for k, v in agent_trust_env(layout.TRUST_DIR).items()]
+
+
+def test_with_intercept_the_pods_containers_trust_the_pod_ca(intercepting: Webhook) -> None:
+    pod = job_pod()
+    pod["spec"]["containers"][0]["env"] = [{"name": "MODE", "value": "report"}]
+    response = intercepting.review(admission_review(pod))
+    result = patched(pod, response)
+    validate(result)
+    spec = result["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["agent-authz-trust"] == {"name": "agent-authz-trust", "emptyDir": {"sizeLimit": "1Mi"}}
+    trust_ro = {"name": "agent-authz-trust", "mountPath": "/etc/agent-authz/trust", "readOnly": True}
+    _, sidecar, envoy, fetch = spec["initContainers"]
+    # the sidecar writes the CA there; Envoy does not need it
+    assert {"name": "agent-authz-trust", "mountPath": "/etc/agent-authz/trust"} in sidecar["volumeMounts"]
+    assert all(m["name"] != "agent-authz-trust" for m in envoy["volumeMounts"])
+    assert {"name": "agent-authz-run", "mountPath": layout.RUN_DIR} in envoy["volumeMounts"]  # the LDS/CDS files
+    (report,) = spec["containers"]
+    for container, own_mount in ((report, "work"), (fetch, "work")):
+        assert container["volumeMounts"] == [{"name": own_mount, "mountPath": "/work"}, trust_ro]
+    assert report["env"] == [{"name": "MODE", "value": "report"}, *_trust_env()]
+    assert fetch["env"] == _trust_env()
+    env = {e["name"]: e["value"] for e in report["env"]}
+    assert env["SSL_CERT_FILE"] == env["REQUESTS_CA_BUNDLE"] == "/etc/agent-authz/trust/ca-bundle.pem"
+    assert env["NODE_EXTRA_CA_CERTS"] == "/etc/agent-authz/trust/ca.pem"
+    again = intercepting.review(admission_review(result))  # idempotent: an injected pod is left as it is
+    assert again["allowed"] is True and "patch" not in again
+
+
+def test_with_intercept_a_containers_own_trust_variable_is_kept_with_a_warning(intercepting: Webhook) -> None:
+    pod = agent_pod()
+    pod["spec"]["containers"][0]["env"] = [{"name": "SSL_CERT_FILE", "value": "/etc/corp/ca.pem"}]
+    response = intercepting.review(admission_review(pod))
+    (agent,) = patched(pod, response)["spec"]["containers"]
+    assert agent["env"][0] == {"name": "SSL_CERT_FILE", "value": "/etc/corp/ca.pem"}
+    assert [e["name"] for e in agent["env"]].count("SSL_CERT_FILE") == 1
+    assert any("sets SSL_CERT_FILE: kept" in w for w in response["warnings"])
+
+
+def test_with_intercept_a_container_mounting_the_trust_directory_is_refused(intercepting: Webhook) -> None:
+    pod = agent_pod()
+    pod["spec"]["volumes"] = [{"name": "corp-ca", "configMap": {"name": "corp-ca"}}]
+    pod["spec"]["containers"][0]["volumeMounts"] = [{"name": "corp-ca", "mountPath": "/etc/agent-authz/trust/"}]
+    response = intercepting.review(admission_review(pod))
+    assert response["allowed"] is False
+    assert "mounts /etc/agent-authz/trust, where agent-authz puts the pod CA" in response["status"]["message"]
+
+
+def test_the_webhook_refuses_intercept_paths_outside_the_pod_layout(installed: Installed, tmp_path: Path) -> None:
+    settings = tmp_path / "settings"
+    settings.mkdir()
+    config = yaml.safe_load((installed.settings_dir / "sidecar.yaml").read_text())
+    config["intercept"] = {"state_dir": "/var/lib/ca", "publish_dir": "/tmp/trust"}
+    (settings / "sidecar.yaml").write_text(yaml.safe_dump(config))
+    (settings / "injector.yaml").write_text((installed.settings_dir / "injector.yaml").read_text())
+    argv = [sys.executable, "-m", "sidecar", "webhook", "--settings", str(settings / "injector.yaml")]
+    result = subprocess.run([*argv, "--tls-cert", "x", "--tls-key", "y"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert "intercept.state_dir must be /run/agent-authz/intercept" in result.stderr
+    assert "intercept.publish_dir must be /etc/agent-authz/trust" in result.stderr

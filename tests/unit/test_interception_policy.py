@@ -169,7 +169,12 @@ def test_network_check_without_its_context_is_bad_request(meta: dict[str, str] |
         ({**PASSTHROUGH, "token": True}, {}, "tasks[0].egress[0]", "remove token"),
         ({**HTTP_ONLY, "upstream_port": 443}, {}, "tasks[0].egress[0]", "'upstream_port' needs 'tls: originate'"),
         ({**ORIGINATE, "host": "*.example.com"}, {}, "tasks[0].egress[0]", "needs an exact host"),
-        ({**HTTP_ONLY, "tls": "sometimes"}, {}, "tasks[0].egress[0].tls", "'none', 'passthrough' or 'originate'"),
+        (
+            {**HTTP_ONLY, "tls": "sometimes"},
+            {},
+            "tasks[0].egress[0].tls",
+            "'none', 'passthrough', 'originate' or 'intercept'",
+        ),
         (HTTP_ONLY, {"outbound_port": 15001, "egress_port": 15001}, "envoy", "must differ"),
         (HTTP_ONLY, {"outbound_port": 70000}, "envoy.outbound_port", "less than or equal to 65535"),
         (HTTP_ONLY, {"inbound_redirect": True, "ingress_port": 0}, "envoy", "fixed ingress_port"),

@@ -87,6 +87,9 @@ webhook refuses to start when they disagree.
   "task_files" (list (dict "path" "/etc/agent-authz/pod/task" "revoked" "/etc/agent-authz/pod/revoked"))
   "dry_run" $s.dryRun
 -}}
+{{- if $s.intercept.enabled -}}
+{{- $_ := set $config "intercept" (dict "state_dir" "/run/agent-authz/intercept" "publish_dir" "/etc/agent-authz/trust" "ca_ttl" $s.intercept.caTtl "leaf_ttl" $s.intercept.leafTtl) -}}
+{{- end -}}
 {{- toYaml (mergeOverwrite $config (deepCopy $s.extraConfig)) -}}
 {{- end -}}
 
