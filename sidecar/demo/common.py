@@ -14,6 +14,11 @@ __all__ = ["GREEN", "RED", "color", "run_agent", "table", "write_secret"]
 GREEN, RED, DIM, RESET = "\033[32m", "\033[31m", "\033[2m", "\033[0m"
 
 
+def _short_id(decision_id: str) -> str:
+    """The distinguishing tail of a decision id (its per-process counter), or ``-`` when there is none."""
+    return f"…{decision_id[-8:]}" if decision_id else "-"
+
+
 def write_secret(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` with mode 0600 (keys and API keys)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,6 +71,6 @@ def table(rows: list[tuple[str, str, str, str, str, str, bool]]) -> str:
     for number, call, expected, got, decision_id, note, ok in rows:
         short = call if len(call) <= 50 else call[:49] + "…"
         mark = color("ok", GREEN) if ok else color("MISMATCH", RED)
-        cells.append((number, short, expected, got, decision_id[:8] or "-", note, mark))
+        cells.append((number, short, expected, got, _short_id(decision_id), note, mark))
     widths = [max(len(r[c]) for r in cells) for c in range(6)]
     return "\n".join("  ".join(r[c].ljust(widths[c]) for c in range(6)) + "  " + r[6] for r in cells)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -50,6 +51,11 @@ def test_demo_runs_green_and_reaps_everything(tmp_path: Path) -> None:
         ("budget_exhausted", "intercept", "sentiment.example.com"),
     ]
     assert "x-api-key injected: yes, received over HTTPS" in result.stdout
+    # each table row names its own decision, as found in the log
+    shown = re.findall(r"\s(…[0-9a-f]{8})\s", result.stdout)
+    assert len(shown) == 14 and len(set(shown)) == 14, shown
+    logged = {r["decision_id"][-8:] for r in records}
+    assert {cell[1:] for cell in shown} == logged
     assert {r["caller"] for r in records if r["direction"] == "ingress"} == {
         "spiffe://demo.agent-authz.local/ns/finance/sa/orchestrator",
         "spiffe://demo.agent-authz.local/ns/marketing/sa/campaign-bot",
