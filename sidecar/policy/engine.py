@@ -7,6 +7,7 @@ yields to the event loop, so budgets are exact under concurrency.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 from sidecar.decision import DECISION_ID_HEADER, TASK_HEADER, AuthzRequest, Decision, Direction, Reason, deny_status
 from sidecar.errors import BadRequestError
@@ -134,26 +135,24 @@ def decide_egress(
     intercept = request.context.get(INTERCEPT_CONTEXT)
     tls = ("", "") if intercept is None else ("intercept", request.context.get(UPSTREAM_VERIFY_CONTEXT, ""))
     sni_host, _, sni_port = (intercept or "").rpartition(":")
+    # what every record of this call carries, allowed or not
+    seen: dict[str, Any] = {
+        "agent": agent,
+        "method": method,
+        "destination": request.destination,
+        "sni": sni_host,
+        "tls": tls[0],
+        "upstream_verify": tls[1],
+    }
     try:
         if method == "CONNECT":
             raise BadRequestError("CONNECT is accepted only to port 443 (the proxy intercepts HTTPS there)")
         target = normalize_target(request.authority, request.path, "https" if intercept else request.scheme or "http")
     except BadRequestError as exc:
         return Decision(
-            False,
-            Reason.BAD_REQUEST,
-            400,
-            decision_id,
-            str(exc),
-            Direction.EGRESS,
-            agent=agent,
-            method=method,
-            path=request.path[:256],
-            destination=request.destination,
-            sni=sni_host,
-            tls=tls[0],
-            upstream_verify=tls[1],
+            False, Reason.BAD_REQUEST, 400, decision_id, str(exc), Direction.EGRESS, path=request.path[:256], **seen
         )
+    seen.update(host=target.host, port=target.port, path=target.path)
     if intercept is not None and (target.host != sni_host or str(target.port) != sni_port):
         return Decision(
             False,
@@ -162,19 +161,13 @@ def decide_egress(
             decision_id,
             f"the TLS connection was opened for {intercept}, the request names {target.host}:{target.port}",
             Direction.EGRESS,
-            agent=agent,
-            method=method,
-            host=target.host,
-            port=target.port,
-            path=target.path,
-            destination=request.destination,
-            sni=sni_host,
-            tls=tls[0],
-            upstream_verify=tls[1],
+            **seen,
         )
     task, outcome, detail = _select(
         policy, request.headers.get(TASK_HEADER), agent, target, method, now, intercept is not None
     )
+    if task is not None:
+        seen.update(task_id=task.id, on_behalf_of=task.on_behalf_of, txn=task.txn, act_chain=task.act_chain)
     rule: EgressRule | None = None
     if isinstance(outcome, _Match):
         rules = outcome.rules
@@ -190,27 +183,7 @@ def decide_egress(
                 rule, outcome, detail = None, Reason.BUDGET_EXHAUSTED, "the task's call budget is spent"
     if rule is None:
         reason = outcome if isinstance(outcome, Reason) else Reason.INTERNAL_ERROR
-        return Decision(
-            False,
-            reason,
-            deny_status(reason),
-            decision_id,
-            detail,
-            Direction.EGRESS,
-            agent=agent,
-            method=method,
-            host=target.host,
-            port=target.port,
-            path=target.path,
-            destination=request.destination,
-            task_id=task.id if task else None,
-            on_behalf_of=task.on_behalf_of if task else None,
-            txn=task.txn if task else None,
-            act_chain=task.act_chain if task else (),
-            sni=sni_host,
-            tls=tls[0],
-            upstream_verify=tls[1],
-        )
+        return Decision(False, reason, deny_status(reason), decision_id, detail, Direction.EGRESS, **seen)
     assert task is not None
     to_set: list[tuple[str, str]] = [(DECISION_ID_HEADER, decision_id)]
     to_remove: tuple[str, ...] = _ALWAYS_REMOVE
@@ -249,23 +222,11 @@ def decide_egress(
         decision_id,
         "",
         Direction.EGRESS,
-        agent=agent,
-        method=method,
-        host=target.host,
-        port=target.port,
-        path=target.path,
-        destination=request.destination,
-        task_id=task.id,
-        on_behalf_of=task.on_behalf_of,
-        txn=task.txn,
-        act_chain=task.act_chain,
         rule=rule.name,
         headers_to_set=tuple(to_set),
         headers_to_remove=to_remove,
         token=token_info,
-        sni=sni_host,
-        tls=tls[0],
-        upstream_verify=tls[1],
+        **seen,
     )
 
 
