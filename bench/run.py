@@ -297,10 +297,12 @@ def _server_tls(cert: Path, key: Path, ca: Path) -> dict[str, Any]:
 class Bench:
     def __init__(self, work: Path, quick: bool, tasks: int) -> None:
         self.work = work
+        self.quick = quick
         self.seconds = 2 if quick else 8
         self.tasks = tasks
         self.procs: list[Any] = []
         self.results: dict[str, dict[str, Any]] = {}
+        self.workers_rps: dict[str, float] | None = None
 
     def envoy(self, name: str, bootstrap: dict[str, Any]) -> EnvoyProcess:
         path = self.work / f"{name}.json"
@@ -395,6 +397,37 @@ class Bench:
         )
 
 
+class _Trivial:
+    """``bench/trivial_authz.py`` processes, one Unix socket each, and the Envoy cluster naming them all."""
+
+    def __init__(self, procs: list[ManagedProcess], sockets: list[Path]) -> None:
+        self.procs = procs
+        self.cluster = _cluster("authz", f"unix:{sockets[0]}", http2=True)
+        endpoints = self.cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
+        endpoints += [{"endpoint": {"address": {"pipe": {"path": str(s)}}}} for s in sockets[1:]]
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.stop()
+
+
+def _trivial_servers(bench: Bench, count: int) -> _Trivial:
+    procs, sockets = [], []
+    for index in range(count):
+        sock = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "trivial.sock"
+        proc = ManagedProcess(
+            f"trivial{index}",
+            [sys.executable, str(REPO / "bench" / "trivial_authz.py"), f"unix:{sock}"],
+            log_dir=bench.work,
+        )
+        proc.start()
+        bench.procs.append(proc)
+        wait_until(lambda p=proc: "ready" in p.stdout_path.read_text(), timeout=20, what="trivial authz")
+        procs.append(proc)
+        sockets.append(sock)
+    return _Trivial(procs, sockets)
+
+
 def _proc_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -419,23 +452,28 @@ def run_configs(bench: Bench) -> None:
             bench.measure(name, front.listener_port(name), host, path)
             front.stop()
         # (c) trivial ext_authz
-        sock = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "trivial.sock"
-        trivial = ManagedProcess(
-            "trivial", [sys.executable, str(REPO / "bench" / "trivial_authz.py"), f"unix:{sock}"], log_dir=work
-        )
-        trivial.start()
-        bench.procs.append(trivial)
-        wait_until(lambda: "ready" in trivial.stdout_path.read_text(), timeout=20, what="trivial authz")
+        trivial = _trivial_servers(bench, 1)
         front = bench.envoy(
             "c_trivial",
-            _bootstrap(
-                _listener("c_trivial", [_ext_authz("authz")], "up"),
-                [_cluster("up", up), _cluster("authz", f"unix:{sock}", http2=True)],
-            ),
+            _bootstrap(_listener("c_trivial", [_ext_authz("authz")], "up"), [_cluster("up", up), trivial.cluster]),
         )
         bench.measure("c_trivial_ext_authz", front.listener_port("c_trivial"), host, path)
         front.stop()
         trivial.stop()
+        if not bench.quick:
+            # would worker processes help? the Python ceiling with two processes, one Unix socket each,
+            # listed as two endpoints of the cluster (Envoy spreads RPCs over them round robin)
+            trivial = _trivial_servers(bench, 2)
+            front = bench.envoy(
+                "c2", _bootstrap(_listener("c2", [_ext_authz("authz")], "up"), [_cluster("up", up), trivial.cluster])
+            )
+            bench.workers_rps = {
+                "1": bench.results["c_trivial_ext_authz"]["rps"],
+                "2": bench.wrk(front.listener_port("c2"), host, path),
+            }
+            print(f"  c_trivial with 2 worker processes: {bench.workers_rps['2']:.0f} req/s", flush=True)
+            front.stop()
+            trivial.stop()
         # (d) agent-authz, token cache hits; (e) minting on every call
         for name, issuer in (("d_agent_authz", {}), ("e_mint_per_call", {"mint_per_call": True})):
             state = work / name
@@ -710,6 +748,13 @@ def report(results: dict[str, Any]) -> str:
         row("sidecar start to ready", "< 1.5 s", f"{results['startup_s']:.2f} s", t["startup"]),
         row("CPU per 1000 decisions (d)", "-", f"{cpu:.3f} s", None),
     ]
+    if "trivial_rps_by_workers" in results:
+        by = results["trivial_rps_by_workers"]
+        lines += [
+            "",
+            f"Worker processes, measured on the Python ceiling (c): 1 process {by['1']:.0f} req/s, "
+            f"2 processes (one socket each, two endpoints) {by['2']:.0f} req/s ({by['2'] / by['1']:.2f}×).",
+        ]
     return "\n".join(lines)
 
 
@@ -750,6 +795,8 @@ def main(argv: list[str] | None = None) -> int:
         "startup_s": round(start_s, 3),
         "elapsed_s": round(time.monotonic() - started, 1),
     }
+    if bench.workers_rps is not None:
+        results["trivial_rps_by_workers"] = bench.workers_rps
     results["targets"] = {
         "throughput": results["throughput_ratio"] >= 0.85,
         "p50": added["p50"] <= 0.5,
