@@ -28,6 +28,9 @@ name                                      type       labels / meaning
 ``dry_run``                               gauge      1 when dry-run mode is on
 ``svid_expiry_timestamp_seconds``         gauge      ``spiffe_id``, ``serial``: expiry of the agent's
                                                      X.509-SVID (no sample without an identity source)
+``identity_updates_rejected_total``       counter    ``source`` (``files``/``workload_api``), ``detail``
+                                                     (sub-code): identity updates refused (the previous
+                                                     identity stays)
 ========================================  =========  ==================================================
 """
 
@@ -160,6 +163,14 @@ class _StateCollector(Collector):
             svid = identity.state.svid
             expiry.add_metric([svid.spiffe_id, svid.serial], svid.not_after)
         yield expiry
+        rejected = CounterMetricFamily(
+            "agent_authz_identity_updates_rejected",
+            "Identity updates refused; the previous identity stays active.",
+            labels=["source", "detail"],
+        )
+        for (source, detail), count in sorted(runtime.identity_rejections.items()):
+            rejected.add_metric([source, detail], count)
+        yield rejected
         yield GaugeMetricFamily(
             "agent_authz_decision_log_healthy", "1 when the last log write succeeded.", value=int(log.healthy)
         )

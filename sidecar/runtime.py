@@ -27,7 +27,8 @@ from sidecar.grants.issue import DelegationRequest, delegate
 from sidecar.grants.model import Grant, GrantError
 from sidecar.grants.revocations import RevocationList, revoked_by, sign_revocations
 from sidecar.grants.sources import GrantSet, check_grant_usable, load_grants
-from sidecar.identity.state import IdentityState, load_identity_files
+from sidecar.identity import codes as identity_codes
+from sidecar.identity.state import IdentityLoadError, IdentityState, load_identity_files
 from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.compile import TaskSource, compile_policy
 from sidecar.policy.connection import decide_connection
@@ -146,6 +147,7 @@ class Runtime:
         self.config_path = Path(config_path)
         self._workload_identity = workload_identity
         self.last_identity_error: str | None = None
+        self.identity_rejections: dict[tuple[str, str], int] = {}
         self._posted: dict[str, str] = {}
         self._own_revoked: dict[str, int] = {}
         self._issued: set[str] = set()
@@ -331,7 +333,7 @@ class Runtime:
                 raise ConfigError(str(loaded.source), "identity", "no identity from the Workload API yet")
             return self._workload_identity
         assert spec.files is not None
-        return load_identity_files(spec.files, reader.read, file=str(loaded.source))
+        return load_identity_files(spec.files, reader.read, file=str(loaded.source), now=self.clock())
 
     @staticmethod
     def _agent(loaded: LoadedConfig, identity: IdentityState | None) -> str:
@@ -356,13 +358,32 @@ class Runtime:
         """
         snapshot = self.snapshot
         if state.svid.spiffe_id != snapshot.policy.agent:
-            self.last_identity_error = f"SVID for {state.svid.spiffe_id}, expected {snapshot.policy.agent}"
-            _log.error("identity_rejected", reason=self.last_identity_error)
+            self.identity_rejected(
+                state.source,
+                identity_codes.SVID_SPIFFE_ID_CHANGED,
+                f"SVID for {state.svid.spiffe_id}, expected {snapshot.policy.agent}",
+            )
             return False
         self._workload_identity = state
         self.last_identity_error = None
         self.snapshot = replace(snapshot, identity=IdentityContext.build(state, snapshot.ingress.audiences))
         return True
+
+    def identity_rejected(self, source: str, detail: str, message: str) -> None:
+        """Record a rejected identity update (the previous identity stays active).
+
+        Counted per ``(source, detail)`` for ``agent_authz_identity_updates_rejected_total`` and
+        shown as ``identity.last_error`` in ``/readyz`` until a good update arrives.
+
+        Args:
+            source: ``files`` or ``workload_api``.
+            detail: the ``svid_*`` / ``bundle_*`` sub-code.
+            message: the human-readable reason (starts with ``detail``).
+        """
+        key = (source, detail)
+        self.identity_rejections[key] = self.identity_rejections.get(key, 0) + 1
+        self.last_identity_error = message if message.startswith(detail) else f"{detail}: {message}"
+        _log.error("identity_rejected", source=source, detail=detail, reason=self.last_identity_error)
 
     def _files_digest(self, snapshot: Snapshot) -> str:
         """SHA-256 over the bytes of every file ``snapshot`` read (and the posted grants and own
@@ -396,6 +417,8 @@ class Runtime:
             self.reload_failures += 1
             self.last_error = str(exc)
             _log.error("config_reload_failed", file=exc.file, field=exc.field, reason=exc.reason, code=exc.code)
+            if isinstance(exc, IdentityLoadError):
+                self.identity_rejected("files", exc.detail, f"{exc.reason} ({exc.field})")
             return False
         self._last_files_digest = files_digest
         if snapshot.digest == previous.digest:
@@ -407,6 +430,8 @@ class Runtime:
         self.snapshot = snapshot
         self.reloads += 1
         self.last_error = None
+        if snapshot.loaded.settings.identity is not None and snapshot.loaded.settings.identity.source == "files":
+            self.last_identity_error = None
         for listener in self._listeners:
             listener(snapshot)
         _log.info(

@@ -71,7 +71,10 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         def identity_changed(state: IdentityState) -> None:
             loop.call_soon_threadsafe(runtime.set_identity, state)
 
-        workload.set_callback(identity_changed)
+        def identity_rejected(detail: str, message: str) -> None:
+            loop.call_soon_threadsafe(runtime.identity_rejected, "workload_api", detail, message)
+
+        workload.set_callback(identity_changed, identity_rejected)
     try:
         intercept = await _start_intercept(config_path, runtime)
     except BaseException:
