@@ -6,7 +6,7 @@ never a pooled store: a CA of ``partner.example`` can never vouch for an ID in `
 Two formats are read here, and only here:
 
 * :func:`parse_x509_bundle_pem` - X.509 authorities as PEM certificates (the ``bundles`` files,
-  which Envoy's SPIFFE validator reads too);
+  which Envoy's SPIFFE validator reads too); :func:`parse_x509_bundle_der` the Workload API's DER;
 * :func:`parse_bundle_document` - a SPIFFE bundle (Trust Domain and Bundle §4: a JWK Set with
   ``spiffe_sequence`` / ``spiffe_refresh_hint``) or a plain RFC 7517 JWKS of JWT-SVID signers.
   JWT authorities are the keys whose ``use`` is ``jwt-svid`` or absent (an allow-list: absent
@@ -44,7 +44,9 @@ __all__ = [
     "TrustBundles",
     "log_ignored",
     "parse_bundle_document",
+    "parse_x509_bundle_der",
     "parse_x509_bundle_pem",
+    "split_der",
 ]
 
 _log = structlog.get_logger("agent_authz.identity")
@@ -144,6 +146,48 @@ def parse_x509_bundle_pem(data: bytes) -> tuple[x509.Certificate, ...]:
     for cert in certs:
         unique.setdefault(cert.tbs_certificate_bytes + cert.signature, cert)
     return tuple(unique.values())
+
+
+def split_der(data: bytes) -> list[bytes]:
+    """Split concatenated DER certificates (the Workload API's ``x509_svid`` and ``bundle`` fields).
+
+    Raises:
+        ValueError: not a sequence of complete DER ``SEQUENCE`` values.
+    """
+    out: list[bytes] = []
+    pos = 0
+    while pos < len(data):
+        if data[pos] != 0x30 or pos + 2 > len(data):
+            raise ValueError(f"no DER SEQUENCE at offset {pos}")
+        first = data[pos + 1]
+        if first < 0x80:
+            header, length = 2, first
+        else:
+            count = first & 0x7F
+            if not 1 <= count <= 4 or pos + 2 + count > len(data):
+                raise ValueError(f"bad DER length at offset {pos}")
+            header, length = 2 + count, int.from_bytes(data[pos + 2 : pos + 2 + count], "big")
+        end = pos + header + length
+        if end > len(data):
+            raise ValueError(f"truncated DER value at offset {pos}")
+        out.append(data[pos:end])
+        pos = end
+    return out
+
+
+def parse_x509_bundle_der(data: bytes) -> tuple[x509.Certificate, ...]:
+    """Parse an X.509 bundle as concatenated DER certificates (SPIFFE Workload API ``bundle`` fields).
+
+    No bytes is an empty bundle (the trust domain is known and trusts nothing), as go-spiffe's
+    ``x509bundle.ParseRaw`` reads it.
+
+    Raises:
+        BundleError: ``bundle_malformed``.
+    """
+    try:
+        return tuple(x509.load_der_x509_certificate(der) for der in split_der(data))
+    except ValueError as exc:
+        raise BundleError(codes.BUNDLE_MALFORMED, f"the DER certificates do not parse ({exc})") from None
 
 
 def _int_member(document: Mapping[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:

@@ -16,6 +16,7 @@ __all__ = [
     "BUNDLE_MALFORMED",
     "BUNDLE_MISSING_KEYS",
     "BUNDLE_MISSING_KID",
+    "IDENTITY_FILE_UNREADABLE",
     "SVID_BAD_PRIVATE_KEY",
     "SVID_KEY_MISMATCH",
     "SVID_NO_BASIC_CONSTRAINTS",
@@ -39,6 +40,9 @@ SVID_KEY_MISMATCH = "svid_key_mismatch"
 """The local SVID's private key does not belong to its leaf certificate."""
 SVID_SPIFFE_ID_CHANGED = "svid_spiffe_id_changed"
 """A rotation names another SPIFFE ID than the one the policy was compiled for."""
+
+IDENTITY_FILE_UNREADABLE = "identity_file_unreadable"
+"""An ``identity.files`` file is missing, unreadable, empty or over the size limit."""
 
 # Trust bundles (SPIFFE Trust Domain and Bundle §4; X509-SVID §6; JWT-SVID §6)
 BUNDLE_MALFORMED = "bundle_malformed"

@@ -147,6 +147,8 @@ class JwtSvidVerifier:
         key = keys.get(kid)
         if key is None:
             raise IdentityError("jwt_svid_unknown_key", f"kid {kid!r} is not in the {trust_domain} JWT bundle")
+        if not self.audiences:
+            raise IdentityError("jwt_svid_bad_audience", "this verifier accepts no audience")
         mismatch = key_mismatch(alg, key)
         if mismatch is not None:
             raise IdentityError("jwt_svid_bad_signature", mismatch)

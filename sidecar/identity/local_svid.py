@@ -28,10 +28,10 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from sidecar.errors import AgentAuthzError, IdentityError
 from sidecar.identity import codes
-from sidecar.identity.bundles import TrustBundles
+from sidecar.identity.bundles import TrustBundles, split_der
 from sidecar.identity.x509svid import X509SvidVerifier, check_leaf
 
-__all__ = ["LocalIdentityError", "Svid", "parse_svid_der", "parse_svid_pem", "split_der", "validate_local_svid"]
+__all__ = ["LocalIdentityError", "Svid", "parse_svid_der", "parse_svid_pem", "validate_local_svid"]
 
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -69,33 +69,6 @@ class Svid:
     serial: str
     not_after: float
     x5t_s256: str
-
-
-def split_der(data: bytes) -> list[bytes]:
-    """Split concatenated DER certificates (the Workload API's ``x509_svid`` and ``bundle`` fields).
-
-    Raises:
-        ValueError: not a sequence of complete DER ``SEQUENCE`` values.
-    """
-    out: list[bytes] = []
-    pos = 0
-    while pos < len(data):
-        if data[pos] != 0x30 or pos + 2 > len(data):
-            raise ValueError(f"no DER SEQUENCE at offset {pos}")
-        first = data[pos + 1]
-        if first < 0x80:
-            header, length = 2, first
-        else:
-            count = first & 0x7F
-            if not 1 <= count <= 4 or pos + 2 + count > len(data):
-                raise ValueError(f"bad DER length at offset {pos}")
-            header, length = 2 + count, int.from_bytes(data[pos + 2 : pos + 2 + count], "big")
-        end = pos + header + length
-        if end > len(data):
-            raise ValueError(f"truncated DER value at offset {pos}")
-        out.append(data[pos:end])
-        pos = end
-    return out
 
 
 def parse_svid_pem(cert_pem: bytes, key_pem: bytes) -> tuple[list[x509.Certificate], PrivateKeyTypes]:

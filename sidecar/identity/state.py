@@ -18,7 +18,7 @@ from jwt import PyJWKSet
 from jwt.exceptions import PyJWKSetError
 
 from sidecar.config.schema import IdentityFilesSpec
-from sidecar.errors import KeyLoadError
+from sidecar.errors import ConfigError, KeyLoadError
 from sidecar.identity import codes
 from sidecar.identity.bundles import (
     BundleError,
@@ -41,9 +41,13 @@ class IdentityLoadError(KeyLoadError):
 
     code = "identity_invalid"
 
-    def __init__(self, file: str, field: str, error: LocalIdentityError | BundleError) -> None:
-        self.detail = error.detail
-        super().__init__(file, field, str(error))
+    def __init__(self, file: str, field: str, error: LocalIdentityError | BundleError | ConfigError) -> None:
+        if isinstance(error, ConfigError):
+            self.detail = codes.IDENTITY_FILE_UNREADABLE
+            super().__init__(file, field, f"{self.detail}: {error.reason}")
+        else:
+            self.detail = error.detail
+            super().__init__(file, field, str(error))
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,24 +100,30 @@ def load_identity_files(
         now: POSIX seconds.
 
     Raises:
-        ConfigError: a file is missing or unreadable (from ``read``).
-        IdentityLoadError: a file does not parse or the SVID is invalid; errors name the field
-            and start with the sub-code.
+        IdentityLoadError: a file is missing, unreadable or empty (``identity_file_unreadable``),
+            does not parse, or the SVID is invalid; errors name the field and start with the sub-code.
     """
-    chain_pem = read(spec.svid, "identity.files.svid")
-    key_pem = read(spec.key, "identity.files.key")
+
+    def checked_read(path: Path, field_name: str) -> bytes:
+        try:
+            return read(path, field_name)
+        except ConfigError as exc:
+            raise IdentityLoadError(file, field_name, exc) from None
+
+    chain_pem = checked_read(spec.svid, "identity.files.svid")
+    key_pem = checked_read(spec.key, "identity.files.key")
     x509_bundles = {}
     for trust_domain, path in sorted(spec.bundles.items()):
         field_name = f"identity.files.bundles.{trust_domain}"
         try:
-            x509_bundles[trust_domain] = parse_x509_bundle_pem(read(path, field_name))
+            x509_bundles[trust_domain] = parse_x509_bundle_pem(checked_read(path, field_name))
         except BundleError as exc:
             raise IdentityLoadError(file, field_name, exc) from None
     jwt_bundles = {}
     for trust_domain, path in sorted(spec.jwt_bundles.items()):
         field_name = f"identity.files.jwt_bundles.{trust_domain}"
         try:
-            document = parse_bundle_document(read(path, field_name))
+            document = parse_bundle_document(checked_read(path, field_name))
         except BundleError as exc:
             raise IdentityLoadError(file, field_name, exc) from None
         log_ignored(trust_domain, document, source=field_name)

@@ -28,8 +28,14 @@ from spiffe._proto import workload_pb2, workload_pb2_grpc
 
 from sidecar.errors import AgentAuthzError, SpiffeIdError
 from sidecar.identity import codes
-from sidecar.identity.bundles import BundleError, TrustBundles, log_ignored, parse_bundle_document
-from sidecar.identity.local_svid import LocalIdentityError, Svid, parse_svid_der, split_der, validate_local_svid
+from sidecar.identity.bundles import (
+    BundleError,
+    TrustBundles,
+    log_ignored,
+    parse_bundle_document,
+    parse_x509_bundle_der,
+)
+from sidecar.identity.local_svid import LocalIdentityError, Svid, parse_svid_der, validate_local_svid
 from sidecar.identity.spiffe_id import parse_spiffe_id
 from sidecar.identity.state import IdentityState
 
@@ -60,9 +66,9 @@ def _trust_domain(name: str) -> str:
 
 def _der_bundle(name: str, data: bytes) -> tuple[x509.Certificate, ...]:
     try:
-        return tuple(x509.load_der_x509_certificate(der) for der in split_der(data))
-    except ValueError as exc:
-        raise BundleError(codes.BUNDLE_MALFORMED, f"the X.509 bundle of {name} does not parse ({exc})") from None
+        return parse_x509_bundle_der(data)
+    except BundleError as exc:
+        raise BundleError(exc.detail, f"the X.509 bundle of {name}: {exc}") from None
 
 
 class WorkloadApiIdentity:
