@@ -93,13 +93,14 @@ def make_ca(
     signer: Authority | None = None,
     ca: bool = True,
     basic_constraints: bool = True,
-    usage: x509.KeyUsage | None = None,
+    usage: x509.KeyUsage | bool | None = None,
     name: str | None = None,
     not_after: dt.datetime | None = None,
 ) -> Authority:
     """A CA for ``trust_domain``: self-signed, or an intermediate signed by ``signer``.
 
-    ``ca`` / ``basic_constraints`` / ``usage`` break X509-SVID §4.1/§4.3 on purpose when asked to.
+    ``ca`` / ``basic_constraints`` / ``usage`` break X509-SVID §4.1/§4.3 on purpose when asked to
+    (``usage=False``: no keyUsage extension at all).
     """
     private = new_key(key)
     now = dt.datetime.now(dt.UTC)
@@ -126,7 +127,9 @@ def make_ca(
     )
     if basic_constraints:
         builder = builder.add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    builder = builder.add_extension(usage or key_usage(key_cert_sign=True, crl_sign=True), critical=True)
+    if usage is not False:
+        ku = usage if isinstance(usage, x509.KeyUsage) else key_usage(key_cert_sign=True, crl_sign=True)
+        builder = builder.add_extension(ku, critical=True)
     if signer is not None:
         builder = builder.add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.key.public_key()),  # type: ignore[arg-type]

@@ -4,8 +4,9 @@ The upstream bundle holds ``authority1`` (an EC P-384 key) and ``authority2`` (a
 tokens are signed the way its ``generateToken`` does (``typ: JWT`` unless the case sets one, the
 ``kid`` given, claims ``sub``/``iss``/``exp``/``aud``/``iat``). Where the upstream passes no expected
 audience (go-spiffe then skips the audience check) we pass the token's own audience: our verifier
-always requires one (JWT-SVID §3.2). ``TestParseInsecure`` and ``TestMarshal`` are Go API details
-(see docs/identity-conformance.md).
+always requires one (JWT-SVID §3.2). ``TestParseInsecure`` reads tokens without verifying them; we
+never do, so its cases run through the verifier with correctly signed tokens (the claim and header
+rules they check apply all the same). ``TestMarshal`` is a Go API detail (docs/identity-conformance.md).
 """
 
 from __future__ import annotations
@@ -98,3 +99,48 @@ def test_parse_and_validate(build: Any, audience: list[str], detail: str | None)
         claims = pyjwt.decode(token, options={"verify_signature": False})
         assert verified is not None and verified.spiffe_id == HOST and verified.trust_domain == TD
         assert verified.exp == claims["exp"]
+
+
+INSECURE_CASES: list[tuple[str, Any, list[str], str | None]] = [
+    ("success", lambda: _token(_claims(), KEY1, "authority1"), ["audience"], None),
+    ("malformed", lambda: "invalid token", ["audience"], "jwt_svid_malformed"),
+    ("invalid algorithm", _hs256, ["audience"], "jwt_svid_bad_algorithm"),
+    (
+        "missing subject claim",
+        lambda: _token(_claims(sub=None), KEY1, "authority1"),
+        ["audience"],
+        "jwt_svid_missing_claim",
+    ),
+    (
+        "missing expiration claim",
+        lambda: _token(_claims(exp=None), KEY1, "authority1"),
+        ["audience"],
+        "jwt_svid_missing_claim",
+    ),
+    (
+        "expired",
+        lambda: _token(_claims(exp=int(time.time()) - 60), KEY1, "authority1"),
+        ["audience"],
+        "jwt_svid_expired",
+    ),
+    ("unexpected audience", lambda: _token(_claims(), KEY1, "authority1"), ["another"], "jwt_svid_bad_audience"),
+    (
+        "invalid subject claim",
+        lambda: _token(_claims(sub="invalid subject"), KEY1, "authority1"),
+        ["audience"],
+        "jwt_svid_invalid_subject",
+    ),
+    # the upstream reuses the name "success" for its invalid-typ case: Go runs it as success#01
+    ("success#01", lambda: _token(_claims(), KEY1, "authority1", "invalid"), ["audience"], "jwt_svid_bad_header"),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "audience", "detail"),
+    [pytest.param(b, a, d, id=go("jwtsvid", "TestParseInsecure", name)) for name, b, a, d in INSECURE_CASES],
+)
+def test_parse_insecure(build: Any, audience: list[str], detail: str | None) -> None:
+    token = build()
+    verified = expect(lambda: JwtSvidVerifier(BUNDLES, audience).verify(token, now=time.time()), detail)
+    if detail is None:
+        assert verified is not None and verified.spiffe_id == HOST
