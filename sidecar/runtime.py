@@ -352,6 +352,9 @@ class Runtime:
     def set_identity(self, state: IdentityState) -> bool:
         """Swap in a new identity from the Workload API (rotation without restart).
 
+        ``state.problems`` (refused updates the source kept this state through) become
+        ``last_identity_error``; a state without problems clears it.
+
         Returns:
             ``False`` (and logs ``identity_rejected``) when the SVID names another SPIFFE ID than the
             one the policy was compiled for; the previous identity then stays active.
@@ -365,7 +368,7 @@ class Runtime:
             )
             return False
         self._workload_identity = state
-        self.last_identity_error = None
+        self.last_identity_error = "; ".join(state.problems) or None
         self.snapshot = replace(snapshot, identity=IdentityContext.build(state, snapshot.ingress.audiences))
         return True
 

@@ -52,11 +52,20 @@ class IdentityLoadError(KeyLoadError):
 
 @dataclass(frozen=True, slots=True)
 class IdentityState:
-    """The agent's SVID and the trust bundles, from one source at one moment."""
+    """The agent's SVID and the trust bundles, from one source at one moment.
+
+    Attributes:
+        svid: the validated local SVID.
+        bundles: the trust bundles.
+        source: ``files`` or ``workload_api``.
+        problems: refused updates not yet superseded by a good one (``"<sub-code>: <reason>"``); this
+            state is the last good one.
+    """
 
     svid: Svid
     bundles: TrustBundles
     source: str
+    problems: tuple[str, ...] = ()
 
 
 def parse_jwt_bundle(data: bytes) -> dict[str, PublicKeyTypes]:

@@ -45,6 +45,7 @@ _log = structlog.get_logger("agent_authz.identity")
 
 _HEADER = (("workload.spiffe.io", "true"),)  # SPIFFE Workload Endpoint §4: the security header
 _RETRY_MIN, _RETRY_MAX = 0.1, 5.0  # seconds between reconnects (doubling)
+_X509, _JWT = "X.509-SVID", "JWT bundles"  # the two parts of an identity, as errors name them
 
 Rejected = Callable[[str, str], None]
 """``(detail, message)`` of a rejected update."""
@@ -110,6 +111,7 @@ class WorkloadApiIdentity:
         self._x509_bundles: Mapping[str, tuple[x509.Certificate, ...]] = {}
         self._jwt_bundles: Mapping[str, Mapping[str, PublicKeyTypes]] | None = None if with_jwt else {}
         self._startup_error: str | None = None
+        self._problems: dict[str, str] = {}  # part -> why its last update was refused
         self._last_rpc_error = "no answer yet"
         self._channel = grpc.insecure_channel(socket)
         self._stub = workload_pb2_grpc.SpiffeWorkloadAPIStub(self._channel)  # type: ignore[no-untyped-call]
@@ -177,7 +179,8 @@ class WorkloadApiIdentity:
         """The state from the latest valid parts (call with the lock held)."""
         if self._svid is None or self._jwt_bundles is None:
             return None
-        return IdentityState(self._svid, TrustBundles(self._x509_bundles, self._jwt_bundles), "workload_api")
+        problems = tuple(self._problems[part] for part in sorted(self._problems))
+        return IdentityState(self._svid, TrustBundles(self._x509_bundles, self._jwt_bundles), "workload_api", problems)
 
     def _x509(self, response: Any) -> None:
         try:
@@ -197,10 +200,11 @@ class WorkloadApiIdentity:
                     f"the response names {message.spiffe_id}, the certificate {svid.spiffe_id}",
                 )
         except (LocalIdentityError, BundleError) as exc:
-            self._rejected("X.509-SVID", exc)
+            self._rejected(_X509, exc)
             return
         with self._cond:
             self._svid, self._x509_bundles = svid, bundles
+            self._problems.pop(_X509, None)
             published = self._publish()
         _log.info("identity_updated", spiffe_id=svid.spiffe_id, serial=svid.serial)
         if published:
@@ -215,10 +219,11 @@ class WorkloadApiIdentity:
                 log_ignored(trust_domain, document, source="workload_api")
                 bundles[trust_domain] = document.jwt_authorities
         except BundleError as exc:
-            self._rejected("JWT bundles", exc)
+            self._rejected(_JWT, exc)
             return
         with self._cond:
             self._jwt_bundles = bundles
+            self._problems.pop(_JWT, None)
             published = self._publish()
         if published:
             self._deliver_latest()
@@ -249,12 +254,15 @@ class WorkloadApiIdentity:
                 self._startup_error = f"{what}: {error}"
                 self._cond.notify_all()
                 return
+            self._problems[what] = str(error)
+            self._publish()  # the same SVID and bundles, now with the problem attached
             callback = self._on_reject
             if callback is None:
                 self._pending.append((error.detail, str(error)))
         _log.error("identity_update_rejected", source="workload_api", part=what, detail=error.detail, error=str(error))
         if callback is not None:
             callback(error.detail, str(error))
+        self._deliver_latest()
 
     # -- public ----------------------------------------------------------------------------------
     def set_callback(self, on_update: Callable[[IdentityState], None], on_reject: Rejected | None = None) -> None:
