@@ -9,6 +9,7 @@ the bundle came from ``identity.files`` or from the Workload API.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -113,3 +114,49 @@ def test_workload_api_jwt_bundles_follow_the_use_rule(short_dir: Path) -> None:
         if identity is not None:
             identity.close()
         server.stop()
+
+
+# -- the document rules around the use rule (Trust Domain and Bundle §4.1, §4.2) -----------------------
+def test_unknown_members_are_tolerated() -> None:
+    jwk = fx.public_jwk(PRIVATE["jwt-1"], kid="jwt-1", use="jwt-svid", alg="ES256", x_vendor={"rotated": True})
+    data = fx.document([jwk], spiffe_sequence=2**64 - 1, x_operator="example", spiffe_refresh_hint=0)
+    document = parse_bundle_document(data)
+    assert set(document.jwt_authorities) == {"jwt-1"} and document.sequence == 2**64 - 1
+
+
+@pytest.mark.parametrize(
+    ("mutate", "detail"),
+    [
+        (lambda d: d.update(keys={"jwt-1": {}}), "bundle_malformed"),
+        (lambda d: d.update(spiffe_sequence=-1), "bundle_malformed"),
+        (lambda d: d.update(spiffe_sequence=2**64), "bundle_malformed"),
+        (lambda d: d.update(spiffe_refresh_hint="60"), "bundle_malformed"),
+        (lambda d: d["keys"].append("not a JWK"), "bundle_malformed"),
+        (lambda d: d["keys"][0].update(d="c2VjcmV0"), "bundle_bad_key"),  # private key material
+        (lambda d: d["keys"][0].update(use=["jwt-svid"]), "bundle_bad_key"),
+        (lambda d: d["keys"][0].pop("kty"), "bundle_bad_key"),
+        (lambda d: d["keys"][0].update(kid=7), "bundle_bad_key"),
+        (lambda d: d["keys"][1].update(x5c=[]), "bundle_bad_x509_entry"),
+        (lambda d: d["keys"][1].pop("x5c"), "bundle_bad_x509_entry"),
+        (lambda d: d["keys"][1].update(x5c=["bm90IERFUg=="]), "bundle_bad_x509_entry"),
+    ],
+    ids=[
+        "keys-not-an-array",
+        "negative-sequence",
+        "sequence-over-64-bits",
+        "string-refresh-hint",
+        "a-key-that-is-not-an-object",
+        "private-key-material",
+        "use-not-a-string",
+        "no-kty",
+        "kid-not-a-string",
+        "empty-x5c",
+        "no-x5c",
+        "x5c-not-a-certificate",
+    ],
+)
+def test_a_broken_document_is_refused_whole(mutate: Any, detail: str) -> None:
+    ca = fx.make_ca("test.example")
+    body = {"keys": [fx.public_jwk(PRIVATE["jwt-1"], kid="jwt-1", use="jwt-svid"), fx.x509_jwk(ca.cert)]}
+    mutate(body)
+    expect(lambda: parse_bundle_document(json.dumps(body).encode()), detail)

@@ -237,3 +237,26 @@ def test_an_expired_svid_file_at_start_refuses_to_start(tmp_path: Path, short_di
     )
     assert result.returncode == 2
     assert "identity.files.svid: svid_expired: the certificate has expired" in result.stderr
+
+
+def test_the_workload_api_stream_reconnects_after_the_agent_restarts(
+    tmp_path: Path, short_dir: Path, workload_api: WorkloadApiServer, ca: DevCA
+) -> None:
+    """A SPIRE agent restart ends the streams; the sidecar keeps its SVID, reconnects, and takes the new one."""
+    proc = SidecarProcess(_workload_config(tmp_path, short_dir, workload_api.address), log_dir=tmp_path)
+    proc.start()
+    restarted: WorkloadApiServer | None = None
+    try:
+        proc.wait_ready()
+        first = _identity(proc)["serial"]
+        workload_api.stop()
+        (short_dir / "agent.sock").unlink(missing_ok=True)
+        assert _identity(proc)["serial"] == first  # still serving on the SVID it has
+        restarted = WorkloadApiServer(short_dir / "agent.sock", ca, AGENT)
+        restarted.start()
+        wait_until(lambda: _identity(proc)["serial"] == restarted.serial, timeout=20, what="the restarted agent's SVID")
+        assert _identity(proc)["rejected_updates"] == 0 and restarted.rejected_without_header == 0
+    finally:
+        proc.stop()
+        if restarted is not None:
+            restarted.stop()
