@@ -139,7 +139,8 @@ class _StateCollector(Collector):
         yield errors
         expiry = GaugeMetricFamily(
             "agent_authz_svid_expiry_timestamp_seconds",
-            "Expiry of the agent's X.509-SVID, POSIX seconds (absent without an identity source).",
+            "Expiry of the agent's X.509-SVID, POSIX seconds (absent without an identity source); "
+            "the serial label changes on rotation.",
             labels=["spiffe_id", "serial"],
         )
         identity = runtime.snapshot.identity
