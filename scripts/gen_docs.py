@@ -250,10 +250,9 @@ def config_page() -> str:
         "Key paths are dotted; `[]` is each element of a list, `<name>` each entry of a map.\n\n"
     )
     for path, model, rows in schema.sections:
+        out.append(f"## `{path or 'sidecar.yaml'}`\n\n")
         if path:
-            out.append(f"## {path}\n\n{_md(model.__doc__ or '')}\n\n")
-        else:
-            out.append("## sidecar.yaml\n\n")
+            out.append(f"{_md(model.__doc__ or '')}\n\n")
         out.append("| key | type | default | meaning |\n|---|---|---|---|\n")
         out.extend(f"| `{key}` | {kind} | {default} | {text} |\n" for key, kind, default, text in rows)
         out.append("\n")
