@@ -132,7 +132,7 @@ def test_default_install(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert selector["matchExpressions"] == [
         {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [NS, "kube-system"]}
     ]
-    # the label the README tells users to set matches the selector (kubectl, offline)
+    # the label the install guide tells users to set matches the selector (kubectl, offline)
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "agents"}}
     labeled = json.loads(
         kubectl(

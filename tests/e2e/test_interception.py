@@ -215,7 +215,7 @@ def test_tls_to_another_sni_is_refused_and_logged(pod: Pod, args: list[str], mat
     assert reply.exit_code != 0 and reply.status is None, reply
     record = pod.record(protocol="tls", **match)
     assert record["decision"] == "deny" and record["agent"] == AGENT
-    assert pod.stack.envoy.stat("ext_authz.outbound_tls.denied") >= 1  # the stat the README points to
+    assert pod.stack.envoy.stat("ext_authz.outbound_tls.denied") >= 1  # the stat docs/guides/debug-a-deny.md points to
     assert pod.upstream(path=args[-1].rsplit("/", 1)[-1]) == []
 
 

@@ -527,9 +527,9 @@ def test_grant_expiry_uses_now(webhook: Webhook) -> None:
     assert response["allowed"] is True
 
 
-def test_the_readme_job_example_is_admitted_and_injected(webhook: Webhook) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("### Give an agent its task", 1)[1]
+def test_the_install_guide_job_example_is_admitted_and_injected(webhook: Webhook) -> None:
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "guides" / "install-in-a-cluster.md").read_text()
+    section = guide.split("\n## Give an agent its task\n", 1)[1]
     job = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
     assert job["kind"] == "Job"
     template = job["spec"]["template"]
