@@ -20,8 +20,8 @@ from sidecar.config.loader import load_config
 from sidecar.inject.annotations import check_task_annotation
 from sidecar.inject.settings import load_injector
 from sidecar.tokens.keys import load_signing_key
-from tests.k8s import CHART, find, helm, helm_template, kubectl, secret_data, validate
-from tests.unit.test_dockerfile import parses
+from tests.support.commands import parses
+from tests.support.k8s import CHART, find, helm, helm_template, kubectl, secret_data, validate
 
 pytestmark = pytest.mark.e2e
 

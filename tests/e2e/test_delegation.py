@@ -18,8 +18,8 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 
 from sidecar.procs import SidecarProcess, wait_until
-from tests.grants_env import ORCH, SUB, Scenario
-from tests.unit.test_envoy_authz import check_request
+from tests.support.envoy_authz import check_request
+from tests.support.grants_env import ORCH, SUB, Scenario
 
 pytestmark = pytest.mark.e2e
 

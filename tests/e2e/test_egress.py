@@ -12,7 +12,8 @@ import jwt
 import pytest
 
 from sidecar.procs import http_get
-from tests.conftest import AGENT, API_AUDIENCE, API_HOST, ISSUER, Env, start_env, task
+from tests.support.config import AGENT, API_AUDIENCE, API_HOST, ISSUER, task
+from tests.support.stack import Env, start_env
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.procs import ManagedProcess, SidecarProcess, http_get, wait_until
-from tests.conftest import base_config, task, write_config, write_keys
+from tests.support.config import base_config, task, write_config, write_keys
 
 pytestmark = pytest.mark.e2e
 

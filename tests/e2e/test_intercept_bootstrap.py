@@ -18,7 +18,7 @@ from sidecar.intercept.sds import SecretStore
 from sidecar.intercept.targets import InterceptTarget
 from sidecar.procs import AuthzStack, http_get, wait_until
 from sidecar.runtime import Runtime
-from tests.conftest import base_config, task, write_config, write_keys
+from tests.support.config import base_config, task, write_config, write_keys
 
 pytestmark = pytest.mark.e2e
 

@@ -28,10 +28,10 @@ from cryptography.hazmat.primitives import serialization
 from sidecar.identity.devca import DevCA
 from sidecar.intercept.trust import agent_trust_env
 from sidecar.procs import AuthzStack, ManagedProcess, http_get
-from tests.certs import make_leaf, write_pair
-from tests.conftest import base_config, task, write_config, write_keys
-from tests.netns import POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user, chown_tree, missing_tools
-from tests.netns_pod import Pod, start_servers, token_claims
+from tests.support.certs import make_leaf, write_pair
+from tests.support.config import base_config, task, write_config, write_keys
+from tests.support.netns import POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user, chown_tree, missing_tools
+from tests.support.netns_pod import Pod, start_servers, token_claims
 
 pytestmark = [
     pytest.mark.e2e,

@@ -27,8 +27,8 @@ from sidecar.demo.upstream import SampleUpstream, TokenCheck
 from sidecar.identity.devca import DevCA
 from sidecar.intercept.trust import agent_trust_env
 from sidecar.procs import AuthzStack, http_get, wait_until
-from tests.certs import make_leaf, write_pair
-from tests.conftest import ISSUER, base_config, task, write_config, write_keys
+from tests.support.certs import make_leaf, write_pair
+from tests.support.config import ISSUER, base_config, task, write_config, write_keys
 
 pytestmark = pytest.mark.e2e
 

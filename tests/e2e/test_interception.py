@@ -21,9 +21,9 @@ import pytest
 
 from sidecar.identity.devca import DevCA
 from sidecar.procs import AuthzStack, ManagedProcess
-from tests.certs import make_leaf, write_pair
-from tests.conftest import AGENT, PLANNER, add_file_identity, base_config, task, write_config, write_keys
-from tests.netns import (
+from tests.support.certs import make_leaf, write_pair
+from tests.support.config import AGENT, PLANNER, add_file_identity, base_config, task, write_config, write_keys
+from tests.support.netns import (
     AGENT_UID,
     ATTACKER_IP,
     POD_IP,
@@ -35,7 +35,7 @@ from tests.netns import (
     chown_tree,
     missing_tools,
 )
-from tests.netns_pod import Pod, start_servers, token_claims
+from tests.support.netns_pod import Pod, start_servers, token_claims
 
 pytestmark = [
     pytest.mark.e2e,

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from sidecar.procs import http_get, wait_until
-from tests.conftest import API_HOST, Env, task
+from tests.support.config import API_HOST, task
+from tests.support.stack import Env
 
 pytestmark = pytest.mark.e2e
 

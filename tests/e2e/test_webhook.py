@@ -28,9 +28,9 @@ from sidecar.inject import layout
 from sidecar.intercept.trust import agent_trust_env
 from sidecar.procs import http_get
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
-from tests.certs import make_leaf, write_pair
-from tests.k8s import kubectl_annotate, validate
-from tests.webhook_env import Installed, Webhook, admission_review, install, patched
+from tests.support.certs import make_leaf, write_pair
+from tests.support.k8s import kubectl_annotate, validate
+from tests.support.webhook_env import Installed, Webhook, admission_review, install, patched
 
 pytestmark = pytest.mark.e2e
 

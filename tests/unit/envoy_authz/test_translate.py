@@ -19,27 +19,8 @@ from sidecar.decision import AuthzRequest, Decision, Direction, Reason, TokenInf
 from sidecar.envoy_authz.service import AuthorizationService
 from sidecar.envoy_authz.translate import build_check_response, parse_check_request
 from sidecar.errors import BadRequestError
-from tests.conftest import API_HOST
-
-
-def check_request(
-    *,
-    method: str = "GET",
-    host: str = API_HOST,
-    path: str = "/v1/items/1",
-    headers: dict[str, str] | None = None,
-    direction: str | None = "egress",
-    http: bool = True,
-) -> bytes:
-    request = external_auth_pb2.CheckRequest()
-    attrs = request.attributes
-    if http:
-        h = attrs.request.http
-        h.method, h.host, h.path, h.scheme, h.id = method, host, path, "http", "42"
-        h.headers.update(headers or {})
-    if direction is not None:
-        attrs.context_extensions["direction"] = direction
-    return request.SerializeToString()
+from tests.support.config import API_HOST
+from tests.support.envoy_authz import check_request
 
 
 def test_parse_check_request() -> None:

@@ -11,7 +11,7 @@ produced, and nothing else:
 * **containers** run in the pod's network namespace, each in its own mount namespace with its
   volumes bind-mounted at their ``mountPath``, a read-only root when ``readOnlyRootFilesystem``,
   and its ``runAsUser``/``runAsGroup``, capabilities and ``allowPrivilegeEscalation``
-  (:mod:`tests.container_exec`); the image is this machine's filesystem;
+  (:mod:`tests.support.container_exec`); the image is this machine's filesystem;
 * **order**: init containers one by one; a regular one must exit 0, a native sidecar
   (``restartPolicy: Always``) is started and its ``startupProbe`` must pass before the next; then
   the regular containers, whose ``readinessProbe`` must pass;
@@ -32,11 +32,11 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.procs import ManagedProcess, wait_until
-from tests.netns import POD_IP, PodNetwork
+from tests.support.netns import POD_IP, PodNetwork
 
 __all__ = ["Kubelet"]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 _DEFAULT_CAPABILITIES = [
     "CHOWN",
     "DAC_OVERRIDE",
@@ -212,7 +212,7 @@ class Kubelet:
             "--",
             sys.executable,
             "-m",
-            "tests.container_exec",
+            "tests.support.container_exec",
             str(self._spec(container)),
         ]
 

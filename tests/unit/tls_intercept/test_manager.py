@@ -22,8 +22,8 @@ from sidecar.intercept import manager as manager_module
 from sidecar.intercept.manager import InterceptManager
 from sidecar.intercept.sds import SecretStore
 from sidecar.runtime import Runtime
-from tests.conftest import base_config, task, write_config, write_keys
-from tests.unit.test_engine import Clock
+from tests.support.config import base_config, task, write_config, write_keys
+from tests.support.runtime import Clock
 
 API = "api.example.com"
 RULE = {"name": "api", "host": API, "tls": "intercept", "methods": ["GET"], "paths": ["*"]}

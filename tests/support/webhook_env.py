@@ -23,7 +23,7 @@ from typing import Any
 import jsonpatch
 
 from sidecar.procs import ManagedProcess, wait_until
-from tests.k8s import find, helm_template, secret_data
+from tests.support.k8s import find, helm_template, secret_data
 
 __all__ = ["Installed", "Webhook", "admission_review", "install", "patched"]
 

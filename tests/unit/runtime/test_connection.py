@@ -14,8 +14,8 @@ from sidecar.decision import AuthzRequest, Direction, Protocol, Reason
 from sidecar.envoy_authz.translate import DIRECTION_METADATA, PROTOCOL_METADATA, parse_check_request
 from sidecar.errors import BadRequestError, ConfigError
 from sidecar.policy.connection import parse_destination, sni_host
-from tests.conftest import API_HOST, base_config, task, write_config, write_keys
-from tests.unit.test_engine import Clock, claims_of, make_runtime, req
+from tests.support.config import API_HOST, base_config, task, write_config, write_keys
+from tests.support.runtime import Clock, claims_of, make_runtime, req
 
 PASSTHROUGH = {"name": "tls-api", "host": "secure.example.com", "tls": "passthrough"}
 HTTP_ONLY = {"name": "http-api", "host": "plain.example.com", "methods": ["GET"], "paths": ["*"]}

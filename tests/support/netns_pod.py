@@ -2,8 +2,8 @@
 
 Shared by ``tests/e2e/test_interception.py`` (issue 4: plain HTTP, passthrough, originate) and
 ``tests/e2e/test_intercept_netns.py`` (TLS interception). The test thread sits in the pod namespace
-(:meth:`tests.netns.PodNetwork.inside`), so commands run there; with a hosts file
-(:meth:`tests.netns.PodNetwork.write_hosts`) agent commands go through ``ip netns exec``, which
+(:meth:`tests.support.netns.PodNetwork.inside`), so commands run there; with a hosts file
+(:meth:`tests.support.netns.PodNetwork.write_hosts`) agent commands go through ``ip netns exec``, which
 bind-mounts it over ``/etc/hosts`` for that command only.
 """
 
@@ -21,11 +21,11 @@ from typing import Any
 import jwt
 
 from sidecar.procs import AuthzStack, ManagedProcess, http_get, wait_until
-from tests.netns import AGENT_UID, PodNetwork, as_user
+from tests.support.netns import AGENT_UID, PodNetwork, as_user
 
 __all__ = ["REPO", "Curl", "Pod", "jwks", "start_servers", "token_claims"]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -126,9 +126,17 @@ class Pod:
 
 
 def start_servers(name: str, log_dir: Path, prefix: list[str], *args: str) -> ManagedProcess:
-    """:mod:`tests.netns_servers` under ``prefix`` (e.g. ``ip netns exec upstream``), once listening."""
+    """:mod:`tests.support.netns_servers` under ``prefix`` (e.g. ``ip netns exec upstream``), once listening."""
     ready = log_dir / f"{name}.ready"
-    argv = [sys.executable, "-m", "tests.netns_servers", "--log", str(log_dir / f"{name}.log"), "--ready", str(ready)]
+    argv = [
+        sys.executable,
+        "-m",
+        "tests.support.netns_servers",
+        "--log",
+        str(log_dir / f"{name}.log"),
+        "--ready",
+        str(ready),
+    ]
     proc = ManagedProcess(name, [*argv, *args], log_dir=log_dir, cwd=REPO, prefix=prefix)
     proc.start()
 

@@ -11,7 +11,7 @@ import yaml
 from sidecar.config.durations import parse_duration
 from sidecar.config.loader import load_config
 from sidecar.errors import ConfigError
-from tests.conftest import AGENT, base_config, task
+from tests.support.config import AGENT, base_config, task
 
 
 def _write(tmp_path: Path, config: dict[str, Any] | str) -> Path:

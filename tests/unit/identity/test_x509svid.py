@@ -16,7 +16,7 @@ from sidecar.errors import IdentityError
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.devca import DevCA
 from sidecar.identity.x509svid import X509SvidVerifier, chain_from_xfcc
-from tests.certs import PEM, key_usage, make_leaf, url_pem
+from tests.support.certs import PEM, key_usage, make_leaf, url_pem
 
 ID = "spiffe://example.org/ns/a/sa/caller"
 

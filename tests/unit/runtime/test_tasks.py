@@ -19,7 +19,7 @@ from sidecar.grants.model import GRANT_TYP, GrantError
 from sidecar.grants.revocations import sign_revocations
 from sidecar.identity.devca import DevCA
 from sidecar.runtime import Runtime
-from tests.grants_env import ORCH, OTHER, ROOT_TASK, SUB, TD, USER, Scenario
+from tests.support.grants_env import ORCH, OTHER, ROOT_TASK, SUB, TD, USER, Scenario
 
 
 @pytest.fixture
@@ -348,7 +348,7 @@ def test_grant_claiming_an_unknown_credential(sc: Scenario) -> None:
 
 
 def test_config_tasks_cannot_be_delegated(sc: Scenario, tmp_path: Path) -> None:
-    from tests.conftest import task as config_task
+    from tests.support.config import task as config_task
 
     path = sc.agent_config("plain", ORCH, sc.root)
     data = json.loads(json.dumps(__import__("yaml").safe_load(path.read_text())))

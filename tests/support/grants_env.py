@@ -14,7 +14,7 @@ from sidecar.config.schema import TaskSpec
 from sidecar.grants.issue import sign_root_grant
 from sidecar.identity.devca import DevCA
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
-from tests.conftest import base_config, write_config, write_keys
+from tests.support.config import base_config, write_config, write_keys
 
 TD = "test.example"
 ORCH = f"spiffe://{TD}/ns/finance/sa/orchestrator"

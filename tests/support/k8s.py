@@ -32,7 +32,7 @@ __all__ = [
     "validate",
 ]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "agent-authz"
 TOOLS = REPO / ".tools" / "bin"
 KUBE_VERSIONS = ("1.29.0", "1.35.0")

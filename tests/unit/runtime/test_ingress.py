@@ -12,8 +12,8 @@ from sidecar.decision import AuthzRequest, Direction, Reason
 from sidecar.errors import ConfigError
 from sidecar.identity.devca import DevCA
 from sidecar.runtime import Runtime
-from tests.certs import make_leaf, url_pem
-from tests.conftest import AGENT, PLANNER, add_file_identity, base_config, task, write_config, write_keys
+from tests.support.certs import make_leaf, url_pem
+from tests.support.config import AGENT, PLANNER, add_file_identity, base_config, task, write_config, write_keys
 
 RULES = [
     {
