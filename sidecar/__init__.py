@@ -9,7 +9,7 @@ The package is organised one concept per module:
 * :mod:`sidecar.audit` - decision records.
 * :mod:`sidecar.envoy_authz` - the only code that touches Envoy protobufs.
 * :mod:`sidecar.bootstrap` - renders the Envoy bootstrap.
-* :mod:`sidecar.intercept` - HTTPS interception: the per-pod CA, its leaves (gRPC SDS), Envoy's
+* :mod:`sidecar.tls_intercept` - HTTPS interception: the per-pod CA, its leaves (gRPC SDS), Envoy's
   dynamic listeners and clusters, the agent's trust files and variables.
 """
 

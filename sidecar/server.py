@@ -26,10 +26,10 @@ from sidecar.envoy_authz.service import AuthorizationService
 from sidecar.errors import ConfigError
 from sidecar.identity.state import IdentityState
 from sidecar.identity.workload_api import WorkloadApiIdentity
-from sidecar.intercept.manager import InterceptManager
-from sidecar.intercept.sds import SecretStore
 from sidecar.metrics import Metrics
 from sidecar.runtime import Runtime
+from sidecar.tls_intercept.manager import InterceptManager
+from sidecar.tls_intercept.sds import SecretStore
 
 __all__ = ["open_decision_log", "run_server", "serve"]
 

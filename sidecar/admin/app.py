@@ -22,9 +22,9 @@ from aiohttp import web
 from sidecar.admin.tasks_api import add_task_routes
 from sidecar.admin.viewer import add_viewer_routes
 from sidecar.audit.log import DecisionLog
-from sidecar.intercept.manager import InterceptManager
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.runtime import Runtime
+from sidecar.tls_intercept.manager import InterceptManager
 
 __all__ = ["make_admin_app", "readiness"]
 

@@ -38,7 +38,7 @@ Listeners:
   with the active tasks, which a static bootstrap cannot do. So the ``outbound`` listener and the
   internal listener ``intercept_connect`` come from file-based LDS, and the verifying upstream
   clusters from file-based CDS, in ``intercept.state_dir`` - written by the sidecar
-  (:mod:`sidecar.intercept.manager`) with :func:`render_dynamic`, the same code as the rest. Per
+  (:mod:`sidecar.tls_intercept.manager`) with :func:`render_dynamic`, the same code as the rest. Per
   intercepted ``host:port``: a filter chain matching the SNI (and, on ``outbound``, the original
   destination port) that terminates TLS with the host's pod-CA leaf (gRPC SDS from the sidecar,
   over the ``agent_authz`` cluster: the key never touches a disk; ALPN ``h2``, ``http/1.1``), then
@@ -67,8 +67,8 @@ from typing import Any
 from sidecar.config.loader import LoadedConfig
 from sidecar.config.schema import SYSTEM_CA_BUNDLE
 from sidecar.errors import ConfigError
-from sidecar.intercept.files import XdsPaths
-from sidecar.intercept.targets import InterceptTarget
+from sidecar.tls_intercept.files import XdsPaths
+from sidecar.tls_intercept.targets import InterceptTarget
 
 __all__ = [
     "AUTHZ_CLUSTER",
@@ -461,7 +461,7 @@ class _Builder:
         return f"dns:{host} ca:{self.upstream_ca()}"
 
     def intercept_secret(self, host: str) -> Any:
-        """The leaf of ``host`` from the sidecar's gRPC SDS (:mod:`sidecar.intercept.sds`), over ``agent_authz``."""
+        """The leaf of ``host`` from the sidecar's gRPC SDS (:mod:`sidecar.tls_intercept.sds`), over ``agent_authz``."""
         core = self.core
         source = core.ConfigSource(
             api_config_source=core.ApiConfigSource(

@@ -20,7 +20,7 @@ running. Volumes: see :mod:`sidecar.inject.layout`.
 With an ``intercept`` section in ``sidecar.yaml`` (HTTPS interception, ``tls: intercept``), the pod
 also gets the trust volume: the sidecar writes the pod CA there, and every container of the pod's
 own (init containers included) mounts it read-only at ``/etc/agent-authz/trust`` and gets the
-variables common runtimes read (:func:`sidecar.intercept.trust.agent_trust_env`). A variable the
+variables common runtimes read (:func:`sidecar.tls_intercept.trust.agent_trust_env`). A variable the
 container already sets is kept (with a warning: that runtime will not trust the pod CA); a
 container already mounting something at that path is refused.
 """
@@ -39,7 +39,7 @@ from sidecar.inject.annotations import (
     inject_choice,
 )
 from sidecar.inject.settings import InjectorConfig, Resources
-from sidecar.intercept.trust import agent_trust_env, agent_trust_mount, trust_volume
+from sidecar.tls_intercept.trust import agent_trust_env, agent_trust_mount, trust_volume
 
 __all__ = ["Injection", "InjectionDenied", "check_update", "plan_injection"]
 

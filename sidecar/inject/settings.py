@@ -22,7 +22,7 @@ from sidecar.config.loader import LoadedConfig, format_loc, load_config
 from sidecar.config.schema import SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.inject import layout
-from sidecar.netfilter.rules import InterceptError, parse_cidrs
+from sidecar.redirect.rules import RedirectError, parse_cidrs
 
 __all__ = [
     "ContainerSettings",
@@ -185,7 +185,7 @@ class InjectorSettings(_Model):
     def _cidrs(cls, value: list[str]) -> list[str]:
         try:
             parse_cidrs(",".join(value))  # the iptables step's own parser: refuse here what it would refuse
-        except InterceptError as exc:
+        except RedirectError as exc:
             raise ValueError(str(exc)) from None
         return value
 

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.audit.reader import iter_lines, iter_records, log_files
-from sidecar.procs import http_get, wait_until
+from sidecar.harness import http_get, wait_until
 from tests.support.config import API_HOST, task
 from tests.support.stack import Env
 

@@ -17,7 +17,7 @@ import jwt
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 
-from sidecar.procs import SidecarProcess, wait_until
+from sidecar.harness import SidecarProcess, wait_until
 from tests.support.envoy_authz import check_request
 from tests.support.grants_env import ORCH, SUB, Scenario
 

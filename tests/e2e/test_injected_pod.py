@@ -34,9 +34,9 @@ import jwt
 import pytest
 import yaml
 
+from sidecar.harness import ManagedProcess, http_get, wait_until
 from sidecar.identity.devca import DevCA
 from sidecar.inject import layout
-from sidecar.procs import ManagedProcess, http_get, wait_until
 from tests.support.certs import make_leaf, write_pair
 from tests.support.k8s import find, kubectl_annotate, secret_data, validate
 from tests.support.kubelet import Kubelet

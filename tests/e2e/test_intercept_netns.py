@@ -25,9 +25,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from sidecar.harness import AuthzStack, ManagedProcess, http_get
 from sidecar.identity.devca import DevCA
-from sidecar.intercept.trust import agent_trust_env
-from sidecar.procs import AuthzStack, ManagedProcess, http_get
+from sidecar.tls_intercept.trust import agent_trust_env
 from tests.support.certs import make_leaf, write_pair
 from tests.support.config import base_config, task, write_config, write_keys
 from tests.support.netns import POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user, chown_tree, missing_tools

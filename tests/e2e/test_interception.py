@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.harness import AuthzStack, ManagedProcess
 from sidecar.identity.devca import DevCA
-from sidecar.procs import AuthzStack, ManagedProcess
 from tests.support.certs import make_leaf, write_pair
 from tests.support.config import AGENT, PLANNER, add_file_identity, base_config, task, write_config, write_keys
 from tests.support.netns import (

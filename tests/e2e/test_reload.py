@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.procs import http_get, wait_until
+from sidecar.harness import http_get, wait_until
 from tests.support.config import API_HOST, task
 from tests.support.stack import Env
 

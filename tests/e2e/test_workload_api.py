@@ -12,8 +12,8 @@ from typing import Any
 import jwt
 import pytest
 
+from sidecar.harness import SidecarProcess, http_get, wait_until
 from sidecar.identity.devca import DevCA
-from sidecar.procs import SidecarProcess, http_get, wait_until
 from tests.support.certs import make_leaf, url_pem
 from tests.support.config import AGENT, PLANNER, base_config, task, write_config, write_keys
 from tests.support.envoy_authz import check_request

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sidecar.procs import ManagedProcess, wait_until
+from sidecar.harness import ManagedProcess, wait_until
 from tests.support.netns import POD_IP, PodNetwork
 
 __all__ = ["Kubelet"]

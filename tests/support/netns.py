@@ -3,7 +3,7 @@
 Namespaces get unique names and are always deleted (with their veth) by :meth:`PodNetwork.close`,
 also when setup fails half-way. The test process enters the pod namespace with ``setns(2)`` for
 the duration of a module (:meth:`PodNetwork.inside`), so its subprocesses (sidecar, Envoy, the
-agent) start there and the readiness probes of :mod:`sidecar.procs` reach ``127.0.0.1`` of the pod.
+agent) start there and the readiness probes of :mod:`sidecar.harness` reach ``127.0.0.1`` of the pod.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any
 
 import jwt
 
-from sidecar.procs import AuthzStack, ManagedProcess, http_get, wait_until
+from sidecar.harness import AuthzStack, ManagedProcess, http_get, wait_until
 from tests.support.netns import AGENT_UID, PodNetwork, as_user
 
 __all__ = ["REPO", "Curl", "Pod", "jwks", "start_servers", "token_claims"]

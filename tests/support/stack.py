@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.demo.upstream import SampleUpstream, TokenCheck
-from sidecar.procs import AuthzStack
+from sidecar.harness import AuthzStack
 from tests.support.config import API_AUDIENCE, API_HOST, ISSUER, base_config, write_config, write_keys
 
 __all__ = ["Env", "Reply", "send", "start_env"]

@@ -22,7 +22,7 @@ from typing import Any
 
 import jsonpatch
 
-from sidecar.procs import ManagedProcess, wait_until
+from sidecar.harness import ManagedProcess, wait_until
 from tests.support.k8s import find, helm_template, secret_data
 
 __all__ = ["Installed", "Webhook", "admission_review", "install", "patched"]

@@ -7,10 +7,10 @@ import ipaddress
 import pytest
 
 from sidecar.cli import main
-from sidecar.netfilter.rules import (
-    InterceptError,
-    InterceptSpec,
+from sidecar.redirect.rules import (
     Ipv6Mode,
+    RedirectError,
+    RedirectSpec,
     merge_table,
     parse_cidrs,
     parse_id,
@@ -35,14 +35,14 @@ COMMIT
 """
 
 
-def _nat(spec: InterceptSpec, family: int = 4) -> list[str]:
+def _nat(spec: RedirectSpec, family: int = 4) -> list[str]:
     rules = render_rules(spec)
     tables = rules.ipv4 if family == 4 else rules.ipv6
     return restore_text(t for t in tables if t.table == "nat").splitlines()
 
 
 def test_default_rules_order_and_content() -> None:
-    lines = _nat(InterceptSpec())
+    lines = _nat(RedirectSpec())
     output = [line for line in lines if line.startswith("-A AGENT_AUTHZ_OUTPUT")]
     assert output == [
         "-A AGENT_AUTHZ_OUTPUT -m owner --uid-owner 1337 -j RETURN",
@@ -60,7 +60,7 @@ def test_default_rules_order_and_content() -> None:
 
 
 def test_exclusions_and_inbound_port_list() -> None:
-    spec = InterceptSpec(
+    spec = RedirectSpec(
         outbound_port=16001,
         inbound_port=16006,
         proxy_uid=2000,
@@ -88,18 +88,18 @@ def test_exclusions_and_inbound_port_list() -> None:
 
 
 def test_no_inbound_interception() -> None:
-    lines = _nat(InterceptSpec(inbound_ports=()))
+    lines = _nat(RedirectSpec(inbound_ports=()))
     assert not any(line.startswith("-A PREROUTING") for line in lines)
     assert not any("-j AGENT_AUTHZ_IN_REDIRECT" in line for line in lines)
 
 
 def test_ipv6_same_and_block() -> None:
-    spec = InterceptSpec(ipv6=Ipv6Mode.SAME, exclude_outbound_cidrs=parse_cidrs("10.0.0.0/8,fd00::/8"))
+    spec = RedirectSpec(ipv6=Ipv6Mode.SAME, exclude_outbound_cidrs=parse_cidrs("10.0.0.0/8,fd00::/8"))
     v6 = _nat(spec, 6)
     assert "-A AGENT_AUTHZ_OUTPUT -d ::1/128 -j RETURN" in v6
     assert "-A AGENT_AUTHZ_OUTPUT -d fd00::/8 -j RETURN" in v6
     assert not any("10.0.0.0" in line for line in v6)
-    blocked = render_rules(InterceptSpec(ipv6=Ipv6Mode.BLOCK))
+    blocked = render_rules(RedirectSpec(ipv6=Ipv6Mode.BLOCK))
     assert [t.table for t in blocked.ipv6] == ["filter"]
     text = restore_text(blocked.ipv6)
     assert "-A AGENT_AUTHZ_BLOCK_OUT -o lo -j RETURN\n-A AGENT_AUTHZ_BLOCK_OUT -j REJECT" in text
@@ -107,16 +107,16 @@ def test_ipv6_same_and_block() -> None:
 
 
 def test_non_tcp_filter_and_opt_out() -> None:
-    text = restore_text(render_rules(InterceptSpec()).ipv4)
+    text = restore_text(render_rules(RedirectSpec()).ipv4)
     filter_rules = [line for line in text.splitlines() if line.startswith("-A AGENT_AUTHZ_FILTER")]
     assert filter_rules[-1] == "-A AGENT_AUTHZ_FILTER -j DROP"
     assert "-A AGENT_AUTHZ_FILTER -p udp --dport 53 -j RETURN" in filter_rules
     assert "-A AGENT_AUTHZ_FILTER -m owner --uid-owner 1337 -j RETURN" in filter_rules
-    assert [t.table for t in render_rules(InterceptSpec(allow_non_tcp=True)).ipv4] == ["nat"]
+    assert [t.table for t in render_rules(RedirectSpec(allow_non_tcp=True)).ipv4] == ["nat"]
 
 
 def test_merge_keeps_other_rules_and_is_idempotent() -> None:
-    ours = render_rules(InterceptSpec()).ipv4[0]
+    ours = render_rules(RedirectSpec()).ipv4[0]
     once = merge_table(SAVED_NAT, "nat", ours)
     twice = merge_table(once, "nat", ours)
     assert once == twice
@@ -132,7 +132,7 @@ def test_merge_keeps_other_rules_and_is_idempotent() -> None:
 
 
 def test_merge_cleanup_removes_only_ours() -> None:
-    ours = render_rules(InterceptSpec()).ipv4[0]
+    ours = render_rules(RedirectSpec()).ipv4[0]
     installed = merge_table(SAVED_NAT, "nat", ours)
     cleaned = merge_table(installed, "nat", None)
     assert "AGENT_AUTHZ" not in cleaned
@@ -141,7 +141,7 @@ def test_merge_cleanup_removes_only_ours() -> None:
 
 
 def test_merge_into_an_empty_table() -> None:
-    ours = render_rules(InterceptSpec()).ipv4[0]
+    ours = render_rules(RedirectSpec()).ipv4[0]
     assert merge_table("", "nat", ours).startswith("*nat\n:AGENT_AUTHZ_INBOUND - [0:0]\n")
     assert merge_table("", "nat", None) == "*nat\nCOMMIT\n"
 
@@ -159,12 +159,12 @@ def test_merge_into_an_empty_table() -> None:
         (lambda: parse_cidrs("10.1.2.3/8"), "did you mean 10.0.0.0/8"),
         (lambda: parse_id("root", "--proxy-uid"), "--proxy-uid: 'root' is not a numeric id"),
         (lambda: parse_id("4294967295", "--proxy-uid"), "not a numeric id"),
-        (lambda: InterceptSpec(outbound_port=15006), "must differ"),
-        (lambda: InterceptSpec(exclude_inbound_ports=(0,)), "out of range"),
+        (lambda: RedirectSpec(outbound_port=15006), "must differ"),
+        (lambda: RedirectSpec(exclude_inbound_ports=(0,)), "out of range"),
     ],
 )
 def test_bad_input(call: object, message: str) -> None:
-    with pytest.raises(InterceptError, match=message):
+    with pytest.raises(RedirectError, match=message):
         call()  # type: ignore[operator]
 
 

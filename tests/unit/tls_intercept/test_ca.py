@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from sidecar.intercept.ca import PodCA
+from sidecar.tls_intercept.ca import PodCA
 
 NOW = time.time()
 

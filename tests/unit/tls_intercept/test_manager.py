@@ -18,10 +18,10 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from sidecar.bootstrap.launch import wait_for_intercept_files
 from sidecar.config.loader import load_config
 from sidecar.errors import ConfigError
-from sidecar.intercept import manager as manager_module
-from sidecar.intercept.manager import InterceptManager
-from sidecar.intercept.sds import SecretStore
 from sidecar.runtime import Runtime
+from sidecar.tls_intercept import manager as manager_module
+from sidecar.tls_intercept.manager import InterceptManager
+from sidecar.tls_intercept.sds import SecretStore
 from tests.support.config import base_config, task, write_config, write_keys
 from tests.support.runtime import Clock
 

@@ -11,7 +11,7 @@ from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 from google.rpc import status_pb2
 
-from sidecar.intercept.sds import SECRET_TYPE_URL, SERVICE_NAME, SecretStore
+from sidecar.tls_intercept.sds import SECRET_TYPE_URL, SERVICE_NAME, SecretStore
 
 A, B = "intercept|a.example.com", "intercept|b.example.com"
 

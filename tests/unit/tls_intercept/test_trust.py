@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.intercept.files import ensure_private_dir, write_atomic
-from sidecar.intercept.trust import agent_trust_env, agent_trust_mount, trust_volume, write_trust_files
+from sidecar.tls_intercept.files import ensure_private_dir, write_atomic
+from sidecar.tls_intercept.trust import agent_trust_env, agent_trust_mount, trust_volume, write_trust_files
 
 
 def test_agent_trust_env_and_volume() -> None:

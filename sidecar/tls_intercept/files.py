@@ -6,7 +6,7 @@
     xds/listeners.json        file-based LDS: the ``outbound`` and ``intercept_connect`` listeners
     xds/clusters.json         file-based CDS: one verifying TLS cluster per intercepted host and port
 
-(The leaves' keys are not here: Envoy gets them over gRPC SDS, :mod:`sidecar.intercept.sds`.)
+(The leaves' keys are not here: Envoy gets them over gRPC SDS, :mod:`sidecar.tls_intercept.sds`.)
 
 ``intercept.publish_dir`` (for the agent container; only certificates)::
 

@@ -5,7 +5,7 @@ terminate the TLS connections the agent opens to them. Its private key is genera
 and is only ever written by :meth:`PodCA.save` - into ``intercept.state_dir``, a ``0700`` directory
 of the proxy user that the agent container does not mount - so that a restarted sidecar keeps the CA
 the agent already trusts. Only its certificate is published (``ca.pem`` and the agent's bundle, see
-:mod:`sidecar.intercept.trust`, and ``GET /ca.pem``).
+:mod:`sidecar.tls_intercept.trust`, and ``GET /ca.pem``).
 
 Profile (RFC 5280):
 
@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidecar.config.schema import intercept_host_problem
-from sidecar.intercept.files import write_atomic
+from sidecar.tls_intercept.files import write_atomic
 
 __all__ = ["Leaf", "PodCA"]
 

@@ -1,7 +1,7 @@
 """Install or remove the interception rules with ``iptables-save``/``iptables-restore``.
 
 Each address family is one ``*-restore`` call holding whole tables (see
-:func:`~sidecar.netfilter.rules.merge_table`), so a family is either fully updated or untouched.
+:func:`~sidecar.redirect.rules.merge_table`), so a family is either fully updated or untouched.
 IPv4 goes first; if IPv6 then fails, IPv4 is restored to what it was, so a failed run leaves no
 partial rule set behind. All input is validated before any command runs.
 """
@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sidecar.netfilter.rules import InterceptError, RuleSet, TableRules, merge_table
+from sidecar.redirect.rules import RedirectError, RuleSet, TableRules, merge_table
 
 __all__ = ["Family", "apply_rules", "cleanup_rules"]
 
@@ -36,13 +36,13 @@ IPV6 = Family("IPv6", "ip6tables-save", "ip6tables-restore")
 
 def _run(argv: Sequence[str], stdin: str | None = None) -> str:
     if shutil.which(argv[0]) is None:
-        raise InterceptError(f"{argv[0]} not found (install iptables)")
+        raise RedirectError(f"{argv[0]} not found (install iptables)")
     try:
         result = subprocess.run(list(argv), input=stdin, capture_output=True, text=True, timeout=_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise InterceptError(f"{argv[0]} failed: {exc}") from None
+        raise RedirectError(f"{argv[0]} failed: {exc}") from None
     if result.returncode != 0:
-        raise InterceptError(f"{argv[0]} failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}")
+        raise RedirectError(f"{argv[0]} failed (exit {result.returncode}): {result.stderr.strip()[-2000:]}")
     return result.stdout
 
 
@@ -62,15 +62,15 @@ def _install(pairs: Sequence[tuple[Family, Sequence[TableRules]]]) -> None:
         for (family, ours), (_, before) in zip(pairs, saved, strict=True):
             _run([family.restore], _restore_text(before, ours))
             done.append((family, before))
-    except InterceptError:
+    except RedirectError:
         for family, before in reversed(done):
             original = "".join(
                 before[table] if f"*{table}" in before[table] else f"*{table}\nCOMMIT\n" for table in _TABLES
             )
             try:
                 _run([family.restore], original)
-            except InterceptError as exc:  # pragma: no cover - the kernel refused its own saved state
-                raise InterceptError(f"{family.name} rules could not be rolled back: {exc}") from None
+            except RedirectError as exc:  # pragma: no cover - the kernel refused its own saved state
+                raise RedirectError(f"{family.name} rules could not be rolled back: {exc}") from None
         raise
 
 
@@ -78,7 +78,7 @@ def apply_rules(rules: RuleSet) -> None:
     """Install ``rules`` for IPv4 and IPv6 (idempotent: replaces any earlier copy).
 
     Raises:
-        InterceptError: a command is missing or failed; earlier families were rolled back.
+        RedirectError: a command is missing or failed; earlier families were rolled back.
     """
     _install([(IPV4, rules.ipv4), (IPV6, rules.ipv6)])
 
@@ -87,6 +87,6 @@ def cleanup_rules() -> None:
     """Remove every ``AGENT_AUTHZ_*`` chain and jump, IPv4 and IPv6; other rules are kept.
 
     Raises:
-        InterceptError: a command is missing or failed.
+        RedirectError: a command is missing or failed.
     """
     _install([(IPV4, ()), (IPV6, ())])

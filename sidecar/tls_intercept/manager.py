@@ -1,7 +1,7 @@
 """Keep Envoy's intercepting filter chains, clusters and leaf certificates in step with the active tasks.
 
 The :class:`InterceptManager` owns the per-pod CA, the leaves (handed to Envoy by the gRPC SDS of
-:mod:`sidecar.intercept.sds`) and the files of ``intercept.state_dir`` (:mod:`sidecar.intercept.files`).
+:mod:`sidecar.tls_intercept.sds`) and the files of ``intercept.state_dir`` (:mod:`sidecar.tls_intercept.files`).
 :meth:`InterceptManager.sync` makes them match the policy at a given instant:
 
 1. a leaf certificate for every intercepted host that has none, or whose remaining life fell below
@@ -33,12 +33,12 @@ import structlog
 
 from sidecar.config.loader import LoadedConfig
 from sidecar.errors import ConfigError
-from sidecar.intercept.ca import Leaf, PodCA
-from sidecar.intercept.files import CLUSTER_TYPE, LISTENER_TYPE, XdsPaths, ensure_private_dir, write_resources
-from sidecar.intercept.sds import SecretStore
-from sidecar.intercept.targets import InterceptTarget, active_targets
-from sidecar.intercept.trust import write_trust_files
 from sidecar.policy.model import PolicyIndex
+from sidecar.tls_intercept.ca import Leaf, PodCA
+from sidecar.tls_intercept.files import CLUSTER_TYPE, LISTENER_TYPE, XdsPaths, ensure_private_dir, write_resources
+from sidecar.tls_intercept.sds import SecretStore
+from sidecar.tls_intercept.targets import InterceptTarget, active_targets
+from sidecar.tls_intercept.trust import write_trust_files
 
 if TYPE_CHECKING:
     from sidecar.runtime import Runtime

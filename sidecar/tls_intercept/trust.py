@@ -32,7 +32,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sidecar.intercept.files import BUNDLE_FILE, CA_FILE, ensure_public_dir, write_atomic
+from sidecar.tls_intercept.files import BUNDLE_FILE, CA_FILE, ensure_public_dir, write_atomic
 
 __all__ = [
     "AGENT_TRUST_DIR",

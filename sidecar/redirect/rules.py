@@ -45,9 +45,9 @@ from sidecar.errors import AgentAuthzError
 
 __all__ = [
     "CHAIN_PREFIX",
-    "InterceptError",
-    "InterceptSpec",
     "Ipv6Mode",
+    "RedirectError",
+    "RedirectSpec",
     "RuleSet",
     "TableRules",
     "merge_table",
@@ -75,8 +75,8 @@ _OURS = re.compile(r"(^[:]" + CHAIN_PREFIX + r")|(^-[AI] " + CHAIN_PREFIX + r")|
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-class InterceptError(AgentAuthzError):
-    """Bad interception options, or a failure to install or remove the rules."""
+class RedirectError(AgentAuthzError):
+    """Bad redirection options, or a failure to install or remove the rules."""
 
     code = "netfilter_invalid"
 
@@ -92,14 +92,14 @@ def parse_port(text: str, what: str) -> int:
     """A TCP port 1-65535 from ``text``.
 
     Raises:
-        InterceptError: not a number, or out of range; the message names ``what``.
+        RedirectError: not a number, or out of range; the message names ``what``.
     """
     value = text.strip()
     if not value.isascii() or not value.isdigit() or len(value) > 5:
-        raise InterceptError(f"{what}: {text!r} is not a port number")
+        raise RedirectError(f"{what}: {text!r} is not a port number")
     port = int(value)
     if not 1 <= port <= 65535:
-        raise InterceptError(f"{what}: port {port} is out of range (1-65535)")
+        raise RedirectError(f"{what}: port {port} is out of range (1-65535)")
     return port
 
 
@@ -107,7 +107,7 @@ def parse_ports(text: str, what: str) -> tuple[int, ...]:
     """A comma-separated list of ports (``""`` = none), sorted and de-duplicated.
 
     Raises:
-        InterceptError: one item is not a port.
+        RedirectError: one item is not a port.
     """
     items = [item for item in (part.strip() for part in text.split(",")) if item]
     return tuple(sorted({parse_port(item, what) for item in items}))
@@ -124,7 +124,7 @@ def parse_cidrs(text: str, what: str = "--exclude-outbound-cidrs") -> tuple[Netw
     """A comma-separated list of IPv4/IPv6 CIDRs (a bare address is a /32 or /128).
 
     Raises:
-        InterceptError: malformed, or host bits set (``10.1.2.3/8``: did you mean ``10.0.0.0/8``?).
+        RedirectError: malformed, or host bits set (``10.1.2.3/8``: did you mean ``10.0.0.0/8``?).
     """
     out: list[Network] = []
     for raw in text.split(","):
@@ -137,7 +137,7 @@ def parse_cidrs(text: str, what: str = "--exclude-outbound-cidrs") -> tuple[Netw
             hint = ""
             with contextlib.suppress(ValueError):
                 hint = f" (did you mean {ipaddress.ip_network(item, strict=False)}?)"
-            raise InterceptError(f"{what}: {item!r} is not a CIDR: {exc}{hint}") from None
+            raise RedirectError(f"{what}: {item!r} is not a CIDR: {exc}{hint}") from None
     return tuple(out)
 
 
@@ -145,17 +145,17 @@ def parse_id(text: str, what: str) -> int:
     """A numeric UID or GID.
 
     Raises:
-        InterceptError: not a number or out of range.
+        RedirectError: not a number or out of range.
     """
     value = text.strip()
     if not value.isascii() or not value.isdigit() or len(value) > 10 or int(value) > _MAX_ID:
-        raise InterceptError(f"{what}: {text!r} is not a numeric id (0-{_MAX_ID})")
+        raise RedirectError(f"{what}: {text!r} is not a numeric id (0-{_MAX_ID})")
     return int(value)
 
 
 @dataclass(frozen=True, slots=True)
-class InterceptSpec:
-    """What to intercept. Defaults match Istio's and the rendered Envoy listeners.
+class RedirectSpec:
+    """Which traffic to redirect to Envoy. Defaults match Istio's and the rendered Envoy listeners.
 
     Attributes:
         outbound_port: Envoy's ``outbound`` listener (``envoy.outbound_port``), 1-65535.
@@ -170,7 +170,7 @@ class InterceptSpec:
         allow_non_tcp: do not drop outbound UDP (other than DNS), ICMP, ... of non-proxy processes.
 
     Raises:
-        InterceptError: a port out of range, an id out of range, or both listener ports equal.
+        RedirectError: a port out of range, an id out of range, or both listener ports equal.
     """
 
     outbound_port: int = 15001
@@ -191,12 +191,12 @@ class InterceptSpec:
         ports += [("excluded outbound ports", p) for p in self.exclude_outbound_ports]
         for what, port in ports:
             if not 1 <= port <= 65535:
-                raise InterceptError(f"{what}: port {port} is out of range (1-65535)")
+                raise RedirectError(f"{what}: port {port} is out of range (1-65535)")
         for what, ident in (("proxy uid", self.proxy_uid), ("proxy gid", self.proxy_gid)):
             if not 0 <= ident <= _MAX_ID:
-                raise InterceptError(f"{what}: {ident} is out of range (0-{_MAX_ID})")
+                raise RedirectError(f"{what}: {ident} is out of range (0-{_MAX_ID})")
         if self.outbound_port == self.inbound_port:
-            raise InterceptError("the outbound and inbound ports must differ")
+            raise RedirectError("the outbound and inbound ports must differ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +224,7 @@ class RuleSet:
     ipv6: tuple[TableRules, ...]
 
 
-def _nat(spec: InterceptSpec, family: int) -> TableRules:
+def _nat(spec: RedirectSpec, family: int) -> TableRules:
     loopback = "127.0.0.0/8" if family == 4 else "::1/128"
     out = f"-A {OUTPUT_CHAIN}"
     rules = [
@@ -251,7 +251,7 @@ def _nat(spec: InterceptSpec, family: int) -> TableRules:
     return TableRules("nat", chains, tuple(jumps), tuple(rules))
 
 
-def _filter(spec: InterceptSpec, family: int) -> TableRules:
+def _filter(spec: RedirectSpec, family: int) -> TableRules:
     f = f"-A {FILTER_CHAIN}"
     rules = [
         f"{f} -o lo -j RETURN",
@@ -277,7 +277,7 @@ def _block6() -> TableRules:
     return TableRules("filter", (BLOCK_IN_CHAIN, BLOCK_OUT_CHAIN), jumps, rules)
 
 
-def render_rules(spec: InterceptSpec) -> RuleSet:
+def render_rules(spec: RedirectSpec) -> RuleSet:
     """The rule set for ``spec`` (see the module docstring for what each rule does)."""
     ipv4 = [_nat(spec, 4)]
     if not spec.allow_non_tcp:

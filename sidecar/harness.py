@@ -1,4 +1,7 @@
-"""Child processes for the demo and the end-to-end tests: start, wait until ready, always reap.
+"""The process harness of the demo and the end-to-end tests: start children, wait until ready, always reap.
+
+Not used by ``agent-authz serve``: it ships in the package only because ``agent-authz demo`` starts
+a real sidecar and Envoy with it.
 
 Readiness is observed, never assumed: Envoy's admin ``/ready``, the sidecar's ready file and
 ``/readyz``. Every wait has a deadline and reports the child's log tail when it expires.
