@@ -66,9 +66,27 @@ from typing import Any
 
 from sidecar.config.loader import LoadedConfig
 from sidecar.config.schema import SYSTEM_CA_BUNDLE
+from sidecar.decision import Direction
 from sidecar.errors import ConfigError
 from sidecar.tls_intercept.files import XdsPaths
 from sidecar.tls_intercept.targets import InterceptTarget
+from sidecar.wire import (
+    CONNECT_VIA,
+    CONTEXT_DIRECTION,
+    CONTEXT_INTERCEPT,
+    CONTEXT_UPSTREAM_TLS,
+    CONTEXT_UPSTREAM_VERIFY,
+    DIRECTION_METADATA,
+    HTTP_FILTER,
+    METADATA_DECISION_ID,
+    METADATA_REASON,
+    NETWORK_FILTER,
+    ORIGINATE,
+    PROTOCOL_METADATA,
+    VIA_METADATA,
+    dynamic_metadata_ref,
+    intercept_secret_name,
+)
 
 __all__ = [
     "AUTHZ_CLUSTER",
@@ -78,7 +96,6 @@ __all__ = [
     "DynamicResources",
     "RenderedEnvoy",
     "intercept_cluster_name",
-    "intercept_secret_name",
     "prune_render_cache",
     "render_bootstrap_json",
     "render_dynamic",
@@ -93,14 +110,15 @@ ORIGINAL_DST_CLUSTER = "outbound_original_dst"
 BLACKHOLE_CLUSTER = "blackhole"
 INBOUND_DST_CLUSTER = "inbound_original_dst"
 INBOUND_DST_HEADER = "x-agent-authz-inbound-dst"
+EGRESS, INGRESS = Direction.EGRESS.value, Direction.INGRESS.value
 INTERCEPT_CONNECT = "intercept_connect"
 """The internal listener (and the cluster reaching it) that ``CONNECT host:443`` tunnels end in."""
 _EARLY_DATA_BYTES = 64 * 1024
 _TCP_ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
     "listener": "outbound",
-    "decision_id": "%DYNAMIC_METADATA(envoy.filters.network.ext_authz:decision_id)%",
-    "reason": "%DYNAMIC_METADATA(envoy.filters.network.ext_authz:reason)%",
+    "decision_id": dynamic_metadata_ref(NETWORK_FILTER, METADATA_DECISION_ID),
+    "reason": dynamic_metadata_ref(NETWORK_FILTER, METADATA_REASON),
     "sni": "%REQUESTED_SERVER_NAME%",
     "destination": "%DOWNSTREAM_LOCAL_ADDRESS%",
     "upstream": "%UPSTREAM_HOST%",
@@ -115,8 +133,8 @@ BUNDLE_SECRET = "spiffe_bundles"  # noqa: S105
 _SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # noqa: S105
 _ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
-    "decision_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%",
-    "reason": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:reason)%",
+    "decision_id": dynamic_metadata_ref(HTTP_FILTER, METADATA_DECISION_ID),
+    "reason": dynamic_metadata_ref(HTTP_FILTER, METADATA_REASON),
     "method": "%REQ(:METHOD)%",
     "authority": "%REQ(:AUTHORITY)%",
     "path": "%REQ(:PATH)%",
@@ -130,7 +148,7 @@ _ACCESS_LOG_FORMAT = {
     "upstream_tls_failure": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
 }
 _UPSTREAM_FAILURE_BODY = {
-    "decision_id": "%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%",
+    "decision_id": dynamic_metadata_ref(HTTP_FILTER, METADATA_DECISION_ID),
     "reason": "upstream_failed",
     "detail": "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
 }
@@ -159,11 +177,6 @@ def _cluster_name(host: str) -> str:
 def intercept_cluster_name(target: InterceptTarget) -> str:
     """The CDS cluster re-originating TLS for ``target``: ``intercept|<host>|<upstream port>``."""
     return f"intercept|{target.host}|{target.upstream_port}"
-
-
-def intercept_secret_name(host: str) -> str:
-    """The SDS secret holding ``host``'s pod-CA leaf: ``intercept|<host>``."""
-    return f"intercept|{host}"
 
 
 def _is_ip(host: str) -> bool:
@@ -252,13 +265,13 @@ class _Builder:
 
     def context(self, direction: str, **extra: str) -> dict[str, Any]:
         ea = self.ext_authz
-        extensions = {"direction": direction, **extra}
+        extensions = {CONTEXT_DIRECTION: direction, **extra}
         per_route = ea.ExtAuthzPerRoute(check_settings=ea.CheckSettings(context_extensions=extensions))
-        return {"envoy.filters.http.ext_authz": self.pack(per_route)}
+        return {HTTP_FILTER: self.pack(per_route)}
 
     def no_authz(self) -> dict[str, Any]:
         """Per-route config switching ext_authz off (the ``CONNECT`` tunnel: decisions happen inside)."""
-        return {"envoy.filters.http.ext_authz": self.pack(self.ext_authz.ExtAuthzPerRoute(disabled=True))}
+        return {HTTP_FILTER: self.pack(self.ext_authz.ExtAuthzPerRoute(disabled=True))}
 
     def ext_authz_filter(self) -> Any:
         ea, core = self.ext_authz, self.core
@@ -273,7 +286,7 @@ class _Builder:
             include_peer_certificate=True,
             status_on_error=self.types.HttpStatus(code=self.types.StatusCode.ServiceUnavailable),
         )
-        return self.hcm.HttpFilter(name="envoy.filters.http.ext_authz", typed_config=self.pack(config))
+        return self.hcm.HttpFilter(name=HTTP_FILTER, typed_config=self.pack(config))
 
     def access_log(self) -> Any:
         log = self.stream.StdoutAccessLog(
@@ -392,7 +405,7 @@ class _Builder:
             clusters.append(cluster)
             vhosts.append(
                 self.vhost(
-                    cluster.name, [host, f"{host}:*"], cluster.name, "egress", context={"upstream_tls": "originate"}
+                    cluster.name, [host, f"{host}:*"], cluster.name, EGRESS, context={CONTEXT_UPSTREAM_TLS: ORIGINATE}
                 )
             )
         for host, address in sorted(envoy.destinations.items()):
@@ -400,8 +413,8 @@ class _Builder:
                 continue
             name = _cluster_name(host)
             clusters.append(self.host_port_cluster(name, address))
-            vhosts.append(self.vhost(name, [host, f"{host}:*"], name, "egress"))
-        vhosts.append(self.vhost("any_host", ["*"], DFP_CLUSTER, "egress"))
+            vhosts.append(self.vhost(name, [host, f"{host}:*"], name, EGRESS))
+        vhosts.append(self.vhost("any_host", ["*"], DFP_CLUSTER, EGRESS))
         c = self.cluster
         clusters.append(
             c.Cluster(
@@ -477,15 +490,15 @@ class _Builder:
         """Terminate TLS for ``target.host`` with its pod-CA leaf, judge each request, re-originate TLS."""
         ls, r, tls, hcm = self.listener, self.route, self.tls, self.hcm
         host, port = target.host, target.port
-        context = {"intercept": f"{host}:{port}", "upstream_verify": self.upstream_verify(host)}
+        context = {CONTEXT_INTERCEPT: f"{host}:{port}", CONTEXT_UPSTREAM_VERIFY: self.upstream_verify(host)}
         cluster = intercept_cluster_name(target)
         domains = [host, f"{host}:{port}"]
-        allowed = self.vhost(cluster, domains, cluster, "egress", context=context)
+        allowed = self.vhost(cluster, domains, cluster, EGRESS, context=context)
         misdirected = r.VirtualHost(
             name="misdirected",
             domains=["*"],
             routes=[r.Route(match=r.RouteMatch(prefix="/"), direct_response=r.DirectResponseAction(status=421))],
-            typed_per_filter_config=self.context("egress", **context),
+            typed_per_filter_config=self.context(EGRESS, **context),
         )
         failure = self.core.SubstitutionFormatString(json_format=self.pb.Struct.from_dict(_UPSTREAM_FAILURE_BODY))
         local_reply = hcm.LocalReplyConfig(
@@ -534,7 +547,7 @@ class _Builder:
             default_filter_chain=ls.FilterChain(
                 name="intercept_connect_other",
                 filters=[
-                    self.network_check("tls", via="connect"),
+                    self.network_check("tls", via=CONNECT_VIA),
                     self.tcp_forward("intercept_connect", BLACKHOLE_CLUSTER),
                 ],
             ),
@@ -562,11 +575,11 @@ class _Builder:
         """Network ext_authz: one Check per connection, its context in gRPC metadata."""
         core = self.core
         metadata = [
-            core.HeaderValue(key="x-agent-authz-direction", value="egress"),
-            core.HeaderValue(key="x-agent-authz-protocol", value=protocol),
+            core.HeaderValue(key=DIRECTION_METADATA, value=EGRESS),
+            core.HeaderValue(key=PROTOCOL_METADATA, value=protocol),
         ]
         if via:
-            metadata.append(core.HeaderValue(key="x-agent-authz-via", value=via))
+            metadata.append(core.HeaderValue(key=VIA_METADATA, value=via))
         config = self.net_ext_authz.ExtAuthz(
             stat_prefix=f"{via or 'outbound'}_{protocol}",
             grpc_service=core.GrpcService(
@@ -579,7 +592,7 @@ class _Builder:
             include_tls_session=True,
             send_tls_alert_on_denial=protocol == "tls",
         )
-        return self.listener.Filter(name="envoy.filters.network.ext_authz", typed_config=self.pack(config))
+        return self.listener.Filter(name=NETWORK_FILTER, typed_config=self.pack(config))
 
     def tcp_forward(self, stat_prefix: str, cluster: str) -> Any:
         """``tcp_proxy`` that connects upstream only after the first bytes passed ext_authz."""
@@ -763,7 +776,7 @@ class _Builder:
                 ),
             )
 
-        local = self.vhost("local_app", ["*"], LOCAL_APP_CLUSTER, "ingress")
+        local = self.vhost("local_app", ["*"], LOCAL_APP_CLUSTER, INGRESS)
         if not envoy.inbound_redirect:
             chains = [chain(local)]
             listener_filters = []
@@ -773,7 +786,7 @@ class _Builder:
                 "inbound_original_dst",
                 ["*"],
                 INBOUND_DST_CLUSTER,
-                "ingress",
+                INGRESS,
                 request_headers_to_add=[
                     self.core.HeaderValueOption(
                         header=self.core.HeaderValue(key=INBOUND_DST_HEADER, value="127.0.0.1:%DOWNSTREAM_LOCAL_PORT%"),

@@ -20,9 +20,10 @@ injected: Envoy cannot change what the TLS connection carries.
 
 A TLS connection to a server name and port that an active task intercepts (``tls: intercept``)
 never gets here: Envoy terminates it in a filter chain of its own. Inside a proxy ``CONNECT``
-tunnel (context ``via: connect``) there is no original destination and nothing is passed through:
-a connection that reaches this check there is denied after the SNI checks - ``host_not_allowed``,
-or ``tls_not_allowed`` when rules name the host (none intercepting it on port 443).
+tunnel (:attr:`~sidecar.decision.AuthzRequest.via_connect`) there is no original destination and
+nothing is passed through: a connection that reaches this check there is denied after the SNI
+checks - ``host_not_allowed``, or ``tls_not_allowed`` when rules name the host (none intercepting
+it on port 443).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def decide_connection(
             on_behalf_of=task.on_behalf_of if task else None,
         )
 
-    via_connect = request.context.get("via") == "connect"
+    via_connect = request.via_connect
     if destination is None and not via_connect:
         return deny(Reason.UNKNOWN_DESTINATION, "no usable original destination (not a redirected connection)")
     if request.protocol is not Protocol.TLS:

@@ -9,26 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sidecar.decision import DECISION_ID_HEADER, TASK_HEADER, AuthzRequest, Decision, Direction, Reason, deny_status
+from sidecar.decision import AuthzRequest, Decision, Direction, Reason, deny_status
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_target
 from sidecar.policy.budget import BudgetKey, BudgetLedger
 from sidecar.policy.model import EgressRule, PolicyIndex, Task
 from sidecar.tokens.minter import TokenMinter
+from sidecar.wire import DECISION_ID_HEADER, TASK_HEADER
 
-__all__ = ["INTERCEPT_CONTEXT", "UPSTREAM_TLS_CONTEXT", "UPSTREAM_VERIFY_CONTEXT", "decide_egress", "dry_run"]
-
-UPSTREAM_TLS_CONTEXT = "upstream_tls"
-"""``context_extensions`` key Envoy sets to ``originate`` on routes that open TLS to the upstream;
-a ``tls: originate`` rule allows a call only through such a route, so a bootstrap rendered before the
-rule existed can never send its token in clear text."""
-INTERCEPT_CONTEXT = "intercept"
-"""``context_extensions`` key of the routes behind an intercepting filter chain: ``host:port``, the
-server name and port whose TLS Envoy terminated with a pod-CA certificate. Only ``tls: intercept``
-rules match such a request, and only if it names that host and port; ``tls: intercept`` rules match
-nothing else."""
-UPSTREAM_VERIFY_CONTEXT = "upstream_verify"
-"""``context_extensions`` key: how that route's cluster verifies the upstream (recorded as is)."""
+__all__ = ["decide_egress", "dry_run"]
 
 _ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER)
 _ALWAYS_REMOVE_WITH_AUTHORIZATION = (*_ALWAYS_REMOVE, "authorization")
@@ -132,17 +121,15 @@ def decide_egress(
     """
     agent = policy.agent
     method = request.method.upper()
-    intercept = request.context.get(INTERCEPT_CONTEXT)
-    tls = ("", "") if intercept is None else ("intercept", request.context.get(UPSTREAM_VERIFY_CONTEXT, ""))
-    sni_host, _, sni_port = (intercept or "").rpartition(":")
+    intercept = request.interception
     # what every record of this call carries, allowed or not
     seen: dict[str, Any] = {
         "agent": agent,
         "method": method,
         "destination": request.destination,
-        "sni": sni_host,
-        "tls": tls[0],
-        "upstream_verify": tls[1],
+        "sni": intercept.host if intercept else "",
+        "tls": "intercept" if intercept else "",
+        "upstream_verify": intercept.upstream_verify if intercept else "",
     }
     try:
         if method == "CONNECT":
@@ -153,13 +140,13 @@ def decide_egress(
             False, Reason.BAD_REQUEST, 400, decision_id, str(exc), Direction.EGRESS, path=request.path[:256], **seen
         )
     seen.update(host=target.host, port=target.port, path=target.path)
-    if intercept is not None and (target.host != sni_host or str(target.port) != sni_port):
+    if intercept is not None and (target.host != intercept.host or target.port != intercept.port):
         return Decision(
             False,
             Reason.MISDIRECTED_REQUEST,
             421,
             decision_id,
-            f"the TLS connection was opened for {intercept}, the request names {target.host}:{target.port}",
+            f"the TLS connection was opened for {intercept.target}, the request names {target.host}:{target.port}",
             Direction.EGRESS,
             **seen,
         )
@@ -171,7 +158,7 @@ def decide_egress(
     rule: EgressRule | None = None
     if isinstance(outcome, _Match):
         rules = outcome.rules
-        if request.context.get(UPSTREAM_TLS_CONTEXT) != "originate":
+        if not request.upstream_tls:
             rules = tuple(r for r in rules if r.tls != "originate")
         if not rules:
             outcome = Reason.TLS_ORIGINATION_UNAVAILABLE

@@ -39,6 +39,7 @@ from sidecar.tls_intercept.files import CLUSTER_TYPE, LISTENER_TYPE, XdsPaths, e
 from sidecar.tls_intercept.sds import SecretStore
 from sidecar.tls_intercept.targets import InterceptTarget, active_targets
 from sidecar.tls_intercept.trust import write_trust_files
+from sidecar.wire import intercept_secret_name
 
 if TYPE_CHECKING:
     from sidecar.runtime import Runtime
@@ -145,7 +146,7 @@ class InterceptManager:
             OSError: a file cannot be written (the previous files stay; call again later).
             ValueError: the pod CA has expired.
         """
-        from sidecar.bootstrap.render import intercept_secret_name, prune_render_cache, render_dynamic
+        from sidecar.bootstrap.render import prune_render_cache, render_dynamic
 
         ca = self.ca
         assert ca is not None, "prepare() first"

@@ -17,7 +17,9 @@ def check_request(
     headers: dict[str, str] | None = None,
     direction: str | None = "egress",
     http: bool = True,
+    context: dict[str, str] | None = None,
 ) -> bytes:
+    """One CheckRequest; ``context`` adds route ``context_extensions`` (the keys of :mod:`sidecar.wire`)."""
     request = external_auth_pb2.CheckRequest()
     attrs = request.attributes
     if http:
@@ -26,4 +28,5 @@ def check_request(
         h.headers.update(headers or {})
     if direction is not None:
         attrs.context_extensions["direction"] = direction
+    attrs.context_extensions.update(context or {})
     return request.SerializeToString()

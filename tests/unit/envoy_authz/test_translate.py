@@ -14,8 +14,9 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
+from sidecar import wire
 from sidecar.audit.log import DecisionLog
-from sidecar.decision import AuthzRequest, Decision, Direction, Reason, TokenInfo
+from sidecar.decision import AuthzRequest, Decision, Direction, Interception, Reason, TokenInfo
 from sidecar.envoy_authz.service import AuthorizationService
 from sidecar.envoy_authz.translate import build_check_response, parse_check_request
 from sidecar.errors import BadRequestError
@@ -29,6 +30,29 @@ def test_parse_check_request() -> None:
     assert (parsed.method, parsed.authority, parsed.path, parsed.scheme) == ("GET", API_HOST, "/v1/items/1", "http")
     assert parsed.request_id == "rid"
     assert parsed.headers["x-agent-task"] == "t"
+
+
+def test_context_extensions_become_typed_fields() -> None:
+    plain = parse_check_request(check_request())
+    assert plain.interception is None and not plain.upstream_tls and not plain.via_connect
+    context = {
+        wire.CONTEXT_INTERCEPT: "api.example.com:8443",
+        wire.CONTEXT_UPSTREAM_VERIFY: "dns:api.example.com ca:/ca.pem",
+        wire.CONTEXT_UPSTREAM_TLS: wire.ORIGINATE,
+    }
+    parsed = parse_check_request(check_request(context=context))
+    assert parsed.interception == Interception("api.example.com", 8443, "dns:api.example.com ca:/ca.pem")
+    assert parsed.interception.target == "api.example.com:8443"
+    assert parsed.upstream_tls
+    assert not parse_check_request(check_request(context={wire.CONTEXT_UPSTREAM_TLS: "plain"})).upstream_tls
+
+
+@pytest.mark.parametrize(
+    "target", ["api.example.com", "api.example.com:", ":443", "api.example.com:0", "a:99999", "a:४४३"]
+)
+def test_a_malformed_intercept_context_is_a_bad_request(target: str) -> None:
+    with pytest.raises(BadRequestError, match="intercept must be host:port"):
+        parse_check_request(check_request(context={wire.CONTEXT_INTERCEPT: target}))
 
 
 @pytest.mark.parametrize(

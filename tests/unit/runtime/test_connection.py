@@ -11,9 +11,10 @@ from envoy.service.auth.v3 import external_auth_pb2
 from sidecar.audit.log import decision_record
 from sidecar.config.loader import load_config
 from sidecar.decision import AuthzRequest, Direction, Protocol, Reason
-from sidecar.envoy_authz.translate import DIRECTION_METADATA, PROTOCOL_METADATA, parse_check_request
+from sidecar.envoy_authz.translate import parse_check_request
 from sidecar.errors import BadRequestError, ConfigError
 from sidecar.policy.connection import parse_destination, sni_host
+from sidecar.wire import DIRECTION_METADATA, PROTOCOL_METADATA
 from tests.support.config import API_HOST, base_config, task, write_config, write_keys
 from tests.support.runtime import Clock, claims_of, make_runtime, req
 
@@ -101,7 +102,7 @@ def test_originate_needs_an_originating_route(runtime: Any) -> None:
         "vault.example.com",
         "/v1/x",
         {},
-        context={"direction": "egress", "upstream_tls": "originate"},
+        upstream_tls=True,
     )
     decision = runtime.decide(originating, "d2")
     assert decision.allow and decision.rule == "orig"

@@ -11,7 +11,7 @@ import yaml
 
 from sidecar.audit.log import decision_record
 from sidecar.config.loader import load_config
-from sidecar.decision import AuthzRequest, Direction, Protocol, Reason
+from sidecar.decision import AuthzRequest, Direction, Interception, Protocol, Reason
 from sidecar.errors import ConfigError
 from sidecar.runtime import Runtime
 from sidecar.tls_intercept.targets import InterceptTarget, active_targets
@@ -49,10 +49,17 @@ def _runtime(tmp_path: Path, tasks: list[dict[str, Any]], clock: Clock | None = 
 def intercepted(
     path: str = "/v1/items", method: str = "GET", authority: str = API, sni: str = f"{API}:443"
 ) -> AuthzRequest:
-    """A request as the intercepting chain of ``sni`` sends it (context from the rendered route)."""
-    context = {"direction": "egress", "intercept": sni, "upstream_verify": VERIFY}
+    """A request as the intercepting chain of ``sni`` (``host:port``) sends it (context from the rendered route)."""
+    host, _, port = sni.rpartition(":")
     return AuthzRequest(
-        Direction.EGRESS, method, "https", authority, path, {}, context=context, destination="10.0.0.9:443"
+        Direction.EGRESS,
+        method,
+        "https",
+        authority,
+        path,
+        {},
+        destination="10.0.0.9:443",
+        interception=Interception(host, int(port), VERIFY),
     )
 
 
@@ -114,8 +121,7 @@ def test_connections_inside_a_connect_tunnel_are_refused(tmp_path: Path) -> None
     runtime = _runtime(tmp_path, [task(egress=[INTERCEPT, {"host": "pass.example.com", "tls": "passthrough"}])])
 
     def tunnel(sni: str) -> AuthzRequest:
-        context = {"direction": "egress", "protocol": "tls", "via": "connect"}
-        return AuthzRequest(Direction.EGRESS, "", "", "", "", {}, context=context, protocol=Protocol.TLS, sni=sni)
+        return AuthzRequest(Direction.EGRESS, "", "", "", "", {}, protocol=Protocol.TLS, sni=sni, via_connect=True)
 
     assert runtime.decide(tunnel("pass.example.com"), "a").reason is Reason.TLS_NOT_ALLOWED
     assert runtime.decide(tunnel("else.example.com"), "b").reason is Reason.HOST_NOT_ALLOWED
