@@ -58,7 +58,7 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from sidecar.decision import AuthzRequest, Direction
-    from sidecar.runtime import Runtime
+    from sidecar.runtime.active import Runtime
 
     parts = urllib.parse.urlsplit(args.url)
     if parts.scheme not in ("http", "https") or not parts.netloc:

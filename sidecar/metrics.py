@@ -44,7 +44,7 @@ from sidecar.decision import Decision, Reason
 
 if TYPE_CHECKING:
     from sidecar.audit.log import DecisionLog
-    from sidecar.runtime import Runtime
+    from sidecar.runtime.active import Runtime
 
 __all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "MAX_TASK_LABELS", "Metrics"]
 

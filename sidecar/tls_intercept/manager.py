@@ -42,7 +42,7 @@ from sidecar.tls_intercept.trust import write_trust_files
 from sidecar.wire import intercept_secret_name
 
 if TYPE_CHECKING:
-    from sidecar.runtime import Runtime
+    from sidecar.runtime.active import Runtime
 
 __all__ = ["InterceptManager"]
 

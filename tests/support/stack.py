@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from sidecar.demo.upstream import SampleUpstream, TokenCheck
-from sidecar.harness import AuthzStack
+from sidecar.harness import AuthzStack, http_get
 from tests.support.config import API_AUDIENCE, API_HOST, ISSUER, base_config, write_config, write_keys
 
-__all__ = ["Env", "Reply", "send", "start_env"]
+__all__ = ["Env", "Reply", "metric", "metric_total", "readyz", "send", "start_env"]
 
 
 @dataclass
@@ -118,3 +120,32 @@ def start_env(
         raise
     upstream.jwks_url = stack.sidecar.admin_url + "/.well-known/jwks.json"
     return Env(state, config_path, config, stack, upstream)
+
+
+def metric(env: Env, name: str, **labels: str) -> float | None:
+    """The value of one sample of ``/metrics`` (``None`` when absent)."""
+    status, body = http_get(env.admin + "/metrics")
+    assert status == 200
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return None
+
+
+def metric_total(env: Env, name: str) -> float:
+    """The sum of every sample of ``name`` in ``/metrics`` (all label values; 0 when absent)."""
+    status, body = http_get(env.admin + "/metrics")
+    assert status == 200
+    return sum(
+        float(sample.value)
+        for family in text_string_to_metric_families(body.decode())
+        for sample in family.samples
+        if sample.name == name
+    )
+
+
+def readyz(env: Env) -> tuple[int, dict[str, Any]]:
+    """The admin ``/readyz``: status code and body."""
+    status, body = http_get(env.admin + "/readyz")
+    return status, json.loads(body)

@@ -70,5 +70,5 @@ def test_bad_keys(pem: bytes, algorithm: str, why: str) -> None:
 
 def test_jwks_lists_current_next_and_unexpired_retired() -> None:
     a, b, c, d = (load_signing_key(generate_private_key_pem(), "ES256", file="f", field="k") for _ in range(4))
-    keys = KeySet(current=a, next=b, retired=((c, 100.0), (d, 10.0), (a, 100.0)))
+    keys = KeySet(current=a, next=b, retired=(c.retire(100.0), d.retire(10.0), a.retire(100.0)))
     assert [k["kid"] for k in keys.jwks(now=50.0)["keys"]] == [a.kid, b.kid, c.kid]
