@@ -40,13 +40,13 @@ import grpc  # noqa: E402
 from cryptography import x509  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 
+from sidecar.bootstrap.names import InterceptTarget  # noqa: E402
 from sidecar.bootstrap.render import render_dynamic  # noqa: E402
 from sidecar.config.loader import load_config  # noqa: E402
 from sidecar.harness import EnvoyProcess, wait_until  # noqa: E402
 from sidecar.tls_intercept.ca import PodCA  # noqa: E402
 from sidecar.tls_intercept.files import LISTENER_TYPE, write_resources  # noqa: E402
 from sidecar.tls_intercept.sds import SECRET_TYPE_URL, SecretStore  # noqa: E402
-from sidecar.tls_intercept.targets import InterceptTarget  # noqa: E402
 
 ROUTER = {
     "name": "envoy.filters.http.router",

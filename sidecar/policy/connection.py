@@ -34,9 +34,8 @@ from dataclasses import replace
 from sidecar.decision import AuthzRequest, Decision, Direction, Protocol, Reason, deny_status
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, normalize_authority
-from sidecar.policy.budget import BudgetLedger
-from sidecar.policy.engine import _budget_limits, _task_state
-from sidecar.policy.model import EgressRule, PolicyIndex, Task
+from sidecar.policy.budget import BudgetLedger, budget_limits
+from sidecar.policy.model import EgressRule, PolicyIndex, Task, task_state
 
 __all__ = ["decide_connection", "parse_destination", "sni_host"]
 
@@ -156,9 +155,9 @@ def decide_connection(
     tasks = policy.tasks_by_agent.get(policy.agent, ())
     if not tasks:
         return deny(Reason.NO_TASK, "no task is declared for this agent")
-    active = [t for t in tasks if _task_state(t, now) is None]
+    active = [t for t in tasks if task_state(t, now) is None]
     if not active:
-        state = _task_state(tasks[0], now)
+        state = task_state(tasks[0], now)
         assert state is not None
         return deny(state, f"no active task (first: {state.value})", tasks[0])
     deepest, deepest_task = -1, active[0]
@@ -168,7 +167,7 @@ def decide_connection(
         if stage > deepest:
             deepest, deepest_task = stage, task
         for rule in rules:
-            limits = _budget_limits(task, rule)
+            limits = budget_limits(task, rule)
             if budgets.available(limits) and budgets.try_consume(limits):
                 return replace(
                     base,

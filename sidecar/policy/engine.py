@@ -12,8 +12,8 @@ from typing import Any
 from sidecar.decision import AuthzRequest, Decision, Direction, Reason, deny_status
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_target
-from sidecar.policy.budget import BudgetKey, BudgetLedger
-from sidecar.policy.model import EgressRule, PolicyIndex, Task
+from sidecar.policy.budget import BudgetLedger, budget_limits
+from sidecar.policy.model import EgressRule, PolicyIndex, Task, task_state
 from sidecar.tokens.minter import TokenMinter
 from sidecar.wire import DECISION_ID_HEADER, TASK_HEADER
 
@@ -31,16 +31,6 @@ _STAGES = (Reason.HOST_NOT_ALLOWED, Reason.PORT_NOT_ALLOWED, Reason.METHOD_NOT_A
 class _Match:
     rules: tuple[EgressRule, ...]  # rules that match host, port, method and path
     reason: Reason  # deepest failure when ``rules`` is empty
-
-
-def _task_state(task: Task, now: float) -> Reason | None:
-    if task.revoked:
-        return Reason.TASK_REVOKED
-    if now < task.not_before:
-        return Reason.TASK_NOT_YET_VALID
-    if now >= task.expires_at:
-        return Reason.TASK_EXPIRED
-    return None
 
 
 _HTTP_PORT = DEFAULT_PORTS["http"]
@@ -79,10 +69,6 @@ def _match(task: Task, target: Target, method: str, intercepted: bool = False) -
             deepest = 2
             break
     return _Match((), _STAGES[deepest + 1])
-
-
-def _budget_limits(task: Task, rule: EgressRule) -> tuple[tuple[BudgetKey, int | None], ...]:
-    return (((task.id, ""), task.max_calls), ((task.id, rule.budget_key), rule.max_calls))
 
 
 def _default_audience(scheme: str, target: Target) -> str:
@@ -165,8 +151,8 @@ def decide_egress(
             detail = "the rule needs 'tls: originate' and this Envoy route sends plain HTTP (re-render the bootstrap)"
         else:
             assert task is not None
-            rule = next((r for r in rules if budgets.available(_budget_limits(task, r))), None)
-            if rule is None or not budgets.try_consume(_budget_limits(task, rule)):
+            rule = next((r for r in rules if budgets.available(budget_limits(task, r))), None)
+            if rule is None or not budgets.try_consume(budget_limits(task, rule)):
                 rule, outcome, detail = None, Reason.BUDGET_EXHAUSTED, "the task's call budget is spent"
     if rule is None:
         reason = outcome if isinstance(outcome, Reason) else Reason.INTERNAL_ERROR
@@ -227,7 +213,7 @@ def _select(
             return None, Reason.UNKNOWN_TASK, "no task with the id named in x-agent-task"
         if task.agent != agent:
             return task, Reason.TASK_NOT_FOR_AGENT, "the task named in x-agent-task belongs to another agent"
-        state = _task_state(task, now)
+        state = task_state(task, now)
         if state is not None:
             return task, state, f"task is {state.value.removeprefix('task_').replace('_', ' ')}"
         return _explained(task, _match(task, target, method, intercepted))
@@ -238,9 +224,9 @@ def _select(
         tasks = policy.tasks_for_host(agent, target.host)
         if not tasks:
             return None, Reason.HOST_NOT_ALLOWED, "no task of this agent names this host"
-    active = [t for t in tasks if _task_state(t, now) is None]
+    active = [t for t in tasks if task_state(t, now) is None]
     if not active:
-        state = _task_state(tasks[0], now)
+        state = task_state(tasks[0], now)
         assert state is not None
         return tasks[0], state, f"no active task (first: {state.value})"
     if len(active) == 1:

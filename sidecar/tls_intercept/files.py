@@ -6,7 +6,8 @@
     xds/listeners.json        file-based LDS: the ``outbound`` and ``intercept_connect`` listeners
     xds/clusters.json         file-based CDS: one verifying TLS cluster per intercepted host and port
 
-(The leaves' keys are not here: Envoy gets them over gRPC SDS, :mod:`sidecar.tls_intercept.sds`.)
+(The layout is :class:`~sidecar.bootstrap.names.XdsPaths`: the bootstrap names these files. The
+leaves' keys are not here: Envoy gets them over gRPC SDS, :mod:`sidecar.tls_intercept.sds`.)
 
 ``intercept.publish_dir`` (for the agent container; only certificates)::
 
@@ -24,7 +25,6 @@ import contextlib
 import json
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,6 @@ __all__ = [
     "CA_FILE",
     "CLUSTER_TYPE",
     "LISTENER_TYPE",
-    "XdsPaths",
     "ensure_private_dir",
     "ensure_public_dir",
     "write_atomic",
@@ -44,33 +43,6 @@ CA_FILE = "ca.pem"
 BUNDLE_FILE = "ca-bundle.pem"
 LISTENER_TYPE = "type.googleapis.com/envoy.config.listener.v3.Listener"
 CLUSTER_TYPE = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-
-
-@dataclass(frozen=True)
-class XdsPaths:
-    """The layout of ``intercept.state_dir`` (an absolute path)."""
-
-    state_dir: Path
-
-    @property
-    def xds_dir(self) -> Path:
-        """Directory Envoy watches for LDS and CDS."""
-        return self.state_dir / "xds"
-
-    @property
-    def listeners(self) -> Path:
-        """The LDS file."""
-        return self.xds_dir / "listeners.json"
-
-    @property
-    def clusters(self) -> Path:
-        """The CDS file."""
-        return self.xds_dir / "clusters.json"
-
-    @property
-    def ca_dir(self) -> Path:
-        """Where the pod CA is kept across restarts of the sidecar."""
-        return self.state_dir / "ca"
 
 
 def ensure_private_dir(path: Path) -> None:

@@ -31,13 +31,16 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from sidecar.bootstrap.intercept import RenderCache, prune_render_cache
+from sidecar.bootstrap.names import InterceptTarget, XdsPaths
+from sidecar.bootstrap.render import render_dynamic
 from sidecar.config.loader import LoadedConfig
 from sidecar.errors import ConfigError
 from sidecar.policy.model import PolicyIndex
 from sidecar.tls_intercept.ca import Leaf, PodCA
-from sidecar.tls_intercept.files import CLUSTER_TYPE, LISTENER_TYPE, XdsPaths, ensure_private_dir, write_resources
+from sidecar.tls_intercept.files import CLUSTER_TYPE, LISTENER_TYPE, ensure_private_dir, write_resources
 from sidecar.tls_intercept.sds import SecretStore
-from sidecar.tls_intercept.targets import InterceptTarget, active_targets
+from sidecar.tls_intercept.targets import active_targets
 from sidecar.tls_intercept.trust import write_trust_files
 from sidecar.wire import intercept_secret_name
 
@@ -89,7 +92,7 @@ class InterceptManager:
         self.ca_file: Path | None = None
         self.bundle_file: Path | None = None
         self._clusters: dict[str, dict[str, Any]] = {}
-        self._rendered: dict[Any, dict[str, Any]] = {}
+        self._rendered: RenderCache = {}
         self._written = False
         self._version = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intercept")
@@ -146,8 +149,6 @@ class InterceptManager:
             OSError: a file cannot be written (the previous files stay; call again later).
             ValueError: the pod CA has expired.
         """
-        from sidecar.bootstrap.render import prune_render_cache, render_dynamic
-
         ca = self.ca
         assert ca is not None, "prepare() first"
         targets, next_change = active_targets(policy, now)

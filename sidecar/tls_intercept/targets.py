@@ -8,29 +8,13 @@ next instant it can change by time alone, so the caller can wake up exactly then
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-from sidecar.policy.engine import _task_state
-from sidecar.policy.model import PolicyIndex
+from sidecar.bootstrap.names import InterceptTarget
+from sidecar.policy.model import PolicyIndex, task_state
 
-__all__ = ["InterceptTarget", "active_targets"]
+__all__ = ["active_targets"]
 
 _HTTPS_PORT = 443
-
-
-@dataclass(frozen=True, order=True, slots=True)
-class InterceptTarget:
-    """One intercepted server name and port.
-
-    Attributes:
-        host: the exact DNS name (SNI and certificate ``dNSName``).
-        port: the port the agent connects to (the original destination port; 443 through ``CONNECT``).
-        upstream_port: the port Envoy opens the verified TLS connection to.
-    """
-
-    host: str
-    port: int
-    upstream_port: int
 
 
 def active_targets(policy: PolicyIndex, now: float) -> tuple[frozenset[InterceptTarget], float]:
@@ -53,7 +37,7 @@ def active_targets(policy: PolicyIndex, now: float) -> tuple[frozenset[Intercept
         for instant in (task.not_before, task.expires_at):
             if now < instant < next_change:
                 next_change = instant
-        if _task_state(task, now) is not None:
+        if task_state(task, now) is not None:
             continue
         for rule in rules:
             port = rule.port or _HTTPS_PORT

@@ -15,7 +15,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sidecar.bootstrap.render import SPIRE_CLUSTER, render_envoy
+from sidecar.bootstrap.names import SPIRE_CLUSTER
+from sidecar.bootstrap.render import render_envoy
 from sidecar.config.loader import load_config
 from sidecar.inject.annotations import check_task_annotation
 from sidecar.inject.settings import load_injector

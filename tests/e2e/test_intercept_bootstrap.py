@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.bootstrap.names import InterceptTarget
 from sidecar.bootstrap.render import render_dynamic, write_envoy
 from sidecar.config.loader import load_config
 from sidecar.envoy_bin import find_envoy
@@ -17,7 +18,6 @@ from sidecar.harness import AuthzStack, http_get, wait_until
 from sidecar.runtime import Runtime
 from sidecar.tls_intercept.manager import InterceptManager
 from sidecar.tls_intercept.sds import SecretStore
-from sidecar.tls_intercept.targets import InterceptTarget
 from tests.support.config import base_config, task, write_config, write_keys
 
 pytestmark = pytest.mark.e2e

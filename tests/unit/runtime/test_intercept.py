@@ -10,11 +10,12 @@ import pytest
 import yaml
 
 from sidecar.audit.log import decision_record
+from sidecar.bootstrap.names import InterceptTarget
 from sidecar.config.loader import load_config
 from sidecar.decision import AuthzRequest, Direction, Interception, Protocol, Reason
 from sidecar.errors import ConfigError
 from sidecar.runtime import Runtime
-from sidecar.tls_intercept.targets import InterceptTarget, active_targets
+from sidecar.tls_intercept.targets import active_targets
 from tests.support.config import AGENT, OTHER_AGENT, base_config, task, write_config, write_keys
 from tests.support.runtime import Clock, claims_of
 
