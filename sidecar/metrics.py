@@ -20,7 +20,9 @@ name                                      type       labels / meaning
                                                      first
 ``task_budget_series_dropped``            gauge      tasks with a budget left out by that cap
 ``config_reloads_total``                  counter    configurations swapped in
-``config_reload_failures_total``          counter    reloads rejected (the last good config stays)
+``config_reload_failures_total``          counter    ``code`` (:class:`~sidecar.errors.ErrorCode`:
+                                                     ``config_invalid``, ``key_invalid``): reloads
+                                                     rejected (the last good config stays)
 ``decision_log_write_errors_total``       counter    ``sink`` (``file``/``stdout``): failed writes/syncs
 ``decision_log_healthy``                  gauge      1 when the last write succeeded
 ``decision_log_seq``                      gauge      ``seq`` of the last record written
@@ -29,11 +31,20 @@ name                                      type       labels / meaning
 ``svid_expiry_timestamp_seconds``         gauge      ``spiffe_id``, ``serial``: expiry of the agent's
                                                      X.509-SVID (no sample without an identity source)
 ========================================  =========  ==================================================
+
+The webhook (``agent-authz webhook``, its own process and registry: :class:`WebhookMetrics`):
+
+========================================  =========  ==================================================
+``webhook_admissions_total``              counter    ``outcome``
+                                                     (:class:`~sidecar.inject.podspec.AdmissionOutcome`):
+                                                     AdmissionReviews answered (or refused as
+                                                     unanswerable)
+========================================  =========  ==================================================
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -41,18 +52,22 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from sidecar.decision import Decision, Reason
+from sidecar.errors import ErrorCode
 
 if TYPE_CHECKING:
     from sidecar.audit.log import DecisionLog
     from sidecar.runtime.active import Runtime
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "MAX_TASK_LABELS", "Metrics"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "MAX_TASK_LABELS", "RELOAD_FAILURE_CODES", "Metrics", "WebhookMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MAX_TASK_LABELS = 50
 """At most this many ``task`` label values on ``agent_authz_task_budget_remaining`` (fewest calls left first)."""
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 """Seconds; Envoy's default ext_authz timeout is 250 ms."""
+RELOAD_FAILURE_CODES = (ErrorCode.CONFIG_INVALID, ErrorCode.KEY_INVALID)
+"""The codes a reload can fail with (:class:`~sidecar.errors.ConfigError` and its
+:class:`~sidecar.errors.KeyLoadError`); each has a sample from the start, zero until it happens."""
 
 
 class Metrics:
@@ -141,9 +156,11 @@ class _StateCollector(Collector):
             value=max(0, len(budgets) - MAX_TASK_LABELS),
         )
         yield CounterMetricFamily("agent_authz_config_reloads", "Configurations swapped in.", value=runtime.reloads)
-        yield CounterMetricFamily(
-            "agent_authz_config_reload_failures", "Reloads rejected.", value=runtime.reload_failures
-        )
+        failures = CounterMetricFamily("agent_authz_config_reload_failures", "Reloads rejected.", labels=["code"])
+        by_code = runtime.reload_failures_by_code
+        for code in sorted({*RELOAD_FAILURE_CODES, *by_code}):
+            failures.add_metric([code], by_code.get(code, 0))
+        yield failures
         errors = CounterMetricFamily(
             "agent_authz_decision_log_write_errors", "Failed decision log writes.", labels=["sink"]
         )
@@ -168,3 +185,30 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "agent_authz_dry_run", "1 in dry-run mode.", value=int(runtime.snapshot.loaded.settings.dry_run)
         )
+
+
+class WebhookMetrics:
+    """The metrics of the admission webhook process (its own registry).
+
+    Args:
+        outcomes: every outcome label value (:class:`~sidecar.inject.podspec.AdmissionOutcome`), so
+            each has a sample from the start.
+    """
+
+    def __init__(self, outcomes: Iterable[str]) -> None:
+        self.registry = CollectorRegistry()
+        self._admissions = Counter(
+            "agent_authz_webhook_admissions",
+            "AdmissionReviews answered, by outcome (unanswerable: not a review, HTTP 400).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._children = {str(outcome): self._admissions.labels(str(outcome)) for outcome in outcomes}
+
+    def observe(self, outcome: str) -> None:
+        """Count one review with ``outcome``."""
+        self._children[outcome].inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -25,13 +25,13 @@ from pydantic import ValidationError
 
 from sidecar.config.loader import format_loc
 from sidecar.grants.issue import DelegationRequest
-from sidecar.grants.model import GrantError
+from sidecar.grants.model import GrantCode, GrantError
 from sidecar.runtime.tasks import TaskService
 
 __all__ = ["add_task_routes"]
 
 _log = structlog.get_logger("agent_authz.tasks_api")
-_STATUS = {"grant_unknown_task": 404, "grant_duplicate": 409, "grant_not_delegable": 409}
+_STATUS = {GrantCode.UNKNOWN_TASK: 404, GrantCode.DUPLICATE: 409, GrantCode.NOT_DELEGABLE: 409}
 
 
 def _error(code: str, detail: str, status: int = 400) -> web.Response:

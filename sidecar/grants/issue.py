@@ -19,7 +19,7 @@ from sidecar.config.durations import parse_duration
 from sidecar.config.schema import EgressRuleSpec, SpiffeIdStr, TaskSpec
 from sidecar.grants import codec
 from sidecar.grants.attenuation import check_attenuation, host_within, inherit, rule_within
-from sidecar.grants.model import GRANT_TYP, Grant, GrantError
+from sidecar.grants.model import GRANT_TYP, Grant, GrantCode, GrantError
 from sidecar.grants.verify import task_spec_from_claims
 from sidecar.identity.state import Svid
 
@@ -99,7 +99,7 @@ def sign_root_grant(spec: TaskSpec, key: PrivateKeyTypes, *, kid: str, issuer: s
         assert spec.ttl is not None
         end = start + int(spec.ttl)
     if end <= now:
-        raise GrantError("grant_expired", "the task would already be expired")
+        raise GrantError(GrantCode.EXPIRED, "the task would already be expired")
     payload = grant_payload(
         spec, issuer=issuer, now=int(now), not_before=start, expires_at=end, txn=spec.id, ancestors=[], parent=None
     )
@@ -152,15 +152,15 @@ def plan_delegation(
             ``grant_widening`` (an :class:`~sidecar.grants.attenuation.AttenuationError` naming the field).
     """
     if revoked:
-        raise GrantError("grant_not_delegable", "the task is revoked")
+        raise GrantError(GrantCode.NOT_DELEGABLE, "the task is revoked")
     not_before, expires_at = window
     if not not_before <= now < expires_at:
-        raise GrantError("grant_not_delegable", "the task is not currently valid")
+        raise GrantError(GrantCode.NOT_DELEGABLE, "the task is not currently valid")
     if grant.depth + 1 > max_depth:
-        raise GrantError("grant_not_delegable", f"a delegation would exceed max_depth {max_depth}")
+        raise GrantError(GrantCode.NOT_DELEGABLE, f"a delegation would exceed max_depth {max_depth}")
     start, end = int(now), int(now + request.ttl)
     if end > expires_at:
-        raise GrantError("grant_widening", "ttl: the delegated task would outlive its parent")
+        raise GrantError(GrantCode.WIDENING, "ttl: the delegated task would outlive its parent")
     child_id = f"{grant.id}/{request.name or secrets.token_hex(4)}"
     rules = []
     for rule in request.egress:  # take unset audience/scope/token from the parent rule that holds it
@@ -207,7 +207,7 @@ def sign_delegation(delegation: Delegation, svid: Svid) -> str:
         GrantError: ``grant_wrong_signer``: ``svid`` is not the issuer the delegation was planned for.
     """
     if svid.spiffe_id != delegation.payload["iss"]:
-        raise GrantError("grant_wrong_signer", f"planned for {delegation.payload['iss']}, signed by {svid.spiffe_id}")
+        raise GrantError(GrantCode.WRONG_SIGNER, f"planned for {delegation.payload['iss']}, signed by {svid.spiffe_id}")
     return codec.sign(delegation.payload, svid.private_key, typ=GRANT_TYP, x5c=list(svid.chain))
 
 

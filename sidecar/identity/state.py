@@ -19,15 +19,18 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 from jwt import PyJWKSet
 from jwt.exceptions import PyJWKSetError
 
-from sidecar.errors import KeyLoadError, SpiffeIdError
+from sidecar.errors import AgentAuthzError, ErrorCode, KeyLoadError, SpiffeIdError
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.spiffe_id import parse_spiffe_id
 
 __all__ = ["IdentityState", "KeyMismatchError", "Svid", "load_identity_files", "parse_jwt_bundle", "svid_from_chain"]
 
 
-class KeyMismatchError(ValueError):
-    """The private key does not belong to the SVID's leaf certificate."""
+class KeyMismatchError(AgentAuthzError, ValueError):
+    """The private key does not belong to the SVID's leaf certificate (a ``ValueError`` too, as the
+    other reasons :func:`svid_from_chain` refuses a chain)."""
+
+    code = ErrorCode.KEY_MISMATCH
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,7 +41,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sidecar.errors import AgentAuthzError
+from sidecar.errors import AgentAuthzError, ErrorCode
 
 __all__ = [
     "CHAIN_PREFIX",
@@ -78,7 +78,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 class RedirectError(AgentAuthzError):
     """Bad redirection options, or a failure to install or remove the rules."""
 
-    code = "netfilter_invalid"
+    code = ErrorCode.NETFILTER_INVALID
 
 
 class Ipv6Mode(enum.StrEnum):

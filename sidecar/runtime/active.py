@@ -27,7 +27,7 @@ import structlog
 
 from sidecar.config.loader import LoadedConfig, parse_config, read_config_bytes
 from sidecar.decision import AuthzRequest, Decision, Direction, Protocol
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, ErrorCode
 from sidecar.identity.state import IdentityState
 from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.connection import decide_connection
@@ -96,7 +96,7 @@ class Runtime:
         self._defer = defer
         self._listeners: list[Callable[[Snapshot], None]] = []
         self.reloads = 0
-        self.reload_failures_by_code: collections.Counter[str] = collections.Counter()
+        self.reload_failures_by_code: collections.Counter[ErrorCode] = collections.Counter()
         self.last_error: str | None = None
         self.last_identity_error: str | None = None
         start = carried if carried is not None else CarriedState()

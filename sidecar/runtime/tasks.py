@@ -16,7 +16,7 @@ import structlog
 from sidecar.config.schema import TaskSpec
 from sidecar.errors import ConfigError
 from sidecar.grants.issue import Delegation, DelegationRequest, plan_delegation, sign_delegation
-from sidecar.grants.model import Grant, GrantError
+from sidecar.grants.model import Grant, GrantCode, GrantError
 from sidecar.grants.revocations import sign_revocations
 from sidecar.grants.sources import check_grant_usable
 from sidecar.policy.budget import BudgetKey
@@ -80,15 +80,15 @@ class TaskService:
         grant = snapshot.grants.verifier.verify(token.strip(), now=now)
         check_grant_usable(grant, snapshot.policy.agent, snapshot.loaded.settings.credentials)
         if now >= grant.expires_at:
-            raise GrantError("grant_expired", "the grant has expired")
+            raise GrantError(GrantCode.EXPIRED, "the grant has expired")
         if grant.id in snapshot.policy.tasks_by_id:
-            raise GrantError("grant_duplicate", f"task {grant.id!r} is already active")
+            raise GrantError(GrantCode.DUPLICATE, f"task {grant.id!r} is already active")
         carried = runtime.carried
         try:
             runtime.apply(replace(carried, posted={**carried.posted, grant.id: grant.token}))
         except ConfigError as exc:
             _log.warning("grant_rejected", task_id=grant.id, reason=str(exc))
-            raise GrantError("grant_rejected", str(exc)) from None
+            raise GrantError(GrantCode.REJECTED, str(exc)) from None
         return grant
 
     def delegate(self, task_id: str, request: DelegationRequest) -> tuple[str, TaskSpec]:
@@ -109,13 +109,13 @@ class TaskService:
         snapshot = runtime.snapshot
         task = snapshot.policy.tasks_by_id.get(task_id)
         if task is None or task.agent != snapshot.policy.agent:
-            raise GrantError("grant_unknown_task", f"no task {task_id!r} for this agent")
+            raise GrantError(GrantCode.UNKNOWN_TASK, f"no task {task_id!r} for this agent")
         if snapshot.identity is None:
             raise GrantError(
-                "grant_not_delegable", "delegation signs with the agent's X.509-SVID: configure an identity source"
+                GrantCode.NOT_DELEGABLE, "delegation signs with the agent's X.509-SVID: configure an identity source"
             )
         if task.grant is None:
-            raise GrantError("grant_not_delegable", "only tasks that came from a signed grant can be delegated")
+            raise GrantError(GrantCode.NOT_DELEGABLE, "only tasks that came from a signed grant can be delegated")
         svid, budgets = snapshot.identity.state.svid, runtime.budgets
 
         def remaining(index: int | None) -> int | None:
@@ -134,7 +134,7 @@ class TaskService:
         )
         if not budgets.try_reserve(_reservations(task, delegation)):
             raise GrantError(
-                "grant_widening", "max_calls: the parent's budget left is smaller than the delegated budgets"
+                GrantCode.WIDENING, "max_calls: the parent's budget left is smaller than the delegated budgets"
             )
         token = sign_delegation(delegation, svid)
         child = delegation.child
@@ -162,7 +162,7 @@ class TaskService:
         snapshot = runtime.snapshot
         carried = runtime.carried
         if task_id not in snapshot.policy.tasks_by_id and task_id not in carried.issued:
-            raise GrantError("grant_unknown_task", f"no task {task_id!r} held or delegated here")
+            raise GrantError(GrantCode.UNKNOWN_TASK, f"no task {task_id!r} held or delegated here")
         carried = replace(carried, own_revoked={**carried.own_revoked, task_id: int(runtime.clock())})
         runtime.remember(carried)
         token = self._publish(snapshot, dict(carried.own_revoked))

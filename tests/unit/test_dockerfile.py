@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from sidecar.inject import layout
-from sidecar.inject.patch import build_containers
+from sidecar.inject.containers import build_containers
 from sidecar.inject.settings import load_injector
 from tests.support.commands import parses
 

@@ -13,7 +13,8 @@ import yaml
 from sidecar.config.schema import SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.inject import layout
-from sidecar.inject.patch import InjectionDenied, plan_injection
+from sidecar.inject.pod import plan_injection
+from sidecar.inject.podspec import InjectionDenied
 from sidecar.inject.settings import check_layout, load_injector
 
 SIDECAR: dict[str, Any] = {

@@ -7,9 +7,13 @@ from typing import Any
 
 import pytest
 import structlog.testing
+from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.audit.log import DecisionLog
 from sidecar.config import loader
 from sidecar.decision import Reason
+from sidecar.errors import ErrorCode
+from sidecar.metrics import Metrics
 from sidecar.runtime import active
 from tests.support.config import base_config, task, write_config
 from tests.support.runtime import make_runtime, req
@@ -108,3 +112,26 @@ def test_a_change_to_a_referenced_file_still_reloads_after_a_failure(tmp_path: P
     assert runtime.reload() and runtime.last_error is None
     assert runtime.snapshot.keys.current.kid != old_kid
     assert runtime.decide(req(), "d").reason is Reason.ALLOWED
+
+
+def test_reload_failures_are_counted_by_error_code(tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path, [task()])
+    metrics = Metrics()
+    metrics.bind(runtime, DecisionLog(None, stdout=False))
+
+    def failures() -> dict[str, float]:
+        return {
+            sample.labels["code"]: sample.value
+            for family in text_string_to_metric_families(metrics.render().decode())
+            for sample in family.samples
+            if sample.name == "agent_authz_config_reload_failures_total"
+        }
+
+    assert failures() == {"config_invalid": 0, "key_invalid": 0}  # every code has a sample from the start
+    (tmp_path / "sidecar.yaml").write_text("agent: [broken")
+    assert not runtime.reload()
+    (tmp_path / "keys" / "next.pem").write_text("not a key")
+    write_config(tmp_path, base_config(tmp_path, [task()]))
+    assert not runtime.reload()
+    assert failures() == {"config_invalid": 1, "key_invalid": 1}
+    assert runtime.reload_failures_by_code == {ErrorCode.CONFIG_INVALID: 1, ErrorCode.KEY_INVALID: 1}
