@@ -1,7 +1,12 @@
-"""The running pod of the namespace tests: what the agent sees, what the upstream received, the records.
+"""The network-namespace pod of the namespace tests: its lifecycle, and what the agent sees in it.
 
-Shared by ``tests/e2e/test_interception.py`` (issue 4: plain HTTP, passthrough, originate) and
-``tests/e2e/test_intercept_netns.py`` (TLS interception). The test thread sits in the pod namespace
+:func:`pod_sandbox` is the one fixture behind every namespace test (``tests/e2e/test_interception.py``:
+plain HTTP, passthrough, originate, iptables; ``test_intercept_netns.py``: TLS interception;
+``test_injected_pod.py``: the webhook's patched pod run as the kubelet would): a pod and an upstream
+namespace, a base directory, the processes started in them - and, whatever happens, every process
+stopped and reaped, the namespaces and their hosts file deleted (asserted), the directory removed.
+
+:class:`Pod` is the running pod of the first two: the test thread sits in the pod namespace
 (:meth:`tests.support.netns.PodNetwork.inside`), so commands run there; with a hosts file
 (:meth:`tests.support.netns.PodNetwork.write_hosts`) agent commands go through ``ip netns exec``, which
 bind-mounts it over ``/etc/hosts`` for that command only.
@@ -9,23 +14,83 @@ bind-mounts it over ``/etc/hosts`` for that command only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import jwt
 
 from sidecar.harness import AuthzStack, ManagedProcess, http_get, wait_until
-from tests.support.netns import AGENT_UID, PodNetwork, as_user
+from tests.support.netns import AGENT_UID, PodNetwork, as_user, missing_tools
 
-__all__ = ["REPO", "Curl", "Pod", "jwks", "start_servers", "token_claims"]
+__all__ = ["REPO", "Curl", "Pod", "Sandbox", "jwks", "pod_sandbox", "start_servers", "token_claims"]
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+class Stoppable(Protocol):
+    def stop(self) -> Any: ...
+
+
+S = TypeVar("S", bound=Stoppable)
+
+
+@dataclass
+class Sandbox:
+    """A pod namespace (and its upstream), a base directory, and what runs in them (stopped last-first)."""
+
+    net: PodNetwork
+    base: Path
+    running: list[Stoppable] = field(default_factory=list)
+
+    def dir(self, name: str, mode: int = 0o755) -> Path:
+        """A directory below :attr:`base` (world-readable by default: the proxy and agent UIDs read it)."""
+        path = self.base / name
+        path.mkdir(parents=True)
+        path.chmod(mode)
+        return path
+
+    def keep(self, thing: S) -> S:
+        """Stop ``thing`` when the sandbox closes (after everything kept later)."""
+        self.running.append(thing)
+        return thing
+
+
+@contextlib.contextmanager
+def pod_sandbox(prefix: str, *, tools: Sequence[str] = (), hosts: Mapping[str, str] | None = None) -> Iterator[Sandbox]:
+    """The namespaces of one pod test, created, and always torn down.
+
+    Args:
+        prefix: of the base directory's name (in ``/tmp``: unix socket paths stay short).
+        tools: commands needed besides :func:`~tests.support.netns.missing_tools`'.
+        hosts: the pod's name resolution (``name -> address``), if any.
+    """
+    missing = missing_tools() + [tool for tool in tools if shutil.which(tool) is None]
+    assert not missing, f"missing tools: {missing} (.ci/run installs them)"
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    base.chmod(0o755)
+    sandbox = Sandbox(PodNetwork(), base)
+    try:
+        sandbox.net.create()
+        if hosts:
+            sandbox.net.write_hosts(dict(hosts))
+        yield sandbox
+    finally:
+        try:
+            for thing in reversed(sandbox.running):
+                thing.stop()
+        finally:
+            sandbox.net.close()
+            assert not sandbox.net.exists() and not sandbox.net.hosts_file.exists()
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @dataclass
