@@ -1,4 +1,4 @@
-"""Install or remove the interception rules with ``iptables-save``/``iptables-restore``.
+"""Install or remove the redirection rules with ``iptables-save``/``iptables-restore``.
 
 Each address family is one ``*-restore`` call holding whole tables (see
 :func:`~sidecar.redirect.rules.merge_table`), so a family is either fully updated or untouched.

@@ -1,4 +1,4 @@
-"""The interception rule set, as ``iptables-restore`` text. Pure functions: no I/O, no root.
+"""The redirection rule set (transparent interception), as ``iptables-restore`` text. Pure functions: no I/O, no root.
 
 What the rules do (IPv4, and IPv6 with ``--ipv6 same``), in the pod's network namespace:
 

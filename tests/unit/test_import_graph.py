@@ -211,3 +211,25 @@ def test_only_the_protocol_edge_reads_ext_authz_protobufs() -> None:
             if protobufs and not module.startswith("sidecar.envoy_authz"):
                 offenders.append(f"{module}:{node.lineno}")
     assert not offenders
+
+
+def test_test_modules_import_only_the_support_package() -> None:
+    """Tests share helpers through ``tests/support`` (and fixtures through ``conftest.py``), never
+    by importing another test module."""
+    tests = SIDECAR.parent / "tests"
+    offenders = []
+    for path in sorted(tests.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f"{path.relative_to(tests)}:{node.lineno} imports {name}"
+                for name in names
+                if name.startswith("tests.") and not name.startswith("tests.support")
+            ]
+    assert not offenders
