@@ -170,11 +170,14 @@ class Runtime:
         failed = self._failed.inputs if self._failed is not None else {}
         return frozenset(self._active.inputs) | frozenset(failed)
 
-    def _unchanged(self, attempt: _Attempt, key: object) -> bool:
-        return attempt.key == key and inputs_unchanged(self.files, attempt.inputs)
+    def _unchanged(self, attempt: _Attempt, key: object, known: Inputs) -> bool:
+        return attempt.key == key and inputs_unchanged(self.files, attempt.inputs, known)
 
     def reload(self) -> bool:
         """Re-read the configuration and swap it in if it is valid and changed.
+
+        ``sidecar.yaml`` is read once: its bytes are fingerprinted for the short-circuit and, when
+        something changed, parsed once.
 
         Returns:
             ``True`` when a new snapshot is active. On error the previous snapshot stays active,
@@ -182,18 +185,26 @@ class Runtime:
             per distinct set of inputs: the same bad files are not parsed again.
         """
         key = self._carried.rebuild_key
-        if self._unchanged(self._active, key):
+        recorder = InputRecorder(self.files)
+        unreadable: ConfigError | None = None
+        try:
+            raw = read_config_bytes(self.config_path, fetch=recorder.fetch)
+        except ConfigError as exc:
+            raw, unreadable = b"", exc
+        read_now = recorder.inputs()  # the config file's fingerprint, as just read
+        if self._unchanged(self._active, key, read_now):
             if self._failed is not None:  # back to the active configuration's files: the error is stale
                 self._failed = None
                 self.last_error = None
                 _log.info("config_restored", file=str(self.config_path), digest=self.snapshot.digest[:16])
             return False
-        if self._failed is not None and self._unchanged(self._failed, key):
+        if self._failed is not None and self._unchanged(self._failed, key, read_now):
             return False
         previous = self.snapshot
-        recorder = InputRecorder(self.files)
         try:
-            snapshot = self._build(self._carried, recorder)
+            if unreadable is not None:
+                raise unreadable
+            snapshot = self._build(self._carried, recorder, parse_config(self.config_path, raw))
         except ConfigError as exc:
             self._failed = _Attempt(recorder.inputs(), key)
             self.reload_failures_by_code[exc.code] += 1

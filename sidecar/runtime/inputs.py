@@ -91,9 +91,11 @@ def fingerprint(files: FileSource, path: Path) -> str:
         return f"error:{exc.errno}"
 
 
-def inputs_unchanged(files: FileSource, inputs: Inputs) -> bool:
-    """Whether every file in ``inputs`` still has the fingerprint the build saw (reads them, parses nothing)."""
-    return all(fingerprint(files, path) == seen for path, seen in inputs.items())
+def inputs_unchanged(files: FileSource, inputs: Inputs, known: Inputs | None = None) -> bool:
+    """Whether every file in ``inputs`` still has the fingerprint the build saw (reads them, parses
+    nothing); ``known`` holds fingerprints of files just read (not read again)."""
+    known = known or {}
+    return all((known[path] if path in known else fingerprint(files, path)) == seen for path, seen in inputs.items())
 
 
 class InputRecorder:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,10 @@ from sidecar.config import loader
 from sidecar.decision import Reason
 from sidecar.errors import ErrorCode
 from sidecar.metrics import Metrics
-from sidecar.runtime import active
-from tests.support.config import base_config, task, write_config
-from tests.support.runtime import make_runtime, req
+from sidecar.runtime import Runtime, active
+from sidecar.runtime.inputs import DiskFiles
+from tests.support.config import base_config, task, write_config, write_keys
+from tests.support.runtime import Clock, make_runtime, req
 
 
 @pytest.fixture
@@ -135,3 +137,28 @@ def test_reload_failures_are_counted_by_error_code(tmp_path: Path) -> None:
     assert not runtime.reload()
     assert failures() == {"config_invalid": 1, "key_invalid": 1}
     assert runtime.reload_failures_by_code == {ErrorCode.CONFIG_INVALID: 1, ErrorCode.KEY_INVALID: 1}
+
+
+class CountingDisk(DiskFiles):
+    """The real disk, counting the reads of each file."""
+
+    def __init__(self) -> None:
+        self.reads: Counter[Path] = Counter()
+
+    def fetch(self, path: Path, limit: int) -> bytes:
+        self.reads[path] += 1
+        return super().fetch(path, limit)
+
+
+def test_one_reload_reads_and_parses_sidecar_yaml_once(tmp_path: Path, parses: list[Path]) -> None:
+    write_keys(tmp_path)
+    write_config(tmp_path, base_config(tmp_path, [task()]))
+    disk = CountingDisk()
+    runtime = Runtime(tmp_path / "sidecar.yaml", clock=Clock(), files=disk)
+    config = tmp_path / "sidecar.yaml"
+    assert disk.reads[config] == 1 and len(parses) == 1
+    assert not runtime.reload()  # unchanged: read (fingerprint), not parsed
+    assert disk.reads[config] == 2 and len(parses) == 1
+    write_config(tmp_path, base_config(tmp_path, [task(purpose="edited")]))
+    assert runtime.reload()  # changed: read once, parsed once
+    assert disk.reads[config] == 3 and len(parses) == 2
