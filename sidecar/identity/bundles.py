@@ -15,8 +15,7 @@ Two formats are read here, and only here:
   ``use`` (``wit-svid``, ``enc``, ``sig``...) or of a type no JWT-SVID algorithm uses is kept out of
   both and reported in :attr:`BundleDocument.ignored` (log it once with :func:`log_ignored`).
 
-Parse failures raise :class:`BundleError` with a ``bundle_*`` detail code from
-:mod:`sidecar.identity.codes`.
+Parse failures raise :class:`BundleError` with a :class:`~sidecar.errors.BundleDetail` sub-code.
 """
 
 from __future__ import annotations
@@ -35,8 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from jwt import PyJWK
 from jwt.exceptions import PyJWTError
 
-from sidecar.errors import AgentAuthzError
-from sidecar.identity import codes
+from sidecar.errors import AgentAuthzError, BundleDetail, ErrorCode
 
 __all__ = [
     "BundleDocument",
@@ -92,12 +90,12 @@ class BundleError(AgentAuthzError):
     """A trust bundle does not parse or breaks the SPIFFE bundle format.
 
     Attributes:
-        detail: a ``bundle_*`` code of :mod:`sidecar.identity.codes`.
+        detail: the sub-code.
     """
 
-    code = "bundle_invalid"
+    code = ErrorCode.BUNDLE_INVALID
 
-    def __init__(self, detail: str, message: str) -> None:
+    def __init__(self, detail: BundleDetail, message: str) -> None:
         self.detail = detail
         super().__init__(f"{detail}: {message}")
 
@@ -135,13 +133,13 @@ def parse_x509_bundle_pem(data: bytes) -> tuple[x509.Certificate, ...]:
             for bytes without a PEM certificate or a certificate that does not parse.
     """
     if not data.strip():
-        raise BundleError(codes.BUNDLE_EMPTY, "the bundle file is empty")
+        raise BundleError(BundleDetail.BUNDLE_EMPTY, "the bundle file is empty")
     if b"-----BEGIN CERTIFICATE-----" not in data:
-        raise BundleError(codes.BUNDLE_MALFORMED, "no PEM certificate in the bundle")
+        raise BundleError(BundleDetail.BUNDLE_MALFORMED, "no PEM certificate in the bundle")
     try:
         certs = x509.load_pem_x509_certificates(data)
     except ValueError as exc:
-        raise BundleError(codes.BUNDLE_MALFORMED, f"a certificate does not parse ({exc})") from None
+        raise BundleError(BundleDetail.BUNDLE_MALFORMED, f"a certificate does not parse ({exc})") from None
     unique: dict[bytes, x509.Certificate] = {}
     for cert in certs:
         unique.setdefault(cert.tbs_certificate_bytes + cert.signature, cert)
@@ -187,7 +185,7 @@ def parse_x509_bundle_der(data: bytes) -> tuple[x509.Certificate, ...]:
     try:
         return tuple(x509.load_der_x509_certificate(der) for der in split_der(data))
     except ValueError as exc:
-        raise BundleError(codes.BUNDLE_MALFORMED, f"the DER certificates do not parse ({exc})") from None
+        raise BundleError(BundleDetail.BUNDLE_MALFORMED, f"the DER certificates do not parse ({exc})") from None
 
 
 def _int_member(document: Mapping[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
@@ -195,7 +193,7 @@ def _int_member(document: Mapping[str, Any], name: str, *, minimum: int, maximum
     if value is None:
         return None
     if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
-        raise BundleError(codes.BUNDLE_MALFORMED, f"{name} must be an integer in [{minimum}, {maximum}]")
+        raise BundleError(BundleDetail.BUNDLE_MALFORMED, f"{name} must be an integer in [{minimum}, {maximum}]")
     return value
 
 
@@ -204,7 +202,7 @@ def _x509_entry(index: int, jwk: Mapping[str, Any]) -> x509.Certificate:
     if not isinstance(chain, list) or len(chain) != 1:
         count = len(chain) if isinstance(chain, list) else 0
         raise BundleError(
-            codes.BUNDLE_BAD_X509_ENTRY,
+            BundleDetail.BUNDLE_BAD_X509_ENTRY,
             f"keys[{index}]: an x509-svid entry holds exactly one certificate in x5c, this one {count}",
         )
     try:
@@ -212,25 +210,27 @@ def _x509_entry(index: int, jwk: Mapping[str, Any]) -> x509.Certificate:
             raise ValueError("not a string")
         return x509.load_der_x509_certificate(base64.b64decode(chain[0], validate=True))
     except (ValueError, binascii.Error) as exc:
-        raise BundleError(codes.BUNDLE_BAD_X509_ENTRY, f"keys[{index}]: x5c[0] does not parse ({exc})") from None
+        raise BundleError(BundleDetail.BUNDLE_BAD_X509_ENTRY, f"keys[{index}]: x5c[0] does not parse ({exc})") from None
 
 
 def _jwt_entry(index: int, jwk: Mapping[str, Any]) -> tuple[str, PublicKeyTypes] | str:
     """``(kid, key)``, or the reason the key is ignored (a key type no JWT-SVID algorithm uses)."""
     kty = jwk.get("kty")
     if not isinstance(kty, str) or not kty:
-        raise BundleError(codes.BUNDLE_BAD_KEY, f"keys[{index}]: kty is required (RFC 7517 §4.1)")
+        raise BundleError(BundleDetail.BUNDLE_BAD_KEY, f"keys[{index}]: kty is required (RFC 7517 §4.1)")
     if kty not in ("RSA", "EC") or (kty == "EC" and jwk.get("crv") not in _JWT_CURVES):
         return f"keys[{index}]: key type {kty}{'/' + str(jwk.get('crv')) if kty == 'EC' else ''} signs no JWT-SVID"
     kid = jwk.get("kid")
     if kid is None or kid == "":
-        raise BundleError(codes.BUNDLE_MISSING_KID, f"keys[{index}]: a JWT authority needs a kid (JWT-SVID §6.1)")
+        raise BundleError(
+            BundleDetail.BUNDLE_MISSING_KID, f"keys[{index}]: a JWT authority needs a kid (JWT-SVID §6.1)"
+        )
     if not isinstance(kid, str):
-        raise BundleError(codes.BUNDLE_BAD_KEY, f"keys[{index}]: kid must be a string")
+        raise BundleError(BundleDetail.BUNDLE_BAD_KEY, f"keys[{index}]: kid must be a string")
     try:
         key = PyJWK(dict(jwk)).key
     except (PyJWTError, ValueError, TypeError) as exc:
-        raise BundleError(codes.BUNDLE_BAD_KEY, f"keys[{index}] ({kid!r}) does not parse ({exc})") from None
+        raise BundleError(BundleDetail.BUNDLE_BAD_KEY, f"keys[{index}] ({kid!r}) does not parse ({exc})") from None
     return kid, key
 
 
@@ -256,14 +256,16 @@ def parse_bundle_document(data: bytes) -> BundleDocument:
     try:
         document = json.loads(data)
     except (ValueError, RecursionError) as exc:
-        raise BundleError(codes.BUNDLE_MALFORMED, f"not JSON ({exc})") from None
+        raise BundleError(BundleDetail.BUNDLE_MALFORMED, f"not JSON ({exc})") from None
     if not isinstance(document, dict):
-        raise BundleError(codes.BUNDLE_MALFORMED, "a bundle is a JSON object (a JWK Set)")
+        raise BundleError(BundleDetail.BUNDLE_MALFORMED, "a bundle is a JSON object (a JWK Set)")
     keys = document.get("keys")
     if keys is None:
-        raise BundleError(codes.BUNDLE_MISSING_KEYS, "the keys member is required (Trust Domain and Bundle §4.1.3)")
+        raise BundleError(
+            BundleDetail.BUNDLE_MISSING_KEYS, "the keys member is required (Trust Domain and Bundle §4.1.3)"
+        )
     if not isinstance(keys, list):
-        raise BundleError(codes.BUNDLE_MALFORMED, "keys must be an array of JWKs")
+        raise BundleError(BundleDetail.BUNDLE_MALFORMED, "keys must be an array of JWKs")
     sequence = _int_member(document, "spiffe_sequence", minimum=0, maximum=_MAX_SEQUENCE)
     refresh_hint = _int_member(document, "spiffe_refresh_hint", minimum=0, maximum=2**63 - 1)
     x509_authorities: list[x509.Certificate] = []
@@ -271,13 +273,13 @@ def parse_bundle_document(data: bytes) -> BundleDocument:
     ignored: list[str] = []
     for index, jwk in enumerate(keys):
         if not isinstance(jwk, dict):
-            raise BundleError(codes.BUNDLE_MALFORMED, f"keys[{index}] is not a JSON object")
+            raise BundleError(BundleDetail.BUNDLE_MALFORMED, f"keys[{index}] is not a JSON object")
         private = sorted(_PRIVATE_MEMBERS & set(jwk))
         if private:
-            raise BundleError(codes.BUNDLE_BAD_KEY, f"keys[{index}] carries private key material {private}")
+            raise BundleError(BundleDetail.BUNDLE_BAD_KEY, f"keys[{index}] carries private key material {private}")
         use = jwk.get("use")
         if use is not None and not isinstance(use, str):
-            raise BundleError(codes.BUNDLE_BAD_KEY, f"keys[{index}]: use must be a string")
+            raise BundleError(BundleDetail.BUNDLE_BAD_KEY, f"keys[{index}]: use must be a string")
         if use == X509_SVID_USE:
             cert = _x509_entry(index, jwk)
             if cert not in x509_authorities:

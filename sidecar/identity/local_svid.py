@@ -12,7 +12,7 @@ the local SVID must pass:
   would: an SVID its peers would refuse is not an identity.
 
 A failure raises :class:`LocalIdentityError` whose ``detail`` is an ``svid_*`` sub-code (those of
-:mod:`sidecar.identity.x509svid` plus :mod:`sidecar.identity.codes`).
+:mod:`sidecar.identity.x509svid` plus the local-only ones; all :class:`~sidecar.errors.SvidDetail`).
 """
 
 from __future__ import annotations
@@ -26,12 +26,11 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from sidecar.errors import AgentAuthzError, IdentityError
-from sidecar.identity import codes
+from sidecar.errors import AgentAuthzError, ErrorCode, IdentityError, SvidDetail
 from sidecar.identity.bundles import TrustBundles, split_der
 from sidecar.identity.x509svid import X509SvidVerifier, check_leaf
 
-__all__ = ["LocalIdentityError", "Svid", "parse_svid_der", "parse_svid_pem", "validate_local_svid"]
+__all__ = ["KeyMismatchError", "LocalIdentityError", "Svid", "parse_svid_der", "parse_svid_pem", "validate_local_svid"]
 
 _SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
@@ -40,14 +39,24 @@ class LocalIdentityError(AgentAuthzError):
     """The sidecar's own SVID (or its key) is unusable.
 
     Attributes:
-        detail: an ``svid_*`` sub-code.
+        detail: the ``svid_*`` sub-code.
     """
 
-    code = "identity_invalid"
+    code = ErrorCode.IDENTITY_INVALID
 
-    def __init__(self, detail: str, message: str) -> None:
+    def __init__(self, detail: SvidDetail, message: str) -> None:
         self.detail = detail
         super().__init__(f"{detail}: {message}")
+
+
+class KeyMismatchError(LocalIdentityError, ValueError):
+    """The private key does not belong to the SVID's leaf certificate (``svid_key_mismatch``); a
+    ``ValueError`` too, for callers that catch that."""
+
+    code = ErrorCode.KEY_MISMATCH
+
+    def __init__(self, message: str) -> None:
+        super().__init__(SvidDetail.SVID_KEY_MISMATCH, message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,17 +88,19 @@ def parse_svid_pem(cert_pem: bytes, key_pem: bytes) -> tuple[list[x509.Certifica
             ``svid_bad_private_key`` (no key, an encrypted one, or one that does not parse).
     """
     if b"-----BEGIN CERTIFICATE-----" not in cert_pem:
-        raise LocalIdentityError("svid_malformed", "no PEM certificate")
+        raise LocalIdentityError(SvidDetail.SVID_MALFORMED, "no PEM certificate")
     try:
         chain = x509.load_pem_x509_certificates(cert_pem)
     except ValueError as exc:
-        raise LocalIdentityError("svid_malformed", f"a certificate does not parse ({exc})") from None
+        raise LocalIdentityError(SvidDetail.SVID_MALFORMED, f"a certificate does not parse ({exc})") from None
     if b"PRIVATE KEY-----" not in key_pem:
-        raise LocalIdentityError(codes.SVID_BAD_PRIVATE_KEY, "no PEM private key")
+        raise LocalIdentityError(SvidDetail.SVID_BAD_PRIVATE_KEY, "no PEM private key")
     try:
         key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise LocalIdentityError(codes.SVID_BAD_PRIVATE_KEY, f"not an unencrypted PEM private key ({exc})") from None
+        raise LocalIdentityError(
+            SvidDetail.SVID_BAD_PRIVATE_KEY, f"not an unencrypted PEM private key ({exc})"
+        ) from None
     return chain, key
 
 
@@ -102,13 +113,13 @@ def parse_svid_der(chain_der: bytes, key_der: bytes) -> tuple[list[x509.Certific
     try:
         chain = [x509.load_der_x509_certificate(der) for der in split_der(chain_der)]
     except ValueError as exc:
-        raise LocalIdentityError("svid_malformed", f"the certificate chain does not parse ({exc})") from None
+        raise LocalIdentityError(SvidDetail.SVID_MALFORMED, f"the certificate chain does not parse ({exc})") from None
     if not chain:
-        raise LocalIdentityError("svid_malformed", "no certificate")
+        raise LocalIdentityError(SvidDetail.SVID_MALFORMED, "no certificate")
     try:
         key = serialization.load_der_private_key(key_der, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise LocalIdentityError(codes.SVID_BAD_PRIVATE_KEY, f"not a PKCS#8 DER private key ({exc})") from None
+        raise LocalIdentityError(SvidDetail.SVID_BAD_PRIVATE_KEY, f"not a PKCS#8 DER private key ({exc})") from None
     return chain, key
 
 
@@ -117,19 +128,21 @@ def _check_signers(signers: Sequence[x509.Certificate]) -> None:
         try:
             basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
         except x509.ExtensionNotFound:
-            raise LocalIdentityError(codes.SVID_SIGNER_NOT_CA, f"chain[{index}] has no basicConstraints") from None
+            raise LocalIdentityError(SvidDetail.SVID_SIGNER_NOT_CA, f"chain[{index}] has no basicConstraints") from None
         except ValueError as exc:
-            raise LocalIdentityError("svid_malformed", f"chain[{index}]: bad basicConstraints ({exc})") from None
+            raise LocalIdentityError(
+                SvidDetail.SVID_MALFORMED, f"chain[{index}]: bad basicConstraints ({exc})"
+            ) from None
         if not basic.ca:
-            raise LocalIdentityError(codes.SVID_SIGNER_NOT_CA, f"chain[{index}] signs the SVID but has CA:FALSE")
+            raise LocalIdentityError(SvidDetail.SVID_SIGNER_NOT_CA, f"chain[{index}] signs the SVID but has CA:FALSE")
         try:
             usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
         except x509.ExtensionNotFound:
-            raise LocalIdentityError(codes.SVID_SIGNER_BAD_KEY_USAGE, f"chain[{index}] has no keyUsage") from None
+            raise LocalIdentityError(SvidDetail.SVID_SIGNER_BAD_KEY_USAGE, f"chain[{index}] has no keyUsage") from None
         except ValueError as exc:
-            raise LocalIdentityError("svid_malformed", f"chain[{index}]: bad keyUsage ({exc})") from None
+            raise LocalIdentityError(SvidDetail.SVID_MALFORMED, f"chain[{index}]: bad keyUsage ({exc})") from None
         if not usage.key_cert_sign:
-            raise LocalIdentityError(codes.SVID_SIGNER_BAD_KEY_USAGE, f"chain[{index}] lacks keyCertSign")
+            raise LocalIdentityError(SvidDetail.SVID_SIGNER_BAD_KEY_USAGE, f"chain[{index}] lacks keyCertSign")
 
 
 def validate_local_svid(
@@ -150,7 +163,7 @@ def validate_local_svid(
         LocalIdentityError: the first rule broken, as an ``svid_*`` sub-code.
     """
     if not chain:
-        raise LocalIdentityError("svid_malformed", "no certificate")
+        raise LocalIdentityError(SvidDetail.SVID_MALFORMED, "no certificate")
     leaf = chain[0]
     try:
         check_leaf(leaf, now)
@@ -158,7 +171,7 @@ def validate_local_svid(
         raise LocalIdentityError(exc.detail, str(exc).split(": ", 1)[-1]) from None
     _check_signers(chain[1:])
     if leaf.public_key().public_bytes(*_SPKI) != key.public_key().public_bytes(*_SPKI):
-        raise LocalIdentityError(codes.SVID_KEY_MISMATCH, "the private key does not belong to the leaf certificate")
+        raise KeyMismatchError("the private key does not belong to the leaf certificate")
     try:
         verified = X509SvidVerifier(bundles, max_entries=1).verify_certificates(leaf, list(chain[1:]), now=now)
     except IdentityError as exc:

@@ -9,7 +9,7 @@ atomically, and verifiers built from it are rebuilt with it.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from jwt import PyJWKSet
 from jwt.exceptions import PyJWKSetError
 
-from sidecar.config.schema import IdentityFilesSpec
-from sidecar.errors import ConfigError, KeyLoadError
-from sidecar.identity import codes
+from sidecar.errors import BundleDetail, ConfigError, ErrorCode, KeyLoadError, SvidDetail
 from sidecar.identity.bundles import (
     BundleError,
     TrustBundles,
@@ -27,23 +25,31 @@ from sidecar.identity.bundles import (
     parse_bundle_document,
     parse_x509_bundle_pem,
 )
-from sidecar.identity.local_svid import LocalIdentityError, Svid, parse_svid_pem, validate_local_svid
+from sidecar.identity.local_svid import (
+    KeyMismatchError,
+    LocalIdentityError,
+    Svid,
+    parse_svid_pem,
+    validate_local_svid,
+)
 
-__all__ = ["IdentityLoadError", "IdentityState", "Svid", "load_identity_files", "parse_jwt_bundle"]
+__all__ = ["IdentityLoadError", "IdentityState", "KeyMismatchError", "Svid", "load_identity_files", "parse_jwt_bundle"]
 
 
 class IdentityLoadError(KeyLoadError):
     """An ``identity.files`` file is unusable: the SVID, its key or a trust bundle.
 
     Attributes:
-        detail: the ``svid_*`` / ``bundle_*`` sub-code (:mod:`sidecar.identity.codes`).
+        detail: the sub-code: :class:`~sidecar.errors.SvidDetail` (``svid_*``,
+            ``identity_file_unreadable``) or :class:`~sidecar.errors.BundleDetail` (``bundle_*``).
     """
 
-    code = "identity_invalid"
+    code = ErrorCode.IDENTITY_INVALID
+    detail: SvidDetail | BundleDetail
 
     def __init__(self, file: str, field: str, error: LocalIdentityError | BundleError | ConfigError) -> None:
         if isinstance(error, ConfigError):
-            self.detail = codes.IDENTITY_FILE_UNREADABLE
+            self.detail = SvidDetail.IDENTITY_FILE_UNREADABLE
             super().__init__(file, field, f"{self.detail}: {error.reason}")
         else:
             self.detail = error.detail
@@ -91,9 +97,12 @@ def parse_jwt_bundle(data: bytes) -> dict[str, PublicKeyTypes]:
 
 
 def load_identity_files(
-    spec: IdentityFilesSpec,
     read: Callable[[Path, str], bytes],
     *,
+    svid: Path,
+    key: Path,
+    bundles: Mapping[str, Path],
+    jwt_bundles: Mapping[str, Path],
     file: str,
     now: float,
 ) -> IdentityState:
@@ -103,8 +112,9 @@ def load_identity_files(
     bundles loaded with it (so it must chain to its own trust domain's bundle, and not be expired).
 
     Args:
-        spec: the ``identity.files`` section.
         read: reads a file named in config: ``(path, field) -> bytes`` (records it for reload).
+        svid / key: the ``svid`` (PEM chain, leaf first) and ``key`` files.
+        bundles / jwt_bundles: trust domain -> X.509 bundle (PEM) / JWT bundle (SPIFFE bundle or JWKS) file.
         file: the config file, for error messages.
         now: POSIX seconds.
 
@@ -119,29 +129,29 @@ def load_identity_files(
         except ConfigError as exc:
             raise IdentityLoadError(file, field_name, exc) from None
 
-    chain_pem = checked_read(spec.svid, "identity.files.svid")
-    key_pem = checked_read(spec.key, "identity.files.key")
+    chain_pem = checked_read(svid, "identity.files.svid")
+    key_pem = checked_read(key, "identity.files.key")
     x509_bundles = {}
-    for trust_domain, path in sorted(spec.bundles.items()):
+    for trust_domain, path in sorted(bundles.items()):
         field_name = f"identity.files.bundles.{trust_domain}"
         try:
             x509_bundles[trust_domain] = parse_x509_bundle_pem(checked_read(path, field_name))
         except BundleError as exc:
             raise IdentityLoadError(file, field_name, exc) from None
-    jwt_bundles = {}
-    for trust_domain, path in sorted(spec.jwt_bundles.items()):
+    jwt_keys = {}
+    for trust_domain, path in sorted(jwt_bundles.items()):
         field_name = f"identity.files.jwt_bundles.{trust_domain}"
         try:
             document = parse_bundle_document(checked_read(path, field_name))
         except BundleError as exc:
             raise IdentityLoadError(file, field_name, exc) from None
         log_ignored(trust_domain, document, source=field_name)
-        jwt_bundles[trust_domain] = document.jwt_authorities
-    bundles = TrustBundles(x509_bundles, jwt_bundles)
+        jwt_keys[trust_domain] = document.jwt_authorities
+    trust = TrustBundles(x509_bundles, jwt_keys)
     try:
-        chain, key = parse_svid_pem(chain_pem, key_pem)
-        svid = validate_local_svid(chain, key, bundles, now=now)
+        chain, private_key = parse_svid_pem(chain_pem, key_pem)
+        agent_svid = validate_local_svid(chain, private_key, trust, now=now)
     except LocalIdentityError as exc:
-        key_fault = exc.detail in (codes.SVID_BAD_PRIVATE_KEY, codes.SVID_KEY_MISMATCH)
+        key_fault = exc.detail in (SvidDetail.SVID_BAD_PRIVATE_KEY, SvidDetail.SVID_KEY_MISMATCH)
         raise IdentityLoadError(file, "identity.files.key" if key_fault else "identity.files.svid", exc) from None
-    return IdentityState(svid, bundles, "files")
+    return IdentityState(agent_svid, trust, "files")

@@ -26,8 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from spiffe._proto import workload_pb2, workload_pb2_grpc
 
-from sidecar.errors import AgentAuthzError, SpiffeIdError
-from sidecar.identity import codes
+from sidecar.errors import AgentAuthzError, BundleDetail, ErrorCode, SpiffeIdError, SvidDetail
 from sidecar.identity.bundles import (
     BundleError,
     TrustBundles,
@@ -47,14 +46,15 @@ _HEADER = (("workload.spiffe.io", "true"),)  # SPIFFE Workload Endpoint §4: the
 _RETRY_MIN, _RETRY_MAX = 0.1, 5.0  # seconds between reconnects (doubling)
 _X509, _JWT = "X.509-SVID", "JWT bundles"  # the two parts of an identity, as errors name them
 
-Rejected = Callable[[str, str], None]
+Detail = SvidDetail | BundleDetail
+Rejected = Callable[[Detail, str], None]
 """``(detail, message)`` of a rejected update."""
 
 
 class WorkloadApiError(AgentAuthzError):
     """The Workload API did not deliver a usable identity at start."""
 
-    code = "identity_unavailable"
+    code = ErrorCode.IDENTITY_UNAVAILABLE
 
 
 def _trust_domain(name: str) -> str:
@@ -62,7 +62,9 @@ def _trust_domain(name: str) -> str:
     try:
         return str(parse_spiffe_id(name, require_path=False).trust_domain)
     except SpiffeIdError as exc:
-        raise BundleError(codes.BUNDLE_MALFORMED, f"bundle key {name!r} is not a trust domain ID ({exc})") from None
+        raise BundleError(
+            BundleDetail.BUNDLE_MALFORMED, f"bundle key {name!r} is not a trust domain ID ({exc})"
+        ) from None
 
 
 def _der_bundle(name: str, data: bytes) -> tuple[x509.Certificate, ...]:
@@ -101,7 +103,7 @@ class WorkloadApiIdentity:
         self._clock = clock
         self._on_update = on_update
         self._on_reject: Rejected | None = None
-        self._pending: list[tuple[str, str]] = []
+        self._pending: list[tuple[Detail, str]] = []
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._deliver = threading.Lock()  # one on_update at a time, always with the latest state
@@ -185,7 +187,7 @@ class WorkloadApiIdentity:
     def _x509(self, response: Any) -> None:
         try:
             if not response.svids:
-                raise LocalIdentityError("svid_malformed", "the X509SVIDResponse holds no SVID")
+                raise LocalIdentityError(SvidDetail.SVID_MALFORMED, "the X509SVIDResponse holds no SVID")
             message = response.svids[0]  # the default SVID (Workload API §5.2.1)
             own = _trust_domain(message.spiffe_id)
             bundles = {_trust_domain(name): _der_bundle(name, der) for name, der in response.federated_bundles.items()}
@@ -196,7 +198,7 @@ class WorkloadApiIdentity:
             svid = validate_local_svid(chain, key, TrustBundles(bundles, jwt_bundles), now=self._clock())
             if svid.spiffe_id != message.spiffe_id:
                 raise LocalIdentityError(
-                    "svid_invalid_spiffe_id",
+                    SvidDetail.SVID_INVALID_SPIFFE_ID,
                     f"the response names {message.spiffe_id}, the certificate {svid.spiffe_id}",
                 )
         except (LocalIdentityError, BundleError) as exc:

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-__all__ = ["BudgetKey", "BudgetLedger"]
+from sidecar.policy.model import EgressRule, Task
+
+__all__ = ["BudgetKey", "BudgetLedger", "budget_limits"]
 
 BudgetKey = tuple[str, str]
 """``(task_id, rule_budget_key)``; the task-wide counter uses ``(task_id, "")``."""
+
+
+def budget_limits(task: Task, rule: EgressRule) -> tuple[tuple[BudgetKey, int | None], ...]:
+    """The counters one call under ``rule`` spends, with their limits: the task's and the rule's."""
+    return (((task.id, ""), task.max_calls), ((task.id, rule.budget_key), rule.max_calls))
 
 
 class BudgetLedger:

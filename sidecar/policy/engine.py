@@ -9,26 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from sidecar.decision import DECISION_ID_HEADER, TASK_HEADER, AuthzRequest, Decision, Direction, Reason, deny_status
+from sidecar.decision import AuthzRequest, Decision, Direction, Reason, deny_status
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_target
-from sidecar.policy.budget import BudgetKey, BudgetLedger
-from sidecar.policy.model import EgressRule, PolicyIndex, Task
+from sidecar.policy.budget import BudgetLedger, budget_limits
+from sidecar.policy.model import EgressRule, PolicyIndex, Task, task_state
 from sidecar.tokens.minter import TokenMinter
+from sidecar.wire import DECISION_ID_HEADER, TASK_HEADER
 
-__all__ = ["INTERCEPT_CONTEXT", "UPSTREAM_TLS_CONTEXT", "UPSTREAM_VERIFY_CONTEXT", "decide_egress", "dry_run"]
-
-UPSTREAM_TLS_CONTEXT = "upstream_tls"
-"""``context_extensions`` key Envoy sets to ``originate`` on routes that open TLS to the upstream;
-a ``tls: originate`` rule allows a call only through such a route, so a bootstrap rendered before the
-rule existed can never send its token in clear text."""
-INTERCEPT_CONTEXT = "intercept"
-"""``context_extensions`` key of the routes behind an intercepting filter chain: ``host:port``, the
-server name and port whose TLS Envoy terminated with a pod-CA certificate. Only ``tls: intercept``
-rules match such a request, and only if it names that host and port; ``tls: intercept`` rules match
-nothing else."""
-UPSTREAM_VERIFY_CONTEXT = "upstream_verify"
-"""``context_extensions`` key: how that route's cluster verifies the upstream (recorded as is)."""
+__all__ = ["decide_egress", "dry_run"]
 
 _ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER)
 _ALWAYS_REMOVE_WITH_AUTHORIZATION = (*_ALWAYS_REMOVE, "authorization")
@@ -42,16 +31,6 @@ _STAGES = (Reason.HOST_NOT_ALLOWED, Reason.PORT_NOT_ALLOWED, Reason.METHOD_NOT_A
 class _Match:
     rules: tuple[EgressRule, ...]  # rules that match host, port, method and path
     reason: Reason  # deepest failure when ``rules`` is empty
-
-
-def _task_state(task: Task, now: float) -> Reason | None:
-    if task.revoked:
-        return Reason.TASK_REVOKED
-    if now < task.not_before:
-        return Reason.TASK_NOT_YET_VALID
-    if now >= task.expires_at:
-        return Reason.TASK_EXPIRED
-    return None
 
 
 _HTTP_PORT = DEFAULT_PORTS["http"]
@@ -92,10 +71,6 @@ def _match(task: Task, target: Target, method: str, intercepted: bool = False) -
     return _Match((), _STAGES[deepest + 1])
 
 
-def _budget_limits(task: Task, rule: EgressRule) -> tuple[tuple[BudgetKey, int | None], ...]:
-    return (((task.id, ""), task.max_calls), ((task.id, rule.budget_key), rule.max_calls))
-
-
 def _default_audience(scheme: str, target: Target) -> str:
     default = DEFAULT_PORTS.get(scheme)
     return f"{scheme}://{target.host}" if target.port == default else f"{scheme}://{target.host}:{target.port}"
@@ -132,17 +107,15 @@ def decide_egress(
     """
     agent = policy.agent
     method = request.method.upper()
-    intercept = request.context.get(INTERCEPT_CONTEXT)
-    tls = ("", "") if intercept is None else ("intercept", request.context.get(UPSTREAM_VERIFY_CONTEXT, ""))
-    sni_host, _, sni_port = (intercept or "").rpartition(":")
+    intercept = request.interception
     # what every record of this call carries, allowed or not
     seen: dict[str, Any] = {
         "agent": agent,
         "method": method,
         "destination": request.destination,
-        "sni": sni_host,
-        "tls": tls[0],
-        "upstream_verify": tls[1],
+        "sni": intercept.host if intercept else "",
+        "tls": "intercept" if intercept else "",
+        "upstream_verify": intercept.upstream_verify if intercept else "",
     }
     try:
         if method == "CONNECT":
@@ -153,13 +126,13 @@ def decide_egress(
             False, Reason.BAD_REQUEST, 400, decision_id, str(exc), Direction.EGRESS, path=request.path[:256], **seen
         )
     seen.update(host=target.host, port=target.port, path=target.path)
-    if intercept is not None and (target.host != sni_host or str(target.port) != sni_port):
+    if intercept is not None and (target.host != intercept.host or target.port != intercept.port):
         return Decision(
             False,
             Reason.MISDIRECTED_REQUEST,
             421,
             decision_id,
-            f"the TLS connection was opened for {intercept}, the request names {target.host}:{target.port}",
+            f"the TLS connection was opened for {intercept.target}, the request names {target.host}:{target.port}",
             Direction.EGRESS,
             **seen,
         )
@@ -171,15 +144,15 @@ def decide_egress(
     rule: EgressRule | None = None
     if isinstance(outcome, _Match):
         rules = outcome.rules
-        if request.context.get(UPSTREAM_TLS_CONTEXT) != "originate":
+        if not request.upstream_tls:
             rules = tuple(r for r in rules if r.tls != "originate")
         if not rules:
             outcome = Reason.TLS_ORIGINATION_UNAVAILABLE
             detail = "the rule needs 'tls: originate' and this Envoy route sends plain HTTP (re-render the bootstrap)"
         else:
             assert task is not None
-            rule = next((r for r in rules if budgets.available(_budget_limits(task, r))), None)
-            if rule is None or not budgets.try_consume(_budget_limits(task, rule)):
+            rule = next((r for r in rules if budgets.available(budget_limits(task, r))), None)
+            if rule is None or not budgets.try_consume(budget_limits(task, rule)):
                 rule, outcome, detail = None, Reason.BUDGET_EXHAUSTED, "the task's call budget is spent"
     if rule is None:
         reason = outcome if isinstance(outcome, Reason) else Reason.INTERNAL_ERROR
@@ -240,7 +213,7 @@ def _select(
             return None, Reason.UNKNOWN_TASK, "no task with the id named in x-agent-task"
         if task.agent != agent:
             return task, Reason.TASK_NOT_FOR_AGENT, "the task named in x-agent-task belongs to another agent"
-        state = _task_state(task, now)
+        state = task_state(task, now)
         if state is not None:
             return task, state, f"task is {state.value.removeprefix('task_').replace('_', ' ')}"
         return _explained(task, _match(task, target, method, intercepted))
@@ -251,9 +224,9 @@ def _select(
         tasks = policy.tasks_for_host(agent, target.host)
         if not tasks:
             return None, Reason.HOST_NOT_ALLOWED, "no task of this agent names this host"
-    active = [t for t in tasks if _task_state(t, now) is None]
+    active = [t for t in tasks if task_state(t, now) is None]
     if not active:
-        state = _task_state(tasks[0], now)
+        state = task_state(tasks[0], now)
         assert state is not None
         return tasks[0], state, f"no active task (first: {state.value})"
     if len(active) == 1:

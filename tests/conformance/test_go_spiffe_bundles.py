@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from sidecar.identity import codes
+from sidecar.errors import BundleDetail, SvidDetail
 from sidecar.identity.bundles import (
     BundleDocument,
     TrustBundles,
@@ -31,17 +31,12 @@ from sidecar.identity.bundles import (
 from sidecar.identity.jwtsvid import JwtSvidVerifier
 from sidecar.identity.state import IdentityLoadError
 from sidecar.identity.x509svid import X509SvidVerifier
-from tests.conformance import fixtures as fx
-from tests.conformance.support import expect, go, load_files
+from tests.support import spiffe_testdata as fx
+from tests.support.conformance import expect, go, load_files
 
 OWN = "example.org"  # the local SVID's trust domain in the Load cases
 
-DIFFERENT = {
-    go("x509bundle", "TestParse", "Parse empty bytes should result in empty bundle"): (
-        "an empty PEM file is refused (bundle_empty): it cannot be told from a truncated write; a trust domain "
-        "that revoked every key publishes a SPIFFE bundle with keys: [] (accepted, empty)"
-    ),
-}
+# The cases where we differ from the upstream, and why: tests.support.conformance.DIFFERENT
 
 
 @dataclass
@@ -92,7 +87,7 @@ JWT_FILES = [
     ("testdata/jwks_valid_1.json", "valid 1", None, 1),
     ("testdata/jwks_valid_2.json", "valid 2", None, 2),
     ("testdata/does-not-exist.json", "non existent file", "missing", 0),
-    ("testdata/jwks_missing_kid.json", "missing kid", codes.BUNDLE_MISSING_KID, 0),
+    ("testdata/jwks_missing_kid.json", "missing kid", BundleDetail.BUNDLE_MISSING_KID, 0),
 ]
 
 
@@ -102,7 +97,7 @@ JWT_FILES = [
 )
 def test_jwtbundle_parse(name: str, detail: str | None, count: int) -> None:
     data = _jwks(name)
-    detail = codes.BUNDLE_MALFORMED if detail == "missing" else detail  # Parse gets no bytes at all
+    detail = BundleDetail.BUNDLE_MALFORMED if detail == "missing" else detail  # Parse gets no bytes at all
     document = expect(lambda: parse_bundle_document(data or b""), detail)
     if detail is None:
         assert document is not None and len(document.jwt_authorities) == count and not document.x509_authorities
@@ -117,7 +112,7 @@ def test_jwtbundle_load(tmp_path: Path, own: Own, name: str, detail: str | None,
     data = _jwks(name)
     if data is not None:
         fx.write(tmp_path / "jwks.json", data)
-    detail = codes.IDENTITY_FILE_UNREADABLE if detail == "missing" else detail
+    detail = SvidDetail.IDENTITY_FILE_UNREADABLE if detail == "missing" else detail
 
     def run() -> Any:
         return load_files(tmp_path, bundles={OWN: "own.pem"}, jwt_bundles={OWN: "jwks.json"})
@@ -157,9 +152,9 @@ SPIFFE_FILES: list[tuple[str, str | None, int, int, int | None, int | None, int]
     ("does-not-exist", "missing", 0, 0, None, None, 0),
     ("valid_1", None, 1, 1, None, None, 0),
     ("valid_2", None, 6, 1, 60, 1, 0),
-    ("missing_kid", codes.BUNDLE_MISSING_KID, 0, 0, None, None, 0),
-    ("no_keys", codes.BUNDLE_MISSING_KEYS, 0, 0, None, None, 0),
-    ("multiple_x509", codes.BUNDLE_BAD_X509_ENTRY, 0, 0, None, None, 0),
+    ("missing_kid", BundleDetail.BUNDLE_MISSING_KID, 0, 0, None, None, 0),
+    ("no_keys", BundleDetail.BUNDLE_MISSING_KEYS, 0, 0, None, None, 0),
+    ("multiple_x509", BundleDetail.BUNDLE_BAD_X509_ENTRY, 0, 0, None, None, 0),
     ("valid_with_wit", None, 2, 1, 60, 1, 2),  # the wit-svid keys are neither JWT nor X.509 authorities
 ]
 
@@ -177,7 +172,7 @@ def test_spiffebundle_parse(
     name: str, detail: str | None, jwt_count: int, x509_count: int, hint: int | None, sequence: int | None, ignored: int
 ) -> None:
     data = _spiffe_bundle(name)
-    detail = codes.BUNDLE_MALFORMED if detail == "missing" else detail
+    detail = BundleDetail.BUNDLE_MALFORMED if detail == "missing" else detail
     document: BundleDocument | None = expect(lambda: parse_bundle_document(data or b""), detail)
     if detail is None:
         assert document is not None
@@ -195,7 +190,7 @@ def test_spiffebundle_load(tmp_path: Path, own: Own, name: str, detail: str | No
     data = _spiffe_bundle(name)
     if data is not None:
         fx.write(tmp_path / "bundle.json", data)
-    detail = codes.IDENTITY_FILE_UNREADABLE if detail == "missing" else detail
+    detail = SvidDetail.IDENTITY_FILE_UNREADABLE if detail == "missing" else detail
     state = expect(lambda: load_files(tmp_path, bundles={OWN: "own.pem"}, jwt_bundles={OWN: "bundle.json"}), detail)
     if detail is None:
         assert state is not None and len(state.bundles.jwt[OWN]) == jwt_count
@@ -220,9 +215,9 @@ def _certs(name: str) -> tuple[bytes, int]:
 X509_PARSE = [
     ("Parse multiple certificates should succeed", "certs.pem", None),
     ("Parse single certificate should succeed", "cert.pem", None),
-    ("Parse empty bytes should result in empty bundle", "empty.pem", codes.BUNDLE_EMPTY),  # DIFFERENT, above
-    ("Parse non-PEM bytes should fail", "not-pem.pem", codes.BUNDLE_MALFORMED),
-    ("Parse a corrupted certificate should fail", "corrupted.pem", codes.BUNDLE_MALFORMED),
+    ("Parse empty bytes should result in empty bundle", "empty.pem", BundleDetail.BUNDLE_EMPTY),  # DIFFERENT, above
+    ("Parse non-PEM bytes should fail", "not-pem.pem", BundleDetail.BUNDLE_MALFORMED),
+    ("Parse a corrupted certificate should fail", "corrupted.pem", BundleDetail.BUNDLE_MALFORMED),
 ]
 
 
@@ -258,7 +253,7 @@ def test_x509bundle_parse_raw(name: str) -> None:
     ("exists", "detail"),
     [
         pytest.param(True, None, id=go("x509bundle", "TestLoad_Succeeds")),
-        pytest.param(False, codes.IDENTITY_FILE_UNREADABLE, id=go("x509bundle", "TestLoad_Fails")),
+        pytest.param(False, SvidDetail.IDENTITY_FILE_UNREADABLE, id=go("x509bundle", "TestLoad_Fails")),
     ],
 )
 def test_x509bundle_load(tmp_path: Path, own: Own, exists: bool, detail: str | None) -> None:

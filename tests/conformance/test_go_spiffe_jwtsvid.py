@@ -19,8 +19,8 @@ import pytest
 
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.jwtsvid import JwtSvidVerifier
-from tests.conformance import fixtures as fx
-from tests.conformance.support import expect, go
+from tests.support import spiffe_testdata as fx
+from tests.support.conformance import expect, go
 
 TD = "trustdomain"
 HOST = f"spiffe://{TD}/host"

@@ -21,13 +21,13 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from sidecar.identity import codes
+from sidecar.errors import SvidDetail
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.local_svid import parse_svid_der, parse_svid_pem, validate_local_svid
 from sidecar.identity.state import IdentityLoadError
 from sidecar.identity.x509svid import X509SvidVerifier
-from tests.conformance import fixtures as fx
-from tests.conformance.support import expect, go, load_files
+from tests.support import spiffe_testdata as fx
+from tests.support.conformance import expect, go, load_files
 
 TD = "example.org"
 ID = f"spiffe://{TD}/workload-1"
@@ -105,12 +105,12 @@ PARSE_CASES: list[tuple[str, str, str, str | None, int]] = [
     ("Key and certificate in the same byte array", "keyAndCert", "keyAndCert", None, 1),
     ("Certificate and Key in the same byte array", "certAndKey", "certAndKey", None, 1),
     ("Missing certificate", "keyRSA", "keyRSA", "svid_malformed", 0),
-    ("Missing private key", "certSingle", "certSingle", codes.SVID_BAD_PRIVATE_KEY, 0),
-    ("Private key not PEM", "certSingle", "notPEM", codes.SVID_BAD_PRIVATE_KEY, 0),
+    ("Missing private key", "certSingle", "certSingle", SvidDetail.SVID_BAD_PRIVATE_KEY, 0),
+    ("Private key not PEM", "certSingle", "notPEM", SvidDetail.SVID_BAD_PRIVATE_KEY, 0),
     ("Certificate not PEM", "notPEM", "keyRSA", "svid_malformed", 0),
-    ("Corrupt private key", "certSingle", "corruptKey", codes.SVID_BAD_PRIVATE_KEY, 0),
+    ("Corrupt private key", "certSingle", "corruptKey", SvidDetail.SVID_BAD_PRIVATE_KEY, 0),
     ("Corrupt certificate", "corruptCert", "keyRSA", "svid_malformed", 0),
-    ("Certificate does not match private key", "certMultiple", "keyRSA", codes.SVID_KEY_MISMATCH, 0),
+    ("Certificate does not match private key", "certMultiple", "keyRSA", SvidDetail.SVID_KEY_MISMATCH, 0),
     ("Certificate without SPIFFE ID", "leafEmptyID", "leafEmptyID.key", "svid_no_uri_san", 0),
     ("Leaf certificate with CA flag set to true", "leafCAtrue", "leafCAtrue.key", "svid_leaf_is_ca", 0),
     (
@@ -122,12 +122,12 @@ PARSE_CASES: list[tuple[str, str, str, str | None, int]] = [
     ),
     ("Leaf certificate with certSign as key usage", "leafCertSign", "leafCertSign.key", "svid_bad_key_usage", 0),
     ("Leaf certificate with cRLSign as key usage", "leafCRLSign", "leafCRLSign.key", "svid_bad_key_usage", 0),
-    ("Signing certificate without CA flag", "signNoCA", "signNoCA.key", codes.SVID_SIGNER_NOT_CA, 0),
+    ("Signing certificate without CA flag", "signNoCA", "signNoCA.key", SvidDetail.SVID_SIGNER_NOT_CA, 0),
     (
         "Signing certificate without 'keyCertSign' usage",
         "signNoKeyCertSign",
         "signNoKeyCertSign.key",
-        codes.SVID_SIGNER_BAD_KEY_USAGE,
+        SvidDetail.SVID_SIGNER_BAD_KEY_USAGE,
         0,
     ),
 ]
@@ -164,8 +164,12 @@ def test_parse(world: World, certs: str, key: str, detail: str | None, length: i
     ("case", "detail"),
     [
         pytest.param("succeeds", None, id=go("x509svid", "TestLoad_Succeeds")),
-        pytest.param("no-cert", codes.IDENTITY_FILE_UNREADABLE, id=go("x509svid", "TestLoad_FailsCannotReadCertFile")),
-        pytest.param("no-key", codes.IDENTITY_FILE_UNREADABLE, id=go("x509svid", "TestLoad_FailsCannotReadKeyFile")),
+        pytest.param(
+            "no-cert", SvidDetail.IDENTITY_FILE_UNREADABLE, id=go("x509svid", "TestLoad_FailsCannotReadCertFile")
+        ),
+        pytest.param(
+            "no-key", SvidDetail.IDENTITY_FILE_UNREADABLE, id=go("x509svid", "TestLoad_FailsCannotReadKeyFile")
+        ),
     ],
 )
 def test_load(world: World, tmp_path: Path, case: str, detail: str | None) -> None:
@@ -193,7 +197,9 @@ def test_load(world: World, tmp_path: Path, case: str, detail: str | None) -> No
             "bad-certs", "svid_malformed", id=go("x509svid", "TestParseRaw", "Certificate bytes are not DER encoded")
         ),
         pytest.param(
-            "bad-key", codes.SVID_BAD_PRIVATE_KEY, id=go("x509svid", "TestParseRaw", "Key bytes are not DER encoded")
+            "bad-key",
+            SvidDetail.SVID_BAD_PRIVATE_KEY,
+            id=go("x509svid", "TestParseRaw", "Key bytes are not DER encoded"),
         ),
     ],
 )

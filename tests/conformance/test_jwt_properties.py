@@ -27,8 +27,8 @@ from sidecar.errors import IdentityError
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.jwtsvid import ALLOWED_ALGORITHMS, JwtSvidVerifier
 from sidecar.runtime import Runtime
-from tests.conformance import fixtures as fx
-from tests.conftest import AGENT, PLANNER, add_file_identity, base_config, task, write_config, write_keys
+from tests.support import spiffe_testdata as fx
+from tests.support.config import AGENT, PLANNER, add_file_identity, base_config, task, write_config, write_keys
 
 JWT_CODES = frozenset(
     {

@@ -20,13 +20,13 @@ import pytest
 from cryptography.x509.oid import NameOID
 
 from sidecar.config.schema import IdentityFilesSpec
-from sidecar.identity import codes
+from sidecar.errors import BundleDetail, SvidDetail
 from sidecar.identity.bundles import TrustBundles, parse_bundle_document, parse_x509_bundle_der, parse_x509_bundle_pem
 from sidecar.identity.jwtsvid import JwtSvidVerifier
 from sidecar.identity.state import IdentityLoadError
 from sidecar.identity.x509svid import X509SvidVerifier
-from tests.conformance import fixtures as fx
-from tests.conformance.support import expect, load_files, py
+from tests.support import spiffe_testdata as fx
+from tests.support.conformance import expect, load_files, py
 
 XB, XS, JB, JS = (
     "x509bundle/test_x509_bundle",
@@ -37,12 +37,7 @@ XB, XS, JB, JS = (
 TD = "domain.test"
 OWN = "example.org"
 
-DIFFERENT = {
-    py(JB, "test_parse_jwks_with_null_keys_field"): (
-        '{"keys": null} is refused (bundle_missing_keys): RFC 7517 §5 and Trust Domain and Bundle §4.1.3 require '
-        "the keys member; go-spiffe's spiffebundle refuses it too"
-    ),
-}
+# The cases where we differ from the upstream, and why: tests.support.conformance.DIFFERENT
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +68,8 @@ def test_x509_bundle_parse(pemutil: tuple[fx.Authority, fx.Authority], raw: bool
 @pytest.mark.parametrize(
     ("data", "detail"),
     [
-        pytest.param(b"", codes.BUNDLE_EMPTY, id=py(XB, "test_parse_bundle_from_empty")),
-        pytest.param(b"not a PEM file\n", codes.BUNDLE_MALFORMED, id=py(XB, "test_parse_bundle_from_not_pem")),
+        pytest.param(b"", BundleDetail.BUNDLE_EMPTY, id=py(XB, "test_parse_bundle_from_empty")),
+        pytest.param(b"not a PEM file\n", BundleDetail.BUNDLE_MALFORMED, id=py(XB, "test_parse_bundle_from_not_pem")),
     ],
 )
 def test_x509_bundle_parse_fails(data: bytes, detail: str) -> None:
@@ -113,7 +108,10 @@ def test_x509_bundle_load(tmp_path: Path, own: Own, pemutil: tuple[fx.Authority,
         return
     with pytest.raises(IdentityLoadError) as info:
         load_files(tmp_path, bundles={OWN: "own.pem", TD: "certs.pem"})
-    assert (info.value.detail, info.value.field) == (codes.IDENTITY_FILE_UNREADABLE, f"identity.files.bundles.{TD}")
+    assert (info.value.detail, info.value.field) == (
+        SvidDetail.IDENTITY_FILE_UNREADABLE,
+        f"identity.files.bundles.{TD}",
+    )
 
 
 # -- bundle sets: lookups by trust domain ------------------------------------------------------------
@@ -205,17 +203,17 @@ def _jwks_missing_kid() -> bytes:
 PARSES = [
     ("test_parse", 0, _jwks_1_ec_key, None, 1),
     ("test_parse", 1, _jwks_3_keys, None, 3),
-    ("test_parse_missing_bundle_bytes", None, lambda: b"", codes.BUNDLE_MALFORMED, 0),
-    ("test_parse_invalid_bytes", 0, lambda: b"1211", codes.BUNDLE_MALFORMED, 0),
-    ("test_parse_invalid_bytes", 1, lambda: b"invalid bytes", codes.BUNDLE_MALFORMED, 0),
-    ("test_parse_bundle_bytes_invalid_key", None, _jwks_missing_x, codes.BUNDLE_BAD_KEY, 0),
-    ("test_parse_corrupted_key_missing_key_id", None, _jwks_missing_kid, codes.BUNDLE_MISSING_KID, 0),
+    ("test_parse_missing_bundle_bytes", None, lambda: b"", BundleDetail.BUNDLE_MALFORMED, 0),
+    ("test_parse_invalid_bytes", 0, lambda: b"1211", BundleDetail.BUNDLE_MALFORMED, 0),
+    ("test_parse_invalid_bytes", 1, lambda: b"invalid bytes", BundleDetail.BUNDLE_MALFORMED, 0),
+    ("test_parse_bundle_bytes_invalid_key", None, _jwks_missing_x, BundleDetail.BUNDLE_BAD_KEY, 0),
+    ("test_parse_corrupted_key_missing_key_id", None, _jwks_missing_kid, BundleDetail.BUNDLE_MISSING_KID, 0),
     ("test_parse_jwks_with_empty_keys_array", None, lambda: b'{"keys": []}', None, 0),
     (
         "test_parse_jwks_with_null_keys_field",
         None,
         lambda: b'{"keys": null}',
-        codes.BUNDLE_MISSING_KEYS,
+        BundleDetail.BUNDLE_MISSING_KEYS,
         0,
     ),  # DIFFERENT
 ]

@@ -22,8 +22,8 @@ import pytest
 
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.jwtsvid import JwtSvidVerifier
-from tests.conformance import fixtures as fx
-from tests.conformance.support import expect, py
+from tests.support import spiffe_testdata as fx
+from tests.support.conformance import expect, py
 
 S, V = "jwtsvid/test_jwt_svid", "jwtsvid/test_jwt_svid_validator"
 TD = "test.com"
@@ -37,24 +37,7 @@ PUBLIC = {"kid1": RSA.public_key(), "kid_ec": EC521.public_key(), "kid_ec384": E
 KEY_FOR = {"kid1": RSA, "kid_ec": EC521, "kid_ec384": EC384}
 ALG_FOR = {"kid1": "RS256", "kid_ec": "ES512", "kid_ec384": "ES384"}
 
-DIFFERENT = {
-    py(S, "test_parse_and_validate_valid_token_RSA", "sub=spiffe://test.com"): (
-        "a JWT-SVID subject without a path (the trust domain's own ID) is refused (jwt_svid_invalid_subject): "
-        "it names no workload (JWT-SVID §3.1, X509-SVID §3.1 for the same rule on leaves)"
-    ),
-    py(V, "test_validate_claims_invalid_aud", 3): (
-        "aud ['something'] with expected {'something', 'matters'} is accepted: one accepted audience in aud is "
-        "enough (go-spiffe's AnyAudience; JWT-SVID §3.2), py-spiffe requires every expected one"
-    ),
-    py(V, "test_validate_claims_token_expired", 0): (
-        "exp given as the string '1611075778' is refused as jwt_svid_malformed, not as expired: a NumericDate is a "
-        "JSON number (RFC 7519 §2)"
-    ),
-    py(V, "test_validate_header_valid_headers", 2): (
-        "typ '' is refused (jwt_svid_bad_header): JWT-SVID §2.3 allows only JWT or JOSE when typ is set; go-spiffe "
-        "refuses it too"
-    ),
-}
+# The cases where we differ from the upstream, and why: tests.support.conformance.DIFFERENT
 
 
 def _verify(token: str, audience: list[str] | None = None, bundle: dict[str, Any] | None = None) -> Any:

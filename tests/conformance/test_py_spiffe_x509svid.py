@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from sidecar.identity import codes
+from sidecar.errors import SvidDetail
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.devca import DevCA
 from sidecar.identity.local_svid import parse_svid_der, parse_svid_pem, validate_local_svid
 from sidecar.identity.state import IdentityLoadError
-from tests.conformance import fixtures as fx
-from tests.conformance.support import expect, load_files, py
+from tests.support import spiffe_testdata as fx
+from tests.support.conformance import expect, load_files, py
 
 M = "x509svid/test_x509_svid"
 TD = "example.org"
@@ -91,12 +91,12 @@ BAD_INPUTS = [
     # (py-spiffe test, encoding, certificate bytes, key bytes, sub-code)
     ("test_parse_raw_missing_certificate", "der", "key", "key", "svid_malformed"),
     ("test_parse_missing_certificate", "pem", "key", "key", "svid_malformed"),
-    ("test_parse_raw_missing_key", "der", "chain", "chain", codes.SVID_BAD_PRIVATE_KEY),
-    ("test_parse_missing_key", "pem", "chain", "chain", codes.SVID_BAD_PRIVATE_KEY),
+    ("test_parse_raw_missing_key", "der", "chain", "chain", SvidDetail.SVID_BAD_PRIVATE_KEY),
+    ("test_parse_missing_key", "pem", "chain", "chain", SvidDetail.SVID_BAD_PRIVATE_KEY),
     ("test_parse_raw_corrupted_certificate", "der", "corrupted", "key", "svid_malformed"),
     ("test_parse_corrupted_certificate", "pem", "corrupted", "key", "svid_malformed"),
-    ("test_parse_raw_corrupted_private_key", "der", "chain", "corrupted", codes.SVID_BAD_PRIVATE_KEY),
-    ("test_parse_corrupted_private_key", "pem", "chain", "corrupted", codes.SVID_BAD_PRIVATE_KEY),
+    ("test_parse_raw_corrupted_private_key", "der", "chain", "corrupted", SvidDetail.SVID_BAD_PRIVATE_KEY),
+    ("test_parse_corrupted_private_key", "pem", "chain", "corrupted", SvidDetail.SVID_BAD_PRIVATE_KEY),
 ]
 
 
@@ -129,7 +129,7 @@ RULES = [
     (
         "test_validate_leaf_missing_basic_constraints_extension",
         {"basic_constraints": False},
-        codes.SVID_NO_BASIC_CONSTRAINTS,
+        SvidDetail.SVID_NO_BASIC_CONSTRAINTS,
     ),
     ("test_validate_leaf_missing_key_usage_extension", {"usage": False}, "svid_bad_key_usage"),
     (
@@ -172,18 +172,18 @@ def test_root_path_der(world: World, raw: bool) -> None:
 
 
 SIGNERS = [
-    ("test_parse_intermediate_no_ca", {"ca": False}, codes.SVID_SIGNER_NOT_CA),
+    ("test_parse_intermediate_no_ca", {"ca": False}, SvidDetail.SVID_SIGNER_NOT_CA),
     (
         "test_parse_intermediate_no_key_cert_sign",
         {"usage": fx.key_usage(crl_sign=True)},
-        codes.SVID_SIGNER_BAD_KEY_USAGE,
+        SvidDetail.SVID_SIGNER_BAD_KEY_USAGE,
     ),
     (
         "test_validate_intermediate_missing_basic_constraints_extension",
         {"basic_constraints": False},
-        codes.SVID_SIGNER_NOT_CA,
+        SvidDetail.SVID_SIGNER_NOT_CA,
     ),
-    ("test_validate_intermediate_missing_key_usage_extension", {"usage": False}, codes.SVID_SIGNER_BAD_KEY_USAGE),
+    ("test_validate_intermediate_missing_key_usage_extension", {"usage": False}, SvidDetail.SVID_SIGNER_BAD_KEY_USAGE),
 ]
 
 
@@ -209,9 +209,14 @@ def test_chain_cannot_be_changed(world: World, _: int) -> None:
 LOADS = [
     # (py-spiffe test, what is wrong on disk, sub-code, field)
     ("test_load_from_pem_files", None, None, None),
-    ("test_load_non_existent_cert_file", "no-cert", codes.IDENTITY_FILE_UNREADABLE, "identity.files.svid"),
-    ("test_load_non_existent_key_bytes", "no-key", codes.IDENTITY_FILE_UNREADABLE, "identity.files.key"),
-    ("test_load_cannot_read_key_bytes", "key-is-a-directory", codes.IDENTITY_FILE_UNREADABLE, "identity.files.key"),
+    ("test_load_non_existent_cert_file", "no-cert", SvidDetail.IDENTITY_FILE_UNREADABLE, "identity.files.svid"),
+    ("test_load_non_existent_key_bytes", "no-key", SvidDetail.IDENTITY_FILE_UNREADABLE, "identity.files.key"),
+    (
+        "test_load_cannot_read_key_bytes",
+        "key-is-a-directory",
+        SvidDetail.IDENTITY_FILE_UNREADABLE,
+        "identity.files.key",
+    ),
     ("test_load_rejects_root_path_spiffe_id_in_leaf", "root-path", "svid_invalid_spiffe_id", "identity.files.svid"),
 ]
 

@@ -17,9 +17,9 @@ import jwt
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 
-from sidecar.procs import SidecarProcess, wait_until
-from tests.grants_env import ORCH, SUB, Scenario
-from tests.unit.test_envoy_authz import check_request
+from sidecar.harness import SidecarProcess, wait_until
+from tests.support.envoy_authz import check_request
+from tests.support.grants_env import ORCH, SUB, Scenario
 
 pytestmark = pytest.mark.e2e
 

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.test_webhook import VALUES, agent_pod
-from tests.k8s import validate
-from tests.webhook_env import Installed, Webhook, admission_review, install, patched
+from tests.support.k8s import validate
+from tests.support.webhook_env import Installed, Webhook, admission_review, install, patched
+from tests.support.webhook_pods import VALUES, agent_pod
 
 pytestmark = pytest.mark.e2e
 
