@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sidecar.agentproto.digest import arguments_digest, recorded_arguments
@@ -212,6 +212,7 @@ class RpcVerdict:
         fields: what the decision record says about the message (``method``, ``tool`` /
             ``resource`` / ``prompt``, ``decided_from``, ``arguments_digest``).
         arguments: ``params.arguments`` of a ``tools/call`` read from the body, else ``None``.
+        rpc_id: the JSON-RPC ``id`` read from the body (for an error answer), else ``None``.
     """
 
     refusal: Refusal | None
@@ -219,6 +220,7 @@ class RpcVerdict:
     tools: tuple[ToolRule, ...] = ()
     fields: Mapping[str, Any] = field(default_factory=dict)
     arguments: Mapping[str, Any] | None = None
+    rpc_id: str | int | None = None
 
     def record(self, chosen: ToolRule | None) -> dict[str, Any]:
         """The record fields, with the arguments ``chosen`` allow-lists."""
@@ -291,8 +293,10 @@ def judge(
         try:
             check_headers(mirrored, message)
         except HeaderError as exc:
-            return RpcVerdict(Refusal.MCP_HEADER_MISMATCH, str(exc), fields={"method": message.method[:128]})
-    return _judge_message(policy, message, decided_from="body")
+            return RpcVerdict(
+                Refusal.MCP_HEADER_MISMATCH, str(exc), fields={"method": message.method[:128]}, rpc_id=message.id
+            )
+    return replace(_judge_message(policy, message, decided_from="body"), rpc_id=message.id)
 
 
 def _judge_message(policy: ProtocolPolicy, message: RpcMessage, *, decided_from: str) -> RpcVerdict:

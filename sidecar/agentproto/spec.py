@@ -82,7 +82,7 @@ _OPERATORS = ("equals", "in", "prefix", "pattern")
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, use_attribute_docstrings=True)
 
 
 def compile_pattern(pattern: str) -> Any:
@@ -113,9 +113,13 @@ class ArgumentConstraintSpec(_Model):
     value is a string starting with it) or ``pattern`` (the value is a string RE2 fully matches)."""
 
     equals: JsonValue = None
+    """The value equals this JSON value."""
     in_: list[JsonValue] | None = Field(default=None, alias="in", min_length=1)
+    """The value equals one of these JSON values."""
     prefix: str | None = Field(default=None, min_length=1)
+    """The value is a string starting with this."""
     pattern: str | None = None
+    """The value is a string this RE2 pattern matches in full (at most 256 characters)."""
 
     @model_validator(mode="after")
     def _one_operator(self) -> ArgumentConstraintSpec:
@@ -158,9 +162,15 @@ class ToolSpec(_Model):
     the decision record may carry (``record``; all other arguments appear only as a digest)."""
 
     name: str
+    """The tool's name, or a ``*`` glob (``list_*``); a bare string in ``tools`` is this name alone."""
     arguments: dict[Pointer, ArgumentConstraintSpec] = Field(default_factory=dict)
+    """JSON pointer into ``params.arguments`` -> one operator; all must hold."""
     max_calls: int | None = Field(default=None, ge=0)
+    """Calls of this tool through this entry over the task's life (also counted in the rule's and
+    the task's budget)."""
     record: list[Pointer] = Field(default_factory=list)
+    """Argument pointers whose values decision records carry; every other argument appears only in
+    ``arguments_digest``."""
 
     @field_validator("name")
     @classmethod
@@ -190,10 +200,18 @@ class AgentProtocolSpec(_Model):
     """
 
     protocol: Literal["http", "mcp", "a2a"] = "http"
+    """``http``: the rule judges HTTP only; ``mcp`` / ``a2a``: also the JSON-RPC message of each POST."""
     tools: list[ToolEntry] | None = None
+    """MCP: the tools ``tools/call`` may name, each with optional ``arguments``, ``max_calls`` and
+    ``record``; unset: none (``tools/list`` responses show only these)."""
     resources: list[str] | None = None
+    """MCP: the URIs (or ``*`` globs) ``resources/read`` may name; unset: none."""
     prompts: list[str] | None = None
+    """MCP: the prompts (or ``*`` globs) ``prompts/get`` may name; unset: none."""
     rpc_methods: list[str] | None = None
+    """The other JSON-RPC methods allowed (names or globs). MCP default: ``initialize``, ``ping``,
+    ``server/discover``, ``notifications/*``, ``tools/list``, ``resources/list``,
+    ``resources/templates/list``, ``prompts/list``; A2A: required (e.g. ``SendMessage``, ``GetTask``)."""
 
     @field_validator("resources")
     @classmethod

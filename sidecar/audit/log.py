@@ -147,6 +147,8 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
         "sni": decision.sni,
         "destination": decision.destination,
     }
+    if decision.rpc is not None:
+        record[decision.rpc_protocol or "mcp"] = dict(decision.rpc)
     if decision.tls:
         record["tls"] = decision.tls
         record["upstream_verify"] = decision.upstream_verify

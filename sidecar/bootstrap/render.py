@@ -186,6 +186,7 @@ class _Builder:
         from envoy_data_plane.envoy.extensions.common.dynamic_forward_proxy import v3 as dfp_common
         from envoy_data_plane.envoy.extensions.filters.http.dynamic_forward_proxy import v3 as dfp_filter
         from envoy_data_plane.envoy.extensions.filters.http.ext_authz import v3 as ext_authz
+        from envoy_data_plane.envoy.extensions.filters.http.ext_proc import v3 as ext_proc
         from envoy_data_plane.envoy.extensions.filters.http.router import v3 as router
         from envoy_data_plane.envoy.extensions.filters.listener.http_inspector import v3 as http_inspector
         from envoy_data_plane.envoy.extensions.filters.listener.original_dst import v3 as original_dst
@@ -207,8 +208,11 @@ class _Builder:
         self.http_inspector, self.original_dst, self.tls_inspector = http_inspector, original_dst, tls_inspector
         self.net_ext_authz, self.tcp_proxy, self.matcher = net_ext_authz, tcp_proxy, matcher
         self.internal_listener = internal_listener
+        self.ext_proc = ext_proc
         self.loaded = loaded
         self.settings = loaded.settings
+        self.rpc_hosts = loaded.settings.rpc_hosts()
+        self.body_cap = int(loaded.settings.envoy.rpc_body_cap)
         self.sds_dir = sds_dir
         self.files: dict[Path, str] = {}
         intercept = self.settings.intercept
@@ -253,8 +257,68 @@ class _Builder:
     def context(self, direction: str, **extra: str) -> dict[str, Any]:
         ea = self.ext_authz
         extensions = {"direction": direction, **extra}
-        per_route = ea.ExtAuthzPerRoute(check_settings=ea.CheckSettings(context_extensions=extensions))
+        settings = ea.CheckSettings(context_extensions=extensions)
+        if self.rpc_hosts:  # the filter buffers bodies (for the MCP/A2A routes): not here
+            settings.disable_request_body_buffering = True
+        per_route = ea.ExtAuthzPerRoute(check_settings=settings)
         return {"envoy.filters.http.ext_authz": self.pack(per_route)}
+
+    def body_buffer(self) -> Any:
+        """``with_request_body`` of MCP/A2A routes: the raw bytes (``pack_as_bytes``), up to the cap
+        plus one byte. ``allow_partial_message: true`` so that a longer body still reaches the
+        sidecar (which sees it is over the cap and records ``mcp_body_too_large``): with ``false``,
+        Envoy answers 413 itself, unrecorded, and sets the stream's buffer limit to the cap, which
+        also fails any response longer than the cap (a large ``tools/list``) with a 500."""
+        return self.ext_authz.BufferSettings(
+            max_request_bytes=self.body_cap + 1, allow_partial_message=True, pack_as_bytes=True
+        )
+
+    def rpc_context(self, protocol: str, *, body: bool, **extra: str) -> dict[str, Any]:
+        """Per-route config of an MCP/A2A route: the body buffered (or, for header decisions, not),
+        and for MCP the ext_proc filter switched on (``tools/list`` filtering)."""
+        ea = self.ext_authz
+        extensions = {"direction": "egress", "rpc_protocol": protocol, **extra}
+        settings = ea.CheckSettings(context_extensions=extensions)
+        if body:
+            extensions["rpc_body_cap"] = str(self.body_cap)
+            settings.with_request_body = self.body_buffer()
+        else:
+            settings.disable_request_body_buffering = True
+        config = {"envoy.filters.http.ext_authz": self.pack(ea.ExtAuthzPerRoute(check_settings=settings))}
+        if protocol == "mcp":
+            enable = self.route.FilterConfig(
+                config=self.pack(self.ext_proc.ExtProcPerRoute(overrides=self.ext_proc.ExtProcOverrides()))
+            )
+            config["envoy.filters.http.ext_proc"] = self.pack(enable)
+        return config
+
+    def ext_proc_filter(self) -> Any:
+        """Envoy's ext_proc filter for ``tools/list`` responses, off unless a route switches it on:
+        response headers sent, the body buffered (the service turns it off for other responses),
+        the ext_authz metadata forwarded."""
+        ep, core = self.ext_proc, self.core
+        mode = ep.ProcessingMode(
+            request_header_mode=ep.ProcessingModeHeaderSendMode.SKIP,
+            response_header_mode=ep.ProcessingModeHeaderSendMode.SEND,
+            request_body_mode=ep.ProcessingModeBodySendMode.NONE,
+            response_body_mode=ep.ProcessingModeBodySendMode.BUFFERED,
+            request_trailer_mode=ep.ProcessingModeHeaderSendMode.SKIP,
+            response_trailer_mode=ep.ProcessingModeHeaderSendMode.SKIP,
+        )
+        config = ep.ExternalProcessor(
+            grpc_service=core.GrpcService(
+                envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+                timeout=timedelta(seconds=self.settings.envoy.authz_timeout),
+            ),
+            failure_mode_allow=False,
+            processing_mode=mode,
+            allow_mode_override=True,
+            message_timeout=timedelta(seconds=self.settings.envoy.authz_timeout),
+            metadata_options=ep.MetadataOptions(
+                forwarding_namespaces=ep.MetadataOptionsMetadataNamespaces(untyped=["envoy.filters.http.ext_authz"])
+            ),
+        )
+        return self.hcm.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=self.pack(config), disabled=True)
 
     def no_authz(self) -> dict[str, Any]:
         """Per-route config switching ext_authz off (the ``CONNECT`` tunnel: decisions happen inside)."""
@@ -273,6 +337,8 @@ class _Builder:
             include_peer_certificate=True,
             status_on_error=self.types.HttpStatus(code=self.types.StatusCode.ServiceUnavailable),
         )
+        if self.rpc_hosts:  # pack_as_bytes is read from here only; each route says whether it buffers
+            config.with_request_body = self.body_buffer()
         return self.hcm.HttpFilter(name="envoy.filters.http.ext_authz", typed_config=self.pack(config))
 
     def access_log(self) -> Any:
@@ -305,6 +371,7 @@ class _Builder:
             route_config=route_config,
             http_filters=[
                 self.ext_authz_filter(),
+                *([self.ext_proc_filter()] if "mcp" in self.rpc_hosts.values() else []),
                 *filters,
                 hcm.HttpFilter(name="envoy.filters.http.router", typed_config=self.pack(self.router.Router())),
             ],
@@ -325,6 +392,29 @@ class _Builder:
             typed_per_filter_config=self.context(direction, **context),
             **extra,
         )
+
+    def rpc_vhost(self, host: str, cluster: str, **extra: str) -> Any:
+        """The virtual host of an MCP/A2A host: its body buffered for the sidecar; for hosts in
+        ``envoy.mcp_header_decisions``, requests carrying ``Mcp-Method`` first take a route that
+        buffers nothing (judged on ``Mcp-Method`` / ``Mcp-Name``)."""
+        r, protocol = self.route, self.rpc_hosts[host]
+        routes = []
+        if protocol == "mcp" and host in self.settings.envoy.mcp_header_decisions:
+            routes.append(
+                r.Route(
+                    match=r.RouteMatch(prefix="/", headers=[r.HeaderMatcher(name="mcp-method", present_match=True)]),
+                    route=r.RouteAction(cluster=cluster),
+                    typed_per_filter_config=self.rpc_context(protocol, body=False, **extra),
+                )
+            )
+        routes.append(
+            r.Route(
+                match=r.RouteMatch(prefix="/"),
+                route=r.RouteAction(cluster=cluster),
+                typed_per_filter_config=self.rpc_context(protocol, body=True, **extra),
+            )
+        )
+        return r.VirtualHost(name=f"rpc|{_cluster_name(host)}", domains=[host, f"{host}:*"], routes=routes)
 
     # -- egress -------------------------------------------------------------------------------------
     def dns_cache(self) -> Any:
@@ -390,6 +480,9 @@ class _Builder:
         for host, port in sorted(originate.items()):
             cluster = self.originate_cluster(host, port)
             clusters.append(cluster)
+            if host in self.rpc_hosts:
+                vhosts.append(self.rpc_vhost(host, cluster.name, upstream_tls="originate"))
+                continue
             vhosts.append(
                 self.vhost(
                     cluster.name, [host, f"{host}:*"], cluster.name, "egress", context={"upstream_tls": "originate"}
@@ -400,7 +493,12 @@ class _Builder:
                 continue
             name = _cluster_name(host)
             clusters.append(self.host_port_cluster(name, address))
+            if host in self.rpc_hosts:
+                vhosts.append(self.rpc_vhost(host, name))
+                continue
             vhosts.append(self.vhost(name, [host, f"{host}:*"], name, "egress"))
+        for host in sorted(set(self.rpc_hosts) - set(originate) - set(envoy.destinations)):
+            vhosts.append(self.rpc_vhost(host, DFP_CLUSTER))
         vhosts.append(self.vhost("any_host", ["*"], DFP_CLUSTER, "egress"))
         c = self.cluster
         clusters.append(

@@ -15,7 +15,13 @@ betterproto2 classes). Envoy facts relied on (``envoy.service.auth.v3``):
   metadata (``x-agent-authz-direction``, ``x-agent-authz-protocol``); with ``include_tls_session``
   it sends ``tls_session`` (``sni`` empty when the ClientHello named none, and also for non-TLS
   connections); ``destination.address`` is the connection's local address, which the
-  ``original_dst`` listener filter restores to the original destination.
+  ``original_dst`` listener filter restores to the original destination;
+* on routes that buffer the body (``with_request_body`` with ``pack_as_bytes``), the bytes arrive
+  unchanged in ``raw_body``: only the first ``max_request_bytes`` of them when the body is longer
+  (``allow_partial_message: true``), so a body over the cap is seen as longer than the cap;
+* a deny's body can be any bytes with any headers and status: on MCP/A2A routes it is a JSON-RPC
+  2.0 error object (``id`` the request's when the body was read, else ``null``), which MCP clients
+  surface as the call's error. It cannot be an event stream or several messages.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from sidecar.errors import BadRequestError
 __all__ = [
     "DECISION_ID_HEADER",
     "DIRECTION_METADATA",
+    "LIST_FILTER_METADATA",
     "METADATA_NAMESPACE",
     "PROTOCOL_METADATA",
     "REASON_HEADER",
@@ -57,8 +64,25 @@ METADATA_NAMESPACE = "envoy.filters.http.ext_authz"
 """Envoy stores ``CheckResponse.dynamic_metadata`` under the filter's name; access logs read
 ``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%``."""
 
-_MAX_REQUEST_BYTES = 96 * 1024
-"""Envoy caps request headers at 60 KiB by default; anything much larger is not a request we judge."""
+LIST_FILTER_METADATA = "mcp_list_filter"
+"""Dynamic metadata key (ext_authz namespace) of an allowed MCP ``tools/list``: the tool name
+patterns its response is filtered to; Envoy's ext_proc filter forwards it to the sidecar
+(``metadata_options.forwarding_namespaces``)."""
+
+_MAX_REQUEST_BYTES = 96 * 1024 + (1 << 20) + 1
+"""Envoy caps request headers at 60 KiB by default, and a buffered body at ``envoy.rpc_body_cap``
+(at most 1 MiB) plus one byte; anything larger is not a request we judge."""
+_RPC_BODY_CAP = "rpc_body_cap"
+# JSON-RPC error codes of a deny on an MCP/A2A route: MCP's HeaderMismatch (-32020, 2026-07-28),
+# JSON-RPC's Invalid Request for a body that cannot be judged, and -32030 (in the JSON-RPC server
+# range, unused by MCP) for a call the task does not allow.
+_RPC_ERROR_CODES = {
+    "mcp_header_mismatch": -32020,
+    "mcp_ambiguous_body": -32600,
+    "mcp_invalid_body": -32600,
+    "mcp_body_too_large": -32600,
+}
+RPC_DENIED = -32030
 _METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")  # RFC 9110 §9.1 token
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _DIRECTIONS = {d.value: d for d in Direction}
@@ -112,11 +136,12 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
         egress ``tls``/``tcp`` check) a connection with its SNI and original destination.
 
     Raises:
-        BadRequestError: not a CheckRequest, over 96 KiB, no HTTP attributes and no network check
+        BadRequestError: not a CheckRequest, over 96 KiB plus the largest body cap, no HTTP
+            attributes and no network check
             metadata, or no usable ``direction`` context extension.
     """
     if len(raw) > _MAX_REQUEST_BYTES:
-        raise BadRequestError("CheckRequest larger than 96 KiB")
+        raise BadRequestError(f"CheckRequest larger than {_MAX_REQUEST_BYTES} bytes")
     try:
         message = external_auth_pb2.CheckRequest.FromString(raw)
     except (DecodeError, ValueError, RuntimeError) as exc:
@@ -142,7 +167,15 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
         context=context,
         peer_certificate=attributes.source.certificate,
         destination=_address(attributes.destination),
+        **_body(http, context),
     )
+
+
+def _body(http: attribute_context_pb2.AttributeContext.HttpRequest, context: Mapping[str, str]) -> dict[str, Any]:
+    cap = context.get(_RPC_BODY_CAP, "")
+    if not cap.isdigit() or int(cap) <= 0:
+        return {}
+    return {"body": http.raw_body or http.body.encode(), "body_cap": int(cap)}
 
 
 def _add_headers(target: Any, headers: Iterable[tuple[str, str]]) -> None:
@@ -154,13 +187,27 @@ def _add_headers(target: Any, headers: Iterable[tuple[str, str]]) -> None:
         option.append_action = _OVERWRITE
 
 
+def _deny_body(decision: Decision) -> str:
+    reason = decision.reason.value
+    if not decision.rpc_protocol or decision.method != "POST":
+        return orjson.dumps({"decision_id": decision.decision_id, "reason": reason}).decode()
+    error = {
+        "code": _RPC_ERROR_CODES.get(reason, RPC_DENIED),
+        "message": f"agent-authz: {reason}",
+        "data": {"decision_id": decision.decision_id, "reason": reason, "detail": decision.detail},
+    }
+    return orjson.dumps({"jsonrpc": "2.0", "id": decision.rpc_id, "error": error}).decode()
+
+
 def build_check_response(decision: Decision) -> bytes:
     """Serialize the ``CheckResponse`` for ``decision``.
 
     Allow: ``OkHttpResponse`` overwriting ``headers_to_set``, removing ``headers_to_remove`` and
     adding ``x-agent-authz-decision-id`` to the response. Deny: ``DeniedHttpResponse`` with the
-    decision's status and the JSON body ``{"decision_id", "reason"}``. Both carry dynamic metadata
-    (``decision_id``, ``decision``, ``reason``, ``task_id``).
+    decision's status and the JSON body ``{"decision_id", "reason"}`` - on an MCP/A2A route a
+    JSON-RPC error ``{"jsonrpc": "2.0", "id", "error": {"code", "message", "data": {"decision_id",
+    "reason", "detail"}}}``. Both carry dynamic metadata (``decision_id``, ``decision``, ``reason``,
+    ``task_id``; for an allowed MCP ``tools/list`` also ``mcp_list_filter``).
     """
     response = external_auth_pb2.CheckResponse()
     fields = response.dynamic_metadata.fields
@@ -168,6 +215,10 @@ def build_check_response(decision: Decision) -> bytes:
     fields["decision"].string_value = "allow" if decision.allow else "deny"
     fields["reason"].string_value = decision.reason.value
     fields["task_id"].string_value = decision.task_id or ""
+    if decision.list_filter is not None:
+        fields[LIST_FILTER_METADATA].list_value.SetInParent()  # present even when no tool may be shown
+        for pattern in decision.list_filter:
+            fields[LIST_FILTER_METADATA].list_value.values.add().string_value = pattern
     if decision.allow:
         response.status.CopyFrom(_OK)
         ok = response.ok_response
@@ -186,6 +237,6 @@ def build_check_response(decision: Decision) -> bytes:
                 (REASON_HEADER, decision.reason.value),
             ),
         )
-        denied.body = orjson.dumps({"decision_id": decision.decision_id, "reason": decision.reason.value}).decode()
+        denied.body = _deny_body(decision)
     data: bytes = response.SerializeToString()
     return data

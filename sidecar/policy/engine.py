@@ -6,9 +6,11 @@ yields to the event loop, so budgets are exact under concurrency.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sidecar.agentproto.rules import ProtocolPolicy, RpcVerdict, ToolRule, judge
 from sidecar.decision import DECISION_ID_HEADER, TASK_HEADER, AuthzRequest, Decision, Direction, Reason, deny_status
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_target
@@ -16,7 +18,15 @@ from sidecar.policy.budget import BudgetKey, BudgetLedger
 from sidecar.policy.model import EgressRule, PolicyIndex, Task
 from sidecar.tokens.minter import TokenMinter
 
-__all__ = ["INTERCEPT_CONTEXT", "UPSTREAM_TLS_CONTEXT", "UPSTREAM_VERIFY_CONTEXT", "decide_egress", "dry_run"]
+__all__ = [
+    "INTERCEPT_CONTEXT",
+    "RPC_BODY_CAP_CONTEXT",
+    "RPC_PROTOCOL_CONTEXT",
+    "UPSTREAM_TLS_CONTEXT",
+    "UPSTREAM_VERIFY_CONTEXT",
+    "decide_egress",
+    "dry_run",
+]
 
 UPSTREAM_TLS_CONTEXT = "upstream_tls"
 """``context_extensions`` key Envoy sets to ``originate`` on routes that open TLS to the upstream;
@@ -29,19 +39,45 @@ rules match such a request, and only if it names that host and port; ``tls: inte
 nothing else."""
 UPSTREAM_VERIFY_CONTEXT = "upstream_verify"
 """``context_extensions`` key: how that route's cluster verifies the upstream (recorded as is)."""
+RPC_PROTOCOL_CONTEXT = "rpc_protocol"
+"""``context_extensions`` key of the routes to MCP/A2A hosts: ``mcp`` or ``a2a`` (a deny there is
+a JSON-RPC error body)."""
+RPC_BODY_CAP_CONTEXT = "rpc_body_cap"
+"""``context_extensions`` key: the body cap in bytes on routes that buffer the request body
+(``with_request_body``); absent where Envoy sends no body (then an MCP call is judged on its
+``Mcp-Method`` / ``Mcp-Name`` headers, if it has them)."""
 
 _ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER)
 _ALWAYS_REMOVE_WITH_AUTHORIZATION = (*_ALWAYS_REMOVE, "authorization")
 _AGENT_CREDENTIALS = ("authorization", *_ALWAYS_REMOVE)
 
-# How far a rule got before it failed; the deepest failure explains a deny best.
-_STAGES = (Reason.HOST_NOT_ALLOWED, Reason.PORT_NOT_ALLOWED, Reason.METHOD_NOT_ALLOWED, Reason.PATH_NOT_ALLOWED)
+# How far a rule got before it failed; the deepest failure explains a deny best. After the path come
+# the JSON-RPC checks of MCP/A2A rules, and last the problems of the body itself (the same for every rule).
+_STAGES = (
+    Reason.HOST_NOT_ALLOWED,
+    Reason.PORT_NOT_ALLOWED,
+    Reason.METHOD_NOT_ALLOWED,
+    Reason.PATH_NOT_ALLOWED,
+    Reason.RPC_METHOD_NOT_ALLOWED,
+    Reason.RESOURCE_NOT_ALLOWED,
+    Reason.PROMPT_NOT_ALLOWED,
+    Reason.TOOL_NOT_ALLOWED,
+    Reason.ARGUMENT_NOT_ALLOWED,
+    Reason.MCP_BODY_UNAVAILABLE,
+    Reason.MCP_INVALID_BODY,
+    Reason.MCP_BODY_TOO_LARGE,
+    Reason.MCP_AMBIGUOUS_BODY,
+    Reason.MCP_HEADER_MISMATCH,
+)
+_RpcJudge = Callable[[ProtocolPolicy], RpcVerdict]
 
 
 @dataclass(frozen=True, slots=True)
 class _Match:
-    rules: tuple[EgressRule, ...]  # rules that match host, port, method and path
+    rules: tuple[EgressRule, ...]  # rules that match host, port, method and path (and the JSON-RPC message)
     reason: Reason  # deepest failure when ``rules`` is empty
+    verdicts: Mapping[int, RpcVerdict] = field(default_factory=dict)  # id(rule) -> verdict, MCP/A2A rules
+    detail: str = ""
 
 
 def _task_state(task: Task, now: float) -> Reason | None:
@@ -67,7 +103,18 @@ def _fits(rule: EgressRule, port: int, intercepted: bool) -> bool:
     return not intercepted and rule.tls != "passthrough" and (rule.port or _HTTP_PORT) == port
 
 
-def _match(task: Task, target: Target, method: str, intercepted: bool = False) -> _Match:
+def _judge_rpc(matched: tuple[EgressRule, ...], rpc: _RpcJudge) -> _Match:
+    """Judge the JSON-RPC message against the MCP/A2A rules among ``matched`` (plain rules pass)."""
+    verdicts = {id(rule): rpc(rule.rpc) for rule in matched if rule.rpc is not None}
+    allowed = tuple(r for r in matched if r.rpc is None or verdicts[id(r)].refusal is None)
+    if allowed:
+        return _Match(allowed, Reason.ALLOWED, verdicts)
+    deepest = max(verdicts.values(), key=lambda v: _STAGES.index(Reason(v.refusal or Reason.ALLOWED)))
+    assert deepest.refusal is not None
+    return _Match((), Reason(deepest.refusal), verdicts, deepest.detail)
+
+
+def _match(task: Task, target: Target, method: str, intercepted: bool = False, rpc: _RpcJudge | None = None) -> _Match:
     candidates = task.rules_for_host(target.host)
     if not candidates:
         return _NO_HOST
@@ -79,6 +126,8 @@ def _match(task: Task, target: Target, method: str, intercepted: bool = False) -
         and (rule.methods is None or method in rule.methods)
         and rule.paths.matches(path)
     )
+    if matched and rpc is not None and any(rule.rpc is not None for rule in matched):
+        return _judge_rpc(matched, rpc)
     if matched:
         return _Match(matched, Reason.ALLOWED)
     deepest = 0  # nothing allows it: find the check that failed last, to explain the deny
@@ -92,8 +141,25 @@ def _match(task: Task, target: Target, method: str, intercepted: bool = False) -
     return _Match((), _STAGES[deepest + 1])
 
 
-def _budget_limits(task: Task, rule: EgressRule) -> tuple[tuple[BudgetKey, int | None], ...]:
-    return (((task.id, ""), task.max_calls), ((task.id, rule.budget_key), rule.max_calls))
+def _budget_limits(
+    task: Task, rule: EgressRule, tool: ToolRule | None = None
+) -> tuple[tuple[BudgetKey, int | None], ...]:
+    limits = (((task.id, ""), task.max_calls), ((task.id, rule.budget_key), rule.max_calls))
+    return limits if tool is None else (*limits, ((task.id, tool.budget_key), tool.max_calls))
+
+
+def _charge(
+    task: Task, rules: tuple[EgressRule, ...], match: _Match, budgets: BudgetLedger
+) -> tuple[EgressRule, ToolRule | None] | None:
+    """The first (rule, tools entry) with budget left, charged; ``None`` when all are spent. A
+    ``tools/call`` is charged to the task, the rule and the tools entry at once."""
+    for rule in rules:
+        verdict = match.verdicts.get(id(rule))
+        for tool in verdict.tools if verdict is not None and verdict.tools else (None,):
+            limits = _budget_limits(task, rule, tool)
+            if budgets.available(limits):
+                return (rule, tool) if budgets.try_consume(limits) else None
+    return None
 
 
 def _default_audience(scheme: str, target: Target) -> str:
@@ -144,6 +210,11 @@ def decide_egress(
         "tls": tls[0],
         "upstream_verify": tls[1],
     }
+    rpc_protocol = request.context.get(RPC_PROTOCOL_CONTEXT, "")
+    judged: list[tuple[str, RpcVerdict]] = []
+    rpc = _rpc_judge(request, method, judged)
+    if rpc_protocol:
+        seen["rpc_protocol"] = rpc_protocol
     try:
         if method == "CONNECT":
             raise BadRequestError("CONNECT is accepted only to port 443 (the proxy intercepts HTTPS there)")
@@ -164,11 +235,13 @@ def decide_egress(
             **seen,
         )
     task, outcome, detail = _select(
-        policy, request.headers.get(TASK_HEADER), agent, target, method, now, intercept is not None
+        policy, request.headers.get(TASK_HEADER), agent, target, method, now, intercept is not None, rpc
     )
     if task is not None:
         seen.update(task_id=task.id, on_behalf_of=task.on_behalf_of, txn=task.txn, act_chain=task.act_chain)
     rule: EgressRule | None = None
+    tool: ToolRule | None = None
+    match = outcome if isinstance(outcome, _Match) else None
     if isinstance(outcome, _Match):
         rules = outcome.rules
         if request.context.get(UPSTREAM_TLS_CONTEXT) != "originate":
@@ -178,9 +251,17 @@ def decide_egress(
             detail = "the rule needs 'tls: originate' and this Envoy route sends plain HTTP (re-render the bootstrap)"
         else:
             assert task is not None
-            rule = next((r for r in rules if budgets.available(_budget_limits(task, r))), None)
-            if rule is None or not budgets.try_consume(_budget_limits(task, rule)):
-                rule, outcome, detail = None, Reason.BUDGET_EXHAUSTED, "the task's call budget is spent"
+            charged = _charge(task, rules, outcome, budgets)
+            if charged is None:
+                outcome, detail = Reason.BUDGET_EXHAUSTED, "the task's call budget is spent"
+            else:
+                rule, tool = charged
+    verdict = None if rule is None or match is None else match.verdicts.get(id(rule))
+    if verdict is None and judged:
+        verdict = judged[0][1]
+    if verdict is not None:
+        protocol = rule.rpc.protocol if rule is not None and rule.rpc is not None else judged[0][0]
+        seen.update(rpc=verdict.record(tool), rpc_id=verdict.rpc_id, rpc_protocol=rpc_protocol or protocol)
     if rule is None:
         reason = outcome if isinstance(outcome, Reason) else Reason.INTERNAL_ERROR
         return Decision(False, reason, deny_status(reason), decision_id, detail, Direction.EGRESS, **seen)
@@ -215,6 +296,13 @@ def decide_egress(
         to_remove = _ALWAYS_REMOVE_WITH_AUTHORIZATION
     if rule.credential is not None:
         to_set.append((rule.credential.header, rule.credential.value))
+    list_filter = None
+    if verdict is not None and rule.rpc is not None and rule.rpc.protocol == "mcp":
+        if verdict.fields.get("method") == "tools/list":
+            assert match is not None
+            list_filter = _visible_tools(match)
+            to_set.append(("accept-encoding", "identity"))  # the filter reads the response as sent
+        seen["list_filter"] = list_filter
     return Decision(
         True,
         Reason.ALLOWED,
@@ -230,8 +318,41 @@ def decide_egress(
     )
 
 
+def _rpc_judge(request: AuthzRequest, method: str, judged: list[tuple[str, RpcVerdict]]) -> _RpcJudge:
+    """The judge of this request's JSON-RPC message, once per protocol policy (``(protocol,
+    verdict)`` pairs kept in ``judged`` for the record of a deny)."""
+    cache: dict[int, RpcVerdict] = {}
+    body = request.body if request.body_cap else None
+
+    def rpc(policy: ProtocolPolicy) -> RpcVerdict:
+        verdict = cache.get(id(policy))
+        if verdict is None:
+            verdict = judge(policy, http_method=method, headers=request.headers, body=body, cap=request.body_cap)
+            cache[id(policy)] = verdict
+            judged.append((policy.protocol, verdict))
+        return verdict
+
+    return rpc
+
+
+def _visible_tools(match: _Match) -> tuple[str, ...]:
+    """The tool name patterns of every MCP rule that allowed a ``tools/list``: what it may show."""
+    patterns: dict[str, None] = {}
+    for rule in match.rules:
+        if rule.rpc is not None and rule.rpc.protocol == "mcp":
+            patterns.update(dict.fromkeys(rule.rpc.tool_names.patterns))
+    return tuple(patterns)
+
+
 def _select(
-    policy: PolicyIndex, chosen: str | None, agent: str, target: Target, method: str, now: float, intercepted: bool
+    policy: PolicyIndex,
+    chosen: str | None,
+    agent: str,
+    target: Target,
+    method: str,
+    now: float,
+    intercepted: bool,
+    rpc: _RpcJudge | None = None,
 ) -> tuple[Task | None, _Match | Reason, str]:
     """Pick the task and match the call: ``(task, match or deny reason, detail)``."""
     if chosen is not None:
@@ -243,7 +364,7 @@ def _select(
         state = _task_state(task, now)
         if state is not None:
             return task, state, f"task is {state.value.removeprefix('task_').replace('_', ' ')}"
-        return _explained(task, _match(task, target, method, intercepted))
+        return _explained(task, _match(task, target, method, intercepted, rpc))
     tasks = policy.tasks_by_agent.get(agent, ())
     if not tasks:
         return None, Reason.NO_TASK, "no task is declared for this agent"
@@ -257,8 +378,8 @@ def _select(
         assert state is not None
         return tasks[0], state, f"no active task (first: {state.value})"
     if len(active) == 1:
-        return _explained(active[0], _match(active[0], target, method, intercepted))
-    results = [(t, _match(t, target, method, intercepted)) for t in active]
+        return _explained(active[0], _match(active[0], target, method, intercepted, rpc))
+    results = [(t, _match(t, target, method, intercepted, rpc)) for t in active]
     allowed = [(t, m) for t, m in results if m.rules]
     if len(allowed) > 1:
         return None, Reason.TASK_AMBIGUOUS, "several active tasks allow this call; name one in x-agent-task"
@@ -270,6 +391,8 @@ def _select(
 def _explained(task: Task, match: _Match) -> tuple[Task, _Match | Reason, str]:
     if match.rules:
         return task, match, ""
+    if match.detail:
+        return task, match.reason, match.detail
     return task, match.reason, f"no egress rule of the task allows this call ({match.reason.value})"
 
 

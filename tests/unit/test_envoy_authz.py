@@ -59,7 +59,7 @@ def test_parse_check_request() -> None:
         (check_request(direction="sideways"), "direction"),
         (check_request(method=""), "malformed HTTP method"),
         (check_request(method="G\x00ET"), "malformed HTTP method"),
-        (b"\x00" * (96 * 1024 + 1), "larger than"),
+        (b"\x00" * (96 * 1024 + (1 << 20) + 2), "larger than"),  # 96 KiB of headers and a body of 1 MiB + 1
     ],
 )
 def test_bad_check_requests(raw: bytes, why: str) -> None:
