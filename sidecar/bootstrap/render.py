@@ -278,9 +278,10 @@ class _Builder:
         and for MCP the ext_proc filter switched on (``tools/list`` filtering)."""
         ea = self.ext_authz
         extensions = {"direction": "egress", "rpc_protocol": protocol, **extra}
-        settings = ea.CheckSettings(context_extensions=extensions)
         if body:
             extensions["rpc_body_cap"] = str(self.body_cap)
+        settings = ea.CheckSettings(context_extensions=extensions)
+        if body:
             settings.with_request_body = self.body_buffer()
         else:
             settings.disable_request_body_buffering = True
