@@ -268,7 +268,7 @@ def judge(
         ``resource_not_allowed``, ``prompt_not_allowed``, ``rpc_method_not_allowed``.
     """
     if http_method != "POST":
-        return RpcVerdict(None, fields={"http": http_method})
+        return RpcVerdict(None)
     mcp = policy.protocol == "mcp"
     try:
         mirrored = read_headers(headers) if mcp else None

@@ -261,7 +261,7 @@ def decide_egress(
         verdict = judged[0][1]
     if verdict is not None:
         protocol = rule.rpc.protocol if rule is not None and rule.rpc is not None else judged[0][0]
-        seen.update(rpc=verdict.record(tool), rpc_id=verdict.rpc_id, rpc_protocol=rpc_protocol or protocol)
+        seen.update(rpc=verdict.record(tool) or None, rpc_id=verdict.rpc_id, rpc_protocol=rpc_protocol or protocol)
     if rule is None:
         reason = outcome if isinstance(outcome, Reason) else Reason.INTERNAL_ERROR
         return Decision(False, reason, deny_status(reason), decision_id, detail, Direction.EGRESS, **seen)
