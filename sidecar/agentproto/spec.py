@@ -152,10 +152,6 @@ def _pointer(value: str) -> str:
 Pointer = Annotated[str, BeforeValidator(_pointer)]
 
 
-def _tool_shorthand(value: Any) -> Any:
-    return {"name": value} if isinstance(value, str) else value
-
-
 class ToolSpec(_Model):
     """One allowed tool: a name (exact or glob), optional argument constraints, an optional call
     budget (counted together with the rule's and the task's), and the argument pointers whose values
@@ -180,9 +176,6 @@ class ToolSpec(_Model):
         return value
 
 
-ToolEntry = Annotated[ToolSpec, BeforeValidator(_tool_shorthand)]
-
-
 def _names(value: list[str], what: str, pattern: re.Pattern[str]) -> list[str]:
     for name in value:
         if not pattern.match(name):
@@ -201,7 +194,7 @@ class AgentProtocolSpec(_Model):
 
     protocol: Literal["http", "mcp", "a2a"] = "http"
     """``http``: the rule judges HTTP only; ``mcp`` / ``a2a``: also the JSON-RPC message of each POST."""
-    tools: list[ToolEntry] | None = None
+    tools: list[ToolSpec] | None = None
     """MCP: the tools ``tools/call`` may name, each with optional ``arguments``, ``max_calls`` and
     ``record``; unset: none (``tools/list`` responses show only these)."""
     resources: list[str] | None = None
@@ -212,6 +205,13 @@ class AgentProtocolSpec(_Model):
     """The other JSON-RPC methods allowed (names or globs). MCP default: ``initialize``, ``ping``,
     ``server/discover``, ``notifications/*``, ``tools/list``, ``resources/list``,
     ``resources/templates/list``, ``prompts/list``; A2A: required (e.g. ``SendMessage``, ``GetTask``)."""
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tool_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"name": entry} if isinstance(entry, str) else entry for entry in value]
+        return value
 
     @field_validator("resources")
     @classmethod

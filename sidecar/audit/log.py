@@ -90,6 +90,16 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
         "The ``ip:port`` the agent connected to (behind the transparent listener, the original destination).",
     ),
     RecordField(
+        "mcp",
+        "object",
+        "Only on an MCP route: ``{method, tool | resource | prompt, decided_from (headers or body), "
+        "arguments_digest (sha256: of the canonical JSON arguments), arguments (only the rule's ``record`` "
+        "pointers)}``; ``response: true`` for the client's answer to a server request. Never other argument values.",
+    ),
+    RecordField(
+        "a2a", "object", "Only on an A2A route: ``{method, decided_from}`` (the JSON-RPC method, e.g. ``SendMessage``)."
+    ),
+    RecordField(
         "tls",
         "string",
         "Only on a request read by intercepting the agent's TLS: ``intercept`` (``sni`` is the intercepted name).",
