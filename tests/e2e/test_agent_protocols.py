@@ -172,6 +172,30 @@ def test_mcp_sdk_client_through_envoy(stack: Callable[..., Env], mode: str) -> N
         "table://prices_q3",
         "table://salaries",
     }
+    if mode == "auto":  # the CLI and the viewer's API filter by tool
+        logs = subprocess.run(
+            [sys.executable, "-m", "sidecar", "logs", str(env.state / "decisions.log"), "--tool", "query", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        shown = [json.loads(line) for line in logs.stdout.splitlines()]
+        assert [r["reason"] for r in shown] == [r["reason"] for r in calls if r["mcp"]["tool"] == "query"]
+        table = subprocess.run(
+            [sys.executable, "-m", "sidecar", "logs", str(env.state / "decisions.log"), "--rpc-method", "tools/list"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        assert "[tools/list]" in table.stdout and "tools/call" not in table.stdout
+        import urllib.request
+
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(env.admin + "/decisions/api/records?tool=drop_table", timeout=10) as response:
+            api = json.loads(response.read())["records"]
+        assert [(r["mcp"]["tool"], r["reason"]) for r in api] == [("drop_table", "tool_not_allowed")]
     handshake = "server/discover" if mode == "auto" else "initialize"
     assert any(r["mcp"]["method"] == handshake for r in records)
     if mode == "legacy":  # the session's notification and, at the end, GET stream and DELETE
