@@ -28,8 +28,12 @@ CALLS: list[tuple[str, dict[str, Any]]] = []
 def warehouse_app(allowed_hosts: list[str]) -> Any:
     """The MCP warehouse as a Starlette app; ``allowed_hosts`` are the Host values it accepts
     (the SDK's DNS-rebinding protection)."""
+    import logging
+
     from mcp.server import MCPServer
     from mcp.server.transport_security import TransportSecuritySettings
+
+    logging.getLogger("mcp").setLevel(logging.WARNING)  # no "session manager started" lines in the demo
 
     mcp = MCPServer("warehouse")
 

@@ -493,3 +493,21 @@ def test_delegated_tool_rules_narrow_through_envoy(tmp_path: Path, short_dir: Pa
     finally:
         sub.stop()
         orch.stop()
+
+
+def test_demo_mcp_scenario(tmp_path: Path) -> None:
+    """``agent-authz demo --scenario mcp`` exits 0, having checked every outcome and both logs itself."""
+    done = subprocess.run(
+        [sys.executable, "-m", "sidecar", "demo", "--scenario", "mcp", "--state-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "every outcome matched (11 checks)" in done.stdout and "MISMATCH" not in done.stdout
+    for line in ("query another table", "argument_not_allowed", "tool_not_allowed", "['query']", "SendMessage"):
+        assert line in done.stdout
+    records = [json.loads(x) for x in (tmp_path / "market-data" / "decisions.log").read_text().splitlines()]
+    assert any(r.get("mcp", {}).get("tool") == "drop_table" and r["reason"] == "tool_not_allowed" for r in records)
+    assert "never-in-the-log" not in (tmp_path / "market-data" / "decisions.log").read_text()
