@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 __all__ = [
     "CALLER_HEADER",
     "DECISION_ID_HEADER",
+    "LIST_FILTER_HEADER",
     "REASON_HEADER",
     "TASK_HEADER",
     "AuthzRequest",
@@ -30,6 +31,9 @@ DECISION_ID_HEADER = "x-agent-authz-decision-id"
 """Set on the forwarded request, on the response and on a deny: joins logs to decisions."""
 REASON_HEADER = "x-agent-authz-reason"
 """The reason code of a deny, on the deny response."""
+LIST_FILTER_HEADER = "x-agent-authz-list-filter"
+"""Set (``1``) on an allowed MCP ``tools/list`` so that Envoy runs the ext_proc filter on its
+response; removed from every other request, and by the route before the upstream."""
 CALLER_HEADER = "x-agent-authz-caller"
 """On an allowed ingress request: the verified caller SPIFFE ID (overwrites any client value)."""
 

@@ -66,6 +66,7 @@ from typing import Any
 
 from sidecar.config.loader import LoadedConfig
 from sidecar.config.schema import SYSTEM_CA_BUNDLE
+from sidecar.decision import LIST_FILTER_HEADER
 from sidecar.errors import ConfigError
 from sidecar.intercept.files import XdsPaths
 from sidecar.intercept.targets import InterceptTarget
@@ -295,9 +296,17 @@ class _Builder:
 
     def ext_proc_filter(self) -> Any:
         """Envoy's ext_proc filter for ``tools/list`` responses, off unless a route switches it on:
-        response headers sent, the body buffered (the service turns it off for other responses),
-        the ext_authz metadata forwarded."""
+        response headers sent, the body buffered, the ext_authz metadata forwarded. It runs only for
+        a request that ext_authz marked with ``x-agent-authz-list-filter: 1`` (an allowed
+        ``tools/list``; ``match_delegate`` skips it for every other request, so other responses
+        cost no round trip; the route removes the header before the upstream)."""
         ep, core = self.ext_proc, self.core
+        from envoy_data_plane.envoy.extensions.common.matching.v3 import ExtensionWithMatcher
+        from envoy_data_plane.envoy.extensions.filters.common.matcher.action.v3 import SkipFilter
+        from envoy_data_plane.envoy.type.matcher.v3 import HttpRequestHeaderMatchInput
+        from envoy_data_plane.xds.core.v3 import TypedExtensionConfig as XdsExtension
+        from envoy_data_plane.xds.type.matcher import v3 as xm
+
         mode = ep.ProcessingMode(
             request_header_mode=ep.ProcessingModeHeaderSendMode.SKIP,
             response_header_mode=ep.ProcessingModeHeaderSendMode.SEND,
@@ -319,7 +328,33 @@ class _Builder:
                 forwarding_namespaces=ep.MetadataOptionsMetadataNamespaces(untyped=["envoy.filters.http.ext_authz"])
             ),
         )
-        return self.hcm.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=self.pack(config), disabled=True)
+        marked = xm.MatcherMatcherListPredicateSinglePredicate(
+            input=XdsExtension(
+                name="list-filter", typed_config=self.pack(HttpRequestHeaderMatchInput(header_name=LIST_FILTER_HEADER))
+            ),
+            value_match=xm.StringMatcher(exact="1"),
+        )
+        skip_unmarked = xm.Matcher(
+            matcher_list=xm.MatcherMatcherList(
+                matchers=[
+                    xm.MatcherMatcherListFieldMatcher(
+                        predicate=xm.MatcherMatcherListPredicate(
+                            not_matcher=xm.MatcherMatcherListPredicate(single_predicate=marked)
+                        ),
+                        on_match=xm.MatcherOnMatch(
+                            action=XdsExtension(name="skip", typed_config=self.pack(SkipFilter()))
+                        ),
+                    )
+                ]
+            )
+        )
+        wrapped = ExtensionWithMatcher(
+            extension_config=core.TypedExtensionConfig(
+                name="envoy.filters.http.ext_proc", typed_config=self.pack(config)
+            ),
+            xds_matcher=skip_unmarked,
+        )
+        return self.hcm.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=self.pack(wrapped), disabled=True)
 
     def no_authz(self) -> dict[str, Any]:
         """Per-route config switching ext_authz off (the ``CONNECT`` tunnel: decisions happen inside)."""
@@ -415,6 +450,8 @@ class _Builder:
                 typed_per_filter_config=self.rpc_context(protocol, body=True, **extra),
             )
         )
+        for route in routes:
+            route.request_headers_to_remove = [LIST_FILTER_HEADER]
         return r.VirtualHost(name=f"rpc|{_cluster_name(host)}", domains=[host, f"{host}:*"], routes=routes)
 
     # -- egress -------------------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 
 ext_authz decides requests and cannot change a response body, so MCP routes also run Envoy's
 ``ext_proc`` filter (``envoy.filters.http.ext_proc``) against this service, served by the same
-gRPC server and socket as the authorization service. Envoy is configured to skip the request,
-send the response headers, buffer the response body (``BUFFERED``) and forward the ext_authz
-dynamic metadata (``metadata_options.forwarding_namespaces``), so each MCP response is one stream:
+gRPC server and socket as the authorization service. The filter runs only on the response of a
+request ext_authz marked (``x-agent-authz-list-filter: 1``, an allowed ``tools/list``; Envoy's
+``match_delegate`` skips it otherwise). Envoy skips the request, sends the response headers,
+buffers the response body (``BUFFERED``) and forwards the ext_authz dynamic metadata
+(``metadata_options.forwarding_namespaces``), so each filtered response is one stream:
 
-1. ``response_headers``: without ``mcp_list_filter`` in the metadata (the request was no allowed
-   ``tools/list``) the answer switches the body off (``mode_override: response_body_mode NONE``,
-   ``allow_mode_override``) and the response streams through untouched. Otherwise ``content-length``
-   is removed (the filtered body is shorter; Envoy sends it chunked) and the body is awaited.
+1. ``response_headers``: without ``mcp_list_filter`` in the metadata (not an allowed
+   ``tools/list`` - cannot happen through the rendered routes, but a stream is never trusted to be
+   one) the answer switches the body off (``mode_override: response_body_mode NONE``,
+   ``allow_mode_override``) and the response passes untouched. Otherwise ``content-length`` is
+   removed (the filtered body is shorter; Envoy sends it chunked) and the body is awaited.
 2. ``response_body`` (whole, ``end_of_stream``): :func:`sidecar.agentproto.listfilter.filter_tools_list`
    with the task's tool patterns. A body that cannot be filtered (encoded, not JSON, not an event
    stream) is replaced by a JSON-RPC error (``-32603``): the agent never sees an unfiltered list.

@@ -11,7 +11,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sidecar.agentproto.rules import ProtocolPolicy, RpcVerdict, ToolRule, judge
-from sidecar.decision import DECISION_ID_HEADER, TASK_HEADER, AuthzRequest, Decision, Direction, Reason, deny_status
+from sidecar.decision import (
+    DECISION_ID_HEADER,
+    LIST_FILTER_HEADER,
+    TASK_HEADER,
+    AuthzRequest,
+    Decision,
+    Direction,
+    Reason,
+    deny_status,
+)
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_target
 from sidecar.policy.budget import BudgetKey, BudgetLedger
@@ -47,7 +56,7 @@ RPC_BODY_CAP_CONTEXT = "rpc_body_cap"
 (``with_request_body``); absent where Envoy sends no body (then an MCP call is judged on its
 ``Mcp-Method`` / ``Mcp-Name`` headers, if it has them)."""
 
-_ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER)
+_ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER, LIST_FILTER_HEADER)
 _ALWAYS_REMOVE_WITH_AUTHORIZATION = (*_ALWAYS_REMOVE, "authorization")
 _AGENT_CREDENTIALS = ("authorization", *_ALWAYS_REMOVE)
 
@@ -302,6 +311,8 @@ def decide_egress(
             assert match is not None
             list_filter = _visible_tools(match)
             to_set.append(("accept-encoding", "identity"))  # the filter reads the response as sent
+            to_set.append((LIST_FILTER_HEADER, "1"))  # Envoy runs ext_proc on this response only
+            to_remove = tuple(h for h in to_remove if h != LIST_FILTER_HEADER)
         seen["list_filter"] = list_filter
     return Decision(
         True,
