@@ -5,6 +5,9 @@
   a data warehouse: tools ``query(table, sql)``, ``list_tables()``, ``drop_table(table)``, the
   resource template ``table://{name}`` and the prompt ``summarize(topic)``. Every executed tool call
   is appended to :data:`CALLS` so a test can tell what reached the server.
+* ``python -m sidecar.demo.agent_servers mcp|a2a HOST:PORT NAME [--log FILE] [--ready FILE]``
+  serves one of them in its own process (a test's upstream network namespace); executed tool
+  calls are appended to ``--log`` as JSON lines.
 * :func:`risk_agent_app`: an A2A agent (JSON-RPC binding, agent card at
   ``/.well-known/agent-card.json``) answering each message with ``risk score for: <text>``.
 
@@ -19,10 +22,20 @@ import socket
 import threading
 from typing import Any
 
-__all__ = ["CALLS", "ServerThread", "risk_agent_app", "warehouse_app"]
+__all__ = ["CALLS", "ServerThread", "main", "risk_agent_app", "warehouse_app"]
 
 CALLS: list[tuple[str, dict[str, Any]]] = []
 """``(tool, arguments)`` of every tool call the warehouse executed (this process)."""
+_CALL_LOG: list[str] = []  # a file that also receives each call (standalone servers)
+
+
+def _called(tool: str, arguments: dict[str, Any]) -> None:
+    CALLS.append((tool, arguments))
+    if _CALL_LOG:
+        import json
+
+        with open(_CALL_LOG[0], "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"tool": tool, "arguments": arguments}) + "\n")
 
 
 def warehouse_app(allowed_hosts: list[str]) -> Any:
@@ -40,19 +53,19 @@ def warehouse_app(allowed_hosts: list[str]) -> Any:
     @mcp.tool()
     def query(table: str, sql: str = "select *") -> str:
         """Run a read-only query on one table."""
-        CALLS.append(("query", {"table": table, "sql": sql}))
+        _called("query", {"table": table, "sql": sql})
         return f"3 rows from {table}"
 
     @mcp.tool()
     def list_tables() -> list[str]:
         """List the tables."""
-        CALLS.append(("list_tables", {}))
+        _called("list_tables", {})
         return ["prices_q3", "sales_q3", "salaries"]
 
     @mcp.tool()
     def drop_table(table: str) -> str:
         """Drop a table."""
-        CALLS.append(("drop_table", {"table": table}))
+        _called("drop_table", {"table": table})
         return f"dropped {table}"
 
     @mcp.resource("table://{name}")
@@ -156,3 +169,38 @@ class ServerThread:
             self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the warehouse (``mcp``) or the risk agent (``a2a``) on ``HOST:PORT`` until killed."""
+    import argparse
+    from pathlib import Path
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m sidecar.demo.agent_servers")
+    parser.add_argument("kind", choices=["mcp", "a2a"])
+    parser.add_argument("address", help="HOST:PORT to listen on")
+    parser.add_argument("name", help="the host name clients use")
+    parser.add_argument("--log", help="append executed tool calls here (JSON lines)")
+    parser.add_argument("--ready", help="create this file once listening")
+    args = parser.parse_args(argv)
+    if args.log:
+        _CALL_LOG.append(args.log)
+    app = warehouse_app([args.name]) if args.kind == "mcp" else risk_agent_app(f"http://{args.name}/")
+    host, _, port = args.address.rpartition(":")
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=int(port), log_level="warning"))
+
+    async def serve() -> None:
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.02)
+        if args.ready:
+            Path(args.ready).touch()
+        await task
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
