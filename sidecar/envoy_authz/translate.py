@@ -69,9 +69,11 @@ LIST_FILTER_METADATA = "mcp_list_filter"
 patterns its response is filtered to; Envoy's ext_proc filter forwards it to the sidecar
 (``metadata_options.forwarding_namespaces``)."""
 
-_MAX_REQUEST_BYTES = 96 * 1024 + (1 << 20) + 1
-"""Envoy caps request headers at 60 KiB by default, and a buffered body at ``envoy.rpc_body_cap``
-(at most 1 MiB) plus one byte; anything larger is not a request we judge."""
+_MAX_REQUEST_BYTES = 96 * 1024
+"""Envoy caps request headers at 60 KiB by default; a CheckRequest much larger than that, not
+counting a buffered body, is not a request we judge."""
+_MAX_BODY_BYTES = (1 << 20) + 1
+"""The largest buffered body: ``envoy.rpc_body_cap`` (at most 1 MiB) plus the byte Envoy buffers more."""
 _RPC_BODY_CAP = "rpc_body_cap"
 # JSON-RPC error codes of a deny on an MCP/A2A route: MCP's HeaderMismatch (-32020, 2026-07-28),
 # JSON-RPC's Invalid Request for a body that cannot be judged, and -32030 (in the JSON-RPC server
@@ -140,13 +142,15 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
             attributes and no network check
             metadata, or no usable ``direction`` context extension.
     """
-    if len(raw) > _MAX_REQUEST_BYTES:
-        raise BadRequestError(f"CheckRequest larger than {_MAX_REQUEST_BYTES} bytes")
+    if len(raw) > _MAX_REQUEST_BYTES + _MAX_BODY_BYTES:
+        raise BadRequestError("CheckRequest larger than 96 KiB plus the largest body")
     try:
         message = external_auth_pb2.CheckRequest.FromString(raw)
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise BadRequestError(f"undecodable CheckRequest ({type(exc).__name__})") from None
     attributes = message.attributes
+    if len(raw) - len(attributes.request.http.raw_body) - len(attributes.request.http.body) > _MAX_REQUEST_BYTES:
+        raise BadRequestError("CheckRequest larger than 96 KiB without its body")
     if not attributes.request.HasField("http"):
         return _network_request(attributes, metadata)
     http = attributes.request.http
