@@ -205,7 +205,17 @@ def _check_logs(world: _World) -> int:
 
 
 def run_mcp_demo(*, state_dir: Path | None, envoy_bin: str | None = None) -> int:
-    """Run the MCP/A2A scenario; 0 when every outcome matches, else 1."""
+    """Run the MCP/A2A scenario; 0 when every outcome matches, else 1 (2 without the SDKs)."""
+    import importlib.util
+
+    missing = [name for name in ("mcp", "a2a", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"agent-authz demo --scenario mcp needs the official SDKs ({', '.join(missing)} missing): "
+            "pip install -e '.[test]'",
+            file=sys.stderr,
+        )
+        return 2
     started = time.monotonic()
     tmp = tempfile.TemporaryDirectory(prefix="agent-authz-mcp-") if state_dir is None else None
     state = Path(tmp.name) if tmp is not None else Path(state_dir).absolute()  # type: ignore[arg-type]
