@@ -231,6 +231,7 @@ class RpcVerdict:
 
 
 _BODY_REFUSALS = {BodyProblem.TOO_LARGE: Refusal.MCP_BODY_TOO_LARGE}
+_NO_RPC_METHODS = frozenset({"GET", "DELETE", "HEAD", "OPTIONS"})
 
 
 def _body_refusal(problem: BodyProblem) -> Refusal:
@@ -251,9 +252,11 @@ def judge(
 
     Args:
         policy: the rule's compiled policy.
-        http_method: the request's method; only ``POST`` carries JSON-RPC (``GET`` opens a
-            2025-11-25 server stream or reads an agent card, ``DELETE`` ends a session: allowed
-            here, the rule's ``methods`` decide them).
+        http_method: the request's method. A ``GET``, ``DELETE``, ``HEAD`` or ``OPTIONS`` without
+            a body carries no JSON-RPC (``GET`` opens a 2025-11-25 server stream or reads an agent
+            card, ``DELETE`` ends a session): allowed here, the rule's ``methods`` decide them.
+            Any other request - also one of these with a body - is judged as JSON-RPC, so a rule
+            with ``methods: ["*"]`` cannot be passed with a ``PUT``.
         headers: lower-case request headers (``mcp-method``, ``mcp-name``, ``content-type``,
             ``content-encoding``).
         body: the body Envoy buffered, or ``None`` when the route sends none (then an MCP request
@@ -267,7 +270,7 @@ def judge(
         and the route sends none), ``tool_not_allowed``, ``argument_not_allowed``,
         ``resource_not_allowed``, ``prompt_not_allowed``, ``rpc_method_not_allowed``.
     """
-    if http_method != "POST":
+    if http_method in _NO_RPC_METHODS and not body:
         return RpcVerdict(None)
     mcp = policy.protocol == "mcp"
     try:

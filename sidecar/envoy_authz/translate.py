@@ -193,7 +193,7 @@ def _add_headers(target: Any, headers: Iterable[tuple[str, str]]) -> None:
 
 def _deny_body(decision: Decision) -> str:
     reason = decision.reason.value
-    if not decision.rpc_protocol or decision.method != "POST":
+    if not decision.rpc_protocol or decision.method in ("GET", "DELETE", "HEAD", "OPTIONS"):
         return orjson.dumps({"decision_id": decision.decision_id, "reason": reason}).decode()
     error = {
         "code": _RPC_ERROR_CODES.get(reason, RPC_DENIED),

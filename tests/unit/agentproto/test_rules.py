@@ -112,6 +112,10 @@ def test_resources_prompts_methods() -> None:
     answer = judge(policy(), http_method="POST", headers=JSON, body=b'{"jsonrpc":"2.0","id":3,"result":{}}', cap=CAP)
     assert answer.refusal is None and answer.fields["response"] is True
     assert judge(policy(), http_method="GET", headers={}, body=b"", cap=CAP).refusal is None  # 2025-11-25 stream
+    drop = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "drop_table"}}).encode()
+    for method in ("PUT", "PATCH", "GET", "DELETE"):  # a body is judged whatever the method
+        assert judge(policy(), http_method=method, headers=JSON, body=drop, cap=CAP).refusal is Refusal.TOOL_NOT_ALLOWED
+    assert judge(policy(), http_method="PUT", headers=JSON, body=b"", cap=CAP).refusal is Refusal.MCP_INVALID_BODY
     narrow = {**WAREHOUSE, "rpc_methods": ["initialize", "notifications/initialized"]}
     assert call("tools/list", {}, spec=narrow).refusal is Refusal.RPC_METHOD_NOT_ALLOWED
 
