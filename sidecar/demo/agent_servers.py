@@ -150,12 +150,23 @@ class ServerThread:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
-            task = loop.create_task(self._server.serve(sockets=[sock]))
-            while not self._server.started and not task.done():
-                loop.run_until_complete(asyncio.sleep(0.02))
-            started.set()
-            loop.run_until_complete(task)
-            loop.close()
+            asyncio.set_event_loop(loop)
+            try:
+                task = loop.create_task(self._server.serve(sockets=[sock]))
+                while not self._server.started and not task.done():
+                    loop.run_until_complete(asyncio.sleep(0.02))
+                started.set()
+                loop.run_until_complete(task)
+                pending = [t for t in asyncio.all_tasks(loop) if not t.done()]  # sse-starlette's watcher
+                for leftover in pending:
+                    leftover.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
+                sock.close()
+                started.set()
 
         self._thread = threading.Thread(target=run, name="asgi-server", daemon=True)
         self._thread.start()
