@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 import yaml  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from sidecar.procs import AuthzStack  # noqa: E402
+from sidecar.harness import AuthzStack  # noqa: E402
 from sidecar.tokens.keys import generate_private_key_pem  # noqa: E402
 
 AGENT = "spiffe://bench.example/ns/agents/sa/worker"

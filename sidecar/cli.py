@@ -58,7 +58,7 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from sidecar.decision import AuthzRequest, Direction
-    from sidecar.runtime import Runtime
+    from sidecar.runtime.active import Runtime
 
     parts = urllib.parse.urlsplit(args.url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -174,9 +174,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_iptables(args: argparse.Namespace) -> int:
-    from sidecar.netfilter.rules import (
-        InterceptSpec,
+    from sidecar.redirect.rules import (
         Ipv6Mode,
+        RedirectSpec,
         parse_cidrs,
         parse_id,
         parse_inbound_ports,
@@ -186,7 +186,7 @@ def _cmd_iptables(args: argparse.Namespace) -> int:
         restore_text,
     )
 
-    spec = InterceptSpec(
+    spec = RedirectSpec(
         outbound_port=parse_port(args.outbound_port, "--outbound-port"),
         inbound_port=parse_port(args.inbound_port, "--inbound-port"),
         proxy_uid=parse_id(args.proxy_uid, "--proxy-uid"),
@@ -206,7 +206,7 @@ def _cmd_iptables(args: argparse.Namespace) -> int:
         sys.stdout.write("# IPv4 (iptables-restore)\n" + restore_text(rules.ipv4))
         sys.stdout.write("# IPv6 (ip6tables-restore)\n" + restore_text(rules.ipv6))
         return 0
-    from sidecar.netfilter.apply import apply_rules, cleanup_rules
+    from sidecar.redirect.apply import apply_rules, cleanup_rules
 
     if args.cleanup:
         cleanup_rules()

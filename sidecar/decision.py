@@ -1,41 +1,27 @@
 """The request and decision values exchanged between the protocol edge and the policy code.
 
 Neither type knows about Envoy protobufs: :mod:`sidecar.envoy_authz` translates CheckRequest into
-:class:`AuthzRequest` and :class:`Decision` into CheckResponse.
+:class:`AuthzRequest` (reading the names of :mod:`sidecar.wire` into typed fields) and
+:class:`Decision` into CheckResponse.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = [
-    "CALLER_HEADER",
-    "DECISION_ID_HEADER",
-    "LIST_FILTER_HEADER",
-    "REASON_HEADER",
-    "TASK_HEADER",
     "AuthzRequest",
     "Decision",
     "Direction",
+    "Interception",
     "Protocol",
     "Reason",
+    "RpcRoute",
     "TokenInfo",
     "deny_status",
 ]
-
-TASK_HEADER = "x-agent-task"
-"""Request header an agent with several active tasks uses to pick one; stripped before forwarding."""
-DECISION_ID_HEADER = "x-agent-authz-decision-id"
-"""Set on the forwarded request, on the response and on a deny: joins logs to decisions."""
-REASON_HEADER = "x-agent-authz-reason"
-"""The reason code of a deny, on the deny response."""
-LIST_FILTER_HEADER = "x-agent-authz-list-filter"
-"""Set (``1``) on an allowed MCP ``tools/list`` so that Envoy runs the ext_proc filter on its
-response; removed from every other request, and by the route before the upstream."""
-CALLER_HEADER = "x-agent-authz-caller"
-"""On an allowed ingress request: the verified caller SPIFFE ID (overwrites any client value)."""
 
 
 class Direction(enum.StrEnum):
@@ -176,6 +162,42 @@ def deny_status(reason: Reason) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Interception:
+    """A request Envoy read by terminating the agent's TLS with a pod-CA certificate (``tls: intercept``).
+
+    Attributes:
+        host: the server name (SNI) the intercepting filter chain matched.
+        port: the port the agent connected to (the original destination port; 443 through ``CONNECT``).
+        upstream_verify: how the route's cluster verifies the upstream it re-originates TLS to
+            (``dns:<name> ca:<bundle>``), recorded as is.
+    """
+
+    host: str
+    port: int
+    upstream_verify: str = ""
+
+    @property
+    def target(self) -> str:
+        """``host:port``."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RpcRoute:
+    """A request Envoy sent from a route to an MCP or A2A host (``envoy.rpc_hosts``).
+
+    Attributes:
+        protocol: ``mcp`` or ``a2a``; a deny on such a route is a JSON-RPC error body.
+        body_cap: the route's body cap in bytes when it buffers the body (``with_request_body``;
+            Envoy buffers one byte more, so a longer body is seen as longer); ``0`` when it buffers
+            none (then an MCP call is judged on its ``Mcp-Method`` / ``Mcp-Name`` headers, if any).
+    """
+
+    protocol: str
+    body_cap: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class AuthzRequest:
     """One HTTP request as seen by Envoy, before normalization.
 
@@ -187,17 +209,22 @@ class AuthzRequest:
         path: the ``:path`` value; Envoy includes the query string here.
         headers: lower-case header names to values (duplicates arrive comma-joined).
         request_id: Envoy's ``x-request-id``.
-        context: the listener's ``context_extensions``.
         peer_certificate: URL-encoded PEM of the client certificate (ingress mTLS), or ``""``.
         protocol: ``http``, or ``tls``/``tcp`` for a connection-level check (then ``method``,
             ``authority`` and ``path`` are empty).
         sni: the TLS ClientHello's server name (``tls``), ``""`` when absent.
         destination: the address the agent connected to, ``ip:port`` (``[v6]:port``); behind the
             transparent listener this is the original destination (``SO_ORIGINAL_DST``).
-        body: the request body Envoy buffered (MCP/A2A routes, ``with_request_body``), or ``None``
-            when the route sends none.
-        body_cap: the cap of that route in bytes (Envoy buffers one byte more, so a longer body is
-            seen as longer); ``0`` without a body.
+        interception: set when the request came through an intercepting filter chain (the route's
+            ``intercept`` and ``upstream_verify`` context extensions); ``None`` otherwise.
+        upstream_tls: the route opens TLS to the upstream (context extension ``upstream_tls:
+            originate``); a ``tls: originate`` rule allows a call only through such a route.
+        via_connect: a connection check from inside a proxy ``CONNECT`` tunnel (gRPC metadata
+            ``x-agent-authz-via: connect``): there is no original destination.
+        rpc: set when the request came through an MCP/A2A route (the route's ``rpc_protocol`` and
+            ``rpc_body_cap`` context extensions); ``None`` otherwise.
+        body: the request body Envoy buffered (a route with a body cap, ``with_request_body``), or
+            ``None`` when the route sends none.
     """
 
     direction: Direction
@@ -207,13 +234,15 @@ class AuthzRequest:
     path: str
     headers: Mapping[str, str]
     request_id: str = ""
-    context: Mapping[str, str] = field(default_factory=dict)
     peer_certificate: str = ""
     protocol: Protocol = Protocol.HTTP
     sni: str = ""
     destination: str = ""
+    interception: Interception | None = None
+    upstream_tls: bool = False
+    via_connect: bool = False
+    rpc: RpcRoute | None = None
     body: bytes | None = None
-    body_cap: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ Every metric is named, typed and described where it is created below (name, help
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -18,18 +18,22 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from sidecar.decision import Decision, Reason
+from sidecar.errors import ErrorCode
 
 if TYPE_CHECKING:
     from sidecar.audit.log import DecisionLog
-    from sidecar.runtime import Runtime
+    from sidecar.runtime.active import Runtime
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "MAX_TASK_LABELS", "Metrics"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "MAX_TASK_LABELS", "RELOAD_FAILURE_CODES", "Metrics", "WebhookMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MAX_TASK_LABELS = 50
 """At most this many ``task`` label values on ``agent_authz_task_budget_remaining`` (fewest calls left first)."""
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 """Seconds; Envoy's default ext_authz timeout is 250 ms."""
+RELOAD_FAILURE_CODES = (ErrorCode.CONFIG_INVALID, ErrorCode.KEY_INVALID)
+"""The codes a reload can fail with (:class:`~sidecar.errors.ConfigError` and its
+:class:`~sidecar.errors.KeyLoadError`); each has a sample from the start, zero until it happens."""
 
 
 class Metrics:
@@ -126,11 +130,15 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(
             "agent_authz_config_reloads", "Configurations swapped in (reloads applied).", value=runtime.reloads
         )
-        yield CounterMetricFamily(
+        failures = CounterMetricFamily(
             "agent_authz_config_reload_failures",
-            "Reloads rejected (the last good configuration stays).",
-            value=runtime.reload_failures,
+            "Reloads rejected (the last good configuration stays), by error code.",
+            labels=["code"],
         )
+        by_code = runtime.reload_failures_by_code
+        for code in sorted({*RELOAD_FAILURE_CODES, *by_code}):
+            failures.add_metric([code], by_code.get(code, 0))
+        yield failures
         errors = CounterMetricFamily(
             "agent_authz_decision_log_write_errors", "Failed decision log writes or fsyncs, by sink.", labels=["sink"]
         )
@@ -162,3 +170,30 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "agent_authz_dry_run", "1 in dry-run mode.", value=int(runtime.snapshot.loaded.settings.dry_run)
         )
+
+
+class WebhookMetrics:
+    """The metrics of the admission webhook process (its own registry).
+
+    Args:
+        outcomes: every outcome label value (:class:`~sidecar.inject.podspec.AdmissionOutcome`), so
+            each has a sample from the start.
+    """
+
+    def __init__(self, outcomes: Iterable[str]) -> None:
+        self.registry = CollectorRegistry()
+        self._admissions = Counter(
+            "agent_authz_webhook_admissions",
+            "AdmissionReviews answered, by outcome (unanswerable: not a review, HTTP 400).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._children = {str(outcome): self._admissions.labels(str(outcome)) for outcome in outcomes}
+
+    def observe(self, outcome: str) -> None:
+        """Count one review with ``outcome``."""
+        self._children[outcome].inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -38,7 +38,7 @@ from aiohttp_sse import sse_response
 from sidecar.audit.log import DecisionLog
 from sidecar.audit.reader import RecordFilter, log_files, tail_records, time_bound
 from sidecar.decision import Reason
-from sidecar.runtime import Runtime
+from sidecar.runtime.active import Runtime
 
 __all__ = ["CHAIN_CHECK_INTERVAL", "RECENT", "DecisionFeed", "add_viewer_routes"]
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sidecar.agentproto.jsonrpc import MessageKind, RpcMessage
+from sidecar.errors import BadRequestError
 
 __all__ = [
     "MCP_METHOD_HEADER",
@@ -38,7 +39,7 @@ _BASE64 = re.compile(r"^=\?base64\?([A-Za-z0-9+/]*={0,2})\?=$")
 _VISIBLE_ASCII = re.compile(r"^[\x20-\x7e]*$")
 
 
-class HeaderError(ValueError):
+class HeaderError(BadRequestError):
     """The MCP headers are malformed or disagree with the body (``mcp_header_mismatch``)."""
 
 

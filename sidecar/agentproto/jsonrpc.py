@@ -33,6 +33,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from sidecar.errors import BadRequestError
+
 __all__ = [
     "MAX_DEPTH",
     "BodyError",
@@ -83,8 +85,8 @@ are a body that is not one valid JSON-RPC message at all (``mcp_invalid_body``),
 ``too_large`` (``mcp_body_too_large``)."""
 
 
-class BodyError(ValueError):
-    """The body cannot be judged.
+class BodyError(BadRequestError):
+    """The body cannot be judged (``mcp_ambiguous_body``, ``mcp_invalid_body``, ``mcp_body_too_large``).
 
     Attributes:
         problem: the stable sub-code.

@@ -21,14 +21,18 @@ from typing import Any
 
 import orjson
 
+from sidecar.errors import AgentAuthzError, ErrorCode
+
 __all__ = ["FilterError", "Filtered", "error_body", "filter_tools_list"]
 
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 _EVENT_BREAK = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\r|\n)")
 
 
-class FilterError(ValueError):
+class FilterError(AgentAuthzError):
     """The response cannot be filtered (not JSON, not an event stream, encoded)."""
+
+    code = ErrorCode.RESPONSE_UNFILTERABLE
 
 
 @dataclass(frozen=True, slots=True)

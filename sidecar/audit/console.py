@@ -21,7 +21,7 @@ import orjson
 
 from sidecar.audit.chain import ChainHead, load_hmac_key, verify_lines
 from sidecar.audit.reader import RecordFilter, follow_lines, iter_lines, iter_records, log_files, time_bound
-from sidecar.errors import AgentAuthzError
+from sidecar.errors import AgentAuthzError, ErrorCode
 
 __all__ = ["add_logs_arguments", "add_verify_arguments", "run_logs", "run_verify"]
 
@@ -44,7 +44,7 @@ _MAX_WIDTH = {"destination": 64, "agent": 56, "caller": 56, "task": 32}
 class UsageError(AgentAuthzError):
     """Bad arguments or unreadable input (exit 2)."""
 
-    code = "usage"
+    code = ErrorCode.USAGE
 
 
 def add_logs_arguments(parser: argparse.ArgumentParser) -> None:

@@ -34,10 +34,11 @@ import yaml
 from sidecar.config.schema import TaskSpec
 from sidecar.demo.agent_servers import CALLS, ServerThread, risk_agent_app, warehouse_app
 from sidecar.demo.common import write_secret
-from sidecar.demo.quarterly import AGENTS, ISSUER, TD, USER, _admin, _print, _World
+from sidecar.demo.quarterly import AGENTS, ISSUER, TD, USER
+from sidecar.demo.world import World, admin, print_steps
 from sidecar.grants.issue import sign_root_grant
+from sidecar.harness import AuthzStack
 from sidecar.identity.devca import DevCA
-from sidecar.procs import AuthzStack
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
 
 __all__ = ["run_mcp_demo"]
@@ -178,7 +179,7 @@ def _outcome(result: dict[str, Any]) -> str:
     return "403" if "403" in result["error"]["message"] else "error"
 
 
-def _check_logs(world: _World) -> int:
+def _check_logs(world: World) -> int:
     records = {
         name: [json.loads(x) for x in (world.state / name / "decisions.log").read_text().splitlines()] for name in NAMES
     }
@@ -223,7 +224,7 @@ def run_mcp_demo(*, state_dir: Path | None, envoy_bin: str | None = None) -> int
     for name in NAMES:
         (state / name / "decisions.log").unlink(missing_ok=True)
     sock_dir = Path(tempfile.mkdtemp(prefix="aa-mcp-", dir="/tmp"))
-    world = _World(state)
+    world = World(state)
     servers = [ServerThread(warehouse_app([MCP_HOST])), ServerThread(risk_agent_app(f"http://{A2A_HOST}/"))]
     try:
         ports = {MCP_HOST: servers[0].start(), A2A_HOST: servers[1].start()}
@@ -238,7 +239,7 @@ def run_mcp_demo(*, state_dir: Path | None, envoy_bin: str | None = None) -> int
         )
 
         phase = "1. The orchestrator delegates one tool on one table (a grant signed with its SVID)"
-        status, refused = _admin(
+        status, refused = admin(
             orch, "POST", f"/v1/tasks/{ROOT_ID}/delegate", {**WIDENING, "subject": AGENTS["market-data"]}
         )
         field = refused.get("detail", "").split(":")[1].strip() if status == 400 else ""
@@ -249,12 +250,12 @@ def run_mcp_demo(*, state_dir: Path | None, envoy_bin: str | None = None) -> int
             "400 egress[0] (warehouse).tools",
             f"{status} {field}",
         )
-        status, issued = _admin(
+        status, issued = admin(
             orch, "POST", f"/v1/tasks/{ROOT_ID}/delegate", {**DELEGATION, "subject": AGENTS["market-data"]}
         )
         world.record(phase, "orchestrator", "delegate query on prices_q3", "201", str(status))
         if status == 201:
-            status, _ = _admin(sub, "POST", "/v1/tasks", issued["grant"])
+            status, _ = admin(sub, "POST", "/v1/tasks", issued["grant"])
             world.record(phase, "market-data", f"accept grant {issued['id']}", "201", str(status))
 
         phase = "2. The market-data sub-agent uses the MCP SDK client (Streamable HTTP, HTTP_PROXY)"
@@ -287,7 +288,7 @@ def run_mcp_demo(*, state_dir: Path | None, envoy_bin: str | None = None) -> int
         world.record(phase, "orchestrator", "GetTask", "403", _outcome(a2a[1]) if len(a2a) > 1 else "no result")
 
         records = _check_logs(world)
-        _print(world)
+        print_steps(world)
         print(f"\n{records} decisions recorded in the two decision logs")
         if tmp is None:
             print(f"  agent-authz logs {state}/market-data/decisions.log --tool query")

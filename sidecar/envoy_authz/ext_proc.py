@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError
 
 from sidecar.agentproto.listfilter import FilterError, error_body, filter_tools_list
 from sidecar.agentproto.names import NameSet
-from sidecar.envoy_authz.translate import LIST_FILTER_METADATA, METADATA_NAMESPACE
+from sidecar.wire import METADATA_LIST_FILTER, METADATA_NAMESPACE
 
 __all__ = ["EXT_PROC_SERVICE", "ListFilterService"]
 
@@ -45,9 +45,9 @@ _NO_BODY = processing_mode_pb2.ProcessingMode.NONE
 
 def _allowed_names(request: Any) -> NameSet | None:
     namespace = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
-    if namespace is None or LIST_FILTER_METADATA not in namespace.fields:
+    if namespace is None or METADATA_LIST_FILTER not in namespace.fields:
         return None
-    values = namespace.fields[LIST_FILTER_METADATA].list_value.values
+    values = namespace.fields[METADATA_LIST_FILTER].list_value.values
     return NameSet.compile(v.string_value for v in values if v.string_value)
 
 
@@ -125,7 +125,7 @@ class ListFilterService:
                 raise FilterError(f"the response is {encoding}-encoded")
             result = filter_tools_list(body, content_type, allowed.matches)
         except FilterError as exc:
-            _log.warning("tools_list_unfilterable", error=str(exc))
+            _log.warning("tools_list_unfilterable", code=exc.code.value, error=str(exc))
             return error_body(None, f"agent-authz could not filter tools/list: {exc}"), False
         self.filtered += 1
         self.hidden += result.hidden

@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 from sidecar.agentproto.attenuation import protocol_within
 from sidecar.config.schema import EgressRuleSpec, TaskSpec
-from sidecar.grants.model import GrantError
+from sidecar.grants.model import GrantCode, GrantError
 
 __all__ = ["AttenuationError", "check_attenuation", "host_within", "inherit", "path_within", "rule_within"]
 
@@ -57,7 +57,7 @@ class AttenuationError(GrantError):
 
     def __init__(self, field: str, message: str) -> None:
         self.field = field
-        super().__init__("grant_widening", f"{field}: {message}")
+        super().__init__(GrantCode.WIDENING, f"{field}: {message}")
 
 
 def host_within(child: str, parent: str) -> bool:

@@ -11,50 +11,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sidecar.agentproto.rules import ProtocolPolicy, RpcVerdict, ToolRule, judge
-from sidecar.decision import (
-    DECISION_ID_HEADER,
-    LIST_FILTER_HEADER,
-    TASK_HEADER,
-    AuthzRequest,
-    Decision,
-    Direction,
-    Reason,
-    deny_status,
-)
+from sidecar.decision import AuthzRequest, Decision, Direction, Reason, deny_status
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_target
-from sidecar.policy.budget import BudgetKey, BudgetLedger
-from sidecar.policy.model import EgressRule, PolicyIndex, Task
+from sidecar.policy.budget import BudgetLedger, budget_limits
+from sidecar.policy.model import EgressRule, PolicyIndex, Task, task_state
 from sidecar.tokens.minter import TokenMinter
+from sidecar.wire import DECISION_ID_HEADER, LIST_FILTER_HEADER, TASK_HEADER
 
-__all__ = [
-    "INTERCEPT_CONTEXT",
-    "RPC_BODY_CAP_CONTEXT",
-    "RPC_PROTOCOL_CONTEXT",
-    "UPSTREAM_TLS_CONTEXT",
-    "UPSTREAM_VERIFY_CONTEXT",
-    "decide_egress",
-    "dry_run",
-]
-
-UPSTREAM_TLS_CONTEXT = "upstream_tls"
-"""``context_extensions`` key Envoy sets to ``originate`` on routes that open TLS to the upstream;
-a ``tls: originate`` rule allows a call only through such a route, so a bootstrap rendered before the
-rule existed can never send its token in clear text."""
-INTERCEPT_CONTEXT = "intercept"
-"""``context_extensions`` key of the routes behind an intercepting filter chain: ``host:port``, the
-server name and port whose TLS Envoy terminated with a pod-CA certificate. Only ``tls: intercept``
-rules match such a request, and only if it names that host and port; ``tls: intercept`` rules match
-nothing else."""
-UPSTREAM_VERIFY_CONTEXT = "upstream_verify"
-"""``context_extensions`` key: how that route's cluster verifies the upstream (recorded as is)."""
-RPC_PROTOCOL_CONTEXT = "rpc_protocol"
-"""``context_extensions`` key of the routes to MCP/A2A hosts: ``mcp`` or ``a2a`` (a deny there is
-a JSON-RPC error body)."""
-RPC_BODY_CAP_CONTEXT = "rpc_body_cap"
-"""``context_extensions`` key: the body cap in bytes on routes that buffer the request body
-(``with_request_body``); absent where Envoy sends no body (then an MCP call is judged on its
-``Mcp-Method`` / ``Mcp-Name`` headers, if it has them)."""
+__all__ = ["decide_egress", "dry_run"]
 
 _ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER, LIST_FILTER_HEADER)
 _ALWAYS_REMOVE_WITH_AUTHORIZATION = (*_ALWAYS_REMOVE, "authorization")
@@ -87,16 +52,6 @@ class _Match:
     reason: Reason  # deepest failure when ``rules`` is empty
     verdicts: Mapping[int, RpcVerdict] = field(default_factory=dict)  # id(rule) -> verdict, MCP/A2A rules
     detail: str = ""
-
-
-def _task_state(task: Task, now: float) -> Reason | None:
-    if task.revoked:
-        return Reason.TASK_REVOKED
-    if now < task.not_before:
-        return Reason.TASK_NOT_YET_VALID
-    if now >= task.expires_at:
-        return Reason.TASK_EXPIRED
-    return None
 
 
 _HTTP_PORT = DEFAULT_PORTS["http"]
@@ -150,13 +105,6 @@ def _match(task: Task, target: Target, method: str, intercepted: bool = False, r
     return _Match((), _STAGES[deepest + 1])
 
 
-def _budget_limits(
-    task: Task, rule: EgressRule, tool: ToolRule | None = None
-) -> tuple[tuple[BudgetKey, int | None], ...]:
-    limits = (((task.id, ""), task.max_calls), ((task.id, rule.budget_key), rule.max_calls))
-    return limits if tool is None else (*limits, ((task.id, tool.budget_key), tool.max_calls))
-
-
 def _charge(
     task: Task, rules: tuple[EgressRule, ...], match: _Match, budgets: BudgetLedger
 ) -> tuple[EgressRule, ToolRule | None] | None:
@@ -165,7 +113,7 @@ def _charge(
     for rule in rules:
         verdict = match.verdicts.get(id(rule))
         for tool in verdict.tools if verdict is not None and verdict.tools else (None,):
-            limits = _budget_limits(task, rule, tool)
+            limits = budget_limits(task, rule, tool)
             if budgets.available(limits):
                 return (rule, tool) if budgets.try_consume(limits) else None
     return None
@@ -207,19 +155,17 @@ def decide_egress(
     """
     agent = policy.agent
     method = request.method.upper()
-    intercept = request.context.get(INTERCEPT_CONTEXT)
-    tls = ("", "") if intercept is None else ("intercept", request.context.get(UPSTREAM_VERIFY_CONTEXT, ""))
-    sni_host, _, sni_port = (intercept or "").rpartition(":")
+    intercept = request.interception
     # what every record of this call carries, allowed or not
     seen: dict[str, Any] = {
         "agent": agent,
         "method": method,
         "destination": request.destination,
-        "sni": sni_host,
-        "tls": tls[0],
-        "upstream_verify": tls[1],
+        "sni": intercept.host if intercept else "",
+        "tls": "intercept" if intercept else "",
+        "upstream_verify": intercept.upstream_verify if intercept else "",
     }
-    rpc_protocol = request.context.get(RPC_PROTOCOL_CONTEXT, "")
+    rpc_protocol = request.rpc.protocol if request.rpc is not None else ""
     judged: list[tuple[str, RpcVerdict]] = []
     rpc = _rpc_judge(request, method, judged)
     if rpc_protocol:
@@ -233,13 +179,13 @@ def decide_egress(
             False, Reason.BAD_REQUEST, 400, decision_id, str(exc), Direction.EGRESS, path=request.path[:256], **seen
         )
     seen.update(host=target.host, port=target.port, path=target.path)
-    if intercept is not None and (target.host != sni_host or str(target.port) != sni_port):
+    if intercept is not None and (target.host != intercept.host or target.port != intercept.port):
         return Decision(
             False,
             Reason.MISDIRECTED_REQUEST,
             421,
             decision_id,
-            f"the TLS connection was opened for {intercept}, the request names {target.host}:{target.port}",
+            f"the TLS connection was opened for {intercept.target}, the request names {target.host}:{target.port}",
             Direction.EGRESS,
             **seen,
         )
@@ -253,7 +199,7 @@ def decide_egress(
     match = outcome if isinstance(outcome, _Match) else None
     if isinstance(outcome, _Match):
         rules = outcome.rules
-        if request.context.get(UPSTREAM_TLS_CONTEXT) != "originate":
+        if not request.upstream_tls:
             rules = tuple(r for r in rules if r.tls != "originate")
         if not rules:
             outcome = Reason.TLS_ORIGINATION_UNAVAILABLE
@@ -333,12 +279,13 @@ def _rpc_judge(request: AuthzRequest, method: str, judged: list[tuple[str, RpcVe
     """The judge of this request's JSON-RPC message, once per protocol policy (``(protocol,
     verdict)`` pairs kept in ``judged`` for the record of a deny)."""
     cache: dict[int, RpcVerdict] = {}
-    body = request.body if request.body_cap else None
+    cap = request.rpc.body_cap if request.rpc is not None else 0
+    body = request.body if cap else None
 
     def rpc(policy: ProtocolPolicy) -> RpcVerdict:
         verdict = cache.get(id(policy))
         if verdict is None:
-            verdict = judge(policy, http_method=method, headers=request.headers, body=body, cap=request.body_cap)
+            verdict = judge(policy, http_method=method, headers=request.headers, body=body, cap=cap)
             cache[id(policy)] = verdict
             judged.append((policy.protocol, verdict))
         return verdict
@@ -372,7 +319,7 @@ def _select(
             return None, Reason.UNKNOWN_TASK, "no task with the id named in x-agent-task"
         if task.agent != agent:
             return task, Reason.TASK_NOT_FOR_AGENT, "the task named in x-agent-task belongs to another agent"
-        state = _task_state(task, now)
+        state = task_state(task, now)
         if state is not None:
             return task, state, f"task is {state.value.removeprefix('task_').replace('_', ' ')}"
         return _explained(task, _match(task, target, method, intercepted, rpc))
@@ -383,9 +330,9 @@ def _select(
         tasks = policy.tasks_for_host(agent, target.host)
         if not tasks:
             return None, Reason.HOST_NOT_ALLOWED, "no task of this agent names this host"
-    active = [t for t in tasks if _task_state(t, now) is None]
+    active = [t for t in tasks if task_state(t, now) is None]
     if not active:
-        state = _task_state(tasks[0], now)
+        state = task_state(tasks[0], now)
         assert state is not None
         return tasks[0], state, f"no active task (first: {state.value})"
     if len(active) == 1:
@@ -413,8 +360,8 @@ def dry_run(decision: Decision) -> Decision:
     A call the policy allows keeps its obligations (token, API key, header removal) and is marked
     ``dry_run``. A call the policy denies becomes an allow with reason ``dry_run``, ``would_reason`` set
     to the deny reason, no token or API key, and the agent's credential headers (``authorization``,
-    ``proxy-authorization``, ``x-agent-task``) still removed, so a credential the task would not have
-    granted never leaves the pod.
+    ``proxy-authorization``, ``x-agent-task``) and the list-filter marker (``x-agent-authz-list-filter``)
+    still removed, so a credential the task would not have granted never leaves the pod.
     """
     if decision.allow:
         return replace(decision, dry_run=True, would_reason=decision.reason)

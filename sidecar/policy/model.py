@@ -10,11 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sidecar.decision import Reason
+
 if TYPE_CHECKING:
     from sidecar.agentproto.rules import ProtocolPolicy
     from sidecar.grants.model import Grant
 
-__all__ = ["Credential", "EgressRule", "PathMatcher", "PolicyIndex", "Task"]
+__all__ = ["Credential", "EgressRule", "PathMatcher", "PolicyIndex", "Task", "task_state"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +146,18 @@ class Task:
         if len(found) > len(exact):
             found.sort(key=lambda item: item[0])
         return tuple(rule for _, rule in found)
+
+
+def task_state(task: Task, now: float) -> Reason | None:
+    """Why ``task`` cannot allow anything at ``now`` (POSIX seconds): ``task_revoked``,
+    ``task_not_yet_valid`` or ``task_expired``; ``None`` while it is active."""
+    if task.revoked:
+        return Reason.TASK_REVOKED
+    if now < task.not_before:
+        return Reason.TASK_NOT_YET_VALID
+    if now >= task.expires_at:
+        return Reason.TASK_EXPIRED
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -21,40 +20,24 @@ import pytest
 import yaml
 
 from sidecar.demo.agent_servers import CALLS, ServerThread, risk_agent_app, warehouse_app
-from sidecar.procs import AuthzStack
-from tests.conftest import Env, Reply, task
+from sidecar.harness import AuthzStack
+from tests.support.agent_protocols import (
+    A2A_HOST,
+    CALLS_PLAN,
+    EXPECTED,
+    MCP_HOST,
+    MCP_URL,
+    RISK,
+    WAREHOUSE,
+    reason_of,
+    run_agent,
+)
+from tests.support.config import task
+from tests.support.stack import Env, Reply
 
 pytestmark = pytest.mark.e2e
 
-MCP_HOST = "mcp.internal"
-A2A_HOST = "risk.internal"
-MCP_URL = f"http://{MCP_HOST}/mcp"
 JSON = {"content-type": "application/json", "accept": "application/json, text/event-stream"}
-
-WAREHOUSE = {
-    "name": "warehouse",
-    "host": MCP_HOST,
-    "protocol": "mcp",
-    "paths": ["/mcp"],
-    "tools": [
-        {
-            "name": "query",
-            "arguments": {"/table": {"in": ["prices_q3", "prices_q2"]}},
-            "max_calls": 3,
-            "record": ["/table"],
-        },
-        "list_*",
-    ],
-    "resources": ["table://prices_*"],
-    "prompts": ["summarize"],
-}
-RISK = {
-    "name": "risk",
-    "host": A2A_HOST,
-    "protocol": "a2a",
-    "paths": ["/", "/.well-known/agent-card.json"],
-    "rpc_methods": ["SendMessage"],
-}
 
 
 @pytest.fixture(scope="module")
@@ -80,59 +63,8 @@ def stack(env_factory: Callable[..., Env], servers: dict[str, int]) -> Callable[
     return make
 
 
-def run_agent(proxy: str, plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Run the SDK agent with ``HTTP_PROXY`` only; one result per step."""
-    environment = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "all_proxy")}
-    environment.update(HTTP_PROXY=proxy, http_proxy=proxy)
-    done = subprocess.run(
-        [sys.executable, "-m", "sidecar.demo.mcp_agent", json.dumps(plan)],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-
-
-def reason_of(result: dict[str, Any]) -> str:
-    if result["ok"]:
-        return "allowed"
-    data = result["error"].get("data") or {}
-    return str(data.get("reason", result["error"]["message"]))
-
-
 def rpc_records(env: Env, protocol: str = "mcp") -> list[dict[str, Any]]:
     return [r for r in env.records() if protocol in r]
-
-
-CALLS_PLAN = [
-    ["list_tools"],
-    ["call_tool", "query", {"table": "prices_q3", "sql": "select secret_column"}],
-    ["call_tool", "query", {"table": "salaries"}],
-    ["call_tool", "drop_table", {"table": "prices_q3"}],
-    ["call_tool", "list_tables", {}],
-    ["read_resource", "table://prices_q3"],
-    ["read_resource", "table://salaries"],
-    ["get_prompt", "summarize", {"topic": "q3"}],
-    ["call_tool", "query", {"table": "prices_q2"}],
-    ["call_tool", "query", {"table": "prices_q3"}],
-    ["call_tool", "query", {"table": "prices_q3"}],
-]
-EXPECTED = [
-    "allowed",
-    "allowed",
-    "argument_not_allowed",
-    "tool_not_allowed",
-    "allowed",
-    "allowed",
-    "resource_not_allowed",
-    "allowed",
-    "allowed",
-    "allowed",
-    "budget_exhausted",
-]
 
 
 @pytest.mark.parametrize("mode", ["auto", "legacy"])
@@ -396,9 +328,8 @@ def test_plain_http_rule_and_other_hosts_are_unchanged(stack: Callable[..., Env]
 def test_delegated_tool_rules_narrow_through_envoy(tmp_path: Path, short_dir: Path, servers: dict[str, int]) -> None:
     """An orchestrator delegates a narrower MCP rule; a widening one is refused; the sub-agent's own
     Envoy and sidecar enforce the narrowed tools and arguments (and filter tools/list to them)."""
-    from sidecar.procs import SidecarProcess
-    from tests.e2e.test_delegation import api
-    from tests.grants_env import ORCH, ROOT_TASK, SUB, Scenario
+    from sidecar.harness import SidecarProcess
+    from tests.support.grants_env import ORCH, ROOT_TASK, SUB, Scenario, api
 
     root = {
         **ROOT_TASK,

@@ -6,27 +6,25 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from sidecar.procs import AuthzStack, ManagedProcess, wait_until
-from tests.conftest import base_config, task, write_config, write_keys
-from tests.e2e.test_agent_protocols import CALLS_PLAN, EXPECTED, MCP_HOST, WAREHOUSE, reason_of
-from tests.netns import AGENT_UID, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user, chown_tree, missing_tools
+from sidecar.harness import AuthzStack, ManagedProcess, wait_until
+from tests.support.agent_protocols import CALLS_PLAN, EXPECTED, MCP_HOST, WAREHOUSE, reason_of
+from tests.support.config import base_config, task, write_config, write_keys
+from tests.support.netns import AGENT_UID, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user, chown_tree
+from tests.support.netns_pod import REPO, pod_sandbox
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(os.geteuid() != 0, reason="namespace tests need root (network namespaces, iptables)"),
 ]
 
-REPO = Path(__file__).resolve().parents[2]
 OUTBOUND_PORT = 15001
 
 
@@ -39,20 +37,9 @@ def _config(state: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def pod() -> Iterator[tuple[PodNetwork, Path, Path]]:
-    missing = missing_tools()
-    assert not missing, f"missing tools: {missing} (.ci/run installs iptables)"
-    net = PodNetwork()
-    base = Path(tempfile.mkdtemp(prefix="aa-mcp-ns-", dir="/tmp"))
-    base.chmod(0o755)
-    state, logs = base / "state", base / "up"
-    for d in (state, logs):
-        d.mkdir()
-        d.chmod(0o755)
-    server: ManagedProcess | None = None
-    stack: AuthzStack | None = None
-    try:
-        net.create()
-        net.write_hosts({MCP_HOST: UPSTREAM_IP})
+    with pod_sandbox("aa-mcp-ns-", hosts={MCP_HOST: UPSTREAM_IP}) as sandbox:
+        net = sandbox.net
+        state, logs = sandbox.dir("state"), sandbox.dir("up")
         ready = logs / "mcp.ready"
         argv = [
             sys.executable,
@@ -66,12 +53,11 @@ def pod() -> Iterator[tuple[PodNetwork, Path, Path]]:
             "--ready",
             str(ready),
         ]
-        server = ManagedProcess("mcp", argv, log_dir=logs, cwd=REPO, prefix=net.exec_in(net.upstream, []))
+        server = sandbox.keep(ManagedProcess("mcp", argv, log_dir=logs, cwd=REPO, prefix=net.exec_in(net.upstream, [])))
         server.start()
-        started = server
 
         def up() -> bool:
-            started.check_alive()
+            server.check_alive()
             return ready.exists()
 
         wait_until(up, timeout=30, what="the MCP server in the upstream namespace")
@@ -79,18 +65,9 @@ def pod() -> Iterator[tuple[PodNetwork, Path, Path]]:
         with net.inside():
             subprocess.run([sys.executable, "-m", "sidecar", "iptables"], check=True, capture_output=True, timeout=30)
             chown_tree(state, PROXY_UID)
-            stack = AuthzStack(config, state, run_as=as_user(PROXY_UID))
+            stack = sandbox.keep(AuthzStack(config, state, run_as=as_user(PROXY_UID)))
             stack.start()
             yield net, state, logs
-    finally:
-        try:
-            if stack is not None:
-                stack.stop()
-            if server is not None:
-                server.stop()
-        finally:
-            net.close()
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def _as_agent(net: PodNetwork, argv: list[str]) -> subprocess.CompletedProcess[str]:

@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from sidecar.audit.log import DecisionLog
-from tests.conftest import AGENT, API_HOST, Env, task
+from tests.support.config import AGENT, API_HOST, task
+from tests.support.stack import Env
 
 pytestmark = pytest.mark.e2e
 

