@@ -6,6 +6,8 @@ graph is checked by ``tests/unit/test_import_graph.py``):
 * :mod:`sidecar.wire` - the names Envoy and the sidecar share (context extensions, metadata, headers).
 * :mod:`sidecar.errors` - the one error root and its codes; :mod:`sidecar.decision` - request and
   decision values, reason codes.
+* :mod:`sidecar.agentproto` - MCP and A2A as task rules: the strict JSON-RPC reader, the rule
+  syntax and its judgement, attenuation, ``tools/list`` filtering (no Envoy, no configuration).
 * :mod:`sidecar.config` - load, validate and watch ``sidecar.yaml``.
 * :mod:`sidecar.http_norm` - canonical host, port and path (RFC 3986).
 * :mod:`sidecar.identity` - SPIFFE IDs, SVIDs, trust bundles, identity sources.

@@ -55,6 +55,8 @@ class ErrorCode(enum.StrEnum):
     INJECTION_DENIED = "injection_denied"
     BAD_REVIEW = "bad_review"
     WEBHOOK_CHECK_FAILED = "webhook_check_failed"
+    RESPONSE_UNFILTERABLE = "response_unfilterable"
+    """An MCP ``tools/list`` response that cannot be filtered (it is replaced by a JSON-RPC error)."""
 
 
 class SvidDetail(enum.StrEnum):

@@ -4,8 +4,8 @@ Routes:
     ``GET /decisions`` - the page (plain HTML, JS and CSS shipped in the package; works offline).
     ``GET /decisions/static/{name}`` - its assets.
     ``GET /decisions/api/records`` - recent records, newest first. Query: ``task``, ``agent``, ``caller``,
-        ``decision``, ``reason``, ``since``/``until`` (RFC 3339, or a duration back from now such as
-        ``15m``), ``limit`` (default 200, at most 2000).
+        ``decision``, ``reason``, ``tool`` (an MCP tool, resource or prompt), ``since``/``until``
+        (RFC 3339, or a duration back from now such as ``15m``), ``limit`` (default 200, at most 2000).
     ``GET /decisions/api/records/{decision_id}`` - one record (404 when not among the recent ones).
     ``GET /decisions/api/stream`` - Server-Sent Events: each new record matching the same filters, as
         an ``event: decision`` with the record as JSON ``data``.
@@ -224,6 +224,7 @@ def _filter_from(query: Any) -> RecordFilter:
         reason=query.get("reason") or None,
         since=bound("since"),
         until=bound("until"),
+        tool=query.get("tool") or None,
     )
 
 

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from sidecar.agentproto.spec import AgentProtocolSpec
 from sidecar.config.durations import parse_duration
 from sidecar.errors import BadRequestError, SpiffeIdError
 from sidecar.http_norm import normalize_path
@@ -167,8 +168,18 @@ class _HttpMatchSpec(_Model):
         return value
 
 
-class EgressRuleSpec(_HttpMatchSpec):
+_RPC_METHODS = {"mcp": ["POST", "GET", "DELETE"], "a2a": ["POST", "GET"]}
+"""HTTP methods of an MCP/A2A rule that names none: JSON-RPC over POST; GET for the 2025-11-25
+server stream and the A2A agent card; DELETE to end an MCP session."""
+
+
+class EgressRuleSpec(_HttpMatchSpec, AgentProtocolSpec):
     """One outbound call pattern a task allows: host, port, methods, paths, and what to inject.
+
+    ``protocol: mcp`` / ``protocol: a2a`` (:class:`~sidecar.agentproto.spec.AgentProtocolSpec`):
+    the rule also judges the JSON-RPC message in each POST body - ``tools``, ``resources``,
+    ``prompts``, ``rpc_methods``; ``methods`` then default to ``POST, GET, DELETE`` (MCP) or
+    ``POST, GET`` (A2A).
 
     ``tls`` says what the agent sends and how Envoy reaches the upstream:
 
@@ -199,6 +210,8 @@ class EgressRuleSpec(_HttpMatchSpec):
             if given:
                 raise ValueError(f"'tls: passthrough' sees no HTTP request: remove {', '.join(given)}")
             data = {**data, "methods": ["*"], "paths": ["*"], "token": False}
+        if isinstance(data, dict) and data.get("protocol") in _RPC_METHODS and "methods" not in data:
+            data = {**data, "methods": _RPC_METHODS[data["protocol"]]}
         return data
 
     name: str | None = Field(default=None, max_length=128)
@@ -271,6 +284,8 @@ class EgressRuleSpec(_HttpMatchSpec):
             problem = intercept_host_problem(self.host)
             if problem is not None:
                 raise ValueError(f"'tls: intercept' needs an exact DNS name: {problem}")
+        if self.protocol != "http" and self.tls in ("passthrough", "intercept"):
+            raise ValueError(f"'protocol: {self.protocol}' is judged on plain HTTP or 'tls: originate' routes")
         return self
 
     @property
@@ -667,6 +682,32 @@ class EnvoySpec(_Model):
     ipv6: bool = False
     """The ``outbound`` listener also listens on ``[::1]``, the inbound one on ``[::]`` (for
     ``agent-authz iptables --ipv6 same``)."""
+    rpc_body_cap: ByteSize = ByteSize(64 * 1024)
+    """Largest JSON-RPC request body judged on MCP/A2A routes (1 KiB - 1 MiB); Envoy buffers one
+    byte more, so a longer body is denied with ``mcp_body_too_large`` (and recorded)."""
+    rpc_hosts: dict[str, Literal["mcp", "a2a"]] = Field(default_factory=dict)
+    """``host: mcp|a2a`` for MCP/A2A hosts that only grants name (hosts of ``protocol: mcp``/``a2a``
+    rules in ``tasks`` are found by themselves): their Envoy route buffers the body for the sidecar
+    and, for MCP, filters ``tools/list`` responses through ext_proc."""
+    mcp_header_decisions: list[str] = Field(default_factory=list)
+    """MCP hosts whose servers implement the 2026-07-28 header checks (a request whose
+    ``Mcp-Method``/``Mcp-Name`` disagree with its body is rejected with ``-32020``): requests there
+    carrying ``Mcp-Method`` are judged on the headers alone, no body buffered."""
+
+    @field_validator("rpc_body_cap")
+    @classmethod
+    def _rpc_body_cap(cls, value: ByteSize) -> ByteSize:
+        if not 1024 <= value <= 1 << 20:
+            raise ValueError("rpc_body_cap must be between 1 KiB and 1 MiB")
+        return value
+
+    @field_validator("rpc_hosts", "mcp_header_decisions")
+    @classmethod
+    def _rpc_host_names(cls, value: Any) -> Any:
+        for host in value:
+            if not _HOST.match(host) or host.startswith("*."):
+                raise ValueError(f"{host!r} must be an exact DNS name (Envoy renders one route per host)")
+        return value
 
     @model_validator(mode="after")
     def _interception(self) -> EnvoySpec:
@@ -879,6 +920,18 @@ class SidecarConfig(_Model):
                 if rule.tls == "intercept":
                     raise ValueError(f"{where}: 'tls: intercept' needs the 'intercept' section (the per-pod CA)")
         return self
+
+    def rpc_hosts(self) -> dict[str, str]:
+        """``host -> mcp|a2a`` for every exact host an MCP/A2A rule of ``tasks`` names, and
+        ``envoy.rpc_hosts``: the hosts whose Envoy route buffers the body and (MCP) filters
+        ``tools/list`` responses."""
+        hosts = {
+            rule.host: rule.protocol
+            for task in self.tasks
+            for rule in task.egress
+            if rule.protocol != "http" and not rule.host.startswith("*.")
+        }
+        return {**hosts, **self.envoy.rpc_hosts}
 
     def originate_hosts(self) -> dict[str, int]:
         """``host -> upstream port`` of every ``tls: originate`` rule (Envoy renders one TLS route each)."""

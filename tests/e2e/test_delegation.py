@@ -6,8 +6,6 @@ import json
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,20 +17,9 @@ from envoy.service.auth.v3 import external_auth_pb2
 
 from sidecar.harness import SidecarProcess, wait_until
 from tests.support.envoy_authz import check_request
-from tests.support.grants_env import ORCH, SUB, Scenario
+from tests.support.grants_env import ORCH, SUB, Scenario, api
 
 pytestmark = pytest.mark.e2e
-
-
-def api(proc: SidecarProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
-    request = urllib.request.Request(proc.admin_url + path, data=data, method=method)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=10) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"null")
 
 
 def check(sock: Path, host: str, path: str) -> Any:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import yaml
 
 from sidecar.config.schema import TaskSpec
 from sidecar.grants.issue import sign_root_grant
+from sidecar.harness import SidecarProcess
 from sidecar.identity.devca import DevCA
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
 from tests.support.config import base_config, write_config, write_keys
@@ -124,3 +128,15 @@ class Scenario:
 
 def dump(path: Path) -> dict[str, Any]:
     return dict(yaml.safe_load(path.read_text()))
+
+
+def api(proc: SidecarProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """Call the task API of ``proc`` (no proxy): ``(status, decoded JSON body)``."""
+    data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
+    request = urllib.request.Request(proc.admin_url + path, data=data, method=method)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")

@@ -139,10 +139,26 @@ def test_record_fields_are_exactly_what_the_builder_writes() -> None:
         dry_run=True,
         would_reason=Reason.CALLER_NOT_ALLOWED,
     )
+    mcp = Decision(
+        allow=True,
+        reason=Reason.ALLOWED,
+        http_status=200,
+        decision_id="d",
+        rpc_protocol="mcp",
+        rpc={"method": "tools/call", "tool": "query"},
+    )
+    a2a = Decision(
+        allow=False,
+        reason=Reason.RPC_METHOD_NOT_ALLOWED,
+        http_status=403,
+        decision_id="d",
+        rpc_protocol="a2a",
+        rpc={"method": "GetTask"},
+    )
     order = [field.name for field in RECORD_FIELDS]
     assert len(order) == len(set(order))
     written: set[str] = set()
-    for decision in (plain, intercepted, dry):
+    for decision in (plain, intercepted, dry, mcp, a2a):
         keys = list(_record(decision))
         assert keys == [name for name in order if name in keys], "a record's fields follow RECORD_FIELDS order"
         written.update(keys)

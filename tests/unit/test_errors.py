@@ -7,6 +7,8 @@ import inspect
 import pkgutil
 
 import sidecar
+from sidecar.agentproto.jsonrpc import BodyProblem
+from sidecar.agentproto.rules import Refusal
 from sidecar.errors import AgentAuthzError, BundleDetail, ErrorCode, SvidDetail
 from sidecar.grants.model import GrantCode
 from sidecar.inject.podspec import AdmissionOutcome
@@ -27,7 +29,7 @@ def _exception_classes() -> list[type[BaseException]]:
 def test_every_error_of_the_package_has_the_one_root_and_a_code() -> None:
     classes = _exception_classes()
     names = {cls.__name__ for cls in classes}
-    assert {"InjectionDenied", "BadReview", "CheckFailed", "KeyMismatchError", "GrantError"} <= names
+    assert {"InjectionDenied", "BadReview", "CheckFailed", "KeyMismatchError", "GrantError", "BodyError"} <= names
     for cls in classes:
         assert issubclass(cls, AgentAuthzError), cls
         assert isinstance(cls.code, ErrorCode), cls  # type: ignore[attr-defined]
@@ -61,6 +63,7 @@ NEVER_RENAMED = {
         "injection_denied",
         "bad_review",
         "webhook_check_failed",
+        "response_unfilterable",
     },
     SvidDetail: {
         "svid_malformed",
@@ -116,6 +119,31 @@ NEVER_RENAMED = {
         "grant_widening",
         "grant_wrong_signer",
         "grant_wrong_subject",
+    },
+    BodyProblem: {
+        "too_large",
+        "content_encoding",
+        "content_type",
+        "not_utf8",
+        "bom",
+        "lone_surrogate",
+        "invalid_json",
+        "duplicate_key",
+        "too_deep",
+        "batch",
+        "not_jsonrpc",
+    },
+    Refusal: {
+        "mcp_header_mismatch",
+        "mcp_ambiguous_body",
+        "mcp_invalid_body",
+        "mcp_body_too_large",
+        "mcp_body_unavailable",
+        "tool_not_allowed",
+        "argument_not_allowed",
+        "resource_not_allowed",
+        "prompt_not_allowed",
+        "rpc_method_not_allowed",
     },
     AdmissionOutcome: {
         "injected",
