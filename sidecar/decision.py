@@ -138,6 +138,10 @@ class Reason(enum.StrEnum):
     """An MCP ``prompts/get`` of a prompt the rule's ``prompts`` do not name."""
     RPC_METHOD_NOT_ALLOWED = "rpc_method_not_allowed"
     """A JSON-RPC method (MCP or A2A) the rule's ``rpc_methods`` do not name."""
+    HEADERS_TOO_LARGE = "headers_too_large"
+    """An allowed call whose headers, with the token and API key the sidecar adds, would exceed what
+    Envoy forwards (60 KiB of headers or 100 headers): denied with 431 rather than recorded as an
+    allow that Envoy turns into a 500. The budget it was charged is given back."""
 
 
 _STATUS = {
@@ -148,13 +152,14 @@ _STATUS = {
     Reason.MCP_AMBIGUOUS_BODY: 400,
     Reason.MCP_INVALID_BODY: 400,
     Reason.MCP_BODY_TOO_LARGE: 413,
+    Reason.HEADERS_TOO_LARGE: 431,
 }
 
 
 def deny_status(reason: Reason) -> int:
     """HTTP status for a deny: 429 for an exhausted budget, 400 for a malformed request or JSON-RPC
     body, 413 for a body over the cap, 421 (RFC 9110 §15.5.20) for a request misdirected into an
-    intercepted connection, else 403."""
+    intercepted connection, 431 (RFC 6585 §5) for headers Envoy would not forward, else 403."""
     return _STATUS.get(reason, 403)
 
 
@@ -265,6 +270,8 @@ class Decision:
         task_id / agent / on_behalf_of / rule: what the decision was judged against (``agent`` is
             this sidecar's agent: the caller on egress, the callee on ingress).
         caller: on ingress, the verified caller SPIFFE ID (when identification succeeded).
+        peer: on ingress with a JWT-SVID, the mTLS peer's SPIFFE ID (the caller is the JWT-SVID's
+            subject; both are recorded, also when they differ and the call is denied).
         txn: the task's transaction id (the root task of a delegation chain).
         act_chain: SPIFFE IDs of the actors on egress, current first (the ``act`` nesting).
         host / port / path / method: the normalized request (path without query).
@@ -299,6 +306,7 @@ class Decision:
     task_id: str | None = None
     agent: str | None = None
     caller: str | None = None
+    peer: str | None = None
     on_behalf_of: str | None = None
     txn: str | None = None
     act_chain: tuple[str, ...] = ()

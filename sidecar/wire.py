@@ -34,6 +34,8 @@ __all__ = [
     "EXT_PROC_FILTER",
     "HTTP_FILTER",
     "LIST_FILTER_HEADER",
+    "MAX_REQUEST_HEADERS_COUNT",
+    "MAX_REQUEST_HEADERS_KB",
     "METADATA_DECISION",
     "METADATA_DECISION_ID",
     "METADATA_LIST_FILTER",
@@ -123,6 +125,17 @@ CALLER_HEADER = "x-agent-authz-caller"
 """On an allowed ingress request: the verified caller SPIFFE ID (overwrites any client value)."""
 XFCC_HEADER = "x-forwarded-client-cert"
 """The inbound listener's ``SANITIZE_SET`` client certificate details (the caller's chain)."""
+
+# -- limits both sides must agree on ---------------------------------------------------------------
+MAX_REQUEST_HEADERS_KB = 60
+"""``max_request_headers_kb`` of every HTTP connection manager (Envoy's default, rendered explicitly).
+Envoy also applies it to the request *after* ext_authz added its headers (``byteSize()``: the sum of
+every header's name and value, pseudo-headers included) and answers 500 ``ext_authz_invalid`` when
+the token or API key pushes the request over it; the sidecar checks the same sum first and denies
+instead (``headers_too_large``), so no allow is recorded that Envoy would not deliver."""
+MAX_REQUEST_HEADERS_COUNT = 100
+"""``common_http_protocol_options.max_headers_count`` (Envoy's default, rendered explicitly): the
+same check on the number of headers."""
 
 
 def intercept_secret_name(host: str) -> str:

@@ -110,6 +110,12 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
         "Only with ``tls``: how Envoy verifies the upstream it re-originates to, ``dns:<host> ca:<bundle>``; the "
         "outcome is Envoy's access-log field ``upstream_tls_failure`` for the same ``decision_id``.",
     ),
+    RecordField(
+        "peer",
+        "string",
+        "Only on ingress with a JWT-SVID: the mTLS peer's SPIFFE ID (``caller`` is the JWT-SVID's subject; both are "
+        "recorded, also when they differ and the call is denied).",
+    ),
     RecordField("dry_run", "boolean", "Only in dry-run mode: ``true``."),
     RecordField("would_decision", "string", "Only in dry-run mode: what the policy decided (``allow`` or ``deny``)."),
     RecordField("would_reason", "string", "Only in dry-run mode: the policy's reason code."),
@@ -162,6 +168,8 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
     if decision.tls:
         record["tls"] = decision.tls
         record["upstream_verify"] = decision.upstream_verify
+    if decision.peer is not None:
+        record["peer"] = decision.peer
     if decision.dry_run and decision.would_reason is not None:
         record["dry_run"] = True
         record["would_decision"] = "allow" if decision.would_reason is Reason.ALLOWED else "deny"

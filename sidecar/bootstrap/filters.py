@@ -6,8 +6,15 @@
   route names its context in ``context_extensions`` (:mod:`sidecar.wire`).
 * the HTTP connection manager: ``normalize_path``, ``merge_slashes`` and
   ``path_with_escaped_slashes_action: REJECT_REQUEST``, so the upstream receives exactly the
-  canonical path the sidecar authorized; ext_authz, then the listener's filters, then the router;
-  an access log on stdout carrying the decision id from ext_authz dynamic metadata.
+  canonical path the sidecar authorized; ``strip_trailing_host_dot``, so ``Host: api.example.com.``
+  takes the route (and the pinned ``envoy.destinations`` address) of ``api.example.com``, as it is
+  judged (route matching already ignores case, and ``host:*`` domains take any port); the header
+  limits of :mod:`sidecar.wire` rendered explicitly; ext_authz, then the listener's filters, then
+  the router; an access log on stdout carrying the decision id from ext_authz dynamic metadata.
+* the access logs follow the ``drop-query`` log policy (:data:`LOG_POLICY`): a path is logged
+  without its query string (``%REQ_WITHOUT_QUERY(:PATH)%``), no header value but the request id
+  and the authority is logged, so a credential an agent or SDK put in a query parameter never
+  reaches stdout.
 * network ext_authz: one ``Check`` per connection, its context in gRPC initial metadata
   (direction, protocol, ``via``), ``include_tls_session``; then ``tcp_proxy``, which connects
   upstream only once allowed (``ON_DOWNSTREAM_DATA``).
@@ -32,6 +39,8 @@ from sidecar.wire import (
     EXT_PROC_FILTER,
     HTTP_FILTER,
     LIST_FILTER_HEADER,
+    MAX_REQUEST_HEADERS_COUNT,
+    MAX_REQUEST_HEADERS_KB,
     METADATA_DECISION_ID,
     METADATA_NAMESPACE,
     METADATA_REASON,
@@ -42,6 +51,7 @@ from sidecar.wire import (
 )
 
 __all__ = [
+    "LOG_POLICY",
     "access_log",
     "body_buffer",
     "connection_manager",
@@ -56,13 +66,15 @@ __all__ = [
 ]
 
 _EARLY_DATA_BYTES = 64 * 1024
+LOG_POLICY = "drop-query"
+"""The name of the access-log redaction policy (docs/concepts/logs.md): paths without their query."""
 _ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
     "decision_id": dynamic_metadata_ref(HTTP_FILTER, METADATA_DECISION_ID),
     "reason": dynamic_metadata_ref(HTTP_FILTER, METADATA_REASON),
     "method": "%REQ(:METHOD)%",
     "authority": "%REQ(:AUTHORITY)%",
-    "path": "%REQ(:PATH)%",
+    "path": "%REQ_WITHOUT_QUERY(:PATH)%",
     "status": "%RESPONSE_CODE%",
     "flags": "%RESPONSE_FLAGS%",
     "upstream": "%UPSTREAM_HOST%",
@@ -216,10 +228,18 @@ def ext_proc_filter(kit: Kit) -> Any:
 
 
 def access_log(kit: Kit, log_format: dict[str, str] | None = None) -> Any:
-    """A JSON access log on stdout (the HTTP format by default)."""
+    """A JSON access log on stdout (the HTTP format by default), under the ``drop-query`` policy."""
+    from envoy_data_plane.envoy.extensions.formatter.req_without_query.v3 import ReqWithoutQuery
+
+    formatters = [
+        kit.core.TypedExtensionConfig(
+            name="envoy.formatter.req_without_query", typed_config=kit.pack(ReqWithoutQuery())
+        )
+    ]
     log = kit.stream.StdoutAccessLog(
         log_format=kit.core.SubstitutionFormatString(
-            json_format=kit.pb.Struct.from_dict(log_format if log_format is not None else _ACCESS_LOG_FORMAT)
+            json_format=kit.pb.Struct.from_dict(log_format if log_format is not None else _ACCESS_LOG_FORMAT),
+            formatters=formatters if log_format is None else [],
         )
     )
     return kit.accesslog.AccessLog(name="envoy.access_loggers.stdout", typed_config=kit.pack(log))
@@ -245,6 +265,9 @@ def connection_manager(
         codec_type=hcm.HttpConnectionManagerCodecType.AUTO,
         normalize_path=True,
         merge_slashes=True,
+        strip_trailing_host_dot=True,
+        max_request_headers_kb=MAX_REQUEST_HEADERS_KB,
+        common_http_protocol_options=kit.core.HttpProtocolOptions(max_headers_count=MAX_REQUEST_HEADERS_COUNT),
         path_with_escaped_slashes_action=hcm.HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
         route_config=route_config,
         http_filters=[

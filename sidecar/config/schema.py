@@ -509,6 +509,10 @@ class IngressRuleSpec(_HttpMatchSpec):
     """Names the rule in decisions and records."""
     callers: list[CallerSpec] = Field(min_length=1)
     """Who the rule admits."""
+    forwarders: list[CallerSpec] = Field(default_factory=list)
+    """mTLS peers that may present another workload's JWT-SVID under this rule (a gateway forwarding its
+    caller's identity); the caller is then the JWT-SVID's subject and both are recorded. Empty: a
+    JWT-SVID must name the mTLS peer itself (else ``untrusted_identity``, ``jwt_svid_peer_mismatch``)."""
 
 
 class IngressSpec(_Model):
@@ -523,6 +527,26 @@ class IngressSpec(_Model):
     """Accept a JWT-SVID in ``Authorization: Bearer …`` as the caller's identity."""
     audiences: list[str] = Field(default_factory=list)
     """Accepted JWT-SVID ``aud`` values; empty: the agent's SPIFFE ID."""
+    jwt_svid_leeway: Seconds = 30.0
+    """Clock skew accepted on a JWT-SVID's ``exp``, ``nbf`` and ``iat`` (0 - 5m; JWT-SVID §3)."""
+    jwt_svid_max_lifetime: Seconds = 3600.0
+    """Longest accepted JWT-SVID lifetime, ``exp`` - ``iat`` (from ``nbf``, else from now, without
+    ``iat``; 1m - 24h): a longer-lived token is refused with ``jwt_svid_lifetime_too_long``."""
+
+    @field_validator("jwt_svid_leeway")
+    @classmethod
+    def _leeway(cls, value: float) -> float:
+        if not 0 <= value <= 300:
+            raise ValueError("jwt_svid_leeway must be between 0s and 5m")
+        return value
+
+    @field_validator("jwt_svid_max_lifetime")
+    @classmethod
+    def _max_lifetime(cls, value: float) -> float:
+        if not 60 <= value <= 86400:
+            raise ValueError("jwt_svid_max_lifetime must be between 1m and 24h")
+        return value
+
     rules: list[IngressRuleSpec] = Field(default_factory=list)
     """Who may call which methods and paths on the agent (default deny)."""
 

@@ -60,6 +60,14 @@ class BudgetLedger:
             used[key] = used.get(key, 0) + 1
         return True
 
+    def refund(self, limits: Sequence[tuple[BudgetKey, int | None]]) -> None:
+        """Give back one call under every key (a call counted by :meth:`try_consume` that was then
+        denied before it left, e.g. ``headers_too_large``)."""
+        used = self._used
+        for key, _ in limits:
+            if used.get(key, 0) > 0:
+                used[key] -= 1
+
     def try_reserve(self, amounts: Mapping[BudgetKey, tuple[int, int | None]]) -> bool:
         """Spend ``amount`` calls under each key at once if every ``(amount, limit)`` fits; else nothing.
 

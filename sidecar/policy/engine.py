@@ -15,6 +15,7 @@ from sidecar.decision import AuthzRequest, Decision, Direction, Reason, deny_sta
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_target
 from sidecar.policy.budget import BudgetLedger, budget_limits
+from sidecar.policy.headers import forged_reserved, over_envoy_limits
 from sidecar.policy.model import EgressRule, PolicyIndex, Task, task_state
 from sidecar.tokens.minter import TokenMinter
 from sidecar.wire import DECISION_ID_HEADER, LIST_FILTER_HEADER, TASK_HEADER
@@ -151,7 +152,9 @@ def decide_egress(
         ``task_revoked``, ``host_not_allowed``, ``port_not_allowed``, ``method_not_allowed``,
         ``path_not_allowed``, ``budget_exhausted``, ``tls_origination_unavailable``,
         ``misdirected_request`` (an intercepted connection's request for another host or port than
-        the one its SNI named: RFC 9110 §7.4, 421).
+        the one its SNI named: RFC 9110 §7.4, 421), ``headers_too_large`` (the token or API key
+        would push the request over Envoy's header limits; the budget is given back). An allow
+        removes every ``x-agent-authz-*`` header the agent sent itself.
     """
     agent = policy.agent
     method = request.method.upper()
@@ -260,6 +263,12 @@ def decide_egress(
             to_set.append((LIST_FILTER_HEADER, "1"))  # Envoy runs ext_proc on this response only
             to_remove = tuple(h for h in to_remove if h != LIST_FILTER_HEADER)
         seen["list_filter"] = list_filter
+    to_remove = tuple(dict.fromkeys((*to_remove, *forged_reserved(request.headers, (k for k, _ in to_set)))))
+    too_large = over_envoy_limits(request.headers, to_set, to_remove)
+    if too_large is not None:
+        budgets.refund(budget_limits(task, rule, tool))
+        reason = Reason.HEADERS_TOO_LARGE
+        return Decision(False, reason, deny_status(reason), decision_id, too_large, Direction.EGRESS, **seen)
     return Decision(
         True,
         Reason.ALLOWED,
@@ -354,17 +363,19 @@ def _explained(task: Task, match: _Match) -> tuple[Task, _Match | Reason, str]:
     return task, match.reason, f"no egress rule of the task allows this call ({match.reason.value})"
 
 
-def dry_run(decision: Decision) -> Decision:
+def dry_run(decision: Decision, headers: Mapping[str, str] | None = None) -> Decision:
     """The dry-run form of ``decision``: the call is let through, the policy's verdict is kept aside.
 
     A call the policy allows keeps its obligations (token, API key, header removal) and is marked
     ``dry_run``. A call the policy denies becomes an allow with reason ``dry_run``, ``would_reason`` set
     to the deny reason, no token or API key, and the agent's credential headers (``authorization``,
-    ``proxy-authorization``, ``x-agent-task``) and the list-filter marker (``x-agent-authz-list-filter``)
-    still removed, so a credential the task would not have granted never leaves the pod.
+    ``proxy-authorization``, ``x-agent-task``), the list-filter marker (``x-agent-authz-list-filter``)
+    and every other ``x-agent-authz-*`` header of ``headers`` (the request's) still removed, so a
+    credential the task would not have granted never leaves the pod.
     """
     if decision.allow:
         return replace(decision, dry_run=True, would_reason=decision.reason)
+    forged = forged_reserved(headers or {}, (DECISION_ID_HEADER,))
     return replace(
         decision,
         allow=True,
@@ -373,6 +384,6 @@ def dry_run(decision: Decision) -> Decision:
         dry_run=True,
         would_reason=decision.reason,
         headers_to_set=((DECISION_ID_HEADER, decision.decision_id),),
-        headers_to_remove=_AGENT_CREDENTIALS,
+        headers_to_remove=tuple(dict.fromkeys((*_AGENT_CREDENTIALS, *forged))),
         token=None,
     )

@@ -267,7 +267,7 @@ class Runtime:
         self.last_identity_error = "; ".join(state.problems) or None
         self.snapshot = replace(
             snapshot,
-            identity=IdentityContext.build(state, snapshot.ingress.audiences),
+            identity=IdentityContext.build(state, snapshot.ingress),
             carried=replace(snapshot.carried, identity=state),
         )
         return True
@@ -327,7 +327,7 @@ class Runtime:
                 now=self.clock(),
                 decision_id=decision_id,
             )
-        return dry_run(decision) if snapshot.loaded.settings.dry_run else decision
+        return dry_run(decision, request.headers) if snapshot.loaded.settings.dry_run else decision
 
     def jwks(self) -> dict[str, Any]:
         """The JWKS document of the active keys (RFC 7517 §5)."""

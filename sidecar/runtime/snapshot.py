@@ -386,7 +386,7 @@ def build_snapshot(
     identity = _identity(loaded, reader, carried, now)
     agent = _agent(loaded, identity)
     ingress = compile_ingress(settings, agent)
-    identity_ctx = IdentityContext.build(identity, ingress.audiences) if identity is not None else None
+    identity_ctx = IdentityContext.build(identity, ingress) if identity is not None else None
     sources, grant_set, _ = _sources(loaded, reader, carried, agent, identity_ctx, now)
 
     first_seen = dict(carried.first_seen)

@@ -136,6 +136,8 @@ def test_record_fields_are_exactly_what_the_builder_writes() -> None:
         http_status=200,
         decision_id="d",
         direction=Direction.INGRESS,
+        caller="spiffe://td/a",
+        peer="spiffe://td/gateway",
         dry_run=True,
         would_reason=Reason.CALLER_NOT_ALLOWED,
     )

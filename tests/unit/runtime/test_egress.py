@@ -375,3 +375,46 @@ def test_task_files_from_annotations(tmp_path: Path) -> None:
     assert runtime.decide(req(), "c").reason is Reason.TASK_REVOKED
     (tmp_path / "pod" / "task").write_text("id: [not a task")
     assert not runtime.reload() and "task_files[0].path" in (runtime.last_error or "")
+
+
+# -- what an allow may carry: reserved headers, Envoy's header limits -----------------------------------
+def test_reserved_headers_the_agent_forges_are_removed(tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path, [task()])
+    forged = {"x-agent-authz-caller": "spiffe://test.example/ns/admin/sa/root", "x-agent-authz-decision-id": "x"}
+    decision = runtime.decide(
+        req(**{k.replace("-", "_"): v for k, v in {**forged, "x-agent-authz-zz": "1"}.items()}), "d"
+    )
+    assert decision.allow
+    assert {"x-agent-authz-caller", "x-agent-authz-zz"} <= set(decision.headers_to_remove)
+    assert dict(decision.headers_to_set)["x-agent-authz-decision-id"] == "d"  # overwritten, not removed
+    assert "x-agent-authz-decision-id" not in decision.headers_to_remove
+
+
+def test_dry_run_also_removes_forged_reserved_headers(tmp_path: Path) -> None:
+    write_keys(tmp_path)
+    config = base_config(tmp_path, [task()])
+    config["dry_run"] = True
+    write_config(tmp_path, config)
+    runtime = Runtime(tmp_path / "sidecar.yaml")
+    decision = runtime.decide(req("/v1/admin", x_agent_authz_caller="spiffe://forged/x"), "d")
+    assert decision.allow and decision.reason is Reason.DRY_RUN
+    assert "x-agent-authz-caller" in decision.headers_to_remove
+
+
+def test_an_allow_envoy_could_not_deliver_is_a_431_and_spends_no_budget(tmp_path: Path) -> None:
+    """60 KiB of headers in all is Envoy's limit after the token is added: just under it with the token is
+    allowed, just over it is denied (and the call's budget is given back)."""
+    runtime = make_runtime(tmp_path, [task(max_calls=5)])
+    probe = runtime.decide(req(), "d0")
+    token_bytes = sum(len(k) + len(v) for k, v in probe.headers_to_set)
+    base = req()
+    fixed = sum(len(k) + len(v) for k, v in base.headers.items())  # none: the CheckRequest here has no headers
+    room = 60 * 1024 - token_bytes - fixed - len("x-filler")
+    fits = runtime.decide(req(x_filler="f" * room), "d1")
+    assert fits.allow, fits.detail
+    over = runtime.decide(req(x_filler="f" * (room + 1)), "d2")
+    assert (over.allow, over.reason, over.http_status) == (False, Reason.HEADERS_TOO_LARGE, 431)
+    assert "61441 bytes" in over.detail and over.token is None
+    assert runtime.budgets.used(("t1", "")) == 2  # d0 and d1; d2 was given back
+    many = runtime.decide(req(**{f"x_h{i}": "v" for i in range(99)}), "d3")
+    assert many.reason is Reason.HEADERS_TOO_LARGE and "headers" in many.detail
