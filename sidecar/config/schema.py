@@ -616,8 +616,19 @@ class IssuerSpec(_Model):
     """A cached token is re-minted (in the background) when this fraction of its life is left."""
     mint_per_call: bool = False
     """Mint a fresh token, with a new ``jti``, for every call."""
+    max_token_size: ByteSize = ByteSize(8 * 1024)
+    """Longest token a rule may mint (1 KiB - 32 KiB; many servers refuse a header line over 8 KiB, Envoy
+    forwards at most 60 KiB of headers): a task whose claims (``on_behalf_of``, ``scope``, ``audience``,
+    a grant's ``act`` chain) could make a longer token is a config error naming the field."""
     bind_to_svid: bool = False
     """Add ``cnf: {"x5t#S256": <SVID thumbprint>}`` to tokens (RFC 8705 §3.1); re-minted on SVID rotation."""
+
+    @field_validator("max_token_size")
+    @classmethod
+    def _token_size(cls, value: ByteSize) -> ByteSize:
+        if not 1024 <= value <= 32 * 1024:
+            raise ValueError("max_token_size must be between 1 KiB and 32 KiB")
+        return value
 
     @field_validator("max_token_ttl")
     @classmethod

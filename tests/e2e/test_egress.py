@@ -214,3 +214,47 @@ def test_decision_id_reaches_envoy_access_log(env: Env) -> None:
 
     entry = wait_until(logged, timeout=10, what="access log line")
     assert entry["reason"] == "allowed" and entry["status"] == 200
+
+
+@pytest.mark.parametrize(
+    "host", [f"{API_HOST}.", API_HOST.upper() + ".", f"{API_HOST}.:80", "Api.Internal:80", f"{API_HOST}:080"]
+)
+def test_every_spelling_of_a_pinned_host_reaches_its_pinned_address(env: Env, host: str) -> None:
+    """Judged as api.internal and routed to envoy.destinations[api.internal] (there is no DNS for it here:
+    any other route would be a 503)."""
+    reply = env.send("GET", f"http://{host}/v1/items/spelled", headers={"Host": host})
+    assert reply.status == 200, (host, reply.body)
+    (received,) = _received_for(env, reply.decision_id)
+    assert received.headers["authorization"].startswith("Bearer ")
+    record = env.record(reply.decision_id)
+    assert (record["host"], record["port"], record["decision"]) == (API_HOST, 80, "allow")
+
+
+def test_reserved_headers_the_agent_forges_never_leave(env: Env) -> None:
+    forged = {"x-agent-authz-caller": "spiffe://test.example/ns/admin/sa/root", "X-Agent-Authz-Reason": "allowed"}
+    reply = env.send("GET", f"http://{API_HOST}/v1/items/forged", headers=forged)
+    assert reply.status == 200
+    (received,) = _received_for(env, reply.decision_id)
+    assert not {"x-agent-authz-caller", "x-agent-authz-reason"} & set(received.headers)
+
+
+def test_no_allow_is_recorded_that_envoy_cannot_deliver(env: Env) -> None:
+    """Headers just under Envoy's 60 KiB (with the token) are delivered; one byte more is a 431 with a deny
+    record - never an allow record with Envoy's 500."""
+
+    def call(size: int) -> tuple[int, str | None]:
+        # in headers of 4000 bytes at most (the sample upstream refuses a header line over 8 KiB)
+        chunks = [4000] * (size // 4000) + ([size % 4000] if size % 4000 else [])
+        filler = {f"x-filler-{i:02}": "f" * n for i, n in enumerate(chunks)}
+        reply = env.send("GET", f"http://{API_HOST}/v1/items/big", headers=filler)
+        record = env.record(reply.decision_id)
+        assert reply.status != 500 and record["decision"] == ("allow" if reply.status == 200 else "deny"), reply
+        return reply.status, reply.reason
+
+    low, high = 50_000, 61_000  # allowed, denied
+    assert call(low)[0] == 200 and call(high) == (431, "headers_too_large")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if call(middle)[0] == 200 else (low, middle)
+    for size in (low - 1, low, high, high + 1):
+        assert call(size)[0] == (200 if size <= low else 431)

@@ -9,6 +9,7 @@ import jwt
 import pytest
 
 from sidecar.decision import AuthzRequest, Direction, Reason
+from sidecar.errors import ConfigError
 from sidecar.runtime import Runtime
 from tests.support.config import (
     AGENT,
@@ -418,3 +419,46 @@ def test_an_allow_envoy_could_not_deliver_is_a_431_and_spends_no_budget(tmp_path
     assert runtime.budgets.used(("t1", "")) == 2  # d0 and d1; d2 was given back
     many = runtime.decide(req(**{f"x_h{i}": "v" for i in range(99)}), "d3")
     assert many.reason is Reason.HEADERS_TOO_LARGE and "headers" in many.detail
+
+
+@pytest.mark.parametrize(
+    ("rule", "task_extra", "field"),
+    [
+        ({"scope": " ".join(["items:read"] * 900)}, {}, "tasks[0].egress[0].scope"),
+        ({"audience": "https://" + "a" * 9000}, {}, "tasks[0].egress[0].audience"),
+        ({}, {"on_behalf_of": None}, None),  # fits
+        ({"host": "*.example.com", "scope": "s" * 5800}, {}, "tasks[0].egress[0].scope"),
+    ],
+)
+def test_a_rule_whose_token_could_exceed_the_cap_is_a_config_error(
+    tmp_path: Path, rule: dict[str, object], task_extra: dict[str, object], field: str | None
+) -> None:
+    spec = task(egress=[{"name": "r", "host": API_HOST, "methods": ["GET"], "paths": ["*"], **rule}], **task_extra)
+    write_keys(tmp_path)
+    write_config(tmp_path, base_config(tmp_path, [spec]))
+    if field is None:
+        Runtime(tmp_path / "sidecar.yaml")
+        return
+    with pytest.raises(ConfigError) as info:
+        Runtime(tmp_path / "sidecar.yaml")
+    assert info.value.field == field and "issuer.max_token_size (8192)" in info.value.reason
+
+
+def test_on_behalf_of_is_named_when_it_is_the_largest_claim(tmp_path: Path) -> None:
+    write_keys(tmp_path)
+    config = base_config(tmp_path, [task(on_behalf_of="u" * 500)])
+    config["issuer"]["max_token_size"] = "1KiB"
+    write_config(tmp_path, config)
+    with pytest.raises(ConfigError) as info:
+        Runtime(tmp_path / "sidecar.yaml")
+    assert info.value.field == "tasks[0].on_behalf_of"
+
+
+def test_a_reload_over_the_cap_keeps_the_last_good_config(tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path, [task()])
+    config = base_config(
+        tmp_path, [task(egress=[{"host": API_HOST, "methods": ["GET"], "paths": ["*"], "scope": "s" * 9000}])]
+    )
+    write_config(tmp_path, config)
+    assert runtime.reload() is False and runtime.last_error is not None and "max_token_size" in runtime.last_error
+    assert runtime.decide(req(), "d").allow
