@@ -227,6 +227,9 @@ def _cmd_envoy(args: argparse.Namespace) -> int:
     extra = list(args.envoy_args or [])
     if extra[:1] == ["--"]:
         extra = extra[1:]
+    if any(arg.split("=", 1)[0] in ("-l", "--log-level", "--component-log-level") for arg in extra):
+        print("agent-authz envoy: set the log level with --log-level (debug and trace print tokens)", file=sys.stderr)
+        return 2
     exec_envoy(
         Path(args.config),
         Path(args.out),
@@ -467,8 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     envoy_run.add_argument(
         "--log-level",
         default="warning",
-        choices=["trace", "debug", "info", "warning", "error", "critical", "off"],
-        help="Envoy's log level (default warning)",
+        choices=["info", "warning", "error", "critical", "off"],
+        help="Envoy's log level (default warning; not debug or trace: they print tokens and API keys)",
     )
     envoy_run.add_argument("envoy_args", nargs=argparse.REMAINDER, help="extra Envoy arguments after '--'")
     envoy_run.set_defaults(func=_cmd_envoy)

@@ -73,7 +73,9 @@ class EnvoyContainerSettings(ContainerSettings):
     """Envoy's container: worker threads (``--concurrency``) and log level."""
 
     concurrency: int = Field(default=2, ge=1, le=64)
-    log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
+    log_level: Literal["info", "warning", "error", "critical", "off"] = "warning"
+    """Not ``debug`` or ``trace``: Envoy prints request headers (tokens, API keys) there
+    (:data:`~sidecar.bootstrap.launch.ENVOY_LOG_LEVELS`)."""
 
 
 class SidecarContainerSettings(ContainerSettings):
