@@ -100,7 +100,8 @@ class Reason(enum.StrEnum):
     """Dry-run mode let through a call the policy denies; ``would_reason`` says why."""
     TLS_NOT_ALLOWED = "tls_not_allowed"
     """Transparent egress: a TLS connection to a host whose rules have no ``tls: passthrough`` (the
-    connection is closed); also a ``CONNECT`` tunnel's TLS to a name no task intercepts."""
+    connection is closed); a ``CONNECT host:port`` whose rules do not give it ``tls: intercept`` (403:
+    a tunnel carries only HTTPS the sidecar reads); a tunnel's TLS to a name no task intercepts."""
     NO_SNI = "no_sni"
     """Transparent egress: a TLS ClientHello without a server name (closed)."""
     TCP_NOT_ALLOWED = "tcp_not_allowed"
@@ -113,7 +114,8 @@ class Reason(enum.StrEnum):
     HTTP (a bootstrap rendered before the rule existed): re-render and restart Envoy."""
     MISDIRECTED_REQUEST = "misdirected_request"
     """An intercepted TLS connection (``tls: intercept``) carried a request for another host or port than
-    the one its SNI named (RFC 9110 §7.4)."""
+    the one its SNI named (RFC 9110 §7.4), or a ``CONNECT`` tunnel carried TLS for another name than the
+    ``CONNECT`` did."""
     MCP_HEADER_MISMATCH = "mcp_header_mismatch"
     """``Mcp-Method`` / ``Mcp-Name`` are malformed, missing where required, or disagree with the body."""
     MCP_AMBIGUOUS_BODY = "mcp_ambiguous_body"
@@ -223,6 +225,9 @@ class AuthzRequest:
             originate``); a ``tls: originate`` rule allows a call only through such a route.
         via_connect: a connection check from inside a proxy ``CONNECT`` tunnel (gRPC metadata
             ``x-agent-authz-via: connect``): there is no original destination.
+        connect: on a request inside a proxy ``CONNECT`` tunnel (an intercepting chain of
+            ``intercept_connect``), the ``host:port`` the ``CONNECT`` named (Envoy sets
+            ``x-agent-authz-connect`` from the tunnel's filter state); ``""`` otherwise.
         rpc: set when the request came through an MCP/A2A route (the route's ``rpc_protocol`` and
             ``rpc_body_cap`` context extensions); ``None`` otherwise.
         body: the request body Envoy buffered (a route with a body cap, ``with_request_body``), or
@@ -243,6 +248,7 @@ class AuthzRequest:
     interception: Interception | None = None
     upstream_tls: bool = False
     via_connect: bool = False
+    connect: str = ""
     rpc: RpcRoute | None = None
     body: bytes | None = None
 
@@ -288,6 +294,7 @@ class Decision:
         upstream_verify: with ``tls: intercept``, how Envoy verifies the upstream it re-originates
             to (``dns:<name> ca:<bundle>``); the outcome is in Envoy's access log
             (``upstream_tls_failure``), joined on ``decision_id``.
+        connect: a request inside a proxy ``CONNECT`` tunnel: the authority the ``CONNECT`` named.
         rpc_protocol: ``mcp`` or ``a2a`` when the request came through an MCP/A2A route (a deny is
             then a JSON-RPC error body), else ``""``.
         rpc: what the record says about the JSON-RPC message (``method``, ``tool`` / ``resource`` /
@@ -325,6 +332,7 @@ class Decision:
     destination: str = ""
     tls: str = ""
     upstream_verify: str = ""
+    connect: str = ""
     rpc_protocol: str = ""
     rpc: Mapping[str, object] | None = None
     rpc_id: str | int | None = None

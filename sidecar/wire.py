@@ -22,6 +22,8 @@ from __future__ import annotations
 
 __all__ = [
     "CALLER_HEADER",
+    "CONNECT_AUTHORITY_HEADER",
+    "CONNECT_FILTER_STATE",
     "CONNECT_VIA",
     "CONTEXT_DIRECTION",
     "CONTEXT_INTERCEPT",
@@ -123,6 +125,14 @@ LIST_FILTER_HEADER = "x-agent-authz-list-filter"
 response; removed from every other request, and by the route before the upstream."""
 CALLER_HEADER = "x-agent-authz-caller"
 """On an allowed ingress request: the verified caller SPIFFE ID (overwrites any client value)."""
+CONNECT_AUTHORITY_HEADER = "x-agent-authz-connect"
+"""Inside a proxy ``CONNECT`` tunnel: the authority (``host:port``) the ``CONNECT`` named, set by Envoy
+on every request of an intercepting filter chain from :data:`CONNECT_FILTER_STATE` before ext_authz
+runs (and removed there first, so an agent's own value never survives); read by the sidecar only on
+such chains (:attr:`~sidecar.decision.AuthzRequest.connect`)."""
+CONNECT_FILTER_STATE = "agent_authz.connect"
+"""The filter state object ``egress_http`` sets from a ``CONNECT``'s ``:authority`` and shares with the
+tunnel's connection to the ``intercept_connect`` internal listener (``shared_with_upstream: ONCE``)."""
 XFCC_HEADER = "x-forwarded-client-cert"
 """The inbound listener's ``SANITIZE_SET`` client certificate details (the caller's chain)."""
 

@@ -111,6 +111,12 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
         "outcome is Envoy's access-log field ``upstream_tls_failure`` for the same ``decision_id``.",
     ),
     RecordField(
+        "connect",
+        "string",
+        "Only on a request inside a proxy ``CONNECT`` tunnel: the ``host:port`` the ``CONNECT`` named (its own "
+        "decision is the record with ``method: CONNECT``).",
+    ),
+    RecordField(
         "peer",
         "string",
         "Only on ingress with a JWT-SVID: the mTLS peer's SPIFFE ID (``caller`` is the JWT-SVID's subject; both are "
@@ -168,6 +174,8 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
     if decision.tls:
         record["tls"] = decision.tls
         record["upstream_verify"] = decision.upstream_verify
+    if decision.connect:
+        record["connect"] = decision.connect
     if decision.peer is not None:
         record["peer"] = decision.peer
     if decision.dry_run and decision.would_reason is not None:

@@ -58,7 +58,6 @@ __all__ = [
     "ext_authz_filter",
     "ext_proc_filter",
     "network_check",
-    "no_authz",
     "route_context",
     "rpc_route_context",
     "tcp_forward",
@@ -142,11 +141,6 @@ def rpc_route_context(kit: Kit, protocol: str, *, body: bool, **extra: str) -> d
         )
         config[EXT_PROC_FILTER] = kit.pack(enable)
     return config
-
-
-def no_authz(kit: Kit) -> dict[str, Any]:
-    """Per-route config switching ext_authz off (the ``CONNECT`` tunnel: decisions happen inside)."""
-    return {HTTP_FILTER: kit.pack(kit.ext_authz.ExtAuthzPerRoute(disabled=True))}
 
 
 def ext_authz_filter(kit: Kit) -> Any:
@@ -252,10 +246,12 @@ def connection_manager(
     filters: list[Any],
     *,
     validate_clusters: bool | None = None,
+    before_authz: list[Any] | None = None,
     **extra: Any,
 ) -> Any:
     """The egress/ingress HTTP connection manager. ``validate_clusters=False`` for routes to CDS
-    clusters, which may arrive after the listener that names them (file-based xDS has no order)."""
+    clusters, which may arrive after the listener that names them (file-based xDS has no order);
+    ``before_authz``: HTTP filters that run before ext_authz (what the check must see)."""
     hcm = kit.hcm
     route_config = kit.route.RouteConfiguration(name=stat_prefix, virtual_hosts=vhosts)
     if validate_clusters is not None:
@@ -271,6 +267,7 @@ def connection_manager(
         path_with_escaped_slashes_action=hcm.HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
         route_config=route_config,
         http_filters=[
+            *(before_authz or []),
             ext_authz_filter(kit),
             *([ext_proc_filter(kit)] if "mcp" in kit.rpc_hosts.values() else []),
             *filters,

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.bootstrap.clusters import blackhole_cluster, original_dst_cluster
-from sidecar.bootstrap.egress import EgressRoutes
+from sidecar.bootstrap.egress import EgressRoutes, connect_upgrade
 from sidecar.bootstrap.filters import connection_manager, network_check, tcp_forward
 from sidecar.bootstrap.kit import Kit
 from sidecar.bootstrap.names import BLACKHOLE_CLUSTER, ORIGINAL_DST_CLUSTER
@@ -28,7 +28,7 @@ __all__ = ["outbound_listener"]
 def outbound_listener(kit: Kit, routes: EgressRoutes, ports: tuple[int, ...] = ()) -> tuple[Any, list[Any]]:
     """The transparent listener (without intercepting chains) and its clusters; ``ports`` are the
     ports that have intercepting chains (each gets its own copy of the generic chains)."""
-    vhosts, _, dfp = routes
+    vhosts, _, filters = routes
     envoy, ls = kit.settings.envoy, kit.listener
     assert envoy.outbound_port is not None
     clusters = [original_dst_cluster(kit, ORIGINAL_DST_CLUSTER), blackhole_cluster(kit)]
@@ -51,7 +51,7 @@ def outbound_listener(kit: Kit, routes: EgressRoutes, ports: tuple[int, ...] = (
             ls.FilterChain(
                 name="outbound_http" + suffix,
                 filter_chain_match=http,
-                filters=[connection_manager(kit, "outbound_http", vhosts, [dfp])],
+                filters=[connection_manager(kit, "outbound_http", vhosts, filters, **connect_upgrade(kit))],
             ),
         ]
 

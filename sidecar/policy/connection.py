@@ -24,6 +24,15 @@ tunnel (:attr:`~sidecar.decision.AuthzRequest.via_connect`) there is no original
 nothing is passed through: a connection that reaches this check there is denied after the SNI
 checks - ``host_not_allowed``, or ``tls_not_allowed`` when rules name the host (none intercepting
 it on port 443).
+
+The ``CONNECT`` itself (:func:`decide_connect`, the proxy listener's ``CONNECT host:port``) is a
+decision of its own: a tunnel carries only what Envoy can read, so it is allowed only to a
+``host:port`` an active task of the local agent intercepts (``tls: intercept``, port 443: the
+tunnels end in the ``intercept_connect`` listener, whose chains are those of port 443). Else the
+deepest failure: ``host_not_allowed`` < ``tls_not_allowed`` (rules name the host, none with
+``tls: intercept``; a ``tls: passthrough`` rule included: passthrough is for the transparent
+listener) < ``port_not_allowed``; ``bad_request`` for an authority without a port or not a DNS name.
+It charges no budget: the requests inside are the calls.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from sidecar.http_norm import DEFAULT_PORTS, normalize_authority
 from sidecar.policy.budget import BudgetLedger, budget_limits
 from sidecar.policy.model import EgressRule, PolicyIndex, Task, task_state
 
-__all__ = ["decide_connection", "parse_destination", "sni_host"]
+__all__ = ["decide_connect", "decide_connection", "parse_destination", "sni_host"]
 
 _STAGES = (Reason.HOST_NOT_ALLOWED, Reason.TLS_NOT_ALLOWED, Reason.PORT_NOT_ALLOWED)
 
@@ -183,3 +192,100 @@ def decide_connection(
         return deny(Reason.BUDGET_EXHAUSTED, "the task's call budget is spent", exhausted)
     reason = _STAGES[deepest]
     return deny(reason, f"no egress rule allows a TLS connection to this host and port ({reason.value})", deepest_task)
+
+
+_CONNECT_PORT = DEFAULT_PORTS["https"]
+_CONNECT_STAGES = (Reason.HOST_NOT_ALLOWED, Reason.TLS_NOT_ALLOWED, Reason.PORT_NOT_ALLOWED)
+
+
+def _connect_stage(task: Task, host: str, port: int) -> tuple[int, EgressRule | None]:
+    candidates = task.rules_for_host(host)
+    if not candidates:
+        return 0, None
+    intercepted = [r for r in candidates if r.tls == "intercept"]
+    if not intercepted:
+        return 1, None
+    for rule in intercepted:
+        if (rule.port or _CONNECT_PORT) == port == _CONNECT_PORT:
+            return 3, rule
+    return 2, None
+
+
+def decide_connect(policy: PolicyIndex, request: AuthzRequest, *, now: float, decision_id: str) -> Decision:
+    """Decide a proxy ``CONNECT host:port`` (``request.method`` is ``CONNECT``, ``request.authority`` the
+    ``host:port``; see the module docstring for the rule and the reasons).
+
+    Args:
+        policy: the active compiled policy.
+        request: the ``CONNECT`` as Envoy saw it.
+        now: POSIX seconds.
+        decision_id: id to put on the decision.
+
+    Returns:
+        A :class:`Decision` (``method: CONNECT``, the host and port named); an allow tunnels to the
+        intercepting listener, whose requests are each decided again.
+    """
+    base = Decision(
+        False,
+        Reason.BAD_REQUEST,
+        400,
+        decision_id,
+        "",
+        Direction.EGRESS,
+        agent=policy.agent,
+        method="CONNECT",
+        destination=request.destination[:64],
+    )
+
+    def deny(reason: Reason, detail: str, task: Task | None = None) -> Decision:
+        return replace(
+            base,
+            reason=reason,
+            http_status=deny_status(reason),
+            detail=detail,
+            task_id=task.id if task else None,
+            on_behalf_of=task.on_behalf_of if task else None,
+        )
+
+    authority = request.authority
+    if ":" not in authority.rpartition("]")[2]:
+        return deny(Reason.BAD_REQUEST, "CONNECT needs host:port (RFC 9110 §9.3.6)")
+    try:
+        host, port = normalize_authority(authority, "https")
+        sni_host(host)  # a DNS name, as a tunnel's TLS must name one
+    except BadRequestError as exc:
+        return deny(Reason.BAD_REQUEST, f"CONNECT {exc}")
+    base = replace(base, host=host, port=port)
+    if not policy.tasks_by_agent.get(policy.agent, ()):
+        return deny(Reason.NO_TASK, "no task is declared for this agent")
+    named = policy.tasks_for_host(policy.agent, host)
+    if not named:
+        return deny(Reason.HOST_NOT_ALLOWED, "no task of this agent names this host")
+    active = [t for t in named if task_state(t, now) is None]
+    if not active:
+        state = task_state(named[0], now)
+        assert state is not None
+        return deny(state, f"no active task names this host (first: {state.value})", named[0])
+    deepest, deepest_task = -1, active[0]
+    for task in active:  # declaration order: a tunnel cannot name its task
+        stage, rule = _connect_stage(task, host, port)
+        if rule is not None:
+            return replace(
+                base,
+                allow=True,
+                reason=Reason.ALLOWED,
+                http_status=200,
+                task_id=task.id,
+                on_behalf_of=task.on_behalf_of,
+                rule=rule.name,
+            )
+        if stage > deepest:
+            deepest, deepest_task = stage, task
+    reason = _CONNECT_STAGES[deepest]
+    detail = {
+        Reason.HOST_NOT_ALLOWED: "no task of this agent names this host",
+        Reason.TLS_NOT_ALLOWED: "a CONNECT tunnel carries only HTTPS the sidecar reads: no rule gives this host "
+        "'tls: intercept' (passthrough is for the transparent listener)",
+        Reason.PORT_NOT_ALLOWED: "a CONNECT tunnel is allowed to port 443 of an intercepted host only",
+    }[reason]
+    return deny(reason, detail, deepest_task)

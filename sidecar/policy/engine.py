@@ -13,7 +13,7 @@ from typing import Any
 from sidecar.agentproto.rules import ProtocolPolicy, RpcVerdict, ToolRule, judge
 from sidecar.decision import AuthzRequest, Decision, Direction, Reason, deny_status
 from sidecar.errors import BadRequestError
-from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_target
+from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_authority, normalize_target
 from sidecar.policy.budget import BudgetLedger, budget_limits
 from sidecar.policy.headers import forged_reserved, over_envoy_limits
 from sidecar.policy.model import EgressRule, PolicyIndex, Task, task_state
@@ -152,7 +152,8 @@ def decide_egress(
         ``task_revoked``, ``host_not_allowed``, ``port_not_allowed``, ``method_not_allowed``,
         ``path_not_allowed``, ``budget_exhausted``, ``tls_origination_unavailable``,
         ``misdirected_request`` (an intercepted connection's request for another host or port than
-        the one its SNI named: RFC 9110 §7.4, 421), ``headers_too_large`` (the token or API key
+        the one its SNI named: RFC 9110 §7.4, 421; or a ``CONNECT`` tunnel's TLS naming another host
+        than the ``CONNECT``), ``headers_too_large`` (the token or API key
         would push the request over Envoy's header limits; the budget is given back). An allow
         removes every ``x-agent-authz-*`` header the agent sent itself.
     """
@@ -168,6 +169,8 @@ def decide_egress(
         "tls": "intercept" if intercept else "",
         "upstream_verify": intercept.upstream_verify if intercept else "",
     }
+    if intercept is not None and request.connect:
+        seen["connect"] = request.connect
     rpc_protocol = request.rpc.protocol if request.rpc is not None else ""
     judged: list[tuple[str, RpcVerdict]] = []
     rpc = _rpc_judge(request, method, judged)
@@ -189,6 +192,17 @@ def decide_egress(
             421,
             decision_id,
             f"the TLS connection was opened for {intercept.target}, the request names {target.host}:{target.port}",
+            Direction.EGRESS,
+            **seen,
+        )
+    tunnel = _tunnel_target(request.connect) if intercept is not None and request.connect else None
+    if intercept is not None and tunnel is not None and tunnel != (intercept.host, intercept.port):
+        return Decision(
+            False,
+            Reason.MISDIRECTED_REQUEST,
+            421,
+            decision_id,
+            f"the CONNECT tunnel was opened to {request.connect[:260]}, its TLS names {intercept.target}",
             Direction.EGRESS,
             **seen,
         )
@@ -282,6 +296,14 @@ def decide_egress(
         token=token_info,
         **seen,
     )
+
+
+def _tunnel_target(authority: str) -> tuple[str, int]:
+    """The ``(host, port)`` a ``CONNECT`` named (Envoy's copy; an unreadable one matches nothing)."""
+    try:
+        return normalize_authority(authority, "https")
+    except BadRequestError:
+        return ("", 0)
 
 
 def _rpc_judge(request: AuthzRequest, method: str, judged: list[tuple[str, RpcVerdict]]) -> _RpcJudge:

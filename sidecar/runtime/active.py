@@ -30,7 +30,7 @@ from sidecar.decision import AuthzRequest, Decision, Direction, Protocol
 from sidecar.errors import BundleDetail, ConfigError, ErrorCode, SvidDetail
 from sidecar.identity.state import IdentityLoadError, IdentityState
 from sidecar.policy.budget import BudgetLedger
-from sidecar.policy.connection import decide_connection
+from sidecar.policy.connection import decide_connect, decide_connection
 from sidecar.policy.engine import decide_egress, dry_run
 from sidecar.policy.ingress import IdentityContext, decide_ingress
 from sidecar.runtime.inputs import DISK, FileSource, InputRecorder, Inputs, inputs_unchanged
@@ -306,6 +306,8 @@ class Runtime:
             decision = decide_connection(
                 snapshot.policy, request, now=self.clock(), decision_id=decision_id, budgets=self.budgets
             )
+        elif request.direction is Direction.EGRESS and request.method.upper() == "CONNECT":
+            decision = decide_connect(snapshot.policy, request, now=self.clock(), decision_id=decision_id)
         elif request.direction is Direction.EGRESS:
             identity = snapshot.identity
             bind = identity is not None and snapshot.loaded.settings.issuer.bind_to_svid

@@ -258,3 +258,26 @@ def test_no_allow_is_recorded_that_envoy_cannot_deliver(env: Env) -> None:
         low, high = (middle, high) if call(middle)[0] == 200 else (low, middle)
     for size in (low - 1, low, high, high + 1):
         assert call(size)[0] == (200 if size <= low else 431)
+
+
+@pytest.mark.parametrize(
+    ("authority", "reason"),
+    [
+        (f"{API_HOST}:443", "tls_not_allowed"),
+        ("elsewhere.example.com:443", "host_not_allowed"),
+        (f"{API_HOST}:80", "tls_not_allowed"),
+    ],
+)
+def test_a_connect_is_a_decision_with_a_record(env: Env, authority: str, reason: str) -> None:
+    """Without tls: intercept rules no tunnel is ever allowed - and each refusal has a reason and a record."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", env.port), timeout=10) as sock:
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        head = sock.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 403"), head
+    headers = dict(line.lower().split(": ", 1) for line in head.split("\r\n\r\n")[0].split("\r\n")[1:])
+    assert headers["x-agent-authz-reason"] == reason
+    record = env.record(headers["x-agent-authz-decision-id"])
+    host, _, port = authority.rpartition(":")
+    assert (record["method"], record["host"], record["port"], record["reason"]) == ("CONNECT", host, int(port), reason)

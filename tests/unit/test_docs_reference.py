@@ -129,6 +129,7 @@ def test_record_fields_are_exactly_what_the_builder_writes() -> None:
         upstream_verify="dns:a ca:/ca.pem",
         sni="a",
         protocol=Protocol.HTTP,
+        connect="a:443",
     )
     dry = Decision(
         allow=True,
