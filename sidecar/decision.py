@@ -17,6 +17,7 @@ __all__ = [
     "Direction",
     "Interception",
     "Protocol",
+    "ProxyRefusal",
     "Reason",
     "RpcRoute",
     "TokenInfo",
@@ -140,6 +141,12 @@ class Reason(enum.StrEnum):
     """An MCP ``prompts/get`` of a prompt the rule's ``prompts`` do not name."""
     RPC_METHOD_NOT_ALLOWED = "rpc_method_not_allowed"
     """A JSON-RPC method (MCP or A2A) the rule's ``rpc_methods`` do not name."""
+    REFUSED_BY_PROXY = "refused_by_proxy"
+    """Envoy ended a request or connection without a decision, and reported it (gRPC access log): a
+    request it could not parse (``detail``: Envoy's response code details, e.g. ``http1.codec_error``),
+    ext_authz unreachable or late (``ext_authz_error``), a connection that sent nothing to judge
+    within the listener's limits; ``status`` is what Envoy answered (0: the connection was closed).
+    Recorded after the fact."""
     HEADERS_TOO_LARGE = "headers_too_large"
     """An allowed call whose headers, with the token and API key the sidecar adds, would exceed what
     Envoy forwards (60 KiB of headers or 100 headers): denied with 431 rather than recorded as an
@@ -251,6 +258,32 @@ class AuthzRequest:
     connect: str = ""
     rpc: RpcRoute | None = None
     body: bytes | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRefusal:
+    """A request or connection Envoy ended without a decision, from its gRPC access log.
+
+    Attributes:
+        direction: the listener's side.
+        protocol: ``http`` (an HTTP connection manager's entry) or ``tcp`` (a ``tcp_proxy``'s).
+        method / authority: the request's, as Envoy parsed them (``""`` when it could not).
+        path: the path without its query string (the ``drop-query`` log policy).
+        destination: the connection's local address (the original destination behind ``outbound``).
+        sni: the TLS server name, when there was one.
+        status: the HTTP status Envoy answered; 0 for a connection it closed.
+        detail: Envoy's own explanation (response code details, termination details, response flags).
+    """
+
+    direction: Direction
+    protocol: Protocol
+    method: str
+    authority: str
+    path: str
+    destination: str
+    sni: str
+    status: int
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,6 +85,13 @@ class Metrics:
         if would_deny is not None:
             would_deny.inc()
 
+    def count(self, decision: Decision) -> None:
+        """Count one decision that answered nobody (a refusal Envoy reported after the fact): the
+        decisions counter only, no handling time."""
+        self._decisions.labels(
+            decision.direction.value, "allow" if decision.allow else "deny", decision.reason.value
+        ).inc()
+
     def bind(self, runtime: Runtime, decision_log: DecisionLog) -> None:
         """Expose the state of ``runtime`` and ``decision_log`` at scrape time."""
         self.registry.register(_StateCollector(runtime, decision_log))

@@ -22,6 +22,7 @@ from sidecar.audit.chain import load_hmac_key
 from sidecar.audit.log import DecisionLog
 from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.config.watch import watch_and_reload
+from sidecar.envoy_authz.access_log import RefusalLogService
 from sidecar.envoy_authz.ext_proc import ListFilterService
 from sidecar.envoy_authz.service import AuthorizationService
 from sidecar.errors import BundleDetail, ConfigError, SvidDetail
@@ -104,6 +105,9 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     server.add_generic_rpc_handlers((service.handler(),))
     # tools/list responses of MCP routes (Envoy's ext_proc filter): same server, same socket
     server.add_generic_rpc_handlers((ListFilterService().handler(),))
+    # what Envoy refused without a decision (its gRPC access log): a record each
+    refusals = RefusalLogService(lambda refusal: service.record_refusal(refusal, agent=runtime.snapshot.policy.agent))
+    server.add_generic_rpc_handlers((refusals.handler(),))
     if intercept is not None:  # the pod-CA leaves, for Envoy's intercepting filter chains (gRPC SDS)
         intercept.secrets.bind(loop)
         server.add_generic_rpc_handlers((intercept.secrets.handler(),))

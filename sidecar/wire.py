@@ -48,6 +48,7 @@ __all__ = [
     "ORIGINATE",
     "PROTOCOL_METADATA",
     "REASON_HEADER",
+    "REFUSED_LOG_PREFIX",
     "RESERVED_HEADER_PREFIX",
     "TASK_HEADER",
     "VIA_METADATA",
@@ -110,6 +111,12 @@ METADATA_LIST_FILTER = "mcp_list_filter"
 """On an allowed MCP ``tools/list``: the tool name patterns its response is filtered to (a list, present
 even when empty); Envoy's ext_proc filter forwards the ext_authz namespace to the sidecar
 (``metadata_options.forwarding_namespaces``)."""
+
+# -- gRPC access logging (what Envoy refused without a decision) ---------------------------------
+REFUSED_LOG_PREFIX = "refused"
+"""``log_name`` of the gRPC access loggers that send the sidecar the requests and connections Envoy
+ended without a decision: ``refused|<direction>|<stat prefix>`` (the first message of each stream
+names it)."""
 
 # -- headers -----------------------------------------------------------------------------------
 RESERVED_HEADER_PREFIX = "x-agent-authz-"

@@ -18,6 +18,10 @@
 * network ext_authz: one ``Check`` per connection, its context in gRPC initial metadata
   (direction, protocol, ``via``), ``include_tls_session``; then ``tcp_proxy``, which connects
   upstream only once allowed (``ON_DOWNSTREAM_DATA``).
+* what Envoy refuses without asking the sidecar - a request it cannot parse (codec errors), ext_authz
+  unreachable, a connection that never sends what a check needs - goes to the sidecar over gRPC
+  access logging (:func:`refused_log`: only entries without a ``decision_id``), which records each
+  as ``refused_by_proxy``: every refused connection leaves a decision record.
 * with MCP/A2A hosts (``envoy.rpc_hosts``, or rules with ``protocol: mcp`` / ``a2a``): the
   ext_authz filter can buffer the request body, and only the routes to those hosts switch it on
   (:func:`rpc_route_context`); with an MCP host, the ext_proc filter for ``tools/list`` responses
@@ -30,7 +34,7 @@ from datetime import timedelta
 from typing import Any
 
 from sidecar.bootstrap.kit import Kit
-from sidecar.bootstrap.names import AUTHZ_CLUSTER, EGRESS
+from sidecar.bootstrap.names import AUTHZ_CLUSTER, EGRESS, INGRESS
 from sidecar.wire import (
     CONTEXT_DIRECTION,
     CONTEXT_RPC_BODY_CAP,
@@ -46,6 +50,7 @@ from sidecar.wire import (
     METADATA_REASON,
     NETWORK_FILTER,
     PROTOCOL_METADATA,
+    REFUSED_LOG_PREFIX,
     VIA_METADATA,
     dynamic_metadata_ref,
 )
@@ -58,6 +63,7 @@ __all__ = [
     "ext_authz_filter",
     "ext_proc_filter",
     "network_check",
+    "refused_log",
     "route_context",
     "rpc_route_context",
     "tcp_forward",
@@ -239,6 +245,40 @@ def access_log(kit: Kit, log_format: dict[str, str] | None = None) -> Any:
     return kit.accesslog.AccessLog(name="envoy.access_loggers.stdout", typed_config=kit.pack(log))
 
 
+def refused_log(kit: Kit, namespace: str, stat_prefix: str, direction: str = EGRESS) -> Any:
+    """gRPC access logging to the sidecar (``agent_authz``) of the requests or connections that carry no
+    decision in ``namespace`` (the HTTP or the network ext_authz filter's dynamic metadata): Envoy
+    refused them without a Check, or the Check failed. The sidecar records each (``refused_by_proxy``)."""
+    from envoy_data_plane.envoy.extensions.access_loggers.grpc import v3 as grpc_log
+
+    core, al, m = kit.core, kit.accesslog, kit.matcher
+    common = grpc_log.CommonGrpcAccessLogConfig(
+        log_name=f"{REFUSED_LOG_PREFIX}|{direction}|{stat_prefix}",
+        grpc_service=core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER)),
+        transport_api_version=core.ApiVersion.V3,
+        buffer_flush_interval=timedelta(milliseconds=200),
+    )
+    http = namespace == HTTP_FILTER
+    config = (
+        grpc_log.HttpGrpcAccessLogConfig(common_config=common)
+        if http
+        else grpc_log.TcpGrpcAccessLogConfig(common_config=common)
+    )
+    undecided = al.AccessLogFilter(
+        metadata_filter=al.MetadataFilter(
+            matcher=m.MetadataMatcher(
+                filter=namespace,
+                path=[m.MetadataMatcherPathSegment(key=METADATA_DECISION_ID)],
+                value=m.ValueMatcher(present_match=True),
+                invert=True,
+            ),
+            match_if_key_not_found=True,
+        )
+    )
+    name = "envoy.access_loggers.http_grpc" if http else "envoy.access_loggers.tcp_grpc"
+    return al.AccessLog(name=name, filter=undecided, typed_config=kit.pack(config))
+
+
 def connection_manager(
     kit: Kit,
     stat_prefix: str,
@@ -273,7 +313,10 @@ def connection_manager(
             *filters,
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=kit.pack(kit.router.Router())),
         ],
-        access_log=[access_log(kit)],
+        access_log=[
+            access_log(kit),
+            refused_log(kit, HTTP_FILTER, stat_prefix, INGRESS if stat_prefix.startswith(INGRESS) else EGRESS),
+        ],
         **extra,
     )
     return kit.listener.Filter(name="envoy.filters.network.http_connection_manager", typed_config=kit.pack(manager))
@@ -316,14 +359,17 @@ def network_check(kit: Kit, protocol: str, *, via: str = "") -> Any:
     return kit.listener.Filter(name=NETWORK_FILTER, typed_config=kit.pack(config))
 
 
-def tcp_forward(kit: Kit, stat_prefix: str, cluster: str) -> Any:
-    """``tcp_proxy`` that connects upstream only after the first bytes passed ext_authz."""
+def tcp_forward(kit: Kit, stat_prefix: str, cluster: str, *, max_duration: timedelta | None = None) -> Any:
+    """``tcp_proxy`` that connects upstream only after the first bytes passed ext_authz; with
+    ``max_duration``, the connection is closed after that long (the chains where nothing is ever
+    allowed: a connection that sends nothing ends, and its access log entry reaches the sidecar)."""
     tp = kit.tcp_proxy
     config = tp.TcpProxy(
         stat_prefix=stat_prefix,
         cluster=cluster,
         upstream_connect_mode=tp.UpstreamConnectMode.ON_DOWNSTREAM_DATA,
         max_early_data_bytes=_EARLY_DATA_BYTES,
-        access_log=[access_log(kit, _TCP_ACCESS_LOG_FORMAT)],
+        access_log=[access_log(kit, _TCP_ACCESS_LOG_FORMAT), refused_log(kit, NETWORK_FILTER, stat_prefix)],
+        max_downstream_connection_duration=max_duration,
     )
     return kit.listener.Filter(name="envoy.filters.network.tcp_proxy", typed_config=kit.pack(config))

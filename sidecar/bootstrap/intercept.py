@@ -41,7 +41,7 @@ from sidecar.bootstrap.names import (
     InterceptTarget,
     intercept_cluster_name,
 )
-from sidecar.bootstrap.outbound import outbound_listener
+from sidecar.bootstrap.outbound import outbound_listener, silent_limit
 from sidecar.wire import (
     CONNECT_AUTHORITY_HEADER,
     CONNECT_FILTER_STATE,
@@ -190,11 +190,13 @@ def intercept_connect_listener(kit: Kit) -> Any:
         listener_filters=[
             kit.listener_filter("envoy.filters.listener.tls_inspector", kit.tls_inspector.TlsInspector())
         ],
+        listener_filters_timeout=silent_limit(kit),
+        continue_on_listener_filters_timeout=True,
         default_filter_chain=ls.FilterChain(
             name="intercept_connect_other",
             filters=[
                 network_check(kit, "tls", via=CONNECT_VIA),
-                tcp_forward(kit, "intercept_connect", BLACKHOLE_CLUSTER),
+                tcp_forward(kit, "intercept_connect", BLACKHOLE_CLUSTER, max_duration=silent_limit(kit)),
             ],
         ),
     )

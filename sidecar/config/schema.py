@@ -691,6 +691,10 @@ class EnvoySpec(_Model):
     """Envoy's admin port, on ``127.0.0.1``."""
     authz_timeout: Seconds = 0.25
     """ext_authz timeout; on timeout Envoy answers 503 (fail closed)."""
+    inspect_timeout: Seconds = 5.0
+    """How long the ``outbound`` listener waits for a connection's first bytes to tell TLS from HTTP
+    (0.5 s - 60 s; an HTTP or TLS client sends at once): then it is judged as TCP (``tcp_not_allowed``,
+    recorded); one that sends nothing is closed after twice as long and recorded (``refused_by_proxy``)."""
     destinations: dict[str, str] = Field(default_factory=dict)
     """``host: address:port`` for upstreams with a static address (exact hosts); other hosts are
     resolved by DNS."""
@@ -728,6 +732,13 @@ class EnvoySpec(_Model):
     """MCP hosts whose servers implement the 2026-07-28 header checks (a request whose
     ``Mcp-Method``/``Mcp-Name`` disagree with its body is rejected with ``-32020``): requests there
     carrying ``Mcp-Method`` are judged on the headers alone, no body buffered."""
+
+    @field_validator("inspect_timeout")
+    @classmethod
+    def _inspect_timeout(cls, value: float) -> float:
+        if not 0.5 <= value <= 60:
+            raise ValueError("inspect_timeout must be between 500ms and 60s")
+        return value
 
     @field_validator("rpc_body_cap")
     @classmethod

@@ -23,9 +23,10 @@ import grpc
 import structlog
 
 from sidecar.audit.log import DecisionLog, decision_record
-from sidecar.decision import AuthzRequest, Decision, Reason
+from sidecar.decision import AuthzRequest, Decision, ProxyRefusal, Reason
 from sidecar.envoy_authz.translate import build_check_response, parse_check_request
 from sidecar.errors import BadRequestError, DecisionLogError
+from sidecar.http_norm import normalize_authority
 from sidecar.metrics import Metrics
 
 __all__ = ["SERVICE_NAME", "AuthorizationService"]
@@ -109,6 +110,46 @@ class AuthorizationService:
                 headers_to_remove=(),
                 token=None,
             )
+        return decision
+
+    def record_refusal(self, refusal: ProxyRefusal, *, agent: str | None) -> Decision:
+        """Record what Envoy refused without a decision (its gRPC access log): a deny with reason
+        ``refused_by_proxy``, Envoy's status and explanation, the host and path when it parsed them
+        (the path without its query string). A failed write is logged like any other.
+
+        Returns:
+            The recorded decision.
+        """
+        decision_id = f"{self._id_prefix}{next(self._ids):012x}"
+        host, port = "", 0
+        if refusal.authority:
+            try:
+                host, port = normalize_authority(refusal.authority, "http")
+            except BadRequestError:
+                host = ""
+        decision = Decision(
+            False,
+            Reason.REFUSED_BY_PROXY,
+            refusal.status,
+            decision_id,
+            refusal.detail,
+            refusal.direction,
+            agent=agent,
+            method=refusal.method,
+            host=host,
+            port=port,
+            path=refusal.path,
+            protocol=refusal.protocol,
+            sni=refusal.sni,
+            destination=refusal.destination[:64],
+        )
+        record = decision_record(decision, request_id="", latency_us=0, now=self._clock())
+        try:
+            self._log.append(record)
+        except DecisionLogError as exc:
+            self._log_failed(decision, exc, record)
+        if self._metrics is not None:
+            self._metrics.count(decision)
         return decision
 
     def _finish(self, decision: Decision, started: int) -> bytes:

@@ -281,3 +281,32 @@ def test_a_connect_is_a_decision_with_a_record(env: Env, authority: str, reason:
     record = env.record(headers["x-agent-authz-decision-id"])
     host, _, port = authority.rpartition(":")
     assert (record["method"], record["host"], record["port"], record["reason"]) == ("CONNECT", host, int(port), reason)
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "detail"),
+    [
+        (b"GET /v1/items/1?secret=QS HTTP/1.1\r\nHost: api.internal\r\nbad header\r\n\r\n", 400, "codec_error"),
+        (b"GET /v1/items/1 HTTP/1.1\r\nHost: api.internal\r\nx-big: " + b"b" * 70_000 + b"\r\n\r\n", 431, ""),
+        (b"\x16\x03\x01\x00\x05junk\r\n\r\n", 400, "codec_error"),
+    ],
+)
+def test_what_envoy_refuses_without_asking_is_recorded(env: Env, raw: bytes, status: int, detail: str) -> None:
+    """A request Envoy cannot parse never reaches ext_authz: its access log entry does, as a record."""
+    import socket
+
+    before = {r["decision_id"] for r in env.records()}
+    with socket.create_connection(("127.0.0.1", env.port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = sock.recv(200)
+    assert answer.startswith(b"HTTP/1.1 %d" % status), answer
+
+    def refused() -> dict[str, object] | None:
+        new = [r for r in env.records() if r["decision_id"] not in before and r["reason"] == "refused_by_proxy"]
+        return new[0] if new else None
+
+    from sidecar.harness import wait_until
+
+    record = wait_until(refused, timeout=10, what="the refusal's record")
+    assert (record["decision"], record["status"], record["direction"]) == ("deny", status, "egress")
+    assert detail in str(record["detail"]) and "QS" not in json.dumps(record)
