@@ -37,7 +37,7 @@ from sidecar.policy.model import Credential, PolicyIndex
 from sidecar.tokens.keys import KeySet, SigningKey, load_signing_key
 from sidecar.tokens.minter import TokenCache, TokenMinter
 
-__all__ = ["Runtime", "Snapshot"]
+__all__ = ["Delegation", "Runtime", "Snapshot"]
 
 _log = structlog.get_logger("agent_authz.runtime")
 
@@ -86,6 +86,25 @@ def _check_tls_rules(sources: list[TaskSource], intercept: bool, file: str) -> N
                 raise ConfigError(
                     file, "tasks", f"{where}: 'tls: intercept' needs the 'intercept' section (the pod CA)"
                 )
+
+
+@dataclass(frozen=True, slots=True)
+class Delegation:
+    """A sub-grant this sidecar issued (``POST /v1/tasks/{id}/delegate``).
+
+    Attributes:
+        spec: the child task (``id`` is ``<parent id>/<name>``, ``agent`` the sub-agent).
+        parent: the delegating task's id.
+        txn: the root grant's id.
+        ancestors: ids from the root to the parent.
+        issued_at: POSIX seconds.
+    """
+
+    spec: TaskSpec
+    parent: str
+    txn: str
+    ancestors: tuple[str, ...]
+    issued_at: float
 
 
 class _Reader:
@@ -148,7 +167,7 @@ class Runtime:
         self.last_identity_error: str | None = None
         self._posted: dict[str, str] = {}
         self._own_revoked: dict[str, int] = {}
-        self._issued: set[str] = set()
+        self._issued: dict[str, Delegation] = {}
         self._published: str | None = None
         self.clock = clock
         self.budgets = BudgetLedger()
@@ -404,6 +423,8 @@ class Runtime:
             _log.warning("decision_log_change_needs_restart", file=str(self.config_path))
         if snapshot.loaded.settings.intercept != previous.loaded.settings.intercept:
             _log.warning("intercept_change_needs_restart", file=str(self.config_path))
+        if snapshot.loaded.settings.viewer != previous.loaded.settings.viewer:
+            _log.warning("viewer_change_needs_restart", file=str(self.config_path))
         self.snapshot = snapshot
         self.reloads += 1
         self.last_error = None
@@ -500,7 +521,10 @@ class Runtime:
             now=self.clock(),
             max_depth=snapshot.loaded.settings.grants.max_depth,
         )
-        self._issued.add(child.id)
+        assert task.grant is not None  # delegate() refuses tasks without a grant
+        self._issued[child.id] = Delegation(
+            child, task.id, task.grant.txn, (*task.grant.ancestors, task.grant.id), self.clock()
+        )
         _log.info(
             "task_delegated", task_id=task_id, child=child.id, subject=child.agent, expires_at=str(child.expires_at)
         )
@@ -519,7 +543,7 @@ class Runtime:
             GrantError: ``grant_unknown_task`` for an id this sidecar has never seen.
         """
         snapshot = self.snapshot
-        known = set(snapshot.policy.tasks_by_id) | self._issued
+        known = set(snapshot.policy.tasks_by_id) | set(self._issued)
         if task_id not in known:
             raise GrantError("grant_unknown_task", f"no task {task_id!r} held or delegated here")
         self._own_revoked[task_id] = int(self.clock())
@@ -527,6 +551,14 @@ class Runtime:
         self.reload()
         _log.info("task_revoked", task_id=task_id, published=token is not None)
         return token
+
+    def delegations(self) -> tuple[Delegation, ...]:
+        """The sub-grants this sidecar issued, oldest first (kept for the life of the process)."""
+        return tuple(self._issued.values())
+
+    def revoked_here(self) -> frozenset[str]:
+        """Task ids this sidecar revoked itself (its own revocation list)."""
+        return frozenset(self._own_revoked)
 
     def revocation_list(self) -> str | None:
         """This sidecar's own signed revocation list (``GET /v1/revocations``), or ``None``."""

@@ -681,6 +681,20 @@ class DecisionLogSpec(_Model):
         return self
 
 
+class ViewerSpec(_Model):
+    """The decision viewer (``/decisions`` on the admin port).
+
+    ``logs``: other sidecars' decision logs (JSON lines; rotated files included), e.g. those of the
+    sub-agents this agent delegates to, on a shared volume or collected copies. The viewer shows
+    their records read-only next to its own, follows them live, and counts them in its summaries
+    and delegation trees (what a sub-agent spent is only known from its own records). Their hash
+    chains are not verified here (``agent-authz logs verify`` does that). Read at start; a reload
+    that changes the list logs a warning.
+    """
+
+    logs: list[Path] = Field(default_factory=list, max_length=64)
+
+
 class SidecarConfig(_Model):
     """The whole ``sidecar.yaml``.
 
@@ -695,6 +709,7 @@ class SidecarConfig(_Model):
     listen: ListenSpec = ListenSpec()
     envoy: EnvoySpec = EnvoySpec()
     decision_log: DecisionLogSpec = DecisionLogSpec()
+    viewer: ViewerSpec = ViewerSpec()
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
     grants: GrantsSpec = GrantsSpec()
     intercept: InterceptSpec | None = None
