@@ -105,16 +105,16 @@ def prune(loaded: set[str]) -> None:
         base = record.parent.parent
         lines = [line for line in record.read_text().splitlines() if (base / line.split(",")[0]).exists()]
         record.write_text("\n".join(lines) + "\n")
-        print(f"  {dist_name}: removed {removed} modules the sidecar does not import")
+        print(f"  {dist_name}: removed {removed} modules the sidecar does not import", flush=True)
 
 
 def main() -> None:
     venv = Path(sys.argv[1]).resolve()
     site = Path(next(p for p in sys.path if p.endswith("site-packages")))
-    print(f"slim-venv: {venv}: {_mb(_size(venv))}")
+    print(f"slim-venv: {venv}: {_mb(_size(venv))}", flush=True)
 
     subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "pip", "setuptools"], check=True)
-    print(f"  without pip, setuptools: {_mb(_size(venv))}")
+    print(f"  without pip, setuptools: {_mb(_size(venv))}", flush=True)
 
     for path in sorted(venv.rglob("*")):
         if not path.is_file() or path.is_symlink():
@@ -125,10 +125,10 @@ def main() -> None:
         sections = subprocess.run(["readelf", "-S", "-W", str(path)], capture_output=True, text=True, check=True)
         if " .symtab " in sections.stdout:
             subprocess.run(["strip", "--strip-unneeded", str(path)], check=True)
-    print(f"  ELF files stripped: {_mb(_size(venv))}")
+    print(f"  ELF files stripped: {_mb(_size(venv))}", flush=True)
 
     prune(_import_everything())
-    print(f"  generated protobuf modules pruned: {_mb(_size(venv))}")
+    print(f"  generated protobuf modules pruned: {_mb(_size(venv))}", flush=True)
 
     for stub in site.rglob("*.pyi"):
         stub.unlink()
@@ -139,14 +139,14 @@ def main() -> None:
     for directory in sorted((p for p in site.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
         if not any(directory.iterdir()):
             directory.rmdir()
-    print(f"  stubs and orphaned bytecode removed: {_mb(_size(venv))}")
+    print(f"  stubs and orphaned bytecode removed: {_mb(_size(venv))}", flush=True)
 
     subprocess.run([sys.executable, __file__, "--check"], check=True)
 
 
 def _check() -> None:
     loaded = _import_everything()
-    print(f"  check: {sum(1 for n in loaded if n.startswith('sidecar'))} sidecar modules import")
+    print(f"  check: {sum(1 for n in loaded if n.startswith('sidecar'))} sidecar modules import", flush=True)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,9 @@ def test_delegate_accept_enforce_and_revoke(agents: tuple[Scenario, SidecarProce
     status, tasks = api(orch, "GET", "/v1/tasks")
     q3 = next(t for t in tasks["tasks"] if t["id"] == "q3")
     assert q3["budget"]["used"] == 5 and q3["budget"]["rules"]["prices"]["used"] == 5  # reserved
+    assert q3["budget"]["reserved"] == 5 and [(d["id"], d["agent"], d["max_calls"]) for d in q3["delegated"]] == [
+        ("q3/market", SUB, 5)
+    ]
 
     assert reason(check(sub_sock, "market.internal", "/v1/prices/ACME/x")) == "no_task"
     status, accepted = api(sub, "POST", "/v1/tasks", issued["grant"])
@@ -102,6 +105,7 @@ def test_delegate_accept_enforce_and_revoke(agents: tuple[Scenario, SidecarProce
 
     status, _ = api(orch, "POST", "/v1/tasks/q3/market/revoke")
     assert status == 200
+    assert next(t for t in api(orch, "GET", "/v1/tasks")[1]["tasks"] if t["id"] == "q3")["delegated"][0]["revoked_here"]
     started = time.monotonic()
     wait_until(
         lambda: reason(check(sub_sock, "market.internal", "/v1/prices/ACME/x")) == "task_revoked",

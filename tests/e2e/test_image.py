@@ -203,6 +203,8 @@ def test_envoy_is_stripped_and_the_environment_within_budget(image: Image) -> No
         if "not stripped" in subprocess.run(["file", "-b", str(p)], capture_output=True, text=True).stdout
     ]
     assert not unstripped, unstripped
+    static = venv / "lib/python3.11/site-packages/sidecar/admin/static"
+    assert {"viewer.html", "viewer.js", "viewer.css"} <= {p.name for p in static.iterdir()}  # the /decisions page
     size = sum(p.stat().st_size for p in venv.rglob("*") if p.is_file() and not p.is_symlink())
     print(f"/opt/agent-authz: {size / 1e6:.0f} MB (Envoy {envoy.stat().st_size / 1e6:.0f} MB)")
     assert size <= VENV_BUDGET, f"the environment grew to {size / 1e6:.0f} MB (budget {VENV_BUDGET / 1e6:.0f} MB)"

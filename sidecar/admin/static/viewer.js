@@ -300,7 +300,7 @@ async function loadSummary() {
   $("dry-run").hidden = !body.dry_run;
   const cards = body.tasks.map((task) => {
     const card = el("div", { class: "task", "data-task": task.task_id || "" });
-    card.append(el("h3", {}, task.task_id || "(no task matched)", task.declared || !task.task_id ? "" : " – not declared now"));
+    card.append(el("h3", {}, task.task_id || "(no task matched)", task.declared || !task.task_id ? "" : " – not a task of this sidecar now"));
     if (task.purpose) card.append(el("div", { class: "muted" }, task.purpose, task.on_behalf_of ? ` – on behalf of ${task.on_behalf_of}` : ""));
     card.append(el("div", {}, el("span", { class: "allow s-allowed" }, `${task.allowed} allowed`), " · ",
       el("span", { class: "deny s-denied" }, `${task.denied} denied`)));
