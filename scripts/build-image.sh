@@ -16,8 +16,9 @@
 # point of them is left in the runtime stage, and nothing of them is committed to a layer.
 #
 # Caches, all under the cache directory: the stand-in base tarball, and the container storage with
-# its layer cache (the dependencies' layer is rebuilt only when pyproject.toml changes). Untagged
-# images older than a week are pruned. For a clean build, remove the cache directory.
+# its layer cache (the dependencies' layer is rebuilt only when pyproject.toml changes); the two
+# stages are tagged localhost/agent-authz-cache:build and :runtime to keep their layers, and
+# untagged images are pruned after each build. For a clean build, remove the cache directory.
 #
 # Usage: scripts/build-image.sh [--tag TAG] [--info FILE]
 #   --tag   image name (default localhost/agent-authz:dev)
@@ -87,15 +88,14 @@ if ! pm image exists "$python_image" && ! timeout 120 podman "${podman_args[@]}"
       --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
       --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' \
       "$tarball" "$base" >/dev/null
-    # earlier stand-ins: untagged (their layers go with the week-old prune below)
+    # earlier stand-ins: untagged (their layers go with the prune below once nothing builds on them)
     pm images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/agent-authz-standin-base:' |
       grep -v ":$key\$" | xargs -r podman "${podman_args[@]}" untag || true
   fi
   echo "build-image: base $base (stand-in for $python_image)"
 fi
 
-# The host's pip configuration, for the build stage's `pip install`.
-# A fixed path: the build's volume list is part of its layer-cache key.
+# The host's pip configuration, for the build stage's `pip install` (removed when the script ends).
 secrets="$cache/build-pip"
 rm -rf "$secrets"
 mkdir -m 700 "$secrets"
@@ -141,11 +141,13 @@ fi
 echo "build-image: building $tag (storage: $driver under $cache/storage-$driver)"
 t0=$SECONDS
 build=(pm build --isolation chroot --layers --build-arg "PYTHON_IMAGE=$base" -f "$repo/Dockerfile")
-"${build[@]}" --target build "${volumes[@]}" "$repo"
+# The two stages are tagged so that their layers stay in the cache: the prune below then drops only
+# what no tagged image builds on (the previous build's last steps), which keeps the storage bounded.
+"${build[@]}" --target build "${volumes[@]}" -t localhost/agent-authz-cache:build "$repo"
+"${build[@]}" --target runtime -t localhost/agent-authz-cache:runtime "$repo"
 "${build[@]}" -t "$tag" "$repo"
 build_seconds=$((SECONDS - t0))
-# Untagged images (earlier builds and their cached layers) older than a week go; newer ones are the cache.
-pm image prune -f --filter until=168h >/dev/null
+pm image prune -f >/dev/null
 
 size="$(pm image inspect --format '{{.Size}}' "$tag")"
 base_size="$(pm image inspect --format '{{.Size}}' "$base")"
