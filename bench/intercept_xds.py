@@ -7,7 +7,7 @@ certificate it is served.
 
 * leaf rotation: from "the new leaf is handed over" to "a new handshake gets it" - (1) file-based
   SDS: a secret file per host, written atomically into a watched directory; (2) gRPC SDS: the
-  sidecar's :class:`sidecar.intercept.sds.SecretStore` pushing on the open stream;
+  sidecar's :class:`sidecar.tls_intercept.sds.SecretStore` pushing on the open stream;
 * many hosts: Envoy with one filter chain and one SDS secret per host, N hosts: time to ready, or
   failure (each file-based SDS subscription takes an inotify instance; Linux allows
   ``fs.inotify.max_user_instances`` - 128 by default - per user, shared by every process of that
@@ -40,13 +40,13 @@ import grpc  # noqa: E402
 from cryptography import x509  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 
+from sidecar.bootstrap.names import InterceptTarget  # noqa: E402
 from sidecar.bootstrap.render import render_dynamic  # noqa: E402
 from sidecar.config.loader import load_config  # noqa: E402
-from sidecar.intercept.ca import PodCA  # noqa: E402
-from sidecar.intercept.files import LISTENER_TYPE, write_resources  # noqa: E402
-from sidecar.intercept.sds import SECRET_TYPE_URL, SecretStore  # noqa: E402
-from sidecar.intercept.targets import InterceptTarget  # noqa: E402
-from sidecar.procs import EnvoyProcess, wait_until  # noqa: E402
+from sidecar.harness import EnvoyProcess, wait_until  # noqa: E402
+from sidecar.tls_intercept.ca import PodCA  # noqa: E402
+from sidecar.tls_intercept.files import LISTENER_TYPE, write_resources  # noqa: E402
+from sidecar.tls_intercept.sds import SECRET_TYPE_URL, SecretStore  # noqa: E402
 
 ROUTER = {
     "name": "envoy.filters.http.router",

@@ -51,11 +51,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from sidecar.decision import AuthzRequest, Direction  # noqa: E402
+from sidecar.harness import AuthzStack, EnvoyProcess, ManagedProcess, http_get, wait_until  # noqa: E402
 from sidecar.identity.devca import DevCA  # noqa: E402
-from sidecar.intercept.ca import PodCA  # noqa: E402
-from sidecar.intercept.trust import agent_trust_env  # noqa: E402
-from sidecar.procs import AuthzStack, EnvoyProcess, ManagedProcess, http_get, wait_until  # noqa: E402
 from sidecar.runtime import Runtime  # noqa: E402
+from sidecar.tls_intercept.ca import PodCA  # noqa: E402
+from sidecar.tls_intercept.trust import agent_trust_env  # noqa: E402
 from sidecar.tokens.keys import generate_private_key_pem  # noqa: E402
 
 AGENT = "spiffe://bench.example/ns/agents/sa/worker"
@@ -673,7 +673,7 @@ def decision_cost(work: Path, tasks: int, iterations: int) -> float:
 
 def startup(work: Path, tasks: int, runs: int) -> float:
     """Seconds from spawning ``agent-authz serve`` to a ready ``/readyz`` (median of ``runs``)."""
-    from sidecar.procs import SidecarProcess
+    from sidecar.harness import SidecarProcess
 
     state = work / "startup"
     state.mkdir()

@@ -20,7 +20,7 @@ import run
 from sidecar.audit.log import DecisionLog
 from sidecar.envoy_authz.service import AuthorizationService
 from sidecar.runtime import Runtime
-from tests.unit.test_envoy_authz import check_request
+from tests.support.envoy_authz import check_request
 
 
 @pytest.fixture(params=[10, 1000], ids=["10-tasks", "1000-tasks"])

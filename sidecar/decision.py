@@ -1,37 +1,27 @@
 """The request and decision values exchanged between the protocol edge and the policy code.
 
 Neither type knows about Envoy protobufs: :mod:`sidecar.envoy_authz` translates CheckRequest into
-:class:`AuthzRequest` and :class:`Decision` into CheckResponse.
+:class:`AuthzRequest` (reading the names of :mod:`sidecar.wire` into typed fields) and
+:class:`Decision` into CheckResponse.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = [
-    "CALLER_HEADER",
-    "DECISION_ID_HEADER",
-    "REASON_HEADER",
-    "TASK_HEADER",
     "AuthzRequest",
     "Decision",
     "Direction",
+    "Interception",
     "Protocol",
     "Reason",
+    "RpcRoute",
     "TokenInfo",
     "deny_status",
 ]
-
-TASK_HEADER = "x-agent-task"
-"""Request header an agent with several active tasks uses to pick one; stripped before forwarding."""
-DECISION_ID_HEADER = "x-agent-authz-decision-id"
-"""Set on the forwarded request, on the response and on a deny: joins logs to decisions."""
-REASON_HEADER = "x-agent-authz-reason"
-"""The reason code of a deny, on the deny response."""
-CALLER_HEADER = "x-agent-authz-caller"
-"""On an allowed ingress request: the verified caller SPIFFE ID (overwrites any client value)."""
 
 
 class Direction(enum.StrEnum):
@@ -55,47 +45,156 @@ class Protocol(enum.StrEnum):
 
 
 class Reason(enum.StrEnum):
-    """Stable reason codes. They appear in deny bodies, decision records and metrics labels.
+    """Stable reason codes. They appear in deny bodies, the ``x-agent-authz-reason`` header, decision
+    records, metrics labels and Envoy's dynamic metadata.
 
-    Never rename a member: dashboards and alerts key on these strings.
+    Never rename a member: dashboards and alerts key on these strings. Each member's docstring is its
+    meaning on the generated page ``docs/reference/reasons.md``.
     """
 
     ALLOWED = "allowed"
+    """A task rule allows the call (ingress: a rule admits the verified caller)."""
     BAD_REQUEST = "bad_request"
+    """The request cannot be judged safely: a malformed or ambiguous host, path or method, an encoded
+    ``/`` or ``\\`` in the path, an undecodable or oversized (over 96 KiB) CheckRequest, or one without
+    HTTP attributes or a ``direction``; on the transparent listener also an IP literal or odd
+    characters as SNI."""
     NO_CLIENT_IDENTITY = "no_client_identity"
+    """Ingress: no client certificate and no JWT-SVID."""
     UNTRUSTED_IDENTITY = "untrusted_identity"
+    """Ingress: the caller's SVID failed verification; ``detail`` starts with a stable sub-code:
+    ``svid_malformed``, ``svid_no_uri_san``, ``svid_multiple_uri_sans``, ``svid_invalid_spiffe_id``,
+    ``svid_leaf_is_ca``, ``svid_bad_key_usage``, ``svid_not_yet_valid``, ``svid_expired``,
+    ``svid_unknown_trust_domain``, ``svid_chain_invalid``, ``jwt_svid_malformed``,
+    ``jwt_svid_bad_header``, ``jwt_svid_bad_algorithm``, ``jwt_svid_invalid_subject``,
+    ``jwt_svid_unknown_trust_domain``, ``jwt_svid_unknown_key``, ``jwt_svid_bad_signature``,
+    ``jwt_svid_missing_claim``, ``jwt_svid_bad_audience``, ``jwt_svid_expired``."""
     CALLER_NOT_ALLOWED = "caller_not_allowed"
+    """Ingress: a verified caller that no rule names (for this method and path)."""
     NO_TASK = "no_task"
+    """No task is declared for this agent."""
     UNKNOWN_TASK = "unknown_task"
+    """``x-agent-task`` names no declared task."""
     TASK_NOT_FOR_AGENT = "task_not_for_agent"
+    """``x-agent-task`` names another agent's task."""
     TASK_AMBIGUOUS = "task_ambiguous"
+    """Several active tasks allow the call and none was named with ``x-agent-task``."""
     TASK_NOT_YET_VALID = "task_not_yet_valid"
+    """Before the task's ``not_before``."""
     TASK_EXPIRED = "task_expired"
+    """Past the task's ``expires_at`` or ``ttl`` (a grant's expiry included)."""
     TASK_REVOKED = "task_revoked"
+    """The task is revoked: ``revoked: true``, its ``revoked`` file, or a revocation list naming it or
+    an ancestor."""
     HOST_NOT_ALLOWED = "host_not_allowed"
+    """No rule of the task names this host."""
     PORT_NOT_ALLOWED = "port_not_allowed"
+    """The host is allowed, on another port."""
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    """Host and port are allowed, not this method."""
     PATH_NOT_ALLOWED = "path_not_allowed"
+    """Host, port and method are allowed, not this path."""
     BUDGET_EXHAUSTED = "budget_exhausted"
+    """The rule's or the task's ``max_calls`` is spent."""
     INTERNAL_ERROR = "internal_error"
+    """An unexpected failure, including an allow whose decision record could not be written (with
+    ``decision_log.on_log_failure: deny``)."""
     DRY_RUN = "dry_run"
     """Dry-run mode let through a call the policy denies; ``would_reason`` says why."""
     TLS_NOT_ALLOWED = "tls_not_allowed"
+    """Transparent egress: a TLS connection to a host whose rules have no ``tls: passthrough`` (the
+    connection is closed); also a ``CONNECT`` tunnel's TLS to a name no task intercepts."""
     NO_SNI = "no_sni"
+    """Transparent egress: a TLS ClientHello without a server name (closed)."""
     TCP_NOT_ALLOWED = "tcp_not_allowed"
+    """Transparent egress: a connection that is neither HTTP nor TLS (closed)."""
     UNKNOWN_DESTINATION = "unknown_destination"
+    """Transparent egress: no usable original destination - the connection was not redirected to the
+    listener (closed)."""
     TLS_ORIGINATION_UNAVAILABLE = "tls_origination_unavailable"
+    """The rule says ``tls: originate`` but the request came through an Envoy route that sends plain
+    HTTP (a bootstrap rendered before the rule existed): re-render and restart Envoy."""
     MISDIRECTED_REQUEST = "misdirected_request"
-    """An intercepted TLS connection carried a request for another host or port than its SNI."""
+    """An intercepted TLS connection (``tls: intercept``) carried a request for another host or port than
+    the one its SNI named (RFC 9110 §7.4)."""
+    MCP_HEADER_MISMATCH = "mcp_header_mismatch"
+    """``Mcp-Method`` / ``Mcp-Name`` are malformed, missing where required, or disagree with the body."""
+    MCP_AMBIGUOUS_BODY = "mcp_ambiguous_body"
+    """A JSON-RPC body two readers could read differently (duplicate names, a batch, not UTF-8, a
+    byte order mark, a lone surrogate, too deep, or ``Content-Encoding``); ``detail`` starts with
+    the sub-code."""
+    MCP_INVALID_BODY = "mcp_invalid_body"
+    """A body that is not one JSON-RPC 2.0 message (invalid JSON, not JSON-RPC, not application/json)."""
+    MCP_BODY_TOO_LARGE = "mcp_body_too_large"
+    """The JSON-RPC body is over the cap (``envoy.rpc_body_cap``)."""
+    MCP_BODY_UNAVAILABLE = "mcp_body_unavailable"
+    """The rule needs the body (no ``Mcp-Method`` header, argument constraints, A2A) and the Envoy
+    route sends none: a host Envoy was not rendered to buffer (``envoy.rpc_hosts``)."""
+    TOOL_NOT_ALLOWED = "tool_not_allowed"
+    """An MCP ``tools/call`` of a tool no ``tools`` entry of the rule names."""
+    ARGUMENT_NOT_ALLOWED = "argument_not_allowed"
+    """An MCP ``tools/call`` of a listed tool whose ``arguments`` fail the entry's constraints
+    (``detail`` names the JSON pointer and operator, never the value)."""
+    RESOURCE_NOT_ALLOWED = "resource_not_allowed"
+    """An MCP ``resources/read`` of a URI no ``resources`` pattern of the rule names."""
+    PROMPT_NOT_ALLOWED = "prompt_not_allowed"
+    """An MCP ``prompts/get`` of a prompt the rule's ``prompts`` do not name."""
+    RPC_METHOD_NOT_ALLOWED = "rpc_method_not_allowed"
+    """A JSON-RPC method (MCP or A2A) the rule's ``rpc_methods`` do not name."""
 
 
-_STATUS = {Reason.BUDGET_EXHAUSTED: 429, Reason.BAD_REQUEST: 400, Reason.MISDIRECTED_REQUEST: 421}
+_STATUS = {
+    Reason.BUDGET_EXHAUSTED: 429,
+    Reason.BAD_REQUEST: 400,
+    Reason.MISDIRECTED_REQUEST: 421,
+    Reason.MCP_HEADER_MISMATCH: 400,
+    Reason.MCP_AMBIGUOUS_BODY: 400,
+    Reason.MCP_INVALID_BODY: 400,
+    Reason.MCP_BODY_TOO_LARGE: 413,
+}
 
 
 def deny_status(reason: Reason) -> int:
-    """HTTP status for a deny: 429 for an exhausted budget, 400 for a malformed request, 421
-    (RFC 9110 §15.5.20) for a request misdirected into an intercepted connection, else 403."""
+    """HTTP status for a deny: 429 for an exhausted budget, 400 for a malformed request or JSON-RPC
+    body, 413 for a body over the cap, 421 (RFC 9110 §15.5.20) for a request misdirected into an
+    intercepted connection, else 403."""
     return _STATUS.get(reason, 403)
+
+
+@dataclass(frozen=True, slots=True)
+class Interception:
+    """A request Envoy read by terminating the agent's TLS with a pod-CA certificate (``tls: intercept``).
+
+    Attributes:
+        host: the server name (SNI) the intercepting filter chain matched.
+        port: the port the agent connected to (the original destination port; 443 through ``CONNECT``).
+        upstream_verify: how the route's cluster verifies the upstream it re-originates TLS to
+            (``dns:<name> ca:<bundle>``), recorded as is.
+    """
+
+    host: str
+    port: int
+    upstream_verify: str = ""
+
+    @property
+    def target(self) -> str:
+        """``host:port``."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RpcRoute:
+    """A request Envoy sent from a route to an MCP or A2A host (``envoy.rpc_hosts``).
+
+    Attributes:
+        protocol: ``mcp`` or ``a2a``; a deny on such a route is a JSON-RPC error body.
+        body_cap: the route's body cap in bytes when it buffers the body (``with_request_body``;
+            Envoy buffers one byte more, so a longer body is seen as longer); ``0`` when it buffers
+            none (then an MCP call is judged on its ``Mcp-Method`` / ``Mcp-Name`` headers, if any).
+    """
+
+    protocol: str
+    body_cap: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +209,22 @@ class AuthzRequest:
         path: the ``:path`` value; Envoy includes the query string here.
         headers: lower-case header names to values (duplicates arrive comma-joined).
         request_id: Envoy's ``x-request-id``.
-        context: the listener's ``context_extensions``.
         peer_certificate: URL-encoded PEM of the client certificate (ingress mTLS), or ``""``.
         protocol: ``http``, or ``tls``/``tcp`` for a connection-level check (then ``method``,
             ``authority`` and ``path`` are empty).
         sni: the TLS ClientHello's server name (``tls``), ``""`` when absent.
         destination: the address the agent connected to, ``ip:port`` (``[v6]:port``); behind the
             transparent listener this is the original destination (``SO_ORIGINAL_DST``).
+        interception: set when the request came through an intercepting filter chain (the route's
+            ``intercept`` and ``upstream_verify`` context extensions); ``None`` otherwise.
+        upstream_tls: the route opens TLS to the upstream (context extension ``upstream_tls:
+            originate``); a ``tls: originate`` rule allows a call only through such a route.
+        via_connect: a connection check from inside a proxy ``CONNECT`` tunnel (gRPC metadata
+            ``x-agent-authz-via: connect``): there is no original destination.
+        rpc: set when the request came through an MCP/A2A route (the route's ``rpc_protocol`` and
+            ``rpc_body_cap`` context extensions); ``None`` otherwise.
+        body: the request body Envoy buffered (a route with a body cap, ``with_request_body``), or
+            ``None`` when the route sends none.
     """
 
     direction: Direction
@@ -126,11 +234,15 @@ class AuthzRequest:
     path: str
     headers: Mapping[str, str]
     request_id: str = ""
-    context: Mapping[str, str] = field(default_factory=dict)
     peer_certificate: str = ""
     protocol: Protocol = Protocol.HTTP
     sni: str = ""
     destination: str = ""
+    interception: Interception | None = None
+    upstream_tls: bool = False
+    via_connect: bool = False
+    rpc: RpcRoute | None = None
+    body: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +284,13 @@ class Decision:
         upstream_verify: with ``tls: intercept``, how Envoy verifies the upstream it re-originates
             to (``dns:<name> ca:<bundle>``); the outcome is in Envoy's access log
             (``upstream_tls_failure``), joined on ``decision_id``.
+        rpc_protocol: ``mcp`` or ``a2a`` when the request came through an MCP/A2A route (a deny is
+            then a JSON-RPC error body), else ``""``.
+        rpc: what the record says about the JSON-RPC message (``method``, ``tool`` / ``resource`` /
+            ``prompt``, ``decided_from``, ``arguments_digest``, allow-listed ``arguments``).
+        rpc_id: the JSON-RPC id of the request, for the error body.
+        list_filter: on an allowed MCP ``tools/list``, the tool name patterns the response is
+            filtered to (Envoy's ext_proc reads them from dynamic metadata); ``None`` otherwise.
     """
 
     allow: bool
@@ -201,3 +320,7 @@ class Decision:
     destination: str = ""
     tls: str = ""
     upstream_verify: str = ""
+    rpc_protocol: str = ""
+    rpc: Mapping[str, object] | None = None
+    rpc_id: str | int | None = None
+    list_filter: tuple[str, ...] | None = None

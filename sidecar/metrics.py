@@ -4,36 +4,13 @@ The request path touches only pre-resolved counter and histogram children (:meth
 Everything else is read from the runtime and the decision log when ``/metrics`` is scraped, so it
 costs nothing per request.
 
-Metrics (all prefixed ``agent_authz_``):
-
-========================================  =========  ==================================================
-name                                      type       labels / meaning
-========================================  =========  ==================================================
-``decisions_total``                       counter    ``direction``, ``decision``, ``reason``: answers
-                                                     given to Envoy (after any log-failure override)
-``decision_duration_seconds``             histogram  ``reason``: Check handling time, log write included
-``dry_run_would_deny_total``              counter    ``direction``, ``reason``: calls dry-run let through
-``tokens_minted_total``                   counter    tokens signed (request path and refreshes)
-``tokens_served_from_cache_total``        counter    tokens reused from the cache
-``task_budget_remaining``                 gauge      ``task``: calls left under a task's ``max_calls``;
-                                                     at most :data:`MAX_TASK_LABELS` tasks, fewest left
-                                                     first
-``task_budget_series_dropped``            gauge      tasks with a budget left out by that cap
-``config_reloads_total``                  counter    configurations swapped in
-``config_reload_failures_total``          counter    reloads rejected (the last good config stays)
-``decision_log_write_errors_total``       counter    ``sink`` (``file``/``stdout``): failed writes/syncs
-``decision_log_healthy``                  gauge      1 when the last write succeeded
-``decision_log_seq``                      gauge      ``seq`` of the last record written
-``decision_log_rotations_total``          counter    files rotated by this process
-``dry_run``                               gauge      1 when dry-run mode is on
-``svid_expiry_timestamp_seconds``         gauge      ``spiffe_id``, ``serial``: expiry of the agent's
-                                                     X.509-SVID (no sample without an identity source)
-========================================  =========  ==================================================
+Every metric is named, typed and described where it is created below (name, help string, labels):
+``docs/reference/metrics.md`` is generated from these calls by ``scripts/gen_docs.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -41,18 +18,22 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from sidecar.decision import Decision, Reason
+from sidecar.errors import ErrorCode
 
 if TYPE_CHECKING:
     from sidecar.audit.log import DecisionLog
-    from sidecar.runtime import Runtime
+    from sidecar.runtime.active import Runtime
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "MAX_TASK_LABELS", "Metrics"]
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "MAX_TASK_LABELS", "RELOAD_FAILURE_CODES", "Metrics", "WebhookMetrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MAX_TASK_LABELS = 50
 """At most this many ``task`` label values on ``agent_authz_task_budget_remaining`` (fewest calls left first)."""
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 """Seconds; Envoy's default ext_authz timeout is 250 ms."""
+RELOAD_FAILURE_CODES = (ErrorCode.CONFIG_INVALID, ErrorCode.KEY_INVALID)
+"""The codes a reload can fail with (:class:`~sidecar.errors.ConfigError` and its
+:class:`~sidecar.errors.KeyLoadError`); each has a sample from the start, zero until it happens."""
 
 
 class Metrics:
@@ -72,7 +53,7 @@ class Metrics:
         )
         self._latency = Histogram(
             "agent_authz_decision_duration_seconds",
-            "Time to handle one Check, decision log write included.",
+            "Time to handle one Check, decision log write (and fsync) included.",
             ["reason"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
@@ -119,12 +100,18 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         runtime, log = self._runtime, self._log
-        yield CounterMetricFamily("agent_authz_tokens_minted", "Tokens signed.", value=runtime.tokens.minted)
+        yield CounterMetricFamily(
+            "agent_authz_tokens_minted",
+            "Tokens signed (request path and background refreshes).",
+            value=runtime.tokens.minted,
+        )
         yield CounterMetricFamily(
             "agent_authz_tokens_served_from_cache", "Tokens reused from the cache.", value=runtime.tokens.hits
         )
         remaining = GaugeMetricFamily(
-            "agent_authz_task_budget_remaining", "Calls left under the task's max_calls.", labels=["task"]
+            "agent_authz_task_budget_remaining",
+            f"Calls left under the task's max_calls (at most {MAX_TASK_LABELS} tasks, fewest left first).",
+            labels=["task"],
         )
         budgets = [
             (task.max_calls - runtime.budgets.used((task.id, "")), task.id)
@@ -140,19 +127,28 @@ class _StateCollector(Collector):
             f"Tasks with a budget not exported (more than {MAX_TASK_LABELS}).",
             value=max(0, len(budgets) - MAX_TASK_LABELS),
         )
-        yield CounterMetricFamily("agent_authz_config_reloads", "Configurations swapped in.", value=runtime.reloads)
         yield CounterMetricFamily(
-            "agent_authz_config_reload_failures", "Reloads rejected.", value=runtime.reload_failures
+            "agent_authz_config_reloads", "Configurations swapped in (reloads applied).", value=runtime.reloads
         )
+        failures = CounterMetricFamily(
+            "agent_authz_config_reload_failures",
+            "Reloads rejected (the last good configuration stays), by error code.",
+            labels=["code"],
+        )
+        by_code = runtime.reload_failures_by_code
+        for code in sorted({*RELOAD_FAILURE_CODES, *by_code}):
+            failures.add_metric([code], by_code.get(code, 0))
+        yield failures
         errors = CounterMetricFamily(
-            "agent_authz_decision_log_write_errors", "Failed decision log writes.", labels=["sink"]
+            "agent_authz_decision_log_write_errors", "Failed decision log writes or fsyncs, by sink.", labels=["sink"]
         )
         for sink, count in log.write_errors.items():
             errors.add_metric([sink], count)
         yield errors
         expiry = GaugeMetricFamily(
             "agent_authz_svid_expiry_timestamp_seconds",
-            "Expiry of the agent's X.509-SVID, POSIX seconds (absent without an identity source).",
+            "Expiry of the agent's X.509-SVID, POSIX seconds (absent without an identity source); "
+            "the serial label changes on rotation.",
             labels=["spiffe_id", "serial"],
         )
         identity = runtime.snapshot.identity
@@ -163,8 +159,41 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "agent_authz_decision_log_healthy", "1 when the last log write succeeded.", value=int(log.healthy)
         )
-        yield GaugeMetricFamily("agent_authz_decision_log_seq", "seq of the last record written.", value=log.head.seq)
-        yield CounterMetricFamily("agent_authz_decision_log_rotations", "Files rotated.", value=log.rotations)
+        yield GaugeMetricFamily(
+            "agent_authz_decision_log_seq",
+            "seq of the last record written (the head for logs verify --expect).",
+            value=log.head.seq,
+        )
+        yield CounterMetricFamily(
+            "agent_authz_decision_log_rotations", "Decision log files rotated by this process.", value=log.rotations
+        )
         yield GaugeMetricFamily(
             "agent_authz_dry_run", "1 in dry-run mode.", value=int(runtime.snapshot.loaded.settings.dry_run)
         )
+
+
+class WebhookMetrics:
+    """The metrics of the admission webhook process (its own registry).
+
+    Args:
+        outcomes: every outcome label value (:class:`~sidecar.inject.podspec.AdmissionOutcome`), so
+            each has a sample from the start.
+    """
+
+    def __init__(self, outcomes: Iterable[str]) -> None:
+        self.registry = CollectorRegistry()
+        self._admissions = Counter(
+            "agent_authz_webhook_admissions",
+            "AdmissionReviews answered, by outcome (unanswerable: not a review, HTTP 400).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._children = {str(outcome): self._admissions.labels(str(outcome)) for outcome in outcomes}
+
+    def observe(self, outcome: str) -> None:
+        """Count one review with ``outcome``."""
+        self._children[outcome].inc()
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)

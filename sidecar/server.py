@@ -20,16 +20,18 @@ from sidecar.admin.app import make_admin_app
 from sidecar.admin.health import make_health_app
 from sidecar.audit.chain import load_hmac_key
 from sidecar.audit.log import DecisionLog
-from sidecar.config.loader import load_config
+from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.config.watch import watch_and_reload
+from sidecar.envoy_authz.ext_proc import ListFilterService
 from sidecar.envoy_authz.service import AuthorizationService
 from sidecar.errors import ConfigError
 from sidecar.identity.state import IdentityState
 from sidecar.identity.workload_api import WorkloadApiIdentity
-from sidecar.intercept.manager import InterceptManager
-from sidecar.intercept.sds import SecretStore
 from sidecar.metrics import Metrics
-from sidecar.runtime import Runtime
+from sidecar.runtime.active import Runtime
+from sidecar.runtime.tasks import TaskService
+from sidecar.tls_intercept.manager import InterceptManager
+from sidecar.tls_intercept.sds import SecretStore
 
 __all__ = ["open_decision_log", "run_server", "serve"]
 
@@ -57,10 +59,15 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         OSError: a listen address is unavailable.
     """
     loop = asyncio.get_running_loop()
-    workload = await _start_workload_identity(config_path, loop)
+    # Parsed once: the Workload API connection, the runtime and the intercept manager all start from it.
+    loaded = await loop.run_in_executor(None, load_config, config_path)
+    workload = await _start_workload_identity(loaded, loop)
     try:
         runtime = Runtime(
-            config_path, defer=loop.call_soon, workload_identity=workload.state if workload is not None else None
+            config_path,
+            loaded=loaded,
+            defer=loop.call_soon,
+            workload_identity=workload.state if workload is not None else None,
         )
     except BaseException:
         if workload is not None:
@@ -73,7 +80,7 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
 
         workload.set_callback(identity_changed)
     try:
-        intercept = await _start_intercept(config_path, runtime)
+        intercept = await _start_intercept(loaded, runtime)
     except BaseException:
         if workload is not None:
             workload.close()
@@ -92,6 +99,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((service.handler(),))
+    # tools/list responses of MCP routes (Envoy's ext_proc filter): same server, same socket
+    server.add_generic_rpc_handlers((ListFilterService().handler(),))
     if intercept is not None:  # the pod-CA leaves, for Envoy's intercepting filter chains (gRPC SDS)
         intercept.secrets.bind(loop)
         server.add_generic_rpc_handlers((intercept.secrets.handler(),))
@@ -109,7 +118,7 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         authz_bound = f"{host}:{bound}"
     await server.start()
 
-    admin_app = make_admin_app(runtime, decision_log, metrics, intercept=intercept)
+    admin_app = make_admin_app(runtime, decision_log, metrics, intercept=intercept, tasks=TaskService(runtime))
     runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
     await runner.setup()
     admin = settings.listen.admin
@@ -141,7 +150,7 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         return changed
 
     watcher = asyncio.create_task(
-        watch_and_reload(lambda: runtime.snapshot.watched, reload, stop, ignore=own_files),
+        watch_and_reload(lambda: runtime.watched, reload, stop, ignore=own_files),
         name="config-watch",
     )
     intercepting = (
@@ -241,25 +250,28 @@ def _own_files(runtime: Runtime, decision_log: DecisionLog) -> Callable[[Path], 
     return own
 
 
-async def _start_intercept(config_path: Path, runtime: Runtime) -> InterceptManager | None:
+async def _start_intercept(loaded: LoadedConfig, runtime: Runtime) -> InterceptManager | None:
     """With an ``intercept`` section: the pod CA, its published certificate and Envoy's first
     intercept files, all before the sidecar reports ready (Envoy's bootstrap names those files).
+
+    Args:
+        loaded: the configuration as parsed at start, with its tasks (the bootstrap was rendered from
+            the file with them; the runtime's snapshot keeps a copy without them).
+        runtime: whose policy the intercepted targets follow.
 
     Raises:
         ConfigError: see :meth:`InterceptManager.prepare`, or the first sync failed.
     """
-    if runtime.snapshot.loaded.settings.intercept is None:
+    if loaded.settings.intercept is None:
         return None
     loop = asyncio.get_running_loop()
-    # The bootstrap was rendered from the file with its tasks; the runtime keeps a copy without them.
-    loaded = await loop.run_in_executor(None, load_config, config_path)
     manager = InterceptManager(loaded, SecretStore(), clock=runtime.clock)
     try:
         await loop.run_in_executor(None, manager.prepare)
         await manager.sync_now(runtime)
         if manager.last_error is not None:
             raise ConfigError(
-                str(config_path), "intercept", f"cannot write Envoy's intercept files: {manager.last_error}"
+                str(loaded.source), "intercept", f"cannot write Envoy's intercept files: {manager.last_error}"
             )
     except BaseException:
         manager.close()
@@ -267,9 +279,9 @@ async def _start_intercept(config_path: Path, runtime: Runtime) -> InterceptMana
     return manager
 
 
-async def _start_workload_identity(config_path: Path, loop: asyncio.AbstractEventLoop) -> WorkloadApiIdentity | None:
+async def _start_workload_identity(loaded: LoadedConfig, loop: asyncio.AbstractEventLoop) -> WorkloadApiIdentity | None:
     """Connect to the Workload API when the config asks for it (blocking work runs in a thread)."""
-    settings = load_config(config_path).settings
+    settings = loaded.settings
     spec = settings.identity
     if spec is None or spec.source != "workload_api":
         return None

@@ -22,9 +22,10 @@ from aiohttp import web
 from sidecar.admin.tasks_api import add_task_routes
 from sidecar.admin.viewer import add_viewer_routes
 from sidecar.audit.log import DecisionLog
-from sidecar.intercept.manager import InterceptManager
 from sidecar.metrics import CONTENT_TYPE, Metrics
-from sidecar.runtime import Runtime
+from sidecar.runtime.active import Runtime
+from sidecar.runtime.tasks import TaskService
+from sidecar.tls_intercept.manager import InterceptManager
 
 __all__ = ["make_admin_app", "readiness"]
 
@@ -112,9 +113,15 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 def make_admin_app(
-    runtime: Runtime, decision_log: DecisionLog, metrics: Metrics, *, intercept: InterceptManager | None = None
+    runtime: Runtime,
+    decision_log: DecisionLog,
+    metrics: Metrics,
+    *,
+    intercept: InterceptManager | None = None,
+    tasks: TaskService | None = None,
 ) -> web.Application:
-    """Build the admin application bound to ``runtime``, ``decision_log``, ``metrics`` (and ``intercept``)."""
+    """Build the admin application bound to ``runtime``, ``decision_log``, ``metrics`` (and ``intercept``);
+    the task API is served by ``tasks`` (a :class:`TaskService` of ``runtime`` by default)."""
     app = web.Application()
     app[RUNTIME] = runtime
     app[DECISION_LOG] = decision_log
@@ -125,6 +132,7 @@ def make_admin_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
-    add_viewer_routes(app, runtime, decision_log)
-    add_task_routes(app, runtime)
+    service = tasks if tasks is not None else TaskService(runtime)
+    add_viewer_routes(app, service, decision_log)
+    add_task_routes(app, service)
     return app

@@ -31,7 +31,7 @@ from typing import Any
 
 from sidecar.grants.model import Grant
 from sidecar.grants.revocations import revoked_by
-from sidecar.runtime import Runtime
+from sidecar.runtime.tasks import TaskService
 
 __all__ = ["MAX_NODES", "MAX_TREES", "delegation_trees"]
 
@@ -81,11 +81,12 @@ def _parent_of(task_id: str, txn: str) -> str | None:
     return task_id.rsplit("/", 1)[0]
 
 
-def delegation_trees(runtime: Runtime, records: Iterable[dict[str, Any]]) -> dict[str, Any]:
+def delegation_trees(tasks: TaskService, records: Iterable[dict[str, Any]]) -> dict[str, Any]:
     """The delegation trees this sidecar can see.
 
     Args:
-        runtime: this sidecar's tasks, budget ledger, issued sub-grants and revocation lists.
+        tasks: this sidecar's task service: its runtime (tasks, budget ledger, revocation lists) and
+            the sub-grants it issued.
         records: decision records, any order (only ``event: decision`` egress records count).
 
     Returns:
@@ -95,6 +96,7 @@ def delegation_trees(runtime: Runtime, records: Iterable[dict[str, Any]]) -> dic
         "denied"}, "not_before", "expires_at", "sources"}``. ``used`` is ``None`` where nothing here
         knows it; times are POSIX seconds.
     """
+    runtime = tasks.runtime
     snapshot = runtime.snapshot
     now = runtime.clock()
     lists = snapshot.grants.revocations
@@ -131,8 +133,8 @@ def delegation_trees(runtime: Runtime, records: Iterable[dict[str, Any]]) -> dic
         item.ledger_used = runtime.budgets.used((task.id, ""))
         item.state = "revoked" if task.revoked else _time_state(now, task.not_before, task.expires_at)
 
-    revoked_here = runtime.revoked_here()
-    for issued in runtime.delegations():
+    revoked_here = tasks.revoked_here()
+    for issued in tasks.delegations():
         child = issued.spec
         item = node(child.id, issued.txn, issued.parent)
         item.learn("delegated_here")

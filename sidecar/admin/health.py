@@ -21,8 +21,8 @@ from aiohttp import web
 
 from sidecar.admin.app import DECISION_LOG, INTERCEPT, RUNTIME, readiness
 from sidecar.audit.log import DecisionLog
-from sidecar.intercept.manager import InterceptManager
-from sidecar.runtime import Runtime
+from sidecar.runtime.active import Runtime
+from sidecar.tls_intercept.manager import InterceptManager
 
 __all__ = ["make_health_app"]
 

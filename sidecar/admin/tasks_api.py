@@ -26,13 +26,13 @@ from pydantic import ValidationError
 
 from sidecar.config.loader import format_loc
 from sidecar.grants.issue import DelegationRequest
-from sidecar.grants.model import GrantError
-from sidecar.runtime import Runtime
+from sidecar.grants.model import GrantCode, GrantError
+from sidecar.runtime.tasks import TaskService
 
 __all__ = ["add_task_routes"]
 
 _log = structlog.get_logger("agent_authz.tasks_api")
-_STATUS = {"grant_unknown_task": 404, "grant_duplicate": 409, "grant_not_delegable": 409}
+_STATUS = {GrantCode.UNKNOWN_TASK: 404, GrantCode.DUPLICATE: 409, GrantCode.NOT_DELEGABLE: 409}
 
 
 def _error(code: str, detail: str, status: int = 400) -> web.Response:
@@ -60,11 +60,11 @@ async def _local_only(request: web.Request, handler: Any) -> web.StreamResponse:
     return response
 
 
-RUNTIME: web.AppKey[Runtime] = web.AppKey("task_runtime", Runtime)
+TASKS: web.AppKey[TaskService] = web.AppKey("tasks", TaskService)
 
 
-def _runtime(request: web.Request) -> Runtime:
-    return request.app[RUNTIME]
+def _tasks(request: web.Request) -> TaskService:
+    return request.app[TASKS]
 
 
 def _grant_error(exc: GrantError) -> web.Response:
@@ -72,12 +72,13 @@ def _grant_error(exc: GrantError) -> web.Response:
 
 
 async def _list(request: web.Request) -> web.Response:
-    runtime = _runtime(request)
+    service = _tasks(request)
+    runtime = service.runtime
     snapshot = runtime.snapshot
     now = runtime.clock()
-    revoked_here = runtime.revoked_here()
+    revoked_here = service.revoked_here()
     children: dict[str, list[dict[str, Any]]] = {}
-    for issued in runtime.delegations():
+    for issued in service.delegations():
         child = issued.spec
         children.setdefault(issued.parent, []).append(
             {
@@ -140,7 +141,7 @@ async def _accept(request: web.Request) -> web.Response:
         except (ValueError, KeyError, TypeError):
             return _error("bad_request", 'expected a compact JWS or {"grant": "<jws>"}')
     try:
-        grant = _runtime(request).add_grant(token)
+        grant = _tasks(request).accept(token)
     except GrantError as exc:
         return _grant_error(exc)
     return web.json_response({"id": grant.id, "expires_at": int(grant.expires_at)}, status=201)
@@ -156,7 +157,7 @@ async def _delegate(request: web.Request) -> web.Response:
             return _error("bad_request", f"{format_loc(first['loc'])}: {first['msg']}")
         return _error("bad_request", "the body must be JSON")
     try:
-        token, child = _runtime(request).delegate(request.match_info["task_id"], delegation)
+        token, child = _tasks(request).delegate(request.match_info["task_id"], delegation)
     except GrantError as exc:
         return _grant_error(exc)
     assert child.expires_at is not None
@@ -168,22 +169,22 @@ async def _delegate(request: web.Request) -> web.Response:
 
 async def _revoke(request: web.Request) -> web.Response:
     try:
-        token = _runtime(request).revoke(request.match_info["task_id"])
+        token = _tasks(request).revoke(request.match_info["task_id"])
     except GrantError as exc:
         return _grant_error(exc)
     return web.json_response({"revoked": request.match_info["task_id"], "revocations": token})
 
 
 async def _revocations(request: web.Request) -> web.Response:
-    token = _runtime(request).revocation_list()
+    token = _tasks(request).revocation_list()
     if token is None:
         return _error("not_found", "this sidecar has revoked nothing", 404)
     return web.Response(text=token, content_type="application/jwt")
 
 
-def add_task_routes(app: web.Application, runtime: Runtime) -> None:
-    """Register the task API on ``app``."""
-    app[RUNTIME] = runtime
+def add_task_routes(app: web.Application, tasks: TaskService) -> None:
+    """Register the task API on ``app``, served by ``tasks``."""
+    app[TASKS] = tasks
     app.middlewares.append(_local_only)
     app.router.add_get("/v1/tasks", _list)
     app.router.add_post("/v1/tasks", _accept)

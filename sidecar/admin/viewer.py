@@ -4,8 +4,8 @@ Routes:
     ``GET /decisions`` - the page (plain HTML, JS and CSS shipped in the package; works offline).
     ``GET /decisions/static/{name}`` - its assets.
     ``GET /decisions/api/records`` - recent records, newest first. Query: ``task``, ``agent``, ``caller``,
-        ``decision``, ``reason``, ``since``/``until`` (RFC 3339, or a duration back from now such as
-        ``15m``), ``limit`` (default 200, at most 2000).
+        ``decision``, ``reason``, ``tool`` (an MCP tool, resource or prompt), ``since``/``until``
+        (RFC 3339, or a duration back from now such as ``15m``), ``limit`` (default 200, at most 2000).
     ``GET /decisions/api/records/{decision_id}`` - one record (404 when not among the recent ones).
     ``GET /decisions/api/stream`` - Server-Sent Events: each new record matching the same filters, as
         an ``event: decision`` with the record as JSON ``data``; an ``event: tasks`` (data ``{}``)
@@ -49,7 +49,7 @@ from sidecar.admin.delegation_tree import delegation_trees
 from sidecar.audit.log import DecisionLog
 from sidecar.audit.reader import RecordFilter, follow_lines, log_files, tail_records, time_bound
 from sidecar.decision import Reason
-from sidecar.runtime import Runtime
+from sidecar.runtime.tasks import TaskService
 
 __all__ = ["CHAIN_CHECK_INTERVAL", "RECENT", "TASKS_CHECK_INTERVAL", "DecisionFeed", "add_viewer_routes"]
 
@@ -316,19 +316,19 @@ class _TasksWatch:
     crossing its ``not_before`` or ``expires_at``.
     """
 
-    def __init__(self, runtime: Runtime, feed: DecisionFeed) -> None:
-        self._runtime = runtime
+    def __init__(self, tasks: TaskService, feed: DecisionFeed) -> None:
+        self._tasks = tasks
         self._feed = feed
         self._task: asyncio.Task[None] | None = None
 
     def _version(self) -> tuple[int, int, int, int]:
-        runtime = self._runtime
+        runtime = self._tasks.runtime
         now = runtime.clock()
         tasks = runtime.snapshot.policy.tasks_by_id.values()
-        delegations = runtime.delegations()
+        delegations = self._tasks.delegations()
         outside = sum(1 for t in tasks if not t.not_before <= now < t.expires_at)
         outside += sum(1 for d in delegations if d.spec.expires_at is not None and now >= d.spec.expires_at.timestamp())
-        return id(runtime.snapshot), len(delegations), len(runtime.revoked_here()), outside
+        return id(runtime.snapshot), len(delegations), len(self._tasks.revoked_here()), outside
 
     async def _run(self) -> None:
         version = self._version()
@@ -354,7 +354,7 @@ class _TasksWatch:
 @dataclass
 class _ViewerState:
     feed: DecisionFeed
-    runtime: Runtime
+    tasks: TaskService
     chain: _ChainChecker
     own_log: Path | None
     others: _OtherLogs
@@ -386,6 +386,7 @@ def _filter_from(query: Any) -> RecordFilter:
         reason=query.get("reason") or None,
         since=bound("since"),
         until=bound("until"),
+        tool=query.get("tool") or None,
     )
 
 
@@ -439,7 +440,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
 
 async def _summary(request: web.Request) -> web.Response:
     state = request.app[_VIEWER]
-    runtime = state.runtime
+    runtime = state.tasks.runtime
     tasks = runtime.snapshot.policy.tasks_by_id
     counts = state.feed.counts()
     out = []
@@ -478,7 +479,7 @@ async def _summary(request: web.Request) -> web.Response:
 
 async def _tree(request: web.Request) -> web.Response:
     state = request.app[_VIEWER]
-    body = delegation_trees(state.runtime, state.feed.records())
+    body = delegation_trees(state.tasks, state.feed.records())
     body["logs"] = {
         "own": None if state.own_log is None else str(state.own_log),
         "others": list(state.others.status.values()),
@@ -495,15 +496,16 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def add_viewer_routes(app: web.Application, runtime: Runtime, decision_log: DecisionLog) -> DecisionFeed:
-    """Add the viewer to ``app`` and subscribe it to ``decision_log`` (and follow ``viewer.logs``).
+def add_viewer_routes(app: web.Application, tasks: TaskService, decision_log: DecisionLog) -> DecisionFeed:
+    """Add the viewer of ``tasks`` (its runtime and the sub-grants it issued) to ``app`` and subscribe it
+    to ``decision_log`` (and follow ``viewer.logs``).
 
     Loads the last :data:`RECENT` records from the log files first (this sidecar's and the others').
 
     Returns:
         The feed (the decision log's listener).
     """
-    loaded = runtime.snapshot.loaded
+    loaded = tasks.runtime.snapshot.loaded
     path = decision_log.path
     initial: list[dict[str, Any]] = []
     if path is not None:
@@ -520,8 +522,8 @@ def add_viewer_routes(app: web.Application, runtime: Runtime, decision_log: Deci
     decision_log.listeners.append(feed.publish)
     spec = loaded.settings.decision_log
     key_file = loaded.resolve(spec.hmac_key_file) if spec.hmac_key_file is not None else None
-    app[_VIEWER] = _ViewerState(feed, runtime, _ChainChecker(decision_log, key_file), path, others)
-    watch = _TasksWatch(runtime, feed)
+    app[_VIEWER] = _ViewerState(feed, tasks, _ChainChecker(decision_log, key_file), path, others)
+    watch = _TasksWatch(tasks, feed)
 
     async def start(_: web.Application) -> None:
         others.start(feed.publish, asyncio.get_running_loop())

@@ -1,5 +1,5 @@
 """Decision records."""
 
-from sidecar.audit.log import DecisionLog, decision_record
+from sidecar.audit.log import RECORD_FIELDS, DecisionLog, RecordField, decision_record
 
-__all__ = ["DecisionLog", "decision_record"]
+__all__ = ["RECORD_FIELDS", "DecisionLog", "RecordField", "decision_record"]

@@ -4,16 +4,9 @@ A record never holds a token or an API key: it is built from the :class:`~sideca
 fields that describe the call, never from ``headers_to_set``. Values are JSON-escaped, so a CR/LF in a
 path or header stays inside its line.
 
-Record fields: ``time`` (RFC 3339, UTC, ms), ``decision_id``, ``request_id``, ``direction``, ``agent``,
-``caller`` (ingress: the verified caller), ``task_id``, ``txn`` (root task id), ``act`` (actors, current
-first), ``on_behalf_of``, ``method``, ``host``, ``port``, ``path`` (no query), ``rule``,
-``decision`` (``allow``/``deny``), ``reason``, ``status``, ``detail``, ``token``
-(``{"jti", "aud", "exp", "cached"}`` or null), ``latency_us``, in dry-run mode ``dry_run`` (true),
-``would_decision`` and ``would_reason``, then ``event`` (``"decision"``) and the chain fields ``seq``,
-``prev_hash``, ``hash`` (:mod:`sidecar.audit.chain`). Connection checks and requests that came
-through the transparent listener also carry ``protocol`` (``http``, or ``tls``/``tcp``), ``sni`` and
-``destination`` (the ``ip:port`` the agent connected to). Requests read by intercepting the
-agent's TLS add ``tls`` (``"intercept"``) and ``upstream_verify`` (how Envoy verifies the upstream).
+Record fields are listed, with their meaning, in :data:`RECORD_FIELDS` next to the builder
+(:func:`decision_record`); ``docs/reference/records.md`` is generated from it by ``scripts/gen_docs.py``,
+and a test checks that the builder and the chain write exactly these fields.
 
 Durability (``decision_log.fsync``): each record is written with one ``write(2)`` to an ``O_APPEND``
 file *before* Envoy gets the answer, so an answered decision survives a crash or SIGTERM of the
@@ -34,7 +27,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import orjson
 import structlog
@@ -44,9 +37,93 @@ from sidecar.audit.reader import last_chained, log_files, parse_time, rotated_na
 from sidecar.decision import Decision, Reason
 from sidecar.errors import DecisionLogError
 
-__all__ = ["DecisionLog", "decision_record"]
+__all__ = ["RECORD_FIELDS", "DecisionLog", "RecordField", "decision_record"]
 
 _log = structlog.get_logger("agent_authz.audit")
+
+
+class RecordField(NamedTuple):
+    """One field of a decision record: its JSON name, JSON type and meaning."""
+
+    name: str
+    type: str
+    meaning: str
+
+
+RECORD_FIELDS: tuple[RecordField, ...] = (
+    RecordField("time", "string", "When the decision was made: RFC 3339, UTC, milliseconds."),
+    RecordField(
+        "decision_id", "string", "Unique id; also in ``x-agent-authz-decision-id`` and Envoy's dynamic metadata."
+    ),
+    RecordField("request_id", "string", "Envoy's ``x-request-id``."),
+    RecordField("direction", "string", "``egress`` (the agent calls out) or ``ingress`` (someone calls the agent)."),
+    RecordField(
+        "agent", "string or null", "This sidecar's agent (SPIFFE ID): the caller on egress, the callee on ingress."
+    ),
+    RecordField("caller", "string or null", "Ingress: the verified caller's SPIFFE ID."),
+    RecordField("task_id", "string or null", "The task the call was judged against."),
+    RecordField(
+        "txn", "string or null", "The root task's id (a delegation chain's transaction id; the token's ``txn``)."
+    ),
+    RecordField(
+        "act", "array of strings", "Egress: the actors' SPIFFE IDs, current first (the token's nested ``act``)."
+    ),
+    RecordField("on_behalf_of", "string or null", "The user or principal the task serves (the token's ``sub``)."),
+    RecordField("method", "string", "HTTP method; empty for a connection check."),
+    RecordField("host", "string", "The normalized host the call was judged on and routed to."),
+    RecordField("port", "integer", "The port the call was judged on."),
+    RecordField("path", "string", "The normalized path, never the query string."),
+    RecordField("rule", "string or null", "Name of the rule that decided (allowed, or charged the budget)."),
+    RecordField("decision", "string", "``allow`` or ``deny``: the answer given to Envoy."),
+    RecordField("reason", "string", "The reason code (``docs/reference/reasons.md``)."),
+    RecordField("status", "integer", "The HTTP status: 200 on allow, the reason's status on deny."),
+    RecordField("detail", "string", "A short human explanation (never secret material)."),
+    RecordField("token", "object or null", "The injected token: ``{jti, aud, exp, cached}`` - never the token itself."),
+    RecordField("latency_us", "integer", "Time to decide, microseconds."),
+    RecordField(
+        "protocol", "string", "``http``, or ``tls``/``tcp`` for a connection the transparent listener asked about."
+    ),
+    RecordField("sni", "string", "The TLS server name, when there was one."),
+    RecordField(
+        "destination",
+        "string",
+        "The ``ip:port`` the agent connected to (behind the transparent listener, the original destination).",
+    ),
+    RecordField(
+        "mcp",
+        "object",
+        "Only on an MCP route: ``{method, tool | resource | prompt, decided_from (headers or body), "
+        "arguments_digest (sha256: of the canonical JSON arguments), arguments (only the rule's ``record`` "
+        "pointers)}``; ``response: true`` for the client's answer to a server request. Never other argument values.",
+    ),
+    RecordField(
+        "a2a", "object", "Only on an A2A route: ``{method, decided_from}`` (the JSON-RPC method, e.g. ``SendMessage``)."
+    ),
+    RecordField(
+        "tls",
+        "string",
+        "Only on a request read by intercepting the agent's TLS: ``intercept`` (``sni`` is the intercepted name).",
+    ),
+    RecordField(
+        "upstream_verify",
+        "string",
+        "Only with ``tls``: how Envoy verifies the upstream it re-originates to, ``dns:<host> ca:<bundle>``; the "
+        "outcome is Envoy's access-log field ``upstream_tls_failure`` for the same ``decision_id``.",
+    ),
+    RecordField("dry_run", "boolean", "Only in dry-run mode: ``true``."),
+    RecordField("would_decision", "string", "Only in dry-run mode: what the policy decided (``allow`` or ``deny``)."),
+    RecordField("would_reason", "string", "Only in dry-run mode: the policy's reason code."),
+    RecordField("event", "string", "Always ``decision`` (operational events go to stderr)."),
+    RecordField("seq", "integer", "Position in the hash chain: 0, 1, 2, ... without gaps, across rotated files."),
+    RecordField("prev_hash", "string", "The ``hash`` of the record before (64 zeros for ``seq`` 0)."),
+    RecordField(
+        "hash",
+        "string",
+        "Lower-case hex SHA-256 (or HMAC-SHA256 with ``decision_log.hmac_key_file``) of the canonical record.",
+    ),
+)
+"""Every field a decision record can carry, in the order written (see :func:`decision_record` and
+:func:`sidecar.audit.chain.link`, which adds ``seq``, ``prev_hash`` and ``hash``)."""
 
 
 def decision_record(decision: Decision, *, request_id: str, latency_us: int, now: float) -> dict[str, Any]:
@@ -80,6 +157,8 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
         "sni": decision.sni,
         "destination": decision.destination,
     }
+    if decision.rpc is not None:
+        record[decision.rpc_protocol or "mcp"] = dict(decision.rpc)
     if decision.tls:
         record["tls"] = decision.tls
         record["upstream_verify"] = decision.upstream_verify

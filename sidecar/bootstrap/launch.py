@@ -11,11 +11,11 @@ import os
 import time
 from pathlib import Path
 
+from sidecar.bootstrap.names import XdsPaths
 from sidecar.bootstrap.render import write_envoy
 from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.envoy_bin import find_envoy
 from sidecar.errors import ConfigError
-from sidecar.intercept.files import XdsPaths
 
 __all__ = ["envoy_argv", "exec_envoy", "wait_for_intercept_files"]
 

@@ -8,6 +8,7 @@ Errors name the file, the field and the reason::
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,34 @@ from pydantic import ValidationError
 from sidecar.config.schema import UNION_TAGS, SidecarConfig
 from sidecar.errors import ConfigError, KeyLoadError
 
-__all__ = ["MAX_CONFIG_BYTES", "LoadedConfig", "format_loc", "load_config", "read_secret_file"]
+__all__ = [
+    "MAX_CONFIG_BYTES",
+    "Fetch",
+    "LoadedConfig",
+    "format_loc",
+    "load_config",
+    "parse_config",
+    "read_config_bytes",
+    "read_limited",
+    "read_secret_file",
+]
 
 MAX_CONFIG_BYTES = 64 * 1024 * 1024
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 """libyaml's safe loader parses a 10,000-rule config ~25x faster than the pure-Python one."""
+
+Fetch = Callable[[Path, int], bytes]
+"""Reads at most ``limit + 1`` bytes of a file (so "too large" can be told apart); raises ``OSError``."""
+
+
+def read_limited(path: Path, limit: int) -> bytes:
+    """The first ``limit + 1`` bytes of ``path`` (the default :data:`Fetch`).
+
+    Raises:
+        OSError: the file cannot be opened or read.
+    """
+    with path.open("rb") as handle:
+        return handle.read(limit + 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +116,31 @@ def _parse(source: Path, raw: bytes) -> SidecarConfig:
         raise ConfigError(name, format_loc(first["loc"]), reason + more) from None
 
 
+def read_config_bytes(path: Path, *, fetch: Fetch = read_limited) -> bytes:
+    """Read a config file's bytes (at most 64 MiB).
+
+    Raises:
+        ConfigError: unreadable or too large.
+    """
+    try:
+        raw = fetch(path, MAX_CONFIG_BYTES)
+    except OSError as exc:
+        raise ConfigError(str(path), "", f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(str(path), "", f"larger than {MAX_CONFIG_BYTES} bytes")
+    return raw
+
+
+def parse_config(source: Path, raw: bytes) -> LoadedConfig:
+    """Parse and validate the bytes of a config file read from ``source``.
+
+    Raises:
+        ConfigError: not YAML, or invalid against the schema.
+    """
+    settings = _parse(source, raw)
+    return LoadedConfig(settings, source, source.absolute().parent, hashlib.sha256(raw).hexdigest())
+
+
 def load_config(path: str | Path) -> LoadedConfig:
     """Read, parse and validate a config file.
 
@@ -105,18 +154,12 @@ def load_config(path: str | Path) -> LoadedConfig:
         ConfigError: unreadable, too large (over 64 MiB), not YAML, or invalid against the schema.
     """
     source = Path(path)
-    try:
-        with source.open("rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(str(source), "", f"cannot read: {exc.strerror or exc}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(str(source), "", f"larger than {MAX_CONFIG_BYTES} bytes")
-    settings = _parse(source, raw)
-    return LoadedConfig(settings, source, source.absolute().parent, hashlib.sha256(raw).hexdigest())
+    return parse_config(source, read_config_bytes(source))
 
 
-def read_secret_file(path: Path, *, file: str, field: str, limit: int = 64 * 1024) -> bytes:
+def read_secret_file(
+    path: Path, *, file: str, field: str, limit: int = 64 * 1024, fetch: Fetch = read_limited
+) -> bytes:
     """Read a key or credential file.
 
     Args:
@@ -124,13 +167,13 @@ def read_secret_file(path: Path, *, file: str, field: str, limit: int = 64 * 102
         file: the config file that named it (for the error message).
         field: the config field that named it.
         limit: maximum size in bytes.
+        fetch: how to read it (a snapshot build records what it read).
 
     Raises:
         KeyLoadError: missing, unreadable, empty or too large.
     """
     try:
-        with path.open("rb") as handle:
-            data = handle.read(limit + 1)
+        data = fetch(path, limit)
     except OSError as exc:
         raise KeyLoadError(file, field, f"cannot read {path}: {exc.strerror or exc}") from None
     if not data.strip():

@@ -1,7 +1,8 @@
 """The schema of ``sidecar.yaml``, as pydantic models.
 
 Every model is frozen and forbids unknown keys, so a typo is an error, not a silently ignored
-setting. See the README's "Configuration reference" for the prose version of this file.
+setting. Each field's docstring is its description (``use_attribute_docstrings``): the reference
+page ``docs/reference/config.md`` is generated from these models by ``scripts/gen_docs.py``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from sidecar.agentproto.spec import AgentProtocolSpec
 from sidecar.config.durations import parse_duration
 from sidecar.errors import BadRequestError, SpiffeIdError
 from sidecar.http_norm import normalize_path
@@ -72,7 +74,7 @@ _FORBIDDEN_CREDENTIAL_HEADERS = frozenset(
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", str_strip_whitespace=False, use_attribute_docstrings=True)
 
 
 def _spiffe_id(value: str) -> str:
@@ -90,13 +92,17 @@ SpiffeIdStr = Annotated[str, BeforeValidator(_spiffe_id)]
 class CredentialSpec(_Model):
     """A static API key the sidecar injects so the agent never holds it.
 
-    ``file`` is read at load and on every reload; its content (stripped of surrounding whitespace)
-    prefixed with ``prefix`` is set in ``header``, overwriting any agent-supplied value.
+    ``file`` is read at load and on every reload; its content prefixed with ``prefix`` is set in
+    ``header``, overwriting any agent-supplied value.
     """
 
     header: str
+    """HTTP header the key is set in (lower-cased; not ``host``, ``connection``, ``content-length``,
+    ``transfer-encoding``, ``te``, ``upgrade``, ``x-agent-task`` nor ``x-agent-authz-*``)."""
     file: Path
+    """File holding the key: one line of printable ASCII (surrounding whitespace is dropped)."""
     prefix: str = ""
+    """Text put before the key, e.g. ``Bearer `` or ``Token ``."""
 
     @field_validator("header")
     @classmethod
@@ -123,14 +129,16 @@ UNION_TAGS = frozenset({"inline", "by_name"})
 class _HttpMatchSpec(_Model):
     """Methods and paths a rule matches.
 
-    ``paths`` syntax: ``/exact/path`` matches only that path; ``/prefix/*`` matches every path
-    below ``/prefix/`` (not ``/prefix`` itself, nor ``/prefixes``); ``*`` matches any path. Paths are
-    compared after normalization (decoded once, dot segments removed, slashes merged); the query
-    string is never part of the match. ``methods`` are HTTP methods, or ``["*"]`` for any.
+    Paths are compared after normalization (decoded once, dot segments removed, slashes merged);
+    the query string is never part of the match.
     """
 
     methods: list[str] = Field(min_length=1)
+    """HTTP methods (upper-cased), or ``["*"]`` for any."""
     paths: list[str] = Field(min_length=1)
+    """Path patterns: ``/exact/path``; ``/prefix/*`` = every path below ``/prefix/`` (not ``/prefix``
+    itself, nor ``/prefixes``); ``*`` = any path. Patterns must be in canonical form (a pattern such
+    as ``/v1/../x`` is an error naming the canonical ``/x``); the query string never takes part."""
 
     @field_validator("methods")
     @classmethod
@@ -160,12 +168,20 @@ class _HttpMatchSpec(_Model):
         return value
 
 
-class EgressRuleSpec(_HttpMatchSpec):
-    """One outbound call pattern a task allows.
+_RPC_METHODS = {"mcp": ["POST", "GET", "DELETE"], "a2a": ["POST", "GET"]}
+"""HTTP methods of an MCP/A2A rule that names none: JSON-RPC over POST; GET for the 2025-11-25
+server stream and the A2A agent card; DELETE to end an MCP session."""
 
-    ``host`` is an exact DNS name or ``*.suffix``; ``methods`` and ``paths`` as in :class:`_HttpMatchSpec`.
 
-    ``tls`` (transparent interception):
+class EgressRuleSpec(_HttpMatchSpec, AgentProtocolSpec):
+    """One outbound call pattern a task allows: host, port, methods, paths, and what to inject.
+
+    ``protocol: mcp`` / ``protocol: a2a`` (:class:`~sidecar.agentproto.spec.AgentProtocolSpec`):
+    the rule also judges the JSON-RPC message in each POST body - ``tools``, ``resources``,
+    ``prompts``, ``rpc_methods``; ``methods`` then default to ``POST, GET, DELETE`` (MCP) or
+    ``POST, GET`` (A2A).
+
+    ``tls`` says what the agent sends and how Envoy reaches the upstream:
 
     * ``none`` (default): plain HTTP to ``host:port`` (port default 80).
     * ``passthrough``: a TLS connection the agent opens itself to ``host:port`` (port default 443),
@@ -180,8 +196,8 @@ class EgressRuleSpec(_HttpMatchSpec):
       its TLS with a certificate for ``host`` from the per-pod CA (``intercept`` section), judges
       every request inside (methods, paths, token, credential as for plain HTTP) and opens a new,
       verified TLS connection to ``host:upstream_port`` (default: ``port``). ``host`` must be an
-      exact DNS name - no ``*.`` wildcard and no IP address (:func:`intercept_host_problem`) - since
-      the pod CA certifies exactly that name (RFC 6125 §6.4.1 reference identifiers).
+      exact DNS name - no ``*.`` wildcard and no IP address - since the pod CA certifies exactly that
+      name (RFC 6125 §6.4.1 reference identifiers).
     """
 
     @model_validator(mode="before")
@@ -194,18 +210,43 @@ class EgressRuleSpec(_HttpMatchSpec):
             if given:
                 raise ValueError(f"'tls: passthrough' sees no HTTP request: remove {', '.join(given)}")
             data = {**data, "methods": ["*"], "paths": ["*"], "token": False}
+        if isinstance(data, dict) and data.get("protocol") in _RPC_METHODS and "methods" not in data:
+            data = {**data, "methods": _RPC_METHODS[data["protocol"]]}
         return data
 
     name: str | None = Field(default=None, max_length=128)
+    """Names the rule in decisions and records, and keys its budget across reloads."""
     host: str
+    """Exact DNS name, or ``*.suffix`` (any name ending in ``.suffix``, not ``suffix`` itself);
+    lower-cased, one trailing dot dropped."""
     port: int | None = Field(default=None, ge=1, le=65535)
+    """The port the agent connects to; default 80 (plain HTTP and ``originate``) or 443
+    (``passthrough``, ``intercept``)."""
     audience: str | None = None
+    """``aud`` of the token; default ``http://host`` (``http://host:port`` on a non-default port), with
+    the host the agent actually named; ``https://host[:upstream_port]`` with ``tls: originate`` and
+    ``https://host[:port]`` with ``tls: intercept``."""
     scope: str | None = None
+    """``scope`` of the token: space-separated scope tokens (RFC 6749 §3.3)."""
     max_calls: int | None = Field(default=None, ge=0)
+    """Budget of this rule (calls; connections with ``tls: passthrough``); over it: 429
+    ``budget_exhausted``. None: unlimited."""
     token: bool = True
+    """``true``: inject a task-scoped token in ``Authorization``; ``false``: none (e.g. a third-party
+    API)."""
     credential: CredentialRef | None = None
+    """An API key to inject: inline ``{header, file, prefix}`` (the file's content, prefixed with
+    ``prefix``, is set in ``header``, overwriting any agent value) or the name of an entry in
+    ``credentials``. Putting it in ``authorization`` needs ``token: false``."""
     tls: Literal["none", "passthrough", "originate", "intercept"] = "none"
+    """What the agent sends and how Envoy reaches the upstream (the modes above). A host and port is
+    either ``passthrough`` or ``intercept`` across all tasks, grants and task files (a conflict is a
+    config error, and a reload bringing one is refused)."""
     upstream_port: int | None = Field(default=None, ge=1, le=65535)
+    """With ``tls: originate``: the upstream's TLS port (default 443; the same for every ``originate``
+    rule of one host). With ``tls: intercept``: the port Envoy re-originates to (default: ``port``; the
+    same for every ``intercept`` rule of one host and port). The upstream address is
+    ``envoy.destinations[host]``'s address with this port, else DNS."""
 
     @field_validator("host")
     @classmethod
@@ -243,6 +284,8 @@ class EgressRuleSpec(_HttpMatchSpec):
             problem = intercept_host_problem(self.host)
             if problem is not None:
                 raise ValueError(f"'tls: intercept' needs an exact DNS name: {problem}")
+        if self.protocol != "http" and self.tls in ("passthrough", "intercept"):
+            raise ValueError(f"'protocol: {self.protocol}' is judged on plain HTTP or 'tls: originate' routes")
         return self
 
     @property
@@ -309,21 +352,32 @@ def tls_rule_conflicts(rules: Iterable[tuple[str, EgressRuleSpec]]) -> str | Non
 class TaskSpec(_Model):
     """A declared task: who works, for whom, why, until when, and which calls it may make.
 
-    Validity: ``not_before`` (default: at once) and exactly one of ``expires_at`` (an absolute
-    RFC 3339 time with offset) or ``ttl`` (a duration counted from ``not_before``, or, without it,
-    from the moment this sidecar first loaded the task; a reload does not extend it).
+    Validity starts at ``not_before`` (default: at once) and ends at ``expires_at`` or after ``ttl``
+    (exactly one of the two).
     """
 
     id: str
+    """1-256 characters of ``A-Za-z0-9._:/-``, starting with a letter or digit; unique (delegated
+    tasks are ``<parent id>/<name>``)."""
     agent: SpiffeIdStr
+    """SPIFFE ID of the agent the task belongs to."""
     on_behalf_of: str | None = Field(default=None, min_length=1, max_length=512)
+    """The user or principal served; becomes the token's ``sub`` (else the agent's SPIFFE ID)."""
     purpose: str = Field(min_length=1, max_length=1024)
+    """Free text: why the task exists."""
     not_before: AwareDatetime | None = None
+    """Start of validity (an RFC 3339 time with offset); before it: ``task_not_yet_valid``."""
     expires_at: AwareDatetime | None = None
+    """End of validity (an RFC 3339 time with offset); exactly one of ``expires_at`` and ``ttl``."""
     ttl: Seconds | None = None
+    """Lifetime counted from ``not_before`` or, without it, from the first time this sidecar loaded the
+    task (a reload never extends it); exactly one of ``expires_at`` and ``ttl``."""
     max_calls: int | None = Field(default=None, ge=0)
+    """Budget over all rules of the task; over it: 429 ``budget_exhausted``."""
     revoked: bool = False
+    """``true`` denies every call of the task from the next request on (``task_revoked``)."""
     egress: list[EgressRuleSpec] = Field(default_factory=list)
+    """The calls the task allows."""
 
     @field_validator("id")
     @classmethod
@@ -347,12 +401,17 @@ class TaskSpec(_Model):
 
 
 class WorkloadApiSpec(_Model):
-    """The SPIFFE Workload API (a SPIRE agent socket)."""
+    """The SPIFFE Workload API (a SPIRE agent socket): py-spiffe's ``X509Source``/``JwtSource`` stream
+    SVID and bundle updates, swapped in atomically; Envoy reads the SPIRE agent's SDS on the same socket."""
 
     socket: str = "unix:///run/spire/sockets/agent.sock"
+    """The Workload API socket (``unix:///absolute/path``); Envoy reads SPIRE's SDS on the same socket."""
     timeout: Seconds = 10.0
+    """How long to wait for the first SVID at start."""
     svid_secret: str = "default"  # noqa: S105 - SPIRE's SDS resource names
+    """SPIRE SDS resource name of the agent's SVID, rendered for Envoy."""
     bundle_secret: str = "ALL"  # noqa: S105
+    """SPIRE SDS resource name of the trust bundles, rendered for Envoy."""
 
     @field_validator("socket")
     @classmethod
@@ -363,16 +422,18 @@ class WorkloadApiSpec(_Model):
 
 
 class IdentityFilesSpec(_Model):
-    """An X.509-SVID and trust bundles from PEM files (watched; rotation needs no restart).
-
-    ``bundles`` maps each trust domain to a PEM file of its X.509 authorities (federation: one entry
-    per trust domain); ``jwt_bundles`` maps trust domains to JWKS files of JWT-SVID signers.
-    """
+    """An X.509-SVID and trust bundles from PEM files, watched like the config (a rotated file is
+    picked up without restart). Envoy gets them through file-based SDS that ``envoy-config`` writes
+    beside the bootstrap (or into ``envoy.sds_dir``)."""
 
     svid: Path
+    """PEM chain of the agent's X.509-SVID, leaf first."""
     key: Path
+    """PEM private key of the SVID."""
     bundles: dict[str, Path] = Field(min_length=1)
+    """Trust domain → PEM file of its X.509 authorities (one entry per federated trust domain)."""
     jwt_bundles: dict[str, Path] = Field(default_factory=dict)
+    """Trust domain → JWKS file of its JWT-SVID signers."""
 
     @field_validator("bundles", "jwt_bundles")
     @classmethod
@@ -386,11 +447,19 @@ class IdentityFilesSpec(_Model):
 
 
 class IdentitySpec(_Model):
-    """Where this agent's identity and the trust bundles come from."""
+    """Where this agent's identity and the trust bundles come from.
+
+    Trust bundles are kept per trust domain (federation): a peer is always verified against the
+    bundle of the trust domain named in its SPIFFE ID, never a pooled store.
+    """
 
     source: Literal["workload_api", "files"]
+    """``workload_api``: the SPIFFE Workload API (SPIRE), updates streamed and swapped atomically;
+    ``files``: PEM files, watched like the config."""
     workload_api: WorkloadApiSpec = WorkloadApiSpec()
+    """The Workload API, with ``source: workload_api``."""
     files: IdentityFilesSpec | None = None
+    """The PEM files, required with ``source: files``."""
 
     @model_validator(mode="after")
     def _files_present(self) -> IdentitySpec:
@@ -407,8 +476,11 @@ class CallerSpec(_Model):
     """
 
     id: SpiffeIdStr | None = None
+    """An exact SPIFFE ID (exactly one of ``id`` and ``trust_domain``)."""
     trust_domain: str | None = None
+    """Any workload of this trust domain (exactly one of ``id`` and ``trust_domain``)."""
     path_prefix: str | None = None
+    """With ``trust_domain``: only IDs whose path is this or below it (segment-aware)."""
 
     @model_validator(mode="after")
     def _one_form(self) -> CallerSpec:
@@ -431,20 +503,25 @@ class IngressRuleSpec(_HttpMatchSpec):
     """Which callers may call which methods and paths on the agent."""
 
     name: str | None = Field(default=None, max_length=128)
+    """Names the rule in decisions and records."""
     callers: list[CallerSpec] = Field(min_length=1)
+    """Who the rule admits."""
 
 
 class IngressSpec(_Model):
     """Inbound policy: default deny; each rule names callers, methods and paths.
 
-    ``jwt_svid``: accept ``Authorization: Bearer <JWT-SVID>`` as the caller's identity (verified
-    against the JWT bundle of its trust domain, ``aud`` one of ``audiences``, default: this agent's
-    SPIFFE ID). Without a JWT-SVID the caller is the mTLS peer's X.509-SVID.
+    The caller is the mTLS peer's X.509-SVID, or a JWT-SVID it presents (verified against the JWT
+    bundle of its trust domain, ``aud`` one of ``audiences``). An allowed request reaches the agent
+    with ``x-agent-authz-caller: <SPIFFE ID>``.
     """
 
     jwt_svid: bool = True
+    """Accept a JWT-SVID in ``Authorization: Bearer …`` as the caller's identity."""
     audiences: list[str] = Field(default_factory=list)
+    """Accepted JWT-SVID ``aud`` values; empty: the agent's SPIFFE ID."""
     rules: list[IngressRuleSpec] = Field(default_factory=list)
+    """Who may call which methods and paths on the agent (default deny)."""
 
 
 class RootIssuerSpec(_Model):
@@ -452,7 +529,10 @@ class RootIssuerSpec(_Model):
     (``spiffe_id``) signing with its X.509-SVID (``x5c``, verified against its trust domain's bundle)."""
 
     jwks: Path | None = None
+    """A JWKS file of root issuer keys (``agent-authz task keygen``); exactly one of ``jwks`` and
+    ``spiffe_id``."""
     spiffe_id: SpiffeIdStr | None = None
+    """A workload allowed to sign root grants with its X.509-SVID."""
 
     @model_validator(mode="after")
     def _one_form(self) -> RootIssuerSpec:
@@ -464,44 +544,53 @@ class RootIssuerSpec(_Model):
 class TaskFileSpec(_Model):
     """A task declared in a file of its own - in Kubernetes, a pod annotation mounted through a
     downward-API volume, so that changing the annotation reaches the sidecar without a restart.
-
-    ``path`` holds either a signed grant (a compact JWS, verified like ``grants.files``) or one task
-    in YAML/JSON (the shape of a ``tasks[]`` entry; ``agent`` defaults to this agent). A missing or
-    empty file declares nothing. ``revoked`` names a file whose content ``true`` revokes that task.
+    A grant in ``path`` is verified like ``grants.files``; a task in YAML/JSON has the shape of a
+    ``tasks[]`` entry.
     """
 
     path: Path
+    """A signed grant (compact JWS) or one task in YAML/JSON (``agent`` defaults to this agent;
+    credentials by name only); a missing or empty file declares nothing."""
     revoked: Path | None = None
+    """A file whose content ``true`` revokes the task."""
 
 
 class GrantsSpec(_Model):
-    """Signed task grants (``agent-task+jwt``) this sidecar accepts, and delegation limits.
-
-    ``files``: compact-JWS grant files (watched; a Kubernetes annotation mounted through the
-    downward API works as a file). ``root_issuers``: who may sign root grants. ``max_depth``: the
-    longest delegation chain accepted or issued (a root grant has depth 0). ``revocations``: signed
-    revocation-list files to honour. ``publish_revocations``: where ``POST /v1/tasks/{id}/revoke``
-    writes this sidecar's own signed revocation list.
-    """
+    """Signed task grants (``agent-task+jwt``) this sidecar accepts, delegation limits and revocation
+    lists. A Kubernetes annotation mounted through the downward API works as a grant file; an invalid
+    revocation list keeps the last good configuration."""
 
     files: list[Path] = Field(default_factory=list)
+    """Grant files (compact JWS) to enforce; watched."""
     root_issuers: list[RootIssuerSpec] = Field(default_factory=list)
+    """Who may sign root grants."""
     max_depth: int = Field(default=3, ge=0, le=16)
+    """Longest delegation chain accepted or issued (a root grant has depth 0)."""
     revocations: list[Path] = Field(default_factory=list)
+    """Signed revocation-list files to honour; watched (a list that does not exist yet counts as empty)."""
     publish_revocations: Path | None = None
+    """Where ``POST /v1/tasks/{id}/revoke`` writes this sidecar's signed revocation list."""
 
 
 class IssuerSpec(_Model):
     """The token issuer: who signs task-scoped access tokens (RFC 9068) and with which key."""
 
     url: str = Field(min_length=1)
+    """``iss`` of minted tokens."""
     signing_key: Path
+    """PEM private key (EC P-256 for ``ES256``, Ed25519 for ``EdDSA``), loaded once per reload."""
     next_signing_key: Path | None = None
+    """Published in the JWKS ahead of rotation, so verifiers know it before it signs."""
     algorithm: Literal["ES256", "EdDSA"] = "ES256"
+    """JWS algorithm of the tokens."""
     max_token_ttl: Seconds = 300.0
+    """Upper bound of a token's lifetime (1 s - 24 h); a retired key stays in the JWKS this long."""
     refresh_ahead: float = Field(default=0.25, gt=0, lt=1)
+    """A cached token is re-minted (in the background) when this fraction of its life is left."""
     mint_per_call: bool = False
+    """Mint a fresh token, with a new ``jti``, for every call."""
     bind_to_svid: bool = False
+    """Add ``cnf: {"x5t#S256": <SVID thumbprint>}`` to tokens (RFC 8705 §3.1); re-minted on SVID rotation."""
 
     @field_validator("max_token_ttl")
     @classmethod
@@ -512,16 +601,19 @@ class IssuerSpec(_Model):
 
 
 class ListenSpec(_Model):
-    """Where the sidecar listens: ``host:port`` or ``unix:/path`` for the gRPC ext_authz service.
-
-    ``health`` (optional, ``host:port``): a plain HTTP server with only ``/healthz``, ``/readyz`` and
-    ``/envoy/ready`` (Envoy's admin ``/ready``, relayed) and minimal bodies, for kubelet probes, which
-    cannot reach the admin port on ``127.0.0.1`` (the Helm chart uses ``0.0.0.0:15021``).
-    """
+    """Where the sidecar listens. The admin server's task API answers loopback (and Unix-socket)
+    clients only; kubelet probes cannot reach ``127.0.0.1``, hence the separate ``health`` server."""
 
     authz: str = "127.0.0.1:9191"
+    """The ext_authz gRPC service, also serving SDS: ``host:port`` or ``unix:/absolute/path``. On a TCP
+    loopback port the agent can reach it: use a Unix socket in a directory the agent does not mount
+    (the Helm chart does)."""
     admin: str = "127.0.0.1:9902"
+    """The admin HTTP server (JWKS, ``/healthz``, ``/readyz``, ``/metrics``, ``/decisions``, the task
+    API): ``host:port`` or ``unix:/absolute/path``."""
     health: str | None = None
+    """``host:port`` of a probe server with only ``/healthz``, ``/readyz`` and ``/envoy/ready`` (Envoy's
+    admin ``/ready``, relayed) and one-word bodies, for kubelet probes (the chart: ``0.0.0.0:15021``)."""
 
     @field_validator("health")
     @classmethod
@@ -546,22 +638,73 @@ class ListenSpec(_Model):
 
 
 class EnvoySpec(_Model):
-    """Settings used when rendering the Envoy bootstrap (``agent-authz envoy-config``)."""
+    """Settings used when rendering the Envoy bootstrap (``agent-authz envoy-config``).
+
+    Like the bootstrap, the dynamic listeners and clusters the sidecar writes for Envoy (with
+    ``intercept``) are rendered from this section as it was at start: a changed
+    ``envoy.destinations`` needs a restart (tasks added later are still intercepted).
+    """
 
     egress_address: str = "127.0.0.1"
+    """Address of Envoy's egress listener (the ``HTTP_PROXY`` target)."""
     egress_port: int = Field(default=15001, ge=0, le=65535)
+    """Port of the egress listener (``0``: any free port); must differ from ``outbound_port``."""
     admin_port: int = Field(default=15000, ge=0, le=65535)
+    """Envoy's admin port, on ``127.0.0.1``."""
     authz_timeout: Seconds = 0.25
+    """ext_authz timeout; on timeout Envoy answers 503 (fail closed)."""
     destinations: dict[str, str] = Field(default_factory=dict)
+    """``host: address:port`` for upstreams with a static address (exact hosts); other hosts are
+    resolved by DNS."""
     ingress_address: str = "0.0.0.0"
+    """Address of the mTLS ingress listener."""
     ingress_port: int = Field(default=15006, ge=0, le=65535)
+    """Port of the ingress listener (and of the inbound one with ``inbound_redirect``)."""
     local_app: str | None = None
+    """``host:port`` of the agent's own server; with an identity source, renders the mTLS ingress
+    listener ``ingress_https``."""
     sds_dir: Path | None = None
+    """Where ``envoy-config`` writes file-based SDS resources (``identity.source: files``); default
+    ``<bootstrap>-sds/`` beside the bootstrap."""
     outbound_port: int | None = Field(default=None, ge=1, le=65535)
+    """Renders the transparent ``outbound`` listener that ``agent-authz iptables`` redirects to."""
     outbound_address: str = "127.0.0.1"
+    """Address of the ``outbound`` listener."""
     inbound_redirect: bool = False
+    """The inbound listener accepts redirected connections (``original_dst``) and forwards each to
+    ``127.0.0.1:<original port>``; needs an identity source and a fixed ``ingress_port``."""
     upstream_ca: Path | None = None
+    """PEM CA bundle that upstream certificates of ``tls: originate`` and ``tls: intercept`` rules are
+    verified against; default: the system bundle ``/etc/ssl/certs/ca-certificates.crt``."""
     ipv6: bool = False
+    """The ``outbound`` listener also listens on ``[::1]``, the inbound one on ``[::]`` (for
+    ``agent-authz iptables --ipv6 same``)."""
+    rpc_body_cap: ByteSize = ByteSize(64 * 1024)
+    """Largest JSON-RPC request body judged on MCP/A2A routes (1 KiB - 1 MiB); Envoy buffers one
+    byte more, so a longer body is denied with ``mcp_body_too_large`` (and recorded)."""
+    rpc_hosts: dict[str, Literal["mcp", "a2a"]] = Field(default_factory=dict)
+    """``host: mcp|a2a`` for MCP/A2A hosts that only grants name (hosts of ``protocol: mcp``/``a2a``
+    rules in ``tasks`` are found by themselves): their Envoy route buffers the body for the sidecar
+    and, for MCP, filters ``tools/list`` responses through ext_proc."""
+    mcp_header_decisions: list[str] = Field(default_factory=list)
+    """MCP hosts whose servers implement the 2026-07-28 header checks (a request whose
+    ``Mcp-Method``/``Mcp-Name`` disagree with its body is rejected with ``-32020``): requests there
+    carrying ``Mcp-Method`` are judged on the headers alone, no body buffered."""
+
+    @field_validator("rpc_body_cap")
+    @classmethod
+    def _rpc_body_cap(cls, value: ByteSize) -> ByteSize:
+        if not 1024 <= value <= 1 << 20:
+            raise ValueError("rpc_body_cap must be between 1 KiB and 1 MiB")
+        return value
+
+    @field_validator("rpc_hosts", "mcp_header_decisions")
+    @classmethod
+    def _rpc_host_names(cls, value: Any) -> Any:
+        for host in value:
+            if not _HOST.match(host) or host.startswith("*."):
+                raise ValueError(f"{host!r} must be an exact DNS name (Envoy renders one route per host)")
+        return value
 
     @model_validator(mode="after")
     def _interception(self) -> EnvoySpec:
@@ -595,22 +738,30 @@ class EnvoySpec(_Model):
 class InterceptSpec(_Model):
     """TLS interception for ``tls: intercept`` rules: the per-pod CA and where its files go.
 
-    The sidecar creates the CA (EC P-256, valid ``ca_ttl``) at start and keeps its private key in
-    memory only. ``publish_dir`` receives only certificates, for the agent container: ``ca.pem``
-    (the pod CA) and ``ca-bundle.pem`` (``system_bundle`` followed by the pod CA).
-    ``state_dir`` (created ``0700``; Envoy runs as the same user) receives what Envoy reads: a
-    leaf certificate and key per intercepted host (file-based SDS) and the dynamic listeners and
-    clusters (file-based LDS/CDS); mount a memory-backed volume there that the agent container does
-    not mount. Leaves are valid ``leaf_ttl`` and re-minted when ``leaf_refresh_ahead`` of their
-    life is left.
+    The sidecar creates the CA (EC P-256, valid ``ca_ttl``, name-constrained to DNS names) at start
+    and keeps its key in ``state_dir/ca/`` (``0600``), so a restarted sidecar keeps the CA the agent
+    already trusts. Leaves (one per intercepted host, valid ``leaf_ttl``) reach Envoy over gRPC SDS
+    and never touch a disk. ``publish_dir`` receives only certificates. These settings take effect at
+    start; a reload that changes them logs ``intercept_change_needs_restart``.
     """
 
     state_dir: Path
+    """The proxy user's private directory (created ``0700``): the pod CA (``ca/``) and Envoy's dynamic
+    listeners and clusters (``xds/``, file-based LDS/CDS). A memory-backed volume the agent container
+    does not mount."""
     publish_dir: Path
+    """Where ``ca.pem`` (the pod CA) and ``ca-bundle.pem`` (``system_bundle`` + the pod CA) are written
+    for the agent: a volume mounted read-only into the agent container. Must not nest with
+    ``state_dir``."""
     system_bundle: Path = SYSTEM_CA_BUNDLE
+    """The system CAs the agent's bundle starts from (the sidecar image's; unreadable: a start error)."""
     ca_ttl: Seconds = 86400.0
+    """Lifetime of the pod CA (10 m - 90 d); kept across sidecar restarts while two leaf lifetimes are
+    left."""
     leaf_ttl: Seconds = 3600.0
+    """Lifetime of each host certificate (2 s - 7 d, shorter than ``ca_ttl``)."""
     leaf_refresh_ahead: float = Field(default=1 / 3, gt=0, lt=1)
+    """A leaf is re-minted when this fraction of its life is left."""
 
     @field_validator("ca_ttl")
     @classmethod
@@ -640,8 +791,12 @@ class RotateSpec(_Model):
     """When the decision log file is rotated (the hash chain continues into the next file)."""
 
     max_bytes: ByteSize | None = None
+    """Rotate before the file would exceed this size (``64MiB``, ``10MB``, or bytes; at least 4 KiB)."""
     max_age: Seconds | None = None
+    """Rotate before writing to a file whose first record is this old."""
     keep: int | None = Field(default=None, ge=1)
+    """Rotated files to keep; older ones are deleted (verify the rest with ``logs verify --partial``).
+    None: keep all."""
 
     @field_validator("max_bytes")
     @classmethod
@@ -661,16 +816,24 @@ class RotateSpec(_Model):
 class DecisionLogSpec(_Model):
     """Where decision records go (a JSON-lines file and/or stdout), how durable and how chained.
 
-    These settings take effect at start; a reload that changes them logs a warning and keeps the
-    running log as it is.
+    These settings take effect at start; a reload that changes them logs
+    ``decision_log_change_needs_restart`` and keeps the running log as it is.
     """
 
     path: Path | None = None
+    """JSON-lines file of hash-chained decision records."""
     stdout: bool = True
+    """Also write decision records to stdout (at least one of ``path`` and ``stdout`` is required)."""
     fsync: bool = False
+    """``true``: a record is ``fsync``-ed before Envoy gets the answer (group commit)."""
     hmac_key_file: Path | None = None
+    """Chain with HMAC-SHA256 under this key (a Secret; at least 16 bytes, surrounding whitespace
+    ignored) instead of plain SHA-256."""
     on_log_failure: Literal["deny", "allow"] = "deny"
+    """``deny``: an allow whose record cannot be written becomes an ``internal_error`` deny; ``allow``:
+    answer anyway."""
     rotate: RotateSpec = RotateSpec()
+    """When the file is rotated (needs ``path``)."""
 
     @model_validator(mode="after")
     def _sinks(self) -> DecisionLogSpec:
@@ -684,38 +847,60 @@ class DecisionLogSpec(_Model):
 class ViewerSpec(_Model):
     """The decision viewer (``/decisions`` on the admin port).
 
-    ``logs``: other sidecars' decision logs (JSON lines; rotated files included), e.g. those of the
-    sub-agents this agent delegates to, on a shared volume or collected copies. The viewer shows
-    their records read-only next to its own, follows them live, and counts them in its summaries
-    and delegation trees (what a sub-agent spent is only known from its own records). Their hash
-    chains are not verified here (``agent-authz logs verify`` does that). Read at start; a reload
-    that changes the list logs a warning.
+    Read at start; a reload that changes this section logs ``viewer_change_needs_restart`` and keeps
+    the running viewer as it is.
     """
 
     logs: list[Path] = Field(default_factory=list, max_length=64)
+    """Other sidecars' decision logs (JSON lines; rotated files included), e.g. those of the sub-agents
+    this agent delegates to, on a shared volume or collected copies. Shown read-only next to this
+    sidecar's own records, followed live, and counted in the summaries and delegation trees (what a
+    sub-agent spent is only known from its own records). Their hash chains are not verified here
+    (``agent-authz logs verify`` does that); a missing or unreadable file is named in the viewer, not
+    an error."""
 
 
 class SidecarConfig(_Model):
-    """The whole ``sidecar.yaml``.
+    """The whole ``sidecar.yaml``: every key, section by section.
 
-    ``agent`` is the local agent's SPIFFE ID. With an ``identity`` source it is optional and only a
-    cross-check: the ID in the SVID is authoritative, and a mismatch is an error.
+    Unknown keys are errors. Relative paths are resolved against the config file's directory.
+    Durations are numbers of seconds or strings such as ``250ms``, ``30s``, ``5m``, ``1h30m``, ``1d``.
+    Validation names the file, the field and the reason; a reload that fails validation keeps the
+    previous configuration.
     """
 
     agent: SpiffeIdStr | None = None
+    """The local agent's SPIFFE ID (strict SPIFFE-ID §2); required without ``identity``, with it only
+    a cross-check of the SVID (a mismatch is an error)."""
     identity: IdentitySpec | None = None
+    """Where the agent's SVID and the trust bundles come from; none: ``agent`` from the config, no
+    ingress possible (development only)."""
     ingress: IngressSpec = IngressSpec()
+    """Who may call the agent."""
     issuer: IssuerSpec
+    """The token issuer."""
     listen: ListenSpec = ListenSpec()
+    """Where the sidecar listens."""
     envoy: EnvoySpec = EnvoySpec()
+    """How Envoy's bootstrap is rendered."""
     decision_log: DecisionLogSpec = DecisionLogSpec()
+    """Where decision records go."""
     viewer: ViewerSpec = ViewerSpec()
+    """The decision viewer."""
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
+    """Name (1-64 characters of ``a-z0-9._-``) → API key that rules and grants refer to by name."""
     grants: GrantsSpec = GrantsSpec()
+    """Signed task grants, delegation and revocation lists."""
     intercept: InterceptSpec | None = None
+    """HTTPS interception (``tls: intercept`` rules); none: such rules are config errors."""
     task_files: list[TaskFileSpec] = Field(default_factory=list)
+    """Tasks in files of their own - in Kubernetes the pod annotations ``agent-authz.io/task`` and
+    ``agent-authz.io/revoked`` mounted through a downward-API volume; watched."""
     dry_run: bool = False
+    """Decide and log, but let every call through (a denied call is answered ``dry_run``, without token
+    or key); hot-reloadable."""
     tasks: list[TaskSpec] = Field(default_factory=list)
+    """The declared tasks."""
 
     @model_validator(mode="after")
     def _agent_known(self) -> SidecarConfig:
@@ -750,6 +935,18 @@ class SidecarConfig(_Model):
                 if rule.tls == "intercept":
                     raise ValueError(f"{where}: 'tls: intercept' needs the 'intercept' section (the per-pod CA)")
         return self
+
+    def rpc_hosts(self) -> dict[str, str]:
+        """``host -> mcp|a2a`` for every exact host an MCP/A2A rule of ``tasks`` names, and
+        ``envoy.rpc_hosts``: the hosts whose Envoy route buffers the body and (MCP) filters
+        ``tools/list`` responses."""
+        hosts = {
+            rule.host: rule.protocol
+            for task in self.tasks
+            for rule in task.egress
+            if rule.protocol != "http" and not rule.host.startswith("*.")
+        }
+        return {**hosts, **self.envoy.rpc_hosts}
 
     def originate_hosts(self) -> dict[str, int]:
         """``host -> upstream port`` of every ``tls: originate`` rule (Envoy renders one TLS route each)."""

@@ -65,7 +65,7 @@ def run_agent(
 ) -> list[dict[str, Any]]:
     """Run the sample agent (:mod:`sidecar.demo.agent`) with ``HTTP_PROXY=proxy`` and ``calls``.
 
-    With ``trust`` (the variables of :func:`sidecar.intercept.trust.agent_trust_env`), also
+    With ``trust`` (the variables of :func:`sidecar.tls_intercept.trust.agent_trust_env`), also
     ``HTTPS_PROXY=proxy``: the agent's ``https://`` calls are intercepted, and it trusts the pod CA.
 
     Returns:

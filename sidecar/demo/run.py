@@ -24,10 +24,10 @@ from sidecar.demo import scenario
 from sidecar.demo.common import GREEN, RED, color, logs_command, run_agent, table, wait_for_interrupt, write_secret
 from sidecar.demo.tls_client import mtls_request
 from sidecar.demo.upstream import ApiKeyCheck, SampleUpstream, TokenCheck
+from sidecar.harness import AuthzStack
 from sidecar.identity.devca import DevCA
-from sidecar.intercept.ca import PodCA
-from sidecar.intercept.trust import agent_trust_env
-from sidecar.procs import AuthzStack
+from sidecar.tls_intercept.ca import PodCA
+from sidecar.tls_intercept.trust import agent_trust_env
 from sidecar.tokens.keys import generate_private_key_pem
 
 __all__ = ["run_demo"]

@@ -159,7 +159,7 @@ class SampleUpstream:
             await self._runner.setup()
             site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
             await site.start()
-            self.port = int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+            self.port = int(self._runner.addresses[0][1])
 
         def run() -> None:
             loop = asyncio.new_event_loop()

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 from sidecar.errors import IdentityError
-from sidecar.grants.model import GrantError
+from sidecar.grants.model import GrantCode, GrantError
 from sidecar.identity.x509svid import X509SvidVerifier
 
 __all__ = ["ALGORITHMS", "algorithm_for", "sign", "unverified", "verify"]
@@ -61,19 +61,19 @@ def sign(
 
 def _checked_header(token: str, typ: str) -> dict[str, Any]:
     if not isinstance(token, str) or len(token) > _MAX_TOKEN or token.count(".") != 2:
-        raise GrantError("grant_malformed", "not a compact JWS")
+        raise GrantError(GrantCode.MALFORMED, "not a compact JWS")
     try:
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
-        raise GrantError("grant_malformed", str(exc)) from None
+        raise GrantError(GrantCode.MALFORMED, str(exc)) from None
     if header.get("typ") != typ:
-        raise GrantError("grant_bad_header", f"typ must be {typ!r}")
+        raise GrantError(GrantCode.BAD_HEADER, f"typ must be {typ!r}")
     extra = set(header) - _ALLOWED_HEADERS
     if extra:
-        raise GrantError("grant_bad_header", f"header parameters not allowed: {sorted(extra)}")
+        raise GrantError(GrantCode.BAD_HEADER, f"header parameters not allowed: {sorted(extra)}")
     alg = header.get("alg")
     if alg not in ALGORITHMS:
-        raise GrantError("grant_bad_header", f"alg {alg!r} is not allowed")
+        raise GrantError(GrantCode.BAD_HEADER, f"alg {alg!r} is not allowed")
     return header
 
 
@@ -89,11 +89,11 @@ def unverified(token: str, *, typ: str) -> tuple[dict[str, Any], dict[str, Any]]
     """
     header = _checked_header(token, typ)
     if not isinstance(header.get("kid"), str) and not isinstance(header.get("x5c"), list):
-        raise GrantError("grant_bad_header", "a kid or an x5c chain is required")
+        raise GrantError(GrantCode.BAD_HEADER, "a kid or an x5c chain is required")
     try:
         payload: dict[str, Any] = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError as exc:
-        raise GrantError("grant_malformed", str(exc)) from None
+        raise GrantError(GrantCode.MALFORMED, str(exc)) from None
     return header, payload
 
 
@@ -119,26 +119,26 @@ def verify(
     key: PublicKeyTypes
     if "x5c" in header:
         if svids is None:
-            raise GrantError("grant_untrusted_signer", "x5c signatures need trust bundles (an identity source)")
+            raise GrantError(GrantCode.UNTRUSTED_SIGNER, "x5c signatures need trust bundles (an identity source)")
         chain = header["x5c"]
         if not isinstance(chain, list) or not chain or not all(isinstance(c, str) for c in chain) or len(chain) > 8:
-            raise GrantError("grant_bad_header", "x5c must be a list of base64 DER certificates")
+            raise GrantError(GrantCode.BAD_HEADER, "x5c must be a list of base64 DER certificates")
         try:
             certs = [x509.load_der_x509_certificate(base64.b64decode(c, validate=True)) for c in chain]
         except ValueError as exc:
-            raise GrantError("grant_bad_header", f"x5c does not parse ({exc})") from None
+            raise GrantError(GrantCode.BAD_HEADER, f"x5c does not parse ({exc})") from None
         try:
             verified = svids.verify_certificates(certs[0], certs[1:], now=now)
         except IdentityError as exc:
-            raise GrantError("grant_untrusted_signer", str(exc)) from None
+            raise GrantError(GrantCode.UNTRUSTED_SIGNER, str(exc)) from None
         signer, key = verified.spiffe_id, certs[0].public_key()
     elif isinstance(header.get("kid"), str):
         found = root_keys.get(header["kid"])
         if found is None:
-            raise GrantError("grant_untrusted_signer", f"kid {header['kid']!r} is not a root issuer key")
+            raise GrantError(GrantCode.UNTRUSTED_SIGNER, f"kid {header['kid']!r} is not a root issuer key")
         signer, key = f"key:{header['kid']}", found
     else:
-        raise GrantError("grant_bad_header", "a kid or an x5c chain is required")
+        raise GrantError(GrantCode.BAD_HEADER, "a kid or an x5c chain is required")
     try:
         payload: dict[str, Any] = jwt.decode(
             token,
@@ -147,7 +147,7 @@ def verify(
             options={"verify_exp": False, "verify_nbf": False, "verify_iat": False, "verify_aud": False},
         )
     except jwt.InvalidSignatureError:
-        raise GrantError("grant_bad_signature", "the signature does not verify") from None
+        raise GrantError(GrantCode.BAD_SIGNATURE, "the signature does not verify") from None
     except jwt.PyJWTError as exc:
-        raise GrantError("grant_malformed", str(exc)) from None
+        raise GrantError(GrantCode.MALFORMED, str(exc)) from None
     return signer, payload

@@ -1,8 +1,15 @@
-"""Issuing grants: root grants (``agent-authz task sign``) and delegation (``POST /v1/tasks/{id}/delegate``)."""
+"""Issuing grants: root grants (``agent-authz task sign``) and delegation (``POST /v1/tasks/{id}/delegate``).
+
+A delegation is planned here (the child's rules, the attenuation check) and signed here; the budget
+it reserves from the parent is the runtime's business (:mod:`sidecar.runtime.tasks`), so this module
+knows nothing of compiled tasks or call counters.
+"""
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
@@ -12,13 +19,11 @@ from sidecar.config.durations import parse_duration
 from sidecar.config.schema import EgressRuleSpec, SpiffeIdStr, TaskSpec
 from sidecar.grants import codec
 from sidecar.grants.attenuation import check_attenuation, host_within, inherit, rule_within
-from sidecar.grants.model import GRANT_TYP, GrantError
+from sidecar.grants.model import GRANT_TYP, Grant, GrantCode, GrantError
 from sidecar.grants.verify import task_spec_from_claims
 from sidecar.identity.state import Svid
-from sidecar.policy.budget import BudgetKey, BudgetLedger
-from sidecar.policy.model import Task
 
-__all__ = ["DelegationRequest", "delegate", "grant_payload", "sign_root_grant"]
+__all__ = ["Delegation", "DelegationRequest", "grant_payload", "plan_delegation", "sign_delegation", "sign_root_grant"]
 
 
 class DelegationRequest(BaseModel):
@@ -94,7 +99,7 @@ def sign_root_grant(spec: TaskSpec, key: PrivateKeyTypes, *, kid: str, issuer: s
         assert spec.ttl is not None
         end = start + int(spec.ttl)
     if end <= now:
-        raise GrantError("grant_expired", "the task would already be expired")
+        raise GrantError(GrantCode.EXPIRED, "the task would already be expired")
     payload = grant_payload(
         spec, issuer=issuer, now=int(now), not_before=start, expires_at=end, txn=spec.id, ancestors=[], parent=None
     )
@@ -103,39 +108,60 @@ def sign_root_grant(spec: TaskSpec, key: PrivateKeyTypes, *, kid: str, issuer: s
     return token
 
 
-def delegate(
-    parent: Task,
+@dataclass(frozen=True, slots=True)
+class Delegation:
+    """A delegation that passed every check, not yet signed.
+
+    Attributes:
+        payload: the child grant's JWS payload (:func:`grant_payload`).
+        child: the child task as it will verify.
+        holders: child rule index -> index of the parent rule that holds it.
+    """
+
+    payload: dict[str, Any]
+    child: TaskSpec
+    holders: Mapping[int, int]
+
+
+def plan_delegation(
+    grant: Grant,
     request: DelegationRequest,
     *,
-    svid: Svid,
-    budgets: BudgetLedger,
+    issuer: str,
+    revoked: bool,
+    window: tuple[float, float],
     now: float,
     max_depth: int,
-) -> tuple[str, TaskSpec]:
-    """Issue a sub-grant of ``parent`` to ``request.subject``, signed with this agent's X.509-SVID.
+    remaining: Callable[[int | None], int | None],
+) -> Delegation:
+    """Check a sub-grant of ``grant`` to ``request.subject`` and build its payload.
 
-    Budget given to the child is reserved from the parent's (task-wide and per rule).
-
-    Returns:
-        ``(compact JWS, child TaskSpec)``.
+    Args:
+        grant: the parent grant.
+        request: what to delegate.
+        issuer: the delegating agent's SPIFFE ID (the SVID :func:`sign_delegation` signs with).
+        revoked: the parent task is revoked.
+        window: the parent task's ``(not_before, expires_at)``, POSIX seconds.
+        now: POSIX seconds.
+        max_depth: ``grants.max_depth``.
+        remaining: calls left under a parent rule (by index; ``None``: the task-wide budget), ``None``
+            when unlimited - a child may not be given more.
 
     Raises:
-        GrantError: ``grant_not_delegable`` (not a grant, revoked, expired, too deep),
+        GrantError: ``grant_not_delegable`` (revoked, not currently valid, too deep),
             ``grant_widening`` (an :class:`~sidecar.grants.attenuation.AttenuationError` naming the field).
     """
-    grant = parent.grant
-    if grant is None:
-        raise GrantError("grant_not_delegable", "only tasks that came from a signed grant can be delegated")
-    if parent.revoked:
-        raise GrantError("grant_not_delegable", "the task is revoked")
-    if not parent.not_before <= now < parent.expires_at:
-        raise GrantError("grant_not_delegable", "the task is not currently valid")
+    if revoked:
+        raise GrantError(GrantCode.NOT_DELEGABLE, "the task is revoked")
+    not_before, expires_at = window
+    if not not_before <= now < expires_at:
+        raise GrantError(GrantCode.NOT_DELEGABLE, "the task is not currently valid")
     if grant.depth + 1 > max_depth:
-        raise GrantError("grant_not_delegable", f"a delegation would exceed max_depth {max_depth}")
+        raise GrantError(GrantCode.NOT_DELEGABLE, f"a delegation would exceed max_depth {max_depth}")
     start, end = int(now), int(now + request.ttl)
-    if end > parent.expires_at:
-        raise GrantError("grant_widening", "ttl: the delegated task would outlive its parent")
-    child_id = f"{parent.id}/{request.name or secrets.token_hex(4)}"
+    if end > expires_at:
+        raise GrantError(GrantCode.WIDENING, "ttl: the delegated task would outlive its parent")
+    child_id = f"{grant.id}/{request.name or secrets.token_hex(4)}"
     rules = []
     for rule in request.egress:  # take unset audience/scope/token from the parent rule that holds it
         holder = next((p for p in grant.spec.egress if rule_within(inherit(rule, p), p) is None), None)
@@ -147,15 +173,15 @@ def delegate(
             {
                 "id": child_id,
                 "agent": request.subject,
-                "purpose": request.purpose or parent.purpose,
-                "on_behalf_of": parent.on_behalf_of,
+                "purpose": request.purpose or grant.spec.purpose,
+                "on_behalf_of": grant.spec.on_behalf_of,
                 "max_calls": request.max_calls,
                 "expires_at": _iso(end),
                 "not_before": _iso(start),
                 "egress": [r.model_dump(exclude_none=True) for r in rules],
             }
         ),
-        issuer=svid.spiffe_id,
+        issuer=issuer,
         now=start,
         not_before=start,
         expires_at=end,
@@ -164,17 +190,6 @@ def delegate(
         parent=grant.token,
     )
     child = task_spec_from_claims(payload)
-
-    def key(index: int | None) -> tuple[BudgetKey, int | None]:
-        if index is None:
-            return (parent.id, ""), parent.max_calls
-        rule = parent.rules[index]
-        return (parent.id, rule.budget_key), rule.max_calls
-
-    def remaining(index: int | None) -> int | None:
-        budget_key, limit = key(index)
-        return None if limit is None else limit - budgets.used(budget_key)
-
     holders = check_attenuation(
         grant.spec,
         child,
@@ -182,19 +197,18 @@ def delegate(
         child_window=(start, end),
         remaining=remaining,
     )
-    reservations: dict[BudgetKey, tuple[int, int | None]] = {}
-    if child.max_calls is not None and parent.max_calls is not None:
-        reservations[key(None)[0]] = (child.max_calls, parent.max_calls)
-    for c_index, p_index in holders.items():
-        budget_key, limit = key(p_index)
-        amount = child.egress[c_index].max_calls
-        if limit is not None and amount is not None:
-            spent, _ = reservations.get(budget_key, (0, limit))
-            reservations[budget_key] = (spent + amount, limit)
-    if not budgets.try_reserve(reservations):
-        raise GrantError("grant_widening", "max_calls: the parent's budget left is smaller than the delegated budgets")
-    token = codec.sign(payload, svid.private_key, typ=GRANT_TYP, x5c=list(svid.chain))
-    return token, child
+    return Delegation(payload, child, holders)
+
+
+def sign_delegation(delegation: Delegation, svid: Svid) -> str:
+    """The compact JWS of ``delegation``, signed with this agent's X.509-SVID (``x5c``, RFC 7515 §4.1.6).
+
+    Raises:
+        GrantError: ``grant_wrong_signer``: ``svid`` is not the issuer the delegation was planned for.
+    """
+    if svid.spiffe_id != delegation.payload["iss"]:
+        raise GrantError(GrantCode.WRONG_SIGNER, f"planned for {delegation.payload['iss']}, signed by {svid.spiffe_id}")
+    return codec.sign(delegation.payload, svid.private_key, typ=GRANT_TYP, x5c=list(svid.chain))
 
 
 def _iso(timestamp: int) -> str:

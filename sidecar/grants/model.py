@@ -16,24 +16,47 @@ can verify the whole chain offline.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from sidecar.config.schema import TaskSpec
-from sidecar.errors import AgentAuthzError
+from sidecar.errors import AgentAuthzError, ErrorCode
 
-__all__ = ["GRANT_TYP", "REVOCATION_TYP", "Grant", "GrantError"]
+__all__ = ["GRANT_TYP", "REVOCATION_TYP", "Grant", "GrantCode", "GrantError"]
 
 GRANT_TYP = "agent-task+jwt"
 REVOCATION_TYP = "agent-revocations+jwt"
 
 
+class GrantCode(enum.StrEnum):
+    """Why a grant, a delegation or a revocation list was refused: the ``detail`` of
+    :class:`GrantError`, and the ``error`` of the task API's answers. Never rename a value."""
+
+    BAD_HEADER = "grant_bad_header"
+    BAD_SIGNATURE = "grant_bad_signature"
+    BROKEN_CHAIN = "grant_broken_chain"
+    DUPLICATE = "grant_duplicate"
+    EXPIRED = "grant_expired"
+    MALFORMED = "grant_malformed"
+    NOT_DELEGABLE = "grant_not_delegable"
+    NOT_ROOT_ISSUER = "grant_not_root_issuer"
+    REJECTED = "grant_rejected"
+    TOO_DEEP = "grant_too_deep"
+    UNKNOWN_CREDENTIAL = "grant_unknown_credential"
+    UNKNOWN_TASK = "grant_unknown_task"
+    UNTRUSTED_SIGNER = "grant_untrusted_signer"
+    WIDENING = "grant_widening"
+    WRONG_SIGNER = "grant_wrong_signer"
+    WRONG_SUBJECT = "grant_wrong_subject"
+
+
 class GrantError(AgentAuthzError):
-    """A grant (or revocation list) was refused. ``detail`` is a stable code such as
+    """A grant (or revocation list) was refused. ``detail`` is a stable :class:`GrantCode` such as
     ``grant_bad_signature``, ``grant_wrong_subject`` or ``grant_widening``."""
 
-    code = "grant_invalid"
+    code = ErrorCode.GRANT_INVALID
 
-    def __init__(self, detail: str, message: str) -> None:
+    def __init__(self, detail: GrantCode, message: str) -> None:
         self.detail = detail
         super().__init__(f"{detail}: {message}")
 

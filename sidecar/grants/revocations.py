@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 from sidecar.grants import codec
-from sidecar.grants.model import REVOCATION_TYP, Grant, GrantError
+from sidecar.grants.model import REVOCATION_TYP, Grant, GrantCode, GrantError
 from sidecar.identity.x509svid import X509SvidVerifier
 
 __all__ = ["RevocationList", "revoked_by", "sign_revocations", "verify_revocations"]
@@ -66,9 +66,9 @@ def verify_revocations(
     revoked: Any = payload.get("revoked")
     issued_at = payload.get("iat")
     if not isinstance(revoked, list) or not all(isinstance(i, str) for i in revoked) or len(revoked) > _MAX_IDS:
-        raise GrantError("grant_malformed", "revoked must be a list of grant ids")
+        raise GrantError(GrantCode.MALFORMED, "revoked must be a list of grant ids")
     if not isinstance(issued_at, int):
-        raise GrantError("grant_malformed", "iat must be an integer NumericDate")
+        raise GrantError(GrantCode.MALFORMED, "iat must be an integer NumericDate")
     root = signer.startswith("key:") or signer in root_ids
     return RevocationList(signer, frozenset(revoked), issued_at, root, token.strip())
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from sidecar.config.schema import GrantsSpec
 from sidecar.errors import KeyLoadError
-from sidecar.grants.model import Grant, GrantError
+from sidecar.grants.model import Grant, GrantCode, GrantError
 from sidecar.grants.revocations import RevocationList, verify_revocations
 from sidecar.grants.verify import GrantVerifier
 from sidecar.identity.state import parse_jwt_bundle
@@ -48,11 +48,11 @@ def check_grant_usable(grant: Grant, agent: str, credentials: Mapping[str, objec
         GrantError: ``grant_wrong_subject`` or ``grant_unknown_credential``.
     """
     if grant.subject != agent:
-        raise GrantError("grant_wrong_subject", f"the grant is for {grant.subject}, this agent is {agent}")
+        raise GrantError(GrantCode.WRONG_SUBJECT, f"the grant is for {grant.subject}, this agent is {agent}")
     for index, rule in enumerate(grant.spec.egress):
         if isinstance(rule.credential, str) and rule.credential not in credentials:
             raise GrantError(
-                "grant_unknown_credential", f"egress[{index}] names credential {rule.credential!r}, not held here"
+                GrantCode.UNKNOWN_CREDENTIAL, f"egress[{index}] names credential {rule.credential!r}, not held here"
             )
 
 

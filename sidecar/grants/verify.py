@@ -22,7 +22,7 @@ from sidecar.config.loader import format_loc
 from sidecar.config.schema import TaskSpec
 from sidecar.grants import codec
 from sidecar.grants.attenuation import check_attenuation
-from sidecar.grants.model import GRANT_TYP, Grant, GrantError
+from sidecar.grants.model import GRANT_TYP, Grant, GrantCode, GrantError
 from sidecar.identity.x509svid import X509SvidVerifier
 
 __all__ = ["GrantVerifier", "task_spec_from_claims"]
@@ -33,7 +33,7 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}$")
 def _int(payload: Mapping[str, Any], claim: str) -> int:
     value = payload.get(claim)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise GrantError("grant_malformed", f"claim {claim!r} must be an integer NumericDate")
+        raise GrantError(GrantCode.MALFORMED, f"claim {claim!r} must be an integer NumericDate")
     return value
 
 
@@ -45,7 +45,7 @@ def task_spec_from_claims(payload: Mapping[str, Any]) -> TaskSpec:
     """
     task = payload.get("task")
     if not isinstance(task, dict):
-        raise GrantError("grant_malformed", "claim 'task' must be an object")
+        raise GrantError(GrantCode.MALFORMED, "claim 'task' must be an object")
     nbf, exp = _int(payload, "nbf"), _int(payload, "exp")
     body = {
         "id": payload.get("jti"),
@@ -59,16 +59,16 @@ def task_spec_from_claims(payload: Mapping[str, Any]) -> TaskSpec:
     }
     unknown = set(task) - {"purpose", "on_behalf_of", "max_calls", "egress"}
     if unknown:
-        raise GrantError("grant_malformed", f"unknown task fields {sorted(unknown)}")
+        raise GrantError(GrantCode.MALFORMED, f"unknown task fields {sorted(unknown)}")
     try:
         spec = TaskSpec.model_validate(body)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        raise GrantError("grant_malformed", f"{format_loc(first['loc'])}: {first['msg']}") from None
+        raise GrantError(GrantCode.MALFORMED, f"{format_loc(first['loc'])}: {first['msg']}") from None
     for index, rule in enumerate(spec.egress):
         if rule.credential is not None and not isinstance(rule.credential, str):
             raise GrantError(
-                "grant_malformed", f"egress[{index}].credential: grants name credentials, never carry them"
+                GrantCode.MALFORMED, f"egress[{index}].credential: grants name credentials, never carry them"
             )
     return spec
 
@@ -113,18 +113,18 @@ class GrantVerifier:
 
     def _verify(self, token: str, now: float, level: int) -> Grant:
         if level > self.max_depth:
-            raise GrantError("grant_too_deep", f"the delegation chain is deeper than max_depth {self.max_depth}")
+            raise GrantError(GrantCode.TOO_DEEP, f"the delegation chain is deeper than max_depth {self.max_depth}")
         signer, payload = codec.verify(token, typ=GRANT_TYP, root_keys=self.root_keys, svids=self.svids, now=now)
         grant_id, subject, txn = payload.get("jti"), payload.get("sub"), payload.get("txn")
         if not isinstance(grant_id, str) or not _ID.match(grant_id):
-            raise GrantError("grant_malformed", "jti must be a task id")
+            raise GrantError(GrantCode.MALFORMED, "jti must be a task id")
         if not isinstance(txn, str) or not _ID.match(txn):
-            raise GrantError("grant_malformed", "txn must be a task id")
+            raise GrantError(GrantCode.MALFORMED, "txn must be a task id")
         ancestors = payload.get("ancestors", [])
         if not isinstance(ancestors, list) or not all(isinstance(a, str) for a in ancestors):
-            raise GrantError("grant_malformed", "ancestors must be a list of ids")
+            raise GrantError(GrantCode.MALFORMED, "ancestors must be a list of ids")
         if len(ancestors) > self.max_depth:
-            raise GrantError("grant_too_deep", f"depth {len(ancestors)} is over max_depth {self.max_depth}")
+            raise GrantError(GrantCode.TOO_DEEP, f"depth {len(ancestors)} is over max_depth {self.max_depth}")
         spec = task_spec_from_claims(payload)
         assert isinstance(subject, str)  # TaskSpec validated it as a SPIFFE ID
         window = (float(_int(payload, "nbf")), float(_int(payload, "exp")))
@@ -132,17 +132,19 @@ class GrantVerifier:
         parent = None
         if parent_token is None:
             if not self.is_root_signer(signer):
-                raise GrantError("grant_not_root_issuer", f"{signer} may not sign root grants")
+                raise GrantError(GrantCode.NOT_ROOT_ISSUER, f"{signer} may not sign root grants")
             if ancestors or txn != grant_id:
-                raise GrantError("grant_broken_chain", "a root grant has no ancestors and its own id as txn")
+                raise GrantError(GrantCode.BROKEN_CHAIN, "a root grant has no ancestors and its own id as txn")
         else:
             if not isinstance(parent_token, str):
-                raise GrantError("grant_malformed", "parent must be a compact JWS")
+                raise GrantError(GrantCode.MALFORMED, "parent must be a compact JWS")
             parent = self._verify(parent_token, now, level + 1)
             if signer != parent.subject:
-                raise GrantError("grant_wrong_signer", f"signed by {signer}, but only {parent.subject} may delegate it")
+                raise GrantError(
+                    GrantCode.WRONG_SIGNER, f"signed by {signer}, but only {parent.subject} may delegate it"
+                )
             if tuple(ancestors) != (*parent.ancestors, parent.id) or txn != parent.txn or grant_id in ancestors:
-                raise GrantError("grant_broken_chain", "ancestors or txn do not continue the parent's chain")
+                raise GrantError(GrantCode.BROKEN_CHAIN, "ancestors or txn do not continue the parent's chain")
             check_attenuation(
                 parent.spec, spec, parent_window=(parent.not_before, parent.expires_at), child_window=window
             )

@@ -21,7 +21,7 @@ from typing import Any
 
 import jwt
 
-from sidecar.errors import IdentityError, SpiffeIdError
+from sidecar.errors import IdentityError, SpiffeIdError, SvidDetail
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.spiffe_id import parse_spiffe_id
 
@@ -73,41 +73,41 @@ class JwtSvidVerifier:
                 ``jwt_svid_expired``.
         """
         if len(token) > _MAX_TOKEN or not looks_like_jwt(token):
-            raise IdentityError("jwt_svid_malformed", "not a compact JWS")
+            raise IdentityError(SvidDetail.JWT_SVID_MALFORMED, "not a compact JWS")
         head, body, _ = token.split(".")
         try:
             header = _b64json(head)
             claims = _b64json(body)
         except (ValueError, UnicodeError):
-            raise IdentityError("jwt_svid_malformed", "header or payload is not base64url JSON") from None
+            raise IdentityError(SvidDetail.JWT_SVID_MALFORMED, "header or payload is not base64url JSON") from None
         if not isinstance(header, dict) or not isinstance(claims, dict):
-            raise IdentityError("jwt_svid_malformed", "header and payload must be JSON objects")
+            raise IdentityError(SvidDetail.JWT_SVID_MALFORMED, "header and payload must be JSON objects")
         extra = set(header) - _ALLOWED_HEADERS
         if extra:
-            raise IdentityError("jwt_svid_bad_header", f"header parameters not allowed: {sorted(extra)}")
+            raise IdentityError(SvidDetail.JWT_SVID_BAD_HEADER, f"header parameters not allowed: {sorted(extra)}")
         alg = header.get("alg")
         if alg not in ALLOWED_ALGORITHMS:
-            raise IdentityError("jwt_svid_bad_algorithm", f"alg {alg!r} is not allowed")
+            raise IdentityError(SvidDetail.JWT_SVID_BAD_ALGORITHM, f"alg {alg!r} is not allowed")
         if header.get("typ") not in (None, "JWT", "JOSE"):
-            raise IdentityError("jwt_svid_bad_header", "typ must be JWT or JOSE")
+            raise IdentityError(SvidDetail.JWT_SVID_BAD_HEADER, "typ must be JWT or JOSE")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
-            raise IdentityError("jwt_svid_bad_header", "kid is required")
+            raise IdentityError(SvidDetail.JWT_SVID_BAD_HEADER, "kid is required")
         for claim in ("sub", "aud", "exp"):
             if claims.get(claim) in (None, "", []):
-                raise IdentityError("jwt_svid_missing_claim", f"claim {claim!r} is required")
+                raise IdentityError(SvidDetail.JWT_SVID_MISSING_CLAIM, f"claim {claim!r} is required")
         sub = claims["sub"]
         try:
             spiffe_id = parse_spiffe_id(sub) if isinstance(sub, str) else parse_spiffe_id("")
         except SpiffeIdError as exc:
-            raise IdentityError("jwt_svid_invalid_subject", str(exc)) from None
+            raise IdentityError(SvidDetail.JWT_SVID_INVALID_SUBJECT, str(exc)) from None
         trust_domain = str(spiffe_id.trust_domain)
         keys = self.bundles.jwt.get(trust_domain)
         if keys is None:
-            raise IdentityError("jwt_svid_unknown_trust_domain", f"no JWT bundle for {trust_domain}")
+            raise IdentityError(SvidDetail.JWT_SVID_UNKNOWN_TRUST_DOMAIN, f"no JWT bundle for {trust_domain}")
         key = keys.get(kid)
         if key is None:
-            raise IdentityError("jwt_svid_unknown_key", f"kid {kid!r} is not in the {trust_domain} JWT bundle")
+            raise IdentityError(SvidDetail.JWT_SVID_UNKNOWN_KEY, f"kid {kid!r} is not in the {trust_domain} JWT bundle")
         try:
             verified = jwt.decode(
                 token,
@@ -118,14 +118,14 @@ class JwtSvidVerifier:
                 leeway=0,
             )
         except jwt.InvalidAudienceError:
-            raise IdentityError("jwt_svid_bad_audience", "aud does not name this agent") from None
+            raise IdentityError(SvidDetail.JWT_SVID_BAD_AUDIENCE, "aud does not name this agent") from None
         except jwt.ExpiredSignatureError:
-            raise IdentityError("jwt_svid_expired", "the token has expired") from None
+            raise IdentityError(SvidDetail.JWT_SVID_EXPIRED, "the token has expired") from None
         except jwt.InvalidSignatureError:
-            raise IdentityError("jwt_svid_bad_signature", "signature does not verify") from None
+            raise IdentityError(SvidDetail.JWT_SVID_BAD_SIGNATURE, "signature does not verify") from None
         except jwt.PyJWTError as exc:
-            raise IdentityError("jwt_svid_malformed", str(exc)) from None
+            raise IdentityError(SvidDetail.JWT_SVID_MALFORMED, str(exc)) from None
         exp = verified["exp"]
         if not isinstance(exp, int | float) or exp <= now:
-            raise IdentityError("jwt_svid_expired", "the token has expired")
+            raise IdentityError(SvidDetail.JWT_SVID_EXPIRED, "the token has expired")
         return VerifiedJwtSvid(str(spiffe_id), trust_domain, int(exp))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,16 +19,18 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, Pub
 from jwt import PyJWKSet
 from jwt.exceptions import PyJWKSetError
 
-from sidecar.config.schema import IdentityFilesSpec
-from sidecar.errors import KeyLoadError, SpiffeIdError
+from sidecar.errors import AgentAuthzError, ErrorCode, KeyLoadError, SpiffeIdError
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.spiffe_id import parse_spiffe_id
 
 __all__ = ["IdentityState", "KeyMismatchError", "Svid", "load_identity_files", "parse_jwt_bundle", "svid_from_chain"]
 
 
-class KeyMismatchError(ValueError):
-    """The private key does not belong to the SVID's leaf certificate."""
+class KeyMismatchError(AgentAuthzError, ValueError):
+    """The private key does not belong to the SVID's leaf certificate (a ``ValueError`` too, as the
+    other reasons :func:`svid_from_chain` refuses a chain)."""
+
+    code = ErrorCode.KEY_MISMATCH
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,49 +121,53 @@ def parse_jwt_bundle(data: bytes) -> dict[str, PublicKeyTypes]:
 
 
 def load_identity_files(
-    spec: IdentityFilesSpec,
     read: Callable[[Path, str], bytes],
     *,
+    svid: Path,
+    key: Path,
+    bundles: Mapping[str, Path],
+    jwt_bundles: Mapping[str, Path],
     file: str,
 ) -> IdentityState:
     """Load the SVID, key and bundles named in ``identity.files``.
 
     Args:
-        spec: the ``identity.files`` section.
         read: reads a file named in config: ``(path, field) -> bytes`` (records it for reload).
+        svid / key: the ``svid`` (PEM chain, leaf first) and ``key`` files.
+        bundles / jwt_bundles: trust domain -> X.509 bundle (PEM) / JWT bundle (JWKS) file.
         file: the config file, for error messages.
 
     Raises:
         KeyLoadError: a file is missing or does not parse; errors name the field.
     """
-    chain_pem = read(spec.svid, "identity.files.svid")
-    key_pem = read(spec.key, "identity.files.key")
+    chain_pem = read(svid, "identity.files.svid")
+    key_pem = read(key, "identity.files.key")
     try:
         chain = x509.load_pem_x509_certificates(chain_pem)
     except ValueError as exc:
         raise KeyLoadError(file, "identity.files.svid", f"not PEM certificates ({exc})") from None
     try:
-        key = serialization.load_pem_private_key(key_pem, password=None)
+        private_key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError) as exc:
         raise KeyLoadError(file, "identity.files.key", f"not an unencrypted PEM private key ({exc})") from None
     try:
-        svid = svid_from_chain(chain, key)
+        agent_svid = svid_from_chain(chain, private_key)
     except KeyMismatchError as exc:
         raise KeyLoadError(file, "identity.files.key", str(exc)) from None
     except ValueError as exc:
         raise KeyLoadError(file, "identity.files.svid", str(exc)) from None
     x509_bundles = {}
-    for trust_domain, path in sorted(spec.bundles.items()):
+    for trust_domain, path in sorted(bundles.items()):
         field_name = f"identity.files.bundles.{trust_domain}"
         try:
             x509_bundles[trust_domain] = tuple(x509.load_pem_x509_certificates(read(path, field_name)))
         except ValueError as exc:
             raise KeyLoadError(file, field_name, f"not PEM certificates ({exc})") from None
-    jwt_bundles = {}
-    for trust_domain, path in sorted(spec.jwt_bundles.items()):
+    jwt_keys = {}
+    for trust_domain, path in sorted(jwt_bundles.items()):
         field_name = f"identity.files.jwt_bundles.{trust_domain}"
         try:
-            jwt_bundles[trust_domain] = parse_jwt_bundle(read(path, field_name))
+            jwt_keys[trust_domain] = parse_jwt_bundle(read(path, field_name))
         except ValueError as exc:
             raise KeyLoadError(file, field_name, str(exc)) from None
-    return IdentityState(svid, TrustBundles(x509_bundles, jwt_bundles), "files")
+    return IdentityState(agent_svid, TrustBundles(x509_bundles, jwt_keys), "files")

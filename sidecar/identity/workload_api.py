@@ -14,7 +14,7 @@ import structlog
 from spiffe import JwtSource, X509Source
 from spiffe.errors import PySpiffeError
 
-from sidecar.errors import AgentAuthzError
+from sidecar.errors import AgentAuthzError, ErrorCode
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.state import IdentityState, svid_from_chain
 
@@ -26,7 +26,7 @@ _log = structlog.get_logger("agent_authz.identity")
 class WorkloadApiError(AgentAuthzError):
     """The Workload API did not deliver an identity."""
 
-    code = "identity_unavailable"
+    code = ErrorCode.IDENTITY_UNAVAILABLE
 
 
 class WorkloadApiIdentity:

@@ -32,7 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
-from sidecar.errors import IdentityError, SpiffeIdError
+from sidecar.errors import IdentityError, SpiffeIdError, SvidDetail
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.spiffe_id import parse_spiffe_id
 
@@ -73,16 +73,16 @@ def chain_from_xfcc(value: str) -> str:
 
 def _decode(encoded: str, what: str) -> list[x509.Certificate]:
     if len(encoded) > _MAX_PEM:
-        raise IdentityError("svid_malformed", f"{what} larger than {_MAX_PEM} bytes")
+        raise IdentityError(SvidDetail.SVID_MALFORMED, f"{what} larger than {_MAX_PEM} bytes")
     if not encoded.isascii():
-        raise IdentityError("svid_malformed", f"{what} is not URL-encoded ASCII")
+        raise IdentityError(SvidDetail.SVID_MALFORMED, f"{what} is not URL-encoded ASCII")
     data = urllib.parse.unquote_to_bytes(encoded)
     if b"-----BEGIN CERTIFICATE-----" not in data:
-        raise IdentityError("svid_malformed", f"{what} is not PEM")
+        raise IdentityError(SvidDetail.SVID_MALFORMED, f"{what} is not PEM")
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError as exc:
-        raise IdentityError("svid_malformed", f"{what} does not parse ({exc})") from None
+        raise IdentityError(SvidDetail.SVID_MALFORMED, f"{what} does not parse ({exc})") from None
 
 
 def _check_leaf(leaf: x509.Certificate, now: float) -> tuple[str, str]:
@@ -92,31 +92,33 @@ def _check_leaf(leaf: x509.Certificate, now: float) -> tuple[str, str]:
     except x509.ExtensionNotFound:
         uris = []
     except ValueError as exc:  # malformed extension
-        raise IdentityError("svid_malformed", f"bad subjectAltName ({exc})") from None
+        raise IdentityError(SvidDetail.SVID_MALFORMED, f"bad subjectAltName ({exc})") from None
     if not uris:
-        raise IdentityError("svid_no_uri_san", "the certificate has no URI SAN")
+        raise IdentityError(SvidDetail.SVID_NO_URI_SAN, "the certificate has no URI SAN")
     if len(uris) > 1:
-        raise IdentityError("svid_multiple_uri_sans", f"the certificate has {len(uris)} URI SANs")
+        raise IdentityError(SvidDetail.SVID_MULTIPLE_URI_SANS, f"the certificate has {len(uris)} URI SANs")
     try:
         spiffe_id = parse_spiffe_id(uris[0])
     except SpiffeIdError as exc:
-        raise IdentityError("svid_invalid_spiffe_id", str(exc)) from None
+        raise IdentityError(SvidDetail.SVID_INVALID_SPIFFE_ID, str(exc)) from None
     try:
         basic = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
         if basic.ca:
-            raise IdentityError("svid_leaf_is_ca", "the leaf has CA:TRUE")
+            raise IdentityError(SvidDetail.SVID_LEAF_IS_CA, "the leaf has CA:TRUE")
     except x509.ExtensionNotFound:
         pass
     try:
         usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
-        raise IdentityError("svid_bad_key_usage", "the leaf has no keyUsage extension") from None
+        raise IdentityError(SvidDetail.SVID_BAD_KEY_USAGE, "the leaf has no keyUsage extension") from None
     if not usage.digital_signature or usage.key_cert_sign or usage.crl_sign:
-        raise IdentityError("svid_bad_key_usage", "keyUsage must have digitalSignature, not keyCertSign/cRLSign")
+        raise IdentityError(
+            SvidDetail.SVID_BAD_KEY_USAGE, "keyUsage must have digitalSignature, not keyCertSign/cRLSign"
+        )
     if now < leaf.not_valid_before_utc.timestamp():
-        raise IdentityError("svid_not_yet_valid", "the certificate is not yet valid")
+        raise IdentityError(SvidDetail.SVID_NOT_YET_VALID, "the certificate is not yet valid")
     if now >= leaf.not_valid_after_utc.timestamp():
-        raise IdentityError("svid_expired", "the certificate has expired")
+        raise IdentityError(SvidDetail.SVID_EXPIRED, "the certificate has expired")
     return str(spiffe_id), str(spiffe_id.trust_domain)
 
 
@@ -180,7 +182,7 @@ class X509SvidVerifier:
         spiffe_id, trust_domain = _check_leaf(leaf, now)
         store = self._stores.get(trust_domain)
         if store is None:
-            raise IdentityError("svid_unknown_trust_domain", f"no trust bundle for {trust_domain}")
+            raise IdentityError(SvidDetail.SVID_UNKNOWN_TRUST_DOMAIN, f"no trust bundle for {trust_domain}")
         fingerprint = leaf.fingerprint(hashes.SHA256())
         intermediates = [c for c in chain if c.fingerprint(hashes.SHA256()) != fingerprint]
         verifier = (
@@ -193,6 +195,8 @@ class X509SvidVerifier:
         try:
             verified = verifier.verify(leaf, intermediates)
         except VerificationError as exc:
-            raise IdentityError("svid_chain_invalid", f"no chain to the {trust_domain} bundle ({exc})") from None
+            raise IdentityError(
+                SvidDetail.SVID_CHAIN_INVALID, f"no chain to the {trust_domain} bundle ({exc})"
+            ) from None
         not_after = min(c.not_valid_after_utc.timestamp() for c in (leaf, *verified.chain))
         return VerifiedSvid(spiffe_id, trust_domain, format(leaf.serial_number, "x"), not_after, fingerprint.hex())

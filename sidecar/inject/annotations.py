@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sidecar.config.task_file import check_task_credentials, looks_like_jws, parse_task_document
-from sidecar.errors import AgentAuthzError, ConfigError
+from sidecar.errors import AgentAuthzError, ConfigError, ErrorCode
 from sidecar.grants import codec
 from sidecar.grants.model import GRANT_TYP, GrantError
 from sidecar.grants.verify import task_spec_from_claims
@@ -38,7 +38,7 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}$")
 class AnnotationError(AgentAuthzError):
     """A pod annotation is invalid; the message names the annotation and the reason."""
 
-    code = "annotation_invalid"
+    code = ErrorCode.ANNOTATION_INVALID
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,14 +19,17 @@ import urllib.request
 import uuid
 from typing import Any
 
+from sidecar.errors import AgentAuthzError, ErrorCode
 from sidecar.inject import layout
 from sidecar.inject.review import API_VERSION
 
 __all__ = ["CheckFailed", "check_webhook", "sample_review"]
 
 
-class CheckFailed(Exception):
+class CheckFailed(AgentAuthzError):
     """The webhook's answer was wrong or missing; ``str(exc)`` says how."""
+
+    code = ErrorCode.WEBHOOK_CHECK_FAILED
 
 
 def sample_review(namespace: str, annotations: dict[str, str] | None = None) -> dict[str, Any]:

@@ -18,13 +18,13 @@ path                                  volume                   content
 ``/etc/agent-authz/trust/``           emptyDir                 with ``intercept``: ``ca.pem``, ``ca-bundle.pem``;
                                                                written by the sidecar, read-only in the
                                                                pod's own containers (with the variables of
-                                                               :func:`sidecar.intercept.trust.agent_trust_env`)
+                                                               :func:`sidecar.tls_intercept.trust.agent_trust_env`)
 ====================================  =======================  ==========================================
 """
 
 from __future__ import annotations
 
-from sidecar.intercept.trust import AGENT_TRUST_DIR, TRUST_VOLUME
+from sidecar.tls_intercept.trust import AGENT_TRUST_DIR, TRUST_VOLUME
 
 __all__ = [
     "ANNOTATION_INJECT",

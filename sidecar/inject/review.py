@@ -26,10 +26,12 @@ from typing import Any
 
 import structlog
 
-from sidecar.inject.patch import Injection, InjectionDenied, check_update, plan_injection
+from sidecar.errors import AgentAuthzError, ErrorCode
+from sidecar.inject.pod import check_update, plan_injection
+from sidecar.inject.podspec import AdmissionOutcome, Injection, InjectionDenied
 from sidecar.inject.settings import InjectorConfig
 
-__all__ = ["API_VERSION", "MAX_REVIEW_BYTES", "BadReview", "Outcome", "decide"]
+__all__ = ["API_VERSION", "MAX_REVIEW_BYTES", "AdmissionOutcome", "BadReview", "Outcome", "decide"]
 
 API_VERSION = "admission.k8s.io/v1"
 MAX_REVIEW_BYTES = 4 * 1024 * 1024
@@ -40,8 +42,10 @@ _MAX_UID = 256
 _log = structlog.get_logger("agent_authz.webhook")
 
 
-class BadReview(Exception):
+class BadReview(AgentAuthzError):
     """The body is not an AdmissionReview that can be answered; ``str(exc)`` says why (HTTP 400)."""
+
+    code = ErrorCode.BAD_REVIEW
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,14 +55,13 @@ class Outcome:
     Attributes:
         review: the ``AdmissionReview`` to send back (JSON-ready).
         allowed: the verdict.
-        outcome: ``injected``, ``already_injected``, ``opted_out``, ``validated``, ``unchanged``,
-            ``not_injected``, ``ignored`` or ``denied`` (for logs and tests).
+        outcome: what was done (:class:`AdmissionOutcome`; for logs, the metric and tests).
         message: the denial message, if denied.
     """
 
     review: dict[str, Any]
     allowed: bool
-    outcome: str
+    outcome: AdmissionOutcome
     message: str = ""
 
 
@@ -92,7 +95,7 @@ def _deny(uid: str, message: str, *, code: int = 403) -> Outcome:
     reason = "Forbidden" if code == 403 else ("BadRequest" if code == 400 else "InternalError")
     text = f"agent-authz: {message}"
     status = {"code": code, "reason": reason, "message": text}
-    return Outcome(_response(uid, {"allowed": False, "status": status}), False, "denied", text)
+    return Outcome(_response(uid, {"allowed": False, "status": status}), False, AdmissionOutcome.DENIED, text)
 
 
 def _allow(uid: str, injection: Injection) -> Outcome:
@@ -154,7 +157,7 @@ def decide(body: bytes, config: InjectorConfig, *, now: float) -> Outcome:
                 now=now,
             )
         elif operation in ("DELETE", "CONNECT"):
-            injection = Injection([], "ignored")
+            injection = Injection([], AdmissionOutcome.IGNORED)
         else:
             return _deny(uid, f"unknown operation {operation!r}", code=400)
     except InjectionDenied as exc:

@@ -7,6 +7,8 @@ Routes:
         ``request.uid``, not ``application/json``, over 4 MiB).
     ``GET /healthz`` - the process is alive.
     ``GET /readyz`` - serving (the settings and the sidecar configuration loaded at start).
+    ``GET /metrics`` - Prometheus text: ``agent_authz_webhook_admissions_total`` by ``outcome``
+        (:class:`~sidecar.metrics.WebhookMetrics`).
 
 TLS 1.2 or later with the certificate and key from files (a Secret the chart generates, or one
 cert-manager or the operator supplies); a rotated certificate is loaded without restart (the
@@ -30,13 +32,16 @@ import structlog
 from aiohttp import web
 
 from sidecar.config.watch import watch_and_reload
+from sidecar.inject.podspec import AdmissionOutcome
 from sidecar.inject.review import MAX_REVIEW_BYTES, BadReview, decide
 from sidecar.inject.settings import InjectorConfig
+from sidecar.metrics import CONTENT_TYPE, WebhookMetrics
 
 __all__ = ["make_webhook_app", "serve_webhook", "tls_context"]
 
 _log = structlog.get_logger("agent_authz.webhook")
 CONFIG: web.AppKey[InjectorConfig] = web.AppKey("config", InjectorConfig)
+METRICS: web.AppKey[WebhookMetrics] = web.AppKey("metrics", WebhookMetrics)
 
 
 def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -69,16 +74,21 @@ async def _read_limited(request: web.Request) -> bytes | None:
 
 
 async def _inject(request: web.Request) -> web.Response:
+    metrics = request.app[METRICS]
     if request.content_type != "application/json":
+        metrics.observe(AdmissionOutcome.UNANSWERABLE)
         return _bad(f"expected Content-Type application/json, got {request.content_type!r}")
     body = await _read_limited(request)
     if body is None:
+        metrics.observe(AdmissionOutcome.UNANSWERABLE)
         return _bad(f"request body larger than {MAX_REVIEW_BYTES} bytes")
     try:
         outcome = decide(body, request.app[CONFIG], now=time.time())
     except BadReview as exc:
+        metrics.observe(AdmissionOutcome.UNANSWERABLE)
         _log.warning("admission_bad_request", error=str(exc), peer=request.remote)
         return _bad(str(exc))
+    metrics.observe(outcome.outcome)
     review_request = json.loads(body)["request"]
     obj = review_request.get("object")
     metadata = obj.get("metadata") if isinstance(obj, dict) else None
@@ -101,13 +111,19 @@ async def _healthz(_: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
 def make_webhook_app(config: InjectorConfig) -> web.Application:
     """The webhook's aiohttp application (routes above)."""
     app = web.Application()
     app[CONFIG] = config
+    app[METRICS] = WebhookMetrics(AdmissionOutcome)
     app.router.add_post("/inject", _inject)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _healthz)
+    app.router.add_get("/metrics", _metrics)
     return app
 
 

@@ -22,7 +22,7 @@ from sidecar.config.loader import LoadedConfig, format_loc, load_config
 from sidecar.config.schema import SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.inject import layout
-from sidecar.netfilter.rules import InterceptError, parse_cidrs
+from sidecar.redirect.rules import RedirectError, parse_cidrs
 
 __all__ = [
     "ContainerSettings",
@@ -31,6 +31,7 @@ __all__ = [
     "InjectorSettings",
     "Resources",
     "WorkloadApiVolume",
+    "build_injector",
     "check_layout",
     "load_injector",
 ]
@@ -185,7 +186,7 @@ class InjectorSettings(_Model):
     def _cidrs(cls, value: list[str]) -> list[str]:
         try:
             parse_cidrs(",".join(value))  # the iptables step's own parser: refuse here what it would refuse
-        except InterceptError as exc:
+        except RedirectError as exc:
             raise ValueError(str(exc)) from None
         return value
 
@@ -311,14 +312,29 @@ def load_injector(path: str | Path) -> InjectorConfig:
     sidecar_path = (
         settings.sidecar_config if settings.sidecar_config.is_absolute() else source.parent / settings.sidecar_config
     )
-    loaded = load_config(sidecar_path)
+    return build_injector(settings, load_config(sidecar_path), file=str(source))
+
+
+def build_injector(settings: InjectorSettings, loaded: LoadedConfig, *, file: str) -> InjectorConfig:
+    """The :class:`InjectorConfig` of validated settings and the ``sidecar.yaml`` they name (no I/O:
+    tests build it in memory).
+
+    Args:
+        settings: the validated ``injector.yaml``.
+        loaded: the validated ``sidecar.yaml``.
+        file: the settings file, for errors.
+
+    Raises:
+        ConfigError: ``sidecar.yaml`` does not fit the pod layout (every disagreement listed), or
+            the proxy runs as root.
+    """
     problems = check_layout(loaded.settings)
     if problems:
-        raise ConfigError(str(sidecar_path), "", "does not fit the injected pod: " + "; ".join(problems))
+        raise ConfigError(str(loaded.source), "", "does not fit the injected pod: " + "; ".join(problems))
     sidecar = loaded.settings
     assert sidecar.envoy.outbound_port is not None and sidecar.listen.health is not None
     if settings.proxy_uid == 0 or settings.proxy_gid == 0:
-        raise ConfigError(str(source), "proxy_uid", "the proxy runs as non-root")
+        raise ConfigError(file, "proxy_uid", "the proxy runs as non-root")
     return InjectorConfig(
         settings=settings,
         sidecar=loaded,

@@ -8,11 +8,26 @@ loop, so concurrent requests can never overspend a budget.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
-__all__ = ["BudgetKey", "BudgetLedger"]
+from sidecar.policy.model import EgressRule, Task
+
+if TYPE_CHECKING:
+    from sidecar.agentproto.rules import ToolRule
+
+__all__ = ["BudgetKey", "BudgetLedger", "budget_limits"]
 
 BudgetKey = tuple[str, str]
 """``(task_id, rule_budget_key)``; the task-wide counter uses ``(task_id, "")``."""
+
+
+def budget_limits(
+    task: Task, rule: EgressRule, tool: ToolRule | None = None
+) -> tuple[tuple[BudgetKey, int | None], ...]:
+    """The counters one call under ``rule`` spends, with their limits: the task's and the rule's,
+    and for an MCP ``tools/call`` allowed by a ``tools`` entry also the entry's (``max_calls``)."""
+    limits = (((task.id, ""), task.max_calls), ((task.id, rule.budget_key), rule.max_calls))
+    return limits if tool is None else (*limits, ((task.id, tool.budget_key), tool.max_calls))
 
 
 class BudgetLedger:

@@ -15,14 +15,15 @@ the answer is judged on the SNI and the original destination:
    ``tls: passthrough``) < ``port_not_allowed``; ``budget_exhausted``.
 
 The connection goes to the original destination, so a passthrough rule trusts the agent to connect
-to an address of the host it names (see the README's "Transparent interception"). No token is
+to an address of the host it names (see docs/concepts/interception.md, "Transparent interception"). No token is
 injected: Envoy cannot change what the TLS connection carries.
 
 A TLS connection to a server name and port that an active task intercepts (``tls: intercept``)
 never gets here: Envoy terminates it in a filter chain of its own. Inside a proxy ``CONNECT``
-tunnel (context ``via: connect``) there is no original destination and nothing is passed through:
-a connection that reaches this check there is denied after the SNI checks - ``host_not_allowed``,
-or ``tls_not_allowed`` when rules name the host (none intercepting it on port 443).
+tunnel (:attr:`~sidecar.decision.AuthzRequest.via_connect`) there is no original destination and
+nothing is passed through: a connection that reaches this check there is denied after the SNI
+checks - ``host_not_allowed``, or ``tls_not_allowed`` when rules name the host (none intercepting
+it on port 443).
 """
 
 from __future__ import annotations
@@ -33,9 +34,8 @@ from dataclasses import replace
 from sidecar.decision import AuthzRequest, Decision, Direction, Protocol, Reason, deny_status
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, normalize_authority
-from sidecar.policy.budget import BudgetLedger
-from sidecar.policy.engine import _budget_limits, _task_state
-from sidecar.policy.model import EgressRule, PolicyIndex, Task
+from sidecar.policy.budget import BudgetLedger, budget_limits
+from sidecar.policy.model import EgressRule, PolicyIndex, Task, task_state
 
 __all__ = ["decide_connection", "parse_destination", "sni_host"]
 
@@ -134,7 +134,7 @@ def decide_connection(
             on_behalf_of=task.on_behalf_of if task else None,
         )
 
-    via_connect = request.context.get("via") == "connect"
+    via_connect = request.via_connect
     if destination is None and not via_connect:
         return deny(Reason.UNKNOWN_DESTINATION, "no usable original destination (not a redirected connection)")
     if request.protocol is not Protocol.TLS:
@@ -155,9 +155,9 @@ def decide_connection(
     tasks = policy.tasks_by_agent.get(policy.agent, ())
     if not tasks:
         return deny(Reason.NO_TASK, "no task is declared for this agent")
-    active = [t for t in tasks if _task_state(t, now) is None]
+    active = [t for t in tasks if task_state(t, now) is None]
     if not active:
-        state = _task_state(tasks[0], now)
+        state = task_state(tasks[0], now)
         assert state is not None
         return deny(state, f"no active task (first: {state.value})", tasks[0])
     deepest, deepest_task = -1, active[0]
@@ -167,7 +167,7 @@ def decide_connection(
         if stage > deepest:
             deepest, deepest_task = stage, task
         for rule in rules:
-            limits = _budget_limits(task, rule)
+            limits = budget_limits(task, rule)
             if budgets.available(limits) and budgets.try_consume(limits):
                 return replace(
                     base,

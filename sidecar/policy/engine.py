@@ -6,52 +6,52 @@ yields to the event loop, so budgets are exact under concurrency.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sidecar.decision import DECISION_ID_HEADER, TASK_HEADER, AuthzRequest, Decision, Direction, Reason, deny_status
+from sidecar.agentproto.rules import ProtocolPolicy, RpcVerdict, ToolRule, judge
+from sidecar.decision import AuthzRequest, Decision, Direction, Reason, deny_status
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_target
-from sidecar.policy.budget import BudgetKey, BudgetLedger
-from sidecar.policy.model import EgressRule, PolicyIndex, Task
+from sidecar.policy.budget import BudgetLedger, budget_limits
+from sidecar.policy.model import EgressRule, PolicyIndex, Task, task_state
 from sidecar.tokens.minter import TokenMinter
+from sidecar.wire import DECISION_ID_HEADER, LIST_FILTER_HEADER, TASK_HEADER
 
-__all__ = ["INTERCEPT_CONTEXT", "UPSTREAM_TLS_CONTEXT", "UPSTREAM_VERIFY_CONTEXT", "decide_egress", "dry_run"]
+__all__ = ["decide_egress", "dry_run"]
 
-UPSTREAM_TLS_CONTEXT = "upstream_tls"
-"""``context_extensions`` key Envoy sets to ``originate`` on routes that open TLS to the upstream;
-a ``tls: originate`` rule allows a call only through such a route, so a bootstrap rendered before the
-rule existed can never send its token in clear text."""
-INTERCEPT_CONTEXT = "intercept"
-"""``context_extensions`` key of the routes behind an intercepting filter chain: ``host:port``, the
-server name and port whose TLS Envoy terminated with a pod-CA certificate. Only ``tls: intercept``
-rules match such a request, and only if it names that host and port; ``tls: intercept`` rules match
-nothing else."""
-UPSTREAM_VERIFY_CONTEXT = "upstream_verify"
-"""``context_extensions`` key: how that route's cluster verifies the upstream (recorded as is)."""
-
-_ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER)
+_ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER, LIST_FILTER_HEADER)
 _ALWAYS_REMOVE_WITH_AUTHORIZATION = (*_ALWAYS_REMOVE, "authorization")
 _AGENT_CREDENTIALS = ("authorization", *_ALWAYS_REMOVE)
 
-# How far a rule got before it failed; the deepest failure explains a deny best.
-_STAGES = (Reason.HOST_NOT_ALLOWED, Reason.PORT_NOT_ALLOWED, Reason.METHOD_NOT_ALLOWED, Reason.PATH_NOT_ALLOWED)
+# How far a rule got before it failed; the deepest failure explains a deny best. After the path come
+# the JSON-RPC checks of MCP/A2A rules, and last the problems of the body itself (the same for every rule).
+_STAGES = (
+    Reason.HOST_NOT_ALLOWED,
+    Reason.PORT_NOT_ALLOWED,
+    Reason.METHOD_NOT_ALLOWED,
+    Reason.PATH_NOT_ALLOWED,
+    Reason.RPC_METHOD_NOT_ALLOWED,
+    Reason.RESOURCE_NOT_ALLOWED,
+    Reason.PROMPT_NOT_ALLOWED,
+    Reason.TOOL_NOT_ALLOWED,
+    Reason.ARGUMENT_NOT_ALLOWED,
+    Reason.MCP_BODY_UNAVAILABLE,
+    Reason.MCP_INVALID_BODY,
+    Reason.MCP_BODY_TOO_LARGE,
+    Reason.MCP_AMBIGUOUS_BODY,
+    Reason.MCP_HEADER_MISMATCH,
+)
+_RpcJudge = Callable[[ProtocolPolicy], RpcVerdict]
 
 
 @dataclass(frozen=True, slots=True)
 class _Match:
-    rules: tuple[EgressRule, ...]  # rules that match host, port, method and path
+    rules: tuple[EgressRule, ...]  # rules that match host, port, method and path (and the JSON-RPC message)
     reason: Reason  # deepest failure when ``rules`` is empty
-
-
-def _task_state(task: Task, now: float) -> Reason | None:
-    if task.revoked:
-        return Reason.TASK_REVOKED
-    if now < task.not_before:
-        return Reason.TASK_NOT_YET_VALID
-    if now >= task.expires_at:
-        return Reason.TASK_EXPIRED
-    return None
+    verdicts: Mapping[int, RpcVerdict] = field(default_factory=dict)  # id(rule) -> verdict, MCP/A2A rules
+    detail: str = ""
 
 
 _HTTP_PORT = DEFAULT_PORTS["http"]
@@ -67,7 +67,18 @@ def _fits(rule: EgressRule, port: int, intercepted: bool) -> bool:
     return not intercepted and rule.tls != "passthrough" and (rule.port or _HTTP_PORT) == port
 
 
-def _match(task: Task, target: Target, method: str, intercepted: bool = False) -> _Match:
+def _judge_rpc(matched: tuple[EgressRule, ...], rpc: _RpcJudge) -> _Match:
+    """Judge the JSON-RPC message against the MCP/A2A rules among ``matched`` (plain rules pass)."""
+    verdicts = {id(rule): rpc(rule.rpc) for rule in matched if rule.rpc is not None}
+    allowed = tuple(r for r in matched if r.rpc is None or verdicts[id(r)].refusal is None)
+    if allowed:
+        return _Match(allowed, Reason.ALLOWED, verdicts)
+    deepest = max(verdicts.values(), key=lambda v: _STAGES.index(Reason(v.refusal or Reason.ALLOWED)))
+    assert deepest.refusal is not None
+    return _Match((), Reason(deepest.refusal), verdicts, deepest.detail)
+
+
+def _match(task: Task, target: Target, method: str, intercepted: bool = False, rpc: _RpcJudge | None = None) -> _Match:
     candidates = task.rules_for_host(target.host)
     if not candidates:
         return _NO_HOST
@@ -79,6 +90,8 @@ def _match(task: Task, target: Target, method: str, intercepted: bool = False) -
         and (rule.methods is None or method in rule.methods)
         and rule.paths.matches(path)
     )
+    if matched and rpc is not None and any(rule.rpc is not None for rule in matched):
+        return _judge_rpc(matched, rpc)
     if matched:
         return _Match(matched, Reason.ALLOWED)
     deepest = 0  # nothing allows it: find the check that failed last, to explain the deny
@@ -92,8 +105,18 @@ def _match(task: Task, target: Target, method: str, intercepted: bool = False) -
     return _Match((), _STAGES[deepest + 1])
 
 
-def _budget_limits(task: Task, rule: EgressRule) -> tuple[tuple[BudgetKey, int | None], ...]:
-    return (((task.id, ""), task.max_calls), ((task.id, rule.budget_key), rule.max_calls))
+def _charge(
+    task: Task, rules: tuple[EgressRule, ...], match: _Match, budgets: BudgetLedger
+) -> tuple[EgressRule, ToolRule | None] | None:
+    """The first (rule, tools entry) with budget left, charged; ``None`` when all are spent. A
+    ``tools/call`` is charged to the task, the rule and the tools entry at once."""
+    for rule in rules:
+        verdict = match.verdicts.get(id(rule))
+        for tool in verdict.tools if verdict is not None and verdict.tools else (None,):
+            limits = budget_limits(task, rule, tool)
+            if budgets.available(limits):
+                return (rule, tool) if budgets.try_consume(limits) else None
+    return None
 
 
 def _default_audience(scheme: str, target: Target) -> str:
@@ -132,18 +155,21 @@ def decide_egress(
     """
     agent = policy.agent
     method = request.method.upper()
-    intercept = request.context.get(INTERCEPT_CONTEXT)
-    tls = ("", "") if intercept is None else ("intercept", request.context.get(UPSTREAM_VERIFY_CONTEXT, ""))
-    sni_host, _, sni_port = (intercept or "").rpartition(":")
+    intercept = request.interception
     # what every record of this call carries, allowed or not
     seen: dict[str, Any] = {
         "agent": agent,
         "method": method,
         "destination": request.destination,
-        "sni": sni_host,
-        "tls": tls[0],
-        "upstream_verify": tls[1],
+        "sni": intercept.host if intercept else "",
+        "tls": "intercept" if intercept else "",
+        "upstream_verify": intercept.upstream_verify if intercept else "",
     }
+    rpc_protocol = request.rpc.protocol if request.rpc is not None else ""
+    judged: list[tuple[str, RpcVerdict]] = []
+    rpc = _rpc_judge(request, method, judged)
+    if rpc_protocol:
+        seen["rpc_protocol"] = rpc_protocol
     try:
         if method == "CONNECT":
             raise BadRequestError("CONNECT is accepted only to port 443 (the proxy intercepts HTTPS there)")
@@ -153,34 +179,44 @@ def decide_egress(
             False, Reason.BAD_REQUEST, 400, decision_id, str(exc), Direction.EGRESS, path=request.path[:256], **seen
         )
     seen.update(host=target.host, port=target.port, path=target.path)
-    if intercept is not None and (target.host != sni_host or str(target.port) != sni_port):
+    if intercept is not None and (target.host != intercept.host or target.port != intercept.port):
         return Decision(
             False,
             Reason.MISDIRECTED_REQUEST,
             421,
             decision_id,
-            f"the TLS connection was opened for {intercept}, the request names {target.host}:{target.port}",
+            f"the TLS connection was opened for {intercept.target}, the request names {target.host}:{target.port}",
             Direction.EGRESS,
             **seen,
         )
     task, outcome, detail = _select(
-        policy, request.headers.get(TASK_HEADER), agent, target, method, now, intercept is not None
+        policy, request.headers.get(TASK_HEADER), agent, target, method, now, intercept is not None, rpc
     )
     if task is not None:
         seen.update(task_id=task.id, on_behalf_of=task.on_behalf_of, txn=task.txn, act_chain=task.act_chain)
     rule: EgressRule | None = None
+    tool: ToolRule | None = None
+    match = outcome if isinstance(outcome, _Match) else None
     if isinstance(outcome, _Match):
         rules = outcome.rules
-        if request.context.get(UPSTREAM_TLS_CONTEXT) != "originate":
+        if not request.upstream_tls:
             rules = tuple(r for r in rules if r.tls != "originate")
         if not rules:
             outcome = Reason.TLS_ORIGINATION_UNAVAILABLE
             detail = "the rule needs 'tls: originate' and this Envoy route sends plain HTTP (re-render the bootstrap)"
         else:
             assert task is not None
-            rule = next((r for r in rules if budgets.available(_budget_limits(task, r))), None)
-            if rule is None or not budgets.try_consume(_budget_limits(task, rule)):
-                rule, outcome, detail = None, Reason.BUDGET_EXHAUSTED, "the task's call budget is spent"
+            charged = _charge(task, rules, outcome, budgets)
+            if charged is None:
+                outcome, detail = Reason.BUDGET_EXHAUSTED, "the task's call budget is spent"
+            else:
+                rule, tool = charged
+    verdict = None if rule is None or match is None else match.verdicts.get(id(rule))
+    if verdict is None and judged:
+        verdict = judged[0][1]
+    if verdict is not None:
+        protocol = rule.rpc.protocol if rule is not None and rule.rpc is not None else judged[0][0]
+        seen.update(rpc=verdict.record(tool) or None, rpc_id=verdict.rpc_id, rpc_protocol=rpc_protocol or protocol)
     if rule is None:
         reason = outcome if isinstance(outcome, Reason) else Reason.INTERNAL_ERROR
         return Decision(False, reason, deny_status(reason), decision_id, detail, Direction.EGRESS, **seen)
@@ -215,6 +251,15 @@ def decide_egress(
         to_remove = _ALWAYS_REMOVE_WITH_AUTHORIZATION
     if rule.credential is not None:
         to_set.append((rule.credential.header, rule.credential.value))
+    list_filter = None
+    if verdict is not None and rule.rpc is not None and rule.rpc.protocol == "mcp":
+        if verdict.fields.get("method") == "tools/list":
+            assert match is not None
+            list_filter = _visible_tools(match)
+            to_set.append(("accept-encoding", "identity"))  # the filter reads the response as sent
+            to_set.append((LIST_FILTER_HEADER, "1"))  # Envoy runs ext_proc on this response only
+            to_remove = tuple(h for h in to_remove if h != LIST_FILTER_HEADER)
+        seen["list_filter"] = list_filter
     return Decision(
         True,
         Reason.ALLOWED,
@@ -230,8 +275,42 @@ def decide_egress(
     )
 
 
+def _rpc_judge(request: AuthzRequest, method: str, judged: list[tuple[str, RpcVerdict]]) -> _RpcJudge:
+    """The judge of this request's JSON-RPC message, once per protocol policy (``(protocol,
+    verdict)`` pairs kept in ``judged`` for the record of a deny)."""
+    cache: dict[int, RpcVerdict] = {}
+    cap = request.rpc.body_cap if request.rpc is not None else 0
+    body = request.body if cap else None
+
+    def rpc(policy: ProtocolPolicy) -> RpcVerdict:
+        verdict = cache.get(id(policy))
+        if verdict is None:
+            verdict = judge(policy, http_method=method, headers=request.headers, body=body, cap=cap)
+            cache[id(policy)] = verdict
+            judged.append((policy.protocol, verdict))
+        return verdict
+
+    return rpc
+
+
+def _visible_tools(match: _Match) -> tuple[str, ...]:
+    """The tool name patterns of every MCP rule that allowed a ``tools/list``: what it may show."""
+    patterns: dict[str, None] = {}
+    for rule in match.rules:
+        if rule.rpc is not None and rule.rpc.protocol == "mcp":
+            patterns.update(dict.fromkeys(rule.rpc.tool_names.patterns))
+    return tuple(patterns)
+
+
 def _select(
-    policy: PolicyIndex, chosen: str | None, agent: str, target: Target, method: str, now: float, intercepted: bool
+    policy: PolicyIndex,
+    chosen: str | None,
+    agent: str,
+    target: Target,
+    method: str,
+    now: float,
+    intercepted: bool,
+    rpc: _RpcJudge | None = None,
 ) -> tuple[Task | None, _Match | Reason, str]:
     """Pick the task and match the call: ``(task, match or deny reason, detail)``."""
     if chosen is not None:
@@ -240,10 +319,10 @@ def _select(
             return None, Reason.UNKNOWN_TASK, "no task with the id named in x-agent-task"
         if task.agent != agent:
             return task, Reason.TASK_NOT_FOR_AGENT, "the task named in x-agent-task belongs to another agent"
-        state = _task_state(task, now)
+        state = task_state(task, now)
         if state is not None:
             return task, state, f"task is {state.value.removeprefix('task_').replace('_', ' ')}"
-        return _explained(task, _match(task, target, method, intercepted))
+        return _explained(task, _match(task, target, method, intercepted, rpc))
     tasks = policy.tasks_by_agent.get(agent, ())
     if not tasks:
         return None, Reason.NO_TASK, "no task is declared for this agent"
@@ -251,14 +330,14 @@ def _select(
         tasks = policy.tasks_for_host(agent, target.host)
         if not tasks:
             return None, Reason.HOST_NOT_ALLOWED, "no task of this agent names this host"
-    active = [t for t in tasks if _task_state(t, now) is None]
+    active = [t for t in tasks if task_state(t, now) is None]
     if not active:
-        state = _task_state(tasks[0], now)
+        state = task_state(tasks[0], now)
         assert state is not None
         return tasks[0], state, f"no active task (first: {state.value})"
     if len(active) == 1:
-        return _explained(active[0], _match(active[0], target, method, intercepted))
-    results = [(t, _match(t, target, method, intercepted)) for t in active]
+        return _explained(active[0], _match(active[0], target, method, intercepted, rpc))
+    results = [(t, _match(t, target, method, intercepted, rpc)) for t in active]
     allowed = [(t, m) for t, m in results if m.rules]
     if len(allowed) > 1:
         return None, Reason.TASK_AMBIGUOUS, "several active tasks allow this call; name one in x-agent-task"
@@ -270,6 +349,8 @@ def _select(
 def _explained(task: Task, match: _Match) -> tuple[Task, _Match | Reason, str]:
     if match.rules:
         return task, match, ""
+    if match.detail:
+        return task, match.reason, match.detail
     return task, match.reason, f"no egress rule of the task allows this call ({match.reason.value})"
 
 
@@ -279,8 +360,8 @@ def dry_run(decision: Decision) -> Decision:
     A call the policy allows keeps its obligations (token, API key, header removal) and is marked
     ``dry_run``. A call the policy denies becomes an allow with reason ``dry_run``, ``would_reason`` set
     to the deny reason, no token or API key, and the agent's credential headers (``authorization``,
-    ``proxy-authorization``, ``x-agent-task``) still removed, so a credential the task would not have
-    granted never leaves the pod.
+    ``proxy-authorization``, ``x-agent-task``) and the list-filter marker (``x-agent-authz-list-filter``)
+    still removed, so a credential the task would not have granted never leaves the pod.
     """
     if decision.allow:
         return replace(decision, dry_run=True, would_reason=decision.reason)

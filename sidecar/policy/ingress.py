@@ -11,17 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from sidecar.config.schema import SidecarConfig
-from sidecar.decision import CALLER_HEADER, DECISION_ID_HEADER, AuthzRequest, Decision, Direction, Reason
+from sidecar.decision import AuthzRequest, Decision, Direction, Reason
 from sidecar.errors import BadRequestError, IdentityError
 from sidecar.http_norm import normalize_target
 from sidecar.identity.jwtsvid import JwtSvidVerifier, looks_like_jwt
 from sidecar.identity.state import IdentityState
 from sidecar.identity.x509svid import X509SvidVerifier, chain_from_xfcc
 from sidecar.policy.model import PathMatcher
+from sidecar.wire import CALLER_HEADER, DECISION_ID_HEADER, XFCC_HEADER
 
 __all__ = ["CallerMatcher", "IdentityContext", "IngressPolicy", "IngressRule", "compile_ingress", "decide_ingress"]
-
-XFCC_HEADER = "x-forwarded-client-cert"
 
 
 @dataclass(frozen=True, slots=True)

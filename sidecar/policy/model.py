@@ -10,10 +10,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from sidecar.decision import Reason
+
 if TYPE_CHECKING:
+    from sidecar.agentproto.rules import ProtocolPolicy
     from sidecar.grants.model import Grant
 
-__all__ = ["Credential", "EgressRule", "PathMatcher", "PolicyIndex", "Task"]
+__all__ = ["Credential", "EgressRule", "PathMatcher", "PolicyIndex", "Task", "task_state"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,7 @@ class EgressRule:
         tls: ``none`` (plain HTTP), ``passthrough`` (a TLS connection judged on SNI; never matches
             an HTTP request) or ``originate`` (HTTP from the agent, TLS from Envoy to the upstream).
         upstream_port: with ``originate``, the upstream TLS port (default 443).
+        rpc: with ``protocol: mcp`` / ``a2a``, the compiled JSON-RPC rules; ``None`` for plain HTTP.
     """
 
     name: str
@@ -89,6 +93,7 @@ class EgressRule:
     credential: Credential | None
     tls: str = "none"
     upstream_port: int | None = None
+    rpc: ProtocolPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +146,18 @@ class Task:
         if len(found) > len(exact):
             found.sort(key=lambda item: item[0])
         return tuple(rule for _, rule in found)
+
+
+def task_state(task: Task, now: float) -> Reason | None:
+    """Why ``task`` cannot allow anything at ``now`` (POSIX seconds): ``task_revoked``,
+    ``task_not_yet_valid`` or ``task_expired``; ``None`` while it is active."""
+    if task.revoked:
+        return Reason.TASK_REVOKED
+    if now < task.not_before:
+        return Reason.TASK_NOT_YET_VALID
+    if now >= task.expires_at:
+        return Reason.TASK_EXPIRED
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,15 @@ from jwt.algorithms import ECAlgorithm, OKPAlgorithm
 
 from sidecar.errors import KeyLoadError
 
-__all__ = ["Algorithm", "KeySet", "SigningKey", "generate_private_key_pem", "load_signing_key", "thumbprint"]
+__all__ = [
+    "Algorithm",
+    "KeySet",
+    "RetiredKey",
+    "SigningKey",
+    "generate_private_key_pem",
+    "load_signing_key",
+    "thumbprint",
+]
 
 Algorithm = Literal["ES256", "EdDSA"]
 PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -51,6 +59,26 @@ class SigningKey:
     algorithm: Algorithm
     private_key: PrivateKey = field(repr=False)
     public_jwk: dict[str, Any] = field(compare=False)
+
+    def retire(self, until: float) -> RetiredKey:
+        """This key's public half, published until ``until`` (POSIX seconds) once it stops signing."""
+        return RetiredKey(self.kid, dict(self.public_jwk), until)
+
+
+@dataclass(frozen=True, slots=True)
+class RetiredKey:
+    """A key that no longer signs, published so that the tokens it signed still verify (plain data:
+    no private key).
+
+    Attributes:
+        kid: its RFC 7638 thumbprint.
+        public_jwk: the public JWK as published.
+        until: POSIX seconds after which it leaves the JWKS (its last token has expired by then).
+    """
+
+    kid: str
+    public_jwk: dict[str, Any] = field(compare=False)
+    until: float = 0.0
 
 
 def load_signing_key(pem: bytes, algorithm: Algorithm, *, file: str, field: str) -> SigningKey:
@@ -106,20 +134,20 @@ class KeySet:
     Attributes:
         current: signs new tokens.
         next: published ahead of rotation so verifiers already know it.
-        retired: earlier ``current`` keys, published until ``until`` (POSIX seconds) so tokens they
-            signed still verify.
+        retired: earlier ``current`` keys, published until their ``until`` (POSIX seconds) so tokens
+            they signed still verify.
     """
 
     current: SigningKey
     next: SigningKey | None = None
-    retired: tuple[tuple[SigningKey, float], ...] = ()
+    retired: tuple[RetiredKey, ...] = ()
 
     def jwks(self, now: float) -> dict[str, list[dict[str, Any]]]:
         """The JWKS document (RFC 7517 §5): current, next, then unexpired retired keys."""
         keys = [self.current.public_jwk]
         seen = {self.current.kid}
-        candidates = [self.next] if self.next is not None else []
-        candidates += [key for key, until in self.retired if until > now]
+        candidates: list[SigningKey | RetiredKey] = [self.next] if self.next is not None else []
+        candidates += [key for key in self.retired if key.until > now]
         for key in candidates:
             if key.kid not in seen:
                 keys.append(key.public_jwk)

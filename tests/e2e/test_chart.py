@@ -15,13 +15,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from sidecar.bootstrap.render import SPIRE_CLUSTER, render_envoy
+from sidecar.bootstrap.names import SPIRE_CLUSTER
+from sidecar.bootstrap.render import render_envoy
 from sidecar.config.loader import load_config
 from sidecar.inject.annotations import check_task_annotation
 from sidecar.inject.settings import load_injector
 from sidecar.tokens.keys import load_signing_key
-from tests.k8s import CHART, find, helm, helm_template, kubectl, secret_data, validate
-from tests.unit.test_dockerfile import parses
+from tests.support.commands import parses
+from tests.support.k8s import CHART, find, helm, helm_template, kubectl, secret_data, validate
 
 pytestmark = pytest.mark.e2e
 
@@ -132,7 +133,7 @@ def test_default_install(rendered: dict[str, list[dict[str, Any]]]) -> None:
     assert selector["matchExpressions"] == [
         {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [NS, "kube-system"]}
     ]
-    # the label the README tells users to set matches the selector (kubectl, offline)
+    # the label the install guide tells users to set matches the selector (kubectl, offline)
     namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "agents"}}
     labeled = json.loads(
         kubectl(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.envoy_bin import find_envoy
-from tests.conftest import API_HOST, base_config, task, write_config, write_keys
+from tests.support.config import API_HOST, base_config, task, write_config, write_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -173,7 +173,7 @@ def test_spire_mode_renders_sds_from_the_agent_socket(tmp_path: Path) -> None:
 
 
 def test_file_identity_renders_file_sds(tmp_path: Path) -> None:
-    from tests.conftest import add_file_identity
+    from tests.support.config import add_file_identity
 
     write_keys(tmp_path)
     config = base_config(tmp_path, [task()])

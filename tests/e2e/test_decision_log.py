@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.audit.reader import iter_lines, iter_records, log_files
-from sidecar.procs import http_get, wait_until
-from tests.conftest import API_HOST, Env, task
+from sidecar.harness import http_get, wait_until
+from tests.support.config import API_HOST, task
+from tests.support.stack import Env, metric, readyz
 
 pytestmark = pytest.mark.e2e
 
@@ -28,22 +28,6 @@ ITEMS = f"http://{API_HOST}/v1/items/1"
 
 def run_cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([sys.executable, "-m", "sidecar", *args], capture_output=True, input=stdin, timeout=60)
-
-
-def metric(env: Env, name: str, **labels: str) -> float | None:
-    """The value of one sample of ``/metrics`` (``None`` when absent)."""
-    status, body = http_get(env.admin + "/metrics")
-    assert status == 200
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return float(sample.value)
-    return None
-
-
-def readyz(env: Env) -> tuple[int, dict[str, Any]]:
-    status, body = http_get(env.admin + "/readyz")
-    return status, json.loads(body)
 
 
 def all_records(env: Env) -> list[dict[str, Any]]:

@@ -11,8 +11,9 @@ from pathlib import Path
 import jwt
 import pytest
 
-from sidecar.procs import http_get
-from tests.conftest import AGENT, API_AUDIENCE, API_HOST, ISSUER, Env, start_env, task
+from sidecar.harness import http_get
+from tests.support.config import AGENT, API_AUDIENCE, API_HOST, ISSUER, task
+from tests.support.stack import Env, start_env
 
 pytestmark = pytest.mark.e2e
 
@@ -202,7 +203,7 @@ def test_records_are_complete_and_hold_no_secrets(env: Env) -> None:
 
 def test_decision_id_reaches_envoy_access_log(env: Env) -> None:
     reply = env.send("GET", f"http://{API_HOST}/v1/items/access-log")
-    from sidecar.procs import wait_until
+    from sidecar.harness import wait_until
 
     def logged() -> dict | None:
         for line in env.stack.envoy.stdout_path.read_text().splitlines():

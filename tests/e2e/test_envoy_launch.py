@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.procs import ManagedProcess, SidecarProcess, http_get, wait_until
-from tests.conftest import base_config, task, write_config, write_keys
+from sidecar.harness import ManagedProcess, SidecarProcess, http_get, wait_until
+from tests.support.config import base_config, task, write_config, write_keys
 
 pytestmark = pytest.mark.e2e
 

@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 
+from sidecar.demo.tls_client import mtls_request
 from sidecar.demo.upstream import SampleUpstream
+from sidecar.harness import http_get, wait_until
 from sidecar.identity.devca import DevCA
-from sidecar.procs import http_get, wait_until
-from tests.certs import key_usage, make_leaf, write_pair
-from tests.conftest import AGENT, PLANNER, Env, add_file_identity, mtls_request, start_env, task
+from tests.support.certs import key_usage, make_leaf, write_pair
+from tests.support.config import AGENT, PLANNER, add_file_identity, task
+from tests.support.stack import Env, start_env
 
 pytestmark = pytest.mark.e2e
 

@@ -1,13 +1,13 @@
 """The injected pod spec actually works: the webhook's patched pod, run as the kubelet would.
 
 The chart is rendered (``helm template``), the webhook answers a real AdmissionReview for an agent
-pod, the patch is applied (``jsonpatch``), and :class:`tests.kubelet.Kubelet` runs the result: the
+pod, the patch is applied (``jsonpatch``), and :class:`tests.support.kubelet.Kubelet` runs the result: the
 ``agent-authz-init`` step in the pod's network namespace (root, only NET_ADMIN and NET_RAW), then
 the authz sidecar and Envoy as native sidecars (UID 1337, read-only root filesystem) until their
 startup probes pass, then the agent's own container (UID 1000). Volumes are laid out as the
 kubelet would: the chart's ConfigMap and signing-key Secret, the task annotation through the
 downward API, emptyDirs, and the SPIFFE CSI driver's directory holding the SPIRE agent socket -
-here a test server speaking the real SPIFFE Workload API and Envoy's SDS (``tests/workload_api.py``),
+here a test server speaking the real SPIFFE Workload API and Envoy's SDS (``tests/support/workload_api.py``),
 so both the sidecar and Envoy get the pod's X.509-SVID the way they would from SPIRE.
 
 The agent's traffic then goes through it: an allowed call arrives upstream with a task-scoped
@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,15 +32,16 @@ import jwt
 import pytest
 import yaml
 
+from sidecar.harness import http_get, wait_until
 from sidecar.identity.devca import DevCA
 from sidecar.inject import layout
-from sidecar.procs import ManagedProcess, http_get, wait_until
-from tests.certs import make_leaf, write_pair
-from tests.k8s import find, kubectl_annotate, secret_data, validate
-from tests.kubelet import Kubelet
-from tests.netns import AGENT_UID, POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user, missing_tools
-from tests.webhook_env import Webhook, admission_review, install, patched
-from tests.workload_api import WorkloadApiServer, serve_sds
+from tests.support.certs import make_leaf, write_pair
+from tests.support.k8s import find, kubectl_annotate, secret_data, validate
+from tests.support.kubelet import Kubelet
+from tests.support.netns import AGENT_UID, POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user
+from tests.support.netns_pod import pod_sandbox, start_servers
+from tests.support.webhook_env import Webhook, admission_review, install, patched
+from tests.support.workload_api import WorkloadApiServer, serve_sds
 
 pytestmark = [
     pytest.mark.e2e,
@@ -81,7 +80,15 @@ VALUES = {
 
 def agent_pod() -> dict[str, Any]:
     """The agent's pod as its author writes it: a plain app (UID 1000) with its task annotation."""
-    servers = ["python", "-m", "tests.netns_servers", "--log", "/app-logs/app.log", "--ready", "/app-logs/ready"]
+    servers = [
+        "python",
+        "-m",
+        "tests.support.netns_servers",
+        "--log",
+        "/app-logs/app.log",
+        "--ready",
+        "/app-logs/ready",
+    ]
     return {
         "apiVersion": "v1",
         "kind": "Pod",
@@ -155,79 +162,44 @@ class RunningPod:
         return jwt.PyJWKSet.from_dict(json.loads(body))
 
 
-def _upstream(net: PodNetwork, logs: Path) -> ManagedProcess:
-    ready = logs / "upstream.ready"
-    argv = [sys.executable, "-m", "tests.netns_servers", "--log", str(logs / "upstream.log"), "--ready", str(ready)]
-    proc = ManagedProcess(
-        "upstream", [*argv, "--http", f"{UPSTREAM_IP}:80"], log_dir=logs, cwd=REPO, prefix=net.exec_in(net.upstream, [])
-    )
-    proc.start()
-
-    def up() -> bool:
-        proc.check_alive()
-        return ready.exists()
-
-    wait_until(up, timeout=15, what="upstream servers")
-    return proc
-
-
 @pytest.fixture(scope="module")
 def pod() -> Iterator[RunningPod]:
-    missing = missing_tools() + [tool for tool in ("nsenter", "unshare", "mount") if shutil.which(tool) is None]
-    assert not missing, f"missing tools: {missing}"
-    base = Path(tempfile.mkdtemp(prefix="aa-pod-", dir="/tmp"))
-    base.chmod(0o755)
-    net = PodNetwork()
-    procs: list[Any] = []
-    kubelet: Kubelet | None = None
-    try:
+    with pod_sandbox("aa-pod-", tools=["nsenter", "unshare", "mount"]) as sandbox:
+        net, base = sandbox.net, sandbox.base
         installed = install(base / "chart", VALUES)
-        webhook = Webhook(installed, base / "chart")
+        webhook = sandbox.keep(Webhook(installed, base / "chart"))
         webhook.start()
-        procs.append(webhook)
         pod_spec = agent_pod()
         response = webhook.review(admission_review(pod_spec))
         admitted = patched(pod_spec, response)
         validate(admitted)
 
-        net.create()
-        logs = base / "upstream"
-        logs.mkdir()
-        procs.append(_upstream(net, logs))
-        csi = base / "csi"
-        csi.mkdir(mode=0o755)
+        logs = sandbox.dir("upstream")
+        sandbox.keep(start_servers("upstream", logs, net.exec_in(net.upstream, []), "--http", f"{UPSTREAM_IP}:80"))
+        csi = sandbox.dir("csi")
         ca = DevCA.create(TD)
-        spire = WorkloadApiServer(csi / "spire-agent.sock", ca, AGENT)
+        spire = sandbox.keep(WorkloadApiServer(csi / "spire-agent.sock", ca, AGENT))
         serve_sds(spire)
         spire.start()
-        procs.append(spire)
         (csi / "spire-agent.sock").chmod(0o777)  # as the SPIRE agent's socket: any UID may connect
 
         objects = [m for m in installed.manifests if m["metadata"].get("namespace") == "agents"]
         config_maps = {m["metadata"]["name"]: m["data"] for m in find(objects, "ConfigMap")}
         secrets = {m["metadata"]["name"]: {k: secret_data(m, k) for k in m["data"]} for m in find(objects, "Secret")}
         path = f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-        kubelet = Kubelet(
-            admitted,
-            net,
-            base / "node",
-            config_maps=config_maps,
-            secrets=secrets,
-            csi={"csi.spiffe.io": csi},
-            path=path,
+        kubelet = sandbox.keep(
+            Kubelet(
+                admitted,
+                net,
+                base / "node",
+                config_maps=config_maps,
+                secrets=secrets,
+                csi={"csi.spiffe.io": csi},
+                path=path,
+            )
         )
         kubelet.start_pod()
         yield RunningPod(net, kubelet, webhook, ca, base, logs / "upstream.log", response.get("warnings", []))
-    finally:
-        try:
-            if kubelet is not None:
-                kubelet.stop()
-            for proc in reversed(procs):
-                proc.stop()
-        finally:
-            net.close()
-            assert not net.exists()
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def test_the_init_step_installed_the_interception_rules(pod: RunningPod) -> None:

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
+from sidecar.bootstrap.names import InterceptTarget
 from sidecar.bootstrap.render import render_dynamic, write_envoy
 from sidecar.config.loader import load_config
 from sidecar.envoy_bin import find_envoy
-from sidecar.intercept.manager import InterceptManager
-from sidecar.intercept.sds import SecretStore
-from sidecar.intercept.targets import InterceptTarget
-from sidecar.procs import AuthzStack, http_get, wait_until
+from sidecar.harness import AuthzStack, http_get, wait_until
 from sidecar.runtime import Runtime
-from tests.conftest import base_config, task, write_config, write_keys
+from sidecar.tls_intercept.manager import InterceptManager
+from sidecar.tls_intercept.sds import SecretStore
+from tests.support.config import base_config, task, write_config, write_keys
 
 pytestmark = pytest.mark.e2e
 

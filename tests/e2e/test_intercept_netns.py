@@ -17,21 +17,19 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from sidecar.harness import AuthzStack, http_get
 from sidecar.identity.devca import DevCA
-from sidecar.intercept.trust import agent_trust_env
-from sidecar.procs import AuthzStack, ManagedProcess, http_get
-from tests.certs import make_leaf, write_pair
-from tests.conftest import base_config, task, write_config, write_keys
-from tests.netns import POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user, chown_tree, missing_tools
-from tests.netns_pod import Pod, start_servers, token_claims
+from sidecar.tls_intercept.trust import agent_trust_env
+from tests.support.certs import make_leaf, write_pair
+from tests.support.config import base_config, task, write_config, write_keys
+from tests.support.netns import POD_IP, PROXY_UID, UPSTREAM_IP, as_user, chown_tree
+from tests.support.netns_pod import Pod, pod_sandbox, start_servers, token_claims
 
 pytestmark = [
     pytest.mark.e2e,
@@ -72,26 +70,16 @@ TASK = task(
 
 @pytest.fixture(scope="module")
 def pod() -> Iterator[Pod]:
-    missing = missing_tools() + [tool for tool in ("openssl",) if shutil.which(tool) is None]
-    assert not missing, f"missing tools: {missing} (.ci/run installs them)"
-    net = PodNetwork()
-    base = Path(tempfile.mkdtemp(prefix="aa-tls-", dir="/tmp"))
-    base.chmod(0o755)
-    state, public, logs, trust = base / "state", base / "public", base / "up", base / "trust"
-    for directory in (state, public, logs, trust):
-        directory.mkdir()
-        directory.chmod(0o755)
-    procs: list[ManagedProcess] = []
-    stack: AuthzStack | None = None
-    try:
-        net.create()
-        net.write_hosts({name: UPSTREAM_IP for name in (API, SECURE, WRONG, UNTRUSTED, EVIL)})
+    hosts = {name: UPSTREAM_IP for name in (API, SECURE, WRONG, UNTRUSTED, EVIL)}
+    with pod_sandbox("aa-tls-", tools=["openssl"], hosts=hosts) as sandbox:
+        net = sandbox.net
+        state, public, logs, trust = (sandbox.dir(name) for name in ("state", "public", "up", "trust"))
         upstream_ca, stranger = DevCA.create("upstream.test"), DevCA.create("stranger.test")
         upstream_ca.save(public / "upstream-ca")
         good = write_pair(logs, "good", *make_leaf(upstream_ca, [], dns=[API, SECURE]))
         other_name = write_pair(logs, "other-name", *make_leaf(upstream_ca, [], dns=["other.example.com"]))
         unknown_ca = write_pair(logs, "unknown-ca", *make_leaf(stranger, [], dns=[UNTRUSTED]))
-        procs.append(
+        sandbox.keep(
             start_servers(
                 "upstream",
                 logs,
@@ -119,19 +107,9 @@ def pod() -> Iterator[Pod]:
             subprocess.run([sys.executable, "-m", "sidecar", "iptables"], check=True, capture_output=True, timeout=30)
             chown_tree(state, PROXY_UID)
             chown_tree(trust, PROXY_UID)
-            stack = AuthzStack(config_path, state, run_as=as_user(PROXY_UID))
+            stack = sandbox.keep(AuthzStack(config_path, state, run_as=as_user(PROXY_UID)))
             stack.start()
             yield Pod(net, state, public, stack, logs / "upstream.log", agent_env=agent_trust_env(trust))
-    finally:
-        try:
-            if stack is not None:
-                stack.stop()
-            for proc in reversed(procs):
-                proc.stop()
-        finally:
-            net.close()
-            assert not net.exists() and not net.hosts_file.exists()
-            shutil.rmtree(base, ignore_errors=True)
 
 
 HTTPX_GET = """

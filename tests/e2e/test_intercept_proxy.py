@@ -1,7 +1,7 @@
 """HTTPS interception through the proxy path (``HTTPS_PROXY``, ``CONNECT host:443``), with real Envoy.
 
 No root needed: the agent is ``curl`` or Python ``httpx`` with only the injected environment
-(``HTTPS_PROXY`` and the trust variables of :func:`sidecar.intercept.trust.agent_trust_env` - no
+(``HTTPS_PROXY`` and the trust variables of :func:`sidecar.tls_intercept.trust.agent_trust_env` - no
 ``-k``, no ``--cacert``). Upstreams are the sample upstream serving HTTPS with their own test CA,
 which Envoy trusts through ``envoy.upstream_ca``. The transparent (iptables) path is tested in
 ``test_intercept_netns.py``.
@@ -24,11 +24,11 @@ import pytest
 from cryptography import x509
 
 from sidecar.demo.upstream import SampleUpstream, TokenCheck
+from sidecar.harness import AuthzStack, http_get, wait_until
 from sidecar.identity.devca import DevCA
-from sidecar.intercept.trust import agent_trust_env
-from sidecar.procs import AuthzStack, http_get, wait_until
-from tests.certs import make_leaf, write_pair
-from tests.conftest import ISSUER, base_config, task, write_config, write_keys
+from sidecar.tls_intercept.trust import agent_trust_env
+from tests.support.certs import make_leaf, write_pair
+from tests.support.config import ISSUER, base_config, task, write_config, write_keys
 
 pytestmark = pytest.mark.e2e
 

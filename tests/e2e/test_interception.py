@@ -10,20 +10,18 @@ settings, no token), the agent's own app (UID 1000, ports 8080 and 8081) and Env
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from sidecar.harness import AuthzStack
 from sidecar.identity.devca import DevCA
-from sidecar.procs import AuthzStack, ManagedProcess
-from tests.certs import make_leaf, write_pair
-from tests.conftest import AGENT, PLANNER, add_file_identity, base_config, task, write_config, write_keys
-from tests.netns import (
+from tests.support.certs import make_leaf, write_pair
+from tests.support.config import AGENT, PLANNER, add_file_identity, base_config, task, write_config, write_keys
+from tests.support.netns import (
     AGENT_UID,
     ATTACKER_IP,
     POD_IP,
@@ -33,9 +31,8 @@ from tests.netns import (
     PodNetwork,
     as_user,
     chown_tree,
-    missing_tools,
 )
-from tests.netns_pod import Pod, start_servers, token_claims
+from tests.support.netns_pod import Pod, pod_sandbox, start_servers, token_claims
 
 pytestmark = [
     pytest.mark.e2e,
@@ -82,26 +79,16 @@ def _config(state: Path, public: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def pod() -> Iterator[Pod]:
-    missing = missing_tools()
-    assert not missing, f"missing tools: {missing} (.ci/run installs iptables)"
     for uid in (PROXY_UID, AGENT_UID):
         probe = subprocess.run([*as_user(uid), sys.executable, "-c", "import sidecar"], capture_output=True, timeout=30)
         assert probe.returncode == 0, f"UID {uid} cannot run {sys.executable} from {REPO}: {probe.stderr[-500:]!r}"
-    net = PodNetwork()
-    base = Path(tempfile.mkdtemp(prefix="aa-ns-", dir="/tmp"))
-    base.chmod(0o755)
-    state, public, logs, app_dir = base / "state", base / "public", base / "up", base / "app"
-    for d in (state, public, logs, app_dir):
-        d.mkdir()
-        d.chmod(0o755)
-    procs: list[ManagedProcess] = []
-    stack: AuthzStack | None = None
-    try:
-        net.create()
+    with pod_sandbox("aa-ns-") as sandbox:
+        net = sandbox.net
+        state, public, logs, app_dir = (sandbox.dir(name) for name in ("state", "public", "up", "app"))
         upstream_ca = DevCA.create("upstream.test")
         upstream_ca.save(public / "upstream-ca")
         cert, key = write_pair(logs, "upstream", *make_leaf(upstream_ca, [], dns=[SECURE, VAULT, "evil.example.com"]))
-        procs.append(
+        sandbox.keep(
             start_servers(
                 "upstream",
                 logs,
@@ -113,28 +100,18 @@ def pod() -> Iterator[Pod]:
         config = _config(state, public)
         chown_tree(app_dir, AGENT_UID)
         with net.inside():
-            procs.append(
+            sandbox.keep(
                 start_servers(
                     "app", app_dir, as_user(AGENT_UID), "--http", f"0.0.0.0:{APP_PORT}", "--http", "0.0.0.0:8081"
                 )
             )
             subprocess.run(IPTABLES, check=True, capture_output=True, timeout=30)  # the init step, as root
             chown_tree(state, PROXY_UID)
-            stack = AuthzStack(config, state, run_as=as_user(PROXY_UID))
+            stack = sandbox.keep(AuthzStack(config, state, run_as=as_user(PROXY_UID)))
             stack.start()
             cas = DevCA.load(state / "cas" / "test.example")
             planner = write_pair(logs, "planner", *make_leaf(cas, [PLANNER]))
             yield Pod(net, state, public, stack, logs / "upstream.log", app_dir / "app.log", planner)
-    finally:
-        try:
-            if stack is not None:
-                stack.stop()
-            for proc in reversed(procs):
-                proc.stop()
-        finally:
-            net.close()
-            assert not net.exists()
-            shutil.rmtree(base, ignore_errors=True)
 
 
 def test_allowed_http_call_arrives_with_the_minted_token(pod: Pod) -> None:
@@ -215,7 +192,7 @@ def test_tls_to_another_sni_is_refused_and_logged(pod: Pod, args: list[str], mat
     assert reply.exit_code != 0 and reply.status is None, reply
     record = pod.record(protocol="tls", **match)
     assert record["decision"] == "deny" and record["agent"] == AGENT
-    assert pod.stack.envoy.stat("ext_authz.outbound_tls.denied") >= 1  # the stat the README points to
+    assert pod.stack.envoy.stat("ext_authz.outbound_tls.denied") >= 1  # the stat docs/guides/debug-a-deny.md points to
     assert pod.upstream(path=args[-1].rsplit("/", 1)[-1]) == []
 
 
@@ -333,15 +310,8 @@ def test_install_is_idempotent_and_cleanup_restores_direct_connectivity(pod: Pod
 @pytest.fixture
 def empty_netns() -> Iterator[PodNetwork]:
     """A pod namespace alone (no processes), entered by the test; always deleted."""
-    assert not missing_tools()
-    net = PodNetwork()
-    try:
-        net.create()
-        with net.inside():
-            yield net
-    finally:
-        net.close()
-        assert not net.exists()
+    with pod_sandbox("aa-empty-") as sandbox, sandbox.net.inside():
+        yield sandbox.net
 
 
 def _iptables(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

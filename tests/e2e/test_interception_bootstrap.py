@@ -12,7 +12,7 @@ import pytest
 from sidecar.bootstrap.render import write_envoy
 from sidecar.config.loader import load_config
 from sidecar.envoy_bin import find_envoy
-from tests.conftest import add_file_identity, base_config, task, write_config, write_keys
+from tests.support.config import add_file_identity, base_config, task, write_config, write_keys
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ import pytest
 
 from sidecar.audit.log import DecisionLog
 from sidecar.audit.reader import log_files
-from sidecar.procs import wait_until
+from sidecar.harness import wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-from sidecar.procs import http_get, wait_until
-from tests.conftest import API_HOST, Env, task
+from sidecar.harness import http_get, wait_until
+from tests.support.config import API_HOST, task
+from tests.support.stack import Env, metric_total, readyz
 
 pytestmark = pytest.mark.e2e
 
@@ -50,6 +52,40 @@ def test_reload_adds_and_removes_a_rule_and_keeps_config_on_invalid_file(env_fac
     env.rewrite(lambda c: c["tasks"][0]["egress"][0]["paths"].remove("/v1/reports/*"))
     _status_becomes(env, extra, 403)
     assert env.stack.sidecar.proc.pid == pid and env.stack.sidecar.alive()  # type: ignore[union-attr]
+
+
+def _failures_logged(env: Env) -> int:
+    return env.stack.sidecar.stderr_path.read_text().count('"config_reload_failed"')
+
+
+def test_writes_next_to_an_invalid_config_cause_no_more_failures_and_restoring_it_clears_readyz(
+    env_factory: Any,
+) -> None:
+    """Two bugs seen from outside: while sidecar.yaml was invalid, every write to another file in its
+    directory (a log next to it) reparsed it and logged another config_reload_failed (~24/s, forever);
+    and restoring the byte-identical good file left the stale last_reload_error in /readyz."""
+    env: Env = env_factory([task("t1")])
+    config = env.state / "sidecar.yaml"
+    good = config.read_bytes()
+    config.write_bytes(good.replace(b"methods:", b"methodz:"))
+    wait_until(lambda: metric_total(env, "agent_authz_config_reload_failures_total") == 1, timeout=10, what="failure")
+    neighbour = env.state / "agent.log"
+    for i in range(20):  # a log written next to the config, about ten lines a second
+        with neighbour.open("a") as handle:
+            handle.write(f"line {i}\n")
+        time.sleep(0.1)
+    # a second, different invalid version: the only other failure there may be (events arrive in order)
+    config.write_bytes(good.replace(b"methods:", b"methodx:"))
+    wait_until(lambda: metric_total(env, "agent_authz_config_reload_failures_total") >= 2, timeout=10, what="2nd")
+    assert metric_total(env, "agent_authz_config_reload_failures_total") == 2
+    assert _failures_logged(env) == 2
+    assert "methodx" in readyz(env)[1]["last_reload_error"]
+
+    config.write_bytes(good)  # byte-identical to the active configuration
+    wait_until(lambda: readyz(env)[1]["last_reload_error"] is None, timeout=10, what="stale error cleared")
+    assert metric_total(env, "agent_authz_config_reloads_total") == 0  # nothing was rebuilt
+    assert _failures_logged(env) == 2
+    assert env.send("GET", f"http://{API_HOST}/v1/items/1").status == 200
 
 
 def test_kubernetes_configmap_symlink_swap(env_factory: Any, tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ import pytest
 from envoy.service.auth.v3 import external_auth_pb2
 from google.rpc import code_pb2
 
-from sidecar.procs import SidecarProcess
-from tests.conftest import base_config, task, write_config, write_keys
-from tests.unit.test_envoy_authz import check_request
+from sidecar.harness import SidecarProcess
+from tests.support.config import base_config, task, write_config, write_keys
+from tests.support.envoy_authz import check_request
 
 pytestmark = pytest.mark.e2e
 

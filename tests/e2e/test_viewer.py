@@ -19,11 +19,11 @@ import pytest
 import yaml
 
 from sidecar.audit.log import DecisionLog
-from sidecar.procs import SidecarProcess, wait_until
-from tests.conftest import AGENT, API_HOST, Env, task, write_config
-from tests.e2e.test_delegation import DELEGATION, api, check
-from tests.e2e.test_delegation import reason as reason_of
-from tests.grants_env import ORCH, OTHER, SUB, Scenario
+from sidecar.harness import SidecarProcess, wait_until
+from tests.support.config import AGENT, API_HOST, task, write_config
+from tests.support.grants_env import DELEGATION, ORCH, OTHER, SUB, Scenario, api, check
+from tests.support.grants_env import reason as reason_of
+from tests.support.stack import Env
 
 pytestmark = pytest.mark.e2e
 

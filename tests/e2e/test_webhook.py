@@ -23,14 +23,14 @@ import yaml
 
 from sidecar.config.schema import TaskSpec
 from sidecar.grants.issue import sign_root_grant
+from sidecar.harness import http_get
 from sidecar.identity.devca import DevCA
 from sidecar.inject import layout
-from sidecar.intercept.trust import agent_trust_env
-from sidecar.procs import http_get
+from sidecar.tls_intercept.trust import agent_trust_env
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
-from tests.certs import make_leaf, write_pair
-from tests.k8s import kubectl_annotate, validate
-from tests.webhook_env import Installed, Webhook, admission_review, install, patched
+from tests.support.certs import make_leaf, write_pair
+from tests.support.k8s import kubectl_annotate, validate
+from tests.support.webhook_env import Installed, Webhook, admission_review, install, patched
 
 pytestmark = pytest.mark.e2e
 
@@ -527,9 +527,9 @@ def test_grant_expiry_uses_now(webhook: Webhook) -> None:
     assert response["allowed"] is True
 
 
-def test_the_readme_job_example_is_admitted_and_injected(webhook: Webhook) -> None:
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("### Give an agent its task", 1)[1]
+def test_the_install_guide_job_example_is_admitted_and_injected(webhook: Webhook) -> None:
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "guides" / "install-in-a-cluster.md").read_text()
+    section = guide.split("\n## Give an agent its task\n", 1)[1]
     job = yaml.safe_load(section.split("```yaml\n", 1)[1].split("```", 1)[0])
     assert job["kind"] == "Job"
     template = job["spec"]["template"]

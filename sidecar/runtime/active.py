@@ -1,0 +1,299 @@
+"""The active configuration: built once, swapped atomically, reloaded without restart.
+
+The :class:`Runtime` holds the active :class:`~sidecar.runtime.snapshot.Snapshot`, the state that
+outlives it (the :class:`~sidecar.runtime.snapshot.CarriedState`, the call budgets, the token
+cache) and decides each request against the snapshot it reads once.
+
+A reload first asks whether a rebuild could change anything: the fingerprints of every file the
+active snapshot read (and of every file the last failed attempt read) are compared with the files
+now, and nothing is parsed when they match. So while ``sidecar.yaml`` is invalid, other files
+written in its directory (a log next to it) cost one read each, not a parse and another
+``config_reload_failed``; and a file restored to the bytes of the active configuration clears the
+stale error. Otherwise the configuration is read and parsed once, a complete new snapshot is built
+and swapped in with one assignment; if anything fails (YAML, schema, unreadable key or credential
+file) the previous snapshot stays active and the error is logged.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from sidecar.config.loader import LoadedConfig, parse_config, read_config_bytes
+from sidecar.decision import AuthzRequest, Decision, Direction, Protocol
+from sidecar.errors import ConfigError, ErrorCode
+from sidecar.identity.state import IdentityState
+from sidecar.policy.budget import BudgetLedger
+from sidecar.policy.connection import decide_connection
+from sidecar.policy.engine import decide_egress, dry_run
+from sidecar.policy.ingress import IdentityContext, decide_ingress
+from sidecar.runtime.inputs import DISK, FileSource, InputRecorder, Inputs, inputs_unchanged
+from sidecar.runtime.snapshot import CarriedState, Snapshot, build_snapshot
+from sidecar.tokens.minter import TokenCache
+
+__all__ = ["Runtime"]
+
+_log = structlog.get_logger("agent_authz.runtime")
+
+
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """What a build read (files and carried state), to tell whether repeating it could differ."""
+
+    inputs: Inputs
+    key: object
+
+
+class Runtime:
+    """Holds the active :class:`Snapshot` and the state that outlives it.
+
+    Args:
+        config_path: path to ``sidecar.yaml``.
+        loaded: the configuration already read from ``config_path`` (``serve`` parses it once at start
+            and hands it to every part); read here when omitted.
+        clock: returns POSIX seconds (tests pass a fake clock).
+        defer: schedules background token refreshes (``loop.call_soon``); ``None`` refreshes inline.
+        workload_identity: the first state from the Workload API, when ``identity.source`` is
+            ``workload_api`` (later states arrive through :meth:`set_identity`).
+        carried: the state to start from (a fresh process starts from nothing).
+        files: where configured files are read from (the disk).
+
+    Attributes:
+        snapshot: the active snapshot (read it once per use: a reload may swap it at any time).
+        budgets: call counters (survive reloads).
+        tokens: minted tokens (survive reloads).
+        reloads: snapshots swapped in after the first.
+        reload_failures_by_code: rejected reloads by error code (``ConfigError.code``).
+        last_error: why the last reload failed; ``None`` once the files are good again.
+        last_identity_error: why the last Workload API identity was refused, or ``None``.
+
+    Raises:
+        ConfigError: the initial configuration is invalid (there is no previous one to keep).
+    """
+
+    def __init__(
+        self,
+        config_path: str | Path,
+        *,
+        loaded: LoadedConfig | None = None,
+        clock: Callable[[], float] = time.time,
+        defer: Callable[[Callable[[], None]], Any] | None = None,
+        workload_identity: IdentityState | None = None,
+        carried: CarriedState | None = None,
+        files: FileSource = DISK,
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.clock = clock
+        self.files = files
+        self.budgets = BudgetLedger()
+        self.tokens = TokenCache()
+        self._defer = defer
+        self._listeners: list[Callable[[Snapshot], None]] = []
+        self.reloads = 0
+        self.reload_failures_by_code: collections.Counter[ErrorCode] = collections.Counter()
+        self.last_error: str | None = None
+        self.last_identity_error: str | None = None
+        start = carried if carried is not None else CarriedState()
+        self._carried = replace(start, identity=workload_identity) if workload_identity is not None else start
+        self._failed: _Attempt | None = None
+        recorder = InputRecorder(files)
+        self.snapshot: Snapshot = self._build(self._carried, recorder, loaded)
+        self._commit(self.snapshot)
+        self._active = _Attempt(self.snapshot.inputs, self._carried.rebuild_key)
+
+    # -- building ----------------------------------------------------------------------------------
+    def _build(self, carried: CarriedState, recorder: InputRecorder, loaded: LoadedConfig | None = None) -> Snapshot:
+        """Read and parse ``sidecar.yaml`` once (unless given) and build a snapshot with ``carried``."""
+        if loaded is None:
+            loaded = parse_config(self.config_path, read_config_bytes(self.config_path, fetch=recorder.fetch))
+        return build_snapshot(
+            loaded,
+            carried,
+            now=self.clock(),
+            recorder=recorder,
+            tokens=self.tokens,
+            clock=self.clock,
+            defer=self._defer,
+        )
+
+    def _commit(self, snapshot: Snapshot) -> None:
+        """Keep what ``snapshot`` carries forward; drop counters and tokens of tasks it no longer has."""
+        self._carried = replace(snapshot.carried, identity=self._carried.identity)
+        tasks = snapshot.policy.tasks_by_id
+        self.budgets.retain(tasks)
+        self.tokens.retain({(t.id, t.fingerprint) for t in tasks.values()})
+
+    def _swap(self, snapshot: Snapshot, previous: Snapshot) -> bool:
+        self._commit(snapshot)
+        self._active = _Attempt(snapshot.inputs, snapshot.carried.rebuild_key)
+        self._failed = None
+        self.last_error = None
+        if snapshot.digest == previous.digest:
+            return False
+        settings, before = snapshot.loaded.settings, previous.loaded.settings
+        if settings.decision_log != before.decision_log:
+            _log.warning("decision_log_change_needs_restart", file=str(self.config_path))
+        if settings.intercept != before.intercept:
+            _log.warning("intercept_change_needs_restart", file=str(self.config_path))
+        if settings.viewer != before.viewer:
+            _log.warning("viewer_change_needs_restart", file=str(self.config_path))
+        self.snapshot = snapshot
+        self.reloads += 1
+        for listener in self._listeners:
+            listener(snapshot)
+        _log.info(
+            "config_reloaded",
+            file=str(self.config_path),
+            digest=snapshot.digest[:16],
+            tasks=len(snapshot.policy.tasks_by_id),
+        )
+        return True
+
+    @property
+    def carried(self) -> CarriedState:
+        """The state the next build starts from."""
+        return self._carried
+
+    @property
+    def reload_failures(self) -> int:
+        """Reloads rejected so far (the last good configuration stayed active)."""
+        return sum(self.reload_failures_by_code.values())
+
+    @property
+    def watched(self) -> frozenset[Path]:
+        """Files whose change may change the outcome of a reload: those the active snapshot read, and
+        those the last failed attempt read (a key file it missed may appear)."""
+        failed = self._failed.inputs if self._failed is not None else {}
+        return frozenset(self._active.inputs) | frozenset(failed)
+
+    def _unchanged(self, attempt: _Attempt, key: object, known: Inputs) -> bool:
+        return attempt.key == key and inputs_unchanged(self.files, attempt.inputs, known)
+
+    def reload(self) -> bool:
+        """Re-read the configuration and swap it in if it is valid and changed.
+
+        ``sidecar.yaml`` is read once: its bytes are fingerprinted for the short-circuit and, when
+        something changed, parsed once.
+
+        Returns:
+            ``True`` when a new snapshot is active. On error the previous snapshot stays active,
+            ``last_error`` holds the message and a ``config_reload_failed`` event is logged - once
+            per distinct set of inputs: the same bad files are not parsed again.
+        """
+        key = self._carried.rebuild_key
+        recorder = InputRecorder(self.files)
+        unreadable: ConfigError | None = None
+        try:
+            raw = read_config_bytes(self.config_path, fetch=recorder.fetch)
+        except ConfigError as exc:
+            raw, unreadable = b"", exc
+        read_now = recorder.inputs()  # the config file's fingerprint, as just read
+        if self._unchanged(self._active, key, read_now):
+            if self._failed is not None:  # back to the active configuration's files: the error is stale
+                self._failed = None
+                self.last_error = None
+                _log.info("config_restored", file=str(self.config_path), digest=self.snapshot.digest[:16])
+            return False
+        if self._failed is not None and self._unchanged(self._failed, key, read_now):
+            return False
+        previous = self.snapshot
+        try:
+            if unreadable is not None:
+                raise unreadable
+            snapshot = self._build(self._carried, recorder, parse_config(self.config_path, raw))
+        except ConfigError as exc:
+            self._failed = _Attempt(recorder.inputs(), key)
+            self.reload_failures_by_code[exc.code] += 1
+            self.last_error = str(exc)
+            _log.error("config_reload_failed", file=exc.file, field=exc.field, reason=exc.reason, code=exc.code)
+            return False
+        return self._swap(snapshot, previous)
+
+    def apply(self, carried: CarriedState) -> Snapshot:
+        """Build with ``carried`` (the configuration re-read from disk) and swap it in, or raise.
+
+        The task API uses it to make a posted grant or a revocation effective at once. A failure
+        changes nothing (it is the caller's error, not a reload failure).
+
+        Raises:
+            ConfigError: the build failed (the message says why).
+        """
+        previous = self.snapshot
+        snapshot = self._build(replace(carried, identity=self._carried.identity), InputRecorder(self.files))
+        self._swap(snapshot, previous)
+        return self.snapshot
+
+    def remember(self, carried: CarriedState) -> None:
+        """Carry ``carried`` into the next build without rebuilding now (e.g. a delegated child's id,
+        or a revocation to apply on the next successful reload)."""
+        self._carried = replace(carried, identity=self._carried.identity)
+
+    def add_listener(self, listener: Callable[[Snapshot], None]) -> None:
+        """Call ``listener(snapshot)`` after each new snapshot is swapped in (on the reloading thread)."""
+        self._listeners.append(listener)
+
+    def set_identity(self, state: IdentityState) -> bool:
+        """Swap in a new identity from the Workload API (rotation without restart).
+
+        Returns:
+            ``False`` (and logs ``identity_rejected``) when the SVID names another SPIFFE ID than the
+            one the policy was compiled for; the previous identity then stays active.
+        """
+        snapshot = self.snapshot
+        if state.svid.spiffe_id != snapshot.policy.agent:
+            self.last_identity_error = f"SVID for {state.svid.spiffe_id}, expected {snapshot.policy.agent}"
+            _log.error("identity_rejected", reason=self.last_identity_error)
+            return False
+        self._carried = replace(self._carried, identity=state)
+        self.last_identity_error = None
+        self.snapshot = replace(
+            snapshot,
+            identity=IdentityContext.build(state, snapshot.ingress.audiences),
+            carried=replace(snapshot.carried, identity=state),
+        )
+        return True
+
+    # -- the request path ------------------------------------------------------------------------
+    def decide(self, request: AuthzRequest, decision_id: str) -> Decision:
+        """Decide ``request`` against the active snapshot (read once, so a swap mid-call is harmless).
+
+        With ``dry_run: true`` the policy's decision is turned into an allow by
+        :func:`~sidecar.policy.engine.dry_run`.
+        """
+        snapshot = self.snapshot
+        if request.protocol is not Protocol.HTTP:
+            decision = decide_connection(
+                snapshot.policy, request, now=self.clock(), decision_id=decision_id, budgets=self.budgets
+            )
+        elif request.direction is Direction.EGRESS:
+            identity = snapshot.identity
+            bind = identity is not None and snapshot.loaded.settings.issuer.bind_to_svid
+            decision = decide_egress(
+                snapshot.policy,
+                request,
+                now=self.clock(),
+                decision_id=decision_id,
+                budgets=self.budgets,
+                minter=snapshot.minter,
+                cnf=identity.state.svid.x5t_s256 if bind and identity is not None else None,
+            )
+        else:
+            decision = decide_ingress(
+                snapshot.ingress,
+                request,
+                identity=snapshot.identity,
+                agent=snapshot.policy.agent,
+                now=self.clock(),
+                decision_id=decision_id,
+            )
+        return dry_run(decision) if snapshot.loaded.settings.dry_run else decision
+
+    def jwks(self) -> dict[str, Any]:
+        """The JWKS document of the active keys (RFC 7517 §5)."""
+        return self.snapshot.keys.jwks(self.clock())

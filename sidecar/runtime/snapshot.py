@@ -1,0 +1,422 @@
+"""Assemble one :class:`Snapshot` from a loaded configuration and the :class:`CarriedState`.
+
+:func:`build_snapshot` is pure assembly: everything it depends on is an argument - the validated
+configuration, the state carried over from earlier snapshots (first-seen times, posted grants,
+own revocations, retired keys, the Workload API identity) and a :class:`FileSource` for the files
+the configuration names. It returns the new snapshot with the carried state to keep, and never
+changes anything else, so a failed build leaves nothing behind. Unit tests build snapshots in
+memory (:class:`~sidecar.runtime.inputs.MemoryFiles`).
+
+Every file read is fingerprinted (:class:`~sidecar.runtime.inputs.InputRecorder`), so the runtime can
+tell without parsing anything whether a rebuild would read the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from sidecar.config.loader import LoadedConfig, read_secret_file
+from sidecar.config.schema import tls_rule_conflicts
+from sidecar.config.task_file import check_task_credentials, looks_like_jws, parse_task_document
+from sidecar.credentials import credential_value
+from sidecar.errors import ConfigError
+from sidecar.grants.model import Grant, GrantError
+from sidecar.grants.revocations import RevocationList, revoked_by
+from sidecar.grants.sources import GrantSet, check_grant_usable, load_grants
+from sidecar.identity.state import IdentityState, load_identity_files
+from sidecar.policy.compile import TaskSource, compile_policy
+from sidecar.policy.ingress import IdentityContext, IngressPolicy, compile_ingress
+from sidecar.policy.model import Credential, PolicyIndex
+from sidecar.runtime.inputs import DISK, InputRecorder, Inputs
+from sidecar.tokens.keys import KeySet, RetiredKey, SigningKey, load_signing_key
+from sidecar.tokens.minter import TokenCache, TokenMinter
+
+__all__ = ["CarriedState", "KeyRecord", "Snapshot", "build_snapshot"]
+
+
+def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping))
+
+
+# -- carried state -----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """The signing key of the last active snapshot, as plain data: retired (published, no longer
+    signing) for ``max_token_ttl`` once the configuration names another key."""
+
+    kid: str
+    public_jwk: Mapping[str, Any] = field(compare=False)
+    max_token_ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class CarriedState:
+    """What outlives one snapshot and goes into the next (a durable store can persist it: plain data,
+    except ``identity``).
+
+    Attributes:
+        first_seen: task id -> POSIX seconds of its first load (the anchor of ``ttl`` tasks, so a
+            reload never extends one); a build keeps the entries of the tasks it compiled.
+        posted: task id -> compact JWS of a grant accepted through ``POST /v1/tasks``.
+        own_revoked: task id -> POSIX seconds it was revoked here (``POST /v1/tasks/{id}/revoke``).
+        issued: ids of the child tasks this sidecar delegated (it may revoke them).
+        retired: earlier signing keys still published (until their tokens have expired).
+        signing_key: the key of the last snapshot built (retired when the next build names another).
+        identity: the latest X.509-SVID and bundles from the Workload API (``identity.source:
+            workload_api``; ``None`` otherwise or before the first one arrived).
+    """
+
+    first_seen: Mapping[str, float] = field(default_factory=dict)
+    posted: Mapping[str, str] = field(default_factory=dict)
+    own_revoked: Mapping[str, int] = field(default_factory=dict)
+    issued: frozenset[str] = frozenset()
+    retired: tuple[RetiredKey, ...] = ()
+    signing_key: KeyRecord | None = None
+    identity: IdentityState | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("first_seen", "posted", "own_revoked"):
+            object.__setattr__(self, name, _frozen(getattr(self, name)))
+
+    @property
+    def rebuild_key(self) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int], ...]]:
+        """The part of the state a build reads besides files: two states with equal keys build equal
+        snapshots from equal files."""
+        return tuple(sorted(self.posted.items())), tuple(sorted(self.own_revoked.items()))
+
+
+# -- the snapshot ------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """One consistent, compiled configuration.
+
+    Attributes:
+        loaded: the validated file (its ``tasks`` dropped once compiled into ``policy``).
+        policy: compiled tasks (``policy.agent`` is this agent's SPIFFE ID).
+        ingress: compiled ingress rules.
+        identity: this agent's SVID, the trust bundles and verifiers; ``None`` without an identity source.
+        grants: the grant verifier, accepted grants and revocation lists.
+        keys: signing and published keys.
+        minter: token minter bound to ``keys.current``.
+        digest: SHA-256 over the config file, every file it references, the posted grants and the
+            own revocations (shown in ``/readyz``).
+        inputs: every file the build read or checked, with its fingerprint.
+        carried: the state to carry into the next build.
+    """
+
+    loaded: LoadedConfig
+    policy: PolicyIndex
+    ingress: IngressPolicy
+    identity: IdentityContext | None
+    grants: GrantSet
+    keys: KeySet
+    minter: TokenMinter
+    digest: str
+    inputs: Inputs
+    carried: CarriedState
+
+    @property
+    def watched(self) -> frozenset[Path]:
+        """The files whose change may change the snapshot."""
+        return frozenset(self.inputs)
+
+
+class _Reader:
+    """Reads the files one configuration names: resolved, size-checked, hashed into the digest."""
+
+    def __init__(self, loaded: LoadedConfig, recorder: InputRecorder) -> None:
+        self.loaded = loaded
+        self.recorder = recorder
+        self.digest = hashlib.sha256(loaded.digest.encode())
+        recorder.note(loaded.source, "sha256:" + loaded.digest)
+
+    def watch(self, path: Path) -> None:
+        self.recorder.note(self.loaded.resolve(path))
+
+    def exists(self, path: Path) -> bool:
+        return self.recorder.exists(self.loaded.resolve(path))
+
+    def read(self, path: Path, field: str) -> bytes:
+        resolved = self.loaded.resolve(path)
+        data = read_secret_file(resolved, file=str(self.loaded.source), field=field, fetch=self.recorder.fetch)
+        self.digest.update(field.encode() + b"\0" + data + b"\0")
+        return data
+
+    def read_optional(self, path: Path, field: str, limit: int = 1024 * 1024) -> bytes:
+        """Like :meth:`read`, but an empty file is fine (an unset annotation mounts as an empty file)."""
+        resolved = self.loaded.resolve(path)
+        try:
+            data = self.recorder.fetch(resolved, limit)
+        except OSError as exc:
+            raise ConfigError(str(self.loaded.source), field, f"cannot read {resolved}: {exc.strerror}") from None
+        if len(data) > limit:
+            raise ConfigError(str(self.loaded.source), field, f"{resolved} is larger than {limit} bytes")
+        self.digest.update(field.encode() + b"\0" + data + b"\0")
+        return data
+
+
+def _check_tls_rules(sources: list[TaskSource], intercept: bool, file: str) -> None:
+    """TLS rules of all tasks (config, grants, task files) agree, and ``tls: intercept`` has its CA.
+
+    Raises:
+        ConfigError: see :func:`~sidecar.config.schema.tls_rule_conflicts`; or a ``tls: intercept``
+            rule without the ``intercept`` section.
+    """
+    located = [(f"task {src.spec.id!r} egress[{i}]", rule) for src in sources for i, rule in enumerate(src.spec.egress)]
+    conflict = tls_rule_conflicts(located)
+    if conflict is not None:
+        raise ConfigError(file, "tasks", conflict)
+    if not intercept:
+        for where, rule in located:
+            if rule.tls == "intercept":
+                raise ConfigError(
+                    file, "tasks", f"{where}: 'tls: intercept' needs the 'intercept' section (the pod CA)"
+                )
+
+
+def _identity(loaded: LoadedConfig, reader: _Reader, carried: CarriedState) -> IdentityState | None:
+    spec = loaded.settings.identity
+    if spec is None:
+        return None
+    if spec.source == "workload_api":
+        if carried.identity is None:
+            raise ConfigError(str(loaded.source), "identity", "no identity from the Workload API yet")
+        return carried.identity
+    files = spec.files
+    assert files is not None
+    return load_identity_files(
+        reader.read,
+        svid=files.svid,
+        key=files.key,
+        bundles=files.bundles,
+        jwt_bundles=files.jwt_bundles,
+        file=str(loaded.source),
+    )
+
+
+def _agent(loaded: LoadedConfig, identity: IdentityState | None) -> str:
+    configured = loaded.settings.agent
+    if identity is None:
+        assert configured is not None  # the schema requires agent or identity
+        return configured
+    if configured is not None and configured != identity.svid.spiffe_id:
+        raise ConfigError(
+            str(loaded.source),
+            "agent",
+            f"{configured} does not match the SVID's SPIFFE ID {identity.svid.spiffe_id}",
+        )
+    return identity.svid.spiffe_id
+
+
+def _own_revocation_list(carried: CarriedState, agent: str) -> RevocationList | None:
+    if not carried.own_revoked:
+        return None
+    revoked = carried.own_revoked
+    return RevocationList(agent, frozenset(revoked), max(revoked.values()), False, "")
+
+
+def _task_files(
+    loaded: LoadedConfig,
+    reader: _Reader,
+    grant_set: GrantSet,
+    agent: str,
+    named: dict[str, Credential],
+    now: float,
+) -> tuple[list[tuple[Grant, bool]], list[TaskSource]]:
+    """Tasks from ``task_files`` (downward-API annotation files): grants, or plain task documents."""
+    name = str(loaded.source)
+    grants: list[tuple[Grant, bool]] = []
+    tasks: list[TaskSource] = []
+    for index, spec in enumerate(loaded.settings.task_files):
+        field_name = f"task_files[{index}]"
+        reader.watch(spec.path)
+        revoked = False
+        if spec.revoked is not None:
+            reader.watch(spec.revoked)
+            if reader.exists(spec.revoked):
+                revoked = reader.read_optional(spec.revoked, f"{field_name}.revoked").strip().lower() == b"true"
+        if not reader.exists(spec.path):
+            continue
+        text = reader.read_optional(spec.path, f"{field_name}.path").decode("utf-8", "replace").strip()
+        if not text:
+            continue
+        if looks_like_jws(text):
+            try:
+                grant = grant_set.verifier.verify(text, now=now)
+                check_grant_usable(grant, agent, named)
+            except GrantError as exc:
+                raise ConfigError(name, f"{field_name}.path", str(exc)) from None
+            grants.append((grant, revoked))
+            continue
+        task = parse_task_document(text, agent, file=name, field=f"{field_name}.path", revoked=revoked)
+        check_task_credentials(task, named, file=name, field=f"{field_name}.path")
+        creds = {i: named[r.credential] for i, r in enumerate(task.egress) if isinstance(r.credential, str)}
+        tasks.append(TaskSource(task, creds))
+    return grants, tasks
+
+
+def _sources(
+    loaded: LoadedConfig,
+    reader: _Reader,
+    carried: CarriedState,
+    agent: str,
+    identity: IdentityContext | None,
+    now: float,
+) -> tuple[list[TaskSource], GrantSet, dict[str, Credential]]:
+    """Every task to compile (config, grants, posted grants, task files), the grants and the credentials."""
+    settings, name = loaded.settings, str(loaded.source)
+    named = {
+        cred_name: Credential(
+            spec.header,
+            credential_value(
+                reader.read(spec.file, f"credentials.{cred_name}.file"),
+                spec.prefix,
+                file=name,
+                field=f"credentials.{cred_name}.file",
+            ),
+        )
+        for cred_name, spec in settings.credentials.items()
+    }
+    sources: list[TaskSource] = []
+    for t_index, task in enumerate(settings.tasks):
+        creds: dict[int, Credential] = {}
+        for r_index, rule in enumerate(task.egress):
+            if isinstance(rule.credential, str):
+                creds[r_index] = named[rule.credential]
+            elif rule.credential is not None:
+                field_name = f"tasks[{t_index}].egress[{r_index}].credential.file"
+                value = credential_value(
+                    reader.read(rule.credential.file, field_name), rule.credential.prefix, file=name, field=field_name
+                )
+                creds[r_index] = Credential(rule.credential.header, value)
+        sources.append(TaskSource(task, creds))
+
+    for token in carried.posted.values():
+        reader.digest.update(token.encode() + b"\0")
+    reader.digest.update(",".join(sorted(carried.own_revoked)).encode())
+    grant_set = load_grants(
+        settings.grants,
+        reader.read,
+        reader.exists,
+        file=name,
+        svids=identity.x509 if identity is not None else None,
+        agent=agent,
+        credentials=named,
+        posted=carried.posted,
+        own_revocations=_own_revocation_list(carried, agent),
+        now=now,
+    )
+    for path in settings.grants.revocations:
+        reader.watch(path)  # a list published later must trigger a reload
+    file_grants, file_tasks = _task_files(loaded, reader, grant_set, agent, named, now)
+    for grant, revoked_here in [(g, False) for g in grant_set.grants] + file_grants:
+        creds = {i: named[r.credential] for i, r in enumerate(grant.spec.egress) if isinstance(r.credential, str)}
+        revoked = revoked_here or revoked_by(grant, grant_set.revocations) is not None
+        sources.append(TaskSource(grant.spec, creds, grant, revoked))
+    sources.extend(file_tasks)
+    if len(sources) > len(settings.tasks):  # grants and task files: check them with the config's tasks
+        _check_tls_rules(sources, settings.intercept is not None, name)
+    seen: set[str] = set()
+    for source in sources:
+        if source.spec.id in seen:
+            raise ConfigError(name, "tasks", f"task id {source.spec.id!r} is declared twice (config and grants)")
+        seen.add(source.spec.id)
+    return sources, grant_set, named
+
+
+def _keys(loaded: LoadedConfig, reader: _Reader, carried: CarriedState, now: float) -> KeySet:
+    issuer, name = loaded.settings.issuer, str(loaded.source)
+    current = load_signing_key(
+        reader.read(issuer.signing_key, "issuer.signing_key"), issuer.algorithm, file=name, field="issuer.signing_key"
+    )
+    next_key: SigningKey | None = None
+    if issuer.next_signing_key is not None:
+        pem = reader.read(issuer.next_signing_key, "issuer.next_signing_key")
+        next_key = load_signing_key(pem, issuer.algorithm, file=name, field="issuer.next_signing_key")
+    retired = tuple(key for key in carried.retired if key.until > now)
+    last = carried.signing_key
+    if last is not None and last.kid != current.kid:
+        retired += (RetiredKey(last.kid, dict(last.public_jwk), now + last.max_token_ttl),)
+    return KeySet(current=current, next=next_key, retired=retired)
+
+
+def build_snapshot(
+    loaded: LoadedConfig,
+    carried: CarriedState,
+    *,
+    now: float | None = None,
+    recorder: InputRecorder | None = None,
+    tokens: TokenCache | None = None,
+    clock: Callable[[], float] = time.time,
+    defer: Callable[[Callable[[], None]], Any] | None = None,
+) -> Snapshot:
+    """Compile ``loaded`` with ``carried`` into a snapshot.
+
+    Args:
+        loaded: the validated configuration (its tasks are compiled, then dropped from the copy kept).
+        carried: the state carried over (see :class:`CarriedState`).
+        now: POSIX seconds (grant validity, ``ttl`` anchors of new tasks); ``clock()`` when omitted.
+        recorder: reads the files the configuration names and notes what it read (pass one to see
+            the inputs of a build that failed); reads the disk when omitted.
+        tokens: the token cache the minter fills (shared across snapshots); a new one when omitted.
+        clock: POSIX seconds, for the minter.
+        defer: schedules the minter's background refreshes; ``None`` refreshes inline.
+
+    Returns:
+        The snapshot; ``snapshot.carried`` is the state to carry into the next build (first-seen
+        times of exactly the compiled tasks, unexpired retired keys, this build's signing key).
+
+    Raises:
+        ConfigError: a file is unreadable or invalid, a grant does not verify, task ids collide, TLS
+            rules of different sources conflict, or the Workload API has given no identity yet.
+    """
+    now = clock() if now is None else now
+    reader = _Reader(loaded, recorder if recorder is not None else InputRecorder(DISK))
+    settings = loaded.settings
+    keys = _keys(loaded, reader, carried, now)
+    identity = _identity(loaded, reader, carried)
+    agent = _agent(loaded, identity)
+    ingress = compile_ingress(settings, agent)
+    identity_ctx = IdentityContext.build(identity, ingress.audiences) if identity is not None else None
+    sources, grant_set, _ = _sources(loaded, reader, carried, agent, identity_ctx, now)
+
+    first_seen = dict(carried.first_seen)
+    policy = compile_policy(sources, lambda task_id: first_seen.setdefault(task_id, now), agent)
+    issuer = settings.issuer
+    minter = TokenMinter(
+        keys.current,
+        issuer.url,
+        issuer.max_token_ttl,
+        issuer.refresh_ahead,
+        issuer.mint_per_call,
+        tokens if tokens is not None else TokenCache(),
+        defer,
+        clock,
+    )
+    next_carried = replace(
+        carried,
+        first_seen={tid: first_seen[tid] for tid in policy.tasks_by_id},
+        retired=keys.retired,
+        signing_key=KeyRecord(keys.current.kid, dict(keys.current.public_jwk), issuer.max_token_ttl),
+    )
+    # The compiled policy replaces the task declarations: keep the settings without them
+    # (10,000 rules as pydantic models are ~14 MB; nothing reads them after compiling).
+    slim = replace(loaded, settings=settings.model_copy(update={"tasks": []}))
+    return Snapshot(
+        slim,
+        policy,
+        ingress,
+        identity_ctx,
+        grant_set,
+        keys,
+        minter,
+        reader.digest.hexdigest(),
+        reader.recorder.inputs(),
+        next_carried,
+    )

@@ -1,0 +1,223 @@
+"""The task API's service: accept grants, delegate with budget reservation, revoke, publish.
+
+:mod:`sidecar.admin.tasks_api` is its HTTP face (``/v1/tasks…``, ``/v1/revocations``). Every change
+goes through the :class:`~sidecar.runtime.active.Runtime` as a new
+:class:`~sidecar.runtime.snapshot.CarriedState`: a posted grant is enforced by a rebuild that
+includes it (or refused with the reason), a revocation joins this sidecar's own list and applies on
+the rebuild it triggers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import structlog
+
+from sidecar.config.schema import TaskSpec
+from sidecar.errors import ConfigError
+from sidecar.grants.issue import Delegation, DelegationRequest, plan_delegation, sign_delegation
+from sidecar.grants.model import Grant, GrantCode, GrantError
+from sidecar.grants.revocations import sign_revocations
+from sidecar.grants.sources import check_grant_usable
+from sidecar.policy.budget import BudgetKey
+from sidecar.policy.model import Task
+from sidecar.runtime.active import Runtime
+from sidecar.runtime.snapshot import Snapshot
+
+__all__ = ["SubGrant", "TaskService"]
+
+_log = structlog.get_logger("agent_authz.tasks")
+
+
+def _budget(task: Task, index: int | None) -> tuple[BudgetKey, int | None]:
+    """The counter and limit of ``task``'s rule ``index`` (``None``: the task-wide budget)."""
+    if index is None:
+        return (task.id, ""), task.max_calls
+    rule = task.rules[index]
+    return (task.id, rule.budget_key), rule.max_calls
+
+
+def _reservations(task: Task, delegation: Delegation) -> dict[BudgetKey, tuple[int, int | None]]:
+    """What the child's budgets take from the parent's: counter -> ``(calls, parent limit)``."""
+    child = delegation.child
+    reservations: dict[BudgetKey, tuple[int, int | None]] = {}
+    if child.max_calls is not None and task.max_calls is not None:
+        reservations[_budget(task, None)[0]] = (child.max_calls, task.max_calls)
+    for c_index, p_index in delegation.holders.items():
+        budget_key, limit = _budget(task, p_index)
+        amount = child.egress[c_index].max_calls
+        if limit is not None and amount is not None:
+            spent, _ = reservations.get(budget_key, (0, limit))
+            reservations[budget_key] = (spent + amount, limit)
+    return reservations
+
+
+@dataclass(frozen=True, slots=True)
+class SubGrant:
+    """A sub-grant this sidecar issued (``POST /v1/tasks/{id}/delegate``).
+
+    Attributes:
+        spec: the child task (``id`` is ``<parent id>/<name>``, ``agent`` the sub-agent).
+        parent: the delegating task's id.
+        txn: the root grant's id.
+        ancestors: ids from the root to the parent.
+        issued_at: POSIX seconds.
+    """
+
+    spec: TaskSpec
+    parent: str
+    txn: str
+    ancestors: tuple[str, ...]
+    issued_at: float
+
+
+class TaskService:
+    """Accepts, delegates and revokes tasks on one :class:`Runtime`.
+
+    Args:
+        runtime: the runtime whose snapshot enforces the tasks.
+
+    Attributes:
+        runtime: as given.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self._published: str | None = None
+        self._sub_grants: dict[str, SubGrant] = {}
+
+    def accept(self, token: str) -> Grant:
+        """Accept a grant posted by the local agent (``POST /v1/tasks``) and enforce it at once.
+
+        Raises:
+            GrantError: it does not verify, is expired, names another agent or a credential this
+                sidecar lacks, reuses a task id (``grant_duplicate``), or the rebuild that would
+                enforce it fails (``grant_rejected``, e.g. its TLS rules conflict with another task's).
+        """
+        runtime = self.runtime
+        snapshot = runtime.snapshot
+        now = runtime.clock()
+        grant = snapshot.grants.verifier.verify(token.strip(), now=now)
+        check_grant_usable(grant, snapshot.policy.agent, snapshot.loaded.settings.credentials)
+        if now >= grant.expires_at:
+            raise GrantError(GrantCode.EXPIRED, "the grant has expired")
+        if grant.id in snapshot.policy.tasks_by_id:
+            raise GrantError(GrantCode.DUPLICATE, f"task {grant.id!r} is already active")
+        carried = runtime.carried
+        try:
+            runtime.apply(replace(carried, posted={**carried.posted, grant.id: grant.token}))
+        except ConfigError as exc:
+            _log.warning("grant_rejected", task_id=grant.id, reason=str(exc))
+            raise GrantError(GrantCode.REJECTED, str(exc)) from None
+        return grant
+
+    def delegate(self, task_id: str, request: DelegationRequest) -> tuple[str, TaskSpec]:
+        """Issue a sub-grant of ``task_id`` signed with this agent's SVID (``POST /v1/tasks/{id}/delegate``).
+
+        The budget given to the child is reserved from the parent's (task-wide and per rule) before
+        anything is signed; a refused delegation reserves nothing.
+
+        Returns:
+            ``(compact JWS, child TaskSpec)``.
+
+        Raises:
+            GrantError: unknown task (``grant_unknown_task``), not delegable (no identity to sign
+                with, not a grant, revoked, not valid now, too deep) or a widening (``grant_widening``,
+                naming the field; also when the parent's budget left is smaller).
+        """
+        runtime = self.runtime
+        snapshot = runtime.snapshot
+        task = snapshot.policy.tasks_by_id.get(task_id)
+        if task is None or task.agent != snapshot.policy.agent:
+            raise GrantError(GrantCode.UNKNOWN_TASK, f"no task {task_id!r} for this agent")
+        if snapshot.identity is None:
+            raise GrantError(
+                GrantCode.NOT_DELEGABLE, "delegation signs with the agent's X.509-SVID: configure an identity source"
+            )
+        if task.grant is None:
+            raise GrantError(GrantCode.NOT_DELEGABLE, "only tasks that came from a signed grant can be delegated")
+        svid, budgets = snapshot.identity.state.svid, runtime.budgets
+
+        def remaining(index: int | None) -> int | None:
+            budget_key, limit = _budget(task, index)
+            return None if limit is None else limit - budgets.used(budget_key)
+
+        delegation = plan_delegation(
+            task.grant,
+            request,
+            issuer=svid.spiffe_id,
+            revoked=task.revoked,
+            window=(task.not_before, task.expires_at),
+            now=runtime.clock(),
+            max_depth=snapshot.loaded.settings.grants.max_depth,
+            remaining=remaining,
+        )
+        if not budgets.try_reserve(_reservations(task, delegation)):
+            raise GrantError(
+                GrantCode.WIDENING, "max_calls: the parent's budget left is smaller than the delegated budgets"
+            )
+        token = sign_delegation(delegation, svid)
+        child = delegation.child
+        carried = runtime.carried
+        runtime.remember(replace(carried, issued=carried.issued | {child.id}))
+        grant = task.grant
+        self._sub_grants[child.id] = SubGrant(child, task.id, grant.txn, (*grant.ancestors, grant.id), runtime.clock())
+        _log.info(
+            "task_delegated", task_id=task_id, child=child.id, subject=child.agent, expires_at=str(child.expires_at)
+        )
+        return token, child
+
+    def revoke(self, task_id: str) -> str | None:
+        """Revoke a task this agent holds or delegated (``POST /v1/tasks/{id}/revoke``).
+
+        The id joins this sidecar's own revocation list, which applies here at once (and, should the
+        rebuild fail, on the next successful reload) and is signed with the agent's SVID and written
+        to ``grants.publish_revocations`` for other sidecars to watch.
+
+        Returns:
+            The compact JWS of the published list, or ``None`` without an identity to sign it.
+
+        Raises:
+            GrantError: ``grant_unknown_task`` for an id this sidecar has never seen.
+        """
+        runtime = self.runtime
+        snapshot = runtime.snapshot
+        carried = runtime.carried
+        if task_id not in snapshot.policy.tasks_by_id and task_id not in carried.issued:
+            raise GrantError(GrantCode.UNKNOWN_TASK, f"no task {task_id!r} held or delegated here")
+        carried = replace(carried, own_revoked={**carried.own_revoked, task_id: int(runtime.clock())})
+        runtime.remember(carried)
+        token = self._publish(snapshot, dict(carried.own_revoked))
+        runtime.reload()
+        _log.info("task_revoked", task_id=task_id, published=token is not None)
+        return token
+
+    def delegations(self) -> tuple[SubGrant, ...]:
+        """The sub-grants this service issued, oldest first (kept for the life of the process)."""
+        return tuple(self._sub_grants.values())
+
+    def revoked_here(self) -> frozenset[str]:
+        """Task ids this sidecar revoked itself (its own revocation list)."""
+        return frozenset(self.runtime.carried.own_revoked)
+
+    def revocation_list(self) -> str | None:
+        """This sidecar's own signed revocation list (``GET /v1/revocations``), or ``None``."""
+        return self._published
+
+    def _publish(self, snapshot: Snapshot, revoked: dict[str, int]) -> str | None:
+        identity = snapshot.identity
+        if identity is None:
+            return None
+        svid = identity.state.svid
+        token = sign_revocations(
+            revoked, svid.private_key, issuer=svid.spiffe_id, issued_at=max(revoked.values()), x5c=list(svid.chain)
+        )
+        self._published = token
+        target = snapshot.loaded.settings.grants.publish_revocations
+        if target is not None:
+            path = snapshot.loaded.resolve(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(token + "\n")
+            tmp.replace(path)  # atomic: watchers never read half a list
+        return token

@@ -1,0 +1,136 @@
+"""The wire contract between Envoy and the sidecar: every name both sides must spell the same way.
+
+The bootstrap renderer (:mod:`sidecar.bootstrap`) writes these names into Envoy's configuration;
+the protocol edge (:mod:`sidecar.envoy_authz`) reads them back out of each ``CheckRequest`` and
+turns them into typed :class:`~sidecar.decision.AuthzRequest` fields, so policy code never reads
+them by string. A leaf module (it imports nothing of ours): both sides import it and neither
+imports the other.
+
+Never rename a value: a bootstrap rendered by one version must keep working with the next
+sidecar until Envoy is restarted (like :class:`~sidecar.decision.Reason`).
+
+Envoy ``envoy.service.auth.v3`` facts behind the names:
+
+* HTTP ext_authz sends the route's ``check_settings.context_extensions`` in
+  ``attributes.context_extensions``; the network filter has none, so network checks carry their
+  context in the gRPC initial metadata of the ``Check`` call (``grpc_service.initial_metadata``).
+* ``CheckResponse.dynamic_metadata`` is stored under the filter's name, where access logs read it
+  (``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CALLER_HEADER",
+    "CONNECT_VIA",
+    "CONTEXT_DIRECTION",
+    "CONTEXT_INTERCEPT",
+    "CONTEXT_RPC_BODY_CAP",
+    "CONTEXT_RPC_PROTOCOL",
+    "CONTEXT_UPSTREAM_TLS",
+    "CONTEXT_UPSTREAM_VERIFY",
+    "DECISION_ID_HEADER",
+    "DIRECTION_METADATA",
+    "EXT_PROC_FILTER",
+    "HTTP_FILTER",
+    "LIST_FILTER_HEADER",
+    "METADATA_DECISION",
+    "METADATA_DECISION_ID",
+    "METADATA_LIST_FILTER",
+    "METADATA_NAMESPACE",
+    "METADATA_REASON",
+    "METADATA_TASK_ID",
+    "NETWORK_FILTER",
+    "ORIGINATE",
+    "PROTOCOL_METADATA",
+    "REASON_HEADER",
+    "RESERVED_HEADER_PREFIX",
+    "TASK_HEADER",
+    "VIA_METADATA",
+    "XFCC_HEADER",
+    "dynamic_metadata_ref",
+    "intercept_secret_name",
+]
+
+# -- the two ext_authz filters -------------------------------------------------------------------
+HTTP_FILTER = "envoy.filters.http.ext_authz"
+"""The HTTP ext_authz filter: its name, its per-route config key and its dynamic metadata namespace."""
+NETWORK_FILTER = "envoy.filters.network.ext_authz"
+"""The network (connection-level) ext_authz filter of the ``outbound`` and ``intercept_connect`` listeners."""
+METADATA_NAMESPACE = HTTP_FILTER
+"""Envoy stores ``CheckResponse.dynamic_metadata`` under the filter's name."""
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+"""The HTTP ext_proc filter of MCP routes (``tools/list`` responses filtered by the sidecar):
+its name and its per-route config key."""
+
+# -- context_extensions (HTTP checks: set per route by the bootstrap) ----------------------------
+CONTEXT_DIRECTION = "direction"
+"""``egress`` or ``ingress`` (:class:`~sidecar.decision.Direction`); every HTTP route sets it."""
+CONTEXT_UPSTREAM_TLS = "upstream_tls"
+"""Set to :data:`ORIGINATE` on routes that open TLS to the upstream; a ``tls: originate`` rule
+allows a call only through such a route, so a bootstrap rendered before the rule existed can never
+send its token in clear text (:attr:`~sidecar.decision.AuthzRequest.upstream_tls`)."""
+ORIGINATE = "originate"
+"""The value of :data:`CONTEXT_UPSTREAM_TLS`."""
+CONTEXT_INTERCEPT = "intercept"
+"""``host:port`` on the routes behind an intercepting filter chain: the server name and port whose
+TLS Envoy terminated with a pod-CA certificate (:attr:`~sidecar.decision.AuthzRequest.interception`)."""
+CONTEXT_UPSTREAM_VERIFY = "upstream_verify"
+"""How that route's cluster verifies the upstream (``dns:<name> ca:<bundle>``; recorded as is)."""
+CONTEXT_RPC_PROTOCOL = "rpc_protocol"
+"""``mcp`` or ``a2a`` on the routes to the hosts of ``envoy.rpc_hosts`` (a deny there is a JSON-RPC
+error body; :attr:`~sidecar.decision.AuthzRequest.rpc`)."""
+CONTEXT_RPC_BODY_CAP = "rpc_body_cap"
+"""The body cap in bytes (decimal) on the MCP/A2A routes that buffer the request body
+(``with_request_body``); absent where Envoy sends no body (then an MCP call is judged on its
+``Mcp-Method`` / ``Mcp-Name`` headers, if it has them)."""
+
+# -- gRPC initial metadata (network checks: set per filter by the bootstrap) ---------------------
+DIRECTION_METADATA = "x-agent-authz-direction"
+"""The direction of a network check (always ``egress``)."""
+PROTOCOL_METADATA = "x-agent-authz-protocol"
+"""``tls`` or ``tcp``: the filter chain that asks (:class:`~sidecar.decision.Protocol`)."""
+VIA_METADATA = "x-agent-authz-via"
+""":data:`CONNECT_VIA` when the connection arrived through a proxy ``CONNECT`` tunnel (the internal
+listener behind ``egress_http``), so it has no original destination."""
+CONNECT_VIA = "connect"
+"""The value of :data:`VIA_METADATA`."""
+
+# -- dynamic metadata keys (CheckResponse -> Envoy's access log) -------------------------------------
+METADATA_DECISION_ID = "decision_id"
+METADATA_DECISION = "decision"
+"""``allow`` or ``deny``."""
+METADATA_REASON = "reason"
+METADATA_TASK_ID = "task_id"
+METADATA_LIST_FILTER = "mcp_list_filter"
+"""On an allowed MCP ``tools/list``: the tool name patterns its response is filtered to (a list, present
+even when empty); Envoy's ext_proc filter forwards the ext_authz namespace to the sidecar
+(``metadata_options.forwarding_namespaces``)."""
+
+# -- headers -----------------------------------------------------------------------------------
+RESERVED_HEADER_PREFIX = "x-agent-authz-"
+"""Headers the sidecar and Envoy set; a credential may never be injected under this prefix."""
+TASK_HEADER = "x-agent-task"
+"""Request header an agent with several active tasks uses to pick one; stripped before forwarding."""
+DECISION_ID_HEADER = "x-agent-authz-decision-id"
+"""Set on the forwarded request, on the response and on a deny: joins logs to decisions."""
+REASON_HEADER = "x-agent-authz-reason"
+"""The reason code of a deny, on the deny response."""
+LIST_FILTER_HEADER = "x-agent-authz-list-filter"
+"""Set (``1``) on an allowed MCP ``tools/list`` so that Envoy runs the ext_proc filter on its
+response; removed from every other request, and by the route before the upstream."""
+CALLER_HEADER = "x-agent-authz-caller"
+"""On an allowed ingress request: the verified caller SPIFFE ID (overwrites any client value)."""
+XFCC_HEADER = "x-forwarded-client-cert"
+"""The inbound listener's ``SANITIZE_SET`` client certificate details (the caller's chain)."""
+
+
+def intercept_secret_name(host: str) -> str:
+    """The SDS secret holding ``host``'s pod-CA leaf (named by the bootstrap, served by
+    :mod:`sidecar.tls_intercept.sds`): ``intercept|<host>``."""
+    return f"intercept|{host}"
+
+
+def dynamic_metadata_ref(filter_name: str, key: str) -> str:
+    """An access-log command reading the sidecar's dynamic metadata: ``%DYNAMIC_METADATA(filter:key)%``."""
+    return f"%DYNAMIC_METADATA({filter_name}:{key})%"

@@ -1,0 +1,273 @@
+"""A stand-in for the kubelet: run a (patched) pod's containers on this machine, as the kubelet would.
+
+No kubelet or container runtime runs here, so this does their part with the pod spec the webhook
+produced, and nothing else:
+
+* **volumes** are laid out under a base directory: ``configMap`` and ``secret`` volumes from the
+  manifests the chart rendered, ``downwardAPI`` from the pod's annotations, ``emptyDir`` as empty
+  world-writable directories, ``csi`` as a directory the test fills (the SPIFFE CSI driver's socket
+  directory). Like the kubelet's AtomicWriter, each of the first three is a timestamped directory
+  behind a ``..data`` symlink, and an update swaps the symlink atomically (:meth:`update_annotations`);
+* **containers** run in the pod's network namespace, each in its own mount namespace with its
+  volumes bind-mounted at their ``mountPath``, a read-only root when ``readOnlyRootFilesystem``,
+  and its ``runAsUser``/``runAsGroup``, capabilities and ``allowPrivilegeEscalation``
+  (:mod:`tests.support.container_exec`); the image is this machine's filesystem;
+* **order**: init containers one by one; a regular one must exit 0, a native sidecar
+  (``restartPolicy: Always``) is started and its ``startupProbe`` must pass before the next; then
+  the regular containers, whose ``readinessProbe`` must pass;
+* **probes** (``httpGet``) are sent from the "node": the upstream namespace, through the pod's
+  interface, so they cross the pod's inbound iptables rules as a real kubelet probe does.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from sidecar.harness import ManagedProcess, wait_until
+from tests.support.netns import POD_IP, PodNetwork
+
+__all__ = ["Kubelet"]
+
+REPO = Path(__file__).resolve().parents[2]
+_DEFAULT_CAPABILITIES = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FSETID",
+    "FOWNER",
+    "MKNOD",
+    "NET_RAW",
+    "SETGID",
+    "SETUID",
+    "SETFCAP",
+    "SETPCAP",
+    "NET_BIND_SERVICE",
+    "SYS_CHROOT",
+    "KILL",
+    "AUDIT_WRITE",
+]
+"""containerd's default capability set."""
+
+
+def atomic_write(directory: Path, files: Mapping[str, bytes], mode: int) -> None:
+    """Write ``files`` into ``directory`` the way the kubelet's AtomicWriter does.
+
+    A new ``..<timestamp>`` directory holds the files; ``..data`` is switched to it with one
+    ``rename(2)``; each visible name is a symlink through ``..data``; the old directory is removed.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    stamp = dt.datetime.now(dt.UTC).strftime("..%Y_%m_%d_%H_%M_%S.%f")
+    payload = directory / stamp
+    payload.mkdir()
+    payload.chmod(0o755)
+    for name, content in files.items():
+        target = payload / name
+        target.write_bytes(content)
+        target.chmod(mode)
+    data = directory / "..data"
+    old = os.readlink(data) if data.is_symlink() else None
+    tmp = directory / "..data_tmp"
+    tmp.symlink_to(stamp)
+    tmp.rename(data)
+    for name in files:
+        link = directory / name
+        if not link.is_symlink():
+            link.symlink_to(f"..data/{name}")
+    if old is not None and old != stamp:
+        shutil.rmtree(directory / old)
+
+
+class Kubelet:
+    """Runs ``pod`` in ``net`` (its ``pod`` namespace), with volumes and scratch space under ``base``.
+
+    Args:
+        pod: the Pod object as admitted (the webhook's patch applied).
+        net: the pod and upstream namespaces.
+        base: volumes, per-container scratch and logs go here.
+        config_maps / secrets: ``name -> {key: content}``, the objects in the pod's namespace.
+        csi: ``driver -> directory`` the CSI driver would mount.
+        path: the image's ``PATH``.
+    """
+
+    def __init__(
+        self,
+        pod: dict[str, Any],
+        net: PodNetwork,
+        base: Path,
+        *,
+        config_maps: Mapping[str, Mapping[str, str]],
+        secrets: Mapping[str, Mapping[str, bytes]],
+        csi: Mapping[str, Path],
+        path: str,
+    ) -> None:
+        self.pod = pod
+        self.net = net
+        self.base = base
+        self.config_maps = config_maps
+        self.secrets = secrets
+        self.csi = csi
+        self.path = path
+        self.volumes: dict[str, Path] = {}
+        self.running: dict[str, ManagedProcess] = {}
+        self.logs = base / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    # -- volumes ---------------------------------------------------------------------------------
+    def _downward(self, volume: Mapping[str, Any], annotations: Mapping[str, str]) -> dict[str, bytes]:
+        files = {}
+        for item in volume["downwardAPI"]["items"]:
+            field = item["fieldRef"]["fieldPath"]
+            assert field.startswith("metadata.annotations['") and field.endswith("']"), field
+            files[item["path"]] = annotations.get(field[len("metadata.annotations['") : -2], "").encode()
+        return files
+
+    def lay_out_volumes(self) -> None:
+        """Create every volume of the pod spec (an unknown volume type is an error)."""
+        annotations = self.pod["metadata"].get("annotations", {})
+        for volume in self.pod["spec"].get("volumes", []):
+            path = self.base / "volumes" / volume["name"]
+            self.volumes[volume["name"]] = path
+            if "configMap" in volume:
+                data = self.config_maps[volume["configMap"]["name"]]
+                atomic_write(
+                    path, {k: v.encode() for k, v in data.items()}, volume["configMap"].get("defaultMode", 0o644)
+                )
+            elif "secret" in volume:
+                data = self.secrets[volume["secret"]["secretName"]]
+                items = volume["secret"].get("items") or [{"key": k, "path": k} for k in data]
+                atomic_write(
+                    path, {i["path"]: data[i["key"]] for i in items}, volume["secret"].get("defaultMode", 0o644)
+                )
+            elif "downwardAPI" in volume:
+                atomic_write(path, self._downward(volume, annotations), volume["downwardAPI"].get("defaultMode", 0o644))
+            elif "emptyDir" in volume:
+                path.mkdir(parents=True)
+                path.chmod(0o777)
+            elif "csi" in volume:
+                self.volumes[volume["name"]] = self.csi[volume["csi"]["driver"]]
+            else:
+                raise AssertionError(f"volume type not simulated: {volume}")
+
+    def update_annotations(self, pod: dict[str, Any]) -> None:
+        """The pod's annotations changed (``kubectl annotate``): rewrite its downwardAPI volumes atomically."""
+        self.pod = pod
+        annotations = pod["metadata"].get("annotations", {})
+        for volume in pod["spec"].get("volumes", []):
+            if "downwardAPI" in volume:
+                files = self._downward(volume, annotations)
+                atomic_write(self.volumes[volume["name"]], files, volume["downwardAPI"].get("defaultMode", 0o644))
+
+    # -- containers ------------------------------------------------------------------------------
+    def _spec(self, container: Mapping[str, Any]) -> Path:
+        pod_ctx = self.pod["spec"].get("securityContext", {})
+        ctx = container.get("securityContext", {})
+        uid = ctx.get("runAsUser", pod_ctx.get("runAsUser", 0))
+        gid = ctx.get("runAsGroup", pod_ctx.get("runAsGroup", 0))
+        caps_spec = ctx.get("capabilities", {})
+        drop = {c.upper() for c in caps_spec.get("drop", [])}
+        caps = [] if "ALL" in drop else [c for c in _DEFAULT_CAPABILITIES if c not in drop]
+        caps += [c.upper() for c in caps_spec.get("add", []) if c.upper() not in caps]
+        scratch = self.base / "scratch" / container["name"]
+        scratch.mkdir(parents=True, exist_ok=True)
+        env = {"PATH": self.path, "HOME": "/"}
+        env.update({e["name"]: e["value"] for e in container.get("env", [])})
+        python = Path(sys.executable).resolve()
+        spec = {
+            "scratch": str(scratch),
+            "mounts": [
+                {"source": str(self.volumes[m["name"]]), "target": m["mountPath"], "readOnly": m.get("readOnly", False)}
+                for m in container.get("volumeMounts", [])
+            ],
+            "layers": sorted({str(REPO), sys.prefix, sys.base_prefix, str(python.parents[1])}),
+            "readOnlyRootFilesystem": bool(ctx.get("readOnlyRootFilesystem")),
+            "uid": uid,
+            "gid": gid,
+            "capabilities": caps,
+            "noNewPrivs": ctx.get("allowPrivilegeEscalation") is False,
+            "command": [*container.get("command", []), *container.get("args", [])],
+            "env": env,
+            "workingDir": container.get("workingDir"),
+        }
+        path = self.base / f"{container['name']}.spec.json"
+        path.write_text(json.dumps(spec))
+        return path
+
+    def _argv(self, container: Mapping[str, Any]) -> list[str]:
+        return [
+            "nsenter",
+            f"--net=/run/netns/{self.net.pod}",
+            "--",
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            sys.executable,
+            "-m",
+            "tests.support.container_exec",
+            str(self._spec(container)),
+        ]
+
+    def run_to_completion(self, container: Mapping[str, Any], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run a regular init container; raises with its output unless it exits 0."""
+        result = subprocess.run(
+            self._argv(container), cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        (self.logs / f"{container['name']}.out").write_text(result.stdout)
+        (self.logs / f"{container['name']}.err").write_text(result.stderr)
+        assert result.returncode == 0, f"init container {container['name']} failed:\n{result.stdout}\n{result.stderr}"
+        return result
+
+    def start(self, container: Mapping[str, Any]) -> ManagedProcess:
+        """Start a long-running container (logs: ``logs/NAME.out`` / ``.err``, as ``kubectl logs -c NAME``)."""
+        proc = ManagedProcess(container["name"], self._argv(container), log_dir=self.logs, cwd=REPO)
+        proc.start()
+        self.running[container["name"]] = proc
+        return proc
+
+    def probe(self, container: Mapping[str, Any], kind: str, timeout: float = 30) -> None:
+        """Wait until the container's ``kind`` probe (httpGet) passes, sent from the node side."""
+        probe = container[kind]["httpGet"]
+        port = probe["port"]
+        if isinstance(port, str):
+            port = next(p["containerPort"] for p in container.get("ports", []) if p.get("name") == port)
+        url = f"http://{POD_IP}:{port}{probe.get('path', '/')}"
+        proc = self.running.get(container["name"])
+
+        def passes() -> bool:
+            if proc is not None:
+                proc.check_alive()
+            argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", url]
+            out = subprocess.run(self.net.exec_in(self.net.upstream, argv), capture_output=True, text=True, timeout=10)
+            return 200 <= int(out.stdout or 0) < 400
+
+        wait_until(passes, timeout=timeout, what=f"{container['name']} {kind} {url}", interval=0.1)
+
+    def start_pod(self, timeout: float = 60) -> None:
+        """Init containers in order (native sidecars until their startupProbe passes), then the containers."""
+        self.lay_out_volumes()
+        for container in self.pod["spec"].get("initContainers", []):
+            if container.get("restartPolicy") == "Always":
+                self.start(container)
+                if "startupProbe" in container:
+                    self.probe(container, "startupProbe", timeout)
+            else:
+                self.run_to_completion(container, timeout)
+        for container in self.pod["spec"]["containers"]:
+            self.start(container)
+            if "readinessProbe" in container:
+                self.probe(container, "readinessProbe", timeout)
+
+    def stop(self) -> None:
+        """Stop the containers, then the native sidecars, in reverse start order (as on pod termination)."""
+        for proc in reversed(list(self.running.values())):
+            proc.stop()
+        self.running.clear()
