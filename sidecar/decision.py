@@ -62,13 +62,10 @@ class Reason(enum.StrEnum):
     NO_CLIENT_IDENTITY = "no_client_identity"
     """Ingress: no client certificate and no JWT-SVID."""
     UNTRUSTED_IDENTITY = "untrusted_identity"
-    """Ingress: the caller's SVID failed verification; ``detail`` starts with a stable sub-code:
-    ``svid_malformed``, ``svid_no_uri_san``, ``svid_multiple_uri_sans``, ``svid_invalid_spiffe_id``,
-    ``svid_leaf_is_ca``, ``svid_bad_key_usage``, ``svid_not_yet_valid``, ``svid_expired``,
-    ``svid_unknown_trust_domain``, ``svid_chain_invalid``, ``jwt_svid_malformed``,
-    ``jwt_svid_bad_header``, ``jwt_svid_bad_algorithm``, ``jwt_svid_invalid_subject``,
-    ``jwt_svid_unknown_trust_domain``, ``jwt_svid_unknown_key``, ``jwt_svid_bad_signature``,
-    ``jwt_svid_missing_claim``, ``jwt_svid_bad_audience``, ``jwt_svid_expired``."""
+    """Ingress: the caller's SVID failed verification; ``detail`` starts with a stable sub-code, an
+    ``svid_*`` or ``jwt_svid_*`` member of :class:`~sidecar.errors.SvidDetail` such as
+    ``svid_expired``, ``svid_chain_invalid``, ``jwt_svid_bad_signature`` or ``jwt_svid_bad_audience``
+    (the reference page of reasons lists them all, with their meanings)."""
     CALLER_NOT_ALLOWED = "caller_not_allowed"
     """Ingress: a verified caller that no rule names (for this method and path)."""
     NO_TASK = "no_task"

@@ -24,7 +24,7 @@ from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.config.watch import watch_and_reload
 from sidecar.envoy_authz.ext_proc import ListFilterService
 from sidecar.envoy_authz.service import AuthorizationService
-from sidecar.errors import ConfigError
+from sidecar.errors import BundleDetail, ConfigError, SvidDetail
 from sidecar.identity.state import IdentityState
 from sidecar.identity.workload_api import WorkloadApiIdentity
 from sidecar.metrics import Metrics
@@ -78,7 +78,10 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         def identity_changed(state: IdentityState) -> None:
             loop.call_soon_threadsafe(runtime.set_identity, state)
 
-        workload.set_callback(identity_changed)
+        def identity_rejected(detail: SvidDetail | BundleDetail, message: str) -> None:
+            loop.call_soon_threadsafe(runtime.identity_rejected, "workload_api", detail, message)
+
+        workload.set_callback(identity_changed, identity_rejected)
     try:
         intercept = await _start_intercept(loaded, runtime)
     except BaseException:

@@ -401,13 +401,15 @@ class TaskSpec(_Model):
 
 
 class WorkloadApiSpec(_Model):
-    """The SPIFFE Workload API (a SPIRE agent socket): py-spiffe's ``X509Source``/``JwtSource`` stream
-    SVID and bundle updates, swapped in atomically; Envoy reads the SPIRE agent's SDS on the same socket."""
+    """The SPIFFE Workload API (a SPIRE agent socket): the sidecar streams ``FetchX509SVID`` (and
+    ``FetchJWTBundles``) itself, validates every update like a peer's SVID (an invalid one is refused
+    and the previous identity stays), reconnects with backoff and swaps valid ones in atomically;
+    Envoy reads the SPIRE agent's SDS on the same socket."""
 
     socket: str = "unix:///run/spire/sockets/agent.sock"
     """The Workload API socket (``unix:///absolute/path``); Envoy reads SPIRE's SDS on the same socket."""
     timeout: Seconds = 10.0
-    """How long to wait for the first SVID at start."""
+    """How long to wait for the first SVID at start (an invalid first SVID refuses to start at once)."""
     svid_secret: str = "default"  # noqa: S105 - SPIRE's SDS resource names
     """SPIRE SDS resource name of the agent's SVID, rendered for Envoy."""
     bundle_secret: str = "ALL"  # noqa: S105
@@ -433,7 +435,8 @@ class IdentityFilesSpec(_Model):
     bundles: dict[str, Path] = Field(min_length=1)
     """Trust domain → PEM file of its X.509 authorities (one entry per federated trust domain)."""
     jwt_bundles: dict[str, Path] = Field(default_factory=dict)
-    """Trust domain → JWKS file of its JWT-SVID signers."""
+    """Trust domain → SPIFFE bundle or plain JWKS file of its JWT-SVID signers (keys whose ``use`` is
+    ``jwt-svid`` or absent; keys of another ``use`` are ignored and logged once)."""
 
     @field_validator("bundles", "jwt_bundles")
     @classmethod

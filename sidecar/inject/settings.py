@@ -120,8 +120,8 @@ class InjectorSettings(_Model):
             template: not checked (a warning instead).
         workload_api: the SPIRE agent socket volume.
         exclude_inbound_ports / exclude_outbound_cidrs / exclude_outbound_ports / allow_non_tcp:
-            passed to ``agent-authz iptables``. The health port and the pod's probe ports are
-            always excluded from inbound interception (kubelet has no SVID).
+            passed to ``agent-authz iptables``. The health port, the pod's probe ports and its HTTP
+            lifecycle hook ports are always excluded from inbound interception (kubelet has no SVID).
         allow_opt_out: whether ``agent-authz.io/inject: "false"`` is honoured (else refused).
         require_run_as_user: refuse containers without an explicit ``runAsUser`` (an image's own
             ``USER`` cannot be seen at admission and might be the proxy UID).

@@ -27,8 +27,8 @@ import structlog
 
 from sidecar.config.loader import LoadedConfig, parse_config, read_config_bytes
 from sidecar.decision import AuthzRequest, Decision, Direction, Protocol
-from sidecar.errors import ConfigError, ErrorCode
-from sidecar.identity.state import IdentityState
+from sidecar.errors import BundleDetail, ConfigError, ErrorCode, SvidDetail
+from sidecar.identity.state import IdentityLoadError, IdentityState
 from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.connection import decide_connection
 from sidecar.policy.engine import decide_egress, dry_run
@@ -71,7 +71,10 @@ class Runtime:
         reloads: snapshots swapped in after the first.
         reload_failures_by_code: rejected reloads by error code (``ConfigError.code``).
         last_error: why the last reload failed; ``None`` once the files are good again.
-        last_identity_error: why the last Workload API identity was refused, or ``None``.
+        last_identity_error: why the last identity update (files or Workload API) was refused
+            (``"<sub-code>: <reason>"``), or ``None`` once a good one replaced it.
+        identity_rejections: refused identity updates by ``(source, sub-code)`` (the previous
+            identity stayed active).
 
     Raises:
         ConfigError: the initial configuration is invalid (there is no previous one to keep).
@@ -99,6 +102,7 @@ class Runtime:
         self.reload_failures_by_code: collections.Counter[ErrorCode] = collections.Counter()
         self.last_error: str | None = None
         self.last_identity_error: str | None = None
+        self.identity_rejections: collections.Counter[tuple[str, SvidDetail | BundleDetail]] = collections.Counter()
         start = carried if carried is not None else CarriedState()
         self._carried = replace(start, identity=workload_identity) if workload_identity is not None else start
         self._failed: _Attempt | None = None
@@ -134,6 +138,7 @@ class Runtime:
         self._active = _Attempt(snapshot.inputs, snapshot.carried.rebuild_key)
         self._failed = None
         self.last_error = None
+        self._files_identity_good(snapshot)
         if snapshot.digest == previous.digest:
             return False
         settings, before = snapshot.loaded.settings, previous.loaded.settings
@@ -198,6 +203,7 @@ class Runtime:
             if self._failed is not None:  # back to the active configuration's files: the error is stale
                 self._failed = None
                 self.last_error = None
+                self._files_identity_good(self.snapshot)
                 _log.info("config_restored", file=str(self.config_path), digest=self.snapshot.digest[:16])
             return False
         if self._failed is not None and self._unchanged(self._failed, key, read_now):
@@ -212,6 +218,8 @@ class Runtime:
             self.reload_failures_by_code[exc.code] += 1
             self.last_error = str(exc)
             _log.error("config_reload_failed", file=exc.file, field=exc.field, reason=exc.reason, code=exc.code)
+            if isinstance(exc, IdentityLoadError):
+                self.identity_rejected("files", exc.detail, f"{exc.reason} ({exc.field})")
             return False
         return self._swap(snapshot, previous)
 
@@ -241,23 +249,52 @@ class Runtime:
     def set_identity(self, state: IdentityState) -> bool:
         """Swap in a new identity from the Workload API (rotation without restart).
 
+        ``state.problems`` (refused updates the source kept this state through) become
+        ``last_identity_error``; a state without problems clears it.
+
         Returns:
-            ``False`` (and logs ``identity_rejected``) when the SVID names another SPIFFE ID than the
-            one the policy was compiled for; the previous identity then stays active.
+            ``False`` (and records ``svid_spiffe_id_changed`` with :meth:`identity_rejected`) when the
+            SVID names another SPIFFE ID than the one the policy was compiled for; the previous
+            identity then stays active.
         """
         snapshot = self.snapshot
         if state.svid.spiffe_id != snapshot.policy.agent:
-            self.last_identity_error = f"SVID for {state.svid.spiffe_id}, expected {snapshot.policy.agent}"
-            _log.error("identity_rejected", reason=self.last_identity_error)
+            self.identity_rejected(
+                state.source,
+                SvidDetail.SVID_SPIFFE_ID_CHANGED,
+                f"SVID for {state.svid.spiffe_id}, expected {snapshot.policy.agent}",
+            )
             return False
         self._carried = replace(self._carried, identity=state)
-        self.last_identity_error = None
+        self.last_identity_error = "; ".join(state.problems) or None
         self.snapshot = replace(
             snapshot,
             identity=IdentityContext.build(state, snapshot.ingress.audiences),
             carried=replace(snapshot.carried, identity=state),
         )
         return True
+
+    def identity_rejected(self, source: str, detail: SvidDetail | BundleDetail, message: str) -> None:
+        """Record a refused identity update (the previous identity stays active).
+
+        Counted per ``(source, detail)`` for ``agent_authz_identity_updates_rejected_total`` and shown
+        as ``identity.last_error`` in ``/readyz`` until a good update arrives; logged as
+        ``identity_rejected``.
+
+        Args:
+            source: ``files`` or ``workload_api``.
+            detail: the sub-code.
+            message: the human-readable reason (``detail`` is prefixed unless it starts with it).
+        """
+        self.identity_rejections[(source, detail)] += 1
+        self.last_identity_error = message if message.startswith(detail) else f"{detail}: {message}"
+        _log.error("identity_rejected", source=source, detail=detail, reason=self.last_identity_error)
+
+    def _files_identity_good(self, snapshot: Snapshot) -> None:
+        """``snapshot`` loaded its identity from valid ``identity.files``: an earlier refusal is over."""
+        identity = snapshot.loaded.settings.identity
+        if identity is not None and identity.source == "files":
+            self.last_identity_error = None
 
     # -- the request path ------------------------------------------------------------------------
     def decide(self, request: AuthzRequest, decision_id: str) -> Decision:

@@ -180,7 +180,7 @@ def _check_tls_rules(sources: list[TaskSource], intercept: bool, file: str) -> N
                 )
 
 
-def _identity(loaded: LoadedConfig, reader: _Reader, carried: CarriedState) -> IdentityState | None:
+def _identity(loaded: LoadedConfig, reader: _Reader, carried: CarriedState, now: float) -> IdentityState | None:
     spec = loaded.settings.identity
     if spec is None:
         return None
@@ -197,6 +197,7 @@ def _identity(loaded: LoadedConfig, reader: _Reader, carried: CarriedState) -> I
         bundles=files.bundles,
         jwt_bundles=files.jwt_bundles,
         file=str(loaded.source),
+        now=now,
     )
 
 
@@ -374,13 +375,15 @@ def build_snapshot(
 
     Raises:
         ConfigError: a file is unreadable or invalid, a grant does not verify, task ids collide, TLS
-            rules of different sources conflict, or the Workload API has given no identity yet.
+            rules of different sources conflict, or the Workload API has given no identity yet;
+            :class:`~sidecar.identity.state.IdentityLoadError` (a ``ConfigError``) when an
+            ``identity.files`` file is unusable or the SVID fails the local identity checks.
     """
     now = clock() if now is None else now
     reader = _Reader(loaded, recorder if recorder is not None else InputRecorder(DISK))
     settings = loaded.settings
     keys = _keys(loaded, reader, carried, now)
-    identity = _identity(loaded, reader, carried)
+    identity = _identity(loaded, reader, carried, now)
     agent = _agent(loaded, identity)
     ingress = compile_ingress(settings, agent)
     identity_ctx = IdentityContext.build(identity, ingress.audiences) if identity is not None else None
