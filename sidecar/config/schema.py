@@ -847,6 +847,22 @@ class DecisionLogSpec(_Model):
         return self
 
 
+class ViewerSpec(_Model):
+    """The decision viewer (``/decisions`` on the admin port).
+
+    Read at start; a reload that changes this section logs ``viewer_change_needs_restart`` and keeps
+    the running viewer as it is.
+    """
+
+    logs: list[Path] = Field(default_factory=list, max_length=64)
+    """Other sidecars' decision logs (JSON lines; rotated files included), e.g. those of the sub-agents
+    this agent delegates to, on a shared volume or collected copies. Shown read-only next to this
+    sidecar's own records, followed live, and counted in the summaries and delegation trees (what a
+    sub-agent spent is only known from its own records). Their hash chains are not verified here
+    (``agent-authz logs verify`` does that); a missing or unreadable file is named in the viewer, not
+    an error."""
+
+
 class SidecarConfig(_Model):
     """The whole ``sidecar.yaml``: every key, section by section.
 
@@ -872,6 +888,8 @@ class SidecarConfig(_Model):
     """How Envoy's bootstrap is rendered."""
     decision_log: DecisionLogSpec = DecisionLogSpec()
     """Where decision records go."""
+    viewer: ViewerSpec = ViewerSpec()
+    """The decision viewer."""
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
     """Name (1-64 characters of ``a-z0-9._-``) → API key that rules and grants refer to by name."""
     grants: GrantsSpec = GrantsSpec()

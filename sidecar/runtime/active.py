@@ -146,6 +146,8 @@ class Runtime:
             _log.warning("decision_log_change_needs_restart", file=str(self.config_path))
         if settings.intercept != before.intercept:
             _log.warning("intercept_change_needs_restart", file=str(self.config_path))
+        if settings.viewer != before.viewer:
+            _log.warning("viewer_change_needs_restart", file=str(self.config_path))
         self.snapshot = snapshot
         self.reloads += 1
         for listener in self._listeners:

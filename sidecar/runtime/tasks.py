@@ -9,7 +9,7 @@ the rebuild it triggers.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import structlog
 
@@ -24,7 +24,7 @@ from sidecar.policy.model import Task
 from sidecar.runtime.active import Runtime
 from sidecar.runtime.snapshot import Snapshot
 
-__all__ = ["TaskService"]
+__all__ = ["SubGrant", "TaskService"]
 
 _log = structlog.get_logger("agent_authz.tasks")
 
@@ -52,6 +52,25 @@ def _reservations(task: Task, delegation: Delegation) -> dict[BudgetKey, tuple[i
     return reservations
 
 
+@dataclass(frozen=True, slots=True)
+class SubGrant:
+    """A sub-grant this sidecar issued (``POST /v1/tasks/{id}/delegate``).
+
+    Attributes:
+        spec: the child task (``id`` is ``<parent id>/<name>``, ``agent`` the sub-agent).
+        parent: the delegating task's id.
+        txn: the root grant's id.
+        ancestors: ids from the root to the parent.
+        issued_at: POSIX seconds.
+    """
+
+    spec: TaskSpec
+    parent: str
+    txn: str
+    ancestors: tuple[str, ...]
+    issued_at: float
+
+
 class TaskService:
     """Accepts, delegates and revokes tasks on one :class:`Runtime`.
 
@@ -65,6 +84,7 @@ class TaskService:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._published: str | None = None
+        self._sub_grants: dict[str, SubGrant] = {}
 
     def accept(self, token: str) -> Grant:
         """Accept a grant posted by the local agent (``POST /v1/tasks``) and enforce it at once.
@@ -140,6 +160,8 @@ class TaskService:
         child = delegation.child
         carried = runtime.carried
         runtime.remember(replace(carried, issued=carried.issued | {child.id}))
+        grant = task.grant
+        self._sub_grants[child.id] = SubGrant(child, task.id, grant.txn, (*grant.ancestors, grant.id), runtime.clock())
         _log.info(
             "task_delegated", task_id=task_id, child=child.id, subject=child.agent, expires_at=str(child.expires_at)
         )
@@ -169,6 +191,14 @@ class TaskService:
         runtime.reload()
         _log.info("task_revoked", task_id=task_id, published=token is not None)
         return token
+
+    def delegations(self) -> tuple[SubGrant, ...]:
+        """The sub-grants this service issued, oldest first (kept for the life of the process)."""
+        return tuple(self._sub_grants.values())
+
+    def revoked_here(self) -> frozenset[str]:
+        """Task ids this sidecar revoked itself (its own revocation list)."""
+        return frozenset(self.runtime.carried.own_revoked)
 
     def revocation_list(self) -> str | None:
         """This sidecar's own signed revocation list (``GET /v1/revocations``), or ``None``."""
