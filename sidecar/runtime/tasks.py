@@ -4,7 +4,8 @@
 goes through the :class:`~sidecar.runtime.active.Runtime` as a new
 :class:`~sidecar.runtime.snapshot.CarriedState`: a posted grant is enforced by a rebuild that
 includes it (or refused with the reason), a revocation joins this sidecar's own list and applies on
-the rebuild it triggers.
+the rebuild it triggers. With a durable state, each is stored before it is answered (a posted grant,
+a revocation, a delegation's reservation and child id), so none is forgotten by a restart.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sidecar.policy.budget import BudgetKey
 from sidecar.policy.model import Task
 from sidecar.runtime.active import Runtime
 from sidecar.runtime.snapshot import Snapshot
+from sidecar.state.store import DelegatedChild
 
 __all__ = ["TaskService"]
 
@@ -55,6 +57,10 @@ def _reservations(task: Task, delegation: Delegation) -> dict[BudgetKey, tuple[i
 class TaskService:
     """Accepts, delegates and revokes tasks on one :class:`Runtime`.
 
+    A runtime that starts with revocations of its own (from the durable state) has its list signed
+    and published again at once, so ``GET /v1/revocations`` and ``grants.publish_revocations`` hold
+    every id revoked here before the restart.
+
     Args:
         runtime: the runtime whose snapshot enforces the tasks.
 
@@ -65,6 +71,9 @@ class TaskService:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._published: str | None = None
+        own = runtime.carried.own_revoked
+        if own:
+            self._publish(runtime.snapshot, dict(own))
 
     def accept(self, token: str) -> Grant:
         """Accept a grant posted by the local agent (``POST /v1/tasks``) and enforce it at once.
@@ -132,14 +141,19 @@ class TaskService:
             max_depth=snapshot.loaded.settings.grants.max_depth,
             remaining=remaining,
         )
-        if not budgets.try_reserve(_reservations(task, delegation)):
+        reservations = _reservations(task, delegation)
+        if not budgets.try_reserve(reservations):
             raise GrantError(
                 GrantCode.WIDENING, "max_calls: the parent's budget left is smaller than the delegated budgets"
             )
         token = sign_delegation(delegation, svid)
         child = delegation.child
+        assert child.expires_at is not None  # a delegated child always has its end
+        record = DelegatedChild(
+            task_id, child.expires_at.timestamp(), tuple((k, n) for k, (n, _) in sorted(reservations.items()))
+        )
         carried = runtime.carried
-        runtime.remember(replace(carried, issued=carried.issued | {child.id}))
+        runtime.remember(replace(carried, issued={**carried.issued, child.id: record}))
         _log.info(
             "task_delegated", task_id=task_id, child=child.id, subject=child.agent, expires_at=str(child.expires_at)
         )

@@ -59,6 +59,7 @@ NEVER_RENAMED = {
         "injection_denied",
         "bad_review",
         "webhook_check_failed",
+        "state_unavailable",
     },
     SvidDetail: {
         "svid_malformed",
