@@ -214,6 +214,8 @@ def _create(path: Path, migrations: tuple[str, ...]) -> None:
         _migrate(db, 0, migrations)
     finally:
         db.close()  # the last connection checkpoints and removes the WAL
+    for orphan in (path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        orphan.unlink(missing_ok=True)  # of a deleted file: SQLite would replay an old WAL into the new one
     os.replace(tmp, path)
     directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
