@@ -154,22 +154,33 @@ class Runtime:
         self.store.save(self._stored, remembered)
         self._stored = remembered
 
-    def _commit(self, snapshot: Snapshot) -> None:
+    def _commit(self, snapshot: Snapshot, *, strict: bool = True) -> None:
         """Keep what ``snapshot`` carries forward (durably first); drop counters of tasks no longer
         remembered and tokens of tasks it no longer has.
 
+        Args:
+            snapshot: the snapshot being swapped in.
+            strict: a store that cannot be written stops the change (``StateError``). Otherwise
+                (a reload: new files, e.g. a revocation list, must apply even so) the failure is
+                logged and the change applies in memory; the next successful write catches up.
+
         Raises:
-            StateError: the store could not be written (nothing changed).
+            StateError: with ``strict``, the store could not be written (nothing changed).
         """
         carried = replace(snapshot.carried, identity=self._carried.identity)
-        self._persist(carried)
+        try:
+            self._persist(carried)
+        except StateError as exc:
+            if strict:
+                raise
+            _log.error("state_write_failed", file=exc.file, reason=exc.reason, code=exc.code)
         self._carried = carried
         self.budgets.retain(carried.first_seen)
         tasks = snapshot.policy.tasks_by_id
         self.tokens.retain({(t.id, t.fingerprint) for t in tasks.values()})
 
-    def _swap(self, snapshot: Snapshot, previous: Snapshot) -> bool:
-        self._commit(snapshot)
+    def _swap(self, snapshot: Snapshot, previous: Snapshot, *, strict: bool = True) -> bool:
+        self._commit(snapshot, strict=strict)
         self._active = _Attempt(snapshot.inputs, snapshot.carried.rebuild_key)
         self._failed = None
         self.last_error = None
@@ -250,13 +261,7 @@ class Runtime:
             self.last_error = str(exc)
             _log.error("config_reload_failed", file=exc.file, field=exc.field, reason=exc.reason, code=exc.code)
             return False
-        try:
-            return self._swap(snapshot, previous)
-        except StateError as exc:  # not swapped: retried on the next change
-            self.reload_failures_by_code[exc.code] += 1
-            self.last_error = str(exc)
-            _log.error("state_write_failed", file=exc.file, reason=exc.reason, code=exc.code)
-            return False
+        return self._swap(snapshot, previous, strict=False)
 
     def apply(self, carried: CarriedState) -> Snapshot:
         """Build with ``carried`` (the configuration re-read from disk) and swap it in, or raise.

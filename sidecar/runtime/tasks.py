@@ -15,7 +15,7 @@ from dataclasses import replace
 import structlog
 
 from sidecar.config.schema import TaskSpec
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, StateError
 from sidecar.grants.issue import Delegation, DelegationRequest, plan_delegation, sign_delegation
 from sidecar.grants.model import Grant, GrantCode, GrantError
 from sidecar.grants.revocations import sign_revocations
@@ -82,6 +82,7 @@ class TaskService:
             GrantError: it does not verify, is expired, names another agent or a credential this
                 sidecar lacks, reuses a task id (``grant_duplicate``), or the rebuild that would
                 enforce it fails (``grant_rejected``, e.g. its TLS rules conflict with another task's).
+            StateError: it could not be stored (it is not enforced).
         """
         runtime = self.runtime
         snapshot = runtime.snapshot
@@ -171,6 +172,8 @@ class TaskService:
 
         Raises:
             GrantError: ``grant_unknown_task`` for an id this sidecar has never seen.
+            StateError: the revocation could not be stored; it applies and is published all the
+                same, but a restart would forget it.
         """
         runtime = self.runtime
         snapshot = runtime.snapshot
@@ -178,10 +181,17 @@ class TaskService:
         if task_id not in snapshot.policy.tasks_by_id and task_id not in carried.issued:
             raise GrantError(GrantCode.UNKNOWN_TASK, f"no task {task_id!r} held or delegated here")
         carried = replace(carried, own_revoked={**carried.own_revoked, task_id: int(runtime.clock())})
-        runtime.remember(carried)
+        unstored: StateError | None = None
+        try:
+            runtime.remember(carried)
+        except StateError as exc:  # it still applies here and is published: a revocation must not wait
+            unstored = exc
         token = self._publish(snapshot, dict(carried.own_revoked))
         runtime.reload()
-        _log.info("task_revoked", task_id=task_id, published=token is not None)
+        _log.info("task_revoked", task_id=task_id, published=token is not None, stored=unstored is None)
+        if unstored is not None:
+            reason = f"revoked here and published, but not stored (a restart would forget it): {unstored.reason}"
+            raise StateError(unstored.file, reason)
         return token
 
     def revocation_list(self) -> str | None:

@@ -281,3 +281,36 @@ def test_received_revocations_stay_when_the_list_shrinks(sc: Scenario, sidecars:
     assert sub.runtime.decide(market, "c").reason is Reason.TASK_REVOKED
     assert sub.store is not None
     assert [r.ids for r in sub.store.received(f"file:{publish}")] == [frozenset({"q3/market"})]
+
+
+def test_a_revocation_that_cannot_be_stored_still_applies_and_is_published(sc: Scenario) -> None:
+    config = sc.agent_config("orch", ORCH, sc.root, grants=[sc.root_grant()], publish=True)
+    StateStore.open(config.parent / "state" / "state.db").close()
+    script = """
+        import json, resource, signal, sys
+        from sidecar.decision import AuthzRequest, Direction
+        from sidecar.errors import StateError
+        from sidecar.runtime import Runtime, TaskService
+        from sidecar.state import StateStore
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        tasks = TaskService(Runtime(sys.argv[1], store=StateStore.open(sys.argv[2])))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))  # no room for a WAL frame
+        try:
+            tasks.revoke("q3")
+            outcome = "stored"
+        except StateError as exc:
+            outcome = exc.reason
+        call = AuthzRequest(Direction.EGRESS, "GET", "http", "market.internal", "/v1/prices/X", {})
+        print(json.dumps([outcome, tasks.runtime.decide(call, "d").reason.value]))
+    """
+    out = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), str(config), str(config.parent / "state" / "state.db")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=True,
+    ).stdout
+    outcome, reason = json.loads(out.splitlines()[-1])
+    assert outcome.startswith("revoked here and published, but not stored") and reason == "task_revoked"
+    assert published_ids(sc.root / "orch" / "revocations.jwt") == ["q3"]
