@@ -812,7 +812,8 @@ class StateSpec(_Model):
     database in WAL mode (see docs/concepts/state.md). A call charging a budget is committed there
     before it is allowed. The file is refused at start (the sidecar does not start) when it is not an
     agent-authz state file, belongs to another agent, has a newer schema, is corrupt, or when it or its
-    directory is accessible to another user. These settings take effect at start.
+    directory is accessible to another user. These settings take effect at start; a reload that
+    changes them logs ``state_change_needs_restart``.
     """
 
     path: Path | None = None

@@ -191,6 +191,8 @@ class Runtime:
             _log.warning("decision_log_change_needs_restart", file=str(self.config_path))
         if settings.intercept != before.intercept:
             _log.warning("intercept_change_needs_restart", file=str(self.config_path))
+        if settings.state != before.state:
+            _log.warning("state_change_needs_restart", file=str(self.config_path))
         self.snapshot = snapshot
         self.reloads += 1
         for listener in self._listeners:
