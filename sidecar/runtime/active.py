@@ -123,7 +123,7 @@ class Runtime:
         recorder = InputRecorder(files)
         self.snapshot: Snapshot = self._build(self._carried, recorder, loaded)
         if store is not None:
-            store.bind(self.snapshot.policy.agent)  # before anything of this file is used or written
+            store.bind(self.snapshot.policy.agent)  # another agent's file: refused before anything is written
         self._commit(self.snapshot)
         self._active = _Attempt(self.snapshot.inputs, self._carried.rebuild_key)
 

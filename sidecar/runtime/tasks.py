@@ -73,7 +73,10 @@ class TaskService:
         self._published: str | None = None
         own = runtime.carried.own_revoked
         if own:
-            self._publish(runtime.snapshot, dict(own))
+            try:
+                self._publish(runtime.snapshot, dict(own))
+            except OSError as exc:  # still served at GET /v1/revocations; the file is written on the next revoke
+                _log.error("revocations_publish_failed", reason=str(exc))
 
     def accept(self, token: str) -> Grant:
         """Accept a grant posted by the local agent (``POST /v1/tasks``) and enforce it at once.
