@@ -25,6 +25,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from sidecar.config.loader import format_loc
+from sidecar.errors import StateError
 from sidecar.grants.issue import DelegationRequest
 from sidecar.grants.model import GrantCode, GrantError
 from sidecar.runtime.tasks import TaskService
@@ -54,6 +55,8 @@ async def _local_only(request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
     except web.HTTPException:
         raise
+    except StateError as exc:  # the durable state could not be written: say so, and what took effect
+        return _error("state_unavailable", exc.reason, 503)
     except Exception:  # an answer in the API's own shape, never a bare 500 page
         _log.exception("task_api_failed", path=request.path)
         return _error("internal_error", "the request could not be handled", 500)

@@ -50,6 +50,7 @@ __all__ = [
     "RotateSpec",
     "SidecarConfig",
     "SpiffeIdStr",
+    "StateSpec",
     "TaskFileSpec",
     "TaskSpec",
     "WorkloadApiSpec",
@@ -863,6 +864,29 @@ class ViewerSpec(_Model):
     an error."""
 
 
+class StateSpec(_Model):
+    """The durable enforcement state: what must survive a sidecar restart or crash (``kill -9``).
+
+    Revocations (own and received), call budgets and delegation reservations, grants accepted through
+    ``POST /v1/tasks``, delegated child ids and the anchor time of every ``ttl`` are kept in one SQLite
+    database in WAL mode (see docs/concepts/state.md). A call charging a budget is committed there
+    before it is allowed. The file is refused at start (the sidecar does not start) when it is not an
+    agent-authz state file, belongs to another agent, has a newer schema, is corrupt, or when it or its
+    directory is accessible to another user. These settings take effect at start; a reload that
+    changes them logs ``state_change_needs_restart``.
+    """
+
+    path: Path | None = None
+    """The state file; its directory is created ``0700`` and must be the proxy user's alone (the file
+    is ``0600``). In Kubernetes: ``/var/lib/agent-authz/state/state.db`` in an emptyDir only the
+    sidecar mounts. None: nothing survives a restart (development only; a warning at start)."""
+    synchronous: Literal["normal", "full"] = "normal"
+    """SQLite ``synchronous`` in WAL mode. ``normal``: every commit reaches the operating system before
+    the answer (survives a crash of the sidecar); a power loss of the node may lose the last commits
+    since the previous checkpoint. ``full``: also ``fsync`` each commit (survives a power loss; costs
+    an ``fsync`` per budgeted call)."""
+
+
 class SidecarConfig(_Model):
     """The whole ``sidecar.yaml``: every key, section by section.
 
@@ -890,6 +914,8 @@ class SidecarConfig(_Model):
     """Where decision records go."""
     viewer: ViewerSpec = ViewerSpec()
     """The decision viewer."""
+    state: StateSpec = StateSpec()
+    """The durable enforcement state (revocations, budgets, posted grants, ``ttl`` anchors)."""
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
     """Name (1-64 characters of ``a-z0-9._-``) → API key that rules and grants refer to by name."""
     grants: GrantsSpec = GrantsSpec()
