@@ -14,6 +14,7 @@ graph is checked by ``tests/unit/test_import_graph.py``):
 * :mod:`sidecar.grants` - signed task grants, delegation, revocation lists.
 * :mod:`sidecar.policy` - compiled task index and the decision functions.
 * :mod:`sidecar.tokens` - signing keys, JWKS and task-scoped access tokens.
+* :mod:`sidecar.state` - the durable enforcement state (SQLite, WAL): what a restart must not forget.
 * :mod:`sidecar.runtime` - the active snapshot: assembly, reload and decide, the task API's service.
 * :mod:`sidecar.audit` - decision records.
 * :mod:`sidecar.envoy_authz` - the only code that touches ext_authz protobufs.

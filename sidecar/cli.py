@@ -154,16 +154,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         from sidecar.demo.mcp_scenario import run_mcp_demo
 
         if args.keep_running:
-            print("agent-authz demo: --keep-running is for the basic scenario", file=sys.stderr)
+            print("agent-authz demo: --keep-running is for the basic and quarterly-report scenarios", file=sys.stderr)
             return 2
         return run_mcp_demo(state_dir=Path(args.state_dir) if args.state_dir else None, envoy_bin=args.envoy_bin)
     if args.scenario == "quarterly-report":
         from sidecar.demo.quarterly import run_quarterly
 
-        if args.keep_running:
-            print("agent-authz demo: --keep-running is for the basic scenario", file=sys.stderr)
-            return 2
-        return run_quarterly(state_dir=Path(args.state_dir) if args.state_dir else None, envoy_bin=args.envoy_bin)
+        return run_quarterly(
+            state_dir=Path(args.state_dir) if args.state_dir else None,
+            keep_running=args.keep_running,
+            envoy_bin=args.envoy_bin,
+        )
     from sidecar.demo.run import run_demo
 
     return run_demo(

@@ -26,6 +26,7 @@ __all__ = [
     "IdentityError",
     "KeyLoadError",
     "SpiffeIdError",
+    "StateError",
     "SvidDetail",
 ]
 
@@ -57,6 +58,8 @@ class ErrorCode(enum.StrEnum):
     WEBHOOK_CHECK_FAILED = "webhook_check_failed"
     RESPONSE_UNFILTERABLE = "response_unfilterable"
     """An MCP ``tools/list`` response that cannot be filtered (it is replaced by a JSON-RPC error)."""
+    STATE_UNAVAILABLE = "state_unavailable"
+    """The durable state file (``state.path``) is refused at start or cannot be written."""
 
 
 class SvidDetail(enum.StrEnum):
@@ -236,3 +239,22 @@ class DecisionLogError(AgentAuthzError):
     def __init__(self, message: str, *, sink: str = "file") -> None:
         self.sink = sink
         super().__init__(message)
+
+
+class StateError(AgentAuthzError):
+    """The durable state file cannot be used: refused at start (another agent's, another schema, not
+    SQLite, corrupt, wrong owner or mode, in use) or a write failed; enforcement fails closed.
+
+    The message names the file and the reason (and, at start, the operator's recovery step).
+
+    Attributes:
+        file: the state file.
+        reason: why.
+    """
+
+    code = ErrorCode.STATE_UNAVAILABLE
+
+    def __init__(self, file: str, reason: str) -> None:
+        self.file = file
+        self.reason = reason
+        super().__init__(f"{file}: {reason}")

@@ -135,6 +135,7 @@ def make_admin_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
-    add_viewer_routes(app, runtime, decision_log)
-    add_task_routes(app, tasks if tasks is not None else TaskService(runtime))
+    service = tasks if tasks is not None else TaskService(runtime)
+    add_viewer_routes(app, service, decision_log)
+    add_task_routes(app, service)
     return app

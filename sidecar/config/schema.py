@@ -50,6 +50,7 @@ __all__ = [
     "RotateSpec",
     "SidecarConfig",
     "SpiffeIdStr",
+    "StateSpec",
     "TaskFileSpec",
     "TaskSpec",
     "WorkloadApiSpec",
@@ -893,6 +894,45 @@ class DecisionLogSpec(_Model):
         return self
 
 
+class ViewerSpec(_Model):
+    """The decision viewer (``/decisions`` on the admin port).
+
+    Read at start; a reload that changes this section logs ``viewer_change_needs_restart`` and keeps
+    the running viewer as it is.
+    """
+
+    logs: list[Path] = Field(default_factory=list, max_length=64)
+    """Other sidecars' decision logs (JSON lines; rotated files included), e.g. those of the sub-agents
+    this agent delegates to, on a shared volume or collected copies. Shown read-only next to this
+    sidecar's own records, followed live, and counted in the summaries and delegation trees (what a
+    sub-agent spent is only known from its own records). Their hash chains are not verified here
+    (``agent-authz logs verify`` does that); a missing or unreadable file is named in the viewer, not
+    an error."""
+
+
+class StateSpec(_Model):
+    """The durable enforcement state: what must survive a sidecar restart or crash (``kill -9``).
+
+    Revocations (own and received), call budgets and delegation reservations, grants accepted through
+    ``POST /v1/tasks``, delegated child ids and the anchor time of every ``ttl`` are kept in one SQLite
+    database in WAL mode (see docs/concepts/state.md). A call charging a budget is committed there
+    before it is allowed. The file is refused at start (the sidecar does not start) when it is not an
+    agent-authz state file, belongs to another agent, has a newer schema, is corrupt, or when it or its
+    directory is accessible to another user. These settings take effect at start; a reload that
+    changes them logs ``state_change_needs_restart``.
+    """
+
+    path: Path | None = None
+    """The state file; its directory is created ``0700`` and must be the proxy user's alone (the file
+    is ``0600``). In Kubernetes: ``/var/lib/agent-authz/state/state.db`` in an emptyDir only the
+    sidecar mounts. None: nothing survives a restart (development only; a warning at start)."""
+    synchronous: Literal["normal", "full"] = "normal"
+    """SQLite ``synchronous`` in WAL mode. ``normal``: every commit reaches the operating system before
+    the answer (survives a crash of the sidecar); a power loss of the node may lose the last commits
+    since the previous checkpoint. ``full``: also ``fsync`` each commit (survives a power loss; costs
+    an ``fsync`` per budgeted call)."""
+
+
 class SidecarConfig(_Model):
     """The whole ``sidecar.yaml``: every key, section by section.
 
@@ -918,6 +958,10 @@ class SidecarConfig(_Model):
     """How Envoy's bootstrap is rendered."""
     decision_log: DecisionLogSpec = DecisionLogSpec()
     """Where decision records go."""
+    viewer: ViewerSpec = ViewerSpec()
+    """The decision viewer."""
+    state: StateSpec = StateSpec()
+    """The durable enforcement state (revocations, budgets, posted grants, ``ttl`` anchors)."""
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
     """Name (1-64 characters of ``a-z0-9._-``) → API key that rules and grants refer to by name."""
     grants: GrantsSpec = GrantsSpec()

@@ -15,7 +15,9 @@ have):
 5. The orchestrator consolidates the report into temporary storage.
 6. At the end the admin revokes the root task: every agent's next call is denied.
 
-Exits 0 only if every outcome matches expectation and every sidecar's decision log agrees.
+Exits 0 only if every outcome matches expectation and every sidecar's decision log agrees. With
+``keep_running`` the four stacks stay up afterwards; the orchestrator's decision viewer then draws the
+whole delegation tree (it reads the sub-agents' logs through ``viewer.logs``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from typing import Any
 import yaml
 
 from sidecar.config.schema import TaskSpec
-from sidecar.demo.common import GREEN, RED, color, run_agent, write_secret
+from sidecar.demo.common import GREEN, RED, color, logs_command, run_agent, wait_for_interrupt, write_secret
 from sidecar.demo.upstream import ApiKeyCheck, SampleUpstream, TokenCheck
 from sidecar.demo.world import World, admin, print_steps
 from sidecar.grants.issue import sign_root_grant
@@ -160,9 +162,12 @@ def _config(world: World, name: str, upstream_port: int, sock_dir: Path) -> Path
         "revocations": [str(state / "issuer" / "revocations.jwt"), str(state / "orchestrator" / "revocations.jwt")],
         "max_depth": 2,
     }
+    viewer: dict[str, Any] = {}
     if name == "orchestrator":
         grants.update(files=["root-grant.jwt"], publish_revocations="revocations.jwt")
         grants["revocations"] = [str(state / "issuer" / "revocations.jwt")]
+        # what the sub-agents spent is only in their own logs: the orchestrator's viewer reads them
+        viewer["logs"] = [str(state / other / "decisions.log") for other in AGENTS if other != name]
     config = {
         "identity": {
             "source": "files",
@@ -178,6 +183,7 @@ def _config(world: World, name: str, upstream_port: int, sock_dir: Path) -> Path
         "decision_log": {"path": "decisions.log", "stdout": False},
         "credentials": {"sentiment": {"header": "x-api-key", "file": str(state / "secrets" / "sentiment.key")}},
         "grants": grants,
+        "viewer": viewer,
     }
     path = home / "sidecar.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -275,8 +281,27 @@ def _check_logs(world: World) -> int:
     return total
 
 
-def run_quarterly(*, state_dir: Path | None, envoy_bin: str | None = None) -> int:
-    """Run the quarterly-report scenario; 0 when every outcome matches, else 1."""
+def _hold(world: World, logs: list[Path]) -> None:
+    orchestrator = world.stacks["orchestrator"]
+    print("\nThe four stacks keep running; press Ctrl-C to stop.")
+    print(f"  Decision viewer: {orchestrator.sidecar.admin_url}/decisions")
+    print("    (the orchestrator's: its task, the sub-grants it issued, and the sub-agents' logs it reads)")
+    for name, stack in world.stacks.items():
+        if name != "orchestrator":
+            print(f"  {name}'s own viewer: {stack.sidecar.admin_url}/decisions")
+    print(f"  The same in a terminal: {logs_command(*logs)}", flush=True)
+    wait_for_interrupt(lambda: all(s.envoy.alive() and s.sidecar.alive() for s in world.stacks.values()))
+
+
+def run_quarterly(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: str | None = None) -> int:
+    """Run the quarterly-report scenario; 0 when every outcome matches, else 1.
+
+    Args:
+        state_dir: where each agent's keys, config and decision log go (``<state_dir>/<agent>/``); a
+            temporary directory (removed afterwards) when ``None``.
+        keep_running: after the scenario, keep the four stacks up until SIGINT/SIGTERM.
+        envoy_bin: Envoy binary override.
+    """
     started = time.monotonic()
     tmp = tempfile.TemporaryDirectory(prefix="agent-authz-q3-") if state_dir is None else None
     state = Path(tmp.name) if tmp is not None else Path(state_dir).absolute()  # type: ignore[arg-type]
@@ -431,7 +456,10 @@ def run_quarterly(*, state_dir: Path | None, envoy_bin: str | None = None) -> in
         for line in _narrate(world, upstream, api_key):
             print(line)
         count = _check_logs(world)
-        print(f"\nDecision logs: {', '.join(str(state / n / 'decisions.log') for n in AGENTS)} ({count} records)")
+        logs = [state / n / "decisions.log" for n in AGENTS]
+        print(f"\nDecision logs: {', '.join(map(str, logs))} ({count} records)")
+        if tmp is None:
+            print(f"  show them: {logs_command(*logs)}")
         elapsed = time.monotonic() - started
         if world.problems:
             print(color(f"\nFAILED ({len(world.problems)} problems, {elapsed:.1f}s):", RED))
@@ -439,6 +467,8 @@ def run_quarterly(*, state_dir: Path | None, envoy_bin: str | None = None) -> in
                 print(f"  - {problem}")
             return 1
         print(color(f"\nAll {len(world.steps)} outcomes match ({elapsed:.1f}s).", GREEN))
+        if keep_running:
+            _hold(world, logs)
         return 0
     finally:
         for stack in world.stacks.values():

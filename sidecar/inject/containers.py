@@ -237,6 +237,7 @@ def build_containers(config: InjectorConfig, probe_ports: list[int]) -> list[Jso
         {"name": layout.VOLUME_KEYS, "mountPath": layout.KEYS_DIR, "readOnly": True},
         run,
         {"name": layout.VOLUME_LOGS, "mountPath": layout.LOG_DIR},
+        {"name": layout.VOLUME_STATE, "mountPath": layout.STATE_DIR},  # the sidecar's alone, not Envoy's
         spire,
     ]
     if config.intercept:  # the sidecar publishes the pod CA there (the agent mounts it read-only)

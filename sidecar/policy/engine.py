@@ -1,7 +1,8 @@
 """The egress decision: select the task, match the call, spend the budget, attach obligations.
 
-The function is synchronous and does no I/O: between the budget check and the budget spend nothing
-yields to the event loop, so budgets are exact under concurrency.
+The function is synchronous: between the budget check and the budget spend nothing yields to the
+event loop, so budgets are exact under concurrency. Its only I/O is the spend's commit to the durable
+state, when there is one (:class:`~sidecar.policy.budget.CounterJournal`), done inside the spend.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -266,6 +267,20 @@ def test_the_sidecar_has_the_pods_svid_from_the_workload_api(pod: RunningPod) ->
     ready = pod.readyz()
     assert ready["identity"]["source"] == "workload_api" and ready["identity"]["spiffe_id"] == AGENT
     assert ready["tasks"] == 1 and ready["decision_log"]["path"] == "/var/log/agent-authz/decisions.log"
+
+
+def test_the_durable_state_is_the_proxy_users_alone(pod: RunningPod) -> None:
+    directory = pod.kubelet.volumes[layout.VOLUME_STATE] / "state"
+    database = directory / "state.db"
+    for path, mode in ((directory, 0o700), (database, 0o600)):
+        info = path.stat()
+        assert (info.st_uid, info.st_mode & 0o777) == (PROXY_UID, mode), path
+    # the agent's UID cannot read it even where the node keeps the volume (its container does not mount it)
+    read = subprocess.run([*as_user(AGENT_UID), "cat", str(database)], capture_output=True, timeout=10)
+    assert read.returncode != 0 and b"Permission denied" in read.stderr
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'agent'").fetchone() == (AGENT,)
+    db.close()
 
 
 def test_an_allowed_call_arrives_with_a_task_scoped_token(pod: RunningPod) -> None:

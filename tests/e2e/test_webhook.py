@@ -144,6 +144,11 @@ def test_a_plain_pod_is_injected(webhook: Webhook) -> None:
         {"path": "task", "fieldRef": {"fieldPath": "metadata.annotations['agent-authz.io/task']"}},
         {"path": "revoked", "fieldRef": {"fieldPath": "metadata.annotations['agent-authz.io/revoked']"}},
     ]
+    # the durable state: a disk emptyDir (kept across container restarts) that only the sidecar mounts
+    assert volumes["agent-authz-state"] == {"name": "agent-authz-state", "emptyDir": {"sizeLimit": "64Mi"}}
+    assert {"name": "agent-authz-state", "mountPath": "/var/lib/agent-authz"} in sidecar["volumeMounts"]
+    for container in (init, envoy, *spec["containers"]):
+        assert all(m["name"] != "agent-authz-state" for m in container.get("volumeMounts", [])), container["name"]
     assert result["metadata"]["annotations"][layout.ANNOTATION_STATUS] == "injected"
     assert any("8080" in w and "mTLS" in w for w in response["warnings"])
 

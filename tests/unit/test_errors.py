@@ -64,6 +64,7 @@ NEVER_RENAMED = {
         "bad_review",
         "webhook_check_failed",
         "response_unfilterable",
+        "state_unavailable",
     },
     SvidDetail: {
         "svid_malformed",
