@@ -462,3 +462,31 @@ def test_a_reload_over_the_cap_keeps_the_last_good_config(tmp_path: Path) -> Non
     write_config(tmp_path, config)
     assert runtime.reload() is False and runtime.last_error is not None and "max_token_size" in runtime.last_error
     assert runtime.decide(req(), "d").allow
+
+
+def test_a_refund_is_durable_first() -> None:
+    """With a journal (the durable state), a given-back call is written before memory changes; a journal
+    that fails keeps the call spent."""
+    from sidecar.errors import StateError
+    from sidecar.policy.budget import BudgetLedger
+
+    class Journal:
+        def __init__(self) -> None:
+            self.saved: list[dict[tuple[str, str], int]] = []
+            self.fail = False
+
+        def save_counters(self, counters: dict[tuple[str, str], int]) -> None:
+            if self.fail:
+                raise StateError("disk full")
+            self.saved.append(dict(counters))
+
+    journal = Journal()
+    ledger = BudgetLedger(journal=journal)
+    limits = ((("t", ""), 3), (("t", "r"), None))
+    assert ledger.try_consume(limits) and ledger.try_consume(limits)
+    ledger.refund(limits)
+    assert journal.saved[-1] == {("t", ""): 1} and ledger.used(("t", "")) == 1 and ledger.used(("t", "r")) == 1
+    journal.fail = True
+    with pytest.raises(StateError):
+        ledger.refund(limits)
+    assert ledger.used(("t", "")) == 1
