@@ -477,7 +477,7 @@ def test_a_refund_is_durable_first() -> None:
 
         def save_counters(self, counters: dict[tuple[str, str], int]) -> None:
             if self.fail:
-                raise StateError("disk full")
+                raise StateError("state.db", "disk full")
             self.saved.append(dict(counters))
 
     journal = Journal()
