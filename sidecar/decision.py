@@ -37,12 +37,14 @@ class Protocol(enum.StrEnum):
 
     ``tls`` and ``tcp`` come only from the transparent ``outbound`` listener (network ext_authz):
     a TLS connection the agent started itself (judged on SNI and original destination), or a
-    connection that is neither HTTP nor TLS.
+    connection that is neither HTTP nor TLS. ``dns`` is a query the sidecar's DNS proxy answered.
     """
 
     HTTP = "http"
     TLS = "tls"
     TCP = "tcp"
+    DNS = "dns"
+    """A query to the sidecar's DNS proxy (the agent's DNS, redirected): judged on the name."""
 
 
 class Reason(enum.StrEnum):
@@ -141,6 +143,14 @@ class Reason(enum.StrEnum):
     """An MCP ``prompts/get`` of a prompt the rule's ``prompts`` do not name."""
     RPC_METHOD_NOT_ALLOWED = "rpc_method_not_allowed"
     """A JSON-RPC method (MCP or A2A) the rule's ``rpc_methods`` do not name."""
+    DNS_NOT_ALLOWED = "dns_not_allowed"
+    """DNS: a name no active rule of the local agent allows (exact or ``*.suffix`` host) and
+    ``dns.allow`` does not list, or no host name at all; answered NXDOMAIN (or REFUSED, ``dns.refuse_with``)
+    with an Extended DNS Error naming the decision, never forwarded."""
+    DESTINATION_MISMATCH = "destination_mismatch"
+    """Transparent egress: a ``tls: passthrough`` connection whose original destination is not an
+    address of its SNI host - neither its ``envoy.destinations`` pin nor an answer the pod's DNS (the
+    sidecar's DNS proxy) gave for that name: an allowed name sent to another address (closed)."""
     REFUSED_BY_PROXY = "refused_by_proxy"
     """Envoy ended a request or connection without a decision, and reported it (gRPC access log): a
     request it could not parse (``detail``: Envoy's response code details, e.g. ``http1.codec_error``),
@@ -328,6 +338,7 @@ class Decision:
             to (``dns:<name> ca:<bundle>``); the outcome is in Envoy's access log
             (``upstream_tls_failure``), joined on ``decision_id``.
         connect: a request inside a proxy ``CONNECT`` tunnel: the authority the ``CONNECT`` named.
+        qtype: a DNS query's type (``A``, ``AAAA``, ``TXT``...); ``""`` otherwise.
         rpc_protocol: ``mcp`` or ``a2a`` when the request came through an MCP/A2A route (a deny is
             then a JSON-RPC error body), else ``""``.
         rpc: what the record says about the JSON-RPC message (``method``, ``tool`` / ``resource`` /
@@ -366,6 +377,7 @@ class Decision:
     tls: str = ""
     upstream_verify: str = ""
     connect: str = ""
+    qtype: str = ""
     rpc_protocol: str = ""
     rpc: Mapping[str, object] | None = None
     rpc_id: str | int | None = None

@@ -36,6 +36,7 @@ __all__ = [
     "CallerSpec",
     "CredentialSpec",
     "DecisionLogSpec",
+    "DnsSpec",
     "EgressRuleSpec",
     "EnvoySpec",
     "GrantsSpec",
@@ -785,6 +786,70 @@ class EnvoySpec(_Model):
         return value
 
 
+class DnsSpec(_Model):
+    """DNS control: the agent's DNS (UDP and TCP port 53, to any server: ``agent-authz iptables
+    --dns-port``) reaches the sidecar's DNS proxy, which answers only the names an active rule of the
+    local agent allows (its exact and ``*.suffix`` hosts) and those of ``allow``, by asking the pod's
+    own resolvers (``resolv_conf``); every other query is refused with a decision record
+    (``dns_not_allowed``). The addresses it answered bind ``tls: passthrough`` connections to their
+    name. These settings take effect at start."""
+
+    listen: str = "127.0.0.1:15053"
+    """``host:port`` of the proxy, UDP and TCP (also ``[::1]`` on the same port with ``envoy.ipv6``); the
+    iptables rules redirect port 53 there."""
+    resolv_conf: Path = Path("/etc/resolv.conf")
+    """The resolv.conf the pod was given: its ``nameserver`` lines are the resolvers allowed names are
+    forwarded to (read at start)."""
+    allow: list[str] = Field(default_factory=list)
+    """Names the pod needs besides the tasks' hosts: exact names or ``*.suffix`` (e.g. ``*.cluster.local``
+    for the cluster's services; what such a suffix lets through is in docs/concepts/interception.md)."""
+    refuse_with: Literal["nxdomain", "refused"] = "nxdomain"
+    """The answer to a refused query: ``nxdomain`` (glibc goes on with the next search domain, so a name
+    allowed under its absolute form still resolves) or ``refused``; either carries an Extended DNS
+    Error (RFC 8914) naming the decision."""
+    timeout: Seconds = 2.0
+    """How long one resolver may take to answer (then the next is asked; none: SERVFAIL)."""
+    allowed_record_interval: Seconds = 300.0
+    """Allowed lookups are counted (``agent_authz_dns_queries``) and recorded once per name and type in
+    this interval (0: every lookup); refused queries are always recorded."""
+    binding_min_ttl: Seconds = 60.0
+    """How long, at least, an answered address stays an address of its name for ``tls: passthrough``
+    (clients keep answers past their TTL; at most one day)."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected host:port")
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        out = []
+        for name in value:
+            lowered = name.lower().removesuffix(".")
+            if not _HOST.match(lowered) or len(lowered) > 253:
+                raise ValueError(f"{name!r} must be a DNS name or '*.' followed by a DNS suffix")
+            out.append(lowered)
+        return out
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if not 0.1 <= value <= 30:
+            raise ValueError("timeout must be between 100ms and 30s")
+        return value
+
+    @field_validator("allowed_record_interval", "binding_min_ttl")
+    @classmethod
+    def _interval(cls, value: float) -> float:
+        if not 0 <= value <= 86400:
+            raise ValueError("must be between 0s and 1d")
+        return value
+
+
 class InterceptSpec(_Model):
     """TLS interception for ``tls: intercept`` rules: the per-pod CA and where its files go.
 
@@ -966,6 +1031,10 @@ class SidecarConfig(_Model):
     """Name (1-64 characters of ``a-z0-9._-``) → API key that rules and grants refer to by name."""
     grants: GrantsSpec = GrantsSpec()
     """Signed task grants, delegation and revocation lists."""
+    dns: DnsSpec | None = None
+    """DNS control (the sidecar's DNS proxy); none: the agent's DNS is not answered by the sidecar (the
+    iptables rules still redirect it, unless port 53 is excluded), and ``tls: passthrough`` binds only
+    to ``envoy.destinations`` pins."""
     intercept: InterceptSpec | None = None
     """HTTPS interception (``tls: intercept`` rules); none: such rules are config errors."""
     task_files: list[TaskFileSpec] = Field(default_factory=list)

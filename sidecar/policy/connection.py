@@ -10,13 +10,16 @@ the answer is judged on the SNI and the original destination:
 3. TLS without a server name: ``no_sni``; a server name that is not a DNS name (an IP literal,
    odd characters, RFC 6066 §3): ``bad_request``;
 4. an active task with a rule for that host and ``tls: passthrough`` on that port (default 443)
-   allows it, charging the rules' and task's ``max_calls`` per connection. Otherwise the deepest
-   failure: ``host_not_allowed`` < ``tls_not_allowed`` (rules name the host, none with
-   ``tls: passthrough``) < ``port_not_allowed``; ``budget_exhausted``.
+   allows it, charging the rules' and task's ``max_calls`` per connection - **if the original
+   destination is an address of that host**: its ``envoy.destinations`` pin, or an address the
+   pod's DNS (the sidecar's DNS proxy) answered for the name, unexpired (``addresses_of``); else
+   ``destination_mismatch``, nothing charged. Otherwise the deepest failure: ``host_not_allowed`` <
+   ``tls_not_allowed`` (rules name the host, none with ``tls: passthrough``) < ``port_not_allowed``;
+   ``budget_exhausted``.
 
-The connection goes to the original destination, so a passthrough rule trusts the agent to connect
-to an address of the host it names (see docs/concepts/interception.md, "Transparent interception"). No token is
-injected: Envoy cannot change what the TLS connection carries.
+The connection goes to the original destination, which step 4 bound to the name: an allowed SNI
+sent to any other address is refused (see docs/concepts/interception.md, "The passthrough binding").
+No token is injected: Envoy cannot change what the TLS connection carries.
 
 A TLS connection to a server name and port that an active task intercepts (``tls: intercept``)
 never gets here: Envoy terminates it in a filter chain of its own. Inside a proxy ``CONNECT``
@@ -38,6 +41,7 @@ It charges no budget: the requests inside are the calls.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 from sidecar.decision import AuthzRequest, Decision, Direction, Protocol, Reason, deny_status
@@ -105,6 +109,7 @@ def decide_connection(
     now: float,
     decision_id: str,
     budgets: BudgetLedger,
+    addresses_of: Callable[[str], Collection[ipaddress.IPv4Address | ipaddress.IPv6Address]],
 ) -> Decision:
     """Decide one egress connection (``request.protocol`` is ``tls`` or ``tcp``).
 
@@ -114,6 +119,8 @@ def decide_connection(
         now: POSIX seconds.
         decision_id: id to put on the decision.
         budgets: the call counters (one connection = one call).
+        addresses_of: the known addresses of a canonical host name (its pin and the DNS answers):
+            a passthrough connection must go to one of them.
 
     Returns:
         A :class:`Decision` (see the module docstring for the reasons).
@@ -171,10 +178,20 @@ def decide_connection(
         return deny(state, f"no active task (first: {state.value})", tasks[0])
     deepest, deepest_task = -1, active[0]
     exhausted: Task | None = None
+    bound: bool | None = None
     for task in active:  # declaration order: a connection cannot name its task
         stage, rules = _stage(task, host, destination[1])
         if stage > deepest:
             deepest, deepest_task = stage, task
+        if rules and bound is None:
+            bound = destination[0] in addresses_of(host)
+        if rules and not bound:
+            return deny(
+                Reason.DESTINATION_MISMATCH,
+                f"{destination[0]} is not an address of {host} (neither its envoy.destinations pin nor an answer of "
+                "the pod's DNS): a passthrough connection goes only to its name's addresses",
+                task,
+            )
         for rule in rules:
             limits = budget_limits(task, rule)
             if budgets.available(limits) and budgets.try_consume(limits):

@@ -30,12 +30,14 @@ import structlog
 
 from sidecar.config.loader import LoadedConfig, parse_config, read_config_bytes
 from sidecar.decision import AuthzRequest, Decision, Direction, Protocol, Reason
+from sidecar.dns.answers import Address, AddressBook
 from sidecar.errors import BundleDetail, ConfigError, ErrorCode, StateError, SvidDetail
 from sidecar.identity.state import IdentityLoadError, IdentityState
 from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.connection import decide_connect, decide_connection
 from sidecar.policy.engine import decide_egress, dry_run
 from sidecar.policy.ingress import IdentityContext, decide_ingress
+from sidecar.policy.names import decide_name
 from sidecar.runtime.inputs import DISK, FileSource, InputRecorder, Inputs, inputs_unchanged
 from sidecar.runtime.snapshot import CarriedState, Snapshot, build_snapshot
 from sidecar.state.store import StateStore
@@ -74,6 +76,7 @@ class Runtime:
         snapshot: the active snapshot (read it once per use: a reload may swap it at any time).
         budgets: call counters (survive reloads).
         tokens: minted tokens (survive reloads).
+        addresses: the addresses the DNS proxy answered per name (bind ``tls: passthrough``).
         reloads: snapshots swapped in after the first.
         reload_failures_by_code: rejected reloads by error code (``ConfigError.code``).
         last_error: why the last reload failed; ``None`` once the files are good again.
@@ -126,6 +129,8 @@ class Runtime:
         self._stored = self._carried.remembered()
         recorder = InputRecorder(files)
         self.snapshot: Snapshot = self._build(self._carried, recorder, loaded)
+        dns_settings = self.snapshot.loaded.settings.dns
+        self.addresses = AddressBook(dns_settings.binding_min_ttl if dns_settings is not None else 60.0)
         if store is not None:
             store.bind(self.snapshot.policy.agent)  # another agent's file: refused before anything is written
         self._commit(self.snapshot)
@@ -375,8 +380,19 @@ class Runtime:
     def _decide(self, request: AuthzRequest, decision_id: str) -> Decision:
         snapshot = self.snapshot
         if request.protocol is not Protocol.HTTP:
+            now = self.clock()
+            pins, answered = snapshot.pins, self.addresses
+
+            def addresses_of(host: str) -> frozenset[Address]:
+                return pins.get(host, frozenset()) | answered.addresses(host, now)
+
             decision = decide_connection(
-                snapshot.policy, request, now=self.clock(), decision_id=decision_id, budgets=self.budgets
+                snapshot.policy,
+                request,
+                now=now,
+                decision_id=decision_id,
+                budgets=self.budgets,
+                addresses_of=addresses_of,
             )
         elif request.direction is Direction.EGRESS and request.method.upper() == "CONNECT":
             decision = decide_connect(snapshot.policy, request, now=self.clock(), decision_id=decision_id)
@@ -402,6 +418,21 @@ class Runtime:
                 decision_id=decision_id,
             )
         return dry_run(decision, request.headers) if snapshot.loaded.settings.dry_run else decision
+
+    def decide_dns(self, name: str, qtype: str, destination: str, decision_id: str) -> Decision:
+        """Decide a DNS query of the local agent against the active snapshot
+        (:func:`~sidecar.policy.names.decide_name`); dry-run lets a refused one through (``dry_run``)."""
+        snapshot = self.snapshot
+        decision = decide_name(
+            snapshot.policy,
+            snapshot.dns_names,
+            name,
+            qtype,
+            now=self.clock(),
+            decision_id=decision_id,
+            destination=destination,
+        )
+        return dry_run(decision) if snapshot.loaded.settings.dry_run else decision
 
     def jwks(self) -> dict[str, Any]:
         """The JWKS document of the active keys (RFC 7517 §5)."""

@@ -14,6 +14,7 @@ tell without parsing anything whether a rebuild would read the same bytes.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -33,6 +34,7 @@ from sidecar.identity.state import IdentityState, load_identity_files
 from sidecar.policy.compile import TaskSource, compile_policy
 from sidecar.policy.ingress import IdentityContext, IngressPolicy, compile_ingress
 from sidecar.policy.model import Credential, EgressRule, PolicyIndex
+from sidecar.policy.names import NameList
 from sidecar.runtime.inputs import DISK, InputRecorder, Inputs
 from sidecar.state.store import DelegatedChild, Remembered
 from sidecar.tokens.keys import KeySet, RetiredKey, SigningKey, load_signing_key
@@ -135,6 +137,9 @@ class Snapshot:
             own revocations (shown in ``/readyz``).
         inputs: every file the build read or checked, with its fingerprint.
         carried: the state to carry into the next build.
+        dns_names: ``dns.allow``, compiled (the names that resolve besides the tasks' hosts).
+        pins: host -> the IP address of its ``envoy.destinations`` entry (those given as IP literals):
+            addresses of the name for the ``tls: passthrough`` binding.
     """
 
     loaded: LoadedConfig
@@ -147,6 +152,8 @@ class Snapshot:
     digest: str
     inputs: Inputs
     carried: CarriedState
+    dns_names: NameList = field(default_factory=NameList)
+    pins: Mapping[str, frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]] = field(default_factory=dict)
 
     @property
     def watched(self) -> frozenset[Path]:
@@ -515,4 +522,17 @@ def build_snapshot(
         reader.digest.hexdigest(),
         reader.recorder.inputs(),
         next_carried,
+        NameList.compile(settings.dns.allow if settings.dns is not None else ()),
+        _pins(settings.envoy.destinations),
     )
+
+
+def _pins(destinations: Mapping[str, str]) -> Mapping[str, frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """The ``envoy.destinations`` entries given as ``ip:port`` (a name there is resolved by Envoy, not pinned)."""
+    pins = {}
+    for host, address in destinations.items():
+        try:
+            pins[host] = frozenset({ipaddress.ip_address(address.rpartition(":")[0].strip("[]"))})
+        except ValueError:
+            continue
+    return MappingProxyType(pins)

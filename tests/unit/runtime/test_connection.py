@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,10 @@ def conn(sni: str = "secure.example.com", destination: str = "10.0.0.9:443", pro
 def runtime(tmp_path: Path) -> Any:
     rules = [PASSTHROUGH, HTTP_ONLY, ORIGINATE, {**PASSTHROUGH, "name": "budgeted", "host": "once.example.com"}]
     rules[-1]["max_calls"] = 1
-    return make_runtime(tmp_path, [task(egress=rules)], Clock())
+    built = make_runtime(tmp_path, [task(egress=rules)], Clock())
+    for host in ("secure.example.com", "once.example.com"):  # what the pod's DNS answered the agent
+        built.addresses.remember(host, [(ipaddress.ip_address("10.0.0.9"), 30)], built.clock())
+    return built
 
 
 def test_tls_passthrough_is_allowed_on_sni_and_port(runtime: Any) -> None:
@@ -302,3 +306,38 @@ def test_the_connect_header_is_read_only_on_intercepting_chains() -> None:
     assert parse_check_request(request.SerializeToString()).connect == ""
     request.attributes.context_extensions["intercept"] = "api.secure.test:443"
     assert parse_check_request(request.SerializeToString()).connect == "forged.example:443"
+
+
+# -- the passthrough binding -----------------------------------------------------------------------------
+def test_an_allowed_sni_towards_another_address_is_refused(runtime: Any) -> None:
+    decision = runtime.decide(conn(destination="10.77.0.3:443"), "d")
+    assert (decision.allow, decision.reason, decision.task_id) == (False, Reason.DESTINATION_MISMATCH, "t1")
+    assert "10.77.0.3 is not an address of secure.example.com" in decision.detail
+    assert runtime.budgets.used(("t1", "")) == 0  # nothing charged
+    assert runtime.decide(conn(sni="SECURE.example.com.", destination="10.0.0.9:443"), "d").allow
+
+
+def test_answers_bind_for_their_ttl_but_at_least_the_minimum(runtime: Any) -> None:
+    now = runtime.clock()
+    runtime.addresses.remember("secure.example.com", [(ipaddress.ip_address("10.0.0.8"), 5)], now)
+    assert runtime.decide(conn(destination="10.0.0.8:443"), "d").allow  # a 5 s TTL is kept 60 s
+    runtime.clock.now = now + 59
+    assert runtime.decide(conn(destination="10.0.0.8:443"), "d").allow
+    runtime.clock.now = now + 61
+    assert runtime.decide(conn(destination="10.0.0.8:443"), "d").reason is Reason.DESTINATION_MISMATCH
+
+
+def test_a_pinned_destination_is_an_address_of_its_name(tmp_path: Path) -> None:
+    write_keys(tmp_path)
+    config = base_config(tmp_path, [task(egress=[PASSTHROUGH])], {"secure.example.com": "10.0.0.7:8443"})
+    write_config(tmp_path, config)
+    from sidecar.runtime import Runtime
+
+    pinned = Runtime(tmp_path / "sidecar.yaml", clock=Clock())
+    assert pinned.decide(conn(destination="10.0.0.7:443"), "d").allow
+    assert pinned.decide(conn(destination="10.0.0.9:443"), "d").reason is Reason.DESTINATION_MISMATCH
+
+
+def test_without_dns_answers_or_a_pin_nothing_passes_through(tmp_path: Path) -> None:
+    bare = make_runtime(tmp_path, [task(egress=[PASSTHROUGH])], Clock())
+    assert bare.decide(conn(), "d").reason is Reason.DESTINATION_MISMATCH
