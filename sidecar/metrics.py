@@ -24,9 +24,19 @@ if TYPE_CHECKING:
     from sidecar.audit.log import DecisionLog
     from sidecar.runtime.active import Runtime
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "MAX_TASK_LABELS", "RELOAD_FAILURE_CODES", "Metrics", "WebhookMetrics"]
+__all__ = [
+    "CONTENT_TYPE",
+    "DNS_OUTCOMES",
+    "LATENCY_BUCKETS",
+    "MAX_TASK_LABELS",
+    "RELOAD_FAILURE_CODES",
+    "Metrics",
+    "WebhookMetrics",
+]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+DNS_OUTCOMES = ("allowed", "refused", "malformed", "upstream_failed", "overloaded")
+"""The ``outcome`` values of ``agent_authz_dns_queries`` (each has a sample from the start)."""
 MAX_TASK_LABELS = 50
 """At most this many ``task`` label values on ``agent_authz_task_budget_remaining`` (fewest calls left first)."""
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -48,7 +58,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._decisions = Counter(
             "agent_authz_decisions",
-            "Authorization decisions answered to Envoy.",
+            "Authorization decisions answered to Envoy, and the refusals Envoy reported (refused_by_proxy).",
             ["direction", "decision", "reason"],
             registry=self.registry,
         )
@@ -66,6 +76,14 @@ class Metrics:
             registry=self.registry,
         )
         self._children: dict[tuple[str, bool, Reason, Reason | None], tuple[Counter, Histogram, Counter | None]] = {}
+        dns_queries = Counter(
+            "agent_authz_dns_queries",
+            "Queries the DNS proxy received, by outcome: allowed (forwarded), refused (dns_not_allowed, each "
+            "recorded), malformed (not a DNS query: dropped), upstream_failed (SERVFAIL), overloaded (dropped).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._dns = {outcome: dns_queries.labels(outcome) for outcome in DNS_OUTCOMES}
 
     def observe(self, decision: Decision, seconds: float) -> None:
         """Count one answered decision and its handling time (``seconds``)."""
@@ -84,6 +102,10 @@ class Metrics:
         histogram.observe(seconds)
         if would_deny is not None:
             would_deny.inc()
+
+    def dns_query(self, outcome: str) -> None:
+        """Count one DNS query under ``outcome`` (one of :data:`DNS_OUTCOMES`)."""
+        self._dns[outcome].inc()
 
     def count(self, decision: Decision) -> None:
         """Count one decision that answered nobody (a refusal Envoy reported after the fact): the

@@ -112,6 +112,19 @@ class AuthorizationService:
             )
         return decision
 
+    def new_id(self) -> str:
+        """A fresh decision id (for decisions made outside ``Check``: DNS queries, Envoy's refusals)."""
+        return f"{self._id_prefix}{next(self._ids):012x}"
+
+    def record(self, decision: Decision) -> None:
+        """Write the record of a decision made outside ``Check`` (a DNS query); a failed write is logged
+        (``decision_log_write_failed``) like any other, the decision itself stands (it was answered)."""
+        record = decision_record(decision, request_id="", latency_us=0, now=self._clock())
+        try:
+            self._log.append(record)
+        except DecisionLogError as exc:
+            self._log_failed(decision, exc, record)
+
     def record_refusal(self, refusal: ProxyRefusal, *, agent: str | None) -> Decision:
         """Record what Envoy refused without a decision (its gRPC access log): a deny with reason
         ``refused_by_proxy``, Envoy's status and explanation, the host and path when it parsed them
@@ -120,7 +133,7 @@ class AuthorizationService:
         Returns:
             The recorded decision.
         """
-        decision_id = f"{self._id_prefix}{next(self._ids):012x}"
+        decision_id = self.new_id()
         host, port = "", 0
         if refusal.authority:
             try:
@@ -143,11 +156,7 @@ class AuthorizationService:
             sni=refusal.sni,
             destination=refusal.destination[:64],
         )
-        record = decision_record(decision, request_id="", latency_us=0, now=self._clock())
-        try:
-            self._log.append(record)
-        except DecisionLogError as exc:
-            self._log_failed(decision, exc, record)
+        self.record(decision)
         if self._metrics is not None:
             self._metrics.count(decision)
         return decision

@@ -61,3 +61,15 @@ def test_the_book_is_bounded() -> None:
     assert len(kept) == MAX_ADDRESSES and _ip("10.0.1.43") in kept  # the longest-lived are kept
     book.remember("empty.example", [], now=0)
     assert len(book) == 1
+
+
+def test_the_proxy_counts_under_the_metrics_labels() -> None:
+    from sidecar.dns.proxy import OUTCOMES
+    from sidecar.metrics import DNS_OUTCOMES, Metrics
+
+    assert OUTCOMES == DNS_OUTCOMES
+    metrics = Metrics()
+    for outcome in OUTCOMES:
+        metrics.dns_query(outcome)
+    text = metrics.render().decode()
+    assert all(f'agent_authz_dns_queries_total{{outcome="{o}"}} 1.0' in text for o in OUTCOMES)
