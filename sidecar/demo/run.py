@@ -274,7 +274,7 @@ def _hold(stack: AuthzStack, upstream: SampleUpstream) -> None:
     ca = stack.work_dir / "trust" / "ca.pem"
     print(f"  curl -x {stack.egress_proxy} --cacert {ca} https://{scenario.SENTIMENT}/v1/analyze -d '{{}}'")
     print(f"  JWKS:        {stack.sidecar.admin_url}/.well-known/jwks.json")
-    print(f"  Envoy admin: {stack.envoy.admin_url}")
+    print(f"  Envoy admin: curl --unix-socket {stack.envoy.admin_address} http://envoy/stats")
     done = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:

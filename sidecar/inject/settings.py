@@ -266,9 +266,16 @@ def check_layout(config: SidecarConfig) -> list[str]:
         layout.KEYS_DIR
     ):
         problems.append(f"issuer.next_signing_key must be in {layout.KEYS_DIR}/")
-    authz = config.listen.authz
-    if authz.startswith("unix:") and Path(authz[5:]).parent != Path(layout.RUN_DIR):
-        problems.append(f"listen.authz must be a socket in {layout.RUN_DIR}/ (shared by Envoy and the sidecar)")
+    if config.listen.authz != f"unix:{layout.AUTHZ_SOCKET}":
+        problems.append(
+            f"listen.authz must be unix:{layout.AUTHZ_SOCKET} (the proxy's own directory, shared by Envoy and the "
+            "sidecar; on TCP the agent could send its own Check or stream SDS)"
+        )
+    admin_socket = config.envoy.admin_socket
+    if admin_socket is None or Path(admin_socket) != Path(layout.ENVOY_ADMIN_SOCKET):
+        problems.append(
+            f"envoy.admin_socket must be {layout.ENVOY_ADMIN_SOCKET} (on TCP the agent could reach Envoy's admin)"
+        )
     if config.listen.health is None or config.listen.health.rpartition(":")[2] in ("", "0"):
         problems.append("listen.health must be set to a fixed port (kubelet probes it)")
     if config.envoy.outbound_port is None:

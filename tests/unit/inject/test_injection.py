@@ -20,7 +20,7 @@ from sidecar.inject.settings import check_layout, load_injector
 SIDECAR: dict[str, Any] = {
     "identity": {"source": "workload_api", "workload_api": {"socket": "unix:///spiffe-workload-api/spire-agent.sock"}},
     "issuer": {"url": "https://issuer.example", "signing_key": layout.SIGNING_KEY_FILE},
-    "listen": {"authz": "unix:/run/agent-authz/authz.sock", "health": "0.0.0.0:15021"},
+    "listen": {"authz": f"unix:{layout.AUTHZ_SOCKET}", "health": "0.0.0.0:15021"},
     "envoy": {"egress_port": 15080, "outbound_port": 15001, "inbound_redirect": False, "ipv6": True},
     "decision_log": {"path": "/var/log/agent-authz/decisions.log"},
     "task_files": [{"path": layout.TASK_FILE, "revoked": layout.REVOKED_FILE}],
@@ -46,8 +46,21 @@ def test_check_layout_lists_every_disagreement() -> None:
     problems = check_layout(bad)
     assert len(problems) == 6, problems
     assert any("identity.source must be workload_api" in p for p in problems)
-    assert any("listen.authz must be a socket in /run/agent-authz/" in p for p in problems)
+    assert any(f"listen.authz must be unix:{layout.AUTHZ_SOCKET}" in p for p in problems)
     assert any("task_files must be" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"listen": {**SIDECAR["listen"], "authz": "127.0.0.1:9191"}}, "listen.authz must be unix:"),
+        ({"envoy": {**SIDECAR["envoy"], "admin_socket": None}}, "envoy.admin_socket must be"),
+        ({"envoy": {**SIDECAR["envoy"], "admin_socket": "/run/agent-authz/admin.sock"}}, "envoy.admin_socket must be"),
+    ],
+)
+def test_check_layout_refuses_control_endpoints_the_agent_could_reach(change: dict[str, Any], problem: str) -> None:
+    problems = check_layout(SidecarConfig.model_validate({**SIDECAR, **change}))
+    assert len(problems) == 1 and problem in problems[0], problems
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,7 @@ from sidecar.inject.settings import InjectorConfig, InjectorSettings, build_inje
 SIDECAR: dict[str, Any] = {
     "identity": {"source": "workload_api", "workload_api": {"socket": "unix:///spiffe-workload-api/spire-agent.sock"}},
     "issuer": {"url": "https://issuer.example", "signing_key": layout.SIGNING_KEY_FILE},
-    "listen": {"authz": "unix:/run/agent-authz/authz.sock", "health": "0.0.0.0:15021"},
+    "listen": {"authz": f"unix:{layout.AUTHZ_SOCKET}", "health": "0.0.0.0:15021"},
     "envoy": {"egress_port": 15080, "outbound_port": 15001},
     "decision_log": {"path": "/var/log/agent-authz/decisions.log"},
     "task_files": [{"path": layout.TASK_FILE, "revoked": layout.REVOKED_FILE}],
