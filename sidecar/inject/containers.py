@@ -155,6 +155,8 @@ def _iptables_args(config: InjectorConfig, probe_ports: list[int]) -> list[str]:
         str(settings.proxy_uid),
         "--proxy-gid",
         str(settings.proxy_gid),
+        "--proxy-ports",
+        ",".join(map(str, config.proxy_ports)),
         "--inbound-ports",
         "*" if config.inbound else "",
         "--exclude-inbound-ports",

@@ -235,6 +235,8 @@ class InjectorConfig:
             the probes name, from ``sidecar.yaml``.
         intercept: ``sidecar.yaml`` has an ``intercept`` section: the pod gets the trust volume, and
             its own containers the pod CA and the variables runtimes read.
+        proxy_ports: the other TCP ports Envoy and the sidecar listen on (egress listener, admin and
+            probe servers), for the iptables step's ``--proxy-ports``.
     """
 
     settings: InjectorSettings
@@ -245,6 +247,7 @@ class InjectorConfig:
     ipv6: bool
     health_port: int
     intercept: bool = False
+    proxy_ports: tuple[int, ...] = ()
 
 
 def check_layout(config: SidecarConfig) -> list[str]:
@@ -342,6 +345,11 @@ def build_injector(settings: InjectorSettings, loaded: LoadedConfig, *, file: st
     assert sidecar.envoy.outbound_port is not None and sidecar.listen.health is not None
     if settings.proxy_uid == 0 or settings.proxy_gid == 0:
         raise ConfigError(file, "proxy_uid", "the proxy runs as non-root")
+    health_port = int(sidecar.listen.health.rpartition(":")[2])
+    ports = {health_port, sidecar.envoy.egress_port}
+    if not sidecar.listen.admin.startswith("unix:"):
+        ports.add(int(sidecar.listen.admin.rpartition(":")[2]))
+    ports -= {0, sidecar.envoy.outbound_port, sidecar.envoy.ingress_port}
     return InjectorConfig(
         settings=settings,
         sidecar=loaded,
@@ -349,6 +357,7 @@ def build_injector(settings: InjectorSettings, loaded: LoadedConfig, *, file: st
         inbound_port=sidecar.envoy.ingress_port,
         inbound=sidecar.envoy.inbound_redirect,
         ipv6=sidecar.envoy.ipv6,
-        health_port=int(sidecar.listen.health.rpartition(":")[2]),
+        health_port=health_port,
         intercept=sidecar.intercept is not None,
+        proxy_ports=tuple(sorted(ports)),
     )

@@ -175,6 +175,7 @@ def test_a_plain_pod_is_injected(webhook: Webhook) -> None:
         flags["--outbound-port"] == "15001" and flags["--inbound-port"] == "15006" and flags["--inbound-ports"] == "*"
     )
     assert flags["--proxy-uid"] == flags["--proxy-gid"] == "1337"
+    assert flags["--proxy-ports"] == "9902,15021,15080"  # the sidecar's admin and probe ports, Envoy's egress
     assert flags["--exclude-inbound-ports"] == "8080,15021"  # the readiness probe's named port, and the health port
     assert flags["--exclude-outbound-cidrs"] == "10.96.0.0/12" and flags["--ipv6"] == "block"
     for container in (sidecar, envoy):
