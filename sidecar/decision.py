@@ -28,6 +28,8 @@ class Direction(enum.StrEnum):
 
     EGRESS = "egress"
     INGRESS = "ingress"
+    LOCAL = "local"
+    """The local agent asked its own sidecar (the task API), e.g. to revoke another agent's task."""
 
 
 class Protocol(enum.StrEnum):
@@ -116,6 +118,9 @@ class Reason(enum.StrEnum):
     MISDIRECTED_REQUEST = "misdirected_request"
     """An intercepted TLS connection (``tls: intercept``) carried a request for another host or port than
     the one its SNI named (RFC 9110 §7.4)."""
+    NOT_AUTHORIZED = "not_authorized"
+    """Task API (direction ``local``): the local agent asked to revoke or delegate a task its signature
+    has no authority over - another agent's task, or one from the configuration; nothing changed."""
 
 
 _STATUS = {Reason.BUDGET_EXHAUSTED: 429, Reason.BAD_REQUEST: 400, Reason.MISDIRECTED_REQUEST: 421}

@@ -50,6 +50,8 @@ class ErrorCode(enum.StrEnum):
     INJECTION_DENIED = "injection_denied"
     BAD_REVIEW = "bad_review"
     WEBHOOK_CHECK_FAILED = "webhook_check_failed"
+    NOT_AUTHORIZED = "not_authorized"
+    """The local agent asked its task API for a change it has no authority over."""
 
 
 class SvidDetail(enum.StrEnum):

@@ -133,5 +133,5 @@ def make_admin_app(
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     add_viewer_routes(app, runtime, decision_log)
-    add_task_routes(app, tasks if tasks is not None else TaskService(runtime))
+    add_task_routes(app, tasks if tasks is not None else TaskService(runtime), decision_log)
     return app

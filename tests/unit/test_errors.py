@@ -59,6 +59,7 @@ NEVER_RENAMED = {
         "injection_denied",
         "bad_review",
         "webhook_check_failed",
+        "not_authorized",
     },
     SvidDetail: {
         "svid_malformed",
