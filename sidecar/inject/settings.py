@@ -125,6 +125,9 @@ class InjectorSettings(_Model):
         allow_opt_out: whether ``agent-authz.io/inject: "false"`` is honoured (else refused).
         require_run_as_user: refuse containers without an explicit ``runAsUser`` (an image's own
             ``USER`` cannot be seen at admission and might be the proxy UID).
+        harden_containers: a container that may run as root and keeps ``SETUID``, ``SETGID`` or
+            ``NET_RAW`` gets them added to its ``capabilities.drop`` (with a warning) instead of the
+            pod being refused (:mod:`sidecar.inject.escapes`).
         logs_size_limit: ``sizeLimit`` of the decision-log emptyDir.
         init / sidecar / envoy: per-container settings.
     """
@@ -146,6 +149,7 @@ class InjectorSettings(_Model):
     allow_non_tcp: bool = False
     allow_opt_out: bool = True
     require_run_as_user: bool = False
+    harden_containers: bool = False
     logs_size_limit: str = "256Mi"
     init: ContainerSettings = ContainerSettings()
     sidecar: SidecarContainerSettings = SidecarContainerSettings()

@@ -36,7 +36,7 @@ from sidecar.harness import http_get, wait_until
 from sidecar.identity.devca import DevCA
 from sidecar.inject import layout
 from tests.support.certs import make_leaf, write_pair
-from tests.support.k8s import find, kubectl_annotate, secret_data, validate
+from tests.support.k8s import RESTRICTED, find, kubectl_annotate, secret_data, validate
 from tests.support.kubelet import Kubelet
 from tests.support.netns import AGENT_UID, POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user
 from tests.support.netns_pod import pod_sandbox, start_servers
@@ -107,7 +107,11 @@ def agent_pod() -> dict[str, Any]:
                     "workingDir": str(REPO),
                     "ports": [{"name": "http", "containerPort": APP_PORT}, {"name": "api", "containerPort": API_PORT}],
                     "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}},
-                    "securityContext": {"runAsUser": AGENT_UID, "runAsGroup": AGENT_UID},
+                    "securityContext": {
+                        **RESTRICTED,
+                        "runAsUser": AGENT_UID,
+                        "runAsGroup": AGENT_UID,
+                    },
                     "volumeMounts": [{"name": "app-logs", "mountPath": "/app-logs"}],
                 }
             ],

@@ -113,6 +113,7 @@ webhook refuses to start when they disagree.
   "allow_non_tcp" .Values.interception.allowNonTcp
   "allow_opt_out" .Values.injection.allowOptOut
   "require_run_as_user" .Values.injection.requireRunAsUser
+  "harden_containers" .Values.injection.hardenContainers
   "logs_size_limit" .Values.sidecar.decisionLog.sizeLimit
   "init" (dict "resources" .Values.init.resources)
   "sidecar" (dict "resources" .Values.sidecar.resources "log_level" .Values.sidecar.logLevel)

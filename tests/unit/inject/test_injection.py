@@ -16,6 +16,7 @@ from sidecar.inject import layout
 from sidecar.inject.pod import plan_injection
 from sidecar.inject.podspec import InjectionDenied
 from sidecar.inject.settings import check_layout, load_injector
+from tests.support.k8s import RESTRICTED
 
 SIDECAR: dict[str, Any] = {
     "identity": {"source": "workload_api", "workload_api": {"socket": "unix:///spiffe-workload-api/spire-agent.sock"}},
@@ -104,6 +105,7 @@ def test_flags_follow_the_sidecar_config(tmp_path: Path) -> None:
                     "image": "x",
                     "livenessProbe": {"tcpSocket": {"port": 7000}},
                     "startupProbe": {"grpc": {"port": 7001}},
+                    "securityContext": RESTRICTED,
                 }
             ]
         },
@@ -131,7 +133,8 @@ def test_opt_out_and_run_as_user_policies(tmp_path: Path) -> None:
     with pytest.raises(InjectionDenied, match="sets no runAsUser"):
         plan_injection(pod, "ns", strict, now=time.time())
     pod["spec"]["securityContext"] = {"runAsUser": 1000}
+    pod["spec"]["containers"][0]["securityContext"] = {"allowPrivilegeEscalation": False}
     assert plan_injection(pod, "ns", strict, now=time.time()).outcome == "injected"
-    named = {"name": "a", "readinessProbe": {"httpGet": {"port": "web"}}}
+    named = {"name": "a", "readinessProbe": {"httpGet": {"port": "web"}}, "securityContext": RESTRICTED}
     with pytest.raises(InjectionDenied, match="names port 'web', which the container does not declare"):
         plan_injection({"spec": {"securityContext": {"runAsUser": 1}, "containers": [named]}}, "ns", strict, now=0)

@@ -24,6 +24,7 @@ from sidecar.inject.podspec import AdmissionOutcome
 from sidecar.inject.review import API_VERSION, MAX_REVIEW_BYTES, BadReview, decide
 from sidecar.inject.server import make_webhook_app
 from sidecar.inject.settings import InjectorConfig, InjectorSettings, build_injector
+from tests.support.k8s import RESTRICTED
 
 SIDECAR: dict[str, Any] = {
     "identity": {"source": "workload_api", "workload_api": {"socket": "unix:///spiffe-workload-api/spire-agent.sock"}},
@@ -47,7 +48,7 @@ def pod(**annotations: str) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "agent", "annotations": annotations},
-        "spec": {"containers": [{"name": "agent", "image": "agent:1", "securityContext": {"runAsUser": 1000}}]},
+        "spec": {"containers": [{"name": "agent", "image": "agent:1", "securityContext": dict(RESTRICTED)}]},
     }
 
 
