@@ -200,6 +200,7 @@ def pod() -> Iterator[RunningPod]:
                 secrets=secrets,
                 csi={"csi.spiffe.io": csi},
                 path=path,
+                hide=(base,),
             )
         )
         kubelet.start_pod()
@@ -219,14 +220,14 @@ def test_the_init_step_installed_the_interception_rules(pod: RunningPod) -> None
 
 def test_the_sidecars_run_as_the_proxy_user_on_a_read_only_root(pod: RunningPod) -> None:
     for name in (layout.CONTAINER_SIDECAR, layout.CONTAINER_ENVOY):
-        pid = pod.kubelet.running[name].proc.pid  # type: ignore[union-attr]
+        pid = pod.kubelet.container_pid(name)
         status = Path(f"/proc/{pid}/status").read_text()
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
         assert uid_line.split()[1:] == [str(PROXY_UID)] * 4
         assert "CapEff:\t0000000000000000" in status
         root = next(line for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines() if line.split()[4] == "/")
         assert " ro," in f" {root.split()[5]}," or root.split()[5].startswith("ro")
-    envoy_pid = pod.kubelet.running[layout.CONTAINER_ENVOY].proc.pid  # type: ignore[union-attr]
+    envoy_pid = pod.kubelet.container_pid(layout.CONTAINER_ENVOY)
     assert os.path.basename(os.readlink(f"/proc/{envoy_pid}/exe")) == "envoy"  # agent-authz envoy exec'd Envoy
 
 
