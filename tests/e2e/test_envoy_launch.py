@@ -1,4 +1,5 @@
-"""``agent-authz envoy`` (render, then exec Envoy) and the probe server (``listen.health``)."""
+"""``agent-authz envoy`` (render, then exec Envoy), the probe server (``listen.health``), and where
+``serve`` and ``envoy`` put their control sockets."""
 
 from __future__ import annotations
 
@@ -123,3 +124,39 @@ def test_envoy_command_reports_a_bad_config(tmp_path: Path) -> None:
     )
     assert result.returncode == 2 and "agent-authz envoy:" in result.stderr and "issuer" in result.stderr
     assert not (tmp_path / "e.json").exists()
+
+
+def test_serve_puts_the_authz_socket_in_a_private_directory_and_warns_on_tcp(tmp_path: Path, short_dir: Path) -> None:
+    import subprocess
+
+    write_keys(tmp_path)
+    config = base_config(short_dir, [task()])
+    config["listen"]["authz"] = f"unix:{short_dir / 'ctl' / 'authz.sock'}"  # the directory is missing
+    sidecar = SidecarProcess(write_config(tmp_path, config), log_dir=tmp_path)
+    sidecar.start()
+    try:
+        sidecar.wait_ready()
+        assert stat.S_IMODE((short_dir / "ctl").stat().st_mode) == 0o700
+        assert stat.S_IMODE((short_dir / "ctl" / "authz.sock").stat().st_mode) == 0o600
+        assert "control_endpoint_on_tcp" not in sidecar.stderr_path.read_text()
+    finally:
+        sidecar.stop()
+
+    config["listen"]["authz"] = "127.0.0.1:0"  # explicitly TCP: served, with a warning naming the key
+    tcp = SidecarProcess(write_config(tmp_path, config), log_dir=tmp_path, name="tcp")
+    tcp.start()
+    try:
+        tcp.wait_ready()
+        logged = tcp.stderr_path.read_text() + tcp.stdout_path.read_text()
+        assert "control_endpoint_on_tcp" in logged and "listen.authz" in logged
+    finally:
+        tcp.stop()
+
+    (short_dir / "open").mkdir(mode=0o777)
+    (short_dir / "open").chmod(0o777)
+    config["listen"]["authz"] = f"unix:{short_dir / 'open' / 'authz.sock'}"
+    path = write_config(tmp_path, config)
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "serve", "--config", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2 and "listen.authz" in result.stderr and "writable by group or others" in result.stderr
