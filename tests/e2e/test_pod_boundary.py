@@ -428,6 +428,13 @@ def test_the_task_api_shows_and_changes_only_the_local_agents_tasks(pod: Boundar
         record = next(r for r in pod.records() if r["decision_id"] == answer["decision_id"])
         assert (record["direction"], record["reason"], record["agent"]) == ("local", "not_authorized", AGENT)
     assert (deep["status"], json.loads(deep["body"])["error"]) == (400, "bad_request")
+    # naming the other agent's task on a call: denied, and its record (the viewer's) says nothing of it
+    headers = {"Host": API, "x-agent-task": "other-agents-task"}
+    (named,) = pod.probe("http", {"requests": [["GET", f"http://{UPSTREAM_IP}:80", "/v1/items/2", None, headers]]})
+    assert (named["status"], named["headers"]["x-agent-authz-reason"]) == (403, "task_not_for_agent")
+    decision_id = named["headers"]["x-agent-authz-decision-id"]
+    (viewed,) = pod.probe("http", {"requests": [["GET", admin, f"/decisions/api/records/{decision_id}", None, {}]]})
+    assert viewed["status"] == 200 and "not-for-your-eyes" not in viewed["body"], viewed
     # nothing was revoked: the agent's task still allows, the other agent's was never touched
     allowed = pod.probe("http", {"requests": [["GET", f"http://{UPSTREAM_IP}:80", "/v1/items/1", None, {"Host": API}]]})
     assert allowed[0]["status"] == 200

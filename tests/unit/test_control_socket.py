@@ -73,8 +73,10 @@ def test_tcp_control_endpoints_are_named(tmp_path: Path) -> None:
     ]
 
 
-def test_the_defaults_are_unix_sockets_in_the_control_directory(tmp_path: Path) -> None:
+def test_the_defaults_are_unix_sockets_in_the_control_directory_of_the_pod_layout() -> None:
     from sidecar.config.schema import CONTROL_DIR, EnvoySpec, ListenSpec
+    from sidecar.inject import layout
 
-    assert ListenSpec().authz == f"unix:{CONTROL_DIR}/authz.sock"
-    assert EnvoySpec().admin_socket == CONTROL_DIR / "envoy-admin.sock"
+    assert ListenSpec().authz == f"unix:{CONTROL_DIR}/authz.sock" == f"unix:{layout.AUTHZ_SOCKET}"
+    assert EnvoySpec().admin_socket == CONTROL_DIR / "envoy-admin.sock" == Path(layout.ENVOY_ADMIN_SOCKET)
+    assert Path(layout.CTL_DIR) == CONTROL_DIR and CONTROL_DIR.parent == Path(layout.RUN_DIR)
