@@ -3,7 +3,8 @@
 Routes (JSON unless noted; errors are ``{"error": <code>, "detail": <text>}``):
 
 * ``GET  /v1/tasks`` - the local agent's tasks (``agent`` is this sidecar's SPIFFE ID) with their
-  budgets and chains; other agents' tasks in the configuration are not shown.
+  budgets and chains, and the sub-grants delegated from each (``delegated``; ``budget.reserved`` is
+  the part of ``budget.used`` given to them); other agents' tasks in the configuration are not shown.
 * ``POST /v1/tasks`` - accept a grant (body: the compact JWS, or ``{"grant": "<jws>"}``); 201 ``{"id"}``.
 * ``POST /v1/tasks/{id}/delegate`` - body :class:`~sidecar.grants.issue.DelegationRequest`; 201
   ``{"id", "grant", "expires_at"}``; 400 ``grant_widening`` names the widening field.
@@ -36,7 +37,7 @@ from pydantic import ValidationError
 from sidecar.audit.log import DecisionLog, decision_record
 from sidecar.config.loader import format_loc
 from sidecar.decision import Decision, Direction, Reason
-from sidecar.errors import DecisionLogError
+from sidecar.errors import DecisionLogError, StateError
 from sidecar.grants.issue import DelegationRequest
 from sidecar.grants.model import GrantCode, GrantError
 from sidecar.runtime.tasks import NotAuthorizedError, TaskService
@@ -66,6 +67,8 @@ async def _local_only(request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
     except web.HTTPException:
         raise
+    except StateError as exc:  # the durable state could not be written: say so, and what took effect
+        return _error("state_unavailable", exc.reason, 503)
     except Exception:  # an answer in the API's own shape, never a bare 500 page
         _log.exception("task_api_failed", path=request.path)
         return _error("internal_error", "the request could not be handled", 500)
@@ -134,8 +137,22 @@ async def _list(request: web.Request) -> web.Response:
     runtime = service.runtime
     snapshot = runtime.snapshot
     now = runtime.clock()
+    revoked_here = service.revoked_here()
+    children: dict[str, list[dict[str, Any]]] = {}
+    for issued in service.delegations():
+        child = issued.spec
+        children.setdefault(issued.parent, []).append(
+            {
+                "id": child.id,
+                "agent": child.agent,
+                "max_calls": child.max_calls,
+                "expires_at": int(child.expires_at.timestamp()) if child.expires_at is not None else None,
+                "revoked_here": child.id in revoked_here,
+            }
+        )
     tasks = []
     for task in service.visible():
+        delegated = children.get(task.id, [])
         state = (
             "revoked"
             if task.revoked
@@ -157,9 +174,11 @@ async def _list(request: web.Request) -> web.Response:
                 "act": list(task.act_chain),
                 "source": "grant" if task.grant is not None else "config",
                 "ancestors": list(task.grant.ancestors) if task.grant is not None else [],
+                "delegated": delegated,
                 "budget": {
                     "max_calls": task.max_calls,
                     "used": runtime.budgets.used((task.id, "")),
+                    "reserved": sum(d["max_calls"] or 0 for d in delegated) if task.max_calls is not None else 0,
                     "rules": {
                         rule.name: {
                             "max_calls": rule.max_calls,

@@ -13,6 +13,8 @@ path                                  volume                   content
 ``/run/agent-authz/ctl/``             (the ``run`` emptyDir)   ``0700``, the proxy user's: the ext_authz/SDS
                                                                socket and Envoy's admin socket (both ``0600``)
 ``/var/log/agent-authz/``             emptyDir                 the decision log
+``/var/lib/agent-authz/``             emptyDir                 the durable state (``state/state.db``, dir
+                                                               ``0700``); only the sidecar mounts it
 ``/spiffe-workload-api/``             CSI (csi.spiffe.io)      the SPIRE agent socket
                                       or hostPath
 ``/tmp/``  (init step only)           emptyDir (memory)        the xtables lock (read-only root filesystem)
@@ -51,6 +53,8 @@ __all__ = [
     "REVOKED_FILE",
     "RUN_DIR",
     "SIGNING_KEY_FILE",
+    "STATE_DIR",
+    "STATE_FILE",
     "STATUS_INJECTED",
     "TASK_FILE",
     "TMP_DIR",
@@ -60,6 +64,7 @@ __all__ = [
     "VOLUME_LOGS",
     "VOLUME_POD",
     "VOLUME_RUN",
+    "VOLUME_STATE",
     "VOLUME_TMP",
     "VOLUME_TRUST",
     "VOLUME_WORKLOAD_API",
@@ -89,6 +94,7 @@ VOLUME_POD = "agent-authz-pod"
 VOLUME_KEYS = "agent-authz-signing-key"
 VOLUME_RUN = "agent-authz-run"
 VOLUME_LOGS = "agent-authz-logs"
+VOLUME_STATE = "agent-authz-state"
 VOLUME_TMP = "agent-authz-tmp"
 VOLUME_WORKLOAD_API = "agent-authz-workload-api"
 VOLUME_TRUST = TRUST_VOLUME
@@ -109,6 +115,10 @@ AUTHZ_SOCKET = f"{CTL_DIR}/authz.sock"
 ENVOY_ADMIN_SOCKET = f"{CTL_DIR}/envoy-admin.sock"
 """``envoy.admin_socket``: Envoy's admin interface."""
 LOG_DIR = "/var/log/agent-authz"
+STATE_DIR = "/var/lib/agent-authz"
+"""The state volume's mount point (an emptyDir: kept across container restarts, mode ``0777`` at its root)."""
+STATE_FILE = f"{STATE_DIR}/state/state.db"
+"""``state.path``: in a subdirectory the sidecar creates ``0700``, as the volume's root is open to all."""
 WORKLOAD_API_DIR = "/spiffe-workload-api"
 TMP_DIR = "/tmp"  # noqa: S108 - the init container's own emptyDir
 INTERCEPT_STATE_DIR = f"{RUN_DIR}/intercept"

@@ -22,7 +22,8 @@ exited 3 s later, and exits with its status.
 
 SPEC: ``{"scratch", "mounts": [{"source", "target", "readOnly"}], "layers": [paths], "hide": [paths],
 "readOnlyRootFilesystem", "uid", "gid", "capabilities": [names] | null, "noNewPrivs", "command",
-"env": {..}, "workingDir"}``.
+"env": {..}, "workingDir"}``; optional ``"lower"``: a real image's root filesystem as the overlay's
+lower layer instead of ``/`` (tests/e2e/test_image.py).
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def _prepare(spec: dict[str, object]) -> Path:
     upper, work, root = scratch / "upper", scratch / "work", scratch / "root"
     for directory in (upper, work, root):
         directory.mkdir()
-    _mount("-t", "overlay", "overlay", "-o", f"lowerdir=/,upperdir={upper},workdir={work}", str(root))
+    lower = spec.get("lower", "/")
+    _mount("-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(root))
     mounts = spec["mounts"]
     assert isinstance(mounts, list)
     binds = [(str(m["source"]), str(m["target"]), bool(m.get("readOnly"))) for m in mounts]

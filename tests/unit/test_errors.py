@@ -7,7 +7,9 @@ import inspect
 import pkgutil
 
 import sidecar
-from sidecar.errors import AgentAuthzError, ErrorCode, SvidDetail
+from sidecar.agentproto.jsonrpc import BodyProblem
+from sidecar.agentproto.rules import Refusal
+from sidecar.errors import AgentAuthzError, BundleDetail, ErrorCode, SvidDetail
 from sidecar.grants.model import GrantCode
 from sidecar.inject.podspec import AdmissionOutcome
 
@@ -27,7 +29,7 @@ def _exception_classes() -> list[type[BaseException]]:
 def test_every_error_of_the_package_has_the_one_root_and_a_code() -> None:
     classes = _exception_classes()
     names = {cls.__name__ for cls in classes}
-    assert {"InjectionDenied", "BadReview", "CheckFailed", "KeyMismatchError", "GrantError"} <= names
+    assert {"InjectionDenied", "BadReview", "CheckFailed", "KeyMismatchError", "GrantError", "BodyError"} <= names
     for cls in classes:
         assert issubclass(cls, AgentAuthzError), cls
         assert isinstance(cls.code, ErrorCode), cls  # type: ignore[attr-defined]
@@ -36,7 +38,7 @@ def test_every_error_of_the_package_has_the_one_root_and_a_code() -> None:
 def test_key_mismatch_is_still_a_value_error() -> None:
     from sidecar.identity.state import KeyMismatchError
 
-    assert issubclass(KeyMismatchError, ValueError)  # svid_from_chain's callers catch ValueError
+    assert issubclass(KeyMismatchError, ValueError)  # for callers that catch ValueError
 
 
 # Never rename: dashboards, alerts and clients key on these strings. A new member is fine - add it here.
@@ -51,6 +53,8 @@ NEVER_RENAMED = {
         "untrusted_identity",
         "key_mismatch",
         "identity_unavailable",
+        "identity_invalid",
+        "bundle_invalid",
         "decision_log_unavailable",
         "grant_invalid",
         "netfilter_invalid",
@@ -60,6 +64,8 @@ NEVER_RENAMED = {
         "bad_review",
         "webhook_check_failed",
         "not_authorized",
+        "response_unfilterable",
+        "state_unavailable",
     },
     SvidDetail: {
         "svid_malformed",
@@ -72,6 +78,13 @@ NEVER_RENAMED = {
         "svid_not_yet_valid",
         "svid_expired",
         "svid_chain_invalid",
+        "svid_no_basic_constraints",
+        "svid_signer_not_ca",
+        "svid_signer_bad_key_usage",
+        "svid_bad_private_key",
+        "svid_key_mismatch",
+        "svid_spiffe_id_changed",
+        "identity_file_unreadable",
         "jwt_svid_malformed",
         "jwt_svid_bad_header",
         "jwt_svid_bad_algorithm",
@@ -82,6 +95,14 @@ NEVER_RENAMED = {
         "jwt_svid_bad_signature",
         "jwt_svid_expired",
         "jwt_svid_bad_audience",
+    },
+    BundleDetail: {
+        "bundle_malformed",
+        "bundle_empty",
+        "bundle_missing_keys",
+        "bundle_missing_kid",
+        "bundle_bad_key",
+        "bundle_bad_x509_entry",
     },
     GrantCode: {
         "grant_bad_header",
@@ -100,6 +121,31 @@ NEVER_RENAMED = {
         "grant_widening",
         "grant_wrong_signer",
         "grant_wrong_subject",
+    },
+    BodyProblem: {
+        "too_large",
+        "content_encoding",
+        "content_type",
+        "not_utf8",
+        "bom",
+        "lone_surrogate",
+        "invalid_json",
+        "duplicate_key",
+        "too_deep",
+        "batch",
+        "not_jsonrpc",
+    },
+    Refusal: {
+        "mcp_header_mismatch",
+        "mcp_ambiguous_body",
+        "mcp_invalid_body",
+        "mcp_body_too_large",
+        "mcp_body_unavailable",
+        "tool_not_allowed",
+        "argument_not_allowed",
+        "resource_not_allowed",
+        "prompt_not_allowed",
+        "rpc_method_not_allowed",
     },
     AdmissionOutcome: {
         "injected",
