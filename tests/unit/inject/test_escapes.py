@@ -33,6 +33,7 @@ SIDECAR: dict[str, Any] = {
     "listen": {"authz": f"unix:{layout.AUTHZ_SOCKET}", "health": "0.0.0.0:15021"},
     "envoy": {"egress_port": 15080, "outbound_port": 15001},
     "task_files": [{"path": layout.TASK_FILE, "revoked": layout.REVOKED_FILE}],
+    "state": {"path": layout.STATE_FILE},
 }
 Mutation = Callable[[dict[str, Any]], None]
 
