@@ -242,11 +242,12 @@ class DnsProxy:
                     data = await asyncio.wait_for(reader.readexactly(length), TCP_IDLE)
                 except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError):
                     return
-                answer = await self.answer(data, tcp=True, destination=destination)
-                if answer is None:
-                    return  # junk: the stream is not DNS, close it
-                writer.write(struct.pack("!H", len(answer)) + answer)
-                await writer.drain()
+                answer, junk = await self._answer(data, tcp=True, destination=destination)
+                if answer is not None:
+                    writer.write(struct.pack("!H", len(answer)) + answer)
+                    await writer.drain()
+                if junk:
+                    return  # the stream is not DNS: answered FORMERR when it could be, then closed
         except (ConnectionError, OSError):
             return
         finally:
@@ -261,12 +262,20 @@ class DnsProxy:
 
         Never raises: junk and resolver failures are answered (or dropped) and counted.
         """
+        reply, _ = await self._answer(data, tcp=tcp, destination=destination)
+        return reply
+
+    async def _answer(self, data: bytes, *, tcp: bool, destination: str) -> tuple[bytes | None, bool]:
+        """The reply, and whether the message was junk (a TCP stream of it is then closed)."""
         try:
             query = self._parse(data)
         except _Junk as junk:
             self._hooks.count("malformed")
             self._record_junk(str(junk), destination)
-            return junk.answer
+            return junk.answer, True
+        return await self._judged(query, tcp=tcp, destination=destination), False
+
+    async def _judged(self, query: dns.message.Message, *, tcp: bool, destination: str) -> bytes:
         question = query.question[0]
         qtype = dns.rdatatype.to_text(question.rdtype)
         decision = self._hooks.judge(question.name.to_text(omit_final_dot=True), qtype, destination)

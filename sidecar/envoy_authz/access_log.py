@@ -64,8 +64,19 @@ def _detail(parts: list[str], common: accesslog_pb2.AccessLogCommon) -> str:
     return text[:300] or "closed by Envoy without a decision"
 
 
+def _decided(common: accesslog_pb2.AccessLogCommon) -> bool:
+    """Whether the entry's stream has a decision (``decision_id`` in an ext_authz filter's metadata):
+    Envoy's access-log filter should have dropped it, but a record of its own exists either way."""
+    filters = common.metadata.filter_metadata
+    return any(
+        ns in filters and wire.METADATA_DECISION_ID in filters[ns].fields
+        for ns in (wire.HTTP_FILTER, wire.NETWORK_FILTER)
+    )
+
+
 def parse_refusals(message: als_pb2.StreamAccessLogsMessage, direction: Direction) -> list[ProxyRefusal]:
-    """The refusals one ``StreamAccessLogsMessage`` carries (periodic entries skipped).
+    """The refusals one ``StreamAccessLogsMessage`` carries (periodic entries, and entries of decided
+    streams, skipped).
 
     Args:
         message: a decoded message of the stream.
@@ -74,7 +85,7 @@ def parse_refusals(message: als_pb2.StreamAccessLogsMessage, direction: Directio
     refusals = []
     for http in message.http_logs.log_entry:
         common = http.common_properties
-        if common.intermediate_log_entry:
+        if common.intermediate_log_entry or _decided(common):
             continue
         request, response = http.request, http.response
         method = base_pb2.RequestMethod.Name(request.request_method) if request.request_method else ""
@@ -93,7 +104,7 @@ def parse_refusals(message: als_pb2.StreamAccessLogsMessage, direction: Directio
         )
     for tcp in message.tcp_logs.log_entry:
         common = tcp.common_properties
-        if common.intermediate_log_entry:
+        if common.intermediate_log_entry or _decided(common):
             continue
         refusals.append(
             ProxyRefusal(

@@ -32,8 +32,9 @@ What the rules do (IPv4, and IPv6 with ``--ipv6 same``), in the pod's network na
     (``OUTPUT -p udp --sport <dns port> -j AGENT_AUTHZ_GUARD``): a squatter's answers never leave.
   * ``OUTPUT -j AGENT_AUTHZ_FILTER``: what the ``nat`` rules cannot send to Envoy or the DNS proxy
     is dropped when a non-proxy process sends it off the pod: UDP (QUIC, and DNS that was not
-    redirected), ICMP, SCTP, ... (TCP and loopback pass - a redirected DNS query leaves through
-    ``lo``; excluded CIDRs and ports pass). ``allow_non_tcp`` turns this table's rules off.
+    redirected), ICMP, SCTP, ... (TCP and loopback pass, and a query ``nat`` redirected to the DNS
+    proxy: ``-d 127.0.0.1 --dport <dns port>``, as the hook still sees the interface it was first
+    routed to; excluded CIDRs and ports pass). ``allow_non_tcp`` turns this table's rules off.
 
 IPv6 with ``--ipv6 block``: no ``nat`` rules; ``filter`` drops every IPv6 packet coming in and
 rejects every one going out (so connects fail at once) that is not on ``lo``
@@ -356,6 +357,11 @@ def _filter(spec: RedirectSpec, family: int) -> TableRules:
         f"{f} -m owner --gid-owner {spec.proxy_gid} -j RETURN",
         f"{f} -p tcp -j RETURN",
     ]
+    if spec.redirects_dns:
+        # a redirected query: its destination is now the DNS proxy on loopback, but every chain of the
+        # OUTPUT hook still sees the interface it was routed to before ``nat`` (``-o lo`` misses it)
+        loopback = "127.0.0.1/32" if family == 4 else "::1/128"
+        rules.append(f"{f} -p udp -d {loopback} --dport {spec.dns_port} -j RETURN")
     rules += [f"{f} -d {net} -j RETURN" for net in spec.exclude_outbound_cidrs if net.version == family]
     rules += [f"{f} -p udp --dport {port} -j RETURN" for port in spec.exclude_outbound_ports]
     rules.append(f"{f} -j DROP")

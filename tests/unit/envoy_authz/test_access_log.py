@@ -92,3 +92,13 @@ def test_a_failing_record_does_not_end_the_stream() -> None:
     service = RefusalLogService(record)
     asyncio.run(service._stream(_feed([_message().SerializeToString()] * 2), None))  # type: ignore[arg-type]
     assert len(calls) == 2 and service.refusals == 2
+
+
+def test_an_entry_of_a_decided_stream_is_no_refusal() -> None:
+    """Envoy's filter drops them; if one arrives anyway, its own record exists: no second one."""
+    message = _tcp_message()
+    entry = message.tcp_logs.log_entry[0]
+    entry.common_properties.metadata.filter_metadata["envoy.filters.network.ext_authz"].fields[
+        "decision_id"
+    ].string_value = "d1"
+    assert parse_refusals(message, Direction.EGRESS) == []

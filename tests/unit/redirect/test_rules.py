@@ -121,6 +121,8 @@ def test_non_tcp_filter_and_opt_out() -> None:
     filter_rules = [line for line in text.splitlines() if line.startswith("-A AGENT_AUTHZ_FILTER")]
     assert filter_rules[-1] == "-A AGENT_AUTHZ_FILTER -j DROP"
     assert not any("--dport 53" in line for line in filter_rules)  # DNS that was not redirected never leaves
+    # a redirected query: the OUTPUT hook still sees its first route's interface, not lo
+    assert "-A AGENT_AUTHZ_FILTER -p udp -d 127.0.0.1/32 --dport 15053 -j RETURN" in filter_rules
     assert "-A AGENT_AUTHZ_FILTER -m owner --uid-owner 1337 -j RETURN" in filter_rules
     opted_out = render_rules(RedirectSpec(allow_non_tcp=True)).ipv4
     assert [t.table for t in opted_out] == ["nat", "filter"] and opted_out[1].chains == ("AGENT_AUTHZ_GUARD",)
