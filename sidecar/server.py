@@ -19,12 +19,13 @@ from aiohttp import web
 from sidecar.admin.app import make_admin_app
 from sidecar.admin.health import make_health_app
 from sidecar.audit.chain import load_hmac_key
-from sidecar.audit.log import DecisionLog
+from sidecar.audit.log import DecisionLog, decision_record
 from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.config.watch import watch_and_reload
+from sidecar.decision import Decision
 from sidecar.envoy_authz.ext_proc import ListFilterService
 from sidecar.envoy_authz.service import AuthorizationService
-from sidecar.errors import BundleDetail, ConfigError, SvidDetail
+from sidecar.errors import BundleDetail, ConfigError, DecisionLogError, SvidDetail
 from sidecar.identity.state import IdentityState
 from sidecar.identity.workload_api import WorkloadApiIdentity
 from sidecar.metrics import Metrics
@@ -105,6 +106,7 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     decision_log = open_decision_log(runtime)
     metrics = Metrics()
     metrics.bind(runtime, decision_log)
+    runtime.set_recorder(_control_recorder(runtime, decision_log, metrics))
     settings = runtime.snapshot.loaded.settings
     service = AuthorizationService(
         runtime.decide,
@@ -273,12 +275,34 @@ def open_decision_log(runtime: Runtime) -> DecisionLog:
     )
 
 
+def _control_recorder(runtime: Runtime, decision_log: DecisionLog, metrics: Metrics) -> Callable[[Decision], None]:
+    """Writes a control record (a quarantine, an operator's action or approval) to the decision log.
+
+    A record that cannot be written is logged (``decision_log_write_failed``, with the record): the
+    step it records has been taken. With ``decision_log.fsync`` it is synced with the next decision.
+    """
+
+    def record(decision: Decision) -> None:
+        fields = decision_record(decision, request_id="", latency_us=0, now=runtime.clock())
+        try:
+            decision_log.append(fields)
+        except DecisionLogError as exc:
+            _log.error("decision_log_write_failed", error=str(exc), sink=exc.sink, record=fields)
+        metrics.observe_control(decision)
+
+    return record
+
+
 def _own_files(runtime: Runtime, decision_log: DecisionLog) -> Callable[[Path], bool]:
     """A predicate for the files this process writes (decision log and rotations, published
-    revocations, the state file with its -wal and -shm)."""
+    revocations and ladder actions, the state file with its -wal and -shm)."""
     log_path = decision_log.path.absolute() if decision_log.path is not None else None
-    publish = runtime.snapshot.loaded.settings.grants.publish_revocations
-    published = runtime.snapshot.loaded.resolve(publish).absolute() if publish is not None else None
+    settings, loaded = runtime.snapshot.loaded.settings, runtime.snapshot.loaded
+    published = [
+        loaded.resolve(target).absolute()
+        for target in (settings.grants.publish_revocations, settings.ladder.publish)
+        if target is not None
+    ]
     state = runtime.store.path if runtime.store is not None else None
 
     def own(path: Path) -> bool:
@@ -287,7 +311,7 @@ def _own_files(runtime: Runtime, decision_log: DecisionLog) -> Callable[[Path], 
             return True
         if state is not None and path.parent == state.parent and path.name.startswith(state.name):
             return True
-        return published is not None and path.parent == published.parent and path.name.endswith(published.name)
+        return any(path.parent == p.parent and path.name.endswith(p.name) for p in published)
 
     return own
 

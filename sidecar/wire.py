@@ -44,6 +44,7 @@ __all__ = [
     "ORIGINATE",
     "PROTOCOL_METADATA",
     "REASON_HEADER",
+    "REMAINING_HEADER",
     "RESERVED_HEADER_PREFIX",
     "TASK_HEADER",
     "VIA_METADATA",
@@ -116,6 +117,9 @@ DECISION_ID_HEADER = "x-agent-authz-decision-id"
 """Set on the forwarded request, on the response and on a deny: joins logs to decisions."""
 REASON_HEADER = "x-agent-authz-reason"
 """The reason code of a deny, on the deny response."""
+REMAINING_HEADER = "x-agent-authz-remaining"
+"""On the response to an allowed call under a ``max_calls`` budget: the calls left (the tightest
+counter of the rule that allowed it)."""
 LIST_FILTER_HEADER = "x-agent-authz-list-filter"
 """Set (``1``) on an allowed MCP ``tools/list`` so that Envoy runs the ext_proc filter on its
 response; removed from every other request, and by the route before the upstream."""

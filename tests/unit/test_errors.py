@@ -9,6 +9,7 @@ import pkgutil
 import sidecar
 from sidecar.agentproto.jsonrpc import BodyProblem
 from sidecar.agentproto.rules import Refusal
+from sidecar.control.documents import ControlCode
 from sidecar.errors import AgentAuthzError, BundleDetail, ErrorCode, SvidDetail
 from sidecar.grants.model import GrantCode
 from sidecar.inject.podspec import AdmissionOutcome
@@ -65,6 +66,7 @@ NEVER_RENAMED = {
         "webhook_check_failed",
         "response_unfilterable",
         "state_unavailable",
+        "control_refused",
     },
     SvidDetail: {
         "svid_malformed",
@@ -120,6 +122,15 @@ NEVER_RENAMED = {
         "grant_widening",
         "grant_wrong_signer",
         "grant_wrong_subject",
+    },
+    ControlCode: {
+        "control_malformed",
+        "control_untrusted_signer",
+        "control_not_authorized",
+        "control_expired",
+        "control_wrong_audience",
+        "control_unknown_approval",
+        "control_approval_closed",
     },
     BodyProblem: {
         "too_large",
