@@ -29,6 +29,8 @@ class Direction(enum.StrEnum):
 
     EGRESS = "egress"
     INGRESS = "ingress"
+    LOCAL = "local"
+    """The local agent asked its own sidecar (the task API), e.g. to revoke another agent's task."""
     CONTROL = "control"
     """A control record: an operator's signed action (freeze, unfreeze, kill, approval) or the
     sidecar's own continuous-verification step (a quarantine), not a call."""
@@ -117,6 +119,11 @@ class Reason(enum.StrEnum):
     MISDIRECTED_REQUEST = "misdirected_request"
     """An intercepted TLS connection (``tls: intercept``) carried a request for another host or port than
     the one its SNI named (RFC 9110 §7.4)."""
+    NOT_AUTHORIZED = "not_authorized"
+    """Task API (direction ``local``): the local agent asked to revoke or delegate a task its signature
+    has no authority over - another agent's task, or one from the configuration. Control API (direction
+    ``control``): an action, approval or operator token that is unsigned, signed by nobody trusted, or by
+    a signer without authority over its target. Nothing changed."""
     MCP_HEADER_MISMATCH = "mcp_header_mismatch"
     """``Mcp-Method`` / ``Mcp-Name`` are malformed, missing where required, or disagree with the body."""
     MCP_AMBIGUOUS_BODY = "mcp_ambiguous_body"
@@ -180,10 +187,6 @@ class Reason(enum.StrEnum):
     APPROVAL_GRANTED = "approval_granted"
     """Control record: an operator (a root issuer or an ``approvals.approvers`` SPIFFE ID) approved the
     call of ``approval.id`` for one retry until ``approval.expires_at``."""
-    NOT_AUTHORIZED = "not_authorized"
-    """A request the caller has no authority for: a control action or approval that is unsigned, signed
-    by nobody trusted, or by a signer without authority over its target (direction ``control``);
-    nothing changed."""
 
 
 _STATUS = {

@@ -22,6 +22,7 @@ from sidecar.audit.chain import load_hmac_key
 from sidecar.audit.log import DecisionLog, decision_record
 from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.config.watch import watch_and_reload
+from sidecar.control_socket import prepare_socket_dir, restrict_socket, tcp_control_endpoints
 from sidecar.decision import Decision
 from sidecar.envoy_authz.ext_proc import ListFilterService
 from sidecar.envoy_authz.service import AuthorizationService
@@ -124,8 +125,10 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         intercept.secrets.bind(loop)
         server.add_generic_rpc_handlers((intercept.secrets.handler(),))
     authz = settings.listen.authz
+    sock_path: Path | None = None
     if authz.startswith("unix:"):
         sock_path = Path(authz[5:])
+        prepare_socket_dir(sock_path, file=str(loaded.source), field="listen.authz")
         sock_path.unlink(missing_ok=True)
         server.add_insecure_port(f"unix:{sock_path}")
         authz_bound = authz
@@ -136,6 +139,15 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
             raise OSError(f"cannot listen on {authz}")
         authz_bound = f"{host}:{bound}"
     await server.start()
+    if sock_path is not None:
+        restrict_socket(sock_path)
+    for key, address in tcp_control_endpoints(loaded):
+        _log.warning(
+            "control_endpoint_on_tcp",
+            key=key,
+            address=address,
+            detail="every process of the pod, the agent included, can reach it: use a Unix socket",
+        )
 
     admin_app = make_admin_app(runtime, decision_log, metrics, intercept=intercept, tasks=TaskService(runtime))
     runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)

@@ -144,6 +144,6 @@ def make_admin_app(
     service = tasks if tasks is not None else TaskService(runtime)
     operator = control if control is not None else ControlService(runtime)
     add_viewer_routes(app, service, decision_log, operator)
-    add_task_routes(app, service)
+    add_task_routes(app, service, decision_log)
     add_control_routes(app, operator)
     return app

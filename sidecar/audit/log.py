@@ -59,8 +59,9 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
     RecordField(
         "direction",
         "string",
-        "``egress`` (the agent calls out), ``ingress`` (someone calls the agent) or ``control`` (an operator's "
-        "signed action or approval, or a quarantine: not a call).",
+        "``egress`` (the agent calls out), ``ingress`` (someone calls the agent), ``local`` (the agent asked "
+        "its task API; ``method`` and ``path`` are the API call's) or ``control`` (an operator's signed action or "
+        "approval, or a quarantine: not a call).",
     ),
     RecordField(
         "agent", "string or null", "This sidecar's agent (SPIFFE ID): the caller on egress, the callee on ingress."

@@ -64,6 +64,7 @@ NEVER_RENAMED = {
         "injection_denied",
         "bad_review",
         "webhook_check_failed",
+        "not_authorized",
         "response_unfilterable",
         "state_unavailable",
         "control_refused",
