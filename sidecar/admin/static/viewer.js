@@ -531,6 +531,16 @@ function showOperator() {
   $("operator-out").hidden = !signedIn;
 }
 
+// agent-authz approve --operator-token --admin URL prints URL/decisions#operator=TOKEN: keep the token in
+// this tab's sessionStorage and take it out of the address bar (and of the history).
+function takeOperatorToken() {
+  const token = new URLSearchParams(location.hash.slice(1)).get("operator");
+  if (!token) return false;
+  sessionStorage.setItem(OPERATOR_KEY, token);
+  history.replaceState(null, "", location.pathname + location.search);
+  return true;
+}
+
 function signIn(token) {
   if (token) sessionStorage.setItem(OPERATOR_KEY, token.trim());
   else sessionStorage.removeItem(OPERATOR_KEY);
@@ -629,11 +639,8 @@ function init() {
     $("detail").hidden = true;
     state.selected = null;
   });
-  const fragment = new URLSearchParams(location.hash.slice(1));
-  if (fragment.get("operator")) {  // agent-authz approve --operator-token --admin URL prints such a link
-    sessionStorage.setItem(OPERATOR_KEY, fragment.get("operator"));
-    history.replaceState(null, "", location.pathname + location.search);
-  }
+  takeOperatorToken();
+  window.addEventListener("hashchange", () => { if (takeOperatorToken()) { showOperator(); loadApprovals(); } });
   $("operator-form").addEventListener("submit", (event) => { event.preventDefault(); signIn($("operator-token").value); $("operator-token").value = ""; });
   $("operator-out").addEventListener("click", () => signIn(""));
   showOperator();
