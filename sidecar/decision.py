@@ -171,8 +171,8 @@ class Reason(enum.StrEnum):
     """The task's declaration (its policy version) changed since the call was put up for approval: the
     approval no longer holds (a new ``approval_id`` is in the body)."""
     APPROVAL_BODY_UNAVAILABLE = "approval_body_unavailable"
-    """An approval-gated call carries a body the sidecar did not see (the Envoy route buffers none: a
-    host only a grant names, not in ``envoy.approval_hosts``): an approval could not bind it."""
+    """An approval-gated call carries a body the sidecar did not see (its Envoy route buffers none: only
+    MCP/A2A routes do), so no approval could bind it."""
     TASK_FROZEN = "task_frozen"
     """Control record: a task, a delegation subtree or an agent was frozen - by the anomaly rule
     (``action.evidence`` lists the ids of the records that tripped it) or by a signed action."""

@@ -194,9 +194,7 @@ def _through_approval(
     """
     content = _content(request, method, match, gated)
     if content is None:
-        detail = (
-            "the call has a body this Envoy route does not send to the sidecar: list the host in envoy.approval_hosts"
-        )
+        detail = "the call has a body this Envoy route does not send to the sidecar: an approval could not bind it"
         return Reason.APPROVAL_BODY_UNAVAILABLE, detail, None
     if approvals is None:
         return Reason.APPROVAL_REQUIRED, "the rule requires a human approval (no approval book here)", None
