@@ -171,8 +171,9 @@ class Reason(enum.StrEnum):
     """The task's declaration (its policy version) changed since the call was put up for approval: the
     approval no longer holds (a new ``approval_id`` is in the body)."""
     APPROVAL_BODY_UNAVAILABLE = "approval_body_unavailable"
-    """An approval-gated call carries a body the sidecar did not see (its Envoy route buffers none: only
-    MCP/A2A routes do), so no approval could bind it."""
+    """An approval-gated call carries a body the sidecar did not see in full - its Envoy route buffers
+    none (a host only a grant names, not in ``envoy.approval_hosts``; an intercepted one), or the body is
+    over ``envoy.rpc_body_cap`` - so no approval could bind it."""
     TASK_FROZEN = "task_frozen"
     """Control record: a task, a delegation subtree or an agent was frozen - by the anomaly rule
     (``action.evidence`` lists the ids of the records that tripped it) or by a signed action."""
@@ -271,6 +272,8 @@ class AuthzRequest:
             ``rpc_body_cap`` context extensions); ``None`` otherwise.
         body: the request body Envoy buffered (a route with a body cap, ``with_request_body``), or
             ``None`` when the route sends none.
+        body_cap: on a plain-HTTP route that buffers the body (an ``approval`` host), its cap in
+            bytes (Envoy sends one byte more of a longer body); ``0`` otherwise.
     """
 
     direction: Direction
@@ -289,6 +292,7 @@ class AuthzRequest:
     via_connect: bool = False
     rpc: RpcRoute | None = None
     body: bytes | None = None
+    body_cap: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 __all__ = [
     "CALLER_HEADER",
     "CONNECT_VIA",
+    "CONTEXT_BODY_CAP",
     "CONTEXT_DIRECTION",
     "CONTEXT_INTERCEPT",
     "CONTEXT_RPC_BODY_CAP",
@@ -85,6 +86,11 @@ CONTEXT_RPC_BODY_CAP = "rpc_body_cap"
 """The body cap in bytes (decimal) on the MCP/A2A routes that buffer the request body
 (``with_request_body``); absent where Envoy sends no body (then an MCP call is judged on its
 ``Mcp-Method`` / ``Mcp-Name`` headers, if it has them)."""
+
+CONTEXT_BODY_CAP = "body_cap"
+"""The body cap in bytes (decimal) on the plain-HTTP routes that buffer the request body for the
+sidecar - the hosts of ``approval`` rules, so that an approval binds the body's digest
+(:attr:`~sidecar.decision.AuthzRequest.body_cap`)."""
 
 # -- gRPC initial metadata (network checks: set per filter by the bootstrap) ---------------------
 DIRECTION_METADATA = "x-agent-authz-direction"

@@ -810,6 +810,11 @@ class EnvoySpec(_Model):
     """``host: mcp|a2a`` for MCP/A2A hosts that only grants name (hosts of ``protocol: mcp``/``a2a``
     rules in ``tasks`` are found by themselves): their Envoy route buffers the body for the sidecar
     and, for MCP, filters ``tools/list`` responses through ext_proc."""
+    approval_hosts: list[str] = Field(default_factory=list)
+    """Plain-HTTP hosts whose Envoy route buffers the request body (up to ``rpc_body_cap``) so that an
+    approval binds its digest: those only grants name with ``approval`` rules (hosts of ``approval``
+    rules in ``tasks`` are found by themselves). A body-carrying call there without one is refused
+    ``approval_body_unavailable``."""
     mcp_header_decisions: list[str] = Field(default_factory=list)
     """MCP hosts whose servers implement the 2026-07-28 header checks (a request whose
     ``Mcp-Method``/``Mcp-Name`` disagree with its body is rejected with ``-32020``): requests there
@@ -822,7 +827,7 @@ class EnvoySpec(_Model):
             raise ValueError("rpc_body_cap must be between 1 KiB and 1 MiB")
         return value
 
-    @field_validator("rpc_hosts", "mcp_header_decisions")
+    @field_validator("rpc_hosts", "mcp_header_decisions", "approval_hosts")
     @classmethod
     def _rpc_host_names(cls, value: Any) -> Any:
         for host in value:
@@ -1207,6 +1212,18 @@ class SidecarConfig(_Model):
             if rule.protocol != "http" and not rule.host.startswith("*.")
         }
         return {**hosts, **self.envoy.rpc_hosts}
+
+    def approval_hosts(self) -> list[str]:
+        """Exact plain-HTTP hosts of ``approval`` rules in ``tasks``, and ``envoy.approval_hosts``:
+        their Envoy route buffers the body for the sidecar (MCP/A2A hosts buffer it anyway)."""
+        hosts = {
+            rule.host
+            for task in self.tasks
+            for rule in task.egress
+            if rule.approval is not None and rule.protocol == "http" and not rule.host.startswith("*.")
+        }
+        rpc = self.rpc_hosts()
+        return sorted((hosts | set(self.envoy.approval_hosts)) - set(rpc))
 
     def originate_hosts(self) -> dict[str, int]:
         """``host -> upstream port`` of every ``tls: originate`` rule (Envoy renders one TLS route each)."""

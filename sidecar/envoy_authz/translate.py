@@ -149,6 +149,7 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
     if direction is None:
         raise BadRequestError("context_extensions.direction must be 'egress' or 'ingress'")
     rpc = _rpc_route(context)
+    plain_cap = _cap(context.get(wire.CONTEXT_BODY_CAP, "")) if rpc is None else 0
     return AuthzRequest(
         direction=direction,
         method=http.method,
@@ -162,8 +163,14 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
         interception=_interception(context),
         upstream_tls=context.get(wire.CONTEXT_UPSTREAM_TLS) == wire.ORIGINATE,
         rpc=rpc,
-        body=(http.raw_body or http.body.encode()) if rpc is not None and rpc.body_cap else None,
+        body=(http.raw_body or http.body.encode()) if (rpc is not None and rpc.body_cap) or plain_cap else None,
+        body_cap=plain_cap,
     )
+
+
+def _cap(text: str) -> int:
+    """A body cap context extension: a positive decimal, else 0 (no body read)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
 
 
 def _rpc_route(context: Mapping[str, str]) -> RpcRoute | None:

@@ -148,6 +148,9 @@ def _content(request: AuthzRequest, method: str, match: _Match, rules: tuple[Egr
         if verdict is not None and "arguments_digest" in verdict.fields:
             return str(verdict.fields["arguments_digest"])
     if request.body is not None:
+        cap = request.rpc.body_cap if request.rpc is not None else request.body_cap
+        if cap and len(request.body) > cap:  # Envoy sent the first cap + 1 bytes: the rest is unseen
+            return None
         return body_digest(request.body)
     headers = request.headers
     length = headers.get("content-length", "")
@@ -194,7 +197,9 @@ def _through_approval(
     """
     content = _content(request, method, match, gated)
     if content is None:
-        detail = "the call has a body this Envoy route does not send to the sidecar: an approval could not bind it"
+        detail = (
+            "the call has a body this Envoy route does not send to the sidecar whole: an approval could not bind it"
+        )
         return Reason.APPROVAL_BODY_UNAVAILABLE, detail, None
     if approvals is None:
         return Reason.APPROVAL_REQUIRED, "the rule requires a human approval (no approval book here)", None

@@ -326,6 +326,25 @@ def test_approval_happy_path_and_replay(approvals_env: Callable[..., Env], opera
     assert states[approval_id] == "consumed" and states[replay.json()["approval_id"]] == "pending"
 
 
+def test_approval_binds_the_body(approvals_env: Callable[..., Env], operator: Operator) -> None:
+    """A plain-HTTP host of an approval rule: Envoy buffers the body for the sidecar, the approval
+    binds its digest."""
+    post = {**DELETE, "name": "publish", "methods": ["POST"]}
+    env = approvals_env([READ, post])
+    report = b'{"report": "q3", "rows": 120}'
+    first = env.send("POST", f"{ITEMS}/report", {"content-type": "application/json"}, report)
+    assert first.reason == "approval_required"
+    assert env.record(first.decision_id)["approval"]["status"] == "pending"
+    assert operator.approve(first.json()["approval_id"], env.admin).returncode == 0
+    changed = env.send("POST", f"{ITEMS}/report", {"content-type": "application/json"}, b'{"report": "q3", "rows": 0}')
+    assert changed.reason == "approval_mismatch"
+    exact = env.send("POST", f"{ITEMS}/report", {"content-type": "application/json"}, report)
+    assert exact.status == 200 and env.record(exact.decision_id)["approval"]["id"] == first.json()["approval_id"]
+    assert [r.method for r in env.upstream.requests()].count("POST") == 1
+    too_big = env.send("POST", f"{ITEMS}/report", {"content-type": "application/json"}, b"x" * (64 * 1024 + 10))
+    assert too_big.reason == "approval_body_unavailable"  # over the cap: the sidecar never saw all of it
+
+
 @pytest.fixture(scope="module")
 def warehouse() -> Iterator[int]:
     server = ServerThread(warehouse_app([MCP_HOST]))
