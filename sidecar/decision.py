@@ -116,14 +116,25 @@ class Reason(enum.StrEnum):
     MISDIRECTED_REQUEST = "misdirected_request"
     """An intercepted TLS connection (``tls: intercept``) carried a request for another host or port than
     the one its SNI named (RFC 9110 §7.4)."""
+    REVOCATION_FEED_STALE = "revocation_feed_stale"
+    """The cluster authority's revocation feed has been unreachable for longer than
+    ``grants.revocation_feed.max_staleness``: a revocation made elsewhere might not have arrived, so
+    tasks from delegated grants (with ``stale_applies_to: all``, every task) are denied until the feed
+    is back (503: retry later)."""
 
 
-_STATUS = {Reason.BUDGET_EXHAUSTED: 429, Reason.BAD_REQUEST: 400, Reason.MISDIRECTED_REQUEST: 421}
+_STATUS = {
+    Reason.BUDGET_EXHAUSTED: 429,
+    Reason.BAD_REQUEST: 400,
+    Reason.MISDIRECTED_REQUEST: 421,
+    Reason.REVOCATION_FEED_STALE: 503,
+}
 
 
 def deny_status(reason: Reason) -> int:
     """HTTP status for a deny: 429 for an exhausted budget, 400 for a malformed request, 421
-    (RFC 9110 §15.5.20) for a request misdirected into an intercepted connection, else 403."""
+    (RFC 9110 §15.5.20) for a request misdirected into an intercepted connection, 503 while the
+    revocation feed is stale (a transient condition: retry later), else 403."""
     return _STATUS.get(reason, 403)
 
 

@@ -50,6 +50,12 @@ class ErrorCode(enum.StrEnum):
     INJECTION_DENIED = "injection_denied"
     BAD_REVIEW = "bad_review"
     WEBHOOK_CHECK_FAILED = "webhook_check_failed"
+    KUBERNETES_API = "kubernetes_api"
+    """A Kubernetes API request failed (the authority's ConfigMaps); ``status`` and ``reason`` say how."""
+    AUTHORITY_REFUSED = "authority_refused"
+    """The cluster authority refused a request (a revocation, a key announcement, a feed client)."""
+    AUTHORITY_UNAVAILABLE = "authority_unavailable"
+    """The cluster authority could not be reached or answered something unusable."""
 
 
 class SvidDetail(enum.StrEnum):

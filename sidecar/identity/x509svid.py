@@ -36,7 +36,7 @@ from sidecar.errors import IdentityError, SpiffeIdError, SvidDetail
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.spiffe_id import parse_spiffe_id
 
-__all__ = ["VerifiedSvid", "X509SvidVerifier", "chain_from_xfcc"]
+__all__ = ["VerifiedSvid", "X509SvidVerifier", "chain_from_xfcc", "check_svid_leaf"]
 
 _MAX_PEM = 64 * 1024
 _XFCC_CHAIN = re.compile(r'(?:^|;)Chain="([^"]*)"')
@@ -120,6 +120,20 @@ def _check_leaf(leaf: x509.Certificate, now: float) -> tuple[str, str]:
     if now >= leaf.not_valid_after_utc.timestamp():
         raise IdentityError(SvidDetail.SVID_EXPIRED, "the certificate has expired")
     return str(spiffe_id), str(spiffe_id.trust_domain)
+
+
+def check_svid_leaf(leaf: x509.Certificate, now: float) -> tuple[str, str]:
+    """The X509-SVID profile checks of a leaf whose chain was verified elsewhere (by OpenSSL during an
+    mTLS handshake against one trust domain's bundle): one URI SAN that is a SPIFFE ID with a path,
+    not a CA, key usage, validity (X509-SVID §2-§4).
+
+    Returns:
+        ``(spiffe_id, trust_domain)``.
+
+    Raises:
+        IdentityError: as :meth:`X509SvidVerifier.verify` (never ``svid_chain_invalid``).
+    """
+    return _check_leaf(leaf, now)
 
 
 class X509SvidVerifier:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -37,9 +38,17 @@ from sidecar.runtime.inputs import DISK, FileSource, InputRecorder, Inputs, inpu
 from sidecar.runtime.snapshot import CarriedState, Snapshot, build_snapshot
 from sidecar.tokens.minter import TokenCache
 
-__all__ = ["Runtime"]
+__all__ = ["FeedGate", "Runtime"]
 
 _log = structlog.get_logger("agent_authz.runtime")
+
+
+class FeedGate(typing.Protocol):
+    """What the runtime asks the revocation feed (:class:`sidecar.authority.client.FeedStatus`)."""
+
+    def stale_scope(self, now: float) -> str | None:
+        """``delegated`` or ``all`` while the feed is stale (what to deny), else ``None``."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +81,8 @@ class Runtime:
         reload_failures_by_code: rejected reloads by error code (``ConfigError.code``).
         last_error: why the last reload failed; ``None`` once the files are good again.
         last_identity_error: why the last Workload API identity was refused, or ``None``.
+        feed: the cluster authority's revocation feed (``grants.revocation_feed``), set by ``serve``;
+            while it is stale, :meth:`decide` denies ``revocation_feed_stale``.
 
     Raises:
         ConfigError: the initial configuration is invalid (there is no previous one to keep).
@@ -99,6 +110,7 @@ class Runtime:
         self.reload_failures_by_code: collections.Counter[ErrorCode] = collections.Counter()
         self.last_error: str | None = None
         self.last_identity_error: str | None = None
+        self.feed: FeedGate | None = None
         start = carried if carried is not None else CarriedState()
         self._carried = replace(start, identity=workload_identity) if workload_identity is not None else start
         self._failed: _Attempt | None = None
@@ -265,9 +277,12 @@ class Runtime:
         :func:`~sidecar.policy.engine.dry_run`.
         """
         snapshot = self.snapshot
+        now = self.clock()
+        feed = self.feed
+        stale = feed.stale_scope(now) if feed is not None else None
         if request.protocol is not Protocol.HTTP:
             decision = decide_connection(
-                snapshot.policy, request, now=self.clock(), decision_id=decision_id, budgets=self.budgets
+                snapshot.policy, request, now=now, decision_id=decision_id, budgets=self.budgets, feed_stale=stale
             )
         elif request.direction is Direction.EGRESS:
             identity = snapshot.identity
@@ -275,11 +290,12 @@ class Runtime:
             decision = decide_egress(
                 snapshot.policy,
                 request,
-                now=self.clock(),
+                now=now,
                 decision_id=decision_id,
                 budgets=self.budgets,
                 minter=snapshot.minter,
                 cnf=identity.state.svid.x5t_s256 if bind and identity is not None else None,
+                feed_stale=stale,
             )
         else:
             decision = decide_ingress(
@@ -287,7 +303,7 @@ class Runtime:
                 request,
                 identity=snapshot.identity,
                 agent=snapshot.policy.agent,
-                now=self.clock(),
+                now=now,
                 decision_id=decision_id,
             )
         return dry_run(decision) if snapshot.loaded.settings.dry_run else decision

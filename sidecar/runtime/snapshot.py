@@ -65,6 +65,8 @@ class CarriedState:
             reload never extends one); a build keeps the entries of the tasks it compiled.
         posted: task id -> compact JWS of a grant accepted through ``POST /v1/tasks``.
         own_revoked: task id -> POSIX seconds it was revoked here (``POST /v1/tasks/{id}/revoke``).
+        received: source -> the revocation lists received from it (``authority``: the cluster
+            authority's feed, one list per signer), honoured as the ``grants.revocations`` files are.
         issued: ids of the child tasks this sidecar delegated (it may revoke them).
         retired: earlier signing keys still published (until their tokens have expired).
         signing_key: the key of the last snapshot built (retired when the next build names another).
@@ -75,20 +77,25 @@ class CarriedState:
     first_seen: Mapping[str, float] = field(default_factory=dict)
     posted: Mapping[str, str] = field(default_factory=dict)
     own_revoked: Mapping[str, int] = field(default_factory=dict)
+    received: Mapping[str, tuple[RevocationList, ...]] = field(default_factory=dict)
     issued: frozenset[str] = frozenset()
     retired: tuple[RetiredKey, ...] = ()
     signing_key: KeyRecord | None = None
     identity: IdentityState | None = None
 
     def __post_init__(self) -> None:
-        for name in ("first_seen", "posted", "own_revoked"):
+        for name in ("first_seen", "posted", "own_revoked", "received"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
     @property
-    def rebuild_key(self) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int], ...]]:
+    def rebuild_key(self) -> tuple[object, ...]:
         """The part of the state a build reads besides files: two states with equal keys build equal
         snapshots from equal files."""
-        return tuple(sorted(self.posted.items())), tuple(sorted(self.own_revoked.items()))
+        received = tuple(
+            (source, tuple(sorted((r.signer, r.root, tuple(sorted(r.ids))) for r in lists)))
+            for source, lists in sorted(self.received.items())
+        )
+        return tuple(sorted(self.posted.items())), tuple(sorted(self.own_revoked.items())), received
 
 
 # -- the snapshot ------------------------------------------------------------------------------------
@@ -312,6 +319,15 @@ def _sources(
         own_revocations=_own_revocation_list(carried, agent),
         now=now,
     )
+    received = [lists for _, lists in sorted(carried.received.items())]
+    if received:
+        for lists in received:
+            for revocations in lists:
+                reader.digest.update(f"{revocations.signer}\0{revocations.root}\0".encode())
+                reader.digest.update(",".join(sorted(revocations.ids)).encode() + b"\0")
+        grant_set = replace(
+            grant_set, revocations=grant_set.revocations + tuple(r for lists in received for r in lists)
+        )
     for path in settings.grants.revocations:
         reader.watch(path)  # a list published later must trigger a reload
     file_grants, file_tasks = _task_files(loaded, reader, grant_set, agent, named, now)

@@ -9,6 +9,7 @@ the rebuild it triggers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import structlog
@@ -57,14 +58,19 @@ class TaskService:
 
     Args:
         runtime: the runtime whose snapshot enforces the tasks.
+        forward: with a cluster authority, called as ``forward(task_id, list, grants)`` after each
+            revocation: a list naming just that id, signed with the SVID, and the grants that show
+            this agent's authority over it (the held grant, or the child this sidecar delegated).
 
     Attributes:
         runtime: as given.
     """
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, forward: Callable[[str, str, list[str]], None] | None = None) -> None:
         self.runtime = runtime
+        self._forward = forward
         self._published: str | None = None
+        self._issued_tokens: dict[str, str] = {}
 
     def accept(self, token: str) -> Grant:
         """Accept a grant posted by the local agent (``POST /v1/tasks``) and enforce it at once.
@@ -138,6 +144,7 @@ class TaskService:
             )
         token = sign_delegation(delegation, svid)
         child = delegation.child
+        self._issued_tokens[child.id] = token
         carried = runtime.carried
         runtime.remember(replace(carried, issued=carried.issued | {child.id}))
         _log.info(
@@ -168,7 +175,25 @@ class TaskService:
         token = self._publish(snapshot, dict(carried.own_revoked))
         runtime.reload()
         _log.info("task_revoked", task_id=task_id, published=token is not None)
+        self._forward_revocation(snapshot, task_id, carried.own_revoked[task_id])
         return token
+
+    def _forward_revocation(self, snapshot: Snapshot, task_id: str, revoked_at: int) -> None:
+        """Hand the revocation to the authority: a one-id list and the grant showing the authority."""
+        identity = snapshot.identity
+        if self._forward is None or identity is None:
+            return
+        grants: list[str] = []
+        held = snapshot.policy.tasks_by_id.get(task_id)
+        if held is not None and held.grant is not None:
+            grants.append(held.grant.token)
+        if task_id in self._issued_tokens:
+            grants.append(self._issued_tokens[task_id])
+        svid = identity.state.svid
+        single = sign_revocations(
+            [task_id], svid.private_key, issuer=svid.spiffe_id, issued_at=revoked_at, x5c=list(svid.chain)
+        )
+        self._forward(task_id, single, grants)
 
     def revocation_list(self) -> str | None:
         """This sidecar's own signed revocation list (``GET /v1/revocations``), or ``None``."""
