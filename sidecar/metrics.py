@@ -378,24 +378,26 @@ class _AuthorityCollector(Collector):
             "Revocation entries held (the ConfigMap's revocations.json and operator lines).",
             value=state.revocation_entries,
         )
-        for name, help_text, values in (
-            (
-                "agent_authz_authority_configmap_writes",
-                "ConfigMap writes that succeeded, by ConfigMap.",
-                state.configmap_writes,
-            ),
-            (
-                "agent_authz_authority_configmap_conflicts",
-                "409 Conflict answers to ConfigMap writes (each retried on the newer version), by ConfigMap.",
-                state.configmap_conflicts,
-            ),
-            (
-                "agent_authz_authority_watch_restarts",
-                "ConfigMap watches resumed or restarted (server timeout, 410 Gone, errors), by ConfigMap.",
-                state.watch_restarts,
-            ),
+        writes = CounterMetricFamily(
+            "agent_authz_authority_configmap_writes",
+            "ConfigMap writes that succeeded, by ConfigMap.",
+            labels=["configmap"],
+        )
+        conflicts = CounterMetricFamily(
+            "agent_authz_authority_configmap_conflicts",
+            "409 Conflict answers to ConfigMap writes (each retried on the newer version), by ConfigMap.",
+            labels=["configmap"],
+        )
+        restarts = CounterMetricFamily(
+            "agent_authz_authority_watch_restarts",
+            "ConfigMap watches resumed or restarted (server timeout, 410 Gone, errors), by ConfigMap.",
+            labels=["configmap"],
+        )
+        for family, values in (
+            (writes, state.configmap_writes),
+            (conflicts, state.configmap_conflicts),
+            (restarts, state.watch_restarts),
         ):
-            family = CounterMetricFamily(name, help_text, labels=["configmap"])
             for configmap, count in sorted(values.items()):
                 family.add_metric([configmap], count)
             yield family

@@ -7,6 +7,7 @@ import inspect
 import pkgutil
 
 import sidecar
+from sidecar.authority.protocol import AuthorityCode
 from sidecar.errors import AgentAuthzError, ErrorCode, SvidDetail
 from sidecar.grants.model import GrantCode
 from sidecar.inject.podspec import AdmissionOutcome
@@ -28,6 +29,7 @@ def test_every_error_of_the_package_has_the_one_root_and_a_code() -> None:
     classes = _exception_classes()
     names = {cls.__name__ for cls in classes}
     assert {"InjectionDenied", "BadReview", "CheckFailed", "KeyMismatchError", "GrantError"} <= names
+    assert {"AuthorityError", "KubeApiError", "FeedError"} <= names
     for cls in classes:
         assert issubclass(cls, AgentAuthzError), cls
         assert isinstance(cls.code, ErrorCode), cls  # type: ignore[attr-defined]
@@ -59,6 +61,9 @@ NEVER_RENAMED = {
         "injection_denied",
         "bad_review",
         "webhook_check_failed",
+        "kubernetes_api",
+        "authority_refused",
+        "authority_unavailable",
     },
     SvidDetail: {
         "svid_malformed",
@@ -99,6 +104,17 @@ NEVER_RENAMED = {
         "grant_widening",
         "grant_wrong_signer",
         "grant_wrong_subject",
+    },
+    AuthorityCode: {
+        "bad_request",
+        "no_client_certificate",
+        "peer_not_allowed",
+        "not_authorized",
+        "signer_not_peer",
+        "not_root",
+        "key_proof_invalid",
+        "key_private",
+        "unknown_namespace",
     },
     AdmissionOutcome: {
         "injected",
