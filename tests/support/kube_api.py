@@ -314,10 +314,15 @@ class KubeApiDouble:
         return self.url
 
     async def aclose(self) -> None:
-        """Close every watch and stop serving."""
+        """Close every watch (waiting up to a second for the streams to end) and stop serving."""
         self._close_watches()
+        for _ in range(100):
+            if not self._watches:
+                break
+            await asyncio.sleep(0.01)
         if self._runner is not None:
             await self._runner.cleanup()
+        await asyncio.sleep(0.05)  # let closed transports finish closing before the loop goes
 
     def start(self) -> str:
         """Serve from a thread of its own; returns the URL."""
