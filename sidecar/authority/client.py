@@ -271,6 +271,7 @@ class FeedClient:
                     await task
             if self._session is not None:
                 await self._session.close()
+                await asyncio.sleep(0.05)  # let closed TLS connections finish closing (aiohttp's advice)
 
     async def _stream(self, stop: asyncio.Event) -> bool:
         """One stream until it ends; returns whether it delivered a snapshot."""

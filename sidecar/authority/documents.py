@@ -152,40 +152,64 @@ class ConfigMapDocument:
             return True
         raise KubeApiError(409, "Conflict", f"{self.name}: still conflicting after {self._max_retries} attempts")
 
+    async def _watch_once(self) -> None:
+        """One watch request: take its events until the server ends the stream.
+
+        Raises:
+            KubeApiError: 410 Gone, or the request failed.
+        """
+        events = self.client.watch_configmap(self.name, self._watch_from, timeout=self._watch_timeout)
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for event in events:
+                if event.type == "BOOKMARK":
+                    if _newer(event.resource_version, self._watch_from):
+                        self._watch_from = event.resource_version
+                elif event.type in ("ADDED", "MODIFIED"):
+                    self._take(event.object)
+                elif event.type == "DELETED":
+                    _log.error("configmap_deleted", configmap=self.name)
+
     async def follow(self, stop: asyncio.Event) -> None:
         """Watch the ConfigMap until ``stop``: take every newer version; on 410 Gone read it afresh; on
-        errors retry with backoff (0.1 s doubling to 5 s). Never raises."""
+        errors retry with backoff (0.1 s doubling to 5 s). Never raises; ``stop`` ends a watch at once."""
         backoff = 0.1
-        while not stop.is_set():
-            try:
-                if not self.loaded.is_set():
-                    await self.load()
-                async for event in self.client.watch_configmap(
-                    self.name, self._watch_from, timeout=self._watch_timeout
-                ):
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                watch = asyncio.ensure_future(self._follow_step())
+                done, _ = await asyncio.wait({watch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if watch not in done:
+                    watch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await watch
+                    return
+                failure = watch.result()
+                if failure is None:
                     backoff = 0.1
-                    if event.type == "BOOKMARK":
-                        if _newer(event.resource_version, self._watch_from):
-                            self._watch_from = event.resource_version
-                    elif event.type in ("ADDED", "MODIFIED"):
-                        self._take(event.object)
-                    elif event.type == "DELETED":
-                        _log.error("configmap_deleted", configmap=self.name)
-                    if stop.is_set():
-                        return
-                self.watch_restarts += 1  # the server ended the stream (timeoutSeconds, restart)
-            except KubeApiError as exc:
-                self.watch_restarts += 1
-                if exc.status == 410:
-                    _log.info("configmap_watch_expired", configmap=self.name)
-                    try:
-                        await self.load()
-                    except KubeApiError as again:
-                        _log.warning("configmap_read_failed", configmap=self.name, error=str(again))
                     continue
-                _log.warning("configmap_watch_failed", configmap=self.name, error=str(exc), retry_in=backoff)
+                _log.warning("configmap_watch_failed", configmap=self.name, error=failure, retry_in=backoff)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), backoff)
+                    await asyncio.wait_for(asyncio.shield(stopping), backoff)
                 backoff = min(backoff * 2, 5.0)
-                with contextlib.suppress(KubeApiError):
+        finally:
+            stopping.cancel()
+
+    async def _follow_step(self) -> str | None:
+        """Read the ConfigMap when needed, then watch it once; returns why it failed (``None``: the
+        server ended the stream, or 410 Gone was handled by reading afresh)."""
+        try:
+            if not self.loaded.is_set():
+                await self.load()
+            await self._watch_once()
+            self.watch_restarts += 1  # the server ended the stream (timeoutSeconds, restart)
+            return None
+        except KubeApiError as exc:
+            self.watch_restarts += 1
+            if exc.status == 410:
+                _log.info("configmap_watch_expired", configmap=self.name)
+                try:
                     await self.load()
+                except KubeApiError as again:
+                    return str(again)
+                return None
+            return str(exc)  # resumed from the last resourceVersion after the backoff

@@ -21,6 +21,7 @@ resource version") means the caller must read the object afresh (:class:`KubeApi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import urllib.parse
@@ -86,8 +87,11 @@ class KubeClient:
         self._ssl = ssl.create_default_context(cafile=str(ca_file))
         self._timeout = timeout
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     def _client(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise aiohttp.ClientConnectionError("the client is closed")
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=self._ssl, limit=16), trust_env=False
@@ -199,6 +203,10 @@ class KubeClient:
             raise KubeApiError(0, type(exc).__name__, str(exc) or "the watch ended") from None
 
     async def aclose(self) -> None:
-        """Close the connections."""
+        """Close the connections (the client cannot be used afterwards)."""
+        self._closed = True
         if self._session is not None:
             await self._session.close()
+            # a TLS connection closed by a cancelled watch finishes closing on the next loop turns
+            # (aiohttp's "graceful shutdown" advice): give them that before the loop may end
+            await asyncio.sleep(0.05)
