@@ -11,14 +11,15 @@ Each page comes from one place in the code, imported by its public name:
 page          source
 ============  ===========================================================================
 config.md     the pydantic models of ``sidecar.yaml`` (``SidecarConfig``; field docstrings)
-reasons.md    ``sidecar.decision.Reason`` (member docstrings) and ``deny_status``
+reasons.md    ``sidecar.decision.Reason`` (member docstrings) and ``deny_status``; the identity
+              sub-codes ``sidecar.errors.SvidDetail`` and ``BundleDetail`` (member docstrings)
 metrics.md    the metric constructors in ``sidecar.metrics`` (name, help, labels), checked
               against the live ``Metrics`` registry
 cli.md        ``sidecar.cli.build_parser()`` (every command, flag, default and help)
 records.md    ``sidecar.audit.RECORD_FIELDS`` and ``decision_record`` (an example record)
 ============  ===========================================================================
 
-A missing description (a config field, a reason, a metric help string, a CLI flag's help) is an
+A missing description (a config field, a reason, a sub-code, a metric help string, a CLI flag's help) is an
 error, so a new key cannot land undocumented. ``tests/unit/test_docs_reference.py`` fails when a
 committed page differs from what this script writes.
 """
@@ -55,6 +56,7 @@ from sidecar.audit.chain import ChainHead, link  # noqa: E402
 from sidecar.config.durations import parse_duration  # noqa: E402
 from sidecar.config.schema import SidecarConfig, SpiffeIdStr  # noqa: E402
 from sidecar.decision import Decision, Direction, Protocol, Reason, TokenInfo, deny_status  # noqa: E402
+from sidecar.errors import BundleDetail, SvidDetail  # noqa: E402
 
 __all__ = ["OUT_DIR", "PAGES", "main", "render_pages"]
 
@@ -283,10 +285,49 @@ _ALLOW_REASONS = (Reason.ALLOWED, Reason.DRY_RUN)
 """Reasons of an allow (status 200); every other reason is a deny with :func:`deny_status`."""
 
 
+def sub_code_table(enum_class: type[enum.StrEnum]) -> str:
+    """A ``| sub-code | meaning |`` table of ``enum_class``'s members, from their docstrings.
+
+    Raises:
+        DocGenError: a member has no docstring.
+    """
+    docs = _member_docs(enum_class)
+    rows = ["| sub-code | meaning |\n|---|---|\n"]
+    for member in enum_class:
+        if member.name not in docs:
+            raise DocGenError(f"{enum_class.__name__}.{member.name}: no docstring under the member")
+        rows.append(f"| `{member.value}` | {_cell(docs[member.name])} |\n")
+    return "".join(rows)
+
+
+_SUB_CODES = (
+    (
+        "Identity sub-codes (`SvidDetail`)",
+        SvidDetail,
+        "A peer's failure is the deny reason `untrusted_identity` with `detail` starting with one of these. A "
+        "refused local identity (at start: the sidecar does not start; on a reload or a Workload API rotation: "
+        "the previous identity stays) carries one in the `detail` label of "
+        "`agent_authz_identity_updates_rejected_total` and in `/readyz` (`identity.last_error`); see "
+        "[identity](../concepts/identity.md) and [identity conformance](../concepts/identity-conformance.md).",
+    ),
+    (
+        "Trust bundle sub-codes (`BundleDetail`)",
+        BundleDetail,
+        "A refused trust bundle (an `identity.files` bundle or a Workload API update) is never used; its "
+        "sub-code shows where a refused local identity's does.",
+    ),
+)
+
+
 def reasons_page() -> str:
-    """``docs/reference/reasons.md``: every reason code, its status and meaning."""
+    """``docs/reference/reasons.md``: every reason code, its status and meaning; the identity sub-codes."""
     docs = _member_docs(Reason)
-    out = [_header("Reason codes", "sidecar/decision.py (`Reason`, `deny_status`)")]
+    out = [
+        _header(
+            "Reason codes",
+            "sidecar/decision.py (`Reason`, `deny_status`) and sidecar/errors.py (`SvidDetail`, `BundleDetail`)",
+        )
+    ]
     out.append(_md(Reason.__doc__ or "").split("\n\n")[0] + "\n\n")
     out.append(
         'A deny answers the reason\'s status with the body `{"decision_id": "…", "reason": "…"}` and the '
@@ -300,6 +341,8 @@ def reasons_page() -> str:
         allow = reason in _ALLOW_REASONS
         status = 200 if allow else deny_status(reason)
         out.append(f"| `{reason.value}` | {'allow' if allow else 'deny'} | {status} | {_cell(docs[reason.name])} |\n")
+    for title, enum_class, intro in _SUB_CODES:
+        out.append(f"\n## {title}\n\n{intro}\n\n{sub_code_table(enum_class)}")
     return "".join(out)
 
 

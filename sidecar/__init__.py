@@ -6,12 +6,15 @@ graph is checked by ``tests/unit/test_import_graph.py``):
 * :mod:`sidecar.wire` - the names Envoy and the sidecar share (context extensions, metadata, headers).
 * :mod:`sidecar.errors` - the one error root and its codes; :mod:`sidecar.decision` - request and
   decision values, reason codes.
+* :mod:`sidecar.agentproto` - MCP and A2A as task rules: the strict JSON-RPC reader, the rule
+  syntax and its judgement, attenuation, ``tools/list`` filtering (no Envoy, no configuration).
 * :mod:`sidecar.config` - load, validate and watch ``sidecar.yaml``.
 * :mod:`sidecar.http_norm` - canonical host, port and path (RFC 3986).
 * :mod:`sidecar.identity` - SPIFFE IDs, SVIDs, trust bundles, identity sources.
 * :mod:`sidecar.grants` - signed task grants, delegation, revocation lists.
 * :mod:`sidecar.policy` - compiled task index and the decision functions.
 * :mod:`sidecar.tokens` - signing keys, JWKS and task-scoped access tokens.
+* :mod:`sidecar.state` - the durable enforcement state (SQLite, WAL): what a restart must not forget.
 * :mod:`sidecar.runtime` - the active snapshot: assembly, reload and decide, the task API's service.
 * :mod:`sidecar.audit` - decision records.
 * :mod:`sidecar.envoy_authz` - the only code that touches ext_authz protobufs.

@@ -151,13 +151,21 @@ def _cmd_dev_ca_issue(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.scenario == "mcp":
+        from sidecar.demo.mcp_scenario import run_mcp_demo
+
+        if args.keep_running:
+            print("agent-authz demo: --keep-running is for the basic and quarterly-report scenarios", file=sys.stderr)
+            return 2
+        return run_mcp_demo(state_dir=Path(args.state_dir) if args.state_dir else None, envoy_bin=args.envoy_bin)
     if args.scenario == "quarterly-report":
         from sidecar.demo.quarterly import run_quarterly
 
-        if args.keep_running:
-            print("agent-authz demo: --keep-running is for the basic scenario", file=sys.stderr)
-            return 2
-        return run_quarterly(state_dir=Path(args.state_dir) if args.state_dir else None, envoy_bin=args.envoy_bin)
+        return run_quarterly(
+            state_dir=Path(args.state_dir) if args.state_dir else None,
+            keep_running=args.keep_running,
+            envoy_bin=args.envoy_bin,
+        )
     from sidecar.demo.run import run_demo
 
     return run_demo(
@@ -374,9 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the quarterly-report demo with real Envoy")
     demo.add_argument(
         "--scenario",
-        choices=["basic", "quarterly-report"],
+        choices=["basic", "quarterly-report", "mcp"],
         default="basic",
-        help="basic: one agent and its task; quarterly-report: an orchestrator delegating to three sub-agents",
+        help="basic: one agent and its task; quarterly-report: an orchestrator delegating to three sub-agents; "
+        "mcp: MCP tools and A2A methods as task rules, with the official SDKs",
     )
     demo.add_argument("--state-dir", help="keep keys, config and logs here (default: a temporary dir)")
     demo.add_argument("--keep-running", action="store_true", help="leave the stack up until Ctrl-C")

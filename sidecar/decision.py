@@ -18,6 +18,7 @@ __all__ = [
     "Interception",
     "Protocol",
     "Reason",
+    "RpcRoute",
     "TokenInfo",
     "deny_status",
 ]
@@ -61,13 +62,10 @@ class Reason(enum.StrEnum):
     NO_CLIENT_IDENTITY = "no_client_identity"
     """Ingress: no client certificate and no JWT-SVID."""
     UNTRUSTED_IDENTITY = "untrusted_identity"
-    """Ingress: the caller's SVID failed verification; ``detail`` starts with a stable sub-code:
-    ``svid_malformed``, ``svid_no_uri_san``, ``svid_multiple_uri_sans``, ``svid_invalid_spiffe_id``,
-    ``svid_leaf_is_ca``, ``svid_bad_key_usage``, ``svid_not_yet_valid``, ``svid_expired``,
-    ``svid_unknown_trust_domain``, ``svid_chain_invalid``, ``jwt_svid_malformed``,
-    ``jwt_svid_bad_header``, ``jwt_svid_bad_algorithm``, ``jwt_svid_invalid_subject``,
-    ``jwt_svid_unknown_trust_domain``, ``jwt_svid_unknown_key``, ``jwt_svid_bad_signature``,
-    ``jwt_svid_missing_claim``, ``jwt_svid_bad_audience``, ``jwt_svid_expired``."""
+    """Ingress: the caller's SVID failed verification; ``detail`` starts with a stable sub-code, an
+    ``svid_*`` or ``jwt_svid_*`` member of :class:`~sidecar.errors.SvidDetail` such as
+    ``svid_expired``, ``svid_chain_invalid``, ``jwt_svid_bad_signature`` or ``jwt_svid_bad_audience``
+    (the reference page of reasons lists them all, with their meanings)."""
     CALLER_NOT_ALLOWED = "caller_not_allowed"
     """Ingress: a verified caller that no rule names (for this method and path)."""
     NO_TASK = "no_task"
@@ -116,6 +114,30 @@ class Reason(enum.StrEnum):
     MISDIRECTED_REQUEST = "misdirected_request"
     """An intercepted TLS connection (``tls: intercept``) carried a request for another host or port than
     the one its SNI named (RFC 9110 §7.4)."""
+    MCP_HEADER_MISMATCH = "mcp_header_mismatch"
+    """``Mcp-Method`` / ``Mcp-Name`` are malformed, missing where required, or disagree with the body."""
+    MCP_AMBIGUOUS_BODY = "mcp_ambiguous_body"
+    """A JSON-RPC body two readers could read differently (duplicate names, a batch, not UTF-8, a
+    byte order mark, a lone surrogate, too deep, or ``Content-Encoding``); ``detail`` starts with
+    the sub-code."""
+    MCP_INVALID_BODY = "mcp_invalid_body"
+    """A body that is not one JSON-RPC 2.0 message (invalid JSON, not JSON-RPC, not application/json)."""
+    MCP_BODY_TOO_LARGE = "mcp_body_too_large"
+    """The JSON-RPC body is over the cap (``envoy.rpc_body_cap``)."""
+    MCP_BODY_UNAVAILABLE = "mcp_body_unavailable"
+    """The rule needs the body (no ``Mcp-Method`` header, argument constraints, A2A) and the Envoy
+    route sends none: a host Envoy was not rendered to buffer (``envoy.rpc_hosts``)."""
+    TOOL_NOT_ALLOWED = "tool_not_allowed"
+    """An MCP ``tools/call`` of a tool no ``tools`` entry of the rule names."""
+    ARGUMENT_NOT_ALLOWED = "argument_not_allowed"
+    """An MCP ``tools/call`` of a listed tool whose ``arguments`` fail the entry's constraints
+    (``detail`` names the JSON pointer and operator, never the value)."""
+    RESOURCE_NOT_ALLOWED = "resource_not_allowed"
+    """An MCP ``resources/read`` of a URI no ``resources`` pattern of the rule names."""
+    PROMPT_NOT_ALLOWED = "prompt_not_allowed"
+    """An MCP ``prompts/get`` of a prompt the rule's ``prompts`` do not name."""
+    RPC_METHOD_NOT_ALLOWED = "rpc_method_not_allowed"
+    """A JSON-RPC method (MCP or A2A) the rule's ``rpc_methods`` do not name."""
     REVOCATION_FEED_STALE = "revocation_feed_stale"
     """The cluster authority's revocation feed has been unreachable for longer than
     ``grants.revocation_feed.max_staleness``: a revocation made elsewhere might not have arrived, so
@@ -127,14 +149,19 @@ _STATUS = {
     Reason.BUDGET_EXHAUSTED: 429,
     Reason.BAD_REQUEST: 400,
     Reason.MISDIRECTED_REQUEST: 421,
+    Reason.MCP_HEADER_MISMATCH: 400,
+    Reason.MCP_AMBIGUOUS_BODY: 400,
+    Reason.MCP_INVALID_BODY: 400,
+    Reason.MCP_BODY_TOO_LARGE: 413,
     Reason.REVOCATION_FEED_STALE: 503,
 }
 
 
 def deny_status(reason: Reason) -> int:
-    """HTTP status for a deny: 429 for an exhausted budget, 400 for a malformed request, 421
-    (RFC 9110 §15.5.20) for a request misdirected into an intercepted connection, 503 while the
-    revocation feed is stale (a transient condition: retry later), else 403."""
+    """HTTP status for a deny: 429 for an exhausted budget, 400 for a malformed request or JSON-RPC
+    body, 413 for a body over the cap, 421 (RFC 9110 §15.5.20) for a request misdirected into an
+    intercepted connection, 503 while the revocation feed is stale (a transient condition: retry
+    later), else 403."""
     return _STATUS.get(reason, 403)
 
 
@@ -157,6 +184,21 @@ class Interception:
     def target(self) -> str:
         """``host:port``."""
         return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class RpcRoute:
+    """A request Envoy sent from a route to an MCP or A2A host (``envoy.rpc_hosts``).
+
+    Attributes:
+        protocol: ``mcp`` or ``a2a``; a deny on such a route is a JSON-RPC error body.
+        body_cap: the route's body cap in bytes when it buffers the body (``with_request_body``;
+            Envoy buffers one byte more, so a longer body is seen as longer); ``0`` when it buffers
+            none (then an MCP call is judged on its ``Mcp-Method`` / ``Mcp-Name`` headers, if any).
+    """
+
+    protocol: str
+    body_cap: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +225,10 @@ class AuthzRequest:
             originate``); a ``tls: originate`` rule allows a call only through such a route.
         via_connect: a connection check from inside a proxy ``CONNECT`` tunnel (gRPC metadata
             ``x-agent-authz-via: connect``): there is no original destination.
+        rpc: set when the request came through an MCP/A2A route (the route's ``rpc_protocol`` and
+            ``rpc_body_cap`` context extensions); ``None`` otherwise.
+        body: the request body Envoy buffered (a route with a body cap, ``with_request_body``), or
+            ``None`` when the route sends none.
     """
 
     direction: Direction
@@ -199,6 +245,8 @@ class AuthzRequest:
     interception: Interception | None = None
     upstream_tls: bool = False
     via_connect: bool = False
+    rpc: RpcRoute | None = None
+    body: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +288,13 @@ class Decision:
         upstream_verify: with ``tls: intercept``, how Envoy verifies the upstream it re-originates
             to (``dns:<name> ca:<bundle>``); the outcome is in Envoy's access log
             (``upstream_tls_failure``), joined on ``decision_id``.
+        rpc_protocol: ``mcp`` or ``a2a`` when the request came through an MCP/A2A route (a deny is
+            then a JSON-RPC error body), else ``""``.
+        rpc: what the record says about the JSON-RPC message (``method``, ``tool`` / ``resource`` /
+            ``prompt``, ``decided_from``, ``arguments_digest``, allow-listed ``arguments``).
+        rpc_id: the JSON-RPC id of the request, for the error body.
+        list_filter: on an allowed MCP ``tools/list``, the tool name patterns the response is
+            filtered to (Envoy's ext_proc reads them from dynamic metadata); ``None`` otherwise.
     """
 
     allow: bool
@@ -269,3 +324,7 @@ class Decision:
     destination: str = ""
     tls: str = ""
     upstream_verify: str = ""
+    rpc_protocol: str = ""
+    rpc: Mapping[str, object] | None = None
+    rpc_id: str | int | None = None
+    list_filter: tuple[str, ...] | None = None

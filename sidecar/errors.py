@@ -2,9 +2,9 @@
 
 Every error is an :class:`AgentAuthzError` and carries a stable ``code`` (:class:`ErrorCode`) used
 as a metrics label and a log field; errors of an area with finer outcomes carry a sub-code as well
-(:class:`SvidDetail` here, :class:`~sidecar.grants.model.GrantCode` for grants). Third-party
-exceptions (pyyaml, pydantic, cryptography, pyjwt) are mapped to these at the module boundary that
-calls the library, so callers only ever catch :class:`AgentAuthzError` subclasses.
+(:class:`SvidDetail` and :class:`BundleDetail` here, :class:`~sidecar.grants.model.GrantCode` for
+grants). Third-party exceptions (pyyaml, pydantic, cryptography, pyjwt) are mapped to these at the
+module boundary that calls the library, so callers only ever catch :class:`AgentAuthzError` subclasses.
 
 Never rename a member's value: dashboards, alerts and clients key on these strings (as on
 :class:`~sidecar.decision.Reason`).
@@ -18,6 +18,7 @@ from typing import ClassVar
 __all__ = [
     "AgentAuthzError",
     "BadRequestError",
+    "BundleDetail",
     "ConfigError",
     "DecisionLogError",
     "EnvoyNotFoundError",
@@ -25,6 +26,7 @@ __all__ = [
     "IdentityError",
     "KeyLoadError",
     "SpiffeIdError",
+    "StateError",
     "SvidDetail",
 ]
 
@@ -41,6 +43,10 @@ class ErrorCode(enum.StrEnum):
     UNTRUSTED_IDENTITY = "untrusted_identity"
     KEY_MISMATCH = "key_mismatch"
     IDENTITY_UNAVAILABLE = "identity_unavailable"
+    IDENTITY_INVALID = "identity_invalid"
+    """The sidecar's own SVID, its key or an ``identity.files`` file is unusable (sub-code: :class:`SvidDetail`)."""
+    BUNDLE_INVALID = "bundle_invalid"
+    """A trust bundle does not parse or breaks the SPIFFE bundle format (sub-code: :class:`BundleDetail`)."""
     DECISION_LOG_UNAVAILABLE = "decision_log_unavailable"
     GRANT_INVALID = "grant_invalid"
     NETFILTER_INVALID = "netfilter_invalid"
@@ -50,6 +56,10 @@ class ErrorCode(enum.StrEnum):
     INJECTION_DENIED = "injection_denied"
     BAD_REVIEW = "bad_review"
     WEBHOOK_CHECK_FAILED = "webhook_check_failed"
+    RESPONSE_UNFILTERABLE = "response_unfilterable"
+    """An MCP ``tools/list`` response that cannot be filtered (it is replaced by a JSON-RPC error)."""
+    STATE_UNAVAILABLE = "state_unavailable"
+    """The durable state file (``state.path``) is refused at start or cannot be written."""
     KUBERNETES_API = "kubernetes_api"
     """A Kubernetes API request failed (the authority's ConfigMaps); ``status`` and ``reason`` say how."""
     AUTHORITY_REFUSED = "authority_refused"
@@ -59,33 +69,93 @@ class ErrorCode(enum.StrEnum):
 
 
 class SvidDetail(enum.StrEnum):
-    """Why a peer's SVID failed verification: the ``detail`` of :class:`IdentityError`, recorded next
-    to the reason ``untrusted_identity``. Never rename a value.
+    """Why an SVID was refused: a peer's (the ``detail`` of :class:`IdentityError`, recorded next to
+    the reason ``untrusted_identity``) or the sidecar's own (files or Workload API: the ``detail`` of
+    its error, of the ``identity_rejected`` log event, of the ``agent_authz_identity_updates_rejected_total``
+    label and of ``/readyz``). Never rename a value.
 
-    ``svid_*`` are X.509-SVID failures (SPIFFE X509-SVID §4.3, §5.2), ``jwt_svid_*`` JWT-SVID ones
-    (JWT-SVID §2, §3).
+    ``svid_*`` are X.509-SVID failures (SPIFFE X509-SVID §4, §5), ``jwt_svid_*`` JWT-SVID ones
+    (JWT-SVID §2, §3). The members marked *local identity only* never reach a decision record.
     """
 
     SVID_MALFORMED = "svid_malformed"
+    """Not URL-encoded PEM (or DER) certificates, over 64 KiB, or an extension that does not parse."""
     SVID_NO_URI_SAN = "svid_no_uri_san"
+    """The leaf has no URI SAN (X509-SVID §2)."""
     SVID_MULTIPLE_URI_SANS = "svid_multiple_uri_sans"
+    """The leaf has more than one URI SAN (X509-SVID §2)."""
     SVID_INVALID_SPIFFE_ID = "svid_invalid_spiffe_id"
+    """The URI SAN is not a SPIFFE ID with a path (SPIFFE-ID §2, X509-SVID §3.1)."""
+    SVID_NO_BASIC_CONSTRAINTS = "svid_no_basic_constraints"
+    """The leaf has no basicConstraints extension, so it cannot set ``cA`` to false (X509-SVID §4.1)."""
     SVID_LEAF_IS_CA = "svid_leaf_is_ca"
+    """The leaf has ``CA:TRUE`` (X509-SVID §4.1)."""
     SVID_BAD_KEY_USAGE = "svid_bad_key_usage"
+    """The leaf's keyUsage lacks ``digitalSignature`` or has ``keyCertSign``/``cRLSign`` (X509-SVID §4.3)."""
     SVID_UNKNOWN_TRUST_DOMAIN = "svid_unknown_trust_domain"
+    """No X.509 bundle for the SVID's trust domain."""
     SVID_NOT_YET_VALID = "svid_not_yet_valid"
+    """Before the leaf's ``notBefore``."""
     SVID_EXPIRED = "svid_expired"
+    """At or after the leaf's ``notAfter``."""
     SVID_CHAIN_INVALID = "svid_chain_invalid"
+    """No chain to an authority of *that* trust domain's bundle (X509-SVID §5.2); an empty bundle trusts nothing."""
+    SVID_SIGNER_NOT_CA = "svid_signer_not_ca"
+    """A signing certificate of the local SVID's chain lacks ``cA: true`` (X509-SVID §4.1). Local identity only."""
+    SVID_SIGNER_BAD_KEY_USAGE = "svid_signer_bad_key_usage"
+    """A signing certificate of the local SVID's chain lacks ``keyCertSign`` (X509-SVID §4.3). Local identity only."""
+    SVID_BAD_PRIVATE_KEY = "svid_bad_private_key"
+    """The local SVID's private key is missing, encrypted, not PEM/DER or does not parse. Local identity only."""
+    SVID_KEY_MISMATCH = "svid_key_mismatch"
+    """The local SVID's private key does not belong to its leaf certificate. Local identity only."""
+    SVID_SPIFFE_ID_CHANGED = "svid_spiffe_id_changed"
+    """A rotation names another SPIFFE ID than the one the policy was compiled for. Local identity only."""
+    IDENTITY_FILE_UNREADABLE = "identity_file_unreadable"
+    """An ``identity.files`` file (SVID, key or bundle) is missing, unreadable, empty or over the size
+    limit. Local identity only."""
     JWT_SVID_MALFORMED = "jwt_svid_malformed"
+    """Not a compact JWS of base64url JSON objects, ``exp``/``nbf`` not NumericDates, or a token that
+    cannot be verified."""
     JWT_SVID_BAD_HEADER = "jwt_svid_bad_header"
+    """A header parameter other than ``alg``/``kid``/``typ``, no ``kid``, or ``typ`` not ``JWT``/``JOSE``
+    (JWT-SVID §2)."""
     JWT_SVID_BAD_ALGORITHM = "jwt_svid_bad_algorithm"
+    """``alg`` is not one of RS/ES/PS 256/384/512 (JWT-SVID §2.1)."""
     JWT_SVID_MISSING_CLAIM = "jwt_svid_missing_claim"
+    """No ``sub``, ``aud`` or ``exp`` (JWT-SVID §3)."""
     JWT_SVID_INVALID_SUBJECT = "jwt_svid_invalid_subject"
+    """``sub`` is not a SPIFFE ID with a path (JWT-SVID §3.1)."""
     JWT_SVID_UNKNOWN_TRUST_DOMAIN = "jwt_svid_unknown_trust_domain"
+    """No JWT bundle for the ``sub``'s trust domain."""
     JWT_SVID_UNKNOWN_KEY = "jwt_svid_unknown_key"
+    """The ``kid`` is not in that trust domain's JWT bundle (an empty bundle has none)."""
     JWT_SVID_BAD_SIGNATURE = "jwt_svid_bad_signature"
+    """The signature does not verify, or the ``kid`` names a key of another type than ``alg`` needs."""
     JWT_SVID_EXPIRED = "jwt_svid_expired"
+    """At or after ``exp``."""
     JWT_SVID_BAD_AUDIENCE = "jwt_svid_bad_audience"
+    """``aud`` is not a non-empty string or list of them, or names no audience this agent accepts (JWT-SVID §3.2)."""
+
+
+class BundleDetail(enum.StrEnum):
+    """Why a trust bundle (files or Workload API) was refused: the ``detail`` of
+    :class:`~sidecar.identity.bundles.BundleError`, of the ``identity_rejected`` log event, of the
+    ``agent_authz_identity_updates_rejected_total`` label and of ``/readyz`` (SPIFFE Trust Domain and
+    Bundle §4; X509-SVID §6; JWT-SVID §6). The refused bundle is never used. Never rename a value.
+    """
+
+    BUNDLE_MALFORMED = "bundle_malformed"
+    """Not PEM certificates / not a JSON JWK Set, a certificate that does not parse, a member of the wrong type."""
+    BUNDLE_EMPTY = "bundle_empty"
+    """An empty PEM bundle file (indistinguishable from a truncated write)."""
+    BUNDLE_MISSING_KEYS = "bundle_missing_keys"
+    """The document has no ``keys`` array (Trust Domain and Bundle §4.1.3: it MUST be present)."""
+    BUNDLE_MISSING_KID = "bundle_missing_kid"
+    """A JWT authority without a ``kid`` (JWT-SVID §6.1)."""
+    BUNDLE_BAD_KEY = "bundle_bad_key"
+    """A JWK of a known type that does not parse, carries private key material, or a non-string ``use``."""
+    BUNDLE_BAD_X509_ENTRY = "bundle_bad_x509_entry"
+    """An ``x509-svid`` entry whose ``x5c`` does not hold exactly one certificate (X509-SVID §6.1)."""
 
 
 class AgentAuthzError(Exception):
@@ -161,3 +231,22 @@ class DecisionLogError(AgentAuthzError):
     def __init__(self, message: str, *, sink: str = "file") -> None:
         self.sink = sink
         super().__init__(message)
+
+
+class StateError(AgentAuthzError):
+    """The durable state file cannot be used: refused at start (another agent's, another schema, not
+    SQLite, corrupt, wrong owner or mode, in use) or a write failed; enforcement fails closed.
+
+    The message names the file and the reason (and, at start, the operator's recovery step).
+
+    Attributes:
+        file: the state file.
+        reason: why.
+    """
+
+    code = ErrorCode.STATE_UNAVAILABLE
+
+    def __init__(self, file: str, reason: str) -> None:
+        self.file = file
+        self.reason = reason
+        super().__init__(f"{file}: {reason}")

@@ -41,9 +41,10 @@ MAX_TASK_LABELS = 50
 """At most this many ``task`` label values on ``agent_authz_task_budget_remaining`` (fewest calls left first)."""
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 """Seconds; Envoy's default ext_authz timeout is 250 ms."""
-RELOAD_FAILURE_CODES = (ErrorCode.CONFIG_INVALID, ErrorCode.KEY_INVALID)
-"""The codes a reload can fail with (:class:`~sidecar.errors.ConfigError` and its
-:class:`~sidecar.errors.KeyLoadError`); each has a sample from the start, zero until it happens."""
+RELOAD_FAILURE_CODES = (ErrorCode.CONFIG_INVALID, ErrorCode.KEY_INVALID, ErrorCode.IDENTITY_INVALID)
+"""The codes a reload can fail with (:class:`~sidecar.errors.ConfigError`, its
+:class:`~sidecar.errors.KeyLoadError` and :class:`~sidecar.identity.state.IdentityLoadError`); each
+has a sample from the start, zero until it happens."""
 
 
 class Metrics:
@@ -166,6 +167,15 @@ class _StateCollector(Collector):
             svid = identity.state.svid
             expiry.add_metric([svid.spiffe_id, svid.serial], svid.not_after)
         yield expiry
+        rejected = CounterMetricFamily(
+            "agent_authz_identity_updates_rejected",
+            "Identity updates refused (files or Workload API), by source and sub-code (svid_*, bundle_*, "
+            "identity_file_unreadable); the previous identity stays active.",
+            labels=["source", "detail"],
+        )
+        for (source, detail), count in sorted(runtime.identity_rejections.items()):
+            rejected.add_metric([source, detail], count)
+        yield rejected
         yield GaugeMetricFamily(
             "agent_authz_decision_log_healthy", "1 when the last log write succeeded.", value=int(log.healthy)
         )

@@ -25,18 +25,20 @@ from sidecar.authority.client import FeedClient
 from sidecar.authority.protocol import RevocationEntry, key_announcement, lists_from_entries
 from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.config.watch import watch_and_reload
+from sidecar.envoy_authz.ext_proc import ListFilterService
 from sidecar.envoy_authz.service import AuthorizationService
-from sidecar.errors import ConfigError
+from sidecar.errors import BundleDetail, ConfigError, SvidDetail
 from sidecar.identity.state import IdentityState, Svid
 from sidecar.identity.workload_api import WorkloadApiIdentity
 from sidecar.metrics import Metrics
 from sidecar.runtime.active import Runtime
 from sidecar.runtime.snapshot import Snapshot
 from sidecar.runtime.tasks import TaskService
+from sidecar.state.store import StateStore
 from sidecar.tls_intercept.manager import InterceptManager
 from sidecar.tls_intercept.sds import SecretStore
 
-__all__ = ["open_decision_log", "run_server", "serve"]
+__all__ = ["open_decision_log", "open_state", "run_server", "serve"]
 
 _log = structlog.get_logger("agent_authz.server")
 
@@ -58,35 +60,51 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
 
     Raises:
         ConfigError: the initial configuration (or the decision log's HMAC key) is invalid.
+        StateError: the state file is refused (another agent's, not a state file, corrupt, open
+            elsewhere, accessible to other users).
         DecisionLogError: the decision log file cannot be opened.
         OSError: a listen address is unavailable.
     """
     loop = asyncio.get_running_loop()
     # Parsed once: the Workload API connection, the runtime and the intercept manager all start from it.
     loaded = await loop.run_in_executor(None, load_config, config_path)
-    workload = await _start_workload_identity(loaded, loop)
+    store = open_state(loaded)
+    try:
+        workload = await _start_workload_identity(loaded, loop)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
     try:
         runtime = Runtime(
             config_path,
             loaded=loaded,
             defer=loop.call_soon,
             workload_identity=workload.state if workload is not None else None,
+            store=store,
         )
     except BaseException:
         if workload is not None:
             workload.close()
+        if store is not None:
+            store.close()
         raise
     if workload is not None:
 
         def identity_changed(state: IdentityState) -> None:
             loop.call_soon_threadsafe(runtime.set_identity, state)
 
-        workload.set_callback(identity_changed)
+        def identity_rejected(detail: SvidDetail | BundleDetail, message: str) -> None:
+            loop.call_soon_threadsafe(runtime.identity_rejected, "workload_api", detail, message)
+
+        workload.set_callback(identity_changed, identity_rejected)
     try:
         intercept = await _start_intercept(loaded, runtime)
     except BaseException:
         if workload is not None:
             workload.close()
+        if store is not None:
+            store.close()
         raise
     decision_log = open_decision_log(runtime)
     metrics = Metrics()
@@ -102,6 +120,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((service.handler(),))
+    # tools/list responses of MCP routes (Envoy's ext_proc filter): same server, same socket
+    server.add_generic_rpc_handlers((ListFilterService().handler(),))
     if intercept is not None:  # the pod-CA leaves, for Envoy's intercepting filter chains (gRPC SDS)
         intercept.secrets.bind(loop)
         server.add_generic_rpc_handlers((intercept.secrets.handler(),))
@@ -202,6 +222,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
                 await intercepting
             intercept.close()
         await decision_log.aclose()
+        if store is not None:
+            store.close()
         _log.info("stopped", seq=decision_log.head.seq)
 
 
@@ -272,6 +294,25 @@ async def _start_tcp_site(runner: web.AppRunner, address: str) -> str:
     return f"{host}:{sock.getsockname()[1]}"
 
 
+def open_state(loaded: LoadedConfig) -> StateStore | None:
+    """The durable state named by ``state.path`` (``None`` without one: a warning, nothing survives a
+    restart).
+
+    Raises:
+        StateError: see :meth:`StateStore.open`.
+    """
+    spec = loaded.settings.state
+    if spec.path is None:
+        _log.warning(
+            "state_not_durable",
+            reason="no state.path: revocations, budgets, posted grants and ttl anchors are forgotten on restart",
+        )
+        return None
+    store = StateStore.open(loaded.resolve(spec.path), synchronous=spec.synchronous)
+    _log.info("state_opened", file=str(store.path))
+    return store
+
+
 def open_decision_log(runtime: Runtime) -> DecisionLog:
     """The decision log described by the active configuration's ``decision_log`` section.
 
@@ -299,14 +340,18 @@ def open_decision_log(runtime: Runtime) -> DecisionLog:
 
 
 def _own_files(runtime: Runtime, decision_log: DecisionLog) -> Callable[[Path], bool]:
-    """A predicate for the files this process writes (decision log and rotations, published revocations)."""
+    """A predicate for the files this process writes (decision log and rotations, published
+    revocations, the state file with its -wal and -shm)."""
     log_path = decision_log.path.absolute() if decision_log.path is not None else None
     publish = runtime.snapshot.loaded.settings.grants.publish_revocations
     published = runtime.snapshot.loaded.resolve(publish).absolute() if publish is not None else None
+    state = runtime.store.path if runtime.store is not None else None
 
     def own(path: Path) -> bool:
         path = path.absolute()
         if log_path is not None and path.parent == log_path.parent and path.name.startswith(log_path.name):
+            return True
+        if state is not None and path.parent == state.parent and path.name.startswith(state.name):
             return True
         return published is not None and path.parent == published.parent and path.name.endswith(published.name)
 

@@ -25,13 +25,18 @@ __all__ = [
     "CONNECT_VIA",
     "CONTEXT_DIRECTION",
     "CONTEXT_INTERCEPT",
+    "CONTEXT_RPC_BODY_CAP",
+    "CONTEXT_RPC_PROTOCOL",
     "CONTEXT_UPSTREAM_TLS",
     "CONTEXT_UPSTREAM_VERIFY",
     "DECISION_ID_HEADER",
     "DIRECTION_METADATA",
+    "EXT_PROC_FILTER",
     "HTTP_FILTER",
+    "LIST_FILTER_HEADER",
     "METADATA_DECISION",
     "METADATA_DECISION_ID",
+    "METADATA_LIST_FILTER",
     "METADATA_NAMESPACE",
     "METADATA_REASON",
     "METADATA_TASK_ID",
@@ -54,6 +59,9 @@ NETWORK_FILTER = "envoy.filters.network.ext_authz"
 """The network (connection-level) ext_authz filter of the ``outbound`` and ``intercept_connect`` listeners."""
 METADATA_NAMESPACE = HTTP_FILTER
 """Envoy stores ``CheckResponse.dynamic_metadata`` under the filter's name."""
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+"""The HTTP ext_proc filter of MCP routes (``tools/list`` responses filtered by the sidecar):
+its name and its per-route config key."""
 
 # -- context_extensions (HTTP checks: set per route by the bootstrap) ----------------------------
 CONTEXT_DIRECTION = "direction"
@@ -69,6 +77,13 @@ CONTEXT_INTERCEPT = "intercept"
 TLS Envoy terminated with a pod-CA certificate (:attr:`~sidecar.decision.AuthzRequest.interception`)."""
 CONTEXT_UPSTREAM_VERIFY = "upstream_verify"
 """How that route's cluster verifies the upstream (``dns:<name> ca:<bundle>``; recorded as is)."""
+CONTEXT_RPC_PROTOCOL = "rpc_protocol"
+"""``mcp`` or ``a2a`` on the routes to the hosts of ``envoy.rpc_hosts`` (a deny there is a JSON-RPC
+error body; :attr:`~sidecar.decision.AuthzRequest.rpc`)."""
+CONTEXT_RPC_BODY_CAP = "rpc_body_cap"
+"""The body cap in bytes (decimal) on the MCP/A2A routes that buffer the request body
+(``with_request_body``); absent where Envoy sends no body (then an MCP call is judged on its
+``Mcp-Method`` / ``Mcp-Name`` headers, if it has them)."""
 
 # -- gRPC initial metadata (network checks: set per filter by the bootstrap) ---------------------
 DIRECTION_METADATA = "x-agent-authz-direction"
@@ -87,6 +102,10 @@ METADATA_DECISION = "decision"
 """``allow`` or ``deny``."""
 METADATA_REASON = "reason"
 METADATA_TASK_ID = "task_id"
+METADATA_LIST_FILTER = "mcp_list_filter"
+"""On an allowed MCP ``tools/list``: the tool name patterns its response is filtered to (a list, present
+even when empty); Envoy's ext_proc filter forwards the ext_authz namespace to the sidecar
+(``metadata_options.forwarding_namespaces``)."""
 
 # -- headers -----------------------------------------------------------------------------------
 RESERVED_HEADER_PREFIX = "x-agent-authz-"
@@ -97,6 +116,9 @@ DECISION_ID_HEADER = "x-agent-authz-decision-id"
 """Set on the forwarded request, on the response and on a deny: joins logs to decisions."""
 REASON_HEADER = "x-agent-authz-reason"
 """The reason code of a deny, on the deny response."""
+LIST_FILTER_HEADER = "x-agent-authz-list-filter"
+"""Set (``1``) on an allowed MCP ``tools/list`` so that Envoy runs the ext_proc filter on its
+response; removed from every other request, and by the route before the upstream."""
 CALLER_HEADER = "x-agent-authz-caller"
 """On an allowed ingress request: the verified caller SPIFFE ID (overwrites any client value)."""
 XFCC_HEADER = "x-forwarded-client-cert"

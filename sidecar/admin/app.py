@@ -52,6 +52,8 @@ def readiness(
     Ready: configuration and keys loaded (always, once running), the decision log sink works, the
     SVID (with an identity source) has not expired, and the pod CA (with ``intercept``) has not
     expired. With ``intercept`` the body also shows the CA, the intercepted hosts and their leaves.
+    A refused identity update leaves the sidecar ready on its previous SVID; ``identity.last_error``
+    (``"<sub-code>: <reason>"``) and ``identity.rejected_updates`` show it.
     """
     snapshot = runtime.snapshot
     body: dict[str, object] = {
@@ -82,6 +84,7 @@ def readiness(
             "not_after": int(svid.not_after),
             "trust_domains": sorted(identity.state.bundles.trust_domains),
             "last_error": runtime.last_identity_error,
+            "rejected_updates": sum(runtime.identity_rejections.values()),
         }
         if svid.not_after <= runtime.clock():
             body["status"] = "svid_expired"
@@ -132,6 +135,7 @@ def make_admin_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
-    add_viewer_routes(app, runtime, decision_log)
-    add_task_routes(app, tasks if tasks is not None else TaskService(runtime))
+    service = tasks if tasks is not None else TaskService(runtime)
+    add_viewer_routes(app, service, decision_log)
+    add_task_routes(app, service)
     return app

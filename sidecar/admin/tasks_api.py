@@ -2,7 +2,8 @@
 
 Routes (JSON unless noted; errors are ``{"error": <code>, "detail": <text>}``):
 
-* ``GET  /v1/tasks`` - the active tasks with their budgets and chains.
+* ``GET  /v1/tasks`` - the active tasks with their budgets and chains, and the sub-grants delegated
+  from each (``delegated``; ``budget.reserved`` is the part of ``budget.used`` given to them).
 * ``POST /v1/tasks`` - accept a grant (body: the compact JWS, or ``{"grant": "<jws>"}``); 201 ``{"id"}``.
 * ``POST /v1/tasks/{id}/delegate`` - body :class:`~sidecar.grants.issue.DelegationRequest`; 201
   ``{"id", "grant", "expires_at"}``; 400 ``grant_widening`` names the widening field.
@@ -24,6 +25,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from sidecar.config.loader import format_loc
+from sidecar.errors import StateError
 from sidecar.grants.issue import DelegationRequest
 from sidecar.grants.model import GrantCode, GrantError
 from sidecar.runtime.tasks import TaskService
@@ -53,6 +55,8 @@ async def _local_only(request: web.Request, handler: Any) -> web.StreamResponse:
         response: web.StreamResponse = await handler(request)
     except web.HTTPException:
         raise
+    except StateError as exc:  # the durable state could not be written: say so, and what took effect
+        return _error("state_unavailable", exc.reason, 503)
     except Exception:  # an answer in the API's own shape, never a bare 500 page
         _log.exception("task_api_failed", path=request.path)
         return _error("internal_error", "the request could not be handled", 500)
@@ -71,11 +75,26 @@ def _grant_error(exc: GrantError) -> web.Response:
 
 
 async def _list(request: web.Request) -> web.Response:
-    runtime = _tasks(request).runtime
+    service = _tasks(request)
+    runtime = service.runtime
     snapshot = runtime.snapshot
     now = runtime.clock()
+    revoked_here = service.revoked_here()
+    children: dict[str, list[dict[str, Any]]] = {}
+    for issued in service.delegations():
+        child = issued.spec
+        children.setdefault(issued.parent, []).append(
+            {
+                "id": child.id,
+                "agent": child.agent,
+                "max_calls": child.max_calls,
+                "expires_at": int(child.expires_at.timestamp()) if child.expires_at is not None else None,
+                "revoked_here": child.id in revoked_here,
+            }
+        )
     tasks = []
     for task in snapshot.policy.tasks_by_id.values():
+        delegated = children.get(task.id, [])
         state = (
             "revoked"
             if task.revoked
@@ -97,9 +116,11 @@ async def _list(request: web.Request) -> web.Response:
                 "act": list(task.act_chain),
                 "source": "grant" if task.grant is not None else "config",
                 "ancestors": list(task.grant.ancestors) if task.grant is not None else [],
+                "delegated": delegated,
                 "budget": {
                     "max_calls": task.max_calls,
                     "used": runtime.budgets.used((task.id, "")),
+                    "reserved": sum(d["max_calls"] or 0 for d in delegated) if task.max_calls is not None else 0,
                     "rules": {
                         rule.name: {
                             "max_calls": rule.max_calls,

@@ -4,28 +4,38 @@ Routes:
     ``GET /decisions`` - the page (plain HTML, JS and CSS shipped in the package; works offline).
     ``GET /decisions/static/{name}`` - its assets.
     ``GET /decisions/api/records`` - recent records, newest first. Query: ``task``, ``agent``, ``caller``,
-        ``decision``, ``reason``, ``since``/``until`` (RFC 3339, or a duration back from now such as
-        ``15m``), ``limit`` (default 200, at most 2000).
+        ``decision``, ``reason``, ``tool`` (an MCP tool, resource or prompt), ``since``/``until``
+        (RFC 3339, or a duration back from now such as ``15m``), ``limit`` (default 200, at most 2000).
     ``GET /decisions/api/records/{decision_id}`` - one record (404 when not among the recent ones).
     ``GET /decisions/api/stream`` - Server-Sent Events: each new record matching the same filters, as
-        an ``event: decision`` with the record as JSON ``data``.
+        an ``event: decision`` with the record as JSON ``data``; an ``event: tasks`` (data ``{}``)
+        whenever the tasks, delegations or revocations seen here change (the page then reloads the
+        summary and the delegation trees).
     ``GET /decisions/api/summary`` - per task: allowed and denied calls by destination, budget used/max.
+    ``GET /decisions/api/tree`` - the delegation trees (:mod:`sidecar.admin.delegation_tree`) and the
+        logs they are drawn from.
     ``GET /decisions/api/chain`` - the chain-verification status of the log files on disk.
 
 The viewer keeps the last :data:`RECENT` records in memory (loaded from the end of the log at start,
-then fed by the decision log); older ones are for ``agent-authz logs``. The chain is verified by
-``agent-authz logs verify --expect SEQ:HASH`` in a child process (another core, never the event loop),
-at most once per :data:`CHAIN_CHECK_INTERVAL` seconds and only while someone asks; ``--expect`` pins the
-head the sidecar last wrote, so records deleted from the end of the file are caught too.
+then fed by the decision log); older ones are for ``agent-authz logs``. With ``viewer.logs`` it also
+reads other sidecars' decision logs (their tail at start, then followed like ``tail -F`` in a thread)
+and shows their records with its own; their chains are verified by ``agent-authz logs verify``, not
+here. This sidecar's chain is verified by ``agent-authz logs verify --expect SEQ:HASH`` in a child
+process (another core, never the event loop), at most once per :data:`CHAIN_CHECK_INTERVAL` seconds
+and only while someone asks; ``--expect`` pins the head the sidecar last wrote, so records deleted
+from the end of the file are caught too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,12 +45,13 @@ import structlog
 from aiohttp import web
 from aiohttp_sse import sse_response
 
+from sidecar.admin.delegation_tree import delegation_trees
 from sidecar.audit.log import DecisionLog
-from sidecar.audit.reader import RecordFilter, log_files, tail_records, time_bound
+from sidecar.audit.reader import RecordFilter, follow_lines, log_files, tail_records, time_bound
 from sidecar.decision import Reason
-from sidecar.runtime.active import Runtime
+from sidecar.runtime.tasks import TaskService
 
-__all__ = ["CHAIN_CHECK_INTERVAL", "RECENT", "DecisionFeed", "add_viewer_routes"]
+__all__ = ["CHAIN_CHECK_INTERVAL", "RECENT", "TASKS_CHECK_INTERVAL", "DecisionFeed", "add_viewer_routes"]
 
 _log = structlog.get_logger("agent_authz.viewer")
 
@@ -48,9 +59,13 @@ RECENT = 10_000
 """Records the viewer keeps in memory."""
 CHAIN_CHECK_INTERVAL = 5.0
 """Seconds between two chain verifications (results are reused in between)."""
+TASKS_CHECK_INTERVAL = 0.5
+"""Seconds between two looks for changed tasks, delegations or revocations (while a page listens)."""
 _MAX_DESTINATIONS = 200
 """Per task; further destinations are counted under ``(other)``."""
 _QUEUE = 1000
+_RECORD_BYTES = 2048
+"""Bytes read per record wanted from the end of another sidecar's log (records are ~0.5-1 KB)."""
 _STATIC = Path(__file__).with_name("static")
 _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
@@ -58,10 +73,14 @@ _CSP = (
 )
 
 
+_Event = tuple[str, dict[str, Any]]
+"""``(SSE event name, data)``."""
+
+
 @dataclass(eq=False)
 class _Subscriber:
     filter: RecordFilter
-    queue: asyncio.Queue[dict[str, Any] | None] = field(default_factory=lambda: asyncio.Queue(_QUEUE))
+    queue: asyncio.Queue[_Event | None] = field(default_factory=lambda: asyncio.Queue(_QUEUE))
     overflowed: bool = False
 
 
@@ -82,10 +101,11 @@ class DecisionFeed:
 
     def _add(self, record: dict[str, Any]) -> None:
         self._recent.append(record)
-        task = record.get("task_id") or ""
+        task, host, port = record.get("task_id"), record.get("host"), record.get("port")
+        task = task if isinstance(task, str) else ""  # other sidecars' logs (viewer.logs) may hold anything
+        host = host if isinstance(host, str) and host else "-"
         destinations = self._by_task.setdefault(task, {})
-        host, port = record.get("host") or "-", record.get("port")
-        where = host if port in (None, 0, 80) else f"{host}:{port}"
+        where = f"{host}:{port}" if isinstance(port, int) and port not in (0, 80) else host
         if where not in destinations and len(destinations) >= _MAX_DESTINATIONS:
             where = "(other)"
         counts = destinations.setdefault(where, [0, 0])
@@ -94,10 +114,17 @@ class DecisionFeed:
     def publish(self, record: dict[str, Any]) -> None:
         """Take one new record (called by the decision log right after writing it)."""
         self._add(record)
+        self._send(("decision", record), lambda s: s.filter.matches(record))
+
+    def notify_tasks(self) -> None:
+        """Tell every live page that tasks, delegations or revocations changed."""
+        self._send(("tasks", {}), lambda _: True)
+
+    def _send(self, event: _Event, wanted: Callable[[_Subscriber], bool]) -> None:
         for subscriber in self._subscribers:
-            if subscriber.filter.matches(record):
+            if wanted(subscriber):
                 try:
-                    subscriber.queue.put_nowait(record)
+                    subscriber.queue.put_nowait(event)
                 except asyncio.QueueFull:
                     subscriber.overflowed = True
         for subscriber in [s for s in self._subscribers if s.overflowed]:
@@ -112,6 +139,15 @@ class DecisionFeed:
                 if len(found) >= limit:
                     break
         return found
+
+    def records(self) -> list[dict[str, Any]]:
+        """The recent records, oldest first (a copy)."""
+        return list(self._recent)
+
+    @property
+    def listening(self) -> bool:
+        """Whether any page is connected."""
+        return bool(self._subscribers)
 
     def get(self, decision_id: str) -> dict[str, Any] | None:
         """The recent record with this id, if any."""
@@ -191,11 +227,137 @@ class _ChainChecker:
         }
 
 
+def _parse(raw: bytes) -> dict[str, Any] | None:
+    try:
+        record = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) and record.get("event") == "decision" else None
+
+
+class _OtherLogs:
+    """Other sidecars' decision logs (``viewer.logs``): their tail at start, then followed, one thread each.
+
+    Read-only: a file that is missing, unreadable or holds lines that are not records is reported
+    in :attr:`status` and otherwise skipped.
+    """
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+        self.status: dict[Path, dict[str, Any]] = {p: {"path": str(p), "records": 0, "error": None} for p in paths}
+        self._positions: dict[Path, tuple[int, int]] = {}
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def history(self, count: int) -> list[dict[str, Any]]:
+        """The last ``count`` records of each log (rotated files included), oldest first per log."""
+        out: list[dict[str, Any]] = []
+        for path in self.paths:
+            self._positions[path] = (0, 0)  # not there yet: follow it from its first line once it is
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:
+                self.status[path]["error"] = "not there (yet)"
+                continue
+            except OSError as exc:
+                self.status[path]["error"] = exc.strerror
+                continue
+            try:
+                with path.open("rb") as handle:  # up to the size seen: the follower goes on from there
+                    start = max(0, stat.st_size - count * _RECORD_BYTES)
+                    handle.seek(start)
+                    current = handle.read(stat.st_size - start).splitlines()[1 if start else 0 :][-count:]
+                records = [r for r in map(_parse, current) if r is not None]
+                rotated = [f for f in log_files(path) if f != path]
+                if len(records) < count and rotated:
+                    earlier = [r for r in tail_records(rotated, count - len(records)) if r.get("event") == "decision"]
+                    records = earlier + records
+            except OSError as exc:
+                self.status[path]["error"] = exc.strerror
+                continue
+            self._positions[path] = (stat.st_ino, stat.st_size)
+            self.status[path].update(records=len(records), error=None)
+            out.extend(records)
+        return out
+
+    def start(self, publish: Callable[[dict[str, Any]], None], loop: asyncio.AbstractEventLoop) -> None:
+        """Follow every log from where :meth:`history` stopped; records go to ``publish`` on ``loop``."""
+        for path in self.paths:
+            thread = threading.Thread(
+                target=self._follow, args=(path, publish, loop), name=f"viewer-log:{path.name}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _follow(self, path: Path, publish: Callable[[dict[str, Any]], None], loop: asyncio.AbstractEventLoop) -> None:
+        status = self.status[path]
+        try:
+            for raw in follow_lines(path, position=self._positions.get(path, (0, 0)), stop=self._stop.is_set):
+                record = _parse(raw)
+                if record is not None:
+                    status["records"] += 1
+                    status["error"] = None
+                    loop.call_soon_threadsafe(publish, record)
+        except (OSError, RuntimeError) as exc:  # RuntimeError: the loop closed at shutdown
+            status["error"] = str(exc)
+
+    def stop(self) -> None:
+        """End the threads (each notices within its poll interval)."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=2)
+
+
+class _TasksWatch:
+    """Sends ``event: tasks`` to live pages when what the delegation trees show may have changed.
+
+    Looks every :data:`TASKS_CHECK_INTERVAL` seconds (only while a page listens): a new snapshot
+    (reload, grant accepted, revocation), a new delegation or revocation issued here, or a task
+    crossing its ``not_before`` or ``expires_at``.
+    """
+
+    def __init__(self, tasks: TaskService, feed: DecisionFeed) -> None:
+        self._tasks = tasks
+        self._feed = feed
+        self._task: asyncio.Task[None] | None = None
+
+    def _version(self) -> tuple[int, int, int, int]:
+        runtime = self._tasks.runtime
+        now = runtime.clock()
+        tasks = runtime.snapshot.policy.tasks_by_id.values()
+        delegations = self._tasks.delegations()
+        outside = sum(1 for t in tasks if not t.not_before <= now < t.expires_at)
+        outside += sum(1 for d in delegations if d.spec.expires_at is not None and now >= d.spec.expires_at.timestamp())
+        return id(runtime.snapshot), len(delegations), len(self._tasks.revoked_here()), outside
+
+    async def _run(self) -> None:
+        version = self._version()
+        while True:
+            await asyncio.sleep(TASKS_CHECK_INTERVAL)
+            if not self._feed.listening:
+                continue
+            current = self._version()
+            if current != version:
+                version = current
+                self._feed.notify_tasks()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+
 @dataclass
 class _ViewerState:
     feed: DecisionFeed
-    runtime: Runtime
+    tasks: TaskService
     chain: _ChainChecker
+    own_log: Path | None
+    others: _OtherLogs
 
 
 _VIEWER: web.AppKey[_ViewerState] = web.AppKey("viewer", _ViewerState)
@@ -224,6 +386,7 @@ def _filter_from(query: Any) -> RecordFilter:
         reason=query.get("reason") or None,
         since=bound("since"),
         until=bound("until"),
+        tool=query.get("tool") or None,
     )
 
 
@@ -259,10 +422,14 @@ async def _stream(request: web.Request) -> web.StreamResponse:
         async with sse_response(request) as response:
             await response.send("{}", event="ready")
             while response.is_connected():
-                record = await subscriber.queue.get()
-                if record is None:
+                item = await subscriber.queue.get()
+                if item is None:
                     break
-                await response.send(_dumps(record), event="decision", id=str(record.get("seq", "")))
+                name, data = item
+                if name == "decision":
+                    await response.send(_dumps(data), event=name, id=str(data.get("seq", "")))
+                else:
+                    await response.send(_dumps(data), event=name)
                 if subscriber.overflowed and subscriber.queue.empty():
                     await response.send("{}", event="overflow")
                     break
@@ -273,7 +440,7 @@ async def _stream(request: web.Request) -> web.StreamResponse:
 
 async def _summary(request: web.Request) -> web.Response:
     state = request.app[_VIEWER]
-    runtime = state.runtime
+    runtime = state.tasks.runtime
     tasks = runtime.snapshot.policy.tasks_by_id
     counts = state.feed.counts()
     out = []
@@ -310,6 +477,17 @@ async def _summary(request: web.Request) -> web.Response:
     )
 
 
+async def _tree(request: web.Request) -> web.Response:
+    state = request.app[_VIEWER]
+    body = delegation_trees(state.tasks, state.feed.records())
+    body["logs"] = {
+        "own": None if state.own_log is None else str(state.own_log),
+        "others": list(state.others.status.values()),
+        "window": f"the last {RECENT} records",
+    }
+    return web.json_response(body, dumps=_dumps)
+
+
 async def _chain(request: web.Request) -> web.Response:
     return web.json_response(await request.app[_VIEWER].chain.status(), dumps=_dumps)
 
@@ -318,14 +496,16 @@ def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def add_viewer_routes(app: web.Application, runtime: Runtime, decision_log: DecisionLog) -> DecisionFeed:
-    """Add the viewer to ``app`` and subscribe it to ``decision_log``.
+def add_viewer_routes(app: web.Application, tasks: TaskService, decision_log: DecisionLog) -> DecisionFeed:
+    """Add the viewer of ``tasks`` (its runtime and the sub-grants it issued) to ``app`` and subscribe it
+    to ``decision_log`` (and follow ``viewer.logs``).
 
-    Loads the last :data:`RECENT` records from the log files first.
+    Loads the last :data:`RECENT` records from the log files first (this sidecar's and the others').
 
     Returns:
         The feed (the decision log's listener).
     """
+    loaded = tasks.runtime.snapshot.loaded
     path = decision_log.path
     initial: list[dict[str, Any]] = []
     if path is not None:
@@ -333,15 +513,28 @@ def add_viewer_routes(app: web.Application, runtime: Runtime, decision_log: Deci
             initial = [r for r in tail_records(log_files(path), RECENT) if r.get("event") == "decision"]
         except OSError as exc:
             _log.warning("viewer_history_unreadable", error=str(exc))
+    own = path.resolve() if path is not None else None
+    others = _OtherLogs([p for p in (loaded.resolve(p) for p in loaded.settings.viewer.logs) if p.resolve() != own])
+    earlier = others.history(RECENT)
+    if earlier:
+        initial = sorted(initial + earlier, key=lambda r: str(r.get("time") or ""))
     feed = DecisionFeed(initial)
     decision_log.listeners.append(feed.publish)
-    spec = runtime.snapshot.loaded.settings.decision_log
-    key_file = runtime.snapshot.loaded.resolve(spec.hmac_key_file) if spec.hmac_key_file is not None else None
-    app[_VIEWER] = _ViewerState(feed, runtime, _ChainChecker(decision_log, key_file))
+    spec = loaded.settings.decision_log
+    key_file = loaded.resolve(spec.hmac_key_file) if spec.hmac_key_file is not None else None
+    app[_VIEWER] = _ViewerState(feed, tasks, _ChainChecker(decision_log, key_file), path, others)
+    watch = _TasksWatch(tasks, feed)
+
+    async def start(_: web.Application) -> None:
+        others.start(feed.publish, asyncio.get_running_loop())
+        watch.start()
 
     async def close_streams(_: web.Application) -> None:
         feed.close()
+        await watch.stop()
+        await asyncio.to_thread(others.stop)
 
+    app.on_startup.append(start)
     app.on_shutdown.append(close_streams)
     app.router.add_get("/decisions", _page)
     app.router.add_static("/decisions/static", _STATIC, append_version=False)
@@ -349,5 +542,6 @@ def add_viewer_routes(app: web.Application, runtime: Runtime, decision_log: Deci
     app.router.add_get("/decisions/api/records/{decision_id}", _record)
     app.router.add_get("/decisions/api/stream", _stream)
     app.router.add_get("/decisions/api/summary", _summary)
+    app.router.add_get("/decisions/api/tree", _tree)
     app.router.add_get("/decisions/api/chain", _chain)
     return feed

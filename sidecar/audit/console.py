@@ -56,6 +56,8 @@ def add_logs_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--caller", help="only this caller SPIFFE ID (ingress)")
     parser.add_argument("--decision", choices=["allow", "deny"], help="only allows or denies")
     parser.add_argument("--reason", help="only this reason code, e.g. path_not_allowed")
+    parser.add_argument("--tool", help="only calls of this MCP tool (or resource URI, or prompt)")
+    parser.add_argument("--rpc-method", help="only this JSON-RPC method (MCP or A2A), e.g. tools/call")
     parser.add_argument("--since", help="a duration back from now (15m, 2h) or an RFC 3339 time")
     parser.add_argument("--until", help="a duration back from now or an RFC 3339 time")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
@@ -106,6 +108,10 @@ def _cell(record: dict[str, Any], column: str) -> str:
     if column == "destination":
         host, port = record.get("host") or "", record.get("port")
         where = host if port in (None, 0, 80) else f"{host}:{port}"
+        rpc = record.get("mcp") or record.get("a2a")
+        if isinstance(rpc, dict) and rpc.get("method"):
+            named = rpc.get("tool") or rpc.get("resource") or rpc.get("prompt")
+            return f"{where}{record.get('path', '')} [{rpc['method']}{' ' + str(named) if named else ''}]"
         return f"{where}{record.get('path', '')}" or "-"
     if column == "id":
         return str(record.get("decision_id", ""))[:8]
@@ -182,6 +188,8 @@ def run_logs(args: argparse.Namespace) -> int:
         reason=args.reason,
         since=_time_bound(args.since, now),
         until=_time_bound(args.until, now),
+        tool=args.tool,
+        rpc_method=args.rpc_method,
     )
     position: list[int] = [0, 0]  # inode and bytes read of the current file, where --follow goes on
     if args.paths:

@@ -90,6 +90,16 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
         "The ``ip:port`` the agent connected to (behind the transparent listener, the original destination).",
     ),
     RecordField(
+        "mcp",
+        "object",
+        "Only on an MCP route: ``{method, tool | resource | prompt, decided_from (headers or body), "
+        "arguments_digest (sha256: of the canonical JSON arguments), arguments (only the rule's ``record`` "
+        "pointers)}``; ``response: true`` for the client's answer to a server request. Never other argument values.",
+    ),
+    RecordField(
+        "a2a", "object", "Only on an A2A route: ``{method, decided_from}`` (the JSON-RPC method, e.g. ``SendMessage``)."
+    ),
+    RecordField(
         "tls",
         "string",
         "Only on a request read by intercepting the agent's TLS: ``intercept`` (``sni`` is the intercepted name).",
@@ -147,6 +157,8 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
         "sni": decision.sni,
         "destination": decision.destination,
     }
+    if decision.rpc is not None:
+        record[decision.rpc_protocol or "mcp"] = dict(decision.rpc)
     if decision.tls:
         record["tls"] = decision.tls
         record["upstream_verify"] = decision.upstream_verify

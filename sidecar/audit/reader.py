@@ -197,6 +197,9 @@ class RecordFilter:
         task / agent / caller / reason: exact matches on ``task_id``, ``agent``, ``caller``, ``reason``.
         decision: ``"allow"`` or ``"deny"``.
         since / until: POSIX seconds bounds on the record's ``time`` (inclusive).
+        tool: exact match on the MCP tool, resource or prompt the call named (``mcp.tool``,
+            ``mcp.resource``, ``mcp.prompt``).
+        rpc_method: exact match on the JSON-RPC method (``mcp.method`` or ``a2a.method``).
     """
 
     task: str | None = None
@@ -206,9 +209,19 @@ class RecordFilter:
     reason: str | None = None
     since: float | None = None
     until: float | None = None
+    tool: str | None = None
+    rpc_method: str | None = None
 
     def matches(self, record: dict[str, Any]) -> bool:
         """Whether ``record`` passes every criterion (a record without a usable ``time`` fails time bounds)."""
+        if self.tool is not None or self.rpc_method is not None:
+            rpc = record.get("mcp") or record.get("a2a")
+            if not isinstance(rpc, dict):
+                return False
+            if self.tool is not None and self.tool not in (rpc.get("tool"), rpc.get("resource"), rpc.get("prompt")):
+                return False
+            if self.rpc_method is not None and rpc.get("method") != self.rpc_method:
+                return False
         if self.task is not None and record.get("task_id") != self.task:
             return False
         if self.agent is not None and record.get("agent") != self.agent:

@@ -4,7 +4,7 @@ The feed listener requires a client certificate during the TLS handshake (``CERT
 verifies its chain against the bundle of the cluster's own trust domain only (OpenSSL path
 validation, X509-SVID §5.2; a federated trust domain's CA cannot vouch for a feed client). Each
 request then re-checks the leaf against the X509-SVID profile
-(:func:`~sidecar.identity.x509svid.check_svid_leaf`: one URI SAN with a SPIFFE ID, not a CA, key
+(:func:`~sidecar.identity.x509svid.check_leaf`: one URI SAN with a SPIFFE ID, not a CA, key
 usage, validity) and maps its SPIFFE ID to a namespace with the chart's SPIFFE ID template. Only
 workloads of the authority's agent namespaces are served: anything else is ``peer_not_allowed``.
 
@@ -26,7 +26,7 @@ from cryptography import x509
 
 from sidecar.authority.protocol import AuthorityCode, AuthorityError
 from sidecar.errors import IdentityError
-from sidecar.identity.x509svid import check_svid_leaf
+from sidecar.identity.x509svid import check_leaf
 
 __all__ = ["Peer", "PeerIdentifier", "feed_tls_context", "server_tls_context"]
 
@@ -99,7 +99,7 @@ class PeerIdentifier:
             raise AuthorityError(AuthorityCode.NO_CLIENT_CERTIFICATE, "a client X.509-SVID is required", 401)
         try:
             leaf = x509.load_der_x509_certificate(der)
-            spiffe_id, trust_domain = check_svid_leaf(leaf, self._clock())
+            spiffe_id, trust_domain = check_leaf(leaf, self._clock())
         except (ValueError, IdentityError) as exc:
             raise AuthorityError(
                 AuthorityCode.PEER_NOT_ALLOWED, f"the client certificate is no X.509-SVID ({exc})", 403

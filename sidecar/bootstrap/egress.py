@@ -8,6 +8,9 @@ in order:
   TLS to ``host:upstream_port`` (:func:`~sidecar.bootstrap.clusters.tls_cluster`); its
   ``context_extensions`` carry ``upstream_tls: originate``;
 * a virtual host and cluster per ``envoy.destinations`` entry;
+* a virtual host per MCP/A2A host (:func:`rpc_vhost`) in place of the above, or through the dynamic
+  forward proxy for a host that has neither: the body buffered for the sidecar, MCP ``tools/list``
+  responses filtered;
 * every other host through the dynamic forward proxy.
 
 With ``intercept`` it also accepts ``CONNECT host:443`` (``HTTPS_PROXY``) and hands the tunnel to the
@@ -20,15 +23,42 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.bootstrap.clusters import dfp_cluster, dns_cache, host_port_cluster, tls_cluster
-from sidecar.bootstrap.filters import connection_manager, no_authz, vhost
+from sidecar.bootstrap.filters import connection_manager, no_authz, rpc_route_context, vhost
 from sidecar.bootstrap.kit import Kit
 from sidecar.bootstrap.names import DFP_CLUSTER, EGRESS, INTERCEPT_CONNECT, destination_cluster_name
-from sidecar.wire import CONTEXT_UPSTREAM_TLS, ORIGINATE
+from sidecar.wire import CONTEXT_UPSTREAM_TLS, LIST_FILTER_HEADER, ORIGINATE
 
-__all__ = ["EgressRoutes", "egress_listener", "egress_routes"]
+__all__ = ["EgressRoutes", "egress_listener", "egress_routes", "rpc_vhost"]
 
 EgressRoutes = tuple[list[Any], list[Any], Any]
 """``(virtual hosts, their clusters, the dynamic forward proxy filter)``."""
+
+
+def rpc_vhost(kit: Kit, host: str, cluster: str, **extra: str) -> Any:
+    """The virtual host of an MCP/A2A host: its body buffered for the sidecar; for hosts in
+    ``envoy.mcp_header_decisions``, requests carrying ``Mcp-Method`` first take a route that
+    buffers nothing (judged on ``Mcp-Method`` / ``Mcp-Name``). Every route removes
+    ``x-agent-authz-list-filter`` before the upstream."""
+    r, protocol = kit.route, kit.rpc_hosts[host]
+    routes = []
+    if protocol == "mcp" and host in kit.settings.envoy.mcp_header_decisions:
+        routes.append(
+            r.Route(
+                match=r.RouteMatch(prefix="/", headers=[r.HeaderMatcher(name="mcp-method", present_match=True)]),
+                route=r.RouteAction(cluster=cluster),
+                typed_per_filter_config=rpc_route_context(kit, protocol, body=False, **extra),
+            )
+        )
+    routes.append(
+        r.Route(
+            match=r.RouteMatch(prefix="/"),
+            route=r.RouteAction(cluster=cluster),
+            typed_per_filter_config=rpc_route_context(kit, protocol, body=True, **extra),
+        )
+    )
+    for route in routes:
+        route.request_headers_to_remove = [LIST_FILTER_HEADER]
+    return r.VirtualHost(name=f"rpc|{destination_cluster_name(host)}", domains=[host, f"{host}:*"], routes=routes)
 
 
 def egress_routes(kit: Kit) -> EgressRoutes:
@@ -41,13 +71,21 @@ def egress_routes(kit: Kit) -> EgressRoutes:
         name = "tls|" + destination_cluster_name(host)
         cluster = tls_cluster(kit, name, host, port)
         clusters.append(cluster)
+        if host in kit.rpc_hosts:
+            vhosts.append(rpc_vhost(kit, host, name, **{CONTEXT_UPSTREAM_TLS: ORIGINATE}))
+            continue
         vhosts.append(vhost(kit, name, [host, f"{host}:*"], name, EGRESS, context={CONTEXT_UPSTREAM_TLS: ORIGINATE}))
     for host, address in sorted(envoy.destinations.items()):
         if host in originate:
             continue
         name = destination_cluster_name(host)
         clusters.append(host_port_cluster(kit, name, address))
+        if host in kit.rpc_hosts:
+            vhosts.append(rpc_vhost(kit, host, name))
+            continue
         vhosts.append(vhost(kit, name, [host, f"{host}:*"], name, EGRESS))
+    for host in sorted(set(kit.rpc_hosts) - set(originate) - set(envoy.destinations)):
+        vhosts.append(rpc_vhost(kit, host, DFP_CLUSTER))
     vhosts.append(vhost(kit, "any_host", ["*"], DFP_CLUSTER, EGRESS))
     clusters.append(dfp_cluster(kit))
     dfp = kit.hcm.HttpFilter(

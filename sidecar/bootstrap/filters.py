@@ -11,6 +11,10 @@
 * network ext_authz: one ``Check`` per connection, its context in gRPC initial metadata
   (direction, protocol, ``via``), ``include_tls_session``; then ``tcp_proxy``, which connects
   upstream only once allowed (``ON_DOWNSTREAM_DATA``).
+* with MCP/A2A hosts (``envoy.rpc_hosts``, or rules with ``protocol: mcp`` / ``a2a``): the
+  ext_authz filter can buffer the request body, and only the routes to those hosts switch it on
+  (:func:`rpc_route_context`); with an MCP host, the ext_proc filter for ``tools/list`` responses
+  (:func:`ext_proc_filter`), off unless such a route switches it on.
 """
 
 from __future__ import annotations
@@ -22,9 +26,14 @@ from sidecar.bootstrap.kit import Kit
 from sidecar.bootstrap.names import AUTHZ_CLUSTER, EGRESS
 from sidecar.wire import (
     CONTEXT_DIRECTION,
+    CONTEXT_RPC_BODY_CAP,
+    CONTEXT_RPC_PROTOCOL,
     DIRECTION_METADATA,
+    EXT_PROC_FILTER,
     HTTP_FILTER,
+    LIST_FILTER_HEADER,
     METADATA_DECISION_ID,
+    METADATA_NAMESPACE,
     METADATA_REASON,
     NETWORK_FILTER,
     PROTOCOL_METADATA,
@@ -34,11 +43,14 @@ from sidecar.wire import (
 
 __all__ = [
     "access_log",
+    "body_buffer",
     "connection_manager",
     "ext_authz_filter",
+    "ext_proc_filter",
     "network_check",
     "no_authz",
     "route_context",
+    "rpc_route_context",
     "tcp_forward",
     "vhost",
 ]
@@ -76,11 +88,48 @@ _TCP_ACCESS_LOG_FORMAT = {
 
 
 def route_context(kit: Kit, direction: str, **extra: str) -> dict[str, Any]:
-    """Per-route ext_authz config: the ``context_extensions`` of the route's checks."""
+    """Per-route ext_authz config: the ``context_extensions`` of the route's checks (and, when the
+    filter buffers bodies for MCP/A2A routes, no body here)."""
     ea = kit.ext_authz
     extensions = {CONTEXT_DIRECTION: direction, **extra}
-    per_route = ea.ExtAuthzPerRoute(check_settings=ea.CheckSettings(context_extensions=extensions))
+    settings = ea.CheckSettings(context_extensions=extensions)
+    if kit.rpc_hosts:  # the filter buffers bodies (for the MCP/A2A routes): not here
+        settings.disable_request_body_buffering = True
+    per_route = ea.ExtAuthzPerRoute(check_settings=settings)
     return {HTTP_FILTER: kit.pack(per_route)}
+
+
+def body_buffer(kit: Kit) -> Any:
+    """``with_request_body`` of MCP/A2A routes: the raw bytes (``pack_as_bytes``), up to the cap
+    plus one byte. ``allow_partial_message: true`` so that a longer body still reaches the
+    sidecar (which sees it is over the cap and records ``mcp_body_too_large``): with ``false``,
+    Envoy answers 413 itself, unrecorded, and sets the stream's buffer limit to the cap, which
+    also fails any response longer than the cap (a large ``tools/list``) with a 500."""
+    return kit.ext_authz.BufferSettings(
+        max_request_bytes=kit.body_cap + 1, allow_partial_message=True, pack_as_bytes=True
+    )
+
+
+def rpc_route_context(kit: Kit, protocol: str, *, body: bool, **extra: str) -> dict[str, Any]:
+    """Per-route config of an MCP/A2A route: ``rpc_protocol`` (and with ``body``, the body
+    buffered and ``rpc_body_cap``) in the context extensions; for MCP the ext_proc filter
+    switched on (``tools/list`` filtering)."""
+    ea = kit.ext_authz
+    extensions = {CONTEXT_DIRECTION: EGRESS, CONTEXT_RPC_PROTOCOL: protocol, **extra}
+    if body:
+        extensions[CONTEXT_RPC_BODY_CAP] = str(kit.body_cap)
+    settings = ea.CheckSettings(context_extensions=extensions)
+    if body:
+        settings.with_request_body = body_buffer(kit)
+    else:
+        settings.disable_request_body_buffering = True
+    config = {HTTP_FILTER: kit.pack(ea.ExtAuthzPerRoute(check_settings=settings))}
+    if protocol == "mcp":
+        enable = kit.route.FilterConfig(
+            config=kit.pack(kit.ext_proc.ExtProcPerRoute(overrides=kit.ext_proc.ExtProcOverrides()))
+        )
+        config[EXT_PROC_FILTER] = kit.pack(enable)
+    return config
 
 
 def no_authz(kit: Kit) -> dict[str, Any]:
@@ -102,7 +151,68 @@ def ext_authz_filter(kit: Kit) -> Any:
         include_peer_certificate=True,
         status_on_error=kit.types.HttpStatus(code=kit.types.StatusCode.ServiceUnavailable),
     )
+    if kit.rpc_hosts:  # pack_as_bytes is read from here only; each route says whether it buffers
+        config.with_request_body = body_buffer(kit)
     return kit.hcm.HttpFilter(name=HTTP_FILTER, typed_config=kit.pack(config))
+
+
+def ext_proc_filter(kit: Kit) -> Any:
+    """Envoy's ext_proc filter for ``tools/list`` responses, off unless a route switches it on:
+    response headers sent, the body buffered, the ext_authz metadata forwarded. It runs only for
+    a request that ext_authz marked with ``x-agent-authz-list-filter: 1`` (an allowed
+    ``tools/list``; ``match_delegate`` skips it for every other request, so other responses
+    cost no round trip; the route removes the header before the upstream)."""
+    ep, core = kit.ext_proc, kit.core
+    from envoy_data_plane.envoy.extensions.common.matching.v3 import ExtensionWithMatcher
+    from envoy_data_plane.envoy.extensions.filters.common.matcher.action.v3 import SkipFilter
+    from envoy_data_plane.envoy.type.matcher.v3 import HttpRequestHeaderMatchInput
+    from envoy_data_plane.xds.core.v3 import TypedExtensionConfig as XdsExtension
+    from envoy_data_plane.xds.type.matcher import v3 as xm
+
+    mode = ep.ProcessingMode(
+        request_header_mode=ep.ProcessingModeHeaderSendMode.SKIP,
+        response_header_mode=ep.ProcessingModeHeaderSendMode.SEND,
+        request_body_mode=ep.ProcessingModeBodySendMode.NONE,
+        response_body_mode=ep.ProcessingModeBodySendMode.BUFFERED,
+        request_trailer_mode=ep.ProcessingModeHeaderSendMode.SKIP,
+        response_trailer_mode=ep.ProcessingModeHeaderSendMode.SKIP,
+    )
+    config = ep.ExternalProcessor(
+        grpc_service=core.GrpcService(
+            envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+            timeout=timedelta(seconds=kit.settings.envoy.authz_timeout),
+        ),
+        failure_mode_allow=False,
+        processing_mode=mode,
+        allow_mode_override=True,
+        message_timeout=timedelta(seconds=kit.settings.envoy.authz_timeout),
+        metadata_options=ep.MetadataOptions(
+            forwarding_namespaces=ep.MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
+        ),
+    )
+    marked = xm.MatcherMatcherListPredicateSinglePredicate(
+        input=XdsExtension(
+            name="list-filter", typed_config=kit.pack(HttpRequestHeaderMatchInput(header_name=LIST_FILTER_HEADER))
+        ),
+        value_match=xm.StringMatcher(exact="1"),
+    )
+    skip_unmarked = xm.Matcher(
+        matcher_list=xm.MatcherMatcherList(
+            matchers=[
+                xm.MatcherMatcherListFieldMatcher(
+                    predicate=xm.MatcherMatcherListPredicate(
+                        not_matcher=xm.MatcherMatcherListPredicate(single_predicate=marked)
+                    ),
+                    on_match=xm.MatcherOnMatch(action=XdsExtension(name="skip", typed_config=kit.pack(SkipFilter()))),
+                )
+            ]
+        )
+    )
+    wrapped = ExtensionWithMatcher(
+        extension_config=core.TypedExtensionConfig(name=EXT_PROC_FILTER, typed_config=kit.pack(config)),
+        xds_matcher=skip_unmarked,
+    )
+    return kit.hcm.HttpFilter(name=EXT_PROC_FILTER, typed_config=kit.pack(wrapped), disabled=True)
 
 
 def access_log(kit: Kit, log_format: dict[str, str] | None = None) -> Any:
@@ -139,6 +249,7 @@ def connection_manager(
         route_config=route_config,
         http_filters=[
             ext_authz_filter(kit),
+            *([ext_proc_filter(kit)] if "mcp" in kit.rpc_hosts.values() else []),
             *filters,
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=kit.pack(kit.router.Router())),
         ],

@@ -38,6 +38,8 @@ class Kit:
     Attributes:
         loaded / settings: the configuration.
         sds_dir: as given.
+        rpc_hosts: ``host -> mcp|a2a`` of the MCP/A2A hosts (:meth:`~sidecar.config.schema.SidecarConfig.rpc_hosts`).
+        body_cap: ``envoy.rpc_body_cap`` in bytes.
         files: extra files the rendering produced (path -> content), written beside the bootstrap.
         xds: the intercept state layout, with an ``intercept`` section (else ``None``).
     """
@@ -51,6 +53,7 @@ class Kit:
         from envoy_data_plane.envoy.extensions.common.dynamic_forward_proxy import v3 as dfp_common
         from envoy_data_plane.envoy.extensions.filters.http.dynamic_forward_proxy import v3 as dfp_filter
         from envoy_data_plane.envoy.extensions.filters.http.ext_authz import v3 as ext_authz
+        from envoy_data_plane.envoy.extensions.filters.http.ext_proc import v3 as ext_proc
         from envoy_data_plane.envoy.extensions.filters.http.router import v3 as router
         from envoy_data_plane.envoy.extensions.filters.listener.http_inspector import v3 as http_inspector
         from envoy_data_plane.envoy.extensions.filters.listener.original_dst import v3 as original_dst
@@ -72,8 +75,11 @@ class Kit:
         self.http_inspector, self.original_dst, self.tls_inspector = http_inspector, original_dst, tls_inspector
         self.net_ext_authz, self.tcp_proxy, self.matcher = net_ext_authz, tcp_proxy, matcher
         self.internal_listener = internal_listener
+        self.ext_proc = ext_proc
         self.loaded = loaded
         self.settings = loaded.settings
+        self.rpc_hosts = loaded.settings.rpc_hosts()
+        self.body_cap = int(loaded.settings.envoy.rpc_body_cap)
         self.sds_dir = sds_dir
         self.files: dict[Path, str] = {}
         intercept = self.settings.intercept

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from sidecar.agentproto.spec import AgentProtocolSpec
 from sidecar.config.durations import parse_duration
 from sidecar.errors import BadRequestError, SpiffeIdError
 from sidecar.http_norm import normalize_path
@@ -50,6 +51,7 @@ __all__ = [
     "RotateSpec",
     "SidecarConfig",
     "SpiffeIdStr",
+    "StateSpec",
     "TaskFileSpec",
     "TaskSpec",
     "WorkloadApiSpec",
@@ -168,8 +170,18 @@ class _HttpMatchSpec(_Model):
         return value
 
 
-class EgressRuleSpec(_HttpMatchSpec):
+_RPC_METHODS = {"mcp": ["POST", "GET", "DELETE"], "a2a": ["POST", "GET"]}
+"""HTTP methods of an MCP/A2A rule that names none: JSON-RPC over POST; GET for the 2025-11-25
+server stream and the A2A agent card; DELETE to end an MCP session."""
+
+
+class EgressRuleSpec(_HttpMatchSpec, AgentProtocolSpec):
     """One outbound call pattern a task allows: host, port, methods, paths, and what to inject.
+
+    ``protocol: mcp`` / ``protocol: a2a`` (:class:`~sidecar.agentproto.spec.AgentProtocolSpec`):
+    the rule also judges the JSON-RPC message in each POST body - ``tools``, ``resources``,
+    ``prompts``, ``rpc_methods``; ``methods`` then default to ``POST, GET, DELETE`` (MCP) or
+    ``POST, GET`` (A2A).
 
     ``tls`` says what the agent sends and how Envoy reaches the upstream:
 
@@ -200,6 +212,8 @@ class EgressRuleSpec(_HttpMatchSpec):
             if given:
                 raise ValueError(f"'tls: passthrough' sees no HTTP request: remove {', '.join(given)}")
             data = {**data, "methods": ["*"], "paths": ["*"], "token": False}
+        if isinstance(data, dict) and data.get("protocol") in _RPC_METHODS and "methods" not in data:
+            data = {**data, "methods": _RPC_METHODS[data["protocol"]]}
         return data
 
     name: str | None = Field(default=None, max_length=128)
@@ -272,6 +286,8 @@ class EgressRuleSpec(_HttpMatchSpec):
             problem = intercept_host_problem(self.host)
             if problem is not None:
                 raise ValueError(f"'tls: intercept' needs an exact DNS name: {problem}")
+        if self.protocol != "http" and self.tls in ("passthrough", "intercept"):
+            raise ValueError(f"'protocol: {self.protocol}' is judged on plain HTTP or 'tls: originate' routes")
         return self
 
     @property
@@ -387,13 +403,15 @@ class TaskSpec(_Model):
 
 
 class WorkloadApiSpec(_Model):
-    """The SPIFFE Workload API (a SPIRE agent socket): py-spiffe's ``X509Source``/``JwtSource`` stream
-    SVID and bundle updates, swapped in atomically; Envoy reads the SPIRE agent's SDS on the same socket."""
+    """The SPIFFE Workload API (a SPIRE agent socket): the sidecar streams ``FetchX509SVID`` (and
+    ``FetchJWTBundles``) itself, validates every update like a peer's SVID (an invalid one is refused
+    and the previous identity stays), reconnects with backoff and swaps valid ones in atomically;
+    Envoy reads the SPIRE agent's SDS on the same socket."""
 
     socket: str = "unix:///run/spire/sockets/agent.sock"
     """The Workload API socket (``unix:///absolute/path``); Envoy reads SPIRE's SDS on the same socket."""
     timeout: Seconds = 10.0
-    """How long to wait for the first SVID at start."""
+    """How long to wait for the first SVID at start (an invalid first SVID refuses to start at once)."""
     svid_secret: str = "default"  # noqa: S105 - SPIRE's SDS resource names
     """SPIRE SDS resource name of the agent's SVID, rendered for Envoy."""
     bundle_secret: str = "ALL"  # noqa: S105
@@ -419,7 +437,8 @@ class IdentityFilesSpec(_Model):
     bundles: dict[str, Path] = Field(min_length=1)
     """Trust domain → PEM file of its X.509 authorities (one entry per federated trust domain)."""
     jwt_bundles: dict[str, Path] = Field(default_factory=dict)
-    """Trust domain → JWKS file of its JWT-SVID signers."""
+    """Trust domain → SPIFFE bundle or plain JWKS file of its JWT-SVID signers (keys whose ``use`` is
+    ``jwt-svid`` or absent; keys of another ``use`` are ignored and logged once)."""
 
     @field_validator("bundles", "jwt_bundles")
     @classmethod
@@ -717,6 +736,32 @@ class EnvoySpec(_Model):
     ipv6: bool = False
     """The ``outbound`` listener also listens on ``[::1]``, the inbound one on ``[::]`` (for
     ``agent-authz iptables --ipv6 same``)."""
+    rpc_body_cap: ByteSize = ByteSize(64 * 1024)
+    """Largest JSON-RPC request body judged on MCP/A2A routes (1 KiB - 1 MiB); Envoy buffers one
+    byte more, so a longer body is denied with ``mcp_body_too_large`` (and recorded)."""
+    rpc_hosts: dict[str, Literal["mcp", "a2a"]] = Field(default_factory=dict)
+    """``host: mcp|a2a`` for MCP/A2A hosts that only grants name (hosts of ``protocol: mcp``/``a2a``
+    rules in ``tasks`` are found by themselves): their Envoy route buffers the body for the sidecar
+    and, for MCP, filters ``tools/list`` responses through ext_proc."""
+    mcp_header_decisions: list[str] = Field(default_factory=list)
+    """MCP hosts whose servers implement the 2026-07-28 header checks (a request whose
+    ``Mcp-Method``/``Mcp-Name`` disagree with its body is rejected with ``-32020``): requests there
+    carrying ``Mcp-Method`` are judged on the headers alone, no body buffered."""
+
+    @field_validator("rpc_body_cap")
+    @classmethod
+    def _rpc_body_cap(cls, value: ByteSize) -> ByteSize:
+        if not 1024 <= value <= 1 << 20:
+            raise ValueError("rpc_body_cap must be between 1 KiB and 1 MiB")
+        return value
+
+    @field_validator("rpc_hosts", "mcp_header_decisions")
+    @classmethod
+    def _rpc_host_names(cls, value: Any) -> Any:
+        for host in value:
+            if not _HOST.match(host) or host.startswith("*."):
+                raise ValueError(f"{host!r} must be an exact DNS name (Envoy renders one route per host)")
+        return value
 
     @model_validator(mode="after")
     def _interception(self) -> EnvoySpec:
@@ -856,6 +901,45 @@ class DecisionLogSpec(_Model):
         return self
 
 
+class ViewerSpec(_Model):
+    """The decision viewer (``/decisions`` on the admin port).
+
+    Read at start; a reload that changes this section logs ``viewer_change_needs_restart`` and keeps
+    the running viewer as it is.
+    """
+
+    logs: list[Path] = Field(default_factory=list, max_length=64)
+    """Other sidecars' decision logs (JSON lines; rotated files included), e.g. those of the sub-agents
+    this agent delegates to, on a shared volume or collected copies. Shown read-only next to this
+    sidecar's own records, followed live, and counted in the summaries and delegation trees (what a
+    sub-agent spent is only known from its own records). Their hash chains are not verified here
+    (``agent-authz logs verify`` does that); a missing or unreadable file is named in the viewer, not
+    an error."""
+
+
+class StateSpec(_Model):
+    """The durable enforcement state: what must survive a sidecar restart or crash (``kill -9``).
+
+    Revocations (own and received), call budgets and delegation reservations, grants accepted through
+    ``POST /v1/tasks``, delegated child ids and the anchor time of every ``ttl`` are kept in one SQLite
+    database in WAL mode (see docs/concepts/state.md). A call charging a budget is committed there
+    before it is allowed. The file is refused at start (the sidecar does not start) when it is not an
+    agent-authz state file, belongs to another agent, has a newer schema, is corrupt, or when it or its
+    directory is accessible to another user. These settings take effect at start; a reload that
+    changes them logs ``state_change_needs_restart``.
+    """
+
+    path: Path | None = None
+    """The state file; its directory is created ``0700`` and must be the proxy user's alone (the file
+    is ``0600``). In Kubernetes: ``/var/lib/agent-authz/state/state.db`` in an emptyDir only the
+    sidecar mounts. None: nothing survives a restart (development only; a warning at start)."""
+    synchronous: Literal["normal", "full"] = "normal"
+    """SQLite ``synchronous`` in WAL mode. ``normal``: every commit reaches the operating system before
+    the answer (survives a crash of the sidecar); a power loss of the node may lose the last commits
+    since the previous checkpoint. ``full``: also ``fsync`` each commit (survives a power loss; costs
+    an ``fsync`` per budgeted call)."""
+
+
 class SidecarConfig(_Model):
     """The whole ``sidecar.yaml``: every key, section by section.
 
@@ -881,6 +965,10 @@ class SidecarConfig(_Model):
     """How Envoy's bootstrap is rendered."""
     decision_log: DecisionLogSpec = DecisionLogSpec()
     """Where decision records go."""
+    viewer: ViewerSpec = ViewerSpec()
+    """The decision viewer."""
+    state: StateSpec = StateSpec()
+    """The durable enforcement state (revocations, budgets, posted grants, ``ttl`` anchors)."""
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
     """Name (1-64 characters of ``a-z0-9._-``) → API key that rules and grants refer to by name."""
     grants: GrantsSpec = GrantsSpec()
@@ -931,6 +1019,18 @@ class SidecarConfig(_Model):
                 if rule.tls == "intercept":
                     raise ValueError(f"{where}: 'tls: intercept' needs the 'intercept' section (the per-pod CA)")
         return self
+
+    def rpc_hosts(self) -> dict[str, str]:
+        """``host -> mcp|a2a`` for every exact host an MCP/A2A rule of ``tasks`` names, and
+        ``envoy.rpc_hosts``: the hosts whose Envoy route buffers the body and (MCP) filters
+        ``tools/list`` responses."""
+        hosts = {
+            rule.host: rule.protocol
+            for task in self.tasks
+            for rule in task.egress
+            if rule.protocol != "http" and not rule.host.startswith("*.")
+        }
+        return {**hosts, **self.envoy.rpc_hosts}
 
     def originate_hosts(self) -> dict[str, int]:
         """``host -> upstream port`` of every ``tls: originate`` rule (Envoy renders one TLS route each)."""

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GREEN", "RED", "color", "run_agent", "table", "write_secret"]
+__all__ = ["GREEN", "RED", "color", "logs_command", "run_agent", "table", "wait_for_interrupt", "write_secret"]
 
 GREEN, RED, DIM, RESET = "\033[32m", "\033[31m", "\033[2m", "\033[0m"
 
@@ -30,6 +34,25 @@ def write_secret(path: Path, data: bytes) -> None:
 def color(text: str, code: str) -> str:
     """``text`` in colour ``code`` on a terminal, plain otherwise."""
     return f"{code}{text}{RESET}" if sys.stdout.isatty() else text
+
+
+def logs_command(*paths: Path, follow: bool = False) -> str:
+    """The ``agent-authz logs`` command line showing ``paths`` (what the viewer shows, in a terminal)."""
+    return shlex.join(["agent-authz", "logs", *(["-f"] if follow else []), *map(str, paths)])
+
+
+def wait_for_interrupt(alive: Callable[[], bool]) -> None:
+    """Block until SIGINT or SIGTERM, or until ``alive()`` is false (then say a component exited)."""
+    done = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not done.wait(0.5):
+            if not alive():
+                print("a component exited; stopping")
+                break
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run_agent(

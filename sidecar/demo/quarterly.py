@@ -15,7 +15,9 @@ have):
 5. The orchestrator consolidates the report into temporary storage.
 6. At the end the admin revokes the root task: every agent's next call is denied.
 
-Exits 0 only if every outcome matches expectation and every sidecar's decision log agrees.
+Exits 0 only if every outcome matches expectation and every sidecar's decision log agrees. With
+``keep_running`` the four stacks stay up afterwards; the orchestrator's decision viewer then draws the
+whole delegation tree (it reads the sub-agents' logs through ``viewer.logs``).
 """
 
 from __future__ import annotations
@@ -24,17 +26,15 @@ import json
 import shutil
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from sidecar.config.schema import TaskSpec
-from sidecar.demo.common import GREEN, RED, color, run_agent, write_secret
+from sidecar.demo.common import GREEN, RED, color, logs_command, run_agent, wait_for_interrupt, write_secret
 from sidecar.demo.upstream import ApiKeyCheck, SampleUpstream, TokenCheck
+from sidecar.demo.world import World, admin, print_steps
 from sidecar.grants.issue import sign_root_grant
 from sidecar.grants.revocations import sign_revocations
 from sidecar.harness import AuthzStack
@@ -154,43 +154,7 @@ WIDENING = {
 }
 
 
-@dataclass
-class _Step:
-    phase: str
-    agent: str
-    action: str
-    expected: str
-    got: str
-    ok: bool
-
-
-@dataclass
-class _World:
-    state: Path
-    stacks: dict[str, AuthzStack] = field(default_factory=dict)
-    steps: list[_Step] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-
-    def record(self, phase: str, agent: str, action: str, expected: str, got: str) -> bool:
-        ok = expected == got
-        self.steps.append(_Step(phase, agent, action, expected, got, ok))
-        if not ok:
-            self.problems.append(f"{phase}: {agent} {action}: expected {expected}, got {got}")
-        return ok
-
-
-def _admin(stack: AuthzStack, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
-    request = urllib.request.Request(stack.sidecar.admin_url + path, data=data, method=method)  # noqa: S310 - http://127.0.0.1
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=10) as response:
-            return int(response.status), json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as err:
-        return int(err.code), json.loads(err.read() or b"null")
-
-
-def _config(world: _World, name: str, upstream_port: int, sock_dir: Path) -> Path:
+def _config(world: World, name: str, upstream_port: int, sock_dir: Path) -> Path:
     state = world.state
     home = state / name
     grants: dict[str, Any] = {
@@ -198,9 +162,12 @@ def _config(world: _World, name: str, upstream_port: int, sock_dir: Path) -> Pat
         "revocations": [str(state / "issuer" / "revocations.jwt"), str(state / "orchestrator" / "revocations.jwt")],
         "max_depth": 2,
     }
+    viewer: dict[str, Any] = {}
     if name == "orchestrator":
         grants.update(files=["root-grant.jwt"], publish_revocations="revocations.jwt")
         grants["revocations"] = [str(state / "issuer" / "revocations.jwt")]
+        # what the sub-agents spent is only in their own logs: the orchestrator's viewer reads them
+        viewer["logs"] = [str(state / other / "decisions.log") for other in AGENTS if other != name]
     config = {
         "identity": {
             "source": "files",
@@ -216,13 +183,14 @@ def _config(world: _World, name: str, upstream_port: int, sock_dir: Path) -> Pat
         "decision_log": {"path": "decisions.log", "stdout": False},
         "credentials": {"sentiment": {"header": "x-api-key", "file": str(state / "secrets" / "sentiment.key")}},
         "grants": grants,
+        "viewer": viewer,
     }
     path = home / "sidecar.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 
-def _prepare(world: _World, upstream_port: int, sock_dir: Path) -> tuple[str, Any]:
+def _prepare(world: World, upstream_port: int, sock_dir: Path) -> tuple[str, Any]:
     state = world.state
     ca = DevCA.create(TD)
     ca.save(state / "ca")
@@ -244,7 +212,7 @@ def _prepare(world: _World, upstream_port: int, sock_dir: Path) -> tuple[str, An
     return api_key, issuer
 
 
-def _calls(world: _World, phase: str, name: str, calls: list[tuple[str, str, str, str]]) -> None:
+def _calls(world: World, phase: str, name: str, calls: list[tuple[str, str, str, str]]) -> None:
     """Run ``calls`` = [(method, url, expected status+reason, note)] as agent ``name``."""
     stack = world.stacks[name]
     body = '{"text": "ACME beats Q3 estimates"}'
@@ -261,7 +229,7 @@ def _calls(world: _World, phase: str, name: str, calls: list[tuple[str, str, str
         )
 
 
-def _revocation_latency(world: _World, name: str, url: str, started: float) -> float:
+def _revocation_latency(world: World, name: str, url: str, started: float) -> float:
     """Seconds from ``started`` until ``name``'s calls to ``url`` are denied (polled through Envoy)."""
     deadline = started + 10
     while time.monotonic() < deadline:
@@ -273,7 +241,7 @@ def _revocation_latency(world: _World, name: str, url: str, started: float) -> f
     return float("inf")
 
 
-def _narrate(world: _World, upstream: SampleUpstream, api_key: str) -> list[str]:
+def _narrate(world: World, upstream: SampleUpstream, api_key: str) -> list[str]:
     lines = []
     for item in upstream.requests():
         claims = item.claims
@@ -297,7 +265,7 @@ def _narrate(world: _World, upstream: SampleUpstream, api_key: str) -> list[str]
     return lines
 
 
-def _check_logs(world: _World) -> int:
+def _check_logs(world: World) -> int:
     total = 0
     for name in AGENTS:
         text = (world.state / name / "decisions.log").read_text()
@@ -313,18 +281,27 @@ def _check_logs(world: _World) -> int:
     return total
 
 
-def _print(world: _World) -> None:
-    phase = None
-    for step in world.steps:
-        if step.phase != phase:
-            phase = step.phase
-            print(f"\n{phase}")
-        mark = color("ok", GREEN) if step.ok else color("MISMATCH", RED)
-        print(f"  {step.agent:13} {step.action[:72]:72} {step.got:24} {mark}")
+def _hold(world: World, logs: list[Path]) -> None:
+    orchestrator = world.stacks["orchestrator"]
+    print("\nThe four stacks keep running; press Ctrl-C to stop.")
+    print(f"  Decision viewer: {orchestrator.sidecar.admin_url}/decisions")
+    print("    (the orchestrator's: its task, the sub-grants it issued, and the sub-agents' logs it reads)")
+    for name, stack in world.stacks.items():
+        if name != "orchestrator":
+            print(f"  {name}'s own viewer: {stack.sidecar.admin_url}/decisions")
+    print(f"  The same in a terminal: {logs_command(*logs)}", flush=True)
+    wait_for_interrupt(lambda: all(s.envoy.alive() and s.sidecar.alive() for s in world.stacks.values()))
 
 
-def run_quarterly(*, state_dir: Path | None, envoy_bin: str | None = None) -> int:
-    """Run the quarterly-report scenario; 0 when every outcome matches, else 1."""
+def run_quarterly(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: str | None = None) -> int:
+    """Run the quarterly-report scenario; 0 when every outcome matches, else 1.
+
+    Args:
+        state_dir: where each agent's keys, config and decision log go (``<state_dir>/<agent>/``); a
+            temporary directory (removed afterwards) when ``None``.
+        keep_running: after the scenario, keep the four stacks up until SIGINT/SIGTERM.
+        envoy_bin: Envoy binary override.
+    """
     started = time.monotonic()
     tmp = tempfile.TemporaryDirectory(prefix="agent-authz-q3-") if state_dir is None else None
     state = Path(tmp.name) if tmp is not None else Path(state_dir).absolute()  # type: ignore[arg-type]
@@ -334,7 +311,7 @@ def run_quarterly(*, state_dir: Path | None, envoy_bin: str | None = None) -> in
         (state / name / "revocations.jwt").unlink(missing_ok=True)
     (state / "issuer" / "revocations.jwt").unlink(missing_ok=True)
     sock_dir = Path(tempfile.mkdtemp(prefix="aa-q3-", dir="/tmp"))
-    world = _World(state)
+    world = World(state)
     upstream = SampleUpstream({})
     try:
         port = upstream.start()
@@ -353,12 +330,12 @@ def run_quarterly(*, state_dir: Path | None, envoy_bin: str | None = None) -> in
 
         phase = "1. The orchestrator delegates narrower sub-grants (signed with its X.509-SVID)"
         for name, body in DELEGATIONS.items():
-            status, reply = _admin(orch, "POST", f"/v1/tasks/{ROOT_ID}/delegate", {**body, "subject": AGENTS[name]})
+            status, reply = admin(orch, "POST", f"/v1/tasks/{ROOT_ID}/delegate", {**body, "subject": AGENTS[name]})
             world.record(phase, "orchestrator", f"delegate to {name}", "201", str(status))
             if status == 201:
-                status, _ = _admin(world.stacks[name], "POST", "/v1/tasks", reply["grant"])
+                status, _ = admin(world.stacks[name], "POST", "/v1/tasks", reply["grant"])
                 world.record(phase, name, f"accept grant {reply['id']}", "201", str(status))
-        status, reply = _admin(orch, "POST", f"/v1/tasks/{ROOT_ID}/delegate", WIDENING)
+        status, reply = admin(orch, "POST", f"/v1/tasks/{ROOT_ID}/delegate", WIDENING)
         got = f"{status} {reply.get('error')} {reply.get('detail', '').split(':')[1].strip() if status == 400 else ''}"
         world.record(
             phase,
@@ -413,7 +390,7 @@ def run_quarterly(*, state_dir: Path | None, envoy_bin: str | None = None) -> in
 
         phase = "3. Mid-way, the orchestrator revokes the sales sub-agent"
         revoked_at = time.monotonic()
-        status, reply = _admin(orch, "POST", f"/v1/tasks/{ROOT_ID}/sales-data/revoke")
+        status, reply = admin(orch, "POST", f"/v1/tasks/{ROOT_ID}/sales-data/revoke")
         world.record(phase, "orchestrator", f"revoke {ROOT_ID}/sales-data", "200", str(status))
         latency = _revocation_latency(world, "sales-data", "http://sales.internal/v1/sales/q3/details", revoked_at)
         world.record(
@@ -474,12 +451,15 @@ def run_quarterly(*, state_dir: Path | None, envoy_bin: str | None = None) -> in
             ],
         )
 
-        _print(world)
+        print_steps(world)
         print("\nWho did what, for which task, on whose behalf (as the upstreams saw it):")
         for line in _narrate(world, upstream, api_key):
             print(line)
         count = _check_logs(world)
-        print(f"\nDecision logs: {', '.join(str(state / n / 'decisions.log') for n in AGENTS)} ({count} records)")
+        logs = [state / n / "decisions.log" for n in AGENTS]
+        print(f"\nDecision logs: {', '.join(map(str, logs))} ({count} records)")
+        if tmp is None:
+            print(f"  show them: {logs_command(*logs)}")
         elapsed = time.monotonic() - started
         if world.problems:
             print(color(f"\nFAILED ({len(world.problems)} problems, {elapsed:.1f}s):", RED))
@@ -487,6 +467,8 @@ def run_quarterly(*, state_dir: Path | None, envoy_bin: str | None = None) -> in
                 print(f"  - {problem}")
             return 1
         print(color(f"\nAll {len(world.steps)} outcomes match ({elapsed:.1f}s).", GREEN))
+        if keep_running:
+            _hold(world, logs)
         return 0
     finally:
         for stack in world.stacks.values():

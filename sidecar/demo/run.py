@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 import secrets
-import signal
 import ssl
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from sidecar.demo import scenario
-from sidecar.demo.common import GREEN, RED, color, run_agent, table, write_secret
+from sidecar.demo.common import GREEN, RED, color, logs_command, run_agent, table, wait_for_interrupt, write_secret
 from sidecar.demo.tls_client import mtls_request
 from sidecar.demo.upstream import ApiKeyCheck, SampleUpstream, TokenCheck
 from sidecar.harness import AuthzStack
@@ -247,6 +245,8 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
         log_path = state / "decisions.log"
         count = _check_log(log_path, outcomes, api_key, problems)
         print(f"\nDecision log: {log_path} ({count} records, no token or key material)")
+        if tmp is None:
+            print(f"  show it: {logs_command(log_path)}   verify its chain: agent-authz logs verify {log_path}")
         elapsed = time.monotonic() - started
         if problems:
             print(color(f"\nFAILED ({len(problems)} problems, {elapsed:.1f}s):", RED))
@@ -270,18 +270,11 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
 
 def _hold(stack: AuthzStack, upstream: SampleUpstream) -> None:
     print("\nThe stack keeps running; press Ctrl-C to stop.")
+    print(f"  Decision viewer: {stack.sidecar.admin_url}/decisions")
+    print(f"  The same in a terminal: {logs_command(stack.work_dir / 'decisions.log', follow=True)}")
     print(f"  curl -x {stack.egress_proxy} http://{scenario.MARKET}/v1/prices/ACME")
     ca = stack.work_dir / "trust" / "ca.pem"
     print(f"  curl -x {stack.egress_proxy} --cacert {ca} https://{scenario.SENTIMENT}/v1/analyze -d '{{}}'")
     print(f"  JWKS:        {stack.sidecar.admin_url}/.well-known/jwks.json")
-    print(f"  Envoy admin: {stack.envoy.admin_url}")
-    done = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not done.wait(0.5):
-            if not (stack.envoy.alive() and stack.sidecar.alive()):
-                print("a component exited; stopping")
-                break
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    print(f"  Envoy admin: {stack.envoy.admin_url}", flush=True)
+    wait_for_interrupt(lambda: stack.envoy.alive() and stack.sidecar.alive())

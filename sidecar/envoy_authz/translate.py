@@ -15,7 +15,13 @@ betterproto2 classes). Envoy facts relied on (``envoy.service.auth.v3``):
   metadata (``x-agent-authz-direction``, ``x-agent-authz-protocol``); with ``include_tls_session``
   it sends ``tls_session`` (``sni`` empty when the ClientHello named none, and also for non-TLS
   connections); ``destination.address`` is the connection's local address, which the
-  ``original_dst`` listener filter restores to the original destination.
+  ``original_dst`` listener filter restores to the original destination;
+* on routes that buffer the body (``with_request_body`` with ``pack_as_bytes``), the bytes arrive
+  unchanged in ``raw_body``: only the first ``max_request_bytes`` of them when the body is longer
+  (``allow_partial_message: true``), so a body over the cap is seen as longer than the cap;
+* a deny's body can be any bytes with any headers and status: on MCP/A2A routes it is a JSON-RPC
+  2.0 error object (``id`` the request's when the body was read, else ``null``), which MCP clients
+  surface as the call's error. It cannot be an event stream or several messages.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from sidecar import wire
-from sidecar.decision import AuthzRequest, Decision, Direction, Interception, Protocol
+from sidecar.decision import AuthzRequest, Decision, Direction, Interception, Protocol, Reason, RpcRoute
 from sidecar.errors import BadRequestError
 
 __all__ = ["build_check_response", "parse_check_request"]
@@ -39,7 +45,22 @@ __all__ = ["build_check_response", "parse_check_request"]
 _NETWORK_PROTOCOLS = {Protocol.TLS.value: Protocol.TLS, Protocol.TCP.value: Protocol.TCP}
 
 _MAX_REQUEST_BYTES = 96 * 1024
-"""Envoy caps request headers at 60 KiB by default; anything much larger is not a request we judge."""
+"""Envoy caps request headers at 60 KiB by default; a CheckRequest much larger than that, not
+counting a buffered body, is not a request we judge."""
+_MAX_BODY_BYTES = (1 << 20) + 1
+"""The largest buffered body: ``envoy.rpc_body_cap`` (at most 1 MiB) plus the byte Envoy buffers more."""
+# JSON-RPC error codes of a deny on an MCP/A2A route: MCP's HeaderMismatch (-32020, 2026-07-28),
+# JSON-RPC's Invalid Request for a body that cannot be judged, and -32030 (in the JSON-RPC server
+# range, unused by MCP) for a call the task does not allow.
+_RPC_ERROR_CODES = {
+    Reason.MCP_HEADER_MISMATCH: -32020,
+    Reason.MCP_AMBIGUOUS_BODY: -32600,
+    Reason.MCP_INVALID_BODY: -32600,
+    Reason.MCP_BODY_TOO_LARGE: -32600,
+}
+_RPC_DENIED = -32030
+_NO_RPC_METHODS = ("GET", "DELETE", "HEAD", "OPTIONS")
+_RPC_PROTOCOLS = frozenset({"mcp", "a2a"})
 _METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")  # RFC 9110 §9.1 token
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
 _DIRECTIONS = {d.value: d for d in Direction}
@@ -104,16 +125,20 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
         egress ``tls``/``tcp`` check) a connection with its SNI and original destination.
 
     Raises:
-        BadRequestError: not a CheckRequest, over 96 KiB, no HTTP attributes and no network check
-            metadata, or no usable ``direction`` context extension.
+        BadRequestError: not a CheckRequest, over 96 KiB besides a buffered body (or over 96 KiB
+            plus the largest body cap in all), no HTTP attributes and no network check metadata,
+            no usable ``direction`` context extension, or a malformed ``intercept`` or
+            ``rpc_protocol`` one.
     """
-    if len(raw) > _MAX_REQUEST_BYTES:
-        raise BadRequestError("CheckRequest larger than 96 KiB")
+    if len(raw) > _MAX_REQUEST_BYTES + _MAX_BODY_BYTES:
+        raise BadRequestError("CheckRequest larger than 96 KiB plus the largest body")
     try:
         message = external_auth_pb2.CheckRequest.FromString(raw)
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise BadRequestError(f"undecodable CheckRequest ({type(exc).__name__})") from None
     attributes = message.attributes
+    if len(raw) - len(attributes.request.http.raw_body) - len(attributes.request.http.body) > _MAX_REQUEST_BYTES:
+        raise BadRequestError("CheckRequest larger than 96 KiB without its body")
     if not attributes.request.HasField("http"):
         return _network_request(attributes, metadata)
     http = attributes.request.http
@@ -123,6 +148,7 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
     direction = _DIRECTIONS.get(context.get(wire.CONTEXT_DIRECTION, ""))
     if direction is None:
         raise BadRequestError("context_extensions.direction must be 'egress' or 'ingress'")
+    rpc = _rpc_route(context)
     return AuthzRequest(
         direction=direction,
         method=http.method,
@@ -135,7 +161,26 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
         destination=_address(attributes.destination),
         interception=_interception(context),
         upstream_tls=context.get(wire.CONTEXT_UPSTREAM_TLS) == wire.ORIGINATE,
+        rpc=rpc,
+        body=(http.raw_body or http.body.encode()) if rpc is not None and rpc.body_cap else None,
     )
+
+
+def _rpc_route(context: Mapping[str, str]) -> RpcRoute | None:
+    """The ``rpc_protocol`` and ``rpc_body_cap`` context extensions, typed (a cap that is not a
+    positive decimal counts as none: the route's body is then not read).
+
+    Raises:
+        BadRequestError: ``rpc_protocol`` is neither ``mcp`` nor ``a2a`` (only a broken bootstrap
+            sends that).
+    """
+    protocol = context.get(wire.CONTEXT_RPC_PROTOCOL)
+    if protocol is None:
+        return None
+    if protocol not in _RPC_PROTOCOLS:
+        raise BadRequestError("context_extensions.rpc_protocol must be 'mcp' or 'a2a'")
+    cap = context.get(wire.CONTEXT_RPC_BODY_CAP, "")
+    return RpcRoute(protocol, int(cap) if cap.isascii() and cap.isdigit() else 0)
 
 
 def _add_headers(target: Any, headers: Iterable[tuple[str, str]]) -> None:
@@ -147,13 +192,27 @@ def _add_headers(target: Any, headers: Iterable[tuple[str, str]]) -> None:
         option.append_action = _OVERWRITE
 
 
+def _deny_body(decision: Decision) -> str:
+    reason = decision.reason.value
+    if not decision.rpc_protocol or decision.method in _NO_RPC_METHODS:
+        return orjson.dumps({"decision_id": decision.decision_id, "reason": reason}).decode()
+    error = {
+        "code": _RPC_ERROR_CODES.get(decision.reason, _RPC_DENIED),
+        "message": f"agent-authz: {reason}",
+        "data": {"decision_id": decision.decision_id, "reason": reason, "detail": decision.detail},
+    }
+    return orjson.dumps({"jsonrpc": "2.0", "id": decision.rpc_id, "error": error}).decode()
+
+
 def build_check_response(decision: Decision) -> bytes:
     """Serialize the ``CheckResponse`` for ``decision``.
 
     Allow: ``OkHttpResponse`` overwriting ``headers_to_set``, removing ``headers_to_remove`` and
     adding ``x-agent-authz-decision-id`` to the response. Deny: ``DeniedHttpResponse`` with the
-    decision's status and the JSON body ``{"decision_id", "reason"}``. Both carry dynamic metadata
-    (``decision_id``, ``decision``, ``reason``, ``task_id``).
+    decision's status and the JSON body ``{"decision_id", "reason"}`` - on an MCP/A2A route a
+    JSON-RPC error ``{"jsonrpc": "2.0", "id", "error": {"code", "message", "data": {"decision_id",
+    "reason", "detail"}}}``. Both carry dynamic metadata (``decision_id``, ``decision``, ``reason``,
+    ``task_id``; for an allowed MCP ``tools/list`` also ``mcp_list_filter``).
     """
     response = external_auth_pb2.CheckResponse()
     fields = response.dynamic_metadata.fields
@@ -161,6 +220,11 @@ def build_check_response(decision: Decision) -> bytes:
     fields[wire.METADATA_DECISION].string_value = "allow" if decision.allow else "deny"
     fields[wire.METADATA_REASON].string_value = decision.reason.value
     fields[wire.METADATA_TASK_ID].string_value = decision.task_id or ""
+    if decision.list_filter is not None:
+        listed = fields[wire.METADATA_LIST_FILTER].list_value
+        listed.SetInParent()  # present even when no tool may be shown
+        for pattern in decision.list_filter:
+            listed.values.add().string_value = pattern
     if decision.allow:
         response.status.CopyFrom(_OK)
         ok = response.ok_response
@@ -179,6 +243,6 @@ def build_check_response(decision: Decision) -> bytes:
                 (wire.REASON_HEADER, decision.reason.value),
             ),
         )
-        denied.body = orjson.dumps({"decision_id": decision.decision_id, "reason": decision.reason.value}).decode()
+        denied.body = _deny_body(decision)
     data: bytes = response.SerializeToString()
     return data

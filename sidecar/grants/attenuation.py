@@ -12,7 +12,10 @@ Every child rule must lie within one parent rule, dimension by dimension:
 * scope - a subset of the parent's scope tokens (no scope only under no scope);
 * credential - only a credential the parent rule already injects;
 * max_calls - required when the parent rule is limited, and no more than its limit (at issuance:
-  no more than what is left, and then reserved).
+  no more than what is left, and then reserved);
+* protocol, tools (names, argument constraints, per-tool max_calls, record), resources, prompts,
+  rpc_methods - narrower or equal (:mod:`sidecar.agentproto.attenuation`; per-tool budgets are
+  bounded by the parent entry's limit, not reserved from it).
 
 Task-wide: the same ``on_behalf_of``; not valid before the parent nor after it; ``max_calls``
 within the parent's. :func:`check_attenuation` returns which parent rule holds each child rule, or
@@ -23,20 +26,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from sidecar.agentproto.attenuation import protocol_within
 from sidecar.config.schema import EgressRuleSpec, TaskSpec
 from sidecar.grants.model import GrantCode, GrantError
 
 __all__ = ["AttenuationError", "check_attenuation", "host_within", "inherit", "path_within", "rule_within"]
 
 _INHERITED = ("audience", "scope", "token")
+_PROTOCOL_FIELDS = ("protocol", "tools", "resources", "prompts", "rpc_methods")
 
 
 def inherit(child: EgressRuleSpec, parent: EgressRuleSpec) -> EgressRuleSpec:
-    """``child`` with the ``audience``, ``scope`` and ``token`` it did not set taken from ``parent``.
+    """``child`` with the ``audience``, ``scope`` and ``token`` it did not set taken from ``parent``,
+    and - when it names no ``protocol`` - the parent's protocol, tools, resources, prompts and
+    rpc_methods.
 
     Used when issuing: a delegation request may leave these out and get the parent rule's values.
     """
     update = {name: getattr(parent, name) for name in _INHERITED if name not in child.model_fields_set}
+    if "protocol" not in child.model_fields_set and parent.protocol != "http":
+        update.update({name: getattr(parent, name) for name in _PROTOCOL_FIELDS})
     return child.model_copy(update=update) if update else child
 
 
@@ -103,7 +112,7 @@ def rule_within(child: EgressRuleSpec, parent: EgressRuleSpec) -> tuple[str, str
         return "credential", "only a credential the parent rule injects can be delegated"
     if parent.max_calls is not None and (child.max_calls is None or child.max_calls > parent.max_calls):
         return "max_calls", f"{child.max_calls} is not within the parent's {parent.max_calls}"
-    return None
+    return protocol_within(child, parent)
 
 
 def check_attenuation(
@@ -155,7 +164,10 @@ def check_attenuation(
             name = f" ({rule.name})" if rule.name else ""
             if not failures:
                 raise AttenuationError(f"egress[{c_index}]{name}", "the parent task has no egress rules")
-            order = ("host", "tls", "port", "methods", "paths", "token", "audience", "scope", "credential", "max_calls")
+            order = (
+                *("host", "tls", "port", "methods", "paths", "token", "audience", "scope", "credential", "max_calls"),
+                *("protocol", "tools", "resources", "prompts", "rpc_methods"),
+            )
             p_index, dimension, why = max(failures, key=lambda f: order.index(f[1]))
             parent_name = parent.egress[p_index].name or f"egress[{p_index}]"
             raise AttenuationError(

@@ -4,7 +4,9 @@ Only asymmetric algorithms are accepted (``ES256``, ``ES384``, ``EdDSA``, ``RS25
 ``none`` and ``HS*`` never verify. With ``x5c`` (RFC 7515 §4.1.6) the leaf must be a valid
 X.509-SVID chaining to the bundle of its own trust domain; the signer is its SPIFFE ID. With
 ``kid`` the key must be a configured root issuer key; the signer is ``key:<kid>``. ``crit``
-(RFC 7515 §4.1.11) is refused: we understand no extensions.
+(RFC 7515 §4.1.11) is refused: we understand no extensions. The key must be of the type ``alg``
+needs (RFC 7518 §3.3-§3.5, RFC 8037 §3.1): a ``kid`` or ``x5c`` leaf naming a key of another type
+(or curve) is ``grant_bad_signature``; PyJWT and ``cryptography`` exceptions never escape.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
 
 from sidecar.errors import IdentityError
@@ -28,6 +30,7 @@ __all__ = ["ALGORITHMS", "algorithm_for", "sign", "unverified", "verify"]
 ALGORITHMS = frozenset({"ES256", "ES384", "EdDSA", "RS256", "PS256"})
 _ALLOWED_HEADERS = frozenset({"alg", "typ", "kid", "x5c"})
 _MAX_TOKEN = 256 * 1024
+_EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1"}  # RFC 7518 §3.4
 
 
 def algorithm_for(key: PrivateKeyTypes) -> str:
@@ -57,6 +60,24 @@ def sign(
         assert x5c is not None
         headers["x5c"] = [base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode() for c in x5c]
     return jwt.encode(dict(payload), key, algorithm=algorithm_for(key), headers=headers)  # type: ignore[arg-type]
+
+
+def _key_mismatch(alg: str, key: PublicKeyTypes) -> str | None:
+    """Why ``key`` cannot verify an ``alg`` signature, or ``None`` when it can."""
+    if alg in ("RS256", "PS256"):
+        fits = isinstance(key, rsa.RSAPublicKey)
+        needed = "an RSA key"
+    elif alg == "EdDSA":
+        fits = isinstance(key, ed25519.Ed25519PublicKey)
+        needed = "an Ed25519 key"
+    else:
+        curve = _EC_CURVES[alg]
+        fits = isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == curve
+        needed = f"a {curve} EC key"
+    if fits:
+        return None
+    found = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
+    return f"alg {alg} needs {needed}; the signer's key is {found}"
 
 
 def _checked_header(token: str, typ: str) -> dict[str, Any]:
@@ -112,7 +133,7 @@ def verify(
 
     Raises:
         GrantError: ``grant_malformed``, ``grant_bad_header``, ``grant_untrusted_signer`` or
-            ``grant_bad_signature``.
+            ``grant_bad_signature`` (also for a key of another type or curve than ``alg`` needs).
     """
     header = _checked_header(token, typ)
     alg = header["alg"]
@@ -139,6 +160,9 @@ def verify(
         signer, key = f"key:{header['kid']}", found
     else:
         raise GrantError(GrantCode.BAD_HEADER, "a kid or an x5c chain is required")
+    mismatch = _key_mismatch(alg, key)
+    if mismatch is not None:
+        raise GrantError(GrantCode.BAD_SIGNATURE, mismatch)
     try:
         payload: dict[str, Any] = jwt.decode(
             token,
@@ -146,8 +170,10 @@ def verify(
             algorithms=[alg],
             options={"verify_exp": False, "verify_nbf": False, "verify_iat": False, "verify_aud": False},
         )
-    except jwt.InvalidSignatureError:
+    except (jwt.InvalidSignatureError, jwt.InvalidKeyError):
         raise GrantError(GrantCode.BAD_SIGNATURE, "the signature does not verify") from None
     except jwt.PyJWTError as exc:
         raise GrantError(GrantCode.MALFORMED, str(exc)) from None
+    except (TypeError, ValueError, OverflowError) as exc:  # the boundary: nothing third-party escapes
+        raise GrantError(GrantCode.BAD_SIGNATURE, f"the signature cannot be verified ({type(exc).__name__})") from None
     return signer, payload

@@ -19,7 +19,7 @@ from sidecar.grants import codec
 from sidecar.grants.model import REVOCATION_TYP, Grant, GrantCode, GrantError
 from sidecar.identity.x509svid import X509SvidVerifier
 
-__all__ = ["RevocationList", "revoked_by", "sign_revocations", "verify_revocations"]
+__all__ = ["RevocationList", "merge_revocations", "revoked_by", "sign_revocations", "verify_revocations"]
 
 _MAX_IDS = 100_000
 
@@ -71,6 +71,31 @@ def verify_revocations(
         raise GrantError(GrantCode.MALFORMED, "iat must be an integer NumericDate")
     root = signer.startswith("key:") or signer in root_ids
     return RevocationList(signer, frozenset(revoked), issued_at, root, token.strip())
+
+
+def merge_revocations(earlier: Iterable[RevocationList], later: Iterable[RevocationList]) -> tuple[RevocationList, ...]:
+    """Lists received from one source, merged: a revocation once honoured stays (a later list from the
+    same signer that omits an id does not un-revoke it).
+
+    Lists are merged per signer and authority (``signer``, ``root``): the union of their ids, the
+    latest ``issued_at``. A merged list that is not exactly one signed list has no ``token``.
+
+    Returns:
+        One list per ``(signer, root)``, sorted by signer.
+    """
+    merged: dict[tuple[str, bool], RevocationList] = {}
+    for revocations in (*earlier, *later):
+        key = (revocations.signer, revocations.root)
+        seen = merged.get(key)
+        if seen is None:
+            merged[key] = revocations
+            continue
+        ids, issued_at = seen.ids | revocations.ids, max(seen.issued_at, revocations.issued_at)
+        if ids == revocations.ids and issued_at == revocations.issued_at:
+            merged[key] = revocations  # the later list says everything the earlier one did
+        elif ids != seen.ids or issued_at != seen.issued_at:
+            merged[key] = RevocationList(seen.signer, ids, issued_at, seen.root, "")
+    return tuple(merged[key] for key in sorted(merged))
 
 
 def revoked_by(grant: Grant, lists: Iterable[RevocationList]) -> RevocationList | None:

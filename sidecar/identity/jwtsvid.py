@@ -3,32 +3,40 @@
 * header: only ``alg``, ``kid`` and ``typ`` (JWT-SVID §2; anything else, ``crit`` included, is
   rejected); ``alg`` one of RS/ES/PS 256/384/512 (§2.1: never ``none`` or ``HS*``); ``kid``
   required; ``typ``, when present, ``JWT`` or ``JOSE``;
-* claims: ``sub`` a strict SPIFFE ID with a path, ``aud`` required and one of the accepted
-  audiences (a list is accepted when one member matches), ``exp`` required and in the future (§3);
-* key: chosen by ``kid`` from the JWT bundle of the ``sub``'s trust domain only.
+* claims: ``sub`` a strict SPIFFE ID with a path, ``aud`` required (a non-empty string or list of
+  them) and one of the accepted audiences (a list is accepted when one member matches, as
+  go-spiffe does), ``exp`` a NumericDate in the future (§3; RFC 7519 §2);
+* key: chosen by ``kid`` from the JWT bundle of the ``sub``'s trust domain only, and of the type
+  ``alg`` needs (RSA for RS*/PS*, the matching NIST curve for ES*): a ``kid`` naming a key of another
+  type is a signature failure, never an exception.
 
 Keys are ``cryptography`` objects loaded with the bundle; nothing is parsed per call but the token.
-Failures raise :class:`~sidecar.errors.IdentityError` with a ``jwt_svid_*`` detail code.
+Every failure raises :class:`~sidecar.errors.IdentityError` with a ``jwt_svid_*`` detail code; PyJWT
+and ``cryptography`` exceptions are mapped here and never escape.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import jwt
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from sidecar.errors import IdentityError, SpiffeIdError, SvidDetail
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.spiffe_id import parse_spiffe_id
 
-__all__ = ["ALLOWED_ALGORITHMS", "JwtSvidVerifier", "VerifiedJwtSvid", "looks_like_jwt"]
+__all__ = ["ALLOWED_ALGORITHMS", "JwtSvidVerifier", "VerifiedJwtSvid", "key_mismatch", "looks_like_jwt"]
 
 ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"})
 _ALLOWED_HEADERS = frozenset({"alg", "kid", "typ"})
+_EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}  # RFC 7518 §3.4
 _MAX_TOKEN = 16 * 1024
 
 
@@ -48,7 +56,34 @@ def looks_like_jwt(token: str) -> bool:
 
 def _b64json(part: str) -> Any:
     padded = part + "=" * (-len(part) % 4)
-    return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    try:
+        return json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def _numeric_date(value: object) -> bool:
+    """RFC 7519 §2 NumericDate: a finite JSON number (``true`` is not one)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _audiences_well_formed(aud: object) -> bool:
+    """``aud`` is a non-empty string or a non-empty list of them (JWT-SVID §3.2; RFC 7519 §4.1.3)."""
+    values = [aud] if isinstance(aud, str) else aud
+    return isinstance(values, list) and bool(values) and all(isinstance(a, str) and a for a in values)
+
+
+def key_mismatch(alg: str, key: PublicKeyTypes) -> str | None:
+    """Why ``key`` cannot verify an ``alg`` signature (RFC 7518 §3.3-§3.5), or ``None`` when it can."""
+    if alg.startswith(("RS", "PS")):
+        if isinstance(key, rsa.RSAPublicKey):
+            return None
+        return f"alg {alg} needs an RSA key; the kid names a {type(key).__name__}"
+    curve = _EC_CURVES.get(alg)
+    if curve is not None and isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == curve:
+        return None
+    found = key.curve.name if isinstance(key, ec.EllipticCurvePublicKey) else type(key).__name__
+    return f"alg {alg} needs a {curve} EC key; the kid names a {found} key"
 
 
 class JwtSvidVerifier:
@@ -86,7 +121,7 @@ class JwtSvidVerifier:
         if extra:
             raise IdentityError(SvidDetail.JWT_SVID_BAD_HEADER, f"header parameters not allowed: {sorted(extra)}")
         alg = header.get("alg")
-        if alg not in ALLOWED_ALGORITHMS:
+        if not isinstance(alg, str) or alg not in ALLOWED_ALGORITHMS:
             raise IdentityError(SvidDetail.JWT_SVID_BAD_ALGORITHM, f"alg {alg!r} is not allowed")
         if header.get("typ") not in (None, "JWT", "JOSE"):
             raise IdentityError(SvidDetail.JWT_SVID_BAD_HEADER, "typ must be JWT or JOSE")
@@ -96,6 +131,10 @@ class JwtSvidVerifier:
         for claim in ("sub", "aud", "exp"):
             if claims.get(claim) in (None, "", []):
                 raise IdentityError(SvidDetail.JWT_SVID_MISSING_CLAIM, f"claim {claim!r} is required")
+        if not _audiences_well_formed(claims["aud"]):
+            raise IdentityError(SvidDetail.JWT_SVID_BAD_AUDIENCE, "aud must be a non-empty string or a list of them")
+        if not _numeric_date(claims["exp"]) or ("nbf" in claims and not _numeric_date(claims["nbf"])):
+            raise IdentityError(SvidDetail.JWT_SVID_MALFORMED, "exp and nbf must be NumericDates (RFC 7519 §2)")
         sub = claims["sub"]
         try:
             spiffe_id = parse_spiffe_id(sub) if isinstance(sub, str) else parse_spiffe_id("")
@@ -108,6 +147,11 @@ class JwtSvidVerifier:
         key = keys.get(kid)
         if key is None:
             raise IdentityError(SvidDetail.JWT_SVID_UNKNOWN_KEY, f"kid {kid!r} is not in the {trust_domain} JWT bundle")
+        if not self.audiences:
+            raise IdentityError(SvidDetail.JWT_SVID_BAD_AUDIENCE, "this verifier accepts no audience")
+        mismatch = key_mismatch(alg, key)
+        if mismatch is not None:
+            raise IdentityError(SvidDetail.JWT_SVID_BAD_SIGNATURE, mismatch)
         try:
             verified = jwt.decode(
                 token,
@@ -121,11 +165,15 @@ class JwtSvidVerifier:
             raise IdentityError(SvidDetail.JWT_SVID_BAD_AUDIENCE, "aud does not name this agent") from None
         except jwt.ExpiredSignatureError:
             raise IdentityError(SvidDetail.JWT_SVID_EXPIRED, "the token has expired") from None
-        except jwt.InvalidSignatureError:
+        except (jwt.InvalidSignatureError, jwt.InvalidKeyError):
             raise IdentityError(SvidDetail.JWT_SVID_BAD_SIGNATURE, "signature does not verify") from None
         except jwt.PyJWTError as exc:
             raise IdentityError(SvidDetail.JWT_SVID_MALFORMED, str(exc)) from None
+        except (TypeError, ValueError, OverflowError) as exc:  # the boundary: nothing third-party escapes
+            raise IdentityError(
+                SvidDetail.JWT_SVID_MALFORMED, f"the token cannot be verified ({type(exc).__name__})"
+            ) from None
         exp = verified["exp"]
-        if not isinstance(exp, int | float) or exp <= now:
+        if exp <= now:
             raise IdentityError(SvidDetail.JWT_SVID_EXPIRED, "the token has expired")
         return VerifiedJwtSvid(str(spiffe_id), trust_domain, int(exp))

@@ -2,107 +2,83 @@
 
 Two sources produce it: PEM files (:func:`load_identity_files`, re-read on change like the rest of
 the configuration) and the SPIFFE Workload API (:mod:`sidecar.identity.workload_api`). Either way
-the value is swapped atomically, and verifiers built from it are rebuilt with it.
+the SVID is validated (:mod:`sidecar.identity.local_svid`) before it is used, the value is swapped
+atomically, and verifiers built from it are rebuilt with it.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes, PublicKeyTypes
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from jwt import PyJWKSet
 from jwt.exceptions import PyJWKSetError
 
-from sidecar.errors import AgentAuthzError, ErrorCode, KeyLoadError, SpiffeIdError
-from sidecar.identity.bundles import TrustBundles
-from sidecar.identity.spiffe_id import parse_spiffe_id
+from sidecar.errors import BundleDetail, ConfigError, ErrorCode, KeyLoadError, SvidDetail
+from sidecar.identity.bundles import (
+    BundleError,
+    TrustBundles,
+    log_ignored,
+    parse_bundle_document,
+    parse_x509_bundle_pem,
+)
+from sidecar.identity.local_svid import (
+    KeyMismatchError,
+    LocalIdentityError,
+    Svid,
+    parse_svid_pem,
+    validate_local_svid,
+)
 
-__all__ = ["IdentityState", "KeyMismatchError", "Svid", "load_identity_files", "parse_jwt_bundle", "svid_from_chain"]
+__all__ = ["IdentityLoadError", "IdentityState", "KeyMismatchError", "Svid", "load_identity_files", "parse_jwt_bundle"]
 
 
-class KeyMismatchError(AgentAuthzError, ValueError):
-    """The private key does not belong to the SVID's leaf certificate (a ``ValueError`` too, as the
-    other reasons :func:`svid_from_chain` refuses a chain)."""
-
-    code = ErrorCode.KEY_MISMATCH
-
-
-@dataclass(frozen=True, slots=True)
-class Svid:
-    """This agent's X.509-SVID.
+class IdentityLoadError(KeyLoadError):
+    """An ``identity.files`` file is unusable: the SVID, its key or a trust bundle.
 
     Attributes:
-        spiffe_id: the ID in the leaf's URI SAN.
-        chain: leaf first.
-        private_key: the leaf's key (not in ``repr``).
-        serial: leaf serial number, hex.
-        not_after: leaf expiry, POSIX seconds.
-        x5t_s256: base64url SHA-256 of the leaf DER (RFC 8705 §3.1 ``cnf`` member).
+        detail: the sub-code: :class:`~sidecar.errors.SvidDetail` (``svid_*``,
+            ``identity_file_unreadable``) or :class:`~sidecar.errors.BundleDetail` (``bundle_*``).
     """
 
-    spiffe_id: str
-    chain: tuple[x509.Certificate, ...]
-    private_key: PrivateKeyTypes = field(repr=False)
-    serial: str
-    not_after: float
-    x5t_s256: str
+    code = ErrorCode.IDENTITY_INVALID
+    detail: SvidDetail | BundleDetail
+
+    def __init__(self, file: str, field: str, error: LocalIdentityError | BundleError | ConfigError) -> None:
+        if isinstance(error, ConfigError):
+            self.detail = SvidDetail.IDENTITY_FILE_UNREADABLE
+            super().__init__(file, field, f"{self.detail}: {error.reason}")
+        else:
+            self.detail = error.detail
+            super().__init__(file, field, str(error))
 
 
 @dataclass(frozen=True, slots=True)
 class IdentityState:
-    """The agent's SVID and the trust bundles, from one source at one moment."""
+    """The agent's SVID and the trust bundles, from one source at one moment.
+
+    Attributes:
+        svid: the validated local SVID.
+        bundles: the trust bundles.
+        source: ``files`` or ``workload_api``.
+        problems: refused updates not yet superseded by a good one (``"<sub-code>: <reason>"``); this
+            state is the last good one.
+    """
 
     svid: Svid
     bundles: TrustBundles
     source: str
-
-
-def svid_from_chain(chain: list[x509.Certificate], key: PrivateKeyTypes) -> Svid:
-    """Build an :class:`Svid` from a certificate chain (leaf first) and its key.
-
-    Raises:
-        ValueError: no certificates, no single URI SAN, an invalid SPIFFE ID, or a key that does
-            not match the leaf (:class:`KeyMismatchError`).
-    """
-    if not chain:
-        raise ValueError("no certificate")
-    leaf = chain[0]
-    try:
-        uris = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
-            x509.UniformResourceIdentifier
-        )
-    except x509.ExtensionNotFound:
-        uris = []
-    if len(uris) != 1:
-        raise ValueError(f"the SVID must have exactly one URI SAN, it has {len(uris)}")
-    try:
-        spiffe_id = str(parse_spiffe_id(uris[0]))
-    except SpiffeIdError as exc:
-        raise ValueError(str(exc)) from None
-    pub = serialization.PublicFormat.SubjectPublicKeyInfo
-    if leaf.public_key().public_bytes(serialization.Encoding.DER, pub) != key.public_key().public_bytes(
-        serialization.Encoding.DER, pub
-    ):
-        raise KeyMismatchError("the private key does not match the SVID")
-    digest = leaf.fingerprint(hashes.SHA256())
-    return Svid(
-        spiffe_id=spiffe_id,
-        chain=tuple(chain),
-        private_key=key,
-        serial=format(leaf.serial_number, "x"),
-        not_after=leaf.not_valid_after_utc.timestamp(),
-        x5t_s256=base64.urlsafe_b64encode(digest).rstrip(b"=").decode(),
-    )
+    problems: tuple[str, ...] = ()
 
 
 def parse_jwt_bundle(data: bytes) -> dict[str, PublicKeyTypes]:
-    """Parse a JWKS (SPIFFE bundle format) into ``kid -> public key``.
+    """Parse a plain JWKS of issuer keys (grant issuers) into ``kid -> public key``.
+
+    Trust bundles of JWT-SVID signers are SPIFFE bundles: read them with
+    :func:`sidecar.identity.bundles.parse_bundle_document` (its ``use`` rule applies).
 
     Raises:
         ValueError: not a JWKS, or a key without ``kid``.
@@ -128,46 +104,54 @@ def load_identity_files(
     bundles: Mapping[str, Path],
     jwt_bundles: Mapping[str, Path],
     file: str,
+    now: float,
 ) -> IdentityState:
-    """Load the SVID, key and bundles named in ``identity.files``.
+    """Load and validate the SVID, key and bundles named in ``identity.files``.
+
+    The SVID must pass :func:`~sidecar.identity.local_svid.validate_local_svid` against the
+    bundles loaded with it (so it must chain to its own trust domain's bundle, and not be expired).
 
     Args:
         read: reads a file named in config: ``(path, field) -> bytes`` (records it for reload).
         svid / key: the ``svid`` (PEM chain, leaf first) and ``key`` files.
-        bundles / jwt_bundles: trust domain -> X.509 bundle (PEM) / JWT bundle (JWKS) file.
+        bundles / jwt_bundles: trust domain -> X.509 bundle (PEM) / JWT bundle (SPIFFE bundle or JWKS) file.
         file: the config file, for error messages.
+        now: POSIX seconds.
 
     Raises:
-        KeyLoadError: a file is missing or does not parse; errors name the field.
+        IdentityLoadError: a file is missing, unreadable or empty (``identity_file_unreadable``),
+            does not parse, or the SVID is invalid; errors name the field and start with the sub-code.
     """
-    chain_pem = read(svid, "identity.files.svid")
-    key_pem = read(key, "identity.files.key")
-    try:
-        chain = x509.load_pem_x509_certificates(chain_pem)
-    except ValueError as exc:
-        raise KeyLoadError(file, "identity.files.svid", f"not PEM certificates ({exc})") from None
-    try:
-        private_key = serialization.load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise KeyLoadError(file, "identity.files.key", f"not an unencrypted PEM private key ({exc})") from None
-    try:
-        agent_svid = svid_from_chain(chain, private_key)
-    except KeyMismatchError as exc:
-        raise KeyLoadError(file, "identity.files.key", str(exc)) from None
-    except ValueError as exc:
-        raise KeyLoadError(file, "identity.files.svid", str(exc)) from None
+
+    def checked_read(path: Path, field_name: str) -> bytes:
+        try:
+            return read(path, field_name)
+        except ConfigError as exc:
+            raise IdentityLoadError(file, field_name, exc) from None
+
+    chain_pem = checked_read(svid, "identity.files.svid")
+    key_pem = checked_read(key, "identity.files.key")
     x509_bundles = {}
     for trust_domain, path in sorted(bundles.items()):
         field_name = f"identity.files.bundles.{trust_domain}"
         try:
-            x509_bundles[trust_domain] = tuple(x509.load_pem_x509_certificates(read(path, field_name)))
-        except ValueError as exc:
-            raise KeyLoadError(file, field_name, f"not PEM certificates ({exc})") from None
+            x509_bundles[trust_domain] = parse_x509_bundle_pem(checked_read(path, field_name))
+        except BundleError as exc:
+            raise IdentityLoadError(file, field_name, exc) from None
     jwt_keys = {}
     for trust_domain, path in sorted(jwt_bundles.items()):
         field_name = f"identity.files.jwt_bundles.{trust_domain}"
         try:
-            jwt_keys[trust_domain] = parse_jwt_bundle(read(path, field_name))
-        except ValueError as exc:
-            raise KeyLoadError(file, field_name, str(exc)) from None
-    return IdentityState(agent_svid, TrustBundles(x509_bundles, jwt_keys), "files")
+            document = parse_bundle_document(checked_read(path, field_name))
+        except BundleError as exc:
+            raise IdentityLoadError(file, field_name, exc) from None
+        log_ignored(trust_domain, document, source=field_name)
+        jwt_keys[trust_domain] = document.jwt_authorities
+    trust = TrustBundles(x509_bundles, jwt_keys)
+    try:
+        chain, private_key = parse_svid_pem(chain_pem, key_pem)
+        agent_svid = validate_local_svid(chain, private_key, trust, now=now)
+    except LocalIdentityError as exc:
+        key_fault = exc.detail in (SvidDetail.SVID_BAD_PRIVATE_KEY, SvidDetail.SVID_KEY_MISMATCH)
+        raise IdentityLoadError(file, "identity.files.key" if key_fault else "identity.files.svid", exc) from None
+    return IdentityState(agent_svid, trust, "files")

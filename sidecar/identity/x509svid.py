@@ -10,12 +10,17 @@ Checks, in order (each failure has a stable ``detail`` code):
 * ``svid_malformed`` - not URL-encoded PEM certificates, or over 64 KiB;
 * ``svid_no_uri_san`` / ``svid_multiple_uri_sans`` - exactly one URI SAN (X509-SVID §2);
 * ``svid_invalid_spiffe_id`` - the URI SAN is a strict SPIFFE ID with a path (SPIFFE-ID §2, X509-SVID §3.1);
-* ``svid_leaf_is_ca`` - ``CA:TRUE`` on the leaf (X509-SVID §4.1);
+* ``svid_no_basic_constraints`` / ``svid_leaf_is_ca`` - the leaf must carry basicConstraints with
+  ``CA:FALSE`` (X509-SVID §4.1, §5.2);
 * ``svid_bad_key_usage`` - key usage present with ``digitalSignature``, without ``keyCertSign``
   or ``cRLSign`` (X509-SVID §4.3);
 * ``svid_not_yet_valid`` / ``svid_expired`` - validity window;
 * ``svid_unknown_trust_domain`` - no bundle for the ID's trust domain;
-* ``svid_chain_invalid`` - no chain to an authority in *that* trust domain's bundle (X509-SVID §5.2).
+* ``svid_chain_invalid`` - no chain to an authority in *that* trust domain's bundle (X509-SVID §5.2);
+  a bundle that is present but empty trusts nothing (Trust Domain and Bundle §4.1.3).
+
+The same checks (:func:`check_leaf` and :meth:`X509SvidVerifier.verify_certificates`) validate the
+sidecar's own SVID (:mod:`sidecar.identity.local_svid`).
 
 Verified results are cached by the encoded certificate (and chain) until the
 certificate expires; a bundle change means a new verifier, so a new cache.
@@ -36,7 +41,7 @@ from sidecar.errors import IdentityError, SpiffeIdError, SvidDetail
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.spiffe_id import parse_spiffe_id
 
-__all__ = ["VerifiedSvid", "X509SvidVerifier", "chain_from_xfcc", "check_svid_leaf"]
+__all__ = ["VerifiedSvid", "X509SvidVerifier", "chain_from_xfcc", "check_leaf"]
 
 _MAX_PEM = 64 * 1024
 _XFCC_CHAIN = re.compile(r'(?:^|;)Chain="([^"]*)"')
@@ -85,7 +90,25 @@ def _decode(encoded: str, what: str) -> list[x509.Certificate]:
         raise IdentityError(SvidDetail.SVID_MALFORMED, f"{what} does not parse ({exc})") from None
 
 
-def _check_leaf(leaf: x509.Certificate, now: float) -> tuple[str, str]:
+def check_leaf(leaf: x509.Certificate, now: float) -> tuple[str, str]:
+    """Check ``leaf`` against the X509-SVID leaf profile and its validity window at ``now``.
+
+    One URI SAN holding a SPIFFE ID with a path (X509-SVID §2, §3.1; SPIFFE-ID §2), basicConstraints
+    with ``CA:FALSE`` (§4.1, §5.2), keyUsage with ``digitalSignature`` and without ``keyCertSign`` /
+    ``cRLSign`` (§4.3), ``notBefore <= now < notAfter``.
+
+    Args:
+        leaf: the certificate.
+        now: POSIX seconds.
+
+    Returns:
+        ``(spiffe_id, trust_domain)``.
+
+    Raises:
+        IdentityError: ``svid_malformed``, ``svid_no_uri_san``, ``svid_multiple_uri_sans``,
+            ``svid_invalid_spiffe_id``, ``svid_no_basic_constraints``, ``svid_leaf_is_ca``,
+            ``svid_bad_key_usage``, ``svid_not_yet_valid`` or ``svid_expired``.
+    """
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
@@ -103,14 +126,20 @@ def _check_leaf(leaf: x509.Certificate, now: float) -> tuple[str, str]:
         raise IdentityError(SvidDetail.SVID_INVALID_SPIFFE_ID, str(exc)) from None
     try:
         basic = leaf.extensions.get_extension_for_class(x509.BasicConstraints).value
-        if basic.ca:
-            raise IdentityError(SvidDetail.SVID_LEAF_IS_CA, "the leaf has CA:TRUE")
     except x509.ExtensionNotFound:
-        pass
+        raise IdentityError(
+            SvidDetail.SVID_NO_BASIC_CONSTRAINTS, "the leaf has no basicConstraints (it must set CA:FALSE)"
+        ) from None
+    except ValueError as exc:
+        raise IdentityError(SvidDetail.SVID_MALFORMED, f"bad basicConstraints ({exc})") from None
+    if basic.ca:
+        raise IdentityError(SvidDetail.SVID_LEAF_IS_CA, "the leaf has CA:TRUE")
     try:
         usage = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         raise IdentityError(SvidDetail.SVID_BAD_KEY_USAGE, "the leaf has no keyUsage extension") from None
+    except ValueError as exc:
+        raise IdentityError(SvidDetail.SVID_MALFORMED, f"bad keyUsage ({exc})") from None
     if not usage.digital_signature or usage.key_cert_sign or usage.crl_sign:
         raise IdentityError(
             SvidDetail.SVID_BAD_KEY_USAGE, "keyUsage must have digitalSignature, not keyCertSign/cRLSign"
@@ -120,20 +149,6 @@ def _check_leaf(leaf: x509.Certificate, now: float) -> tuple[str, str]:
     if now >= leaf.not_valid_after_utc.timestamp():
         raise IdentityError(SvidDetail.SVID_EXPIRED, "the certificate has expired")
     return str(spiffe_id), str(spiffe_id.trust_domain)
-
-
-def check_svid_leaf(leaf: x509.Certificate, now: float) -> tuple[str, str]:
-    """The X509-SVID profile checks of a leaf whose chain was verified elsewhere (by OpenSSL during an
-    mTLS handshake against one trust domain's bundle): one URI SAN that is a SPIFFE ID with a path,
-    not a CA, key usage, validity (X509-SVID §2-§4).
-
-    Returns:
-        ``(spiffe_id, trust_domain)``.
-
-    Raises:
-        IdentityError: as :meth:`X509SvidVerifier.verify` (never ``svid_chain_invalid``).
-    """
-    return _check_leaf(leaf, now)
 
 
 class X509SvidVerifier:
@@ -193,9 +208,13 @@ class X509SvidVerifier:
         Raises:
             IdentityError: as :meth:`verify`.
         """
-        spiffe_id, trust_domain = _check_leaf(leaf, now)
+        spiffe_id, trust_domain = check_leaf(leaf, now)
         store = self._stores.get(trust_domain)
         if store is None:
+            if trust_domain in self.bundles.x509:
+                raise IdentityError(
+                    SvidDetail.SVID_CHAIN_INVALID, f"the {trust_domain} bundle is empty: it trusts nothing"
+                )
             raise IdentityError(SvidDetail.SVID_UNKNOWN_TRUST_DOMAIN, f"no trust bundle for {trust_domain}")
         fingerprint = leaf.fingerprint(hashes.SHA256())
         intermediates = [c for c in chain if c.fingerprint(hashes.SHA256()) != fingerprint]

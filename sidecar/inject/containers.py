@@ -8,8 +8,8 @@
    ``/run/agent-authz`` emptyDir, then becomes Envoy), same security context.
 
 The pod's own containers may not escape the interception rules (the proxy UID or GID, privileged,
-``NET_ADMIN``/``NET_RAW``/``SYS_ADMIN``); their probe ports bypass inbound mTLS (kubelet has no
-SVID). With ``intercept``, each of them mounts the trust volume and gets the trust variables
+``NET_ADMIN``/``NET_RAW``/``SYS_ADMIN``); their probe and HTTP lifecycle hook ports bypass inbound
+mTLS (kubelet has no SVID). With ``intercept``, each of them mounts the trust volume and gets the trust variables
 (:func:`trust_patch`).
 """
 
@@ -73,10 +73,36 @@ def check_security(spec: Mapping[str, Any], config: InjectorConfig, *, ours: fro
             )
 
 
+def _resolve_port(port: object, named: Mapping[str, object], name: str, where: str) -> int | None:
+    """A probe's or hook's ``port`` (number, digit string or container port name) as a number."""
+    if isinstance(port, str) and not port.isdigit():
+        resolved = named.get(port)
+        if not isinstance(resolved, int):
+            raise InjectionDenied(
+                f"container {name!r}: {where} names port {port!r}, which the container does not declare"
+            )
+        port = resolved
+    if isinstance(port, str):
+        port = int(port)
+    return port if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535 else None
+
+
 def probed_ports(spec: Mapping[str, Any], ours: frozenset[str]) -> tuple[list[int], list[str]]:
-    """Ports kubelet probes (httpGet, tcpSocket, grpc) on the pod's own containers, and warnings."""
+    """Ports the kubelet calls on the pod IP for the pod's own containers, and warnings.
+
+    Probes (httpGet, tcpSocket, grpc) and HTTP lifecycle hooks (``postStart`` / ``preStop``
+    ``httpGet`` without a ``host``: the kubelet calls them on the pod IP) come without an SVID, so
+    their ports are excluded from inbound interception, as Istio does for the probes it does not
+    rewrite: refusing such pods would forbid a common pattern, and intercepting them fails the mTLS
+    handshake (a failing ``postStart`` gets the container killed). A hook ``httpGet`` with a
+    ``host`` calls that host, not this pod: nothing to exclude. ``tcpSocket`` hooks are not run by
+    the kubelet; ``exec`` and ``sleep`` hooks use no port.
+
+    Raises:
+        InjectionDenied: a probe or hook names a port the container does not declare.
+    """
     ports: set[int] = set()
-    warnings: list[str] = []
+    hook_ports: set[int] = set()
     for _, container in containers_of(spec):
         name = str(container.get("name", "?"))
         if name in ours:
@@ -92,23 +118,31 @@ def probed_ports(spec: Mapping[str, Any], ours: frozenset[str]) -> tuple[list[in
                 if handler not in probe:
                     continue
                 port = mapping(probe[handler], f"{name}.{probe_kind}.{handler}").get("port")
-                if isinstance(port, str) and not port.isdigit():
-                    resolved = named.get(port)
-                    if not isinstance(resolved, int):
-                        raise InjectionDenied(
-                            f"container {name!r}: {probe_kind} names port {port!r}, "
-                            "which the container does not declare"
-                        )
-                    port = resolved
-                if isinstance(port, str):
-                    port = int(port)
-                if isinstance(port, int) and 1 <= port <= 65535:
-                    ports.add(port)
+                resolved = _resolve_port(port, named, name, probe_kind)
+                if resolved is not None:
+                    ports.add(resolved)
+        lifecycle = mapping(container.get("lifecycle"), f"{name}.lifecycle")
+        for hook_kind in ("postStart", "preStop"):
+            hook = mapping(lifecycle.get(hook_kind), f"{name}.lifecycle.{hook_kind}")
+            if "httpGet" not in hook:
+                continue
+            action = mapping(hook["httpGet"], f"{name}.lifecycle.{hook_kind}.httpGet")
+            if action.get("host"):
+                continue
+            resolved = _resolve_port(action.get("port"), named, name, f"lifecycle.{hook_kind}")
+            if resolved is not None:
+                hook_ports.add(resolved)
+    warnings: list[str] = []
     if ports:
         warnings.append(
             f"agent-authz: probe port(s) {','.join(map(str, sorted(ports)))} bypass inbound mTLS (kubelet has no SVID)"
         )
-    return sorted(ports), warnings
+    if hook_ports:
+        warnings.append(
+            f"agent-authz: lifecycle hook port(s) {','.join(map(str, sorted(hook_ports)))} bypass inbound mTLS "
+            "(kubelet has no SVID)"
+        )
+    return sorted(ports | hook_ports), warnings
 
 
 def _resources(resources: Resources) -> Json:
@@ -203,6 +237,7 @@ def build_containers(config: InjectorConfig, probe_ports: list[int]) -> list[Jso
         {"name": layout.VOLUME_KEYS, "mountPath": layout.KEYS_DIR, "readOnly": True},
         run,
         {"name": layout.VOLUME_LOGS, "mountPath": layout.LOG_DIR},
+        {"name": layout.VOLUME_STATE, "mountPath": layout.STATE_DIR},  # the sidecar's alone, not Envoy's
         spire,
     ]
     if config.intercept:  # the sidecar publishes the pod CA there (the agent mounts it read-only)

@@ -11,6 +11,8 @@ path                                  volume                   content
 ``/etc/agent-authz/keys/``            Secret                   ``signing.pem`` (token signing key)
 ``/run/agent-authz/``                 emptyDir (memory)        ext_authz socket, rendered ``envoy.json``
 ``/var/log/agent-authz/``             emptyDir                 the decision log
+``/var/lib/agent-authz/``             emptyDir                 the durable state (``state/state.db``, dir
+                                                               ``0700``); only the sidecar mounts it
 ``/spiffe-workload-api/``             CSI (csi.spiffe.io)      the SPIRE agent socket
                                       or hostPath
 ``/tmp/``  (init step only)           emptyDir (memory)        the xtables lock (read-only root filesystem)
@@ -46,6 +48,8 @@ __all__ = [
     "REVOKED_FILE",
     "RUN_DIR",
     "SIGNING_KEY_FILE",
+    "STATE_DIR",
+    "STATE_FILE",
     "STATUS_INJECTED",
     "TASK_FILE",
     "TMP_DIR",
@@ -55,6 +59,7 @@ __all__ = [
     "VOLUME_LOGS",
     "VOLUME_POD",
     "VOLUME_RUN",
+    "VOLUME_STATE",
     "VOLUME_TMP",
     "VOLUME_TRUST",
     "VOLUME_WORKLOAD_API",
@@ -84,6 +89,7 @@ VOLUME_POD = "agent-authz-pod"
 VOLUME_KEYS = "agent-authz-signing-key"
 VOLUME_RUN = "agent-authz-run"
 VOLUME_LOGS = "agent-authz-logs"
+VOLUME_STATE = "agent-authz-state"
 VOLUME_TMP = "agent-authz-tmp"
 VOLUME_WORKLOAD_API = "agent-authz-workload-api"
 VOLUME_TRUST = TRUST_VOLUME
@@ -98,6 +104,10 @@ SIGNING_KEY_FILE = f"{KEYS_DIR}/signing.pem"
 RUN_DIR = "/run/agent-authz"
 ENVOY_BOOTSTRAP = f"{RUN_DIR}/envoy.json"
 LOG_DIR = "/var/log/agent-authz"
+STATE_DIR = "/var/lib/agent-authz"
+"""The state volume's mount point (an emptyDir: kept across container restarts, mode ``0777`` at its root)."""
+STATE_FILE = f"{STATE_DIR}/state/state.db"
+"""``state.path``: in a subdirectory the sidecar creates ``0700``, as the volume's root is open to all."""
 WORKLOAD_API_DIR = "/spiffe-workload-api"
 TMP_DIR = "/tmp"  # noqa: S108 - the init container's own emptyDir
 INTERCEPT_STATE_DIR = f"{RUN_DIR}/intercept"

@@ -79,6 +79,7 @@ def build_volumes(config: InjectorConfig) -> list[Json]:
         },
         {"name": layout.VOLUME_RUN, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}},
         {"name": layout.VOLUME_LOGS, "emptyDir": {"sizeLimit": settings.logs_size_limit}},
+        {"name": layout.VOLUME_STATE, "emptyDir": {"sizeLimit": settings.state_size_limit}},
         {"name": layout.VOLUME_TMP, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         {"name": layout.VOLUME_WORKLOAD_API, **workload},
         *([trust_volume(layout.VOLUME_TRUST)] if config.intercept else []),

@@ -120,12 +120,14 @@ class InjectorSettings(_Model):
             template: not checked (a warning instead).
         workload_api: the SPIRE agent socket volume.
         exclude_inbound_ports / exclude_outbound_cidrs / exclude_outbound_ports / allow_non_tcp:
-            passed to ``agent-authz iptables``. The health port and the pod's probe ports are
-            always excluded from inbound interception (kubelet has no SVID).
+            passed to ``agent-authz iptables``. The health port, the pod's probe ports and its HTTP
+            lifecycle hook ports are always excluded from inbound interception (kubelet has no SVID).
         allow_opt_out: whether ``agent-authz.io/inject: "false"`` is honoured (else refused).
         require_run_as_user: refuse containers without an explicit ``runAsUser`` (an image's own
             ``USER`` cannot be seen at admission and might be the proxy UID).
         logs_size_limit: ``sizeLimit`` of the decision-log emptyDir.
+        state_size_limit: ``sizeLimit`` of the durable-state emptyDir (disk-backed: it survives
+            container restarts, and a node reboot that keeps the pod).
         init / sidecar / envoy: per-container settings.
     """
 
@@ -147,6 +149,7 @@ class InjectorSettings(_Model):
     allow_opt_out: bool = True
     require_run_as_user: bool = False
     logs_size_limit: str = "256Mi"
+    state_size_limit: str = "64Mi"
     init: ContainerSettings = ContainerSettings()
     sidecar: SidecarContainerSettings = SidecarContainerSettings()
     envoy: EnvoyContainerSettings = EnvoyContainerSettings()
@@ -190,7 +193,7 @@ class InjectorSettings(_Model):
             raise ValueError(str(exc)) from None
         return value
 
-    @field_validator("logs_size_limit")
+    @field_validator("logs_size_limit", "state_size_limit")
     @classmethod
     def _size(cls, value: str) -> str:
         if not _QUANTITY.match(value):
@@ -279,6 +282,8 @@ def check_layout(config: SidecarConfig) -> list[str]:
     log_path = config.decision_log.path
     if log_path is not None and Path(log_path).parent != Path(layout.LOG_DIR):
         problems.append(f"decision_log.path must be in {layout.LOG_DIR}/")
+    if config.state.path is None or Path(config.state.path) != Path(layout.STATE_FILE):
+        problems.append(f"state.path must be {layout.STATE_FILE} (the sidecar's own volume; a restart forgets nothing)")
     intercept = config.intercept
     if intercept is not None:
         if Path(intercept.state_dir) != Path(layout.INTERCEPT_STATE_DIR):

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.agentproto.rules import compile_protocol
 from sidecar.config.schema import EgressRuleSpec, TaskSpec
 from sidecar.grants.model import Grant
 from sidecar.policy.model import Credential, EgressRule, PathMatcher, PolicyIndex, Task
@@ -49,14 +50,17 @@ def rule_budget_key(spec: EgressRuleSpec) -> str:
     }
     if spec.tls != "none":
         shape["tls"] = spec.tls
+    if spec.protocol != "http":
+        shape["protocol"] = spec.protocol
     return "h:" + hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _compile_rule(index: int, spec: EgressRuleSpec, credential: Credential | None) -> EgressRule:
     methods = None if "*" in spec.methods else frozenset(spec.methods)
+    budget_key = rule_budget_key(spec)
     return EgressRule(
         name=spec.name or f"egress[{index}]",
-        budget_key=rule_budget_key(spec),
+        budget_key=budget_key,
         host=spec.host,
         port=spec.port,
         methods=methods,
@@ -68,6 +72,7 @@ def _compile_rule(index: int, spec: EgressRuleSpec, credential: Credential | Non
         credential=credential,
         tls=spec.tls,
         upstream_port=spec.upstream_port,
+        rpc=compile_protocol(spec, budget_key),
     )
 
 

@@ -1,36 +1,58 @@
 """The egress decision: select the task, match the call, spend the budget, attach obligations.
 
-The function is synchronous and does no I/O: between the budget check and the budget spend nothing
-yields to the event loop, so budgets are exact under concurrency.
+The function is synchronous: between the budget check and the budget spend nothing yields to the
+event loop, so budgets are exact under concurrency. Its only I/O is the spend's commit to the durable
+state, when there is one (:class:`~sidecar.policy.budget.CounterJournal`), done inside the spend.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from sidecar.agentproto.rules import ProtocolPolicy, RpcVerdict, ToolRule, judge
 from sidecar.decision import AuthzRequest, Decision, Direction, Reason, deny_status
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_target
 from sidecar.policy.budget import BudgetLedger, budget_limits
 from sidecar.policy.model import EgressRule, PolicyIndex, Task, task_state
 from sidecar.tokens.minter import TokenMinter
-from sidecar.wire import DECISION_ID_HEADER, TASK_HEADER
+from sidecar.wire import DECISION_ID_HEADER, LIST_FILTER_HEADER, TASK_HEADER
 
 __all__ = ["decide_egress", "dry_run"]
 
-_ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER)
+_ALWAYS_REMOVE = ("proxy-authorization", TASK_HEADER, LIST_FILTER_HEADER)
 _ALWAYS_REMOVE_WITH_AUTHORIZATION = (*_ALWAYS_REMOVE, "authorization")
 _AGENT_CREDENTIALS = ("authorization", *_ALWAYS_REMOVE)
 
-# How far a rule got before it failed; the deepest failure explains a deny best.
-_STAGES = (Reason.HOST_NOT_ALLOWED, Reason.PORT_NOT_ALLOWED, Reason.METHOD_NOT_ALLOWED, Reason.PATH_NOT_ALLOWED)
+# How far a rule got before it failed; the deepest failure explains a deny best. After the path come
+# the JSON-RPC checks of MCP/A2A rules, and last the problems of the body itself (the same for every rule).
+_STAGES = (
+    Reason.HOST_NOT_ALLOWED,
+    Reason.PORT_NOT_ALLOWED,
+    Reason.METHOD_NOT_ALLOWED,
+    Reason.PATH_NOT_ALLOWED,
+    Reason.RPC_METHOD_NOT_ALLOWED,
+    Reason.RESOURCE_NOT_ALLOWED,
+    Reason.PROMPT_NOT_ALLOWED,
+    Reason.TOOL_NOT_ALLOWED,
+    Reason.ARGUMENT_NOT_ALLOWED,
+    Reason.MCP_BODY_UNAVAILABLE,
+    Reason.MCP_INVALID_BODY,
+    Reason.MCP_BODY_TOO_LARGE,
+    Reason.MCP_AMBIGUOUS_BODY,
+    Reason.MCP_HEADER_MISMATCH,
+)
+_RpcJudge = Callable[[ProtocolPolicy], RpcVerdict]
 
 
 @dataclass(frozen=True, slots=True)
 class _Match:
-    rules: tuple[EgressRule, ...]  # rules that match host, port, method and path
+    rules: tuple[EgressRule, ...]  # rules that match host, port, method and path (and the JSON-RPC message)
     reason: Reason  # deepest failure when ``rules`` is empty
+    verdicts: Mapping[int, RpcVerdict] = field(default_factory=dict)  # id(rule) -> verdict, MCP/A2A rules
+    detail: str = ""
 
 
 _HTTP_PORT = DEFAULT_PORTS["http"]
@@ -46,7 +68,18 @@ def _fits(rule: EgressRule, port: int, intercepted: bool) -> bool:
     return not intercepted and rule.tls != "passthrough" and (rule.port or _HTTP_PORT) == port
 
 
-def _match(task: Task, target: Target, method: str, intercepted: bool = False) -> _Match:
+def _judge_rpc(matched: tuple[EgressRule, ...], rpc: _RpcJudge) -> _Match:
+    """Judge the JSON-RPC message against the MCP/A2A rules among ``matched`` (plain rules pass)."""
+    verdicts = {id(rule): rpc(rule.rpc) for rule in matched if rule.rpc is not None}
+    allowed = tuple(r for r in matched if r.rpc is None or verdicts[id(r)].refusal is None)
+    if allowed:
+        return _Match(allowed, Reason.ALLOWED, verdicts)
+    deepest = max(verdicts.values(), key=lambda v: _STAGES.index(Reason(v.refusal or Reason.ALLOWED)))
+    assert deepest.refusal is not None
+    return _Match((), Reason(deepest.refusal), verdicts, deepest.detail)
+
+
+def _match(task: Task, target: Target, method: str, intercepted: bool = False, rpc: _RpcJudge | None = None) -> _Match:
     candidates = task.rules_for_host(target.host)
     if not candidates:
         return _NO_HOST
@@ -58,6 +91,8 @@ def _match(task: Task, target: Target, method: str, intercepted: bool = False) -
         and (rule.methods is None or method in rule.methods)
         and rule.paths.matches(path)
     )
+    if matched and rpc is not None and any(rule.rpc is not None for rule in matched):
+        return _judge_rpc(matched, rpc)
     if matched:
         return _Match(matched, Reason.ALLOWED)
     deepest = 0  # nothing allows it: find the check that failed last, to explain the deny
@@ -69,6 +104,20 @@ def _match(task: Task, target: Target, method: str, intercepted: bool = False) -
             deepest = 2
             break
     return _Match((), _STAGES[deepest + 1])
+
+
+def _charge(
+    task: Task, rules: tuple[EgressRule, ...], match: _Match, budgets: BudgetLedger
+) -> tuple[EgressRule, ToolRule | None] | None:
+    """The first (rule, tools entry) with budget left, charged; ``None`` when all are spent. A
+    ``tools/call`` is charged to the task, the rule and the tools entry at once."""
+    for rule in rules:
+        verdict = match.verdicts.get(id(rule))
+        for tool in verdict.tools if verdict is not None and verdict.tools else (None,):
+            limits = budget_limits(task, rule, tool)
+            if budgets.available(limits):
+                return (rule, tool) if budgets.try_consume(limits) else None
+    return None
 
 
 def _default_audience(scheme: str, target: Target) -> str:
@@ -120,6 +169,11 @@ def decide_egress(
         "tls": "intercept" if intercept else "",
         "upstream_verify": intercept.upstream_verify if intercept else "",
     }
+    rpc_protocol = request.rpc.protocol if request.rpc is not None else ""
+    judged: list[tuple[str, RpcVerdict]] = []
+    rpc = _rpc_judge(request, method, judged)
+    if rpc_protocol:
+        seen["rpc_protocol"] = rpc_protocol
     try:
         if method == "CONNECT":
             raise BadRequestError("CONNECT is accepted only to port 443 (the proxy intercepts HTTPS there)")
@@ -140,11 +194,13 @@ def decide_egress(
             **seen,
         )
     task, outcome, detail = _select(
-        policy, request.headers.get(TASK_HEADER), agent, target, method, now, intercept is not None, feed_stale
+        policy, request.headers.get(TASK_HEADER), agent, target, method, now, intercept is not None, rpc, feed_stale
     )
     if task is not None:
         seen.update(task_id=task.id, on_behalf_of=task.on_behalf_of, txn=task.txn, act_chain=task.act_chain)
     rule: EgressRule | None = None
+    tool: ToolRule | None = None
+    match = outcome if isinstance(outcome, _Match) else None
     if isinstance(outcome, _Match):
         rules = outcome.rules
         if not request.upstream_tls:
@@ -154,9 +210,17 @@ def decide_egress(
             detail = "the rule needs 'tls: originate' and this Envoy route sends plain HTTP (re-render the bootstrap)"
         else:
             assert task is not None
-            rule = next((r for r in rules if budgets.available(budget_limits(task, r))), None)
-            if rule is None or not budgets.try_consume(budget_limits(task, rule)):
-                rule, outcome, detail = None, Reason.BUDGET_EXHAUSTED, "the task's call budget is spent"
+            charged = _charge(task, rules, outcome, budgets)
+            if charged is None:
+                outcome, detail = Reason.BUDGET_EXHAUSTED, "the task's call budget is spent"
+            else:
+                rule, tool = charged
+    verdict = None if rule is None or match is None else match.verdicts.get(id(rule))
+    if verdict is None and judged:
+        verdict = judged[0][1]
+    if verdict is not None:
+        protocol = rule.rpc.protocol if rule is not None and rule.rpc is not None else judged[0][0]
+        seen.update(rpc=verdict.record(tool) or None, rpc_id=verdict.rpc_id, rpc_protocol=rpc_protocol or protocol)
     if rule is None:
         reason = outcome if isinstance(outcome, Reason) else Reason.INTERNAL_ERROR
         return Decision(False, reason, deny_status(reason), decision_id, detail, Direction.EGRESS, **seen)
@@ -191,6 +255,15 @@ def decide_egress(
         to_remove = _ALWAYS_REMOVE_WITH_AUTHORIZATION
     if rule.credential is not None:
         to_set.append((rule.credential.header, rule.credential.value))
+    list_filter = None
+    if verdict is not None and rule.rpc is not None and rule.rpc.protocol == "mcp":
+        if verdict.fields.get("method") == "tools/list":
+            assert match is not None
+            list_filter = _visible_tools(match)
+            to_set.append(("accept-encoding", "identity"))  # the filter reads the response as sent
+            to_set.append((LIST_FILTER_HEADER, "1"))  # Envoy runs ext_proc on this response only
+            to_remove = tuple(h for h in to_remove if h != LIST_FILTER_HEADER)
+        seen["list_filter"] = list_filter
     return Decision(
         True,
         Reason.ALLOWED,
@@ -206,6 +279,33 @@ def decide_egress(
     )
 
 
+def _rpc_judge(request: AuthzRequest, method: str, judged: list[tuple[str, RpcVerdict]]) -> _RpcJudge:
+    """The judge of this request's JSON-RPC message, once per protocol policy (``(protocol,
+    verdict)`` pairs kept in ``judged`` for the record of a deny)."""
+    cache: dict[int, RpcVerdict] = {}
+    cap = request.rpc.body_cap if request.rpc is not None else 0
+    body = request.body if cap else None
+
+    def rpc(policy: ProtocolPolicy) -> RpcVerdict:
+        verdict = cache.get(id(policy))
+        if verdict is None:
+            verdict = judge(policy, http_method=method, headers=request.headers, body=body, cap=cap)
+            cache[id(policy)] = verdict
+            judged.append((policy.protocol, verdict))
+        return verdict
+
+    return rpc
+
+
+def _visible_tools(match: _Match) -> tuple[str, ...]:
+    """The tool name patterns of every MCP rule that allowed a ``tools/list``: what it may show."""
+    patterns: dict[str, None] = {}
+    for rule in match.rules:
+        if rule.rpc is not None and rule.rpc.protocol == "mcp":
+            patterns.update(dict.fromkeys(rule.rpc.tool_names.patterns))
+    return tuple(patterns)
+
+
 def _select(
     policy: PolicyIndex,
     chosen: str | None,
@@ -214,6 +314,7 @@ def _select(
     method: str,
     now: float,
     intercepted: bool,
+    rpc: _RpcJudge | None = None,
     feed_stale: str | None = None,
 ) -> tuple[Task | None, _Match | Reason, str]:
     """Pick the task and match the call: ``(task, match or deny reason, detail)``."""
@@ -226,7 +327,7 @@ def _select(
         state = task_state(task, now, feed_stale)
         if state is not None:
             return task, state, f"task is {state.value.removeprefix('task_').replace('_', ' ')}"
-        return _explained(task, _match(task, target, method, intercepted))
+        return _explained(task, _match(task, target, method, intercepted, rpc))
     tasks = policy.tasks_by_agent.get(agent, ())
     if not tasks:
         return None, Reason.NO_TASK, "no task is declared for this agent"
@@ -240,8 +341,8 @@ def _select(
         assert state is not None
         return tasks[0], state, f"no active task (first: {state.value})"
     if len(active) == 1:
-        return _explained(active[0], _match(active[0], target, method, intercepted))
-    results = [(t, _match(t, target, method, intercepted)) for t in active]
+        return _explained(active[0], _match(active[0], target, method, intercepted, rpc))
+    results = [(t, _match(t, target, method, intercepted, rpc)) for t in active]
     allowed = [(t, m) for t, m in results if m.rules]
     if len(allowed) > 1:
         return None, Reason.TASK_AMBIGUOUS, "several active tasks allow this call; name one in x-agent-task"
@@ -253,6 +354,8 @@ def _select(
 def _explained(task: Task, match: _Match) -> tuple[Task, _Match | Reason, str]:
     if match.rules:
         return task, match, ""
+    if match.detail:
+        return task, match.reason, match.detail
     return task, match.reason, f"no egress rule of the task allows this call ({match.reason.value})"
 
 
@@ -262,8 +365,8 @@ def dry_run(decision: Decision) -> Decision:
     A call the policy allows keeps its obligations (token, API key, header removal) and is marked
     ``dry_run``. A call the policy denies becomes an allow with reason ``dry_run``, ``would_reason`` set
     to the deny reason, no token or API key, and the agent's credential headers (``authorization``,
-    ``proxy-authorization``, ``x-agent-task``) still removed, so a credential the task would not have
-    granted never leaves the pod.
+    ``proxy-authorization``, ``x-agent-task``) and the list-filter marker (``x-agent-authz-list-filter``)
+    still removed, so a credential the task would not have granted never leaves the pod.
     """
     if decision.allow:
         return replace(decision, dry_run=True, would_reason=decision.reason)

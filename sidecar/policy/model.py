@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from sidecar.decision import Reason
 
 if TYPE_CHECKING:
+    from sidecar.agentproto.rules import ProtocolPolicy
     from sidecar.grants.model import Grant
 
 __all__ = ["Credential", "EgressRule", "PathMatcher", "PolicyIndex", "Task", "task_state"]
@@ -76,6 +77,7 @@ class EgressRule:
         tls: ``none`` (plain HTTP), ``passthrough`` (a TLS connection judged on SNI; never matches
             an HTTP request) or ``originate`` (HTTP from the agent, TLS from Envoy to the upstream).
         upstream_port: with ``originate``, the upstream TLS port (default 443).
+        rpc: with ``protocol: mcp`` / ``a2a``, the compiled JSON-RPC rules; ``None`` for plain HTTP.
     """
 
     name: str
@@ -91,6 +93,7 @@ class EgressRule:
     credential: Credential | None
     tls: str = "none"
     upstream_port: int | None = None
+    rpc: ProtocolPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,10 @@
 
 The :class:`Runtime` holds the active :class:`~sidecar.runtime.snapshot.Snapshot`, the state that
 outlives it (the :class:`~sidecar.runtime.snapshot.CarriedState`, the call budgets, the token
-cache) and decides each request against the snapshot it reads once.
+cache) and decides each request against the snapshot it reads once. With a
+:class:`~sidecar.state.StateStore` (``state.path``) it starts from the stored state, refuses a file
+that belongs to another agent, and writes every change there before it takes effect: a new
+snapshot's carried state before the swap, a call's budget charge before the allow.
 
 A reload first asks whether a rebuild could change anything: the fingerprints of every file the
 active snapshot read (and of every file the last failed attempt read) are compared with the files
@@ -27,15 +30,16 @@ from typing import Any
 import structlog
 
 from sidecar.config.loader import LoadedConfig, parse_config, read_config_bytes
-from sidecar.decision import AuthzRequest, Decision, Direction, Protocol
-from sidecar.errors import ConfigError, ErrorCode
-from sidecar.identity.state import IdentityState
+from sidecar.decision import AuthzRequest, Decision, Direction, Protocol, Reason
+from sidecar.errors import BundleDetail, ConfigError, ErrorCode, StateError, SvidDetail
+from sidecar.identity.state import IdentityLoadError, IdentityState
 from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.connection import decide_connection
 from sidecar.policy.engine import decide_egress, dry_run
 from sidecar.policy.ingress import IdentityContext, decide_ingress
 from sidecar.runtime.inputs import DISK, FileSource, InputRecorder, Inputs, inputs_unchanged
 from sidecar.runtime.snapshot import CarriedState, Snapshot, build_snapshot
+from sidecar.state.store import StateStore
 from sidecar.tokens.minter import TokenCache
 
 __all__ = ["FeedGate", "Runtime"]
@@ -70,8 +74,10 @@ class Runtime:
         defer: schedules background token refreshes (``loop.call_soon``); ``None`` refreshes inline.
         workload_identity: the first state from the Workload API, when ``identity.source`` is
             ``workload_api`` (later states arrive through :meth:`set_identity`).
-        carried: the state to start from (a fresh process starts from nothing).
+        carried: the state to start from (a fresh process without ``store`` starts from nothing).
         files: where configured files are read from (the disk).
+        store: the durable state: the carried state and the counters start from it, and every
+            change is written to it (its owner, closing it, is the caller).
 
     Attributes:
         snapshot: the active snapshot (read it once per use: a reload may swap it at any time).
@@ -80,12 +86,17 @@ class Runtime:
         reloads: snapshots swapped in after the first.
         reload_failures_by_code: rejected reloads by error code (``ConfigError.code``).
         last_error: why the last reload failed; ``None`` once the files are good again.
-        last_identity_error: why the last Workload API identity was refused, or ``None``.
+        last_identity_error: why the last identity update (files or Workload API) was refused
+            (``"<sub-code>: <reason>"``), or ``None`` once a good one replaced it.
+        identity_rejections: refused identity updates by ``(source, sub-code)`` (the previous
+            identity stayed active).
         feed: the cluster authority's revocation feed (``grants.revocation_feed``), set by ``serve``;
             while it is stale, :meth:`decide` denies ``revocation_feed_stale``.
 
     Raises:
         ConfigError: the initial configuration is invalid (there is no previous one to keep).
+        StateError: ``store`` belongs to another agent, or cannot be written.
+        ValueError: both ``carried`` and ``store`` were given.
     """
 
     def __init__(
@@ -98,11 +109,20 @@ class Runtime:
         workload_identity: IdentityState | None = None,
         carried: CarriedState | None = None,
         files: FileSource = DISK,
+        store: StateStore | None = None,
     ) -> None:
+        if store is not None and carried is not None:
+            raise ValueError("pass the carried state or the store it is loaded from, not both")
         self.config_path = Path(config_path)
         self.clock = clock
         self.files = files
-        self.budgets = BudgetLedger()
+        self.store = store
+        if store is not None:
+            remembered, counters = store.load()
+            carried = CarriedState.from_remembered(remembered)
+            self.budgets = BudgetLedger(counters, journal=store)
+        else:
+            self.budgets = BudgetLedger()
         self.tokens = TokenCache()
         self._defer = defer
         self._listeners: list[Callable[[Snapshot], None]] = []
@@ -110,12 +130,16 @@ class Runtime:
         self.reload_failures_by_code: collections.Counter[ErrorCode] = collections.Counter()
         self.last_error: str | None = None
         self.last_identity_error: str | None = None
+        self.identity_rejections: collections.Counter[tuple[str, SvidDetail | BundleDetail]] = collections.Counter()
         self.feed: FeedGate | None = None
         start = carried if carried is not None else CarriedState()
         self._carried = replace(start, identity=workload_identity) if workload_identity is not None else start
         self._failed: _Attempt | None = None
+        self._stored = self._carried.remembered()
         recorder = InputRecorder(files)
         self.snapshot: Snapshot = self._build(self._carried, recorder, loaded)
+        if store is not None:
+            store.bind(self.snapshot.policy.agent)  # another agent's file: refused before anything is written
         self._commit(self.snapshot)
         self._active = _Attempt(self.snapshot.inputs, self._carried.rebuild_key)
 
@@ -134,18 +158,49 @@ class Runtime:
             defer=self._defer,
         )
 
-    def _commit(self, snapshot: Snapshot) -> None:
-        """Keep what ``snapshot`` carries forward; drop counters and tokens of tasks it no longer has."""
-        self._carried = replace(snapshot.carried, identity=self._carried.identity)
+    def _persist(self, carried: CarriedState) -> None:
+        """Write what changed in ``carried`` since the last write to the store (if any).
+
+        Raises:
+            StateError: the write failed (the store keeps the previous state).
+        """
+        if self.store is None:
+            return
+        remembered = carried.remembered()
+        self.store.save(self._stored, remembered)
+        self._stored = remembered
+
+    def _commit(self, snapshot: Snapshot, *, strict: bool = True) -> None:
+        """Keep what ``snapshot`` carries forward (durably first); drop counters of tasks no longer
+        remembered and tokens of tasks it no longer has.
+
+        Args:
+            snapshot: the snapshot being swapped in.
+            strict: a store that cannot be written stops the change (``StateError``). Otherwise
+                (a reload: new files, e.g. a revocation list, must apply even so) the failure is
+                logged and the change applies in memory; the next successful write catches up.
+
+        Raises:
+            StateError: with ``strict``, the store could not be written (nothing changed).
+        """
+        carried = replace(snapshot.carried, identity=self._carried.identity)
+        try:
+            self._persist(carried)
+        except StateError as exc:
+            if strict:
+                raise
+            _log.error("state_write_failed", file=exc.file, reason=exc.reason, code=exc.code)
+        self._carried = carried
+        self.budgets.retain(carried.first_seen)
         tasks = snapshot.policy.tasks_by_id
-        self.budgets.retain(tasks)
         self.tokens.retain({(t.id, t.fingerprint) for t in tasks.values()})
 
-    def _swap(self, snapshot: Snapshot, previous: Snapshot) -> bool:
-        self._commit(snapshot)
+    def _swap(self, snapshot: Snapshot, previous: Snapshot, *, strict: bool = True) -> bool:
+        self._commit(snapshot, strict=strict)
         self._active = _Attempt(snapshot.inputs, snapshot.carried.rebuild_key)
         self._failed = None
         self.last_error = None
+        self._files_identity_good(snapshot)
         if snapshot.digest == previous.digest:
             return False
         settings, before = snapshot.loaded.settings, previous.loaded.settings
@@ -153,6 +208,10 @@ class Runtime:
             _log.warning("decision_log_change_needs_restart", file=str(self.config_path))
         if settings.intercept != before.intercept:
             _log.warning("intercept_change_needs_restart", file=str(self.config_path))
+        if settings.viewer != before.viewer:
+            _log.warning("viewer_change_needs_restart", file=str(self.config_path))
+        if settings.state != before.state:
+            _log.warning("state_change_needs_restart", file=str(self.config_path))
         self.snapshot = snapshot
         self.reloads += 1
         for listener in self._listeners:
@@ -208,6 +267,7 @@ class Runtime:
             if self._failed is not None:  # back to the active configuration's files: the error is stale
                 self._failed = None
                 self.last_error = None
+                self._files_identity_good(self.snapshot)
                 _log.info("config_restored", file=str(self.config_path), digest=self.snapshot.digest[:16])
             return False
         if self._failed is not None and self._unchanged(self._failed, key, read_now):
@@ -222,8 +282,10 @@ class Runtime:
             self.reload_failures_by_code[exc.code] += 1
             self.last_error = str(exc)
             _log.error("config_reload_failed", file=exc.file, field=exc.field, reason=exc.reason, code=exc.code)
+            if isinstance(exc, IdentityLoadError):
+                self.identity_rejected("files", exc.detail, f"{exc.reason} ({exc.field})")
             return False
-        return self._swap(snapshot, previous)
+        return self._swap(snapshot, previous, strict=False)
 
     def apply(self, carried: CarriedState) -> Snapshot:
         """Build with ``carried`` (the configuration re-read from disk) and swap it in, or raise.
@@ -233,6 +295,7 @@ class Runtime:
 
         Raises:
             ConfigError: the build failed (the message says why).
+            StateError: the new state could not be stored (nothing changed).
         """
         previous = self.snapshot
         snapshot = self._build(replace(carried, identity=self._carried.identity), InputRecorder(self.files))
@@ -241,8 +304,16 @@ class Runtime:
 
     def remember(self, carried: CarriedState) -> None:
         """Carry ``carried`` into the next build without rebuilding now (e.g. a delegated child's id,
-        or a revocation to apply on the next successful reload)."""
+        or a revocation to apply on the next successful reload), and store it.
+
+        It takes effect in memory even when the store fails (what is remembered this way only ever
+        restricts: a revocation, a child this sidecar may revoke).
+
+        Raises:
+            StateError: the store could not be written (the change holds until a restart).
+        """
         self._carried = replace(carried, identity=self._carried.identity)
+        self._persist(self._carried)
 
     def add_listener(self, listener: Callable[[Snapshot], None]) -> None:
         """Call ``listener(snapshot)`` after each new snapshot is swapped in (on the reloading thread)."""
@@ -251,17 +322,24 @@ class Runtime:
     def set_identity(self, state: IdentityState) -> bool:
         """Swap in a new identity from the Workload API (rotation without restart).
 
+        ``state.problems`` (refused updates the source kept this state through) become
+        ``last_identity_error``; a state without problems clears it.
+
         Returns:
-            ``False`` (and logs ``identity_rejected``) when the SVID names another SPIFFE ID than the
-            one the policy was compiled for; the previous identity then stays active.
+            ``False`` (and records ``svid_spiffe_id_changed`` with :meth:`identity_rejected`) when the
+            SVID names another SPIFFE ID than the one the policy was compiled for; the previous
+            identity then stays active.
         """
         snapshot = self.snapshot
         if state.svid.spiffe_id != snapshot.policy.agent:
-            self.last_identity_error = f"SVID for {state.svid.spiffe_id}, expected {snapshot.policy.agent}"
-            _log.error("identity_rejected", reason=self.last_identity_error)
+            self.identity_rejected(
+                state.source,
+                SvidDetail.SVID_SPIFFE_ID_CHANGED,
+                f"SVID for {state.svid.spiffe_id}, expected {snapshot.policy.agent}",
+            )
             return False
         self._carried = replace(self._carried, identity=state)
-        self.last_identity_error = None
+        self.last_identity_error = "; ".join(state.problems) or None
         self.snapshot = replace(
             snapshot,
             identity=IdentityContext.build(state, snapshot.ingress.audiences),
@@ -269,13 +347,44 @@ class Runtime:
         )
         return True
 
+    def identity_rejected(self, source: str, detail: SvidDetail | BundleDetail, message: str) -> None:
+        """Record a refused identity update (the previous identity stays active).
+
+        Counted per ``(source, detail)`` for ``agent_authz_identity_updates_rejected_total`` and shown
+        as ``identity.last_error`` in ``/readyz`` until a good update arrives; logged as
+        ``identity_rejected``.
+
+        Args:
+            source: ``files`` or ``workload_api``.
+            detail: the sub-code.
+            message: the human-readable reason (``detail`` is prefixed unless it starts with it).
+        """
+        self.identity_rejections[(source, detail)] += 1
+        self.last_identity_error = message if message.startswith(detail) else f"{detail}: {message}"
+        _log.error("identity_rejected", source=source, detail=detail, reason=self.last_identity_error)
+
+    def _files_identity_good(self, snapshot: Snapshot) -> None:
+        """``snapshot`` loaded its identity from valid ``identity.files``: an earlier refusal is over."""
+        identity = snapshot.loaded.settings.identity
+        if identity is not None and identity.source == "files":
+            self.last_identity_error = None
+
     # -- the request path ------------------------------------------------------------------------
     def decide(self, request: AuthzRequest, decision_id: str) -> Decision:
         """Decide ``request`` against the active snapshot (read once, so a swap mid-call is harmless).
 
         With ``dry_run: true`` the policy's decision is turned into an allow by
-        :func:`~sidecar.policy.engine.dry_run`.
+        :func:`~sidecar.policy.engine.dry_run`. A budget charge the store cannot write is an
+        ``internal_error`` deny (nothing is spent; dry run does not turn it into an allow).
         """
+        try:
+            return self._decide(request, decision_id)
+        except StateError as exc:
+            _log.error("state_write_failed", file=exc.file, reason=exc.reason, decision_id=decision_id)
+            detail = "the call counter could not be stored"
+            return Decision(False, Reason.INTERNAL_ERROR, 403, decision_id, detail, request.direction)
+
+    def _decide(self, request: AuthzRequest, decision_id: str) -> Decision:
         snapshot = self.snapshot
         now = self.clock()
         feed = self.feed

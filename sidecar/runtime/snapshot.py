@@ -34,6 +34,7 @@ from sidecar.policy.compile import TaskSource, compile_policy
 from sidecar.policy.ingress import IdentityContext, IngressPolicy, compile_ingress
 from sidecar.policy.model import Credential, PolicyIndex
 from sidecar.runtime.inputs import DISK, InputRecorder, Inputs
+from sidecar.state.store import DelegatedChild, Remembered
 from sidecar.tokens.keys import KeySet, RetiredKey, SigningKey, load_signing_key
 from sidecar.tokens.minter import TokenCache, TokenMinter
 
@@ -57,17 +58,23 @@ class KeyRecord:
 
 @dataclass(frozen=True, slots=True)
 class CarriedState:
-    """What outlives one snapshot and goes into the next (a durable store can persist it: plain data,
-    except ``identity``).
+    """What outlives one snapshot and goes into the next; all of it but the keys and the identity is
+    also kept in the durable state (:class:`~sidecar.state.StateStore`), so a restart carries it too.
 
     Attributes:
         first_seen: task id -> POSIX seconds of its first load (the anchor of ``ttl`` tasks, so a
-            reload never extends one); a build keeps the entries of the tasks it compiled.
+            reload or a restart never extends one).
+        ends: task id -> end of its validity as last compiled (POSIX seconds). A task that is no
+            longer compiled (removed, or a grant that fails verification for a while) keeps its
+            anchor - and the runtime its call counters - until then, so its coming back neither
+            extends nor refills it.
         posted: task id -> compact JWS of a grant accepted through ``POST /v1/tasks``.
         own_revoked: task id -> POSIX seconds it was revoked here (``POST /v1/tasks/{id}/revoke``).
-        received: source -> the revocation lists received from it (``authority``: the cluster
-            authority's feed, one list per signer), honoured as the ``grants.revocations`` files are.
-        issued: ids of the child tasks this sidecar delegated (it may revoke them).
+        received: source -> the revocation lists received from it, merged per signer (what a list
+            once revoked stays revoked when the file shrinks or goes); ``authority`` is the cluster
+            authority's feed, whose latest snapshot replaces what it said before (one list per signer).
+        issued: child task id -> the delegation this sidecar made (it may revoke the child); dropped
+            once the child has expired.
         retired: earlier signing keys still published (until their tokens have expired).
         signing_key: the key of the last snapshot built (retired when the next build names another).
         identity: the latest X.509-SVID and bundles from the Workload API (``identity.source:
@@ -75,16 +82,17 @@ class CarriedState:
     """
 
     first_seen: Mapping[str, float] = field(default_factory=dict)
+    ends: Mapping[str, float] = field(default_factory=dict)
     posted: Mapping[str, str] = field(default_factory=dict)
     own_revoked: Mapping[str, int] = field(default_factory=dict)
     received: Mapping[str, tuple[RevocationList, ...]] = field(default_factory=dict)
-    issued: frozenset[str] = frozenset()
+    issued: Mapping[str, DelegatedChild] = field(default_factory=dict)
     retired: tuple[RetiredKey, ...] = ()
     signing_key: KeyRecord | None = None
     identity: IdentityState | None = None
 
     def __post_init__(self) -> None:
-        for name in ("first_seen", "posted", "own_revoked", "received"):
+        for name in ("first_seen", "ends", "posted", "own_revoked", "received", "issued"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
     @property
@@ -96,6 +104,23 @@ class CarriedState:
             for source, lists in sorted(self.received.items())
         )
         return tuple(sorted(self.posted.items())), tuple(sorted(self.own_revoked.items())), received
+
+    def remembered(self) -> Remembered:
+        """The part kept in the durable state."""
+        anchors = {tid: (at, self.ends.get(tid, float("inf"))) for tid, at in self.first_seen.items()}
+        return Remembered(anchors, self.posted, self.own_revoked, self.received, self.issued)
+
+    @classmethod
+    def from_remembered(cls, remembered: Remembered) -> CarriedState:
+        """The carried state a restarted sidecar starts from."""
+        return cls(
+            first_seen={tid: at for tid, (at, _) in remembered.anchors.items()},
+            ends={tid: end for tid, (_, end) in remembered.anchors.items()},
+            posted=remembered.posted,
+            own_revoked=remembered.own_revoked,
+            received=remembered.received,
+            issued=remembered.delegated,
+        )
 
 
 # -- the snapshot ------------------------------------------------------------------------------------
@@ -187,7 +212,7 @@ def _check_tls_rules(sources: list[TaskSource], intercept: bool, file: str) -> N
                 )
 
 
-def _identity(loaded: LoadedConfig, reader: _Reader, carried: CarriedState) -> IdentityState | None:
+def _identity(loaded: LoadedConfig, reader: _Reader, carried: CarriedState, now: float) -> IdentityState | None:
     spec = loaded.settings.identity
     if spec is None:
         return None
@@ -204,6 +229,7 @@ def _identity(loaded: LoadedConfig, reader: _Reader, carried: CarriedState) -> I
         bundles=files.bundles,
         jwt_bundles=files.jwt_bundles,
         file=str(loaded.source),
+        now=now,
     )
 
 
@@ -318,16 +344,12 @@ def _sources(
         posted=carried.posted,
         own_revocations=_own_revocation_list(carried, agent),
         now=now,
+        received=carried.received,
     )
-    received = [lists for _, lists in sorted(carried.received.items())]
-    if received:
-        for lists in received:
-            for revocations in lists:
-                reader.digest.update(f"{revocations.signer}\0{revocations.root}\0".encode())
-                reader.digest.update(",".join(sorted(revocations.ids)).encode() + b"\0")
-        grant_set = replace(
-            grant_set, revocations=grant_set.revocations + tuple(r for lists in received for r in lists)
-        )
+    for _, lists in sorted(carried.received.items()):  # the feed's lists are no file: digest them
+        for revocations in lists:
+            reader.digest.update(f"{revocations.signer}\0{revocations.root}\0".encode())
+            reader.digest.update(",".join(sorted(revocations.ids)).encode() + b"\0")
     for path in settings.grants.revocations:
         reader.watch(path)  # a list published later must trigger a reload
     file_grants, file_tasks = _task_files(loaded, reader, grant_set, agent, named, now)
@@ -390,13 +412,15 @@ def build_snapshot(
 
     Raises:
         ConfigError: a file is unreadable or invalid, a grant does not verify, task ids collide, TLS
-            rules of different sources conflict, or the Workload API has given no identity yet.
+            rules of different sources conflict, or the Workload API has given no identity yet;
+            :class:`~sidecar.identity.state.IdentityLoadError` (a ``ConfigError``) when an
+            ``identity.files`` file is unusable or the SVID fails the local identity checks.
     """
     now = clock() if now is None else now
     reader = _Reader(loaded, recorder if recorder is not None else InputRecorder(DISK))
     settings = loaded.settings
     keys = _keys(loaded, reader, carried, now)
-    identity = _identity(loaded, reader, carried)
+    identity = _identity(loaded, reader, carried, now)
     agent = _agent(loaded, identity)
     ingress = compile_ingress(settings, agent)
     identity_ctx = IdentityContext.build(identity, ingress.audiences) if identity is not None else None
@@ -404,6 +428,11 @@ def build_snapshot(
 
     first_seen = dict(carried.first_seen)
     policy = compile_policy(sources, lambda task_id: first_seen.setdefault(task_id, now), agent)
+    compiled = policy.tasks_by_id
+    ends = {task_id: task.expires_at for task_id, task in compiled.items()}
+    for task_id, end in carried.ends.items():  # absent now: remembered until it would have ended
+        if task_id not in compiled and end > now and task_id in first_seen:
+            ends[task_id] = end
     issuer = settings.issuer
     minter = TokenMinter(
         keys.current,
@@ -417,7 +446,10 @@ def build_snapshot(
     )
     next_carried = replace(
         carried,
-        first_seen={tid: first_seen[tid] for tid in policy.tasks_by_id},
+        first_seen={task_id: first_seen[task_id] for task_id in ends},
+        ends=ends,
+        received=grant_set.received,
+        issued={child: record for child, record in carried.issued.items() if record.expires_at > now},
         retired=keys.retired,
         signing_key=KeyRecord(keys.current.kid, dict(keys.current.public_jwk), issuer.max_token_ttl),
     )

@@ -4,18 +4,19 @@
 goes through the :class:`~sidecar.runtime.active.Runtime` as a new
 :class:`~sidecar.runtime.snapshot.CarriedState`: a posted grant is enforced by a rebuild that
 includes it (or refused with the reason), a revocation joins this sidecar's own list and applies on
-the rebuild it triggers.
+the rebuild it triggers. With a durable state, each is stored before it is answered (a posted grant,
+a revocation, a delegation's reservation and child id), so none is forgotten by a restart.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import structlog
 
 from sidecar.config.schema import TaskSpec
-from sidecar.errors import ConfigError
+from sidecar.errors import ConfigError, StateError
 from sidecar.grants.issue import Delegation, DelegationRequest, plan_delegation, sign_delegation
 from sidecar.grants.model import Grant, GrantCode, GrantError
 from sidecar.grants.revocations import sign_revocations
@@ -24,8 +25,9 @@ from sidecar.policy.budget import BudgetKey
 from sidecar.policy.model import Task
 from sidecar.runtime.active import Runtime
 from sidecar.runtime.snapshot import Snapshot
+from sidecar.state.store import DelegatedChild
 
-__all__ = ["TaskService"]
+__all__ = ["SubGrant", "TaskService"]
 
 _log = structlog.get_logger("agent_authz.tasks")
 
@@ -53,8 +55,31 @@ def _reservations(task: Task, delegation: Delegation) -> dict[BudgetKey, tuple[i
     return reservations
 
 
+@dataclass(frozen=True, slots=True)
+class SubGrant:
+    """A sub-grant this sidecar issued (``POST /v1/tasks/{id}/delegate``).
+
+    Attributes:
+        spec: the child task (``id`` is ``<parent id>/<name>``, ``agent`` the sub-agent).
+        parent: the delegating task's id.
+        txn: the root grant's id.
+        ancestors: ids from the root to the parent.
+        issued_at: POSIX seconds.
+    """
+
+    spec: TaskSpec
+    parent: str
+    txn: str
+    ancestors: tuple[str, ...]
+    issued_at: float
+
+
 class TaskService:
     """Accepts, delegates and revokes tasks on one :class:`Runtime`.
+
+    A runtime that starts with revocations of its own (from the durable state) has its list signed
+    and published again at once, so ``GET /v1/revocations`` and ``grants.publish_revocations`` hold
+    every id revoked here before the restart.
 
     Args:
         runtime: the runtime whose snapshot enforces the tasks.
@@ -71,6 +96,13 @@ class TaskService:
         self._forward = forward
         self._published: str | None = None
         self._issued_tokens: dict[str, str] = {}
+        self._sub_grants: dict[str, SubGrant] = {}
+        own = runtime.carried.own_revoked
+        if own:
+            try:
+                self._publish(runtime.snapshot, dict(own))
+            except OSError as exc:  # still served at GET /v1/revocations; the file is written on the next revoke
+                _log.error("revocations_publish_failed", reason=str(exc))
 
     def accept(self, token: str) -> Grant:
         """Accept a grant posted by the local agent (``POST /v1/tasks``) and enforce it at once.
@@ -79,6 +111,7 @@ class TaskService:
             GrantError: it does not verify, is expired, names another agent or a credential this
                 sidecar lacks, reuses a task id (``grant_duplicate``), or the rebuild that would
                 enforce it fails (``grant_rejected``, e.g. its TLS rules conflict with another task's).
+            StateError: it could not be stored (it is not enforced).
         """
         runtime = self.runtime
         snapshot = runtime.snapshot
@@ -138,15 +171,22 @@ class TaskService:
             max_depth=snapshot.loaded.settings.grants.max_depth,
             remaining=remaining,
         )
-        if not budgets.try_reserve(_reservations(task, delegation)):
+        reservations = _reservations(task, delegation)
+        if not budgets.try_reserve(reservations):
             raise GrantError(
                 GrantCode.WIDENING, "max_calls: the parent's budget left is smaller than the delegated budgets"
             )
         token = sign_delegation(delegation, svid)
         child = delegation.child
         self._issued_tokens[child.id] = token
+        assert child.expires_at is not None  # a delegated child always has its end
+        record = DelegatedChild(
+            task_id, child.expires_at.timestamp(), tuple((k, n) for k, (n, _) in sorted(reservations.items()))
+        )
         carried = runtime.carried
-        runtime.remember(replace(carried, issued=carried.issued | {child.id}))
+        runtime.remember(replace(carried, issued={**carried.issued, child.id: record}))
+        grant = task.grant
+        self._sub_grants[child.id] = SubGrant(child, task.id, grant.txn, (*grant.ancestors, grant.id), runtime.clock())
         _log.info(
             "task_delegated", task_id=task_id, child=child.id, subject=child.agent, expires_at=str(child.expires_at)
         )
@@ -164,6 +204,8 @@ class TaskService:
 
         Raises:
             GrantError: ``grant_unknown_task`` for an id this sidecar has never seen.
+            StateError: the revocation could not be stored; it applies and is published all the
+                same, but a restart would forget it.
         """
         runtime = self.runtime
         snapshot = runtime.snapshot
@@ -171,11 +213,18 @@ class TaskService:
         if task_id not in snapshot.policy.tasks_by_id and task_id not in carried.issued:
             raise GrantError(GrantCode.UNKNOWN_TASK, f"no task {task_id!r} held or delegated here")
         carried = replace(carried, own_revoked={**carried.own_revoked, task_id: int(runtime.clock())})
-        runtime.remember(carried)
+        unstored: StateError | None = None
+        try:
+            runtime.remember(carried)
+        except StateError as exc:  # it still applies here and is published: a revocation must not wait
+            unstored = exc
         token = self._publish(snapshot, dict(carried.own_revoked))
         runtime.reload()
-        _log.info("task_revoked", task_id=task_id, published=token is not None)
+        _log.info("task_revoked", task_id=task_id, published=token is not None, stored=unstored is None)
         self._forward_revocation(snapshot, task_id, carried.own_revoked[task_id])
+        if unstored is not None:
+            reason = f"revoked here and published, but not stored (a restart would forget it): {unstored.reason}"
+            raise StateError(unstored.file, reason)
         return token
 
     def _forward_revocation(self, snapshot: Snapshot, task_id: str, revoked_at: int) -> None:
@@ -194,6 +243,14 @@ class TaskService:
             [task_id], svid.private_key, issuer=svid.spiffe_id, issued_at=revoked_at, x5c=list(svid.chain)
         )
         self._forward(task_id, single, grants)
+
+    def delegations(self) -> tuple[SubGrant, ...]:
+        """The sub-grants this service issued, oldest first (kept for the life of the process)."""
+        return tuple(self._sub_grants.values())
+
+    def revoked_here(self) -> frozenset[str]:
+        """Task ids this sidecar revoked itself (its own revocation list)."""
+        return frozenset(self.runtime.carried.own_revoked)
 
     def revocation_list(self) -> str | None:
         """This sidecar's own signed revocation list (``GET /v1/revocations``), or ``None``."""

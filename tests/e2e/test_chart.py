@@ -49,6 +49,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "sidecar": {
             "dryRun": True,
             "decisionLog": {"file": False},
+            "state": {"sizeLimit": "32Mi", "synchronous": "full"},
             "extraConfig": {
                 "ingress": {
                     "rules": [{"callers": [{"trust_domain": "prod.example"}], "methods": ["GET"], "paths": ["*"]}]
@@ -223,6 +224,8 @@ def test_agent_namespaces_get_their_config_and_a_signing_key_each(
     assert injector.settings.workload_api.mode == "hostPath" and not injector.inbound and injector.ipv6
     sidecar = injector.sidecar.settings
     assert sidecar.dry_run and sidecar.decision_log.path is None and sidecar.ingress.rules
+    assert str(sidecar.state.path) == "/var/lib/agent-authz/state/state.db" and sidecar.state.synchronous == "full"
+    assert injector.settings.state_size_limit == "32Mi"
     assert (
         sidecar.identity is not None
         and sidecar.identity.workload_api.socket == "unix:///spiffe-workload-api/agent.sock"

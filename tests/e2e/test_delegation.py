@@ -6,50 +6,16 @@ import json
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import grpc
 import jwt
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2
 
 from sidecar.harness import SidecarProcess, wait_until
-from tests.support.envoy_authz import check_request
-from tests.support.grants_env import ORCH, SUB, Scenario
+from tests.support.grants_env import DELEGATION, ORCH, SUB, Scenario, api, check, reason
 
 pytestmark = pytest.mark.e2e
-
-
-def api(proc: SidecarProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
-    request = urllib.request.Request(proc.admin_url + path, data=data, method=method)
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(request, timeout=10) as response:
-            return response.status, json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"null")
-
-
-def check(sock: Path, host: str, path: str) -> Any:
-    message = external_auth_pb2.CheckRequest.FromString(check_request(host=host, path=path))
-    with grpc.insecure_channel(f"unix:{sock}") as channel:
-        call = channel.unary_unary(
-            "/envoy.service.auth.v3.Authorization/Check",
-            request_serializer=None,
-            response_deserializer=external_auth_pb2.CheckResponse.FromString,
-        )
-        return call(message.SerializeToString(), timeout=5)
-
-
-def reason(response: Any) -> str:
-    if response.status.code == 0:
-        return "allowed"
-    return {h.header.key: h.header.value for h in response.denied_response.headers}["x-agent-authz-reason"]
 
 
 @pytest.fixture
@@ -73,15 +39,6 @@ def agents(tmp_path: Path, short_dir: Path) -> Iterator[tuple[Scenario, SidecarP
         sub.stop()
 
 
-DELEGATION = {
-    "subject": SUB,
-    "ttl": "10m",
-    "name": "market",
-    "max_calls": 5,
-    "egress": [{"host": "market.internal", "methods": ["GET"], "paths": ["/v1/prices/ACME/*"], "max_calls": 5}],
-}
-
-
 def test_delegate_accept_enforce_and_revoke(agents: tuple[Scenario, SidecarProcess, SidecarProcess, Path]) -> None:
     _, orch, sub, sub_sock = agents
     status, issued = api(orch, "POST", "/v1/tasks/q3/delegate", DELEGATION)
@@ -90,6 +47,9 @@ def test_delegate_accept_enforce_and_revoke(agents: tuple[Scenario, SidecarProce
     status, tasks = api(orch, "GET", "/v1/tasks")
     q3 = next(t for t in tasks["tasks"] if t["id"] == "q3")
     assert q3["budget"]["used"] == 5 and q3["budget"]["rules"]["prices"]["used"] == 5  # reserved
+    assert q3["budget"]["reserved"] == 5 and [(d["id"], d["agent"], d["max_calls"]) for d in q3["delegated"]] == [
+        ("q3/market", SUB, 5)
+    ]
 
     assert reason(check(sub_sock, "market.internal", "/v1/prices/ACME/x")) == "no_task"
     status, accepted = api(sub, "POST", "/v1/tasks", issued["grant"])
@@ -102,6 +62,7 @@ def test_delegate_accept_enforce_and_revoke(agents: tuple[Scenario, SidecarProce
 
     status, _ = api(orch, "POST", "/v1/tasks/q3/market/revoke")
     assert status == 200
+    assert next(t for t in api(orch, "GET", "/v1/tasks")[1]["tasks"] if t["id"] == "q3")["delegated"][0]["revoked_here"]
     started = time.monotonic()
     wait_until(
         lambda: reason(check(sub_sock, "market.internal", "/v1/prices/ACME/x")) == "task_revoked",

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -79,3 +84,43 @@ def test_demo_runs_green_and_reaps_everything(tmp_path: Path) -> None:
     )
     assert verified.returncode == 0 and "intact: 14 records" in verified.stdout, verified.stdout
     assert [r["seq"] for r in records] == list(range(14))
+
+
+def test_keep_running_prints_the_viewer_url_and_the_cli_equivalent(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "demo", "--state-dir", str(state), "--keep-running"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in demo.stdout or ()], daemon=True)
+    reader.start()
+    output: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not output or not output[-1].lstrip().startswith("Envoy admin:"):
+            output.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
+        text = "".join(output)
+        (url,) = re.findall(r"^  Decision viewer: (http://127\.0\.0\.1:\d+/decisions)$", text, re.M)
+        cli = f"  The same in a terminal: agent-authz logs -f {state / 'decisions.log'}\n"
+        assert cli in text, text
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(url, timeout=10) as page:
+            assert page.status == 200 and b"delegation trees" in page.read()
+        with opener.open(url + "/api/records", timeout=10) as answer:
+            assert len(json.loads(answer.read())["records"]) == 14
+    finally:
+        demo.send_signal(signal.SIGINT)
+        try:
+            demo.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.wait(timeout=10)
+        reader.join(timeout=10)
+        if demo.stdout is not None:
+            demo.stdout.close()
+    assert demo.returncode == 0, "".join(output)
+    assert str(state) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -53,7 +54,7 @@ TD = "test.example"
 AGENT = f"spiffe://{TD}/ns/agents/sa/worker"
 PLANNER = f"spiffe://{TD}/ns/orchestration/sa/planner"
 API = "api.example.com"
-APP_PORT, API_PORT = 8080, 9000
+APP_PORT, API_PORT, HOOK_PORT = 8080, 9000, 9090
 TASK = {
     "id": "q3-report",
     "purpose": "Quarterly report",
@@ -103,10 +104,22 @@ def agent_pod() -> dict[str, Any]:
                 {
                     "name": "agent",
                     "image": "registry.example/agent:1.0",
-                    "command": [*servers, "--http", f"0.0.0.0:{APP_PORT}", "--http", f"0.0.0.0:{API_PORT}"],
+                    "command": [
+                        *servers,
+                        *("--http", f"0.0.0.0:{APP_PORT}", "--http", f"0.0.0.0:{API_PORT}"),
+                        *("--http", f"0.0.0.0:{HOOK_PORT}"),
+                    ],
                     "workingDir": str(REPO),
-                    "ports": [{"name": "http", "containerPort": APP_PORT}, {"name": "api", "containerPort": API_PORT}],
+                    "ports": [
+                        {"name": "http", "containerPort": APP_PORT},
+                        {"name": "api", "containerPort": API_PORT},
+                        {"name": "hooks", "containerPort": HOOK_PORT},
+                    ],
                     "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}},
+                    "lifecycle": {  # called by the kubelet on the pod IP, without an SVID
+                        "postStart": {"httpGet": {"path": "/lifecycle/post-start", "port": "hooks"}},
+                        "preStop": {"httpGet": {"path": "/lifecycle/pre-stop", "port": HOOK_PORT}},
+                    },
                     "securityContext": {"runAsUser": AGENT_UID, "runAsGroup": AGENT_UID},
                     "volumeMounts": [{"name": "app-logs", "mountPath": "/app-logs"}],
                 }
@@ -209,8 +222,32 @@ def test_the_init_step_installed_the_interception_rules(pod: RunningPod) -> None
     assert "-A AGENT_AUTHZ_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in rules.stdout
     assert f"--uid-owner {PROXY_UID}" in rules.stdout
     assert "--dport 15021 -j RETURN" in rules.stdout and f"--dport {APP_PORT} -j RETURN" in rules.stdout
+    assert f"--dport {HOOK_PORT} -j RETURN" in rules.stdout and f"--dport {API_PORT} -j RETURN" not in rules.stdout
     init_log = (pod.kubelet.logs / "agent-authz-init.err").read_text()
     assert "agent-authz iptables: installed (outbound -> 15001, inbound -> 15006, proxy uid 1337 gid 1337" in init_log
+
+
+def test_the_kubelets_lifecycle_hooks_reach_the_app_without_an_svid(pod: RunningPod) -> None:
+    """The webhook excluded the hook port from inbound interception, as it does for probe ports: the
+    kubelet's plain HTTP calls from the node reach the app (through Envoy's mTLS listener they would fail,
+    and a failing postStart kills the container), while the app's other ports still need an SVID."""
+    assert ("agent", "postStart", True) in pod.kubelet.hooks
+    app_log = pod.kubelet.volumes["app-logs"] / "app.log"
+    entries = [json.loads(line) for line in app_log.read_text().splitlines()]
+    hits = [e for e in entries if e.get("path") == "/lifecycle/post-start"]
+    assert hits and hits[0]["listener"] == f"http 0.0.0.0:{HOOK_PORT}" and hits[0]["peer"] == UPSTREAM_IP
+    assert "x-agent-authz-caller" not in hits[0]["headers"]  # straight to the app, not through Envoy
+    assert any(f"lifecycle hook port(s) {HOOK_PORT} bypass inbound mTLS" in w for w in pod.warnings)
+    agent = next(c for c in pod.kubelet.pod["spec"]["containers"] if c["name"] == "agent")
+    assert pod.kubelet.hook(agent, "preStop")  # what the kubelet sends before stopping the container
+    assert pod.kubelet.hooks[-1] == ("agent", "preStop", True)
+    refused = subprocess.run(  # the API port is still intercepted: plain HTTP meets the mTLS listener
+        pod.net.exec_in(pod.net.upstream, ["curl", "-s", "--max-time", "5", f"http://{POD_IP}:{API_PORT}/v1/status"]),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert refused.returncode != 0
 
 
 def test_the_sidecars_run_as_the_proxy_user_on_a_read_only_root(pod: RunningPod) -> None:
@@ -230,6 +267,20 @@ def test_the_sidecar_has_the_pods_svid_from_the_workload_api(pod: RunningPod) ->
     ready = pod.readyz()
     assert ready["identity"]["source"] == "workload_api" and ready["identity"]["spiffe_id"] == AGENT
     assert ready["tasks"] == 1 and ready["decision_log"]["path"] == "/var/log/agent-authz/decisions.log"
+
+
+def test_the_durable_state_is_the_proxy_users_alone(pod: RunningPod) -> None:
+    directory = pod.kubelet.volumes[layout.VOLUME_STATE] / "state"
+    database = directory / "state.db"
+    for path, mode in ((directory, 0o700), (database, 0o600)):
+        info = path.stat()
+        assert (info.st_uid, info.st_mode & 0o777) == (PROXY_UID, mode), path
+    # the agent's UID cannot read it even where the node keeps the volume (its container does not mount it)
+    read = subprocess.run([*as_user(AGENT_UID), "cat", str(database)], capture_output=True, timeout=10)
+    assert read.returncode != 0 and b"Permission denied" in read.stderr
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'agent'").fetchone() == (AGENT,)
+    db.close()
 
 
 def test_an_allowed_call_arrives_with_a_task_scoped_token(pod: RunningPod) -> None:

@@ -31,62 +31,9 @@ from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
 from tests.support.certs import make_leaf, write_pair
 from tests.support.k8s import kubectl_annotate, validate
 from tests.support.webhook_env import Installed, Webhook, admission_review, install, patched
+from tests.support.webhook_pods import AGENT, TASK, TD, VALUES, agent_pod
 
 pytestmark = pytest.mark.e2e
-
-TD = "test.example"
-AGENT = f"spiffe://{TD}/ns/agents/sa/worker"
-TASK = {
-    "id": "q3-report",
-    "purpose": "Quarterly report",
-    "ttl": "1h",
-    "egress": [
-        {"host": "api.internal", "methods": ["GET"], "paths": ["/v1/items/*"]},
-        {
-            "host": "sentiment.example.com",
-            "methods": ["POST"],
-            "paths": ["/v1/analyze"],
-            "token": False,
-            "credential": "sentiment",
-        },
-    ],
-}
-VALUES = {
-    "agentNamespaces": ["agents"],
-    "identity": {"trustDomain": TD},
-    "interception": {"excludeOutboundCIDRs": ["10.96.0.0/12"]},
-    "sidecar": {
-        "extraConfig": {
-            "credentials": {"sentiment": {"header": "x-api-key", "file": "/etc/agent-authz/keys/sentiment"}}
-        }
-    },
-}
-
-
-def agent_pod(**annotations: str) -> dict[str, Any]:
-    """A plain agent pod, as a user would write it (plus what the API server defaults)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": "agent",
-            "namespace": "agents",
-            "annotations": {layout.ANNOTATION_TASK: yaml.safe_dump(TASK), **annotations},
-        },
-        "spec": {
-            "serviceAccountName": "worker",
-            "containers": [
-                {
-                    "name": "agent",
-                    "image": "registry.example/agent:1.0",
-                    "command": ["python", "-m", "agent"],
-                    "ports": [{"name": "http", "containerPort": 8080}],
-                    "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}},
-                    "securityContext": {"runAsUser": 1000},
-                }
-            ],
-        },
-    }
 
 
 def job_pod() -> dict[str, Any]:
@@ -197,6 +144,11 @@ def test_a_plain_pod_is_injected(webhook: Webhook) -> None:
         {"path": "task", "fieldRef": {"fieldPath": "metadata.annotations['agent-authz.io/task']"}},
         {"path": "revoked", "fieldRef": {"fieldPath": "metadata.annotations['agent-authz.io/revoked']"}},
     ]
+    # the durable state: a disk emptyDir (kept across container restarts) that only the sidecar mounts
+    assert volumes["agent-authz-state"] == {"name": "agent-authz-state", "emptyDir": {"sizeLimit": "64Mi"}}
+    assert {"name": "agent-authz-state", "mountPath": "/var/lib/agent-authz"} in sidecar["volumeMounts"]
+    for container in (init, envoy, *spec["containers"]):
+        assert all(m["name"] != "agent-authz-state" for m in container.get("volumeMounts", [])), container["name"]
     assert result["metadata"]["annotations"][layout.ANNOTATION_STATUS] == "injected"
     assert any("8080" in w and "mTLS" in w for w in response["warnings"])
 

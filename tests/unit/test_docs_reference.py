@@ -8,6 +8,7 @@ enum, the metric constructors, the argparse parser and the decision-record field
 from __future__ import annotations
 
 import difflib
+import enum
 import importlib.util
 import re
 import sys
@@ -20,6 +21,7 @@ from pydantic import BaseModel
 from sidecar.audit import RECORD_FIELDS, decision_record
 from sidecar.audit.chain import ChainHead, link
 from sidecar.decision import Decision, Direction, Protocol, Reason, TokenInfo
+from sidecar.errors import BundleDetail, SvidDetail
 
 REPO = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").exists())
 REGENERATE = ".venv/bin/python scripts/gen_docs.py"
@@ -89,6 +91,24 @@ def test_every_reason_has_a_meaning(gen_docs: ModuleType) -> None:
         assert f"| `{reason.value}` |" in page
 
 
+def test_every_identity_sub_code_has_a_meaning_on_the_reasons_page(gen_docs: ModuleType) -> None:
+    page = gen_docs.reasons_page()
+    for enum_class in (SvidDetail, BundleDetail):
+        assert set(gen_docs._member_docs(enum_class)) == {member.name for member in enum_class}
+        for member in enum_class:
+            assert f"| `{member.value}` |" in page
+
+
+def test_an_undescribed_sub_code_is_refused(gen_docs: ModuleType) -> None:
+    class Undocumented(enum.StrEnum):
+        DESCRIBED = "described"
+        """A meaning."""
+        BARE = "bare"
+
+    with pytest.raises(gen_docs.DocGenError, match=r"Undocumented\.BARE: no docstring"):
+        gen_docs.sub_code_table(Undocumented)
+
+
 def _record(decision: Decision) -> dict[str, object]:
     record = decision_record(decision, request_id="r", latency_us=1, now=0.0)
     link(record, ChainHead.start())
@@ -119,10 +139,26 @@ def test_record_fields_are_exactly_what_the_builder_writes() -> None:
         dry_run=True,
         would_reason=Reason.CALLER_NOT_ALLOWED,
     )
+    mcp = Decision(
+        allow=True,
+        reason=Reason.ALLOWED,
+        http_status=200,
+        decision_id="d",
+        rpc_protocol="mcp",
+        rpc={"method": "tools/call", "tool": "query"},
+    )
+    a2a = Decision(
+        allow=False,
+        reason=Reason.RPC_METHOD_NOT_ALLOWED,
+        http_status=403,
+        decision_id="d",
+        rpc_protocol="a2a",
+        rpc={"method": "GetTask"},
+    )
     order = [field.name for field in RECORD_FIELDS]
     assert len(order) == len(set(order))
     written: set[str] = set()
-    for decision in (plain, intercepted, dry):
+    for decision in (plain, intercepted, dry, mcp, a2a):
         keys = list(_record(decision))
         assert keys == [name for name in order if name in keys], "a record's fields follow RECORD_FIELDS order"
         written.update(keys)

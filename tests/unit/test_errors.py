@@ -7,8 +7,10 @@ import inspect
 import pkgutil
 
 import sidecar
+from sidecar.agentproto.jsonrpc import BodyProblem
+from sidecar.agentproto.rules import Refusal
 from sidecar.authority.protocol import AuthorityCode
-from sidecar.errors import AgentAuthzError, ErrorCode, SvidDetail
+from sidecar.errors import AgentAuthzError, BundleDetail, ErrorCode, SvidDetail
 from sidecar.grants.model import GrantCode
 from sidecar.inject.podspec import AdmissionOutcome
 
@@ -28,7 +30,7 @@ def _exception_classes() -> list[type[BaseException]]:
 def test_every_error_of_the_package_has_the_one_root_and_a_code() -> None:
     classes = _exception_classes()
     names = {cls.__name__ for cls in classes}
-    assert {"InjectionDenied", "BadReview", "CheckFailed", "KeyMismatchError", "GrantError"} <= names
+    assert {"InjectionDenied", "BadReview", "CheckFailed", "KeyMismatchError", "GrantError", "BodyError"} <= names
     assert {"AuthorityError", "KubeApiError", "FeedError"} <= names
     for cls in classes:
         assert issubclass(cls, AgentAuthzError), cls
@@ -38,7 +40,7 @@ def test_every_error_of_the_package_has_the_one_root_and_a_code() -> None:
 def test_key_mismatch_is_still_a_value_error() -> None:
     from sidecar.identity.state import KeyMismatchError
 
-    assert issubclass(KeyMismatchError, ValueError)  # svid_from_chain's callers catch ValueError
+    assert issubclass(KeyMismatchError, ValueError)  # for callers that catch ValueError
 
 
 # Never rename: dashboards, alerts and clients key on these strings. A new member is fine - add it here.
@@ -53,6 +55,8 @@ NEVER_RENAMED = {
         "untrusted_identity",
         "key_mismatch",
         "identity_unavailable",
+        "identity_invalid",
+        "bundle_invalid",
         "decision_log_unavailable",
         "grant_invalid",
         "netfilter_invalid",
@@ -61,6 +65,8 @@ NEVER_RENAMED = {
         "injection_denied",
         "bad_review",
         "webhook_check_failed",
+        "response_unfilterable",
+        "state_unavailable",
         "kubernetes_api",
         "authority_refused",
         "authority_unavailable",
@@ -76,6 +82,13 @@ NEVER_RENAMED = {
         "svid_not_yet_valid",
         "svid_expired",
         "svid_chain_invalid",
+        "svid_no_basic_constraints",
+        "svid_signer_not_ca",
+        "svid_signer_bad_key_usage",
+        "svid_bad_private_key",
+        "svid_key_mismatch",
+        "svid_spiffe_id_changed",
+        "identity_file_unreadable",
         "jwt_svid_malformed",
         "jwt_svid_bad_header",
         "jwt_svid_bad_algorithm",
@@ -86,6 +99,14 @@ NEVER_RENAMED = {
         "jwt_svid_bad_signature",
         "jwt_svid_expired",
         "jwt_svid_bad_audience",
+    },
+    BundleDetail: {
+        "bundle_malformed",
+        "bundle_empty",
+        "bundle_missing_keys",
+        "bundle_missing_kid",
+        "bundle_bad_key",
+        "bundle_bad_x509_entry",
     },
     GrantCode: {
         "grant_bad_header",
@@ -115,6 +136,31 @@ NEVER_RENAMED = {
         "key_proof_invalid",
         "key_private",
         "unknown_namespace",
+    },
+    BodyProblem: {
+        "too_large",
+        "content_encoding",
+        "content_type",
+        "not_utf8",
+        "bom",
+        "lone_surrogate",
+        "invalid_json",
+        "duplicate_key",
+        "too_deep",
+        "batch",
+        "not_jsonrpc",
+    },
+    Refusal: {
+        "mcp_header_mismatch",
+        "mcp_ambiguous_body",
+        "mcp_invalid_body",
+        "mcp_body_too_large",
+        "mcp_body_unavailable",
+        "tool_not_allowed",
+        "argument_not_allowed",
+        "resource_not_allowed",
+        "prompt_not_allowed",
+        "rpc_method_not_allowed",
     },
     AdmissionOutcome: {
         "injected",

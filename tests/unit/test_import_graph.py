@@ -189,6 +189,9 @@ def test_no_module_reaches_into_another_modules_private_attributes() -> None:
         ("sidecar.identity", "sidecar.config"),
         ("sidecar.bootstrap", "sidecar.tls_intercept"),
         ("sidecar.wire", "sidecar"),
+        ("sidecar.agentproto", "sidecar.config"),
+        ("sidecar.agentproto", "sidecar.policy"),
+        ("sidecar.agentproto", "sidecar.envoy_authz"),
     ],
 )
 def test_layers_import_downwards_only(lower: str, upper: str) -> None:

@@ -159,6 +159,7 @@ pod layout of sidecar/inject/layout.py; the webhook refuses to start when they d
     "ipv6" (eq .Values.interception.ipv6 "same")
     "authz_timeout" $s.authzTimeout)
   "decision_log" $log
+  "state" (dict "path" "/var/lib/agent-authz/state/state.db" "synchronous" $s.state.synchronous)
   "task_files" (list (dict "path" "/etc/agent-authz/pod/task" "revoked" "/etc/agent-authz/pod/revoked"))
   "dry_run" $s.dryRun
 -}}
@@ -199,6 +200,7 @@ pod layout of sidecar/inject/layout.py; the webhook refuses to start when they d
   "allow_opt_out" .Values.injection.allowOptOut
   "require_run_as_user" .Values.injection.requireRunAsUser
   "logs_size_limit" .Values.sidecar.decisionLog.sizeLimit
+  "state_size_limit" .Values.sidecar.state.sizeLimit
   "init" (dict "resources" .Values.init.resources)
   "sidecar" (dict "resources" .Values.sidecar.resources "log_level" .Values.sidecar.logLevel)
   "envoy" (dict "resources" .Values.envoy.resources "concurrency" (int .Values.envoy.concurrency) "log_level" .Values.envoy.logLevel)

@@ -64,7 +64,8 @@ def test_a_malformed_intercept_context_is_a_bad_request(target: str) -> None:
         (check_request(direction="sideways"), "direction"),
         (check_request(method=""), "malformed HTTP method"),
         (check_request(method="G\x00ET"), "malformed HTTP method"),
-        (b"\x00" * (96 * 1024 + 1), "larger than"),
+        (check_request(headers={f"h{i}": "v" * 1000 for i in range(100)}), "larger than 96 KiB without"),
+        (b"\x00" * (96 * 1024 + (1 << 20) + 2), "larger than"),  # more than 96 KiB besides a body of 1 MiB + 1
     ],
 )
 def test_bad_check_requests(raw: bytes, why: str) -> None:

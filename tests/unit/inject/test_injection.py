@@ -23,6 +23,7 @@ SIDECAR: dict[str, Any] = {
     "listen": {"authz": "unix:/run/agent-authz/authz.sock", "health": "0.0.0.0:15021"},
     "envoy": {"egress_port": 15080, "outbound_port": 15001, "inbound_redirect": False, "ipv6": True},
     "decision_log": {"path": "/var/log/agent-authz/decisions.log"},
+    "state": {"path": layout.STATE_FILE},
     "task_files": [{"path": layout.TASK_FILE, "revoked": layout.REVOKED_FILE}],
 }
 
@@ -44,8 +45,9 @@ def test_check_layout_lists_every_disagreement() -> None:
         }
     )
     problems = check_layout(bad)
-    assert len(problems) == 6, problems
+    assert len(problems) == 7, problems
     assert any("identity.source must be workload_api" in p for p in problems)
+    assert any("state.path must be /var/lib/agent-authz/state/state.db" in p for p in problems)
     assert any("listen.authz must be a socket in /run/agent-authz/" in p for p in problems)
     assert any("task_files must be" in p for p in problems)
 

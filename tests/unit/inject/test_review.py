@@ -31,6 +31,7 @@ SIDECAR: dict[str, Any] = {
     "listen": {"authz": "unix:/run/agent-authz/authz.sock", "health": "0.0.0.0:15021"},
     "envoy": {"egress_port": 15080, "outbound_port": 15001},
     "decision_log": {"path": "/var/log/agent-authz/decisions.log"},
+    "state": {"path": layout.STATE_FILE},
     "task_files": [{"path": layout.TASK_FILE, "revoked": layout.REVOKED_FILE}],
 }
 TASK = "id: q3\npurpose: report\nttl: 1h\negress: [{host: api.example.com, methods: [GET], paths: ['/v1/*']}]\n"

@@ -167,7 +167,10 @@ def test_dry_run_lets_a_deny_through_without_obligations() -> None:
     denied = dry_run(engine.egress(request("/v1/users/1")))
     assert denied.allow and denied.reason is Reason.DRY_RUN and denied.would_reason is Reason.PATH_NOT_ALLOWED
     assert denied.headers_to_set == (("x-agent-authz-decision-id", "d"),) and denied.token is None
-    assert {"authorization", "proxy-authorization", "x-agent-task"} == set(denied.headers_to_remove)
+    # the agent's credentials, and the list-filter marker only the sidecar may set
+    assert {"authorization", "proxy-authorization", "x-agent-task", "x-agent-authz-list-filter"} == set(
+        denied.headers_to_remove
+    )
     allowed = dry_run(engine.egress(request()))
     assert allowed.allow and allowed.reason is Reason.ALLOWED and allowed.dry_run and allowed.token is not None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from sidecar.audit.log import DecisionLog
 from sidecar.config import loader
 from sidecar.decision import Reason
-from sidecar.errors import ErrorCode
+from sidecar.errors import ErrorCode, SvidDetail
 from sidecar.metrics import Metrics
 from sidecar.runtime import Runtime, active
 from sidecar.runtime.inputs import DiskFiles
-from tests.support.config import base_config, task, write_config, write_keys
+from tests.support.certs import make_leaf, write_pair
+from tests.support.config import AGENT, add_file_identity, base_config, task, write_config, write_keys
 from tests.support.runtime import Clock, make_runtime, req
 
 
@@ -129,13 +131,13 @@ def test_reload_failures_are_counted_by_error_code(tmp_path: Path) -> None:
             if sample.name == "agent_authz_config_reload_failures_total"
         }
 
-    assert failures() == {"config_invalid": 0, "key_invalid": 0}  # every code has a sample from the start
+    assert failures() == {"config_invalid": 0, "key_invalid": 0, "identity_invalid": 0}  # a sample from the start
     (tmp_path / "sidecar.yaml").write_text("agent: [broken")
     assert not runtime.reload()
     (tmp_path / "keys" / "next.pem").write_text("not a key")
     write_config(tmp_path, base_config(tmp_path, [task()]))
     assert not runtime.reload()
-    assert failures() == {"config_invalid": 1, "key_invalid": 1}
+    assert failures() == {"config_invalid": 1, "key_invalid": 1, "identity_invalid": 0}
     assert runtime.reload_failures_by_code == {ErrorCode.CONFIG_INVALID: 1, ErrorCode.KEY_INVALID: 1}
 
 
@@ -162,3 +164,34 @@ def test_one_reload_reads_and_parses_sidecar_yaml_once(tmp_path: Path, parses: l
     write_config(tmp_path, base_config(tmp_path, [task(purpose="edited")]))
     assert runtime.reload()  # changed: read once, parsed once
     assert disk.reads[config] == 3 and len(parses) == 2
+
+
+def test_a_refused_identity_file_swap_is_counted_and_cleared_when_the_files_are_restored(tmp_path: Path) -> None:
+    """``identity.files``: a swapped-in leaf with CA:TRUE fails the local identity checks, so the reload
+    is refused (the previous SVID stays), counted as an identity rejection and shown as the last identity
+    error; writing the previous files back is the active configuration again (no parse), and clears it."""
+    write_keys(tmp_path)
+    config = base_config(tmp_path, [task()])
+    cas = add_file_identity(tmp_path, config)
+    write_config(tmp_path, config)
+    runtime = Runtime(tmp_path / "sidecar.yaml", clock=Clock(time.time()))  # the SVIDs are valid now
+    assert runtime.snapshot.identity is not None
+    serial = runtime.snapshot.identity.state.svid.serial
+    good = {name: (tmp_path / "svid" / name).read_bytes() for name in ("agent.pem", "agent.key")}
+
+    leaf, key = make_leaf(cas["test.example"], [AGENT], ca_flag=True)
+    write_pair(tmp_path / "svid", "agent", leaf, key)
+    assert not runtime.reload()
+    assert runtime.snapshot.identity.state.svid.serial == serial
+    assert runtime.identity_rejections == {("files", SvidDetail.SVID_LEAF_IS_CA): 1}
+    assert runtime.reload_failures_by_code == {ErrorCode.IDENTITY_INVALID: 1}
+    assert (runtime.last_identity_error or "").startswith("svid_leaf_is_ca: ")
+    assert (runtime.last_identity_error or "").endswith("(identity.files.svid)")
+    assert not runtime.reload()  # the same bad files: neither parsed nor counted again
+    assert runtime.identity_rejections == {("files", SvidDetail.SVID_LEAF_IS_CA): 1}
+
+    for name, data in good.items():
+        (tmp_path / "svid" / name).write_bytes(data)
+    assert not runtime.reload()  # back to the active snapshot's files
+    assert runtime.last_error is None and runtime.last_identity_error is None
+    assert runtime.snapshot.identity.state.svid.serial == serial
