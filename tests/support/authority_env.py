@@ -44,9 +44,14 @@ __all__ = [
     "SERVICE",
     "TD",
     "AuthorityCluster",
+    "bearer",
+    "check",
     "free_port",
     "https_json",
+    "jwt_authn_bootstrap",
     "metric_value",
+    "reason",
+    "task_api",
 ]
 
 TD = "cluster.test"
@@ -124,7 +129,7 @@ def https_json(
         context.load_cert_chain(str(cert[0]), str(cert[1]))
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
-    if data is not None:
+    if data is not None and "Content-Type" not in (headers or {}):
         request.add_header("Content-Type", "application/json")
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
     try:
@@ -138,6 +143,48 @@ def https_json(
         except ValueError:
             parsed = raw.decode(errors="replace")
         return err.code, parsed, dict(err.headers)
+
+
+def check(sock: Path, host: str, path: str, method: str = "GET") -> Any:
+    """One ext_authz Check on a sidecar's Unix socket, as Envoy's HTTP filter sends it."""
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from tests.support.envoy_authz import check_request
+
+    message = external_auth_pb2.CheckRequest.FromString(check_request(host=host, path=path, method=method))
+    with grpc.insecure_channel(f"unix:{sock}") as channel:
+        call = channel.unary_unary(
+            "/envoy.service.auth.v3.Authorization/Check",
+            request_serializer=None,
+            response_deserializer=external_auth_pb2.CheckResponse.FromString,
+        )
+        return call(message.SerializeToString(), timeout=5)
+
+
+def reason(response: Any) -> str:
+    """The reason of a CheckResponse (``allowed`` for an OK)."""
+    if response.status.code == 0:
+        return "allowed"
+    return {h.header.key: h.header.value for h in response.denied_response.headers}["x-agent-authz-reason"]
+
+
+def bearer(response: Any) -> str:
+    """The token an allowed CheckResponse sets in ``Authorization``."""
+    headers = {h.header.key: h.header.value for h in response.ok_response.headers}
+    return headers["authorization"].removeprefix("Bearer ")
+
+
+def task_api(sidecar: SidecarProcess, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """A call to a sidecar's local task API."""
+    data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
+    request = urllib.request.Request(sidecar.admin_url + path, data=data, method=method)
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
 
 
 def metric_value(text: str, name: str, **labels: str) -> float | None:
@@ -281,7 +328,7 @@ class AuthorityCluster:
         public, feed = self._ports[index]
         return f"https://127.0.0.1:{public if listener == 'public' else feed}"
 
-    def issuer(self, namespace: str) -> str:
+    def issuer_url(self, namespace: str) -> str:
         """The issuer URL of ``namespace``."""
         return f"{BASE_URL}/ns/{namespace}"
 
@@ -332,6 +379,7 @@ class AuthorityCluster:
             "listen": {"authz": f"unix:{sock_dir / 'authz.sock'}", "admin": "127.0.0.1:0"},
             "envoy": {"egress_port": 0, "admin_port": 0},
             "decision_log": {"path": "decisions.log", "stdout": False},
+            "state": {"path": "state/state.db"},
             "grants": {
                 "files": [f"grant{i}.jwt" for i in range(len(grants))],
                 "root_issuers": [{"jwks": str(self.issuer_jwks)}],
@@ -385,3 +433,126 @@ def wait_feed_connected(sidecar: SidecarProcess, timeout: float = 15.0) -> None:
         return status == 200 and metric_value(body.decode(), "agent_authz_revocation_feed_connected") == 1.0
 
     wait_until(connected, timeout=timeout, what=f"{sidecar.name} revocation feed")
+
+
+def jwt_authn_bootstrap(*, issuer: str, audience: str, jwks_port: int, ca_file: Path) -> dict[str, Any]:
+    """An upstream's stock Envoy: every request must carry a JWT of ``issuer`` for ``audience``,
+    verified by the ``jwt_authn`` filter against the authority's JWKS (``remote_jwks`` over HTTPS to
+    the Service name, verified against ``ca_file``); allowed requests get a direct 200 ``ok``."""
+    host = f"{SERVICE}.{RELEASE_NS}.svc"
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "api",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": {
+                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                        "http_connection_manager.v3.HttpConnectionManager",
+                                        "stat_prefix": "api",
+                                        "route_config": {
+                                            "virtual_hosts": [
+                                                {
+                                                    "name": "api",
+                                                    "domains": ["*"],
+                                                    "routes": [
+                                                        {
+                                                            "match": {"prefix": "/"},
+                                                            "direct_response": {
+                                                                "status": 200,
+                                                                "body": {"inline_string": "ok"},
+                                                            },
+                                                        }
+                                                    ],
+                                                }
+                                            ]
+                                        },
+                                        "http_filters": [
+                                            {
+                                                "name": "envoy.filters.http.jwt_authn",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                                                    "jwt_authn.v3.JwtAuthentication",
+                                                    "providers": {
+                                                        "agent_authz": {
+                                                            "issuer": issuer,
+                                                            "audiences": [audience],
+                                                            "remote_jwks": {
+                                                                "http_uri": {
+                                                                    "uri": f"https://{host}/ns/"
+                                                                    + issuer.rsplit("/", 1)[1]
+                                                                    + "/jwks.json",
+                                                                    "cluster": "authority",
+                                                                    "timeout": "2s",
+                                                                },
+                                                                "cache_duration": "300s",
+                                                            },
+                                                        }
+                                                    },
+                                                    "rules": [
+                                                        {
+                                                            "match": {"prefix": "/"},
+                                                            "requires": {"provider_name": "agent_authz"},
+                                                        }
+                                                    ],
+                                                },
+                                            },
+                                            {
+                                                "name": "envoy.filters.http.router",
+                                                "typed_config": {
+                                                    "@type": "type.googleapis.com/envoy.extensions.filters.http."
+                                                    "router.v3.Router"
+                                                },
+                                            },
+                                        ],
+                                    },
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [
+                {
+                    "name": "authority",
+                    "type": "STATIC",
+                    "connect_timeout": "2s",
+                    "load_assignment": {
+                        "cluster_name": "authority",
+                        "endpoints": [
+                            {
+                                "lb_endpoints": [
+                                    {
+                                        "endpoint": {
+                                            "address": {
+                                                "socket_address": {"address": "127.0.0.1", "port_value": jwks_port}
+                                            }
+                                        }
+                                    }
+                                ]
+                            }
+                        ],
+                    },
+                    "transport_socket": {
+                        "name": "envoy.transport_sockets.tls",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                            "sni": host,
+                            "common_tls_context": {
+                                "validation_context": {
+                                    "trusted_ca": {"filename": str(ca_file)},
+                                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}],
+                                }
+                            },
+                        },
+                    },
+                }
+            ],
+        },
+    }
