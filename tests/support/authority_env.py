@@ -51,6 +51,7 @@ __all__ = [
     "jwt_authn_bootstrap",
     "metric_value",
     "reason",
+    "serving_pair",
     "task_api",
 ]
 
@@ -70,7 +71,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _serving_pair(directory: Path) -> tuple[Path, Path, Path]:
+def serving_pair(directory: Path) -> tuple[Path, Path, Path]:
     """A CA and the authority's serving certificate (the Service's DNS names and 127.0.0.1)."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -225,7 +226,7 @@ class AuthorityCluster:
         self.ca = DevCA.create(TD)
         self.ca.save(root / "ca")
         self.bundle = root / "ca" / "bundle.pem"
-        self.tls_ca, self.tls_cert, self.tls_key = _serving_pair(root / "tls")
+        self.tls_ca, self.tls_cert, self.tls_key = serving_pair(root / "tls")
         pem = generate_private_key_pem()
         (root / "issuer").mkdir(parents=True, exist_ok=True)
         (root / "issuer" / "issuer.key").write_bytes(pem)
