@@ -5,7 +5,8 @@ authority's feed listener over mTLS: the server is verified against ``revocation
 client presents this agent's current X.509-SVID (loaded for each connection, so a rotated SVID is
 used from the next one; the key goes to OpenSSL through a pipe and never touches a disk). Every
 event counts as contact; ``snapshot`` and ``revoked`` events are handed to ``apply`` at once, on the
-event loop, so they are in force before the next request is decided. A stream that ends, fails, or
+event loop, so they are in force before the next request is decided. A snapshot older than the
+newest revision applied (a replica whose watch lags behind) only adds entries. A stream that ends, fails, or
 brings nothing (not even a heartbeat) for ``read_timeout`` is reconnected with exponential backoff
 and jitter, from ``reconnect_min`` up to ``reconnect_max``.
 
@@ -196,6 +197,7 @@ class FeedClient:
         self._wake = asyncio.Event()
         self._announce_now = asyncio.Event()
         self._lost_at: float | None = None
+        self._applied: int | None = None  # the newest revision applied
 
     # -- connections --------------------------------------------------------------------------------
     def _context(self) -> ssl.SSLContext:
@@ -305,7 +307,7 @@ class FeedClient:
             line = raw.decode("utf-8", "replace").rstrip("\r\n")
             if line == "":
                 if data:
-                    delivered = self._event(name, data) or delivered
+                    delivered = self.handle_event(name, data) or delivered
                 name, data = "message", ""
             elif line.startswith(":"):
                 continue  # a comment (keep-alive)
@@ -318,8 +320,12 @@ class FeedClient:
                     data = f"{data}\n{value}" if data else value
         return delivered
 
-    def _event(self, name: str, data: str) -> bool:
-        """Handle one event; returns whether it was a snapshot."""
+    def handle_event(self, name: str, data: str) -> bool:
+        """Handle one SSE event (its name and its ``data`` JSON); returns whether it was a snapshot.
+
+        Raises:
+            FeedError: the data does not parse (the stream is then reopened).
+        """
         now = self._clock()
         try:
             payload = json.loads(data)
@@ -330,7 +336,8 @@ class FeedClient:
             raise FeedError(f"a {name!r} event does not parse: {exc}") from None
         status = self.status
         if name in (EVENT_SNAPSHOT, EVENT_REVOKED):
-            self._apply(entries, name == EVENT_SNAPSHOT)
+            older = self._older(revision)
+            self._apply(entries, name == EVENT_SNAPSHOT and not older)
         elif name != EVENT_HEARTBEAT:
             return False  # an event this version does not know: contact, nothing to apply
         status.events[name] += 1
@@ -353,6 +360,19 @@ class FeedClient:
             status.entries += len(entries)
             _log.info("revocations_received", ids=[e.id for e in entries], revision=revision, lag=status.last_lag)
         return False
+
+    def _older(self, revision: str) -> bool:
+        """Whether ``revision`` is older than one already applied (a replica whose watch lags behind
+        the one streamed from before): its snapshot then only adds - it must not take back a newer
+        revocation. Revisions are ConfigMap ``resourceVersion`` values, compared as integers."""
+        try:
+            number = int(revision)
+        except ValueError:
+            return False
+        older = self._applied is not None and number < self._applied
+        if not older:
+            self._applied = number
+        return older
 
     # -- key announcements --------------------------------------------------------------------------
     def announce_soon(self) -> None:

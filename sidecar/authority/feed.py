@@ -7,7 +7,9 @@ generated code, passes any HTTP proxy, can be read with ``curl``, and carries wh
 one direction, small JSON events, an ``id`` to resume from - with mTLS from the TLS layer below.
 gRPC's extras (bidirectional streams, flow control per message, deadlines) buy nothing here.
 
-Each stream starts with a ``snapshot`` of every entry, then gets a ``revoked`` event with the new
+A replica serves streams only once it has read the revocations (before that it answers 503: an
+empty snapshot would tell the sidecars nothing is revoked). Each stream starts with a ``snapshot``
+of every entry, then gets a ``revoked`` event with the new
 entries of each change (a ``snapshot`` again when entries were removed), and a ``heartbeat`` every
 ``heartbeat`` seconds, so a client can measure the feed's lag and tell a quiet feed from a dead one.
 A client too slow to take its events (a full queue) is disconnected: it reconnects and gets a
@@ -98,6 +100,8 @@ class FeedHub:
         """Serve one SSE stream to ``peer`` until it disconnects or ``stop`` is set."""
         if len(self._subscribers) >= self.max_clients:
             return web.json_response({"error": "busy", "detail": "too many feed clients"}, status=503)
+        if not self.store.document.loaded.is_set():  # an empty snapshot would un-revoke everything
+            return web.json_response({"error": "not_ready", "detail": "the revocations are not read yet"}, status=503)
         subscriber = _Subscriber(peer)
         self._subscribers.add(subscriber)
         _log.info("feed_client_connected", peer=peer, clients=len(self._subscribers))

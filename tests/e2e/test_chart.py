@@ -390,6 +390,11 @@ def test_notes_say_what_to_label_and_show_a_valid_task() -> None:
     checked = check_task_annotation(example, agent="spiffe://example.org/ns/agents/sa/a", credentials=set(), now=0)
     assert (checked.kind, checked.task_id) == ("task", "q3-risk-report")
     assert "WARNING: agentNamespaces is empty" in _notes()
+    # with the authority: the operator's revocation and the issuer upstreams verify
+    line = next(x for x in notes.splitlines() if "kubectl patch configmap aa-agent-authz-revocations" in x)
+    patch = json.loads(line.split("-p '", 1)[1].rstrip("'"))
+    assert patch == {"data": {"operator": "q3-risk-report\n"}}
+    assert f"https://{AUTHORITY}.{NS}.svc/ns/NS" in notes
 
 
 # -- the cluster authority -------------------------------------------------------------------------------

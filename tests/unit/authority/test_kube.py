@@ -202,3 +202,29 @@ def test_a_watch_older_than_the_history_is_an_error_event_with_code_410(double: 
 
     gone = asyncio.run(scenario())
     assert gone.status == 410 and gone.reason == "Expired" and "too old resource version" in str(gone)
+
+
+def test_the_double_runs_as_a_process_for_the_cluster_scenario(tmp_path: Path) -> None:
+    """``python -m tests.support.kube_api``: what a scenario starts next to the authority replicas."""
+    import sys
+
+    from sidecar.harness import ManagedProcess, wait_until
+
+    seed = tmp_path / "seed.json"
+    seed.write_text(json.dumps(_configmap("mine", a="1")))
+    ready = tmp_path / "ready.json"
+    repo = Path(__file__).resolve().parents[3]
+    argv = [sys.executable, "-m", "tests.support.kube_api", "--dir", str(tmp_path / "kube"), "--seed", str(seed)]
+    process = ManagedProcess("kube-api", [*argv, "--ready-file", str(ready)], log_dir=tmp_path, cwd=repo)
+    process.start()
+    try:
+        url = wait_until(lambda: ready.exists() and json.loads(ready.read_text())["url"], timeout=20, what="kube api")
+        context = ssl.create_default_context(cafile=str(tmp_path / "kube" / "ca.crt"))
+        token = (tmp_path / "kube" / "token").read_text()
+        request = urllib.request.Request(
+            f"{url}/api/v1/namespaces/{NS}/configmaps/mine", headers={"Authorization": f"Bearer {token}"}
+        )
+        with urllib.request.urlopen(request, context=context, timeout=5) as response:
+            assert json.loads(response.read())["data"] == {"a": "1"}
+    finally:
+        assert process.stop() == 0
