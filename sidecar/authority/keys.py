@@ -217,10 +217,15 @@ class KeyRegistry:
                 record = records.setdefault(
                     public["kid"], {"jwk": public, "retired_until": 0, "active_until": 0, "announced_at": 0}
                 )
-                record.update(jwk=public, role=role, announced_by=peer)
-                if now + self._ttl - record.get("active_until", 0) > refresh or record.get("role") != role:
-                    record["active_until"] = int(now + self._ttl)
-                    record["announced_at"] = int(now)
+                stale = now + self._ttl - record.get("active_until", 0) > refresh
+                if stale or record.get("role") != role or record.get("jwk") != public:
+                    record.update(
+                        jwk=public,
+                        role=role,
+                        announced_by=peer,
+                        active_until=int(now + self._ttl),
+                        announced_at=int(now),
+                    )
             active = {public["kid"] for public, _ in proven}
             for kid, announced_until in announcement.retired:
                 record = records.get(kid)

@@ -29,6 +29,7 @@ from tests.support.kube_api import KubeApiDouble
 
 BASE = "https://authority.authz.svc"
 A, B = "spiffe://unit.example/ns/agents/sa/worker", "spiffe://unit.example/ns/research/sa/worker"
+A2 = "spiffe://unit.example/ns/agents/sa/other"
 
 
 def key(algorithm: str = "ES256") -> Any:
@@ -171,3 +172,33 @@ def test_bad_announcement_bodies_are_bad_requests() -> None:
         with pytest.raises(AuthorityError) as bad:
             parse_announcement(body)
         assert bad.value.detail == AuthorityCode.BAD_REQUEST
+
+
+def test_a_repeated_announcement_writes_only_when_the_publication_must_be_extended(
+    registry: tuple[KeyRegistry, list[float]],
+) -> None:
+    keys, clock = registry
+    current = key()
+
+    async def scenario() -> list[int]:
+        await keys.document.load()
+        issuer = keys.issuer("agents")
+        writes = []
+        for step in (0, 30, 60, 61):  # seconds; a tenth of announce_ttl (600 s) is 60 s
+            clock[0] += step
+            body = key_announcement(
+                KeySet(current),
+                issuer=issuer,
+                subject=A if step != 30 else B.replace("research", "agents"),
+                now=clock[0],
+            )
+            await keys.announce(
+                parse_announcement(body), namespace="agents", peer=A if step != 30 else B.replace("research", "agents")
+            )
+            writes.append(keys.document.writes)
+        await keys.document.client.aclose()
+        return writes
+
+    # the first announcement writes; another sidecar of the namespace 30 s later does not, nor one at
+    # 55 s; at 65 s the publication would move by more than a tenth of announce_ttl: written again
+    assert asyncio.run(scenario()) == [1, 1, 1, 2]
