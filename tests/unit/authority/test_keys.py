@@ -184,17 +184,10 @@ def test_a_repeated_announcement_writes_only_when_the_publication_must_be_extend
         await keys.document.load()
         issuer = keys.issuer("agents")
         writes = []
-        for step in (0, 30, 60, 61):  # seconds; a tenth of announce_ttl (600 s) is 60 s
+        for step, peer in ((0, A), (30, A2), (25, A), (10, A)):  # a tenth of announce_ttl (600 s) is 60 s
             clock[0] += step
-            body = key_announcement(
-                KeySet(current),
-                issuer=issuer,
-                subject=A if step != 30 else B.replace("research", "agents"),
-                now=clock[0],
-            )
-            await keys.announce(
-                parse_announcement(body), namespace="agents", peer=A if step != 30 else B.replace("research", "agents")
-            )
+            body = key_announcement(KeySet(current), issuer=issuer, subject=peer, now=clock[0])
+            await keys.announce(parse_announcement(body), namespace="agents", peer=peer)
             writes.append(keys.document.writes)
         await keys.document.client.aclose()
         return writes
