@@ -27,7 +27,7 @@ from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.config.watch import watch_and_reload
 from sidecar.envoy_authz.ext_proc import ListFilterService
 from sidecar.envoy_authz.service import AuthorizationService
-from sidecar.errors import BundleDetail, ConfigError, SvidDetail
+from sidecar.errors import BundleDetail, ConfigError, StateError, SvidDetail
 from sidecar.identity.state import IdentityState, Svid
 from sidecar.identity.workload_api import WorkloadApiIdentity
 from sidecar.metrics import Metrics
@@ -251,7 +251,10 @@ def _feed_client(runtime: Runtime) -> FeedClient | None:
             return
         received = new
         carried = runtime.carried
-        runtime.remember(replace(carried, received={**carried.received, FEED_SOURCE: lists_from_entries(new)}))
+        try:
+            runtime.remember(replace(carried, received={**carried.received, FEED_SOURCE: lists_from_entries(new)}))
+        except StateError as exc:  # in force all the same (a revocation must not wait); a restart would forget it
+            _log.error("feed_revocations_not_stored", file=exc.file, reason=exc.reason)
         runtime.reload()
 
     def svid() -> Svid | None:

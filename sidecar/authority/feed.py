@@ -96,8 +96,11 @@ class FeedHub:
                     subscriber.queue.get_nowait()
                     subscriber.queue.put_nowait(None)
 
-    async def stream(self, request: web.Request, peer: str, stop: asyncio.Event) -> web.StreamResponse:
-        """Serve one SSE stream to ``peer`` until it disconnects or ``stop`` is set."""
+    async def stream(
+        self, request: web.Request, peer: str, stop: asyncio.Event, *, until: float = float("inf")
+    ) -> web.StreamResponse:
+        """Serve one SSE stream to ``peer`` until it disconnects, ``stop`` is set, or ``until`` (POSIX
+        seconds: the client's SVID expires; it reconnects with the rotated one)."""
         if len(self._subscribers) >= self.max_clients:
             return web.json_response({"error": "busy", "detail": "too many feed clients"}, status=503)
         if not self.store.document.loaded.is_set():  # an empty snapshot would un-revoke everything
@@ -113,11 +116,10 @@ class FeedHub:
                 await self._send(response, first)
                 stopping = asyncio.ensure_future(stop.wait())
                 try:
-                    while not stop.is_set():
+                    while not stop.is_set() and self._clock() < until:
                         getter = asyncio.ensure_future(subscriber.queue.get())
-                        done, _ = await asyncio.wait(
-                            {getter, stopping}, timeout=self.heartbeat, return_when="FIRST_COMPLETED"
-                        )
+                        wait = max(0.0, min(self.heartbeat, until - self._clock()))
+                        done, _ = await asyncio.wait({getter, stopping}, timeout=wait, return_when="FIRST_COMPLETED")
                         if getter not in done:
                             getter.cancel()
                             if stopping in done:

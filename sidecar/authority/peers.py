@@ -33,10 +33,12 @@ __all__ = ["Peer", "PeerIdentifier", "feed_tls_context", "server_tls_context"]
 
 @dataclass(frozen=True, slots=True)
 class Peer:
-    """A verified feed client: its SPIFFE ID and the namespace the ID names."""
+    """A verified feed client: its SPIFFE ID, the namespace the ID names, and when its SVID expires
+    (POSIX seconds; a stream is closed then, and the client reconnects with its rotated SVID)."""
 
     spiffe_id: str
     namespace: str
+    not_after: float = float("inf")
 
 
 def server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -112,4 +114,4 @@ class PeerIdentifier:
             raise AuthorityError(
                 AuthorityCode.PEER_NOT_ALLOWED, f"{spiffe_id} names no agent namespace of this authority", 403
             )
-        return Peer(spiffe_id, namespace)
+        return Peer(spiffe_id, namespace, leaf.not_valid_after_utc.timestamp())

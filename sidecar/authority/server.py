@@ -483,7 +483,7 @@ async def _keys(request: web.Request) -> web.Response:
 async def _feed(request: web.Request) -> web.StreamResponse:
     authority = request.app[AUTHORITY]
     peer = _peer(authority, request, "feed")
-    return await authority.hub.stream(request, peer.spiffe_id, authority.stop)
+    return await authority.hub.stream(request, peer.spiffe_id, authority.stop, until=peer.not_after)
 
 
 async def _healthz(_: web.Request) -> web.Response:
