@@ -100,7 +100,7 @@ def _config(state: Path, upstream: int, tools: int) -> Path:
         "listen": {"authz": f"unix:{state / 'authz.sock'}", "admin": "127.0.0.1:0"},
         "envoy": {
             "egress_port": 0,
-            "admin_port": 0,
+            "admin_socket": str(state / "envoy-admin.sock"),
             "destinations": {
                 h: f"127.0.0.1:{upstream}" for h in ("plain.internal", "headers.internal", "body.internal")
             },
@@ -219,11 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         for what, micros in _in_process(upstream, args.tools).items():
             print(f"  {what:42} {micros:8.1f}")
     except Exception:
-        import urllib.request
-
-        admin = f"{stack.envoy.admin_url}/stats?filter=ext_proc|ext_authz|upstream_rq_5"
-        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-        print(opener.open(admin, timeout=5).read().decode(), file=sys.stderr)
+        _, stats = stack.envoy.admin("/stats?filter=ext_proc|ext_authz|upstream_rq_5")
+        print(stats.decode(), file=sys.stderr)
         raise
     finally:
         stack.stop()

@@ -106,7 +106,11 @@ def _sidecar_config(
         "agent": AGENT,
         "issuer": {"url": "https://bench.example", "signing_key": "keys/signing.pem", "max_token_ttl": "10m"},
         "listen": {"authz": f"unix:{sock}", "admin": "127.0.0.1:0"},
-        "envoy": {"egress_port": 0, "admin_port": 0, "destinations": {host: upstream}},
+        "envoy": {
+            "egress_port": 0,
+            "admin_socket": str(sock.with_name(f"{sock.stem}-envoy-admin.sock")),
+            "destinations": {host: upstream},
+        },
         "decision_log": {"path": "decisions.log", "stdout": False},
         "tasks": [*_tasks(tasks), *more_tasks],
     }

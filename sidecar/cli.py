@@ -193,6 +193,7 @@ def _cmd_iptables(args: argparse.Namespace) -> int:
         inbound_port=parse_port(args.inbound_port, "--inbound-port"),
         proxy_uid=parse_id(args.proxy_uid, "--proxy-uid"),
         proxy_gid=parse_id(args.proxy_gid if args.proxy_gid is not None else args.proxy_uid, "--proxy-gid"),
+        proxy_ports=parse_ports(args.proxy_ports, "--proxy-ports"),
         inbound_ports=parse_inbound_ports(args.inbound_ports),
         exclude_inbound_ports=parse_ports(args.exclude_inbound_ports, "--exclude-inbound-ports"),
         exclude_outbound_cidrs=parse_cidrs(args.exclude_outbound_cidrs),
@@ -438,6 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="UID Envoy and the sidecar run as: their traffic is never redirected (no loop)",
     )
     ipt.add_argument("--proxy-gid", default=None, help="GID of Envoy and the sidecar (default: --proxy-uid)")
+    ipt.add_argument(
+        "--proxy-ports",
+        default="",
+        help="the proxy's other TCP listening ports (egress, probe, admin), comma-separated: like the outbound "
+        "and inbound ports, only the proxy UID may answer from them (a process binding them after the proxy "
+        "died gets no connection)",
+    )
     ipt.add_argument(
         "--inbound-ports",
         default="*",

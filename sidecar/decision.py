@@ -29,6 +29,8 @@ class Direction(enum.StrEnum):
 
     EGRESS = "egress"
     INGRESS = "ingress"
+    LOCAL = "local"
+    """The local agent asked its own sidecar (the task API), e.g. to revoke another agent's task."""
 
 
 class Protocol(enum.StrEnum):
@@ -114,6 +116,9 @@ class Reason(enum.StrEnum):
     MISDIRECTED_REQUEST = "misdirected_request"
     """An intercepted TLS connection (``tls: intercept``) carried a request for another host or port than
     the one its SNI named (RFC 9110 §7.4)."""
+    NOT_AUTHORIZED = "not_authorized"
+    """Task API (direction ``local``): the local agent asked to revoke or delegate a task its signature
+    has no authority over - another agent's task, or one from the configuration; nothing changed."""
     MCP_HEADER_MISMATCH = "mcp_header_mismatch"
     """``Mcp-Method`` / ``Mcp-Name`` are malformed, missing where required, or disagree with the body."""
     MCP_AMBIGUOUS_BODY = "mcp_ambiguous_body"

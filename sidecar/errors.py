@@ -56,6 +56,8 @@ class ErrorCode(enum.StrEnum):
     INJECTION_DENIED = "injection_denied"
     BAD_REVIEW = "bad_review"
     WEBHOOK_CHECK_FAILED = "webhook_check_failed"
+    NOT_AUTHORIZED = "not_authorized"
+    """The local agent asked its task API for a change it has no authority over."""
     RESPONSE_UNFILTERABLE = "response_unfilterable"
     """An MCP ``tools/list`` response that cannot be filtered (it is replaced by a JSON-RPC error)."""
     STATE_UNAVAILABLE = "state_unavailable"

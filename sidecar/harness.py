@@ -9,8 +9,10 @@ Readiness is observed, never assumed: Envoy's admin ``/ready``, the sidecar's re
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +24,15 @@ from typing import Any, TypeVar
 
 from sidecar.envoy_bin import find_envoy
 
-__all__ = ["AuthorityProcess", "EnvoyProcess", "ManagedProcess", "SidecarProcess", "http_get", "wait_until"]
+__all__ = [
+    "AuthorityProcess",
+    "EnvoyProcess",
+    "ManagedProcess",
+    "SidecarProcess",
+    "http_get",
+    "unix_http",
+    "wait_until",
+]
 
 T = TypeVar("T")
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -52,6 +62,44 @@ def http_get(url: str, timeout: float = 2.0, *, ca_file: Path | None = None) -> 
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as err:
         return int(err.code), bytes(err.read())
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a Unix socket (Envoy's admin pipe)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def unix_http(path: str, method: str, target: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    """One HTTP request over the Unix socket ``path`` (e.g. ``GET /ready`` on Envoy's admin socket).
+
+    Returns:
+        ``(status, body)``.
+
+    Raises:
+        OSError: the socket cannot be reached (``ENOENT``, ``EACCES``, ``ECONNREFUSED``).
+    """
+    conn = _UnixConnection(path, timeout)
+    try:
+        conn.request(method, target)
+        response = conn.getresponse()
+        return response.status, response.read()
+    except http.client.HTTPException as exc:
+        raise OSError(f"bad HTTP answer on {path}: {exc!r}") from None
+    finally:
+        conn.close()
 
 
 def wait_until(probe: Callable[[], T | None], *, timeout: float, what: str, interval: float = 0.02) -> T:
@@ -258,7 +306,11 @@ class AuthorityProcess(ManagedProcess):
 
 
 class EnvoyProcess(ManagedProcess):
-    """Envoy with a bootstrap file; ports may be 0 and are discovered through the admin API."""
+    """Envoy with a bootstrap file; ports may be 0 and are discovered through the admin API.
+
+    The admin interface is wherever the bootstrap puts it - a Unix socket (``envoy.admin_socket``)
+    or a TCP port - as Envoy reports it (``--admin-address-path``); :meth:`admin` reaches either.
+    """
 
     def __init__(
         self,
@@ -294,24 +346,37 @@ class EnvoyProcess(ManagedProcess):
         super().start()
 
     @property
-    def admin_url(self) -> str:
-        """``http://host:port`` of Envoy's admin interface."""
-        return "http://" + self.admin_path.read_text().strip()
+    def admin_address(self) -> str:
+        """Where Envoy's admin listens: a socket path (``/…``) or ``host:port``."""
+        return self.admin_path.read_text().strip()
+
+    def admin(self, target: str, method: str = "GET") -> tuple[int, bytes]:
+        """One request to Envoy's admin interface, e.g. ``admin("/stats?format=json")``.
+
+        Raises:
+            OSError: the admin interface cannot be reached.
+        """
+        address = self.admin_address
+        if address.startswith("/"):
+            return unix_http(address, method, target)
+        if method != "GET":
+            raise ValueError("only GET over TCP")
+        return http_get(f"http://{address}{target}")
 
     def wait_ready(self, timeout: float = 20.0) -> None:
         """Wait until Envoy's admin answers ``/ready`` with 200 (all listeners initialised)."""
 
         def probe() -> bool:
             self.check_alive()
-            if not self.admin_path.exists() or not self.admin_path.read_text().strip():
+            if not self.admin_path.exists() or not self.admin_address:
                 return False
-            return http_get(self.admin_url + "/ready")[0] == 200
+            return self.admin("/ready")[0] == 200
 
         wait_until(probe, timeout=timeout, what="envoy /ready")
 
     def listener_port(self, name: str) -> int:
         """The bound port of listener ``name`` (works with port 0 in the bootstrap)."""
-        status, body = http_get(self.admin_url + "/listeners?format=json")
+        status, body = self.admin("/listeners?format=json")
         if status != 200:
             raise RuntimeError(f"envoy admin /listeners answered {status}")
         for listener in json.loads(body)["listener_statuses"]:
@@ -321,7 +386,7 @@ class EnvoyProcess(ManagedProcess):
 
     def stat(self, name: str) -> int:
         """The value of counter or gauge ``name`` (0 when absent)."""
-        _, body = http_get(self.admin_url + f"/stats?filter=^{name}$&format=json")
+        _, body = self.admin(f"/stats?filter=^{name}$&format=json")
         for item in json.loads(body).get("stats", []):
             if item.get("name") == name:
                 return int(item.get("value", 0))

@@ -25,6 +25,7 @@ from sidecar.authority.client import FeedClient
 from sidecar.authority.protocol import RevocationEntry, key_announcement, lists_from_entries
 from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.config.watch import watch_and_reload
+from sidecar.control_socket import prepare_socket_dir, restrict_socket, tcp_control_endpoints
 from sidecar.envoy_authz.ext_proc import ListFilterService
 from sidecar.envoy_authz.service import AuthorizationService
 from sidecar.errors import BundleDetail, ConfigError, StateError, SvidDetail
@@ -126,8 +127,10 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         intercept.secrets.bind(loop)
         server.add_generic_rpc_handlers((intercept.secrets.handler(),))
     authz = settings.listen.authz
+    sock_path: Path | None = None
     if authz.startswith("unix:"):
         sock_path = Path(authz[5:])
+        prepare_socket_dir(sock_path, file=str(loaded.source), field="listen.authz")
         sock_path.unlink(missing_ok=True)
         server.add_insecure_port(f"unix:{sock_path}")
         authz_bound = authz
@@ -138,6 +141,15 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
             raise OSError(f"cannot listen on {authz}")
         authz_bound = f"{host}:{bound}"
     await server.start()
+    if sock_path is not None:
+        restrict_socket(sock_path)
+    for key, address in tcp_control_endpoints(loaded):
+        _log.warning(
+            "control_endpoint_on_tcp",
+            key=key,
+            address=address,
+            detail="every process of the pod, the agent included, can reach it: use a Unix socket",
+        )
 
     feed = _feed_client(runtime)
     tasks = TaskService(runtime, forward=feed.forward if feed is not None else None)

@@ -137,5 +137,5 @@ def make_admin_app(
     app.router.add_get("/metrics", _metrics)
     service = tasks if tasks is not None else TaskService(runtime)
     add_viewer_routes(app, service, decision_log)
-    add_task_routes(app, service)
+    add_task_routes(app, service, decision_log)
     return app

@@ -4,9 +4,10 @@ Routes (plain HTTP, minimal bodies - no SPIFFE ID, digest or log head, unlike th
     ``GET /healthz`` - 200 ``{"status": "ok"}``: the process is alive.
     ``GET /readyz`` - 200 ``{"status": "ready"}`` or 503 with the status word
         (:func:`sidecar.admin.app.readiness`).
-    ``GET /envoy/ready`` - Envoy's admin ``/ready`` (``127.0.0.1:envoy.admin_port``) relayed: 200 when
-        Envoy's listeners are initialised, 503 otherwise or when Envoy's admin does not answer
-        within 1 s. Envoy's admin stays on ``127.0.0.1``; this relays one read-only path.
+    ``GET /envoy/ready`` - Envoy's admin ``/ready`` (on ``envoy.admin_socket``, or
+        ``127.0.0.1:envoy.admin_port`` without one) relayed: 200 when Envoy's listeners are
+        initialised, 503 otherwise or when Envoy's admin does not answer within 1 s. Envoy's admin
+        stays out of the agent's reach; this relays one read-only path.
 
 The admin server binds to ``127.0.0.1`` (it serves the task API and the decision viewer), which a
 kubelet probe cannot reach: it connects to the pod IP. The Helm chart's injector points the
@@ -39,11 +40,17 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _envoy_ready(request: web.Request) -> web.Response:
-    port = request.app[RUNTIME].snapshot.loaded.settings.envoy.admin_port
+    loaded = request.app[RUNTIME].snapshot.loaded
+    envoy = loaded.settings.envoy
+    if envoy.admin_socket is not None:
+        connector: aiohttp.BaseConnector = aiohttp.UnixConnector(path=str(loaded.resolve(envoy.admin_socket)))
+        url = "http://envoy-admin/ready"
+    else:
+        connector, url = aiohttp.TCPConnector(), f"http://127.0.0.1:{envoy.admin_port}/ready"
     try:
         async with (
-            aiohttp.ClientSession(timeout=_ENVOY_TIMEOUT) as session,
-            session.get(f"http://127.0.0.1:{port}/ready") as reply,
+            aiohttp.ClientSession(connector=connector, timeout=_ENVOY_TIMEOUT) as session,
+            session.get(url) as reply,
         ):
             text = (await reply.text()).strip()[:64]
             status = 200 if reply.status == 200 else 503

@@ -2,13 +2,21 @@
 
 Routes (JSON unless noted; errors are ``{"error": <code>, "detail": <text>}``):
 
-* ``GET  /v1/tasks`` - the active tasks with their budgets and chains, and the sub-grants delegated
-  from each (``delegated``; ``budget.reserved`` is the part of ``budget.used`` given to them).
+* ``GET  /v1/tasks`` - the local agent's tasks (``agent`` is this sidecar's SPIFFE ID) with their
+  budgets and chains, and the sub-grants delegated from each (``delegated``; ``budget.reserved`` is
+  the part of ``budget.used`` given to them); other agents' tasks in the configuration are not shown.
 * ``POST /v1/tasks`` - accept a grant (body: the compact JWS, or ``{"grant": "<jws>"}``); 201 ``{"id"}``.
 * ``POST /v1/tasks/{id}/delegate`` - body :class:`~sidecar.grants.issue.DelegationRequest`; 201
   ``{"id", "grant", "expires_at"}``; 400 ``grant_widening`` names the widening field.
 * ``POST /v1/tasks/{id}/revoke`` - 200 ``{"revoked", "revocations"}`` (the signed list published).
 * ``GET  /v1/revocations`` - this sidecar's signed revocation list (``application/jwt``), 404 if none.
+
+Every caller of these routes is taken to be the local agent - possibly hijacked - so it gets what
+the agent's own signature could do (:class:`~sidecar.runtime.tasks.TaskService`): a revoke or
+delegate of a task it has no authority over is answered 403 ``not_authorized`` (with the
+``decision_id`` of the decision record written for it, direction ``local``), never 200 with no
+effect. A body that is not what the route takes (not UTF-8, not JSON, nested too deeply, the wrong
+shape) is answered 400 ``bad_request``, never 500.
 
 Only loopback (or unix-socket) clients may use these routes: the admin server binds to localhost by
 default, and this check keeps the task API local even when the admin port is exposed for metrics.
@@ -18,17 +26,21 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import secrets
+import time
 from typing import Any
 
 import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
+from sidecar.audit.log import DecisionLog, decision_record
 from sidecar.config.loader import format_loc
-from sidecar.errors import StateError
+from sidecar.decision import Decision, Direction, Reason
+from sidecar.errors import DecisionLogError, StateError
 from sidecar.grants.issue import DelegationRequest
 from sidecar.grants.model import GrantCode, GrantError
-from sidecar.runtime.tasks import TaskService
+from sidecar.runtime.tasks import NotAuthorizedError, TaskService
 
 __all__ = ["add_task_routes"]
 
@@ -64,6 +76,8 @@ async def _local_only(request: web.Request, handler: Any) -> web.StreamResponse:
 
 
 TASKS: web.AppKey[TaskService] = web.AppKey("tasks", TaskService)
+RECORDS: web.AppKey[DecisionLog | None] = web.AppKey("task_api_records")
+_BAD_BODY = "the body must be UTF-8 JSON"
 
 
 def _tasks(request: web.Request) -> TaskService:
@@ -72,6 +86,50 @@ def _tasks(request: web.Request) -> TaskService:
 
 def _grant_error(exc: GrantError) -> web.Response:
     return _error(exc.detail, str(exc), _STATUS.get(exc.detail, 400))
+
+
+async def _not_authorized(request: web.Request, exc: NotAuthorizedError, started: int) -> web.Response:
+    """403 ``not_authorized``, and a decision record of the refusal (a failed write is logged, the
+    answer stays a refusal)."""
+    runtime = _tasks(request).runtime
+    decision = Decision(
+        allow=False,
+        reason=Reason.NOT_AUTHORIZED,
+        http_status=403,
+        decision_id=secrets.token_hex(16),
+        detail=str(exc),
+        direction=Direction.LOCAL,
+        task_id=exc.task_id,
+        agent=runtime.snapshot.policy.agent,
+        method=request.method,
+        path=request.path,
+    )
+    _log.warning("task_api_not_authorized", action=exc.action, task_id=exc.task_id, decision_id=decision.decision_id)
+    log = request.app[RECORDS]
+    if log is not None:
+        latency_us = (time.perf_counter_ns() - started) // 1000
+        try:
+            log.append(decision_record(decision, request_id="", latency_us=latency_us, now=runtime.clock()))
+            if log.fsync:
+                await log.sync()
+        except DecisionLogError as err:
+            _log.error("decision_log_write_failed", error=str(err), sink=err.sink, decision_id=decision.decision_id)
+    return web.json_response(
+        {"error": Reason.NOT_AUTHORIZED.value, "detail": str(exc), "decision_id": decision.decision_id}, status=403
+    )
+
+
+async def _json_body(request: web.Request) -> Any:
+    """The request body as JSON.
+
+    Raises:
+        ValueError: not UTF-8, not JSON, or nested deeper than the parser goes.
+    """
+    raw = await request.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 async def _list(request: web.Request) -> web.Response:
@@ -93,7 +151,7 @@ async def _list(request: web.Request) -> web.Response:
             }
         )
     tasks = []
-    for task in snapshot.policy.tasks_by_id.values():
+    for task in service.visible():
         delegated = children.get(task.id, [])
         state = (
             "revoked"
@@ -135,14 +193,19 @@ async def _list(request: web.Request) -> web.Response:
 
 
 async def _accept(request: web.Request) -> web.Response:
-    text = await request.text()
-    token = text.strip()
+    shape = 'expected a compact JWS or {"grant": "<jws>"}'
+    try:
+        token = (await request.read()).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return _error("bad_request", f"the body must be UTF-8: {shape}")
     if token.startswith("{"):
         try:
             body = json.loads(token)
-            token = str(body["grant"])
-        except (ValueError, KeyError, TypeError):
-            return _error("bad_request", 'expected a compact JWS or {"grant": "<jws>"}')
+        except (ValueError, RecursionError):
+            return _error("bad_request", shape)
+        if not isinstance(body, dict) or not isinstance(body.get("grant"), str):
+            return _error("bad_request", shape)
+        token = body["grant"]
     try:
         grant = _tasks(request).accept(token)
     except GrantError as exc:
@@ -151,18 +214,22 @@ async def _accept(request: web.Request) -> web.Response:
 
 
 async def _delegate(request: web.Request) -> web.Response:
+    started = time.perf_counter_ns()
     try:
-        body = await request.json()
+        body = await _json_body(request)
+    except ValueError:
+        return _error("bad_request", _BAD_BODY)
+    try:
         delegation = DelegationRequest.model_validate(body)
-    except ValueError as exc:
-        if isinstance(exc, ValidationError):
-            first = exc.errors(include_url=False)[0]
-            return _error("bad_request", f"{format_loc(first['loc'])}: {first['msg']}")
-        return _error("bad_request", "the body must be JSON")
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        return _error("bad_request", f"{format_loc(first['loc'])}: {first['msg']}")
     try:
         token, child = _tasks(request).delegate(request.match_info["task_id"], delegation)
     except GrantError as exc:
         return _grant_error(exc)
+    except NotAuthorizedError as exc:
+        return await _not_authorized(request, exc, started)
     assert child.expires_at is not None
     return web.json_response(
         {"id": child.id, "subject": child.agent, "grant": token, "expires_at": int(child.expires_at.timestamp())},
@@ -171,10 +238,13 @@ async def _delegate(request: web.Request) -> web.Response:
 
 
 async def _revoke(request: web.Request) -> web.Response:
+    started = time.perf_counter_ns()
     try:
         token = _tasks(request).revoke(request.match_info["task_id"])
     except GrantError as exc:
         return _grant_error(exc)
+    except NotAuthorizedError as exc:
+        return await _not_authorized(request, exc, started)
     return web.json_response({"revoked": request.match_info["task_id"], "revocations": token})
 
 
@@ -185,9 +255,11 @@ async def _revocations(request: web.Request) -> web.Response:
     return web.Response(text=token, content_type="application/jwt")
 
 
-def add_task_routes(app: web.Application, tasks: TaskService) -> None:
-    """Register the task API on ``app``, served by ``tasks``."""
+def add_task_routes(app: web.Application, tasks: TaskService, decision_log: DecisionLog | None = None) -> None:
+    """Register the task API on ``app``, served by ``tasks``; refusals are recorded in ``decision_log``
+    (when given)."""
     app[TASKS] = tasks
+    app[RECORDS] = decision_log
     app.middlewares.append(_local_only)
     app.router.add_get("/v1/tasks", _list)
     app.router.add_post("/v1/tasks", _accept)

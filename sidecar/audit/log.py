@@ -56,7 +56,12 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
         "decision_id", "string", "Unique id; also in ``x-agent-authz-decision-id`` and Envoy's dynamic metadata."
     ),
     RecordField("request_id", "string", "Envoy's ``x-request-id``."),
-    RecordField("direction", "string", "``egress`` (the agent calls out) or ``ingress`` (someone calls the agent)."),
+    RecordField(
+        "direction",
+        "string",
+        "``egress`` (the agent calls out), ``ingress`` (someone calls the agent) or ``local`` (the agent asked "
+        "its task API; ``method`` and ``path`` are the API call's).",
+    ),
     RecordField(
         "agent", "string or null", "This sidecar's agent (SPIFFE ID): the caller on egress, the callee on ingress."
     ),

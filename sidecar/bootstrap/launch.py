@@ -3,17 +3,21 @@
 The injected Envoy container runs one command on a read-only root filesystem: the bootstrap is
 rendered from ``sidecar.yaml`` into a writable directory (the pod's ``/run/agent-authz`` emptyDir)
 and the process is replaced by Envoy, so Envoy is PID 1 of its container and gets SIGTERM directly.
+Envoy's admin socket (``envoy.admin_socket``) goes into a directory only the proxy user may enter,
+created here if missing (:func:`sidecar.control_socket.prepare_socket_dir`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
 from sidecar.bootstrap.names import XdsPaths
 from sidecar.bootstrap.render import write_envoy
 from sidecar.config.loader import LoadedConfig, load_config
+from sidecar.control_socket import prepare_socket_dir, tcp_control_endpoints
 from sidecar.envoy_bin import find_envoy
 from sidecar.errors import ConfigError
 
@@ -79,6 +83,16 @@ def exec_envoy(
     """
     envoy = find_envoy(envoy_bin)
     loaded = load_config(config)
+    admin_socket = loaded.settings.envoy.admin_socket
+    if admin_socket is not None:
+        prepare_socket_dir(loaded.resolve(admin_socket).absolute(), file=str(loaded.source), field="envoy.admin_socket")
+    for key, address in tcp_control_endpoints(loaded):
+        if key == "envoy.admin_port":  # stderr: Envoy's stdout is its access log
+            print(
+                f"agent-authz envoy: warning: Envoy's admin is on TCP {address} ({key}), where every process of "
+                "the pod, the agent included, can reach it: set envoy.admin_socket",
+                file=sys.stderr,
+            )
     write_envoy(loaded, out)
     wait_for_intercept_files(loaded)
     argv = envoy_argv(envoy, out, concurrency=concurrency, log_level=log_level, extra=extra or [])

@@ -31,6 +31,7 @@ from sidecar.bootstrap.kit import Kit
 from sidecar.bootstrap.names import AUTHZ_CLUSTER, INTERCEPT_CONNECT, InterceptTarget
 from sidecar.bootstrap.outbound import outbound_listener
 from sidecar.config.loader import LoadedConfig
+from sidecar.control_socket import SOCKET_MODE
 from sidecar.errors import ConfigError
 
 __all__ = [
@@ -102,9 +103,15 @@ def _bootstrap(kit: Kit) -> RenderedEnvoy:
                 typed_config=kit.pack(kit.internal_listener.InternalListener()),
             )
         ]
+    if envoy.admin_socket is not None:  # mode 0600: only the proxy user may connect
+        admin_address = core.Address(
+            pipe=core.Pipe(path=str(kit.loaded.resolve(envoy.admin_socket).absolute()), mode=SOCKET_MODE)
+        )
+    else:
+        admin_address = kit.address("127.0.0.1", envoy.admin_port)
     message = b.Bootstrap(
         node=core.Node(id="agent-authz", cluster="agent-authz"),
-        admin=b.Admin(address=kit.address("127.0.0.1", envoy.admin_port)),
+        admin=b.Admin(address=admin_address),
         static_resources=b.BootstrapStaticResources(listeners=listeners, clusters=clusters),
         **extra,
     )

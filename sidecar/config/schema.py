@@ -33,6 +33,7 @@ from sidecar.http_norm import normalize_path
 from sidecar.identity.spiffe_id import parse_spiffe_id
 
 __all__ = [
+    "CONTROL_DIR",
     "CallerSpec",
     "CredentialSpec",
     "DecisionLogSpec",
@@ -657,14 +658,20 @@ class IssuerSpec(_Model):
         return value
 
 
+CONTROL_DIR = Path("/run/agent-authz/ctl")
+"""The default directory of the control sockets (the authz server's, Envoy's admin): created ``0700`` by
+the proxy user (:mod:`sidecar.control_socket`); in the Helm chart, inside the ``run`` emptyDir."""
+
+
 class ListenSpec(_Model):
     """Where the sidecar listens. The admin server's task API answers loopback (and Unix-socket)
     clients only; kubelet probes cannot reach ``127.0.0.1``, hence the separate ``health`` server."""
 
-    authz: str = "127.0.0.1:9191"
-    """The ext_authz gRPC service, also serving SDS: ``host:port`` or ``unix:/absolute/path``. On a TCP
-    loopback port the agent can reach it: use a Unix socket in a directory the agent does not mount
-    (the Helm chart does)."""
+    authz: str = f"unix:{CONTROL_DIR}/authz.sock"
+    """The ext_authz gRPC service, also serving SDS: ``unix:/absolute/path`` (the socket is made ``0600``
+    in a directory only the proxy user may write, created ``0700`` when missing) or ``host:port``. On
+    TCP every process of the pod, the agent included, can send its own ``Check`` (and read the injected
+    keys and tokens in the answer) or stream SDS: ``serve`` warns at start, and the webhook refuses it."""
     admin: str = "127.0.0.1:9902"
     """The admin HTTP server (JWKS, ``/healthz``, ``/readyz``, ``/metrics``, ``/decisions``, the task
     API): ``host:port`` or ``unix:/absolute/path``."""
@@ -706,8 +713,13 @@ class EnvoySpec(_Model):
     """Address of Envoy's egress listener (the ``HTTP_PROXY`` target)."""
     egress_port: int = Field(default=15001, ge=0, le=65535)
     """Port of the egress listener (``0``: any free port); must differ from ``outbound_port``."""
+    admin_socket: Path | None = CONTROL_DIR / "envoy-admin.sock"
+    """Envoy's admin interface on this Unix socket (``admin.address.pipe``, mode ``0600``; its directory
+    is created ``0700`` by ``agent-authz envoy``); the probe server relays ``/ready`` from it. ``null``:
+    TCP on ``127.0.0.1:admin_port``, where every process of the pod can change Envoy's log level, stop
+    it or flip its readiness (a startup warning)."""
     admin_port: int = Field(default=15000, ge=0, le=65535)
-    """Envoy's admin port, on ``127.0.0.1``."""
+    """With ``admin_socket: null`` only: Envoy's admin port, on ``127.0.0.1``."""
     authz_timeout: Seconds = 0.25
     """ext_authz timeout; on timeout Envoy answers 503 (fail closed)."""
     destinations: dict[str, str] = Field(default_factory=dict)
@@ -770,6 +782,13 @@ class EnvoySpec(_Model):
         if self.inbound_redirect and self.ingress_port == 0:
             raise ValueError("inbound_redirect needs a fixed ingress_port (the iptables rules name it)")
         return self
+
+    @field_validator("admin_socket")
+    @classmethod
+    def _admin_socket(cls, value: Path | None) -> Path | None:
+        if value is not None and len(os.fsencode(value)) > 107:
+            raise ValueError("a Unix socket path of at most 107 bytes")
+        return value
 
     @field_validator("local_app")
     @classmethod

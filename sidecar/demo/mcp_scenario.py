@@ -125,7 +125,7 @@ def _config(state: Path, name: str, sock_dir: Path, ports: dict[str, int]) -> Pa
         "listen": {"authz": f"unix:{sock_dir / name}.sock", "admin": "127.0.0.1:0"},
         "envoy": {
             "egress_port": 0,
-            "admin_port": 0,
+            "admin_socket": str(sock_dir / f"{name}-envoy-admin.sock"),
             "destinations": {host: f"127.0.0.1:{port}" for host, port in ports.items()},
             # tasks arrive as grants, so Envoy is told which hosts speak MCP and A2A
             "rpc_hosts": {MCP_HOST: "mcp", A2A_HOST: "a2a"},

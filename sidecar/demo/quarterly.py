@@ -179,7 +179,11 @@ def _config(world: World, name: str, upstream_port: int, sock_dir: Path) -> Path
         },
         "issuer": {"url": ISSUER, "signing_key": str(state / "keys" / "signing.pem"), "max_token_ttl": "5m"},
         "listen": {"authz": f"unix:{sock_dir / name}.sock", "admin": "127.0.0.1:0"},
-        "envoy": {"egress_port": 0, "admin_port": 0, "destinations": {h: f"127.0.0.1:{upstream_port}" for h in HOSTS}},
+        "envoy": {
+            "egress_port": 0,
+            "admin_socket": str(sock_dir / f"{name}-envoy-admin.sock"),
+            "destinations": {h: f"127.0.0.1:{upstream_port}" for h in HOSTS},
+        },
         "decision_log": {"path": "decisions.log", "stdout": False},
         "credentials": {"sentiment": {"header": "x-api-key", "file": str(state / "secrets" / "sentiment.key")}},
         "grants": grants,

@@ -276,5 +276,5 @@ def _hold(stack: AuthzStack, upstream: SampleUpstream) -> None:
     ca = stack.work_dir / "trust" / "ca.pem"
     print(f"  curl -x {stack.egress_proxy} --cacert {ca} https://{scenario.SENTIMENT}/v1/analyze -d '{{}}'")
     print(f"  JWKS:        {stack.sidecar.admin_url}/.well-known/jwks.json")
-    print(f"  Envoy admin: {stack.envoy.admin_url}", flush=True)
+    print(f"  Envoy admin: curl --unix-socket {stack.envoy.admin_address} http://envoy/stats", flush=True)
     wait_for_interrupt(lambda: stack.envoy.alive() and stack.sidecar.alive())

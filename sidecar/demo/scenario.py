@@ -150,10 +150,10 @@ def sidecar_config(state: Path, upstream_port: int, agent_app_port: int, sentime
             "algorithm": "ES256",
             "max_token_ttl": "5m",
         },
-        "listen": {"authz": f"unix:{state / 'authz.sock'}", "admin": "127.0.0.1:0"},
+        "listen": {"authz": f"unix:{state / 'ctl' / 'authz.sock'}", "admin": "127.0.0.1:0"},
         "envoy": {
             "egress_port": 0,
-            "admin_port": 0,
+            "admin_socket": str(state / "ctl" / "envoy-admin.sock"),
             "destinations": {MARKET: address, SENTIMENT: f"127.0.0.1:{sentiment_port}"},
             "local_app": f"127.0.0.1:{agent_app_port}",
             "ingress_address": "127.0.0.1",

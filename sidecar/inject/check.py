@@ -38,7 +38,20 @@ def sample_review(namespace: str, annotations: dict[str, str] | None = None) -> 
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"generateName": "agent-authz-check-", "namespace": namespace, "annotations": annotations or {}},
-        "spec": {"containers": [{"name": "agent", "image": "registry.invalid/agent:1", "command": ["true"]}]},
+        "spec": {
+            "containers": [
+                {
+                    "name": "agent",
+                    "image": "registry.invalid/agent:1",
+                    "command": ["true"],
+                    "securityContext": {  # what the webhook admits: no way to become root or the proxy
+                        "runAsNonRoot": True,
+                        "allowPrivilegeEscalation": False,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                }
+            ]
+        },
     }
     return {
         "apiVersion": API_VERSION,

@@ -7,10 +7,9 @@
 3. ``agent-authz-envoy`` (native sidecar): ``agent-authz envoy`` (renders the bootstrap into the
    ``/run/agent-authz`` emptyDir, then becomes Envoy), same security context.
 
-The pod's own containers may not escape the interception rules (the proxy UID or GID, privileged,
-``NET_ADMIN``/``NET_RAW``/``SYS_ADMIN``); their probe and HTTP lifecycle hook ports bypass inbound
-mTLS (kubelet has no SVID). With ``intercept``, each of them mounts the trust volume and gets the trust variables
-(:func:`trust_patch`).
+What the pod's own containers may not do is :mod:`sidecar.inject.escapes`; their probe and HTTP
+lifecycle hook ports bypass inbound mTLS (kubelet has no SVID). With ``intercept``, each of them
+mounts the trust volume and gets the trust variables (:func:`trust_patch`).
 """
 
 from __future__ import annotations
@@ -23,54 +22,10 @@ from sidecar.inject.podspec import InjectionDenied, Json, containers_of, mapping
 from sidecar.inject.settings import InjectorConfig, Resources
 from sidecar.tls_intercept.trust import agent_trust_env, agent_trust_mount
 
-__all__ = ["OUR_CONTAINERS", "build_containers", "check_security", "probed_ports", "trust_patch"]
+__all__ = ["OUR_CONTAINERS", "build_containers", "probed_ports", "trust_patch"]
 
-_ESCALATING_CAPABILITIES = frozenset({"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "ALL"})
 OUR_CONTAINERS = frozenset({layout.CONTAINER_INIT, layout.CONTAINER_SIDECAR, layout.CONTAINER_ENVOY})
 """The names of the injected containers."""
-
-
-def check_security(spec: Mapping[str, Any], config: InjectorConfig, *, ours: frozenset[str]) -> None:
-    """Refuse a pod whose own containers could escape the interception rules."""
-    settings = config.settings
-    if spec.get("hostNetwork") is True:
-        raise InjectionDenied(
-            "agent-authz cannot inject a pod with hostNetwork: true "
-            "(its iptables rules would change the node's network)"
-        )
-    pod_ctx = mapping(spec.get("securityContext"), "spec.securityContext")
-    for kind, container in containers_of(spec):
-        name = str(container.get("name", "?"))
-        if name in ours:
-            continue
-        ctx = mapping(container.get("securityContext"), f"spec.{kind}[{name}].securityContext")
-        uid = ctx.get("runAsUser", pod_ctx.get("runAsUser"))
-        gid = ctx.get("runAsGroup", pod_ctx.get("runAsGroup"))
-        if uid == settings.proxy_uid:
-            raise InjectionDenied(
-                f"container {name!r} runs as UID {uid}, the proxy UID: its traffic would bypass agent-authz's "
-                "interception; run it as another user"
-            )
-        if gid == settings.proxy_gid:
-            raise InjectionDenied(
-                f"container {name!r} runs with GID {gid}, the proxy GID: its traffic would bypass agent-authz's "
-                "interception; run it with another group"
-            )
-        if settings.require_run_as_user and uid is None:
-            raise InjectionDenied(
-                f"container {name!r} sets no runAsUser: this installation requires one (the image's USER might be "
-                "the proxy UID)"
-            )
-        if ctx.get("privileged") is True:
-            raise InjectionDenied(f"container {name!r} is privileged: it could remove agent-authz's interception rules")
-        added = mapping(ctx.get("capabilities"), f"{name}.securityContext.capabilities").get("add") or []
-        if not isinstance(added, list):
-            raise InjectionDenied(f"malformed pod: container {name!r}: capabilities.add must be a list")
-        escalating = sorted({str(c).upper().removeprefix("CAP_") for c in added} & _ESCALATING_CAPABILITIES)
-        if escalating:
-            raise InjectionDenied(
-                f"container {name!r} adds capabilities {escalating}: it could remove agent-authz's interception rules"
-            )
 
 
 def _resolve_port(port: object, named: Mapping[str, object], name: str, where: str) -> int | None:
@@ -189,6 +144,8 @@ def _iptables_args(config: InjectorConfig, probe_ports: list[int]) -> list[str]:
         str(settings.proxy_uid),
         "--proxy-gid",
         str(settings.proxy_gid),
+        "--proxy-ports",
+        ",".join(map(str, config.proxy_ports)),
         "--inbound-ports",
         "*" if config.inbound else "",
         "--exclude-inbound-ports",

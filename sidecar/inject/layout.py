@@ -9,7 +9,9 @@ path                                  volume                   content
 ``/etc/agent-authz/config/``          ConfigMap                ``sidecar.yaml``
 ``/etc/agent-authz/pod/``             downwardAPI              ``task``, ``revoked`` (pod annotations)
 ``/etc/agent-authz/keys/``            Secret                   ``signing.pem`` (token signing key)
-``/run/agent-authz/``                 emptyDir (memory)        ext_authz socket, rendered ``envoy.json``
+``/run/agent-authz/``                 emptyDir (memory)        rendered ``envoy.json``
+``/run/agent-authz/ctl/``             (the ``run`` emptyDir)   ``0700``, the proxy user's: the ext_authz/SDS
+                                                               socket and Envoy's admin socket (both ``0600``)
 ``/var/log/agent-authz/``             emptyDir                 the decision log
 ``/var/lib/agent-authz/``             emptyDir                 the durable state (``state/state.db``, dir
                                                                ``0700``); only the sidecar mounts it
@@ -33,11 +35,14 @@ __all__ = [
     "ANNOTATION_REVOKED",
     "ANNOTATION_STATUS",
     "ANNOTATION_TASK",
+    "AUTHZ_SOCKET",
     "CONFIG_DIR",
     "CONFIG_FILE",
     "CONTAINER_ENVOY",
     "CONTAINER_INIT",
     "CONTAINER_SIDECAR",
+    "CTL_DIR",
+    "ENVOY_ADMIN_SOCKET",
     "ENVOY_BOOTSTRAP",
     "INTERCEPT_STATE_DIR",
     "KEYS_DIR",
@@ -103,6 +108,12 @@ KEYS_DIR = "/etc/agent-authz/keys"
 SIGNING_KEY_FILE = f"{KEYS_DIR}/signing.pem"
 RUN_DIR = "/run/agent-authz"
 ENVOY_BOOTSTRAP = f"{RUN_DIR}/envoy.json"
+CTL_DIR = f"{RUN_DIR}/ctl"
+"""The control sockets' directory (:data:`sidecar.config.schema.CONTROL_DIR`): created ``0700`` by the proxy user."""
+AUTHZ_SOCKET = f"{CTL_DIR}/authz.sock"
+"""``listen.authz``: the ext_authz gRPC service and SDS."""
+ENVOY_ADMIN_SOCKET = f"{CTL_DIR}/envoy-admin.sock"
+"""``envoy.admin_socket``: Envoy's admin interface."""
 LOG_DIR = "/var/log/agent-authz"
 STATE_DIR = "/var/lib/agent-authz"
 """The state volume's mount point (an emptyDir: kept across container restarts, mode ``0777`` at its root)."""

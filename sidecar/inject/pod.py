@@ -30,7 +30,8 @@ from sidecar.inject.annotations import (
     check_task_annotation,
     inject_choice,
 )
-from sidecar.inject.containers import OUR_CONTAINERS, build_containers, check_security, probed_ports, trust_patch
+from sidecar.inject.containers import OUR_CONTAINERS, build_containers, probed_ports, trust_patch
+from sidecar.inject.escapes import check_security
 from sidecar.inject.podspec import (
     AdmissionOutcome,
     Injection,
@@ -169,10 +170,13 @@ def plan_injection(pod: object, namespace: str, config: InjectorConfig, *, now: 
 
     Raises:
         InjectionDenied: the pod must be refused - malformed; in a namespace the chart did not
-            provision; opting out where that is not allowed; hostNetwork; a container running as
-            the proxy UID or GID, privileged, or adding NET_ADMIN/NET_RAW/SYS_ADMIN; a name clash with
-            the injected containers or volumes; marked injected without the containers; an invalid
-            ``agent-authz.io/task`` or ``agent-authz.io/revoked`` annotation.
+            provision; opting out where that is not allowed; a spec that would let the agent reach
+            the proxy or escape interception (:mod:`sidecar.inject.escapes`: host namespaces, a
+            shared process namespace, the proxy UID or GID, privileged, dangerous capabilities,
+            root with SETUID/SETGID/NET_RAW unless hardened, hostPath, the Workload API, mounts of
+            the injector's volumes); a name clash with the injected containers or volumes; marked
+            injected without the containers; an invalid ``agent-authz.io/task`` or
+            ``agent-authz.io/revoked`` annotation.
     """
     if not isinstance(pod, dict):
         raise InjectionDenied("malformed pod: the object must be a Pod")
@@ -214,10 +218,14 @@ def plan_injection(pod: object, namespace: str, config: InjectorConfig, *, now: 
                 "not provision its ConfigMap and signing-key Secret: add it to the chart's agentNamespaces"
             )
     ours = OUR_CONTAINERS if injected else frozenset()
-    check_security(spec, config, ours=ours)
+    # an injected pod is admitted unchanged: its containers must pass as they are (no hardening then)
+    harden_ops, harden_warnings = check_security(
+        spec, config, ours=ours, harden=settings.harden_containers and not injected
+    )
     task_id, warnings = _check_task(annotations, pod, namespace, config, now)
     if injected:
         return Injection([], AdmissionOutcome.ALREADY_INJECTED, warnings, task_id)
+    warnings += harden_warnings
 
     probe_ports, probe_warnings = probed_ports(spec, ours)
     warnings += probe_warnings
@@ -237,7 +245,8 @@ def plan_injection(pod: object, namespace: str, config: InjectorConfig, *, now: 
                 "value": layout.STATUS_INJECTED,
             }
         )
-    if config.intercept:  # before our containers are inserted: the pod's own indices still hold
+    patch += harden_ops  # before our containers are inserted: the pod's own indices still hold
+    if config.intercept:
         trust_ops, trust_warnings = trust_patch(spec)
         patch += trust_ops
         warnings += trust_warnings

@@ -125,6 +125,9 @@ class InjectorSettings(_Model):
         allow_opt_out: whether ``agent-authz.io/inject: "false"`` is honoured (else refused).
         require_run_as_user: refuse containers without an explicit ``runAsUser`` (an image's own
             ``USER`` cannot be seen at admission and might be the proxy UID).
+        harden_containers: a container that may run as root and keeps ``SETUID``, ``SETGID`` or
+            ``NET_RAW`` gets them added to its ``capabilities.drop`` (with a warning) instead of the
+            pod being refused (:mod:`sidecar.inject.escapes`).
         logs_size_limit: ``sizeLimit`` of the decision-log emptyDir.
         state_size_limit: ``sizeLimit`` of the durable-state emptyDir (disk-backed: it survives
             container restarts, and a node reboot that keeps the pod).
@@ -148,6 +151,7 @@ class InjectorSettings(_Model):
     allow_non_tcp: bool = False
     allow_opt_out: bool = True
     require_run_as_user: bool = False
+    harden_containers: bool = False
     logs_size_limit: str = "256Mi"
     state_size_limit: str = "64Mi"
     init: ContainerSettings = ContainerSettings()
@@ -238,6 +242,8 @@ class InjectorConfig:
             the probes name, from ``sidecar.yaml``.
         intercept: ``sidecar.yaml`` has an ``intercept`` section: the pod gets the trust volume, and
             its own containers the pod CA and the variables runtimes read.
+        proxy_ports: the other TCP ports Envoy and the sidecar listen on (egress listener, admin and
+            probe servers), for the iptables step's ``--proxy-ports``.
     """
 
     settings: InjectorSettings
@@ -248,6 +254,7 @@ class InjectorConfig:
     ipv6: bool
     health_port: int
     intercept: bool = False
+    proxy_ports: tuple[int, ...] = ()
 
 
 def check_layout(config: SidecarConfig) -> list[str]:
@@ -269,9 +276,16 @@ def check_layout(config: SidecarConfig) -> list[str]:
         layout.KEYS_DIR
     ):
         problems.append(f"issuer.next_signing_key must be in {layout.KEYS_DIR}/")
-    authz = config.listen.authz
-    if authz.startswith("unix:") and Path(authz[5:]).parent != Path(layout.RUN_DIR):
-        problems.append(f"listen.authz must be a socket in {layout.RUN_DIR}/ (shared by Envoy and the sidecar)")
+    if config.listen.authz != f"unix:{layout.AUTHZ_SOCKET}":
+        problems.append(
+            f"listen.authz must be unix:{layout.AUTHZ_SOCKET} (the proxy's own directory, shared by Envoy and the "
+            "sidecar; on TCP the agent could send its own Check or stream SDS)"
+        )
+    admin_socket = config.envoy.admin_socket
+    if admin_socket is None or Path(admin_socket) != Path(layout.ENVOY_ADMIN_SOCKET):
+        problems.append(
+            f"envoy.admin_socket must be {layout.ENVOY_ADMIN_SOCKET} (on TCP the agent could reach Envoy's admin)"
+        )
     if config.listen.health is None or config.listen.health.rpartition(":")[2] in ("", "0"):
         problems.append("listen.health must be set to a fixed port (kubelet probes it)")
     if config.envoy.outbound_port is None:
@@ -340,6 +354,11 @@ def build_injector(settings: InjectorSettings, loaded: LoadedConfig, *, file: st
     assert sidecar.envoy.outbound_port is not None and sidecar.listen.health is not None
     if settings.proxy_uid == 0 or settings.proxy_gid == 0:
         raise ConfigError(file, "proxy_uid", "the proxy runs as non-root")
+    health_port = int(sidecar.listen.health.rpartition(":")[2])
+    ports = {health_port, sidecar.envoy.egress_port}
+    if not sidecar.listen.admin.startswith("unix:"):
+        ports.add(int(sidecar.listen.admin.rpartition(":")[2]))
+    ports -= {0, sidecar.envoy.outbound_port, sidecar.envoy.ingress_port}
     return InjectorConfig(
         settings=settings,
         sidecar=loaded,
@@ -347,6 +366,7 @@ def build_injector(settings: InjectorSettings, loaded: LoadedConfig, *, file: st
         inbound_port=sidecar.envoy.ingress_port,
         inbound=sidecar.envoy.inbound_redirect,
         ipv6=sidecar.envoy.ipv6,
-        health_port=int(sidecar.listen.health.rpartition(":")[2]),
+        health_port=health_port,
         intercept=sidecar.intercept is not None,
+        proxy_ports=tuple(sorted(ports)),
     )

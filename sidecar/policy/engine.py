@@ -196,8 +196,10 @@ def decide_egress(
     task, outcome, detail = _select(
         policy, request.headers.get(TASK_HEADER), agent, target, method, now, intercept is not None, rpc, feed_stale
     )
-    if task is not None:
+    if task is not None and task.agent == agent:
         seen.update(task_id=task.id, on_behalf_of=task.on_behalf_of, txn=task.txn, act_chain=task.act_chain)
+    elif task is not None:  # another agent's task, named in x-agent-task: its id (the agent's words), nothing else
+        seen.update(task_id=task.id)
     rule: EgressRule | None = None
     tool: ToolRule | None = None
     match = outcome if isinstance(outcome, _Match) else None

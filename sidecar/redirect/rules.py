@@ -14,6 +14,16 @@ What the rules do (IPv4, and IPv6 with ``--ipv6 same``), in the pod's network na
     ``AGENT_AUTHZ_IN_REDIRECT`` = ``REDIRECT --to-ports <inbound port>``.
 
 ``filter`` table
+  * ``OUTPUT -p tcp -j AGENT_AUTHZ_GUARD`` first, for every mode: the proxy's ports answer for the
+    proxy only. The proxy UID and GID ``RETURN``; then a packet *from* one of the proxy's listening
+    ports (outbound, inbound and ``proxy_ports``: egress, probe, admin) sent by a socket of any
+    other UID is dropped - a process that binds a port the proxy freed (Envoy or the sidecar died)
+    gets the redirected connections' SYNs, but its SYN-ACKs never leave, so neither another
+    container's request, nor an outside caller, nor the agent's own traffic reaches it (a SYN-ACK
+    is attributed to its listener's owner; packets of kernel sockets - resets for closed ports -
+    carry no UID and pass); and a connection *to* the outbound or inbound port over ``lo`` that was
+    not redirected there (``conntrack ! --ctstate DNAT``) is reset: those listeners are reached
+    through ``REDIRECT`` only.
   * ``OUTPUT -j AGENT_AUTHZ_FILTER``: what the ``nat`` rules cannot send to Envoy is dropped when
     a non-proxy process sends it off the pod: UDP other than DNS (port 53), ICMP, SCTP, ... (TCP
     and loopback pass; excluded CIDRs and ports pass). Without this an agent could leave by QUIC.
@@ -45,6 +55,7 @@ from sidecar.errors import AgentAuthzError, ErrorCode
 
 __all__ = [
     "CHAIN_PREFIX",
+    "GUARD_CHAIN",
     "Ipv6Mode",
     "RedirectError",
     "RedirectSpec",
@@ -66,10 +77,12 @@ REDIRECT_CHAIN = "AGENT_AUTHZ_REDIRECT"
 INBOUND_CHAIN = "AGENT_AUTHZ_INBOUND"
 IN_REDIRECT_CHAIN = "AGENT_AUTHZ_IN_REDIRECT"
 FILTER_CHAIN = "AGENT_AUTHZ_FILTER"
+GUARD_CHAIN = "AGENT_AUTHZ_GUARD"
 BLOCK_IN_CHAIN = "AGENT_AUTHZ_BLOCK_IN"
 BLOCK_OUT_CHAIN = "AGENT_AUTHZ_BLOCK_OUT"
 DNS_PORT = 53
 _MAX_ID = 2**32 - 2  # (uid_t)-1 is "no user"
+_MULTIPORT_MAX = 15  # ports per ``-m multiport`` rule
 _OURS = re.compile(r"(^[:]" + CHAIN_PREFIX + r")|(^-[AI] " + CHAIN_PREFIX + r")|(\s-[jg] " + CHAIN_PREFIX + r")")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -161,6 +174,8 @@ class RedirectSpec:
         outbound_port: Envoy's ``outbound`` listener (``envoy.outbound_port``), 1-65535.
         inbound_port: Envoy's inbound listener (``envoy.ingress_port``), 1-65535.
         proxy_uid / proxy_gid: Envoy and the sidecar run as these; their traffic is never redirected.
+        proxy_ports: the proxy's other TCP listening ports (Envoy's egress listener, the probe and
+            admin servers): like the outbound and inbound ports, only the proxy may answer from them.
         inbound_ports: ports whose inbound connections go to Envoy; ``None`` = all, ``()`` = none.
         exclude_inbound_ports: inbound ports that reach the app directly (health probes).
         exclude_outbound_cidrs: destinations reached directly (IPv4 ones in the IPv4 rules,
@@ -170,13 +185,15 @@ class RedirectSpec:
         allow_non_tcp: do not drop outbound UDP (other than DNS), ICMP, ... of non-proxy processes.
 
     Raises:
-        RedirectError: a port out of range, an id out of range, or both listener ports equal.
+        RedirectError: a port out of range, an id out of range, both listener ports equal, or more
+            than 15 proxy ports in all.
     """
 
     outbound_port: int = 15001
     inbound_port: int = 15006
     proxy_uid: int = 1337
     proxy_gid: int = 1337
+    proxy_ports: tuple[int, ...] = ()
     inbound_ports: tuple[int, ...] | None = None
     exclude_inbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[Network, ...] = ()
@@ -187,6 +204,7 @@ class RedirectSpec:
     def __post_init__(self) -> None:
         ports = [("outbound port", self.outbound_port), ("inbound port", self.inbound_port)]
         ports += [("inbound ports", p) for p in self.inbound_ports or ()]
+        ports += [("proxy ports", p) for p in self.proxy_ports]
         ports += [("excluded inbound ports", p) for p in self.exclude_inbound_ports]
         ports += [("excluded outbound ports", p) for p in self.exclude_outbound_ports]
         for what, port in ports:
@@ -197,6 +215,13 @@ class RedirectSpec:
                 raise RedirectError(f"{what}: {ident} is out of range (0-{_MAX_ID})")
         if self.outbound_port == self.inbound_port:
             raise RedirectError("the outbound and inbound ports must differ")
+        if len(self.guarded_ports) > _MULTIPORT_MAX:
+            raise RedirectError(f"at most {_MULTIPORT_MAX} proxy ports in all (outbound, inbound and --proxy-ports)")
+
+    @property
+    def guarded_ports(self) -> tuple[int, ...]:
+        """Every TCP port the proxy listens on: only the proxy UID may answer from them."""
+        return tuple(sorted({self.outbound_port, self.inbound_port, *self.proxy_ports}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,6 +276,45 @@ def _nat(spec: RedirectSpec, family: int) -> TableRules:
     return TableRules("nat", chains, tuple(jumps), tuple(rules))
 
 
+def _other_uids(proxy_uid: int) -> list[str]:
+    """``--uid-owner`` ranges of every UID but the proxy's (a range matches only sockets with a UID)."""
+    ranges = []
+    if proxy_uid > 0:
+        ranges.append(f"0-{proxy_uid - 1}")
+    if proxy_uid < _MAX_ID:
+        ranges.append(f"{proxy_uid + 1}-{_MAX_ID}")
+    return ranges
+
+
+def _guard(spec: RedirectSpec) -> TableRules:
+    g = f"-A {GUARD_CHAIN}"
+    ports = ",".join(map(str, spec.guarded_ports))
+    listeners = ",".join(map(str, sorted({spec.outbound_port, spec.inbound_port})))
+    rules = [
+        f"{g} -m owner --uid-owner {spec.proxy_uid} -j RETURN",
+        f"{g} -m owner --gid-owner {spec.proxy_gid} -j RETURN",
+    ]
+    rules += [
+        f"{g} -p tcp -m multiport --sports {ports} -m owner --uid-owner {uids} -j DROP"
+        for uids in _other_uids(spec.proxy_uid)
+    ]
+    rules.append(
+        f"{g} -o lo -p tcp -m multiport --dports {listeners} -m conntrack ! --ctstate DNAT "
+        "-j REJECT --reject-with tcp-reset"
+    )
+    return TableRules("filter", (GUARD_CHAIN,), (f"-A OUTPUT -p tcp -j {GUARD_CHAIN}",), tuple(rules))
+
+
+def _joined(*parts: TableRules) -> TableRules:
+    """One table's rules from several parts (jumps in the order given)."""
+    return TableRules(
+        parts[0].table,
+        tuple(chain for part in parts for chain in part.chains),
+        tuple(jump for part in parts for jump in part.jumps),
+        tuple(rule for part in parts for rule in part.rules),
+    )
+
+
 def _filter(spec: RedirectSpec, family: int) -> TableRules:
     f = f"-A {FILTER_CHAIN}"
     rules = [
@@ -279,15 +343,12 @@ def _block6() -> TableRules:
 
 def render_rules(spec: RedirectSpec) -> RuleSet:
     """The rule set for ``spec`` (see the module docstring for what each rule does)."""
-    ipv4 = [_nat(spec, 4)]
-    if not spec.allow_non_tcp:
-        ipv4.append(_filter(spec, 4))
+    guard = _guard(spec)
+    ipv4 = [_nat(spec, 4), guard if spec.allow_non_tcp else _joined(guard, _filter(spec, 4))]
     if spec.ipv6 is Ipv6Mode.BLOCK:
-        ipv6 = [_block6()]
+        ipv6 = [_joined(guard, _block6())]
     else:
-        ipv6 = [_nat(spec, 6)]
-        if not spec.allow_non_tcp:
-            ipv6.append(_filter(spec, 6))
+        ipv6 = [_nat(spec, 6), guard if spec.allow_non_tcp else _joined(guard, _filter(spec, 6))]
     return RuleSet(tuple(ipv4), tuple(ipv6))
 
 

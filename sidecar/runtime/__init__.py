@@ -12,6 +12,6 @@ Below them, :mod:`sidecar.runtime.inputs` fingerprints what a build read (the re
 
 from sidecar.runtime.active import Runtime
 from sidecar.runtime.snapshot import CarriedState, Snapshot, build_snapshot
-from sidecar.runtime.tasks import TaskService
+from sidecar.runtime.tasks import NotAuthorizedError, TaskService
 
-__all__ = ["CarriedState", "Runtime", "Snapshot", "TaskService", "build_snapshot"]
+__all__ = ["CarriedState", "NotAuthorizedError", "Runtime", "Snapshot", "TaskService", "build_snapshot"]

@@ -6,6 +6,13 @@ goes through the :class:`~sidecar.runtime.active.Runtime` as a new
 includes it (or refused with the reason), a revocation joins this sidecar's own list and applies on
 the rebuild it triggers. With a durable state, each is stored before it is answered (a posted grant,
 a revocation, a delegation's reservation and child id), so none is forgotten by a restart.
+
+Whoever reaches the task API speaks for the local agent (it is the agent's own API), so each call
+is held to what a list or grant signed with the agent's SVID could do
+(:func:`sidecar.grants.revocations.revoked_by`): the agent sees and delegates only its own tasks,
+and revokes its own grants (giving them up), grants it delegated and grants below them. Anything
+else - another agent's task, a task from the configuration (its operator revokes it) - is refused
+with :class:`NotAuthorizedError` instead of answered with a revocation that changes nothing.
 """
 
 from __future__ import annotations
@@ -16,10 +23,10 @@ from dataclasses import dataclass, replace
 import structlog
 
 from sidecar.config.schema import TaskSpec
-from sidecar.errors import ConfigError, StateError
+from sidecar.errors import AgentAuthzError, ConfigError, ErrorCode, StateError
 from sidecar.grants.issue import Delegation, DelegationRequest, plan_delegation, sign_delegation
 from sidecar.grants.model import Grant, GrantCode, GrantError
-from sidecar.grants.revocations import sign_revocations
+from sidecar.grants.revocations import RevocationList, revoked_by, sign_revocations
 from sidecar.grants.sources import check_grant_usable
 from sidecar.policy.budget import BudgetKey
 from sidecar.policy.model import Task
@@ -27,9 +34,40 @@ from sidecar.runtime.active import Runtime
 from sidecar.runtime.snapshot import Snapshot
 from sidecar.state.store import DelegatedChild
 
-__all__ = ["SubGrant", "TaskService"]
+__all__ = ["NotAuthorizedError", "SubGrant", "TaskService"]
 
 _log = structlog.get_logger("agent_authz.tasks")
+
+
+class NotAuthorizedError(AgentAuthzError):
+    """The local agent asked to revoke or delegate a task it has no authority over.
+
+    Attributes:
+        task_id: the task it named.
+        action: ``revoke`` or ``delegate``.
+    """
+
+    code = ErrorCode.NOT_AUTHORIZED
+
+    def __init__(self, task_id: str, action: str, message: str) -> None:
+        self.task_id = task_id
+        self.action = action
+        super().__init__(message)
+
+
+def _revocable(snapshot: Snapshot, task: Task) -> str | None:
+    """Why the local agent may not revoke ``task`` (``None``: it may)."""
+    agent = snapshot.policy.agent
+    if task.agent != agent:
+        return f"task {task.id!r} is not this agent's"
+    if task.grant is None:
+        return (
+            f"task {task.id!r} comes from the configuration, not from a grant: its operator revokes it "
+            "('revoked: true', or the pod annotation agent-authz.io/revoked)"
+        )
+    # its own grant: a list signed by the agent revokes it (giving up authority), as every sidecar holding it judges
+    assert revoked_by(task.grant, [RevocationList(agent, frozenset({task.id}), 0, False, "")]) is not None
+    return None
 
 
 def _budget(task: Task, index: int | None) -> tuple[BudgetKey, int | None]:
@@ -143,12 +181,15 @@ class TaskService:
             GrantError: unknown task (``grant_unknown_task``), not delegable (no identity to sign
                 with, not a grant, revoked, not valid now, too deep) or a widening (``grant_widening``,
                 naming the field; also when the parent's budget left is smaller).
+            NotAuthorizedError: the task is another agent's.
         """
         runtime = self.runtime
         snapshot = runtime.snapshot
         task = snapshot.policy.tasks_by_id.get(task_id)
-        if task is None or task.agent != snapshot.policy.agent:
+        if task is None:
             raise GrantError(GrantCode.UNKNOWN_TASK, f"no task {task_id!r} for this agent")
+        if task.agent != snapshot.policy.agent:
+            raise NotAuthorizedError(task_id, "delegate", f"task {task_id!r} is not this agent's to delegate")
         if snapshot.identity is None:
             raise GrantError(
                 GrantCode.NOT_DELEGABLE, "delegation signs with the agent's X.509-SVID: configure an identity source"
@@ -192,6 +233,11 @@ class TaskService:
         )
         return token, child
 
+    def visible(self) -> list[Task]:
+        """The tasks the task API shows: the local agent's own (``GET /v1/tasks``), in id order."""
+        policy = self.runtime.snapshot.policy
+        return sorted((t for t in policy.tasks_by_id.values() if t.agent == policy.agent), key=lambda t: t.id)
+
     def revoke(self, task_id: str) -> str | None:
         """Revoke a task this agent holds or delegated (``POST /v1/tasks/{id}/revoke``).
 
@@ -204,14 +250,22 @@ class TaskService:
 
         Raises:
             GrantError: ``grant_unknown_task`` for an id this sidecar has never seen.
+            NotAuthorizedError: a task the agent's signature has no authority over (another agent's,
+                or one from the configuration); nothing is revoked, stored or published.
             StateError: the revocation could not be stored; it applies and is published all the
                 same, but a restart would forget it.
         """
         runtime = self.runtime
         snapshot = runtime.snapshot
         carried = runtime.carried
-        if task_id not in snapshot.policy.tasks_by_id and task_id not in carried.issued:
+        task = snapshot.policy.tasks_by_id.get(task_id)
+        if task is None and task_id not in carried.issued:
             raise GrantError(GrantCode.UNKNOWN_TASK, f"no task {task_id!r} held or delegated here")
+        if task_id not in carried.issued:
+            assert task is not None
+            problem = _revocable(snapshot, task)
+            if problem is not None:
+                raise NotAuthorizedError(task_id, "revoke", problem)
         carried = replace(carried, own_revoked={**carried.own_revoked, task_id: int(runtime.clock())})
         unstored: StateError | None = None
         try:

@@ -82,7 +82,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
             "podDisruptionBudget": {"enabled": False},
         },
         "tests": {"enabled": False},
-        "injection": {"allowOptOut": False, "requireRunAsUser": True},
+        "injection": {"allowOptOut": False, "requireRunAsUser": True, "hardenContainers": True},
     },
 }
 CERT_MANAGER_KINDS = {"Issuer", "Certificate"}
@@ -293,6 +293,7 @@ def test_minimal_values(rendered: dict[str, list[dict[str, Any]]]) -> None:
     (settings,) = find(manifests, "ConfigMap", "-settings")
     injector = yaml.safe_load(settings["data"]["injector.yaml"])
     assert injector["allow_opt_out"] is False and injector["require_run_as_user"] is True
+    assert injector["harden_containers"] is True
 
 
 def test_helm_test_pod_checks_the_service_with_its_ca(rendered: dict[str, list[dict[str, Any]]]) -> None:

@@ -94,7 +94,8 @@ def test_rendered_config_enforces_fail_closed_and_path_normalization(config: Pat
     for vhost in hcm["routeConfig"]["virtualHosts"]:
         ctx = vhost["typedPerFilterConfig"]["envoy.filters.http.ext_authz"]["checkSettings"]["contextExtensions"]
         assert ctx == {"direction": "egress"}
-    assert bootstrap["admin"]["address"]["socketAddress"]["address"] == "127.0.0.1"
+    admin = bootstrap["admin"]["address"]["pipe"]  # a Unix socket only its owner may connect to, never TCP
+    assert admin["path"].endswith("/envoy-admin.sock") and admin["mode"] == 0o600
 
 
 def test_dev_ca_init_and_issue(tmp_path: Path) -> None:

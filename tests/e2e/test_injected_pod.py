@@ -37,7 +37,7 @@ from sidecar.harness import http_get, wait_until
 from sidecar.identity.devca import DevCA
 from sidecar.inject import layout
 from tests.support.certs import make_leaf, write_pair
-from tests.support.k8s import find, kubectl_annotate, secret_data, validate
+from tests.support.k8s import RESTRICTED, find, kubectl_annotate, secret_data, validate
 from tests.support.kubelet import Kubelet
 from tests.support.netns import AGENT_UID, POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user
 from tests.support.netns_pod import pod_sandbox, start_servers
@@ -120,7 +120,11 @@ def agent_pod() -> dict[str, Any]:
                         "postStart": {"httpGet": {"path": "/lifecycle/post-start", "port": "hooks"}},
                         "preStop": {"httpGet": {"path": "/lifecycle/pre-stop", "port": HOOK_PORT}},
                     },
-                    "securityContext": {"runAsUser": AGENT_UID, "runAsGroup": AGENT_UID},
+                    "securityContext": {
+                        **RESTRICTED,
+                        "runAsUser": AGENT_UID,
+                        "runAsGroup": AGENT_UID,
+                    },
                     "volumeMounts": [{"name": "app-logs", "mountPath": "/app-logs"}],
                 }
             ],
@@ -209,6 +213,7 @@ def pod() -> Iterator[RunningPod]:
                 secrets=secrets,
                 csi={"csi.spiffe.io": csi},
                 path=path,
+                hide=(base,),
             )
         )
         kubelet.start_pod()
@@ -252,14 +257,14 @@ def test_the_kubelets_lifecycle_hooks_reach_the_app_without_an_svid(pod: Running
 
 def test_the_sidecars_run_as_the_proxy_user_on_a_read_only_root(pod: RunningPod) -> None:
     for name in (layout.CONTAINER_SIDECAR, layout.CONTAINER_ENVOY):
-        pid = pod.kubelet.running[name].proc.pid  # type: ignore[union-attr]
+        pid = pod.kubelet.container_pid(name)
         status = Path(f"/proc/{pid}/status").read_text()
         uid_line = next(line for line in status.splitlines() if line.startswith("Uid:"))
         assert uid_line.split()[1:] == [str(PROXY_UID)] * 4
         assert "CapEff:\t0000000000000000" in status
         root = next(line for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines() if line.split()[4] == "/")
         assert " ro," in f" {root.split()[5]}," or root.split()[5].startswith("ro")
-    envoy_pid = pod.kubelet.running[layout.CONTAINER_ENVOY].proc.pid  # type: ignore[union-attr]
+    envoy_pid = pod.kubelet.container_pid(layout.CONTAINER_ENVOY)
     assert os.path.basename(os.readlink(f"/proc/{envoy_pid}/exe")) == "envoy"  # agent-authz envoy exec'd Envoy
 
 

@@ -14,7 +14,7 @@ from sidecar.bootstrap.names import InterceptTarget
 from sidecar.bootstrap.render import render_dynamic, write_envoy
 from sidecar.config.loader import load_config
 from sidecar.envoy_bin import find_envoy
-from sidecar.harness import AuthzStack, http_get, wait_until
+from sidecar.harness import AuthzStack, wait_until
 from sidecar.runtime import Runtime
 from sidecar.tls_intercept.manager import InterceptManager
 from sidecar.tls_intercept.sds import SecretStore
@@ -180,7 +180,7 @@ def test_envoy_loads_the_dynamic_listeners_and_the_secrets_from_the_sidecar(tmp_
             assert envoy.stat(stat) == 0, envoy.log_tail()
         for host in (API, ALT):  # both listeners' chains took their leaf from the sidecar's gRPC SDS
             wait_until(lambda h=host: envoy.stat(f"sds.intercept|{h}.update_success") >= 1, timeout=10, what=host)
-        status, body = http_get(envoy.admin_url + "/listeners")
+        status, body = envoy.admin("/listeners")
         assert status == 200 and {"egress_http", "outbound", "intercept_connect"} <= {
             line.split("::")[0] for line in body.decode().splitlines()
         }

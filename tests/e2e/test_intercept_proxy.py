@@ -96,7 +96,7 @@ class Stack:
         write_config(self.state, self.config)
 
     def chains(self) -> set[str]:
-        status, body = http_get(self.stack.envoy.admin_url + "/config_dump?resource=dynamic_listeners")
+        status, body = self.stack.envoy.admin("/config_dump?resource=dynamic_listeners")
         assert status == 200
         names = set()
         for item in json.loads(body)["configs"]:

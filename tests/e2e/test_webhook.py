@@ -29,7 +29,7 @@ from sidecar.inject import layout
 from sidecar.tls_intercept.trust import agent_trust_env
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
 from tests.support.certs import make_leaf, write_pair
-from tests.support.k8s import kubectl_annotate, validate
+from tests.support.k8s import RESTRICTED, kubectl_annotate, validate
 from tests.support.webhook_env import Installed, Webhook, admission_review, install, patched
 from tests.support.webhook_pods import AGENT, TASK, TD, VALUES, agent_pod
 
@@ -68,6 +68,7 @@ def job_pod() -> dict[str, Any]:
                     "image": "busybox:1.36",
                     "command": ["true"],
                     "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+                    "securityContext": copy.deepcopy(RESTRICTED),
                 }
             ],
             "containers": [
@@ -75,6 +76,7 @@ def job_pod() -> dict[str, Any]:
                     "name": "report",
                     "image": "registry.example/report:1.0",
                     "volumeMounts": [{"name": "work", "mountPath": "/work"}],
+                    "securityContext": copy.deepcopy(RESTRICTED),
                 }
             ],
             "volumes": [{"name": "work", "emptyDir": {}}],
@@ -122,6 +124,7 @@ def test_a_plain_pod_is_injected(webhook: Webhook) -> None:
         flags["--outbound-port"] == "15001" and flags["--inbound-port"] == "15006" and flags["--inbound-ports"] == "*"
     )
     assert flags["--proxy-uid"] == flags["--proxy-gid"] == "1337"
+    assert flags["--proxy-ports"] == "9902,15021,15080"  # the sidecar's admin and probe ports, Envoy's egress
     assert flags["--exclude-inbound-ports"] == "8080,15021"  # the readiness probe's named port, and the health port
     assert flags["--exclude-outbound-cidrs"] == "10.96.0.0/12" and flags["--ipv6"] == "block"
     for container in (sidecar, envoy):
@@ -295,6 +298,28 @@ def test_grant_annotations_are_checked_for_structure(webhook: Webhook) -> None:
         (
             lambda s: s["containers"].append({"name": "agent-authz", "image": "x"}),
             "names starting with 'agent-authz' are reserved",
+        ),
+        (lambda s: s.update(shareProcessNamespace=True), "shareProcessNamespace: true"),
+        (lambda s: s.update(hostPID=True), "hostPID: true"),
+        (
+            lambda s: s["containers"][0].update(securityContext={"runAsUser": 0}),
+            "runs as root (runAsUser: 0) and keeps CAP_NET_RAW, CAP_SETGID, CAP_SETUID",
+        ),
+        (
+            lambda s: s["containers"][0]["securityContext"].update(allowPrivilegeEscalation=True, capabilities={}),
+            "may become root through a setuid binary",
+        ),
+        (
+            lambda s: s["containers"][0]["securityContext"].update(capabilities={"add": ["SYS_PTRACE"]}),
+            "adds capabilities ['SYS_PTRACE']",
+        ),
+        (
+            lambda s: s.update(volumes=[{"name": "node", "hostPath": {"path": "/var/lib/kubelet/pods"}}]),
+            "is a hostPath (/var/lib/kubelet/pods)",
+        ),
+        (
+            lambda s: s["containers"][0].update(volumeMounts=[{"name": "agent-authz-run", "mountPath": "/x"}]),
+            "mounts volume 'agent-authz-run'",
         ),
     ],
 )

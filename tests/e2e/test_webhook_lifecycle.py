@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.k8s import validate
+from tests.support.k8s import RESTRICTED, validate
 from tests.support.webhook_env import Installed, Webhook, admission_review, install, patched
 from tests.support.webhook_pods import VALUES, agent_pod
 
@@ -110,7 +110,7 @@ def test_hooks_of_a_native_sidecar_and_of_another_container_count(webhook: Webho
             "image": "registry.example/helper:1.0",
             "ports": [{"name": "ctl", "containerPort": 7070}],
             "lifecycle": {"preStop": {"httpGet": {"path": "/stop", "port": "ctl"}}},
-            "securityContext": {"runAsUser": 1000},
+            "securityContext": copy.deepcopy(RESTRICTED),
         }
     )
     pod["spec"]["initContainers"] = [
@@ -119,7 +119,7 @@ def test_hooks_of_a_native_sidecar_and_of_another_container_count(webhook: Webho
             "image": "registry.example/shipper:1.0",
             "restartPolicy": "Always",
             "lifecycle": {"postStart": {"httpGet": {"path": "/", "port": 7171}}},
-            "securityContext": {"runAsUser": 1000},
+            "securityContext": copy.deepcopy(RESTRICTED),
         }
     ]
     result, _ = _inject(webhook, pod)

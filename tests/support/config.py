@@ -79,7 +79,11 @@ def base_config(
             "max_token_ttl": "5m",
         },
         "listen": {"authz": f"unix:{sock_dir / 'authz.sock'}", "admin": "127.0.0.1:0"},
-        "envoy": {"egress_port": 0, "admin_port": 0, "destinations": destinations or {}},
+        "envoy": {
+            "egress_port": 0,
+            "admin_socket": str(sock_dir / "envoy-admin.sock"),
+            "destinations": destinations or {},
+        },
         "decision_log": {"path": "decisions.log", "stdout": False},
         "tasks": tasks,
     }

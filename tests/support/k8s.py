@@ -23,6 +23,7 @@ import yaml
 __all__ = [
     "CHART",
     "KUBE_VERSIONS",
+    "RESTRICTED",
     "find",
     "helm",
     "helm_template",
@@ -37,6 +38,14 @@ CHART = REPO / "charts" / "agent-authz"
 TOOLS = REPO / ".tools" / "bin"
 KUBE_VERSIONS = ("1.29.0", "1.35.0")
 """The oldest Kubernetes the chart supports (native sidecars) and the kubectl we test with."""
+RESTRICTED: dict[str, Any] = {
+    "runAsUser": 1000,
+    "runAsNonRoot": True,
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+"""An agent container's ``securityContext`` as the webhook admits it (the Pod Security Standards'
+``restricted`` profile): non-root, no privilege escalation, no capabilities."""
 
 
 @functools.cache

@@ -8,10 +8,14 @@ produced, and nothing else:
   world-writable directories, ``csi`` as a directory the test fills (the SPIFFE CSI driver's socket
   directory). Like the kubelet's AtomicWriter, each of the first three is a timestamped directory
   behind a ``..data`` symlink, and an update swaps the symlink atomically (:meth:`update_annotations`);
-* **containers** run in the pod's network namespace, each in its own mount namespace with its
-  volumes bind-mounted at their ``mountPath``, a read-only root when ``readOnlyRootFilesystem``,
-  and its ``runAsUser``/``runAsGroup``, capabilities and ``allowPrivilegeEscalation``
-  (:mod:`tests.support.container_exec`); the image is this machine's filesystem;
+* **containers** run in the pod's network namespace, each in its own mount and PID namespaces with
+  its volumes bind-mounted at their ``mountPath``, a read-only root when
+  ``readOnlyRootFilesystem``, the node's directories (``hide``) out of sight, and its
+  ``runAsUser``/``runAsGroup``, capabilities (computed as containerd does:
+  :func:`sidecar.inject.escapes.capability_set`) and ``allowPrivilegeEscalation``
+  (:mod:`tests.support.container_exec`); the image is this machine's filesystem. :meth:`Kubelet.exec`
+  runs another process in a container's place (its mounts and capabilities), optionally as another
+  UID - ``kubectl exec``, or what a hijacked agent that got root in its container would have;
 * **order**: init containers one by one; a regular one must exit 0, a native sidecar
   (``restartPolicy: Always``) is started and its ``startupProbe`` must pass before the next; then
   the regular containers, whose ``readinessProbe`` must pass;
@@ -36,28 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from sidecar.harness import ManagedProcess, wait_until
+from sidecar.inject.escapes import capability_set
 from tests.support.netns import POD_IP, PodNetwork
 
 __all__ = ["Kubelet"]
 
 REPO = Path(__file__).resolve().parents[2]
-_DEFAULT_CAPABILITIES = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "FSETID",
-    "FOWNER",
-    "MKNOD",
-    "NET_RAW",
-    "SETGID",
-    "SETUID",
-    "SETFCAP",
-    "SETPCAP",
-    "NET_BIND_SERVICE",
-    "SYS_CHROOT",
-    "KILL",
-    "AUDIT_WRITE",
-]
-"""containerd's default capability set."""
 
 
 def atomic_write(directory: Path, files: Mapping[str, bytes], mode: int) -> None:
@@ -99,6 +87,8 @@ class Kubelet:
         config_maps / secrets: ``name -> {key: content}``, the objects in the pod's namespace.
         csi: ``driver -> directory`` the CSI driver would mount.
         path: the image's ``PATH``.
+        hide: the node's directories no container may see (default: ``base``); the CSI driver's
+            directory belongs here too.
     """
 
     def __init__(
@@ -111,8 +101,11 @@ class Kubelet:
         secrets: Mapping[str, Mapping[str, bytes]],
         csi: Mapping[str, Path],
         path: str,
+        hide: tuple[Path, ...] = (),
     ) -> None:
         self.pod = pod
+        self.hide = hide or (base,)
+        self._execs = 0
         self.net = net
         self.base = base
         self.config_maps = config_maps
@@ -171,16 +164,29 @@ class Kubelet:
                 atomic_write(self.volumes[volume["name"]], files, volume["downwardAPI"].get("defaultMode", 0o644))
 
     # -- containers ------------------------------------------------------------------------------
-    def _spec(self, container: Mapping[str, Any]) -> Path:
+    def container(self, name: str) -> dict[str, Any]:
+        """The container (or init container) ``name`` of the pod spec."""
+        spec = self.pod["spec"]
+        found: dict[str, Any] = next(
+            c for c in [*spec.get("initContainers", []), *spec["containers"]] if c["name"] == name
+        )
+        return found
+
+    def _spec(
+        self,
+        container: Mapping[str, Any],
+        *,
+        command: list[str] | None = None,
+        uid: int | None = None,
+        tag: str = "",
+    ) -> Path:
         pod_ctx = self.pod["spec"].get("securityContext", {})
         ctx = container.get("securityContext", {})
-        uid = ctx.get("runAsUser", pod_ctx.get("runAsUser", 0))
-        gid = ctx.get("runAsGroup", pod_ctx.get("runAsGroup", 0))
-        caps_spec = ctx.get("capabilities", {})
-        drop = {c.upper() for c in caps_spec.get("drop", [])}
-        caps = [] if "ALL" in drop else [c for c in _DEFAULT_CAPABILITIES if c not in drop]
-        caps += [c.upper() for c in caps_spec.get("add", []) if c.upper() not in caps]
-        scratch = self.base / "scratch" / container["name"]
+        gid = uid if uid is not None else ctx.get("runAsGroup", pod_ctx.get("runAsGroup", 0))
+        if uid is None:
+            uid = ctx.get("runAsUser", pod_ctx.get("runAsUser", 0))
+        caps = sorted(capability_set(ctx.get("capabilities", {}), container["name"]))
+        scratch = self.base / "scratch" / f"{container['name']}{tag}"
         scratch.mkdir(parents=True, exist_ok=True)
         env = {"PATH": self.path, "HOME": "/"}
         env.update({e["name"]: e["value"] for e in container.get("env", [])})
@@ -192,20 +198,21 @@ class Kubelet:
                 for m in container.get("volumeMounts", [])
             ],
             "layers": sorted({str(REPO), sys.prefix, sys.base_prefix, str(python.parents[1])}),
+            "hide": [str(p) for p in self.hide],
             "readOnlyRootFilesystem": bool(ctx.get("readOnlyRootFilesystem")),
             "uid": uid,
             "gid": gid,
             "capabilities": caps,
             "noNewPrivs": ctx.get("allowPrivilegeEscalation") is False,
-            "command": [*container.get("command", []), *container.get("args", [])],
+            "command": command or [*container.get("command", []), *container.get("args", [])],
             "env": env,
             "workingDir": container.get("workingDir"),
         }
-        path = self.base / f"{container['name']}.spec.json"
+        path = self.base / f"{container['name']}{tag}.spec.json"
         path.write_text(json.dumps(spec))
         return path
 
-    def _argv(self, container: Mapping[str, Any]) -> list[str]:
+    def _argv(self, spec: Path) -> list[str]:
         return [
             "nsenter",
             f"--net=/run/netns/{self.net.pod}",
@@ -218,13 +225,46 @@ class Kubelet:
             sys.executable,
             "-m",
             "tests.support.container_exec",
-            str(self._spec(container)),
+            str(spec),
         ]
+
+    def _exec_spec(self, name: str, argv: list[str], uid: int | None) -> Path:
+        self._execs += 1
+        return self._spec(self.container(name), command=argv, uid=uid, tag=f"-exec{self._execs}")
+
+    def exec(
+        self, name: str, argv: list[str], *, uid: int | None = None, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in container ``name``'s place - its volumes, capabilities and no-new-privs, a
+        PID namespace of its own - as its user, or as ``uid`` (GID the same); waits for it."""
+        return subprocess.run(
+            self._argv(self._exec_spec(name, argv, uid)),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def exec_background(self, name: str, argv: list[str], *, uid: int | None = None, label: str) -> ManagedProcess:
+        """Like :meth:`exec`, left running (logs: ``logs/LABEL.out`` / ``.err``); the caller stops it."""
+        proc = ManagedProcess(label, self._argv(self._exec_spec(name, argv, uid)), log_dir=self.logs, cwd=REPO)
+        proc.start()
+        return proc
+
+    def container_pid(self, name: str) -> int:
+        """The host PID of container ``name``'s PID 1 (its command, below the runtime's process)."""
+        proc = self.running[name].proc
+        assert proc is not None
+        runtime = proc.pid
+        children = Path(f"/proc/{runtime}/task/{runtime}/children")
+        found = wait_until(lambda: children.read_text().split() or None, timeout=10, what=f"{name}'s PID 1")
+        return int(found[0])
 
     def run_to_completion(self, container: Mapping[str, Any], timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run a regular init container; raises with its output unless it exits 0."""
         result = subprocess.run(
-            self._argv(container), cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+            self._argv(self._spec(container)), cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
         )
         (self.logs / f"{container['name']}.out").write_text(result.stdout)
         (self.logs / f"{container['name']}.err").write_text(result.stderr)
@@ -233,7 +273,7 @@ class Kubelet:
 
     def start(self, container: Mapping[str, Any]) -> ManagedProcess:
         """Start a long-running container (logs: ``logs/NAME.out`` / ``.err``, as ``kubectl logs -c NAME``)."""
-        proc = ManagedProcess(container["name"], self._argv(container), log_dir=self.logs, cwd=REPO)
+        proc = ManagedProcess(container["name"], self._argv(self._spec(container)), log_dir=self.logs, cwd=REPO)
         proc.start()
         self.running[container["name"]] = proc
         return proc

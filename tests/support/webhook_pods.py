@@ -7,11 +7,13 @@ probe on it, an explicit ``runAsUser``) carrying the :data:`TASK` annotation.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import yaml
 
 from sidecar.inject import layout
+from tests.support.k8s import RESTRICTED
 
 __all__ = ["AGENT", "TASK", "TD", "VALUES", "agent_pod"]
 
@@ -63,7 +65,7 @@ def agent_pod(**annotations: str) -> dict[str, Any]:
                     "command": ["python", "-m", "agent"],
                     "ports": [{"name": "http", "containerPort": 8080}],
                     "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"}},
-                    "securityContext": {"runAsUser": 1000},
+                    "securityContext": copy.deepcopy(RESTRICTED),
                 }
             ],
         },

@@ -65,6 +65,7 @@ NEVER_RENAMED = {
         "injection_denied",
         "bad_review",
         "webhook_check_failed",
+        "not_authorized",
         "response_unfilterable",
         "state_unavailable",
         "kubernetes_api",

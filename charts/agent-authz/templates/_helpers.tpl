@@ -149,10 +149,10 @@ pod layout of sidecar/inject/layout.py; the webhook refuses to start when they d
 {{- $config := dict
   "identity" (dict "source" "workload_api" "workload_api" (dict "socket" (printf "unix:///spiffe-workload-api/%s" .Values.identity.workloadApi.socketName)))
   "issuer" (dict "url" (ternary (printf "%s/ns/%s" (include "agent-authz.issuerBaseUrl" .) $namespace) $s.issuerUrl (eq (include "agent-authz.authorityEnabled" .) "true")) "signing_key" "/etc/agent-authz/keys/signing.pem" "max_token_ttl" $s.maxTokenTtl)
-  "listen" (dict "authz" "unix:/run/agent-authz/authz.sock" "admin" (printf "127.0.0.1:%d" (int $s.adminPort)) "health" (printf "0.0.0.0:%d" (int $s.healthPort)))
+  "listen" (dict "authz" "unix:/run/agent-authz/ctl/authz.sock" "admin" (printf "127.0.0.1:%d" (int $s.adminPort)) "health" (printf "0.0.0.0:%d" (int $s.healthPort)))
   "envoy" (dict
     "egress_port" (int $s.egressPort)
-    "admin_port" (int $s.envoyAdminPort)
+    "admin_socket" "/run/agent-authz/ctl/envoy-admin.sock"
     "outbound_port" (int .Values.interception.outboundPort)
     "ingress_port" (int .Values.interception.inboundPort)
     "inbound_redirect" .Values.interception.inbound
@@ -199,6 +199,7 @@ pod layout of sidecar/inject/layout.py; the webhook refuses to start when they d
   "allow_non_tcp" .Values.interception.allowNonTcp
   "allow_opt_out" .Values.injection.allowOptOut
   "require_run_as_user" .Values.injection.requireRunAsUser
+  "harden_containers" .Values.injection.hardenContainers
   "logs_size_limit" .Values.sidecar.decisionLog.sizeLimit
   "state_size_limit" .Values.sidecar.state.sizeLimit
   "init" (dict "resources" .Values.init.resources)

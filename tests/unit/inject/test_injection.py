@@ -16,11 +16,12 @@ from sidecar.inject import layout
 from sidecar.inject.pod import plan_injection
 from sidecar.inject.podspec import InjectionDenied
 from sidecar.inject.settings import check_layout, load_injector
+from tests.support.k8s import RESTRICTED
 
 SIDECAR: dict[str, Any] = {
     "identity": {"source": "workload_api", "workload_api": {"socket": "unix:///spiffe-workload-api/spire-agent.sock"}},
     "issuer": {"url": "https://issuer.example", "signing_key": layout.SIGNING_KEY_FILE},
-    "listen": {"authz": "unix:/run/agent-authz/authz.sock", "health": "0.0.0.0:15021"},
+    "listen": {"authz": f"unix:{layout.AUTHZ_SOCKET}", "health": "0.0.0.0:15021"},
     "envoy": {"egress_port": 15080, "outbound_port": 15001, "inbound_redirect": False, "ipv6": True},
     "decision_log": {"path": "/var/log/agent-authz/decisions.log"},
     "state": {"path": layout.STATE_FILE},
@@ -48,8 +49,21 @@ def test_check_layout_lists_every_disagreement() -> None:
     assert len(problems) == 7, problems
     assert any("identity.source must be workload_api" in p for p in problems)
     assert any("state.path must be /var/lib/agent-authz/state/state.db" in p for p in problems)
-    assert any("listen.authz must be a socket in /run/agent-authz/" in p for p in problems)
+    assert any(f"listen.authz must be unix:{layout.AUTHZ_SOCKET}" in p for p in problems)
     assert any("task_files must be" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"listen": {**SIDECAR["listen"], "authz": "127.0.0.1:9191"}}, "listen.authz must be unix:"),
+        ({"envoy": {**SIDECAR["envoy"], "admin_socket": None}}, "envoy.admin_socket must be"),
+        ({"envoy": {**SIDECAR["envoy"], "admin_socket": "/run/agent-authz/admin.sock"}}, "envoy.admin_socket must be"),
+    ],
+)
+def test_check_layout_refuses_control_endpoints_the_agent_could_reach(change: dict[str, Any], problem: str) -> None:
+    problems = check_layout(SidecarConfig.model_validate({**SIDECAR, **change}))
+    assert len(problems) == 1 and problem in problems[0], problems
 
 
 @pytest.mark.parametrize(
@@ -93,6 +107,7 @@ def test_flags_follow_the_sidecar_config(tmp_path: Path) -> None:
                     "image": "x",
                     "livenessProbe": {"tcpSocket": {"port": 7000}},
                     "startupProbe": {"grpc": {"port": 7001}},
+                    "securityContext": RESTRICTED,
                 }
             ]
         },
@@ -120,7 +135,8 @@ def test_opt_out_and_run_as_user_policies(tmp_path: Path) -> None:
     with pytest.raises(InjectionDenied, match="sets no runAsUser"):
         plan_injection(pod, "ns", strict, now=time.time())
     pod["spec"]["securityContext"] = {"runAsUser": 1000}
+    pod["spec"]["containers"][0]["securityContext"] = {"allowPrivilegeEscalation": False}
     assert plan_injection(pod, "ns", strict, now=time.time()).outcome == "injected"
-    named = {"name": "a", "readinessProbe": {"httpGet": {"port": "web"}}}
+    named = {"name": "a", "readinessProbe": {"httpGet": {"port": "web"}}, "securityContext": RESTRICTED}
     with pytest.raises(InjectionDenied, match="names port 'web', which the container does not declare"):
         plan_injection({"spec": {"securityContext": {"runAsUser": 1}, "containers": [named]}}, "ns", strict, now=0)

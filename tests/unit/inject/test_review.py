@@ -24,11 +24,12 @@ from sidecar.inject.podspec import AdmissionOutcome
 from sidecar.inject.review import API_VERSION, MAX_REVIEW_BYTES, BadReview, decide
 from sidecar.inject.server import make_webhook_app
 from sidecar.inject.settings import InjectorConfig, InjectorSettings, build_injector
+from tests.support.k8s import RESTRICTED
 
 SIDECAR: dict[str, Any] = {
     "identity": {"source": "workload_api", "workload_api": {"socket": "unix:///spiffe-workload-api/spire-agent.sock"}},
     "issuer": {"url": "https://issuer.example", "signing_key": layout.SIGNING_KEY_FILE},
-    "listen": {"authz": "unix:/run/agent-authz/authz.sock", "health": "0.0.0.0:15021"},
+    "listen": {"authz": f"unix:{layout.AUTHZ_SOCKET}", "health": "0.0.0.0:15021"},
     "envoy": {"egress_port": 15080, "outbound_port": 15001},
     "decision_log": {"path": "/var/log/agent-authz/decisions.log"},
     "state": {"path": layout.STATE_FILE},
@@ -48,7 +49,7 @@ def pod(**annotations: str) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {"name": "agent", "annotations": annotations},
-        "spec": {"containers": [{"name": "agent", "image": "agent:1", "securityContext": {"runAsUser": 1000}}]},
+        "spec": {"containers": [{"name": "agent", "image": "agent:1", "securityContext": dict(RESTRICTED)}]},
     }
 
 

@@ -91,6 +91,14 @@ def test_deny_reasons(req: AuthzRequest, reason: Reason, status: int) -> None:
     assert engine.budgets.snapshot() == {}  # a deny spends nothing
 
 
+def test_naming_another_agents_task_reveals_nothing_of_it() -> None:
+    """The record of the deny is readable by the agent (the viewer): it must not carry the other task."""
+    theirs = task("theirs", agent=OTHER_AGENT, egress=[READ], on_behalf_of="user:someone-else@example.com")
+    decision = Engine(policy(task(egress=[READ]), theirs)).egress(request(headers={"x-agent-task": "theirs"}))
+    assert decision.reason is Reason.TASK_NOT_FOR_AGENT and decision.task_id == "theirs"
+    assert (decision.on_behalf_of, decision.txn, decision.act_chain) == (None, None, ())
+
+
 def test_no_task_for_this_agent() -> None:
     assert Engine(policy(task(agent=OTHER_AGENT, egress=[READ]))).egress(request()).reason is Reason.NO_TASK
 

@@ -11,6 +11,7 @@ from sidecar.redirect.rules import (
     Ipv6Mode,
     RedirectError,
     RedirectSpec,
+    TableRules,
     merge_table,
     parse_cidrs,
     parse_id,
@@ -112,7 +113,47 @@ def test_non_tcp_filter_and_opt_out() -> None:
     assert filter_rules[-1] == "-A AGENT_AUTHZ_FILTER -j DROP"
     assert "-A AGENT_AUTHZ_FILTER -p udp --dport 53 -j RETURN" in filter_rules
     assert "-A AGENT_AUTHZ_FILTER -m owner --uid-owner 1337 -j RETURN" in filter_rules
-    assert [t.table for t in render_rules(RedirectSpec(allow_non_tcp=True)).ipv4] == ["nat"]
+    opted_out = render_rules(RedirectSpec(allow_non_tcp=True)).ipv4
+    assert [t.table for t in opted_out] == ["nat", "filter"] and opted_out[1].chains == ("AGENT_AUTHZ_GUARD",)
+
+
+def _guard(tables: tuple[TableRules, ...]) -> list[str]:
+    (filter_table,) = [t for t in tables if t.table == "filter"]
+    assert filter_table.jumps[0] == "-A OUTPUT -p tcp -j AGENT_AUTHZ_GUARD"  # before every other rule of ours
+    return [line for line in filter_table.rules if line.startswith("-A AGENT_AUTHZ_GUARD")]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        RedirectSpec(proxy_ports=(15080, 15021, 9902)),
+        RedirectSpec(proxy_ports=(15080, 15021, 9902), allow_non_tcp=True),
+        RedirectSpec(proxy_ports=(15080, 15021, 9902), ipv6=Ipv6Mode.SAME),
+    ],
+    ids=["default", "allow-non-tcp", "ipv6-same"],
+)
+def test_only_the_proxy_answers_from_its_ports_in_every_mode(spec: RedirectSpec) -> None:
+    rules = render_rules(spec)
+    for tables in (rules.ipv4, rules.ipv6):
+        assert _guard(tables) == [
+            "-A AGENT_AUTHZ_GUARD -m owner --uid-owner 1337 -j RETURN",
+            "-A AGENT_AUTHZ_GUARD -m owner --gid-owner 1337 -j RETURN",
+            # a squatter's SYN-ACK (attributed to its listener's UID) is dropped; kernel resets carry no UID
+            "-A AGENT_AUTHZ_GUARD -p tcp -m multiport --sports 9902,15001,15006,15021,15080 "
+            "-m owner --uid-owner 0-1336 -j DROP",
+            "-A AGENT_AUTHZ_GUARD -p tcp -m multiport --sports 9902,15001,15006,15021,15080 "
+            "-m owner --uid-owner 1338-4294967294 -j DROP",
+            # Envoy's outbound and inbound listeners: through REDIRECT only
+            "-A AGENT_AUTHZ_GUARD -o lo -p tcp -m multiport --dports 15001,15006 -m conntrack ! --ctstate DNAT "
+            "-j REJECT --reject-with tcp-reset",
+        ]
+
+
+def test_the_guard_ranges_skip_only_the_proxy_uid() -> None:
+    assert [r for r in _guard(render_rules(RedirectSpec(proxy_uid=1)).ipv4) if "DROP" in r] == [
+        "-A AGENT_AUTHZ_GUARD -p tcp -m multiport --sports 15001,15006 -m owner --uid-owner 0-0 -j DROP",
+        "-A AGENT_AUTHZ_GUARD -p tcp -m multiport --sports 15001,15006 -m owner --uid-owner 2-4294967294 -j DROP",
+    ]
 
 
 def test_merge_keeps_other_rules_and_is_idempotent() -> None:
@@ -161,6 +202,8 @@ def test_merge_into_an_empty_table() -> None:
         (lambda: parse_id("4294967295", "--proxy-uid"), "not a numeric id"),
         (lambda: RedirectSpec(outbound_port=15006), "must differ"),
         (lambda: RedirectSpec(exclude_inbound_ports=(0,)), "out of range"),
+        (lambda: RedirectSpec(proxy_ports=(70000,)), "proxy ports: port 70000 is out of range"),
+        (lambda: RedirectSpec(proxy_ports=tuple(range(1, 15))), "at most 15 proxy ports"),
     ],
 )
 def test_bad_input(call: object, message: str) -> None:
@@ -191,6 +234,7 @@ def test_cli_dry_run_prints_both_families(capsys: pytest.CaptureFixture[str]) ->
         (["--outbound-port", "99999"], "--outbound-port: port 99999 is out of range"),
         (["--exclude-outbound-cidrs", "10.0.0.0/8,300.1.1.1"], "'300.1.1.1' is not a CIDR"),
         (["--inbound-ports", "8080,http"], "--inbound-ports: 'http' is not a port number"),
+        (["--proxy-ports", "15080,admin"], "--proxy-ports: 'admin' is not a port number"),
     ],
 )
 def test_cli_bad_input_exits_2_with_a_clear_error(
