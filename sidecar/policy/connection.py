@@ -96,6 +96,7 @@ def decide_connection(
     now: float,
     decision_id: str,
     budgets: BudgetLedger,
+    feed_stale: str | None = None,
 ) -> Decision:
     """Decide one egress connection (``request.protocol`` is ``tls`` or ``tcp``).
 
@@ -105,6 +106,8 @@ def decide_connection(
         now: POSIX seconds.
         decision_id: id to put on the decision.
         budgets: the call counters (one connection = one call).
+        feed_stale: while the revocation feed is stale, which tasks it denies (``delegated`` or
+            ``all``, :func:`~sidecar.policy.model.task_state`); ``None`` otherwise.
 
     Returns:
         A :class:`Decision` (see the module docstring for the reasons).
@@ -155,9 +158,9 @@ def decide_connection(
     tasks = policy.tasks_by_agent.get(policy.agent, ())
     if not tasks:
         return deny(Reason.NO_TASK, "no task is declared for this agent")
-    active = [t for t in tasks if task_state(t, now) is None]
+    active = [t for t in tasks if task_state(t, now, feed_stale) is None]
     if not active:
-        state = task_state(tasks[0], now)
+        state = task_state(tasks[0], now, feed_stale)
         assert state is not None
         return deny(state, f"no active task (first: {state.value})", tasks[0])
     deepest, deepest_task = -1, active[0]

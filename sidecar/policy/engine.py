@@ -134,6 +134,7 @@ def decide_egress(
     budgets: BudgetLedger,
     minter: TokenMinter,
     cnf: str | None = None,
+    feed_stale: str | None = None,
 ) -> Decision:
     """Decide one egress call of the local agent.
 
@@ -145,6 +146,8 @@ def decide_egress(
         budgets: the call counters (spent here on allow).
         minter: mints or reuses the task-scoped token.
         cnf: bind tokens to this SVID thumbprint (RFC 8705 §3.1), or ``None``.
+        feed_stale: while the revocation feed is stale, which tasks it denies (``delegated`` or
+            ``all``); ``None`` otherwise.
 
     Returns:
         A :class:`Decision`. Deny reasons: ``bad_request``, ``no_task``, ``unknown_task``,
@@ -152,7 +155,7 @@ def decide_egress(
         ``task_revoked``, ``host_not_allowed``, ``port_not_allowed``, ``method_not_allowed``,
         ``path_not_allowed``, ``budget_exhausted``, ``tls_origination_unavailable``,
         ``misdirected_request`` (an intercepted connection's request for another host or port than
-        the one its SNI named: RFC 9110 §7.4, 421).
+        the one its SNI named: RFC 9110 §7.4, 421), ``revocation_feed_stale`` (503).
     """
     agent = policy.agent
     method = request.method.upper()
@@ -191,7 +194,7 @@ def decide_egress(
             **seen,
         )
     task, outcome, detail = _select(
-        policy, request.headers.get(TASK_HEADER), agent, target, method, now, intercept is not None, rpc
+        policy, request.headers.get(TASK_HEADER), agent, target, method, now, intercept is not None, rpc, feed_stale
     )
     if task is not None and task.agent == agent:
         seen.update(task_id=task.id, on_behalf_of=task.on_behalf_of, txn=task.txn, act_chain=task.act_chain)
@@ -314,6 +317,7 @@ def _select(
     now: float,
     intercepted: bool,
     rpc: _RpcJudge | None = None,
+    feed_stale: str | None = None,
 ) -> tuple[Task | None, _Match | Reason, str]:
     """Pick the task and match the call: ``(task, match or deny reason, detail)``."""
     if chosen is not None:
@@ -322,7 +326,7 @@ def _select(
             return None, Reason.UNKNOWN_TASK, "no task with the id named in x-agent-task"
         if task.agent != agent:
             return task, Reason.TASK_NOT_FOR_AGENT, "the task named in x-agent-task belongs to another agent"
-        state = task_state(task, now)
+        state = task_state(task, now, feed_stale)
         if state is not None:
             return task, state, f"task is {state.value.removeprefix('task_').replace('_', ' ')}"
         return _explained(task, _match(task, target, method, intercepted, rpc))
@@ -333,9 +337,9 @@ def _select(
         tasks = policy.tasks_for_host(agent, target.host)
         if not tasks:
             return None, Reason.HOST_NOT_ALLOWED, "no task of this agent names this host"
-    active = [t for t in tasks if task_state(t, now) is None]
+    active = [t for t in tasks if task_state(t, now, feed_stale) is None]
     if not active:
-        state = task_state(tasks[0], now)
+        state = task_state(tasks[0], now, feed_stale)
         assert state is not None
         return tasks[0], state, f"no active task (first: {state.value})"
     if len(active) == 1:

@@ -148,15 +148,19 @@ class Task:
         return tuple(rule for _, rule in found)
 
 
-def task_state(task: Task, now: float) -> Reason | None:
+def task_state(task: Task, now: float, feed_stale: str | None = None) -> Reason | None:
     """Why ``task`` cannot allow anything at ``now`` (POSIX seconds): ``task_revoked``,
-    ``task_not_yet_valid`` or ``task_expired``; ``None`` while it is active."""
+    ``task_not_yet_valid``, ``task_expired`` or, while the revocation feed is stale (``feed_stale``
+    ``delegated``: tasks from delegated grants; ``all``: every task), ``revocation_feed_stale``;
+    ``None`` while it is active."""
     if task.revoked:
         return Reason.TASK_REVOKED
     if now < task.not_before:
         return Reason.TASK_NOT_YET_VALID
     if now >= task.expires_at:
         return Reason.TASK_EXPIRED
+    if feed_stale is not None and (feed_stale == "all" or (task.grant is not None and task.grant.depth > 0)):
+        return Reason.REVOCATION_FEED_STALE
     return None
 
 
