@@ -188,6 +188,11 @@ class Reason(enum.StrEnum):
     APPROVAL_GRANTED = "approval_granted"
     """Control record: an operator (a root issuer or an ``approvals.approvers`` SPIFFE ID) approved the
     call of ``approval.id`` for one retry until ``approval.expires_at``."""
+    REVOCATION_FEED_STALE = "revocation_feed_stale"
+    """The cluster authority's revocation feed has been unreachable for longer than
+    ``grants.revocation_feed.max_staleness``: a revocation made elsewhere might not have arrived, so
+    tasks from delegated grants (with ``stale_applies_to: all``, every task) are denied until the feed
+    is back (503: retry later)."""
 
 
 _STATUS = {
@@ -198,13 +203,15 @@ _STATUS = {
     Reason.MCP_AMBIGUOUS_BODY: 400,
     Reason.MCP_INVALID_BODY: 400,
     Reason.MCP_BODY_TOO_LARGE: 413,
+    Reason.REVOCATION_FEED_STALE: 503,
 }
 
 
 def deny_status(reason: Reason) -> int:
     """HTTP status for a deny: 429 for an exhausted budget, 400 for a malformed request or JSON-RPC
     body, 413 for a body over the cap, 421 (RFC 9110 §15.5.20) for a request misdirected into an
-    intercepted connection, else 403."""
+    intercepted connection, 503 while the revocation feed is stale (a transient condition: retry
+    later), else 403."""
     return _STATUS.get(reason, 403)
 
 

@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -20,17 +21,20 @@ from sidecar.admin.app import make_admin_app
 from sidecar.admin.health import make_health_app
 from sidecar.audit.chain import load_hmac_key
 from sidecar.audit.log import DecisionLog, decision_record
+from sidecar.authority.client import FeedClient
+from sidecar.authority.protocol import RevocationEntry, key_announcement, lists_from_entries
 from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.config.watch import watch_and_reload
 from sidecar.control_socket import prepare_socket_dir, restrict_socket, tcp_control_endpoints
 from sidecar.decision import Decision
 from sidecar.envoy_authz.ext_proc import ListFilterService
 from sidecar.envoy_authz.service import AuthorizationService
-from sidecar.errors import BundleDetail, ConfigError, DecisionLogError, SvidDetail
-from sidecar.identity.state import IdentityState
+from sidecar.errors import BundleDetail, ConfigError, DecisionLogError, StateError, SvidDetail
+from sidecar.identity.state import IdentityState, Svid
 from sidecar.identity.workload_api import WorkloadApiIdentity
 from sidecar.metrics import Metrics
 from sidecar.runtime.active import Runtime
+from sidecar.runtime.snapshot import Snapshot
 from sidecar.runtime.tasks import TaskService
 from sidecar.state.store import StateStore
 from sidecar.tls_intercept.manager import InterceptManager
@@ -149,7 +153,9 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
             detail="every process of the pod, the agent included, can reach it: use a Unix socket",
         )
 
-    admin_app = make_admin_app(runtime, decision_log, metrics, intercept=intercept, tasks=TaskService(runtime))
+    feed = _feed_client(runtime)
+    tasks = TaskService(runtime, forward=feed.forward if feed is not None else None)
+    admin_app = make_admin_app(runtime, decision_log, metrics, intercept=intercept, tasks=tasks)
     runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
     await runner.setup()
     admin = settings.listen.admin
@@ -187,6 +193,7 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     intercepting = (
         asyncio.create_task(intercept.run(runtime, stop), name="intercept") if intercept is not None else None
     )
+    feeding = asyncio.create_task(feed.run(stop), name="revocation-feed") if feed is not None else None
     # Everything built so far (imports, the compiled policy) lives as long as the process: freeze it,
     # so a full collection never walks 10,000 compiled rules in the middle of a decision.
     gc.freeze()
@@ -219,6 +226,10 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        if feeding is not None:
+            feeding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeding
         if intercepting is not None and intercept is not None:
             intercepting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -228,6 +239,64 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         if store is not None:
             store.close()
         _log.info("stopped", seq=decision_log.head.seq)
+
+
+FEED_SOURCE = "authority"
+"""The ``CarriedState.received`` source of the cluster authority's revocation feed."""
+
+
+def _feed_client(runtime: Runtime) -> FeedClient | None:
+    """The revocation feed client of ``grants.revocation_feed`` (``None`` without one).
+
+    Received entries are applied on the event loop as they arrive: remembered as the ``authority``
+    source's lists (one per signer) and enforced by a rebuild before the next request is decided.
+    A reload that changes the signing keys announces them again.
+    """
+    loaded = runtime.snapshot.loaded
+    spec = loaded.settings.grants.revocation_feed
+    if spec is None:
+        return None
+    received: frozenset[RevocationEntry] = frozenset()
+
+    def apply(entries: tuple[RevocationEntry, ...], snapshot: bool) -> None:
+        nonlocal received
+        new = frozenset(entries) if snapshot else received | frozenset(entries)
+        if new == received:
+            return
+        received = new
+        carried = runtime.carried
+        try:
+            runtime.remember(replace(carried, received={**carried.received, FEED_SOURCE: lists_from_entries(new)}))
+        except StateError as exc:  # in force all the same (a revocation must not wait); a restart would forget it
+            _log.error("feed_revocations_not_stored", file=exc.file, reason=exc.reason)
+        runtime.reload()
+
+    def svid() -> Svid | None:
+        identity = runtime.snapshot.identity
+        return identity.state.svid if identity is not None else None
+
+    def announcement() -> dict[str, object] | None:
+        snapshot = runtime.snapshot
+        if snapshot.identity is None:
+            return None
+        issuer = snapshot.loaded.settings.issuer.url
+        return key_announcement(snapshot.keys, issuer=issuer, subject=snapshot.policy.agent, now=runtime.clock())
+
+    client = FeedClient(
+        spec, ca_file=loaded.resolve(spec.ca), svid=svid, apply=apply, announcement=announcement, clock=runtime.clock
+    )
+    announced = {runtime.snapshot.keys.current.kid}
+
+    def keys_changed(snapshot: Snapshot) -> None:
+        kids = {snapshot.keys.current.kid} | ({snapshot.keys.next.kid} if snapshot.keys.next is not None else set())
+        if kids != announced:
+            announced.clear()
+            announced.update(kids)
+            client.announce_soon()
+
+    runtime.add_listener(keys_changed)
+    runtime.feed = client.status
+    return client
 
 
 async def _start_tcp_site(runner: web.AppRunner, address: str) -> str:

@@ -4,7 +4,9 @@
   for the ``grants.root_issuers`` of sidecars.
 * ``task sign --key issuer.key --task task.yaml [--out FILE]`` - a root grant (compact JWS).
 * ``task revoke ID... --key issuer.key --list FILE`` - add ids to a root-signed revocation list;
-  ``task revoke ID --admin URL`` asks a running sidecar (``POST /v1/tasks/{id}/revoke``) instead.
+  ``task revoke ID --admin URL`` asks a running sidecar (``POST /v1/tasks/{id}/revoke``) instead;
+  ``task revoke ID... --key issuer.key --authority URL [--ca FILE]`` sends a root-signed list to the
+  cluster authority, which stores it and streams it to every sidecar.
 * ``task inspect FILE`` - print a grant's chain (decoded, not verified).
 * ``task freeze|unfreeze|kill TARGET... --key issuer.key (--list FILE | --admin URL)`` - a signed
   ladder action per target (``agent:<SPIFFE ID>``, ``task:<id>``, ``subtree:<id>``; a bare id is a
@@ -120,8 +122,10 @@ def _revoke(args: argparse.Namespace) -> int:
                 print(f"agent-authz task revoke: {task_id}: {err.read().decode(errors='replace')}", file=sys.stderr)
                 return 1
         return 0
+    if args.authority:
+        return _revoke_at_authority(args)
     if not args.key or not args.list:
-        print("agent-authz task revoke: give --key and --list, or --admin", file=sys.stderr)
+        print("agent-authz task revoke: give --key and --list (or --authority), or --admin", file=sys.stderr)
         return 2
     key = _key(args.key)
     path = Path(args.list)
@@ -139,6 +143,46 @@ def _revoke(args: argparse.Namespace) -> int:
     _write(path, token.encode() + b"\n")
     print(f"{path}: {len(ids)} revoked ids ({', '.join(sorted(ids))})")
     return 0
+
+
+def _revoke_at_authority(args: argparse.Namespace) -> int:
+    """``POST /v1/revocations`` on the authority's public listener with a list the root key signs."""
+    import ssl
+
+    if not args.key or not args.authority.startswith("https://"):
+        print("agent-authz task revoke: --authority needs an https:// URL and --key", file=sys.stderr)
+        return 2
+    key = _key(args.key)
+    token = sign_revocations(args.ids, key.private_key, issuer=args.issuer, issued_at=int(time.time()), kid=key.kid)
+    context = ssl.create_default_context(cafile=args.ca) if args.ca else ssl.create_default_context()
+    request = urllib.request.Request(  # noqa: S310 - https checked above
+        f"{args.authority.rstrip('/')}/v1/revocations",
+        data=json.dumps({"list": token}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(request, timeout=10) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        print(
+            f"agent-authz task revoke: the authority answered {err.code}: {err.read().decode(errors='replace')}",
+            file=sys.stderr,
+        )
+        return 1
+    except (OSError, ValueError) as exc:
+        print(f"agent-authz task revoke: {args.authority}: {exc}", file=sys.stderr)
+        return 1
+    for task_id in answer.get("accepted", []):
+        print(task_id)
+    for refusal in answer.get("refused", []):
+        print(
+            f"agent-authz task revoke: {refusal.get('id')}: {refusal.get('error')}: {refusal.get('detail')}",
+            file=sys.stderr,
+        )
+    print(f"revision {answer.get('revision')}", file=sys.stderr)
+    return 1 if answer.get("refused") else 0
 
 
 class _Signer:
@@ -369,6 +413,12 @@ def add_task_commands(sub: Any) -> None:
     revoke.add_argument("--list", help="the revocation list file to create or extend")
     revoke.add_argument("--issuer", default="agent-authz-task-issuer", help="the iss claim")
     revoke.add_argument("--admin", help="instead: a sidecar's admin URL, e.g. http://127.0.0.1:9902")
+    revoke.add_argument(
+        "--authority",
+        help="instead of --list: the cluster authority's URL (https://<release>-agent-authz-authority.<ns>.svc), "
+        "which stores the root-signed list and streams it to every sidecar",
+    )
+    revoke.add_argument("--ca", help="with --authority: the CA bundle of its certificate (default: the system CAs)")
     revoke.set_defaults(func=_revoke)
     inspect = task_sub.add_parser("inspect", help="print a grant's delegation chain (not verified)")
     inspect.add_argument("grant", help="grant file, or - for stdin")

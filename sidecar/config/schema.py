@@ -55,6 +55,7 @@ __all__ = [
     "ListenSpec",
     "QuarantineRuleSpec",
     "QuarantineSpec",
+    "RevocationFeedSpec",
     "RootIssuerSpec",
     "RotateSpec",
     "Sensitivity",
@@ -668,6 +669,55 @@ class TaskFileSpec(_Model):
     """A file whose content ``true`` revokes the task."""
 
 
+class RevocationFeedSpec(_Model):
+    """The cluster authority's revocation feed (``agent-authz authority``): a long-lived Server-Sent
+    Events stream over mTLS with this agent's X.509-SVID. Entries it brings apply before the next
+    request; once the feed has been unreachable for ``max_staleness``, delegated grants (or every
+    task) are denied ``revocation_feed_stale`` until it is back. The sidecar also forwards its own
+    revocations (``POST /v1/tasks/{id}/revoke``) and announces its public signing keys to the
+    authority, which publishes them in the namespace's JWKS. Needs an identity source; changes take
+    effect at restart."""
+
+    url: str
+    """``https://host:port`` of the authority's feed listener (the chart: its Service, port 8444)."""
+    ca: Path
+    """PEM CA bundle that verifies the authority's serving certificate."""
+    max_staleness: Seconds = 30.0
+    """How long the feed may be unreachable (no event, not even a heartbeat) before tasks are denied
+    ``revocation_feed_stale`` (fail closed); counted from start until the first connection."""
+    stale_applies_to: Literal["delegated", "all"] = "delegated"
+    """``delegated``: only tasks from delegated grants (depth 1 or more) are denied while stale;
+    ``all``: every task, ``sidecar.yaml`` tasks and root grants included."""
+    announce_keys: bool = True
+    """Announce the public signing keys (current, next, retired) to the authority, each current and
+    next key with a proof of possession, on every connection and every ``announce_interval``."""
+    announce_interval: Seconds = 300.0
+    """Seconds between key announcements (below the authority's ``keys.announce_ttl``)."""
+    reconnect_min: Seconds = 0.1
+    """First delay before reconnecting; doubles (with jitter) up to ``reconnect_max``."""
+    reconnect_max: Seconds = 5.0
+    """Longest delay between reconnection attempts."""
+    connect_timeout: Seconds = 5.0
+    """Timeout to connect and to get the stream's first event."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https://[^\s/?#]+(:[0-9]{1,5})?/?$", value):
+            raise ValueError("expected https://host[:port]")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RevocationFeedSpec:
+        if not 1 <= self.max_staleness <= 86400:
+            raise ValueError("max_staleness must be between 1s and 24h")
+        if self.reconnect_min <= 0 or self.reconnect_max < self.reconnect_min:
+            raise ValueError("reconnect_min must be positive and at most reconnect_max")
+        if self.announce_interval < 1:
+            raise ValueError("announce_interval must be at least 1s")
+        return self
+
+
 class GrantsSpec(_Model):
     """Signed task grants (``agent-task+jwt``) this sidecar accepts, delegation limits and revocation
     lists. A Kubernetes annotation mounted through the downward API works as a grant file; an invalid
@@ -683,6 +733,9 @@ class GrantsSpec(_Model):
     """Signed revocation-list files to honour; watched (a list that does not exist yet counts as empty)."""
     publish_revocations: Path | None = None
     """Where ``POST /v1/tasks/{id}/revoke`` writes this sidecar's signed revocation list."""
+    revocation_feed: RevocationFeedSpec | None = None
+    """The cluster authority's revocation feed; none: revocations reach this sidecar through
+    ``revocations`` files only."""
 
 
 class IssuerSpec(_Model):
@@ -1175,6 +1228,8 @@ class SidecarConfig(_Model):
             for rule in task.egress:
                 if isinstance(rule.credential, str) and rule.credential not in self.credentials:
                     raise ValueError(f"task {task.id!r}: credential {rule.credential!r} is not in 'credentials'")
+        if self.grants.revocation_feed is not None and self.identity is None:
+            raise ValueError("grants.revocation_feed needs an 'identity' source (the feed is mTLS with the SVID)")
         if self.envoy.inbound_redirect and self.identity is None:
             raise ValueError("envoy.inbound_redirect needs an 'identity' source (the inbound listener is mTLS)")
         upstream: dict[str, tuple[int, str]] = {}

@@ -99,6 +99,7 @@ def decide_connection(
     decision_id: str,
     budgets: BudgetLedger,
     blocks: Blocks | None = None,
+    feed_stale: str | None = None,
 ) -> Decision:
     """Decide one egress connection (``request.protocol`` is ``tls`` or ``tcp``).
 
@@ -109,6 +110,8 @@ def decide_connection(
         decision_id: id to put on the decision.
         budgets: the call counters (one connection = one call).
         blocks: tasks the freeze ladder blocks.
+        feed_stale: while the revocation feed is stale, which tasks it denies (``delegated`` or
+            ``all``, :func:`~sidecar.policy.model.task_state`); ``None`` otherwise.
 
     Returns:
         A :class:`Decision` (see the module docstring for the reasons).
@@ -160,9 +163,9 @@ def decide_connection(
     tasks = policy.tasks_by_agent.get(policy.agent, ())
     if not tasks:
         return deny(Reason.NO_TASK, "no task is declared for this agent")
-    active = [t for t in tasks if task_state(t, now, blocks) is None]
+    active = [t for t in tasks if task_state(t, now, feed_stale, blocks=blocks) is None]
     if not active:
-        state = task_state(tasks[0], now, blocks)
+        state = task_state(tasks[0], now, feed_stale, blocks=blocks)
         assert state is not None
         block = blocks.get(tasks[0].id) if blocks else None
         detail = f"no active task: {block[1]}" if block is not None and block[0] is state else ""

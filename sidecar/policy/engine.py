@@ -241,6 +241,7 @@ def decide_egress(
     cnf: str | None = None,
     blocks: Blocks | None = None,
     approvals: ApprovalGate | None = None,
+    feed_stale: str | None = None,
 ) -> Decision:
     """Decide one egress call of the local agent.
 
@@ -260,6 +261,8 @@ def decide_egress(
         blocks: tasks the freeze ladder blocks (frozen: ``task_quarantined``; killed: ``task_revoked``).
         approvals: the approval book; without one an approval-gated call is denied ``approval_required``
             with no ``approval_id``.
+        feed_stale: while the revocation feed is stale, which tasks it denies (``delegated`` or
+            ``all``); ``None`` otherwise.
 
     Returns:
         A :class:`Decision`. Deny reasons: ``bad_request``, ``no_task``, ``unknown_task``,
@@ -267,7 +270,8 @@ def decide_egress(
         ``task_revoked``, ``task_quarantined``, ``host_not_allowed``, ``port_not_allowed``,
         ``method_not_allowed``, ``path_not_allowed``, ``sensitivity_not_allowed``, ``approval_*``,
         ``budget_exhausted``, ``tls_origination_unavailable``, ``misdirected_request`` (an intercepted
-        connection's request for another host or port than the one its SNI named: RFC 9110 §7.4, 421).
+        connection's request for another host or port than the one its SNI named: RFC 9110 §7.4, 421),
+        ``revocation_feed_stale`` (503).
 
     Raises:
         StateError: an approval could not be stored or consumed (the runtime denies the call).
@@ -309,7 +313,16 @@ def decide_egress(
             **seen,
         )
     task, outcome, detail = _select(
-        policy, request.headers.get(TASK_HEADER), agent, target, method, now, intercept is not None, rpc, blocks
+        policy,
+        request.headers.get(TASK_HEADER),
+        agent,
+        target,
+        method,
+        now,
+        intercept is not None,
+        rpc,
+        blocks,
+        feed_stale,
     )
     if task is not None and task.agent == agent:
         seen.update(
@@ -463,6 +476,7 @@ def _select(
     intercepted: bool,
     rpc: _RpcJudge | None = None,
     blocks: Blocks | None = None,
+    feed_stale: str | None = None,
 ) -> tuple[Task | None, _Match | Reason, str]:
     """Pick the task and match the call: ``(task, match or deny reason, detail)``."""
     if chosen is not None:
@@ -471,7 +485,7 @@ def _select(
             return None, Reason.UNKNOWN_TASK, "no task with the id named in x-agent-task"
         if task.agent != agent:
             return task, Reason.TASK_NOT_FOR_AGENT, "the task named in x-agent-task belongs to another agent"
-        state = task_state(task, now, blocks)
+        state = task_state(task, now, feed_stale, blocks=blocks)
         if state is not None:
             return task, state, _state_detail(task, state, blocks)
         return _explained(task, _match(task, target, method, intercepted, rpc))
@@ -482,9 +496,9 @@ def _select(
         tasks = policy.tasks_for_host(agent, target.host)
         if not tasks:
             return None, Reason.HOST_NOT_ALLOWED, "no task of this agent names this host"
-    active = [t for t in tasks if task_state(t, now, blocks) is None]
+    active = [t for t in tasks if task_state(t, now, feed_stale, blocks=blocks) is None]
     if not active:
-        state = task_state(tasks[0], now, blocks)
+        state = task_state(tasks[0], now, feed_stale, blocks=blocks)
         assert state is not None
         block = blocks.get(tasks[0].id) if blocks else None
         if block is not None and block[0] is state:

@@ -213,9 +213,11 @@ class Task:
         return tuple(rule for _, rule in found)
 
 
-def task_state(task: Task, now: float, blocks: Blocks | None = None) -> Reason | None:
+def task_state(task: Task, now: float, feed_stale: str | None = None, *, blocks: Blocks | None = None) -> Reason | None:
     """Why ``task`` cannot allow anything at ``now`` (POSIX seconds): ``task_revoked`` (also when the
-    ladder killed it), ``task_not_yet_valid``, ``task_expired`` or ``task_quarantined`` (frozen);
+    ladder killed it), ``task_not_yet_valid``, ``task_expired``, ``task_quarantined`` (frozen) or,
+    while the revocation feed is stale (``feed_stale`` ``delegated``: tasks from delegated grants;
+    ``all``: every task), ``revocation_feed_stale``;
     ``None`` while it is active."""
     if task.revoked:
         return Reason.TASK_REVOKED
@@ -226,7 +228,11 @@ def task_state(task: Task, now: float, blocks: Blocks | None = None) -> Reason |
         return Reason.TASK_NOT_YET_VALID
     if now >= task.expires_at:
         return Reason.TASK_EXPIRED
-    return block[0] if block is not None else None
+    if block is not None:
+        return block[0]
+    if feed_stale is not None and (feed_stale == "all" or (task.grant is not None and task.grant.depth > 0)):
+        return Reason.REVOCATION_FEED_STALE
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import collections
 import secrets
 import time
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,9 +55,17 @@ from sidecar.runtime.snapshot import CarriedState, Snapshot, build_snapshot
 from sidecar.state.store import StateStore
 from sidecar.tokens.minter import TokenCache
 
-__all__ = ["Runtime"]
+__all__ = ["FeedGate", "Runtime"]
 
 _log = structlog.get_logger("agent_authz.runtime")
+
+
+class FeedGate(typing.Protocol):
+    """What the runtime asks the revocation feed (:class:`sidecar.authority.client.FeedStatus`)."""
+
+    def stale_scope(self, now: float) -> str | None:
+        """``delegated`` or ``all`` while the feed is stale (what to deny), else ``None``."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +109,8 @@ class Runtime:
         on_record: where control records go (set by ``serve``: the decision log); records made
             before it is set are kept and handed over when it is (:meth:`set_recorder`).
         quarantines: tasks frozen by the anomaly rule, by mode (``freeze``, ``dry_run``).
+        feed: the cluster authority's revocation feed (``grants.revocation_feed``), set by ``serve``;
+            while it is stale, :meth:`decide` denies ``revocation_feed_stale``.
 
     Raises:
         ConfigError: the initial configuration is invalid (there is no previous one to keep).
@@ -150,6 +161,7 @@ class Runtime:
         self.last_error: str | None = None
         self.last_identity_error: str | None = None
         self.identity_rejections: collections.Counter[tuple[str, SvidDetail | BundleDetail]] = collections.Counter()
+        self.feed: FeedGate | None = None
         start = carried if carried is not None else CarriedState()
         self._carried = replace(start, identity=workload_identity) if workload_identity is not None else start
         self._failed: _Attempt | None = None
@@ -580,9 +592,18 @@ class Runtime:
     def _decide(self, request: AuthzRequest, decision_id: str) -> Decision:
         snapshot = self.snapshot
         blocks = self._blocks
+        now = self.clock()
+        feed = self.feed
+        stale = feed.stale_scope(now) if feed is not None else None
         if request.protocol is not Protocol.HTTP:
             decision = decide_connection(
-                snapshot.policy, request, now=self.clock(), decision_id=decision_id, budgets=self.budgets, blocks=blocks
+                snapshot.policy,
+                request,
+                now=now,
+                decision_id=decision_id,
+                budgets=self.budgets,
+                blocks=blocks,
+                feed_stale=stale,
             )
         elif request.direction is Direction.EGRESS:
             identity = snapshot.identity
@@ -590,13 +611,14 @@ class Runtime:
             decision = decide_egress(
                 snapshot.policy,
                 request,
-                now=self.clock(),
+                now=now,
                 decision_id=decision_id,
                 budgets=self.budgets,
                 minter=snapshot.minter,
                 cnf=identity.state.svid.x5t_s256 if bind and identity is not None else None,
                 blocks=blocks,
                 approvals=self.approvals,
+                feed_stale=stale,
             )
         else:
             decision = decide_ingress(
@@ -604,7 +626,7 @@ class Runtime:
                 request,
                 identity=snapshot.identity,
                 agent=snapshot.policy.agent,
-                now=self.clock(),
+                now=now,
                 decision_id=decision_id,
             )
         decision = dry_run(decision) if snapshot.loaded.settings.dry_run else decision

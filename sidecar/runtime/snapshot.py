@@ -72,7 +72,8 @@ class CarriedState:
         posted: task id -> compact JWS of a grant accepted through ``POST /v1/tasks``.
         own_revoked: task id -> POSIX seconds it was revoked here (``POST /v1/tasks/{id}/revoke``).
         received: source -> the revocation lists received from it, merged per signer (what a list
-            once revoked stays revoked when the file shrinks or goes).
+            once revoked stays revoked when the file shrinks or goes); ``authority`` is the cluster
+            authority's feed, whose latest snapshot replaces what it said before (one list per signer).
         issued: child task id -> the delegation this sidecar made (it may revoke the child); dropped
             once the child has expired.
         retired: earlier signing keys still published (until their tokens have expired).
@@ -96,10 +97,14 @@ class CarriedState:
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
     @property
-    def rebuild_key(self) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int], ...]]:
+    def rebuild_key(self) -> tuple[object, ...]:
         """The part of the state a build reads besides files: two states with equal keys build equal
         snapshots from equal files."""
-        return tuple(sorted(self.posted.items())), tuple(sorted(self.own_revoked.items()))
+        received = tuple(
+            (source, tuple(sorted((r.signer, r.root, tuple(sorted(r.ids))) for r in lists)))
+            for source, lists in sorted(self.received.items())
+        )
+        return tuple(sorted(self.posted.items())), tuple(sorted(self.own_revoked.items())), received
 
     def remembered(self) -> Remembered:
         """The part kept in the durable state."""
@@ -356,6 +361,10 @@ def _sources(
         now=now,
         received=carried.received,
     )
+    for _, lists in sorted(carried.received.items()):  # the feed's lists are no file: digest them
+        for revocations in lists:
+            reader.digest.update(f"{revocations.signer}\0{revocations.root}\0".encode())
+            reader.digest.update(",".join(sorted(revocations.ids)).encode() + b"\0")
     for path in settings.grants.revocations:
         reader.watch(path)  # a list published later must trigger a reload
     file_grants, file_tasks = _task_files(loaded, reader, grant_set, agent, named, now)
