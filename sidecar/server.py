@@ -25,6 +25,7 @@ from sidecar.authority.client import FeedClient
 from sidecar.authority.protocol import RevocationEntry, key_announcement, lists_from_entries
 from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.config.watch import watch_and_reload
+from sidecar.control.documents import ControlError, verify_action
 from sidecar.control_socket import prepare_socket_dir, restrict_socket, tcp_control_endpoints
 from sidecar.decision import Decision
 from sidecar.envoy_authz.ext_proc import ListFilterService
@@ -250,7 +251,10 @@ def _feed_client(runtime: Runtime) -> FeedClient | None:
 
     Received entries are applied on the event loop as they arrive: remembered as the ``authority``
     source's lists (one per signer) and enforced by a rebuild before the next request is decided.
-    A reload that changes the signing keys announces them again.
+    Received ladder actions are verified with this sidecar's trust and honoured at once (the
+    runtime's ladder keeps them); this sidecar's own quarantines are forwarded, and after each
+    snapshot those the authority lacks again. A reload that changes the signing keys announces them
+    again.
     """
     loaded = runtime.snapshot.loaded
     spec = loaded.settings.grants.revocation_feed
@@ -271,6 +275,24 @@ def _feed_client(runtime: Runtime) -> FeedClient | None:
             _log.error("feed_revocations_not_stored", file=exc.file, reason=exc.reason)
         runtime.reload()
 
+    def apply_actions(tokens: tuple[str, ...], snapshot: bool) -> None:
+        verifier = runtime.snapshot.grants.verifier
+        verified = []
+        for token in tokens:
+            if runtime.ladder.knows_token(token):
+                continue
+            try:
+                verified.append(verify_action(token, verifier=verifier, now=runtime.clock(), source=FEED_SOURCE))
+            except ControlError as exc:  # another sidecar may trust other signers; nothing to apply here
+                _log.warning("feed_action_refused", reason=str(exc))
+        if verified:
+            runtime.add_actions(verified, strict=False)
+        if snapshot:  # this sidecar's own actions the authority lacks (made while the feed was down)
+            held = set(tokens)
+            for own in runtime.ladder.own():
+                if own.token and own.token not in held:
+                    client.forward_action(str(own.target), own.token)
+
     def svid() -> Svid | None:
         identity = runtime.snapshot.identity
         return identity.state.svid if identity is not None else None
@@ -283,7 +305,16 @@ def _feed_client(runtime: Runtime) -> FeedClient | None:
         return key_announcement(snapshot.keys, issuer=issuer, subject=snapshot.policy.agent, now=runtime.clock())
 
     client = FeedClient(
-        spec, ca_file=loaded.resolve(spec.ca), svid=svid, apply=apply, announcement=announcement, clock=runtime.clock
+        spec,
+        ca_file=loaded.resolve(spec.ca),
+        svid=svid,
+        apply=apply,
+        announcement=announcement,
+        apply_actions=apply_actions,
+        clock=runtime.clock,
+    )
+    runtime.action_listeners.append(
+        lambda own: client.forward_action(str(own.target), own.token) if own.token else None
     )
     announced = {runtime.snapshot.keys.current.kid}
 

@@ -8,10 +8,11 @@
   ``task revoke ID... --key issuer.key --authority URL [--ca FILE]`` sends a root-signed list to the
   cluster authority, which stores it and streams it to every sidecar.
 * ``task inspect FILE`` - print a grant's chain (decoded, not verified).
-* ``task freeze|unfreeze|kill TARGET... --key issuer.key (--list FILE | --admin URL)`` - a signed
-  ladder action per target (``agent:<SPIFFE ID>``, ``task:<id>``, ``subtree:<id>``; a bare id is a
-  subtree, a bare ``spiffe://`` ID an agent), appended to an actions file sidecars watch
-  (``ladder.files``) and/or posted to a sidecar (``POST /v1/control/actions``).
+* ``task freeze|unfreeze|kill TARGET... --key issuer.key (--list FILE | --admin URL | --authority URL)``
+  - a signed ladder action per target (``agent:<SPIFFE ID>``, ``task:<id>``, ``subtree:<id>``; a bare
+  id is a subtree, a bare ``spiffe://`` ID an agent), appended to an actions file sidecars watch
+  (``ladder.files``), posted to a sidecar (``POST /v1/control/actions``) and/or to the cluster
+  authority, which keeps it and streams it to every sidecar (``POST /v1/actions``).
 * ``approve ID [--ttl 10m] --key issuer.key --admin URL`` - approve a call waiting for approval
   (``POST /v1/approvals/{id}``); ``approve --operator-token`` prints a token for the decision
   viewer's approve button instead.
@@ -234,10 +235,38 @@ def _append_line(path: Path, line: str) -> None:
     _write(path, (existing + line + "\n").encode())
 
 
+def _post_authority(url: str, ca: str | None, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """``POST`` JSON to the authority's public listener (TLS verified against ``ca`` or the system CAs)."""
+    import ssl
+
+    context = ssl.create_default_context(cafile=ca) if ca else ssl.create_default_context()
+    request = urllib.request.Request(  # noqa: S310 - https checked by the caller
+        f"{url.rstrip('/')}{path}",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context))
+    try:
+        with opener.open(request, timeout=10) as response:
+            return int(response.status), json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        raw = err.read()
+        try:
+            return int(err.code), json.loads(raw)
+        except ValueError:
+            return int(err.code), {"error": "http", "detail": raw.decode(errors="replace")}
+    except (OSError, ValueError) as exc:
+        raise ConfigError("--authority", "", f"cannot reach {url}: {exc}") from None
+
+
 def _ladder(args: argparse.Namespace) -> int:
     command = f"agent-authz task {args.task_command}"
-    if not args.list and not args.admin:
-        print(f"{command}: give --list FILE and/or --admin URL", file=sys.stderr)
+    if not args.list and not args.admin and not args.authority:
+        print(f"{command}: give --list FILE, --admin URL and/or --authority URL", file=sys.stderr)
+        return 2
+    if args.authority and not args.authority.startswith("https://"):
+        print(f"{command}: --authority needs an https:// URL", file=sys.stderr)
         return 2
     try:
         targets = [Target.parse(text) for text in args.targets]
@@ -270,6 +299,14 @@ def _ladder(args: argparse.Namespace) -> int:
             print(f"{command}: {admin}: {status} {body.get('error')}: {body.get('detail')}", file=sys.stderr)
             return 1
         print(f"{admin}: {kind} {', '.join(map(str, targets))}: applied {len(body['applied'])}, known {body['known']}")
+    if args.authority:
+        status, body = _post_authority(args.authority, args.ca, "/v1/actions", {"actions": tokens})
+        for refusal in body.get("refused", []) if isinstance(body, dict) else []:
+            print(f"{command}: the authority refused: {refusal.get('error')}: {refusal.get('detail')}", file=sys.stderr)
+        if status != 200:
+            print(f"{command}: the authority answered {status}: {body}", file=sys.stderr)
+            return 1
+        print(f"{args.authority}: {kind} {', '.join(map(str, targets))}: kept at revision {body.get('revision')}")
     return 0
 
 
@@ -436,5 +473,9 @@ def add_task_commands(sub: Any) -> None:
         _signing_options(step)
         step.add_argument("--list", help="append the signed actions to this file (a sidecar's ladder.files)")
         step.add_argument("--admin", action="append", help="post them to this sidecar's admin URL (repeatable)")
+        step.add_argument(
+            "--authority", help="post them to the cluster authority (https://...): it streams them to every sidecar"
+        )
+        step.add_argument("--ca", help="with --authority: the CA bundle of its certificate (default: the system CAs)")
         step.add_argument("--reason", help="why (recorded with the action)")
         step.set_defaults(func=_ladder)

@@ -102,11 +102,14 @@ class Ladder:
         self._journal = journal
         self._actions: dict[str, Action] = {}
         self._by_id: dict[str, list[Action]] = {}
+        self._tokens: set[str] = set()
         for action in sorted(actions, key=_order):
             self._index(action)
 
     def _index(self, action: Action) -> None:
         self._actions[action.action_id] = action
+        if action.token:
+            self._tokens.add(action.token)
         self._by_id.setdefault(action.target.id, []).append(action)
         self._by_id[action.target.id].sort(key=_order)
 
@@ -115,6 +118,10 @@ class Ladder:
 
     def __contains__(self, action_id: object) -> bool:
         return action_id in self._actions
+
+    def knows_token(self, token: str) -> bool:
+        """Whether this exact signed action is honoured already (no need to verify it again)."""
+        return token.strip() in self._tokens
 
     def actions(self) -> tuple[Action, ...]:
         """Every action, in order."""

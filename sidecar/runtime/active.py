@@ -109,6 +109,8 @@ class Runtime:
         on_record: where control records go (set by ``serve``: the decision log); records made
             before it is set are kept and handed over when it is (:meth:`set_recorder`).
         quarantines: tasks frozen by the anomaly rule, by mode (``freeze``, ``dry_run``).
+        action_listeners: called with each of this sidecar's own actions (a quarantine) once it is in
+            force and published (``serve`` forwards them to the cluster authority).
         feed: the cluster authority's revocation feed (``grants.revocation_feed``), set by ``serve``;
             while it is stale, :meth:`decide` denies ``revocation_feed_stale``.
 
@@ -153,6 +155,7 @@ class Runtime:
         self._refused_seen: set[str] = set()
         self._blocks: dict[str, tuple[Reason, str]] = {}
         self.quarantines: collections.Counter[str] = collections.Counter()
+        self.action_listeners: list[Callable[[Action], None]] = []
         self.tokens = TokenCache()
         self._defer = defer
         self._listeners: list[Callable[[Snapshot], None]] = []
@@ -570,6 +573,8 @@ class Runtime:
         self.add_actions([own], strict=False)
         self.quarantines["freeze"] += 1
         self.publish_actions()
+        for listener in self.action_listeners:
+            listener(own)
         _log.warning("task_quarantined", task_id=task.id, evidence=list(ids), action_id=own.action_id)
         followup = self.control_record(Reason.TASK_FROZEN, action=own, detail=describe(own))
         return replace(decision, followups=(*decision.followups, followup))
