@@ -348,9 +348,9 @@ def decide_egress(
         else:
             assert task is not None
             host = target.host
-            labels = {id(r): policy.label(host, r) for r in rules}
-            seen["sensitivity"] = SENSITIVITY_NAMES[min(labels.values())]
             if task.max_sensitivity is not None:
+                labels = {id(r): policy.label(host, r) for r in rules}
+                seen["sensitivity"] = SENSITIVITY_NAMES[min(labels.values())]
                 within = tuple(r for r in rules if labels[id(r)] <= task.max_sensitivity)
                 if not within:
                     outcome = Reason.SENSITIVITY_NOT_ALLOWED
@@ -360,8 +360,11 @@ def decide_egress(
                     )
                 rules = within
             if rules:
-                free = tuple(r for r in rules if not _gated(r, method, match))
-                gated = tuple(r for r in rules if _gated(r, method, match))
+                if any(r.approval is not None for r in rules):
+                    free = tuple(r for r in rules if not _gated(r, method, match))
+                    gated = tuple(r for r in rules if _gated(r, method, match))
+                else:
+                    free, gated = rules, ()
                 charged = _charge(task, free, match, budgets) if free else None
                 if charged is None and gated:
                     outcome, detail, charged = _through_approval(
@@ -372,8 +375,8 @@ def decide_egress(
                     seen["remaining"] = 0
                 if charged is not None:
                     rule, tool = charged
-                    seen["sensitivity"] = SENSITIVITY_NAMES[labels[id(rule)]]
                     seen["remaining"] = _remaining(task, rule, tool, budgets)
+                seen["sensitivity"] = SENSITIVITY_NAMES[policy.label(host, rule or rules[0])]
     verdict = None if rule is None or match is None else match.verdicts.get(id(rule))
     if verdict is None and judged:
         verdict = judged[0][1]

@@ -278,6 +278,8 @@ class PolicyIndex:
         """The sensitivity level of a call to ``host`` under ``rule``: the higher of the rule's and the
         host's label, else :attr:`default_label`."""
         own = rule.sensitivity if rule is not None else None
+        if own is None and not self.host_labels:
+            return self.default_label
         by_host = self.host_label(host)
         if own is None and by_host is None:
             return self.default_label

@@ -538,12 +538,12 @@ class Runtime:
     def _watch(self, decision: Decision, snapshot: Snapshot) -> Decision:
         """Count a denial of an out-of-task kind against its task; freeze the task's subtree (or, in
         dry run, record ``would_quarantine``) when the anomaly rule trips."""
+        if decision.allow and not decision.dry_run:
+            return decision
         settings = snapshot.loaded.settings
         spec = settings.quarantine
         reason = decision.would_reason if decision.dry_run else decision.reason
         if decision.task_id is None or reason is None or reason not in spec.reasons:
-            return decision
-        if decision.allow and not decision.dry_run:
             return decision
         task = snapshot.policy.tasks_by_id.get(decision.task_id)
         if task is None or task.agent != snapshot.policy.agent:
