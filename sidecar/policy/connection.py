@@ -15,7 +15,9 @@ the answer is judged on the SNI and the original destination:
    pod's DNS (the sidecar's DNS proxy) answered for the name, unexpired (``addresses_of``); else
    ``destination_mismatch``, nothing charged. Otherwise the deepest failure: ``host_not_allowed`` <
    ``tls_not_allowed`` (rules name the host, none with ``tls: passthrough``) < ``port_not_allowed``;
-   ``budget_exhausted``.
+   ``budget_exhausted``; ``sensitivity_not_allowed`` when only rules labelled above the task's
+   ``max_sensitivity`` allow it. A frozen task (the freeze ladder's ``blocks``) is
+   ``task_quarantined``, a killed one ``task_revoked``.
 
 The connection goes to the original destination, which step 4 bound to the name: an allowed SNI
 sent to any other address is refused (see docs/concepts/interception.md, "The passthrough binding").
@@ -48,7 +50,7 @@ from sidecar.decision import AuthzRequest, Decision, Direction, Protocol, Reason
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, normalize_authority
 from sidecar.policy.budget import BudgetLedger, budget_limits
-from sidecar.policy.model import EgressRule, PolicyIndex, Task, task_state
+from sidecar.policy.model import SENSITIVITY_NAMES, Blocks, EgressRule, PolicyIndex, Task, task_state
 
 __all__ = ["decide_connect", "decide_connection", "parse_destination", "sni_host"]
 
@@ -110,6 +112,8 @@ def decide_connection(
     decision_id: str,
     budgets: BudgetLedger,
     addresses_of: Callable[[str], Collection[ipaddress.IPv4Address | ipaddress.IPv6Address]],
+    blocks: Blocks | None = None,
+    feed_stale: str | None = None,
 ) -> Decision:
     """Decide one egress connection (``request.protocol`` is ``tls`` or ``tcp``).
 
@@ -121,6 +125,9 @@ def decide_connection(
         budgets: the call counters (one connection = one call).
         addresses_of: the known addresses of a canonical host name (its pin and the DNS answers):
             a passthrough connection must go to one of them.
+        blocks: tasks the freeze ladder blocks.
+        feed_stale: while the revocation feed is stale, which tasks it denies (``delegated`` or
+            ``all``, :func:`~sidecar.policy.model.task_state`); ``None`` otherwise.
 
     Returns:
         A :class:`Decision` (see the module docstring for the reasons).
@@ -148,6 +155,7 @@ def decide_connection(
             detail=detail,
             task_id=task.id if task else None,
             on_behalf_of=task.on_behalf_of if task else None,
+            purpose=task.purpose if task else None,
         )
 
     via_connect = request.via_connect
@@ -171,14 +179,17 @@ def decide_connection(
     tasks = policy.tasks_by_agent.get(policy.agent, ())
     if not tasks:
         return deny(Reason.NO_TASK, "no task is declared for this agent")
-    active = [t for t in tasks if task_state(t, now) is None]
+    active = [t for t in tasks if task_state(t, now, feed_stale, blocks=blocks) is None]
     if not active:
-        state = task_state(tasks[0], now)
+        state = task_state(tasks[0], now, feed_stale, blocks=blocks)
         assert state is not None
-        return deny(state, f"no active task (first: {state.value})", tasks[0])
+        block = blocks.get(tasks[0].id) if blocks else None
+        detail = f"no active task: {block[1]}" if block is not None and block[0] is state else ""
+        return deny(state, detail or f"no active task (first: {state.value})", tasks[0])
     deepest, deepest_task = -1, active[0]
     exhausted: Task | None = None
     bound: bool | None = None
+    too_sensitive: tuple[Task, int] | None = None
     for task in active:  # declaration order: a connection cannot name its task
         stage, rules = _stage(task, host, destination[1])
         if stage > deepest:
@@ -193,8 +204,13 @@ def decide_connection(
                 task,
             )
         for rule in rules:
+            label = policy.label(host, rule)
+            if task.max_sensitivity is not None and label > task.max_sensitivity:
+                too_sensitive = too_sensitive or (task, label)
+                continue
             limits = budget_limits(task, rule)
             if budgets.available(limits) and budgets.try_consume(limits):
+                left = [limit - budgets.used(key) for key, limit in limits if limit is not None]
                 return replace(
                     base,
                     allow=True,
@@ -202,11 +218,22 @@ def decide_connection(
                     http_status=200,
                     task_id=task.id,
                     on_behalf_of=task.on_behalf_of,
+                    purpose=task.purpose,
                     rule=rule.name,
+                    sensitivity=SENSITIVITY_NAMES[label],
+                    remaining=max(0, min(left)) if left else None,
                 )
             exhausted = task
     if exhausted is not None:
-        return deny(Reason.BUDGET_EXHAUSTED, "the task's call budget is spent", exhausted)
+        return replace(deny(Reason.BUDGET_EXHAUSTED, "the task's call budget is spent", exhausted), remaining=0)
+    if too_sensitive is not None:
+        task, label = too_sensitive
+        assert task.max_sensitivity is not None
+        detail = (
+            f"the destination is {SENSITIVITY_NAMES[label]}, above the task's max_sensitivity "
+            f"{SENSITIVITY_NAMES[task.max_sensitivity]}"
+        )
+        return replace(deny(Reason.SENSITIVITY_NOT_ALLOWED, detail, task), sensitivity=SENSITIVITY_NAMES[label])
     reason = _STAGES[deepest]
     return deny(reason, f"no egress rule allows a TLS connection to this host and port ({reason.value})", deepest_task)
 
@@ -228,7 +255,15 @@ def _connect_stage(task: Task, host: str, port: int) -> tuple[int, EgressRule | 
     return 2, None
 
 
-def decide_connect(policy: PolicyIndex, request: AuthzRequest, *, now: float, decision_id: str) -> Decision:
+def decide_connect(
+    policy: PolicyIndex,
+    request: AuthzRequest,
+    *,
+    now: float,
+    decision_id: str,
+    blocks: Blocks | None = None,
+    feed_stale: str | None = None,
+) -> Decision:
     """Decide a proxy ``CONNECT host:port`` (``request.method`` is ``CONNECT``, ``request.authority`` the
     ``host:port``; see the module docstring for the rule and the reasons).
 
@@ -237,6 +272,7 @@ def decide_connect(policy: PolicyIndex, request: AuthzRequest, *, now: float, de
         request: the ``CONNECT`` as Envoy saw it.
         now: POSIX seconds.
         decision_id: id to put on the decision.
+        blocks / feed_stale: as for :func:`decide_connection` (a frozen task opens no tunnel).
 
     Returns:
         A :class:`Decision` (``method: CONNECT``, the host and port named); an allow tunnels to the
@@ -278,9 +314,9 @@ def decide_connect(policy: PolicyIndex, request: AuthzRequest, *, now: float, de
     named = policy.tasks_for_host(policy.agent, host)
     if not named:
         return deny(Reason.HOST_NOT_ALLOWED, "no task of this agent names this host")
-    active = [t for t in named if task_state(t, now) is None]
+    active = [t for t in named if task_state(t, now, feed_stale, blocks=blocks) is None]
     if not active:
-        state = task_state(named[0], now)
+        state = task_state(named[0], now, feed_stale, blocks=blocks)
         assert state is not None
         return deny(state, f"no active task names this host (first: {state.value})", named[0])
     deepest, deepest_task = -1, active[0]

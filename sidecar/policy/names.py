@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from sidecar.decision import Decision, Direction, Protocol, Reason
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import normalize_authority
-from sidecar.policy.model import PolicyIndex, task_state
+from sidecar.policy.model import Blocks, PolicyIndex, task_state
 
 __all__ = ["NameList", "decide_name"]
 
@@ -62,6 +62,8 @@ def decide_name(
     now: float,
     decision_id: str,
     destination: str = "",
+    blocks: Blocks | None = None,
+    feed_stale: str | None = None,
 ) -> Decision:
     """Decide one DNS query of the local agent.
 
@@ -73,6 +75,8 @@ def decide_name(
         now: POSIX seconds.
         decision_id: id to put on the decision.
         destination: the address the query was sent to, when known (TCP), recorded.
+        blocks / feed_stale: the freeze ladder's blocks and the revocation feed's staleness (a
+            task they stop has names that do not resolve, :func:`~sidecar.policy.model.task_state`).
 
     Returns:
         A :class:`Decision` with ``protocol: dns``, ``host`` the canonical name (or the raw one,
@@ -103,11 +107,11 @@ def decide_name(
         return replace(base, allow=True, reason=Reason.ALLOWED, rule="dns.allow")
     named = policy.tasks_for_host(policy.agent, host)
     for task in named:
-        if task_state(task, now) is None:
+        if task_state(task, now, feed_stale, blocks=blocks) is None:
             rule = task.rules_for_host(host)[0]
             return replace(base, allow=True, reason=Reason.ALLOWED, task_id=task.id, rule=rule.name)
     if named:
-        state = task_state(named[0], now)
+        state = task_state(named[0], now, feed_stale, blocks=blocks)
         detail = f"the tasks naming it are not active (first: {state.value if state else 'unknown'})"
         return replace(base, detail=detail, task_id=named[0].id)
     return replace(base, detail="no active rule of this agent names it, nor dns.allow")
