@@ -391,6 +391,11 @@ def test_notes_say_what_to_label_and_show_a_valid_task() -> None:
     checked = check_task_annotation(example, agent="spiffe://example.org/ns/agents/sa/a", credentials=set(), now=0)
     assert (checked.kind, checked.task_id) == ("task", "q3-risk-report")
     assert "WARNING: agentNamespaces is empty" in _notes()
+    # with the authority: the operator's revocation and the issuer upstreams verify
+    line = next(x for x in notes.splitlines() if "kubectl patch configmap aa-agent-authz-revocations" in x)
+    patch = json.loads(line.split("-p '", 1)[1].rstrip("'"))
+    assert patch == {"data": {"operator": "q3-risk-report\n"}}
+    assert f"https://{AUTHORITY}.{NS}.svc/ns/NS" in notes
 
 
 def test_with_the_charts_defaults_a_pod_resolves_cluster_services_and_its_tasks_hosts_only(
@@ -441,11 +446,6 @@ def test_with_the_charts_defaults_a_pod_resolves_cluster_services_and_its_tasks_
 def test_the_dns_port_may_not_collide() -> None:
     result = helm("template", "aa", str(CHART), "--set", "dns.port=15080", check=False)
     assert result.returncode != 0 and "dns.port and sidecar.egressPort are both 15080" in result.stderr, result.stderr
-    # with the authority: the operator's revocation and the issuer upstreams verify
-    line = next(x for x in notes.splitlines() if "kubectl patch configmap aa-agent-authz-revocations" in x)
-    patch = json.loads(line.split("-p '", 1)[1].rstrip("'"))
-    assert patch == {"data": {"operator": "q3-risk-report\n"}}
-    assert f"https://{AUTHORITY}.{NS}.svc/ns/NS" in notes
 
 
 # -- the cluster authority -------------------------------------------------------------------------------
