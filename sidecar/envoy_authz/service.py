@@ -88,6 +88,10 @@ class AuthorizationService:
             self._log.append(record)
         except DecisionLogError as exc:
             decision = self._log_failed(decision, exc, record)
+        self._record_followups(decision, request_id)
+        return decision, record
+
+    def _record_followups(self, decision: Decision, request_id: str) -> None:
         for followup in decision.followups:
             follow = decision_record(followup, request_id=request_id, latency_us=0, now=self._clock())
             try:
@@ -96,7 +100,6 @@ class AuthorizationService:
                 self._log_failed(followup, exc, follow)
             if self._metrics is not None:
                 self._metrics.observe_control(followup)
-        return decision, record
 
     def _log_failed(self, decision: Decision, exc: DecisionLogError, record: dict[str, Any]) -> Decision:
         unchained = {k: v for k, v in record.items() if k not in ("seq", "prev_hash", "hash")}
@@ -127,12 +130,14 @@ class AuthorizationService:
 
     def record(self, decision: Decision) -> None:
         """Write the record of a decision made outside ``Check`` (a DNS query); a failed write is logged
-        (``decision_log_write_failed``) like any other, the decision itself stands (it was answered)."""
+        (``decision_log_write_failed``) like any other, the decision itself stands (it was answered).
+        Its follow-ups (a quarantine the query tripped) are recorded after it."""
         record = decision_record(decision, request_id="", latency_us=0, now=self._clock())
         try:
             self._log.append(record)
         except DecisionLogError as exc:
             self._log_failed(decision, exc, record)
+        self._record_followups(decision, "")
 
     def record_refusal(self, refusal: ProxyRefusal, *, agent: str | None) -> Decision:
         """Record what Envoy refused without a decision (its gRPC access log): a deny with reason

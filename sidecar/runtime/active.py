@@ -51,6 +51,7 @@ from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.connection import decide_connect, decide_connection
 from sidecar.policy.engine import decide_egress, dry_run
 from sidecar.policy.ingress import IdentityContext, decide_ingress
+from sidecar.policy.model import task_state
 from sidecar.policy.names import decide_name
 from sidecar.runtime.inputs import DISK, FileSource, InputRecorder, Inputs, inputs_unchanged
 from sidecar.runtime.snapshot import CarriedState, Snapshot, build_snapshot
@@ -672,7 +673,25 @@ class Runtime:
             blocks=self._blocks,
             feed_stale=feed.stale_scope(now) if feed is not None else None,
         )
-        return dry_run(decision) if snapshot.loaded.settings.dry_run else decision
+        decision = dry_run(decision) if snapshot.loaded.settings.dry_run else decision
+        return self._watch_name(decision, snapshot, now)
+
+    def _watch_name(self, decision: Decision, snapshot: Snapshot, now: float) -> Decision:
+        """Count a refused name no task of the agent names against each of the agent's active tasks
+        (a DNS query carries no task id; the agent that asks is the one whose tasks are at stake). A
+        name refused because the task naming it expired, is frozen or spent counts against nothing."""
+        if (decision.allow and not decision.dry_run) or decision.task_id is not None:
+            return decision
+        feed = self.feed
+        stale = feed.stale_scope(now) if feed is not None else None
+        blocks = self._blocks
+        local = snapshot.policy.tasks_by_agent.get(snapshot.policy.agent, ())
+        active = [t.id for t in local if task_state(t, now, stale, blocks=blocks) is None]
+        followups = decision.followups
+        for task_id in active:
+            watched = self._watch(replace(decision, task_id=task_id), snapshot)
+            followups = (*followups, *watched.followups[len(decision.followups) :])
+        return replace(decision, task_id=active[0] if len(active) == 1 else None, followups=followups)
 
     def jwks(self) -> dict[str, Any]:
         """The JWKS document of the active keys (RFC 7517 §5)."""
