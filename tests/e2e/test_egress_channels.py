@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from sidecar.harness import AuthzStack, ManagedProcess, http_get, wait_until
 from sidecar.identity.devca import DevCA
@@ -263,6 +264,38 @@ def test_a_name_outside_the_task_through_the_pod_resolver_is_refused_and_never_f
         if line.startswith('agent_authz_dns_queries_total{outcome="refused"}')
     ]
     assert status == 200 and refused and float(refused[0].split()[-1]) >= 4
+
+
+def test_names_probed_outside_the_task_quarantine_it(pod: ChannelPod) -> None:
+    """A hijacked agent that keeps looking up names carrying data trips the anomaly rule like one that
+    keeps calling hosts outside its task: a second task with its own quarantine rule is frozen by
+    three refused names, and its calls are denied ``task_quarantined``; the first task (no rule)
+    keeps working. The query names no task, so the DNS records name none (the agent has two)."""
+    config_path = pod.state / "sidecar.yaml"
+    original = config_path.read_text()
+    config = yaml.safe_load(original)
+    probing = task("probing", egress=TASK["egress"][:1], quarantine={"threshold": 3, "window": "10m"})
+    config["tasks"].append(probing)
+    headers = ("-H", "x-agent-task: probing")
+    try:
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        wait_until(lambda: pod.curl(f"http://{API}/v1/items/1", *headers).status == 200, timeout=15, what="reload")
+        before = len(pod.records())
+        for i in range(3):
+            reply = pod.dig(f"chunk{i}.{OUTSIDE}", "TXT")
+            assert reply["rcode"] == "NXDOMAIN", reply
+        frozen = pod.wait_record(before, reason="task_frozen")
+        refused = [r for r in pod.new_records(before, protocol="dns") if r["reason"] == "dns_not_allowed"]
+        assert [r.get("task_id") for r in refused] == [None] * 3
+        assert (frozen["direction"], frozen["action"]["target"]) == ("control", "subtree:probing")
+        assert frozen["action"]["evidence"] == [r["decision_id"] for r in refused]
+        denied = pod.curl(f"http://{API}/v1/items/1", *headers)
+        assert (denied.status, denied.headers.get("x-agent-authz-reason")) == (403, "task_quarantined"), denied
+        assert pod.curl(f"http://{API}/v1/items/1").status == 200  # the task without a rule is not frozen
+        assert pod.attacker() == []
+    finally:
+        config_path.write_text(original)
+        wait_until(lambda: pod.curl(f"http://{API}/v1/items/1", *headers).status == 403, timeout=15, what="restore")
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
