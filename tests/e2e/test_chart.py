@@ -55,6 +55,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                     "rules": [{"callers": [{"trust_domain": "prod.example"}], "methods": ["GET"], "paths": ["*"]}]
                 },
                 "envoy": {"destinations": {"api.internal": "10.1.2.3:8080"}},
+                # continuous verification (issue 15) is configured through extraConfig too
+                "quarantine": {"threshold": 4, "window": "5m"},
+                "approvals": {"approvers": ["spiffe://prod.example/ns/ops/sa/approver"], "default_ttl": "5m"},
+                "sensitivity": {"default": "internal", "hosts": {"*.finance.internal": "restricted"}},
             },
         },
     },
@@ -580,6 +584,10 @@ def test_the_sidecars_point_at_the_authority(rendered: dict[str, list[dict[str, 
         assert str(feed.ca) == "/etc/agent-authz/config/authority-ca.pem"
         assert (directory / "authority-ca.pem").read_bytes().strip() == secret_data(secret, "ca.crt").strip()
         assert settings.issuer.url == f"https://{AUTHORITY}.{NS}.svc/ns/{namespace}"
+        # sidecar.extraConfig carries the anomaly rule, the approvers and the sensitivity labels
+        assert (settings.quarantine.threshold, settings.quarantine.window) == (4, 300)
+        assert settings.approvals.approvers == ["spiffe://prod.example/ns/ops/sa/approver"]
+        assert settings.sensitivity.hosts == {"*.finance.internal": "restricted"}
 
 
 def test_without_the_authority_nothing_of_it_is_rendered() -> None:
