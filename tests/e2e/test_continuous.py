@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -305,6 +306,7 @@ def test_approval_happy_path_and_replay(approvals_env: Callable[..., Env], opera
     approved = operator.approve(approval_id, env.admin, ttl="10m")
     assert approved.returncode == 0, approved.stderr
     assert f"approved {approval_id} (DELETE {API_HOST}/v1/items/7)" in approved.stdout
+    assert re.search(r" until \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00: one retry", approved.stdout), approved.stdout
     (granted,) = control_records(env, "approval_granted")
     assert granted["approval"]["id"] == approval_id and granted["approval"]["approved_by"].startswith("key:")
 
