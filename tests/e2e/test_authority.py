@@ -542,6 +542,67 @@ def test_a_stale_feed_denies_delegated_grants_and_the_feed_reconnects(world: Wor
     FIGURES["stale_deny_after_outage_s (max_staleness 2s)"] = round(stale_after, 3)
 
 
+def test_a_sidecar_restarted_while_the_feed_is_down_gets_no_new_grace_period(world: World) -> None:
+    """The last contact is in the durable state: staleness counts from it across a restart, so
+    restarting (or crashing) the sidecar while the feed is unreachable never buys a fresh
+    ``max_staleness`` - the first request after the restart is already denied."""
+    cluster, sales = world.cluster, world.agents["sales"]
+    cluster.authorities[1].stop()
+    try:
+        wait_until(lambda: sales.reason() == "revocation_feed_stale", timeout=20, what="sales denied while stale")
+        sales.sidecar.stop()
+        sales.sidecar.start()
+        sales.sidecar.wait_ready()
+        assert sales.reason() == "revocation_feed_stale"  # not a fresh 2 s from the restart
+        text = http_get(sales.sidecar.admin_url + "/metrics")[1].decode()
+        assert metric_value(text, "agent_authz_revocation_feed_stale") == 1.0
+        age = metric_value(text, "agent_authz_revocation_feed_last_contact_age_seconds")
+        assert age is not None and age > 2.0  # the contact before the restart, not the restart
+    finally:
+        cluster.authorities[1].start()
+        cluster.authorities[1].wait_ready()
+    wait_until(lambda: sales.reason() == "allowed", timeout=20, what="sales allowed after the reconnect")
+
+
+def test_a_child_delegated_before_a_restart_is_revoked_at_the_authority_after_it(world: World) -> None:
+    """The child grant is kept in the durable state: after the delegating sidecar restarts, the
+    revocation it forwards still shows its authority over the child, and the authority accepts it."""
+    orch = world.agents["orch"]
+    status, body = task_api(
+        orch.sidecar,
+        "POST",
+        "/v1/tasks/q3/delegate",
+        {
+            "subject": MARKET,
+            "ttl": "20m",
+            "name": "extra",
+            "egress": [{"host": API, "methods": ["GET"], "paths": ["/v1/*"]}],
+        },
+    )
+    assert status == 201, body
+    orch.sidecar.stop()
+    orch.sidecar.start()
+    orch.sidecar.wait_ready()
+    wait_feed_connected(orch.sidecar)
+    status, body = task_api(orch.sidecar, "POST", "/v1/tasks/q3/extra/revoke")
+    assert status == 200, body
+
+    def outcome() -> str | None:
+        found = [
+            r
+            for i in range(2)
+            for r in world.cluster.records(i)
+            if r["kind"] == "revocation" and r.get("task_id") == "q3/extra"
+        ]
+        return found[-1]["outcome"] if found else None
+
+    assert wait_until(outcome, timeout=10, what="the authority's record of q3/extra") == "accepted"
+    entries = json.loads(world.cluster.revocations()["data"]["revocations.json"])["entries"]
+    assert {(e["id"], e["signer"]) for e in entries} >= {("q3/extra", ORCH)}
+    text = http_get(orch.sidecar.admin_url + "/metrics")[1].decode()
+    assert metric_value(text, "agent_authz_revocation_feed_forwarded_total", outcome="accepted") == 1.0
+
+
 # -- revocation reaches every sidecar it concerns in under a second -------------------------------------
 
 

@@ -326,3 +326,37 @@ def test_ledger_with_a_store_stays_exact(path: Path) -> None:
     again = opened(path)
     assert again.load()[1] == {("t1", ""): 5, ("t1", "r"): 3}
     again.close()
+
+
+def test_the_child_grant_and_the_feed_contact_survive_a_reopen(path: Path) -> None:
+    child = DelegatedChild("g1", 1_800_000_600.0, ((("g1", ""), 5),), "hdr.payload.sig")
+    store = opened(path)
+    assert store.feed_contact() is None
+    store.save(Remembered(), Remembered(delegated={"g1/child": child}))
+    store.save_feed_contact(1_800_000_000.25)
+    store.save_feed_contact(1_800_000_005.5)
+    store.close()
+    again = opened(path)
+    assert again.load()[0].delegated == {"g1/child": child}
+    assert again.load()[0].delegated["g1/child"].token == "hdr.payload.sig"
+    assert again.feed_contact() == 1_800_000_005.5
+    again.close()
+
+
+def test_a_version_1_file_is_migrated_keeping_its_delegations(path: Path) -> None:
+    """A file written before the child grant was kept: its delegation rows stay (with no token: a
+    forward after the restart carries none, as before) and the feed contact starts unknown."""
+    old = StateStore.open(path, migrations=MIGRATIONS[:1])
+    old.bind(AGENT)
+    old.close()
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO delegation VALUES ('g1/child', 'g1', 1800000600.0, '[]')")
+    db.commit()
+    db.close()
+    migrated = opened(path)
+    assert migrated.load()[0].delegated == {"g1/child": DelegatedChild("g1", 1_800_000_600.0, (), "")}
+    assert migrated.feed_contact() is None
+    migrated.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
+    db.close()
