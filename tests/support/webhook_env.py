@@ -25,7 +25,7 @@ import jsonpatch
 from sidecar.harness import ManagedProcess, wait_until
 from tests.support.k8s import find, helm_template, secret_data
 
-__all__ = ["Installed", "Webhook", "admission_review", "install", "patched"]
+__all__ = ["ADMIN", "Installed", "Webhook", "admission_review", "install", "patched", "user_info"]
 
 RELEASE, NAMESPACE = "aa", "agent-authz"
 
@@ -126,12 +126,38 @@ class Webhook:
         return response
 
 
+ADMIN = {"username": "kubernetes-admin", "groups": ["system:masters", "system:authenticated"]}
+"""``userInfo`` of a cluster administrator (``kubectl`` with the admin kubeconfig): a task author by
+the chart's default (``injection.taskAuthors.groups: [system:masters]``)."""
+
+
+def user_info(service_account: str) -> dict[str, Any]:
+    """``userInfo`` of the ServiceAccount ``namespace/name``, as the API server fills it."""
+    namespace, _, name = service_account.partition("/")
+    return {
+        "username": f"system:serviceaccount:{namespace}:{name}",
+        "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, service_account)),
+        "groups": ["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"],
+    }
+
+
 def admission_review(
-    pod: dict[str, Any], *, operation: str = "CREATE", old: dict[str, Any] | None = None, namespace: str = "agents"
+    obj: dict[str, Any],
+    *,
+    operation: str = "CREATE",
+    old: dict[str, Any] | None = None,
+    namespace: str = "agents",
+    user: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """An ``admission.k8s.io/v1`` AdmissionReview of ``pod`` as the API server sends it."""
-    gvk = {"group": "", "version": "v1", "kind": "Pod"}
-    gvr = {"group": "", "version": "v1", "resource": "pods"}
+    """An ``admission.k8s.io/v1`` AdmissionReview of ``obj`` (a Pod, or a ``batch/v1`` Job) as the API
+    server sends it, from ``user`` (``userInfo``; default :data:`ADMIN`)."""
+    pod = obj
+    if obj.get("kind") == "Job":
+        gvk = {"group": "batch", "version": "v1", "kind": "Job"}
+        gvr = {"group": "batch", "version": "v1", "resource": "jobs"}
+    else:
+        gvk = {"group": "", "version": "v1", "kind": "Pod"}
+        gvr = {"group": "", "version": "v1", "resource": "pods"}
     return {
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
@@ -144,10 +170,7 @@ def admission_review(
             "name": pod.get("metadata", {}).get("name", ""),
             "namespace": namespace,
             "operation": operation,
-            "userInfo": {
-                "username": "system:serviceaccount:kube-system:job-controller",
-                "groups": ["system:serviceaccounts"],
-            },
+            "userInfo": user or ADMIN,
             "object": pod,
             "oldObject": old,
             "dryRun": False,
