@@ -7,7 +7,8 @@ produced, and nothing else:
   manifests the chart rendered, ``downwardAPI`` from the pod's annotations, ``emptyDir`` as empty
   world-writable directories, ``csi`` as a directory the test fills (the SPIFFE CSI driver's socket
   directory). Like the kubelet's AtomicWriter, each of the first three is a timestamped directory
-  behind a ``..data`` symlink, and an update swaps the symlink atomically (:meth:`update_annotations`);
+  behind a ``..data`` symlink, and an update swaps the symlink atomically (:meth:`update_annotations`,
+  :meth:`update_secret`);
 * **containers** run in the pod's network namespace, each in its own mount and PID namespaces with
   its volumes bind-mounted at their ``mountPath``, a read-only root when
   ``readOnlyRootFilesystem``, the node's directories (``hide``) out of sight, and its
@@ -162,6 +163,17 @@ class Kubelet:
             if "downwardAPI" in volume:
                 files = self._downward(volume, annotations)
                 atomic_write(self.volumes[volume["name"]], files, volume["downwardAPI"].get("defaultMode", 0o644))
+
+    def update_secret(self, name: str, data: Mapping[str, bytes]) -> None:
+        """The Secret ``name`` changed (``kubectl create secret ... | kubectl apply``, a rotation): rewrite
+        every secret volume of it atomically (a new ``..<timestamp>`` directory, then the ``..data``
+        symlink swap), as the kubelet's next sync of the pod does."""
+        self.secrets = {**self.secrets, name: data}
+        for volume in self.pod["spec"].get("volumes", []):
+            if volume.get("secret", {}).get("secretName") == name:
+                items = volume["secret"].get("items") or [{"key": k, "path": k} for k in data]
+                files = {i["path"]: data[i["key"]] for i in items}
+                atomic_write(self.volumes[volume["name"]], files, volume["secret"].get("defaultMode", 0o644))
 
     # -- containers ------------------------------------------------------------------------------
     def container(self, name: str) -> dict[str, Any]:
