@@ -1,6 +1,6 @@
 """The cluster authority end to end: two ``agent-authz authority`` replicas, real sidecars, stock verifiers.
 
-No Kubernetes API server can run here: the replicas talk to ``tests/support/kube_api.py``, a double
+No Kubernetes API server can run here: the replicas talk to ``sidecar/simulation/kube_api.py``, a double
 speaking the API's REST protocol over HTTPS (ConfigMaps, resourceVersion, 409 Conflict, chunked
 watches, 410 Gone), with the RBAC of the Role the chart renders. Everything else is real: the
 replicas and sidecars are processes, upstream verification is a stock Envoy with ``jwt_authn`` and
@@ -28,6 +28,7 @@ import pytest
 
 from sidecar import cli
 from sidecar.harness import EnvoyProcess, SidecarProcess, http_get, wait_until
+from sidecar.simulation.kube_api import KubeApiDouble
 from sidecar.tokens.keys import load_signing_key
 from tests.support.authority_env import (
     NAMESPACES,
@@ -44,7 +45,6 @@ from tests.support.authority_env import (
     wait_feed_connected,
 )
 from tests.support.grant_chain import Chain
-from tests.support.kube_api import KubeApiDouble
 
 pytestmark = pytest.mark.e2e
 

@@ -1,13 +1,13 @@
 """The injected pod spec actually works: the webhook's patched pod, run as the kubelet would.
 
 The chart is rendered (``helm template``), the webhook answers a real AdmissionReview for an agent
-pod, the patch is applied (``jsonpatch``), and :class:`tests.support.kubelet.Kubelet` runs the result: the
+pod, the patch is applied (``jsonpatch``), and :class:`sidecar.simulation.kubelet.Kubelet` runs the result: the
 ``agent-authz-init`` step in the pod's network namespace (root, only NET_ADMIN and NET_RAW), then
 the authz sidecar and Envoy as native sidecars (UID 1337, read-only root filesystem) until their
 startup probes pass, then the agent's own container (UID 1000). Volumes are laid out as the
 kubelet would: the chart's ConfigMap and signing-key Secret, the task annotation through the
 downward API, emptyDirs, and the SPIFFE CSI driver's directory holding the SPIRE agent socket -
-here a test server speaking the real SPIFFE Workload API and Envoy's SDS (``tests/support/workload_api.py``),
+here a test server speaking the real SPIFFE Workload API and Envoy's SDS (``sidecar/simulation/workload_api.py``),
 so both the sidecar and Envoy get the pod's X.509-SVID the way they would from SPIRE.
 
 The agent's traffic then goes through it: an allowed call arrives upstream with a task-scoped
@@ -36,13 +36,13 @@ import yaml
 from sidecar.harness import http_get, wait_until
 from sidecar.identity.devca import DevCA
 from sidecar.inject import layout
+from sidecar.simulation.kubelet import Kubelet
+from sidecar.simulation.netns import AGENT_UID, POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user
+from sidecar.simulation.workload_api import WorkloadApiServer, serve_sds
 from tests.support.certs import make_leaf, write_pair
 from tests.support.k8s import RESTRICTED, find, kubectl_annotate, secret_data, validate
-from tests.support.kubelet import Kubelet
-from tests.support.netns import AGENT_UID, POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user
 from tests.support.netns_pod import pod_sandbox, start_servers
 from tests.support.webhook_env import Webhook, admission_review, install, patched
-from tests.support.workload_api import WorkloadApiServer, serve_sds
 
 pytestmark = [
     pytest.mark.e2e,

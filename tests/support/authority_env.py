@@ -4,7 +4,7 @@ Everything the chart would give an authority in a cluster, built from what the c
 ``helm template`` renders the authority's Role (fed to the API double as the ServiceAccount's RBAC,
 so a missing verb fails here), its ConfigMaps (seeded into the double) and its ``authority.yaml``
 (used as the base of each replica's config, with paths pointing at the files made here). The
-Kubernetes API server itself is a double (``tests/support/kube_api.py``): no API server can run
+Kubernetes API server itself is a double (``sidecar/simulation/kube_api.py``): no API server can run
 here. Each replica is a real ``agent-authz authority`` process; sidecars are real ``agent-authz
 serve`` processes with X.509-SVIDs from a dev CA.
 """
@@ -33,9 +33,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidecar.harness import AuthorityProcess, SidecarProcess, wait_until
 from sidecar.identity.devca import DevCA
+from sidecar.simulation.kube_api import KubeApiDouble, Subject, rules_from_role
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
 from tests.support.k8s import find, helm_template
-from tests.support.kube_api import KubeApiDouble, Subject, rules_from_role
 
 __all__ = [
     "BASE_URL",

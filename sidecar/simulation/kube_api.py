@@ -2,7 +2,7 @@
 
 No API server can run here (no etcd, no kube-apiserver binary, no Docker), so this server speaks the
 parts of the Kubernetes REST API that agent-authz uses, with the real shapes and semantics, the way
-``tests/support/workload_api.py`` speaks the SPIFFE Workload API. It is a double, and says so in
+``sidecar/simulation/workload_api.py`` speaks the SPIFFE Workload API. It is a double, and says so in
 every test that uses it.
 
 What it implements (``/api/v1/namespaces/{ns}/{resource}`` and
@@ -36,7 +36,7 @@ write that makes it conflict).
 
 Run it in-process (:meth:`KubeApiDouble.start` serves from a thread of its own) or as a process::
 
-    python -m tests.support.kube_api --dir DIR [--rbac rbac.json] [--ready-file FILE]
+    python -m sidecar.simulation.kube_api --dir DIR [--rbac rbac.json] [--ready-file FILE]
 
 which writes ``DIR/ca.crt``, ``DIR/token`` (the admin token) and the ready file
 ``{"url": "https://127.0.0.1:PORT", "pid": N}``.
@@ -530,8 +530,8 @@ class KubeApiDouble:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            for event in backlog:
-                await response.write(json.dumps({"type": event.type, "object": event.object}).encode() + b"\n")
+            for old in backlog:
+                await response.write(json.dumps({"type": old.type, "object": old.object}).encode() + b"\n")
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -764,7 +764,7 @@ def subjects_from_json(text: str) -> dict[str, Subject]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tests.support.kube_api``: serve until SIGTERM (see the module docstring)."""
+    """``python -m sidecar.simulation.kube_api``: serve until SIGTERM (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="kube_api", description="Kubernetes API server double (HTTPS)")
     parser.add_argument("--dir", required=True, help="where ca.crt, the serving pair and the admin token go")
     parser.add_argument("--port", type=int, default=0)

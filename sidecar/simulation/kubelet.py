@@ -14,7 +14,7 @@ produced, and nothing else:
   ``readOnlyRootFilesystem``, the node's directories (``hide``) out of sight, and its
   ``runAsUser``/``runAsGroup``, capabilities (computed as containerd does:
   :func:`sidecar.inject.escapes.capability_set`) and ``allowPrivilegeEscalation``
-  (:mod:`tests.support.container_exec`); the image is this machine's filesystem. :meth:`Kubelet.exec`
+  (:mod:`sidecar.simulation.container_exec`); the image is this machine's filesystem. :meth:`Kubelet.exec`
   runs another process in a container's place (its mounts and capabilities), optionally as another
   UID - ``kubectl exec``, or what a hijacked agent that got root in its container would have;
 * **order**: init containers one by one; a regular one must exit 0, a native sidecar
@@ -42,7 +42,7 @@ from typing import Any
 
 from sidecar.harness import ManagedProcess, wait_until
 from sidecar.inject.escapes import capability_set
-from tests.support.netns import POD_IP, PodNetwork
+from sidecar.simulation.netns import POD_IP, PodNetwork
 
 __all__ = ["Kubelet"]
 
@@ -135,9 +135,9 @@ class Kubelet:
             path = self.base / "volumes" / volume["name"]
             self.volumes[volume["name"]] = path
             if "configMap" in volume:
-                data = self.config_maps[volume["configMap"]["name"]]
+                text = self.config_maps[volume["configMap"]["name"]]
                 atomic_write(
-                    path, {k: v.encode() for k, v in data.items()}, volume["configMap"].get("defaultMode", 0o644)
+                    path, {k: v.encode() for k, v in text.items()}, volume["configMap"].get("defaultMode", 0o644)
                 )
             elif "secret" in volume:
                 data = self.secrets[volume["secret"]["secretName"]]
@@ -236,7 +236,7 @@ class Kubelet:
             "--",
             sys.executable,
             "-m",
-            "tests.support.container_exec",
+            "sidecar.simulation.container_exec",
             str(spec),
         ]
 
@@ -299,7 +299,9 @@ class Kubelet:
     def _node_get(self, url: str) -> bool:
         """One plain HTTP GET from the node side; ``True`` on a 2xx/3xx answer, as the kubelet counts it."""
         argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", url]
-        out = subprocess.run(self.net.exec_in(self.net.upstream, argv), capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            self.net.exec_in(self.net.upstream, argv), capture_output=True, text=True, timeout=10, check=False
+        )
         return 200 <= int(out.stdout or 0) < 400
 
     def probe(self, container: Mapping[str, Any], kind: str, timeout: float = 30) -> None:

@@ -126,7 +126,7 @@ class PodNetwork:
 
     def exists(self) -> bool:
         """Whether any of our namespaces is still listed."""
-        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10).stdout
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, timeout=10, check=False).stdout
         return any(ns in listed for ns in (self.pod, self.upstream))
 
 

@@ -1,7 +1,7 @@
 """One container of a simulated pod, run as root in a fresh mount namespace (the harness of
-:mod:`tests.support.kubelet` starts it with ``nsenter --net=POD_NETNS unshare --mount``).
+:mod:`sidecar.simulation.kubelet` starts it with ``nsenter --net=POD_NETNS unshare --mount``).
 
-    python -m tests.support.container_exec SPEC.json
+    python -m sidecar.simulation.container_exec SPEC.json
 
 It does what a container runtime does with the kubelet's instructions, using this machine's own
 filesystem as the image: an overlay root (lower: ``/``; upper: a tmpfs, so nothing is written to
