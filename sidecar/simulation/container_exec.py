@@ -70,8 +70,13 @@ def _prepare(spec: dict[str, object]) -> Path:
     # repository under /tmp) must not hide the test's Python
     layers = [(str(layer), str(layer), True) for layer in spec["layers"]]  # type: ignore[attr-defined]
     hidden = [str(path) for path in spec.get("hide", [])]  # type: ignore[attr-defined]
-    for target in ["/proc", "/dev", "/sys", *hidden, *(t for _, t, _ in binds + layers)]:
+    files = {t for s, t, _ in binds if Path(s).is_file()}  # e.g. the kubelet's /etc/hosts
+    for target in ["/proc", "/dev", "/sys", *hidden, *(t for _, t, _ in binds + layers if t not in files)]:
         (root / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    for target in files:
+        where = root / target.lstrip("/")
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.touch(exist_ok=True)
     if spec["readOnlyRootFilesystem"]:
         _mount("--bind", str(root), str(root))
         _mount("-o", "remount,bind,ro", str(root))
@@ -88,7 +93,8 @@ def _prepare(spec: dict[str, object]) -> Path:
     _mount("-o", "remount,bind,ro", str(root / "sys"))
     for source, target, read_only in binds + layers:
         where = root / target.lstrip("/")
-        where.mkdir(parents=True, exist_ok=True)  # a layer below a volume: its mount point is in the volume
+        if target not in files:
+            where.mkdir(parents=True, exist_ok=True)  # a layer below a volume: its mount point is in the volume
         _mount("--rbind", source, str(where))
         if read_only:
             _mount("-o", "remount,bind,ro", str(where))

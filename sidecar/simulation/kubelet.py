@@ -4,7 +4,8 @@ No kubelet or container runtime runs here, so this does their part with the pod 
 produced, and nothing else:
 
 * **volumes** are laid out under a base directory: ``configMap`` and ``secret`` volumes from the
-  manifests the chart rendered, ``downwardAPI`` from the pod's annotations, ``emptyDir`` as empty
+  manifests the chart rendered, ``downwardAPI`` from the pod's annotations, ``projected`` ones (the
+  ServiceAccount token volume the API server adds: a token, ``ca.crt``, the namespace), ``emptyDir`` as empty
   world-writable directories, ``csi`` as a directory the test fills (the SPIFFE CSI driver's socket
   directory). Like the kubelet's AtomicWriter, each of the first three is a timestamped directory
   behind a ``..data`` symlink, and an update swaps the symlink atomically (:meth:`update_annotations`,
@@ -17,6 +18,8 @@ produced, and nothing else:
   (:mod:`sidecar.simulation.container_exec`); the image is this machine's filesystem. :meth:`Kubelet.exec`
   runs another process in a container's place (its mounts and capabilities), optionally as another
   UID - ``kubectl exec``, or what a hijacked agent that got root in its container would have;
+* **/etc/hosts** is the kubelet's own file for the pod (``localhost``, the pod's address and name,
+  and its ``hostAliases``), bind-mounted into every container as a real kubelet does;
 * **order**: init containers one by one; a regular one must exit 0, a native sidecar
   (``restartPolicy: Always``) is started and its ``startupProbe`` must pass before the next; then
   the regular containers, whose ``readinessProbe`` must pass;
@@ -40,13 +43,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import sidecar
 from sidecar.harness import ManagedProcess, wait_until
 from sidecar.inject.escapes import capability_set
-from sidecar.simulation.netns import POD_IP, PodNetwork
+from sidecar.simulation.netns import PodLink, PodNetwork
 
-__all__ = ["Kubelet"]
+__all__ = ["Kubelet", "atomic_write"]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(sidecar.__file__).resolve().parent.parent
+"""The directory holding the ``sidecar`` package (the repository, or site-packages): an "image layer"."""
 
 
 def atomic_write(directory: Path, files: Mapping[str, bytes], mode: int) -> None:
@@ -90,12 +95,14 @@ class Kubelet:
         path: the image's ``PATH``.
         hide: the node's directories no container may see (default: ``base``); the CSI driver's
             directory belongs here too.
+        service_account_token: the token a ``serviceAccountToken`` projection gets (the API
+            server's, for the pod's ServiceAccount).
     """
 
     def __init__(
         self,
         pod: dict[str, Any],
-        net: PodNetwork,
+        net: PodNetwork | PodLink,
         base: Path,
         *,
         config_maps: Mapping[str, Mapping[str, str]],
@@ -103,8 +110,10 @@ class Kubelet:
         csi: Mapping[str, Path],
         path: str,
         hide: tuple[Path, ...] = (),
+        service_account_token: str | None = None,
     ) -> None:
         self.pod = pod
+        self.service_account_token = service_account_token
         self.hide = hide or (base,)
         self._execs = 0
         self.net = net
@@ -147,6 +156,8 @@ class Kubelet:
                 )
             elif "downwardAPI" in volume:
                 atomic_write(path, self._downward(volume, annotations), volume["downwardAPI"].get("defaultMode", 0o644))
+            elif "projected" in volume:
+                atomic_write(path, self._projected(volume, annotations), volume["projected"].get("defaultMode", 0o644))
             elif "emptyDir" in volume:
                 path.mkdir(parents=True)
                 path.chmod(0o777)
@@ -154,6 +165,45 @@ class Kubelet:
                 self.volumes[volume["name"]] = self.csi[volume["csi"]["driver"]]
             else:
                 raise AssertionError(f"volume type not simulated: {volume}")
+
+    def _projected(self, volume: Mapping[str, Any], annotations: Mapping[str, str]) -> dict[str, bytes]:
+        files: dict[str, bytes] = {}
+        namespace = str(self.pod["metadata"].get("namespace", "default"))
+        for source in volume["projected"]["sources"]:
+            if "serviceAccountToken" in source:
+                assert self.service_account_token is not None, "a serviceAccountToken projection needs a token"
+                files[source["serviceAccountToken"]["path"]] = self.service_account_token.encode()
+            elif "configMap" in source:
+                data = self.config_maps[source["configMap"]["name"]]
+                for item in source["configMap"].get("items") or [{"key": k, "path": k} for k in data]:
+                    files[item["path"]] = data[item["key"]].encode()
+            elif "downwardAPI" in source:
+                for item in source["downwardAPI"]["items"]:
+                    field = item["fieldRef"]["fieldPath"]
+                    if field == "metadata.namespace":
+                        files[item["path"]] = namespace.encode()
+                    else:
+                        files.update(self._downward({"downwardAPI": {"items": [item]}}, annotations))
+            else:
+                raise AssertionError(f"projected source not simulated: {source}")
+        return files
+
+    def _hosts(self) -> Path:
+        """The pod's ``/etc/hosts``, as the kubelet writes it (``hostAliases`` appended)."""
+        path = self.base / "etc-hosts"
+        if not path.exists():
+            name = str(self.pod["metadata"].get("name", "pod"))
+            lines = [
+                "# Kubernetes-managed hosts file.",
+                "127.0.0.1\tlocalhost",
+                "::1\tlocalhost",
+                f"{self.net.pod_ip}\t{name}",
+            ]
+            for alias in self.pod["spec"].get("hostAliases", []):
+                lines.append(f"# Entries added by HostAliases.\n{alias['ip']}\t" + "\t".join(alias["hostnames"]))
+            path.write_text("\n".join(lines) + "\n")
+            path.chmod(0o644)
+        return path
 
     def update_annotations(self, pod: dict[str, Any]) -> None:
         """The pod's annotations changed (``kubectl annotate``): rewrite its downwardAPI volumes atomically."""
@@ -208,7 +258,8 @@ class Kubelet:
             "mounts": [
                 {"source": str(self.volumes[m["name"]]), "target": m["mountPath"], "readOnly": m.get("readOnly", False)}
                 for m in container.get("volumeMounts", [])
-            ],
+            ]
+            + [{"source": str(self._hosts()), "target": "/etc/hosts", "readOnly": False}],
             "layers": sorted({str(REPO), sys.prefix, sys.base_prefix, str(python.parents[1])}),
             "hide": [str(p) for p in self.hide],
             "readOnlyRootFilesystem": bool(ctx.get("readOnlyRootFilesystem")),
@@ -294,7 +345,7 @@ class Kubelet:
         port = action["port"]
         if isinstance(port, str) and not port.isdigit():
             port = next(p["containerPort"] for p in container.get("ports", []) if p.get("name") == port)
-        return f"http://{POD_IP}:{port}{action.get('path', '/')}"
+        return f"http://{self.net.pod_ip}:{port}{action.get('path', '/')}"
 
     def _node_get(self, url: str) -> bool:
         """One plain HTTP GET from the node side; ``True`` on a 2xx/3xx answer, as the kubelet counts it."""
@@ -348,6 +399,19 @@ class Kubelet:
             self.hook(container, "postStart", timeout)
             if "readinessProbe" in container:
                 self.probe(container, "readinessProbe", timeout)
+
+    def exited(self) -> dict[str, int] | None:
+        """The exit codes of the pod's regular containers once all have exited (``None`` before)."""
+        codes: dict[str, int] = {}
+        for container in self.pod["spec"]["containers"]:
+            proc = self.running.get(container["name"])
+            if proc is None or proc.proc is None:
+                return None
+            code = proc.proc.poll()
+            if code is None:
+                return None
+            codes[container["name"]] = code
+        return codes
 
     def stop(self) -> None:
         """Stop the containers, then the native sidecars, in reverse start order (as on pod termination);
