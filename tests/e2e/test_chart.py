@@ -21,7 +21,7 @@ from sidecar.bootstrap.render import render_envoy
 from sidecar.config.loader import load_config
 from sidecar.inject.annotations import check_task_annotation
 from sidecar.inject.settings import load_injector
-from sidecar.tokens.keys import load_signing_key
+from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
 from tests.support.commands import parses
 from tests.support.k8s import CHART, find, helm, helm_template, kubectl, secret_data, validate
 
@@ -607,3 +607,41 @@ def test_credentials_come_from_secrets_mounted_into_the_sidecar_only(
     }
     assert volumes["root-issuers"]["configMap"]["name"] == "root-issuers"
     assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False  # still no API access
+
+
+def test_root_issuers_reach_the_sidecars_and_the_webhook(tmp_path: Path) -> None:
+    """``sidecar.rootIssuers`` (a JWKS) is written into each agent namespace's sidecar ConfigMap,
+    which the sidecar config names as its root issuers, and into the webhook's settings, which verify
+    the grants of requesters who are not task authors with it (unless ``authority.rootIssuers`` names
+    a ConfigMap, which the webhook then reads instead)."""
+    issuer = load_signing_key(generate_private_key_pem(), "ES256", file="issuer", field="")
+    public = {"keys": [issuer.public_jwk]}
+    jwks = json.dumps(public)
+    manifests = helm_template(values={"agentNamespaces": ["agents"], "sidecar": {"rootIssuers": jwks}}, namespace=NS)
+    (config_map,) = find(manifests, "ConfigMap", "-sidecar")
+    assert json.loads(config_map["data"]["root-issuers.jwks.json"]) == public
+    for name, text in config_map["data"].items():
+        (tmp_path / name).write_text(text)
+    settings = load_config(tmp_path / "sidecar.yaml").settings
+    assert [str(r.jwks) for r in settings.grants.root_issuers] == ["/etc/agent-authz/config/root-issuers.jwks.json"]
+    (webhook_settings,) = find(manifests, "ConfigMap", "-webhook-settings")
+    injector = yaml.safe_load(webhook_settings["data"]["injector.yaml"])
+    assert injector["grant_trust"]["root_issuers"] == "root-issuers.jwks.json"
+    webhook_dir = tmp_path / "webhook"
+    webhook_dir.mkdir()
+    for name, text in webhook_settings["data"].items():
+        (webhook_dir / name).write_text(text)
+    loaded = load_injector(webhook_dir / "injector.yaml")
+    assert loaded.settings.grant_trust.root_issuers == webhook_dir / "root-issuers.jwks.json"
+    # authority.rootIssuers wins for the webhook
+    both = helm_template(
+        values={
+            "agentNamespaces": ["agents"],
+            "sidecar": {"rootIssuers": jwks},
+            "authority": {"rootIssuers": {"configMap": "root-issuers"}},
+        },
+        namespace=NS,
+    )
+    (webhook_settings,) = find(both, "ConfigMap", "-webhook-settings")
+    injector = yaml.safe_load(webhook_settings["data"]["injector.yaml"])
+    assert injector["grant_trust"]["root_issuers"] == "/etc/agent-authz-webhook/root-issuers/issuers.jwks.json"

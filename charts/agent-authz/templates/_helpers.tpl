@@ -182,6 +182,11 @@ pod layout of sidecar/inject/layout.py; the webhook refuses to start when they d
 -}}
 {{- $_ := set $config "grants" (dict "revocation_feed" $feed) -}}
 {{- end -}}
+{{- if $s.rootIssuers -}}
+{{- $grants := default (dict) (get $config "grants") -}}
+{{- $_ := set $grants "root_issuers" (list (dict "jwks" "/etc/agent-authz/config/root-issuers.jwks.json")) -}}
+{{- $_ := set $config "grants" $grants -}}
+{{- end -}}
 {{- toYaml (mergeOverwrite $config (deepCopy $s.extraConfig)) -}}
 {{- end -}}
 {{- end -}}
@@ -217,6 +222,8 @@ pod layout of sidecar/inject/layout.py; the webhook refuses to start when they d
 {{- $trust := dict "bundle" "/etc/agent-authz-webhook/trust/bundle.pem" -}}
 {{- if .Values.authority.rootIssuers.configMap -}}
 {{- $_ := set $trust "root_issuers" "/etc/agent-authz-webhook/root-issuers/issuers.jwks.json" -}}
+{{- else if .Values.sidecar.rootIssuers -}}
+{{- $_ := set $trust "root_issuers" "root-issuers.jwks.json" -}}
 {{- end -}}
 {{- $_ := set $settings "grant_trust" $trust -}}
 {{- $credentials := list -}}
