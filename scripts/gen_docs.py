@@ -131,6 +131,10 @@ class _Schema:
                 child = (args[0], f"{key}[]")
             elif origin is dict and _is_model(args[1]):
                 child = (args[1], f"{key}.<name>")
+            elif origin in (typing.Union, types.UnionType):  # e.g. ``required`` or a section
+                members = [a for a in args if _is_model(a)]
+                if len(members) == 1:
+                    child = (members[0], key)
             if child is not None and child[0] not in self.where:
                 self.walk(*child)
             kind = self._type(annotation, info)

@@ -5,7 +5,9 @@ Subcommands:
     ``envoy-config``  render the Envoy bootstrap for a config.
     ``check``         decide one call offline (exit 0 allow, 1 deny, 2 bad input).
     ``dev-ca``        a development trust domain: ``init`` a CA, ``issue`` SVIDs.
-    ``task``          root task grants: ``keygen``, ``sign``, ``revoke``, ``inspect``.
+    ``task``          root task grants: ``keygen``, ``sign``, ``revoke``, ``inspect``; the ladder:
+                      ``freeze``, ``unfreeze``, ``kill``.
+    ``approve``       approve a call waiting for a human approval (or print an operator token).
     ``demo``          run the quarterly-report demo with real Envoy.
     ``logs``          show, filter and follow decision logs; ``logs verify`` checks their hash chain.
     ``iptables``      install (or ``--cleanup``, or ``--dry-run`` print) the interception rules.
@@ -29,7 +31,7 @@ from pathlib import Path
 from sidecar import __version__
 from sidecar.config.durations import parse_duration
 from sidecar.errors import AgentAuthzError
-from sidecar.task_cli import add_task_commands
+from sidecar.task_cli import add_approve_command, add_task_commands
 
 __all__ = ["main"]
 
@@ -379,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     issue.set_defaults(func=_cmd_dev_ca_issue)
 
     add_task_commands(sub)
+    add_approve_command(sub)
 
     demo = sub.add_parser("demo", help="run the quarterly-report demo with real Envoy")
     demo.add_argument(

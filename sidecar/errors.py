@@ -62,6 +62,9 @@ class ErrorCode(enum.StrEnum):
     """An MCP ``tools/list`` response that cannot be filtered (it is replaced by a JSON-RPC error)."""
     STATE_UNAVAILABLE = "state_unavailable"
     """The durable state file (``state.path``) is refused at start or cannot be written."""
+    CONTROL_REFUSED = "control_refused"
+    """A freeze/unfreeze/kill action, an approval or an operator token was refused (sub-code:
+    :class:`~sidecar.control.documents.ControlCode`)."""
     KUBERNETES_API = "kubernetes_api"
     """A Kubernetes API request failed (the authority's ConfigMaps); ``status`` and ``reason`` say how."""
     AUTHORITY_REFUSED = "authority_refused"

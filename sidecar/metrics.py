@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from sidecar.decision import Decision, Reason
 from sidecar.errors import ErrorCode
+from sidecar.policy.model import SENSITIVITY_NAMES
 
 if TYPE_CHECKING:
     from sidecar.audit.log import DecisionLog
@@ -75,25 +76,50 @@ class Metrics:
             ["direction", "reason"],
             registry=self.registry,
         )
-        self._children: dict[tuple[str, bool, Reason, Reason | None], tuple[Counter, Histogram, Counter | None]] = {}
+        self._by_sensitivity = Counter(
+            "agent_authz_decisions_by_sensitivity",
+            "Egress decisions by the sensitivity label of what the call reaches (calls no rule names are not counted).",
+            ["sensitivity", "decision"],
+            registry=self.registry,
+        )
+        self._control = Counter(
+            "agent_authz_control_records",
+            "Control records written: task_frozen (a quarantine or a signed freeze), would_quarantine, "
+            "task_unfrozen, task_killed, approval_granted, not_authorized (a refused action or approval).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._children: dict[
+            tuple[str, bool, Reason, Reason | None, str | None],
+            tuple[Counter, Histogram, Counter | None, Counter | None],
+        ] = {}
 
     def observe(self, decision: Decision, seconds: float) -> None:
         """Count one answered decision and its handling time (``seconds``)."""
-        key = (decision.direction.value, decision.allow, decision.reason, decision.would_reason)
+        key = (decision.direction.value, decision.allow, decision.reason, decision.would_reason, decision.sensitivity)
         children = self._children.get(key)
         if children is None:
             would = decision.would_reason if decision.dry_run and decision.would_reason is not Reason.ALLOWED else None
+            verdict = "allow" if decision.allow else "deny"
+            label = decision.sensitivity
             children = (
-                self._decisions.labels(key[0], "allow" if decision.allow else "deny", decision.reason.value),
+                self._decisions.labels(key[0], verdict, decision.reason.value),
                 self._latency.labels(decision.reason.value),
                 self._would_deny.labels(key[0], would.value) if would is not None else None,
+                self._by_sensitivity.labels(label, verdict) if label is not None else None,
             )
             self._children[key] = children
-        counter, histogram, would_deny = children
+        counter, histogram, would_deny, sensitivity = children
         counter.inc()
         histogram.observe(seconds)
         if would_deny is not None:
             would_deny.inc()
+        if sensitivity is not None:
+            sensitivity.inc()
+
+    def observe_control(self, decision: Decision) -> None:
+        """Count one control record (a quarantine, an operator's action or approval)."""
+        self._control.labels(decision.reason.value).inc()
 
     def bind(self, runtime: Runtime, decision_log: DecisionLog) -> None:
         """Expose the state of ``runtime`` and ``decision_log`` at scrape time."""
@@ -190,9 +216,52 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "agent_authz_dry_run", "1 in dry-run mode.", value=int(runtime.snapshot.loaded.settings.dry_run)
         )
+        yield from self._continuous(runtime)
         feed = runtime.feed
         if isinstance(feed, FeedView):
             yield from _feed_metrics(feed, runtime.clock())
+
+    @staticmethod
+    def _continuous(runtime: Runtime) -> Iterator[Metric]:
+        quarantines = CounterMetricFamily(
+            "agent_authz_quarantines",
+            "Times the anomaly rule tripped, by mode: freeze (the task's subtree frozen) or dry_run "
+            "(would_quarantine recorded).",
+            labels=["mode"],
+        )
+        for mode in ("freeze", "dry_run"):
+            quarantines.add_metric([mode], runtime.quarantines.get(mode, 0))
+        yield quarantines
+        blocked = GaugeMetricFamily(
+            "agent_authz_blocked_tasks",
+            "Tasks held here that the freeze ladder blocks now, by reason: task_quarantined (frozen) or "
+            "task_revoked (killed).",
+            labels=["reason"],
+        )
+        reasons = [reason for reason, _ in runtime.blocks.values()]
+        for reason in (Reason.TASK_QUARANTINED, Reason.TASK_REVOKED):
+            blocked.add_metric([reason.value], reasons.count(reason))
+        yield blocked
+        approvals = GaugeMetricFamily(
+            "agent_authz_approvals",
+            "Approvals known here, by status (pending: waiting for a human).",
+            labels=["status"],
+        )
+        statuses = [approval.state.value for approval in runtime.approvals.all()]
+        for status in ("pending", "approved", "consumed", "expired", "stale"):
+            approvals.add_metric([status], statuses.count(status))
+        yield approvals
+        info = GaugeMetricFamily(
+            "agent_authz_task_info",
+            f"1 per task held here with its purpose (cut to 128 characters) and max_sensitivity (at most "
+            f"{MAX_TASK_LABELS} tasks).",
+            labels=["task", "purpose", "max_sensitivity"],
+        )
+        tasks = sorted(runtime.snapshot.policy.tasks_by_id.values(), key=lambda t: t.id)
+        for task in tasks[:MAX_TASK_LABELS]:
+            limit = "" if task.max_sensitivity is None else SENSITIVITY_NAMES[task.max_sensitivity]
+            info.add_metric([task.id, task.purpose[:128], limit], 1)
+        yield info
 
 
 @runtime_checkable

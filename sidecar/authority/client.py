@@ -19,7 +19,9 @@ On each connection, and every ``announce_interval``, the client announces this s
 signing keys (``POST /v1/keys``, each current and next key with a proof of possession); and it
 forwards each revocation made through the local task API (``POST /v1/revocations``: a list naming
 the one id, signed with the SVID, with the grant that shows this agent's authority), retrying
-until the authority answers.
+until the authority answers. Freeze/unfreeze/kill actions travel the same way: those of
+``snapshot`` and ``actions`` events go to ``apply_actions`` (the compact JWS as sent; the sidecar
+verifies each), and this sidecar's own (its quarantines) are forwarded (``POST /v1/actions``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ import structlog
 from cryptography.hazmat.primitives import serialization
 
 from sidecar.authority.protocol import (
+    ACTIONS_PATH,
+    EVENT_ACTIONS,
     EVENT_HEARTBEAT,
     EVENT_REVOKED,
     EVENT_SNAPSHOT,
@@ -114,7 +118,8 @@ class FeedStatus:
         reconnects: streams opened after the first.
         last_lag: seconds between the authority sending the last event and this sidecar applying it.
         last_reconnect: seconds from losing the stream to the next snapshot, of the last reconnection.
-        forwarded / forward_failures: revocations forwarded to the authority; attempts that failed.
+        forwarded / forward_failures: revocations (and ladder actions) forwarded to the authority;
+            attempts that failed.
         announced / announce_failures: key announcements accepted; attempts that failed.
         last_error: the last connection or request error, ``None`` while connected.
     """
@@ -136,7 +141,7 @@ class FeedStatus:
     last_error: str | None = None
 
     def __post_init__(self) -> None:
-        self.events = {EVENT_SNAPSHOT: 0, EVENT_REVOKED: 0, EVENT_HEARTBEAT: 0}
+        self.events = {EVENT_SNAPSHOT: 0, EVENT_REVOKED: 0, EVENT_HEARTBEAT: 0, EVENT_ACTIONS: 0}
 
     def stale(self, now: float) -> bool:
         """No contact for more than ``max_staleness`` (since start, before the first contact)."""
@@ -157,6 +162,7 @@ class FeedStatus:
 class _Forward:
     task_id: str
     body: dict[str, Any]
+    path: str = REVOCATIONS_PATH
 
 
 class FeedClient:
@@ -169,6 +175,9 @@ class FeedClient:
         apply: called with ``(entries, snapshot)`` for each ``snapshot`` (every entry: replace) and
             ``revoked`` (new entries: add) event, on the event loop.
         announcement: returns the body of a key announcement (``None``: nothing to announce).
+        apply_actions: called with ``(actions, snapshot)``: the signed ladder actions of each
+            ``snapshot`` (every action the authority keeps) and ``actions`` event (compact JWS,
+            unverified: the callee verifies them), on the event loop.
         clock: POSIX seconds.
         last_contact: POSIX seconds of the last contact before this process started (from the
             durable state): staleness counts from it, so a restart while the feed is down gives no
@@ -189,11 +198,13 @@ class FeedClient:
         svid: Callable[[], Svid | None],
         apply: Callable[[tuple[RevocationEntry, ...], bool], None],
         announcement: Callable[[], dict[str, Any] | None] | None = None,
+        apply_actions: Callable[[tuple[str, ...], bool], None] | None = None,
         clock: Callable[[], float] = time.time,
         last_contact: float | None = None,
         remember_contact: Callable[[float], None] | None = None,
     ) -> None:
         self.spec = spec
+        self._apply_actions = apply_actions
         self.ca_file = ca_file
         self._svid = svid
         self._apply = apply
@@ -346,14 +357,19 @@ class FeedClient:
             payload = json.loads(data)
             sent = float(payload.get("time", now))
             revision = str(payload.get("revision", ""))
-            entries = parse_entries(payload.get("entries", [])) if name != EVENT_HEARTBEAT else ()
+            entries = parse_entries(payload.get("entries", [])) if name in (EVENT_SNAPSHOT, EVENT_REVOKED) else ()
+            actions = payload.get("actions", []) if name in (EVENT_SNAPSHOT, EVENT_ACTIONS) else []
+            if not isinstance(actions, list) or not all(isinstance(a, str) for a in actions):
+                raise ValueError("actions must be a list of compact JWS")
         except (ValueError, TypeError, AttributeError) as exc:
             raise FeedError(f"a {name!r} event does not parse: {exc}") from None
         status = self.status
         if name in (EVENT_SNAPSHOT, EVENT_REVOKED):
             older = self._older(revision)
             self._apply(entries, name == EVENT_SNAPSHOT and not older)
-        elif name != EVENT_HEARTBEAT:
+        if self._apply_actions is not None and (actions or name == EVENT_SNAPSHOT):  # an action is never taken back
+            self._apply_actions(tuple(actions), name == EVENT_SNAPSHOT)
+        if name not in (EVENT_SNAPSHOT, EVENT_REVOKED, EVENT_ACTIONS, EVENT_HEARTBEAT):
             return False  # an event this version does not know: contact, nothing to apply
         status.events[name] += 1
         status.last_contact = now
@@ -434,6 +450,11 @@ class FeedClient:
         self._pending.append(_Forward(task_id, {"list": token, "grants": grants}))
         self._wake.set()
 
+    def forward_action(self, target: str, token: str) -> None:
+        """Queue one of this sidecar's own signed ladder actions (a quarantine) for the authority."""
+        self._pending.append(_Forward(target, {"actions": [token]}, ACTIONS_PATH))
+        self._wake.set()
+
     async def _forwarder(self, stop: asyncio.Event) -> None:
         backoff = self.spec.reconnect_min
         while not stop.is_set():
@@ -442,7 +463,7 @@ class FeedClient:
             while self._pending and not stop.is_set():
                 item = self._pending[0]
                 try:
-                    status, answer = await self._post(REVOCATIONS_PATH, item.body)
+                    status, answer = await self._post(item.path, item.body)
                 except FeedError as exc:
                     self.status.forward_failures += 1
                     _log.warning("revocation_forward_failed", task_id=item.task_id, error=str(exc))

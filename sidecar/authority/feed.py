@@ -12,6 +12,8 @@ empty snapshot would tell the sidecars nothing is revoked). Each stream starts w
 of every entry, then gets a ``revoked`` event with the new
 entries of each change (a ``snapshot`` again when entries were removed), and a ``heartbeat`` every
 ``heartbeat`` seconds, so a client can measure the feed's lag and tell a quiet feed from a dead one.
+Freeze/unfreeze/kill actions ride along: every ``snapshot`` carries them all (``actions``), and an
+``actions`` event the ones added.
 A client too slow to take its events (a full queue) is disconnected: it reconnects and gets a
 snapshot, so nothing is lost.
 """
@@ -29,7 +31,7 @@ import structlog
 from aiohttp import web
 from aiohttp_sse import sse_response
 
-from sidecar.authority.protocol import EVENT_HEARTBEAT, EVENT_REVOKED, EVENT_SNAPSHOT, RevocationEntry
+from sidecar.authority.protocol import EVENT_ACTIONS, EVENT_HEARTBEAT, EVENT_REVOKED, EVENT_SNAPSHOT, RevocationEntry
 from sidecar.authority.revocations import RevocationStore
 
 __all__ = ["FeedHub"]
@@ -66,11 +68,12 @@ class FeedHub:
         self.store = store
         self.heartbeat = heartbeat
         self.max_clients = max_clients
-        self.events_sent = {EVENT_SNAPSHOT: 0, EVENT_REVOKED: 0, EVENT_HEARTBEAT: 0}
+        self.events_sent = {EVENT_SNAPSHOT: 0, EVENT_REVOKED: 0, EVENT_HEARTBEAT: 0, EVENT_ACTIONS: 0}
         self.disconnected_slow = 0
         self._subscribers: set[_Subscriber] = set()
         self._clock = clock
         store.listeners.append(self._changed)
+        store.action_listeners.append(self._actions_added)
 
     @property
     def clients(self) -> int:
@@ -80,11 +83,19 @@ class FeedHub:
     def _entries(self, entries: frozenset[RevocationEntry]) -> list[dict[str, Any]]:
         return [entry.to_json() for entry in sorted(entries)]
 
+    def _snapshot(self, revision: str) -> Event:
+        store = self.store
+        return EVENT_SNAPSHOT, revision, {"entries": self._entries(store.entries), "actions": list(store.actions)}
+
+    def _actions_added(self, added: tuple[str, ...], revision: str) -> None:
+        self._fan_out((EVENT_ACTIONS, revision, {"actions": list(added)}))
+
     def _changed(self, added: frozenset[RevocationEntry], removed: frozenset[RevocationEntry], revision: str) -> None:
-        if removed:
-            event: Event = (EVENT_SNAPSHOT, revision, {"entries": self._entries(self.store.entries)})
-        else:
-            event = (EVENT_REVOKED, revision, {"entries": self._entries(added)})
+        self._fan_out(
+            self._snapshot(revision) if removed else (EVENT_REVOKED, revision, {"entries": self._entries(added)})
+        )
+
+    def _fan_out(self, event: Event) -> None:
         for subscriber in list(self._subscribers):
             try:
                 subscriber.queue.put_nowait(event)
@@ -112,8 +123,7 @@ class FeedHub:
         try:
             async with sse_response(request, ping_interval=3600, headers={"X-Accel-Buffering": "no"}) as response:
                 store = self.store
-                first: Event = (EVENT_SNAPSHOT, store.revision, {"entries": self._entries(store.entries)})
-                await self._send(response, first)
+                await self._send(response, self._snapshot(store.revision))
                 stopping = asyncio.ensure_future(stop.wait())
                 try:
                     while not stop.is_set() and self._clock() < until:

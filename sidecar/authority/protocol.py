@@ -8,9 +8,15 @@ Two HTTPS listeners (:mod:`sidecar.authority.server`):
   (RFC 7517 §5, with ``Cache-Control`` and ``ETag``); ``POST /v1/revocations`` takes lists signed by a
   root issuer (``agent-authz task revoke --authority``).
 * **feed** (mTLS, the client's X.509-SVID required): ``GET /v1/feed`` is a Server-Sent Events stream
-  (HTML Living Standard §9.2) of revocation entries; ``POST /v1/revocations`` forwards a sidecar's
-  own revocation with the grant that shows its authority; ``POST /v1/keys`` announces the sidecar's
-  public signing keys, each with a proof of possession.
+  (HTML Living Standard §9.2) of revocation entries and freeze/unfreeze/kill actions; ``POST
+  /v1/revocations`` forwards a sidecar's own revocation with the grant that shows its authority;
+  ``POST /v1/actions`` a sidecar's own ladder actions (its quarantines); ``POST /v1/keys`` announces
+  the sidecar's public signing keys, each with a proof of possession.
+
+Ladder actions (:mod:`sidecar.control.documents`, ``typ: agent-authz-action+jwt``) travel as the
+compact JWS they are - ``{"actions": [jws, ...]}`` - so every sidecar verifies each one itself and
+judges per task whether its signer had authority; the authority refuses ones that do not verify or
+that the client did not sign (feed) or no root issuer signed (public), and keeps the rest.
 
 Feed events (``event:`` then one ``data:`` line of JSON; ``id:`` is the revision):
 
@@ -19,6 +25,8 @@ Feed events (``event:`` then one ``data:`` line of JSON; ``id:`` is the revision
 * ``revoked`` ``{"revision", "time", "entries": [entry...]}`` - entries added since the last event.
 * ``heartbeat`` ``{"revision", "time"}`` - every ``feed.heartbeat`` seconds, so a client can tell a
   quiet feed from a dead one.
+* ``actions`` ``{"revision", "time", "actions": [jws...]}`` - ladder actions added since the last
+  event; a ``snapshot`` carries every action too (``"actions"``, absent from older authorities).
 
 ``revision`` is the ``resourceVersion`` of the revocations ConfigMap the event reflects; ``time`` the
 authority's clock (POSIX seconds) when it sent the event.
@@ -43,7 +51,9 @@ from sidecar.grants.revocations import RevocationList
 from sidecar.tokens.keys import KeySet, SigningKey, thumbprint
 
 __all__ = [
+    "ACTIONS_PATH",
     "DISCOVERY_SUFFIX",
+    "EVENT_ACTIONS",
     "EVENT_HEARTBEAT",
     "EVENT_REVOKED",
     "EVENT_SNAPSHOT",
@@ -80,6 +90,9 @@ JWKS_SUFFIX = "/jwks.json"
 EVENT_SNAPSHOT = "snapshot"
 EVENT_REVOKED = "revoked"
 EVENT_HEARTBEAT = "heartbeat"
+EVENT_ACTIONS = "actions"
+ACTIONS_PATH = "/v1/actions"
+"""``POST``: signed ladder actions (a root issuer's on the public listener, a sidecar's own on the feed one)."""
 KEY_PROOF_TYP = "agent-authz-key-proof+jwt"
 """``typ`` of the JWS that proves a sidecar holds the private half of a key it announces."""
 KEY_PROOF_MAX_SKEW = 300.0

@@ -19,6 +19,9 @@ two keys:
 * ``operator`` - one task id per line (``#`` comments), edited by operators with ``kubectl edit`` or
   ``kubectl patch``: a root revocation whose authority is Kubernetes RBAC on that ConfigMap
   (signer ``operator``).
+* ``actions`` - signed freeze/unfreeze/kill actions, one compact JWS per line (:data:`ACTIONS_KEY`),
+  kept for good (every sidecar verifies each one itself; the set only grows, at most
+  :data:`MAX_ACTIONS`).
 
 An entry whose grant has expired is pruned ``prune_after`` after the expiry, on the next write.
 Every replica watches the ConfigMap; each change is passed to the listeners as the entries added
@@ -51,18 +54,24 @@ from sidecar.grants.verify import GrantVerifier
 from sidecar.identity.x509svid import X509SvidVerifier
 
 __all__ = [
+    "ACTIONS_KEY",
     "DATA_KEY",
+    "MAX_ACTIONS",
     "OPERATOR_KEY",
     "Judgement",
     "Refusal",
     "RevocationJudge",
     "RevocationStore",
+    "actions_of",
     "entries_of",
 ]
 
 _log = structlog.get_logger("agent_authz.authority.revocations")
 DATA_KEY = "revocations.json"
 OPERATOR_KEY = "operator"
+ACTIONS_KEY = "actions"
+MAX_ACTIONS = 10_000
+"""Ladder actions kept in the ConfigMap (the oldest lines go first beyond it)."""
 _TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,255}$")
 _MAX_GRANTS = 64
 
@@ -209,6 +218,12 @@ def _document(entries: Iterable[RevocationEntry]) -> str:
 
 
 Listener = Callable[[frozenset[RevocationEntry], frozenset[RevocationEntry], str], None]
+ActionListener = Callable[[tuple[str, ...], str], None]
+
+
+def actions_of(data: Mapping[str, str]) -> tuple[str, ...]:
+    """The signed ladder actions a revocations ConfigMap's data holds (one compact JWS per line, in order)."""
+    return tuple(dict.fromkeys(line.strip() for line in data.get(ACTIONS_KEY, "").splitlines() if line.strip()))
 
 
 class RevocationStore:
@@ -227,6 +242,8 @@ class RevocationStore:
         revision: that version's ``resourceVersion``.
         document: the ConfigMap document (conflict and watch counters).
         listeners: called with ``(added, removed, revision)`` after each change.
+        actions: the signed ladder actions of the latest version, in order.
+        action_listeners: called with ``(added actions, revision)`` when actions were added.
         last_error: why the latest version could not be read (its entries are then kept), or ``None``.
     """
 
@@ -243,6 +260,8 @@ class RevocationStore:
         self.entries: frozenset[RevocationEntry] = frozenset()
         self.revision = ""
         self.listeners: list[Listener] = []
+        self.actions: tuple[str, ...] = ()
+        self.action_listeners: list[ActionListener] = []
         self.last_error: str | None = None
         self._prune_after = prune_after
         self._clock = clock
@@ -251,6 +270,13 @@ class RevocationStore:
         )
 
     def _changed(self, data: Mapping[str, str], revision: str) -> None:
+        actions = actions_of(data)
+        known = set(self.actions)
+        added_actions = tuple(a for a in actions if a not in known)
+        if added_actions:
+            self.actions = (*self.actions, *added_actions)  # never taken back: an action is for good
+            for action_listener in self.action_listeners:
+                action_listener(added_actions, revision)
         try:
             entries = entries_of(data)
         except ValueError as exc:
@@ -288,6 +314,25 @@ class RevocationStore:
             if not new and kept == current:
                 return None
             data[DATA_KEY] = _document(kept | new)
+            return data
+
+        await self.document.update(merge)
+        return self.document.resource_version
+
+    async def add_actions(self, actions: Iterable[str]) -> str:
+        """Persist signed ladder actions (those not yet present) and return the revision that holds them.
+
+        Raises:
+            KubeApiError: the ConfigMap could not be written.
+        """
+        wanted = list(dict.fromkeys(actions))
+
+        def merge(data: dict[str, str]) -> dict[str, str] | None:
+            current = list(actions_of(data))
+            new = [a for a in wanted if a not in set(current)]
+            if not new:
+                return None
+            data[ACTIONS_KEY] = "".join(line + "\n" for line in (current + new)[-MAX_ACTIONS:])
             return data
 
         await self.document.update(merge)

@@ -6,12 +6,16 @@ Routes of the **public** listener (server TLS; stock verifiers, admins, kubelet 
         max-age=<jwks.max_age>``, a strong ``ETag``; ``If-None-Match`` answers 304).
     ``POST /v1/revocations`` - ``{"list": <JWS>, "grants": [...]}`` signed by a root issuer
         (``agent-authz task revoke --authority``).
+    ``POST /v1/actions`` - ``{"actions": [<JWS>, ...]}``, freeze/unfreeze/kill actions signed by a root
+        issuer (``agent-authz task freeze --authority``).
     ``GET /healthz``, ``GET /readyz`` (200 once both ConfigMaps have been read), ``GET /metrics``.
 
 Routes of the **feed** listener (mTLS; an X.509-SVID of an agent namespace required):
     ``GET /v1/feed`` - the revocation feed (Server-Sent Events, :mod:`sidecar.authority.feed`).
     ``POST /v1/revocations`` - a sidecar forwards its revocation: the list signed with its SVID and
         the grants that show its authority (:class:`~sidecar.authority.revocations.RevocationJudge`).
+    ``POST /v1/actions`` - a sidecar forwards its own ladder actions (its quarantines, signed with its
+        SVID); every sidecar that receives them judges, per task, the signer's authority.
     ``POST /v1/keys`` - a sidecar announces its public keys (:mod:`sidecar.authority.keys`).
 
 Errors answer ``{"error": <code>, "detail": <text>}``. Every revocation id accepted or refused and
@@ -49,6 +53,7 @@ from sidecar.authority.keys import KeyRegistry, parse_announcement
 from sidecar.authority.kube import KubeApiError, KubeClient
 from sidecar.authority.peers import Peer, PeerIdentifier, feed_tls_context, server_tls_context
 from sidecar.authority.protocol import (
+    ACTIONS_PATH,
     DISCOVERY_SUFFIX,
     FEED_PATH,
     JWKS_SUFFIX,
@@ -59,6 +64,7 @@ from sidecar.authority.protocol import (
 )
 from sidecar.authority.revocations import Judgement, RevocationJudge, RevocationStore
 from sidecar.config.watch import watch_and_reload
+from sidecar.control.documents import ControlError, verify_action
 from sidecar.errors import ConfigError, KeyLoadError
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.state import parse_jwt_bundle
@@ -263,6 +269,7 @@ class Authority:
         app.router.add_get(issuer_path + DISCOVERY_SUFFIX, _discovery)
         app.router.add_get(issuer_path + JWKS_SUFFIX, _jwks)
         app.router.add_post(REVOCATIONS_PATH, _revoke_public)
+        app.router.add_post(ACTIONS_PATH, _actions_public)
         app.router.add_get("/healthz", _healthz)
         app.router.add_get("/readyz", _readyz)
         app.router.add_get("/metrics", _metrics)
@@ -274,6 +281,7 @@ class Authority:
         app[AUTHORITY] = self
         app.router.add_get(FEED_PATH, _feed)
         app.router.add_post(REVOCATIONS_PATH, _revoke_feed)
+        app.router.add_post(ACTIONS_PATH, _actions_feed)
         app.router.add_post(KEYS_PATH, _keys)
         app.router.add_get("/healthz", _healthz)
         return app
@@ -313,6 +321,47 @@ class Authority:
             "revision": revision,
         }
         return web.json_response(answer, status=200 if judgement.accepted or not judgement.refused else 403)
+
+    async def submit_actions(self, body: Any, *, peer: Peer | None, listener: str) -> web.Response:
+        """Verify and persist signed ladder actions (both listeners).
+
+        On the public listener only a root issuer's actions are taken; on the feed listener a root
+        issuer's or the client's own (signed with the SVID it presents). Whether the signer has
+        authority over a task is each receiving sidecar's judgement (:mod:`sidecar.control.ladder`).
+        """
+        if not isinstance(body, dict) or not isinstance(body.get("actions"), list) or not body["actions"]:
+            raise AuthorityError(AuthorityCode.BAD_REQUEST, 'expected {"actions": ["<JWS>", ...]}')
+        tokens = body["actions"]
+        if len(tokens) > 64 or not all(isinstance(t, str) for t in tokens):
+            raise AuthorityError(AuthorityCode.BAD_REQUEST, "actions must be at most 64 compact JWS")
+        peer_id = peer.spiffe_id if peer is not None else None
+        accepted: list[tuple[str, str, str]] = []  # (token, action id, target)
+        refused: list[dict[str, str]] = []
+        for token in tokens:
+            try:
+                action = verify_action(token, verifier=self.trust.judge.grants, now=self.clock(), source=listener)
+            except ControlError as exc:
+                refused.append({"error": exc.detail.value, "detail": str(exc)})
+                continue
+            if not action.root and (peer_id is None or action.signer != peer_id):
+                code = AuthorityCode.NOT_ROOT if peer_id is None else AuthorityCode.SIGNER_NOT_PEER
+                refused.append({"id": action.action_id, "error": code.value, "detail": f"signed by {action.signer}"})
+                continue
+            accepted.append((action.token, action.action_id, f"{action.kind.value} {action.target}"))
+        revision = self.revocations.revision
+        if accepted:
+            try:
+                revision = await self.revocations.add_actions(token for token, _, _ in accepted)
+            except KubeApiError as exc:
+                _log.error("actions_not_persisted", error=str(exc))
+                return _error("unavailable", f"the actions could not be stored: {exc}", 503)
+        for _, action_id, what in accepted:
+            self.record("action", "accepted", listener=listener, peer=peer_id, action_id=action_id, detail=what)
+        for refusal in refused:
+            self.record("action", "refused", listener=listener, peer=peer_id, **refusal)
+            _log.warning("action_refused", peer=peer_id, listener=listener, **refusal)
+        answer = {"accepted": [action_id for _, action_id, _ in accepted], "refused": refused, "revision": revision}
+        return web.json_response(answer, status=200 if accepted or not refused else 403)
 
     def _record_judgement(self, judgement: Judgement, listener: str, peer: str | None, revision: str) -> None:
         self.metrics.revocation(listener, "accepted", len(judgement.accepted))
@@ -442,6 +491,16 @@ async def _revoke_feed(request: web.Request) -> web.Response:
     authority = request.app[AUTHORITY]
     peer = _peer(authority, request, "revocation")
     return await authority.submit(await _json(request), peer=peer, listener="feed")
+
+
+async def _actions_public(request: web.Request) -> web.Response:
+    return await request.app[AUTHORITY].submit_actions(await _json(request), peer=None, listener="public")
+
+
+async def _actions_feed(request: web.Request) -> web.Response:
+    authority = request.app[AUTHORITY]
+    peer = _peer(authority, request, "action")
+    return await authority.submit_actions(await _json(request), peer=peer, listener="feed")
 
 
 def _peer(authority: Authority, request: web.Request, kind: str) -> Peer:

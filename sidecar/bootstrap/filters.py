@@ -25,6 +25,7 @@ from typing import Any
 from sidecar.bootstrap.kit import Kit
 from sidecar.bootstrap.names import AUTHZ_CLUSTER, EGRESS
 from sidecar.wire import (
+    CONTEXT_BODY_CAP,
     CONTEXT_DIRECTION,
     CONTEXT_RPC_BODY_CAP,
     CONTEXT_RPC_PROTOCOL,
@@ -44,6 +45,7 @@ from sidecar.wire import (
 __all__ = [
     "access_log",
     "body_buffer",
+    "body_route_context",
     "connection_manager",
     "ext_authz_filter",
     "ext_proc_filter",
@@ -89,14 +91,23 @@ _TCP_ACCESS_LOG_FORMAT = {
 
 def route_context(kit: Kit, direction: str, **extra: str) -> dict[str, Any]:
     """Per-route ext_authz config: the ``context_extensions`` of the route's checks (and, when the
-    filter buffers bodies for MCP/A2A routes, no body here)."""
+    filter buffers bodies for other routes, no body here)."""
     ea = kit.ext_authz
     extensions = {CONTEXT_DIRECTION: direction, **extra}
     settings = ea.CheckSettings(context_extensions=extensions)
-    if kit.rpc_hosts:  # the filter buffers bodies (for the MCP/A2A routes): not here
+    if kit.rpc_hosts or kit.body_hosts:  # the filter buffers bodies (for other routes): not here
         settings.disable_request_body_buffering = True
     per_route = ea.ExtAuthzPerRoute(check_settings=settings)
     return {HTTP_FILTER: kit.pack(per_route)}
+
+
+def body_route_context(kit: Kit, direction: str, **extra: str) -> dict[str, Any]:
+    """Per-route config of a plain-HTTP route to an ``approval`` host: the body buffered (up to the
+    cap plus one byte) and ``body_cap`` in the context extensions, so an approval binds its digest."""
+    ea = kit.ext_authz
+    extensions = {CONTEXT_DIRECTION: direction, CONTEXT_BODY_CAP: str(kit.body_cap), **extra}
+    settings = ea.CheckSettings(context_extensions=extensions, with_request_body=body_buffer(kit))
+    return {HTTP_FILTER: kit.pack(ea.ExtAuthzPerRoute(check_settings=settings))}
 
 
 def body_buffer(kit: Kit) -> Any:
@@ -151,7 +162,7 @@ def ext_authz_filter(kit: Kit) -> Any:
         include_peer_certificate=True,
         status_on_error=kit.types.HttpStatus(code=kit.types.StatusCode.ServiceUnavailable),
     )
-    if kit.rpc_hosts:  # pack_as_bytes is read from here only; each route says whether it buffers
+    if kit.rpc_hosts or kit.body_hosts:  # pack_as_bytes is read from here only; each route says whether it buffers
         config.with_request_body = body_buffer(kit)
     return kit.hcm.HttpFilter(name=HTTP_FILTER, typed_config=kit.pack(config))
 
@@ -263,11 +274,12 @@ def vhost(kit: Kit, name: str, domains: list[str], cluster: str, direction: str,
     """A virtual host routing everything to ``cluster``; ``context=`` adds context extensions."""
     r = kit.route
     context = extra.pop("context", {})
+    body = bool(extra.pop("body", False))
     return r.VirtualHost(
         name=name,
         domains=domains,
         routes=[r.Route(match=r.RouteMatch(prefix="/"), route=r.RouteAction(cluster=cluster))],
-        typed_per_filter_config=route_context(kit, direction, **context),
+        typed_per_filter_config=(body_route_context if body else route_context)(kit, direction, **context),
         **extra,
     )
 

@@ -63,7 +63,7 @@ _NO_RPC_METHODS = ("GET", "DELETE", "HEAD", "OPTIONS")
 _RPC_PROTOCOLS = frozenset({"mcp", "a2a"})
 _METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")  # RFC 9110 §9.1 token
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_DIRECTIONS = {d.value: d for d in Direction}
+_DIRECTIONS = {d.value: d for d in (Direction.EGRESS, Direction.INGRESS)}  # a route never asks as "control"
 _OK = status_pb2.Status(code=code_pb2.OK)
 _DENIED = status_pb2.Status(code=code_pb2.PERMISSION_DENIED)
 
@@ -149,6 +149,7 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
     if direction is None:
         raise BadRequestError("context_extensions.direction must be 'egress' or 'ingress'")
     rpc = _rpc_route(context)
+    plain_cap = _cap(context.get(wire.CONTEXT_BODY_CAP, "")) if rpc is None else 0
     return AuthzRequest(
         direction=direction,
         method=http.method,
@@ -162,8 +163,14 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
         interception=_interception(context),
         upstream_tls=context.get(wire.CONTEXT_UPSTREAM_TLS) == wire.ORIGINATE,
         rpc=rpc,
-        body=(http.raw_body or http.body.encode()) if rpc is not None and rpc.body_cap else None,
+        body=(http.raw_body or http.body.encode()) if (rpc is not None and rpc.body_cap) or plain_cap else None,
+        body_cap=plain_cap,
     )
+
+
+def _cap(text: str) -> int:
+    """A body cap context extension: a positive decimal, else 0 (no body read)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
 
 
 def _rpc_route(context: Mapping[str, str]) -> RpcRoute | None:
@@ -192,14 +199,30 @@ def _add_headers(target: Any, headers: Iterable[tuple[str, str]]) -> None:
         option.append_action = _OVERWRITE
 
 
+def _deny_fields(decision: Decision) -> dict[str, object]:
+    """What a deny body says besides the id and reason: ``approval_id`` (an approval now waits for
+    this call), ``remaining`` (calls left under the budget, on ``budget_exhausted``)."""
+    extra: dict[str, object] = {}
+    if decision.approval is not None:
+        extra["approval_id"] = decision.approval.get("id")
+    if decision.remaining is not None:
+        extra["remaining"] = decision.remaining
+    return extra
+
+
 def _deny_body(decision: Decision) -> str:
     reason = decision.reason.value
     if not decision.rpc_protocol or decision.method in _NO_RPC_METHODS:
-        return orjson.dumps({"decision_id": decision.decision_id, "reason": reason}).decode()
+        return orjson.dumps({"decision_id": decision.decision_id, "reason": reason, **_deny_fields(decision)}).decode()
     error = {
         "code": _RPC_ERROR_CODES.get(decision.reason, _RPC_DENIED),
         "message": f"agent-authz: {reason}",
-        "data": {"decision_id": decision.decision_id, "reason": reason, "detail": decision.detail},
+        "data": {
+            "decision_id": decision.decision_id,
+            "reason": reason,
+            "detail": decision.detail,
+            **_deny_fields(decision),
+        },
     }
     return orjson.dumps({"jsonrpc": "2.0", "id": decision.rpc_id, "error": error}).decode()
 
@@ -208,11 +231,13 @@ def build_check_response(decision: Decision) -> bytes:
     """Serialize the ``CheckResponse`` for ``decision``.
 
     Allow: ``OkHttpResponse`` overwriting ``headers_to_set``, removing ``headers_to_remove`` and
-    adding ``x-agent-authz-decision-id`` to the response. Deny: ``DeniedHttpResponse`` with the
-    decision's status and the JSON body ``{"decision_id", "reason"}`` - on an MCP/A2A route a
-    JSON-RPC error ``{"jsonrpc": "2.0", "id", "error": {"code", "message", "data": {"decision_id",
-    "reason", "detail"}}}``. Both carry dynamic metadata (``decision_id``, ``decision``, ``reason``,
-    ``task_id``; for an allowed MCP ``tools/list`` also ``mcp_list_filter``).
+    adding ``x-agent-authz-decision-id`` (and, under a budget, ``x-agent-authz-remaining``) to the
+    response. Deny: ``DeniedHttpResponse`` with the decision's status and the JSON body
+    ``{"decision_id", "reason"}`` (plus ``approval_id`` when an approval waits for the call,
+    ``remaining`` on ``budget_exhausted``) - on an MCP/A2A route a JSON-RPC error ``{"jsonrpc": "2.0",
+    "id", "error": {"code", "message", "data": {"decision_id", "reason", "detail", ...}}}``. Both
+    carry dynamic metadata (``decision_id``, ``decision``, ``reason``, ``task_id``; for an allowed MCP
+    ``tools/list`` also ``mcp_list_filter``).
     """
     response = external_auth_pb2.CheckResponse()
     fields = response.dynamic_metadata.fields
@@ -230,7 +255,10 @@ def build_check_response(decision: Decision) -> bytes:
         ok = response.ok_response
         _add_headers(ok.headers, decision.headers_to_set)
         ok.headers_to_remove.extend(decision.headers_to_remove)
-        _add_headers(ok.response_headers_to_add, ((wire.DECISION_ID_HEADER, decision.decision_id),))
+        added = [(wire.DECISION_ID_HEADER, decision.decision_id)]
+        if decision.remaining is not None:
+            added.append((wire.REMAINING_HEADER, str(decision.remaining)))
+        _add_headers(ok.response_headers_to_add, added)
     else:
         response.status.CopyFrom(_DENIED)
         denied = response.denied_response

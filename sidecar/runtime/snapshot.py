@@ -24,6 +24,7 @@ from typing import Any
 from sidecar.config.loader import LoadedConfig, read_secret_file
 from sidecar.config.schema import tls_rule_conflicts
 from sidecar.config.task_file import check_task_credentials, looks_like_jws, parse_task_document
+from sidecar.control.documents import Action, ControlError, verify_action
 from sidecar.credentials import credential_value
 from sidecar.errors import ConfigError
 from sidecar.grants.model import Grant, GrantError
@@ -38,7 +39,7 @@ from sidecar.state.store import DelegatedChild, Remembered
 from sidecar.tokens.keys import KeySet, RetiredKey, SigningKey, load_signing_key
 from sidecar.tokens.minter import TokenCache, TokenMinter
 
-__all__ = ["CarriedState", "KeyRecord", "Snapshot", "build_snapshot"]
+__all__ = ["CarriedState", "KeyRecord", "RefusedAction", "Snapshot", "build_snapshot"]
 
 
 def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -125,6 +126,15 @@ class CarriedState:
 
 # -- the snapshot ------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
+class RefusedAction:
+    """A line of a ``ladder.files`` file that does not verify: where, its fingerprint, why."""
+
+    source: str
+    fingerprint: str
+    error: ControlError
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """One consistent, compiled configuration.
 
@@ -140,6 +150,9 @@ class Snapshot:
             own revocations (shown in ``/readyz``).
         inputs: every file the build read or checked, with its fingerprint.
         carried: the state to carry into the next build.
+        actions: the signed ladder actions read from ``ladder.files`` (verified; the runtime's
+            :class:`~sidecar.control.ladder.Ladder` keeps them from then on).
+        refused_actions: the lines of those files that did not verify.
     """
 
     loaded: LoadedConfig
@@ -152,6 +165,8 @@ class Snapshot:
     digest: str
     inputs: Inputs
     carried: CarriedState
+    actions: tuple[Action, ...] = ()
+    refused_actions: tuple[RefusedAction, ...] = ()
 
     @property
     def watched(self) -> frozenset[Path]:
@@ -384,6 +399,32 @@ def _keys(loaded: LoadedConfig, reader: _Reader, carried: CarriedState, now: flo
     return KeySet(current=current, next=next_key, retired=retired)
 
 
+def _ladder_actions(
+    loaded: LoadedConfig, reader: _Reader, grant_set: GrantSet, now: float
+) -> tuple[tuple[Action, ...], tuple[RefusedAction, ...]]:
+    """The signed actions of ``ladder.files`` (one compact JWS per line; a missing file is empty), and
+    the lines that do not verify (skipped: an action once honoured is kept by the runtime's ladder,
+    so a line whose signer's SVID has since expired loses nothing; a bad new line is reported).
+    """
+    actions: list[Action] = []
+    refused: list[RefusedAction] = []
+    for index, path in enumerate(loaded.settings.ladder.files):
+        field_name = f"ladder.files[{index}]"
+        reader.watch(path)
+        if not reader.exists(path):
+            continue
+        text = reader.read_optional(path, field_name, limit=16 * 1024 * 1024).decode("ascii", "replace")
+        source = f"file:{path}"
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                actions.append(verify_action(line, verifier=grant_set.verifier, now=now, source=source))
+            except ControlError as exc:
+                refused.append(RefusedAction(source, hashlib.sha256(line.strip().encode()).hexdigest()[:16], exc))
+    return tuple(actions), tuple(refused)
+
+
 def build_snapshot(
     loaded: LoadedConfig,
     carried: CarriedState,
@@ -425,9 +466,10 @@ def build_snapshot(
     ingress = compile_ingress(settings, agent)
     identity_ctx = IdentityContext.build(identity, ingress.audiences) if identity is not None else None
     sources, grant_set, _ = _sources(loaded, reader, carried, agent, identity_ctx, now)
+    actions, refused_actions = _ladder_actions(loaded, reader, grant_set, now)
 
     first_seen = dict(carried.first_seen)
-    policy = compile_policy(sources, lambda task_id: first_seen.setdefault(task_id, now), agent)
+    policy = compile_policy(sources, lambda task_id: first_seen.setdefault(task_id, now), agent, settings.sensitivity)
     compiled = policy.tasks_by_id
     ends = {task_id: task.expires_at for task_id, task in compiled.items()}
     for task_id, end in carried.ends.items():  # absent now: remembered until it would have ended
@@ -467,4 +509,6 @@ def build_snapshot(
         reader.digest.hexdigest(),
         reader.recorder.inputs(),
         next_carried,
+        actions,
+        refused_actions,
     )

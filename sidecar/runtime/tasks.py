@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 import structlog
 
 from sidecar.config.schema import TaskSpec
+from sidecar.control.ladder import describe
+from sidecar.decision import Reason
 from sidecar.errors import AgentAuthzError, ConfigError, ErrorCode, StateError
 from sidecar.grants.issue import Delegation, DelegationRequest, plan_delegation, sign_delegation
 from sidecar.grants.model import Grant, GrantCode, GrantError
@@ -146,8 +148,9 @@ class TaskService:
 
         Raises:
             GrantError: it does not verify, is expired, names another agent or a credential this
-                sidecar lacks, reuses a task id (``grant_duplicate``), or the rebuild that would
-                enforce it fails (``grant_rejected``, e.g. its TLS rules conflict with another task's).
+                sidecar lacks, reuses a task id (``grant_duplicate``), lies under a killed task or
+                agent (``grant_rejected``), or the rebuild that would enforce it fails
+                (``grant_rejected``, e.g. its TLS rules conflict with another task's).
             StateError: it could not be stored (it is not enforced).
         """
         runtime = self.runtime
@@ -159,6 +162,9 @@ class TaskService:
             raise GrantError(GrantCode.EXPIRED, "the grant has expired")
         if grant.id in snapshot.policy.tasks_by_id:
             raise GrantError(GrantCode.DUPLICATE, f"task {grant.id!r} is already active")
+        blocked = runtime.ladder.verdict(tuple((g.id, g.subject, g.signer) for g in grant.chain))
+        if blocked is not None and blocked[0] is Reason.TASK_REVOKED:
+            raise GrantError(GrantCode.REJECTED, f"the grant lies under a killed task: {describe(blocked[1])}")
         carried = runtime.carried
         try:
             runtime.apply(replace(carried, posted={**carried.posted, grant.id: grant.token}))
@@ -178,8 +184,8 @@ class TaskService:
 
         Raises:
             GrantError: unknown task (``grant_unknown_task``), not delegable (no identity to sign
-                with, not a grant, revoked, not valid now, too deep) or a widening (``grant_widening``,
-                naming the field; also when the parent's budget left is smaller).
+                with, not a grant, revoked, frozen or killed, not valid now, too deep) or a widening
+                (``grant_widening``, naming the field; also when the parent's budget left is smaller).
             NotAuthorizedError: the task is another agent's.
         """
         runtime = self.runtime
@@ -195,6 +201,9 @@ class TaskService:
             )
         if task.grant is None:
             raise GrantError(GrantCode.NOT_DELEGABLE, "only tasks that came from a signed grant can be delegated")
+        blocked = runtime.blocks.get(task.id)
+        if blocked is not None:
+            raise GrantError(GrantCode.NOT_DELEGABLE, f"the task is blocked: {blocked[1]}")
         svid, budgets = snapshot.identity.state.svid, runtime.budgets
 
         def remaining(index: int | None) -> int | None:

@@ -112,7 +112,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         w.grants["q3"] = chain.root(ROOT)
         w.grants["res-task"] = chain.root(RESEARCH)
         layout = [  # name, SPIFFE ID, namespace, replica, grants, feed settings, host, task
-            ("orch", ORCH, "agents", 0, [w.grants["q3"]], {}, API, "q3"),
+            ("orch", ORCH, "agents", 0, [w.grants["q3"]], {}, API, "q3"),  # with an anomaly rule (below)
             ("market", MARKET, "agents", 0, [], {}, API, "q3/market"),
             ("sales", SALES, "agents", 1, [], {"max_staleness": "2s"}, API, "q3/sales"),
             (
@@ -130,8 +130,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             sock = socks / name
             sock.mkdir()
             state = root / name
+            extra = {"quarantine": {"threshold": 3, "window": "1m"}} if name == "orch" else None
             config = cluster.sidecar_config(
-                state, spiffe_id, namespace, sock, authority=replica, grants=grants, feed=feed
+                state, spiffe_id, namespace, sock, authority=replica, grants=grants, feed=feed, extra=extra
             )
             sidecar = cluster.start_sidecar(config, name)
             w.agents[name] = Agent(name, spiffe_id, namespace, sidecar, sock / "authz.sock", state, host, task_id)
@@ -494,6 +495,52 @@ def test_two_replicas_writing_at_once_drop_no_entry(world: World) -> None:
 # -- fail closed when the feed is down; reconnect -------------------------------------------------------
 
 
+def test_a_quarantine_freezes_the_subtree_in_every_pod_through_the_feed(world: World) -> None:
+    """The orchestrator is hijacked and probes: its sidecar freezes ``subtree:q3`` and forwards the
+    signed freeze; the authority keeps it in the ConfigMap and streams it, so the sub-agents' sidecars
+    (other pods, other replica) freeze too - each verifying the orchestrator's signature and its
+    authority over their grants. The operator unfreezes with the root key at the authority."""
+    cluster, agents = world.cluster, world.agents
+    orch, market, sales, analyst = agents["orch"], agents["market"], agents["sales"], agents["analyst"]
+    for path in ("/v2/admin", "/v2/users", "/v2/keys"):
+        assert reason(check(orch.sock, API, path)) == "path_not_allowed"
+    tripped = time.perf_counter()
+    assert orch.reason() == "task_quarantined"
+    figures = {"quarantine (orchestrator probes)": _first_deny([market, sales], tripped, "task_quarantined")}
+    assert analyst.reason() == "allowed"  # another transaction, another namespace
+    kept = cluster.revocations()["data"].get("actions", "").split()
+    assert len(kept) == 1 and jwt.decode(kept[0], options={"verify_signature": False})["target"] == "subtree:q3"
+    for agent in (market, sales):
+        records = [json.loads(line) for line in (agent.state / "decisions.log").read_text().splitlines()]
+        (frozen,) = [r for r in records if r["reason"] == "task_frozen"]
+        assert frozen["action"]["by"] == ORCH and frozen["action"]["source"] == "authority", frozen
+        assert len(frozen["action"]["evidence"]) == 3  # the orchestrator's records that tripped it
+    accepted = [r for i in range(2) for r in cluster.records(i) if r["kind"] == "action" and r["outcome"] == "accepted"]
+    assert len(accepted) == 1 and accepted[0]["peer"] == ORCH and accepted[0]["listener"] == "feed"
+    # a freeze signed by no root issuer is refused on the public listener
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sidecar.control.documents import ActionKind, Target, sign_action
+
+    stranger = ec.generate_private_key(ec.SECP256R1())
+    forged = sign_action(ActionKind.UNFREEZE, Target.parse("q3"), stranger, issuer="x", at=time.time(), kid="x")
+    status, body, _ = https_json(
+        cluster.url(0) + "/v1/actions", ca_file=cluster.tls_ca, method="POST", body={"actions": [forged]}
+    )
+    assert status == 403 and body["refused"][0]["error"] == "control_untrusted_signer", body
+    # the operator unfreezes with the root key at the other replica: every sidecar below q3 is free again
+    argv = ["task", "unfreeze", "subtree:q3", "--key", str(cluster.issuer_key), "--authority", cluster.url(1)]
+    argv += ["--ca", str(cluster.tls_ca), "--reason", "incident 4712 closed"]
+    started = time.perf_counter()
+    thread = _in_thread(lambda: cli.main(argv))
+    figures["root unfreeze at the authority"] = _first_deny([orch, market, sales], started, "allowed")
+    thread.join(10)
+    FIGURES["freeze_propagation_s"] = {k: {n: round(v, 4) for n, v in d.items()} for k, d in figures.items()}
+    for action, per_sidecar in figures.items():
+        for name, seconds in per_sidecar.items():
+            assert seconds < 1.0, f"{action}: {name} took {seconds:.3f}s"
+
+
 def test_a_stale_feed_denies_delegated_grants_and_the_feed_reconnects(world: World) -> None:
     cluster = world.cluster
     sales, analyst, orch = world.agents["sales"], world.agents["analyst"], world.agents["orch"]
@@ -606,16 +653,18 @@ def test_a_child_delegated_before_a_restart_is_revoked_at_the_authority_after_it
 # -- revocation reaches every sidecar it concerns in under a second -------------------------------------
 
 
-def _first_deny(agents: list[Agent], started: float, timeout: float = 5.0) -> dict[str, float]:
-    """Poll until each agent's next call is ``task_revoked``; seconds from ``started`` for each."""
+def _first_deny(
+    agents: list[Agent], started: float, expected: str = "task_revoked", timeout: float = 5.0
+) -> dict[str, float]:
+    """Poll until each agent's next call is answered ``expected``; seconds from ``started`` for each."""
     seen: dict[str, float] = {}
     deadline = started + timeout
     while len(seen) < len(agents) and time.perf_counter() < deadline:
         for agent in agents:
-            if agent.name not in seen and agent.reason() == "task_revoked":
+            if agent.name not in seen and agent.reason() == expected:
                 seen[agent.name] = time.perf_counter() - started
     missing = [a.name for a in agents if a.name not in seen]
-    assert not missing, f"not revoked after {timeout}s: {missing}"
+    assert not missing, f"not {expected} after {timeout}s: {missing}"
     return seen
 
 

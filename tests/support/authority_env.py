@@ -356,9 +356,10 @@ class AuthorityCluster:
         grants: Sequence[str] = (),
         tasks: Sequence[dict[str, Any]] = (),
         feed: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> Path:
         """Write a sidecar's keys, SVID and ``sidecar.yaml`` (the chart's for ``namespace``, with this
-        environment's files) into ``state``; returns the config path."""
+        environment's files, and ``extra`` top-level sections) into ``state``; returns the config path."""
         state.mkdir(parents=True, exist_ok=True)
         (state / "keys").mkdir(exist_ok=True)
         key_file = state / "keys" / "signing.pem"
@@ -392,6 +393,7 @@ class AuthorityCluster:
                 },
             },
             "tasks": list(tasks),
+            **(extra or {}),
         }
         path = state / "sidecar.yaml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -10,6 +10,7 @@ import sidecar
 from sidecar.agentproto.jsonrpc import BodyProblem
 from sidecar.agentproto.rules import Refusal
 from sidecar.authority.protocol import AuthorityCode
+from sidecar.control.documents import ControlCode
 from sidecar.errors import AgentAuthzError, BundleDetail, ErrorCode, SvidDetail
 from sidecar.grants.model import GrantCode
 from sidecar.inject.podspec import AdmissionOutcome
@@ -68,6 +69,7 @@ NEVER_RENAMED = {
         "not_authorized",
         "response_unfilterable",
         "state_unavailable",
+        "control_refused",
         "kubernetes_api",
         "authority_refused",
         "authority_unavailable",
@@ -126,6 +128,15 @@ NEVER_RENAMED = {
         "grant_widening",
         "grant_wrong_signer",
         "grant_wrong_subject",
+    },
+    ControlCode: {
+        "control_malformed",
+        "control_untrusted_signer",
+        "control_not_authorized",
+        "control_expired",
+        "control_wrong_audience",
+        "control_unknown_approval",
+        "control_approval_closed",
     },
     AuthorityCode: {
         "bad_request",

@@ -39,7 +39,8 @@ def test_events_are_applied_and_count_as_contact() -> None:
     client.handle_event("revoked", _event("11", "b"))
     client.handle_event("heartbeat", json.dumps({"revision": "11", "time": 1010.0}))
     assert applied == [(frozenset({"a"}), True), (frozenset({"b"}), False)]
-    assert client.status.events == {"snapshot": 1, "revoked": 1, "heartbeat": 1} and client.status.entries == 2
+    assert client.status.events == {"snapshot": 1, "revoked": 1, "heartbeat": 1, "actions": 0}
+    assert client.status.entries == 2
     assert not client.status.stale(1039.0) and client.status.stale(1040.5)
     with pytest.raises(FeedError):
         client.handle_event("revoked", "{not json")
@@ -88,3 +89,25 @@ def test_the_last_contact_is_remembered_and_a_restart_counts_staleness_from_it()
     assert not restarted.status.stale(1035.5) and restarted.status.stale(1036.0)  # 30 s after 1005.5, not 1020
     assert client(None).status.stale(1050.5) and not client(None).status.stale(1050.0)  # nothing stored: from start
     assert client(5000.0).status.last_contact == 1020.0  # a stored time in the future counts as now
+
+
+def test_ladder_actions_ride_on_snapshots_and_actions_events() -> None:
+    """A snapshot hands over every action the authority keeps (and says it is a snapshot, so the
+    sidecar can forward its own ones the authority lacks); an ``actions`` event the new ones; an
+    older authority's snapshot without ``actions`` hands over none."""
+    got: list[tuple[tuple[str, ...], bool]] = []
+    client = FeedClient(
+        RevocationFeedSpec(url="https://authority.authz.svc:8444", ca=Path("ca.pem"), max_staleness=30),
+        ca_file=Path("ca.pem"),
+        svid=lambda: None,
+        apply=lambda entries, snapshot: None,
+        apply_actions=lambda actions, snapshot: got.append((actions, snapshot)),
+        clock=lambda: 1000.0,
+    )
+    client.handle_event("snapshot", json.dumps({"revision": "1", "time": 1000, "entries": [], "actions": ["a.b.c"]}))
+    client.handle_event("actions", json.dumps({"revision": "2", "time": 1000, "actions": ["d.e.f"]}))
+    client.handle_event("snapshot", json.dumps({"revision": "3", "time": 1000, "entries": []}))
+    assert got == [(("a.b.c",), True), (("d.e.f",), False), ((), True)]
+    assert client.status.events["actions"] == 1
+    with pytest.raises(FeedError):
+        client.handle_event("actions", json.dumps({"revision": "4", "time": 1000, "actions": [5]}))

@@ -15,9 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.control.approvals import Approval, ApprovalState
+from sidecar.control.documents import Action, ActionKind, Target
+from sidecar.control.quarantine import Strike
 from sidecar.errors import StateError
 from sidecar.grants.revocations import RevocationList
 from sidecar.policy.budget import BudgetLedger
+from sidecar.policy.gates import CallBinding
 from sidecar.state import MIGRATIONS, SCHEMA_VERSION, DelegatedChild, Remembered, StateStore
 
 AGENT = "spiffe://test.example/ns/agents/sa/worker"
@@ -206,14 +210,14 @@ def test_migration_adds_a_table_and_keeps_the_data(path: Path) -> None:
     store.save(Remembered(), FULL)
     store.save_counters({("t1", ""): 4})
     store.close()
-    later = (*MIGRATIONS, "CREATE TABLE approval (id TEXT PRIMARY KEY, state TEXT NOT NULL) STRICT;")
+    later = (*MIGRATIONS, "CREATE TABLE later_feature (id TEXT PRIMARY KEY, state TEXT NOT NULL) STRICT;")
     migrated = StateStore.open(path, migrations=later)
     migrated.bind(AGENT)
     assert migrated.load() == (FULL, {("t1", ""): 4})
     migrated.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)
-    assert ("approval",) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    assert ("later_feature",) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
     db.close()
     with pytest.raises(StateError, match="newer"):  # this version cannot read what the later one wrote
         StateStore.open(path)
@@ -221,12 +225,12 @@ def test_migration_adds_a_table_and_keeps_the_data(path: Path) -> None:
 
 def test_a_failed_migration_changes_nothing(path: Path) -> None:
     opened(path).close()
-    broken = (*MIGRATIONS, "CREATE TABLE approval (id TEXT); CREATE TABLE approval (id TEXT);")
+    broken = (*MIGRATIONS, "CREATE TABLE later_feature (id TEXT); CREATE TABLE later_feature (id TEXT);")
     with pytest.raises(StateError, match="cannot prepare"):
         StateStore.open(path, migrations=broken)
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-    assert ("approval",) not in db.execute("SELECT name FROM sqlite_master").fetchall()
+    assert ("later_feature",) not in db.execute("SELECT name FROM sqlite_master").fetchall()
     db.close()
 
 
@@ -343,20 +347,60 @@ def test_the_child_grant_and_the_feed_contact_survive_a_reopen(path: Path) -> No
     again.close()
 
 
-def test_a_version_1_file_is_migrated_keeping_its_delegations(path: Path) -> None:
-    """A file written before the child grant was kept: its delegation rows stay (with no token: a
-    forward after the restart carries none, as before) and the feed contact starts unknown."""
+def test_a_version_1_file_is_migrated_through_2_to_3_keeping_its_rows(path: Path) -> None:
+    """A file written before continuous verification and the child grant: its delegation rows stay
+    (with no token: a forward after the restart carries none, as before), the continuous verification
+    tables arrive empty and the feed contact starts unknown."""
     old = StateStore.open(path, migrations=MIGRATIONS[:1])
     old.bind(AGENT)
     old.close()
     db = sqlite3.connect(path)
     db.execute("INSERT INTO delegation VALUES ('g1/child', 'g1', 1800000600.0, '[]')")
+    db.execute("INSERT INTO own_revocation VALUES ('t9', 1800000100)")
     db.commit()
     db.close()
     migrated = opened(path)
-    assert migrated.load()[0].delegated == {"g1/child": DelegatedChild("g1", 1_800_000_600.0, (), "")}
+    remembered = migrated.load()[0]
+    assert remembered.delegated == {"g1/child": DelegatedChild("g1", 1_800_000_600.0, (), "")}
+    assert remembered.own_revoked == {"t9": 1_800_000_100}
     assert migrated.feed_contact() is None
+    assert migrated.load_actions() == [] and migrated.load_strikes() == {} and migrated.load_approvals() == []
     migrated.close()
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (2,)
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+    db.close()
+
+
+def test_a_version_2_file_is_migrated_keeping_its_continuous_verification_rows(path: Path) -> None:
+    """A file of schema 2 (continuous verification): its ladder actions, strikes, approvals and
+    delegations stay as they were; the delegations get an empty child grant and the feed contact
+    starts unknown."""
+    action = Action("0123456789abcdefghij", ActionKind.FREEZE, Target.parse(f"agent:{AGENT}"), 1.5, "key:k", True,
+                    "why", ("d1",), "file:/x", "a.b.c")  # fmt: skip
+    call = CallBinding(AGENT, "t1", "h", 80, "DELETE", "/p", "", "drop", "sha256:x", "v1")
+    approval = Approval("fedcba9876543210", call, ApprovalState.PENDING, 1.0, 9.0)
+    old = StateStore.open(path, migrations=MIGRATIONS[:2])
+    old.bind(AGENT)
+    old.save_actions([action])
+    old.save_strikes("t1", [Strike("d1", 1.0, "path_not_allowed")])
+    old.save_approvals([approval])
+    old.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone() == (2,)
+    db.execute("INSERT INTO delegation VALUES ('g1/child', 'g1', 1800000600.0, '[]')")
+    db.commit()
+    db.close()
+    migrated = opened(path)
+    assert migrated.load_actions() == [action]
+    assert migrated.load_strikes() == {"t1": [Strike("d1", 1.0, "path_not_allowed")]}
+    assert migrated.load_approvals() == [approval]
+    assert migrated.load()[0].delegated == {"g1/child": DelegatedChild("g1", 1_800_000_600.0, (), "")}
+    assert migrated.feed_contact() is None
+    migrated.save_feed_contact(1_800_000_001.0)  # the new table is writable
+    migrated.close()
+    again = opened(path)
+    assert again.feed_contact() == 1_800_000_001.0 and again.load_actions() == [action]
+    again.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
     db.close()
