@@ -423,13 +423,14 @@ class KubeApiDouble:
             await self._runner.cleanup()
         await asyncio.sleep(0.05)  # let closed transports finish closing before the loop goes
 
-    def start(self) -> str:
-        """Serve from a thread of its own; returns the URL."""
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve from a thread of its own on ``host:port`` (the thread inherits the caller's network
+        namespace); returns the URL."""
 
         def run() -> None:
             async def main() -> None:
                 self._stop = asyncio.Event()
-                await self.serve()
+                await self.serve(host, port)
                 self._started.set()
                 await self._stop.wait()
                 await self.aclose()

@@ -236,6 +236,18 @@ class ClusterNetwork:
             self.close()
             raise
 
+    @property
+    def hosts_file(self) -> Path:
+        """``/etc/netns/<node>/hosts``: ``ip netns exec <node>`` bind-mounts it over ``/etc/hosts``."""
+        return Path("/etc/netns") / self.node / "hosts"
+
+    def write_hosts(self, names: dict[str, str]) -> None:
+        """Name resolution for commands run in the node (``name -> address``); removed by :meth:`close`."""
+        self.hosts_file.parent.mkdir(parents=True, exist_ok=True)
+        lines = ["127.0.0.1 localhost", *(f"{address} {name}" for name, address in sorted(names.items()))]
+        self.hosts_file.write_text("\n".join(lines) + "\n")
+        self.hosts_file.chmod(0o644)
+
     def add_address(self, address: str) -> str:
         """Give the node another address on the bridge (a Service's); returns it."""
         _ip("-n", self.node, "addr", "add", f"{address}/32", "dev", self.bridge)
@@ -284,6 +296,7 @@ class ClusterNetwork:
         for ns in reversed(self.created):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10, check=False)
         self.created.clear()
+        shutil.rmtree(self.hosts_file.parent, ignore_errors=True)
 
     def exists(self) -> bool:
         """Whether any of its namespaces is still listed."""
