@@ -9,9 +9,10 @@ the scenario plays the model that decides, the agent's process is real.
     python -m sidecar.demo.cluster.agent --work /work
 
 Commands (``op``): ``calls`` (a list of HTTP calls), ``probe`` (call one URL until the deny
-reason is ``until``; the time of that first answer), ``task_api`` (the local task API), ``kube`` (the
-Kubernetes API, ``https://kubernetes.default.svc``, verified with the token volume's ``ca.crt``),
-``look`` (whether paths exist and can be read: what the agent can see), ``exit``.
+reason is ``until``; the POSIX time of that first answer; it writes ``started`` when it begins),
+``task_api`` (the local task API), ``kube`` (the Kubernetes API, ``https://kubernetes.default.svc``,
+verified with the token volume's ``ca.crt``), ``look`` (whether paths exist and can be read: what
+the agent can see), ``exit``.
 """
 
 from __future__ import annotations
@@ -51,19 +52,21 @@ def _call(method: str, url: str, body: Any = None, headers: dict[str, str] | Non
         "status": status,
         "reason": answer.get("x-agent-authz-reason"),
         "decision_id": answer.get("x-agent-authz-decision-id"),
-        "body": raw.decode(errors="replace")[:4000],
+        "body": raw.decode(errors="replace")[:65536],
     }
 
 
 def _probe(command: dict[str, Any]) -> dict[str, Any]:
     """Call ``url`` every ``interval`` seconds until the deny reason is ``until`` (or ``timeout``)."""
     deadline = time.monotonic() + float(command.get("timeout", 10))
+    if command.get("started"):  # the scenario acts once every probe runs
+        Path(command["started"]).write_text(str(time.time()))
     tries = 0
     last: dict[str, Any] = {}
     while time.monotonic() < deadline:
         tries += 1
         last = _call(command.get("method", "GET"), command["url"])
-        if last["reason"] == command["until"]:
+        if (last["reason"] or ("allowed" if last["status"] == 200 else None)) == command["until"]:
             return {"first": time.time(), "tries": tries, "status": last["status"], "reason": last["reason"]}
         time.sleep(float(command.get("interval", 0.005)))
     return {"first": None, "tries": tries, "status": last.get("status"), "reason": last.get("reason")}
@@ -89,14 +92,18 @@ def _kube(command: dict[str, Any]) -> dict[str, Any]:
 
 
 def _look(paths: list[str]) -> dict[str, Any]:
+    """For each path: ``absent``, ``readable`` or the error opening it (what this container sees)."""
     seen = {}
     for path in paths:
-        try:
-            seen[path] = "readable" if os.path.isfile(path) and open(path, "rb").read(1) is not None else "exists"  # noqa: SIM115
-        except OSError as exc:
-            seen[path] = f"{type(exc).__name__}"
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             seen[path] = "absent"
+            continue
+        try:
+            with open(path, "rb") as handle:
+                handle.read(1)
+            seen[path] = "readable"
+        except OSError as exc:
+            seen[path] = type(exc).__name__
     return {"paths": seen, "uid": os.getuid()}
 
 
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.work / "ready").write_text(str(os.getpid()))
     done: set[str] = set()
     while True:
-        for path in sorted(inbox.glob("*.json")):
+        for path in sorted(inbox.glob("[0-9]*.json")):  # not the scenario's ".N.json" being written
             if path.name in done:
                 continue
             done.add(path.name)
