@@ -6,11 +6,22 @@
   route names its context in ``context_extensions`` (:mod:`sidecar.wire`).
 * the HTTP connection manager: ``normalize_path``, ``merge_slashes`` and
   ``path_with_escaped_slashes_action: REJECT_REQUEST``, so the upstream receives exactly the
-  canonical path the sidecar authorized; ext_authz, then the listener's filters, then the router;
-  an access log on stdout carrying the decision id from ext_authz dynamic metadata.
+  canonical path the sidecar authorized; ``strip_trailing_host_dot``, so ``Host: api.example.com.``
+  takes the route (and the pinned ``envoy.destinations`` address) of ``api.example.com``, as it is
+  judged (route matching already ignores case, and ``host:*`` domains take any port); the header
+  limits of :mod:`sidecar.wire` rendered explicitly; ext_authz, then the listener's filters, then
+  the router; an access log on stdout carrying the decision id from ext_authz dynamic metadata.
+* the access logs follow the ``drop-query`` log policy (:data:`LOG_POLICY`): a path is logged
+  without its query string (``%REQ_WITHOUT_QUERY(:PATH)%``), no header value but the request id
+  and the authority is logged, so a credential an agent or SDK put in a query parameter never
+  reaches stdout.
 * network ext_authz: one ``Check`` per connection, its context in gRPC initial metadata
   (direction, protocol, ``via``), ``include_tls_session``; then ``tcp_proxy``, which connects
   upstream only once allowed (``ON_DOWNSTREAM_DATA``).
+* what Envoy refuses without asking the sidecar - a request it cannot parse (codec errors), ext_authz
+  unreachable, a connection that never sends what a check needs - goes to the sidecar over gRPC
+  access logging (:func:`refused_log`: only entries without a ``decision_id``), which records each
+  as ``refused_by_proxy``: every refused connection leaves a decision record.
 * with MCP/A2A hosts (``envoy.rpc_hosts``, or rules with ``protocol: mcp`` / ``a2a``): the
   ext_authz filter can buffer the request body, and only the routes to those hosts switch it on
   (:func:`rpc_route_context`); with an MCP host, the ext_proc filter for ``tools/list`` responses
@@ -23,7 +34,7 @@ from datetime import timedelta
 from typing import Any
 
 from sidecar.bootstrap.kit import Kit
-from sidecar.bootstrap.names import AUTHZ_CLUSTER, EGRESS
+from sidecar.bootstrap.names import AUTHZ_CLUSTER, EGRESS, INGRESS
 from sidecar.wire import (
     CONTEXT_BODY_CAP,
     CONTEXT_DIRECTION,
@@ -33,16 +44,20 @@ from sidecar.wire import (
     EXT_PROC_FILTER,
     HTTP_FILTER,
     LIST_FILTER_HEADER,
+    MAX_REQUEST_HEADERS_COUNT,
+    MAX_REQUEST_HEADERS_KB,
     METADATA_DECISION_ID,
     METADATA_NAMESPACE,
     METADATA_REASON,
     NETWORK_FILTER,
     PROTOCOL_METADATA,
+    REFUSED_LOG_PREFIX,
     VIA_METADATA,
     dynamic_metadata_ref,
 )
 
 __all__ = [
+    "LOG_POLICY",
     "access_log",
     "body_buffer",
     "body_route_context",
@@ -50,7 +65,7 @@ __all__ = [
     "ext_authz_filter",
     "ext_proc_filter",
     "network_check",
-    "no_authz",
+    "refused_log",
     "route_context",
     "rpc_route_context",
     "tcp_forward",
@@ -58,13 +73,15 @@ __all__ = [
 ]
 
 _EARLY_DATA_BYTES = 64 * 1024
+LOG_POLICY = "drop-query"
+"""The name of the access-log redaction policy (docs/concepts/logs.md): paths without their query."""
 _ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
     "decision_id": dynamic_metadata_ref(HTTP_FILTER, METADATA_DECISION_ID),
     "reason": dynamic_metadata_ref(HTTP_FILTER, METADATA_REASON),
     "method": "%REQ(:METHOD)%",
     "authority": "%REQ(:AUTHORITY)%",
-    "path": "%REQ(:PATH)%",
+    "path": "%REQ_WITHOUT_QUERY(:PATH)%",
     "status": "%RESPONSE_CODE%",
     "flags": "%RESPONSE_FLAGS%",
     "upstream": "%UPSTREAM_HOST%",
@@ -141,11 +158,6 @@ def rpc_route_context(kit: Kit, protocol: str, *, body: bool, **extra: str) -> d
         )
         config[EXT_PROC_FILTER] = kit.pack(enable)
     return config
-
-
-def no_authz(kit: Kit) -> dict[str, Any]:
-    """Per-route config switching ext_authz off (the ``CONNECT`` tunnel: decisions happen inside)."""
-    return {HTTP_FILTER: kit.pack(kit.ext_authz.ExtAuthzPerRoute(disabled=True))}
 
 
 def ext_authz_filter(kit: Kit) -> Any:
@@ -227,13 +239,55 @@ def ext_proc_filter(kit: Kit) -> Any:
 
 
 def access_log(kit: Kit, log_format: dict[str, str] | None = None) -> Any:
-    """A JSON access log on stdout (the HTTP format by default)."""
+    """A JSON access log on stdout (the HTTP format by default), under the ``drop-query`` policy."""
+    from envoy_data_plane.envoy.extensions.formatter.req_without_query.v3 import ReqWithoutQuery
+
+    formatters = [
+        kit.core.TypedExtensionConfig(
+            name="envoy.formatter.req_without_query", typed_config=kit.pack(ReqWithoutQuery())
+        )
+    ]
     log = kit.stream.StdoutAccessLog(
         log_format=kit.core.SubstitutionFormatString(
-            json_format=kit.pb.Struct.from_dict(log_format if log_format is not None else _ACCESS_LOG_FORMAT)
+            json_format=kit.pb.Struct.from_dict(log_format if log_format is not None else _ACCESS_LOG_FORMAT),
+            formatters=formatters if log_format is None else [],
         )
     )
     return kit.accesslog.AccessLog(name="envoy.access_loggers.stdout", typed_config=kit.pack(log))
+
+
+def refused_log(kit: Kit, namespace: str, stat_prefix: str, direction: str = EGRESS) -> Any:
+    """gRPC access logging to the sidecar (``agent_authz``) of the requests or connections that carry no
+    decision in ``namespace`` (the HTTP or the network ext_authz filter's dynamic metadata): Envoy
+    refused them without a Check, or the Check failed. The sidecar records each (``refused_by_proxy``)."""
+    from envoy_data_plane.envoy.extensions.access_loggers.grpc import v3 as grpc_log
+
+    core, al, m = kit.core, kit.accesslog, kit.matcher
+    common = grpc_log.CommonGrpcAccessLogConfig(
+        log_name=f"{REFUSED_LOG_PREFIX}|{direction}|{stat_prefix}",
+        grpc_service=core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER)),
+        transport_api_version=core.ApiVersion.V3,
+        buffer_flush_interval=timedelta(milliseconds=200),
+    )
+    http = namespace == HTTP_FILTER
+    config = (
+        grpc_log.HttpGrpcAccessLogConfig(common_config=common)
+        if http
+        else grpc_log.TcpGrpcAccessLogConfig(common_config=common)
+    )
+    undecided = al.AccessLogFilter(
+        metadata_filter=al.MetadataFilter(
+            matcher=m.MetadataMatcher(
+                filter=namespace,
+                path=[m.MetadataMatcherPathSegment(key=METADATA_DECISION_ID)],
+                value=m.ValueMatcher(present_match=True),
+                invert=True,
+            ),
+            match_if_key_not_found=True,
+        )
+    )
+    name = "envoy.access_loggers.http_grpc" if http else "envoy.access_loggers.tcp_grpc"
+    return al.AccessLog(name=name, filter=undecided, typed_config=kit.pack(config))
 
 
 def connection_manager(
@@ -243,10 +297,12 @@ def connection_manager(
     filters: list[Any],
     *,
     validate_clusters: bool | None = None,
+    before_authz: list[Any] | None = None,
     **extra: Any,
 ) -> Any:
     """The egress/ingress HTTP connection manager. ``validate_clusters=False`` for routes to CDS
-    clusters, which may arrive after the listener that names them (file-based xDS has no order)."""
+    clusters, which may arrive after the listener that names them (file-based xDS has no order);
+    ``before_authz``: HTTP filters that run before ext_authz (what the check must see)."""
     hcm = kit.hcm
     route_config = kit.route.RouteConfiguration(name=stat_prefix, virtual_hosts=vhosts)
     if validate_clusters is not None:
@@ -256,15 +312,22 @@ def connection_manager(
         codec_type=hcm.HttpConnectionManagerCodecType.AUTO,
         normalize_path=True,
         merge_slashes=True,
+        strip_trailing_host_dot=True,
+        max_request_headers_kb=MAX_REQUEST_HEADERS_KB,
+        common_http_protocol_options=kit.core.HttpProtocolOptions(max_headers_count=MAX_REQUEST_HEADERS_COUNT),
         path_with_escaped_slashes_action=hcm.HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
         route_config=route_config,
         http_filters=[
+            *(before_authz or []),
             ext_authz_filter(kit),
             *([ext_proc_filter(kit)] if "mcp" in kit.rpc_hosts.values() else []),
             *filters,
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=kit.pack(kit.router.Router())),
         ],
-        access_log=[access_log(kit)],
+        access_log=[
+            access_log(kit),
+            refused_log(kit, HTTP_FILTER, stat_prefix, INGRESS if stat_prefix.startswith(INGRESS) else EGRESS),
+        ],
         **extra,
     )
     return kit.listener.Filter(name="envoy.filters.network.http_connection_manager", typed_config=kit.pack(manager))
@@ -308,14 +371,17 @@ def network_check(kit: Kit, protocol: str, *, via: str = "") -> Any:
     return kit.listener.Filter(name=NETWORK_FILTER, typed_config=kit.pack(config))
 
 
-def tcp_forward(kit: Kit, stat_prefix: str, cluster: str) -> Any:
-    """``tcp_proxy`` that connects upstream only after the first bytes passed ext_authz."""
+def tcp_forward(kit: Kit, stat_prefix: str, cluster: str, *, max_duration: timedelta | None = None) -> Any:
+    """``tcp_proxy`` that connects upstream only after the first bytes passed ext_authz; with
+    ``max_duration``, the connection is closed after that long (the chains where nothing is ever
+    allowed: a connection that sends nothing ends, and its access log entry reaches the sidecar)."""
     tp = kit.tcp_proxy
     config = tp.TcpProxy(
         stat_prefix=stat_prefix,
         cluster=cluster,
         upstream_connect_mode=tp.UpstreamConnectMode.ON_DOWNSTREAM_DATA,
         max_early_data_bytes=_EARLY_DATA_BYTES,
-        access_log=[access_log(kit, _TCP_ACCESS_LOG_FORMAT)],
+        access_log=[access_log(kit, _TCP_ACCESS_LOG_FORMAT), refused_log(kit, NETWORK_FILTER, stat_prefix)],
+        max_downstream_connection_duration=max_duration,
     )
     return kit.listener.Filter(name="envoy.filters.network.tcp_proxy", typed_config=kit.pack(config))

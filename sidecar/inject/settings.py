@@ -77,7 +77,9 @@ class EnvoyContainerSettings(ContainerSettings):
     """Envoy's container: worker threads (``--concurrency``) and log level."""
 
     concurrency: int = Field(default=2, ge=1, le=64)
-    log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
+    log_level: Literal["info", "warning", "error", "critical", "off"] = "warning"
+    """Not ``debug`` or ``trace``: Envoy prints request headers (tokens, API keys) there
+    (:data:`~sidecar.bootstrap.launch.ENVOY_LOG_LEVELS`)."""
 
 
 class SidecarContainerSettings(ContainerSettings):
@@ -349,6 +351,7 @@ class InjectorConfig:
             probe servers), for the iptables step's ``--proxy-ports``.
         grant_trust: verifies the grants non-authors send (``None``: built from ``settings`` by
             :func:`build_injector`).
+        dns_port: the sidecar's DNS proxy (``dns.listen``), for the iptables step's ``--dns-port``.
     """
 
     settings: InjectorSettings
@@ -361,6 +364,7 @@ class InjectorConfig:
     intercept: bool = False
     proxy_ports: tuple[int, ...] = ()
     grant_trust: GrantTrust | None = None
+    dns_port: int = 15053
 
 
 def check_layout(config: SidecarConfig) -> list[str]:
@@ -404,6 +408,10 @@ def check_layout(config: SidecarConfig) -> list[str]:
         problems.append(f"decision_log.path must be in {layout.LOG_DIR}/")
     if config.state.path is None or Path(config.state.path) != Path(layout.STATE_FILE):
         problems.append(f"state.path must be {layout.STATE_FILE} (the sidecar's own volume; a restart forgets nothing)")
+    if config.dns is not None:
+        host, _, port = config.dns.listen.rpartition(":")
+        if host != "127.0.0.1" or port == "0":
+            problems.append("dns.listen must be 127.0.0.1 with a fixed port (the iptables step redirects DNS there)")
     intercept = config.intercept
     if intercept is not None:
         if Path(intercept.state_dir) != Path(layout.INTERCEPT_STATE_DIR):
@@ -467,6 +475,11 @@ def build_injector(settings: InjectorSettings, loaded: LoadedConfig, *, file: st
                 f"credentials.{credential.name}.file must be {credential.file} (the Secret {credential.secret_name} "
                 "is mounted there, in the sidecar container only)"
             )
+    if loaded.settings.dns is None and 53 not in settings.exclude_outbound_ports:
+        problems.append(
+            "dns must be set: the iptables step redirects the agent's DNS to the sidecar's DNS proxy "
+            "(or exclude port 53 in exclude_outbound_ports, which leaves DNS an open channel)"
+        )
     if problems:
         raise ConfigError(str(loaded.source), "", "does not fit the injected pod: " + "; ".join(problems))
     sidecar = loaded.settings
@@ -494,4 +507,5 @@ def build_injector(settings: InjectorSettings, loaded: LoadedConfig, *, file: st
             settings.grant_trust.root_issuers,
             max_depth=sidecar.grants.max_depth,
         ),
+        dns_port=int(sidecar.dns.listen.rpartition(":")[2]) if sidecar.dns is not None else 15053,
     )
