@@ -637,6 +637,7 @@ class StateStore:
                     "tool": a.call.tool,
                     "content": a.call.content,
                     "policy_version": a.call.policy_version,
+                    "headers": a.call.headers,
                 },
                 ensure_ascii=False,
             )

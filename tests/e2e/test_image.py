@@ -228,8 +228,10 @@ def test_the_demo_runs_inside_the_image(image: Image, run_in_image: Any) -> None
     # the decision log it wrote (as 65532, on the mounted volume) verifies with the host's CLI
     log = run_in_image.state / "demo" / "decisions.log"
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(records) == 14 and log.stat().st_uid == 65532
+    # 14 decisions and the 3 CONNECT tunnels urllib opens for the HTTPS calls (each a decision, as in test_demo)
+    assert len(records) == 17 and log.stat().st_uid == 65532
+    assert [r["host"] for r in records if r["method"] == "CONNECT"] == ["sentiment.example.com"] * 3
     verified = subprocess.run(
         [sys.executable, "-m", "sidecar", "logs", "verify", str(log)], capture_output=True, text=True, timeout=60
     )
-    assert verified.returncode == 0 and "intact: 14 records" in verified.stdout, verified.stdout
+    assert verified.returncode == 0 and "intact: 17 records" in verified.stdout, verified.stdout
