@@ -27,11 +27,11 @@ import pytest
 from sidecar.demo.agent_servers import CALLS, ServerThread, warehouse_app
 from sidecar.demo.upstream import SampleUpstream, TokenCheck
 from sidecar.harness import AuthzStack, SidecarProcess, wait_until
+from sidecar.simulation.netns import AGENT_UID, as_user
 from tests.support.agent_protocols import MCP_HOST
 from tests.support.config import API_AUDIENCE, API_HOST, ISSUER, task, write_config
 from tests.support.continuous import Operator, call_admin
 from tests.support.grants_env import DELEGATION, ORCH, SUB, Scenario, check, dump, reason
-from tests.support.netns import AGENT_UID, as_user
 from tests.support.stack import Env, Reply, metric, send
 
 pytestmark = pytest.mark.e2e

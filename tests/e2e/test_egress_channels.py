@@ -27,9 +27,9 @@ import yaml
 
 from sidecar.harness import AuthzStack, ManagedProcess, http_get, wait_until
 from sidecar.identity.devca import DevCA
+from sidecar.simulation.netns import AGENT_UID, ATTACKER_IP, POD_IP, PROXY_UID, UPSTREAM_IP, as_user, chown_tree
 from tests.support.certs import make_leaf, write_pair
 from tests.support.config import AGENT, base_config, task, write_config, write_keys
-from tests.support.netns import AGENT_UID, ATTACKER_IP, POD_IP, PROXY_UID, UPSTREAM_IP, as_user, chown_tree
 from tests.support.netns_pod import REPO, Pod, pod_sandbox, start_servers
 
 pytestmark = [

@@ -7,7 +7,7 @@ The demo runs with ``podman run`` where that works. Where it does not (in this s
 set rlimits: ``setrlimit RLIMIT_NOFILE: Operation not permitted``), it runs the way a runtime would:
 the image's root filesystem (``podman image mount``) as the lower layer of an overlay with a tmpfs
 upper, read-only root, in private mount and network namespaces, chrooted, as the image's default
-user with no capabilities and ``no_new_privs`` (:mod:`tests.support.container_exec`).
+user with no capabilities and ``no_new_privs`` (:mod:`sidecar.simulation.container_exec`).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _run_chroot(image: Image, argv: list[str], scratch: Path, state: Path, timeo
     spec_path.write_text(json.dumps(spec))
     # A fresh network namespace (loopback only, as `podman run --network none`) and mount namespace.
     namespaces = ["unshare", "--net", "--mount", "--propagation", "private", "--"]
-    runtime = [sys.executable, "-m", "tests.support.container_exec", str(spec_path)]
+    runtime = [sys.executable, "-m", "sidecar.simulation.container_exec", str(spec_path)]
     result = subprocess.run(
         [*namespaces, "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *runtime],
         cwd=REPO,
