@@ -24,6 +24,7 @@ from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.config.watch import watch_and_reload
 from sidecar.control_socket import prepare_socket_dir, restrict_socket, tcp_control_endpoints
 from sidecar.envoy_authz.ext_proc import ListFilterService
+from sidecar.envoy_authz.http_server import start_http_service
 from sidecar.envoy_authz.service import AuthorizationService
 from sidecar.errors import BundleDetail, ConfigError, SvidDetail
 from sidecar.identity.state import IdentityState
@@ -51,8 +52,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     Args:
         config_path: ``sidecar.yaml``.
         ready_file: once listening, write ``{"authz": addr, "admin": "host:port", "pid": n}`` here
-            (atomically; with ``listen.health`` also ``"health": "host:port"``), so callers can use
-            port 0 without races.
+            (atomically; with ``listen.health`` also ``"health": "host:port"``, with the HTTP checks
+            service ``"authz_http": addr``), so callers can use port 0 without races.
         stop: an event that ends the server (tests); signals are handled too.
 
     Raises:
@@ -122,6 +123,9 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     if intercept is not None:  # the pod-CA leaves, for Envoy's intercepting filter chains (gRPC SDS)
         intercept.secrets.bind(loop)
         server.add_generic_rpc_handlers((intercept.secrets.handler(),))
+    http_checks = settings.http_checks()
+    http_server: asyncio.Server | None = None
+    http_bound: str | None = None
     authz = settings.listen.authz
     sock_path: Path | None = None
     if authz.startswith("unix:"):
@@ -139,6 +143,12 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     await server.start()
     if sock_path is not None:
         restrict_socket(sock_path)
+    if http_checks is not None:  # Envoy's HTTP ext_authz transport (envoy.authz_transport: http)
+        if http_checks.startswith("unix:"):
+            prepare_socket_dir(Path(http_checks[5:]), file=str(loaded.source), field="listen.authz_http")
+        http_server, http_bound = await start_http_service(service, http_checks)
+        if http_checks.startswith("unix:"):
+            restrict_socket(Path(http_checks[5:]))
     for key, address in tcp_control_endpoints(loaded):
         _log.warning(
             "control_endpoint_on_tcp",
@@ -191,6 +201,7 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     _log.info(
         "serving",
         authz=authz_bound,
+        authz_http=http_bound,
         admin=admin_bound,
         health=health_bound,
         tasks=len(runtime.snapshot.policy.tasks_by_id),
@@ -198,6 +209,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     if ready_file is not None:
         tmp = ready_file.with_name(ready_file.name + ".tmp")
         addresses: dict[str, object] = {"authz": authz_bound, "admin": admin_bound, "pid": os.getpid()}
+        if http_bound is not None:
+            addresses["authz_http"] = http_bound
         if health_bound is not None:
             addresses["health"] = health_bound
         tmp.write_text(json.dumps(addresses))
@@ -208,6 +221,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         _log.info("shutting_down", decisions=service.decisions, seq=decision_log.head.seq)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if http_server is not None:
+            http_server.close()
         await server.stop(grace=2.0)
         await runner.cleanup()
         if health_runner is not None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.bootstrap.clusters import dfp_cluster, dns_cache, host_port_cluster, tls_cluster
-from sidecar.bootstrap.filters import connection_manager, no_authz, rpc_route_context, vhost
+from sidecar.bootstrap.filters import connection_manager, no_authz, rpc_route_context, rpc_route_metadata, vhost
 from sidecar.bootstrap.kit import Kit
 from sidecar.bootstrap.names import DFP_CLUSTER, EGRESS, INTERCEPT_CONNECT, destination_cluster_name
 from sidecar.wire import CONTEXT_UPSTREAM_TLS, LIST_FILTER_HEADER, ORIGINATE
@@ -56,8 +56,11 @@ def rpc_vhost(kit: Kit, host: str, cluster: str, **extra: str) -> Any:
             typed_per_filter_config=rpc_route_context(kit, protocol, body=True, **extra),
         )
     )
-    for route in routes:
+    for route, body in zip(routes, [False] * (len(routes) - 1) + [True], strict=True):
         route.request_headers_to_remove = [LIST_FILTER_HEADER]
+        metadata = rpc_route_metadata(kit, protocol, body=body, **extra)
+        if metadata is not None:
+            route.metadata = metadata
     return r.VirtualHost(name=f"rpc|{destination_cluster_name(host)}", domains=[host, f"{host}:*"], routes=routes)
 
 
