@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import grpc
 import structlog
 from aiohttp import web
 
+from sidecar import STARTED
 from sidecar.admin.app import make_admin_app
 from sidecar.admin.health import make_health_app
 from sidecar.audit.chain import load_hmac_key
@@ -64,11 +66,14 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         OSError: a listen address is unavailable.
     """
     loop = asyncio.get_running_loop()
+    stamps = {"started": STARTED, "serve": time.monotonic()}  # the startup breakdown (monotonic clock)
     # Parsed once: the Workload API connection, the runtime and the intercept manager all start from it.
     loaded = await loop.run_in_executor(None, load_config, config_path)
+    stamps["config"] = time.monotonic()
     store = open_state(loaded)
     try:
         workload = await _start_workload_identity(loaded, loop)
+        stamps["identity"] = time.monotonic()
     except BaseException:
         if store is not None:
             store.close()
@@ -87,6 +92,7 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         if store is not None:
             store.close()
         raise
+    stamps["runtime"] = time.monotonic()
     if workload is not None:
 
         def identity_changed(state: IdentityState) -> None:
@@ -198,8 +204,11 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     # Everything built so far (imports, the compiled policy) lives as long as the process: freeze it,
     # so a full collection never walks 10,000 compiled rules in the middle of a decision.
     gc.freeze()
+    stamps["ready"] = time.monotonic()
     _log.info(
         "serving",
+        startup_s={k: round(v - stamps["started"], 4) for k, v in stamps.items()},
+        started_monotonic=stamps["started"],
         authz=authz_bound,
         authz_http=http_bound,
         admin=admin_bound,
