@@ -11,6 +11,7 @@ Each page comes from one place in the code, imported by its public name:
 page          source
 ============  ===========================================================================
 config.md     the pydantic models of ``sidecar.yaml`` (``SidecarConfig``; field docstrings)
+authority-config.md  the pydantic models of ``authority.yaml`` (``AuthorityConfig``)
 reasons.md    ``sidecar.decision.Reason`` (member docstrings) and ``deny_status``; the identity
               sub-codes ``sidecar.errors.SvidDetail`` and ``BundleDetail`` (member docstrings)
 metrics.md    the metric constructors in ``sidecar.metrics`` (name, help, labels), checked
@@ -53,6 +54,7 @@ if str(REPO) not in sys.path:  # run as a script from a checkout
 from sidecar import cli, metrics  # noqa: E402
 from sidecar.audit import RECORD_FIELDS, decision_record  # noqa: E402
 from sidecar.audit.chain import ChainHead, link  # noqa: E402
+from sidecar.authority.config import AuthorityConfig  # noqa: E402
 from sidecar.config.durations import parse_duration  # noqa: E402
 from sidecar.config.schema import SidecarConfig, SpiffeIdStr  # noqa: E402
 from sidecar.decision import Decision, Direction, Protocol, Reason, TokenInfo, deny_status  # noqa: E402
@@ -129,6 +131,10 @@ class _Schema:
                 child = (args[0], f"{key}[]")
             elif origin is dict and _is_model(args[1]):
                 child = (args[1], f"{key}.<name>")
+            elif origin in (typing.Union, types.UnionType):  # e.g. ``required`` or a section
+                members = [a for a in args if _is_model(a)]
+                if len(members) == 1:
+                    child = (members[0], key)
             if child is not None and child[0] not in self.where:
                 self.walk(*child)
             kind = self._type(annotation, info)
@@ -243,16 +249,33 @@ def _slug(heading: str) -> str:
 
 def config_page() -> str:
     """``docs/reference/config.md``: every key of ``sidecar.yaml``."""
-    schema = _Schema()
-    schema.walk(SidecarConfig, "")
-    out = [_header("Configuration reference (`sidecar.yaml`)", "sidecar/config/schema.py")]
-    out.append(_md(SidecarConfig.__doc__ or "") + "\n\n")
-    out.append(
-        "A complete, commented example is [`examples/sidecar.yaml`](../../examples/sidecar.yaml). "
-        "Key paths are dotted; `[]` is each element of a list, `<name>` each entry of a map.\n\n"
+    return _model_page(
+        SidecarConfig,
+        "sidecar.yaml",
+        "sidecar/config/schema.py",
+        "A complete, commented example is [`examples/sidecar.yaml`](../../examples/sidecar.yaml). ",
     )
+
+
+def authority_config_page() -> str:
+    """``docs/reference/authority-config.md``: every key of ``authority.yaml`` (``agent-authz authority``)."""
+    return _model_page(
+        AuthorityConfig,
+        "authority.yaml",
+        "sidecar/authority/config.py",
+        "The Helm chart writes it (ConfigMap `<release>-agent-authz-authority-config`); see "
+        "[The cluster authority](../concepts/cluster-authority.md). ",
+    )
+
+
+def _model_page(root: type[BaseModel], file: str, source: str, intro: str) -> str:
+    schema = _Schema()
+    schema.walk(root, "")
+    out = [_header(f"Configuration reference (`{file}`)", source)]
+    out.append(_md(root.__doc__ or "") + "\n\n")
+    out.append(intro + "Key paths are dotted; `[]` is each element of a list, `<name>` each entry of a map.\n\n")
     for path, model, rows in schema.sections:
-        out.append(f"## `{path or 'sidecar.yaml'}`\n\n")
+        out.append(f"## `{path or file}`\n\n")
         if path:
             out.append(f"{_md(model.__doc__ or '')}\n\n")
         out.append("| key | type | default | meaning |\n|---|---|---|---|\n")
@@ -556,6 +579,7 @@ def records_page() -> str:
 
 PAGES: dict[str, Callable[[], str]] = {
     "config.md": config_page,
+    "authority-config.md": authority_config_page,
     "reasons.md": reasons_page,
     "metrics.md": metrics_page,
     "cli.md": cli_page,

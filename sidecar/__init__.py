@@ -23,6 +23,8 @@ graph is checked by ``tests/unit/test_import_graph.py``):
   dynamic listeners and clusters, the agent's trust files and variables.
 * :mod:`sidecar.redirect` - the iptables rules that send the agent's TCP to Envoy.
 * :mod:`sidecar.inject` - the sidecar-injection admission webhook.
+* :mod:`sidecar.authority` - the cluster authority: token issuers upstreams verify, the revocation
+  feed (and, in :mod:`sidecar.authority.client`, the sidecar's side of it).
 * :mod:`sidecar.admin`, :mod:`sidecar.metrics`, :mod:`sidecar.server`, :mod:`sidecar.cli` - the
   process: admin HTTP, metrics, ``serve``, the command line; :mod:`sidecar.harness` - the process
   harness of the demo and the end-to-end tests.

@@ -5,13 +5,16 @@ Subcommands:
     ``envoy-config``  render the Envoy bootstrap for a config.
     ``check``         decide one call offline (exit 0 allow, 1 deny, 2 bad input).
     ``dev-ca``        a development trust domain: ``init`` a CA, ``issue`` SVIDs.
-    ``task``          root task grants: ``keygen``, ``sign``, ``revoke``, ``inspect``.
+    ``task``          root task grants: ``keygen``, ``sign``, ``revoke``, ``inspect``; the ladder:
+                      ``freeze``, ``unfreeze``, ``kill``.
+    ``approve``       approve a call waiting for a human approval (or print an operator token).
     ``demo``          run the quarterly-report demo with real Envoy.
     ``logs``          show, filter and follow decision logs; ``logs verify`` checks their hash chain.
     ``iptables``      install (or ``--cleanup``, or ``--dry-run`` print) the interception rules.
     ``envoy``         render the Envoy bootstrap and exec Envoy (the injected Envoy container).
     ``webhook``       the sidecar-injection admission webhook (HTTPS).
     ``webhook-check`` ask a running webhook about sample pods (the chart's ``helm test``).
+    ``authority``     the cluster token issuer (OpenID discovery, JWKS) and revocation feed (HTTPS).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from pathlib import Path
 from sidecar import __version__
 from sidecar.config.durations import parse_duration
 from sidecar.errors import AgentAuthzError
-from sidecar.task_cli import add_task_commands
+from sidecar.task_cli import add_approve_command, add_task_commands
 
 __all__ = ["main"]
 
@@ -278,6 +281,21 @@ def _cmd_webhook_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_authority(args: argparse.Namespace) -> int:
+    import ssl
+
+    from sidecar.authority.server import run_authority
+    from sidecar.logs import configure_logging
+
+    configure_logging(args.log_level)
+    try:
+        run_authority(Path(args.config), ready_file=Path(args.ready_file) if args.ready_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"agent-authz authority: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _duration(text: str) -> float:
     try:
         return parse_duration(text)
@@ -363,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     issue.set_defaults(func=_cmd_dev_ca_issue)
 
     add_task_commands(sub)
+    add_approve_command(sub)
 
     demo = sub.add_parser("demo", help="run the quarterly-report demo with real Envoy")
     demo.add_argument(
@@ -513,6 +532,25 @@ def build_parser() -> argparse.ArgumentParser:
     webhook_check.add_argument("--namespace", default="default", help="namespace of the sample pods")
     webhook_check.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
     webhook_check.set_defaults(func=_cmd_webhook_check)
+
+    authority = sub.add_parser(
+        "authority",
+        help="serve the cluster token issuer and revocation feed (HTTPS; see docs/concepts/cluster-authority.md)",
+        description="Publish each agent namespace's OpenID discovery document and JWKS (public keys the sidecars "
+        "announce, never a private key) and stream revocations to every sidecar over mTLS; revocations are "
+        "persisted in a ConfigMap. Run two or more replicas (the Helm chart does).",
+    )
+    authority.add_argument("--config", required=True, help="authority.yaml")
+    authority.add_argument(
+        "--ready-file", help='write {"public": "host:port", "feed": "host:port", "pid": n} here (JSON) once listening'
+    )
+    authority.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="operational log level (stderr)",
+    )
+    authority.set_defaults(func=_cmd_authority)
     return parser
 
 

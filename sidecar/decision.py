@@ -31,6 +31,9 @@ class Direction(enum.StrEnum):
     INGRESS = "ingress"
     LOCAL = "local"
     """The local agent asked its own sidecar (the task API), e.g. to revoke another agent's task."""
+    CONTROL = "control"
+    """A control record: an operator's signed action (freeze, unfreeze, kill, approval) or the
+    sidecar's own continuous-verification step (a quarantine), not a call."""
 
 
 class Protocol(enum.StrEnum):
@@ -118,7 +121,9 @@ class Reason(enum.StrEnum):
     the one its SNI named (RFC 9110 §7.4)."""
     NOT_AUTHORIZED = "not_authorized"
     """Task API (direction ``local``): the local agent asked to revoke or delegate a task its signature
-    has no authority over - another agent's task, or one from the configuration; nothing changed."""
+    has no authority over - another agent's task, or one from the configuration. Control API (direction
+    ``control``): an action, approval or operator token that is unsigned, signed by nobody trusted, or by
+    a signer without authority over its target. Nothing changed."""
     MCP_HEADER_MISMATCH = "mcp_header_mismatch"
     """``Mcp-Method`` / ``Mcp-Name`` are malformed, missing where required, or disagree with the body."""
     MCP_AMBIGUOUS_BODY = "mcp_ambiguous_body"
@@ -143,6 +148,51 @@ class Reason(enum.StrEnum):
     """An MCP ``prompts/get`` of a prompt the rule's ``prompts`` do not name."""
     RPC_METHOD_NOT_ALLOWED = "rpc_method_not_allowed"
     """A JSON-RPC method (MCP or A2A) the rule's ``rpc_methods`` do not name."""
+    TASK_QUARANTINED = "task_quarantined"
+    """The task is frozen - by the anomaly rule (too many out-of-task denials of it, or of a task it was
+    delegated from, within the window) or by a signed operator action on the task, a task above it or
+    its agent: every call is denied until an operator unfreezes it (``detail`` says which freeze)."""
+    SENSITIVITY_NOT_ALLOWED = "sensitivity_not_allowed"
+    """A rule allows the call, but its sensitivity label (the rule's, or its host's in
+    ``sensitivity.hosts``) is above the task's ``max_sensitivity``."""
+    APPROVAL_REQUIRED = "approval_required"
+    """The rule says ``approval: required`` for this call and no approval for exactly this call exists
+    yet: the deny body and the record carry an ``approval_id`` for an operator to approve
+    (``agent-authz approve ID``); the agent then retries the same call once."""
+    APPROVAL_MISMATCH = "approval_mismatch"
+    """An approval exists for a call of the same shape (agent, task, destination, method, path, tool) but
+    other arguments, body or query: it does not cover this call (a new ``approval_id`` is in the body)."""
+    APPROVAL_REPLAYED = "approval_replayed"
+    """The approval for exactly this call was already used: an approval allows one call (a new
+    ``approval_id`` is in the body)."""
+    APPROVAL_EXPIRED = "approval_expired"
+    """The approval for this call expired before the retry (its ``--ttl``); a new ``approval_id`` is in the body."""
+    APPROVAL_POLICY_CHANGED = "approval_policy_changed"
+    """The task's declaration (its policy version) changed since the call was put up for approval: the
+    approval no longer holds (a new ``approval_id`` is in the body)."""
+    APPROVAL_BODY_UNAVAILABLE = "approval_body_unavailable"
+    """An approval-gated call carries a body the sidecar did not see in full - its Envoy route buffers
+    none (a host only a grant names, not in ``envoy.approval_hosts``; an intercepted one), or the body is
+    over ``envoy.rpc_body_cap`` - so no approval could bind it."""
+    TASK_FROZEN = "task_frozen"
+    """Control record: a task, a delegation subtree or an agent was frozen - by the anomaly rule
+    (``action.evidence`` lists the ids of the records that tripped it) or by a signed action."""
+    WOULD_QUARANTINE = "would_quarantine"
+    """Control record, dry run (``quarantine.dry_run`` or ``dry_run``): the anomaly rule tripped
+    (``action.evidence``) and nothing was frozen."""
+    TASK_UNFROZEN = "task_unfrozen"
+    """Control record: a signed ``unfreeze`` (a root issuer's) lifted the freezes of its target."""
+    TASK_KILLED = "task_killed"
+    """Control record: a signed ``kill``: the target's tasks and everything delegated below them are
+    revoked for good (``task_revoked``), and new grants under them are refused."""
+    APPROVAL_GRANTED = "approval_granted"
+    """Control record: an operator (a root issuer or an ``approvals.approvers`` SPIFFE ID) approved the
+    call of ``approval.id`` for one retry until ``approval.expires_at``."""
+    REVOCATION_FEED_STALE = "revocation_feed_stale"
+    """The cluster authority's revocation feed has been unreachable for longer than
+    ``grants.revocation_feed.max_staleness``: a revocation made elsewhere might not have arrived, so
+    tasks from delegated grants (with ``stale_applies_to: all``, every task) are denied until the feed
+    is back (503: retry later)."""
 
 
 _STATUS = {
@@ -153,13 +203,15 @@ _STATUS = {
     Reason.MCP_AMBIGUOUS_BODY: 400,
     Reason.MCP_INVALID_BODY: 400,
     Reason.MCP_BODY_TOO_LARGE: 413,
+    Reason.REVOCATION_FEED_STALE: 503,
 }
 
 
 def deny_status(reason: Reason) -> int:
     """HTTP status for a deny: 429 for an exhausted budget, 400 for a malformed request or JSON-RPC
     body, 413 for a body over the cap, 421 (RFC 9110 §15.5.20) for a request misdirected into an
-    intercepted connection, else 403."""
+    intercepted connection, 503 while the revocation feed is stale (a transient condition: retry
+    later), else 403."""
     return _STATUS.get(reason, 403)
 
 
@@ -227,6 +279,8 @@ class AuthzRequest:
             ``rpc_body_cap`` context extensions); ``None`` otherwise.
         body: the request body Envoy buffered (a route with a body cap, ``with_request_body``), or
             ``None`` when the route sends none.
+        body_cap: on a plain-HTTP route that buffers the body (an ``approval`` host), its cap in
+            bytes (Envoy sends one byte more of a longer body); ``0`` otherwise.
     """
 
     direction: Direction
@@ -245,6 +299,7 @@ class AuthzRequest:
     via_connect: bool = False
     rpc: RpcRoute | None = None
     body: bytes | None = None
+    body_cap: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +348,16 @@ class Decision:
         rpc_id: the JSON-RPC id of the request, for the error body.
         list_filter: on an allowed MCP ``tools/list``, the tool name patterns the response is
             filtered to (Envoy's ext_proc reads them from dynamic metadata); ``None`` otherwise.
+        purpose: the task's ``purpose``.
+        sensitivity: the sensitivity label of the destination as judged (the rule's or its host's,
+            else ``sensitivity.default``); ``None`` when no rule of the task names the host.
+        remaining: calls left under the tightest ``max_calls`` of the rule that decided (after this
+            call on an allow; ``0`` on ``budget_exhausted``); ``None`` when no limit applies.
+        approval: an approval this decision created, used or refused (``id``, ``status``,
+            ``expires_at``, ``approved_by``); ``None`` otherwise.
+        action: on a ``control`` record: the action (``kind``, ``target``, ``by``, ``action_id``,
+            ``evidence``, ``source``).
+        followups: control decisions to record right after this one (a quarantine this call tripped).
     """
 
     allow: bool
@@ -326,3 +391,9 @@ class Decision:
     rpc: Mapping[str, object] | None = None
     rpc_id: str | int | None = None
     list_filter: tuple[str, ...] | None = None
+    purpose: str | None = None
+    sensitivity: str | None = None
+    remaining: int | None = None
+    approval: Mapping[str, object] | None = None
+    action: Mapping[str, object] | None = None
+    followups: tuple[Decision, ...] = ()

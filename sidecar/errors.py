@@ -62,6 +62,15 @@ class ErrorCode(enum.StrEnum):
     """An MCP ``tools/list`` response that cannot be filtered (it is replaced by a JSON-RPC error)."""
     STATE_UNAVAILABLE = "state_unavailable"
     """The durable state file (``state.path``) is refused at start or cannot be written."""
+    CONTROL_REFUSED = "control_refused"
+    """A freeze/unfreeze/kill action, an approval or an operator token was refused (sub-code:
+    :class:`~sidecar.control.documents.ControlCode`)."""
+    KUBERNETES_API = "kubernetes_api"
+    """A Kubernetes API request failed (the authority's ConfigMaps); ``status`` and ``reason`` say how."""
+    AUTHORITY_REFUSED = "authority_refused"
+    """The cluster authority refused a request (a revocation, a key announcement, a feed client)."""
+    AUTHORITY_UNAVAILABLE = "authority_unavailable"
+    """The cluster authority could not be reached or answered something unusable."""
 
 
 class SvidDetail(enum.StrEnum):

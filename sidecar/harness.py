@@ -24,20 +24,41 @@ from typing import Any, TypeVar
 
 from sidecar.envoy_bin import find_envoy
 
-__all__ = ["EnvoyProcess", "ManagedProcess", "SidecarProcess", "http_get", "unix_http", "wait_until"]
+__all__ = [
+    "AuthorityProcess",
+    "EnvoyProcess",
+    "ManagedProcess",
+    "SidecarProcess",
+    "http_get",
+    "unix_http",
+    "wait_until",
+]
 
 T = TypeVar("T")
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+def http_get(url: str, timeout: float = 2.0, *, ca_file: Path | None = None) -> tuple[int, bytes]:
     """GET ``url`` directly (never through a proxy); returns ``(status, body)``.
 
+    Args:
+        url: ``http://`` or ``https://`` (verified against ``ca_file``, else the system CAs).
+        timeout: seconds.
+        ca_file: the CA bundle of an ``https://`` server.
+
     Raises:
-        OSError: connection failed.
+        OSError: connection failed (a TLS verification failure included).
     """
+    opener = _NO_PROXY
+    if ca_file is not None:
+        import ssl
+
+        context = ssl.create_default_context(cafile=str(ca_file))
+        opener = urllib.request.build_opener(
+            urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+        )
     try:
-        with _NO_PROXY.open(url, timeout=timeout) as response:
+        with opener.open(url, timeout=timeout) as response:
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as err:
         return int(err.code), bytes(err.read())
@@ -213,6 +234,75 @@ class SidecarProcess(ManagedProcess):
     def admin_url(self) -> str:
         """``http://host:port`` of the admin server."""
         return f"http://{self.addresses['admin']}"
+
+
+class AuthorityProcess(ManagedProcess):
+    """``agent-authz authority`` (one replica) with a ready file.
+
+    Args:
+        config: ``authority.yaml``.
+        ca_file: the CA of its serving certificate (to probe ``/readyz``).
+        log_dir: logs and the ready file.
+        env: environment (e.g. ``HOSTNAME`` to name the replica in its records).
+        name: log file stem; distinct per replica.
+    """
+
+    def __init__(
+        self,
+        config: Path,
+        *,
+        ca_file: Path,
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+        name: str = "authority",
+    ) -> None:
+        self.ready_file = log_dir / f"{name}.ready.json"
+        self.ca_file = ca_file
+        argv = [
+            sys.executable,
+            "-m",
+            "sidecar",
+            "authority",
+            "--config",
+            str(config),
+            "--ready-file",
+            str(self.ready_file),
+        ]
+        super().__init__(name, argv, log_dir=log_dir, env=env)
+        self.addresses: dict[str, Any] = {}
+
+    def start(self) -> None:
+        """Start the replica; :meth:`wait_ready` waits for it."""
+        self.ready_file.unlink(missing_ok=True)
+        super().start()
+
+    def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
+        """Wait for the ready file and ``/readyz`` (both ConfigMaps read); returns the bound addresses."""
+
+        def probe() -> dict[str, Any] | None:
+            self.check_alive()
+            if not self.ready_file.exists():
+                return None
+            data: dict[str, Any] = json.loads(self.ready_file.read_text())
+            return data
+
+        self.addresses = wait_until(probe, timeout=timeout, what=f"{self.name} ready file")
+        wait_until(
+            lambda: http_get(self.public_url + "/readyz", ca_file=self.ca_file)[0] == 200,
+            timeout=timeout,
+            what=f"{self.name} /readyz",
+        )
+        return self.addresses
+
+    @property
+    def public_url(self) -> str:
+        """``https://127.0.0.1:PORT`` of the public listener."""
+        return "https://" + str(self.addresses["public"]).replace("0.0.0.0", "127.0.0.1")
+
+    @property
+    def feed_url(self) -> str:
+        """``https://127.0.0.1:PORT`` of the feed listener."""
+        return "https://" + str(self.addresses["feed"]).replace("0.0.0.0", "127.0.0.1")
 
 
 class EnvoyProcess(ManagedProcess):

@@ -10,8 +10,9 @@ Every metric is named, typed and described where it is created below (name, help
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -19,12 +20,22 @@ from prometheus_client.registry import Collector
 
 from sidecar.decision import Decision, Reason
 from sidecar.errors import ErrorCode
+from sidecar.policy.model import SENSITIVITY_NAMES
 
 if TYPE_CHECKING:
     from sidecar.audit.log import DecisionLog
     from sidecar.runtime.active import Runtime
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "MAX_TASK_LABELS", "RELOAD_FAILURE_CODES", "Metrics", "WebhookMetrics"]
+__all__ = [
+    "CONTENT_TYPE",
+    "LATENCY_BUCKETS",
+    "MAX_TASK_LABELS",
+    "RELOAD_FAILURE_CODES",
+    "AuthorityMetrics",
+    "AuthorityState",
+    "Metrics",
+    "WebhookMetrics",
+]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 MAX_TASK_LABELS = 50
@@ -65,25 +76,50 @@ class Metrics:
             ["direction", "reason"],
             registry=self.registry,
         )
-        self._children: dict[tuple[str, bool, Reason, Reason | None], tuple[Counter, Histogram, Counter | None]] = {}
+        self._by_sensitivity = Counter(
+            "agent_authz_decisions_by_sensitivity",
+            "Egress decisions by the sensitivity label of what the call reaches (calls no rule names are not counted).",
+            ["sensitivity", "decision"],
+            registry=self.registry,
+        )
+        self._control = Counter(
+            "agent_authz_control_records",
+            "Control records written: task_frozen (a quarantine or a signed freeze), would_quarantine, "
+            "task_unfrozen, task_killed, approval_granted, not_authorized (a refused action or approval).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._children: dict[
+            tuple[str, bool, Reason, Reason | None, str | None],
+            tuple[Counter, Histogram, Counter | None, Counter | None],
+        ] = {}
 
     def observe(self, decision: Decision, seconds: float) -> None:
         """Count one answered decision and its handling time (``seconds``)."""
-        key = (decision.direction.value, decision.allow, decision.reason, decision.would_reason)
+        key = (decision.direction.value, decision.allow, decision.reason, decision.would_reason, decision.sensitivity)
         children = self._children.get(key)
         if children is None:
             would = decision.would_reason if decision.dry_run and decision.would_reason is not Reason.ALLOWED else None
+            verdict = "allow" if decision.allow else "deny"
+            label = decision.sensitivity
             children = (
-                self._decisions.labels(key[0], "allow" if decision.allow else "deny", decision.reason.value),
+                self._decisions.labels(key[0], verdict, decision.reason.value),
                 self._latency.labels(decision.reason.value),
                 self._would_deny.labels(key[0], would.value) if would is not None else None,
+                self._by_sensitivity.labels(label, verdict) if label is not None else None,
             )
             self._children[key] = children
-        counter, histogram, would_deny = children
+        counter, histogram, would_deny, sensitivity = children
         counter.inc()
         histogram.observe(seconds)
         if would_deny is not None:
             would_deny.inc()
+        if sensitivity is not None:
+            sensitivity.inc()
+
+    def observe_control(self, decision: Decision) -> None:
+        """Count one control record (a quarantine, an operator's action or approval)."""
+        self._control.labels(decision.reason.value).inc()
 
     def bind(self, runtime: Runtime, decision_log: DecisionLog) -> None:
         """Expose the state of ``runtime`` and ``decision_log`` at scrape time."""
@@ -180,6 +216,124 @@ class _StateCollector(Collector):
         yield GaugeMetricFamily(
             "agent_authz_dry_run", "1 in dry-run mode.", value=int(runtime.snapshot.loaded.settings.dry_run)
         )
+        yield from self._continuous(runtime)
+        feed = runtime.feed
+        if isinstance(feed, FeedView):
+            yield from _feed_metrics(feed, runtime.clock())
+
+    @staticmethod
+    def _continuous(runtime: Runtime) -> Iterator[Metric]:
+        quarantines = CounterMetricFamily(
+            "agent_authz_quarantines",
+            "Times the anomaly rule tripped, by mode: freeze (the task's subtree frozen) or dry_run "
+            "(would_quarantine recorded).",
+            labels=["mode"],
+        )
+        for mode in ("freeze", "dry_run"):
+            quarantines.add_metric([mode], runtime.quarantines.get(mode, 0))
+        yield quarantines
+        blocked = GaugeMetricFamily(
+            "agent_authz_blocked_tasks",
+            "Tasks held here that the freeze ladder blocks now, by reason: task_quarantined (frozen) or "
+            "task_revoked (killed).",
+            labels=["reason"],
+        )
+        reasons = [reason for reason, _ in runtime.blocks.values()]
+        for reason in (Reason.TASK_QUARANTINED, Reason.TASK_REVOKED):
+            blocked.add_metric([reason.value], reasons.count(reason))
+        yield blocked
+        approvals = GaugeMetricFamily(
+            "agent_authz_approvals",
+            "Approvals known here, by status (pending: waiting for a human).",
+            labels=["status"],
+        )
+        statuses = [approval.state.value for approval in runtime.approvals.all()]
+        for status in ("pending", "approved", "consumed", "expired", "stale"):
+            approvals.add_metric([status], statuses.count(status))
+        yield approvals
+        info = GaugeMetricFamily(
+            "agent_authz_task_info",
+            f"1 per task held here with its purpose (cut to 128 characters) and max_sensitivity (at most "
+            f"{MAX_TASK_LABELS} tasks).",
+            labels=["task", "purpose", "max_sensitivity"],
+        )
+        tasks = sorted(runtime.snapshot.policy.tasks_by_id.values(), key=lambda t: t.id)
+        for task in tasks[:MAX_TASK_LABELS]:
+            limit = "" if task.max_sensitivity is None else SENSITIVITY_NAMES[task.max_sensitivity]
+            info.add_metric([task.id, task.purpose[:128], limit], 1)
+        yield info
+
+
+@runtime_checkable
+class FeedView(Protocol):
+    """What the metrics read of the revocation feed (:class:`sidecar.authority.client.FeedStatus`)."""
+
+    connected: bool
+    started_at: float
+    last_contact: float | None
+    last_lag: float | None
+    last_reconnect: float | None
+    reconnects: int
+    entries: int
+    forwarded: int
+    forward_failures: int
+    events: dict[str, int]
+
+    def stale(self, now: float) -> bool:
+        """Whether the feed is stale at ``now``."""
+        ...
+
+
+def _feed_metrics(feed: FeedView, now: float) -> Iterator[Metric]:
+    """The revocation feed's state (``grants.revocation_feed``)."""
+    yield GaugeMetricFamily(
+        "agent_authz_revocation_feed_connected",
+        "1 while the stream to the cluster authority is open and has delivered its snapshot.",
+        value=int(feed.connected),
+    )
+    yield GaugeMetricFamily(
+        "agent_authz_revocation_feed_stale",
+        "1 while the feed has been unreachable for longer than max_staleness (tasks are denied revocation_feed_stale).",
+        value=int(feed.stale(now)),
+    )
+    reference = feed.last_contact if feed.last_contact is not None else feed.started_at
+    yield GaugeMetricFamily(
+        "agent_authz_revocation_feed_last_contact_age_seconds",
+        "Seconds since the last feed event (heartbeats included), or since start before the first.",
+        value=max(0.0, now - reference),
+    )
+    if feed.last_lag is not None:
+        yield GaugeMetricFamily(
+            "agent_authz_revocation_feed_lag_seconds",
+            "Seconds between the authority sending the last event and this sidecar applying it.",
+            value=feed.last_lag,
+        )
+    if feed.last_reconnect is not None:
+        yield GaugeMetricFamily(
+            "agent_authz_revocation_feed_reconnect_seconds",
+            "Seconds from losing the stream to the next snapshot, of the last reconnection.",
+            value=feed.last_reconnect,
+        )
+    yield CounterMetricFamily(
+        "agent_authz_revocation_feed_reconnects", "Feed streams opened after the first.", value=feed.reconnects
+    )
+    events = CounterMetricFamily(
+        "agent_authz_revocation_feed_events", "Feed events received, by event.", labels=["event"]
+    )
+    for name, count in sorted(feed.events.items()):
+        events.add_metric([name], count)
+    yield events
+    yield GaugeMetricFamily(
+        "agent_authz_revocation_feed_entries", "Revocation entries in force from the feed.", value=feed.entries
+    )
+    forwarded = CounterMetricFamily(
+        "agent_authz_revocation_feed_forwarded",
+        "Local revocations forwarded to the authority, by outcome (accepted, failed: an attempt that failed).",
+        labels=["outcome"],
+    )
+    forwarded.add_metric(["accepted"], feed.forwarded)
+    forwarded.add_metric(["failed"], feed.forward_failures)
+    yield forwarded
 
 
 class WebhookMetrics:
@@ -207,3 +361,128 @@ class WebhookMetrics:
     def render(self) -> bytes:
         """The Prometheus text exposition."""
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorityState:
+    """What the authority's scrape-time metrics read (plain values, so this module imports nothing of
+    :mod:`sidecar.authority`)."""
+
+    ready: bool
+    feed_clients: int
+    feed_events: Mapping[str, int]
+    feed_slow_disconnects: int
+    revocation_entries: int
+    configmap_writes: Mapping[str, int] = field(default_factory=dict)
+    configmap_conflicts: Mapping[str, int] = field(default_factory=dict)
+    watch_restarts: Mapping[str, int] = field(default_factory=dict)
+    published_keys: Mapping[str, int] = field(default_factory=dict)
+
+
+class AuthorityMetrics:
+    """The metrics of the cluster authority process (``agent-authz authority``; its own registry).
+
+    Args:
+        state: returns the authority's state at scrape time.
+    """
+
+    def __init__(self, state: Callable[[], AuthorityState]) -> None:
+        self.registry = CollectorRegistry()
+        self._revocations = Counter(
+            "agent_authz_authority_revocations",
+            "Revoked task ids submitted to the authority, by listener (public, feed) and outcome "
+            "(accepted, refused: no authority, or the list did not verify).",
+            ["listener", "outcome"],
+            registry=self.registry,
+        )
+        self._announcements = Counter(
+            "agent_authz_authority_key_announcements",
+            "Key announcements from sidecars, by outcome (accepted, refused).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._persist = Histogram(
+            "agent_authz_authority_revocation_persist_seconds",
+            "Time to persist one submitted list in the Kubernetes API (read-modify-write, conflicts included).",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_AuthorityCollector(state))
+
+    def revocation(self, listener: str, outcome: str, count: int = 1) -> None:
+        """Count ``count`` ids with ``outcome`` on ``listener``."""
+        if count:
+            self._revocations.labels(listener, outcome).inc(count)
+
+    def announcement(self, outcome: str) -> None:
+        """Count one key announcement."""
+        self._announcements.labels(outcome).inc()
+
+    def persisted(self, seconds: float) -> None:
+        """Observe the time one list took to persist."""
+        self._persist.observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)
+
+
+class _AuthorityCollector(Collector):
+    def __init__(self, state: Callable[[], AuthorityState]) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[Metric]:
+        state = self._state()
+        yield GaugeMetricFamily(
+            "agent_authz_authority_ready", "1 once both ConfigMaps have been read.", value=int(state.ready)
+        )
+        yield GaugeMetricFamily(
+            "agent_authz_authority_feed_clients", "Revocation feed streams connected now.", value=state.feed_clients
+        )
+        events = CounterMetricFamily(
+            "agent_authz_authority_feed_events",
+            "Feed events sent, by event (snapshot, revoked, heartbeat).",
+            labels=["event"],
+        )
+        for name, count in sorted(state.feed_events.items()):
+            events.add_metric([name], count)
+        yield events
+        yield CounterMetricFamily(
+            "agent_authz_authority_feed_slow_disconnects",
+            "Feed streams closed because the client did not take its events (it reconnects for a snapshot).",
+            value=state.feed_slow_disconnects,
+        )
+        yield GaugeMetricFamily(
+            "agent_authz_authority_revocation_entries",
+            "Revocation entries held (the ConfigMap's revocations.json and operator lines).",
+            value=state.revocation_entries,
+        )
+        writes = CounterMetricFamily(
+            "agent_authz_authority_configmap_writes",
+            "ConfigMap writes that succeeded, by ConfigMap.",
+            labels=["configmap"],
+        )
+        conflicts = CounterMetricFamily(
+            "agent_authz_authority_configmap_conflicts",
+            "409 Conflict answers to ConfigMap writes (each retried on the newer version), by ConfigMap.",
+            labels=["configmap"],
+        )
+        restarts = CounterMetricFamily(
+            "agent_authz_authority_watch_restarts",
+            "ConfigMap watches resumed or restarted (server timeout, 410 Gone, errors), by ConfigMap.",
+            labels=["configmap"],
+        )
+        for family, values in (
+            (writes, state.configmap_writes),
+            (conflicts, state.configmap_conflicts),
+            (restarts, state.watch_restarts),
+        ):
+            for configmap, count in sorted(values.items()):
+                family.add_metric([configmap], count)
+            yield family
+        keys = GaugeMetricFamily(
+            "agent_authz_authority_published_keys", "Keys in each namespace's JWKS.", labels=["namespace"]
+        )
+        for namespace, count in sorted(state.published_keys.items()):
+            keys.add_metric([namespace], count)
+        yield keys

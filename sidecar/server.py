@@ -11,6 +11,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -21,18 +22,23 @@ from sidecar import STARTED
 from sidecar.admin.app import make_admin_app
 from sidecar.admin.health import make_health_app
 from sidecar.audit.chain import load_hmac_key
-from sidecar.audit.log import DecisionLog
+from sidecar.audit.log import DecisionLog, decision_record
+from sidecar.authority.client import FeedClient
+from sidecar.authority.protocol import RevocationEntry, key_announcement, lists_from_entries
 from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.config.watch import watch_and_reload
+from sidecar.control.documents import ControlError, verify_action
 from sidecar.control_socket import prepare_socket_dir, restrict_socket, tcp_control_endpoints
+from sidecar.decision import Decision
 from sidecar.envoy_authz.ext_proc import ListFilterService
 from sidecar.envoy_authz.http_server import start_http_service
 from sidecar.envoy_authz.service import AuthorizationService
-from sidecar.errors import BundleDetail, ConfigError, SvidDetail
-from sidecar.identity.state import IdentityState
+from sidecar.errors import BundleDetail, ConfigError, DecisionLogError, StateError, SvidDetail
+from sidecar.identity.state import IdentityState, Svid
 from sidecar.identity.workload_api import WorkloadApiIdentity
 from sidecar.metrics import Metrics
 from sidecar.runtime.active import Runtime
+from sidecar.runtime.snapshot import Snapshot
 from sidecar.runtime.tasks import TaskService
 from sidecar.state.store import StateStore
 from sidecar.tls_intercept.manager import InterceptManager
@@ -113,6 +119,7 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     decision_log = open_decision_log(runtime)
     metrics = Metrics()
     metrics.bind(runtime, decision_log)
+    runtime.set_recorder(_control_recorder(runtime, decision_log, metrics))
     settings = runtime.snapshot.loaded.settings
     service = AuthorizationService(
         runtime.decide,
@@ -163,7 +170,9 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
             detail="every process of the pod, the agent included, can reach it: use a Unix socket",
         )
 
-    admin_app = make_admin_app(runtime, decision_log, metrics, intercept=intercept, tasks=TaskService(runtime))
+    feed = _feed_client(runtime)
+    tasks = TaskService(runtime, forward=feed.forward if feed is not None else None)
+    admin_app = make_admin_app(runtime, decision_log, metrics, intercept=intercept, tasks=tasks)
     runner = web.AppRunner(admin_app, access_log=None, handle_signals=False)
     await runner.setup()
     admin = settings.listen.admin
@@ -201,6 +210,7 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     intercepting = (
         asyncio.create_task(intercept.run(runtime, stop), name="intercept") if intercept is not None else None
     )
+    feeding = asyncio.create_task(feed.run(stop), name="revocation-feed") if feed is not None else None
     # Everything built so far (imports, the compiled policy) lives as long as the process: freeze it,
     # so a full collection never walks 10,000 compiled rules in the middle of a decision.
     gc.freeze()
@@ -241,6 +251,10 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         watcher.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
+        if feeding is not None:
+            feeding.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeding
         if intercepting is not None and intercept is not None:
             intercepting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -250,6 +264,94 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         if store is not None:
             store.close()
         _log.info("stopped", seq=decision_log.head.seq)
+
+
+FEED_SOURCE = "authority"
+"""The ``CarriedState.received`` source of the cluster authority's revocation feed."""
+
+
+def _feed_client(runtime: Runtime) -> FeedClient | None:
+    """The revocation feed client of ``grants.revocation_feed`` (``None`` without one).
+
+    Received entries are applied on the event loop as they arrive: remembered as the ``authority``
+    source's lists (one per signer) and enforced by a rebuild before the next request is decided.
+    Received ladder actions are verified with this sidecar's trust and honoured at once (the
+    runtime's ladder keeps them); this sidecar's own quarantines are forwarded, and after each
+    snapshot those the authority lacks again. A reload that changes the signing keys announces them
+    again.
+    """
+    loaded = runtime.snapshot.loaded
+    spec = loaded.settings.grants.revocation_feed
+    if spec is None:
+        return None
+    received: frozenset[RevocationEntry] = frozenset()
+
+    def apply(entries: tuple[RevocationEntry, ...], snapshot: bool) -> None:
+        nonlocal received
+        new = frozenset(entries) if snapshot else received | frozenset(entries)
+        if new == received:
+            return
+        received = new
+        carried = runtime.carried
+        try:
+            runtime.remember(replace(carried, received={**carried.received, FEED_SOURCE: lists_from_entries(new)}))
+        except StateError as exc:  # in force all the same (a revocation must not wait); a restart would forget it
+            _log.error("feed_revocations_not_stored", file=exc.file, reason=exc.reason)
+        runtime.reload()
+
+    def apply_actions(tokens: tuple[str, ...], snapshot: bool) -> None:
+        verifier = runtime.snapshot.grants.verifier
+        verified = []
+        for token in tokens:
+            if runtime.ladder.knows_token(token):
+                continue
+            try:
+                verified.append(verify_action(token, verifier=verifier, now=runtime.clock(), source=FEED_SOURCE))
+            except ControlError as exc:  # another sidecar may trust other signers; nothing to apply here
+                _log.warning("feed_action_refused", reason=str(exc))
+        if verified:
+            runtime.add_actions(verified, strict=False)
+        if snapshot:  # this sidecar's own actions the authority lacks (made while the feed was down)
+            held = set(tokens)
+            for own in runtime.ladder.own():
+                if own.token and own.token not in held:
+                    client.forward_action(str(own.target), own.token)
+
+    def svid() -> Svid | None:
+        identity = runtime.snapshot.identity
+        return identity.state.svid if identity is not None else None
+
+    def announcement() -> dict[str, object] | None:
+        snapshot = runtime.snapshot
+        if snapshot.identity is None:
+            return None
+        issuer = snapshot.loaded.settings.issuer.url
+        return key_announcement(snapshot.keys, issuer=issuer, subject=snapshot.policy.agent, now=runtime.clock())
+
+    client = FeedClient(
+        spec,
+        ca_file=loaded.resolve(spec.ca),
+        svid=svid,
+        apply=apply,
+        announcement=announcement,
+        apply_actions=apply_actions,
+        clock=runtime.clock,
+    )
+    runtime.action_listeners.append(
+        lambda own: client.forward_action(str(own.target), own.token) if own.token else None
+    )
+    announced = {runtime.snapshot.keys.current.kid}
+
+    def keys_changed(snapshot: Snapshot) -> None:
+        kids = {snapshot.keys.current.kid} | ({snapshot.keys.next.kid} if snapshot.keys.next is not None else set())
+        if kids != announced:
+            announced.clear()
+            announced.update(kids)
+            client.announce_soon()
+
+    runtime.add_listener(keys_changed)
+    runtime.feed = client.status
+    return client
 
 
 async def _start_tcp_site(runner: web.AppRunner, address: str) -> str:
@@ -309,12 +411,34 @@ def open_decision_log(runtime: Runtime) -> DecisionLog:
     )
 
 
+def _control_recorder(runtime: Runtime, decision_log: DecisionLog, metrics: Metrics) -> Callable[[Decision], None]:
+    """Writes a control record (a quarantine, an operator's action or approval) to the decision log.
+
+    A record that cannot be written is logged (``decision_log_write_failed``, with the record): the
+    step it records has been taken. With ``decision_log.fsync`` it is synced with the next decision.
+    """
+
+    def record(decision: Decision) -> None:
+        fields = decision_record(decision, request_id="", latency_us=0, now=runtime.clock())
+        try:
+            decision_log.append(fields)
+        except DecisionLogError as exc:
+            _log.error("decision_log_write_failed", error=str(exc), sink=exc.sink, record=fields)
+        metrics.observe_control(decision)
+
+    return record
+
+
 def _own_files(runtime: Runtime, decision_log: DecisionLog) -> Callable[[Path], bool]:
     """A predicate for the files this process writes (decision log and rotations, published
-    revocations, the state file with its -wal and -shm)."""
+    revocations and ladder actions, the state file with its -wal and -shm)."""
     log_path = decision_log.path.absolute() if decision_log.path is not None else None
-    publish = runtime.snapshot.loaded.settings.grants.publish_revocations
-    published = runtime.snapshot.loaded.resolve(publish).absolute() if publish is not None else None
+    settings, loaded = runtime.snapshot.loaded.settings, runtime.snapshot.loaded
+    published = [
+        loaded.resolve(target).absolute()
+        for target in (settings.grants.publish_revocations, settings.ladder.publish)
+        if target is not None
+    ]
     state = runtime.store.path if runtime.store is not None else None
 
     def own(path: Path) -> bool:
@@ -323,7 +447,7 @@ def _own_files(runtime: Runtime, decision_log: DecisionLog) -> Callable[[Path], 
             return True
         if state is not None and path.parent == state.parent and path.name.startswith(state.name):
             return True
-        return published is not None and path.parent == published.parent and path.name.endswith(published.name)
+        return any(path.parent == p.parent and path.name.endswith(p.name) for p in published)
 
     return own
 

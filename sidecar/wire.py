@@ -39,6 +39,7 @@ from __future__ import annotations
 __all__ = [
     "CALLER_HEADER",
     "CONNECT_VIA",
+    "CONTEXT_BODY_CAP",
     "CONTEXT_DIRECTION",
     "CONTEXT_HEADER",
     "CONTEXT_INTERCEPT",
@@ -66,6 +67,7 @@ __all__ = [
     "PEER_CERTIFICATE_HEADER",
     "PROTOCOL_METADATA",
     "REASON_HEADER",
+    "REMAINING_HEADER",
     "RESERVED_HEADER_PREFIX",
     "SCHEME_HEADER",
     "TASK_HEADER",
@@ -107,6 +109,11 @@ CONTEXT_RPC_BODY_CAP = "rpc_body_cap"
 """The body cap in bytes (decimal) on the MCP/A2A routes that buffer the request body
 (``with_request_body``); absent where Envoy sends no body (then an MCP call is judged on its
 ``Mcp-Method`` / ``Mcp-Name`` headers, if it has them)."""
+
+CONTEXT_BODY_CAP = "body_cap"
+"""The body cap in bytes (decimal) on the plain-HTTP routes that buffer the request body for the
+sidecar - the hosts of ``approval`` rules, so that an approval binds the body's digest
+(:attr:`~sidecar.decision.AuthzRequest.body_cap`)."""
 
 # -- gRPC initial metadata (network checks: set per filter by the bootstrap) ---------------------
 DIRECTION_METADATA = "x-agent-authz-direction"
@@ -156,6 +163,9 @@ DECISION_ID_HEADER = "x-agent-authz-decision-id"
 """Set on the forwarded request, on the response and on a deny: joins logs to decisions."""
 REASON_HEADER = "x-agent-authz-reason"
 """The reason code of a deny, on the deny response."""
+REMAINING_HEADER = "x-agent-authz-remaining"
+"""On the response to an allowed call under a ``max_calls`` budget: the calls left (the tightest
+counter of the rule that allowed it)."""
 LIST_FILTER_HEADER = "x-agent-authz-list-filter"
 """Set (``1``) on an allowed MCP ``tools/list`` so that Envoy runs the ext_proc filter on its
 response; removed from every other request, and by the route before the upstream."""

@@ -9,6 +9,8 @@ Routes:
     ``GET /metrics`` - Prometheus text exposition (:mod:`sidecar.metrics`).
     ``/decisions…`` - the decision viewer (:mod:`sidecar.admin.viewer`).
     ``/v1/tasks…``, ``/v1/revocations`` - the local task API (:mod:`sidecar.admin.tasks_api`).
+    ``/v1/control/actions``, ``/v1/approvals…`` - signed freeze/unfreeze/kill actions and approvals
+        (:mod:`sidecar.admin.control_api`).
     ``GET /ca.pem`` - with ``intercept``: the per-pod CA certificate (PEM) the agent trusts; 404 otherwise.
 
 The admin server listens on ``127.0.0.1`` by default; reach it from outside the pod with
@@ -19,11 +21,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from sidecar.admin.control_api import add_control_routes
 from sidecar.admin.tasks_api import add_task_routes
 from sidecar.admin.viewer import add_viewer_routes
 from sidecar.audit.log import DecisionLog
 from sidecar.metrics import CONTENT_TYPE, Metrics
 from sidecar.runtime.active import Runtime
+from sidecar.runtime.control import ControlService
 from sidecar.runtime.tasks import TaskService
 from sidecar.tls_intercept.manager import InterceptManager
 
@@ -122,9 +126,11 @@ def make_admin_app(
     *,
     intercept: InterceptManager | None = None,
     tasks: TaskService | None = None,
+    control: ControlService | None = None,
 ) -> web.Application:
     """Build the admin application bound to ``runtime``, ``decision_log``, ``metrics`` (and ``intercept``);
-    the task API is served by ``tasks`` (a :class:`TaskService` of ``runtime`` by default)."""
+    the task API is served by ``tasks`` (a :class:`TaskService` of ``runtime`` by default), the control
+    API and the viewer's approvals by ``control`` (a :class:`ControlService` of ``runtime`` by default)."""
     app = web.Application()
     app[RUNTIME] = runtime
     app[DECISION_LOG] = decision_log
@@ -136,6 +142,8 @@ def make_admin_app(
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     service = tasks if tasks is not None else TaskService(runtime)
-    add_viewer_routes(app, service, decision_log)
+    operator = control if control is not None else ControlService(runtime)
+    add_viewer_routes(app, service, decision_log, operator)
     add_task_routes(app, service, decision_log)
+    add_control_routes(app, operator)
     return app

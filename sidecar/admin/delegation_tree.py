@@ -5,6 +5,7 @@ is a task (a grant); its parent is the task it was delegated from. What one side
 where each node's facts come from (``sources`` in the output):
 
 * ``enforced_here`` - a task this sidecar holds: its state (``allowed``, ``pending``, ``expired``,
+  ``revoked``, ``frozen`` - the freeze ladder's: a quarantine or a signed freeze; a kill is
   ``revoked``), budget (``max_calls``), ``used`` (calls it spent, from the budget ledger) and
   ``reserved`` (the part of its budget given to the sub-grants this sidecar issued) are exact.
 * ``grant_chain`` - an ancestor of such a task: a verified grant embeds its parent, so agent,
@@ -15,7 +16,8 @@ where each node's facts come from (``sources`` in the output):
   sub-agent spent is enforced by the sub-agent's sidecar, so ``used`` is only known from its records.
 * ``records`` - decision records (this sidecar's log and the ``viewer.logs`` of others): egress
   calls allowed and denied per task, ``used`` (allowed calls) where the ledger is not here, and
-  ``revoked`` / ``expired`` when a record was denied for that reason. Delegated task ids are
+  ``revoked`` / ``expired`` when a record was denied for that reason; ``frozen`` after a
+  ``task_quarantined`` deny or a ``task_frozen`` control record, until a ``task_unfrozen`` one. Delegated task ids are
   ``<parent id>/<name>`` (:func:`sidecar.grants.issue.delegate`), which places a node known only
   from records under its parent.
 
@@ -29,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sidecar.decision import Reason
 from sidecar.grants.model import Grant
 from sidecar.grants.revocations import revoked_by
 from sidecar.runtime.tasks import TaskService
@@ -39,8 +42,9 @@ MAX_TREES = 50
 """Trees returned; the rest are counted in ``more_trees``."""
 MAX_NODES = 300
 """Nodes per tree; the rest are counted in ``more_nodes``."""
-_STATE_FROM_REASON = {"task_revoked": "revoked", "task_expired": "expired"}
+_STATE_FROM_REASON = {"task_revoked": "revoked", "task_expired": "expired", "task_quarantined": "frozen"}
 _FINAL = ("revoked", "expired")
+_LADDER_STATES = {Reason.TASK_QUARANTINED: "frozen", Reason.TASK_REVOKED: "revoked"}
 
 
 @dataclass
@@ -132,6 +136,9 @@ def delegation_trees(tasks: TaskService, records: Iterable[dict[str, Any]]) -> d
         item.max_calls, item.not_before, item.expires_at = task.max_calls, task.not_before, task.expires_at
         item.ledger_used = runtime.budgets.used((task.id, ""))
         item.state = "revoked" if task.revoked else _time_state(now, task.not_before, task.expires_at)
+        block = runtime.blocks.get(task.id)
+        if block is not None and item.state != "expired":
+            item.state = _LADDER_STATES[block[0]]
 
     revoked_here = tasks.revoked_here()
     for issued in tasks.delegations():
@@ -147,13 +154,24 @@ def delegation_trees(tasks: TaskService, records: Iterable[dict[str, Any]]) -> d
         if parent is not None and parent.max_calls is not None and child.max_calls is not None:
             parent.reserved += child.max_calls
         ancestors = [nodes.get(a) for a in issued.ancestors]
+        parent_task = snapshot.policy.tasks_by_id.get(issued.parent)
+        lineage = (
+            (child.id, child.agent, runtime.snapshot.policy.agent),
+            *(parent_task.lineage if parent_task else ()),
+        )
+        laddered = runtime.ladder.verdict(lineage)
         if child.id in revoked_here or any(a is not None and a.state == "revoked" for a in ancestors):
             item.state = "revoked"
+        elif laddered is not None:
+            item.state = _LADDER_STATES[laddered[0]]
         elif item.state is None:
             item.state = _time_state(now, item.not_before, item.expires_at)
 
     for record in records:
         task_id, txn = record.get("task_id"), record.get("txn")
+        if record.get("direction") == "control":
+            _control_record(nodes, record)
+            continue
         if record.get("direction") == "ingress" or not isinstance(task_id, str) or not isinstance(txn, str):
             continue
         if not task_id or not txn or len(task_id) > 1024:
@@ -180,9 +198,24 @@ def delegation_trees(tasks: TaskService, records: Iterable[dict[str, Any]]) -> d
     return _assemble(nodes)
 
 
+def _control_record(nodes: dict[str, _Node], record: dict[str, Any]) -> None:
+    """A ``task_frozen`` / ``task_unfrozen`` control record: the state of a node already known from
+    elsewhere (a control record names a target, not a transaction, so it adds no node)."""
+    task_id = record.get("task_id")
+    item = nodes.get(task_id) if isinstance(task_id, str) else None
+    if item is None or item.record_state in _FINAL:
+        return
+    if record.get("reason") == "task_frozen":
+        item.record_state = "frozen"
+    elif record.get("reason") == "task_unfrozen" and item.record_state == "frozen":
+        item.record_state = "allowed"
+
+
 def _state(item: _Node) -> str:
     if item.state in _FINAL or item.record_state in _FINAL:
         return "revoked" if "revoked" in (item.state, item.record_state) else "expired"
+    if item.state == "frozen" or (item.record_state == "frozen" and "enforced_here" not in item.sources):
+        return "frozen"
     return item.state or item.record_state or "unknown"
 
 

@@ -15,6 +15,13 @@ Routes:
     ``GET /decisions/api/tree`` - the delegation trees (:mod:`sidecar.admin.delegation_tree`) and the
         logs they are drawn from.
     ``GET /decisions/api/chain`` - the chain-verification status of the log files on disk.
+    ``GET /decisions/api/approvals`` - the approvals known here (waiting, granted, used) and the calls
+        they bind.
+    ``POST /decisions/api/approvals/{id}`` - the approve button: approve the waiting call ``id`` for one
+        retry (JSON body ``{"ttl": "10m"}``, optional). Only for an operator: the request must carry
+        ``Authorization: Bearer <operator token>`` - a JWS signed by a root issuer key or an approver's
+        SVID for this agent (``agent-authz approve --operator-token``); anyone else (the agent
+        included) gets 403 and a ``not_authorized`` record.
 
 The viewer keeps the last :data:`RECENT` records in memory (loaded from the end of the log at start,
 then fed by the decision log); older ones are for ``agent-authz logs``. With ``viewer.logs`` it also
@@ -45,10 +52,15 @@ import structlog
 from aiohttp import web
 from aiohttp_sse import sse_response
 
+from sidecar.admin.control_api import control_error
 from sidecar.admin.delegation_tree import delegation_trees
 from sidecar.audit.log import DecisionLog
 from sidecar.audit.reader import RecordFilter, follow_lines, log_files, tail_records, time_bound
+from sidecar.config.durations import parse_duration
+from sidecar.control.documents import ControlCode, ControlError
 from sidecar.decision import Reason
+from sidecar.policy.model import SENSITIVITY_NAMES
+from sidecar.runtime.control import ControlService
 from sidecar.runtime.tasks import TaskService
 
 __all__ = ["CHAIN_CHECK_INTERVAL", "RECENT", "TASKS_CHECK_INTERVAL", "DecisionFeed", "add_viewer_routes"]
@@ -101,6 +113,8 @@ class DecisionFeed:
 
     def _add(self, record: dict[str, Any]) -> None:
         self._recent.append(record)
+        if record.get("direction") == "control":  # an operator's step or a quarantine, not a call
+            return
         task, host, port = record.get("task_id"), record.get("host"), record.get("port")
         task = task if isinstance(task, str) else ""  # other sidecars' logs (viewer.logs) may hold anything
         host = host if isinstance(host, str) and host else "-"
@@ -321,14 +335,25 @@ class _TasksWatch:
         self._feed = feed
         self._task: asyncio.Task[None] | None = None
 
-    def _version(self) -> tuple[int, int, int, int]:
+    def _version(self) -> tuple[int, ...]:
         runtime = self._tasks.runtime
         now = runtime.clock()
         tasks = runtime.snapshot.policy.tasks_by_id.values()
         delegations = self._tasks.delegations()
         outside = sum(1 for t in tasks if not t.not_before <= now < t.expires_at)
         outside += sum(1 for d in delegations if d.spec.expires_at is not None and now >= d.spec.expires_at.timestamp())
-        return id(runtime.snapshot), len(delegations), len(self._tasks.revoked_here()), outside
+        approvals = runtime.approvals.all()
+        closed = sum(1 for a in approvals if a.state.value != "pending")
+        return (
+            id(runtime.snapshot),
+            len(delegations),
+            len(self._tasks.revoked_here()),
+            outside,
+            len(runtime.ladder),
+            id(runtime.blocks),
+            len(approvals),
+            closed,
+        )
 
     async def _run(self) -> None:
         version = self._version()
@@ -358,6 +383,7 @@ class _ViewerState:
     chain: _ChainChecker
     own_log: Path | None
     others: _OtherLogs
+    control: ControlService
 
 
 _VIEWER: web.AppKey[_ViewerState] = web.AppKey("viewer", _ViewerState)
@@ -458,10 +484,13 @@ async def _summary(request: web.Request) -> web.Response:
             "denied": sum(c[1] for c in destinations.values()),
         }
         if task is not None:
+            block = runtime.blocks.get(task.id)
             entry.update(
                 agent=task.agent,
                 on_behalf_of=task.on_behalf_of,
                 purpose=task.purpose,
+                max_sensitivity=None if task.max_sensitivity is None else SENSITIVITY_NAMES[task.max_sensitivity],
+                blocked=None if block is None else {"reason": block[0].value, "detail": block[1]},
                 expires_at=task.expires_at,
                 revoked=task.revoked,
                 budget={"used": runtime.budgets.used((task.id, "")), "max": task.max_calls},
@@ -492,13 +521,44 @@ async def _chain(request: web.Request) -> web.Response:
     return web.json_response(await request.app[_VIEWER].chain.status(), dumps=_dumps)
 
 
+async def _approvals(request: web.Request) -> web.Response:
+    control = request.app[_VIEWER].control
+    return web.json_response({"approvals": [a.listing() for a in control.approvals()]}, dumps=_dumps)
+
+
+async def _approve(request: web.Request) -> web.Response:
+    control = request.app[_VIEWER].control
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    ttl: float | None = None
+    try:
+        raw = await request.read()
+        body = orjson.loads(raw) if raw.strip() else {}
+        if not isinstance(body, dict):
+            raise ValueError("expected a JSON object")
+        if body.get("ttl") is not None:
+            ttl = parse_duration(body["ttl"])
+    except (ValueError, TypeError) as exc:
+        return web.json_response({"error": "bad_request", "detail": f"ttl: {exc}"}, status=400)
+    if scheme.lower() != "bearer" or not token.strip():
+        missing = ControlError(ControlCode.NOT_AUTHORIZED, "approving needs an operator token (Authorization: Bearer)")
+        return control_error(control.refused(missing, "operator approval", request.path))
+    try:
+        approval = control.approve_as(token.strip(), request.match_info["approval_id"], ttl)
+    except ControlError as exc:
+        return control_error(exc)
+    return web.json_response(approval.listing(), dumps=_dumps)
+
+
 def _dumps(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def add_viewer_routes(app: web.Application, tasks: TaskService, decision_log: DecisionLog) -> DecisionFeed:
+def add_viewer_routes(
+    app: web.Application, tasks: TaskService, decision_log: DecisionLog, control: ControlService | None = None
+) -> DecisionFeed:
     """Add the viewer of ``tasks`` (its runtime and the sub-grants it issued) to ``app`` and subscribe it
-    to ``decision_log`` (and follow ``viewer.logs``).
+    to ``decision_log`` (and follow ``viewer.logs``); its approve button goes to ``control`` (a
+    :class:`ControlService` of the same runtime by default).
 
     Loads the last :data:`RECENT` records from the log files first (this sidecar's and the others').
 
@@ -522,7 +582,8 @@ def add_viewer_routes(app: web.Application, tasks: TaskService, decision_log: De
     decision_log.listeners.append(feed.publish)
     spec = loaded.settings.decision_log
     key_file = loaded.resolve(spec.hmac_key_file) if spec.hmac_key_file is not None else None
-    app[_VIEWER] = _ViewerState(feed, tasks, _ChainChecker(decision_log, key_file), path, others)
+    operator = control if control is not None else ControlService(tasks.runtime)
+    app[_VIEWER] = _ViewerState(feed, tasks, _ChainChecker(decision_log, key_file), path, others, operator)
     watch = _TasksWatch(tasks, feed)
 
     async def start(_: web.Application) -> None:
@@ -544,4 +605,6 @@ def add_viewer_routes(app: web.Application, tasks: TaskService, decision_log: De
     app.router.add_get("/decisions/api/summary", _summary)
     app.router.add_get("/decisions/api/tree", _tree)
     app.router.add_get("/decisions/api/chain", _chain)
+    app.router.add_get("/decisions/api/approvals", _approvals)
+    app.router.add_post("/decisions/api/approvals/{approval_id}", _approve)
     return feed

@@ -50,6 +50,7 @@ __all__ = [
     "MCP_NAMED_METHODS",
     "AgentProtocolSpec",
     "ArgumentConstraintSpec",
+    "Pointer",
     "ToolSpec",
     "compile_pattern",
 ]
@@ -150,6 +151,7 @@ def _pointer(value: str) -> str:
 
 
 Pointer = Annotated[str, BeforeValidator(_pointer)]
+"""An RFC 6901 JSON pointer into ``params.arguments`` (e.g. ``/table``)."""
 
 
 class ToolSpec(_Model):

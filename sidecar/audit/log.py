@@ -59,8 +59,9 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
     RecordField(
         "direction",
         "string",
-        "``egress`` (the agent calls out), ``ingress`` (someone calls the agent) or ``local`` (the agent asked "
-        "its task API; ``method`` and ``path`` are the API call's).",
+        "``egress`` (the agent calls out), ``ingress`` (someone calls the agent), ``local`` (the agent asked "
+        "its task API; ``method`` and ``path`` are the API call's) or ``control`` (an operator's signed action or "
+        "approval, or a quarantine: not a call).",
     ),
     RecordField(
         "agent", "string or null", "This sidecar's agent (SPIFFE ID): the caller on egress, the callee on ingress."
@@ -74,6 +75,13 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
         "act", "array of strings", "Egress: the actors' SPIFFE IDs, current first (the token's nested ``act``)."
     ),
     RecordField("on_behalf_of", "string or null", "The user or principal the task serves (the token's ``sub``)."),
+    RecordField("purpose", "string or null", "The task's ``purpose``: why the agent makes the call."),
+    RecordField(
+        "sensitivity",
+        "string or null",
+        "The label of what the call reaches (``public``, ``internal``, ``confidential``, ``restricted``): the "
+        "deciding rule's or its host's, else ``sensitivity.default`` - the token's ``sensitivity`` claim.",
+    ),
     RecordField("method", "string", "HTTP method; empty for a connection check."),
     RecordField("host", "string", "The normalized host the call was judged on and routed to."),
     RecordField("port", "integer", "The port the call was judged on."),
@@ -84,6 +92,12 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
     RecordField("status", "integer", "The HTTP status: 200 on allow, the reason's status on deny."),
     RecordField("detail", "string", "A short human explanation (never secret material)."),
     RecordField("token", "object or null", "The injected token: ``{jti, aud, exp, cached}`` - never the token itself."),
+    RecordField(
+        "remaining",
+        "integer or null",
+        "Calls left under the tightest ``max_calls`` of the deciding rule (after this call; 0 on "
+        "``budget_exhausted``); null when no limit applies.",
+    ),
     RecordField("latency_us", "integer", "Time to decide, microseconds."),
     RecordField(
         "protocol", "string", "``http``, or ``tls``/``tcp`` for a connection the transparent listener asked about."
@@ -115,6 +129,19 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
         "Only with ``tls``: how Envoy verifies the upstream it re-originates to, ``dns:<host> ca:<bundle>``; the "
         "outcome is Envoy's access-log field ``upstream_tls_failure`` for the same ``decision_id``.",
     ),
+    RecordField(
+        "approval",
+        "object",
+        "Only when an approval is involved: ``{id, status (pending, approved, consumed, expired, stale), "
+        "expires_at, approved_by, approved_at, used_by}`` - the approval this call created, used, or was "
+        "refused for; on an ``approval_granted`` control record the approval granted.",
+    ),
+    RecordField(
+        "action",
+        "object",
+        "Only on a ``control`` record: ``{kind (freeze, unfreeze, kill), target (agent:ID, task:ID, subtree:ID), "
+        "by, root, action_id, at, reason, evidence (the decision ids that tripped a quarantine), source}``.",
+    ),
     RecordField("dry_run", "boolean", "Only in dry-run mode: ``true``."),
     RecordField("would_decision", "string", "Only in dry-run mode: what the policy decided (``allow`` or ``deny``)."),
     RecordField("would_reason", "string", "Only in dry-run mode: the policy's reason code."),
@@ -145,6 +172,8 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
         "txn": decision.txn,
         "act": list(decision.act_chain),
         "on_behalf_of": decision.on_behalf_of,
+        "purpose": decision.purpose,
+        "sensitivity": decision.sensitivity,
         "method": decision.method,
         "host": decision.host,
         "port": decision.port,
@@ -157,6 +186,7 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
         "token": None
         if token is None
         else {"jti": token.jti, "aud": token.aud, "exp": token.exp, "cached": token.cached},
+        "remaining": decision.remaining,
         "latency_us": latency_us,
         "protocol": decision.protocol.value,
         "sni": decision.sni,
@@ -167,6 +197,10 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
     if decision.tls:
         record["tls"] = decision.tls
         record["upstream_verify"] = decision.upstream_verify
+    if decision.approval is not None:
+        record["approval"] = dict(decision.approval)
+    if decision.action is not None:
+        record["action"] = dict(decision.action)
     if decision.dry_run and decision.would_reason is not None:
         record["dry_run"] = True
         record["would_decision"] = "allow" if decision.would_reason is Reason.ALLOWED else "deny"

@@ -11,6 +11,8 @@ in order:
 * a virtual host per MCP/A2A host (:func:`rpc_vhost`) in place of the above, or through the dynamic
   forward proxy for a host that has neither: the body buffered for the sidecar, MCP ``tools/list``
   responses filtered;
+* for the hosts of ``approval`` rules (:attr:`~sidecar.bootstrap.kit.Kit.body_hosts`) the body
+  buffered too (context extension ``body_cap``), so an approval binds its digest;
 * every other host through the dynamic forward proxy.
 
 With ``intercept`` it also accepts ``CONNECT host:443`` (``HTTPS_PROXY``) and hands the tunnel to the
@@ -77,7 +79,10 @@ def egress_routes(kit: Kit) -> EgressRoutes:
         if host in kit.rpc_hosts:
             vhosts.append(rpc_vhost(kit, host, name, **{CONTEXT_UPSTREAM_TLS: ORIGINATE}))
             continue
-        vhosts.append(vhost(kit, name, [host, f"{host}:*"], name, EGRESS, context={CONTEXT_UPSTREAM_TLS: ORIGINATE}))
+        body = host in kit.body_hosts
+        vhosts.append(
+            vhost(kit, name, [host, f"{host}:*"], name, EGRESS, context={CONTEXT_UPSTREAM_TLS: ORIGINATE}, body=body)
+        )
     for host, address in sorted(envoy.destinations.items()):
         if host in originate:
             continue
@@ -86,9 +91,12 @@ def egress_routes(kit: Kit) -> EgressRoutes:
         if host in kit.rpc_hosts:
             vhosts.append(rpc_vhost(kit, host, name))
             continue
-        vhosts.append(vhost(kit, name, [host, f"{host}:*"], name, EGRESS))
+        vhosts.append(vhost(kit, name, [host, f"{host}:*"], name, EGRESS, body=host in kit.body_hosts))
     for host in sorted(set(kit.rpc_hosts) - set(originate) - set(envoy.destinations)):
         vhosts.append(rpc_vhost(kit, host, DFP_CLUSTER))
+    for host in sorted(kit.body_hosts - set(originate) - set(envoy.destinations)):
+        name = "body|" + destination_cluster_name(host)
+        vhosts.append(vhost(kit, name, [host, f"{host}:*"], DFP_CLUSTER, EGRESS, body=True))
     vhosts.append(vhost(kit, "any_host", ["*"], DFP_CLUSTER, EGRESS))
     clusters.append(dfp_cluster(kit))
     dfp = kit.hcm.HttpFilter(

@@ -28,6 +28,7 @@ from typing import Any
 from sidecar.bootstrap.kit import Kit
 from sidecar.bootstrap.names import AUTHZ_CLUSTER, AUTHZ_HTTP_CLUSTER, EGRESS
 from sidecar.wire import (
+    CONTEXT_BODY_CAP,
     CONTEXT_DIRECTION,
     CONTEXT_HEADER,
     CONTEXT_RPC_BODY_CAP,
@@ -47,6 +48,7 @@ from sidecar.wire import (
     PEER_CERTIFICATE_HEADER,
     PROTOCOL_METADATA,
     REASON_HEADER,
+    REMAINING_HEADER,
     RESERVED_HEADER_PREFIX,
     SCHEME_HEADER,
     VIA_METADATA,
@@ -57,6 +59,7 @@ __all__ = [
     "RE2_PROGRAM_SIZE",
     "access_log",
     "body_buffer",
+    "body_route_context",
     "connection_manager",
     "ext_authz_filter",
     "ext_proc_filter",
@@ -132,15 +135,24 @@ def _metadata(kit: Kit, context: dict[str, str]) -> Any | None:
 
 def route_context(kit: Kit, direction: str, **extra: str) -> dict[str, Any]:
     """Per-route ext_authz config: the ``context_extensions`` of the route's checks (and, when the
-    filter buffers bodies for MCP/A2A routes, no body here). With HTTP checks the same context
+    filter buffers bodies for other routes, no body here). With HTTP checks the same context
     travels in the route's metadata (:func:`route_metadata`)."""
     ea = kit.ext_authz
     extensions = {CONTEXT_DIRECTION: direction, **extra}
     settings = ea.CheckSettings(context_extensions=extensions)
-    if kit.rpc_hosts:  # the filter buffers bodies (for the MCP/A2A routes): not here
+    if kit.rpc_hosts or kit.body_hosts:  # the filter buffers bodies (for other routes): not here
         settings.disable_request_body_buffering = True
     per_route = ea.ExtAuthzPerRoute(check_settings=settings)
     return {HTTP_FILTER: kit.pack(per_route)}
+
+
+def body_route_context(kit: Kit, direction: str, **extra: str) -> dict[str, Any]:
+    """Per-route config of a plain-HTTP route to an ``approval`` host: the body buffered (up to the
+    cap plus one byte) and ``body_cap`` in the context extensions, so an approval binds its digest."""
+    ea = kit.ext_authz
+    extensions = {CONTEXT_DIRECTION: direction, CONTEXT_BODY_CAP: str(kit.body_cap), **extra}
+    settings = ea.CheckSettings(context_extensions=extensions, with_request_body=body_buffer(kit))
+    return {HTTP_FILTER: kit.pack(ea.ExtAuthzPerRoute(check_settings=settings))}
 
 
 def body_buffer(kit: Kit) -> Any:
@@ -202,7 +214,7 @@ def ext_authz_filter(kit: Kit) -> Any:
         # names carry what Envoy tells the sidecar (the route context, the peer certificate, ...)
         config.allowed_headers = m.ListStringMatcher(patterns=[m.StringMatcher(safe_regex=m.RegexMatcher(regex=".*"))])
         config.disallowed_headers = m.ListStringMatcher(patterns=[m.StringMatcher(prefix=RESERVED_HEADER_PREFIX)])
-    if kit.rpc_hosts:  # pack_as_bytes is read from here only; each route says whether it buffers
+    if kit.rpc_hosts or kit.body_hosts:  # pack_as_bytes is read from here only; each route says whether it buffers
         config.with_request_body = body_buffer(kit)
     return kit.hcm.HttpFilter(name=HTTP_FILTER, typed_config=kit.pack(config))
 
@@ -210,11 +222,12 @@ def ext_authz_filter(kit: Kit) -> Any:
 RE2_PROGRAM_SIZE = 1024
 """``re2.max_program_size.error_level`` with HTTP checks (the bootstrap's runtime layer): the
 answer-header matcher of :func:`upstream_header_regex` compiles to ~420 instructions."""
-_NOT_UPSTREAM = ("content-length", *HTTP_METADATA_KEYS)
+_NOT_UPSTREAM = ("content-length", REMAINING_HEADER, *HTTP_METADATA_KEYS)
 """Names in an allowed check's answer that are not request headers to set (the answer's framing
 and the dynamic metadata); with the ``:`` pseudo-headers and ``x-envoy-*`` (Envoy's own, e.g. its
 ``x-envoy-auth-headers-to-remove`` and ``x-envoy-upstream-service-time``) they never reach the
-upstream. A credential header can have none of these names (the schema refuses them)."""
+upstream (the remaining budget, :data:`~sidecar.wire.REMAINING_HEADER`, goes to the client's
+response only, as with gRPC). A credential header can have none of these names (the schema refuses them)."""
 
 
 def upstream_header_regex(
@@ -261,7 +274,8 @@ def http_service(kit: Kit) -> Any:
     client connected to and the client certificate. From the answer: on ``200`` every header but
     the answer's own (:func:`upstream_header_regex`) onto the request, overwriting; on a deny only
     ``content-type``, the decision id and the reason to the client (with the body and status); the
-    decision id on an allowed request's response; the metadata headers as dynamic metadata."""
+    decision id (and under a budget the calls remaining) on an allowed request's response; the
+    metadata headers as dynamic metadata."""
     ea, core, m = kit.ext_authz, kit.core, kit.matcher
 
     def exact(*names: str) -> Any:
@@ -290,7 +304,7 @@ def http_service(kit: Kit) -> Any:
                 patterns=[m.StringMatcher(safe_regex=m.RegexMatcher(regex=upstream_header_regex()))]
             ),
             allowed_client_headers=exact("content-type", DECISION_ID_HEADER, REASON_HEADER),
-            allowed_client_headers_on_success=exact(DECISION_ID_HEADER),
+            allowed_client_headers_on_success=exact(DECISION_ID_HEADER, REMAINING_HEADER),
             dynamic_metadata_from_headers=exact(*HTTP_METADATA_KEYS),
         ),
     )
@@ -403,15 +417,17 @@ def vhost(kit: Kit, name: str, domains: list[str], cluster: str, direction: str,
     """A virtual host routing everything to ``cluster``; ``context=`` adds context extensions."""
     r = kit.route
     context = extra.pop("context", {})
+    body = bool(extra.pop("body", False))
     route = r.Route(match=r.RouteMatch(prefix="/"), route=r.RouteAction(cluster=cluster))
-    metadata = route_metadata(kit, direction, **context)
+    # with HTTP checks the context travels in the route's metadata (a body route names its cap too)
+    metadata = route_metadata(kit, direction, **({CONTEXT_BODY_CAP: str(kit.body_cap)} if body else {}), **context)
     if metadata is not None:
         route.metadata = metadata
     return r.VirtualHost(
         name=name,
         domains=domains,
         routes=[route],
-        typed_per_filter_config=route_context(kit, direction, **context),
+        typed_per_filter_config=(body_route_context if body else route_context)(kit, direction, **context),
         **extra,
     )
 

@@ -39,6 +39,8 @@ class Kit:
         loaded / settings: the configuration.
         sds_dir: as given.
         rpc_hosts: ``host -> mcp|a2a`` of the MCP/A2A hosts (:meth:`~sidecar.config.schema.SidecarConfig.rpc_hosts`).
+        body_hosts: the plain-HTTP hosts whose route buffers the body
+            (:meth:`~sidecar.config.schema.SidecarConfig.approval_hosts`).
         body_cap: ``envoy.rpc_body_cap`` in bytes.
         files: extra files the rendering produced (path -> content), written beside the bootstrap.
         xds: the intercept state layout, with an ``intercept`` section (else ``None``).
@@ -79,6 +81,7 @@ class Kit:
         self.loaded = loaded
         self.settings = loaded.settings
         self.rpc_hosts = loaded.settings.rpc_hosts()
+        self.body_hosts = frozenset(loaded.settings.approval_hosts())
         self.body_cap = int(loaded.settings.envoy.rpc_body_cap)
         self.sds_dir = sds_dir
         self.files: dict[Path, str] = {}

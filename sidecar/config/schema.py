@@ -26,8 +26,9 @@ from pydantic import (
     model_validator,
 )
 
-from sidecar.agentproto.spec import AgentProtocolSpec
+from sidecar.agentproto.spec import AgentProtocolSpec, ArgumentConstraintSpec, Pointer
 from sidecar.config.durations import parse_duration
+from sidecar.decision import Reason
 from sidecar.errors import BadRequestError, SpiffeIdError
 from sidecar.http_norm import normalize_path
 from sidecar.identity.spiffe_id import parse_spiffe_id
@@ -35,6 +36,10 @@ from sidecar.wire import HTTP_METADATA_KEYS
 
 __all__ = [
     "CONTROL_DIR",
+    "QUARANTINE_REASONS",
+    "SENSITIVITY_LEVELS",
+    "ApprovalSpec",
+    "ApprovalsSpec",
     "CallerSpec",
     "CredentialSpec",
     "DecisionLogSpec",
@@ -47,9 +52,15 @@ __all__ = [
     "IngressSpec",
     "InterceptSpec",
     "IssuerSpec",
+    "LadderSpec",
     "ListenSpec",
+    "QuarantineRuleSpec",
+    "QuarantineSpec",
+    "RevocationFeedSpec",
     "RootIssuerSpec",
     "RotateSpec",
+    "Sensitivity",
+    "SensitivitySpec",
     "SidecarConfig",
     "SpiffeIdStr",
     "StateSpec",
@@ -69,7 +80,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 _HOST = re.compile(r"^(\*\.)?([a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*$")
 SYSTEM_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 """Upstream CA bundle for ``tls: originate`` when ``envoy.upstream_ca`` is not set (Debian/Ubuntu path)."""
-_NO_HTTP_MATCH = ("methods", "paths", "audience", "scope", "credential")
+_NO_HTTP_MATCH = ("methods", "paths", "audience", "scope", "credential", "approval")
 _TLS_PORT_MODES = ("passthrough", "intercept")
 _FORBIDDEN_CREDENTIAL_HEADERS = frozenset(
     {"host", "connection", "content-length", "transfer-encoding", "te", "upgrade", "x-agent-task"}
@@ -149,12 +160,7 @@ class _HttpMatchSpec(_Model):
     @field_validator("methods")
     @classmethod
     def _methods(cls, value: list[str]) -> list[str]:
-        out = []
-        for method in value:
-            if method != "*" and not _TOKEN.match(method):
-                raise ValueError(f"{method!r} is not an HTTP method")
-            out.append(method.upper())
-        return out
+        return _http_methods(value)
 
     @field_validator("paths")
     @classmethod
@@ -173,6 +179,74 @@ class _HttpMatchSpec(_Model):
                 raise ValueError(f"{pattern!r} is not in canonical form (expected {canonical!r})")
         return value
 
+
+SENSITIVITY_LEVELS = ("public", "internal", "confidential", "restricted")
+"""Sensitivity labels, least sensitive first: a task's ``max_sensitivity`` admits its own level and
+those before it."""
+Sensitivity = Literal["public", "internal", "confidential", "restricted"]
+"""One of :data:`SENSITIVITY_LEVELS`."""
+
+QUARANTINE_REASONS = (
+    Reason.HOST_NOT_ALLOWED,
+    Reason.PORT_NOT_ALLOWED,
+    Reason.METHOD_NOT_ALLOWED,
+    Reason.PATH_NOT_ALLOWED,
+    Reason.TOOL_NOT_ALLOWED,
+    Reason.ARGUMENT_NOT_ALLOWED,
+    Reason.RESOURCE_NOT_ALLOWED,
+    Reason.PROMPT_NOT_ALLOWED,
+    Reason.RPC_METHOD_NOT_ALLOWED,
+    Reason.SENSITIVITY_NOT_ALLOWED,
+)
+"""The out-of-task kinds the anomaly rule counts by default: a call the task's rules do not allow."""
+_COUNTABLE = (
+    *QUARANTINE_REASONS,
+    Reason.TLS_NOT_ALLOWED,
+    Reason.TCP_NOT_ALLOWED,
+    Reason.APPROVAL_MISMATCH,
+    Reason.APPROVAL_REPLAYED,
+)
+"""What ``quarantine.reasons`` may name: never a budget, an expiry, a revocation or a freeze (those say
+nothing about the agent trying things outside its task)."""
+
+
+def _http_methods(value: list[str]) -> list[str]:
+    out = []
+    for method in value:
+        if method != "*" and not _TOKEN.match(method):
+            raise ValueError(f"{method!r} is not an HTTP method")
+        out.append(method.upper())
+    return out
+
+
+class ApprovalSpec(_Model):
+    """Which calls of a rule wait for a human: those matching every condition given (a condition left
+    out matches every call). ``approval: required`` is the rule's every call."""
+
+    methods: list[str] | None = Field(default=None, min_length=1)
+    """Only calls with one of these HTTP methods."""
+    tools: list[str] | None = Field(default=None, min_length=1)
+    """MCP: only ``tools/call`` of these tool names (or ``*`` globs)."""
+    arguments: dict[Pointer, ArgumentConstraintSpec] | None = Field(default=None, min_length=1)
+    """MCP: only ``tools/call`` whose ``params.arguments`` satisfy every one of these constraints
+    (JSON pointer -> one operator, as in ``tools[].arguments``)."""
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else _http_methods(value)
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, value: list[str] | None) -> list[str] | None:
+        for name in value or ():
+            if not re.match(r"^[\x21-\x7e]{1,128}$", name):
+                raise ValueError(f"{name!r} is not a tool name or glob")
+        return value
+
+
+ApprovalRef = Literal["required"] | ApprovalSpec
+"""``required`` (every call of the rule), or :class:`ApprovalSpec` conditions."""
 
 _RPC_METHODS = {"mcp": ["POST", "GET", "DELETE"], "a2a": ["POST", "GET"]}
 """HTTP methods of an MCP/A2A rule that names none: JSON-RPC over POST; GET for the 2025-11-25
@@ -253,6 +327,16 @@ class EgressRuleSpec(_HttpMatchSpec, AgentProtocolSpec):
     rule of one host). With ``tls: intercept``: the port Envoy re-originates to (default: ``port``; the
     same for every ``intercept`` rule of one host and port). The upstream address is
     ``envoy.destinations[host]``'s address with this port, else DNS."""
+    sensitivity: Sensitivity | None = None
+    """How sensitive what this rule reaches is (``public``, ``internal``, ``confidential``,
+    ``restricted``); the higher of this and the host's label (``sensitivity.hosts``) is compared with
+    the task's ``max_sensitivity``, recorded, and carried in the minted token's ``sensitivity`` claim.
+    None: the host's label, else ``sensitivity.default``. A delegated rule can raise it, never lower it."""
+    approval: ApprovalRef | None = None
+    """``required``: each call this rule allows first waits for a human approval bound to exactly that
+    call (403 ``approval_required`` with an ``approval_id``; ``agent-authz approve ID``; the retry is
+    allowed once). Or conditions (``methods``, ``tools``, ``arguments``) naming the calls that wait.
+    Not with ``tls: passthrough`` (no request to bind). A delegated rule keeps its parent's."""
 
     @field_validator("host")
     @classmethod
@@ -292,6 +376,9 @@ class EgressRuleSpec(_HttpMatchSpec, AgentProtocolSpec):
                 raise ValueError(f"'tls: intercept' needs an exact DNS name: {problem}")
         if self.protocol != "http" and self.tls in ("passthrough", "intercept"):
             raise ValueError(f"'protocol: {self.protocol}' is judged on plain HTTP or 'tls: originate' routes")
+        conditional = isinstance(self.approval, ApprovalSpec)
+        if conditional and self.protocol != "mcp" and (self.approval.tools or self.approval.arguments):  # type: ignore[union-attr]
+            raise ValueError("approval.tools and approval.arguments need 'protocol: mcp'")
         return self
 
     @property
@@ -355,6 +442,22 @@ def tls_rule_conflicts(rules: Iterable[tuple[str, EgressRuleSpec]]) -> str | Non
     return None
 
 
+class QuarantineRuleSpec(_Model):
+    """An anomaly rule: ``threshold`` out-of-task denials within ``window`` freeze the task."""
+
+    threshold: int = Field(ge=1, le=10_000)
+    """Denials of the counted kinds (``quarantine.reasons``) that freeze the task."""
+    window: Seconds = 60.0
+    """Within this many seconds (10 ms - 1 day)."""
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: float) -> float:
+        if not 0.01 <= value <= 86400:
+            raise ValueError("window must be between 10ms and 1d")
+        return value
+
+
 class TaskSpec(_Model):
     """A declared task: who works, for whom, why, until when, and which calls it may make.
 
@@ -382,6 +485,12 @@ class TaskSpec(_Model):
     """Budget over all rules of the task; over it: 429 ``budget_exhausted``."""
     revoked: bool = False
     """``true`` denies every call of the task from the next request on (``task_revoked``)."""
+    max_sensitivity: Sensitivity | None = None
+    """The most sensitive label the task may touch; a call whose rule or host is labelled higher is
+    denied ``sensitivity_not_allowed``. None: any. A delegated task's is at most its parent's."""
+    quarantine: QuarantineRuleSpec | None = None
+    """This task's anomaly rule (and, carried in its grants, its delegation subtree's); the stricter of
+    it and the sidecar's ``quarantine`` applies. A delegated task's is at least as strict as its parent's."""
     egress: list[EgressRuleSpec] = Field(default_factory=list)
     """The calls the task allows."""
 
@@ -564,6 +673,55 @@ class TaskFileSpec(_Model):
     """A file whose content ``true`` revokes the task."""
 
 
+class RevocationFeedSpec(_Model):
+    """The cluster authority's revocation feed (``agent-authz authority``): a long-lived Server-Sent
+    Events stream over mTLS with this agent's X.509-SVID. Entries it brings apply before the next
+    request; once the feed has been unreachable for ``max_staleness``, delegated grants (or every
+    task) are denied ``revocation_feed_stale`` until it is back. The sidecar also forwards its own
+    revocations (``POST /v1/tasks/{id}/revoke``) and announces its public signing keys to the
+    authority, which publishes them in the namespace's JWKS. Needs an identity source; changes take
+    effect at restart."""
+
+    url: str
+    """``https://host:port`` of the authority's feed listener (the chart: its Service, port 8444)."""
+    ca: Path
+    """PEM CA bundle that verifies the authority's serving certificate."""
+    max_staleness: Seconds = 30.0
+    """How long the feed may be unreachable (no event, not even a heartbeat) before tasks are denied
+    ``revocation_feed_stale`` (fail closed); counted from start until the first connection."""
+    stale_applies_to: Literal["delegated", "all"] = "delegated"
+    """``delegated``: only tasks from delegated grants (depth 1 or more) are denied while stale;
+    ``all``: every task, ``sidecar.yaml`` tasks and root grants included."""
+    announce_keys: bool = True
+    """Announce the public signing keys (current, next, retired) to the authority, each current and
+    next key with a proof of possession, on every connection and every ``announce_interval``."""
+    announce_interval: Seconds = 300.0
+    """Seconds between key announcements (below the authority's ``keys.announce_ttl``)."""
+    reconnect_min: Seconds = 0.1
+    """First delay before reconnecting; doubles (with jitter) up to ``reconnect_max``."""
+    reconnect_max: Seconds = 5.0
+    """Longest delay between reconnection attempts."""
+    connect_timeout: Seconds = 5.0
+    """Timeout to connect and to get the stream's first event."""
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not re.match(r"^https://[^\s/?#]+(:[0-9]{1,5})?/?$", value):
+            raise ValueError("expected https://host[:port]")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RevocationFeedSpec:
+        if not 1 <= self.max_staleness <= 86400:
+            raise ValueError("max_staleness must be between 1s and 24h")
+        if self.reconnect_min <= 0 or self.reconnect_max < self.reconnect_min:
+            raise ValueError("reconnect_min must be positive and at most reconnect_max")
+        if self.announce_interval < 1:
+            raise ValueError("announce_interval must be at least 1s")
+        return self
+
+
 class GrantsSpec(_Model):
     """Signed task grants (``agent-task+jwt``) this sidecar accepts, delegation limits and revocation
     lists. A Kubernetes annotation mounted through the downward API works as a grant file; an invalid
@@ -579,6 +737,9 @@ class GrantsSpec(_Model):
     """Signed revocation-list files to honour; watched (a list that does not exist yet counts as empty)."""
     publish_revocations: Path | None = None
     """Where ``POST /v1/tasks/{id}/revoke`` writes this sidecar's signed revocation list."""
+    revocation_feed: RevocationFeedSpec | None = None
+    """The cluster authority's revocation feed; none: revocations reach this sidecar through
+    ``revocations`` files only."""
 
 
 class IssuerSpec(_Model):
@@ -734,6 +895,11 @@ class EnvoySpec(_Model):
     """``host: mcp|a2a`` for MCP/A2A hosts that only grants name (hosts of ``protocol: mcp``/``a2a``
     rules in ``tasks`` are found by themselves): their Envoy route buffers the body for the sidecar
     and, for MCP, filters ``tools/list`` responses through ext_proc."""
+    approval_hosts: list[str] = Field(default_factory=list)
+    """Plain-HTTP hosts whose Envoy route buffers the request body (up to ``rpc_body_cap``) so that an
+    approval binds its digest: those only grants name with ``approval`` rules (hosts of ``approval``
+    rules in ``tasks`` are found by themselves). A body-carrying call there without one is refused
+    ``approval_body_unavailable``."""
     mcp_header_decisions: list[str] = Field(default_factory=list)
     """MCP hosts whose servers implement the 2026-07-28 header checks (a request whose
     ``Mcp-Method``/``Mcp-Name`` disagree with its body is rejected with ``-32020``): requests there
@@ -746,7 +912,7 @@ class EnvoySpec(_Model):
             raise ValueError("rpc_body_cap must be between 1 KiB and 1 MiB")
         return value
 
-    @field_validator("rpc_hosts", "mcp_header_decisions")
+    @field_validator("rpc_hosts", "mcp_header_decisions", "approval_hosts")
     @classmethod
     def _rpc_host_names(cls, value: Any) -> Any:
         for host in value:
@@ -915,6 +1081,101 @@ class ViewerSpec(_Model):
     an error."""
 
 
+class QuarantineSpec(_Model):
+    """The anomaly rule of every task: ``threshold`` denials of the kinds in ``reasons`` within
+    ``window`` freeze the task and its delegation subtree (every call then ``task_quarantined``) until
+    an operator unfreezes it. The freeze is a ``task_frozen`` control record naming the records that
+    tripped it, published in ``ladder.publish`` for the sidecars of sub-agents. A task's own
+    ``quarantine`` rule applies too: the stricter of the two (the lower threshold, the longer window).
+    Hot-reloadable (the counts so far are kept)."""
+
+    threshold: int = Field(default=0, ge=0, le=10_000)
+    """Denials that freeze a task; 0: no sidecar-wide rule (a task's own rule still applies)."""
+    window: Seconds = 60.0
+    """Counted within this many seconds (10 ms - 1 day)."""
+    reasons: list[Reason] = Field(default_factory=lambda: list(QUARANTINE_REASONS))
+    """The reason codes that count: out-of-task kinds only (``host_not_allowed``, ``port_not_allowed``,
+    ``method_not_allowed``, ``path_not_allowed``, the MCP ``tool_not_allowed``, ``argument_not_allowed``,
+    ``resource_not_allowed``, ``prompt_not_allowed``, ``rpc_method_not_allowed``,
+    ``sensitivity_not_allowed``: the default; also ``tls_not_allowed``, ``tcp_not_allowed``,
+    ``approval_mismatch``, ``approval_replayed``). Never ``budget_exhausted``, ``task_expired`` and the like."""
+    dry_run: bool = False
+    """Record ``would_quarantine`` (with the evidence) instead of freezing (also in ``dry_run`` mode)."""
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: float) -> float:
+        if not 0.01 <= value <= 86400:
+            raise ValueError("window must be between 10ms and 1d")
+        return value
+
+    @field_validator("reasons")
+    @classmethod
+    def _reasons(cls, value: list[Reason]) -> list[Reason]:
+        wrong = [r.value for r in value if r not in _COUNTABLE]
+        if wrong:
+            raise ValueError(f"{wrong} are not out-of-task kinds; countable: {[r.value for r in _COUNTABLE]}")
+        return value
+
+
+class LadderSpec(_Model):
+    """Freeze, unfreeze and kill: signed actions (``agent-authz task freeze|unfreeze|kill``) this sidecar
+    honours, and where it publishes its own (its quarantines), for the sidecars of its sub-agents.
+
+    An action is a compact JWS (``typ: agent-authz-action+jwt``) naming a target - an agent's SPIFFE
+    ID, a task, or a task with everything delegated below it. A root issuer may do anything; an agent
+    (its X.509-SVID) may freeze or kill what it could revoke (its own tasks, what it delegated, and
+    below); only a root issuer unfreezes. Honoured actions are kept in the durable state."""
+
+    files: list[Path] = Field(default_factory=list)
+    """Files of signed actions (one compact JWS per line) to honour; watched (a missing file is empty)."""
+    publish: Path | None = None
+    """Where this sidecar writes its own signed actions (its quarantines), one per line."""
+
+
+class ApprovalsSpec(_Model):
+    """Human approvals of ``approval`` rules: who may approve, and how long an approval lasts."""
+
+    approvers: list[SpiffeIdStr] = Field(default_factory=list)
+    """SPIFFE IDs whose X.509-SVID may sign approvals and operator tokens (root issuers always may)."""
+    default_ttl: Seconds = 600.0
+    """How long an approval stays usable when ``agent-authz approve`` names no ``--ttl``."""
+    max_ttl: Seconds = 3600.0
+    """Longest usable time of an approval (a longer ``--ttl`` is cut to this; never past the task's end)."""
+    pending_ttl: Seconds = 3600.0
+    """A call waiting for approval is forgotten after this long."""
+    max_pending: int = Field(default=100, ge=1, le=100_000)
+    """Calls waiting for approval per task; a new one drops the oldest."""
+
+    @model_validator(mode="after")
+    def _ttls(self) -> ApprovalsSpec:
+        for name in ("default_ttl", "max_ttl", "pending_ttl"):
+            if not 1 <= getattr(self, name) <= 7 * 86400:
+                raise ValueError(f"{name} must be between 1s and 7d")
+        if self.default_ttl > self.max_ttl:
+            raise ValueError("default_ttl must not exceed max_ttl")
+        return self
+
+
+class SensitivitySpec(_Model):
+    """Sensitivity labels of destinations: per host (the operator's data classification), and the
+    label of a destination no rule or host labels."""
+
+    default: Sensitivity = "internal"
+    """The label of a call whose rule and host carry none."""
+    hosts: dict[str, Sensitivity] = Field(default_factory=dict)
+    """Exact host or ``*.suffix`` -> label (the most specific entry applies; the higher of it and the
+    rule's own label counts)."""
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: dict[str, str]) -> dict[str, str]:
+        for host in value:
+            if host != host.lower() or not _HOST.match(host):
+                raise ValueError(f"{host!r} must be a lower-case DNS name or '*.' followed by a DNS suffix")
+        return value
+
+
 class StateSpec(_Model):
     """The durable enforcement state: what must survive a sidecar restart or crash (``kill -9``).
 
@@ -966,7 +1227,16 @@ class SidecarConfig(_Model):
     viewer: ViewerSpec = ViewerSpec()
     """The decision viewer."""
     state: StateSpec = StateSpec()
-    """The durable enforcement state (revocations, budgets, posted grants, ``ttl`` anchors)."""
+    """The durable enforcement state (revocations, budgets, posted grants, ``ttl`` anchors, freezes,
+    approvals)."""
+    quarantine: QuarantineSpec = QuarantineSpec()
+    """The anomaly rule: freeze a task that keeps trying things outside it."""
+    ladder: LadderSpec = LadderSpec()
+    """Signed freeze / unfreeze / kill actions to honour, and where to publish this sidecar's own."""
+    approvals: ApprovalsSpec = ApprovalsSpec()
+    """Human approvals of ``approval`` rules."""
+    sensitivity: SensitivitySpec = SensitivitySpec()
+    """Sensitivity labels of hosts, and the default label."""
     credentials: dict[str, CredentialSpec] = Field(default_factory=dict)
     """Name (1-64 characters of ``a-z0-9._-``) → API key that rules and grants refer to by name."""
     grants: GrantsSpec = GrantsSpec()
@@ -990,6 +1260,8 @@ class SidecarConfig(_Model):
             for rule in task.egress:
                 if isinstance(rule.credential, str) and rule.credential not in self.credentials:
                     raise ValueError(f"task {task.id!r}: credential {rule.credential!r} is not in 'credentials'")
+        if self.grants.revocation_feed is not None and self.identity is None:
+            raise ValueError("grants.revocation_feed needs an 'identity' source (the feed is mTLS with the SVID)")
         if self.envoy.inbound_redirect and self.identity is None:
             raise ValueError("envoy.inbound_redirect needs an 'identity' source (the inbound listener is mTLS)")
         upstream: dict[str, tuple[int, str]] = {}
@@ -1032,6 +1304,18 @@ class SidecarConfig(_Model):
         """The address of the ext_authz HTTP service when HTTP checks use it (``envoy.authz_transport:
         http`` and :meth:`ListenSpec.http_authz` has one), else ``None`` (HTTP checks use gRPC)."""
         return self.listen.http_authz() if self.envoy.authz_transport == "http" else None
+
+    def approval_hosts(self) -> list[str]:
+        """Exact plain-HTTP hosts of ``approval`` rules in ``tasks``, and ``envoy.approval_hosts``:
+        their Envoy route buffers the body for the sidecar (MCP/A2A hosts buffer it anyway)."""
+        hosts = {
+            rule.host
+            for task in self.tasks
+            for rule in task.egress
+            if rule.approval is not None and rule.protocol == "http" and not rule.host.startswith("*.")
+        }
+        rpc = self.rpc_hosts()
+        return sorted((hosts | set(self.envoy.approval_hosts)) - set(rpc))
 
     def originate_hosts(self) -> dict[str, int]:
         """``host -> upstream port`` of every ``tls: originate`` rule (Envoy renders one TLS route each)."""

@@ -12,8 +12,15 @@ have):
    whose ``act`` chain names the sub-agent and the orchestrator, with the root task as ``txn``.
 4. Mid-way the orchestrator revokes the sales sub-agent; its next call is denied ``task_revoked``
    (the time from revocation to first deny is measured).
-5. The orchestrator consolidates the report into temporary storage.
-6. At the end the admin revokes the root task: every agent's next call is denied.
+5. The market-data sub-agent is prompt-injected and starts probing outside its task: at the 5th
+   out-of-task denial within 10 minutes (the anomaly rule the root grant carries down the tree)
+   its task is frozen - ``task_frozen`` record with the evidence, every call then
+   ``task_quarantined`` - while its siblings keep working.
+6. The orchestrator consolidates the report into temporary storage; deleting it afterwards needs a
+   human: the first DELETE is 403 ``approval_required`` with an ``approval_id``, the operator runs
+   ``agent-authz approve ID`` with the root issuer key, the retry passes once, a replay is
+   ``approval_replayed``.
+7. At the end the admin revokes the root task: every agent's next call is denied.
 
 Exits 0 only if every outcome matches expectation and every sidecar's decision log agrees. With
 ``keep_running`` the four stacks stay up afterwards; the orchestrator's decision viewer then draws the
@@ -24,6 +31,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,6 +65,9 @@ AGENTS = {
 HOSTS = ["market-data.internal", "sales.internal", "filings.internal", "sentiment.example.com", "storage.internal"]
 INTERNAL = [h for h in HOSTS if h.endswith(".internal")]
 
+QUARANTINE = {"threshold": 5, "window": "10m"}
+"""The root task's anomaly rule: grants carry it down the delegation tree (a sub-grant's is as strict)."""
+
 ROOT_TASK: dict[str, Any] = {
     "id": ROOT_ID,
     "agent": AGENTS["orchestrator"],
@@ -63,6 +75,8 @@ ROOT_TASK: dict[str, Any] = {
     "purpose": "Generate the Q3 quarterly risk assessment report",
     "ttl": "30m",
     "max_calls": 100,
+    "max_sensitivity": "confidential",
+    "quarantine": QUARANTINE,
     "egress": [
         {
             "name": "market-data",
@@ -106,8 +120,19 @@ ROOT_TASK: dict[str, Any] = {
             "audience": "https://storage.internal",
             "scope": "tmp:write",
         },
+        {
+            "name": "report-cleanup",
+            "host": "storage.internal",
+            "methods": ["DELETE"],
+            "paths": ["/v1/tmp/q3/*"],
+            "audience": "https://storage.internal",
+            "scope": "tmp:delete",
+            "approval": "required",
+        },
     ],
 }
+SENSITIVITY = {"sales.internal": "confidential", "sentiment.example.com": "public"}
+"""The operator's labels of the hosts (``sensitivity.hosts``); the others are ``internal``."""
 
 DELEGATIONS: dict[str, dict[str, Any]] = {
     "market-data": {
@@ -163,9 +188,14 @@ def _config(world: World, name: str, upstream_port: int, sock_dir: Path) -> Path
         "max_depth": 2,
     }
     viewer: dict[str, Any] = {}
+    ladder: dict[str, Any] = {
+        "files": [str(state / "issuer" / "actions.jwt"), str(state / "orchestrator" / "actions.jwt")],
+        "publish": "actions.jwt",  # this sidecar's own quarantines, for the sidecars below it
+    }
     if name == "orchestrator":
         grants.update(files=["root-grant.jwt"], publish_revocations="revocations.jwt")
         grants["revocations"] = [str(state / "issuer" / "revocations.jwt")]
+        ladder["files"] = [str(state / "issuer" / "actions.jwt")]
         # what the sub-agents spent is only in their own logs: the orchestrator's viewer reads them
         viewer["logs"] = [str(state / other / "decisions.log") for other in AGENTS if other != name]
     config = {
@@ -188,6 +218,8 @@ def _config(world: World, name: str, upstream_port: int, sock_dir: Path) -> Path
         "credentials": {"sentiment": {"header": "x-api-key", "file": str(state / "secrets" / "sentiment.key")}},
         "grants": grants,
         "viewer": viewer,
+        "ladder": ladder,
+        "sensitivity": {"hosts": SENSITIVITY},
     }
     path = home / "sidecar.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -257,7 +289,7 @@ def _narrate(world: World, upstream: SampleUpstream, api_key: str) -> list[str]:
                 act = act.get("act")
             lines.append(
                 f"  {item.method:4} {item.host}{item.raw_path}: sub={claims['sub']} act={' <- '.join(chain)} "
-                f"txn={claims['txn']} scope={claims.get('scope')}"
+                f"txn={claims['txn']} scope={claims.get('scope')} sensitivity={claims.get('sensitivity')}"
             )
         elif item.host == "sentiment.example.com":
             lines.append(
@@ -267,6 +299,96 @@ def _narrate(world: World, upstream: SampleUpstream, api_key: str) -> list[str]:
         if item.error:
             world.problems.append(f"upstream rejected {item.method} {item.host}{item.raw_path}: {item.error}")
     return lines
+
+
+def _hijack(world: World) -> None:
+    """Phase 4: market-data probes beyond its task until the anomaly rule freezes it."""
+    phase = "4. market-data is prompt-injected mid-task: it probes, and its task is frozen"
+    _calls(
+        world,
+        phase,
+        "market-data",
+        [
+            ("GET", "http://market-data.internal/v1/tables/salaries/rows", "403 path_not_allowed", "4th probe"),
+            ("GET", "http://sentiment.example.com/v1/analyze", "403 host_not_allowed", "5th: the rule trips"),
+            ("GET", "http://market-data.internal/v1/tables/prices_q3/rows", "403 task_quarantined", "frozen"),
+        ],
+    )
+    records = [json.loads(line) for line in (world.state / "market-data" / "decisions.log").read_text().splitlines()]
+    frozen = [r for r in records if r["reason"] == "task_frozen"]
+    evidence = frozen[0]["action"]["evidence"] if len(frozen) == 1 else []
+    probes = [
+        r["decision_id"]
+        for r in records
+        if r["reason"] in ("path_not_allowed", "method_not_allowed", "host_not_allowed")
+    ]
+    world.record(
+        phase,
+        "market-data",
+        "task_frozen record: the 5 out-of-task denials as evidence",
+        "5 records",
+        f"{len(evidence)} records" if evidence == probes[-5:] else f"evidence {evidence} vs probes {probes}",
+    )
+    _calls(
+        world,
+        phase,
+        "filings",
+        [("GET", "http://filings.internal/v1/filings/INITECH/10-Q", "200 allowed", "its siblings keep working")],
+    )
+    orchestrator = world.stacks["orchestrator"]
+
+    def tree_state() -> str | None:
+        status, body = admin(orchestrator, "GET", "/decisions/api/tree")
+        states = {n["task_id"]: n["state"] for t in body.get("trees", []) for n in t["nodes"]} if status == 200 else {}
+        state = states.get(f"{ROOT_ID}/market-data")
+        return state if state == "frozen" else None
+
+    deadline, seen = time.monotonic() + 5, None
+    while seen is None and time.monotonic() < deadline:  # the viewer follows the sub-agents' logs
+        seen = tree_state()
+        if seen is None:
+            time.sleep(0.1)
+    world.record(phase, "orchestrator", f"its viewer's tree: {ROOT_ID}/market-data", "frozen", seen or "not frozen")
+
+
+def _approval(world: World, issuer_key: Path) -> None:
+    """Phase 6: deleting the temporary report waits for a human approval, granted with the CLI."""
+    phase = "6. Deleting the temporary report waits for a human; approved with the CLI, used once"
+    stack = world.stacks["orchestrator"]
+    url = "http://storage.internal/v1/tmp/q3/report.json"
+    first = run_agent(
+        world.state / "orchestrator", stack.egress_proxy, [{"method": "DELETE", "url": url}], name="cleanup"
+    )[0]
+    try:
+        approval_id = str(json.loads(first["body"])["approval_id"])
+    except (ValueError, KeyError, TypeError):
+        approval_id = ""
+    world.record(
+        phase,
+        "orchestrator",
+        "DELETE storage.internal/v1/tmp/q3/report.json",
+        "403 approval_required",
+        f"{first['status']} {first['reason']}",
+    )
+    approve = [sys.executable, "-m", "sidecar", "approve", approval_id or "none", "--key", str(issuer_key)]
+    approve += ["--admin", stack.sidecar.admin_url, "--ttl", "5m"]
+    done = subprocess.run(approve, capture_output=True, text=True, timeout=60, check=False)
+    world.record(
+        phase,
+        "operator",
+        f"agent-authz approve {approval_id} --key issuer.key --ttl 5m",
+        "exit 0",
+        f"exit {done.returncode}" + (f": {done.stderr.strip()[:200]}" if done.returncode else ""),
+    )
+    _calls(
+        world,
+        phase,
+        "orchestrator",
+        [
+            ("DELETE", url, "200 allowed", "the retry of exactly that call"),
+            ("DELETE", url, "403 approval_replayed", "a replay: one call per approval"),
+        ],
+    )
 
 
 def _check_logs(world: World) -> int:
@@ -280,7 +402,7 @@ def _check_logs(world: World) -> int:
         if name != "orchestrator" and not any(r["reason"] == "task_revoked" for r in records):
             world.problems.append(f"{name}: the decision log shows no task_revoked")
         for record in records:
-            if record["decision"] == "allow" and record["txn"] != ROOT_ID:
+            if record["direction"] != "control" and record["decision"] == "allow" and record["txn"] != ROOT_ID:
                 world.problems.append(f"{name}: allowed call outside txn {ROOT_ID}")
     return total
 
@@ -313,7 +435,9 @@ def run_quarterly(*, state_dir: Path | None, keep_running: bool = False, envoy_b
     for name in AGENTS:
         (state / name / "decisions.log").unlink(missing_ok=True)
         (state / name / "revocations.jwt").unlink(missing_ok=True)
+        (state / name / "actions.jwt").unlink(missing_ok=True)
     (state / "issuer" / "revocations.jwt").unlink(missing_ok=True)
+    (state / "issuer" / "actions.jwt").unlink(missing_ok=True)
     sock_dir = Path(tempfile.mkdtemp(prefix="aa-q3-", dir="/tmp"))
     world = World(state)
     upstream = SampleUpstream({})
@@ -413,7 +537,9 @@ def run_quarterly(*, state_dir: Path | None, keep_running: bool = False, envoy_b
             ],
         )
 
-        phase = "4. The orchestrator consolidates the report into temporary storage"
+        _hijack(world)
+
+        phase = "5. The orchestrator consolidates the report into temporary storage"
         _calls(
             world,
             phase,
@@ -424,7 +550,9 @@ def run_quarterly(*, state_dir: Path | None, keep_running: bool = False, envoy_b
             ],
         )
 
-        phase = "5. Done: the admin revokes the whole task; every grant below it ends"
+        _approval(world, state / "issuer" / "issuer.key")
+
+        phase = "7. Done: the admin revokes the whole task; every grant below it ends"
         token = sign_revocations(
             [ROOT_ID], issuer.private_key, issuer="demo-admin", issued_at=int(time.time()), kid=issuer.kid
         )

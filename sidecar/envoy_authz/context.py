@@ -32,7 +32,7 @@ _RPC_ERROR_CODES = {
 }
 _RPC_DENIED = -32030
 _NO_RPC_METHODS = ("GET", "DELETE", "HEAD", "OPTIONS")
-_DIRECTIONS = {d.value: d for d in Direction}
+_DIRECTIONS = {d.value: d for d in (Direction.EGRESS, Direction.INGRESS)}  # a route never asks as "control"
 _RPC_PROTOCOLS = frozenset({"mcp", "a2a"})
 
 
@@ -43,13 +43,16 @@ class RouteContext(NamedTuple):
     interception: Interception | None
     upstream_tls: bool
     rpc: RpcRoute | None
+    body_cap: int
+    """On a plain-HTTP route that buffers the body (an ``approval`` host), ``body_cap``; else 0."""
 
 
 def route_context(context: Mapping[str, str]) -> RouteContext:
     """Type the context keys of :mod:`sidecar.wire` (``direction``, ``intercept``,
-    ``upstream_verify``, ``upstream_tls``, ``rpc_protocol``, ``rpc_body_cap``).
+    ``upstream_verify``, ``upstream_tls``, ``rpc_protocol``, ``rpc_body_cap``, ``body_cap``).
 
-    A body cap that is not a positive decimal counts as none (the route's body is then not read).
+    A body cap that is not a positive decimal counts as none (the route's body is then not read);
+    ``body_cap`` is read on plain-HTTP routes only.
 
     Raises:
         BadRequestError: no usable ``direction``; ``intercept`` is not ``host:port``;
@@ -58,9 +61,19 @@ def route_context(context: Mapping[str, str]) -> RouteContext:
     direction = _DIRECTIONS.get(context.get(wire.CONTEXT_DIRECTION, ""))
     if direction is None:
         raise BadRequestError("context_extensions.direction must be 'egress' or 'ingress'")
+    rpc = _rpc_route(context)
     return RouteContext(
-        direction, _interception(context), context.get(wire.CONTEXT_UPSTREAM_TLS) == wire.ORIGINATE, _rpc_route(context)
+        direction,
+        _interception(context),
+        context.get(wire.CONTEXT_UPSTREAM_TLS) == wire.ORIGINATE,
+        rpc,
+        _cap(context.get(wire.CONTEXT_BODY_CAP, "")) if rpc is None else 0,
     )
+
+
+def _cap(text: str) -> int:
+    """A body cap context extension: a positive decimal, else 0 (no body read)."""
+    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
 
 
 def _interception(context: Mapping[str, str]) -> Interception | None:
@@ -83,16 +96,33 @@ def _rpc_route(context: Mapping[str, str]) -> RpcRoute | None:
     return RpcRoute(protocol, int(cap) if cap.isascii() and cap.isdigit() else 0)
 
 
+def _deny_fields(decision: Decision) -> dict[str, object]:
+    """What a deny body says besides the id and reason: ``approval_id`` (an approval now waits for
+    this call), ``remaining`` (calls left under the budget, on ``budget_exhausted``)."""
+    extra: dict[str, object] = {}
+    if decision.approval is not None:
+        extra["approval_id"] = decision.approval.get("id")
+    if decision.remaining is not None:
+        extra["remaining"] = decision.remaining
+    return extra
+
+
 def deny_body(decision: Decision) -> str:
-    """The body of a deny: ``{"decision_id", "reason"}``, or on an MCP/A2A route (for a method that
+    """The body of a deny: ``{"decision_id", "reason"}`` (plus ``approval_id`` when an approval waits
+    for the call, ``remaining`` on ``budget_exhausted``), or on an MCP/A2A route (for a method that
     carries a JSON-RPC message) a JSON-RPC 2.0 error ``{"jsonrpc", "id", "error": {"code", "message",
-    "data": {"decision_id", "reason", "detail"}}}``."""
+    "data": {"decision_id", "reason", "detail", ...}}}``."""
     reason = decision.reason.value
     if not decision.rpc_protocol or decision.method in _NO_RPC_METHODS:
-        return orjson.dumps({"decision_id": decision.decision_id, "reason": reason}).decode()
+        return orjson.dumps({"decision_id": decision.decision_id, "reason": reason, **_deny_fields(decision)}).decode()
     error = {
         "code": _RPC_ERROR_CODES.get(decision.reason, _RPC_DENIED),
         "message": f"agent-authz: {reason}",
-        "data": {"decision_id": decision.decision_id, "reason": reason, "detail": decision.detail},
+        "data": {
+            "decision_id": decision.decision_id,
+            "reason": reason,
+            "detail": decision.detail,
+            **_deny_fields(decision),
+        },
     }
     return orjson.dumps({"jsonrpc": "2.0", "id": decision.rpc_id, "error": error}).decode()

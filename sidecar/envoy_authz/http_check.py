@@ -115,7 +115,7 @@ def parse_http_check(check: HttpCheck) -> AuthzRequest:
     raw_context = headers.get(wire.CONTEXT_HEADER)
     if raw_context is None:
         raise BadRequestError(f"no {wire.CONTEXT_HEADER}: the route names no context")
-    direction, interception, upstream_tls, rpc = _context(raw_context)
+    direction, interception, upstream_tls, rpc, plain_cap = _context(raw_context)
     ours = [name for name in headers if name.startswith(_OURS)]
     extra = {name: headers.pop(name) for name in ours}
     return AuthzRequest(
@@ -131,7 +131,8 @@ def parse_http_check(check: HttpCheck) -> AuthzRequest:
         interception=interception,
         upstream_tls=upstream_tls,
         rpc=rpc,
-        body=check.body if rpc is not None and rpc.body_cap else None,
+        body=check.body if (rpc is not None and rpc.body_cap) or plain_cap else None,
+        body_cap=plain_cap,
     )
 
 
@@ -162,6 +163,8 @@ def _allow(decision: Decision) -> bytes:
         lines.append(_field(name, value))
     if wire.DECISION_ID_HEADER not in names:  # the client's response carries it too
         lines.append(_field(wire.DECISION_ID_HEADER, decision.decision_id))
+    if decision.remaining is not None:  # to the client's response only (not an upstream header)
+        lines.append(_field(wire.REMAINING_HEADER, str(decision.remaining)))
     if decision.headers_to_remove:
         lines.append(_field(wire.HEADERS_TO_REMOVE_HEADER, ",".join(decision.headers_to_remove)))
     lines += _metadata(decision, "allow")
@@ -188,7 +191,8 @@ def build_http_answer(decision: Decision) -> bytes:
     """The HTTP/1.1 answer to a check (status line, headers, body) for ``decision``.
 
     Allow: ``200``, ``content-length: 0``, the headers to set, the decision id header (also on the
-    client's response: ``allowed_client_headers_on_success``), :data:`~sidecar.wire.HEADERS_TO_REMOVE_HEADER`
+    client's response: ``allowed_client_headers_on_success``), under a budget
+    :data:`~sidecar.wire.REMAINING_HEADER` (the client's response only), :data:`~sidecar.wire.HEADERS_TO_REMOVE_HEADER`
     and the metadata headers (:data:`~sidecar.wire.HTTP_METADATA_KEYS`). Deny: the decision's status
     (``403`` when it is not a ``4xx``), the JSON body, ``content-type``, the decision id and reason
     headers and the metadata headers.

@@ -5,7 +5,8 @@ becomes a logged deny with reason ``bad_request`` instead of a gRPC error. Any u
 exception becomes a logged deny with reason ``internal_error``. Nothing here ever allows on error.
 
 Every decision is written to the decision log before the answer is returned (and, with
-``decision_log.fsync``, synced). If the record cannot be written, ``on_log_failure: deny`` (the
+``decision_log.fsync``, synced), followed by the control records it brought about
+(``Decision.followups``: a quarantine the call tripped). If the record cannot be written, ``on_log_failure: deny`` (the
 default) turns an allow into an ``internal_error`` deny; ``allow`` keeps the decision. Either way the
 record goes to stderr in a ``decision_log_write_failed`` event, so nothing is dropped silently.
 """
@@ -94,6 +95,14 @@ class AuthorizationService:
             failed = self._log_failed(decision, exc, record)
             if failed is not decision:
                 decision, answer = failed, build(failed)
+        for followup in decision.followups:
+            follow = decision_record(followup, request_id=request_id, latency_us=0, now=self._clock())
+            try:
+                self._log.append(follow)
+            except DecisionLogError as exc:  # the step is taken (a freeze): say so on stderr
+                self._log_failed(followup, exc, follow)
+            if self._metrics is not None:
+                self._metrics.observe_control(followup)
         return decision, answer, record
 
     def _log_failed(self, decision: Decision, exc: DecisionLogError, record: dict[str, Any]) -> Decision:

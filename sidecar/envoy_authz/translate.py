@@ -114,7 +114,7 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
     http = attributes.request.http
     if not METHOD.fullmatch(http.method):
         raise BadRequestError("missing or malformed HTTP method")
-    direction, interception, upstream_tls, rpc = route_context(attributes.context_extensions)
+    direction, interception, upstream_tls, rpc, plain_cap = route_context(attributes.context_extensions)
     return AuthzRequest(
         direction=direction,
         method=http.method,
@@ -128,7 +128,8 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
         interception=interception,
         upstream_tls=upstream_tls,
         rpc=rpc,
-        body=(http.raw_body or http.body.encode()) if rpc is not None and rpc.body_cap else None,
+        body=(http.raw_body or http.body.encode()) if (rpc is not None and rpc.body_cap) or plain_cap else None,
+        body_cap=plain_cap,
     )
 
 
@@ -145,11 +146,13 @@ def build_check_response(decision: Decision) -> bytes:
     """Serialize the ``CheckResponse`` for ``decision``.
 
     Allow: ``OkHttpResponse`` overwriting ``headers_to_set``, removing ``headers_to_remove`` and
-    adding ``x-agent-authz-decision-id`` to the response. Deny: ``DeniedHttpResponse`` with the
-    decision's status and the JSON body ``{"decision_id", "reason"}`` - on an MCP/A2A route a
-    JSON-RPC error ``{"jsonrpc": "2.0", "id", "error": {"code", "message", "data": {"decision_id",
-    "reason", "detail"}}}``. Both carry dynamic metadata (``decision_id``, ``decision``, ``reason``,
-    ``task_id``; for an allowed MCP ``tools/list`` also ``mcp_list_filter``).
+    adding ``x-agent-authz-decision-id`` (and, under a budget, ``x-agent-authz-remaining``) to the
+    response. Deny: ``DeniedHttpResponse`` with the decision's status and the JSON body
+    ``{"decision_id", "reason"}`` (plus ``approval_id`` when an approval waits for the call,
+    ``remaining`` on ``budget_exhausted``) - on an MCP/A2A route a JSON-RPC error ``{"jsonrpc": "2.0",
+    "id", "error": {"code", "message", "data": {"decision_id", "reason", "detail", ...}}}``. Both
+    carry dynamic metadata (``decision_id``, ``decision``, ``reason``, ``task_id``; for an allowed MCP
+    ``tools/list`` also ``mcp_list_filter``).
     """
     response = external_auth_pb2.CheckResponse()
     fields = response.dynamic_metadata.fields
@@ -167,7 +170,10 @@ def build_check_response(decision: Decision) -> bytes:
         ok = response.ok_response
         _add_headers(ok.headers, decision.headers_to_set)
         ok.headers_to_remove.extend(decision.headers_to_remove)
-        _add_headers(ok.response_headers_to_add, ((wire.DECISION_ID_HEADER, decision.decision_id),))
+        added = [(wire.DECISION_ID_HEADER, decision.decision_id)]
+        if decision.remaining is not None:
+            added.append((wire.REMAINING_HEADER, str(decision.remaining)))
+        _add_headers(ok.response_headers_to_add, added)
     else:
         response.status.CopyFrom(_DENIED)
         denied = response.denied_response

@@ -13,13 +13,17 @@ Every child rule must lie within one parent rule, dimension by dimension:
 * credential - only a credential the parent rule already injects;
 * max_calls - required when the parent rule is limited, and no more than its limit (at issuance:
   no more than what is left, and then reserved);
+* sensitivity - the same or higher (a label says how sensitive the data is: a child cannot call it
+  less sensitive); approval - the parent's, or ``required`` (a child cannot skip a human's approval);
 * protocol, tools (names, argument constraints, per-tool max_calls, record), resources, prompts,
   rpc_methods - narrower or equal (:mod:`sidecar.agentproto.attenuation`; per-tool budgets are
   bounded by the parent entry's limit, not reserved from it).
 
 Task-wide: the same ``on_behalf_of``; not valid before the parent nor after it; ``max_calls``
-within the parent's. :func:`check_attenuation` returns which parent rule holds each child rule, or
-raises :class:`AttenuationError` naming the first widening child rule and dimension.
+within the parent's; ``max_sensitivity`` at most the parent's; a ``quarantine`` rule at least as
+strict as the parent's (a threshold no higher, a window no shorter). :func:`check_attenuation`
+returns which parent rule holds each child rule, or raises :class:`AttenuationError` naming the
+first widening child rule and dimension.
 """
 
 from __future__ import annotations
@@ -27,17 +31,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from sidecar.agentproto.attenuation import protocol_within
-from sidecar.config.schema import EgressRuleSpec, TaskSpec
+from sidecar.config.schema import SENSITIVITY_LEVELS, EgressRuleSpec, TaskSpec
 from sidecar.grants.model import GrantCode, GrantError
 
 __all__ = ["AttenuationError", "check_attenuation", "host_within", "inherit", "path_within", "rule_within"]
 
-_INHERITED = ("audience", "scope", "token")
+_INHERITED = ("audience", "scope", "token", "sensitivity", "approval")
 _PROTOCOL_FIELDS = ("protocol", "tools", "resources", "prompts", "rpc_methods")
 
 
 def inherit(child: EgressRuleSpec, parent: EgressRuleSpec) -> EgressRuleSpec:
-    """``child`` with the ``audience``, ``scope`` and ``token`` it did not set taken from ``parent``,
+    """``child`` with the ``audience``, ``scope``, ``token``, ``sensitivity`` and ``approval`` it did
+    not set taken from ``parent``,
     and - when it names no ``protocol`` - the parent's protocol, tools, resources, prompts and
     rpc_methods.
 
@@ -112,7 +117,16 @@ def rule_within(child: EgressRuleSpec, parent: EgressRuleSpec) -> tuple[str, str
         return "credential", "only a credential the parent rule injects can be delegated"
     if parent.max_calls is not None and (child.max_calls is None or child.max_calls > parent.max_calls):
         return "max_calls", f"{child.max_calls} is not within the parent's {parent.max_calls}"
+    if _level(child.sensitivity) < _level(parent.sensitivity):
+        return "sensitivity", f"{child.sensitivity!r} is lower than the parent's {parent.sensitivity!r}"
+    if parent.approval is not None and child.approval not in (parent.approval, "required"):
+        return "approval", "a delegated rule keeps the parent's approval (or requires approval for every call)"
     return protocol_within(child, parent)
+
+
+def _level(label: str | None) -> int:
+    """A rule's label as a number (no label: below ``public``, it takes the host's or the default)."""
+    return -1 if label is None else SENSITIVITY_LEVELS.index(label)
 
 
 def check_attenuation(
@@ -144,6 +158,18 @@ def check_attenuation(
         raise AttenuationError("expires_at", "the delegated task outlives its parent")
     if child_window[0] < parent_window[0]:
         raise AttenuationError("not_before", "the delegated task starts before its parent")
+    if parent.max_sensitivity is not None and (
+        child.max_sensitivity is None or _level(child.max_sensitivity) > _level(parent.max_sensitivity)
+    ):
+        raise AttenuationError(
+            "max_sensitivity", f"{child.max_sensitivity!r} is not within the parent's {parent.max_sensitivity!r}"
+        )
+    if parent.quarantine is not None and (
+        child.quarantine is None
+        or child.quarantine.threshold > parent.quarantine.threshold
+        or child.quarantine.window < parent.quarantine.window
+    ):
+        raise AttenuationError("quarantine", "a delegated task's anomaly rule is at least as strict as its parent's")
     task_left = remaining(None) if remaining is not None else parent.max_calls
     if task_left is not None and (child.max_calls is None or child.max_calls > task_left):
         raise AttenuationError("max_calls", f"{child.max_calls} is more than the parent's {task_left} left")
@@ -166,7 +192,7 @@ def check_attenuation(
                 raise AttenuationError(f"egress[{c_index}]{name}", "the parent task has no egress rules")
             order = (
                 *("host", "tls", "port", "methods", "paths", "token", "audience", "scope", "credential", "max_calls"),
-                *("protocol", "tools", "resources", "prompts", "rpc_methods"),
+                *("sensitivity", "approval", "protocol", "tools", "resources", "prompts", "rpc_methods"),
             )
             p_index, dimension, why = max(failures, key=lambda f: order.index(f[1]))
             parent_name = parent.egress[p_index].name or f"egress[{p_index}]"

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from sidecar.config.durations import parse_duration
-from sidecar.config.schema import EgressRuleSpec, SpiffeIdStr, TaskSpec
+from sidecar.config.schema import EgressRuleSpec, QuarantineRuleSpec, Sensitivity, SpiffeIdStr, TaskSpec
 from sidecar.grants import codec
 from sidecar.grants.attenuation import check_attenuation, host_within, inherit, rule_within
 from sidecar.grants.model import GRANT_TYP, Grant, GrantCode, GrantError
@@ -35,6 +35,8 @@ class DelegationRequest(BaseModel):
         name: suffix of the child task id (``<parent id>/<name>``); random when omitted.
         purpose: defaults to the parent's.
         max_calls: task-wide budget (required when the parent's is limited); reserved from the parent.
+        max_sensitivity: the child's sensitivity limit (at most the parent's; default the parent's).
+        quarantine: the child's anomaly rule (at least as strict as the parent's; default the parent's).
         egress: the narrower rules (each must lie within a parent rule).
     """
 
@@ -45,6 +47,8 @@ class DelegationRequest(BaseModel):
     name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     purpose: str | None = Field(default=None, min_length=1, max_length=1024)
     max_calls: int | None = Field(default=None, ge=0)
+    max_sensitivity: Sensitivity | None = None
+    quarantine: QuarantineRuleSpec | None = None
     egress: list[EgressRuleSpec] = Field(min_length=1)
 
 
@@ -68,6 +72,10 @@ def grant_payload(
         task["on_behalf_of"] = spec.on_behalf_of
     if spec.max_calls is not None:
         task["max_calls"] = spec.max_calls
+    if spec.max_sensitivity is not None:
+        task["max_sensitivity"] = spec.max_sensitivity
+    if spec.quarantine is not None:
+        task["quarantine"] = spec.quarantine.model_dump(mode="json")
     payload: dict[str, Any] = {
         "iss": issuer,
         "sub": spec.agent,
@@ -176,6 +184,8 @@ def plan_delegation(
                 "purpose": request.purpose or grant.spec.purpose,
                 "on_behalf_of": grant.spec.on_behalf_of,
                 "max_calls": request.max_calls,
+                "max_sensitivity": request.max_sensitivity or grant.spec.max_sensitivity,
+                "quarantine": (request.quarantine or grant.spec.quarantine),
                 "expires_at": _iso(end),
                 "not_before": _iso(start),
                 "egress": [r.model_dump(exclude_none=True) for r in rules],

@@ -4,7 +4,8 @@ A grant is a compact JWS with header ``typ: agent-task+jwt`` whose payload decla
 
     {"iss": signer, "sub": subject SPIFFE ID, "jti": grant (task) id, "txn": root grant id,
      "iat", "nbf", "exp",                                   # NumericDates (RFC 7519 §2)
-     "task": {"purpose", "on_behalf_of", "max_calls", "egress": [rule, ...]},
+     "task": {"purpose", "on_behalf_of", "max_calls", "max_sensitivity", "quarantine",
+              "egress": [rule, ...]},
      "ancestors": [root id, ..., parent id],                # empty for a root grant
      "parent": "<compact JWS of the parent grant>"}         # absent for a root grant
 

@@ -2,13 +2,14 @@
 
 Payload: ``{"iss": signer, "revoked": [grant id, ...], "iat": NumericDate}``. Revoking a grant revokes
 every grant below it (grants carry their ancestors' ids). A list is honoured for a grant only when
-its signer had authority over that link: a root issuer revokes anything; an agent revokes grants it
-signed, grants below them, and its own grant (giving up authority).
+its signer had authority over that link (:func:`may_act_on`): a root issuer revokes anything; an
+agent revokes grants it signed, grants below them, and its own grant (giving up authority). The
+freeze ladder (:mod:`sidecar.control.ladder`) judges freezes and kills by the same rule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,14 @@ from sidecar.grants import codec
 from sidecar.grants.model import REVOCATION_TYP, Grant, GrantCode, GrantError
 from sidecar.identity.x509svid import X509SvidVerifier
 
-__all__ = ["RevocationList", "merge_revocations", "revoked_by", "sign_revocations", "verify_revocations"]
+__all__ = [
+    "RevocationList",
+    "may_act_on",
+    "merge_revocations",
+    "revoked_by",
+    "sign_revocations",
+    "verify_revocations",
+]
 
 _MAX_IDS = 100_000
 
@@ -98,6 +106,22 @@ def merge_revocations(earlier: Iterable[RevocationList], later: Iterable[Revocat
     return tuple(merged[key] for key in sorted(merged))
 
 
+def may_act_on(signer: str, root: bool, links: Sequence[tuple[str, str]]) -> bool:
+    """Whether ``signer`` has authority over a task: revoke it, freeze it, kill it.
+
+    Args:
+        signer: who signed (``key:<kid>`` or a SPIFFE ID).
+        root: the signer is a root issuer (it may act on anything).
+        links: ``(subject, signer)`` of the task's grant and of every grant above it, the task's
+            first (a task from ``sidecar.yaml``: its agent and ``""``).
+
+    Returns:
+        ``True`` for a root issuer, the task's own agent (giving up its authority), or the signer of
+        the task's grant or of a grant above it (who delegated it, directly or not).
+    """
+    return root or (bool(links) and signer == links[0][0]) or any(by == signer for _, by in links)
+
+
 def revoked_by(grant: Grant, lists: Iterable[RevocationList]) -> RevocationList | None:
     """The first list that revokes ``grant`` (itself or an ancestor) with authority, or ``None``."""
     chain = grant.chain  # this grant first, root last
@@ -105,11 +129,6 @@ def revoked_by(grant: Grant, lists: Iterable[RevocationList]) -> RevocationList 
         for index, link in enumerate(chain):
             if link.id not in revocations.ids:
                 continue
-            above = chain[index:]
-            if (
-                revocations.root
-                or revocations.signer == link.subject
-                or any(g.signer == revocations.signer for g in above)
-            ):
+            if may_act_on(revocations.signer, revocations.root, [(g.subject, g.signer) for g in chain[index:]]):
                 return revocations
     return None

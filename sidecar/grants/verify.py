@@ -53,11 +53,13 @@ def task_spec_from_claims(payload: Mapping[str, Any]) -> TaskSpec:
         "purpose": task.get("purpose"),
         "on_behalf_of": task.get("on_behalf_of"),
         "max_calls": task.get("max_calls"),
+        "max_sensitivity": task.get("max_sensitivity"),
+        "quarantine": task.get("quarantine"),
         "egress": task.get("egress", []),
         "not_before": dt.datetime.fromtimestamp(nbf, dt.UTC),
         "expires_at": dt.datetime.fromtimestamp(exp, dt.UTC),
     }
-    unknown = set(task) - {"purpose", "on_behalf_of", "max_calls", "egress"}
+    unknown = set(task) - {"purpose", "on_behalf_of", "max_calls", "max_sensitivity", "quarantine", "egress"}
     if unknown:
         raise GrantError(GrantCode.MALFORMED, f"unknown task fields {sorted(unknown)}")
     try:

@@ -13,10 +13,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.agentproto.rules import compile_protocol
-from sidecar.config.schema import EgressRuleSpec, TaskSpec
+from sidecar.agentproto.names import NameSet
+from sidecar.agentproto.rules import Constraint, compile_protocol
+from sidecar.config.schema import SENSITIVITY_LEVELS, ApprovalSpec, EgressRuleSpec, SensitivitySpec, TaskSpec
 from sidecar.grants.model import Grant
-from sidecar.policy.model import Credential, EgressRule, PathMatcher, PolicyIndex, Task
+from sidecar.policy.model import (
+    ApprovalRule,
+    Credential,
+    EgressRule,
+    PathMatcher,
+    PolicyIndex,
+    QuarantineRule,
+    Task,
+)
 
 __all__ = ["TaskSource", "compile_policy", "rule_budget_key", "task_anchor_time"]
 
@@ -55,6 +64,22 @@ def rule_budget_key(spec: EgressRuleSpec) -> str:
     return "h:" + hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _compile_approval(spec: EgressRuleSpec) -> ApprovalRule | None:
+    approval = spec.approval
+    if approval is None:
+        return None
+    if not isinstance(approval, ApprovalSpec):
+        return ApprovalRule()
+    methods = None if approval.methods is None or "*" in approval.methods else frozenset(approval.methods)
+    tools = NameSet.compile(approval.tools) if approval.tools is not None else None
+    arguments = tuple(Constraint.compile(p, c) for p, c in (approval.arguments or {}).items())
+    return ApprovalRule(methods, tools, arguments)
+
+
+def _level(label: str | None) -> int | None:
+    return None if label is None else SENSITIVITY_LEVELS.index(label)
+
+
 def _compile_rule(index: int, spec: EgressRuleSpec, credential: Credential | None) -> EgressRule:
     methods = None if "*" in spec.methods else frozenset(spec.methods)
     budget_key = rule_budget_key(spec)
@@ -73,6 +98,8 @@ def _compile_rule(index: int, spec: EgressRuleSpec, credential: Credential | Non
         tls=spec.tls,
         upstream_port=spec.upstream_port,
         rpc=compile_protocol(spec, budget_key),
+        sensitivity=_level(spec.sensitivity),
+        approval=_compile_approval(spec),
     )
 
 
@@ -106,8 +133,11 @@ def _compile_task(source: TaskSource, first_seen: Callable[[str], float]) -> Tas
     chain: tuple[str, ...]
     if grant is None:
         txn, actor, chain, root_subject = spec.id, {"sub": spec.agent}, (spec.agent,), spec.agent
+        lineage: tuple[tuple[str, str, str], ...] = ((spec.id, spec.agent, ""),)
     else:
         txn, actor, chain, root_subject = grant.txn, grant.act_claim(), grant.actors, grant.actors[-1]
+        lineage = tuple((link.id, link.subject, link.signer) for link in grant.chain)
+    anomaly = spec.quarantine
     return Task(
         id=spec.id,
         agent=spec.agent,
@@ -126,16 +156,25 @@ def _compile_task(source: TaskSource, first_seen: Callable[[str], float]) -> Tas
         token_actor=actor,
         act_chain=chain,
         grant=grant,
+        max_sensitivity=_level(spec.max_sensitivity),
+        quarantine=QuarantineRule(anomaly.threshold, anomaly.window) if anomaly is not None else None,
+        lineage=lineage,
     )
 
 
-def compile_policy(sources: Sequence[TaskSource], first_seen: Callable[[str], float], agent: str) -> PolicyIndex:
+def compile_policy(
+    sources: Sequence[TaskSource],
+    first_seen: Callable[[str], float],
+    agent: str,
+    sensitivity: SensitivitySpec | None = None,
+) -> PolicyIndex:
     """Build the policy index.
 
     Args:
         sources: the tasks (ids must be unique).
         first_seen: returns when a task id was first loaded (POSIX seconds), for ``ttl`` tasks.
         agent: this agent's SPIFFE ID (from its SVID, or ``settings.agent``).
+        sensitivity: the hosts' labels and the default label (``sensitivity``); default: none, ``internal``.
 
     Returns:
         The immutable index; lookups cost O(1) in the number of tasks.
@@ -152,10 +191,13 @@ def compile_policy(sources: Sequence[TaskSource], first_seen: Callable[[str], fl
             exact[(task.agent, host)].append(task)
         for host in task.suffix_hosts:
             suffix[(task.agent, host)].append(task)
+    labels = sensitivity if sensitivity is not None else SensitivitySpec()
     return PolicyIndex(
         agent=agent,
         tasks_by_id=by_id,
         tasks_by_agent={a: tuple(tasks) for a, tasks in by_agent.items()},
         exact_hosts={k: tuple(v) for k, v in exact.items()},
         suffix_hosts={k: tuple(v) for k, v in suffix.items()},
+        host_labels={host.removeprefix("*"): SENSITIVITY_LEVELS.index(level) for host, level in labels.hosts.items()},
+        default_label=SENSITIVITY_LEVELS.index(labels.default),
     )

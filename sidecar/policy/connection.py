@@ -12,7 +12,9 @@ the answer is judged on the SNI and the original destination:
 4. an active task with a rule for that host and ``tls: passthrough`` on that port (default 443)
    allows it, charging the rules' and task's ``max_calls`` per connection. Otherwise the deepest
    failure: ``host_not_allowed`` < ``tls_not_allowed`` (rules name the host, none with
-   ``tls: passthrough``) < ``port_not_allowed``; ``budget_exhausted``.
+   ``tls: passthrough``) < ``port_not_allowed``; ``budget_exhausted``; ``sensitivity_not_allowed``
+   when only rules labelled above the task's ``max_sensitivity`` allow it. A frozen task
+   (the freeze ladder's ``blocks``) is ``task_quarantined``, a killed one ``task_revoked``.
 
 The connection goes to the original destination, so a passthrough rule trusts the agent to connect
 to an address of the host it names (see docs/concepts/interception.md, "Transparent interception"). No token is
@@ -35,7 +37,7 @@ from sidecar.decision import AuthzRequest, Decision, Direction, Protocol, Reason
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, normalize_authority
 from sidecar.policy.budget import BudgetLedger, budget_limits
-from sidecar.policy.model import EgressRule, PolicyIndex, Task, task_state
+from sidecar.policy.model import SENSITIVITY_NAMES, Blocks, EgressRule, PolicyIndex, Task, task_state
 
 __all__ = ["decide_connection", "parse_destination", "sni_host"]
 
@@ -96,6 +98,8 @@ def decide_connection(
     now: float,
     decision_id: str,
     budgets: BudgetLedger,
+    blocks: Blocks | None = None,
+    feed_stale: str | None = None,
 ) -> Decision:
     """Decide one egress connection (``request.protocol`` is ``tls`` or ``tcp``).
 
@@ -105,6 +109,9 @@ def decide_connection(
         now: POSIX seconds.
         decision_id: id to put on the decision.
         budgets: the call counters (one connection = one call).
+        blocks: tasks the freeze ladder blocks.
+        feed_stale: while the revocation feed is stale, which tasks it denies (``delegated`` or
+            ``all``, :func:`~sidecar.policy.model.task_state`); ``None`` otherwise.
 
     Returns:
         A :class:`Decision` (see the module docstring for the reasons).
@@ -132,6 +139,7 @@ def decide_connection(
             detail=detail,
             task_id=task.id if task else None,
             on_behalf_of=task.on_behalf_of if task else None,
+            purpose=task.purpose if task else None,
         )
 
     via_connect = request.via_connect
@@ -155,20 +163,28 @@ def decide_connection(
     tasks = policy.tasks_by_agent.get(policy.agent, ())
     if not tasks:
         return deny(Reason.NO_TASK, "no task is declared for this agent")
-    active = [t for t in tasks if task_state(t, now) is None]
+    active = [t for t in tasks if task_state(t, now, feed_stale, blocks=blocks) is None]
     if not active:
-        state = task_state(tasks[0], now)
+        state = task_state(tasks[0], now, feed_stale, blocks=blocks)
         assert state is not None
-        return deny(state, f"no active task (first: {state.value})", tasks[0])
+        block = blocks.get(tasks[0].id) if blocks else None
+        detail = f"no active task: {block[1]}" if block is not None and block[0] is state else ""
+        return deny(state, detail or f"no active task (first: {state.value})", tasks[0])
     deepest, deepest_task = -1, active[0]
     exhausted: Task | None = None
+    too_sensitive: tuple[Task, int] | None = None
     for task in active:  # declaration order: a connection cannot name its task
         stage, rules = _stage(task, host, destination[1])
         if stage > deepest:
             deepest, deepest_task = stage, task
         for rule in rules:
+            label = policy.label(host, rule)
+            if task.max_sensitivity is not None and label > task.max_sensitivity:
+                too_sensitive = too_sensitive or (task, label)
+                continue
             limits = budget_limits(task, rule)
             if budgets.available(limits) and budgets.try_consume(limits):
+                left = [limit - budgets.used(key) for key, limit in limits if limit is not None]
                 return replace(
                     base,
                     allow=True,
@@ -176,10 +192,21 @@ def decide_connection(
                     http_status=200,
                     task_id=task.id,
                     on_behalf_of=task.on_behalf_of,
+                    purpose=task.purpose,
                     rule=rule.name,
+                    sensitivity=SENSITIVITY_NAMES[label],
+                    remaining=max(0, min(left)) if left else None,
                 )
             exhausted = task
     if exhausted is not None:
-        return deny(Reason.BUDGET_EXHAUSTED, "the task's call budget is spent", exhausted)
+        return replace(deny(Reason.BUDGET_EXHAUSTED, "the task's call budget is spent", exhausted), remaining=0)
+    if too_sensitive is not None:
+        task, label = too_sensitive
+        assert task.max_sensitivity is not None
+        detail = (
+            f"the destination is {SENSITIVITY_NAMES[label]}, above the task's max_sensitivity "
+            f"{SENSITIVITY_NAMES[task.max_sensitivity]}"
+        )
+        return replace(deny(Reason.SENSITIVITY_NOT_ALLOWED, detail, task), sensitivity=SENSITIVITY_NAMES[label])
     reason = _STAGES[deepest]
     return deny(reason, f"no egress rule allows a TLS connection to this host and port ({reason.value})", deepest_task)

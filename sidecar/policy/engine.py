@@ -16,7 +16,8 @@ from sidecar.decision import AuthzRequest, Decision, Direction, Reason, deny_sta
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_target
 from sidecar.policy.budget import BudgetLedger, budget_limits
-from sidecar.policy.model import EgressRule, PolicyIndex, Task, task_state
+from sidecar.policy.gates import EMPTY_BODY, ApprovalGate, CallBinding, body_digest
+from sidecar.policy.model import SENSITIVITY_NAMES, Blocks, EgressRule, PolicyIndex, Task, task_state
 from sidecar.tokens.minter import TokenMinter
 from sidecar.wire import DECISION_ID_HEADER, LIST_FILTER_HEADER, TASK_HEADER
 
@@ -120,6 +121,110 @@ def _charge(
     return None
 
 
+def _remaining(task: Task, rule: EgressRule, tool: ToolRule | None, budgets: BudgetLedger) -> int | None:
+    """Calls left under the tightest limited counter of ``(rule, tool)`` (``None``: no limit)."""
+    left = [limit - budgets.used(key) for key, limit in budget_limits(task, rule, tool) if limit is not None]
+    return max(0, min(left)) if left else None
+
+
+def _gated(rule: EgressRule, method: str, match: _Match) -> bool:
+    """Whether a call under ``rule`` waits for a human approval (the rule's ``approval`` conditions)."""
+    approval = rule.approval
+    if approval is None:
+        return False
+    verdict = match.verdicts.get(id(rule))
+    tool = verdict.fields.get("tool") if verdict is not None and verdict.fields.get("method") == "tools/call" else None
+    return approval.applies(method, tool if isinstance(tool, str) else None, verdict.arguments if verdict else None)
+
+
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+
+
+def _content(request: AuthzRequest, method: str, match: _Match, rules: tuple[EgressRule, ...]) -> str | None:
+    """What an approval binds of the call's content: a ``tools/call``'s arguments digest, the body's
+    digest, :data:`EMPTY_BODY` - or ``None`` when the call has a body the sidecar did not see."""
+    for rule in rules:
+        verdict = match.verdicts.get(id(rule))
+        if verdict is not None and "arguments_digest" in verdict.fields:
+            return str(verdict.fields["arguments_digest"])
+    if request.body is not None:
+        cap = request.rpc.body_cap if request.rpc is not None else request.body_cap
+        if cap and len(request.body) > cap:  # Envoy sent the first cap + 1 bytes: the rest is unseen
+            return None
+        return body_digest(request.body)
+    headers = request.headers
+    length = headers.get("content-length", "")
+    if "transfer-encoding" in headers or (length and length != "0"):
+        return None
+    if method not in _NO_BODY_METHODS and not length:  # a body is possible and its length unknown
+        return None
+    return EMPTY_BODY
+
+
+def _binding(
+    agent: str, task: Task, target: Target, method: str, content: str, match: _Match, rules: tuple[EgressRule, ...]
+) -> CallBinding:
+    tool = ""
+    for rule in rules:
+        verdict = match.verdicts.get(id(rule))
+        if verdict is not None and verdict.fields.get("method") == "tools/call":
+            tool = str(verdict.fields.get("tool", ""))
+            break
+    return CallBinding(
+        agent, task.id, target.host, target.port, method, target.path, target.query, tool, content, task.fingerprint
+    )
+
+
+def _through_approval(
+    approvals: ApprovalGate | None,
+    agent: str,
+    task: Task,
+    target: Target,
+    method: str,
+    request: AuthzRequest,
+    match: _Match,
+    gated: tuple[EgressRule, ...],
+    budgets: BudgetLedger,
+    now: float,
+    decision_id: str,
+    seen: dict[str, Any],
+) -> tuple[_Match | Reason, str, tuple[EgressRule, ToolRule | None] | None]:
+    """The approval flow of a call only approval-gated rules allow: ``(outcome, detail, charged)``.
+
+    A usable approval for exactly this call charges the budget first (a spent budget keeps the
+    approval for later), then is consumed durably; otherwise the gate's deny reason, with the id of
+    the approval now waiting in ``seen["approval"]``.
+    """
+    content = _content(request, method, match, gated)
+    if content is None:
+        detail = (
+            "the call has a body this Envoy route does not send to the sidecar whole: an approval could not bind it"
+        )
+        return Reason.APPROVAL_BODY_UNAVAILABLE, detail, None
+    if approvals is None:
+        return Reason.APPROVAL_REQUIRED, "the rule requires a human approval (no approval book here)", None
+    call = _binding(agent, task, target, method, content, match, gated)
+    verdict = approvals.check(call, now=now, task_expires_at=task.expires_at)
+    seen["approval"] = verdict.record
+    if verdict.reason is not Reason.ALLOWED:
+        return verdict.reason, f"approval {verdict.approval_id}: {_APPROVAL_DETAIL[verdict.reason]}", None
+    charged = _charge(task, gated, match, budgets)
+    if charged is None:
+        seen["remaining"] = 0
+        return Reason.BUDGET_EXHAUSTED, "the task's call budget is spent (the approval is kept)", None
+    seen["approval"] = approvals.consume(verdict.approval_id, now=now, decision_id=decision_id)
+    return match, "", charged
+
+
+_APPROVAL_DETAIL = {
+    Reason.APPROVAL_REQUIRED: "waiting for a human approval (agent-authz approve ID)",
+    Reason.APPROVAL_MISMATCH: "an approval exists for this call with other arguments, body or query",
+    Reason.APPROVAL_REPLAYED: "the approval of this call was already used (one call per approval)",
+    Reason.APPROVAL_EXPIRED: "the approval of this call expired",
+    Reason.APPROVAL_POLICY_CHANGED: "the task's declaration changed since the call was put up for approval",
+}
+
+
 def _default_audience(scheme: str, target: Target) -> str:
     default = DEFAULT_PORTS.get(scheme)
     return f"{scheme}://{target.host}" if target.port == default else f"{scheme}://{target.host}:{target.port}"
@@ -134,8 +239,16 @@ def decide_egress(
     budgets: BudgetLedger,
     minter: TokenMinter,
     cnf: str | None = None,
+    blocks: Blocks | None = None,
+    approvals: ApprovalGate | None = None,
+    feed_stale: str | None = None,
 ) -> Decision:
     """Decide one egress call of the local agent.
+
+    After the rules match: rules labelled above the task's ``max_sensitivity`` drop out
+    (``sensitivity_not_allowed`` when none is left); a rule whose ``approval`` covers the call is used
+    only through an approval for exactly this call (:class:`~sidecar.policy.gates.ApprovalGate`),
+    charged first and consumed before the allow; rules without approval are preferred.
 
     Args:
         policy: the active compiled policy.
@@ -145,14 +258,23 @@ def decide_egress(
         budgets: the call counters (spent here on allow).
         minter: mints or reuses the task-scoped token.
         cnf: bind tokens to this SVID thumbprint (RFC 8705 §3.1), or ``None``.
+        blocks: tasks the freeze ladder blocks (frozen: ``task_quarantined``; killed: ``task_revoked``).
+        approvals: the approval book; without one an approval-gated call is denied ``approval_required``
+            with no ``approval_id``.
+        feed_stale: while the revocation feed is stale, which tasks it denies (``delegated`` or
+            ``all``); ``None`` otherwise.
 
     Returns:
         A :class:`Decision`. Deny reasons: ``bad_request``, ``no_task``, ``unknown_task``,
         ``task_not_for_agent``, ``task_ambiguous``, ``task_not_yet_valid``, ``task_expired``,
-        ``task_revoked``, ``host_not_allowed``, ``port_not_allowed``, ``method_not_allowed``,
-        ``path_not_allowed``, ``budget_exhausted``, ``tls_origination_unavailable``,
-        ``misdirected_request`` (an intercepted connection's request for another host or port than
-        the one its SNI named: RFC 9110 §7.4, 421).
+        ``task_revoked``, ``task_quarantined``, ``host_not_allowed``, ``port_not_allowed``,
+        ``method_not_allowed``, ``path_not_allowed``, ``sensitivity_not_allowed``, ``approval_*``,
+        ``budget_exhausted``, ``tls_origination_unavailable``, ``misdirected_request`` (an intercepted
+        connection's request for another host or port than the one its SNI named: RFC 9110 §7.4, 421),
+        ``revocation_feed_stale`` (503).
+
+    Raises:
+        StateError: an approval could not be stored or consumed (the runtime denies the call).
     """
     agent = policy.agent
     method = request.method.upper()
@@ -191,17 +313,33 @@ def decide_egress(
             **seen,
         )
     task, outcome, detail = _select(
-        policy, request.headers.get(TASK_HEADER), agent, target, method, now, intercept is not None, rpc
+        policy,
+        request.headers.get(TASK_HEADER),
+        agent,
+        target,
+        method,
+        now,
+        intercept is not None,
+        rpc,
+        blocks,
+        feed_stale,
     )
     if task is not None and task.agent == agent:
-        seen.update(task_id=task.id, on_behalf_of=task.on_behalf_of, txn=task.txn, act_chain=task.act_chain)
+        seen.update(
+            task_id=task.id,
+            on_behalf_of=task.on_behalf_of,
+            txn=task.txn,
+            act_chain=task.act_chain,
+            purpose=task.purpose,
+            sensitivity=SENSITIVITY_NAMES[policy.label(target.host, None)],
+        )
     elif task is not None:  # another agent's task, named in x-agent-task: its id (the agent's words), nothing else
         seen.update(task_id=task.id)
     rule: EgressRule | None = None
     tool: ToolRule | None = None
     match = outcome if isinstance(outcome, _Match) else None
-    if isinstance(outcome, _Match):
-        rules = outcome.rules
+    if match is not None:
+        rules = match.rules
         if not request.upstream_tls:
             rules = tuple(r for r in rules if r.tls != "originate")
         if not rules:
@@ -209,11 +347,36 @@ def decide_egress(
             detail = "the rule needs 'tls: originate' and this Envoy route sends plain HTTP (re-render the bootstrap)"
         else:
             assert task is not None
-            charged = _charge(task, rules, outcome, budgets)
-            if charged is None:
-                outcome, detail = Reason.BUDGET_EXHAUSTED, "the task's call budget is spent"
-            else:
-                rule, tool = charged
+            host = target.host
+            if task.max_sensitivity is not None:
+                labels = {id(r): policy.label(host, r) for r in rules}
+                seen["sensitivity"] = SENSITIVITY_NAMES[min(labels.values())]
+                within = tuple(r for r in rules if labels[id(r)] <= task.max_sensitivity)
+                if not within:
+                    outcome = Reason.SENSITIVITY_NOT_ALLOWED
+                    detail = (
+                        f"the destination is {seen['sensitivity']}, above the task's max_sensitivity "
+                        f"{SENSITIVITY_NAMES[task.max_sensitivity]}"
+                    )
+                rules = within
+            if rules:
+                if any(r.approval is not None for r in rules):
+                    free = tuple(r for r in rules if not _gated(r, method, match))
+                    gated = tuple(r for r in rules if _gated(r, method, match))
+                else:
+                    free, gated = rules, ()
+                charged = _charge(task, free, match, budgets) if free else None
+                if charged is None and gated:
+                    outcome, detail, charged = _through_approval(
+                        approvals, agent, task, target, method, request, match, gated, budgets, now, decision_id, seen
+                    )
+                elif charged is None:
+                    outcome, detail = Reason.BUDGET_EXHAUSTED, "the task's call budget is spent"
+                    seen["remaining"] = 0
+                if charged is not None:
+                    rule, tool = charged
+                    seen["remaining"] = _remaining(task, rule, tool, budgets)
+                seen["sensitivity"] = SENSITIVITY_NAMES[policy.label(host, rule or rules[0])]
     verdict = None if rule is None or match is None else match.verdicts.get(id(rule))
     if verdict is None and judged:
         verdict = judged[0][1]
@@ -247,6 +410,7 @@ def decide_egress(
             scope=rule.scope,
             now=now,
             cnf=cnf,
+            sensitivity=seen.get("sensitivity"),
         )
         to_set.append(("authorization", "Bearer " + minted.token))
         token_info = minted.info
@@ -314,6 +478,8 @@ def _select(
     now: float,
     intercepted: bool,
     rpc: _RpcJudge | None = None,
+    blocks: Blocks | None = None,
+    feed_stale: str | None = None,
 ) -> tuple[Task | None, _Match | Reason, str]:
     """Pick the task and match the call: ``(task, match or deny reason, detail)``."""
     if chosen is not None:
@@ -322,9 +488,9 @@ def _select(
             return None, Reason.UNKNOWN_TASK, "no task with the id named in x-agent-task"
         if task.agent != agent:
             return task, Reason.TASK_NOT_FOR_AGENT, "the task named in x-agent-task belongs to another agent"
-        state = task_state(task, now)
+        state = task_state(task, now, feed_stale, blocks=blocks)
         if state is not None:
-            return task, state, f"task is {state.value.removeprefix('task_').replace('_', ' ')}"
+            return task, state, _state_detail(task, state, blocks)
         return _explained(task, _match(task, target, method, intercepted, rpc))
     tasks = policy.tasks_by_agent.get(agent, ())
     if not tasks:
@@ -333,10 +499,13 @@ def _select(
         tasks = policy.tasks_for_host(agent, target.host)
         if not tasks:
             return None, Reason.HOST_NOT_ALLOWED, "no task of this agent names this host"
-    active = [t for t in tasks if task_state(t, now) is None]
+    active = [t for t in tasks if task_state(t, now, feed_stale, blocks=blocks) is None]
     if not active:
-        state = task_state(tasks[0], now)
+        state = task_state(tasks[0], now, feed_stale, blocks=blocks)
         assert state is not None
+        block = blocks.get(tasks[0].id) if blocks else None
+        if block is not None and block[0] is state:
+            return tasks[0], state, f"no active task: {block[1]}"
         return tasks[0], state, f"no active task (first: {state.value})"
     if len(active) == 1:
         return _explained(active[0], _match(active[0], target, method, intercepted, rpc))
@@ -347,6 +516,14 @@ def _select(
     if allowed:
         return allowed[0][0], allowed[0][1], ""
     return _explained(*max(results, key=lambda tm: _STAGES.index(tm[1].reason)))
+
+
+def _state_detail(task: Task, state: Reason, blocks: Blocks | None) -> str:
+    """Why the task cannot allow: the ladder's words for a freeze or kill, else its state."""
+    block = blocks.get(task.id) if blocks else None
+    if block is not None and block[0] is state and not task.revoked:
+        return block[1]
+    return f"task is {state.value.removeprefix('task_').replace('_', ' ')}"
 
 
 def _explained(task: Task, match: _Match) -> tuple[Task, _Match | Reason, str]:

@@ -7,6 +7,14 @@ cache) and decides each request against the snapshot it reads once. With a
 that belongs to another agent, and writes every change there before it takes effect: a new
 snapshot's carried state before the swap, a call's budget charge before the allow.
 
+Continuous verification lives here too, next to the budgets: the freeze :class:`~sidecar.control.Ladder`
+(actions from ``ladder.files``, the control API and the runtime's own quarantines; the task id ->
+block map the decision reads is recomputed whenever the policy or the actions change), the anomaly
+rule's strikes (:class:`~sidecar.control.AnomalyDetector`, fed after each decision) and the
+:class:`~sidecar.control.ApprovalBook` the decision consults. Control records (a quarantine, a
+received action) go to :attr:`Runtime.on_record` (the decision log); a quarantine tripped by a call
+is recorded right after that call's record (``Decision.followups``).
+
 A reload first asks whether a rebuild could change anything: the fingerprints of every file the
 active snapshot read (and of every file the last failed attempt read) are compared with the files
 now, and nothing is parsed when they match. So while ``sidecar.yaml`` is invalid, other files
@@ -20,8 +28,10 @@ file) the previous snapshot stays active and the error is logged.
 from __future__ import annotations
 
 import collections
+import secrets
 import time
-from collections.abc import Callable
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +39,10 @@ from typing import Any
 import structlog
 
 from sidecar.config.loader import LoadedConfig, parse_config, read_config_bytes
+from sidecar.control.approvals import ApprovalBook
+from sidecar.control.documents import Action, ActionKind, Target, TargetKind, sign_action
+from sidecar.control.ladder import Ladder, describe
+from sidecar.control.quarantine import AnomalyDetector, effective_rule
 from sidecar.decision import AuthzRequest, Decision, Direction, Protocol, Reason
 from sidecar.errors import BundleDetail, ConfigError, ErrorCode, StateError, SvidDetail
 from sidecar.identity.state import IdentityLoadError, IdentityState
@@ -41,9 +55,17 @@ from sidecar.runtime.snapshot import CarriedState, Snapshot, build_snapshot
 from sidecar.state.store import StateStore
 from sidecar.tokens.minter import TokenCache
 
-__all__ = ["Runtime"]
+__all__ = ["FeedGate", "Runtime"]
 
 _log = structlog.get_logger("agent_authz.runtime")
+
+
+class FeedGate(typing.Protocol):
+    """What the runtime asks the revocation feed (:class:`sidecar.authority.client.FeedStatus`)."""
+
+    def stale_scope(self, now: float) -> str | None:
+        """``delegated`` or ``all`` while the feed is stale (what to deny), else ``None``."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +103,16 @@ class Runtime:
             (``"<sub-code>: <reason>"``), or ``None`` once a good one replaced it.
         identity_rejections: refused identity updates by ``(source, sub-code)`` (the previous
             identity stayed active).
+        ladder: the freeze/unfreeze/kill actions honoured here.
+        strikes: the anomaly rule's counted denials.
+        approvals: the approval book.
+        on_record: where control records go (set by ``serve``: the decision log); records made
+            before it is set are kept and handed over when it is (:meth:`set_recorder`).
+        quarantines: tasks frozen by the anomaly rule, by mode (``freeze``, ``dry_run``).
+        action_listeners: called with each of this sidecar's own actions (a quarantine) once it is in
+            force and published (``serve`` forwards them to the cluster authority).
+        feed: the cluster authority's revocation feed (``grants.revocation_feed``), set by ``serve``;
+            while it is stale, :meth:`decide` denies ``revocation_feed_stale``.
 
     Raises:
         ConfigError: the initial configuration is invalid (there is no previous one to keep).
@@ -110,8 +142,20 @@ class Runtime:
             remembered, counters = store.load()
             carried = CarriedState.from_remembered(remembered)
             self.budgets = BudgetLedger(counters, journal=store)
+            self.ladder = Ladder(store.load_actions(), journal=store)
+            self.strikes = AnomalyDetector(store.load_strikes(), journal=store)
+            approvals = store.load_approvals()
         else:
             self.budgets = BudgetLedger()
+            self.ladder = Ladder()
+            self.strikes = AnomalyDetector()
+            approvals = []
+        self.on_record: Callable[[Decision], None] | None = None
+        self._unrecorded: list[Decision] = []
+        self._refused_seen: set[str] = set()
+        self._blocks: dict[str, tuple[Reason, str]] = {}
+        self.quarantines: collections.Counter[str] = collections.Counter()
+        self.action_listeners: list[Callable[[Action], None]] = []
         self.tokens = TokenCache()
         self._defer = defer
         self._listeners: list[Callable[[Snapshot], None]] = []
@@ -120,15 +164,18 @@ class Runtime:
         self.last_error: str | None = None
         self.last_identity_error: str | None = None
         self.identity_rejections: collections.Counter[tuple[str, SvidDetail | BundleDetail]] = collections.Counter()
+        self.feed: FeedGate | None = None
         start = carried if carried is not None else CarriedState()
         self._carried = replace(start, identity=workload_identity) if workload_identity is not None else start
         self._failed: _Attempt | None = None
         self._stored = self._carried.remembered()
         recorder = InputRecorder(files)
         self.snapshot: Snapshot = self._build(self._carried, recorder, loaded)
+        self.approvals = ApprovalBook(self.snapshot.loaded.settings.approvals, approvals, journal=store)
         if store is not None:
             store.bind(self.snapshot.policy.agent)  # another agent's file: refused before anything is written
         self._commit(self.snapshot)
+        self._absorb(self.snapshot)
         self._active = _Attempt(self.snapshot.inputs, self._carried.rebuild_key)
 
     # -- building ----------------------------------------------------------------------------------
@@ -201,6 +248,8 @@ class Runtime:
         if settings.state != before.state:
             _log.warning("state_change_needs_restart", file=str(self.config_path))
         self.snapshot = snapshot
+        self.approvals.settings = settings.approvals
+        self._absorb(snapshot)
         self.reloads += 1
         for listener in self._listeners:
             listener(snapshot)
@@ -357,6 +406,179 @@ class Runtime:
         if identity is not None and identity.source == "files":
             self.last_identity_error = None
 
+    # -- continuous verification --------------------------------------------------------------------
+    @property
+    def blocks(self) -> dict[str, tuple[Reason, str]]:
+        """Task id -> ``(task_quarantined | task_revoked, detail)`` for the tasks the ladder blocks now."""
+        return self._blocks
+
+    def set_recorder(self, record: Callable[[Decision], None]) -> None:
+        """Send control records to ``record`` from now on (and the ones made before, first)."""
+        self.on_record = record
+        waiting, self._unrecorded = self._unrecorded, []
+        for decision in waiting:
+            record(decision)
+
+    def record(self, decision: Decision) -> None:
+        """Record a control decision (kept until :meth:`set_recorder` when there is no recorder yet)."""
+        if self.on_record is None:
+            self._unrecorded.append(decision)
+        else:
+            self.on_record(decision)
+
+    def control_record(
+        self, reason: Reason, *, action: Action | Mapping[str, object] | None = None, **fields: Any
+    ) -> Decision:
+        """A ``control`` decision (a record of an action or an approval) for :meth:`record`."""
+        base: dict[str, Any] = {"agent": self.snapshot.policy.agent}
+        if isinstance(action, Action):
+            base["action"] = action.record()
+            if action.target.kind is not TargetKind.AGENT:
+                base["task_id"] = action.target.id
+        elif action is not None:
+            base["action"] = dict(action)
+        base.update(fields)
+        allow = reason not in (Reason.NOT_AUTHORIZED, Reason.BAD_REQUEST)
+        status = 200 if allow else (400 if reason is Reason.BAD_REQUEST else 403)
+        return Decision(allow, reason, status, secrets.token_hex(16), direction=Direction.CONTROL, **base)
+
+    def add_actions(self, actions: Iterable[Action], *, strict: bool = True) -> list[Action]:
+        """Honour ``actions`` (stored first), recompute the blocks, record each new one.
+
+        Args:
+            actions: verified actions (their authority over each task is judged per task).
+            strict: a store that cannot be written refuses them (``StateError``); otherwise (a
+                reload: restrictive actions must apply) the failure is logged and they apply in memory.
+
+        Returns:
+            The actions that were new.
+
+        Raises:
+            StateError: with ``strict``, the store could not be written (nothing changed).
+        """
+        new = self.ladder.add(actions, strict=strict)
+        if new:
+            self._refresh_blocks()
+            reasons = {ActionKind.FREEZE: Reason.TASK_FROZEN, ActionKind.UNFREEZE: Reason.TASK_UNFROZEN}
+            for action in new:
+                if action.source != "own":
+                    reason = reasons.get(action.kind, Reason.TASK_KILLED)
+                    self.record(self.control_record(reason, action=action, detail=describe(action)))
+        return new
+
+    def _refresh_blocks(self) -> None:
+        """Recompute the blocks for the active policy; an unfrozen task's strikes start over."""
+        before = self._blocks
+        after = self.ladder.blocks(self.snapshot.policy)
+        lifted = [t for t, (reason, _) in before.items() if reason is Reason.TASK_QUARANTINED and t not in after]
+        self._blocks = after
+        if lifted:
+            try:
+                self.strikes.clear(lifted)
+            except StateError as exc:
+                _log.error("state_write_failed", file=exc.file, reason=exc.reason, code=exc.code)
+
+    def _absorb(self, snapshot: Snapshot) -> None:
+        """After a swap: honour the actions the build read, record refused lines, recompute the blocks."""
+        self._refresh_blocks()
+        self.add_actions(snapshot.actions, strict=False)
+        for refused in snapshot.refused_actions:
+            key = f"{refused.source}#{refused.fingerprint}"
+            if key in self._refused_seen:
+                continue
+            self._refused_seen.add(key)
+            _log.warning(
+                "ladder_action_refused", source=refused.source, line=refused.fingerprint, reason=str(refused.error)
+            )
+            self.record(
+                self.control_record(
+                    Reason.NOT_AUTHORIZED,
+                    detail=f"{refused.source}: line {refused.fingerprint}: {refused.error}",
+                    action={"source": refused.source, "line": refused.fingerprint},
+                )
+            )
+
+    def _own_action(self, kind: ActionKind, target: Target, *, reason: str, evidence: tuple[str, ...]) -> Action:
+        """An action of this sidecar, signed with its agent's X.509-SVID when it has one."""
+        now = self.clock()
+        snapshot = self.snapshot
+        agent = snapshot.policy.agent
+        token = ""
+        action_id = secrets.token_urlsafe(16)
+        if snapshot.identity is not None:
+            svid = snapshot.identity.state.svid
+            token = sign_action(
+                kind,
+                target,
+                svid.private_key,
+                issuer=agent,
+                at=now,
+                reason=reason,
+                evidence=evidence,
+                x5c=list(svid.chain),
+                jti=action_id,
+            )
+        return Action(action_id, kind, target, round(now, 3), agent, False, reason, evidence, "own", token)
+
+    def publish_actions(self) -> None:
+        """Write this sidecar's own signed actions to ``ladder.publish`` (atomically), if configured."""
+        target = self.snapshot.loaded.settings.ladder.publish
+        if target is None:
+            return
+        lines = [a.token for a in self.ladder.own() if a.token]
+        path = self.snapshot.loaded.resolve(target)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text("".join(line + "\n" for line in lines))
+            tmp.replace(path)  # atomic: watchers never read half a file
+        except OSError as exc:
+            _log.error("ladder_publish_failed", path=str(path), reason=str(exc))
+
+    def _watch(self, decision: Decision, snapshot: Snapshot) -> Decision:
+        """Count a denial of an out-of-task kind against its task; freeze the task's subtree (or, in
+        dry run, record ``would_quarantine``) when the anomaly rule trips."""
+        if decision.allow and not decision.dry_run:
+            return decision
+        settings = snapshot.loaded.settings
+        spec = settings.quarantine
+        reason = decision.would_reason if decision.dry_run else decision.reason
+        if decision.task_id is None or reason is None or reason not in spec.reasons:
+            return decision
+        task = snapshot.policy.tasks_by_id.get(decision.task_id)
+        if task is None or task.agent != snapshot.policy.agent:
+            return decision
+        rule = effective_rule(spec, task)
+        if rule is None:
+            return decision
+        now = self.clock()
+        try:
+            evidence = self.strikes.count(task.id, rule, decision_id=decision.decision_id, reason=reason, now=now)
+        except StateError as exc:  # counted in memory all the same
+            _log.error("state_write_failed", file=exc.file, reason=exc.reason, code=exc.code)
+            return decision
+        if evidence is None:
+            return decision
+        ids = tuple(strike.decision_id for strike in evidence)
+        why = f"{len(ids)} out-of-task denials within {rule.window:g}s (threshold {rule.threshold})"
+        target = Target(TargetKind.SUBTREE, task.id)
+        if spec.dry_run or settings.dry_run:
+            self.quarantines["dry_run"] += 1
+            action = {"kind": "freeze", "target": str(target), "evidence": list(ids), "reason": why, "dry_run": True}
+            followup = self.control_record(
+                Reason.WOULD_QUARANTINE, task_id=task.id, detail=f"would freeze {target}: {why}", action=action
+            )
+            return replace(decision, followups=(*decision.followups, followup))
+        own = self._own_action(ActionKind.FREEZE, target, reason=why, evidence=ids)
+        self.add_actions([own], strict=False)
+        self.quarantines["freeze"] += 1
+        self.publish_actions()
+        for listener in self.action_listeners:
+            listener(own)
+        _log.warning("task_quarantined", task_id=task.id, evidence=list(ids), action_id=own.action_id)
+        followup = self.control_record(Reason.TASK_FROZEN, action=own, detail=describe(own))
+        return replace(decision, followups=(*decision.followups, followup))
+
     # -- the request path ------------------------------------------------------------------------
     def decide(self, request: AuthzRequest, decision_id: str) -> Decision:
         """Decide ``request`` against the active snapshot (read once, so a swap mid-call is harmless).
@@ -374,9 +596,19 @@ class Runtime:
 
     def _decide(self, request: AuthzRequest, decision_id: str) -> Decision:
         snapshot = self.snapshot
+        blocks = self._blocks
+        now = self.clock()
+        feed = self.feed
+        stale = feed.stale_scope(now) if feed is not None else None
         if request.protocol is not Protocol.HTTP:
             decision = decide_connection(
-                snapshot.policy, request, now=self.clock(), decision_id=decision_id, budgets=self.budgets
+                snapshot.policy,
+                request,
+                now=now,
+                decision_id=decision_id,
+                budgets=self.budgets,
+                blocks=blocks,
+                feed_stale=stale,
             )
         elif request.direction is Direction.EGRESS:
             identity = snapshot.identity
@@ -384,11 +616,14 @@ class Runtime:
             decision = decide_egress(
                 snapshot.policy,
                 request,
-                now=self.clock(),
+                now=now,
                 decision_id=decision_id,
                 budgets=self.budgets,
                 minter=snapshot.minter,
                 cnf=identity.state.svid.x5t_s256 if bind and identity is not None else None,
+                blocks=blocks,
+                approvals=self.approvals,
+                feed_stale=stale,
             )
         else:
             decision = decide_ingress(
@@ -396,10 +631,13 @@ class Runtime:
                 request,
                 identity=snapshot.identity,
                 agent=snapshot.policy.agent,
-                now=self.clock(),
+                now=now,
                 decision_id=decision_id,
             )
-        return dry_run(decision) if snapshot.loaded.settings.dry_run else decision
+        decision = dry_run(decision) if snapshot.loaded.settings.dry_run else decision
+        if decision.direction is Direction.EGRESS and decision.task_id is not None:
+            decision = self._watch(decision, snapshot)
+        return decision
 
     def jwks(self) -> dict[str, Any]:
         """The JWKS document of the active keys (RFC 7517 §5)."""

@@ -24,6 +24,7 @@ from typing import Any
 from sidecar.config.loader import LoadedConfig, read_secret_file
 from sidecar.config.schema import tls_rule_conflicts
 from sidecar.config.task_file import check_task_credentials, looks_like_jws, parse_task_document
+from sidecar.control.documents import Action, ControlError, verify_action
 from sidecar.credentials import credential_value
 from sidecar.errors import ConfigError
 from sidecar.grants.model import Grant, GrantError
@@ -38,7 +39,7 @@ from sidecar.state.store import DelegatedChild, Remembered
 from sidecar.tokens.keys import KeySet, RetiredKey, SigningKey, load_signing_key
 from sidecar.tokens.minter import TokenCache, TokenMinter
 
-__all__ = ["CarriedState", "KeyRecord", "Snapshot", "build_snapshot"]
+__all__ = ["CarriedState", "KeyRecord", "RefusedAction", "Snapshot", "build_snapshot"]
 
 
 def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -71,7 +72,8 @@ class CarriedState:
         posted: task id -> compact JWS of a grant accepted through ``POST /v1/tasks``.
         own_revoked: task id -> POSIX seconds it was revoked here (``POST /v1/tasks/{id}/revoke``).
         received: source -> the revocation lists received from it, merged per signer (what a list
-            once revoked stays revoked when the file shrinks or goes).
+            once revoked stays revoked when the file shrinks or goes); ``authority`` is the cluster
+            authority's feed, whose latest snapshot replaces what it said before (one list per signer).
         issued: child task id -> the delegation this sidecar made (it may revoke the child); dropped
             once the child has expired.
         retired: earlier signing keys still published (until their tokens have expired).
@@ -95,10 +97,14 @@ class CarriedState:
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
     @property
-    def rebuild_key(self) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, int], ...]]:
+    def rebuild_key(self) -> tuple[object, ...]:
         """The part of the state a build reads besides files: two states with equal keys build equal
         snapshots from equal files."""
-        return tuple(sorted(self.posted.items())), tuple(sorted(self.own_revoked.items()))
+        received = tuple(
+            (source, tuple(sorted((r.signer, r.root, tuple(sorted(r.ids))) for r in lists)))
+            for source, lists in sorted(self.received.items())
+        )
+        return tuple(sorted(self.posted.items())), tuple(sorted(self.own_revoked.items())), received
 
     def remembered(self) -> Remembered:
         """The part kept in the durable state."""
@@ -120,6 +126,15 @@ class CarriedState:
 
 # -- the snapshot ------------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
+class RefusedAction:
+    """A line of a ``ladder.files`` file that does not verify: where, its fingerprint, why."""
+
+    source: str
+    fingerprint: str
+    error: ControlError
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     """One consistent, compiled configuration.
 
@@ -135,6 +150,9 @@ class Snapshot:
             own revocations (shown in ``/readyz``).
         inputs: every file the build read or checked, with its fingerprint.
         carried: the state to carry into the next build.
+        actions: the signed ladder actions read from ``ladder.files`` (verified; the runtime's
+            :class:`~sidecar.control.ladder.Ladder` keeps them from then on).
+        refused_actions: the lines of those files that did not verify.
     """
 
     loaded: LoadedConfig
@@ -147,6 +165,8 @@ class Snapshot:
     digest: str
     inputs: Inputs
     carried: CarriedState
+    actions: tuple[Action, ...] = ()
+    refused_actions: tuple[RefusedAction, ...] = ()
 
     @property
     def watched(self) -> frozenset[Path]:
@@ -341,6 +361,10 @@ def _sources(
         now=now,
         received=carried.received,
     )
+    for _, lists in sorted(carried.received.items()):  # the feed's lists are no file: digest them
+        for revocations in lists:
+            reader.digest.update(f"{revocations.signer}\0{revocations.root}\0".encode())
+            reader.digest.update(",".join(sorted(revocations.ids)).encode() + b"\0")
     for path in settings.grants.revocations:
         reader.watch(path)  # a list published later must trigger a reload
     file_grants, file_tasks = _task_files(loaded, reader, grant_set, agent, named, now)
@@ -373,6 +397,32 @@ def _keys(loaded: LoadedConfig, reader: _Reader, carried: CarriedState, now: flo
     if last is not None and last.kid != current.kid:
         retired += (RetiredKey(last.kid, dict(last.public_jwk), now + last.max_token_ttl),)
     return KeySet(current=current, next=next_key, retired=retired)
+
+
+def _ladder_actions(
+    loaded: LoadedConfig, reader: _Reader, grant_set: GrantSet, now: float
+) -> tuple[tuple[Action, ...], tuple[RefusedAction, ...]]:
+    """The signed actions of ``ladder.files`` (one compact JWS per line; a missing file is empty), and
+    the lines that do not verify (skipped: an action once honoured is kept by the runtime's ladder,
+    so a line whose signer's SVID has since expired loses nothing; a bad new line is reported).
+    """
+    actions: list[Action] = []
+    refused: list[RefusedAction] = []
+    for index, path in enumerate(loaded.settings.ladder.files):
+        field_name = f"ladder.files[{index}]"
+        reader.watch(path)
+        if not reader.exists(path):
+            continue
+        text = reader.read_optional(path, field_name, limit=16 * 1024 * 1024).decode("ascii", "replace")
+        source = f"file:{path}"
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            try:
+                actions.append(verify_action(line, verifier=grant_set.verifier, now=now, source=source))
+            except ControlError as exc:
+                refused.append(RefusedAction(source, hashlib.sha256(line.strip().encode()).hexdigest()[:16], exc))
+    return tuple(actions), tuple(refused)
 
 
 def build_snapshot(
@@ -416,9 +466,10 @@ def build_snapshot(
     ingress = compile_ingress(settings, agent)
     identity_ctx = IdentityContext.build(identity, ingress.audiences) if identity is not None else None
     sources, grant_set, _ = _sources(loaded, reader, carried, agent, identity_ctx, now)
+    actions, refused_actions = _ladder_actions(loaded, reader, grant_set, now)
 
     first_seen = dict(carried.first_seen)
-    policy = compile_policy(sources, lambda task_id: first_seen.setdefault(task_id, now), agent)
+    policy = compile_policy(sources, lambda task_id: first_seen.setdefault(task_id, now), agent, settings.sensitivity)
     compiled = policy.tasks_by_id
     ends = {task_id: task.expires_at for task_id, task in compiled.items()}
     for task_id, end in carried.ends.items():  # absent now: remembered until it would have ended
@@ -458,4 +509,6 @@ def build_snapshot(
         reader.digest.hexdigest(),
         reader.recorder.inputs(),
         next_carried,
+        actions,
+        refused_actions,
     )

@@ -17,11 +17,14 @@ with :class:`NotAuthorizedError` instead of answered with a revocation that chan
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import structlog
 
 from sidecar.config.schema import TaskSpec
+from sidecar.control.ladder import describe
+from sidecar.decision import Reason
 from sidecar.errors import AgentAuthzError, ConfigError, ErrorCode, StateError
 from sidecar.grants.issue import Delegation, DelegationRequest, plan_delegation, sign_delegation
 from sidecar.grants.model import Grant, GrantCode, GrantError
@@ -120,14 +123,19 @@ class TaskService:
 
     Args:
         runtime: the runtime whose snapshot enforces the tasks.
+        forward: with a cluster authority, called as ``forward(task_id, list, grants)`` after each
+            revocation: a list naming just that id, signed with the SVID, and the grants that show
+            this agent's authority over it (the held grant, or the child this sidecar delegated).
 
     Attributes:
         runtime: as given.
     """
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, *, forward: Callable[[str, str, list[str]], None] | None = None) -> None:
         self.runtime = runtime
+        self._forward = forward
         self._published: str | None = None
+        self._issued_tokens: dict[str, str] = {}
         self._sub_grants: dict[str, SubGrant] = {}
         own = runtime.carried.own_revoked
         if own:
@@ -141,8 +149,9 @@ class TaskService:
 
         Raises:
             GrantError: it does not verify, is expired, names another agent or a credential this
-                sidecar lacks, reuses a task id (``grant_duplicate``), or the rebuild that would
-                enforce it fails (``grant_rejected``, e.g. its TLS rules conflict with another task's).
+                sidecar lacks, reuses a task id (``grant_duplicate``), lies under a killed task or
+                agent (``grant_rejected``), or the rebuild that would enforce it fails
+                (``grant_rejected``, e.g. its TLS rules conflict with another task's).
             StateError: it could not be stored (it is not enforced).
         """
         runtime = self.runtime
@@ -154,6 +163,9 @@ class TaskService:
             raise GrantError(GrantCode.EXPIRED, "the grant has expired")
         if grant.id in snapshot.policy.tasks_by_id:
             raise GrantError(GrantCode.DUPLICATE, f"task {grant.id!r} is already active")
+        blocked = runtime.ladder.verdict(tuple((g.id, g.subject, g.signer) for g in grant.chain))
+        if blocked is not None and blocked[0] is Reason.TASK_REVOKED:
+            raise GrantError(GrantCode.REJECTED, f"the grant lies under a killed task: {describe(blocked[1])}")
         carried = runtime.carried
         try:
             runtime.apply(replace(carried, posted={**carried.posted, grant.id: grant.token}))
@@ -173,8 +185,8 @@ class TaskService:
 
         Raises:
             GrantError: unknown task (``grant_unknown_task``), not delegable (no identity to sign
-                with, not a grant, revoked, not valid now, too deep) or a widening (``grant_widening``,
-                naming the field; also when the parent's budget left is smaller).
+                with, not a grant, revoked, frozen or killed, not valid now, too deep) or a widening
+                (``grant_widening``, naming the field; also when the parent's budget left is smaller).
             NotAuthorizedError: the task is another agent's.
         """
         runtime = self.runtime
@@ -190,6 +202,9 @@ class TaskService:
             )
         if task.grant is None:
             raise GrantError(GrantCode.NOT_DELEGABLE, "only tasks that came from a signed grant can be delegated")
+        blocked = runtime.blocks.get(task.id)
+        if blocked is not None:
+            raise GrantError(GrantCode.NOT_DELEGABLE, f"the task is blocked: {blocked[1]}")
         svid, budgets = snapshot.identity.state.svid, runtime.budgets
 
         def remaining(index: int | None) -> int | None:
@@ -213,6 +228,7 @@ class TaskService:
             )
         token = sign_delegation(delegation, svid)
         child = delegation.child
+        self._issued_tokens[child.id] = token
         assert child.expires_at is not None  # a delegated child always has its end
         record = DelegatedChild(
             task_id, child.expires_at.timestamp(), tuple((k, n) for k, (n, _) in sorted(reservations.items()))
@@ -268,10 +284,28 @@ class TaskService:
         token = self._publish(snapshot, dict(carried.own_revoked))
         runtime.reload()
         _log.info("task_revoked", task_id=task_id, published=token is not None, stored=unstored is None)
+        self._forward_revocation(snapshot, task_id, carried.own_revoked[task_id])
         if unstored is not None:
             reason = f"revoked here and published, but not stored (a restart would forget it): {unstored.reason}"
             raise StateError(unstored.file, reason)
         return token
+
+    def _forward_revocation(self, snapshot: Snapshot, task_id: str, revoked_at: int) -> None:
+        """Hand the revocation to the authority: a one-id list and the grant showing the authority."""
+        identity = snapshot.identity
+        if self._forward is None or identity is None:
+            return
+        grants: list[str] = []
+        held = snapshot.policy.tasks_by_id.get(task_id)
+        if held is not None and held.grant is not None:
+            grants.append(held.grant.token)
+        if task_id in self._issued_tokens:
+            grants.append(self._issued_tokens[task_id])
+        svid = identity.state.svid
+        single = sign_revocations(
+            [task_id], svid.private_key, issuer=svid.spiffe_id, issued_at=revoked_at, x5c=list(svid.chain)
+        )
+        self._forward(task_id, single, grants)
 
     def delegations(self) -> tuple[SubGrant, ...]:
         """The sub-grants this service issued, oldest first (kept for the life of the process)."""

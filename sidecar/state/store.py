@@ -4,8 +4,10 @@ What is kept (one table each, schema below): the anchor time and last known end 
 ``ttl`` anchor; the task's counters are kept as long as it could still be valid), the call counters
 that have a limit (used and reserved for delegated tasks, per task and per rule), the grants
 accepted through ``POST /v1/tasks``, this sidecar's own revocations, the revocation lists received
-from each source, and the child tasks it delegated (with what each reserved). ``meta`` names the
-agent the file belongs to.
+from each source, and the child tasks it delegated (with what each reserved). Since schema 2 also
+continuous verification: the ladder actions honoured (freezes, unfreezes, kills - own quarantines
+and signed ones), the anomaly rule's strikes per task, and approvals (waiting, granted, used).
+``meta`` names the agent the file belongs to.
 
 Durability: WAL mode; every change is one transaction, committed before the answer that depends on
 it (an allowed call is counted before it is allowed). With ``synchronous=NORMAL`` (the default) a
@@ -39,10 +41,14 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal, cast
 
+from sidecar.control.approvals import Approval, ApprovalState
+from sidecar.control.documents import Action, ActionKind, Target
+from sidecar.control.quarantine import Strike
 from sidecar.errors import SpiffeIdError, StateError
 from sidecar.grants.revocations import RevocationList
 from sidecar.identity.spiffe_id import parse_spiffe_id
 from sidecar.policy.budget import BudgetKey
+from sidecar.policy.gates import CallBinding
 
 __all__ = [
     "APPLICATION_ID",
@@ -77,6 +83,23 @@ MIGRATIONS: tuple[str, ...] = (
         child_id TEXT PRIMARY KEY, parent_id TEXT NOT NULL, expires_at REAL NOT NULL, reserved TEXT NOT NULL
     ) STRICT, WITHOUT ROWID;
     """,
+    # 2: continuous verification (issue 15): ladder actions, quarantine strikes, approvals
+    """
+    CREATE TABLE ladder_action (
+        action_id TEXT PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('freeze', 'unfreeze', 'kill')),
+        target TEXT NOT NULL, at REAL NOT NULL, signer TEXT NOT NULL, root INTEGER NOT NULL,
+        reason TEXT NOT NULL, evidence TEXT NOT NULL, source TEXT NOT NULL, token TEXT NOT NULL
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE quarantine_strike (
+        task_id TEXT NOT NULL, decision_id TEXT NOT NULL, at REAL NOT NULL, reason TEXT NOT NULL,
+        PRIMARY KEY (task_id, decision_id)
+    ) STRICT, WITHOUT ROWID;
+    CREATE TABLE approval (
+        approval_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, state TEXT NOT NULL, call TEXT NOT NULL,
+        created_at REAL NOT NULL, expires_at REAL NOT NULL, approved_at REAL, approved_by TEXT,
+        used_at REAL, used_by TEXT
+    ) STRICT, WITHOUT ROWID;
+    """,
 )
 """The schema, as SQL scripts: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``."""
 
@@ -88,8 +111,8 @@ _BUSY_TIMEOUT_MS = 100  # only this process writes (the directory lock); never w
 _MIN_SQLITE = (3, 37, 0)  # STRICT tables
 _RECOVERY = (
     "to start afresh, stop the sidecar and delete the file (and its -wal and -shm files) knowingly: every "
-    "revocation made here, every budget spent, every posted grant and every ttl anchor is forgotten "
-    "(docs/concepts/state.md#recovery)"
+    "revocation made here, every budget spent, every posted grant, every ttl anchor, every freeze, kill and "
+    "approval is forgotten (docs/concepts/state.md#recovery)"
 )
 
 
@@ -460,6 +483,7 @@ class StateStore:
         for task_id in before.anchors.keys() - after.anchors.keys():
             ops.append(("DELETE FROM task WHERE task_id = ?", (task_id,)))
             ops.append(("DELETE FROM budget WHERE task_id = ?", (task_id,)))
+            ops.append(("DELETE FROM quarantine_strike WHERE task_id = ?", (task_id,)))
         ops += _mapping_ops("posted_grant", before.posted, after.posted)
         ops += _mapping_ops("own_revocation", before.own_revoked, after.own_revoked)
         for source in before.received.keys() | after.received.keys():
@@ -479,6 +503,163 @@ class StateStore:
             ops.append(("DELETE FROM delegation WHERE child_id = ?", (child,)))
         if ops:
             self._write(ops)
+
+    # -- continuous verification ---------------------------------------------------------------------
+    def save_actions(self, actions: Iterable[Action]) -> None:
+        """Store ladder actions (an id already stored stays as it is); one transaction.
+
+        Implements :class:`sidecar.control.ladder.LadderJournal`.
+
+        Raises:
+            StateError: the write failed.
+        """
+        ops: list[tuple[str, tuple[object, ...]]] = [
+            (
+                "INSERT OR IGNORE INTO ladder_action VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    a.action_id,
+                    a.kind.value,
+                    str(a.target),
+                    a.at,
+                    a.signer,
+                    int(a.root),
+                    a.reason,
+                    json.dumps(list(a.evidence)),
+                    a.source,
+                    a.token,
+                ),
+            )
+            for a in actions
+        ]
+        if ops:
+            self._write(ops)
+
+    def load_actions(self) -> list[Action]:
+        """Every ladder action stored, in the order of ``at``.
+
+        Raises:
+            StateError: a stored row does not have the shape this version writes.
+        """
+        rows = self._query("SELECT * FROM ladder_action ORDER BY at, action_id")
+        try:
+            return [
+                Action(
+                    action_id,
+                    ActionKind(kind),
+                    Target.parse(target),
+                    float(at),
+                    signer,
+                    bool(root),
+                    reason,
+                    tuple(json.loads(evidence)),
+                    source,
+                    token,
+                )
+                for action_id, kind, target, at, signer, root, reason, evidence, source, token in rows
+            ]
+        except (ValueError, TypeError) as exc:
+            raise StateError(self._file, f"a stored ladder action is malformed ({exc}); {_RECOVERY}") from None
+
+    def save_strikes(self, task_id: str, strikes: Iterable[Strike]) -> None:
+        """Replace the anomaly rule's strikes of ``task_id`` (one transaction).
+
+        Implements :class:`sidecar.control.quarantine.StrikeJournal`.
+
+        Raises:
+            StateError: the write failed.
+        """
+        ops: list[tuple[str, tuple[object, ...]]] = [("DELETE FROM quarantine_strike WHERE task_id = ?", (task_id,))]
+        ops += [
+            ("INSERT OR REPLACE INTO quarantine_strike VALUES (?, ?, ?, ?)", (task_id, s.decision_id, s.at, s.reason))
+            for s in strikes
+        ]
+        self._write(ops)
+
+    def load_strikes(self) -> dict[str, list[Strike]]:
+        """Task id -> its strikes, oldest first."""
+        out: dict[str, list[Strike]] = {}
+        for task_id, decision_id, at, reason in self._query("SELECT * FROM quarantine_strike ORDER BY at"):
+            out.setdefault(task_id, []).append(Strike(decision_id, float(at), reason))
+        return out
+
+    def save_approvals(self, approvals: Iterable[Approval], dropped: Iterable[str] = ()) -> None:
+        """Insert or replace approvals and delete ``dropped`` ids, in one transaction.
+
+        Implements :class:`sidecar.control.approvals.ApprovalJournal`.
+
+        Raises:
+            StateError: the write failed.
+        """
+        ops: list[tuple[str, tuple[object, ...]]] = [
+            ("DELETE FROM approval WHERE approval_id = ?", (approval_id,)) for approval_id in dropped
+        ]
+        for a in approvals:
+            call = json.dumps(
+                {
+                    "agent": a.call.agent,
+                    "task_id": a.call.task_id,
+                    "host": a.call.host,
+                    "port": a.call.port,
+                    "method": a.call.method,
+                    "path": a.call.path,
+                    "query": a.call.query,
+                    "tool": a.call.tool,
+                    "content": a.call.content,
+                    "policy_version": a.call.policy_version,
+                },
+                ensure_ascii=False,
+            )
+            row = (
+                a.id,
+                a.call.task_id,
+                a.state.value,
+                call,
+                a.created_at,
+                a.expires_at,
+                a.approved_at,
+                a.approved_by,
+                a.used_at,
+                a.used_by,
+            )
+            ops.append(("INSERT OR REPLACE INTO approval VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row))
+        if ops:
+            self._write(ops)
+
+    def load_approvals(self) -> list[Approval]:
+        """Every approval stored, oldest first.
+
+        Raises:
+            StateError: a stored row does not have the shape this version writes.
+        """
+        rows = self._query("SELECT * FROM approval ORDER BY created_at, approval_id")
+        try:
+            return [
+                Approval(
+                    approval_id,
+                    CallBinding(**json.loads(call)),
+                    ApprovalState(state),
+                    float(created_at),
+                    float(expires_at),
+                    approved_at,
+                    approved_by,
+                    used_at,
+                    used_by,
+                )
+                for (
+                    approval_id,
+                    _,
+                    state,
+                    call,
+                    created_at,
+                    expires_at,
+                    approved_at,
+                    approved_by,
+                    used_at,
+                    used_by,
+                ) in rows
+            ]
+        except (ValueError, TypeError) as exc:
+            raise StateError(self._file, f"a stored approval is malformed ({exc}); {_RECOVERY}") from None
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _received_ops(self, source: str, lists: tuple[RevocationList, ...]) -> list[tuple[str, tuple[object, ...]]]:

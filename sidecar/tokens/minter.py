@@ -4,14 +4,17 @@ For each allowed call the agent's identity is exchanged for a JWT shaped as an R
 token (header ``typ: at+jwt``) for exactly that destination::
 
     {"iss": issuer, "sub": on_behalf_of or agent, "act": {"sub": agent}, "client_id": agent,
-     "aud": audience, "scope": scope, "txn": task_id, "iat", "nbf", "exp", "jti"}
+     "aud": audience, "scope": scope, "txn": task_id, "sensitivity": label, "iat", "nbf", "exp", "jti"}
 
 ``act`` follows RFC 8693 §4.1 (the current actor is outermost); ``txn`` carries the task id as the
-OAuth Transaction Tokens draft does. NumericDates are integers (RFC 7519 §2). ``exp`` is never later
-than the task's expiry nor ``iat + max_token_ttl``.
+OAuth Transaction Tokens draft does. ``sensitivity`` (a private claim, RFC 7519 §4.3) is the label of
+what the call reaches (``public``, ``internal``, ``confidential`` or ``restricted``: the rule's or the
+host's, else ``sensitivity.default``), so an upstream can refuse a token labelled below its data.
+NumericDates are integers (RFC 7519 §2). ``exp`` is never later than the task's expiry nor
+``iat + max_token_ttl``.
 
-Tokens are cached per (task, audience, scope, key) and refreshed ahead of expiry, so the request
-path normally signs nothing.
+Tokens are cached per (task, audience, scope, sensitivity, key) and refreshed ahead of expiry, so
+the request path normally signs nothing.
 """
 
 from __future__ import annotations
@@ -142,6 +145,7 @@ class TokenMinter:
         scope: str | None,
         now: float,
         cnf: str | None = None,
+        sensitivity: str | None = None,
     ) -> MintedToken:
         """Return a valid token for this task and destination, from cache when possible.
 
@@ -155,18 +159,22 @@ class TokenMinter:
             now: POSIX seconds.
             cnf: SHA-256 thumbprint (base64url) of the agent's X.509-SVID to bind the token to
                 (``cnf: {"x5t#S256": ...}``, RFC 8705 §3.1), or ``None``.
+            sensitivity: the ``sensitivity`` claim (the destination's label), or ``None``.
 
         Returns:
             A :class:`MintedToken`; ``info.cached`` says whether it came from the cache.
         """
-        key: CacheKey = (task_id, task_fingerprint, audience, scope or "", self._key.kid + (cnf or ""))
+        scoped = (scope or "") if sensitivity is None else f"{scope or ''}\0{sensitivity}"
+        key: CacheKey = (task_id, task_fingerprint, audience, scoped, self._key.kid + (cnf or ""))
         hit = None if self._per_call else self._cache._entries.get(key)
         if hit is not None and now < hit.exp - 1:
             if now >= hit.refresh_at and key not in self._cache._pending:
-                self._refresh(key, self._claims(subject, actor, client_id, audience, scope, txn, cnf), task_expires_at)
+                claims = self._claims(subject, actor, client_id, audience, scope, txn, cnf, sensitivity)
+                self._refresh(key, claims, task_expires_at)
             self._cache.hits += 1
             return hit
-        fresh = self._mint(self._claims(subject, actor, client_id, audience, scope, txn, cnf), task_expires_at, now)
+        claims = self._claims(subject, actor, client_id, audience, scope, txn, cnf, sensitivity)
+        fresh = self._mint(claims, task_expires_at, now)
         if not self._per_call:
             self._cache._entries[key] = self._for_cache(fresh)
         return fresh
@@ -180,12 +188,15 @@ class TokenMinter:
         scope: str | None,
         txn: str,
         cnf: str | None,
+        sensitivity: str | None = None,
     ) -> dict[str, Any]:
         claims: dict[str, Any] = {"iss": self._issuer, "sub": subject, "act": dict(actor), "client_id": client_id}
         claims["aud"] = audience
         if scope:
             claims["scope"] = scope
         claims["txn"] = txn
+        if sensitivity:
+            claims["sensitivity"] = sensitivity
         if cnf:
             claims["cnf"] = {"x5t#S256": cnf}
         return claims

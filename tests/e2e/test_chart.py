@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from sidecar.authority.config import load_authority_config
 from sidecar.bootstrap.names import SPIRE_CLUSTER
 from sidecar.bootstrap.render import render_envoy
 from sidecar.config.loader import load_config
@@ -28,6 +29,7 @@ pytestmark = pytest.mark.e2e
 
 NS = "agent-authz"
 WEBHOOK = "aa-agent-authz-webhook"
+AUTHORITY = "aa-agent-authz-authority"
 CA_BUNDLE = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").decode()
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
@@ -60,8 +62,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "agentNamespaces": ["agents"],
         "signingKey": {"existingSecret": "my-signing-key"},
         "webhook": {"tls": {"mode": "secret", "existingSecret": "my-webhook-tls", "caBundle": CA_BUNDLE}},
+        "authority": {"tls": {"mode": "secret", "existingSecret": "my-authority-tls", "caBundle": CA_BUNDLE}},
     },
-    "cert-manager": {"agentNamespaces": ["agents"], "webhook": {"tls": {"mode": "certManager"}}},
+    "cert-manager": {
+        "agentNamespaces": ["agents"],
+        "webhook": {"tls": {"mode": "certManager"}},
+        "authority": {"tls": {"mode": "certManager", "caBundle": CA_BUNDLE}},
+    },
     "cert-manager-issuer": {
         "webhook": {
             "tls": {"mode": "certManager", "certManager": {"issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}
@@ -169,10 +176,12 @@ def test_generated_tls_serves_the_service_name_and_matches_the_ca_bundle(
 
 def test_webhook_has_no_api_access_and_runs_locked_down(rendered: dict[str, list[dict[str, Any]]]) -> None:
     for manifests in rendered.values():
-        assert not [m for m in manifests if m["kind"] in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")]
-        (account,) = find(manifests, "ServiceAccount")
+        assert not [m for m in manifests if m["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+        bound = [s["name"] for m in find(manifests, "RoleBinding") for s in m["subjects"]]
+        assert WEBHOOK not in bound  # only the authority has a Role (test_the_authority_may_touch_only_its_configmaps)
+        (account,) = find(manifests, "ServiceAccount", "-webhook")
         assert account["automountServiceAccountToken"] is False
-        (deployment,) = find(manifests, "Deployment")
+        (deployment,) = find(manifests, "Deployment", "-webhook")
         pod = deployment["spec"]["template"]["spec"]
         assert pod["automountServiceAccountToken"] is False and pod["serviceAccountName"] == account["metadata"]["name"]
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -184,7 +193,7 @@ def test_webhook_has_no_api_access_and_runs_locked_down(rendered: dict[str, list
         assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
 
 
-def test_agent_namespaces_get_the_same_config_and_signing_key(
+def test_agent_namespaces_get_their_config_and_a_signing_key_each(
     rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
 ) -> None:
     manifests = rendered["agents"]
@@ -192,12 +201,21 @@ def test_agent_namespaces_get_the_same_config_and_signing_key(
     keys = find(manifests, "Secret", "-signing-key")
     assert sorted(m["metadata"]["namespace"] for m in configs) == ["agents", "research"]
     assert sorted(m["metadata"]["namespace"] for m in keys) == ["agents", "research"]
-    assert len({secret_data(k, "signing.pem") for k in keys}) == 1  # one JWKS for every upstream
-    pem = secret_data(keys[0], "signing.pem")
-    assert isinstance(serialization.load_pem_private_key(pem, None), ec.EllipticCurvePrivateKey)
-    assert load_signing_key(pem, "ES256", file="chart", field="signing.pem").kid
+    # one signing-key scope per namespace: a token of one namespace never verifies as another's
+    kids = set()
+    for key in keys:
+        pem = secret_data(key, "signing.pem")
+        assert isinstance(serialization.load_pem_private_key(pem, None), ec.EllipticCurvePrivateKey)
+        kids.add(load_signing_key(pem, "ES256", file="chart", field="signing.pem").kid)
+    assert len(kids) == 2
     (settings,) = find(manifests, "ConfigMap", "-settings")
-    assert {m["data"]["sidecar.yaml"] for m in configs} == {settings["data"]["sidecar.yaml"]}
+    # the webhook's copy is the namespaces' own, rendered for "{namespace}": only issuer.url differs
+    for config in configs:
+        namespace = config["metadata"]["namespace"]
+        own = yaml.safe_load(config["data"]["sidecar.yaml"])
+        assert own["issuer"]["url"] == f"https://{AUTHORITY}.{NS}.svc/ns/{namespace}"
+        template = yaml.safe_load(settings["data"]["sidecar.yaml"].replace("{namespace}", namespace))
+        assert own == template
     for name, text in settings["data"].items():
         (tmp_path / name).write_text(text)
     injector = load_injector(tmp_path / "injector.yaml")  # validates sidecar.yaml against the pod layout
@@ -239,9 +257,14 @@ def test_secret_and_cert_manager_modes(rendered: dict[str, list[dict[str, Any]]]
     assert find(existing, "Secret") == []  # both supplied by the operator
     (config,) = find(existing, "MutatingWebhookConfiguration")
     assert config["webhooks"][0]["clientConfig"]["caBundle"] == CA_BUNDLE
-    (deployment,) = find(existing, "Deployment")
+    (deployment,) = find(existing, "Deployment", "-webhook")
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == "my-webhook-tls"
+    (authority,) = find(existing, "Deployment", "-authority")
+    volumes = {v["name"]: v for v in authority["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "my-authority-tls"
+    (sidecar_config,) = find(existing, "ConfigMap", "-sidecar")
+    assert sidecar_config["data"]["authority-ca.pem"].strip() == base64.b64decode(CA_BUNDLE).decode().strip()
     (settings,) = find(existing, "ConfigMap", "-settings")
     assert yaml.safe_load(settings["data"]["injector.yaml"])["signing_key_secret"] == "my-signing-key"
 
@@ -254,6 +277,8 @@ def test_secret_and_cert_manager_modes(rendered: dict[str, list[dict[str, Any]]]
     assert f"{WEBHOOK}.{NS}.svc" in certificates[WEBHOOK]["spec"]["dnsNames"]
     assert certificates[f"{WEBHOOK}-ca"]["spec"]["isCA"] is True
     assert find(managed, "Secret", "-tls") == []
+    assert certificates[AUTHORITY]["spec"]["secretName"] == f"{AUTHORITY}-tls"
+    assert f"{AUTHORITY}.{NS}.svc" in certificates[AUTHORITY]["spec"]["dnsNames"]
     (own,) = find(rendered["cert-manager-issuer"], "Certificate")
     assert own["spec"]["issuerRef"] == {"name": "corp-ca", "kind": "ClusterIssuer"}
     assert find(rendered["cert-manager-issuer"], "Issuer") == []
@@ -310,6 +335,13 @@ def test_helm_test_pod_checks_the_service_with_its_ca(rendered: dict[str, list[d
         ("image.digest=sha256:short", "/image/digest"),
         ("webhook.tls.mode=secret", "/webhook/tls"),
         ("webhook.tls.mode=selfsigned", "/webhook/tls/mode"),
+        ("authority.tls.mode=certManager", "/authority/tls"),
+        ("authority.tls.mode=secret", "/authority/tls"),
+        ("authority.issuerBaseUrl=http://insecure.example", "/authority/issuerBaseUrl"),
+        ("authority.feedPort=80", "/authority/feedPort"),
+        ("authority.replicas=0", "/authority/replicas"),
+        ("sidecar.revocationFeed.staleAppliesTo=some", "/sidecar/revocationFeed/staleAppliesTo"),
+        ("sidecar.revocationFeed.maxStaleness=soon", "/sidecar/revocationFeed/maxStaleness"),
         ("typo=1", "additional properties 'typo'"),
         ("webhook.replica=3", "additional properties 'replica'"),
     ],
@@ -334,7 +366,7 @@ def test_every_command_in_the_rendered_chart_exists(rendered: dict[str, list[dic
         if manifest["kind"] in ("Deployment", "Pod")
         for container in (manifest["spec"].get("template", manifest)["spec"]["containers"])
     ]
-    assert len(commands) == 2
+    assert len(commands) == 3  # webhook, authority, helm test
     for argv in commands:
         parses(argv)
 
@@ -359,3 +391,154 @@ def test_notes_say_what_to_label_and_show_a_valid_task() -> None:
     checked = check_task_annotation(example, agent="spiffe://example.org/ns/agents/sa/a", credentials=set(), now=0)
     assert (checked.kind, checked.task_id) == ("task", "q3-risk-report")
     assert "WARNING: agentNamespaces is empty" in _notes()
+    # with the authority: the operator's revocation and the issuer upstreams verify
+    line = next(x for x in notes.splitlines() if "kubectl patch configmap aa-agent-authz-revocations" in x)
+    patch = json.loads(line.split("-p '", 1)[1].rstrip("'"))
+    assert patch == {"data": {"operator": "q3-risk-report\n"}}
+    assert f"https://{AUTHORITY}.{NS}.svc/ns/NS" in notes
+
+
+# -- the cluster authority -------------------------------------------------------------------------------
+
+
+def _by_component(manifests: list[dict[str, Any]], component: str) -> list[dict[str, Any]]:
+    return [m for m in manifests if m["metadata"].get("labels", {}).get("app.kubernetes.io/component") == component]
+
+
+def test_the_authority_runs_two_locked_down_replicas_behind_a_service_and_a_pdb(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    manifests = rendered["agents"]
+    (deployment,) = find(manifests, "Deployment", "-authority")
+    assert deployment["spec"]["replicas"] >= 2
+    pod = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    spec = pod["spec"]
+    assert spec["serviceAccountName"] == AUTHORITY and spec["automountServiceAccountToken"] is True
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    (container,) = spec["containers"]
+    assert container["command"][:4] == [
+        "agent-authz",
+        "authority",
+        "--config",
+        "/etc/agent-authz-authority/config/authority.yaml",
+    ]
+    ctx = container["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True and ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert container["readinessProbe"]["httpGet"] == {"scheme": "HTTPS", "path": "/readyz", "port": "https"}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"https": 8443, "feed": 8444}
+    (pdb,) = find(manifests, "PodDisruptionBudget", "-authority")
+    assert pdb["spec"]["maxUnavailable"] == 1 and pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    (service,) = find(manifests, "Service", "-authority")
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
+        "https": (443, "https"),
+        "feed": (8444, "feed"),
+    }
+    (secret,) = find(manifests, "Secret", "-authority-tls")
+    ca = x509.load_pem_x509_certificate(secret_data(secret, "ca.crt"))
+    leaf = x509.load_pem_x509_certificate(secret_data(secret, "tls.crt"))
+    leaf.verify_directly_issued_by(ca)
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert f"{AUTHORITY}.{NS}.svc" in names
+    mounted = {v["name"]: v for v in spec["volumes"]}
+    assert mounted["tls"]["secret"]["items"] == [
+        {"key": "tls.crt", "path": "tls.crt"},
+        {"key": "tls.key", "path": "tls.key"},
+    ]
+    assert mounted["bundle"]["configMap"] == {
+        "name": "spire-bundle",
+        "items": [{"key": "bundle.crt", "path": "bundle.pem"}],
+    }
+
+
+def test_the_authority_may_touch_only_its_two_configmaps(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """get, watch and update of its own two ConfigMaps by name - the exact requests of
+    sidecar/authority/kube.py (the e2e authority tests run against the API double with this very Role)."""
+    for name, manifests in rendered.items():
+        deployments = find(manifests, "Deployment", "-authority")
+        if not deployments:
+            assert not find(manifests, "Role") and not find(manifests, "RoleBinding"), name
+            continue
+        (role,) = find(manifests, "Role")
+        assert role["metadata"]["namespace"] == NS
+        assert role["rules"] == [
+            {
+                "apiGroups": [""],
+                "resources": ["configmaps"],
+                "resourceNames": ["aa-agent-authz-revocations", "aa-agent-authz-keys"],
+                "verbs": ["get", "watch", "update"],
+            }
+        ]
+        (binding,) = find(manifests, "RoleBinding")
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": AUTHORITY}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": AUTHORITY, "namespace": NS}]
+        state = {
+            m["metadata"]["name"]: m
+            for m in find(manifests, "ConfigMap")
+            if m["metadata"]["name"] in role["rules"][0]["resourceNames"]
+        }
+        assert set(state) == set(role["rules"][0]["resourceNames"])
+        for configmap in state.values():  # no data: Helm's merge keeps what the authority wrote
+            assert "data" not in configmap and configmap["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+
+
+def test_the_authority_config_validates_and_names_what_the_chart_made(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    manifests = rendered["agents"]
+    (config_map,) = find(manifests, "ConfigMap", "-authority-config")
+    path = tmp_path / "authority.yaml"
+    path.write_text(config_map["data"]["authority.yaml"])
+    config = load_authority_config(path)
+    assert config.namespaces == ["agents", "research"]
+    assert config.issuer_base_url == f"https://{AUTHORITY}.{NS}.svc"
+    assert config.trust.trust_domain == "prod.example"
+    (role,) = find(manifests, "Role")
+    assert [config.kubernetes.revocations_configmap, config.kubernetes.keys_configmap] == role["rules"][0][
+        "resourceNames"
+    ]
+    (deployment,) = find(manifests, "Deployment", "-authority")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    for file in (config.tls.cert, config.tls.key, *config.trust.bundles.values()):
+        assert str(file.parent) in mounts, file
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert config.listen.public == f"0.0.0.0:{ports['https']}" and config.listen.feed == f"0.0.0.0:{ports['feed']}"
+
+
+def test_the_sidecars_point_at_the_authority(rendered: dict[str, list[dict[str, Any]]], tmp_path: Path) -> None:
+    manifests = rendered["agents"]
+    (secret,) = find(manifests, "Secret", "-authority-tls")
+    (service,) = find(manifests, "Service", "-authority")
+    feed_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "feed")
+    for config_map in find(manifests, "ConfigMap", "-sidecar"):
+        namespace = config_map["metadata"]["namespace"]
+        directory = tmp_path / namespace
+        directory.mkdir()
+        for name, text in config_map["data"].items():
+            (directory / name).write_text(text)
+        settings = load_config(directory / "sidecar.yaml").settings
+        feed = settings.grants.revocation_feed
+        assert feed is not None
+        assert feed.url == f"https://{AUTHORITY}.{NS}.svc:{feed_port}"
+        assert feed.max_staleness == 30 and feed.stale_applies_to == "delegated"
+        # the CA the sidecar verifies the authority with is in its own ConfigMap (mounted at /etc/agent-authz/config)
+        assert str(feed.ca) == "/etc/agent-authz/config/authority-ca.pem"
+        assert (directory / "authority-ca.pem").read_bytes().strip() == secret_data(secret, "ca.crt").strip()
+        assert settings.issuer.url == f"https://{AUTHORITY}.{NS}.svc/ns/{namespace}"
+
+
+def test_without_the_authority_nothing_of_it_is_rendered() -> None:
+    for manifests in (
+        helm_template("agentNamespaces={agents}", "authority.enabled=false", namespace=NS),
+        helm_template(namespace=NS),  # no agent namespace: nothing to serve
+    ):
+        assert not _by_component(manifests, "authority")
+        for config_map in find(manifests, "ConfigMap", "-sidecar"):
+            sidecar = yaml.safe_load(config_map["data"]["sidecar.yaml"])
+            assert "grants" not in sidecar and sidecar["issuer"]["url"] == "https://agent-authz.example.org"
+            assert "authority-ca.pem" not in config_map["data"]

@@ -158,7 +158,25 @@ def test_quarterly_report_scenario(tmp_path: Path) -> None:
         timeout=180,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert "All 25 outcomes match" in result.stdout
+    assert "All 35 outcomes match" in result.stdout
+    logs = {
+        name: [json.loads(line) for line in (tmp_path / "q3" / name / "decisions.log").read_text().splitlines()]
+        for name in ("orchestrator", "market-data", "sales-data", "filings")
+    }
+    # the hijacked sub-agent: frozen by the anomaly rule after its 5th out-of-task denial, with the evidence
+    market = logs["market-data"]
+    (frozen,) = [r for r in market if r["reason"] == "task_frozen"]
+    probes = [r["decision_id"] for r in market if r["reason"].endswith("_not_allowed")]
+    assert frozen["action"]["evidence"] == probes and len(probes) == 5
+    assert frozen["action"]["target"] == "subtree:q3-risk-report/market-data"
+    after = [r["reason"] for r in market if r["seq"] > frozen["seq"] and r["direction"] == "egress"]
+    assert after == ["task_quarantined", "task_revoked"]  # frozen, then the root revocation
+    assert not any(r["reason"] == "task_quarantined" for r in logs["filings"])  # its siblings kept working
+    # the approval: required, granted with the CLI, used once, a replay refused
+    orch = [r for r in logs["orchestrator"] if r["method"] == "DELETE" or r["reason"] == "approval_granted"]
+    assert [r["reason"] for r in orch] == ["approval_required", "approval_granted", "allowed", "approval_replayed"]
+    assert len({r["approval"]["id"] for r in orch[:3]}) == 1 and orch[2]["approval"]["status"] == "consumed"
+    assert orch[1]["approval"]["approved_by"].startswith("key:")
     for name in ("orchestrator", "market-data", "sales-data", "filings"):
         verified = subprocess.run(
             [sys.executable, "-m", "sidecar", "logs", "verify", str(tmp_path / "q3" / name / "decisions.log")],

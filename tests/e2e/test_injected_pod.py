@@ -295,7 +295,10 @@ def test_an_allowed_call_arrives_with_a_task_scoped_token(pod: RunningPod) -> No
     token = received["headers"]["authorization"].removeprefix("Bearer ")
     key = pod.jwks()[jwt.get_unverified_header(token)["kid"]]
     claims = jwt.decode(token, key.key, algorithms=["ES256"], audience=f"http://{API}")
-    assert claims["iss"] == "https://agent-authz.test.example" and claims["txn"] == "q3-report"
+    # the chart's authority is the namespace's issuer (sidecar.issuerUrl is for installs without it)
+    assert (
+        claims["iss"] == "https://aa-agent-authz-authority.agent-authz.svc/ns/agents" and claims["txn"] == "q3-report"
+    )
     assert (
         claims["act"] == {"sub": AGENT} and claims["sub"] == "user:jane@example.com" and claims["scope"] == "items:read"
     )

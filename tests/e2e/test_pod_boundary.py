@@ -455,6 +455,35 @@ def test_the_task_api_shows_and_changes_only_the_local_agents_tasks(pod: Boundar
     assert allowed[0]["status"] == 200
 
 
+def test_the_agent_cannot_freeze_unfreeze_kill_or_approve(pod: BoundaryPod) -> None:
+    """The control API is on the admin port the agent reaches; every body must be signed by a key the
+    agent does not hold (tests/e2e/test_continuous.py also tries self-signed and replayed ones)."""
+    admin = "http://127.0.0.1:9902"
+    requests = [
+        ["POST", admin, "/v1/control/actions", "unfreeze subtree:q3-report", {}],
+        ["POST", admin, "/v1/control/actions", "e30.e30.e30", {}],  # a JWS shape with no signature
+        ["POST", admin, "/v1/approvals/0123456789abcdef", "e30.e30.e30", {}],
+        ["POST", admin, "/decisions/api/approvals/0123456789abcdef", "{}", {}],
+        ["POST", admin, "/decisions/api/approvals/0123456789abcdef", "{}", {"Authorization": "Bearer e30.e30.e30"}],
+        ["GET", admin, "/v1/control/actions", None, {}],
+    ]
+    *refused, listing = pod.probe("http", {"requests": requests})
+    assert [(r["status"], json.loads(r["body"])["error"]) for r in refused] == [
+        (400, "control_malformed"),
+        (400, "control_malformed"),
+        (400, "control_malformed"),
+        (403, "control_not_authorized"),
+        (400, "control_malformed"),
+    ], refused
+    assert json.loads(listing["body"]) == {"targets": [], "blocked": []}  # nothing changed
+    records = [r for r in pod.records() if r["direction"] == "control"]
+    # the probe sends its requests concurrently: the records are the five refusals, in any order
+    assert sorted(r["reason"] for r in records[-5:]) == ["bad_request"] * 4 + ["not_authorized"]
+    assert sorted(r["path"] for r in records[-5:]) == sorted(target for _, _, target, _, _ in requests[:5])
+    allowed = pod.probe("http", {"requests": [["GET", f"http://{UPSTREAM_IP}:80", "/v1/items/1", None, {"Host": API}]]})
+    assert allowed[0]["status"] == 200
+
+
 def _ready(path: Path) -> Any:
     """The JSON a background probe writes once it is set up (waits for it)."""
     return json.loads(wait_until(lambda: path.exists() and path.read_text(), timeout=20, what=path.name))

@@ -234,7 +234,7 @@ def test_the_quarterly_report_tree_in_the_orchestrators_viewer(tmp_path: Path, b
             output.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
         (url,) = [line.split("Decision viewer: ", 1)[1].strip() for line in output if "Decision viewer: " in line]
         text = "".join(output)
-        assert "All 25 outcomes match" in text and "The same in a terminal: agent-authz logs " in text, text
+        assert "All 35 outcomes match" in text and "The same in a terminal: agent-authz logs " in text, text
 
         page = browser.new_page()
         problems: list[str] = []
@@ -424,3 +424,68 @@ def test_the_tree_follows_delegation_and_revocation_live_and_shows_hostile_strin
     finally:
         for proc in procs:
             proc.stop()
+
+
+def test_the_approve_button_is_for_an_operator_only(
+    env_factory: Callable[..., Env], tmp_path: Path, browser: Any
+) -> None:
+    """A call waits for approval; the viewer shows it. Without a token there is no button; with a
+    forged one the sidecar refuses; with the operator's token (``agent-authz approve --operator-token``,
+    opened as the URL it prints) the button approves it, and the agent's retry passes once."""
+    expect = playwright_api.expect
+    scenario = Scenario(tmp_path)
+    rule = {"name": "delete", "host": API_HOST, "methods": ["DELETE"], "paths": ["/v1/items/*"], "approval": "required",
+            "audience": "https://api.internal"}  # fmt: skip
+
+    def mutate(config: dict[str, Any], _: int) -> None:
+        config["grants"] = {"root_issuers": [{"jwks": str(tmp_path / "issuer" / "issuer.jwks.json")}]}
+
+    env = env_factory([task("t1", egress=[rule])], mutate=mutate)
+    waiting = env.send("DELETE", f"http://{API_HOST}/v1/items/3")
+    approval_id = waiting.json()["approval_id"]
+    problems: list[str] = []
+    page = browser.new_page()
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.goto(env.admin + "/decisions")
+    row = page.locator(f'#approval-list tr[data-approval="{approval_id}"]')
+    expect(row.locator("td.a-status")).to_have_text("pending")
+    expect(row.locator("td.a-call")).to_have_text(f"DELETE {API_HOST}/v1/items/3")
+    expect(row.locator("button.a-approve")).to_have_count(0)  # not signed in: nothing to click
+    expect(page.locator("#operator")).to_have_text("viewer only")
+
+    # a token the agent could make (its own key) is refused by the sidecar, and recorded
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    from sidecar.control.documents import sign_operator_token
+
+    forged = sign_operator_token(
+        ec.generate_private_key(ec.SECP256R1()), issuer="x", audience=AGENT, now=time.time(), lifetime=60, kid="x"
+    )
+    page.fill("#operator-token", forged)
+    page.click("#operator-form button[type=submit]")
+    expect(page.locator("#operator")).to_have_text("operator: may approve")
+    row.locator("button.a-approve").click()
+    expect(row.locator(".a-error")).to_contain_text("control_untrusted_signer")
+    assert env.send("DELETE", f"http://{API_HOST}/v1/items/3").reason == "approval_required"
+    page.click("#operator-out")
+
+    token = subprocess.run(
+        [*DEMO[:-1], "approve", "--operator-token", "--key", str(scenario.root / "issuer" / "issuer.key"),
+         "--admin", env.admin, "--ttl", "10m"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    (link,) = [line.split("viewer: ", 1)[1] for line in token.stderr.splitlines() if line.startswith("viewer: ")]
+    page.goto(link)
+    expect(page.locator("#operator")).to_have_text("operator: may approve")
+    assert "#operator" not in page.url  # taken into sessionStorage, out of the address bar
+    row.locator("select.a-ttl").select_option("5m")
+    row.locator("button.a-approve").click()
+    expect(row.locator("td.a-status")).to_have_text("approved")
+    expect(row.locator("td.a-action")).to_contain_text("by key:")
+    retry = env.send("DELETE", f"http://{API_HOST}/v1/items/3")
+    assert retry.status == 200 and env.record(retry.decision_id)["approval"]["id"] == approval_id
+    expect(row.locator("td.a-status")).to_have_text("consumed")  # live: the record updates the panel
+    refused = [r for r in env.records() if r["direction"] == "control" and r["reason"] == "not_authorized"]
+    granted = [r for r in env.records() if r["reason"] == "approval_granted"]
+    assert len(refused) == 1 and len(granted) == 1 and granted[0]["approval"]["expires_at"] - time.time() < 301
+    assert not problems, problems

@@ -11,7 +11,7 @@ from sidecar.decision import AuthzRequest, Direction
 from sidecar.runtime import Runtime
 from tests.support.config import API_HOST, ISSUER, base_config, write_config, write_keys
 
-__all__ = ["Clock", "claims_of", "make_runtime", "req"]
+__all__ = ["Clock", "claims_of", "make_runtime", "make_task_rule", "req"]
 
 
 class Clock:
@@ -44,3 +44,15 @@ def claims_of(runtime: Runtime, decision: Any) -> dict[str, Any]:
     return jwt.decode(
         token, key.key, algorithms=["ES256", "EdDSA"], audience=decision.token.aud, issuer=ISSUER, options=options
     )
+
+
+def make_task_rule(rule: Any) -> Any:
+    """A compiled task with this anomaly rule (``QuarantineRule`` or ``None``) and nothing else."""
+    from sidecar.config.schema import TaskSpec
+    from sidecar.policy.compile import TaskSource, compile_policy
+
+    spec = TaskSpec.model_validate({"id": "t", "agent": "spiffe://td/ns/a/sa/w", "purpose": "p", "ttl": 60})
+    task = compile_policy([TaskSource(spec)], lambda _: 0.0, spec.agent).tasks_by_id["t"]
+    from dataclasses import replace
+
+    return replace(task, quarantine=rule)

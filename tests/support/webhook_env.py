@@ -53,7 +53,7 @@ def install(base: Path, values: dict[str, Any]) -> Installed:
         (settings_dir / name).write_text(text)
     for key in ("tls.crt", "tls.key", "ca.crt"):
         (tls_dir / key).write_bytes(secret_data(tls, key))
-    (service,) = find(manifests, "Service")
+    (service,) = find(manifests, "Service", "-webhook")
     (config,) = find(manifests, "MutatingWebhookConfiguration")
     ca_pem = base64.b64decode(config["webhooks"][0]["clientConfig"]["caBundle"])
     return Installed(manifests, settings_dir, tls_dir, f"{service['metadata']['name']}.{NAMESPACE}.svc", ca_pem)

@@ -39,7 +39,7 @@ def gen_docs() -> ModuleType:
 
 def test_reference_pages_are_current(gen_docs: ModuleType) -> None:
     pages: dict[str, str] = gen_docs.render_pages()
-    assert set(pages) == {"config.md", "reasons.md", "metrics.md", "cli.md", "records.md"}
+    assert set(pages) == {"config.md", "authority-config.md", "reasons.md", "metrics.md", "cli.md", "records.md"}
     committed = {p.name for p in (REPO / "docs" / "reference").glob("*.md")}
     assert committed == set(pages), (
         f"docs/reference/ holds pages the generator does not write: {committed - set(pages)}"
@@ -155,10 +155,25 @@ def test_record_fields_are_exactly_what_the_builder_writes() -> None:
         rpc_protocol="a2a",
         rpc={"method": "GetTask"},
     )
+    waiting = Decision(
+        allow=False,
+        reason=Reason.APPROVAL_REQUIRED,
+        http_status=403,
+        decision_id="d",
+        approval={"id": "a1", "status": "pending", "expires_at": 1.0},
+    )
+    control = Decision(
+        allow=True,
+        reason=Reason.TASK_FROZEN,
+        http_status=200,
+        decision_id="d",
+        direction=Direction.CONTROL,
+        action={"kind": "freeze", "target": "subtree:t1", "evidence": ["x"]},
+    )
     order = [field.name for field in RECORD_FIELDS]
     assert len(order) == len(set(order))
     written: set[str] = set()
-    for decision in (plain, intercepted, dry, mcp, a2a):
+    for decision in (plain, intercepted, dry, mcp, a2a, waiting, control):
         keys = list(_record(decision))
         assert keys == [name for name in order if name in keys], "a record's fields follow RECORD_FIELDS order"
         written.update(keys)

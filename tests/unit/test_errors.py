@@ -9,6 +9,8 @@ import pkgutil
 import sidecar
 from sidecar.agentproto.jsonrpc import BodyProblem
 from sidecar.agentproto.rules import Refusal
+from sidecar.authority.protocol import AuthorityCode
+from sidecar.control.documents import ControlCode
 from sidecar.errors import AgentAuthzError, BundleDetail, ErrorCode, SvidDetail
 from sidecar.grants.model import GrantCode
 from sidecar.inject.podspec import AdmissionOutcome
@@ -30,6 +32,7 @@ def test_every_error_of_the_package_has_the_one_root_and_a_code() -> None:
     classes = _exception_classes()
     names = {cls.__name__ for cls in classes}
     assert {"InjectionDenied", "BadReview", "CheckFailed", "KeyMismatchError", "GrantError", "BodyError"} <= names
+    assert {"AuthorityError", "KubeApiError", "FeedError"} <= names
     for cls in classes:
         assert issubclass(cls, AgentAuthzError), cls
         assert isinstance(cls.code, ErrorCode), cls  # type: ignore[attr-defined]
@@ -66,6 +69,10 @@ NEVER_RENAMED = {
         "not_authorized",
         "response_unfilterable",
         "state_unavailable",
+        "control_refused",
+        "kubernetes_api",
+        "authority_refused",
+        "authority_unavailable",
     },
     SvidDetail: {
         "svid_malformed",
@@ -121,6 +128,26 @@ NEVER_RENAMED = {
         "grant_widening",
         "grant_wrong_signer",
         "grant_wrong_subject",
+    },
+    ControlCode: {
+        "control_malformed",
+        "control_untrusted_signer",
+        "control_not_authorized",
+        "control_expired",
+        "control_wrong_audience",
+        "control_unknown_approval",
+        "control_approval_closed",
+    },
+    AuthorityCode: {
+        "bad_request",
+        "no_client_certificate",
+        "peer_not_allowed",
+        "not_authorized",
+        "signer_not_peer",
+        "not_root",
+        "key_proof_invalid",
+        "key_private",
+        "unknown_namespace",
     },
     BodyProblem: {
         "too_large",

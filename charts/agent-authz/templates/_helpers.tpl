@@ -60,11 +60,86 @@ app.kubernetes.io/component: webhook
 {{- default (printf "%s-signing-key" (include "agent-authz.fullname" .) | trunc 63 | trimSuffix "-") .Values.signingKey.existingSecret -}}
 {{- end -}}
 
+{{/* The cluster authority: rendered when enabled and there are agent namespaces to serve. */}}
+{{- define "agent-authz.authorityEnabled" -}}
+{{- if and .Values.authority.enabled .Values.agentNamespaces -}}true{{- end -}}
+{{- end -}}
+
+{{- define "agent-authz.authorityName" -}}
+{{- printf "%s-authority" (include "agent-authz.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "agent-authz.authoritySelector" -}}
+app.kubernetes.io/name: {{ include "agent-authz.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: authority
+{{- end -}}
+
+{{- define "agent-authz.revocationsConfigMap" -}}
+{{- printf "%s-revocations" (include "agent-authz.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "agent-authz.keysConfigMap" -}}
+{{- printf "%s-keys" (include "agent-authz.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "agent-authz.authorityTlsSecret" -}}
+{{- if eq .Values.authority.tls.mode "secret" -}}
+{{- .Values.authority.tls.existingSecret -}}
+{{- else -}}
+{{- printf "%s-tls" (include "agent-authz.authorityName" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The authority Service's in-cluster DNS name. */}}
+{{- define "agent-authz.authorityHost" -}}
+{{- printf "%s.%s.svc" (include "agent-authz.authorityName" .) .Release.Namespace -}}
+{{- end -}}
+
+{{/* Base of the issuer URLs: namespace N's tokens carry iss <base>/ns/N. */}}
+{{- define "agent-authz.issuerBaseUrl" -}}
+{{- default (printf "https://%s" (include "agent-authz.authorityHost" .)) .Values.authority.issuerBaseUrl | trimSuffix "/" -}}
+{{- end -}}
+
 {{/*
-sidecar.yaml of every injected pod. The paths are the pod layout of sidecar/inject/layout.py; the
-webhook refuses to start when they disagree.
+The authority's serving certificate, computed once per render (generate: read back from the
+Secret on upgrade, else genCA/genSignedCert) and kept in .Values.authority.__tls, so the Secret and
+every agent namespace's authority-ca.pem agree whichever template renders first.
+*/}}
+{{- define "agent-authz.authorityTls" -}}
+{{- if not (hasKey .Values.authority "__tls") -}}
+{{- $name := include "agent-authz.authorityName" . -}}
+{{- $ns := .Release.Namespace -}}
+{{- $material := dict "ca" "" "crt" "" "key" "" -}}
+{{- if eq .Values.authority.tls.mode "generate" -}}
+{{- $existing := lookup "v1" "Secret" $ns (include "agent-authz.authorityTlsSecret" .) -}}
+{{- if and $existing $existing.data (hasKey $existing.data "ca.crt") (hasKey $existing.data "tls.crt") (hasKey $existing.data "tls.key") -}}
+{{- $_ := set $material "ca" (index $existing.data "ca.crt") -}}
+{{- $_ := set $material "crt" (index $existing.data "tls.crt") -}}
+{{- $_ := set $material "key" (index $existing.data "tls.key") -}}
+{{- else -}}
+{{- $dnsNames := list $name (printf "%s.%s" $name $ns) (printf "%s.%s.svc" $name $ns) (printf "%s.%s.svc.cluster.local" $name $ns) -}}
+{{- $ca := genCA (printf "%s-ca" $name) (int .Values.authority.tls.validityDays) -}}
+{{- $cert := genSignedCert (printf "%s.%s.svc" $name $ns) nil $dnsNames (int .Values.authority.tls.validityDays) $ca -}}
+{{- $_ := set $material "ca" ($ca.Cert | b64enc) -}}
+{{- $_ := set $material "crt" ($cert.Cert | b64enc) -}}
+{{- $_ := set $material "key" ($cert.Key | b64enc) -}}
+{{- end -}}
+{{- else -}}
+{{- $_ := set $material "ca" .Values.authority.tls.caBundle -}}
+{{- end -}}
+{{- $_ := set .Values.authority "__tls" $material -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+sidecar.yaml of every injected pod, for one namespace (dict "root" $ "namespace" NS; the webhook's
+copy is rendered for "{namespace}": only issuer.url differs between namespaces). The paths are the
+pod layout of sidecar/inject/layout.py; the webhook refuses to start when they disagree.
 */}}
 {{- define "agent-authz.sidecarConfig" -}}
+{{- $namespace := .namespace -}}
+{{- with .root -}}
 {{- $s := .Values.sidecar -}}
 {{- $log := dict "stdout" $s.decisionLog.stdout "fsync" $s.decisionLog.fsync -}}
 {{- if $s.decisionLog.file -}}
@@ -73,7 +148,7 @@ webhook refuses to start when they disagree.
 {{- end -}}
 {{- $config := dict
   "identity" (dict "source" "workload_api" "workload_api" (dict "socket" (printf "unix:///spiffe-workload-api/%s" .Values.identity.workloadApi.socketName)))
-  "issuer" (dict "url" $s.issuerUrl "signing_key" "/etc/agent-authz/keys/signing.pem" "max_token_ttl" $s.maxTokenTtl)
+  "issuer" (dict "url" (ternary (printf "%s/ns/%s" (include "agent-authz.issuerBaseUrl" .) $namespace) $s.issuerUrl (eq (include "agent-authz.authorityEnabled" .) "true")) "signing_key" "/etc/agent-authz/keys/signing.pem" "max_token_ttl" $s.maxTokenTtl)
   "listen" (dict "authz" "unix:/run/agent-authz/ctl/authz.sock" "admin" (printf "127.0.0.1:%d" (int $s.adminPort)) "health" (printf "0.0.0.0:%d" (int $s.healthPort)))
   "envoy" (dict
     "egress_port" (int $s.egressPort)
@@ -91,7 +166,17 @@ webhook refuses to start when they disagree.
 {{- if $s.intercept.enabled -}}
 {{- $_ := set $config "intercept" (dict "state_dir" "/run/agent-authz/intercept" "publish_dir" "/etc/agent-authz/trust" "ca_ttl" $s.intercept.caTtl "leaf_ttl" $s.intercept.leafTtl) -}}
 {{- end -}}
+{{- if eq (include "agent-authz.authorityEnabled" .) "true" -}}
+{{- $feed := dict
+  "url" (printf "https://%s:%d" (include "agent-authz.authorityHost" .) (int .Values.authority.feedPort))
+  "ca" "/etc/agent-authz/config/authority-ca.pem"
+  "max_staleness" $s.revocationFeed.maxStaleness
+  "stale_applies_to" $s.revocationFeed.staleAppliesTo
+-}}
+{{- $_ := set $config "grants" (dict "revocation_feed" $feed) -}}
+{{- end -}}
 {{- toYaml (mergeOverwrite $config (deepCopy $s.extraConfig)) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* injector.yaml: the webhook's settings (sidecar/inject/settings.py). */}}

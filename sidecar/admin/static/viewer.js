@@ -128,6 +128,7 @@ function row(r) {
     idCell("td", "c-agent", r.agent),
     idCell("td", "c-caller", r.caller),
     el("td", { class: "c-request", title: destination(r) }, destination(r)),
+    el("td", { class: "c-sensitivity", "data-level": r.sensitivity || "" }, r.sensitivity || "–"),
     el("td", { class: "c-status" }, r.status),
     el("td", { class: "c-latency" }, r.latency_us),
   );
@@ -199,6 +200,7 @@ function prepend(record) {
   later("chart", 200, drawChart);
   later("summary", 500, loadSummary);
   later("tree", 500, loadTree);
+  if (record.approval || record.direction === "control") later("approvals", 200, loadApprovals);
 }
 
 function connect() {
@@ -215,7 +217,9 @@ function connect() {
     if (reconnecting) loadRecords(); // fill what was missed while disconnected
   });
   source.addEventListener("decision", (event) => prepend(JSON.parse(event.data)));
-  source.addEventListener("tasks", () => { later("summary", 100, loadSummary); later("tree", 100, loadTree); });
+  source.addEventListener("tasks", () => {
+    later("summary", 100, loadSummary); later("tree", 100, loadTree); later("approvals", 100, loadApprovals);
+  });
   source.addEventListener("overflow", () => { loadRecords(); });
   source.onerror = () => {
     reconnecting = true;
@@ -303,7 +307,12 @@ async function loadSummary() {
   const cards = body.tasks.map((task) => {
     const card = el("div", { class: "task", "data-task": task.task_id || "" });
     card.append(el("h3", {}, task.task_id || "(no task matched)", task.declared || !task.task_id ? "" : " – not a task of this sidecar now"));
-    if (task.purpose) card.append(el("div", { class: "muted" }, task.purpose, task.on_behalf_of ? ` – on behalf of ${task.on_behalf_of}` : ""));
+    if (task.purpose) card.append(el("div", { class: "muted s-purpose" }, task.purpose, task.on_behalf_of ? ` – on behalf of ${task.on_behalf_of}` : ""));
+    if (task.max_sensitivity) card.append(el("div", { class: "s-sensitivity" }, `max sensitivity: ${task.max_sensitivity}`));
+    if (task.blocked) {
+      const what = task.blocked.reason === "task_quarantined" ? "frozen" : "killed";
+      card.append(el("div", { class: "blocked s-blocked", title: task.blocked.detail }, `${what}: ${task.blocked.detail}`));
+    }
     card.append(el("div", {}, el("span", { class: "allow s-allowed" }, `${task.allowed} allowed`), " · ",
       el("span", { class: "deny s-denied" }, `${task.denied} denied`)));
     if (task.budget) {
@@ -506,6 +515,104 @@ async function loadTree() {
   $("trees").dataset.loaded = String((Number($("trees").dataset.loaded) || 0) + 1);
 }
 
+// --- approvals: the operator's token (sessionStorage only) and the approve buttons ----------------
+const OPERATOR_KEY = "agent-authz-operator";
+
+function operatorToken() {
+  return sessionStorage.getItem(OPERATOR_KEY) || "";
+}
+
+function showOperator() {
+  const signedIn = Boolean(operatorToken());
+  const badge = $("operator");
+  badge.dataset.state = signedIn ? "operator" : "none";
+  badge.textContent = signedIn ? "operator: may approve" : "viewer only";
+  $("operator-form").hidden = signedIn;
+  $("operator-out").hidden = !signedIn;
+}
+
+// agent-authz approve --operator-token --admin URL prints URL/decisions#operator=TOKEN: keep the token in
+// this tab's sessionStorage and take it out of the address bar (and of the history).
+function takeOperatorToken() {
+  const token = new URLSearchParams(location.hash.slice(1)).get("operator");
+  if (!token) return false;
+  sessionStorage.setItem(OPERATOR_KEY, token);
+  history.replaceState(null, "", location.pathname + location.search);
+  return true;
+}
+
+function signIn(token) {
+  if (token) sessionStorage.setItem(OPERATOR_KEY, token.trim());
+  else sessionStorage.removeItem(OPERATOR_KEY);
+  showOperator();
+  loadApprovals();
+}
+
+function callText(call) {
+  const port = call.port && call.port !== 80 ? ":" + call.port : "";
+  return `${call.method} ${call.host}${port}${call.path}${call.tool ? ` [tool ${call.tool}]` : ""}`;
+}
+
+async function approve(id, ttl, cell) {
+  cell.replaceChildren(el("span", { class: "muted" }, "approving…"));
+  let response;
+  try {
+    response = await fetch(`${API}/approvals/${encodeURIComponent(id)}`, {
+      method: "POST", cache: "no-store",
+      headers: { "Authorization": `Bearer ${operatorToken()}`, "Content-Type": "application/json" },
+      body: JSON.stringify({ ttl }),
+    });
+  } catch (err) {
+    cell.replaceChildren(el("span", { class: "a-error" }, err.message));
+    return;
+  }
+  if (!response.ok) {
+    let text = response.statusText;
+    try { const body = await response.json(); text = `${body.error}: ${body.detail}`; } catch (err) { /* keep the status */ }
+    cell.replaceChildren(el("span", { class: "a-error" }, text));
+    return;
+  }
+  loadApprovals();
+}
+
+function approvalRow(a) {
+  const tr = el("tr", { "data-approval": a.id, "data-status": a.status });
+  const action = el("td", { class: "a-action" });
+  if (a.status === "pending" && operatorToken()) {
+    const ttl = el("select", { class: "a-ttl", title: "how long the approval stays usable" },
+      ...["1m", "5m", "10m", "1h"].map((t) => el("option", { value: t, selected: t === "10m" }, t)));
+    const button = el("button", { type: "button", class: "a-approve" }, "approve");
+    button.addEventListener("click", () => approve(a.id, ttl.value, action));
+    action.append(ttl, " ", button);
+  } else if (a.approved_by) {
+    action.append(el("span", { class: "muted" }, `by ${a.approved_by}`));
+  }
+  tr.append(
+    el("td", { class: "a-id" }, a.id),
+    el("td", { class: "a-status" }, a.status),
+    el("td", { class: "a-task" }, a.task_id),
+    el("td", { class: "a-call", title: callText(a.call) }, callText(a.call)),
+    el("td", { class: "a-content", title: a.call.content_digest }, String(a.call.content_digest).slice(0, 19)),
+    el("td", { class: "a-expires" }, isoFromEpoch(a.expires_at).replace("T", " ").replace("Z", "")),
+    action,
+  );
+  return tr;
+}
+
+async function loadApprovals() {
+  let body;
+  try {
+    body = await fetchJSON(`${API}/approvals`);
+  } catch (err) {
+    return;
+  }
+  const order = { pending: 0, approved: 1 };
+  const list = body.approvals.slice().reverse().sort((x, y) => (order[x.status] ?? 2) - (order[y.status] ?? 2)).slice(0, 200);
+  $("approval-list").hidden = !list.length;
+  $("approvals-empty").hidden = Boolean(list.length);
+  $("approval-list").tBodies[0].replaceChildren(...list.map(approvalRow));
+}
+
 let debounce = null;
 function filtersChanged() {
   clearTimeout(debounce);
@@ -532,9 +639,15 @@ function init() {
     $("detail").hidden = true;
     state.selected = null;
   });
+  takeOperatorToken();
+  window.addEventListener("hashchange", () => { if (takeOperatorToken()) { showOperator(); loadApprovals(); } });
+  $("operator-form").addEventListener("submit", (event) => { event.preventDefault(); signIn($("operator-token").value); $("operator-token").value = ""; });
+  $("operator-out").addEventListener("click", () => signIn(""));
+  showOperator();
   loadRecords().then(connect);
   loadSummary();
   loadTree();
+  loadApprovals();
   loadChain();
   setInterval(loadChain, 10000);
 }

@@ -109,6 +109,7 @@ ANSWER_ONLY = [
     ":status",
     "x-envoy-upstream-service-time",
     wire.HEADERS_TO_REMOVE_HEADER,
+    wire.REMAINING_HEADER,  # the client's response only, as with gRPC's response_headers_to_add
 ]
 TO_SET = [
     "authorization",

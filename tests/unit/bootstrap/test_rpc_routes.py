@@ -65,3 +65,20 @@ def test_without_agent_protocol_rules_nothing_changes(tmp_path: Path) -> None:
     authz = next(f for f in manager["httpFilters"] if f["name"] == "envoy.filters.http.ext_authz")["typedConfig"]
     assert "withRequestBody" not in authz
     assert "x-agent-authz" not in json.dumps(manager["routeConfig"]).replace("x-agent-authz-", "")
+
+
+def test_approval_hosts_buffer_the_body_for_the_binding(tmp_path: Path) -> None:
+    """A plain-HTTP host of an ``approval`` rule (and one named in ``envoy.approval_hosts`` for
+    grants) buffers the body, so an approval binds its digest; other plain hosts buffer none."""
+    gated = {"host": "api.internal", "methods": ["POST"], "paths": ["/v1/*"], "approval": "required"}
+    manager = _egress(_bootstrap(tmp_path, [gated], approval_hosts=["granted.internal"], rpc_body_cap="4KiB"))
+    authz = {f["name"]: f for f in manager["httpFilters"]}["envoy.filters.http.ext_authz"]["typedConfig"]
+    assert authz["withRequestBody"]["packAsBytes"] is True
+    vhosts = {v["name"]: v for v in manager["routeConfig"]["virtualHosts"]}
+    for name in ("dest|api.internal", "body|dest|granted.internal"):
+        check = vhosts[name]["typedPerFilterConfig"]["envoy.filters.http.ext_authz"]["checkSettings"]
+        assert check["contextExtensions"] == {"direction": "egress", "body_cap": "4096"}, name
+        assert check["withRequestBody"]["maxRequestBytes"] == 4097, name
+    assert vhosts["body|dest|granted.internal"]["domains"] == ["granted.internal", "granted.internal:*"]
+    other = vhosts["any_host"]["typedPerFilterConfig"]["envoy.filters.http.ext_authz"]["checkSettings"]
+    assert other["disableRequestBodyBuffering"] is True and "body_cap" not in other["contextExtensions"]

@@ -159,6 +159,34 @@ def test_an_allow_is_a_200_with_the_headers_to_set_the_removals_and_the_metadata
     assert metadata == {"decision_id": "d1", "decision": "allow", "reason": "allowed", "task_id": "t1"}
 
 
+def test_the_remaining_budget_of_an_allow_and_the_fields_of_a_deny() -> None:
+    allowed = _Answer(build_http_answer(Decision(True, Reason.ALLOWED, 200, "d1", remaining=3)))
+    assert allowed.headers[wire.REMAINING_HEADER] == "3"
+    assert wire.REMAINING_HEADER not in _Answer(build_http_answer(ALLOW)).headers
+    spent = Decision(False, Reason.BUDGET_EXHAUSTED, 429, "d2", remaining=0)
+    assert json.loads(_Answer(build_http_answer(spent)).body) == {
+        "decision_id": "d2",
+        "reason": "budget_exhausted",
+        "remaining": 0,
+    }
+    waiting = Decision(False, Reason.APPROVAL_REQUIRED, 403, "d3", approval={"id": "a1", "status": "pending"})
+    assert json.loads(_Answer(build_http_answer(waiting)).body)["approval_id"] == "a1"
+
+
+def test_a_body_route_of_an_approval_host_sends_its_body_and_cap() -> None:
+    parsed = _parse(method="POST", context={wire.CONTEXT_BODY_CAP: "4096"}, body=b"{}")
+    assert parsed.body_cap == 4096 and parsed.body == b"{}"
+    plain = _parse(method="POST", body=b"{}")
+    assert plain.body_cap == 0 and plain.body is None
+    assert _parse(method="POST", context={wire.CONTEXT_BODY_CAP: "-1"}, body=b"{}").body is None
+
+
+@pytest.mark.parametrize("direction", ["control", "local"])
+def test_a_route_never_asks_as_control_or_local(direction: str) -> None:
+    with pytest.raises(BadRequestError, match="direction"):
+        _parse(direction=direction)
+
+
 def test_an_allowed_tools_list_carries_its_filter_as_a_json_array() -> None:
     decision = Decision(True, Reason.ALLOWED, 200, "d1", list_filter=("read_*", "wetter-ö"))
     answer = _Answer(build_http_answer(decision))

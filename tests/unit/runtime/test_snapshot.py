@@ -11,6 +11,7 @@ import pytest
 from sidecar.config.loader import LoadedConfig
 from sidecar.config.schema import SidecarConfig
 from sidecar.errors import ConfigError, KeyLoadError
+from sidecar.grants.revocations import RevocationList
 from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.engine import decide_egress
 from sidecar.runtime.inputs import InputRecorder, MemoryFiles, fingerprint, inputs_unchanged
@@ -83,7 +84,11 @@ def test_the_carried_state_is_frozen_plain_data() -> None:
     carried = CarriedState(posted={"a": "x.y.z"})
     with pytest.raises(TypeError):
         carried.posted["b"] = "evil"  # type: ignore[index]
-    assert carried.rebuild_key == ((("a", "x.y.z"),), ())
+    assert carried.rebuild_key == ((("a", "x.y.z"),), (), ())
+    received = CarriedState(received={"authority": (RevocationList("key:k", frozenset({"t1"}), 1, True, ""),)})
+    with pytest.raises(TypeError):
+        received.received["other"] = ()  # type: ignore[index]
+    assert received.rebuild_key[2] == (("authority", (("key:k", True, ("t1",)),)),)
 
 
 def test_a_failed_build_names_the_field_and_reports_what_it_read() -> None:

@@ -262,6 +262,7 @@ def test_revocation_by_the_issuing_sidecar_cascades(sc: Scenario) -> None:
         delegation(
             subject=OTHER,
             name="deeper",
+            ttl="5m",  # shorter than its 10 m parent: the same ttl would outlive it once a second boundary passes
             max_calls=1,
             egress=[{"host": "market.internal", "methods": ["GET"], "paths": ["/v1/prices/ACME/*"], "max_calls": 1}],
         ),

@@ -206,14 +206,14 @@ def test_migration_adds_a_table_and_keeps_the_data(path: Path) -> None:
     store.save(Remembered(), FULL)
     store.save_counters({("t1", ""): 4})
     store.close()
-    later = (*MIGRATIONS, "CREATE TABLE approval (id TEXT PRIMARY KEY, state TEXT NOT NULL) STRICT;")
+    later = (*MIGRATIONS, "CREATE TABLE later_feature (id TEXT PRIMARY KEY, state TEXT NOT NULL) STRICT;")
     migrated = StateStore.open(path, migrations=later)
     migrated.bind(AGENT)
     assert migrated.load() == (FULL, {("t1", ""): 4})
     migrated.close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION + 1,)
-    assert ("approval",) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    assert ("later_feature",) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
     db.close()
     with pytest.raises(StateError, match="newer"):  # this version cannot read what the later one wrote
         StateStore.open(path)
@@ -221,12 +221,12 @@ def test_migration_adds_a_table_and_keeps_the_data(path: Path) -> None:
 
 def test_a_failed_migration_changes_nothing(path: Path) -> None:
     opened(path).close()
-    broken = (*MIGRATIONS, "CREATE TABLE approval (id TEXT); CREATE TABLE approval (id TEXT);")
+    broken = (*MIGRATIONS, "CREATE TABLE later_feature (id TEXT); CREATE TABLE later_feature (id TEXT);")
     with pytest.raises(StateError, match="cannot prepare"):
         StateStore.open(path, migrations=broken)
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
-    assert ("approval",) not in db.execute("SELECT name FROM sqlite_master").fetchall()
+    assert ("later_feature",) not in db.execute("SELECT name FROM sqlite_master").fetchall()
     db.close()
 
 
