@@ -196,6 +196,7 @@ def _cmd_iptables(args: argparse.Namespace) -> int:
         proxy_uid=parse_id(args.proxy_uid, "--proxy-uid"),
         proxy_gid=parse_id(args.proxy_gid if args.proxy_gid is not None else args.proxy_uid, "--proxy-gid"),
         proxy_ports=parse_ports(args.proxy_ports, "--proxy-ports"),
+        dns_port=parse_port(args.dns_port, "--dns-port"),
         inbound_ports=parse_inbound_ports(args.inbound_ports),
         exclude_inbound_ports=parse_ports(args.exclude_inbound_ports, "--exclude-inbound-ports"),
         exclude_outbound_cidrs=parse_cidrs(args.exclude_outbound_cidrs),
@@ -220,6 +221,7 @@ def _cmd_iptables(args: argparse.Namespace) -> int:
         apply_rules(rules)
         print(
             f"agent-authz iptables: installed (outbound -> {spec.outbound_port}, inbound -> {spec.inbound_port}, "
+            f"dns -> {spec.dns_port if spec.redirects_dns else 'not redirected'}, "
             f"proxy uid {spec.proxy_uid} gid {spec.proxy_gid}, ipv6 {spec.ipv6.value})",
             file=sys.stderr,
         )
@@ -232,6 +234,9 @@ def _cmd_envoy(args: argparse.Namespace) -> int:
     extra = list(args.envoy_args or [])
     if extra[:1] == ["--"]:
         extra = extra[1:]
+    if any(arg.split("=", 1)[0] in ("-l", "--log-level", "--component-log-level") for arg in extra):
+        print("agent-authz envoy: set the log level with --log-level (debug and trace print tokens)", file=sys.stderr)
+        return 2
     exec_envoy(
         Path(args.config),
         Path(args.out),
@@ -450,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
         "died gets no connection)",
     )
     ipt.add_argument(
+        "--dns-port",
+        default="15053",
+        help="the sidecar's DNS proxy (dns.listen): the agent's DNS, UDP and TCP port 53 to any address, is "
+        "redirected there (to leave DNS alone instead, exclude port 53 with --exclude-outbound-ports)",
+    )
+    ipt.add_argument(
         "--inbound-ports",
         default="*",
         help="inbound ports sent to Envoy: '*' all, '' none, or a list such as 8080,9090",
@@ -473,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     ipt.add_argument(
         "--allow-non-tcp",
         action="store_true",
-        help="do not drop the agent's non-TCP, non-DNS traffic (UDP such as QUIC would bypass Envoy)",
+        help="do not drop the agent's non-TCP traffic (UDP such as QUIC would bypass Envoy)",
     )
     ipt.set_defaults(func=_cmd_iptables)
 
@@ -495,8 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
     envoy_run.add_argument(
         "--log-level",
         default="warning",
-        choices=["trace", "debug", "info", "warning", "error", "critical", "off"],
-        help="Envoy's log level (default warning)",
+        choices=["info", "warning", "error", "critical", "off"],
+        help="Envoy's log level (default warning; not debug or trace: they print tokens and API keys)",
     )
     envoy_run.add_argument("envoy_args", nargs=argparse.REMAINDER, help="extra Envoy arguments after '--'")
     envoy_run.set_defaults(func=_cmd_envoy)

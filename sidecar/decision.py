@@ -17,6 +17,7 @@ __all__ = [
     "Direction",
     "Interception",
     "Protocol",
+    "ProxyRefusal",
     "Reason",
     "RpcRoute",
     "TokenInfo",
@@ -41,12 +42,14 @@ class Protocol(enum.StrEnum):
 
     ``tls`` and ``tcp`` come only from the transparent ``outbound`` listener (network ext_authz):
     a TLS connection the agent started itself (judged on SNI and original destination), or a
-    connection that is neither HTTP nor TLS.
+    connection that is neither HTTP nor TLS. ``dns`` is a query the sidecar's DNS proxy answered.
     """
 
     HTTP = "http"
     TLS = "tls"
     TCP = "tcp"
+    DNS = "dns"
+    """A query to the sidecar's DNS proxy (the agent's DNS, redirected): judged on the name."""
 
 
 class Reason(enum.StrEnum):
@@ -105,7 +108,8 @@ class Reason(enum.StrEnum):
     """Dry-run mode let through a call the policy denies; ``would_reason`` says why."""
     TLS_NOT_ALLOWED = "tls_not_allowed"
     """Transparent egress: a TLS connection to a host whose rules have no ``tls: passthrough`` (the
-    connection is closed); also a ``CONNECT`` tunnel's TLS to a name no task intercepts."""
+    connection is closed); a ``CONNECT host:port`` whose rules do not give it ``tls: intercept`` (403:
+    a tunnel carries only HTTPS the sidecar reads); a tunnel's TLS to a name no task intercepts."""
     NO_SNI = "no_sni"
     """Transparent egress: a TLS ClientHello without a server name (closed)."""
     TCP_NOT_ALLOWED = "tcp_not_allowed"
@@ -118,7 +122,8 @@ class Reason(enum.StrEnum):
     HTTP (a bootstrap rendered before the rule existed): re-render and restart Envoy."""
     MISDIRECTED_REQUEST = "misdirected_request"
     """An intercepted TLS connection (``tls: intercept``) carried a request for another host or port than
-    the one its SNI named (RFC 9110 §7.4)."""
+    the one its SNI named (RFC 9110 §7.4), or a ``CONNECT`` tunnel carried TLS for another name than the
+    ``CONNECT`` did."""
     NOT_AUTHORIZED = "not_authorized"
     """Task API (direction ``local``): the local agent asked to revoke or delegate a task its signature
     has no authority over - another agent's task, or one from the configuration. Control API (direction
@@ -148,6 +153,24 @@ class Reason(enum.StrEnum):
     """An MCP ``prompts/get`` of a prompt the rule's ``prompts`` do not name."""
     RPC_METHOD_NOT_ALLOWED = "rpc_method_not_allowed"
     """A JSON-RPC method (MCP or A2A) the rule's ``rpc_methods`` do not name."""
+    DNS_NOT_ALLOWED = "dns_not_allowed"
+    """DNS: a name no active rule of the local agent allows (exact or ``*.suffix`` host) and
+    ``dns.allow`` does not list, or no host name at all; answered NXDOMAIN (or REFUSED, ``dns.refuse_with``)
+    with an Extended DNS Error naming the decision, never forwarded."""
+    DESTINATION_MISMATCH = "destination_mismatch"
+    """Transparent egress: a ``tls: passthrough`` connection whose original destination is not an
+    address of its SNI host - neither its ``envoy.destinations`` pin nor an answer the pod's DNS (the
+    sidecar's DNS proxy) gave for that name: an allowed name sent to another address (closed)."""
+    REFUSED_BY_PROXY = "refused_by_proxy"
+    """Envoy ended a request or connection without a decision, and reported it (gRPC access log): a
+    request it could not parse (``detail``: Envoy's response code details, e.g. ``http1.codec_error``),
+    ext_authz unreachable or late (``ext_authz_error``), a connection that sent nothing to judge
+    within the listener's limits; ``status`` is what Envoy answered (0: the connection was closed).
+    Recorded after the fact."""
+    HEADERS_TOO_LARGE = "headers_too_large"
+    """An allowed call whose headers, with the token and API key the sidecar adds, would exceed what
+    Envoy forwards (60 KiB of headers or 100 headers): denied with 431 rather than recorded as an
+    allow that Envoy turns into a 500. The budget it was charged is given back."""
     TASK_QUARANTINED = "task_quarantined"
     """The task is frozen - by the anomaly rule (too many out-of-task denials of it, or of a task it was
     delegated from, within the window) or by a signed operator action on the task, a task above it or
@@ -203,6 +226,7 @@ _STATUS = {
     Reason.MCP_AMBIGUOUS_BODY: 400,
     Reason.MCP_INVALID_BODY: 400,
     Reason.MCP_BODY_TOO_LARGE: 413,
+    Reason.HEADERS_TOO_LARGE: 431,
     Reason.REVOCATION_FEED_STALE: 503,
 }
 
@@ -210,8 +234,8 @@ _STATUS = {
 def deny_status(reason: Reason) -> int:
     """HTTP status for a deny: 429 for an exhausted budget, 400 for a malformed request or JSON-RPC
     body, 413 for a body over the cap, 421 (RFC 9110 §15.5.20) for a request misdirected into an
-    intercepted connection, 503 while the revocation feed is stale (a transient condition: retry
-    later), else 403."""
+    intercepted connection, 431 (RFC 6585 §5) for headers Envoy would not forward, 503 while the
+    revocation feed is stale (a transient condition: retry later), else 403."""
     return _STATUS.get(reason, 403)
 
 
@@ -275,6 +299,9 @@ class AuthzRequest:
             originate``); a ``tls: originate`` rule allows a call only through such a route.
         via_connect: a connection check from inside a proxy ``CONNECT`` tunnel (gRPC metadata
             ``x-agent-authz-via: connect``): there is no original destination.
+        connect: on a request inside a proxy ``CONNECT`` tunnel (an intercepting chain of
+            ``intercept_connect``), the ``host:port`` the ``CONNECT`` named (Envoy sets
+            ``x-agent-authz-connect`` from the tunnel's filter state); ``""`` otherwise.
         rpc: set when the request came through an MCP/A2A route (the route's ``rpc_protocol`` and
             ``rpc_body_cap`` context extensions); ``None`` otherwise.
         body: the request body Envoy buffered (a route with a body cap, ``with_request_body``), or
@@ -297,9 +324,36 @@ class AuthzRequest:
     interception: Interception | None = None
     upstream_tls: bool = False
     via_connect: bool = False
+    connect: str = ""
     rpc: RpcRoute | None = None
     body: bytes | None = None
     body_cap: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRefusal:
+    """A request or connection Envoy ended without a decision, from its gRPC access log.
+
+    Attributes:
+        direction: the listener's side.
+        protocol: ``http`` (an HTTP connection manager's entry) or ``tcp`` (a ``tcp_proxy``'s).
+        method / authority: the request's, as Envoy parsed them (``""`` when it could not).
+        path: the path without its query string (the ``drop-query`` log policy).
+        destination: the connection's local address (the original destination behind ``outbound``).
+        sni: the TLS server name, when there was one.
+        status: the HTTP status Envoy answered; 0 for a connection it closed.
+        detail: Envoy's own explanation (response code details, termination details, response flags).
+    """
+
+    direction: Direction
+    protocol: Protocol
+    method: str
+    authority: str
+    path: str
+    destination: str
+    sni: str
+    status: int
+    detail: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,6 +379,8 @@ class Decision:
         task_id / agent / on_behalf_of / rule: what the decision was judged against (``agent`` is
             this sidecar's agent: the caller on egress, the callee on ingress).
         caller: on ingress, the verified caller SPIFFE ID (when identification succeeded).
+        peer: on ingress with a JWT-SVID, the mTLS peer's SPIFFE ID (the caller is the JWT-SVID's
+            subject; both are recorded, also when they differ and the call is denied).
         txn: the task's transaction id (the root task of a delegation chain).
         act_chain: SPIFFE IDs of the actors on egress, current first (the ``act`` nesting).
         host / port / path / method: the normalized request (path without query).
@@ -341,6 +397,8 @@ class Decision:
         upstream_verify: with ``tls: intercept``, how Envoy verifies the upstream it re-originates
             to (``dns:<name> ca:<bundle>``); the outcome is in Envoy's access log
             (``upstream_tls_failure``), joined on ``decision_id``.
+        connect: a request inside a proxy ``CONNECT`` tunnel: the authority the ``CONNECT`` named.
+        qtype: a DNS query's type (``A``, ``AAAA``, ``TXT``...); ``""`` otherwise.
         rpc_protocol: ``mcp`` or ``a2a`` when the request came through an MCP/A2A route (a deny is
             then a JSON-RPC error body), else ``""``.
         rpc: what the record says about the JSON-RPC message (``method``, ``tool`` / ``resource`` /
@@ -369,6 +427,7 @@ class Decision:
     task_id: str | None = None
     agent: str | None = None
     caller: str | None = None
+    peer: str | None = None
     on_behalf_of: str | None = None
     txn: str | None = None
     act_chain: tuple[str, ...] = ()
@@ -387,6 +446,8 @@ class Decision:
     destination: str = ""
     tls: str = ""
     upstream_verify: str = ""
+    connect: str = ""
+    qtype: str = ""
     rpc_protocol: str = ""
     rpc: Mapping[str, object] | None = None
     rpc_id: str | int | None = None

@@ -119,8 +119,8 @@ class SvidDetail(enum.StrEnum):
     """An ``identity.files`` file (SVID, key or bundle) is missing, unreadable, empty or over the size
     limit. Local identity only."""
     JWT_SVID_MALFORMED = "jwt_svid_malformed"
-    """Not a compact JWS of base64url JSON objects, ``exp``/``nbf`` not NumericDates, or a token that
-    cannot be verified."""
+    """Not a compact JWS of base64url JSON objects, ``exp``/``nbf``/``iat`` not NumericDates, or a token
+    that cannot be verified."""
     JWT_SVID_BAD_HEADER = "jwt_svid_bad_header"
     """A header parameter other than ``alg``/``kid``/``typ``, no ``kid``, or ``typ`` not ``JWT``/``JOSE``
     (JWT-SVID §2)."""
@@ -137,9 +137,23 @@ class SvidDetail(enum.StrEnum):
     JWT_SVID_BAD_SIGNATURE = "jwt_svid_bad_signature"
     """The signature does not verify, or the ``kid`` names a key of another type than ``alg`` needs."""
     JWT_SVID_EXPIRED = "jwt_svid_expired"
-    """At or after ``exp``."""
+    """At or after ``exp`` plus the leeway (``ingress.jwt_svid_leeway``), or ``exp`` before ``iat`` / ``nbf``."""
     JWT_SVID_BAD_AUDIENCE = "jwt_svid_bad_audience"
     """``aud`` is not a non-empty string or list of them, or names no audience this agent accepts (JWT-SVID §3.2)."""
+    JWT_SVID_NOT_YET_VALID = "jwt_svid_not_yet_valid"
+    """Before ``nbf`` minus the leeway (RFC 7519 §4.1.5)."""
+    JWT_SVID_ISSUED_IN_FUTURE = "jwt_svid_issued_in_future"
+    """``iat`` is later than now plus the leeway (RFC 7519 §4.1.6): a clock far ahead, or a forged token."""
+    JWT_SVID_LIFETIME_TOO_LONG = "jwt_svid_lifetime_too_long"
+    """``exp`` is further than ``ingress.jwt_svid_max_lifetime`` from ``iat`` (from ``nbf``, else from
+    now, when the token has no ``iat``): a token valid for longer than this agent accepts."""
+    JWT_SVID_DUPLICATE = "jwt_svid_duplicate"
+    """``Authorization`` holds a bearer credential and another one: several ``Authorization`` headers
+    (Envoy joins them with commas) or a list. One JWT-SVID, alone, identifies a caller; nothing falls
+    back to another credential."""
+    JWT_SVID_PEER_MISMATCH = "jwt_svid_peer_mismatch"
+    """The JWT-SVID's subject is not the mTLS peer, and no ingress rule names the peer in ``forwarders``
+    for that caller (both identities are recorded: ``caller`` and ``peer``)."""
 
 
 class BundleDetail(enum.StrEnum):

@@ -205,9 +205,12 @@ class SidecarProcess(ManagedProcess):
         env: Mapping[str, str] | None = None,
         name: str = "sidecar",
         prefix: Sequence[str] = (),
+        log_level: str | None = None,
     ) -> None:
         self.ready_file = log_dir / f"{name}.ready.json"
         argv = [sys.executable, "-m", "sidecar", "serve", "--config", str(config), "--ready-file", str(self.ready_file)]
+        if log_level is not None:
+            argv += ["--log-level", log_level]
         super().__init__(name, argv, log_dir=log_dir, env=env, prefix=prefix)
         self.addresses: dict[str, Any] = {}
 
@@ -402,6 +405,8 @@ class AuthzStack:
         envoy_bin: Envoy binary override.
         name: prefix for log file names.
         run_as: command prefix for both processes (e.g. ``setpriv`` to the proxy UID).
+        envoy_log_level / sidecar_log_level: the processes' log levels (default: Envoy ``warning``,
+            the sidecar's own default).
     """
 
     def __init__(
@@ -412,14 +417,23 @@ class AuthzStack:
         envoy_bin: str | None = None,
         name: str = "",
         run_as: Sequence[str] = (),
+        envoy_log_level: str = "warning",
+        sidecar_log_level: str | None = None,
     ) -> None:
         self.config = config
         self.work_dir = work_dir
         prefix = f"{name}-" if name else ""
         self.bootstrap = work_dir / f"{prefix}envoy.json"
-        self.sidecar = SidecarProcess(config, log_dir=work_dir, name=f"{prefix}sidecar", prefix=run_as)
+        self.sidecar = SidecarProcess(
+            config, log_dir=work_dir, name=f"{prefix}sidecar", prefix=run_as, log_level=sidecar_log_level
+        )
         self.envoy = EnvoyProcess(
-            self.bootstrap, log_dir=work_dir, envoy_bin=envoy_bin, name=f"{prefix}envoy", prefix=run_as
+            self.bootstrap,
+            log_dir=work_dir,
+            envoy_bin=envoy_bin,
+            name=f"{prefix}envoy",
+            prefix=run_as,
+            log_level=envoy_log_level,
         )
         self.egress_port = 0
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from sidecar.errors import BadRequestError
 
-__all__ = ["DEFAULT_PORTS", "Target", "normalize_authority", "normalize_path", "normalize_target"]
+__all__ = ["DEFAULT_PORTS", "Target", "normalize_authority", "normalize_path", "normalize_target", "split_credentials"]
 
 DEFAULT_PORTS = {"http": 80, "https": 443}
 
@@ -30,6 +30,8 @@ _CTL = re.compile(r"[\x00-\x20\x7f]")
 _PCT = re.compile(r"%([0-9A-Fa-f]{2})?")
 _MAX_HOST = 253
 _MAX_PATH = 8192
+_AUTH_PARAM = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+[ \t]*=")  # RFC 9110 §11.2 auth-param: token BWS "="
+_QUOTED_OR_COMMA = re.compile(r'"(?:[^"\\]|\\.)*"?|,')
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,3 +191,34 @@ def normalize_target(authority: str, raw_path: str, scheme: str = "http") -> Tar
     host, port = normalize_authority(authority, scheme)
     path, query = normalize_path(raw_path)
     return Target(host, port, path, query)
+
+
+def split_credentials(value: str) -> list[str]:
+    """The credentials in an ``Authorization`` value: one, or several when the header was repeated
+    (Envoy, like any proxy, joins repeated headers with commas; RFC 9110 §5.3).
+
+    A credential is ``auth-scheme [ 1*SP ( token68 / #auth-param ) ]`` (RFC 9110 §11.4): a list
+    element that is an ``auth-param`` (``name=value``, e.g. Digest's ``realm="x"``) continues the
+    credential before it; any other non-empty element starts a new one. Commas inside quoted strings
+    do not split.
+
+    Returns:
+        The credentials, stripped (empty list elements dropped).
+    """
+    elements: list[str] = []
+    start = 0
+    for match in _QUOTED_OR_COMMA.finditer(value):
+        if match.group() == ",":
+            elements.append(value[start : match.start()])
+            start = match.end()
+    elements.append(value[start:])
+    credentials: list[str] = []
+    for raw in elements:
+        element = raw.strip(" \t")
+        if not element:
+            continue
+        if credentials and _AUTH_PARAM.match(element):
+            credentials[-1] += ", " + element
+        else:
+            credentials.append(element)
+    return credentials

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CONTENT_TYPE",
+    "DNS_OUTCOMES",
     "LATENCY_BUCKETS",
     "MAX_TASK_LABELS",
     "RELOAD_FAILURE_CODES",
@@ -38,6 +39,8 @@ __all__ = [
 ]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+DNS_OUTCOMES = ("allowed", "refused", "malformed", "upstream_failed", "overloaded")
+"""The ``outcome`` values of ``agent_authz_dns_queries`` (each has a sample from the start)."""
 MAX_TASK_LABELS = 50
 """At most this many ``task`` label values on ``agent_authz_task_budget_remaining`` (fewest calls left first)."""
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -59,7 +62,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._decisions = Counter(
             "agent_authz_decisions",
-            "Authorization decisions answered to Envoy.",
+            "Authorization decisions answered to Envoy, and the refusals Envoy reported (refused_by_proxy).",
             ["direction", "decision", "reason"],
             registry=self.registry,
         )
@@ -76,6 +79,14 @@ class Metrics:
             ["direction", "reason"],
             registry=self.registry,
         )
+        dns_queries = Counter(
+            "agent_authz_dns_queries",
+            "Queries the DNS proxy received, by outcome: allowed (forwarded), refused (dns_not_allowed, each "
+            "recorded), malformed (not a DNS query: dropped), upstream_failed (SERVFAIL), overloaded (dropped).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._dns = {outcome: dns_queries.labels(outcome) for outcome in DNS_OUTCOMES}
         self._by_sensitivity = Counter(
             "agent_authz_decisions_by_sensitivity",
             "Egress decisions by the sensitivity label of what the call reaches (calls no rule names are not counted).",
@@ -120,6 +131,17 @@ class Metrics:
     def observe_control(self, decision: Decision) -> None:
         """Count one control record (a quarantine, an operator's action or approval)."""
         self._control.labels(decision.reason.value).inc()
+
+    def dns_query(self, outcome: str) -> None:
+        """Count one DNS query under ``outcome`` (one of :data:`DNS_OUTCOMES`)."""
+        self._dns[outcome].inc()
+
+    def count(self, decision: Decision) -> None:
+        """Count one decision that answered nobody (a refusal Envoy reported after the fact): the
+        decisions counter only, no handling time."""
+        self._decisions.labels(
+            decision.direction.value, "allow" if decision.allow else "deny", decision.reason.value
+        ).inc()
 
     def bind(self, runtime: Runtime, decision_log: DecisionLog) -> None:
         """Expose the state of ``runtime`` and ``decision_log`` at scrape time."""

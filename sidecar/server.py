@@ -29,7 +29,10 @@ from sidecar.config.loader import LoadedConfig, load_config
 from sidecar.config.watch import watch_and_reload
 from sidecar.control.documents import ControlError, verify_action
 from sidecar.control_socket import prepare_socket_dir, restrict_socket, tcp_control_endpoints
-from sidecar.decision import Decision
+from sidecar.decision import Decision, Direction, Protocol, Reason
+from sidecar.dns.proxy import DnsHooks, DnsProxy
+from sidecar.dns.resolv import read_nameservers
+from sidecar.envoy_authz.access_log import RefusalLogService
 from sidecar.envoy_authz.ext_proc import ListFilterService
 from sidecar.envoy_authz.http_server import start_http_service
 from sidecar.envoy_authz.service import AuthorizationService
@@ -61,7 +64,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         config_path: ``sidecar.yaml``.
         ready_file: once listening, write ``{"authz": addr, "admin": "host:port", "pid": n}`` here
             (atomically; with ``listen.health`` also ``"health": "host:port"``, with the HTTP checks
-            service ``"authz_http": addr``), so callers can use port 0 without races.
+            service ``"authz_http": addr``, with ``dns`` also ``"dns": ["host:port", ...]``), so callers
+            can use port 0 without races.
         stop: an event that ends the server (tests); signals are handled too.
 
     Raises:
@@ -128,11 +132,24 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         metrics=metrics,
         on_log_failure=settings.decision_log.on_log_failure,
     )
+    try:  # the agent's DNS: a bad resolv.conf or a taken port is a start error, nothing left behind
+        dns_proxy, dns_bound = await _start_dns(runtime, service, metrics)
+    except BaseException:
+        for close in (intercept.close if intercept is not None else None, workload.close if workload else None):
+            if close is not None:
+                close()
+        await decision_log.aclose()
+        if store is not None:
+            store.close()
+        raise
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     server.add_generic_rpc_handlers((service.handler(),))
     # tools/list responses of MCP routes (Envoy's ext_proc filter): same server, same socket
     server.add_generic_rpc_handlers((ListFilterService().handler(),))
+    # what Envoy refused without a decision (its gRPC access log): a record each
+    refusals = RefusalLogService(lambda refusal: service.record_refusal(refusal, agent=runtime.snapshot.policy.agent))
+    server.add_generic_rpc_handlers((refusals.handler(),))
     if intercept is not None:  # the pod-CA leaves, for Envoy's intercepting filter chains (gRPC SDS)
         intercept.secrets.bind(loop)
         server.add_generic_rpc_handlers((intercept.secrets.handler(),))
@@ -223,6 +240,7 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         authz_http=http_bound,
         admin=admin_bound,
         health=health_bound,
+        dns=dns_bound,
         tasks=len(runtime.snapshot.policy.tasks_by_id),
     )
     if ready_file is not None:
@@ -232,6 +250,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
             addresses["authz_http"] = http_bound
         if health_bound is not None:
             addresses["health"] = health_bound
+        if dns_bound:
+            addresses["dns"] = dns_bound
         tmp.write_text(json.dumps(addresses))
         tmp.replace(ready_file)
     try:
@@ -242,6 +262,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
             loop.remove_signal_handler(sig)
         if http_server is not None:
             http_server.close()
+        if dns_proxy is not None:
+            await dns_proxy.close()
         await server.stop(grace=2.0)
         await runner.cleanup()
         if health_runner is not None:
@@ -264,6 +286,57 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         if store is not None:
             store.close()
         _log.info("stopped", seq=decision_log.head.seq)
+
+
+async def _start_dns(
+    runtime: Runtime, service: AuthorizationService, metrics: Metrics
+) -> tuple[DnsProxy | None, list[str]]:
+    """With a ``dns`` section: the DNS proxy, listening (also on ``[::1]`` with ``envoy.ipv6``), its
+    decisions recorded through ``service``, its queries counted in ``metrics``.
+
+    Raises:
+        ConfigError: ``dns.resolv_conf`` names no usable resolver.
+        OSError: the listen address is unavailable.
+    """
+    loaded = runtime.snapshot.loaded
+    spec = loaded.settings.dns
+    if spec is None:
+        return None, []
+    upstreams = read_nameservers(loaded.resolve(spec.resolv_conf), file=str(loaded.source))
+    host, port = _split(spec.listen)
+    listen = [(host, port)]
+    if loaded.settings.envoy.ipv6 and host != "::1":
+        listen.append(("::1", port))
+
+    def malformed(detail: str, destination: str) -> Decision:
+        return Decision(
+            False,
+            Reason.BAD_REQUEST,
+            0,
+            service.new_id(),
+            detail,
+            Direction.EGRESS,
+            agent=runtime.snapshot.policy.agent,
+            protocol=Protocol.DNS,
+            destination=destination,
+        )
+
+    hooks = DnsHooks(
+        judge=lambda name, qtype, destination: runtime.decide_dns(name, qtype, destination, service.new_id()),
+        malformed=malformed,
+        record=service.record,
+        count=metrics.dns_query,
+    )
+    proxy = DnsProxy(
+        upstreams,
+        hooks,
+        runtime.addresses,
+        timeout=spec.timeout,
+        refuse_with=spec.refuse_with,
+        allowed_record_interval=spec.allowed_record_interval,
+        clock=runtime.clock,
+    )
+    return proxy, await proxy.start(listen)
 
 
 FEED_SOURCE = "authority"

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 __all__ = [
     "CALLER_HEADER",
+    "CONNECT_AUTHORITY_HEADER",
+    "CONNECT_FILTER_STATE",
     "CONNECT_VIA",
     "CONTEXT_BODY_CAP",
     "CONTEXT_DIRECTION",
@@ -56,6 +58,8 @@ __all__ = [
     "HTTP_FILTER",
     "HTTP_METADATA_KEYS",
     "LIST_FILTER_HEADER",
+    "MAX_REQUEST_HEADERS_COUNT",
+    "MAX_REQUEST_HEADERS_KB",
     "METADATA_DECISION",
     "METADATA_DECISION_ID",
     "METADATA_LIST_FILTER",
@@ -67,6 +71,7 @@ __all__ = [
     "PEER_CERTIFICATE_HEADER",
     "PROTOCOL_METADATA",
     "REASON_HEADER",
+    "REFUSED_LOG_PREFIX",
     "REMAINING_HEADER",
     "RESERVED_HEADER_PREFIX",
     "SCHEME_HEADER",
@@ -154,6 +159,12 @@ HTTP_METADATA_KEYS = (METADATA_DECISION_ID, METADATA_DECISION, METADATA_REASON, 
 """The dynamic metadata keys (:data:`METADATA_DECISION_ID` ...), sent as answer headers of the same
 names (``mcp_list_filter`` as a JSON array)."""
 
+# -- gRPC access logging (what Envoy refused without a decision) ---------------------------------
+REFUSED_LOG_PREFIX = "refused"
+"""``log_name`` of the gRPC access loggers that send the sidecar the requests and connections Envoy
+ended without a decision: ``refused|<direction>|<stat prefix>`` (the first message of each stream
+names it)."""
+
 # -- headers -----------------------------------------------------------------------------------
 RESERVED_HEADER_PREFIX = "x-agent-authz-"
 """Headers the sidecar and Envoy set; a credential may never be injected under this prefix."""
@@ -171,8 +182,27 @@ LIST_FILTER_HEADER = "x-agent-authz-list-filter"
 response; removed from every other request, and by the route before the upstream."""
 CALLER_HEADER = "x-agent-authz-caller"
 """On an allowed ingress request: the verified caller SPIFFE ID (overwrites any client value)."""
+CONNECT_AUTHORITY_HEADER = "x-agent-authz-connect"
+"""Inside a proxy ``CONNECT`` tunnel: the authority (``host:port``) the ``CONNECT`` named, set by Envoy
+on every request of an intercepting filter chain from :data:`CONNECT_FILTER_STATE` before ext_authz
+runs (and removed there first, so an agent's own value never survives); read by the sidecar only on
+such chains (:attr:`~sidecar.decision.AuthzRequest.connect`)."""
+CONNECT_FILTER_STATE = "agent_authz.connect"
+"""The filter state object ``egress_http`` sets from a ``CONNECT``'s ``:authority`` and shares with the
+tunnel's connection to the ``intercept_connect`` internal listener (``shared_with_upstream: ONCE``)."""
 XFCC_HEADER = "x-forwarded-client-cert"
 """The inbound listener's ``SANITIZE_SET`` client certificate details (the caller's chain)."""
+
+# -- limits both sides must agree on ---------------------------------------------------------------
+MAX_REQUEST_HEADERS_KB = 60
+"""``max_request_headers_kb`` of every HTTP connection manager (Envoy's default, rendered explicitly).
+Envoy also applies it to the request *after* ext_authz added its headers (``byteSize()``: the sum of
+every header's name and value, pseudo-headers included) and answers 500 ``ext_authz_invalid`` when
+the token or API key pushes the request over it; the sidecar checks the same sum first and denies
+instead (``headers_too_large``), so no allow is recorded that Envoy would not deliver."""
+MAX_REQUEST_HEADERS_COUNT = 100
+"""``common_http_protocol_options.max_headers_count`` (Envoy's default, rendered explicitly): the
+same check on the number of headers."""
 
 
 def intercept_secret_name(host: str) -> str:

@@ -89,7 +89,12 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
     RecordField("rule", "string or null", "Name of the rule that decided (allowed, or charged the budget)."),
     RecordField("decision", "string", "``allow`` or ``deny``: the answer given to Envoy."),
     RecordField("reason", "string", "The reason code (``docs/reference/reasons.md``)."),
-    RecordField("status", "integer", "The HTTP status: 200 on allow, the reason's status on deny."),
+    RecordField(
+        "status",
+        "integer",
+        "The HTTP status: 200 on allow, the reason's status on deny; 0 for a DNS query and for a connection "
+        "Envoy closed.",
+    ),
     RecordField("detail", "string", "A short human explanation (never secret material)."),
     RecordField("token", "object or null", "The injected token: ``{jti, aud, exp, cached}`` - never the token itself."),
     RecordField(
@@ -100,7 +105,10 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
     ),
     RecordField("latency_us", "integer", "Time to decide, microseconds."),
     RecordField(
-        "protocol", "string", "``http``, or ``tls``/``tcp`` for a connection the transparent listener asked about."
+        "protocol",
+        "string",
+        "``http``; ``tls``/``tcp`` for a connection the transparent listener asked about; ``dns`` for a query the "
+        "sidecar's DNS proxy answered.",
     ),
     RecordField("sni", "string", "The TLS server name, when there was one."),
     RecordField(
@@ -128,6 +136,23 @@ RECORD_FIELDS: tuple[RecordField, ...] = (
         "string",
         "Only with ``tls``: how Envoy verifies the upstream it re-originates to, ``dns:<host> ca:<bundle>``; the "
         "outcome is Envoy's access-log field ``upstream_tls_failure`` for the same ``decision_id``.",
+    ),
+    RecordField(
+        "qtype",
+        "string",
+        "Only on a DNS query (``protocol: dns``; ``host`` is the name): the query type, e.g. ``A``, ``AAAA``, ``TXT``.",
+    ),
+    RecordField(
+        "connect",
+        "string",
+        "Only on a request inside a proxy ``CONNECT`` tunnel: the ``host:port`` the ``CONNECT`` named (its own "
+        "decision is the record with ``method: CONNECT``).",
+    ),
+    RecordField(
+        "peer",
+        "string",
+        "Only on ingress with a JWT-SVID: the mTLS peer's SPIFFE ID (``caller`` is the JWT-SVID's subject; both are "
+        "recorded, also when they differ and the call is denied).",
     ),
     RecordField(
         "approval",
@@ -197,6 +222,12 @@ def decision_record(decision: Decision, *, request_id: str, latency_us: int, now
     if decision.tls:
         record["tls"] = decision.tls
         record["upstream_verify"] = decision.upstream_verify
+    if decision.qtype:
+        record["qtype"] = decision.qtype
+    if decision.connect:
+        record["connect"] = decision.connect
+    if decision.peer is not None:
+        record["peer"] = decision.peer
     if decision.approval is not None:
         record["approval"] = dict(decision.approval)
     if decision.action is not None:

@@ -4,6 +4,13 @@
 then the dynamic forward proxy then the router; ``context_extensions: {direction: egress}``. Routes,
 in order:
 
+* in every virtual host, first, the ``CONNECT`` route (:func:`connect_route`): a ``CONNECT host:port``
+  is itself a decision with a record (ext_authz asks about it like any request; the sidecar allows it
+  only where a rule gives ``host:port`` ``tls: intercept``); an allowed tunnel goes to the
+  ``intercept_connect`` internal listener (:mod:`sidecar.bootstrap.intercept`), carrying the
+  authority in filter state (:data:`~sidecar.wire.CONNECT_FILTER_STATE`) for the records of the
+  requests inside; without ``intercept`` nothing is ever allowed and the route names the
+  ``blackhole`` cluster;
 * a virtual host per ``tls: originate`` host (``host`` and ``host:*``) routing to a cluster that opens
   TLS to ``host:upstream_port`` (:func:`~sidecar.bootstrap.clusters.tls_cluster`); its
   ``context_extensions`` carry ``upstream_tls: originate``;
@@ -15,9 +22,8 @@ in order:
   buffered too (context extension ``body_cap``), so an approval binds its digest;
 * every other host through the dynamic forward proxy.
 
-With ``intercept`` it also accepts ``CONNECT host:443`` (``HTTPS_PROXY``) and hands the tunnel to the
-``intercept_connect`` internal listener (:mod:`sidecar.bootstrap.intercept`); HTTP/1.0 is accepted
-because Python's ``http.client`` tunnels with ``CONNECT host:443 HTTP/1.0``.
+``CONNECT`` is accepted on ``egress_http`` and ``outbound`` (``upgrade_configs``), and HTTP/1.0 on
+``egress_http`` because Python's ``http.client`` tunnels with ``CONNECT host:443 HTTP/1.0``.
 """
 
 from __future__ import annotations
@@ -25,15 +31,70 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.bootstrap.clusters import dfp_cluster, dns_cache, host_port_cluster, tls_cluster
-from sidecar.bootstrap.filters import connection_manager, no_authz, rpc_route_context, rpc_route_metadata, vhost
+from sidecar.bootstrap.filters import (
+    connect_route_context,
+    connection_manager,
+    route_metadata,
+    rpc_route_context,
+    rpc_route_metadata,
+    vhost,
+)
 from sidecar.bootstrap.kit import Kit
-from sidecar.bootstrap.names import DFP_CLUSTER, EGRESS, INTERCEPT_CONNECT, destination_cluster_name
-from sidecar.wire import CONTEXT_UPSTREAM_TLS, LIST_FILTER_HEADER, ORIGINATE
+from sidecar.bootstrap.names import BLACKHOLE_CLUSTER, DFP_CLUSTER, EGRESS, INTERCEPT_CONNECT, destination_cluster_name
+from sidecar.wire import CONNECT_FILTER_STATE, CONTEXT_UPSTREAM_TLS, LIST_FILTER_HEADER, ORIGINATE
 
-__all__ = ["EgressRoutes", "egress_listener", "egress_routes", "rpc_vhost"]
+__all__ = ["EgressRoutes", "connect_route", "connect_upgrade", "egress_listener", "egress_routes", "rpc_vhost"]
 
-EgressRoutes = tuple[list[Any], list[Any], Any]
-"""``(virtual hosts, their clusters, the dynamic forward proxy filter)``."""
+EgressRoutes = tuple[list[Any], list[Any], list[Any]]
+"""``(virtual hosts, their clusters, the HTTP filters before the router)``: the dynamic forward proxy
+and the filter keeping a ``CONNECT``'s authority for the tunnel."""
+
+
+def connect_route(kit: Kit) -> Any:
+    """The ``CONNECT`` route every egress virtual host starts with: ext_authz decides it (the virtual
+    host's context); an allowed tunnel ends in ``intercept_connect`` (``blackhole`` without ``intercept``)."""
+    r = kit.route
+    route = r.Route(
+        match=r.RouteMatch(connect_matcher=r.RouteMatchConnectMatcher()),
+        route=r.RouteAction(
+            cluster=INTERCEPT_CONNECT if kit.xds is not None else BLACKHOLE_CLUSTER,
+            upgrade_configs=[
+                r.RouteActionUpgradeConfig(
+                    upgrade_type="CONNECT", connect_config=r.RouteActionUpgradeConfigConnectConfig()
+                )
+            ],
+        ),
+        typed_per_filter_config=connect_route_context(kit, EGRESS),  # over gRPC, whatever the transport
+    )
+    metadata = route_metadata(kit, EGRESS)  # the context, as on every route that asks
+    if metadata is not None:
+        route.metadata = metadata
+    return route
+
+
+def connect_upgrade(kit: Kit) -> dict[str, Any]:
+    """The HTTP connection manager options that accept ``CONNECT`` (routed by :func:`connect_route`)."""
+    return {"upgrade_configs": [kit.hcm.HttpConnectionManagerUpgradeConfig(upgrade_type="CONNECT")]}
+
+
+def _connect_state(kit: Kit) -> Any:
+    """``set_filter_state``: a ``CONNECT``'s ``:authority`` as :data:`~sidecar.wire.CONNECT_FILTER_STATE`,
+    shared with the tunnel's upstream connection (the internal listener); nothing for other requests."""
+    from envoy_data_plane.envoy.extensions.filters.common.set_filter_state import v3 as common
+    from envoy_data_plane.envoy.extensions.filters.http.set_filter_state import v3 as sfs
+
+    value = common.FilterStateValue(
+        object_key=CONNECT_FILTER_STATE,
+        factory_key="envoy.string",
+        format_string=kit.core.SubstitutionFormatString(
+            text_format_source=kit.core.DataSource(inline_string="%REQ(:AUTHORITY)%")
+        ),
+        shared_with_upstream=common.FilterStateValueSharedWithUpstream.ONCE,
+        skip_if_empty=True,
+    )
+    return kit.hcm.HttpFilter(
+        name="envoy.filters.http.set_filter_state", typed_config=kit.pack(sfs.Config(on_request_headers=[value]))
+    )
 
 
 def rpc_vhost(kit: Kit, host: str, cluster: str, **extra: str) -> Any:
@@ -63,7 +124,11 @@ def rpc_vhost(kit: Kit, host: str, cluster: str, **extra: str) -> Any:
         metadata = rpc_route_metadata(kit, protocol, body=body, **extra)
         if metadata is not None:
             route.metadata = metadata
-    return r.VirtualHost(name=f"rpc|{destination_cluster_name(host)}", domains=[host, f"{host}:*"], routes=routes)
+    return r.VirtualHost(
+        name=f"rpc|{destination_cluster_name(host)}",
+        domains=[host, f"{host}:*"],
+        routes=[connect_route(kit), *routes],
+    )
 
 
 def egress_routes(kit: Kit) -> EgressRoutes:
@@ -98,47 +163,28 @@ def egress_routes(kit: Kit) -> EgressRoutes:
         name = "body|" + destination_cluster_name(host)
         vhosts.append(vhost(kit, name, [host, f"{host}:*"], DFP_CLUSTER, EGRESS, body=True))
     vhosts.append(vhost(kit, "any_host", ["*"], DFP_CLUSTER, EGRESS))
+    for virtual_host in vhosts:
+        if virtual_host.routes[0].match.connect_matcher is None:
+            virtual_host.routes.insert(0, connect_route(kit))
     clusters.append(dfp_cluster(kit))
     dfp = kit.hcm.HttpFilter(
         name="envoy.filters.http.dynamic_forward_proxy",
         typed_config=kit.pack(kit.dfp_filter.FilterConfig(dns_cache_config=dns_cache(kit))),
     )
-    return vhosts, clusters, dfp
+    return vhosts, clusters, [_connect_state(kit), dfp]
 
 
 def egress_listener(kit: Kit, routes: EgressRoutes) -> tuple[Any, list[Any]]:
     """``egress_http`` and the clusters its routes name."""
-    vhosts, clusters, dfp = routes
-    envoy, r, hcm = kit.settings.envoy, kit.route, kit.hcm
-    extra: dict[str, Any] = {}
-    if kit.xds is not None:  # HTTPS_PROXY: CONNECT host:443 ends in the intercepting internal listener
-        connect = r.VirtualHost(
-            name="connect_intercept",
-            domains=["*:443"],
-            routes=[
-                r.Route(
-                    match=r.RouteMatch(connect_matcher=r.RouteMatchConnectMatcher()),
-                    route=r.RouteAction(
-                        cluster=INTERCEPT_CONNECT,
-                        upgrade_configs=[
-                            r.RouteActionUpgradeConfig(
-                                upgrade_type="CONNECT", connect_config=r.RouteActionUpgradeConfigConnectConfig()
-                            )
-                        ],
-                    ),
-                    typed_per_filter_config=no_authz(kit),
-                )
-            ],
-        )
-        vhosts = [connect, *vhosts]
-        extra["upgrade_configs"] = [hcm.HttpConnectionManagerUpgradeConfig(upgrade_type="CONNECT")]
-        # Python's http.client (urllib, and so many agents) tunnels with "CONNECT host:443 HTTP/1.0"
-        extra["http_protocol_options"] = kit.core.Http1ProtocolOptions(accept_http_10=True)
+    vhosts, clusters, filters = routes
+    envoy = kit.settings.envoy
+    # Python's http.client (urllib, and so many agents) tunnels with "CONNECT host:443 HTTP/1.0"
+    options = {**connect_upgrade(kit), "http_protocol_options": kit.core.Http1ProtocolOptions(accept_http_10=True)}
     listener = kit.listener.Listener(
         name="egress_http",
         address=kit.address(envoy.egress_address, envoy.egress_port),
         filter_chains=[
-            kit.listener.FilterChain(filters=[connection_manager(kit, "egress_http", vhosts, [dfp], **extra)])
+            kit.listener.FilterChain(filters=[connection_manager(kit, "egress_http", vhosts, filters, **options)])
         ],
     )
     return listener, clusters

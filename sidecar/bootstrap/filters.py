@@ -8,11 +8,22 @@
   checks, in its metadata (:mod:`sidecar.wire`).
 * the HTTP connection manager: ``normalize_path``, ``merge_slashes`` and
   ``path_with_escaped_slashes_action: REJECT_REQUEST``, so the upstream receives exactly the
-  canonical path the sidecar authorized; ext_authz, then the listener's filters, then the router;
-  an access log on stdout carrying the decision id from ext_authz dynamic metadata.
+  canonical path the sidecar authorized; ``strip_trailing_host_dot``, so ``Host: api.example.com.``
+  takes the route (and the pinned ``envoy.destinations`` address) of ``api.example.com``, as it is
+  judged (route matching already ignores case, and ``host:*`` domains take any port); the header
+  limits of :mod:`sidecar.wire` rendered explicitly; ext_authz, then the listener's filters, then
+  the router; an access log on stdout carrying the decision id from ext_authz dynamic metadata.
+* the access logs follow the ``drop-query`` log policy (:data:`LOG_POLICY`): a path is logged
+  without its query string (``%REQ_WITHOUT_QUERY(:PATH)%``), no header value but the request id
+  and the authority is logged, so a credential an agent or SDK put in a query parameter never
+  reaches stdout.
 * network ext_authz: one ``Check`` per connection, its context in gRPC initial metadata
   (direction, protocol, ``via``), ``include_tls_session``; then ``tcp_proxy``, which connects
   upstream only once allowed (``ON_DOWNSTREAM_DATA``).
+* what Envoy refuses without asking the sidecar - a request it cannot parse (codec errors), ext_authz
+  unreachable, a connection that never sends what a check needs - goes to the sidecar over gRPC
+  access logging (:func:`refused_log`: only entries without a ``decision_id``), which records each
+  as ``refused_by_proxy``: every refused connection leaves a decision record.
 * with MCP/A2A hosts (``envoy.rpc_hosts``, or rules with ``protocol: mcp`` / ``a2a``): the
   ext_authz filter can buffer the request body, and only the routes to those hosts switch it on
   (:func:`rpc_route_context`); with an MCP host, the ext_proc filter for ``tools/list`` responses
@@ -26,8 +37,9 @@ from datetime import timedelta
 from typing import Any
 
 from sidecar.bootstrap.kit import Kit
-from sidecar.bootstrap.names import AUTHZ_CLUSTER, AUTHZ_HTTP_CLUSTER, EGRESS
+from sidecar.bootstrap.names import AUTHZ_CLUSTER, AUTHZ_HTTP_CLUSTER, EGRESS, INGRESS
 from sidecar.wire import (
+    CONNECT_AUTHORITY_HEADER,
     CONTEXT_BODY_CAP,
     CONTEXT_DIRECTION,
     CONTEXT_HEADER,
@@ -41,6 +53,8 @@ from sidecar.wire import (
     HTTP_FILTER,
     HTTP_METADATA_KEYS,
     LIST_FILTER_HEADER,
+    MAX_REQUEST_HEADERS_COUNT,
+    MAX_REQUEST_HEADERS_KB,
     METADATA_DECISION_ID,
     METADATA_NAMESPACE,
     METADATA_REASON,
@@ -48,6 +62,7 @@ from sidecar.wire import (
     PEER_CERTIFICATE_HEADER,
     PROTOCOL_METADATA,
     REASON_HEADER,
+    REFUSED_LOG_PREFIX,
     REMAINING_HEADER,
     RESERVED_HEADER_PREFIX,
     SCHEME_HEADER,
@@ -56,33 +71,39 @@ from sidecar.wire import (
 )
 
 __all__ = [
+    "LOG_POLICY",
     "RE2_PROGRAM_SIZE",
     "access_log",
     "body_buffer",
     "body_route_context",
+    "connect_route_context",
     "connection_manager",
     "ext_authz_filter",
     "ext_proc_filter",
     "http_service",
     "network_check",
-    "no_authz",
+    "refused_log",
+    "reserved_header_regex",
     "route_context",
     "route_metadata",
     "rpc_route_context",
     "rpc_route_metadata",
+    "strip_reserved",
     "tcp_forward",
     "upstream_header_regex",
     "vhost",
 ]
 
 _EARLY_DATA_BYTES = 64 * 1024
+LOG_POLICY = "drop-query"
+"""The name of the access-log redaction policy (docs/concepts/logs.md): paths without their query."""
 _ACCESS_LOG_FORMAT = {
     "time": "%START_TIME%",
     "decision_id": dynamic_metadata_ref(HTTP_FILTER, METADATA_DECISION_ID),
     "reason": dynamic_metadata_ref(HTTP_FILTER, METADATA_REASON),
     "method": "%REQ(:METHOD)%",
     "authority": "%REQ(:AUTHORITY)%",
-    "path": "%REQ(:PATH)%",
+    "path": "%REQ_WITHOUT_QUERY(:PATH)%",
     "status": "%RESPONSE_CODE%",
     "flags": "%RESPONSE_FLAGS%",
     "upstream": "%UPSTREAM_HOST%",
@@ -146,6 +167,28 @@ def route_context(kit: Kit, direction: str, **extra: str) -> dict[str, Any]:
     return {HTTP_FILTER: kit.pack(per_route)}
 
 
+def connect_route_context(kit: Kit, direction: str) -> dict[str, Any]:
+    """Per-route config of the ``CONNECT`` route: :func:`route_context`, and with HTTP checks the
+    check over gRPC all the same (``check_settings.grpc_service``). Envoy's HTTP ext_authz client
+    sends a ``CONNECT``'s check as ``CONNECT host:port`` - without the check prefix and the path,
+    and a ``200`` to it would open a tunnel on the check's connection - so the HTTP service cannot
+    carry it; gRPC can."""
+    config = route_context(kit, direction)
+    if kit.settings.http_checks() is None:
+        return config
+    ea, core = kit.ext_authz, kit.core
+    settings = ea.CheckSettings(
+        context_extensions={CONTEXT_DIRECTION: direction},
+        grpc_service=core.GrpcService(
+            envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+            timeout=timedelta(seconds=kit.settings.envoy.authz_timeout),
+        ),
+    )
+    if kit.rpc_hosts or kit.body_hosts:
+        settings.disable_request_body_buffering = True
+    return {HTTP_FILTER: kit.pack(ea.ExtAuthzPerRoute(check_settings=settings))}
+
+
 def body_route_context(kit: Kit, direction: str, **extra: str) -> dict[str, Any]:
     """Per-route config of a plain-HTTP route to an ``approval`` host: the body buffered (up to the
     cap plus one byte) and ``body_cap`` in the context extensions, so an approval binds its digest."""
@@ -185,11 +228,6 @@ def rpc_route_context(kit: Kit, protocol: str, *, body: bool, **extra: str) -> d
     return config
 
 
-def no_authz(kit: Kit) -> dict[str, Any]:
-    """Per-route config switching ext_authz off (the ``CONNECT`` tunnel: decisions happen inside)."""
-    return {HTTP_FILTER: kit.pack(kit.ext_authz.ExtAuthzPerRoute(disabled=True))}
-
-
 def ext_authz_filter(kit: Kit) -> Any:
     """The HTTP ext_authz filter, asking the sidecar over gRPC or, with HTTP checks
     (``envoy.authz_transport: http``), over Envoy's HTTP service (:func:`http_service`); fail closed
@@ -213,7 +251,9 @@ def ext_authz_filter(kit: Kit) -> Any:
         # every client header goes to the check, except the client's own x-agent-authz-*: those
         # names carry what Envoy tells the sidecar (the route context, the peer certificate, ...)
         config.allowed_headers = m.ListStringMatcher(patterns=[m.StringMatcher(safe_regex=m.RegexMatcher(regex=".*"))])
-        config.disallowed_headers = m.ListStringMatcher(patterns=[m.StringMatcher(prefix=RESERVED_HEADER_PREFIX)])
+        config.disallowed_headers = m.ListStringMatcher(
+            patterns=[m.StringMatcher(safe_regex=m.RegexMatcher(regex=reserved_header_regex()))]
+        )
     if kit.rpc_hosts or kit.body_hosts:  # pack_as_bytes is read from here only; each route says whether it buffers
         config.with_request_body = body_buffer(kit)
     return kit.hcm.HttpFilter(name=HTTP_FILTER, typed_config=kit.pack(config))
@@ -264,6 +304,36 @@ def upstream_header_regex(
         return f"(?:{'|'.join(options)})"
 
     return below(trie) or ""
+
+
+def reserved_header_regex() -> str:
+    """An RE2 expression matching the ``x-agent-authz-*`` names except
+    :data:`~sidecar.wire.CONNECT_AUTHORITY_HEADER`: the HTTP service's ``disallowed_headers``. Envoy
+    sets that one itself before ext_authz on the intercepting chains (from the tunnel's filter
+    state, after removing any the agent sent); every other reserved name in a check is Envoy's own
+    (``authorization_request.headers_to_add``), never the client's."""
+    rest = CONNECT_AUTHORITY_HEADER.removeprefix(RESERVED_HEADER_PREFIX)
+    return re.escape(RESERVED_HEADER_PREFIX) + upstream_header_regex((rest,), ())
+
+
+def strip_reserved(kit: Kit) -> Any:
+    """``header_mutation``, the first filter of every HTTP connection manager with HTTP checks: the
+    client's own ``x-agent-authz-*`` headers removed before anything reads the request. With gRPC
+    checks the sidecar sees them and removes them itself (``headers_to_remove``); the HTTP service
+    never sends them to the sidecar (``disallowed_headers``), so Envoy removes them here - a forged
+    ``x-agent-authz-caller`` never reaches an upstream or the local app."""
+    from envoy_data_plane.envoy.config.common.mutation_rules import v3 as rules
+    from envoy_data_plane.envoy.extensions.filters.http.header_mutation import v3 as hm
+
+    strip = rules.HeaderMutation(
+        remove_on_match=rules.HeaderMutationRemoveOnMatch(
+            key_matcher=kit.matcher.StringMatcher(prefix=RESERVED_HEADER_PREFIX)
+        )
+    )
+    return kit.hcm.HttpFilter(
+        name="agent_authz.strip_reserved",
+        typed_config=kit.pack(hm.HeaderMutation(mutations=hm.Mutations(request_mutations=[strip]))),
+    )
 
 
 def http_service(kit: Kit) -> Any:
@@ -370,13 +440,55 @@ def ext_proc_filter(kit: Kit) -> Any:
 
 
 def access_log(kit: Kit, log_format: dict[str, str] | None = None) -> Any:
-    """A JSON access log on stdout (the HTTP format by default)."""
+    """A JSON access log on stdout (the HTTP format by default), under the ``drop-query`` policy."""
+    from envoy_data_plane.envoy.extensions.formatter.req_without_query.v3 import ReqWithoutQuery
+
+    formatters = [
+        kit.core.TypedExtensionConfig(
+            name="envoy.formatter.req_without_query", typed_config=kit.pack(ReqWithoutQuery())
+        )
+    ]
     log = kit.stream.StdoutAccessLog(
         log_format=kit.core.SubstitutionFormatString(
-            json_format=kit.pb.Struct.from_dict(log_format if log_format is not None else _ACCESS_LOG_FORMAT)
+            json_format=kit.pb.Struct.from_dict(log_format if log_format is not None else _ACCESS_LOG_FORMAT),
+            formatters=formatters if log_format is None else [],
         )
     )
     return kit.accesslog.AccessLog(name="envoy.access_loggers.stdout", typed_config=kit.pack(log))
+
+
+def refused_log(kit: Kit, namespace: str, stat_prefix: str, direction: str = EGRESS) -> Any:
+    """gRPC access logging to the sidecar (``agent_authz``) of the requests or connections that carry no
+    decision in ``namespace`` (the HTTP or the network ext_authz filter's dynamic metadata): Envoy
+    refused them without a Check, or the Check failed. The sidecar records each (``refused_by_proxy``)."""
+    from envoy_data_plane.envoy.extensions.access_loggers.grpc import v3 as grpc_log
+
+    core, al, m = kit.core, kit.accesslog, kit.matcher
+    common = grpc_log.CommonGrpcAccessLogConfig(
+        log_name=f"{REFUSED_LOG_PREFIX}|{direction}|{stat_prefix}",
+        grpc_service=core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER)),
+        transport_api_version=core.ApiVersion.V3,
+        buffer_flush_interval=timedelta(milliseconds=200),
+    )
+    http = namespace == HTTP_FILTER
+    config = (
+        grpc_log.HttpGrpcAccessLogConfig(common_config=common)
+        if http
+        else grpc_log.TcpGrpcAccessLogConfig(common_config=common)
+    )
+    undecided = al.AccessLogFilter(
+        metadata_filter=al.MetadataFilter(
+            matcher=m.MetadataMatcher(
+                filter=namespace,
+                path=[m.MetadataMatcherPathSegment(key=METADATA_DECISION_ID)],
+                value=m.ValueMatcher(present_match=True),
+                invert=True,
+            ),
+            match_if_key_not_found=True,
+        )
+    )
+    name = "envoy.access_loggers.http_grpc" if http else "envoy.access_loggers.tcp_grpc"
+    return al.AccessLog(name=name, filter=undecided, typed_config=kit.pack(config))
 
 
 def connection_manager(
@@ -386,10 +498,12 @@ def connection_manager(
     filters: list[Any],
     *,
     validate_clusters: bool | None = None,
+    before_authz: list[Any] | None = None,
     **extra: Any,
 ) -> Any:
     """The egress/ingress HTTP connection manager. ``validate_clusters=False`` for routes to CDS
-    clusters, which may arrive after the listener that names them (file-based xDS has no order)."""
+    clusters, which may arrive after the listener that names them (file-based xDS has no order);
+    ``before_authz``: HTTP filters that run before ext_authz (what the check must see)."""
     hcm = kit.hcm
     route_config = kit.route.RouteConfiguration(name=stat_prefix, virtual_hosts=vhosts)
     if validate_clusters is not None:
@@ -399,15 +513,23 @@ def connection_manager(
         codec_type=hcm.HttpConnectionManagerCodecType.AUTO,
         normalize_path=True,
         merge_slashes=True,
+        strip_trailing_host_dot=True,
+        max_request_headers_kb=MAX_REQUEST_HEADERS_KB,
+        common_http_protocol_options=kit.core.HttpProtocolOptions(max_headers_count=MAX_REQUEST_HEADERS_COUNT),
         path_with_escaped_slashes_action=hcm.HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
         route_config=route_config,
         http_filters=[
+            *([strip_reserved(kit)] if kit.settings.http_checks() is not None else []),
+            *(before_authz or []),
             ext_authz_filter(kit),
             *([ext_proc_filter(kit)] if "mcp" in kit.rpc_hosts.values() else []),
             *filters,
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=kit.pack(kit.router.Router())),
         ],
-        access_log=[access_log(kit)],
+        access_log=[
+            access_log(kit),
+            refused_log(kit, HTTP_FILTER, stat_prefix, INGRESS if stat_prefix.startswith(INGRESS) else EGRESS),
+        ],
         **extra,
     )
     return kit.listener.Filter(name="envoy.filters.network.http_connection_manager", typed_config=kit.pack(manager))
@@ -456,14 +578,17 @@ def network_check(kit: Kit, protocol: str, *, via: str = "") -> Any:
     return kit.listener.Filter(name=NETWORK_FILTER, typed_config=kit.pack(config))
 
 
-def tcp_forward(kit: Kit, stat_prefix: str, cluster: str) -> Any:
-    """``tcp_proxy`` that connects upstream only after the first bytes passed ext_authz."""
+def tcp_forward(kit: Kit, stat_prefix: str, cluster: str, *, max_duration: timedelta | None = None) -> Any:
+    """``tcp_proxy`` that connects upstream only after the first bytes passed ext_authz; with
+    ``max_duration``, the connection is closed after that long (the chains where nothing is ever
+    allowed: a connection that sends nothing ends, and its access log entry reaches the sidecar)."""
     tp = kit.tcp_proxy
     config = tp.TcpProxy(
         stat_prefix=stat_prefix,
         cluster=cluster,
         upstream_connect_mode=tp.UpstreamConnectMode.ON_DOWNSTREAM_DATA,
         max_early_data_bytes=_EARLY_DATA_BYTES,
-        access_log=[access_log(kit, _TCP_ACCESS_LOG_FORMAT)],
+        access_log=[access_log(kit, _TCP_ACCESS_LOG_FORMAT), refused_log(kit, NETWORK_FILTER, stat_prefix)],
+        max_downstream_connection_duration=max_duration,
     )
     return kit.listener.Filter(name="envoy.filters.network.tcp_proxy", typed_config=kit.pack(config))

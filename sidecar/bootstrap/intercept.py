@@ -48,8 +48,10 @@ from sidecar.bootstrap.names import (
     InterceptTarget,
     intercept_cluster_name,
 )
-from sidecar.bootstrap.outbound import outbound_listener
+from sidecar.bootstrap.outbound import outbound_listener, silent_limit
 from sidecar.wire import (
+    CONNECT_AUTHORITY_HEADER,
+    CONNECT_FILTER_STATE,
     CONNECT_VIA,
     CONTEXT_INTERCEPT,
     CONTEXT_UPSTREAM_VERIFY,
@@ -106,6 +108,30 @@ def _leaf_secret(kit: Kit, host: str) -> Any:
     return kit.tls.SdsSecretConfig(name=intercept_secret_name(host), sds_config=source)
 
 
+def _connect_authority(kit: Kit) -> Any:
+    """``header_mutation`` before ext_authz: :data:`~sidecar.wire.CONNECT_AUTHORITY_HEADER` removed, then
+    set from the tunnel's :data:`~sidecar.wire.CONNECT_FILTER_STATE` when there is one (a connection
+    the iptables rules redirected has none: the header stays absent, whatever the agent sent)."""
+    from envoy_data_plane.envoy.config.common.mutation_rules import v3 as rules
+    from envoy_data_plane.envoy.extensions.filters.http.header_mutation import v3 as hm
+
+    core = kit.core
+    set_from_state = core.HeaderValueOption(
+        header=core.HeaderValue(key=CONNECT_AUTHORITY_HEADER, value=f"%FILTER_STATE({CONNECT_FILTER_STATE}:PLAIN)%"),
+        append_action=core.HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+        keep_empty_value=False,
+    )
+    mutations = hm.Mutations(
+        request_mutations=[
+            rules.HeaderMutation(remove=CONNECT_AUTHORITY_HEADER),
+            rules.HeaderMutation(append=set_from_state),
+        ]
+    )
+    return kit.hcm.HttpFilter(
+        name="envoy.filters.http.header_mutation", typed_config=kit.pack(hm.HeaderMutation(mutations=mutations))
+    )
+
+
 def intercept_chain(kit: Kit, target: InterceptTarget, *, match_port: bool) -> Any:
     """Terminate TLS for ``target.host`` with its pod-CA leaf, judge each request, re-originate TLS."""
     ls, r, tls, hcm = kit.listener, kit.route, kit.tls, kit.hcm
@@ -137,7 +163,13 @@ def intercept_chain(kit: Kit, target: InterceptTarget, *, match_port: bool) -> A
         ]
     )
     manager = connection_manager(
-        kit, "outbound_intercept", [allowed, misdirected], [], local_reply_config=local_reply, validate_clusters=False
+        kit,
+        "outbound_intercept",
+        [allowed, misdirected],
+        [],
+        local_reply_config=local_reply,
+        validate_clusters=False,
+        before_authz=[_connect_authority(kit)],
     )
     downstream = tls.DownstreamTlsContext(
         common_tls_context=tls.CommonTlsContext(
@@ -169,11 +201,13 @@ def intercept_connect_listener(kit: Kit) -> Any:
         listener_filters=[
             kit.listener_filter("envoy.filters.listener.tls_inspector", kit.tls_inspector.TlsInspector())
         ],
+        listener_filters_timeout=silent_limit(kit),
+        continue_on_listener_filters_timeout=True,
         default_filter_chain=ls.FilterChain(
             name="intercept_connect_other",
             filters=[
                 network_check(kit, "tls", via=CONNECT_VIA),
-                tcp_forward(kit, "intercept_connect", BLACKHOLE_CLUSTER),
+                tcp_forward(kit, "intercept_connect", BLACKHOLE_CLUSTER, max_duration=silent_limit(kit)),
             ],
         ),
     )

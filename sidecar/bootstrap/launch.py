@@ -23,7 +23,13 @@ from sidecar.control_socket import prepare_socket_dir, tcp_control_endpoints
 from sidecar.envoy_bin import find_envoy
 from sidecar.errors import ConfigError
 
-__all__ = ["envoy_argv", "exec_envoy", "wait_for_intercept_files"]
+__all__ = ["ENVOY_LOG_LEVELS", "envoy_argv", "exec_envoy", "wait_for_intercept_files"]
+
+ENVOY_LOG_LEVELS = ("info", "warning", "error", "critical", "off")
+"""The Envoy log levels the sidecar starts Envoy with. Not ``debug`` nor ``trace``: at those levels
+Envoy prints request headers - the minted token, the injected API key - and ext_authz mutations to
+its log (docs/concepts/logs.md, the ``drop-query`` log policy)."""
+_LEVEL_FLAGS = ("-l", "--log-level", "--component-log-level")
 
 
 def wait_for_intercept_files(loaded: LoadedConfig, timeout: float = 60.0) -> None:
@@ -51,7 +57,17 @@ def wait_for_intercept_files(loaded: LoadedConfig, timeout: float = 60.0) -> Non
 
 
 def envoy_argv(envoy: Path, bootstrap: Path, *, concurrency: int, log_level: str, extra: list[str]) -> list[str]:
-    """Envoy's command line: ``-c bootstrap``, no hot restart (no shared memory), workers, log level."""
+    """Envoy's command line: ``-c bootstrap``, no hot restart (no shared memory), workers, log level.
+
+    Raises:
+        ValueError: ``log_level`` is not one of :data:`ENVOY_LOG_LEVELS`, or ``extra`` sets a log level.
+    """
+    if log_level not in ENVOY_LOG_LEVELS:
+        raise ValueError(
+            f"Envoy log level {log_level!r}: one of {', '.join(ENVOY_LOG_LEVELS)} (debug and trace print tokens)"
+        )
+    if any(arg.split("=", 1)[0] in _LEVEL_FLAGS for arg in extra):
+        raise ValueError("extra Envoy arguments may not set a log level (use --log-level)")
     return [
         str(envoy),
         "-c",
@@ -80,9 +96,11 @@ def exec_envoy(
 
     Raises:
         ConfigError: the configuration is invalid, or the intercept files did not appear in 60 s.
+        ValueError: a log level that prints credentials (see :func:`envoy_argv`).
         EnvoyNotFoundError: no Envoy binary.
         OSError: ``out`` cannot be written or Envoy cannot be executed.
     """
+    envoy_argv(Path("envoy"), out, concurrency=concurrency, log_level=log_level, extra=extra or [])  # refuse early
     envoy = find_envoy(envoy_bin)
     loaded = load_config(config)
     admin_socket = loaded.settings.envoy.admin_socket

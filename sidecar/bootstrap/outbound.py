@@ -14,21 +14,29 @@ With ``intercept`` the listener comes from file-based LDS, with the intercepting
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from sidecar.bootstrap.clusters import blackhole_cluster, original_dst_cluster
-from sidecar.bootstrap.egress import EgressRoutes
+from sidecar.bootstrap.egress import EgressRoutes, connect_upgrade
 from sidecar.bootstrap.filters import connection_manager, network_check, tcp_forward
 from sidecar.bootstrap.kit import Kit
 from sidecar.bootstrap.names import BLACKHOLE_CLUSTER, ORIGINAL_DST_CLUSTER
 
-__all__ = ["outbound_listener"]
+__all__ = ["outbound_listener", "silent_limit"]
+
+
+def silent_limit(kit: Kit) -> timedelta:
+    """``envoy.inspect_timeout``: how long the listener filters wait for a connection's first bytes (then it
+    is judged as TCP), and how long more a connection on a chain that never allows anything may stay
+    open without sending any (then it is closed, and recorded as ``refused_by_proxy``)."""
+    return timedelta(seconds=kit.settings.envoy.inspect_timeout)
 
 
 def outbound_listener(kit: Kit, routes: EgressRoutes, ports: tuple[int, ...] = ()) -> tuple[Any, list[Any]]:
     """The transparent listener (without intercepting chains) and its clusters; ``ports`` are the
     ports that have intercepting chains (each gets its own copy of the generic chains)."""
-    vhosts, _, dfp = routes
+    vhosts, _, filters = routes
     envoy, ls = kit.settings.envoy, kit.listener
     assert envoy.outbound_port is not None
     clusters = [original_dst_cluster(kit, ORIGINAL_DST_CLUSTER), blackhole_cluster(kit)]
@@ -51,7 +59,7 @@ def outbound_listener(kit: Kit, routes: EgressRoutes, ports: tuple[int, ...] = (
             ls.FilterChain(
                 name="outbound_http" + suffix,
                 filter_chain_match=http,
-                filters=[connection_manager(kit, "outbound_http", vhosts, [dfp])],
+                filters=[connection_manager(kit, "outbound_http", vhosts, filters, **connect_upgrade(kit))],
             ),
         ]
 
@@ -68,9 +76,16 @@ def outbound_listener(kit: Kit, routes: EgressRoutes, ports: tuple[int, ...] = (
             kit.listener_filter("envoy.filters.listener.http_inspector", kit.http_inspector.HttpInspector()),
         ],
         filter_chains=[*per_port, *generic()],
+        # a connection the inspectors cannot classify in time (it sends nothing, or a first line longer
+        # than they read) goes on to the tcp chain: refused there with a record, not reset unrecorded
+        listener_filters_timeout=silent_limit(kit),
+        continue_on_listener_filters_timeout=True,
         default_filter_chain=ls.FilterChain(
             name="outbound_tcp",
-            filters=[network_check(kit, "tcp"), tcp_forward(kit, "outbound_tcp", BLACKHOLE_CLUSTER)],
+            filters=[
+                network_check(kit, "tcp"),
+                tcp_forward(kit, "outbound_tcp", BLACKHOLE_CLUSTER, max_duration=silent_limit(kit)),
+            ],
         ),
     )
     return listener, clusters

@@ -87,13 +87,15 @@ def _bootstrap(kit: Kit) -> RenderedEnvoy:
         clusters += ingress_clusters
     b = kit.bootstrap
     extra: dict[str, Any] = {}
+    if envoy.outbound_port is None:  # the CONNECT routes' cluster without intercept (outbound renders it too)
+        clusters.append(blackhole_cluster(kit))
     if kit.xds is not None:
-        if envoy.outbound_port is None:
-            clusters.append(blackhole_cluster(kit))
         internal = core.Address(
             envoy_internal_address=core.EnvoyInternalAddress(server_listener_name=INTERCEPT_CONNECT)
         )
-        clusters.append(static_cluster(kit, INTERCEPT_CONNECT, internal))
+        connect_cluster = static_cluster(kit, INTERCEPT_CONNECT, internal)
+        connect_cluster.transport_socket = _internal_upstream(kit)  # carries the CONNECT's filter state
+        clusters.append(connect_cluster)
 
         def watched(path: Path) -> Any:
             return core.ConfigSource(
@@ -130,6 +132,19 @@ def _bootstrap(kit: Kit) -> RenderedEnvoy:
         **extra,
     )
     return RenderedEnvoy(message.to_dict(), dict(kit.files))
+
+
+def _internal_upstream(kit: Kit) -> Any:
+    """The transport socket to the ``intercept_connect`` internal listener: plain bytes, and the filter
+    state a ``CONNECT`` shared with its upstream (:data:`~sidecar.wire.CONNECT_FILTER_STATE`)."""
+    from envoy_data_plane.envoy.extensions.transport_sockets.internal_upstream import v3 as internal_upstream
+    from envoy_data_plane.envoy.extensions.transport_sockets.raw_buffer import v3 as raw_buffer
+
+    raw = kit.core.TransportSocket(
+        name="envoy.transport_sockets.raw_buffer", typed_config=kit.pack(raw_buffer.RawBuffer())
+    )
+    config = internal_upstream.InternalUpstreamTransport(transport_socket=raw)
+    return kit.core.TransportSocket(name="envoy.transport_sockets.internal_upstream", typed_config=kit.pack(config))
 
 
 def _sds_dir(loaded: LoadedConfig, out: Path | None) -> Path | None:

@@ -43,6 +43,7 @@ __all__ = [
     "CallerSpec",
     "CredentialSpec",
     "DecisionLogSpec",
+    "DnsSpec",
     "EgressRuleSpec",
     "EnvoySpec",
     "GrantsSpec",
@@ -197,6 +198,7 @@ QUARANTINE_REASONS = (
     Reason.PROMPT_NOT_ALLOWED,
     Reason.RPC_METHOD_NOT_ALLOWED,
     Reason.SENSITIVITY_NOT_ALLOWED,
+    Reason.DNS_NOT_ALLOWED,
 )
 """The out-of-task kinds the anomaly rule counts by default: a call the task's rules do not allow."""
 _COUNTABLE = (
@@ -624,6 +626,10 @@ class IngressRuleSpec(_HttpMatchSpec):
     """Names the rule in decisions and records."""
     callers: list[CallerSpec] = Field(min_length=1)
     """Who the rule admits."""
+    forwarders: list[CallerSpec] = Field(default_factory=list)
+    """mTLS peers that may present another workload's JWT-SVID under this rule (a gateway forwarding its
+    caller's identity); the caller is then the JWT-SVID's subject and both are recorded. Empty: a
+    JWT-SVID must name the mTLS peer itself (else ``untrusted_identity``, ``jwt_svid_peer_mismatch``)."""
 
 
 class IngressSpec(_Model):
@@ -638,6 +644,26 @@ class IngressSpec(_Model):
     """Accept a JWT-SVID in ``Authorization: Bearer …`` as the caller's identity."""
     audiences: list[str] = Field(default_factory=list)
     """Accepted JWT-SVID ``aud`` values; empty: the agent's SPIFFE ID."""
+    jwt_svid_leeway: Seconds = 30.0
+    """Clock skew accepted on a JWT-SVID's ``exp``, ``nbf`` and ``iat`` (0 - 5m; JWT-SVID §3)."""
+    jwt_svid_max_lifetime: Seconds = 3600.0
+    """Longest accepted JWT-SVID lifetime, ``exp`` - ``iat`` (from ``nbf``, else from now, without
+    ``iat``; 1m - 24h): a longer-lived token is refused with ``jwt_svid_lifetime_too_long``."""
+
+    @field_validator("jwt_svid_leeway")
+    @classmethod
+    def _leeway(cls, value: float) -> float:
+        if not 0 <= value <= 300:
+            raise ValueError("jwt_svid_leeway must be between 0s and 5m")
+        return value
+
+    @field_validator("jwt_svid_max_lifetime")
+    @classmethod
+    def _max_lifetime(cls, value: float) -> float:
+        if not 60 <= value <= 86400:
+            raise ValueError("jwt_svid_max_lifetime must be between 1m and 24h")
+        return value
+
     rules: list[IngressRuleSpec] = Field(default_factory=list)
     """Who may call which methods and paths on the agent (default deny)."""
 
@@ -759,8 +785,19 @@ class IssuerSpec(_Model):
     """A cached token is re-minted (in the background) when this fraction of its life is left."""
     mint_per_call: bool = False
     """Mint a fresh token, with a new ``jti``, for every call."""
+    max_token_size: ByteSize = ByteSize(8 * 1024)
+    """Longest token a rule may mint (1 KiB - 32 KiB; many servers refuse a header line over 8 KiB, Envoy
+    forwards at most 60 KiB of headers): a task whose claims (``on_behalf_of``, ``scope``, ``audience``,
+    a grant's ``act`` chain) could make a longer token is a config error naming the field."""
     bind_to_svid: bool = False
     """Add ``cnf: {"x5t#S256": <SVID thumbprint>}`` to tokens (RFC 8705 §3.1); re-minted on SVID rotation."""
+
+    @field_validator("max_token_size")
+    @classmethod
+    def _token_size(cls, value: ByteSize) -> ByteSize:
+        if not 1024 <= value <= 32 * 1024:
+            raise ValueError("max_token_size must be between 1 KiB and 32 KiB")
+        return value
 
     @field_validator("max_token_ttl")
     @classmethod
@@ -862,6 +899,10 @@ class EnvoySpec(_Model):
     ``docs/performance.md``); ``grpc`` - ``Check`` on ``listen.authz``. Connection checks, ext_proc
     and SDS always use gRPC. Without an HTTP service address (a TCP ``listen.authz`` and no
     ``listen.authz_http``) HTTP checks use gRPC too. Takes effect when the bootstrap is rendered."""
+    inspect_timeout: Seconds = 5.0
+    """How long the ``outbound`` listener waits for a connection's first bytes to tell TLS from HTTP
+    (0.5 s - 60 s; an HTTP or TLS client sends at once): then it is judged as TCP (``tcp_not_allowed``,
+    recorded); one that sends nothing is closed after twice as long and recorded (``refused_by_proxy``)."""
     destinations: dict[str, str] = Field(default_factory=dict)
     """``host: address:port`` for upstreams with a static address (exact hosts); other hosts are
     resolved by DNS."""
@@ -904,6 +945,13 @@ class EnvoySpec(_Model):
     """MCP hosts whose servers implement the 2026-07-28 header checks (a request whose
     ``Mcp-Method``/``Mcp-Name`` disagree with its body is rejected with ``-32020``): requests there
     carrying ``Mcp-Method`` are judged on the headers alone, no body buffered."""
+
+    @field_validator("inspect_timeout")
+    @classmethod
+    def _inspect_timeout(cls, value: float) -> float:
+        if not 0.5 <= value <= 60:
+            raise ValueError("inspect_timeout must be between 500ms and 60s")
+        return value
 
     @field_validator("rpc_body_cap")
     @classmethod
@@ -953,6 +1001,70 @@ class EnvoySpec(_Model):
             addr, sep, port = address.rpartition(":")
             if not sep or not addr or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"destination {host!r}: address must be host:port")
+        return value
+
+
+class DnsSpec(_Model):
+    """DNS control: the agent's DNS (UDP and TCP port 53, to any server: ``agent-authz iptables
+    --dns-port``) reaches the sidecar's DNS proxy, which answers only the names an active rule of the
+    local agent allows (its exact and ``*.suffix`` hosts) and those of ``allow``, by asking the pod's
+    own resolvers (``resolv_conf``); every other query is refused with a decision record
+    (``dns_not_allowed``). The addresses it answered bind ``tls: passthrough`` connections to their
+    name. These settings take effect at start."""
+
+    listen: str = "127.0.0.1:15053"
+    """``host:port`` of the proxy, UDP and TCP (also ``[::1]`` on the same port with ``envoy.ipv6``); the
+    iptables rules redirect port 53 there."""
+    resolv_conf: Path = Path("/etc/resolv.conf")
+    """The resolv.conf the pod was given: its ``nameserver`` lines are the resolvers allowed names are
+    forwarded to (read at start)."""
+    allow: list[str] = Field(default_factory=list)
+    """Names the pod needs besides the tasks' hosts: exact names or ``*.suffix`` (e.g. ``*.cluster.local``
+    for the cluster's services; what such a suffix lets through is in docs/concepts/interception.md)."""
+    refuse_with: Literal["nxdomain", "refused"] = "nxdomain"
+    """The answer to a refused query: ``nxdomain`` (glibc goes on with the next search domain, so a name
+    allowed under its absolute form still resolves) or ``refused``; either carries an Extended DNS
+    Error (RFC 8914) naming the decision."""
+    timeout: Seconds = 2.0
+    """How long one resolver may take to answer (then the next is asked; none: SERVFAIL)."""
+    allowed_record_interval: Seconds = 300.0
+    """Allowed lookups are counted (``agent_authz_dns_queries``) and recorded once per name and type in
+    this interval (0: every lookup); refused queries are always recorded."""
+    binding_min_ttl: Seconds = 60.0
+    """How long, at least, an answered address stays an address of its name for ``tls: passthrough``
+    (clients keep answers past their TTL; at most one day)."""
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected host:port")
+        return value
+
+    @field_validator("allow")
+    @classmethod
+    def _names(cls, value: list[str]) -> list[str]:
+        out = []
+        for name in value:
+            lowered = name.lower().removesuffix(".")
+            if not _HOST.match(lowered) or len(lowered) > 253:
+                raise ValueError(f"{name!r} must be a DNS name or '*.' followed by a DNS suffix")
+            out.append(lowered)
+        return out
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if not 0.1 <= value <= 30:
+            raise ValueError("timeout must be between 100ms and 30s")
+        return value
+
+    @field_validator("allowed_record_interval", "binding_min_ttl")
+    @classmethod
+    def _interval(cls, value: float) -> float:
+        if not 0 <= value <= 86400:
+            raise ValueError("must be between 0s and 1d")
         return value
 
 
@@ -1241,6 +1353,10 @@ class SidecarConfig(_Model):
     """Name (1-64 characters of ``a-z0-9._-``) → API key that rules and grants refer to by name."""
     grants: GrantsSpec = GrantsSpec()
     """Signed task grants, delegation and revocation lists."""
+    dns: DnsSpec | None = None
+    """DNS control (the sidecar's DNS proxy); none: the agent's DNS is not answered by the sidecar (the
+    iptables rules still redirect it, unless port 53 is excluded), and ``tls: passthrough`` binds only
+    to ``envoy.destinations`` pins."""
     intercept: InterceptSpec | None = None
     """HTTPS interception (``tls: intercept`` rules); none: such rules are config errors."""
     task_files: list[TaskFileSpec] = Field(default_factory=list)

@@ -5,8 +5,10 @@ check is the client's method, :data:`~sidecar.wire.HTTP_CHECK_PREFIX` followed b
 ``:path`` (query included), its ``:authority`` as ``host``, its headers (lower case, duplicates
 comma-joined) and, on routes that buffer it, the body. The route's context comes in
 :data:`~sidecar.wire.CONTEXT_HEADER` - the client's own ``x-agent-authz-*`` headers never reach the
-check (the filter's ``disallowed_headers``), so it is always the route's - and is read like gRPC's
-``context_extensions`` (:mod:`sidecar.envoy_authz.context`).
+check (Envoy removes them before ext_authz, and the filter's ``disallowed_headers`` keeps all but
+:data:`~sidecar.wire.CONNECT_AUTHORITY_HEADER`, which Envoy itself sets on the intercepting chains),
+so it is always the route's - and is read like gRPC's ``context_extensions``
+(:mod:`sidecar.envoy_authz.context`).
 
 The answer: an allow is ``200`` with the headers to set (Envoy copies them onto the request,
 overwriting), :data:`~sidecar.wire.HEADERS_TO_REMOVE_HEADER` and the dynamic metadata as headers;
@@ -91,7 +93,9 @@ def parse_http_check(check: HttpCheck) -> AuthzRequest:
     """Read one HTTP check.
 
     Returns:
-        The :class:`AuthzRequest` (``headers`` without the ``x-agent-authz-*`` headers Envoy added).
+        The :class:`AuthzRequest`: ``headers`` without the ``x-agent-authz-*`` headers Envoy added,
+        ``host`` as ``:authority`` and the other pseudo-headers (``:method``, ``:path``, ``:scheme``)
+        added, as gRPC's CheckRequest has them.
 
     Raises:
         BadRequestError: the reader flagged a problem (over 96 KiB of headers, a header that is not
@@ -118,11 +122,15 @@ def parse_http_check(check: HttpCheck) -> AuthzRequest:
     direction, interception, upstream_tls, rpc, plain_cap = _context(raw_context)
     ours = [name for name in headers if name.startswith(_OURS)]
     extra = {name: headers.pop(name) for name in ours}
+    scheme, authority = extra.get(wire.SCHEME_HEADER, ""), headers.pop("host", "")
+    # the client request's pseudo-headers, named as in gRPC's CheckRequest: Envoy's header limits
+    # count them (sidecar.policy.headers), and ``host`` is ``:authority`` there
+    headers[":authority"], headers[":method"], headers[":path"], headers[":scheme"] = authority, method, path, scheme
     return AuthzRequest(
         direction=direction,
         method=method,
-        scheme=extra.get(wire.SCHEME_HEADER, ""),
-        authority=headers.get("host", ""),
+        scheme=scheme,
+        authority=authority,
         path=path,
         headers=headers,
         request_id=headers.get("x-request-id", ""),
@@ -130,6 +138,8 @@ def parse_http_check(check: HttpCheck) -> AuthzRequest:
         destination=extra.get(wire.DESTINATION_HEADER, ""),
         interception=interception,
         upstream_tls=upstream_tls,
+        # set by Envoy before ext_authz on the intercepting chains only (the agent's own is removed first)
+        connect=extra.get(wire.CONNECT_AUTHORITY_HEADER, "")[:300] if interception is not None else "",
         rpc=rpc,
         body=check.body if (rpc is not None and rpc.body_cap) or plain_cap else None,
         body_cap=plain_cap,

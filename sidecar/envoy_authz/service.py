@@ -24,9 +24,10 @@ import grpc
 import structlog
 
 from sidecar.audit.log import DecisionLog, decision_record
-from sidecar.decision import AuthzRequest, Decision, Reason
+from sidecar.decision import AuthzRequest, Decision, ProxyRefusal, Reason
 from sidecar.envoy_authz.translate import build_check_response, parse_check_request
 from sidecar.errors import BadRequestError, DecisionLogError
+from sidecar.http_norm import normalize_authority
 from sidecar.metrics import Metrics
 
 __all__ = ["SERVICE_NAME", "AuthorizationService"]
@@ -95,6 +96,10 @@ class AuthorizationService:
             failed = self._log_failed(decision, exc, record)
             if failed is not decision:
                 decision, answer = failed, build(failed)
+        self._record_followups(decision, request_id)
+        return decision, answer, record
+
+    def _record_followups(self, decision: Decision, request_id: str) -> None:
         for followup in decision.followups:
             follow = decision_record(followup, request_id=request_id, latency_us=0, now=self._clock())
             try:
@@ -103,7 +108,6 @@ class AuthorizationService:
                 self._log_failed(followup, exc, follow)
             if self._metrics is not None:
                 self._metrics.observe_control(followup)
-        return decision, answer, record
 
     def _log_failed(self, decision: Decision, exc: DecisionLogError, record: dict[str, Any]) -> Decision:
         unchained = {k: v for k, v in record.items() if k not in ("seq", "prev_hash", "hash")}
@@ -117,6 +121,57 @@ class AuthorizationService:
         )
         if decision.allow and self._fail_closed:
             return _denied(decision, "decision log unavailable")
+        return decision
+
+    def new_id(self) -> str:
+        """A fresh decision id (for decisions made outside ``Check``: DNS queries, Envoy's refusals)."""
+        return f"{self._id_prefix}{next(self._ids):012x}"
+
+    def record(self, decision: Decision) -> None:
+        """Write the record of a decision made outside ``Check`` (a DNS query); a failed write is logged
+        (``decision_log_write_failed``) like any other, the decision itself stands (it was answered).
+        Its follow-ups (a quarantine the query tripped) are recorded after it."""
+        record = decision_record(decision, request_id="", latency_us=0, now=self._clock())
+        try:
+            self._log.append(record)
+        except DecisionLogError as exc:
+            self._log_failed(decision, exc, record)
+        self._record_followups(decision, "")
+
+    def record_refusal(self, refusal: ProxyRefusal, *, agent: str | None) -> Decision:
+        """Record what Envoy refused without a decision (its gRPC access log): a deny with reason
+        ``refused_by_proxy``, Envoy's status and explanation, the host and path when it parsed them
+        (the path without its query string). A failed write is logged like any other.
+
+        Returns:
+            The recorded decision.
+        """
+        decision_id = self.new_id()
+        host, port = "", 0
+        if refusal.authority:
+            try:
+                host, port = normalize_authority(refusal.authority, "http")
+            except BadRequestError:
+                host = ""
+        decision = Decision(
+            False,
+            Reason.REFUSED_BY_PROXY,
+            refusal.status,
+            decision_id,
+            refusal.detail,
+            refusal.direction,
+            agent=agent,
+            method=refusal.method,
+            host=host,
+            port=port,
+            path=refusal.path,
+            protocol=refusal.protocol,
+            sni=refusal.sni,
+            destination=refusal.destination[:64],
+        )
+        self.record(decision)
+        if self._metrics is not None:
+            self._metrics.count(decision)
         return decision
 
     def _finish(self, decision: Decision, started: int) -> None:

@@ -10,6 +10,8 @@ betterproto2 classes). Envoy facts relied on (``envoy.service.auth.v3``):
   ``include_peer_certificate``;
 * an OkHttpResponse header with ``append_action: OVERWRITE_IF_EXISTS_OR_ADD`` replaces the
   request's value;
+* a ``CONNECT`` arrives as an HTTP check with ``method: CONNECT``, ``host`` the ``host:port`` it
+  names and an empty ``path``;
 * the network filter (``envoy.filters.network.ext_authz``) sends no ``request.http`` and has no
   ``context_extensions``: the listener names the check's direction and protocol in gRPC initial
   metadata (``x-agent-authz-direction``, ``x-agent-authz-protocol``); with ``include_tls_session``
@@ -127,6 +129,8 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
         destination=_address(attributes.destination),
         interception=interception,
         upstream_tls=upstream_tls,
+        # set by Envoy (and only there) on the intercepting chains; elsewhere an agent could send it
+        connect=http.headers.get(wire.CONNECT_AUTHORITY_HEADER, "")[:300] if interception is not None else "",
         rpc=rpc,
         body=(http.raw_body or http.body.encode()) if (rpc is not None and rpc.body_cap) or plain_cap else None,
         body_cap=plain_cap,

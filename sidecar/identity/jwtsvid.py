@@ -6,6 +6,11 @@
 * claims: ``sub`` a strict SPIFFE ID with a path, ``aud`` required (a non-empty string or list of
   them) and one of the accepted audiences (a list is accepted when one member matches, as
   go-spiffe does), ``exp`` a NumericDate in the future (§3; RFC 7519 §2);
+* time claims, after the signature, each with the same small bounded leeway (JWT-SVID §3 asks
+  validators for one; RFC 7519 §4.1.4-§4.1.6): ``exp`` not passed (now < ``exp`` + leeway),
+  ``nbf`` (optional) reached (``nbf`` - leeway <= now), ``iat`` (optional) not in the future
+  (``iat`` <= now + leeway), and the lifetime ``exp`` - ``iat`` (without ``iat``: from ``nbf``,
+  else from now) not over the configured maximum (a negative one is expired);
 * key: chosen by ``kid`` from the JWT bundle of the ``sub``'s trust domain only, and of the type
   ``alg`` needs (RSA for RS*/PS*, the matching NIST curve for ES*): a ``kid`` naming a key of another
   type is a signature failure, never an exception.
@@ -32,12 +37,28 @@ from sidecar.errors import IdentityError, SpiffeIdError, SvidDetail
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.spiffe_id import parse_spiffe_id
 
-__all__ = ["ALLOWED_ALGORITHMS", "JwtSvidVerifier", "VerifiedJwtSvid", "key_mismatch", "looks_like_jwt"]
+__all__ = [
+    "ALLOWED_ALGORITHMS",
+    "DEFAULT_LEEWAY",
+    "DEFAULT_MAX_LIFETIME",
+    "MAX_LEEWAY",
+    "JwtSvidVerifier",
+    "VerifiedJwtSvid",
+    "key_mismatch",
+    "looks_like_jwt",
+]
 
 ALLOWED_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512"})
 _ALLOWED_HEADERS = frozenset({"alg", "kid", "typ"})
 _EC_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}  # RFC 7518 §3.4
 _MAX_TOKEN = 16 * 1024
+DEFAULT_LEEWAY = 30.0
+"""Seconds of clock skew accepted on ``exp``, ``nbf`` and ``iat`` (``ingress.jwt_svid_leeway``)."""
+MAX_LEEWAY = 300.0
+"""The largest leeway a configuration may set: "small" (JWT-SVID §3)."""
+DEFAULT_MAX_LIFETIME = 3600.0
+"""Longest accepted lifetime in seconds (``ingress.jwt_svid_max_lifetime``); SPIRE mints JWT-SVIDs
+for 5 minutes by default."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,20 +113,41 @@ class JwtSvidVerifier:
     Args:
         bundles: the trust bundles.
         audiences: accepted ``aud`` values (normally this agent's SPIFFE ID).
+        leeway: seconds of clock skew accepted on ``exp``, ``nbf`` and ``iat`` (0 - 300).
+        max_lifetime: longest accepted ``exp`` - ``iat`` in seconds.
+
+    Raises:
+        ValueError: ``leeway`` outside 0 - 300 s, or ``max_lifetime`` not positive.
     """
 
-    def __init__(self, bundles: TrustBundles, audiences: Iterable[str]) -> None:
+    def __init__(
+        self,
+        bundles: TrustBundles,
+        audiences: Iterable[str],
+        *,
+        leeway: float = DEFAULT_LEEWAY,
+        max_lifetime: float = DEFAULT_MAX_LIFETIME,
+    ) -> None:
+        if not 0 <= leeway <= MAX_LEEWAY or not max_lifetime > 0:
+            raise ValueError("leeway must be 0-300 s and max_lifetime positive")
         self.bundles = bundles
         self.audiences = list(audiences)
+        self.leeway = leeway
+        self.max_lifetime = max_lifetime
 
     def verify(self, token: str, *, now: float) -> VerifiedJwtSvid:
         """Verify ``token``.
+
+        Args:
+            token: the compact JWS.
+            now: POSIX seconds.
 
         Raises:
             IdentityError: detail ``jwt_svid_malformed``, ``jwt_svid_bad_header``, ``jwt_svid_bad_algorithm``,
                 ``jwt_svid_invalid_subject``, ``jwt_svid_unknown_trust_domain``, ``jwt_svid_unknown_key``,
                 ``jwt_svid_bad_signature``, ``jwt_svid_missing_claim``, ``jwt_svid_bad_audience``,
-                ``jwt_svid_expired``.
+                ``jwt_svid_expired``, ``jwt_svid_not_yet_valid``, ``jwt_svid_issued_in_future``,
+                ``jwt_svid_lifetime_too_long``.
         """
         if len(token) > _MAX_TOKEN or not looks_like_jwt(token):
             raise IdentityError(SvidDetail.JWT_SVID_MALFORMED, "not a compact JWS")
@@ -133,8 +175,8 @@ class JwtSvidVerifier:
                 raise IdentityError(SvidDetail.JWT_SVID_MISSING_CLAIM, f"claim {claim!r} is required")
         if not _audiences_well_formed(claims["aud"]):
             raise IdentityError(SvidDetail.JWT_SVID_BAD_AUDIENCE, "aud must be a non-empty string or a list of them")
-        if not _numeric_date(claims["exp"]) or ("nbf" in claims and not _numeric_date(claims["nbf"])):
-            raise IdentityError(SvidDetail.JWT_SVID_MALFORMED, "exp and nbf must be NumericDates (RFC 7519 §2)")
+        if not all(_numeric_date(claims[name]) for name in ("exp", "nbf", "iat") if name in claims):
+            raise IdentityError(SvidDetail.JWT_SVID_MALFORMED, "exp, nbf and iat must be NumericDates (RFC 7519 §2)")
         sub = claims["sub"]
         try:
             spiffe_id = parse_spiffe_id(sub) if isinstance(sub, str) else parse_spiffe_id("")
@@ -158,13 +200,16 @@ class JwtSvidVerifier:
                 key,  # type: ignore[arg-type]
                 algorithms=[alg],
                 audience=self.audiences,
-                options={"require": ["sub", "aud", "exp"], "verify_iat": False, "verify_nbf": True},
-                leeway=0,
+                # time claims are checked below against ``now``, not the wall clock
+                options={
+                    "require": ["sub", "aud", "exp"],
+                    "verify_exp": False,
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
             )
         except jwt.InvalidAudienceError:
             raise IdentityError(SvidDetail.JWT_SVID_BAD_AUDIENCE, "aud does not name this agent") from None
-        except jwt.ExpiredSignatureError:
-            raise IdentityError(SvidDetail.JWT_SVID_EXPIRED, "the token has expired") from None
         except (jwt.InvalidSignatureError, jwt.InvalidKeyError):
             raise IdentityError(SvidDetail.JWT_SVID_BAD_SIGNATURE, "signature does not verify") from None
         except jwt.PyJWTError as exc:
@@ -173,7 +218,26 @@ class JwtSvidVerifier:
             raise IdentityError(
                 SvidDetail.JWT_SVID_MALFORMED, f"the token cannot be verified ({type(exc).__name__})"
             ) from None
-        exp = verified["exp"]
-        if exp <= now:
+        self._check_times(verified, now)
+        return VerifiedJwtSvid(str(spiffe_id), trust_domain, int(verified["exp"]))
+
+    def _check_times(self, claims: dict[str, Any], now: float) -> None:
+        """``exp``, ``nbf``, ``iat`` and the lifetime (NumericDates, checked as such above)."""
+        leeway = self.leeway
+        exp = claims["exp"]
+        if now >= exp + leeway:
             raise IdentityError(SvidDetail.JWT_SVID_EXPIRED, "the token has expired")
-        return VerifiedJwtSvid(str(spiffe_id), trust_domain, int(exp))
+        nbf, iat = claims.get("nbf"), claims.get("iat")
+        if nbf is not None and now + leeway < nbf:
+            raise IdentityError(SvidDetail.JWT_SVID_NOT_YET_VALID, "the token is not valid yet (nbf)")
+        if iat is not None and iat > now + leeway:
+            raise IdentityError(SvidDetail.JWT_SVID_ISSUED_IN_FUTURE, "the token was issued in the future (iat)")
+        start = iat if iat is not None else nbf if nbf is not None else now
+        lifetime = exp - start
+        if lifetime < 0:
+            raise IdentityError(SvidDetail.JWT_SVID_EXPIRED, "the token expires before it is valid (exp < iat or nbf)")
+        if lifetime > self.max_lifetime:
+            raise IdentityError(
+                SvidDetail.JWT_SVID_LIFETIME_TOO_LONG,
+                f"the token is valid for {lifetime:.0f}s; at most {self.max_lifetime:.0f}s is accepted",
+            )

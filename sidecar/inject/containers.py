@@ -146,6 +146,8 @@ def _iptables_args(config: InjectorConfig, probe_ports: list[int]) -> list[str]:
         str(settings.proxy_gid),
         "--proxy-ports",
         ",".join(map(str, config.proxy_ports)),
+        "--dns-port",
+        str(config.dns_port),
         "--inbound-ports",
         "*" if config.inbound else "",
         "--exclude-inbound-ports",

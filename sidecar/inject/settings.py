@@ -73,7 +73,9 @@ class EnvoyContainerSettings(ContainerSettings):
     """Envoy's container: worker threads (``--concurrency``) and log level."""
 
     concurrency: int = Field(default=2, ge=1, le=64)
-    log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
+    log_level: Literal["info", "warning", "error", "critical", "off"] = "warning"
+    """Not ``debug`` or ``trace``: Envoy prints request headers (tokens, API keys) there
+    (:data:`~sidecar.bootstrap.launch.ENVOY_LOG_LEVELS`)."""
 
 
 class SidecarContainerSettings(ContainerSettings):
@@ -244,6 +246,7 @@ class InjectorConfig:
             its own containers the pod CA and the variables runtimes read.
         proxy_ports: the other TCP ports Envoy and the sidecar listen on (egress listener, admin and
             probe servers), for the iptables step's ``--proxy-ports``.
+        dns_port: the sidecar's DNS proxy (``dns.listen``), for the iptables step's ``--dns-port``.
     """
 
     settings: InjectorSettings
@@ -255,6 +258,7 @@ class InjectorConfig:
     health_port: int
     intercept: bool = False
     proxy_ports: tuple[int, ...] = ()
+    dns_port: int = 15053
 
 
 def check_layout(config: SidecarConfig) -> list[str]:
@@ -306,6 +310,10 @@ def check_layout(config: SidecarConfig) -> list[str]:
         problems.append(f"decision_log.path must be in {layout.LOG_DIR}/")
     if config.state.path is None or Path(config.state.path) != Path(layout.STATE_FILE):
         problems.append(f"state.path must be {layout.STATE_FILE} (the sidecar's own volume; a restart forgets nothing)")
+    if config.dns is not None:
+        host, _, port = config.dns.listen.rpartition(":")
+        if host != "127.0.0.1" or port == "0":
+            problems.append("dns.listen must be 127.0.0.1 with a fixed port (the iptables step redirects DNS there)")
     intercept = config.intercept
     if intercept is not None:
         if Path(intercept.state_dir) != Path(layout.INTERCEPT_STATE_DIR):
@@ -356,6 +364,11 @@ def build_injector(settings: InjectorSettings, loaded: LoadedConfig, *, file: st
             the proxy runs as root.
     """
     problems = check_layout(loaded.settings)
+    if loaded.settings.dns is None and 53 not in settings.exclude_outbound_ports:
+        problems.append(
+            "dns must be set: the iptables step redirects the agent's DNS to the sidecar's DNS proxy "
+            "(or exclude port 53 in exclude_outbound_ports, which leaves DNS an open channel)"
+        )
     if problems:
         raise ConfigError(str(loaded.source), "", "does not fit the injected pod: " + "; ".join(problems))
     sidecar = loaded.settings
@@ -377,4 +390,5 @@ def build_injector(settings: InjectorSettings, loaded: LoadedConfig, *, file: st
         health_port=health_port,
         intercept=sidecar.intercept is not None,
         proxy_ports=tuple(sorted(ports)),
+        dns_port=int(sidecar.dns.listen.rpartition(":")[2]) if sidecar.dns is not None else 15053,
     )

@@ -92,6 +92,23 @@ class BudgetLedger:
             used[key] = used.get(key, 0) + 1
         return True
 
+    def refund(self, limits: Sequence[tuple[BudgetKey, int | None]]) -> None:
+        """Give back one call under every key (a call counted by :meth:`try_consume` that was then
+        denied before it left, e.g. ``headers_too_large``); durably first, with a journal.
+
+        Raises:
+            StateError: the journal could not write the new counts (the call stays spent: failing
+                closed, a budget is never given back in memory only).
+        """
+        used = self._used
+        lowered = {key: used.get(key, 0) - 1 for key, _ in limits if used.get(key, 0) > 0}
+        journal = self._journal
+        if journal is not None:
+            limited = {key: value for key, value in lowered.items() if dict(limits).get(key) is not None}
+            if limited:
+                journal.save_counters(limited)
+        used.update(lowered)
+
     def try_reserve(self, amounts: Mapping[BudgetKey, tuple[int, int | None]]) -> bool:
         """Spend ``amount`` calls under each key at once if every ``(amount, limit)`` fits; else nothing.
 

@@ -10,15 +10,18 @@ the answer is judged on the SNI and the original destination:
 3. TLS without a server name: ``no_sni``; a server name that is not a DNS name (an IP literal,
    odd characters, RFC 6066 §3): ``bad_request``;
 4. an active task with a rule for that host and ``tls: passthrough`` on that port (default 443)
-   allows it, charging the rules' and task's ``max_calls`` per connection. Otherwise the deepest
-   failure: ``host_not_allowed`` < ``tls_not_allowed`` (rules name the host, none with
-   ``tls: passthrough``) < ``port_not_allowed``; ``budget_exhausted``; ``sensitivity_not_allowed``
-   when only rules labelled above the task's ``max_sensitivity`` allow it. A frozen task
-   (the freeze ladder's ``blocks``) is ``task_quarantined``, a killed one ``task_revoked``.
+   allows it, charging the rules' and task's ``max_calls`` per connection - **if the original
+   destination is an address of that host**: its ``envoy.destinations`` pin, or an address the
+   pod's DNS (the sidecar's DNS proxy) answered for the name, unexpired (``addresses_of``); else
+   ``destination_mismatch``, nothing charged. Otherwise the deepest failure: ``host_not_allowed`` <
+   ``tls_not_allowed`` (rules name the host, none with ``tls: passthrough``) < ``port_not_allowed``;
+   ``budget_exhausted``; ``sensitivity_not_allowed`` when only rules labelled above the task's
+   ``max_sensitivity`` allow it. A frozen task (the freeze ladder's ``blocks``) is
+   ``task_quarantined``, a killed one ``task_revoked``.
 
-The connection goes to the original destination, so a passthrough rule trusts the agent to connect
-to an address of the host it names (see docs/concepts/interception.md, "Transparent interception"). No token is
-injected: Envoy cannot change what the TLS connection carries.
+The connection goes to the original destination, which step 4 bound to the name: an allowed SNI
+sent to any other address is refused (see docs/concepts/interception.md, "The passthrough binding").
+No token is injected: Envoy cannot change what the TLS connection carries.
 
 A TLS connection to a server name and port that an active task intercepts (``tls: intercept``)
 never gets here: Envoy terminates it in a filter chain of its own. Inside a proxy ``CONNECT``
@@ -26,11 +29,21 @@ tunnel (:attr:`~sidecar.decision.AuthzRequest.via_connect`) there is no original
 nothing is passed through: a connection that reaches this check there is denied after the SNI
 checks - ``host_not_allowed``, or ``tls_not_allowed`` when rules name the host (none intercepting
 it on port 443).
+
+The ``CONNECT`` itself (:func:`decide_connect`, the proxy listener's ``CONNECT host:port``) is a
+decision of its own: a tunnel carries only what Envoy can read, so it is allowed only to a
+``host:port`` an active task of the local agent intercepts (``tls: intercept``, port 443: the
+tunnels end in the ``intercept_connect`` listener, whose chains are those of port 443). Else the
+deepest failure: ``host_not_allowed`` < ``tls_not_allowed`` (rules name the host, none with
+``tls: intercept``; a ``tls: passthrough`` rule included: passthrough is for the transparent
+listener) < ``port_not_allowed``; ``bad_request`` for an authority without a port or not a DNS name.
+It charges no budget: the requests inside are the calls.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 from sidecar.decision import AuthzRequest, Decision, Direction, Protocol, Reason, deny_status
@@ -39,7 +52,7 @@ from sidecar.http_norm import DEFAULT_PORTS, normalize_authority
 from sidecar.policy.budget import BudgetLedger, budget_limits
 from sidecar.policy.model import SENSITIVITY_NAMES, Blocks, EgressRule, PolicyIndex, Task, task_state
 
-__all__ = ["decide_connection", "parse_destination", "sni_host"]
+__all__ = ["decide_connect", "decide_connection", "parse_destination", "sni_host"]
 
 _STAGES = (Reason.HOST_NOT_ALLOWED, Reason.TLS_NOT_ALLOWED, Reason.PORT_NOT_ALLOWED)
 
@@ -98,6 +111,7 @@ def decide_connection(
     now: float,
     decision_id: str,
     budgets: BudgetLedger,
+    addresses_of: Callable[[str], Collection[ipaddress.IPv4Address | ipaddress.IPv6Address]],
     blocks: Blocks | None = None,
     feed_stale: str | None = None,
 ) -> Decision:
@@ -109,6 +123,8 @@ def decide_connection(
         now: POSIX seconds.
         decision_id: id to put on the decision.
         budgets: the call counters (one connection = one call).
+        addresses_of: the known addresses of a canonical host name (its pin and the DNS answers):
+            a passthrough connection must go to one of them.
         blocks: tasks the freeze ladder blocks.
         feed_stale: while the revocation feed is stale, which tasks it denies (``delegated`` or
             ``all``, :func:`~sidecar.policy.model.task_state`); ``None`` otherwise.
@@ -172,11 +188,21 @@ def decide_connection(
         return deny(state, detail or f"no active task (first: {state.value})", tasks[0])
     deepest, deepest_task = -1, active[0]
     exhausted: Task | None = None
+    bound: bool | None = None
     too_sensitive: tuple[Task, int] | None = None
     for task in active:  # declaration order: a connection cannot name its task
         stage, rules = _stage(task, host, destination[1])
         if stage > deepest:
             deepest, deepest_task = stage, task
+        if rules and bound is None:
+            bound = destination[0] in addresses_of(host)
+        if rules and not bound:
+            return deny(
+                Reason.DESTINATION_MISMATCH,
+                f"{destination[0]} is not an address of {host} (neither its envoy.destinations pin nor an answer of "
+                "the pod's DNS): a passthrough connection goes only to its name's addresses",
+                task,
+            )
         for rule in rules:
             label = policy.label(host, rule)
             if task.max_sensitivity is not None and label > task.max_sensitivity:
@@ -210,3 +236,109 @@ def decide_connection(
         return replace(deny(Reason.SENSITIVITY_NOT_ALLOWED, detail, task), sensitivity=SENSITIVITY_NAMES[label])
     reason = _STAGES[deepest]
     return deny(reason, f"no egress rule allows a TLS connection to this host and port ({reason.value})", deepest_task)
+
+
+_CONNECT_PORT = DEFAULT_PORTS["https"]
+_CONNECT_STAGES = (Reason.HOST_NOT_ALLOWED, Reason.TLS_NOT_ALLOWED, Reason.PORT_NOT_ALLOWED)
+
+
+def _connect_stage(task: Task, host: str, port: int) -> tuple[int, EgressRule | None]:
+    candidates = task.rules_for_host(host)
+    if not candidates:
+        return 0, None
+    intercepted = [r for r in candidates if r.tls == "intercept"]
+    if not intercepted:
+        return 1, None
+    for rule in intercepted:
+        if (rule.port or _CONNECT_PORT) == port == _CONNECT_PORT:
+            return 3, rule
+    return 2, None
+
+
+def decide_connect(
+    policy: PolicyIndex,
+    request: AuthzRequest,
+    *,
+    now: float,
+    decision_id: str,
+    blocks: Blocks | None = None,
+    feed_stale: str | None = None,
+) -> Decision:
+    """Decide a proxy ``CONNECT host:port`` (``request.method`` is ``CONNECT``, ``request.authority`` the
+    ``host:port``; see the module docstring for the rule and the reasons).
+
+    Args:
+        policy: the active compiled policy.
+        request: the ``CONNECT`` as Envoy saw it.
+        now: POSIX seconds.
+        decision_id: id to put on the decision.
+        blocks / feed_stale: as for :func:`decide_connection` (a frozen task opens no tunnel).
+
+    Returns:
+        A :class:`Decision` (``method: CONNECT``, the host and port named); an allow tunnels to the
+        intercepting listener, whose requests are each decided again.
+    """
+    base = Decision(
+        False,
+        Reason.BAD_REQUEST,
+        400,
+        decision_id,
+        "",
+        Direction.EGRESS,
+        agent=policy.agent,
+        method="CONNECT",
+        destination=request.destination[:64],
+    )
+
+    def deny(reason: Reason, detail: str, task: Task | None = None) -> Decision:
+        return replace(
+            base,
+            reason=reason,
+            http_status=deny_status(reason),
+            detail=detail,
+            task_id=task.id if task else None,
+            on_behalf_of=task.on_behalf_of if task else None,
+        )
+
+    authority = request.authority
+    if ":" not in authority.rpartition("]")[2]:
+        return deny(Reason.BAD_REQUEST, "CONNECT needs host:port (RFC 9110 §9.3.6)")
+    try:
+        host, port = normalize_authority(authority, "https")
+        sni_host(host)  # a DNS name, as a tunnel's TLS must name one
+    except BadRequestError as exc:
+        return deny(Reason.BAD_REQUEST, f"CONNECT {exc}")
+    base = replace(base, host=host, port=port)
+    if not policy.tasks_by_agent.get(policy.agent, ()):
+        return deny(Reason.NO_TASK, "no task is declared for this agent")
+    named = policy.tasks_for_host(policy.agent, host)
+    if not named:
+        return deny(Reason.HOST_NOT_ALLOWED, "no task of this agent names this host")
+    active = [t for t in named if task_state(t, now, feed_stale, blocks=blocks) is None]
+    if not active:
+        state = task_state(named[0], now, feed_stale, blocks=blocks)
+        assert state is not None
+        return deny(state, f"no active task names this host (first: {state.value})", named[0])
+    deepest, deepest_task = -1, active[0]
+    for task in active:  # declaration order: a tunnel cannot name its task
+        stage, rule = _connect_stage(task, host, port)
+        if rule is not None:
+            return replace(
+                base,
+                allow=True,
+                reason=Reason.ALLOWED,
+                http_status=200,
+                task_id=task.id,
+                on_behalf_of=task.on_behalf_of,
+                rule=rule.name,
+            )
+        if stage > deepest:
+            deepest, deepest_task = stage, task
+    reason = _CONNECT_STAGES[deepest]
+    detail = {
+        Reason.HOST_NOT_ALLOWED: "no task of this agent names this host",
+        Reason.TLS_NOT_ALLOWED: "a CONNECT tunnel carries only HTTPS the sidecar reads: no rule gives this host "
+        "'tls: intercept' (passthrough is for the transparent listener)",
+        Reason.PORT_NOT_ALLOWED: "a CONNECT tunnel is allowed to port 443 of an intercepted host only",
+    }[reason]
+    return deny(reason, detail, deepest_task)

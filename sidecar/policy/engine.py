@@ -14,9 +14,10 @@ from typing import Any
 from sidecar.agentproto.rules import ProtocolPolicy, RpcVerdict, ToolRule, judge
 from sidecar.decision import AuthzRequest, Decision, Direction, Reason, deny_status
 from sidecar.errors import BadRequestError
-from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_target
+from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_authority, normalize_target
 from sidecar.policy.budget import BudgetLedger, budget_limits
 from sidecar.policy.gates import EMPTY_BODY, ApprovalGate, CallBinding, body_digest
+from sidecar.policy.headers import forged_reserved, over_envoy_limits
 from sidecar.policy.model import SENSITIVITY_NAMES, Blocks, EgressRule, PolicyIndex, Task, task_state
 from sidecar.tokens.minter import TokenMinter
 from sidecar.wire import DECISION_ID_HEADER, LIST_FILTER_HEADER, TASK_HEADER
@@ -270,8 +271,11 @@ def decide_egress(
         ``task_revoked``, ``task_quarantined``, ``host_not_allowed``, ``port_not_allowed``,
         ``method_not_allowed``, ``path_not_allowed``, ``sensitivity_not_allowed``, ``approval_*``,
         ``budget_exhausted``, ``tls_origination_unavailable``, ``misdirected_request`` (an intercepted
-        connection's request for another host or port than the one its SNI named: RFC 9110 §7.4, 421),
-        ``revocation_feed_stale`` (503).
+        connection's request for another host or port than the one its SNI named: RFC 9110 §7.4, 421;
+        or a ``CONNECT`` tunnel's TLS naming another host than the ``CONNECT``), ``headers_too_large``
+        (the token or API key would push the request over Envoy's header limits; the budget is given
+        back), ``revocation_feed_stale`` (503). An allow removes every ``x-agent-authz-*`` header the
+        agent sent itself.
 
     Raises:
         StateError: an approval could not be stored or consumed (the runtime denies the call).
@@ -288,6 +292,8 @@ def decide_egress(
         "tls": "intercept" if intercept else "",
         "upstream_verify": intercept.upstream_verify if intercept else "",
     }
+    if intercept is not None and request.connect:
+        seen["connect"] = request.connect
     rpc_protocol = request.rpc.protocol if request.rpc is not None else ""
     judged: list[tuple[str, RpcVerdict]] = []
     rpc = _rpc_judge(request, method, judged)
@@ -309,6 +315,17 @@ def decide_egress(
             421,
             decision_id,
             f"the TLS connection was opened for {intercept.target}, the request names {target.host}:{target.port}",
+            Direction.EGRESS,
+            **seen,
+        )
+    tunnel = _tunnel_target(request.connect) if intercept is not None and request.connect else None
+    if intercept is not None and tunnel is not None and tunnel != (intercept.host, intercept.port):
+        return Decision(
+            False,
+            Reason.MISDIRECTED_REQUEST,
+            421,
+            decision_id,
+            f"the CONNECT tunnel was opened to {request.connect[:260]}, its TLS names {intercept.target}",
             Direction.EGRESS,
             **seen,
         )
@@ -427,6 +444,13 @@ def decide_egress(
             to_set.append((LIST_FILTER_HEADER, "1"))  # Envoy runs ext_proc on this response only
             to_remove = tuple(h for h in to_remove if h != LIST_FILTER_HEADER)
         seen["list_filter"] = list_filter
+    to_remove = tuple(dict.fromkeys((*to_remove, *forged_reserved(request.headers, (k for k, _ in to_set)))))
+    too_large = over_envoy_limits(request.headers, to_set, to_remove)
+    if too_large is not None:
+        budgets.refund(budget_limits(task, rule, tool))
+        seen["remaining"] = _remaining(task, rule, tool, budgets)
+        reason = Reason.HEADERS_TOO_LARGE
+        return Decision(False, reason, deny_status(reason), decision_id, too_large, Direction.EGRESS, **seen)
     return Decision(
         True,
         Reason.ALLOWED,
@@ -440,6 +464,14 @@ def decide_egress(
         token=token_info,
         **seen,
     )
+
+
+def _tunnel_target(authority: str) -> tuple[str, int]:
+    """The ``(host, port)`` a ``CONNECT`` named (Envoy's copy; an unreadable one matches nothing)."""
+    try:
+        return normalize_authority(authority, "https")
+    except BadRequestError:
+        return ("", 0)
 
 
 def _rpc_judge(request: AuthzRequest, method: str, judged: list[tuple[str, RpcVerdict]]) -> _RpcJudge:
@@ -534,17 +566,19 @@ def _explained(task: Task, match: _Match) -> tuple[Task, _Match | Reason, str]:
     return task, match.reason, f"no egress rule of the task allows this call ({match.reason.value})"
 
 
-def dry_run(decision: Decision) -> Decision:
+def dry_run(decision: Decision, headers: Mapping[str, str] | None = None) -> Decision:
     """The dry-run form of ``decision``: the call is let through, the policy's verdict is kept aside.
 
     A call the policy allows keeps its obligations (token, API key, header removal) and is marked
     ``dry_run``. A call the policy denies becomes an allow with reason ``dry_run``, ``would_reason`` set
     to the deny reason, no token or API key, and the agent's credential headers (``authorization``,
-    ``proxy-authorization``, ``x-agent-task``) and the list-filter marker (``x-agent-authz-list-filter``)
-    still removed, so a credential the task would not have granted never leaves the pod.
+    ``proxy-authorization``, ``x-agent-task``), the list-filter marker (``x-agent-authz-list-filter``)
+    and every other ``x-agent-authz-*`` header of ``headers`` (the request's) still removed, so a
+    credential the task would not have granted never leaves the pod.
     """
     if decision.allow:
         return replace(decision, dry_run=True, would_reason=decision.reason)
+    forged = forged_reserved(headers or {}, (DECISION_ID_HEADER,))
     return replace(
         decision,
         allow=True,
@@ -553,6 +587,6 @@ def dry_run(decision: Decision) -> Decision:
         dry_run=True,
         would_reason=decision.reason,
         headers_to_set=((DECISION_ID_HEADER, decision.decision_id),),
-        headers_to_remove=_AGENT_CREDENTIALS,
+        headers_to_remove=tuple(dict.fromkeys((*_AGENT_CREDENTIALS, *forged))),
         token=None,
     )

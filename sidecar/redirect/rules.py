@@ -3,12 +3,17 @@
 What the rules do (IPv4, and IPv6 with ``--ipv6 same``), in the pod's network namespace:
 
 ``nat`` table
+  * ``OUTPUT -p udp --dport 53`` and ``OUTPUT -p tcp --dport 53`` jump to ``AGENT_AUTHZ_DNS``
+    first: the proxy UID and GID ``RETURN`` (the sidecar asks the pod's resolvers itself, Envoy
+    resolves upstreams), everything else - to *any* address, loopback and excluded CIDRs included -
+    is ``REDIRECT --to-ports <dns port>``, the sidecar's DNS proxy. Excluding port 53
+    (``exclude_outbound_ports``) leaves DNS alone instead (an open channel: documented as such).
   * ``OUTPUT -p tcp -j AGENT_AUTHZ_OUTPUT``; in that chain, in order: the proxy UID and GID
     (Envoy and the sidecar) ``RETURN`` - their own upstream connections are never redirected, so
     nothing loops; traffic leaving through ``lo`` and to loopback addresses ``RETURN`` (the agent's
-    own local services, and Envoy's inbound forwarding to the local app); TCP port 53 (DNS)
-    ``RETURN``; the excluded CIDRs and ports ``RETURN``; everything else jumps to
-    ``AGENT_AUTHZ_REDIRECT`` = ``REDIRECT --to-ports <outbound port>``.
+    own local services, and Envoy's inbound forwarding to the local app); the excluded CIDRs and
+    ports ``RETURN``; everything else jumps to ``AGENT_AUTHZ_REDIRECT`` = ``REDIRECT --to-ports
+    <outbound port>``.
   * ``PREROUTING -p tcp -j AGENT_AUTHZ_INBOUND``; in that chain the excluded inbound ports
     (health probes) ``RETURN`` first, then all ports (or the listed ones) jump to
     ``AGENT_AUTHZ_IN_REDIRECT`` = ``REDIRECT --to-ports <inbound port>``.
@@ -23,11 +28,13 @@ What the rules do (IPv4, and IPv6 with ``--ipv6 same``), in the pod's network na
     is attributed to its listener's owner; packets of kernel sockets - resets for closed ports -
     carry no UID and pass); and a connection *to* the outbound or inbound port over ``lo`` that was
     not redirected there (``conntrack ! --ctstate DNAT``) is reset: those listeners are reached
-    through ``REDIRECT`` only.
-  * ``OUTPUT -j AGENT_AUTHZ_FILTER``: what the ``nat`` rules cannot send to Envoy is dropped when
-    a non-proxy process sends it off the pod: UDP other than DNS (port 53), ICMP, SCTP, ... (TCP
-    and loopback pass; excluded CIDRs and ports pass). Without this an agent could leave by QUIC.
-    ``allow_non_tcp`` turns this table's rules off.
+    through ``REDIRECT`` only. The DNS proxy's port is guarded the same way, for UDP as well
+    (``OUTPUT -p udp --sport <dns port> -j AGENT_AUTHZ_GUARD``): a squatter's answers never leave.
+  * ``OUTPUT -j AGENT_AUTHZ_FILTER``: what the ``nat`` rules cannot send to Envoy or the DNS proxy
+    is dropped when a non-proxy process sends it off the pod: UDP (QUIC, and DNS that was not
+    redirected), ICMP, SCTP, ... (TCP and loopback pass, and a query ``nat`` redirected to the DNS
+    proxy: ``-d 127.0.0.1 --dport <dns port>``, as the hook still sees the interface it was first
+    routed to; excluded CIDRs and ports pass). ``allow_non_tcp`` turns this table's rules off.
 
 IPv6 with ``--ipv6 block``: no ``nat`` rules; ``filter`` drops every IPv6 packet coming in and
 rejects every one going out (so connects fail at once) that is not on ``lo``
@@ -76,6 +83,7 @@ OUTPUT_CHAIN = "AGENT_AUTHZ_OUTPUT"
 REDIRECT_CHAIN = "AGENT_AUTHZ_REDIRECT"
 INBOUND_CHAIN = "AGENT_AUTHZ_INBOUND"
 IN_REDIRECT_CHAIN = "AGENT_AUTHZ_IN_REDIRECT"
+DNS_CHAIN = "AGENT_AUTHZ_DNS"
 FILTER_CHAIN = "AGENT_AUTHZ_FILTER"
 GUARD_CHAIN = "AGENT_AUTHZ_GUARD"
 BLOCK_IN_CHAIN = "AGENT_AUTHZ_BLOCK_IN"
@@ -176,6 +184,8 @@ class RedirectSpec:
         proxy_uid / proxy_gid: Envoy and the sidecar run as these; their traffic is never redirected.
         proxy_ports: the proxy's other TCP listening ports (Envoy's egress listener, the probe and
             admin servers): like the outbound and inbound ports, only the proxy may answer from them.
+        dns_port: the sidecar's DNS proxy (``dns.listen``), UDP and TCP: the agent's DNS (port 53,
+            any address) is redirected there, unless port 53 is in ``exclude_outbound_ports``.
         inbound_ports: ports whose inbound connections go to Envoy; ``None`` = all, ``()`` = none.
         exclude_inbound_ports: inbound ports that reach the app directly (health probes).
         exclude_outbound_cidrs: destinations reached directly (IPv4 ones in the IPv4 rules,
@@ -194,6 +204,7 @@ class RedirectSpec:
     proxy_uid: int = 1337
     proxy_gid: int = 1337
     proxy_ports: tuple[int, ...] = ()
+    dns_port: int = 15053
     inbound_ports: tuple[int, ...] | None = None
     exclude_inbound_ports: tuple[int, ...] = ()
     exclude_outbound_cidrs: tuple[Network, ...] = ()
@@ -203,6 +214,7 @@ class RedirectSpec:
 
     def __post_init__(self) -> None:
         ports = [("outbound port", self.outbound_port), ("inbound port", self.inbound_port)]
+        ports += [("dns port", self.dns_port)]
         ports += [("inbound ports", p) for p in self.inbound_ports or ()]
         ports += [("proxy ports", p) for p in self.proxy_ports]
         ports += [("excluded inbound ports", p) for p in self.exclude_inbound_ports]
@@ -213,15 +225,21 @@ class RedirectSpec:
         for what, ident in (("proxy uid", self.proxy_uid), ("proxy gid", self.proxy_gid)):
             if not 0 <= ident <= _MAX_ID:
                 raise RedirectError(f"{what}: {ident} is out of range (0-{_MAX_ID})")
-        if self.outbound_port == self.inbound_port:
-            raise RedirectError("the outbound and inbound ports must differ")
+        if len({self.outbound_port, self.inbound_port, self.dns_port}) < 3:
+            raise RedirectError("the outbound, inbound and DNS ports must differ")
         if len(self.guarded_ports) > _MULTIPORT_MAX:
             raise RedirectError(f"at most {_MULTIPORT_MAX} proxy ports in all (outbound, inbound and --proxy-ports)")
 
     @property
+    def redirects_dns(self) -> bool:
+        """Whether the agent's DNS goes to the DNS proxy (port 53 is not excluded)."""
+        return DNS_PORT not in self.exclude_outbound_ports
+
+    @property
     def guarded_ports(self) -> tuple[int, ...]:
         """Every TCP port the proxy listens on: only the proxy UID may answer from them."""
-        return tuple(sorted({self.outbound_port, self.inbound_port, *self.proxy_ports}))
+        dns = (self.dns_port,) if self.redirects_dns else ()
+        return tuple(sorted({self.outbound_port, self.inbound_port, *dns, *self.proxy_ports}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,7 +277,6 @@ def _nat(spec: RedirectSpec, family: int) -> TableRules:
         f"{out} -m owner --gid-owner {spec.proxy_gid} -j RETURN",
         f"{out} -o lo -j RETURN",
         f"{out} -d {loopback} -j RETURN",
-        f"{out} -p tcp --dport {DNS_PORT} -j RETURN",
     ]
     rules += [f"{out} -d {net} -j RETURN" for net in spec.exclude_outbound_cidrs if net.version == family]
     rules += [f"{out} -p tcp --dport {port} -j RETURN" for port in spec.exclude_outbound_ports]
@@ -270,9 +287,19 @@ def _nat(spec: RedirectSpec, family: int) -> TableRules:
     else:
         rules += [f"-A {INBOUND_CHAIN} -p tcp --dport {port} -j {IN_REDIRECT_CHAIN}" for port in spec.inbound_ports]
     jumps = [f"-A OUTPUT -p tcp -j {OUTPUT_CHAIN}"]
+    chains: tuple[str, ...] = (INBOUND_CHAIN, IN_REDIRECT_CHAIN, OUTPUT_CHAIN, REDIRECT_CHAIN)
+    if spec.redirects_dns:
+        d = f"-A {DNS_CHAIN}"
+        rules += [
+            f"{d} -m owner --uid-owner {spec.proxy_uid} -j RETURN",
+            f"{d} -m owner --gid-owner {spec.proxy_gid} -j RETURN",
+            f"{d} -p udp -j REDIRECT --to-ports {spec.dns_port}",
+            f"{d} -p tcp -j REDIRECT --to-ports {spec.dns_port}",
+        ]
+        jumps[:0] = [f"-A OUTPUT -p {proto} --dport {DNS_PORT} -j {DNS_CHAIN}" for proto in ("udp", "tcp")]
+        chains = (*chains, DNS_CHAIN)
     if spec.inbound_ports != ():
         jumps.insert(0, f"-A PREROUTING -p tcp -j {INBOUND_CHAIN}")
-    chains = (INBOUND_CHAIN, IN_REDIRECT_CHAIN, OUTPUT_CHAIN, REDIRECT_CHAIN)
     return TableRules("nat", chains, tuple(jumps), tuple(rules))
 
 
@@ -302,7 +329,14 @@ def _guard(spec: RedirectSpec) -> TableRules:
         f"{g} -o lo -p tcp -m multiport --dports {listeners} -m conntrack ! --ctstate DNAT "
         "-j REJECT --reject-with tcp-reset"
     )
-    return TableRules("filter", (GUARD_CHAIN,), (f"-A OUTPUT -p tcp -j {GUARD_CHAIN}",), tuple(rules))
+    jumps = [f"-A OUTPUT -p tcp -j {GUARD_CHAIN}"]
+    if spec.redirects_dns:  # the DNS proxy answers over UDP too: a squatter's answers never leave
+        rules += [
+            f"{g} -p udp --sport {spec.dns_port} -m owner --uid-owner {uids} -j DROP"
+            for uids in _other_uids(spec.proxy_uid)
+        ]
+        jumps.append(f"-A OUTPUT -p udp --sport {spec.dns_port} -j {GUARD_CHAIN}")
+    return TableRules("filter", (GUARD_CHAIN,), tuple(jumps), tuple(rules))
 
 
 def _joined(*parts: TableRules) -> TableRules:
@@ -322,8 +356,12 @@ def _filter(spec: RedirectSpec, family: int) -> TableRules:
         f"{f} -m owner --uid-owner {spec.proxy_uid} -j RETURN",
         f"{f} -m owner --gid-owner {spec.proxy_gid} -j RETURN",
         f"{f} -p tcp -j RETURN",
-        f"{f} -p udp --dport {DNS_PORT} -j RETURN",
     ]
+    if spec.redirects_dns:
+        # a redirected query: its destination is now the DNS proxy on loopback, but every chain of the
+        # OUTPUT hook still sees the interface it was routed to before ``nat`` (``-o lo`` misses it)
+        loopback = "127.0.0.1/32" if family == 4 else "::1/128"
+        rules.append(f"{f} -p udp -d {loopback} --dport {spec.dns_port} -j RETURN")
     rules += [f"{f} -d {net} -j RETURN" for net in spec.exclude_outbound_cidrs if net.version == family]
     rules += [f"{f} -p udp --dport {port} -j RETURN" for port in spec.exclude_outbound_ports]
     rules.append(f"{f} -j DROP")

@@ -44,12 +44,15 @@ from sidecar.control.documents import Action, ActionKind, Target, TargetKind, si
 from sidecar.control.ladder import Ladder, describe
 from sidecar.control.quarantine import AnomalyDetector, effective_rule
 from sidecar.decision import AuthzRequest, Decision, Direction, Protocol, Reason
+from sidecar.dns.answers import Address, AddressBook
 from sidecar.errors import BundleDetail, ConfigError, ErrorCode, StateError, SvidDetail
 from sidecar.identity.state import IdentityLoadError, IdentityState
 from sidecar.policy.budget import BudgetLedger
-from sidecar.policy.connection import decide_connection
+from sidecar.policy.connection import decide_connect, decide_connection
 from sidecar.policy.engine import decide_egress, dry_run
 from sidecar.policy.ingress import IdentityContext, decide_ingress
+from sidecar.policy.model import task_state
+from sidecar.policy.names import decide_name
 from sidecar.runtime.inputs import DISK, FileSource, InputRecorder, Inputs, inputs_unchanged
 from sidecar.runtime.snapshot import CarriedState, Snapshot, build_snapshot
 from sidecar.state.store import StateStore
@@ -96,6 +99,7 @@ class Runtime:
         snapshot: the active snapshot (read it once per use: a reload may swap it at any time).
         budgets: call counters (survive reloads).
         tokens: minted tokens (survive reloads).
+        addresses: the addresses the DNS proxy answered per name (bind ``tls: passthrough``).
         reloads: snapshots swapped in after the first.
         reload_failures_by_code: rejected reloads by error code (``ConfigError.code``).
         last_error: why the last reload failed; ``None`` once the files are good again.
@@ -171,6 +175,8 @@ class Runtime:
         self._stored = self._carried.remembered()
         recorder = InputRecorder(files)
         self.snapshot: Snapshot = self._build(self._carried, recorder, loaded)
+        dns_settings = self.snapshot.loaded.settings.dns
+        self.addresses = AddressBook(dns_settings.binding_min_ttl if dns_settings is not None else 60.0)
         self.approvals = ApprovalBook(self.snapshot.loaded.settings.approvals, approvals, journal=store)
         if store is not None:
             store.bind(self.snapshot.policy.agent)  # another agent's file: refused before anything is written
@@ -379,7 +385,7 @@ class Runtime:
         self.last_identity_error = "; ".join(state.problems) or None
         self.snapshot = replace(
             snapshot,
-            identity=IdentityContext.build(state, snapshot.ingress.audiences),
+            identity=IdentityContext.build(state, snapshot.ingress),
             carried=replace(snapshot.carried, identity=state),
         )
         return True
@@ -601,14 +607,24 @@ class Runtime:
         feed = self.feed
         stale = feed.stale_scope(now) if feed is not None else None
         if request.protocol is not Protocol.HTTP:
+            pins, answered = snapshot.pins, self.addresses
+
+            def addresses_of(host: str) -> frozenset[Address]:
+                return pins.get(host, frozenset()) | answered.addresses(host, now)
+
             decision = decide_connection(
                 snapshot.policy,
                 request,
                 now=now,
                 decision_id=decision_id,
                 budgets=self.budgets,
+                addresses_of=addresses_of,
                 blocks=blocks,
                 feed_stale=stale,
+            )
+        elif request.direction is Direction.EGRESS and request.method.upper() == "CONNECT":
+            decision = decide_connect(
+                snapshot.policy, request, now=now, decision_id=decision_id, blocks=blocks, feed_stale=stale
             )
         elif request.direction is Direction.EGRESS:
             identity = snapshot.identity
@@ -634,10 +650,48 @@ class Runtime:
                 now=now,
                 decision_id=decision_id,
             )
-        decision = dry_run(decision) if snapshot.loaded.settings.dry_run else decision
+        decision = dry_run(decision, request.headers) if snapshot.loaded.settings.dry_run else decision
         if decision.direction is Direction.EGRESS and decision.task_id is not None:
             decision = self._watch(decision, snapshot)
         return decision
+
+    def decide_dns(self, name: str, qtype: str, destination: str, decision_id: str) -> Decision:
+        """Decide a DNS query of the local agent against the active snapshot
+        (:func:`~sidecar.policy.names.decide_name`: a frozen task's names do not resolve either);
+        dry-run lets a refused one through (``dry_run``)."""
+        snapshot = self.snapshot
+        now = self.clock()
+        feed = self.feed
+        decision = decide_name(
+            snapshot.policy,
+            snapshot.dns_names,
+            name,
+            qtype,
+            now=now,
+            decision_id=decision_id,
+            destination=destination,
+            blocks=self._blocks,
+            feed_stale=feed.stale_scope(now) if feed is not None else None,
+        )
+        decision = dry_run(decision) if snapshot.loaded.settings.dry_run else decision
+        return self._watch_name(decision, snapshot, now)
+
+    def _watch_name(self, decision: Decision, snapshot: Snapshot, now: float) -> Decision:
+        """Count a refused name no task of the agent names against each of the agent's active tasks
+        (a DNS query carries no task id; the agent that asks is the one whose tasks are at stake). A
+        name refused because the task naming it expired, is frozen or spent counts against nothing."""
+        if (decision.allow and not decision.dry_run) or decision.task_id is not None:
+            return decision
+        feed = self.feed
+        stale = feed.stale_scope(now) if feed is not None else None
+        blocks = self._blocks
+        local = snapshot.policy.tasks_by_agent.get(snapshot.policy.agent, ())
+        active = [t.id for t in local if task_state(t, now, stale, blocks=blocks) is None]
+        followups = decision.followups
+        for task_id in active:
+            watched = self._watch(replace(decision, task_id=task_id), snapshot)
+            followups = (*followups, *watched.followups[len(decision.followups) :])
+        return replace(decision, task_id=active[0] if len(active) == 1 else None, followups=followups)
 
     def jwks(self) -> dict[str, Any]:
         """The JWKS document of the active keys (RFC 7517 §5)."""

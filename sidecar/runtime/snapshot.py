@@ -14,6 +14,7 @@ tell without parsing anything whether a rebuild would read the same bytes.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -33,7 +34,8 @@ from sidecar.grants.sources import GrantSet, check_grant_usable, load_grants
 from sidecar.identity.state import IdentityState, load_identity_files
 from sidecar.policy.compile import TaskSource, compile_policy
 from sidecar.policy.ingress import IdentityContext, IngressPolicy, compile_ingress
-from sidecar.policy.model import Credential, PolicyIndex
+from sidecar.policy.model import Credential, EgressRule, PolicyIndex
+from sidecar.policy.names import NameList
 from sidecar.runtime.inputs import DISK, InputRecorder, Inputs
 from sidecar.state.store import DelegatedChild, Remembered
 from sidecar.tokens.keys import KeySet, RetiredKey, SigningKey, load_signing_key
@@ -153,6 +155,9 @@ class Snapshot:
         actions: the signed ladder actions read from ``ladder.files`` (verified; the runtime's
             :class:`~sidecar.control.ladder.Ladder` keeps them from then on).
         refused_actions: the lines of those files that did not verify.
+        dns_names: ``dns.allow``, compiled (the names that resolve besides the tasks' hosts).
+        pins: host -> the IP address of its ``envoy.destinations`` entry (those given as IP literals):
+            addresses of the name for the ``tls: passthrough`` binding.
     """
 
     loaded: LoadedConfig
@@ -167,6 +172,8 @@ class Snapshot:
     carried: CarriedState
     actions: tuple[Action, ...] = ()
     refused_actions: tuple[RefusedAction, ...] = ()
+    dns_names: NameList = field(default_factory=NameList)
+    pins: Mapping[str, frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]] = field(default_factory=dict)
 
     @property
     def watched(self) -> frozenset[Path]:
@@ -225,6 +232,61 @@ def _check_tls_rules(sources: list[TaskSource], intercept: bool, file: str) -> N
                 raise ConfigError(
                     file, "tasks", f"{where}: 'tls: intercept' needs the 'intercept' section (the pod CA)"
                 )
+
+
+_WIDEST_HOST = 253  # RFC 1035 §2.3.4, as text
+
+
+def _widest_audience(rule: EgressRule) -> str:
+    """The longest default audience a rule's token can carry: any port, and for a ``*.suffix`` rule the
+    longest host name it matches."""
+    host = rule.host if not rule.host.startswith("*.") else "x" * _WIDEST_HOST
+    return f"https://{host}:65535"
+
+
+def _check_token_sizes(
+    sources: list[TaskSource], policy: PolicyIndex, minter: TokenMinter, loaded: LoadedConfig
+) -> None:
+    """Every token rule's longest token fits ``issuer.max_token_size``.
+
+    Raises:
+        ConfigError: naming the rule's largest claim (``scope``, ``audience``, the task's
+            ``on_behalf_of``, or a grant's ``act`` chain) - ``tasks[i].egress[j].scope`` for a task of
+            ``sidecar.yaml``, the task id for a grant or task file.
+    """
+    settings = loaded.settings
+    cap, cnf, configured = int(settings.issuer.max_token_size), settings.issuer.bind_to_svid, len(settings.tasks)
+    for index, source in enumerate(sources):
+        task = policy.tasks_by_id[source.spec.id]
+        for r_index, rule in enumerate(task.rules):
+            if not rule.token:
+                continue
+            audience = rule.audience or _widest_audience(rule)
+            size = minter.size_bound(
+                subject=task.token_subject,
+                actor=task.token_actor,
+                client_id=policy.agent,
+                audience=audience,
+                scope=rule.scope,
+                txn=task.txn,
+                cnf=cnf,
+            )
+            if size <= cap:
+                continue
+            parts = {
+                f"egress[{r_index}].scope": len(rule.scope or ""),
+                f"egress[{r_index}].{'audience' if rule.audience else 'host'}": len(audience),
+                "on_behalf_of": len(task.on_behalf_of or ""),
+                "the grant's act chain": len(str(task.token_actor)),
+            }
+            largest = max(parts, key=lambda name: parts[name])
+            reason = (
+                f"a token of this rule can be {size} bytes, over issuer.max_token_size ({cap}); its largest claim is "
+                f"{largest} ({parts[largest]} characters)"
+            )
+            if index < configured and not largest.startswith("the grant"):
+                raise ConfigError(str(loaded.source), f"tasks[{index}].{largest}", reason)
+            raise ConfigError(str(loaded.source), "tasks", f"task {task.id!r} {largest}: {reason}")
 
 
 def _identity(loaded: LoadedConfig, reader: _Reader, carried: CarriedState, now: float) -> IdentityState | None:
@@ -453,7 +515,8 @@ def build_snapshot(
 
     Raises:
         ConfigError: a file is unreadable or invalid, a grant does not verify, task ids collide, TLS
-            rules of different sources conflict, or the Workload API has given no identity yet;
+            rules of different sources conflict, a rule's token could exceed ``issuer.max_token_size``,
+            or the Workload API has given no identity yet;
             :class:`~sidecar.identity.state.IdentityLoadError` (a ``ConfigError``) when an
             ``identity.files`` file is unusable or the SVID fails the local identity checks.
     """
@@ -464,7 +527,7 @@ def build_snapshot(
     identity = _identity(loaded, reader, carried, now)
     agent = _agent(loaded, identity)
     ingress = compile_ingress(settings, agent)
-    identity_ctx = IdentityContext.build(identity, ingress.audiences) if identity is not None else None
+    identity_ctx = IdentityContext.build(identity, ingress) if identity is not None else None
     sources, grant_set, _ = _sources(loaded, reader, carried, agent, identity_ctx, now)
     actions, refused_actions = _ladder_actions(loaded, reader, grant_set, now)
 
@@ -486,6 +549,7 @@ def build_snapshot(
         defer,
         clock,
     )
+    _check_token_sizes(sources, policy, minter, loaded)
     next_carried = replace(
         carried,
         first_seen={task_id: first_seen[task_id] for task_id in ends},
@@ -511,4 +575,17 @@ def build_snapshot(
         next_carried,
         actions,
         refused_actions,
+        NameList.compile(settings.dns.allow if settings.dns is not None else ()),
+        _pins(settings.envoy.destinations),
     )
+
+
+def _pins(destinations: Mapping[str, str]) -> Mapping[str, frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]]:
+    """The ``envoy.destinations`` entries given as ``ip:port`` (a name there is resolved by Envoy, not pinned)."""
+    pins = {}
+    for host, address in destinations.items():
+        try:
+            pins[host] = frozenset({ipaddress.ip_address(address.rpartition(":")[0].strip("[]"))})
+        except ValueError:
+            continue
+    return MappingProxyType(pins)

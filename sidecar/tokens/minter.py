@@ -19,6 +19,7 @@ the request path normally signs nothing.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 import time
@@ -31,7 +32,21 @@ import jwt
 from sidecar.decision import TokenInfo
 from sidecar.tokens.keys import SigningKey
 
-__all__ = ["MintedToken", "TokenCache", "TokenMinter"]
+__all__ = ["MintedToken", "TokenCache", "TokenMinter", "b64url_length"]
+
+_SIGNATURE_BYTES = 64
+"""ES256 (r || s, RFC 7518 §3.4) and EdDSA (Ed25519, RFC 8037 §3.1) signatures: 64 bytes each."""
+_WIDEST_DATE = 99_999_999_999
+"""A NumericDate wider than any ``iat``/``nbf``/``exp`` minted before the year 5138."""
+_JTI_LENGTH = 22
+"""``secrets.token_urlsafe(16)``."""
+_CNF_LENGTH = 43
+"""A base64url SHA-256 thumbprint (RFC 8705 §3.1)."""
+
+
+def b64url_length(size: int) -> int:
+    """Length of the unpadded base64url form of ``size`` bytes (RFC 7515 §2)."""
+    return (4 * size + 2) // 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +139,26 @@ class TokenMinter:
         self._cache.minted += 1
         refresh_at = exp - (exp - iat) * self._refresh_ahead
         return MintedToken(token, TokenInfo(jti=jti, aud=str(claims["aud"]), exp=exp, cached=False), refresh_at, exp)
+
+    def size_bound(
+        self,
+        *,
+        subject: str,
+        actor: Mapping[str, Any],
+        client_id: str,
+        audience: str,
+        scope: str | None,
+        txn: str,
+        cnf: bool,
+    ) -> int:
+        """The length in bytes of the longest token :meth:`token_for` can mint with these claims (any
+        time, any ``jti``; with ``cnf``, an SVID thumbprint): the JWS header and payload as PyJWT
+        encodes them (compact JSON, ASCII-escaped, RFC 7515 §7.1), and the signature."""
+        claims = self._claims(subject, actor, client_id, audience, scope, txn, "A" * _CNF_LENGTH if cnf else None)
+        widest = {**claims, "iat": _WIDEST_DATE, "nbf": _WIDEST_DATE, "exp": _WIDEST_DATE, "jti": "A" * _JTI_LENGTH}
+        header = {"typ": "at+jwt", "alg": self._key.algorithm, "kid": self._key.kid}
+        encoded = (len(json.dumps(part, separators=(",", ":"))) for part in (header, widest))
+        return sum(b64url_length(n) for n in encoded) + b64url_length(_SIGNATURE_BYTES) + 2
 
     @staticmethod
     def _for_cache(minted: MintedToken) -> MintedToken:

@@ -10,7 +10,10 @@ narrow so the case still tests what it names:
 * ``parse_insecure`` and ``JwtSvidValidator.validate_claims`` / ``validate_header`` cases run
   through the verifier (we never read a token without verifying it), signed correctly, with a ``kid``;
 * where a ``validate_claims`` case's subject is ``spiffeid://...`` but the case is about another
-  claim, the subject is a valid SPIFFE ID (``validate_claims`` does not read ``sub``'s form; we do, first).
+  claim, the subject is a valid SPIFFE ID (``validate_claims`` does not read ``sub``'s form; we do, first);
+* ``validate_claims`` cases expire a day ahead (no ``iat``), longer than the default maximum
+  lifetime (``ingress.jwt_svid_max_lifetime``, 1 h): their verifier is given the largest one a
+  configuration may set (24 h), so they test the claim they name.
 """
 
 from __future__ import annotations
@@ -100,12 +103,13 @@ SVID_CASES: list[tuple[str, Any, Any, list[str] | None, str | None]] = [
         ["single-audience"],
         None,
     ),
+    # DIFFERENT: an iat beyond the leeway is refused
     (
         "test_parse_and_validate_valid_token_future_iat",
         None,
         lambda: _token(iat=int(time.time()) + 3600),
         None,
-        None,
+        "jwt_svid_issued_in_future",
     ),
     ("test_parse_and_validate_valid_token_multiple_keys_bundle", "ec", lambda: _token(kid="kid_ec"), None, None),
     ("test_parse_and_validate_valid_token_multiple_keys_bundle", "rsa", lambda: _token(kid="kid1"), None, None),
@@ -271,7 +275,7 @@ CLAIM_CASES: list[tuple[str, Any, dict[str, Any], list[str], str | None]] = [
 )
 def test_validate_claims(claims: dict[str, Any], audience: list[str], detail: str | None) -> None:
     token = _claims_token({k: v for k, v in claims.items() if v is not None or k == "aud"})
-    verifier = JwtSvidVerifier(TrustBundles(jwt={TD: PUBLIC}), audience)
+    verifier = JwtSvidVerifier(TrustBundles(jwt={TD: PUBLIC}), audience, max_lifetime=24 * 3600)
     expect(lambda: verifier.verify(token, now=time.time()), detail)
 
 

@@ -55,6 +55,10 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                     "rules": [{"callers": [{"trust_domain": "prod.example"}], "methods": ["GET"], "paths": ["*"]}]
                 },
                 "envoy": {"destinations": {"api.internal": "10.1.2.3:8080"}},
+                # continuous verification (issue 15) is configured through extraConfig too
+                "quarantine": {"threshold": 4, "window": "5m"},
+                "approvals": {"approvers": ["spiffe://prod.example/ns/ops/sa/approver"], "default_ttl": "5m"},
+                "sensitivity": {"default": "internal", "hosts": {"*.finance.internal": "restricted"}},
             },
         },
     },
@@ -398,6 +402,56 @@ def test_notes_say_what_to_label_and_show_a_valid_task() -> None:
     assert f"https://{AUTHORITY}.{NS}.svc/ns/NS" in notes
 
 
+def test_with_the_charts_defaults_a_pod_resolves_cluster_services_and_its_tasks_hosts_only(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """DNS control is on by default: the init step redirects DNS to the sidecar's proxy, which resolves
+    the cluster's names and the hosts of the pod's active tasks - nothing else."""
+    from sidecar.config.schema import TaskSpec
+    from sidecar.inject.containers import build_containers
+    from sidecar.policy.compile import TaskSource, compile_policy
+    from sidecar.policy.names import NameList, decide_name
+
+    (settings,) = find(rendered["defaults"], "ConfigMap", "-settings")
+    for name, text in settings["data"].items():
+        (tmp_path / name).write_text(text)
+    injector = load_injector(tmp_path / "injector.yaml")
+    dns = injector.sidecar.settings.dns
+    assert dns is not None and (dns.listen, dns.allow, dns.refuse_with) == (
+        "127.0.0.1:15053",
+        ["*.cluster.local"],
+        "nxdomain",
+    )
+    init = build_containers(injector, [])[0]["command"]
+    assert init[init.index("--dns-port") + 1] == "15053" and "53" not in init[
+        init.index("--exclude-outbound-ports") + 1
+    ].split(",")
+    agent = "spiffe://example.org/ns/agents/sa/worker"
+    spec = TaskSpec.model_validate(
+        {
+            "id": "t",
+            "agent": agent,
+            "purpose": "p",
+            "ttl": "1h",
+            "egress": [{"host": "api.openai.com", "methods": ["POST"], "paths": ["*"]}],
+        }
+    )
+    policy = compile_policy([TaskSource(spec)], lambda _: 1_800_000_000.0, agent)
+    names = NameList.compile(dns.allow)
+
+    def resolves(name: str) -> bool:
+        return decide_name(policy, names, name, "A", now=1_800_000_000.0, decision_id="d").allow
+
+    assert resolves("kubernetes.default.svc.cluster.local") and resolves("my-svc.agents.svc.cluster.local")
+    assert resolves("api.openai.com")
+    assert not resolves("example.com") and not resolves("api.openai.com.attacker.test")
+
+
+def test_the_dns_port_may_not_collide() -> None:
+    result = helm("template", "aa", str(CHART), "--set", "dns.port=15080", check=False)
+    assert result.returncode != 0 and "dns.port and sidecar.egressPort are both 15080" in result.stderr, result.stderr
+
+
 # -- the cluster authority -------------------------------------------------------------------------------
 
 
@@ -530,6 +584,10 @@ def test_the_sidecars_point_at_the_authority(rendered: dict[str, list[dict[str, 
         assert str(feed.ca) == "/etc/agent-authz/config/authority-ca.pem"
         assert (directory / "authority-ca.pem").read_bytes().strip() == secret_data(secret, "ca.crt").strip()
         assert settings.issuer.url == f"https://{AUTHORITY}.{NS}.svc/ns/{namespace}"
+        # sidecar.extraConfig carries the anomaly rule, the approvers and the sensitivity labels
+        assert (settings.quarantine.threshold, settings.quarantine.window) == (4, 300)
+        assert settings.approvals.approvers == ["spiffe://prod.example/ns/ops/sa/approver"]
+        assert settings.sensitivity.hosts == {"*.finance.internal": "restricted"}
 
 
 def test_without_the_authority_nothing_of_it_is_rendered() -> None:

@@ -40,7 +40,10 @@ def test_demo_runs_green_and_reaps_everything(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "All 15 outcomes match the task and the ingress policy" in result.stdout
     records = [json.loads(line) for line in (state / "decisions.log").read_text().splitlines()]
-    assert len(records) == 14  # 11 egress calls, 3 ingress calls (the 4th fails the TLS handshake)
+    # 11 egress calls, the 3 CONNECT tunnels urllib opens for them (one per HTTPS call: each a decision),
+    # 3 ingress calls (the 4th fails the TLS handshake)
+    assert len(records) == 17
+    assert [r["host"] for r in records if r["method"] == "CONNECT"] == ["sentiment.example.com"] * 3
     assert {r["reason"] for r in records} >= {
         "allowed",
         "path_not_allowed",
@@ -49,7 +52,8 @@ def test_demo_runs_green_and_reaps_everything(tmp_path: Path) -> None:
         "caller_not_allowed",
     }
     # the paid API is called over HTTPS: the agent's TLS intercepted, the key injected inside it
-    paid = [r for r in records if r["host"] == "sentiment.example.com"]
+    paid = [r for r in records if r["host"] == "sentiment.example.com" and r["method"] != "CONNECT"]
+    assert all(r["connect"] == "sentiment.example.com:443" for r in paid)  # each inside its decided tunnel
     assert [(r["reason"], r.get("tls"), r["sni"]) for r in paid] == [
         ("allowed", "intercept", "sentiment.example.com"),
         ("allowed", "intercept", "sentiment.example.com"),
@@ -58,8 +62,8 @@ def test_demo_runs_green_and_reaps_everything(tmp_path: Path) -> None:
     assert "x-api-key injected: yes, received over HTTPS" in result.stdout
     # each table row names its own decision, as found in the log
     shown = re.findall(r"\s(…[0-9a-f]{8})\s", result.stdout)
-    assert len(shown) == 14 and len(set(shown)) == 14, shown
-    logged = {r["decision_id"][-8:] for r in records}
+    assert len(shown) == 14 and len(set(shown)) == 14, shown  # the calls (the tunnels are not rows)
+    logged = {r["decision_id"][-8:] for r in records if r["method"] != "CONNECT"}
     assert {cell[1:] for cell in shown} == logged
     assert {r["caller"] for r in records if r["direction"] == "ingress"} == {
         "spiffe://demo.agent-authz.local/ns/finance/sa/orchestrator",
@@ -77,13 +81,13 @@ def test_demo_runs_green_and_reaps_everything(tmp_path: Path) -> None:
     shown = subprocess.run([sys.executable, "-m", "sidecar", "logs", log], capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
-    assert lines[0].startswith("TIME") and len(lines) == 15  # header + 14 records
+    assert lines[0].startswith("TIME") and len(lines) == 18  # header + 17 records
     assert sum("budget_exhausted" in line for line in lines) == 1
     verified = subprocess.run(
         [sys.executable, "-m", "sidecar", "logs", "verify", log], capture_output=True, text=True, timeout=60
     )
-    assert verified.returncode == 0 and "intact: 14 records" in verified.stdout, verified.stdout
-    assert [r["seq"] for r in records] == list(range(14))
+    assert verified.returncode == 0 and "intact: 17 records" in verified.stdout, verified.stdout
+    assert [r["seq"] for r in records] == list(range(17))
 
 
 def test_keep_running_prints_the_viewer_url_and_the_cli_equivalent(tmp_path: Path) -> None:
@@ -111,7 +115,7 @@ def test_keep_running_prints_the_viewer_url_and_the_cli_equivalent(tmp_path: Pat
         with opener.open(url, timeout=10) as page:
             assert page.status == 200 and b"delegation trees" in page.read()
         with opener.open(url + "/api/records", timeout=10) as answer:
-            assert len(json.loads(answer.read())["records"]) == 14
+            assert len(json.loads(answer.read())["records"]) == 17  # with the 3 CONNECT decisions
     finally:
         demo.send_signal(signal.SIGINT)
         try:

@@ -214,3 +214,99 @@ def test_decision_id_reaches_envoy_access_log(env: Env) -> None:
 
     entry = wait_until(logged, timeout=10, what="access log line")
     assert entry["reason"] == "allowed" and entry["status"] == 200
+
+
+@pytest.mark.parametrize(
+    "host", [f"{API_HOST}.", API_HOST.upper() + ".", f"{API_HOST}.:80", "Api.Internal:80", f"{API_HOST}:080"]
+)
+def test_every_spelling_of_a_pinned_host_reaches_its_pinned_address(env: Env, host: str) -> None:
+    """Judged as api.internal and routed to envoy.destinations[api.internal] (there is no DNS for it here:
+    any other route would be a 503)."""
+    reply = env.send("GET", f"http://{host}/v1/items/spelled", headers={"Host": host})
+    assert reply.status == 200, (host, reply.body)
+    (received,) = _received_for(env, reply.decision_id)
+    assert received.headers["authorization"].startswith("Bearer ")
+    record = env.record(reply.decision_id)
+    assert (record["host"], record["port"], record["decision"]) == (API_HOST, 80, "allow")
+
+
+def test_reserved_headers_the_agent_forges_never_leave(env: Env) -> None:
+    forged = {"x-agent-authz-caller": "spiffe://test.example/ns/admin/sa/root", "X-Agent-Authz-Reason": "allowed"}
+    reply = env.send("GET", f"http://{API_HOST}/v1/items/forged", headers=forged)
+    assert reply.status == 200
+    (received,) = _received_for(env, reply.decision_id)
+    assert not {"x-agent-authz-caller", "x-agent-authz-reason"} & set(received.headers)
+
+
+def test_no_allow_is_recorded_that_envoy_cannot_deliver(env: Env) -> None:
+    """Headers just under Envoy's 60 KiB (with the token) are delivered; one byte more is a 431 with a deny
+    record - never an allow record with Envoy's 500."""
+
+    def call(size: int) -> tuple[int, str | None]:
+        # in headers of 4000 bytes at most (the sample upstream refuses a header line over 8 KiB)
+        chunks = [4000] * (size // 4000) + ([size % 4000] if size % 4000 else [])
+        filler = {f"x-filler-{i:02}": "f" * n for i, n in enumerate(chunks)}
+        reply = env.send("GET", f"http://{API_HOST}/v1/items/big", headers=filler)
+        record = env.record(reply.decision_id)
+        assert reply.status != 500 and record["decision"] == ("allow" if reply.status == 200 else "deny"), reply
+        return reply.status, reply.reason
+
+    low, high = 50_000, 61_000  # allowed, denied
+    assert call(low)[0] == 200 and call(high) == (431, "headers_too_large")
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if call(middle)[0] == 200 else (low, middle)
+    for size in (low - 1, low, high, high + 1):
+        assert call(size)[0] == (200 if size <= low else 431)
+
+
+@pytest.mark.parametrize(
+    ("authority", "reason"),
+    [
+        (f"{API_HOST}:443", "tls_not_allowed"),
+        ("elsewhere.example.com:443", "host_not_allowed"),
+        (f"{API_HOST}:80", "tls_not_allowed"),
+    ],
+)
+def test_a_connect_is_a_decision_with_a_record(env: Env, authority: str, reason: str) -> None:
+    """Without tls: intercept rules no tunnel is ever allowed - and each refusal has a reason and a record."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", env.port), timeout=10) as sock:
+        sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n\r\n".encode())
+        head = sock.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 403"), head
+    headers = dict(line.lower().split(": ", 1) for line in head.split("\r\n\r\n")[0].split("\r\n")[1:])
+    assert headers["x-agent-authz-reason"] == reason
+    record = env.record(headers["x-agent-authz-decision-id"])
+    host, _, port = authority.rpartition(":")
+    assert (record["method"], record["host"], record["port"], record["reason"]) == ("CONNECT", host, int(port), reason)
+
+
+@pytest.mark.parametrize(
+    ("raw", "status", "detail"),
+    [
+        (b"GET /v1/items/1?secret=QS HTTP/1.1\r\nHost: api.internal\r\nbad header\r\n\r\n", 400, "codec_error"),
+        (b"GET /v1/items/1 HTTP/1.1\r\nHost: api.internal\r\nx-big: " + b"b" * 70_000 + b"\r\n\r\n", 431, ""),
+        (b"\x16\x03\x01\x00\x05junk\r\n\r\n", 400, "codec_error"),
+    ],
+)
+def test_what_envoy_refuses_without_asking_is_recorded(env: Env, raw: bytes, status: int, detail: str) -> None:
+    """A request Envoy cannot parse never reaches ext_authz: its access log entry does, as a record."""
+    import socket
+
+    before = {r["decision_id"] for r in env.records()}
+    with socket.create_connection(("127.0.0.1", env.port), timeout=10) as sock:
+        sock.sendall(raw)
+        answer = sock.recv(200)
+    assert answer.startswith(b"HTTP/1.1 %d" % status), answer
+
+    def refused() -> dict[str, object] | None:
+        new = [r for r in env.records() if r["decision_id"] not in before and r["reason"] == "refused_by_proxy"]
+        return new[0] if new else None
+
+    from sidecar.harness import wait_until
+
+    record = wait_until(refused, timeout=10, what="the refusal's record")
+    assert (record["decision"], record["status"], record["direction"]) == ("deny", status, "egress")
+    assert detail in str(record["detail"]) and "QS" not in json.dumps(record)

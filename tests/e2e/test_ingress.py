@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sidecar.demo.tls_client import mtls_request
 from sidecar.demo.upstream import SampleUpstream
@@ -23,12 +25,14 @@ from tests.support.stack import Env, start_env
 
 pytestmark = pytest.mark.e2e
 
+GATEWAY = "spiffe://test.example/ns/edge/sa/gateway"
 RULES = [
     {
         "name": "planner",
         "callers": [{"id": PLANNER}, {"trust_domain": "partner.example", "path_prefix": "/reports"}],
         "methods": ["GET"],
         "paths": ["/v1/status"],
+        "forwarders": [{"id": GATEWAY}],
     }
 ]
 
@@ -146,15 +150,62 @@ def test_bad_client_certificates_never_reach_the_agent(ing: IngressEnv, case: st
 
 
 def test_jwt_svid_on_ingress(ing: IngressEnv) -> None:
-    gateway = ing.client(*make_leaf(ing.cas["test.example"], ["spiffe://test.example/ns/edge/sa/gateway"]))
+    """A named forwarder presents its caller's JWT-SVID: the caller is the JWT-SVID's subject, both are
+    recorded, and the token never reaches the app."""
+    gateway = ing.client(*make_leaf(ing.cas["test.example"], [GATEWAY]))
     token = ing.cas["test.example"].issue_jwt(PLANNER, [AGENT])
     reply = ing.call(gateway, headers={"Authorization": f"Bearer {token}"})
     assert reply.status == 200
     received = ing.app.requests()[-1]
     assert received.headers["x-agent-authz-caller"] == PLANNER and "authorization" not in received.headers
+    record = ing.env.record(reply.headers["x-agent-authz-decision-id"])
+    assert (record["caller"], record["peer"]) == (PLANNER, GATEWAY)
     none_alg = token.split(".")
     forged = ".".join(["eyJhbGciOiJub25lIiwia2lkIjoieCJ9", none_alg[1], ""])
     assert ing.call(gateway, headers={"Authorization": f"Bearer {forged}"}).reason == "untrusted_identity"
+
+
+def test_a_jwt_svid_from_a_peer_that_is_no_forwarder_is_refused(ing: IngressEnv) -> None:
+    other = "spiffe://test.example/ns/edge/sa/other"
+    peer = ing.client(*make_leaf(ing.cas["test.example"], [other]))
+    token = ing.cas["test.example"].issue_jwt(PLANNER, [AGENT])
+    before = len(ing.app.requests())
+    reply = ing.call(peer, headers={"Authorization": f"Bearer {token}"})
+    assert (reply.status, reply.reason) == (403, "untrusted_identity")
+    record = ing.env.record(reply.headers["x-agent-authz-decision-id"])
+    assert record["detail"].startswith("jwt_svid_peer_mismatch") and (record["caller"], record["peer"]) == (
+        PLANNER,
+        other,
+    )
+    assert len(ing.app.requests()) == before
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    names=st.lists(
+        st.sampled_from(["Authorization", "authorization", "AUTHORIZATION", "AuThOrIzAtIoN"]),
+        min_size=2,
+        max_size=3,
+        unique=True,
+    ),
+    second=st.sampled_from(["own-jwt", "other-jwt", "Basic cGxhbm5lcjpwdw=="]),
+)
+def test_repeated_authorization_headers_through_envoy_are_refused(
+    ing: IngressEnv, names: list[str], second: str
+) -> None:
+    """The header repeated under any casing reaches the sidecar comma-joined (HTTP/1.1 names are case-
+    insensitive): refused, neither credential nor the mTLS peer decides, nothing reaches the app."""
+    client = ing.client(*make_leaf(ing.cas["test.example"], [PLANNER]))
+    token = ing.cas["test.example"].issue_jwt(PLANNER, [AGENT])
+    other = ing.cas["test.example"].issue_jwt("spiffe://test.example/ns/x/sa/other", [AGENT])
+    values = [f"Bearer {token}", {"own-jwt": f"Bearer {token}", "other-jwt": f"Bearer {other}"}.get(second, second)]
+    values += [f"Bearer {token}"] * (len(names) - 2)
+    before = len(ing.app.requests())
+    reply = ing.call(client, headers=dict(zip(names, values, strict=True)))
+    assert (reply.status, reply.reason) == (403, "untrusted_identity"), reply
+    record = ing.env.record(reply.headers["x-agent-authz-decision-id"])
+    assert record["detail"].startswith("jwt_svid_duplicate") and record["peer"] == PLANNER
+    assert len(ing.app.requests()) == before
 
 
 def test_svid_rotation_without_restart(tmp_path: Path, short_dir: Path) -> None:

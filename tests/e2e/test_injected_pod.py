@@ -229,7 +229,11 @@ def test_the_init_step_installed_the_interception_rules(pod: RunningPod) -> None
     assert "--dport 15021 -j RETURN" in rules.stdout and f"--dport {APP_PORT} -j RETURN" in rules.stdout
     assert f"--dport {HOOK_PORT} -j RETURN" in rules.stdout and f"--dport {API_PORT} -j RETURN" not in rules.stdout
     init_log = (pod.kubelet.logs / "agent-authz-init.err").read_text()
-    assert "agent-authz iptables: installed (outbound -> 15001, inbound -> 15006, proxy uid 1337 gid 1337" in init_log
+    assert (
+        "agent-authz iptables: installed (outbound -> 15001, inbound -> 15006, dns -> 15053, proxy uid 1337 gid 1337"
+        in init_log
+    )
+    assert "-A AGENT_AUTHZ_DNS -p udp -j REDIRECT --to-ports 15053" in rules.stdout  # the chart's DNS control
 
 
 def test_the_kubelets_lifecycle_hooks_reach_the_app_without_an_svid(pod: RunningPod) -> None:

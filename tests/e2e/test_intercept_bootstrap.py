@@ -70,11 +70,13 @@ def test_static_bootstrap(tmp_path: Path) -> None:
     (manager,) = _typed(static["listeners"][0]["filterChains"][0]["filters"])
     assert manager["upgradeConfigs"] == [{"upgradeType": "CONNECT"}]
     assert manager["httpProtocolOptions"] == {"acceptHttp10": True}  # Python's http.client tunnels with HTTP/1.0
-    connect = manager["routeConfig"]["virtualHosts"][0]
-    assert connect["domains"] == ["*:443"]
-    (route,) = connect["routes"]
-    assert route["match"] == {"connectMatcher": {}} and route["route"]["cluster"] == "intercept_connect"
-    assert route["typedPerFilterConfig"]["envoy.filters.http.ext_authz"]["disabled"] is True
+    for virtual_host in manager["routeConfig"]["virtualHosts"]:  # a CONNECT is decided wherever it is routed
+        route = virtual_host["routes"][0]
+        assert route["match"] == {"connectMatcher": {}} and route["route"]["cluster"] == "intercept_connect"
+        check = route["typedPerFilterConfig"]["envoy.filters.http.ext_authz"]
+        assert "disabled" not in check and check["checkSettings"]["contextExtensions"] == {"direction": "egress"}
+    state_filter = manager["httpFilters"][1]["typedConfig"]["onRequestHeaders"][0]
+    assert state_filter["objectKey"] == "agent_authz.connect" and state_filter["sharedWithUpstream"] == "ONCE"
     _write_dynamic(tmp_path / "sidecar.yaml")  # the bootstrap names these files: Envoy refuses to start without them
     result = subprocess.run(
         [str(find_envoy()), "--mode", "validate", "-c", str(out)], capture_output=True, text=True, timeout=60
@@ -118,7 +120,14 @@ def test_dynamic_listeners_and_clusters(tmp_path: Path) -> None:
     }
     (manager,) = _typed(api["filters"])
     assert manager["routeConfig"]["validateClusters"] is False
-    assert [f["name"] for f in manager["httpFilters"]] == ["envoy.filters.http.ext_authz", "envoy.filters.http.router"]
+    assert [f["name"] for f in manager["httpFilters"]] == [
+        "envoy.filters.http.header_mutation",  # the CONNECT authority, before ext_authz reads the headers
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.router",
+    ]
+    mutations = manager["httpFilters"][0]["typedConfig"]["mutations"]["requestMutations"]
+    assert mutations[0] == {"remove": "x-agent-authz-connect"}  # whatever the agent sent is gone first
+    assert mutations[1]["append"]["header"]["value"] == "%FILTER_STATE(agent_authz.connect:PLAIN)%"
     allowed, misdirected = manager["routeConfig"]["virtualHosts"]
     assert allowed["domains"] == [API, f"{API}:443"]
     assert allowed["routes"][0]["route"]["cluster"] == f"intercept|{API}|443"

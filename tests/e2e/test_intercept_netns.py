@@ -93,7 +93,8 @@ def pod() -> Iterator[Pod]:
         (state / "secrets").mkdir()
         (state / "secrets" / "api.key").write_text(KEY + "\n")
         (state / "secrets" / "api.key").chmod(0o600)
-        config = base_config(state, [TASK], {h: f"{UPSTREAM_IP}:80" for h in (API, WRONG, UNTRUSTED)})
+        destinations = {h: f"{UPSTREAM_IP}:80" for h in (API, WRONG, UNTRUSTED)} | {SECURE: f"{UPSTREAM_IP}:443"}
+        config = base_config(state, [TASK], destinations)  # SECURE's pin binds its passthrough (no DNS here)
         config["listen"]["admin"] = "127.0.0.1:9902"
         config["envoy"].update(
             egress_port=15080,

@@ -192,6 +192,9 @@ def test_allowed_call_gets_token_and_key_and_the_agent_sees_neither(stack: Stack
     record = stack.record(decision_id=headers["x-agent-authz-decision-id"])
     assert (record["decision"], record["tls"], record["sni"], record["rule"]) == ("allow", "intercept", API, "api")
     assert record["upstream_verify"] == f"dns:{API} ca:{stack.state / 'upstream-ca' / 'bundle.pem'}"
+    assert record["connect"] == f"{API}:443"  # the tunnel's authority, from the CONNECT's own decision
+    tunnel = stack.record(method="CONNECT", host=API)
+    assert (tunnel["decision"], tunnel["port"], tunnel["rule"], tunnel["task_id"]) == ("allow", 443, "api", "secure")
     assert record["token"]["aud"] == f"https://{API}"
     assert KEY not in result.stdout and "eyJ" not in result.stdout  # the agent saw neither key nor token
     assert KEY not in json.dumps(stack.env)
@@ -237,15 +240,48 @@ def test_upstream_with_a_bad_certificate_gives_502_and_a_logged_decision(stack: 
 
 
 def test_connect_to_a_host_that_is_not_intercepted_is_refused_and_logged(stack: Stack) -> None:
-    for host, reason in ((PASS, "tls_not_allowed"), ("elsewhere.example.com", "host_not_allowed")):
-        result = stack.curl(f"https://{host}/")
+    """The CONNECT itself is decided: 403 with a reason and a record, no tunnel."""
+    for host, port, reason in (
+        (PASS, 443, "tls_not_allowed"),  # passthrough is for the transparent listener
+        ("elsewhere.example.com", 443, "host_not_allowed"),
+        (API, 8443, "port_not_allowed"),  # tunnels end in the chains of port 443
+    ):
+        result = stack.curl(f"https://{host}:{port}/")
         assert result.returncode != 0, result.stdout
-        record = stack.record(sni=host, protocol="tls")
-        assert (record["decision"], record["reason"]) == ("deny", reason)
-    # CONNECT only to port 443: Envoy has no route for another port (no tunnel, nothing asked)
-    other_port = stack.curl(f"https://{API}:8443/")
-    assert other_port.returncode != 0 and _headers(other_port.stdout)[0] == 404
-    assert not [r for r in stack.records() if r["port"] == 8443]
+        status, headers = _headers(result.stdout)
+        assert (status, headers.get("x-agent-authz-reason")) == (403, reason), result.stdout
+        record = stack.record(decision_id=headers["x-agent-authz-decision-id"])
+        assert (record["method"], record["host"], record["port"], record["decision"]) == ("CONNECT", host, port, "deny")
+    assert not [r for r in stack.records() if r["sni"] in (PASS, "elsewhere.example.com")]  # nothing went through
+
+
+TUNNEL = r"""
+import json, os, socket, ssl, sys
+proxy_port, connect_to, sni = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+sock = socket.create_connection(("127.0.0.1", proxy_port), timeout=10)
+sock.sendall(f"CONNECT {connect_to} HTTP/1.1\r\nHost: {connect_to}\r\n\r\n".encode())
+assert sock.recv(4096).startswith(b"HTTP/1.1 200"), "CONNECT refused"
+tls = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"]).wrap_socket(sock, server_hostname=sni)
+tls.sendall(f"GET /v1/tunnel HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
+data = b""
+while chunk := tls.recv(4096):
+    data += chunk
+head = data.split(b"\r\n\r\n")[0].decode().split("\r\n")
+print(json.dumps({"status": int(head[0].split()[1]), "headers": dict(h.lower().split(": ", 1) for h in head[1:])}))
+"""
+
+
+def test_a_tunnel_carries_only_the_name_it_was_opened_for(stack: Stack) -> None:
+    """CONNECT api:443 (allowed), then TLS for another intercepted name inside: misdirected (421), both names
+    recorded, nothing upstream - no domain fronting through the tunnel."""
+    argv = [sys.executable, "-c", TUNNEL, str(stack.stack.egress_port), f"{API}:443", WRONG]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=stack.env, check=False)
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    assert (reply["status"], reply["headers"]["x-agent-authz-reason"]) == (421, "misdirected_request")
+    record = stack.record(decision_id=reply["headers"]["x-agent-authz-decision-id"])
+    assert (record["connect"], record["sni"], record["decision"]) == (f"{API}:443", WRONG, "deny")
+    assert not [r for r in stack.upstream.requests() if r.raw_path == "/v1/tunnel"]
 
 
 def test_ca_is_published_and_its_key_stays_private(stack: Stack) -> None:
@@ -279,7 +315,8 @@ def test_tasks_added_and_revoked_add_and_remove_chains_without_restart(stack: St
     wait_until(lambda: f"intercept|{LATER}:443" not in stack.chains(), timeout=10, what="the chain removed")
     refused = stack.curl(f"https://{LATER}/hello")
     assert refused.returncode != 0
-    assert stack.record(sni=LATER, protocol="tls")["reason"] == "tls_not_allowed"
+    tunnel = stack.record(method="CONNECT", host=LATER, decision="deny")  # the tunnel itself is refused now
+    assert (tunnel["reason"], tunnel["task_id"]) == ("task_revoked", "later")
     status, ready = http_get(stack.stack.sidecar.admin_url + "/readyz")
     assert status == 200 and LATER not in json.loads(ready)["intercept"]["leaves"]  # its leaf is gone too
     stack.rewrite(base)

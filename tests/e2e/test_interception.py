@@ -58,7 +58,9 @@ IPTABLES = [sys.executable, "-m", "sidecar", "iptables", "--exclude-inbound-port
 
 def _config(state: Path, public: Path) -> Path:
     write_keys(state)
-    config = base_config(state, [TASK], {API: f"{UPSTREAM_IP}:80", VAULT: f"{UPSTREAM_IP}:80"})
+    # SECURE's pin is an address of its name: a passthrough connection must go there (no DNS in this pod)
+    destinations = {API: f"{UPSTREAM_IP}:80", VAULT: f"{UPSTREAM_IP}:80", SECURE: f"{UPSTREAM_IP}:443"}
+    config = base_config(state, [TASK], destinations)
     add_file_identity(state, config)
     config["listen"]["admin"] = "127.0.0.1:9902"
     config["envoy"].update(

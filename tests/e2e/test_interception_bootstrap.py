@@ -81,7 +81,7 @@ def test_originate_route_and_cluster(tmp_path: Path) -> None:
     context = vault["typedPerFilterConfig"]["envoy.filters.http.ext_authz"]["checkSettings"]["contextExtensions"]
     assert context == {"direction": "egress", "upstream_tls": "originate"}
     (cluster,) = [
-        c for c in bootstrap["staticResources"]["clusters"] if c["name"] == vault["routes"][0]["route"]["cluster"]
+        c for c in bootstrap["staticResources"]["clusters"] if c["name"] == vault["routes"][-1]["route"]["cluster"]
     ]
     socket = cluster["loadAssignment"]["endpoints"][0]["lbEndpoints"][0]["endpoint"]["address"]["socketAddress"]
     assert socket == {"address": "vault.example.com", "portValue": 443}

@@ -80,6 +80,10 @@ DIFFERENT = {
         "a JWT-SVID subject without a path (the trust domain's own ID) is refused (jwt_svid_invalid_subject): "
         "it names no workload (JWT-SVID §3.1, X509-SVID §3.1 for the same rule on leaves)"
     ),
+    py("jwtsvid/test_jwt_svid", "test_parse_and_validate_valid_token_future_iat"): (
+        "iat an hour ahead is refused (jwt_svid_issued_in_future): a token issued later than now plus the leeway "
+        "(ingress.jwt_svid_leeway, 30 s) comes from a clock far off or is forged (RFC 7519 §4.1.6)"
+    ),
     py("jwtsvid/test_jwt_svid_validator", "test_validate_claims_invalid_aud", 3): (
         "aud ['something'] with expected {'something', 'matters'} is accepted: one accepted audience in aud is "
         "enough (go-spiffe's AnyAudience; JWT-SVID §3.2), py-spiffe requires every expected one"

@@ -103,8 +103,10 @@ def start_env(
     tasks: list[dict[str, Any]],
     checks: dict[str, Any] | None = None,
     mutate: Callable[[dict[str, Any], int], None] | None = None,
+    **stack_options: Any,
 ) -> Env:
-    """Start the upstream, write keys and config (``mutate(config, upstream_port)`` may edit it), start the stack."""
+    """Start the upstream, write keys and config (``mutate(config, upstream_port)`` may edit it), start the stack
+    (``stack_options`` go to :class:`~sidecar.harness.AuthzStack`, e.g. log levels)."""
     write_keys(state)
     upstream = SampleUpstream(checks if checks is not None else {API_HOST: TokenCheck(API_AUDIENCE, ISSUER)})
     port = upstream.start()
@@ -112,7 +114,7 @@ def start_env(
     if mutate is not None:
         mutate(config, port)
     config_path = write_config(state, config)
-    stack = AuthzStack(config_path, state)
+    stack = AuthzStack(config_path, state, **stack_options)
     try:
         stack.start()
     except BaseException:

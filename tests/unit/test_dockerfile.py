@@ -105,6 +105,7 @@ def test_every_command_in_injected_pods_exists(tmp_path: Path) -> None:
                 "issuer": {"url": "u", "signing_key": layout.SIGNING_KEY_FILE},
                 "listen": {"authz": f"unix:{layout.AUTHZ_SOCKET}", "health": "0.0.0.0:15021"},
                 "envoy": {"egress_port": 15080, "outbound_port": 15001},
+                "dns": {"listen": "127.0.0.1:15053"},
                 "state": {"path": layout.STATE_FILE},
                 "task_files": [{"path": layout.TASK_FILE, "revoked": layout.REVOKED_FILE}],
             }

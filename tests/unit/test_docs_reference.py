@@ -118,7 +118,7 @@ def _record(decision: Decision) -> dict[str, object]:
 def test_record_fields_are_exactly_what_the_builder_writes() -> None:
     """RECORD_FIELDS names every field decision_record and the chain write, in the order written."""
     token = TokenInfo(jti="j", aud="https://a", exp=1, cached=True)
-    plain = Decision(allow=False, reason=Reason.PATH_NOT_ALLOWED, http_status=403, decision_id="d")
+    plain = Decision(allow=False, reason=Reason.PATH_NOT_ALLOWED, http_status=403, decision_id="d", qtype="TXT")
     intercepted = Decision(
         allow=True,
         reason=Reason.ALLOWED,
@@ -129,6 +129,7 @@ def test_record_fields_are_exactly_what_the_builder_writes() -> None:
         upstream_verify="dns:a ca:/ca.pem",
         sni="a",
         protocol=Protocol.HTTP,
+        connect="a:443",
     )
     dry = Decision(
         allow=True,
@@ -136,6 +137,8 @@ def test_record_fields_are_exactly_what_the_builder_writes() -> None:
         http_status=200,
         decision_id="d",
         direction=Direction.INGRESS,
+        caller="spiffe://td/a",
+        peer="spiffe://td/gateway",
         dry_run=True,
         would_reason=Reason.CALLER_NOT_ALLOWED,
     )

@@ -102,6 +102,11 @@ NEVER_RENAMED = {
         "jwt_svid_bad_signature",
         "jwt_svid_expired",
         "jwt_svid_bad_audience",
+        "jwt_svid_not_yet_valid",
+        "jwt_svid_issued_in_future",
+        "jwt_svid_lifetime_too_long",
+        "jwt_svid_duplicate",
+        "jwt_svid_peer_mismatch",
     },
     BundleDetail: {
         "bundle_malformed",

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.errors import BadRequestError
-from sidecar.http_norm import normalize_authority, normalize_path
+from sidecar.http_norm import normalize_authority, normalize_path, split_credentials
 
 
 @pytest.mark.parametrize(
@@ -147,3 +147,48 @@ def test_normalize_authority_never_crashes(raw: str) -> None:
         return
     assert host == host.lower() and not host.endswith(".")
     assert 0 < port < 65536
+
+
+# -- Authorization credentials (RFC 9110 §11.4, §5.3) ---------------------------------------------------
+_TOKEN68 = st.text(
+    alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/", min_size=1, max_size=40
+)
+_JWT = st.tuples(_TOKEN68, _TOKEN68, _TOKEN68).map(lambda parts: ".".join(p.replace(".", "") or "x" for p in parts))
+_SCHEME = st.sampled_from(["Bearer", "bearer", "BEARER", "Basic", "Negotiate", "AWS4-HMAC-SHA256"])
+_QUOTED = st.text(alphabet="abc ,=;", max_size=12).map(lambda v: '"' + v + '"')
+_CREDENTIAL = st.one_of(
+    st.tuples(_SCHEME, _JWT).map(" ".join),
+    st.tuples(_SCHEME, _TOKEN68, st.sampled_from(["", "=", "=="])).map(lambda t: f"{t[0]} {t[1]}{t[2]}"),
+    st.lists(
+        st.tuples(st.sampled_from(["realm", "nonce", "uri", "qop"]), _QUOTED | _TOKEN68), min_size=1, max_size=4
+    ).map(lambda params: "Digest " + ", ".join(f"{k}={v}" for k, v in params)),
+    _SCHEME,
+)
+_SEPARATOR = st.sampled_from([",", ", ", " ,", " , ", ",\t", ",, "])
+
+
+@given(st.lists(_CREDENTIAL, min_size=1, max_size=5), st.data())
+def test_repeated_authorization_headers_split_back_into_their_credentials(
+    credentials: list[str], data: st.DataObject
+) -> None:
+    """However many headers Envoy joined (and with whatever list whitespace), each credential comes back."""
+    joined = credentials[0]
+    for credential in credentials[1:]:
+        joined += data.draw(_SEPARATOR) + credential
+    assert [" ".join(c.split()) for c in split_credentials(joined)] == [" ".join(c.split()) for c in credentials]
+
+
+@pytest.mark.parametrize(
+    ("value", "count"),
+    [
+        ("", 0),
+        ("Bearer a.b.c", 1),
+        ("Bearer a.b.c, Bearer d.e.f", 2),
+        ("Bearer a,b", 2),  # a token68 has no comma: what follows is another credential
+        ('Digest username="x, y", realm="r", nonce=abc', 1),
+        ("Basic YWxhZGRpbjpvcGVuc2VzYW1l, Bearer a.b.c", 2),
+        (" , Bearer a.b.c ,", 1),
+    ],
+)
+def test_split_credentials_examples(value: str, count: int) -> None:
+    assert len(split_credentials(value)) == count

@@ -163,6 +163,11 @@ pod layout of sidecar/inject/layout.py; the webhook refuses to start when they d
   "task_files" (list (dict "path" "/etc/agent-authz/pod/task" "revoked" "/etc/agent-authz/pod/revoked"))
   "dry_run" $s.dryRun
 -}}
+{{- $dnsAllow := list (printf "*.%s" .Values.dns.clusterDomain) -}}
+{{- range .Values.dns.allow -}}
+{{- $dnsAllow = append $dnsAllow . -}}
+{{- end -}}
+{{- $_ := set $config "dns" (dict "listen" (printf "127.0.0.1:%d" (int .Values.dns.port)) "allow" $dnsAllow "refuse_with" .Values.dns.refuseWith) -}}
 {{- if $s.intercept.enabled -}}
 {{- $_ := set $config "intercept" (dict "state_dir" "/run/agent-authz/intercept" "publish_dir" "/etc/agent-authz/trust" "ca_ttl" $s.intercept.caTtl "leaf_ttl" $s.intercept.leafTtl) -}}
 {{- end -}}

@@ -10,7 +10,7 @@ import pytest
 import re2
 
 from sidecar import wire
-from sidecar.bootstrap.filters import upstream_header_regex
+from sidecar.bootstrap.filters import reserved_header_regex, upstream_header_regex
 from sidecar.bootstrap.render import render_envoy
 from sidecar.config.loader import load_config
 from tests.support.config import base_config, task, write_config, write_keys
@@ -48,7 +48,12 @@ def test_http_checks_go_to_the_http_service_on_its_own_socket(tmp_path: Path) ->
     managers = _managers(bootstrap)
     assert len(managers) == 2  # egress_http and outbound_http
     for manager in managers:
-        config = manager["httpFilters"][0]["typedConfig"]
+        first, authz = manager["httpFilters"][:2]
+        # the client's own x-agent-authz-* removed before anything reads the request
+        (strip,) = first["typedConfig"]["mutations"]["requestMutations"]
+        assert strip == {"removeOnMatch": {"keyMatcher": {"prefix": "x-agent-authz-"}}}
+        assert authz["name"] == wire.HTTP_FILTER
+        config = authz["typedConfig"]
         assert "grpcService" not in config and not config.get("failureModeAllow", False)
         service = config["httpService"]
         assert service["serverUri"]["cluster"] == "agent_authz_http" and service["pathPrefix"] == wire.HTTP_CHECK_PREFIX
@@ -59,7 +64,7 @@ def test_http_checks_go_to_the_http_service_on_its_own_socket(tmp_path: Path) ->
             wire.DESTINATION_HEADER: "%DOWNSTREAM_LOCAL_ADDRESS%",
             wire.PEER_CERTIFICATE_HEADER: "%DOWNSTREAM_PEER_CERT%",
         }
-        assert config["disallowedHeaders"] == {"patterns": [{"prefix": "x-agent-authz-"}]}
+        assert config["disallowedHeaders"] == {"patterns": [{"safeRegex": {"regex": reserved_header_regex()}}]}
         answer = service["authorizationResponse"]
         assert answer["dynamicMetadataFromHeaders"] == {"patterns": [{"exact": k} for k in wire.HTTP_METADATA_KEYS]}
         assert [p["exact"] for p in answer["allowedClientHeaders"]["patterns"]] == [
@@ -143,3 +148,37 @@ def test_the_answers_own_headers_never_reach_the_upstream(name: str) -> None:
 @pytest.mark.parametrize("name", TO_SET)
 def test_any_other_header_of_an_allow_is_set_on_the_request(name: str) -> None:
     assert re2.fullmatch(upstream_header_regex(), name) is not None
+
+
+@pytest.mark.parametrize(
+    ("name", "withheld"),
+    [
+        (wire.CALLER_HEADER, True),
+        (wire.CONTEXT_HEADER, True),
+        (wire.PEER_CERTIFICATE_HEADER, True),
+        ("x-agent-authz-connectx", True),
+        ("x-agent-authz-connec", True),
+        ("x-agent-authz-", True),
+        (wire.CONNECT_AUTHORITY_HEADER, False),  # Envoy's own, set before ext_authz on intercepting chains
+        ("x-agent-task", False),
+        ("authorization", False),
+    ],
+)
+def test_the_check_never_carries_a_reserved_header_of_the_client(name: str, withheld: bool) -> None:
+    assert (re2.fullmatch(reserved_header_regex(), name) is not None) is withheld
+
+
+def test_a_connect_is_checked_over_grpc_whatever_the_transport(tmp_path: Path) -> None:
+    """Envoy's HTTP service sends a CONNECT's check as ``CONNECT host:port`` (no prefix, no path): the
+    CONNECT route of every egress virtual host overrides the service with the gRPC one."""
+    bootstrap = _bootstrap(tmp_path, envoy={"egress_port": 15080})
+    (egress,) = [m for m in _managers(bootstrap) if m["statPrefix"] == "egress_http"]
+    for vhost in egress["routeConfig"]["virtualHosts"]:
+        connect, *others = vhost["routes"]
+        assert "connectMatcher" in connect["match"], vhost["name"]
+        settings = connect["typedPerFilterConfig"][wire.HTTP_FILTER]["checkSettings"]
+        assert settings["grpcService"]["envoyGrpc"]["clusterName"] == "agent_authz"
+        assert settings["contextExtensions"] == {"direction": "egress"}
+        for route in others:
+            per_filter = route.get("typedPerFilterConfig", vhost.get("typedPerFilterConfig", {}))
+            assert "grpcService" not in per_filter.get(wire.HTTP_FILTER, {}).get("checkSettings", {})

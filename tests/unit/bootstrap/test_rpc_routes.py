@@ -52,7 +52,10 @@ def test_only_mcp_routes_buffer_and_run_ext_proc(tmp_path: Path) -> None:
 
 def test_header_decision_route_first(tmp_path: Path) -> None:
     manager = _egress(_bootstrap(tmp_path, [MCP_RULE], mcp_header_decisions=["mcp.internal"]))
-    routes = next(v for v in manager["routeConfig"]["virtualHosts"] if v["name"] == "rpc|dest|mcp.internal")["routes"]
+    connect, *routes = next(v for v in manager["routeConfig"]["virtualHosts"] if v["name"] == "rpc|dest|mcp.internal")[
+        "routes"
+    ]
+    assert connect["match"] == {"connectMatcher": {}}  # every virtual host decides CONNECT first
     assert routes[0]["match"]["headers"] == [{"name": "mcp-method", "presentMatch": True}]
     first = routes[0]["typedPerFilterConfig"]["envoy.filters.http.ext_authz"]["checkSettings"]
     assert first["disableRequestBodyBuffering"] is True and "rpc_body_cap" not in first["contextExtensions"]

@@ -82,6 +82,17 @@ def test_a_check_becomes_the_request_envoy_saw() -> None:
     assert parsed.headers["x-agent-task"] == "t" and parsed.headers["user-agent"] == "agent/1"
     assert not any(name.startswith("x-agent-authz-") for name in parsed.headers)  # Envoy's, not the request's
     assert parsed.body is None and parsed.rpc is None and parsed.interception is None
+    # the pseudo-headers as gRPC's CheckRequest has them (Envoy's header limits count them)
+    pseudo = {k: v for k, v in parsed.headers.items() if k.startswith(":")}
+    assert pseudo == {":authority": API_HOST, ":method": "GET", ":path": "/v1/items/1?x=%20y", ":scheme": "http"}
+    assert "host" not in parsed.headers and parsed.connect == ""
+
+
+def test_the_connect_authority_is_read_on_intercepting_routes_only() -> None:
+    context = {wire.CONTEXT_INTERCEPT: "api.example.com:443"}
+    inside = _parse(context=context, headers={wire.CONNECT_AUTHORITY_HEADER: "api.example.com:443"})
+    assert inside.connect == "api.example.com:443"
+    assert _parse(headers={wire.CONNECT_AUTHORITY_HEADER: "api.example.com:443"}).connect == ""
 
 
 def test_the_route_context_becomes_typed_fields() -> None:

@@ -30,6 +30,7 @@ SIDECAR: dict[str, Any] = {
     "identity": {"source": "workload_api", "workload_api": {"socket": "unix:///spiffe-workload-api/spire-agent.sock"}},
     "issuer": {"url": "https://issuer.example", "signing_key": layout.SIGNING_KEY_FILE},
     "listen": {"authz": f"unix:{layout.AUTHZ_SOCKET}", "health": "0.0.0.0:15021"},
+    "dns": {"listen": "127.0.0.1:15053"},
     "envoy": {"egress_port": 15080, "outbound_port": 15001},
     "decision_log": {"path": "/var/log/agent-authz/decisions.log"},
     "state": {"path": layout.STATE_FILE},

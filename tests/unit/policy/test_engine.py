@@ -7,6 +7,7 @@ declarations in memory (the runtime tests drive the same functions through files
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from typing import Any
 
@@ -16,7 +17,7 @@ from sidecar.config.schema import TaskSpec
 from sidecar.decision import AuthzRequest, Decision, Direction, Interception, Protocol, Reason
 from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.compile import TaskSource, compile_policy
-from sidecar.policy.connection import decide_connection
+from sidecar.policy.connection import decide_connection, parse_destination
 from sidecar.policy.engine import decide_egress, dry_run
 from sidecar.policy.model import Credential, PolicyIndex
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
@@ -53,7 +54,15 @@ class Engine:
         return decide_egress(self.policy, req, now=now, decision_id="d", budgets=self.budgets, minter=self.minter)
 
     def connection(self, req: AuthzRequest, now: float = NOW) -> Decision:
-        return decide_connection(self.policy, req, now=now, decision_id="d", budgets=self.budgets)
+        """A connection whose destination is an address its name resolved to (the binding has its own tests)."""
+        resolved = parse_destination(req.destination)
+
+        def addresses_of(_host: str) -> frozenset[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+            return frozenset({resolved[0]}) if resolved is not None else frozenset()
+
+        return decide_connection(
+            self.policy, req, now=now, decision_id="d", budgets=self.budgets, addresses_of=addresses_of
+        )
 
 
 def test_an_allowed_call_carries_its_obligations() -> None:

@@ -50,8 +50,17 @@ def test_default_rules_order_and_content() -> None:
         "-A AGENT_AUTHZ_OUTPUT -m owner --gid-owner 1337 -j RETURN",
         "-A AGENT_AUTHZ_OUTPUT -o lo -j RETURN",
         "-A AGENT_AUTHZ_OUTPUT -d 127.0.0.0/8 -j RETURN",
-        "-A AGENT_AUTHZ_OUTPUT -p tcp --dport 53 -j RETURN",
         "-A AGENT_AUTHZ_OUTPUT -j AGENT_AUTHZ_REDIRECT",
+    ]
+    # DNS first, to any address: the sidecar's DNS proxy; the proxy's own queries go out as they are
+    assert [line for line in lines if line.startswith(("-A AGENT_AUTHZ_DNS", "-A OUTPUT"))] == [
+        "-A OUTPUT -p udp --dport 53 -j AGENT_AUTHZ_DNS",
+        "-A OUTPUT -p tcp --dport 53 -j AGENT_AUTHZ_DNS",
+        "-A OUTPUT -p tcp -j AGENT_AUTHZ_OUTPUT",
+        "-A AGENT_AUTHZ_DNS -m owner --uid-owner 1337 -j RETURN",
+        "-A AGENT_AUTHZ_DNS -m owner --gid-owner 1337 -j RETURN",
+        "-A AGENT_AUTHZ_DNS -p udp -j REDIRECT --to-ports 15053",
+        "-A AGENT_AUTHZ_DNS -p tcp -j REDIRECT --to-ports 15053",
     ]
     assert "-A AGENT_AUTHZ_REDIRECT -p tcp -j REDIRECT --to-ports 15001" in lines
     assert "-A AGENT_AUTHZ_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006" in lines
@@ -111,7 +120,9 @@ def test_non_tcp_filter_and_opt_out() -> None:
     text = restore_text(render_rules(RedirectSpec()).ipv4)
     filter_rules = [line for line in text.splitlines() if line.startswith("-A AGENT_AUTHZ_FILTER")]
     assert filter_rules[-1] == "-A AGENT_AUTHZ_FILTER -j DROP"
-    assert "-A AGENT_AUTHZ_FILTER -p udp --dport 53 -j RETURN" in filter_rules
+    assert not any("--dport 53" in line for line in filter_rules)  # DNS that was not redirected never leaves
+    # a redirected query: the OUTPUT hook still sees its first route's interface, not lo
+    assert "-A AGENT_AUTHZ_FILTER -p udp -d 127.0.0.1/32 --dport 15053 -j RETURN" in filter_rules
     assert "-A AGENT_AUTHZ_FILTER -m owner --uid-owner 1337 -j RETURN" in filter_rules
     opted_out = render_rules(RedirectSpec(allow_non_tcp=True)).ipv4
     assert [t.table for t in opted_out] == ["nat", "filter"] and opted_out[1].chains == ("AGENT_AUTHZ_GUARD",)
@@ -119,7 +130,10 @@ def test_non_tcp_filter_and_opt_out() -> None:
 
 def _guard(tables: tuple[TableRules, ...]) -> list[str]:
     (filter_table,) = [t for t in tables if t.table == "filter"]
-    assert filter_table.jumps[0] == "-A OUTPUT -p tcp -j AGENT_AUTHZ_GUARD"  # before every other rule of ours
+    assert filter_table.jumps[:2] == (  # before every other rule of ours
+        "-A OUTPUT -p tcp -j AGENT_AUTHZ_GUARD",
+        "-A OUTPUT -p udp --sport 15053 -j AGENT_AUTHZ_GUARD",
+    )
     return [line for line in filter_table.rules if line.startswith("-A AGENT_AUTHZ_GUARD")]
 
 
@@ -139,21 +153,48 @@ def test_only_the_proxy_answers_from_its_ports_in_every_mode(spec: RedirectSpec)
             "-A AGENT_AUTHZ_GUARD -m owner --uid-owner 1337 -j RETURN",
             "-A AGENT_AUTHZ_GUARD -m owner --gid-owner 1337 -j RETURN",
             # a squatter's SYN-ACK (attributed to its listener's UID) is dropped; kernel resets carry no UID
-            "-A AGENT_AUTHZ_GUARD -p tcp -m multiport --sports 9902,15001,15006,15021,15080 "
+            "-A AGENT_AUTHZ_GUARD -p tcp -m multiport --sports 9902,15001,15006,15021,15053,15080 "
             "-m owner --uid-owner 0-1336 -j DROP",
-            "-A AGENT_AUTHZ_GUARD -p tcp -m multiport --sports 9902,15001,15006,15021,15080 "
+            "-A AGENT_AUTHZ_GUARD -p tcp -m multiport --sports 9902,15001,15006,15021,15053,15080 "
             "-m owner --uid-owner 1338-4294967294 -j DROP",
             # Envoy's outbound and inbound listeners: through REDIRECT only
             "-A AGENT_AUTHZ_GUARD -o lo -p tcp -m multiport --dports 15001,15006 -m conntrack ! --ctstate DNAT "
             "-j REJECT --reject-with tcp-reset",
+            # the DNS proxy answers over UDP: a squatter of its port answers nobody
+            "-A AGENT_AUTHZ_GUARD -p udp --sport 15053 -m owner --uid-owner 0-1336 -j DROP",
+            "-A AGENT_AUTHZ_GUARD -p udp --sport 15053 -m owner --uid-owner 1338-4294967294 -j DROP",
         ]
 
 
 def test_the_guard_ranges_skip_only_the_proxy_uid() -> None:
     assert [r for r in _guard(render_rules(RedirectSpec(proxy_uid=1)).ipv4) if "DROP" in r] == [
-        "-A AGENT_AUTHZ_GUARD -p tcp -m multiport --sports 15001,15006 -m owner --uid-owner 0-0 -j DROP",
-        "-A AGENT_AUTHZ_GUARD -p tcp -m multiport --sports 15001,15006 -m owner --uid-owner 2-4294967294 -j DROP",
+        "-A AGENT_AUTHZ_GUARD -p tcp -m multiport --sports 15001,15006,15053 -m owner --uid-owner 0-0 -j DROP",
+        "-A AGENT_AUTHZ_GUARD -p tcp -m multiport --sports 15001,15006,15053 -m owner --uid-owner 2-4294967294 -j DROP",
+        "-A AGENT_AUTHZ_GUARD -p udp --sport 15053 -m owner --uid-owner 0-0 -j DROP",
+        "-A AGENT_AUTHZ_GUARD -p udp --sport 15053 -m owner --uid-owner 2-4294967294 -j DROP",
     ]
+
+
+def test_excluding_port_53_leaves_dns_alone() -> None:
+    """The documented opt-out (an open channel): no DNS chain, no guard of the proxy's DNS port, UDP 53 passes."""
+    spec = RedirectSpec(exclude_outbound_ports=(53,))
+    rules = render_rules(spec)
+    text = restore_text(rules.ipv4)
+    assert "AGENT_AUTHZ_DNS" not in text and "15053" not in text
+    assert "-A AGENT_AUTHZ_FILTER -p udp --dport 53 -j RETURN" in text
+    assert "-A AGENT_AUTHZ_OUTPUT -p tcp --dport 53 -j RETURN" in text
+
+
+def test_ipv6_same_redirects_dns_too() -> None:
+    v6 = _nat(RedirectSpec(ipv6=Ipv6Mode.SAME), 6)
+    assert "-A AGENT_AUTHZ_DNS -p udp -j REDIRECT --to-ports 15053" in v6
+    assert "-A OUTPUT -p udp --dport 53 -j AGENT_AUTHZ_DNS" in v6
+
+
+@pytest.mark.parametrize(("outbound", "inbound", "dns"), [(15001, 15006, 15001), (15001, 15006, 15006)])
+def test_the_dns_port_is_its_own(outbound: int, inbound: int, dns: int) -> None:
+    with pytest.raises(RedirectError, match="must differ"):
+        RedirectSpec(outbound_port=outbound, inbound_port=inbound, dns_port=dns)
 
 
 def test_merge_keeps_other_rules_and_is_idempotent() -> None:

@@ -4,6 +4,7 @@ the durable tables."""
 
 from __future__ import annotations
 
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ def test_budgets_and_expiry_never_count_and_a_freeze_stops_connections_too(tmp_p
         sni="secure.example.com",
         destination="10.0.0.9:443",
     )
+    rt.addresses.remember("secure.example.com", [(ip_address("10.0.0.9"), 300)], clock.now)  # the agent resolved it
     assert rt.decide(connection, "c1").reason is Reason.ALLOWED
     frozen = probe(rt, 2)[-1]
     assert [f.reason for f in frozen.followups] == [Reason.TASK_FROZEN]
@@ -86,6 +88,37 @@ def test_another_agents_task_never_counts(tmp_path: Path) -> None:
     rt = runtime(tmp_path, [task("t1", egress=[READ]), other], quarantine={"threshold": 1})
     named = rt.decide(req(x_agent_task="t2"), "d")
     assert named.reason is Reason.TASK_NOT_FOR_AGENT and not named.followups and rt.blocks == {}
+
+
+def test_names_no_task_allows_count_against_the_agents_active_tasks(tmp_path: Path) -> None:
+    """A DNS query carries no task id: a refused name counts against every active task of the agent
+    (one task: the record names it); a name its own expired task names counts against nothing."""
+    clock = Clock()
+    late = task(
+        "late", egress=[{"name": "other", "host": "late.example.com", "methods": ["GET"], "paths": ["/*"]}], ttl="1m"
+    )
+    rt = runtime(tmp_path, [task("t1", egress=[READ]), late], clock, quarantine={"threshold": 2, "window": "1m"})
+    clock.now += 120  # "late" expired: its name is refused, and says nothing about t1
+    expired = rt.decide_dns("late.example.com", "A", "", "e1")
+    assert (expired.reason, expired.task_id, expired.followups) == (Reason.DNS_NOT_ALLOWED, "late", ())
+    first = rt.decide_dns("c2VjcmV0.exfil.example", "TXT", "", "d1")
+    assert (first.reason, first.task_id, first.followups) == (Reason.DNS_NOT_ALLOWED, "t1", ())
+    assert rt.decide_dns(API_HOST, "A", "", "ok").allow  # allowed names never count
+    second = rt.decide_dns("cGFzc3dvcmQ.exfil.example", "TXT", "", "d2")
+    (frozen,) = second.followups
+    assert frozen.reason is Reason.TASK_FROZEN and frozen.action is not None
+    assert frozen.action["evidence"] == ["d1", "d2"]
+    assert rt.decide(req(), "after").reason is Reason.TASK_QUARANTINED
+    assert rt.decide_dns(API_HOST, "A", "", "after-dns").reason is Reason.DNS_NOT_ALLOWED  # frozen: no names
+
+
+def test_a_refused_name_counts_against_each_of_several_active_tasks(tmp_path: Path) -> None:
+    other = {"name": "other", "host": "other.example.com", "methods": ["GET"], "paths": ["/*"]}
+    rt = runtime(tmp_path, [task("t1", egress=[READ]), task("t2", egress=[other])], quarantine={"threshold": 1})
+    refused = rt.decide_dns("leak.attacker.example", "A", "", "d1")
+    assert refused.task_id is None  # the record names no task of the two
+    assert sorted(f.task_id or "" for f in refused.followups) == ["t1", "t2"]
+    assert set(rt.blocks) == {"t1", "t2"}
 
 
 def test_sensitivity_labels_from_rules_hosts_and_the_default(tmp_path: Path) -> None:

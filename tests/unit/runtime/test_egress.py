@@ -9,6 +9,7 @@ import jwt
 import pytest
 
 from sidecar.decision import AuthzRequest, Direction, Reason
+from sidecar.errors import ConfigError
 from sidecar.runtime import Runtime
 from tests.support.config import (
     AGENT,
@@ -375,3 +376,117 @@ def test_task_files_from_annotations(tmp_path: Path) -> None:
     assert runtime.decide(req(), "c").reason is Reason.TASK_REVOKED
     (tmp_path / "pod" / "task").write_text("id: [not a task")
     assert not runtime.reload() and "task_files[0].path" in (runtime.last_error or "")
+
+
+# -- what an allow may carry: reserved headers, Envoy's header limits -----------------------------------
+def test_reserved_headers_the_agent_forges_are_removed(tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path, [task()])
+    forged = {"x-agent-authz-caller": "spiffe://test.example/ns/admin/sa/root", "x-agent-authz-decision-id": "x"}
+    decision = runtime.decide(
+        req(**{k.replace("-", "_"): v for k, v in {**forged, "x-agent-authz-zz": "1"}.items()}), "d"
+    )
+    assert decision.allow
+    assert {"x-agent-authz-caller", "x-agent-authz-zz"} <= set(decision.headers_to_remove)
+    assert dict(decision.headers_to_set)["x-agent-authz-decision-id"] == "d"  # overwritten, not removed
+    assert "x-agent-authz-decision-id" not in decision.headers_to_remove
+
+
+def test_dry_run_also_removes_forged_reserved_headers(tmp_path: Path) -> None:
+    write_keys(tmp_path)
+    config = base_config(tmp_path, [task()])
+    config["dry_run"] = True
+    write_config(tmp_path, config)
+    runtime = Runtime(tmp_path / "sidecar.yaml")
+    decision = runtime.decide(req("/v1/admin", x_agent_authz_caller="spiffe://forged/x"), "d")
+    assert decision.allow and decision.reason is Reason.DRY_RUN
+    assert "x-agent-authz-caller" in decision.headers_to_remove
+
+
+def test_an_allow_envoy_could_not_deliver_is_a_431_and_spends_no_budget(tmp_path: Path) -> None:
+    """60 KiB of headers in all is Envoy's limit after the token is added: just under it with the token is
+    allowed, just over it is denied (and the call's budget is given back)."""
+    runtime = make_runtime(tmp_path, [task(max_calls=5)])
+    probe = runtime.decide(req(), "d0")
+    token_bytes = sum(len(k) + len(v) for k, v in probe.headers_to_set)
+    base = req()
+    fixed = sum(len(k) + len(v) for k, v in base.headers.items())  # none: the CheckRequest here has no headers
+    room = 60 * 1024 - token_bytes - fixed - len("x-filler")
+    fits = runtime.decide(req(x_filler="f" * room), "d1")
+    assert fits.allow, fits.detail
+    over = runtime.decide(req(x_filler="f" * (room + 1)), "d2")
+    assert (over.allow, over.reason, over.http_status) == (False, Reason.HEADERS_TOO_LARGE, 431)
+    assert "61441 bytes" in over.detail and over.token is None
+    assert runtime.budgets.used(("t1", "")) == 2  # d0 and d1; d2 was given back
+    many = runtime.decide(req(**{f"x_h{i}": "v" for i in range(99)}), "d3")
+    assert many.reason is Reason.HEADERS_TOO_LARGE and "headers" in many.detail
+
+
+@pytest.mark.parametrize(
+    ("rule", "task_extra", "field"),
+    [
+        ({"scope": " ".join(["items:read"] * 900)}, {}, "tasks[0].egress[0].scope"),
+        ({"audience": "https://" + "a" * 9000}, {}, "tasks[0].egress[0].audience"),
+        ({}, {"on_behalf_of": None}, None),  # fits
+        ({"host": "*.example.com", "scope": "s" * 5800}, {}, "tasks[0].egress[0].scope"),
+    ],
+)
+def test_a_rule_whose_token_could_exceed_the_cap_is_a_config_error(
+    tmp_path: Path, rule: dict[str, object], task_extra: dict[str, object], field: str | None
+) -> None:
+    spec = task(egress=[{"name": "r", "host": API_HOST, "methods": ["GET"], "paths": ["*"], **rule}], **task_extra)
+    write_keys(tmp_path)
+    write_config(tmp_path, base_config(tmp_path, [spec]))
+    if field is None:
+        Runtime(tmp_path / "sidecar.yaml")
+        return
+    with pytest.raises(ConfigError) as info:
+        Runtime(tmp_path / "sidecar.yaml")
+    assert info.value.field == field and "issuer.max_token_size (8192)" in info.value.reason
+
+
+def test_on_behalf_of_is_named_when_it_is_the_largest_claim(tmp_path: Path) -> None:
+    write_keys(tmp_path)
+    config = base_config(tmp_path, [task(on_behalf_of="u" * 500)])
+    config["issuer"]["max_token_size"] = "1KiB"
+    write_config(tmp_path, config)
+    with pytest.raises(ConfigError) as info:
+        Runtime(tmp_path / "sidecar.yaml")
+    assert info.value.field == "tasks[0].on_behalf_of"
+
+
+def test_a_reload_over_the_cap_keeps_the_last_good_config(tmp_path: Path) -> None:
+    runtime = make_runtime(tmp_path, [task()])
+    config = base_config(
+        tmp_path, [task(egress=[{"host": API_HOST, "methods": ["GET"], "paths": ["*"], "scope": "s" * 9000}])]
+    )
+    write_config(tmp_path, config)
+    assert runtime.reload() is False and runtime.last_error is not None and "max_token_size" in runtime.last_error
+    assert runtime.decide(req(), "d").allow
+
+
+def test_a_refund_is_durable_first() -> None:
+    """With a journal (the durable state), a given-back call is written before memory changes; a journal
+    that fails keeps the call spent."""
+    from sidecar.errors import StateError
+    from sidecar.policy.budget import BudgetLedger
+
+    class Journal:
+        def __init__(self) -> None:
+            self.saved: list[dict[tuple[str, str], int]] = []
+            self.fail = False
+
+        def save_counters(self, counters: dict[tuple[str, str], int]) -> None:
+            if self.fail:
+                raise StateError("state.db", "disk full")
+            self.saved.append(dict(counters))
+
+    journal = Journal()
+    ledger = BudgetLedger(journal=journal)
+    limits = ((("t", ""), 3), (("t", "r"), None))
+    assert ledger.try_consume(limits) and ledger.try_consume(limits)
+    ledger.refund(limits)
+    assert journal.saved[-1] == {("t", ""): 1} and ledger.used(("t", "")) == 1 and ledger.used(("t", "r")) == 1
+    journal.fail = True
+    with pytest.raises(StateError):
+        ledger.refund(limits)
+    assert ledger.used(("t", "")) == 1

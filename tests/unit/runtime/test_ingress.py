@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sidecar.decision import AuthzRequest, Direction, Reason
 from sidecar.errors import ConfigError
@@ -116,13 +118,41 @@ def test_untrusted_peer(tmp_path: Path) -> None:
     assert decision.detail.startswith("svid_chain_invalid")
 
 
+GATEWAY = "spiffe://test.example/ns/edge/sa/gateway"
+
+
 def test_jwt_svid_identifies_the_caller_and_is_stripped(tmp_path: Path) -> None:
     runtime, cas = make(tmp_path)
-    gateway, _ = make_leaf(cas["test.example"], ["spiffe://test.example/ns/edge/sa/gateway"])
+    own, _ = make_leaf(cas["test.example"], [PLANNER])
+    token = cas["test.example"].issue_jwt(PLANNER, [AGENT])
+    decision = runtime.decide(ingress(cert=url_pem(own), authorization=f"Bearer {token}"), "d")
+    assert decision.allow and decision.caller == PLANNER and decision.peer == PLANNER
+    assert "authorization" in decision.headers_to_remove
+
+
+def test_a_jwt_svid_of_another_workload_than_the_peer_is_refused_with_both_recorded(tmp_path: Path) -> None:
+    runtime, cas = make(tmp_path)
+    gateway, _ = make_leaf(cas["test.example"], [GATEWAY])
     token = cas["test.example"].issue_jwt(PLANNER, [AGENT])
     decision = runtime.decide(ingress(cert=url_pem(gateway), authorization=f"Bearer {token}"), "d")
-    assert decision.allow and decision.caller == PLANNER
+    assert (decision.allow, decision.reason) == (False, Reason.UNTRUSTED_IDENTITY)
+    assert decision.detail.startswith("jwt_svid_peer_mismatch")
+    assert (decision.caller, decision.peer) == (PLANNER, GATEWAY)
+
+
+def test_a_named_forwarder_may_present_its_callers_jwt_svid(tmp_path: Path) -> None:
+    rules = [{**RULES[0], "forwarders": [{"id": GATEWAY}]}, RULES[1]]
+    runtime, cas = make(tmp_path, rules)
+    gateway, _ = make_leaf(cas["test.example"], [GATEWAY])
+    token = cas["test.example"].issue_jwt(PLANNER, [AGENT])
+    decision = runtime.decide(ingress(cert=url_pem(gateway), authorization=f"Bearer {token}"), "d")
+    assert decision.allow and (decision.caller, decision.peer, decision.rule) == (PLANNER, GATEWAY, "planner")
     assert "authorization" in decision.headers_to_remove
+    # the forwarder alone is no caller, and another peer is no forwarder
+    other, _ = make_leaf(cas["test.example"], ["spiffe://test.example/ns/edge/sa/other"])
+    assert runtime.decide(ingress(cert=url_pem(gateway)), "d").reason is Reason.CALLER_NOT_ALLOWED
+    refused = runtime.decide(ingress(cert=url_pem(other), authorization=f"Bearer {token}"), "d")
+    assert refused.reason is Reason.UNTRUSTED_IDENTITY and refused.detail.startswith("jwt_svid_peer_mismatch")
 
 
 def test_jwt_svid_alone_is_enough(tmp_path: Path) -> None:
@@ -257,3 +287,79 @@ def test_tokens_bound_to_the_svid(tmp_path: Path) -> None:
     svid = runtime.snapshot.identity.state.svid  # type: ignore[union-attr]
     assert jwt.decode(token, options={"verify_signature": False})["cnf"] == {"x5t#S256": svid.x5t_s256}
     assert len(svid.x5t_s256) == 43 and time.time() < svid.not_after
+
+
+# -- duplicate credentials, as a kind -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def planner_env(tmp_path_factory: pytest.TempPathFactory) -> tuple[Runtime, str, str, str]:
+    """A runtime, the planner's mTLS certificate and JWT-SVID, and another workload's JWT-SVID."""
+    runtime, cas = make(tmp_path_factory.mktemp("dup"))
+    cert, _ = make_leaf(cas["test.example"], [PLANNER])
+    token = cas["test.example"].issue_jwt(PLANNER, [AGENT])
+    other = cas["test.example"].issue_jwt("spiffe://test.example/ns/x/sa/other", [AGENT])
+    return runtime, url_pem(cert), token, other
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    others=st.lists(
+        st.sampled_from(["planner-jwt", "other-jwt", "Basic cGxhbm5lcjpwdw==", "Bearer opaque", "Negotiate"]),
+        min_size=1,
+        max_size=3,
+    ),
+    scheme=st.sampled_from(["Bearer", "bearer", "BEARER", "BeArEr"]),
+    separator=st.sampled_from([",", ", ", " , "]),
+    first=st.booleans(),
+    with_peer=st.booleans(),
+)
+def test_any_second_credential_beside_a_jwt_svid_is_refused(
+    planner_env: tuple[Runtime, str, str, str],
+    others: list[str],
+    scheme: str,
+    separator: str,
+    first: bool,
+    with_peer: bool,
+) -> None:
+    """Several Authorization headers reach the sidecar comma-joined, in any order and scheme casing: never
+    a fallback to one of them or to the mTLS peer."""
+    runtime, cert, token, other = planner_env
+    names = {"planner-jwt": f"{scheme} {token}", "other-jwt": f"Bearer {other}"}
+    values = [names.get(o, o) for o in others]
+    values = [f"{scheme} {token}", *values] if first else [*values, f"{scheme} {token}"]
+    decision = runtime.decide(ingress(cert=cert if with_peer else "", authorization=separator.join(values)), "d")
+    assert (decision.allow, decision.reason) == (False, Reason.UNTRUSTED_IDENTITY)
+    assert decision.detail.startswith("jwt_svid_duplicate")
+    assert decision.peer == (PLANNER if with_peer else None)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scheme=st.sampled_from(["Bearer", "bearer", "BEARER", "bEaReR"]), padding=st.sampled_from(["", " ", "  "]))
+def test_one_jwt_svid_in_any_scheme_casing_is_the_caller(
+    planner_env: tuple[Runtime, str, str, str], scheme: str, padding: str
+) -> None:
+    runtime, cert, token, _ = planner_env
+    decision = runtime.decide(ingress(cert=cert, authorization=f"{padding}{scheme} {token}{padding}"), "d")
+    assert decision.allow and (decision.caller, decision.peer) == (PLANNER, PLANNER)
+    assert "authorization" in decision.headers_to_remove
+
+
+def test_an_authorization_for_the_app_is_left_alone(planner_env: tuple[Runtime, str, str, str]) -> None:
+    """Not a JWT-SVID (the app's own credential): mTLS decides, and the header reaches the app."""
+    runtime, cert, _, _ = planner_env
+    for value in ("Basic cGxhbm5lcjpwdw==", "Bearer opaque-token", 'Digest username="a, b", realm="r"'):
+        decision = runtime.decide(ingress(cert=cert, authorization=value), "d")
+        assert decision.allow and decision.caller == PLANNER and decision.peer is None
+        assert "authorization" not in decision.headers_to_remove
+
+
+def test_reserved_headers_a_caller_sends_are_removed(planner_env: tuple[Runtime, str, str, str]) -> None:
+    runtime, cert, _, _ = planner_env
+    decision = runtime.decide(
+        ingress(
+            cert=cert, x_agent_authz_caller="spiffe://forged/x", x_agent_authz_decision_id="forged", x_agent_authz_x="1"
+        ),
+        "d",
+    )
+    assert decision.allow and dict(decision.headers_to_set)["x-agent-authz-caller"] == PLANNER
+    assert {"x-agent-authz-x"} <= set(decision.headers_to_remove)
+    assert "x-agent-authz-caller" not in decision.headers_to_remove  # set, not removed (Envoy removes after setting)

@@ -112,10 +112,12 @@ def test_intercept_rules_judge_only_intercepted_requests(tmp_path: Path) -> None
     assert runtime.decide(intercepted(), "c").reason is Reason.PORT_NOT_ALLOWED  # plain rules never match inside TLS
 
 
-def test_connect_reaching_the_sidecar_is_a_bad_request(tmp_path: Path) -> None:
+def test_a_connect_reaching_the_sidecar_is_decided(tmp_path: Path) -> None:
+    """Only to port 443 of an intercepted host (test_connection.py has the whole rule)."""
     runtime = _runtime(tmp_path, [task(egress=[INTERCEPT])])
     decision = runtime.decide(AuthzRequest(Direction.EGRESS, "CONNECT", "", f"{API}:8443", "", {}), "d")
-    assert decision.reason is Reason.BAD_REQUEST and "CONNECT" in decision.detail
+    assert decision.reason is Reason.PORT_NOT_ALLOWED and "443" in decision.detail
+    assert runtime.decide(AuthzRequest(Direction.EGRESS, "CONNECT", "", f"{API}:443", "", {}), "d").allow
 
 
 def test_connections_inside_a_connect_tunnel_are_refused(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ from typing import Any
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sidecar.tokens.keys import SigningKey, generate_private_key_pem, load_signing_key
 from sidecar.tokens.minter import MintedToken, TokenCache, TokenMinter
@@ -135,3 +137,35 @@ def test_retain_drops_tokens_of_tasks_gone_or_changed(key: SigningKey) -> None:
     cache.retain({("t2", "fpx")})
     assert len(cache) == 1
     assert token(m, task_id="t2", task_fingerprint="fpx").info.cached
+
+
+# -- the size bound behind issuer.max_token_size --------------------------------------------------------
+_TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=300)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    subject=_TEXT.filter(bool),
+    audience=_TEXT.filter(bool),
+    scope=st.none() | _TEXT.filter(bool),
+    txn=_TEXT.filter(bool),
+    actors=st.lists(_TEXT.filter(bool), min_size=1, max_size=4),
+    cnf=st.booleans(),
+    now=st.floats(min_value=1_000_000_000, max_value=9_000_000_000),
+    algorithm=st.sampled_from(["ES256", "EdDSA"]),
+)
+def test_no_minted_token_is_longer_than_its_bound(
+    subject: str, audience: str, scope: str | None, txn: str, actors: list[str], cnf: bool, now: float, algorithm: str
+) -> None:
+    """Whatever the claims (non-ASCII escaped, nested act chains, any time): the bound holds, and is tight."""
+    signing = load_signing_key(generate_private_key_pem(algorithm), algorithm, file="mem", field="key")  # type: ignore[arg-type]
+    m = minter(signing, per_call=True)
+    actor: dict[str, Any] = {"sub": actors[0]}
+    for earlier in actors[1:]:
+        actor = {"sub": earlier, "act": actor}
+    claims = {"subject": subject, "actor": actor, "client_id": AGENT, "audience": audience, "scope": scope, "txn": txn}
+    bound = m.size_bound(**claims, cnf=cnf)
+    minted = m.token_for(
+        task_id="t", task_fingerprint="f", task_expires_at=now + 300, now=now, cnf="c" * 43 if cnf else None, **claims
+    )
+    assert len(minted.token) <= bound <= len(minted.token) + 8
