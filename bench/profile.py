@@ -184,7 +184,8 @@ def profile(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         config = run._sidecar_config(
             state, Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "authz.sock", args.tasks, up, **extra
         )
-        stack = AuthzStack(config, state)
+        (work / "d-run").mkdir()
+        stack = AuthzStack(config, work / "d-run")  # process logs apart from the config, as in a pod
         stack.start()
         host, path = run._target(args.tasks)
         url = f"http://127.0.0.1:{stack.egress_port}{path}"

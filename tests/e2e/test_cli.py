@@ -92,7 +92,12 @@ def test_rendered_config_enforces_fail_closed_and_path_normalization(config: Pat
     hcm = listener["filterChains"][0]["filters"][0]["typedConfig"]
     assert hcm["normalizePath"] is True and hcm["mergeSlashes"] is True
     assert hcm["pathWithEscapedSlashesAction"] == "REJECT_REQUEST"
-    ext_authz = hcm["httpFilters"][0]
+    if transport == "http":  # before ext_authz only the removal of the client's own x-agent-authz-*
+        strip, ext_authz = hcm["httpFilters"][:2]
+        (mutation,) = strip["typedConfig"]["mutations"]["requestMutations"]
+        assert mutation == {"removeOnMatch": {"keyMatcher": {"prefix": "x-agent-authz-"}}}
+    else:
+        ext_authz = hcm["httpFilters"][0]
     assert ext_authz["name"] == "envoy.filters.http.ext_authz"
     assert not ext_authz["typedConfig"].get("failureModeAllow", False)
     if transport == "grpc":
@@ -101,13 +106,14 @@ def test_rendered_config_enforces_fail_closed_and_path_normalization(config: Pat
         service = ext_authz["typedConfig"]["httpService"]
         assert service["serverUri"]["timeout"] == "0.250s" and service["serverUri"]["cluster"] == "agent_authz_http"
         assert ext_authz["typedConfig"]["statusOnError"] == {"code": "ServiceUnavailable"}
-        assert ext_authz["typedConfig"]["disallowedHeaders"] == {"patterns": [{"prefix": "x-agent-authz-"}]}
+        (withheld,) = ext_authz["typedConfig"]["disallowedHeaders"]["patterns"]
+        assert withheld["safeRegex"]["regex"].startswith("x\\-agent\\-authz\\-")
     for vhost in hcm["routeConfig"]["virtualHosts"]:
         ctx = vhost["typedPerFilterConfig"]["envoy.filters.http.ext_authz"]["checkSettings"]["contextExtensions"]
         assert ctx == {"direction": "egress"}
-        if transport == "http":  # the same context in the route's metadata, which the HTTP service sends
-            (route,) = vhost["routes"]
-            assert route["metadata"]["filterMetadata"]["envoy.filters.http.ext_authz"] == {"direction": "egress"}
+        if transport == "http":  # the same context in each route's metadata, which the HTTP service sends
+            for route in vhost["routes"]:
+                assert route["metadata"]["filterMetadata"]["envoy.filters.http.ext_authz"] == {"direction": "egress"}
     admin = bootstrap["admin"]["address"]["pipe"]  # a Unix socket only its owner may connect to, never TCP
     assert admin["path"].endswith("/envoy-admin.sock") and admin["mode"] == 0o600
 
