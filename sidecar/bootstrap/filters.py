@@ -476,13 +476,16 @@ def refused_log(kit: Kit, namespace: str, stat_prefix: str, direction: str = EGR
         if http
         else grpc_log.TcpGrpcAccessLogConfig(common_config=common)
     )
+    # Envoy's access-log MetadataFilter ignores the matcher's ``invert``: with a present key it logs when
+    # the value matches, with an absent one when ``match_if_key_not_found``. A decision id is never null,
+    # so ``null_match`` logs exactly the entries without one (with ``present_match`` and ``invert``, as
+    # first written, Envoy streamed every request to the sidecar, which parsed and dropped it).
     undecided = al.AccessLogFilter(
         metadata_filter=al.MetadataFilter(
             matcher=m.MetadataMatcher(
                 filter=namespace,
                 path=[m.MetadataMatcherPathSegment(key=METADATA_DECISION_ID)],
-                value=m.ValueMatcher(present_match=True),
-                invert=True,
+                value=m.ValueMatcher(null_match=m.ValueMatcherNullMatch()),
             ),
             match_if_key_not_found=True,
         )

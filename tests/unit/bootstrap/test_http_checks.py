@@ -182,3 +182,25 @@ def test_a_connect_is_checked_over_grpc_whatever_the_transport(tmp_path: Path) -
         for route in others:
             per_filter = route.get("typedPerFilterConfig", vhost.get("typedPerFilterConfig", {}))
             assert "grpcService" not in per_filter.get(wire.HTTP_FILTER, {}).get("checkSettings", {})
+
+
+def test_only_undecided_requests_are_streamed_to_the_sidecar(tmp_path: Path) -> None:
+    """Envoy's access-log MetadataFilter ignores a matcher's ``invert``: the refusal logger logs an entry
+    whose ``decision_id`` is null or absent (``match_if_key_not_found``), never one that has a decision."""
+    bootstrap = _bootstrap(tmp_path, envoy={"egress_port": 15080})
+    loggers = [
+        log
+        for manager in _managers(bootstrap)
+        for log in manager["accessLog"]
+        if log["name"] == "envoy.access_loggers.http_grpc"
+    ]
+    assert loggers
+    for log in loggers:
+        assert log["filter"]["metadataFilter"] == {
+            "matcher": {
+                "filter": wire.HTTP_FILTER,
+                "path": [{"key": wire.METADATA_DECISION_ID}],
+                "value": {"nullMatch": {}},
+            },
+            "matchIfKeyNotFound": True,
+        }
