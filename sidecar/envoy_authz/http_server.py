@@ -11,7 +11,7 @@ other than the common ones is parsed as a ``GET`` and judged with its own method
 check at a time per connection, so each starts a read; one pipelined behind another would close
 the connection - 503, fail closed).
 
-Measured against Envoy 1.40 (``docs/performance.md``): about twice the checks per second of the
+Measured against Envoy 1.40 (``docs/performance.md``): about 1.5x the checks per second of the
 grpc.aio service for the same decision work. Only Envoy connects (a ``0600`` Unix socket in the
 proxy's private directory); bytes that are not HTTP close the connection (Envoy answers 503: fail
 closed), a check over 96 KiB of headers or over the largest body cap is a recorded ``bad_request``
