@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python bench/authority_feed.py [SIDECARS] [ROUNDS]`` (default 6 sidecars, 3 rounds).
 Prints a markdown table.
 
-Two ``agent-authz authority`` replicas against the Kubernetes API double (``tests/support/kube_api.py``;
+Two ``agent-authz authority`` replicas against the Kubernetes API double (``sidecar/simulation/kube_api.py``;
 no API server runs here), SIDECARS real ``agent-authz serve`` processes, half streaming from each
 replica. Each sidecar holds, per round, a grant delegated from one root task ``q<round>``. A round
 revokes ``q<round>`` with the root key at replica 0 (the same request ``agent-authz task revoke

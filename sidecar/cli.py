@@ -153,6 +153,13 @@ def _cmd_dev_ca_issue(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.scenario == "cluster":
+        from sidecar.demo.cluster.scenario import run_cluster
+
+        if args.keep_running:
+            print("agent-authz demo: --keep-running is for the basic and quarterly-report scenarios", file=sys.stderr)
+            return 2
+        return run_cluster(state_dir=Path(args.state_dir) if args.state_dir else None)
     if args.scenario == "mcp":
         from sidecar.demo.mcp_scenario import run_mcp_demo
 
@@ -391,10 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the quarterly-report demo with real Envoy")
     demo.add_argument(
         "--scenario",
-        choices=["basic", "quarterly-report", "mcp"],
+        choices=["basic", "quarterly-report", "mcp", "cluster"],
         default="basic",
         help="basic: one agent and its task; quarterly-report: an orchestrator delegating to three sub-agents; "
-        "mcp: MCP tools and A2A methods as task rules, with the official SDKs",
+        "mcp: MCP tools and A2A methods as task rules, with the official SDKs; cluster: the quarterly report "
+        "across pods of a simulated cluster (root: the authority, the API server double, the webhook, sub-agent Jobs)",
     )
     demo.add_argument("--state-dir", help="keep keys, config and logs here (default: a temporary dir)")
     demo.add_argument("--keep-running", action="store_true", help="leave the stack up until Ctrl-C")

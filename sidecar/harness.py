@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -62,6 +63,28 @@ def http_get(url: str, timeout: float = 2.0, *, ca_file: Path | None = None) -> 
             return int(response.status), bytes(response.read())
     except urllib.error.HTTPError as err:
         return int(err.code), bytes(err.read())
+
+
+def https_named_get(url: str, server_name: str, path: str, ca_file: Path, timeout: float = 2.0) -> tuple[int, bytes]:
+    """GET ``path`` from the ``https://host:port`` of ``url``, verifying its certificate for
+    ``server_name`` (also the SNI and ``Host``): a server reached by address whose certificate names
+    a Service. Returns ``(status, body)``; ``(0, b"")`` when the connection or handshake fails."""
+    import ssl
+
+    parsed = urllib.parse.urlsplit(url)
+    context = ssl.create_default_context(cafile=str(ca_file))
+    try:
+        raw = socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout)
+        conn = http.client.HTTPConnection(server_name, parsed.port or 443, timeout=timeout)
+        conn.sock = context.wrap_socket(raw, server_hostname=server_name)
+        try:
+            conn.request("GET", path)
+            reply = conn.getresponse()
+            return int(reply.status), reply.read()
+        finally:
+            conn.close()
+    except OSError:
+        return 0, b""
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -248,6 +271,7 @@ class AuthorityProcess(ManagedProcess):
         log_dir: logs and the ready file.
         env: environment (e.g. ``HOSTNAME`` to name the replica in its records).
         name: log file stem; distinct per replica.
+        prefix: prepended to the command (e.g. ``ip netns exec NODE``).
     """
 
     def __init__(
@@ -258,6 +282,7 @@ class AuthorityProcess(ManagedProcess):
         log_dir: Path,
         env: Mapping[str, str] | None = None,
         name: str = "authority",
+        prefix: Sequence[str] = (),
     ) -> None:
         self.ready_file = log_dir / f"{name}.ready.json"
         self.ca_file = ca_file
@@ -271,7 +296,7 @@ class AuthorityProcess(ManagedProcess):
             "--ready-file",
             str(self.ready_file),
         ]
-        super().__init__(name, argv, log_dir=log_dir, env=env)
+        super().__init__(name, argv, log_dir=log_dir, env=env, prefix=prefix)
         self.addresses: dict[str, Any] = {}
 
     def start(self) -> None:
@@ -279,8 +304,14 @@ class AuthorityProcess(ManagedProcess):
         self.ready_file.unlink(missing_ok=True)
         super().start()
 
-    def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
-        """Wait for the ready file and ``/readyz`` (both ConfigMaps read); returns the bound addresses."""
+    def wait_ready(self, timeout: float = 20.0, *, server_name: str | None = None) -> dict[str, Any]:
+        """Wait for the ready file and ``/readyz`` (both ConfigMaps read); returns the bound addresses.
+
+        Args:
+            timeout: seconds for each of the two waits.
+            server_name: verify the certificate for this name instead of the listener's address
+                (a certificate naming only the Service), sent as SNI.
+        """
 
         def probe() -> dict[str, Any] | None:
             self.check_alive()
@@ -290,11 +321,13 @@ class AuthorityProcess(ManagedProcess):
             return data
 
         self.addresses = wait_until(probe, timeout=timeout, what=f"{self.name} ready file")
-        wait_until(
-            lambda: http_get(self.public_url + "/readyz", ca_file=self.ca_file)[0] == 200,
-            timeout=timeout,
-            what=f"{self.name} /readyz",
-        )
+
+        def ready() -> bool:
+            if server_name is None:
+                return http_get(self.public_url + "/readyz", ca_file=self.ca_file)[0] == 200
+            return https_named_get(self.public_url, server_name, "/readyz", self.ca_file)[0] == 200
+
+        wait_until(ready, timeout=timeout, what=f"{self.name} /readyz")
         return self.addresses
 
     @property

@@ -401,6 +401,22 @@ def _feed_client(runtime: Runtime) -> FeedClient | None:
         issuer = snapshot.loaded.settings.issuer.url
         return key_announcement(snapshot.keys, issuer=issuer, subject=snapshot.policy.agent, now=runtime.clock())
 
+    store = runtime.store
+    last_contact: float | None = None
+    if store is not None:
+        try:
+            last_contact = store.feed_contact()
+        except StateError as exc:  # counted from start then; the file was checked at open
+            _log.error("feed_contact_unreadable", file=exc.file, reason=exc.reason)
+
+    def remember_contact(at: float) -> None:
+        if store is None:
+            return
+        try:
+            store.save_feed_contact(at)
+        except StateError as exc:  # a restart would count from an older contact: only stale sooner
+            _log.error("feed_contact_not_stored", file=exc.file, reason=exc.reason)
+
     client = FeedClient(
         spec,
         ca_file=loaded.resolve(spec.ca),
@@ -409,6 +425,8 @@ def _feed_client(runtime: Runtime) -> FeedClient | None:
         announcement=announcement,
         apply_actions=apply_actions,
         clock=runtime.clock,
+        last_contact=last_contact,
+        remember_contact=remember_contact,
     )
     runtime.action_listeners.append(
         lambda own: client.forward_action(str(own.target), own.token) if own.token else None

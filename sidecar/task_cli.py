@@ -32,6 +32,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -362,9 +363,10 @@ def _approve(args: argparse.Namespace) -> int:
         )
         return 1
     call = body.get("call", {})
+    until = datetime.fromtimestamp(float(body["expires_at"]), UTC).isoformat(timespec="seconds")
     print(
         f"approved {body['id']} ({call.get('method')} {call.get('host')}{call.get('path')}"
-        f"{' tool ' + call['tool'] if call.get('tool') else ''}) until {body['expires_at']}: one retry"
+        f"{' tool ' + call['tool'] if call.get('tool') else ''}) until {until}: one retry"
     )
     return 0
 

@@ -11,7 +11,8 @@ brings nothing (not even a heartbeat) for ``read_timeout`` is reconnected with e
 and jitter, from ``reconnect_min`` up to ``reconnect_max``.
 
 :class:`FeedStatus` is what the rest of the sidecar reads: whether the feed is stale (no contact for
-``max_staleness``, counted from start until the first contact), the lag of the last event, the
+``max_staleness``, counted from the last contact stored in the durable state - or from start when
+there is none - until the first contact), the lag of the last event, the
 reconnect time, counters. The runtime denies ``revocation_feed_stale`` while it is stale.
 
 On each connection, and every ``announce_interval``, the client announces this sidecar's public
@@ -178,6 +179,12 @@ class FeedClient:
             ``snapshot`` (every action the authority keeps) and ``actions`` event (compact JWS,
             unverified: the callee verifies them), on the event loop.
         clock: POSIX seconds.
+        last_contact: POSIX seconds of the last contact before this process started (from the
+            durable state): staleness counts from it, so a restart while the feed is down gives no
+            new grace period (a value in the future counts as now).
+        remember_contact: called with the time of a contact to store it durably: on each snapshot,
+            and for other events at most every :attr:`contact_interval` seconds - what is stored is
+            never later than the real last contact, so a restart can only go stale sooner.
 
     Attributes:
         status: the :class:`FeedStatus` the runtime and the metrics read.
@@ -193,6 +200,8 @@ class FeedClient:
         announcement: Callable[[], dict[str, Any] | None] | None = None,
         apply_actions: Callable[[tuple[str, ...], bool], None] | None = None,
         clock: Callable[[], float] = time.time,
+        last_contact: float | None = None,
+        remember_contact: Callable[[float], None] | None = None,
     ) -> None:
         self.spec = spec
         self._apply_actions = apply_actions
@@ -201,7 +210,13 @@ class FeedClient:
         self._apply = apply
         self._announcement = announcement
         self._clock = clock
-        self.status = FeedStatus(spec.max_staleness, spec.stale_applies_to, clock())
+        now = clock()
+        self.status = FeedStatus(spec.max_staleness, spec.stale_applies_to, now)
+        if last_contact is not None:
+            self.status.last_contact = min(last_contact, now)
+        self._remember_contact = remember_contact
+        self._stored_contact = self.status.last_contact
+        self.contact_interval = min(5.0, spec.max_staleness / 4)
         self.read_timeout = max(2.0, min(15.0, spec.max_staleness / 2))
         self._session: aiohttp.ClientSession | None = None
         self._pending: deque[_Forward] = deque()
@@ -358,6 +373,7 @@ class FeedClient:
             return False  # an event this version does not know: contact, nothing to apply
         status.events[name] += 1
         status.last_contact = now
+        self._store_contact(now, force=name == EVENT_SNAPSHOT)
         status.revision = revision
         status.last_lag = max(0.0, self._clock() - sent)
         if name == EVENT_SNAPSHOT:
@@ -376,6 +392,14 @@ class FeedClient:
             status.entries += len(entries)
             _log.info("revocations_received", ids=[e.id for e in entries], revision=revision, lag=status.last_lag)
         return False
+
+    def _store_contact(self, now: float, *, force: bool) -> None:
+        if self._remember_contact is None:
+            return
+        stored = self._stored_contact
+        if force or stored is None or now - stored >= self.contact_interval:
+            self._remember_contact(now)
+            self._stored_contact = now
 
     def _older(self, revision: str) -> bool:
         """Whether ``revision`` is older than one already applied (a replica whose watch lags behind

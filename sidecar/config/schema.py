@@ -199,6 +199,7 @@ QUARANTINE_REASONS = (
     Reason.RPC_METHOD_NOT_ALLOWED,
     Reason.SENSITIVITY_NOT_ALLOWED,
     Reason.DNS_NOT_ALLOWED,
+    Reason.DESTINATION_MISMATCH,
 )
 """The out-of-task kinds the anomaly rule counts by default: a call the task's rules do not allow."""
 _COUNTABLE = (

@@ -95,6 +95,7 @@ def risk_agent_app(url: str) -> Any:
     from a2a.server.routes import create_agent_card_routes, create_jsonrpc_routes
     from a2a.server.tasks import InMemoryTaskStore
     from a2a.types import a2a_pb2
+    from a2a.utils.errors import UnsupportedOperationError
     from starlette.applications import Starlette
 
     class RiskExecutor(AgentExecutor):
@@ -103,7 +104,7 @@ def risk_agent_app(url: str) -> Any:
             await event_queue.enqueue_event(new_text_message(f"risk score for: {text}"))
 
         async def cancel(self, context: RequestContext, event_queue: EventQueue) -> None:
-            raise NotImplementedError
+            raise UnsupportedOperationError("the risk agent answers at once: nothing to cancel")
 
     card = a2a_pb2.AgentCard(
         name="risk-agent",

@@ -247,6 +247,8 @@ def run_demo(*, state_dir: Path | None, keep_running: bool = False, envoy_bin: s
         print(f"\nDecision log: {log_path} ({count} records, no token or key material)")
         if tmp is None:
             print(f"  show it: {logs_command(log_path)}   verify its chain: agent-authz logs verify {log_path}")
+        elif not keep_running:
+            print("  (a temporary directory, removed on exit: --state-dir DIR keeps it to read or verify)")
         elapsed = time.monotonic() - started
         if problems:
             print(color(f"\nFAILED ({len(problems)} problems, {elapsed:.1f}s):", RED))

@@ -147,8 +147,9 @@ class SampleUpstream:
         return web.json_response(body)
 
     # -- lifecycle -------------------------------------------------------------------------------
-    def start(self, timeout: float = 10.0) -> int:
-        """Start serving; returns the bound port."""
+    def start(self, timeout: float = 10.0, *, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Start serving on ``host:port`` (``0``: a free port; the thread inherits the caller's
+        network namespace); returns the bound port."""
         ready = threading.Event()
         failure: list[BaseException] = []
 
@@ -157,7 +158,7 @@ class SampleUpstream:
             app.router.add_route("*", "/{tail:.*}", self._handle)
             self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=self.ssl_context)
+            site = web.TCPSite(self._runner, host, port, ssl_context=self.ssl_context)
             await site.start()
             self.port = int(self._runner.addresses[0][1])
 

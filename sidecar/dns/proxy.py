@@ -9,8 +9,11 @@ For each message (RFC 1035 §4; dnspython reads and writes the wire format):
    TCP stream of junk is closed;
 2. the name is judged (:func:`~sidecar.policy.names.decide_name`): a refused one is answered
    NXDOMAIN (or REFUSED) with an Extended DNS Error (RFC 8914, ``Blocked``/``Prohibited``, naming the
-   decision) when the query has EDNS, recorded and counted (``refused``) - and never forwarded;
-3. an allowed one is forwarded, with a fresh message id, to the pod's resolvers in order (UDP
+   decision) when the query has EDNS, recorded and counted (``refused``) - and never forwarded; so is
+   an allowed name asked in another class than ``IN`` (``CH``, ``HS``, ``ANY``: ``dns_not_allowed``);
+3. an allowed one is forwarded to the pod's resolvers in order as a new query (:func:`_outbound`: the
+   question, a fresh id, ``RD``/``CD``/``DO``, the proxy's own EDNS without options - nothing else of
+   the agent's message, so EDNS options and extra records carry no data to the resolvers) (UDP
    queries over UDP, TCP ones over TCP; dnspython checks the answer matches the question), and the
    answer is relayed with the agent's id; its ``A``/``AAAA`` records are remembered for the
    passthrough binding (:class:`~sidecar.dns.answers.AddressBook`). Counted (``allowed``); recorded
@@ -34,7 +37,7 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dns.asyncquery
@@ -48,7 +51,7 @@ import dns.rdataclass
 import dns.rdatatype
 import structlog
 
-from sidecar.decision import Decision
+from sidecar.decision import Decision, Reason
 from sidecar.dns.answers import Address, AddressBook
 from sidecar.errors import BadRequestError
 
@@ -72,6 +75,8 @@ MAX_TCP_CONNECTIONS = 64
 TCP_IDLE = 10.0
 _HEADER = 12
 _MAX_MESSAGE = 65535
+_FORWARD_PAYLOAD = 1232
+"""The EDNS UDP payload size the proxy asks its resolvers for (the DNS Flag Day 2020 value)."""
 _SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 _MAX_SAMPLED = 4096
 
@@ -279,7 +284,17 @@ class DnsProxy:
         question = query.question[0]
         qtype = dns.rdatatype.to_text(question.rdtype)
         decision = self._hooks.judge(question.name.to_text(omit_final_dot=True), qtype, destination)
-        if not decision.allow or question.rdclass != dns.rdataclass.IN:
+        if decision.allow and question.rdclass != dns.rdataclass.IN:
+            rdclass = dns.rdataclass.to_text(question.rdclass)
+            decision = replace(
+                decision,
+                allow=False,
+                reason=Reason.DNS_NOT_ALLOWED,
+                detail=f"class {rdclass}: only IN names resolve",
+                dry_run=False,
+                would_reason=None,
+            )
+        if not decision.allow:
             self._hooks.count("refused")
             self._hooks.record(decision)
             return self._refuse(query, decision)
@@ -341,8 +356,7 @@ class DnsProxy:
             return bytes(truncated.to_wire())
 
     async def _forward(self, query: dns.message.Message, tcp: bool) -> dns.message.Message | None:
-        outbound = dns.message.from_wire(query.to_wire())
-        outbound.id = secrets.randbelow(65536)
+        outbound = _outbound(query)
         for host, port in self._upstreams:
             try:
                 if tcp:
@@ -407,3 +421,23 @@ class _Datagrams(asyncio.DatagramProtocol):
 
     def error_received(self, exc: Exception) -> None:
         _log.debug("dns_udp_error", error=type(exc).__name__)
+
+
+def _outbound(query: dns.message.Message) -> dns.message.Message:
+    """The query the resolvers get: a new message with the agent's question and nothing else the agent
+    chose - a fresh id, the ``RD``/``CD`` flags and the ``DO`` bit kept, EDNS (RFC 6891) with the
+    proxy's own payload size and no options, no authority or additional records (an allowed name is
+    asked for; the message around it carries no data of the agent's to the resolvers)."""
+    question = query.question[0]
+    edns = 0 if query.edns >= 0 else -1
+    outbound = dns.message.make_query(
+        question.name,
+        question.rdtype,
+        question.rdclass,
+        use_edns=edns,
+        want_dnssec=bool(query.ednsflags & dns.flags.DO),
+        payload=_FORWARD_PAYLOAD,
+        id=secrets.randbelow(65536),
+    )
+    outbound.flags = dns.flags.Flag(query.flags & (dns.flags.RD | dns.flags.CD))
+    return outbound

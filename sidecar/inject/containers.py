@@ -201,6 +201,14 @@ def build_containers(config: InjectorConfig, probe_ports: list[int]) -> list[Jso
     ]
     if config.intercept:  # the sidecar publishes the pod CA there (the agent mounts it read-only)
         sidecar_mounts.append({"name": layout.VOLUME_TRUST, "mountPath": layout.TRUST_DIR})
+    for index, credential in enumerate(sorted(settings.credentials, key=lambda c: c.name)):
+        sidecar_mounts.append(  # the directory, not a subPath: the kubelet's ..data swap reaches the sidecar
+            {
+                "name": f"{layout.VOLUME_CREDENTIAL_PREFIX}{index}",
+                "mountPath": f"{layout.CREDENTIALS_DIR}/{credential.name}",
+                "readOnly": True,
+            }
+        )
     sidecar = {
         "name": layout.CONTAINER_SIDECAR,
         **image,

@@ -30,6 +30,9 @@ a ``hostPath`` volume                                  the node's files: the kub
 a ``csi`` volume of the Workload API driver            the pod's SVID and its key: the agent could sign
                                                        delegations and revocation lists itself
 a ``volumeMount`` of an ``agent-authz*`` volume        the proxy's own volumes (run directory, keys, config)
+a volume (``secret``, or a ``projected`` source) or    the API keys the sidecar injects (``credentials`` from
+an ``env``/``envFrom`` reference naming a Secret of    Secrets): the agent would hold the key it must never see
+the chart's ``sidecar.credentials``
 =====================================================  ==========================================================
 
 With ``harden_containers`` (chart: ``injection.hardenContainers``) the webhook does not refuse a
@@ -160,6 +163,7 @@ def _pod_level(spec: Mapping[str, Any], config: InjectorConfig) -> None:
                 f"volume {name!r} is a hostPath ({path}): the pod's containers could reach the node's files - the "
                 "kubelet's pod directories (the proxy's sockets and keys) or the SPIRE agent socket"
             )
+        _credential_volume(volume, name, config.settings.credential_secrets)
         csi = mapping(volume.get("csi"), f"volume {name}.csi")
         workload = config.settings.workload_api
         if csi and workload.mode == "csi" and csi.get("driver") == workload.driver:
@@ -167,6 +171,40 @@ def _pod_level(spec: Mapping[str, Any], config: InjectorConfig) -> None:
                 f"volume {name!r} mounts the SPIFFE Workload API ({workload.driver}): the agent would get the pod's "
                 "SVID and its key, and could sign delegations and revocation lists itself"
             )
+
+
+def _credential_volume(volume: Mapping[str, Any], name: str, secrets: frozenset[str]) -> None:
+    """Refuse a volume of the pod's own that holds a credential Secret (directly or projected)."""
+    if not secrets:
+        return
+    found = {mapping(volume.get("secret"), f"volume {name}.secret").get("secretName")}
+    projected = mapping(volume.get("projected"), f"volume {name}.projected")
+    for source in object_list(projected.get("sources"), f"volume {name}.projected.sources"):
+        found.add(mapping(source.get("secret"), f"volume {name}.projected.sources[].secret").get("name"))
+    held = sorted(s for s in found & secrets if isinstance(s, str))
+    if held:
+        raise InjectionDenied(
+            f"volume {name!r} mounts the Secret {held[0]!r}, which holds an API key agent-authz injects: only the "
+            "sidecar may read it (the agent would hold the key it must never see)"
+        )
+
+
+def _credential_env(container: Mapping[str, Any], name: str, secrets: frozenset[str]) -> None:
+    """Refuse a container of the pod's own that reads a credential Secret into its environment."""
+    if not secrets:
+        return
+    refs = []
+    for item in object_list(container.get("env"), f"{name}.env"):
+        value_from = mapping(item.get("valueFrom"), f"{name}.env[].valueFrom")
+        refs.append(mapping(value_from.get("secretKeyRef"), f"{name}.env[].valueFrom.secretKeyRef").get("name"))
+    for item in object_list(container.get("envFrom"), f"{name}.envFrom"):
+        refs.append(mapping(item.get("secretRef"), f"{name}.envFrom[].secretRef").get("name"))
+    held = sorted(s for s in set(refs) & secrets if isinstance(s, str))
+    if held:
+        raise InjectionDenied(
+            f"container {name!r} reads the Secret {held[0]!r} into its environment, and it holds an API key "
+            "agent-authz injects: only the sidecar may read it"
+        )
 
 
 def _mounts(container: Mapping[str, Any], name: str, injected: bool) -> None:
@@ -250,6 +288,7 @@ def check_security(
                 reasons = "; ".join(f"{c}: {DANGEROUS_CAPABILITIES[c]}" for c in dangerous)
                 raise InjectionDenied(f"container {name!r} adds capabilities {dangerous}: it could {reasons}")
             _mounts(container, name, injected=bool(ours))
+            _credential_env(container, name, settings.credential_secrets)
             root = _may_be_root(ctx, pod_ctx)
             kept = sorted(capability_set(capabilities, f"{name}.capabilities") & set(ESCALATION_CAPABILITIES))
             if root is None or not kept:

@@ -17,6 +17,9 @@ path                                  volume                   content
                                                                ``0700``); only the sidecar mounts it
 ``/spiffe-workload-api/``             CSI (csi.spiffe.io)      the SPIRE agent socket
                                       or hostPath
+``/etc/agent-authz/credentials/N/``  Secret (one each)       credential ``N``'s key (chart:
+                                                               ``sidecar.credentials``); only the sidecar
+                                                               mounts it
 ``/tmp/``  (init step only)           emptyDir (memory)        the xtables lock (read-only root filesystem)
 ``/run/agent-authz/intercept/``       (the ``run`` emptyDir)   with ``intercept``: the pod CA, Envoy's LDS/CDS
 ``/etc/agent-authz/trust/``           emptyDir                 with ``intercept``: ``ca.pem``, ``ca-bundle.pem``;
@@ -41,6 +44,7 @@ __all__ = [
     "CONTAINER_ENVOY",
     "CONTAINER_INIT",
     "CONTAINER_SIDECAR",
+    "CREDENTIALS_DIR",
     "CTL_DIR",
     "ENVOY_ADMIN_SOCKET",
     "ENVOY_BOOTSTRAP",
@@ -60,6 +64,7 @@ __all__ = [
     "TMP_DIR",
     "TRUST_DIR",
     "VOLUME_CONFIG",
+    "VOLUME_CREDENTIAL_PREFIX",
     "VOLUME_KEYS",
     "VOLUME_LOGS",
     "VOLUME_POD",
@@ -98,6 +103,8 @@ VOLUME_STATE = "agent-authz-state"
 VOLUME_TMP = "agent-authz-tmp"
 VOLUME_WORKLOAD_API = "agent-authz-workload-api"
 VOLUME_TRUST = TRUST_VOLUME
+VOLUME_CREDENTIAL_PREFIX = "agent-authz-credential-"
+"""Credential ``i`` (in name order) is the Secret volume ``agent-authz-credential-<i>``."""
 
 CONFIG_DIR = "/etc/agent-authz/config"
 CONFIG_FILE = f"{CONFIG_DIR}/sidecar.yaml"
@@ -114,6 +121,8 @@ AUTHZ_SOCKET = f"{CTL_DIR}/authz.sock"
 """``listen.authz``: the ext_authz gRPC service and SDS."""
 ENVOY_ADMIN_SOCKET = f"{CTL_DIR}/envoy-admin.sock"
 """``envoy.admin_socket``: Envoy's admin interface."""
+CREDENTIALS_DIR = "/etc/agent-authz/credentials"
+"""Credential ``N`` from a Secret is mounted at ``CREDENTIALS_DIR/N/`` (sidecar container only)."""
 LOG_DIR = "/var/log/agent-authz"
 STATE_DIR = "/var/lib/agent-authz"
 """The state volume's mount point (an emptyDir: kept across container restarts, mode ``0777`` at its root)."""

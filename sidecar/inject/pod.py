@@ -30,6 +30,7 @@ from sidecar.inject.annotations import (
     check_task_annotation,
     inject_choice,
 )
+from sidecar.inject.authors import Requester, relayed_by_job_controller
 from sidecar.inject.containers import OUR_CONTAINERS, build_containers, probed_ports, trust_patch
 from sidecar.inject.escapes import check_security
 from sidecar.inject.podspec import (
@@ -46,7 +47,7 @@ from sidecar.inject.podspec import (
 from sidecar.inject.settings import InjectorConfig
 from sidecar.tls_intercept.trust import trust_volume
 
-__all__ = ["build_volumes", "check_update", "plan_injection"]
+__all__ = ["build_volumes", "check_job", "check_update", "plan_injection"]
 
 
 def build_volumes(config: InjectorConfig) -> list[Json]:
@@ -84,6 +85,17 @@ def build_volumes(config: InjectorConfig) -> list[Json]:
         {"name": layout.VOLUME_TMP, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         {"name": layout.VOLUME_WORKLOAD_API, **workload},
         *([trust_volume(layout.VOLUME_TRUST)] if config.intercept else []),
+        *(
+            {
+                "name": f"{layout.VOLUME_CREDENTIAL_PREFIX}{index}",
+                "secret": {
+                    "secretName": credential.secret_name,
+                    "defaultMode": 0o444,  # files are root's: readable by the proxy user (only the sidecar mounts it)
+                    "items": [{"key": credential.key, "path": credential.key}],
+                },
+            }
+            for index, credential in enumerate(sorted(settings.credentials, key=lambda c: c.name))
+        ),
     ]
 
 
@@ -127,8 +139,50 @@ def _check_injected(spec: Mapping[str, Any], volumes: list[Json], config: Inject
         )
 
 
+def _check_author(
+    annotations: Mapping[str, str],
+    previous: Mapping[str, str] | None,
+    kind: str,
+    agent: str | None,
+    config: InjectorConfig,
+    now: float,
+    requester: Requester,
+) -> None:
+    """The rules of :mod:`sidecar.inject.authors` for a requester who is not a task author.
+
+    ``previous``: the annotations before an ``UPDATE`` (``None`` at ``CREATE``).
+    """
+    revoked_before = (previous or {}).get(layout.ANNOTATION_REVOKED, "").strip().lower() == "true"
+    if revoked_before and annotations.get(layout.ANNOTATION_REVOKED, "").strip().lower() != "true":
+        raise InjectionDenied(
+            f"annotation {layout.ANNOTATION_REVOKED}: only a task author may clear a revocation (it would restore "
+            f"the task); {requester.describe()} is not one (injection.taskAuthors)"
+        )
+    text = annotations.get(layout.ANNOTATION_TASK)
+    if previous is not None and (text or "").strip() == (previous.get(layout.ANNOTATION_TASK) or "").strip():
+        return  # the task is as it was: judged when it was set
+    where = f"annotation {layout.ANNOTATION_TASK}"
+    if kind == "task":
+        raise InjectionDenied(
+            f"{where}: an unsigned task is accepted only from a task author, and {requester.describe()} is not one "
+            "(chart: injection.taskAuthors); give the pod a signed grant instead (agent-authz task sign, or a "
+            "delegation through the parent task's POST /v1/tasks/{id}/delegate)"
+        )
+    if kind == "grant":
+        assert config.grant_trust is not None and text is not None
+        config.grant_trust.verify(text.strip(), agent=agent, now=now, where=where)
+
+
 def _check_task(
-    annotations: Mapping[str, str], pod: Mapping[str, Any], namespace: str, config: InjectorConfig, now: float
+    annotations: Mapping[str, str],
+    pod: Mapping[str, Any],
+    namespace: str,
+    config: InjectorConfig,
+    now: float,
+    requester: Requester,
+    *,
+    previous: Mapping[str, str] | None = None,
+    relayed: bool = False,
 ) -> tuple[str | None, list[str]]:
     spec = mapping(pod.get("spec"), "spec")
     service_account = str(spec.get("serviceAccountName") or spec.get("serviceAccount") or "default")
@@ -144,6 +198,8 @@ def _check_task(
         )
     except AnnotationError as exc:
         raise InjectionDenied(str(exc)) from None
+    if not relayed and not config.settings.task_authors.includes(requester):
+        _check_author(annotations, previous, task.kind, agent, config, now, requester)
     if task.kind == "none":
         warnings.append(
             f"agent-authz: no {layout.ANNOTATION_TASK} annotation: "
@@ -154,7 +210,9 @@ def _check_task(
     return task.task_id, warnings
 
 
-def plan_injection(pod: object, namespace: str, config: InjectorConfig, *, now: float) -> Injection:
+def plan_injection(
+    pod: object, namespace: str, config: InjectorConfig, *, now: float, requester: Requester
+) -> Injection:
     """Decide what to do with a pod being created (admission ``CREATE``).
 
     Args:
@@ -162,6 +220,9 @@ def plan_injection(pod: object, namespace: str, config: InjectorConfig, *, now: 
         namespace: the namespace of the request (pods from controllers often have none in metadata).
         config: injector settings and the sidecar configuration.
         now: POSIX seconds (a grant's expiry).
+        requester: who creates it (``userInfo``): an unsigned task is accepted only from a task
+            author, a grant from anyone else must verify (:mod:`sidecar.inject.authors`); a pod the
+            job controller creates from a Job was judged with the Job.
 
     Returns:
         The :class:`Injection`: a patch that adds the containers, volumes and the status annotation;
@@ -176,7 +237,7 @@ def plan_injection(pod: object, namespace: str, config: InjectorConfig, *, now: 
             root with SETUID/SETGID/NET_RAW unless hardened, hostPath, the Workload API, mounts of
             the injector's volumes); a name clash with the injected containers or volumes; marked
             injected without the containers; an invalid ``agent-authz.io/task`` or
-            ``agent-authz.io/revoked`` annotation.
+            ``agent-authz.io/revoked`` annotation; a task its requester may not declare.
     """
     if not isinstance(pod, dict):
         raise InjectionDenied("malformed pod: the object must be a Pod")
@@ -222,7 +283,8 @@ def plan_injection(pod: object, namespace: str, config: InjectorConfig, *, now: 
     harden_ops, harden_warnings = check_security(
         spec, config, ours=ours, harden=settings.harden_containers and not injected
     )
-    task_id, warnings = _check_task(annotations, pod, namespace, config, now)
+    relayed = relayed_by_job_controller(pod, requester)
+    task_id, warnings = _check_task(annotations, pod, namespace, config, now, requester, relayed=relayed)
     if injected:
         return Injection([], AdmissionOutcome.ALREADY_INJECTED, warnings, task_id)
     warnings += harden_warnings
@@ -263,16 +325,20 @@ def plan_injection(pod: object, namespace: str, config: InjectorConfig, *, now: 
     return Injection(patch, AdmissionOutcome.INJECTED, warnings, task_id)
 
 
-def check_update(pod: object, old: object, namespace: str, config: InjectorConfig, *, now: float) -> Injection:
+def check_update(
+    pod: object, old: object, namespace: str, config: InjectorConfig, *, now: float, requester: Requester
+) -> Injection:
     """Validate an update (admission ``UPDATE``) of an injected pod whose task annotations changed.
 
     Changing ``agent-authz.io/task`` or ``agent-authz.io/revoked`` is how a running pod's task is
     changed or revoked (the kubelet rewrites the downward-API files, the sidecar reloads); an
-    invalid value is refused here rather than left for the sidecar to reject. Other updates,
-    and pods that were not injected, pass unchanged.
+    invalid value is refused here rather than left for the sidecar to reject, and so is a change
+    ``requester`` (``kubectl annotate``'s user) may not make (:mod:`sidecar.inject.authors`). Other
+    updates, and pods that were not injected, pass unchanged.
 
     Raises:
-        InjectionDenied: the new annotations are invalid (or the objects are malformed).
+        InjectionDenied: the new annotations are invalid or not the requester's to set (or the
+            objects are malformed).
     """
     if not isinstance(pod, dict):
         raise InjectionDenied("malformed pod: the object must be a Pod")
@@ -283,5 +349,38 @@ def check_update(pod: object, old: object, namespace: str, config: InjectorConfi
     keys = (layout.ANNOTATION_TASK, layout.ANNOTATION_REVOKED)
     if all(annotations.get(k) == previous.get(k) for k in keys):
         return Injection([], AdmissionOutcome.UNCHANGED)
-    task_id, warnings = _check_task(annotations, pod, namespace, config, now)
+    task_id, warnings = _check_task(annotations, pod, namespace, config, now, requester, previous=previous)
+    return Injection([], AdmissionOutcome.VALIDATED, warnings, task_id)
+
+
+def check_job(
+    job: object, old: object, namespace: str, config: InjectorConfig, *, now: float, requester: Requester
+) -> Injection:
+    """Judge a Job's pod template (admission ``CREATE``, or ``UPDATE`` with ``old``) as its pods will be.
+
+    The job controller creates the pods under its own identity, so who may declare their task is
+    decided here, with the Job's requester (:mod:`sidecar.inject.authors`); the template's
+    annotations are validated like a pod's. Nothing is patched: the pods are injected when created.
+
+    Raises:
+        InjectionDenied: the template's task annotations are invalid, or not the requester's to set
+            (or the Job is malformed).
+    """
+    if not isinstance(job, dict):
+        raise InjectionDenied("malformed Job: the object must be a Job")
+    template = mapping(mapping(job.get("spec"), "spec").get("template"), "spec.template")
+    annotations = annotations_of(template)
+    try:
+        if not inject_choice(annotations):
+            return Injection([], AdmissionOutcome.OPTED_OUT)  # its pods are refused there if opting out is not allowed
+    except AnnotationError as exc:
+        raise InjectionDenied(str(exc)) from None
+    previous = None
+    if old is not None:
+        previous_template = mapping(mapping(mapping(old, "oldObject").get("spec"), "spec").get("template"), "template")
+        previous = annotations_of(previous_template)
+        keys = (layout.ANNOTATION_TASK, layout.ANNOTATION_REVOKED)
+        if all(annotations.get(k) == previous.get(k) for k in keys):
+            return Injection([], AdmissionOutcome.UNCHANGED)
+    task_id, warnings = _check_task(annotations, template, namespace, config, now, requester, previous=previous)
     return Injection([], AdmissionOutcome.VALIDATED, warnings, task_id)

@@ -11,7 +11,8 @@ Bad input never crashes the server and never admits a pod unexamined:
 * a body that is not an ``admission.k8s.io/v1`` ``AdmissionReview`` with a ``request.uid`` cannot
   be answered (there is no uid to echo): :class:`BadReview`, which the server turns into HTTP 400
   with a JSON ``{"error": …}``;
-* a review for something other than a Pod, or with a malformed Pod, is answered ``allowed: false``
+* a review for something other than a Pod or a ``batch/v1`` Job (whose pod template is judged:
+  :func:`sidecar.inject.pod.check_job`), or with a malformed object, is answered ``allowed: false``
   with a message saying what is wrong;
 * an unexpected exception while deciding is answered ``allowed: false`` (``internal error``).
 """
@@ -27,7 +28,8 @@ from typing import Any
 import structlog
 
 from sidecar.errors import AgentAuthzError, ErrorCode
-from sidecar.inject.pod import check_update, plan_injection
+from sidecar.inject.authors import Requester
+from sidecar.inject.pod import check_job, check_update, plan_injection
 from sidecar.inject.podspec import AdmissionOutcome, Injection, InjectionDenied
 from sidecar.inject.settings import InjectorConfig
 
@@ -38,6 +40,8 @@ MAX_REVIEW_BYTES = 4 * 1024 * 1024
 """Larger than any Pod the API server accepts (etcd's default request limit is 1.5 MiB)."""
 _POD_KIND = {"group": "", "version": "v1", "kind": "Pod"}
 _POD_RESOURCE = {"group": "", "version": "v1", "resource": "pods"}
+_JOB_KIND = {"group": "batch", "version": "v1", "kind": "Job"}
+_JOB_RESOURCE = {"group": "batch", "version": "v1", "resource": "jobs"}
 _MAX_UID = 256
 _log = structlog.get_logger("agent_authz.webhook")
 
@@ -134,7 +138,9 @@ def decide(body: bytes, config: InjectorConfig, *, now: float) -> Outcome:
     """
     request = _parse(body)
     uid = request["uid"]
-    if request.get("kind") != _POD_KIND or request.get("resource") != _POD_RESOURCE or request.get("subResource"):
+    job = request.get("kind") == _JOB_KIND and request.get("resource") == _JOB_RESOURCE
+    pod = request.get("kind") == _POD_KIND and request.get("resource") == _POD_RESOURCE
+    if not (pod or job) or request.get("subResource"):
         kind = request.get("kind")
         what = (
             f"{kind.get('group') or 'core'}/{kind.get('version')} {kind.get('kind')}"
@@ -142,12 +148,20 @@ def decide(body: bytes, config: InjectorConfig, *, now: float) -> Outcome:
             else kind
         )
         sub = f" (subresource {request.get('subResource')})" if request.get("subResource") else ""
-        return _deny(uid, f"the injector handles v1 Pods only, got {what}{sub}: check the webhook's rules", code=400)
+        return _deny(
+            uid,
+            f"the injector handles v1 Pods and batch/v1 Jobs only, got {what}{sub}: check the webhook's rules",
+            code=400,
+        )
     operation = request.get("operation")
     namespace = _namespace(request)
+    requester = Requester.from_user_info(request.get("userInfo"))
     try:
-        if operation == "CREATE":
-            injection = plan_injection(request.get("object"), namespace, config, now=now)
+        if job and operation in ("CREATE", "UPDATE"):
+            old = request.get("oldObject") if operation == "UPDATE" else None
+            injection = check_job(request.get("object"), old, namespace, config, now=now, requester=requester)
+        elif operation == "CREATE":
+            injection = plan_injection(request.get("object"), namespace, config, now=now, requester=requester)
         elif operation == "UPDATE":
             injection = check_update(
                 request.get("object"),
@@ -155,6 +169,7 @@ def decide(body: bytes, config: InjectorConfig, *, now: float) -> Outcome:
                 namespace,
                 config,
                 now=now,
+                requester=requester,
             )
         elif operation in ("DELETE", "CONNECT"):
             injection = Injection([], AdmissionOutcome.IGNORED)

@@ -1,7 +1,7 @@
 """``agent-authz webhook``: the mutating admission webhook as an aiohttp HTTPS server.
 
 Routes:
-    ``POST /inject`` - an ``admission.k8s.io/v1`` AdmissionReview of a Pod
+    ``POST /inject`` - an ``admission.k8s.io/v1`` AdmissionReview of a Pod or a ``batch/v1`` Job
         (:func:`sidecar.inject.review.decide`); HTTP 400 with ``{"error": …}`` when the body is not
         an AdmissionReview that can be answered (not JSON, wrong kind or apiVersion, no
         ``request.uid``, not ``application/json``, over 4 MiB).
@@ -13,7 +13,8 @@ Routes:
 TLS 1.2 or later with the certificate and key from files (a Secret the chart generates, or one
 cert-manager or the operator supplies); a rotated certificate is loaded without restart (the
 directory is watched, as for the sidecar's config). Each answer is logged as one ``admission``
-event (uid, namespace, pod, operation, outcome, message).
+event (uid, namespace, pod, operation, kind, user - the requester's ``userInfo.username`` -,
+outcome, message): a refused task declaration is recorded there with who sent it.
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ async def _inject(request: web.Request) -> web.Response:
         namespace=review_request.get("namespace"),
         pod=metadata.get("name") or metadata.get("generateName"),
         operation=review_request.get("operation"),
+        kind=(review_request.get("kind") or {}).get("kind") if isinstance(review_request.get("kind"), dict) else None,
+        user=(review_request.get("userInfo") or {}).get("username")
+        if isinstance(review_request.get("userInfo"), dict)
+        else None,
         outcome=outcome.outcome,
         allowed=outcome.allowed,
         message=outcome.message or None,

@@ -22,14 +22,18 @@ from sidecar.config.loader import LoadedConfig, format_loc, load_config
 from sidecar.config.schema import SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.inject import layout
+from sidecar.inject.authors import GrantTrust, Requester
 from sidecar.redirect.rules import RedirectError, parse_cidrs
 
 __all__ = [
     "ContainerSettings",
+    "CredentialSecret",
     "EnvoyContainerSettings",
+    "GrantTrustFiles",
     "InjectorConfig",
     "InjectorSettings",
     "Resources",
+    "TaskAuthors",
     "WorkloadApiVolume",
     "build_injector",
     "check_layout",
@@ -103,6 +107,91 @@ class WorkloadApiVolume(_Model):
         return value
 
 
+class TaskAuthors(_Model):
+    """Who may declare an unsigned task (:mod:`sidecar.inject.authors`); everyone else needs a signed grant.
+
+    Attributes:
+        users: usernames as the API server authenticates them (``userInfo.username``).
+        groups: groups (``userInfo.groups``); default ``system:masters`` (cluster administrators,
+            who could change the webhook anyway).
+        service_accounts: ``namespace/name`` of ServiceAccounts (e.g. the deploy pipeline's).
+    """
+
+    users: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=lambda: ["system:masters"])
+    service_accounts: list[str] = Field(default_factory=list)
+
+    @field_validator("service_accounts")
+    @classmethod
+    def _service_accounts(cls, value: list[str]) -> list[str]:
+        for item in value:
+            namespace, sep, name = item.partition("/")
+            if not sep or not _DNS_LABEL.match(namespace) or not _DNS_SUBDOMAIN.match(name):
+                raise ValueError(f"{item!r}: expected namespace/name of a ServiceAccount")
+        return value
+
+    def includes(self, requester: Requester) -> bool:
+        """Whether ``requester`` is a task author (by username, group or ServiceAccount)."""
+        if not requester.username:
+            return False
+        return (
+            requester.username in self.users
+            or bool(requester.groups & set(self.groups))
+            or (requester.service_account is not None and requester.service_account in self.service_accounts)
+        )
+
+
+class CredentialSecret(_Model):
+    """A credential whose key is in a Kubernetes Secret of the agent namespace (chart:
+    ``sidecar.credentials``): mounted into the sidecar container only, at
+    ``/etc/agent-authz/credentials/<name>/<key>``, and the pod's own containers may not reach the Secret.
+    """
+
+    name: str
+    """The credential's name in ``sidecar.yaml``'s ``credentials``."""
+    secret_name: str
+    """The Secret (in the pod's namespace)."""
+    key: str
+    """Its key holding the API key."""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.match(r"^[a-z0-9._-]{1,64}$", value):
+            raise ValueError(f"credential name {value!r}: 1-64 characters of a-z 0-9 . _ -")
+        return value
+
+    @field_validator("secret_name")
+    @classmethod
+    def _secret(cls, value: str) -> str:
+        if not _DNS_SUBDOMAIN.match(value):
+            raise ValueError(f"{value!r} is not a Secret name (DNS subdomain)")
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if not re.match(r"^[-._a-zA-Z0-9]{1,253}$", value) or value in (".", ".."):
+            raise ValueError(f"{value!r} is not a Secret key")
+        return value
+
+    @property
+    def file(self) -> Path:
+        """Where the sidecar reads it."""
+        return Path(layout.CREDENTIALS_DIR) / self.name / self.key
+
+
+class GrantTrustFiles(_Model):
+    """Where the webhook reads what verifies grants sent by non-authors (chart: the ConfigMaps of
+    ``authority.trustBundle`` and ``authority.rootIssuers``, mounted read-only). Relative paths are
+    resolved against the settings file's directory."""
+
+    bundle: Path | None = None
+    """PEM X.509 authorities of ``trust_domain`` (delegated grants are signed with X.509-SVIDs)."""
+    root_issuers: Path | None = None
+    """JWKS of the root issuers (root grants are signed with their keys)."""
+
+
 class InjectorSettings(_Model):
     """``injector.yaml``.
 
@@ -134,6 +223,9 @@ class InjectorSettings(_Model):
         state_size_limit: ``sizeLimit`` of the durable-state emptyDir (disk-backed: it survives
             container restarts, and a node reboot that keeps the pod).
         init / sidecar / envoy: per-container settings.
+        task_authors: who may declare unsigned tasks (:mod:`sidecar.inject.authors`).
+        grant_trust: the files that verify grants sent by anyone else.
+        credentials: credentials mounted from Secrets (their names must match ``sidecar.yaml``).
     """
 
     image: str = Field(min_length=1, max_length=512)
@@ -159,6 +251,9 @@ class InjectorSettings(_Model):
     init: ContainerSettings = ContainerSettings()
     sidecar: SidecarContainerSettings = SidecarContainerSettings()
     envoy: EnvoyContainerSettings = EnvoyContainerSettings()
+    task_authors: TaskAuthors = TaskAuthors()
+    grant_trust: GrantTrustFiles = GrantTrustFiles()
+    credentials: list[CredentialSecret] = Field(default_factory=list)
 
     @field_validator("image")
     @classmethod
@@ -222,7 +317,15 @@ class InjectorSettings(_Model):
     def _distinct_ids(self) -> InjectorSettings:
         if self.workload_api.mode == "csi" and not self.workload_api.driver:
             raise ValueError("workload_api.driver is required with mode csi")
+        names = [c.name for c in self.credentials]
+        if len(set(names)) != len(names):
+            raise ValueError("credentials: each name once")
         return self
+
+    @property
+    def credential_secrets(self) -> frozenset[str]:
+        """The Secrets holding credentials: no container of the pod's own may reach them."""
+        return frozenset(c.secret_name for c in self.credentials)
 
     def spiffe_id(self, namespace: str, service_account: str) -> str | None:
         """The SPIFFE ID SPIRE is expected to give a pod (``None`` when no template is set)."""
@@ -246,6 +349,8 @@ class InjectorConfig:
             its own containers the pod CA and the variables runtimes read.
         proxy_ports: the other TCP ports Envoy and the sidecar listen on (egress listener, admin and
             probe servers), for the iptables step's ``--proxy-ports``.
+        grant_trust: verifies the grants non-authors send (``None``: built from ``settings`` by
+            :func:`build_injector`).
         dns_port: the sidecar's DNS proxy (``dns.listen``), for the iptables step's ``--dns-port``.
     """
 
@@ -258,6 +363,7 @@ class InjectorConfig:
     health_port: int
     intercept: bool = False
     proxy_ports: tuple[int, ...] = ()
+    grant_trust: GrantTrust | None = None
     dns_port: int = 15053
 
 
@@ -347,6 +453,12 @@ def load_injector(path: str | Path) -> InjectorConfig:
     sidecar_path = (
         settings.sidecar_config if settings.sidecar_config.is_absolute() else source.parent / settings.sidecar_config
     )
+    trust = settings.grant_trust
+    resolved = GrantTrustFiles(
+        bundle=None if trust.bundle is None else source.parent / trust.bundle,
+        root_issuers=None if trust.root_issuers is None else source.parent / trust.root_issuers,
+    )
+    settings = settings.model_copy(update={"grant_trust": resolved})
     return build_injector(settings, load_config(sidecar_path), file=str(source))
 
 
@@ -364,6 +476,13 @@ def build_injector(settings: InjectorSettings, loaded: LoadedConfig, *, file: st
             the proxy runs as root.
     """
     problems = check_layout(loaded.settings)
+    for credential in settings.credentials:
+        configured = loaded.settings.credentials.get(credential.name)
+        if configured is None or Path(configured.file) != credential.file:
+            problems.append(
+                f"credentials.{credential.name}.file must be {credential.file} (the Secret {credential.secret_name} "
+                "is mounted there, in the sidecar container only)"
+            )
     if loaded.settings.dns is None and 53 not in settings.exclude_outbound_ports:
         problems.append(
             "dns must be set: the iptables step redirects the agent's DNS to the sidecar's DNS proxy "
@@ -390,5 +509,11 @@ def build_injector(settings: InjectorSettings, loaded: LoadedConfig, *, file: st
         health_port=health_port,
         intercept=sidecar.intercept is not None,
         proxy_ports=tuple(sorted(ports)),
+        grant_trust=GrantTrust(
+            settings.trust_domain,
+            settings.grant_trust.bundle,
+            settings.grant_trust.root_issuers,
+            max_depth=sidecar.grants.max_depth,
+        ),
         dns_port=int(sidecar.dns.listen.rpartition(":")[2]) if sidecar.dns is not None else 15053,
     )

@@ -16,7 +16,7 @@ from sidecar.decision import AuthzRequest, Decision, Direction, Reason, deny_sta
 from sidecar.errors import BadRequestError
 from sidecar.http_norm import DEFAULT_PORTS, Target, normalize_authority, normalize_target
 from sidecar.policy.budget import BudgetLedger, budget_limits
-from sidecar.policy.gates import EMPTY_BODY, ApprovalGate, CallBinding, body_digest
+from sidecar.policy.gates import EMPTY_BODY, ApprovalGate, CallBinding, body_digest, headers_digest
 from sidecar.policy.headers import forged_reserved, over_envoy_limits
 from sidecar.policy.model import SENSITIVITY_NAMES, Blocks, EgressRule, PolicyIndex, Task, task_state
 from sidecar.tokens.minter import TokenMinter
@@ -163,7 +163,14 @@ def _content(request: AuthzRequest, method: str, match: _Match, rules: tuple[Egr
 
 
 def _binding(
-    agent: str, task: Task, target: Target, method: str, content: str, match: _Match, rules: tuple[EgressRule, ...]
+    agent: str,
+    task: Task,
+    target: Target,
+    method: str,
+    content: str,
+    headers: Mapping[str, str],
+    match: _Match,
+    rules: tuple[EgressRule, ...],
 ) -> CallBinding:
     tool = ""
     for rule in rules:
@@ -172,7 +179,17 @@ def _binding(
             tool = str(verdict.fields.get("tool", ""))
             break
     return CallBinding(
-        agent, task.id, target.host, target.port, method, target.path, target.query, tool, content, task.fingerprint
+        agent,
+        task.id,
+        target.host,
+        target.port,
+        method,
+        target.path,
+        target.query,
+        tool,
+        content,
+        task.fingerprint,
+        headers_digest(headers),
     )
 
 
@@ -204,7 +221,7 @@ def _through_approval(
         return Reason.APPROVAL_BODY_UNAVAILABLE, detail, None
     if approvals is None:
         return Reason.APPROVAL_REQUIRED, "the rule requires a human approval (no approval book here)", None
-    call = _binding(agent, task, target, method, content, match, gated)
+    call = _binding(agent, task, target, method, content, request.headers, match, gated)
     verdict = approvals.check(call, now=now, task_expires_at=task.expires_at)
     seen["approval"] = verdict.record
     if verdict.reason is not Reason.ALLOWED:

@@ -7,7 +7,9 @@ call is waiting to be used, and consumes it - durably, before the allow is answe
 
 A binding is what an approval approves (the Envoy AI Gateway design discussion lists the same):
 the agent, the task, the destination (host and port), the method, the path and query, the MCP tool,
-a digest of the arguments (``tools/call``) or of the body, and the policy version (the task
+a digest of the arguments (``tools/call``) or of the body, a digest of the request headers
+(:func:`headers_digest`: what an upstream could act on - ``X-HTTP-Method-Override`` and the like - but
+not what changes on every retry or what the proxy replaces), and the policy version (the task
 declaration's fingerprint). Its :attr:`~CallBinding.digest` covers everything but the policy
 version, which is compared on use: a changed declaration invalidates the approval instead of
 making the call unknown.
@@ -24,7 +26,15 @@ import orjson
 
 from sidecar.decision import Reason
 
-__all__ = ["EMPTY_BODY", "ApprovalGate", "CallBinding", "GateVerdict", "body_digest"]
+__all__ = [
+    "EMPTY_BODY",
+    "UNBOUND_HEADERS",
+    "ApprovalGate",
+    "CallBinding",
+    "GateVerdict",
+    "body_digest",
+    "headers_digest",
+]
 
 EMPTY_BODY = "none"
 """The content digest of a call without a body."""
@@ -33,6 +43,62 @@ EMPTY_BODY = "none"
 def body_digest(body: bytes) -> str:
     """``sha256:<hex>`` of a request body as Envoy sent it."""
     return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+UNBOUND_HEADERS = frozenset(
+    {
+        # the request line and framing (bound as host, port, method, path, query and content)
+        "host",
+        "content-length",
+        "transfer-encoding",
+        # hop by hop (RFC 9110 §7.6.1)
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        # credentials the sidecar strips and replaces (the minted token, the injected API key)
+        "authorization",
+        "proxy-authorization",
+        # what a client, a tracer or a proxy changes on every retry
+        "date",
+        "x-request-id",
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "b3",
+        "sentry-trace",
+        "uber-trace-id",
+        "x-amzn-trace-id",
+        "x-cloud-trace-context",
+        "x-agent-task",
+        "mcp-session-id",
+    }
+)
+"""Request headers an approval does not bind: framing, hop-by-hop headers, the credentials the sidecar
+replaces, and what changes on every retry (request ids and trace context); also every header whose name
+starts with ``:``, ``x-envoy-``, ``x-forwarded-``, ``x-b3-`` or ``x-agent-authz-``. The task is bound
+by its id, so ``x-agent-task`` is not bound again."""
+
+_UNBOUND_PREFIXES = (":", "x-envoy-", "x-forwarded-", "x-b3-", "x-agent-authz-")
+
+
+def headers_digest(headers: Mapping[str, str]) -> str:
+    """``sha256:<hex>`` over the request headers an approval binds (names lower case, sorted; a
+    repeated header's values as Envoy joined them), ``none`` when there are none.
+
+    Args:
+        headers: lower-case name -> value, as in :class:`~sidecar.decision.AuthzRequest`.
+    """
+    bound = {
+        name: value
+        for name, value in headers.items()
+        if name not in UNBOUND_HEADERS and not name.startswith(_UNBOUND_PREFIXES)
+    }
+    if not bound:
+        return EMPTY_BODY
+    return "sha256:" + hashlib.sha256(orjson.dumps(bound, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +113,8 @@ class CallBinding:
         content: ``arguments_digest`` of a ``tools/call``, the body's :func:`body_digest`, or
             :data:`EMPTY_BODY`.
         policy_version: the task declaration's fingerprint when the call was made.
+        headers: :func:`headers_digest` of the request (``""`` in approvals stored before headers
+            were bound: such an approval matches no call).
     """
 
     agent: str
@@ -59,6 +127,7 @@ class CallBinding:
     tool: str
     content: str
     policy_version: str
+    headers: str = ""
 
     def _hash(self, fields: Mapping[str, object]) -> str:
         return "sha256:" + hashlib.sha256(orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)).hexdigest()
@@ -79,7 +148,7 @@ class CallBinding:
     @property
     def digest(self) -> str:
         """``sha256:`` over the whole call but the policy version (canonical JSON, sorted keys)."""
-        return self._hash({**self.shape, "query": self.query, "content": self.content})
+        return self._hash({**self.shape, "query": self.query, "content": self.content, "headers": self.headers})
 
     @property
     def shape_digest(self) -> str:
@@ -87,12 +156,14 @@ class CallBinding:
         return self._hash(self.shape)
 
     def as_record(self) -> dict[str, object]:
-        """What records and the approval listing show of the call (the query and content as digests)."""
+        """What records and the approval listing show of the call (the query, content and headers as
+        digests)."""
         query = "" if not self.query else "sha256:" + hashlib.sha256(self.query.encode()).hexdigest()
         return {
             **self.shape,
             "query_digest": query,
             "content_digest": self.content,
+            "headers_digest": self.headers,
             "policy_version": self.policy_version,
         }
 

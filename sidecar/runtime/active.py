@@ -51,7 +51,7 @@ from sidecar.policy.budget import BudgetLedger
 from sidecar.policy.connection import decide_connect, decide_connection
 from sidecar.policy.engine import decide_egress, dry_run
 from sidecar.policy.ingress import IdentityContext, decide_ingress
-from sidecar.policy.model import task_state
+from sidecar.policy.model import Task, task_state
 from sidecar.policy.names import decide_name
 from sidecar.runtime.inputs import DISK, FileSource, InputRecorder, Inputs, inputs_unchanged
 from sidecar.runtime.snapshot import CarriedState, Snapshot, build_snapshot
@@ -542,18 +542,65 @@ class Runtime:
             _log.error("ladder_publish_failed", path=str(path), reason=str(exc))
 
     def _watch(self, decision: Decision, snapshot: Snapshot) -> Decision:
-        """Count a denial of an out-of-task kind against its task; freeze the task's subtree (or, in
-        dry run, record ``would_quarantine``) when the anomaly rule trips."""
+        """Count a denial of an out-of-task kind; freeze (or, in dry run, record ``would_quarantine``)
+        each task whose anomaly rule it trips.
+
+        A denial judged against a task of the local agent counts against that task and every task
+        it was delegated from that this agent holds here too (a self-delegation adds no authority,
+        so it cannot start a fresh count). A denial judged against no task (a host no task names
+        while the agent holds several, a ``CONNECT``, a DNS name) counts against each active task
+        of the local agent; the record names the task when there is exactly one. A refused DNS name
+        that is an allowed name followed by more labels (a resolver's search-list expansion) counts
+        against nothing.
+        """
         if decision.allow and not decision.dry_run:
             return decision
+        spec = snapshot.loaded.settings.quarantine
+        reason = decision.would_reason if decision.dry_run else decision.reason
+        if reason is None or reason not in spec.reasons:
+            return decision
+        policy = snapshot.policy
+        if decision.protocol is Protocol.DNS and decision.task_id is not None:
+            return decision  # a name of a task that expired, is spent or frozen: no probe
+        if decision.task_id is None:
+            if decision.protocol is Protocol.DNS and self._expands_allowed_name(decision.host, snapshot):
+                return decision
+            targets = self._active_local_tasks(snapshot)
+            if len(targets) == 1:
+                decision = replace(decision, task_id=targets[0].id)
+        else:
+            task = policy.tasks_by_id.get(decision.task_id)
+            if task is None or task.agent != policy.agent:
+                return decision
+            held = (policy.tasks_by_id.get(ancestor) for ancestor, agent, _ in task.lineage[1:] if agent == task.agent)
+            targets = [task, *(t for t in held if t is not None)]
+        for task in targets:
+            decision = self._strike(decision, task, reason, snapshot)
+        return decision
+
+    def _active_local_tasks(self, snapshot: Snapshot) -> list[Task]:
+        now = self.clock()
+        feed = self.feed
+        stale = feed.stale_scope(now) if feed is not None else None
+        local = snapshot.policy.tasks_by_agent.get(snapshot.policy.agent, ())
+        return [t for t in local if task_state(t, now, stale, blocks=self._blocks) is None]
+
+    @staticmethod
+    def _expands_allowed_name(name: str, snapshot: Snapshot) -> bool:
+        """Whether ``name`` is a name the agent may resolve with labels after it (``api.example.com``
+        asked as ``api.example.com.corp.example``, as a resolver does for each search domain)."""
+        policy = snapshot.policy
+        dot = name.rfind(".")
+        while dot > 0:
+            prefix = name[:dot]
+            if "." in prefix and (snapshot.dns_names.matches(prefix) or policy.tasks_for_host(policy.agent, prefix)):
+                return True
+            dot = name.rfind(".", 0, dot)
+        return False
+
+    def _strike(self, decision: Decision, task: Task, reason: Reason, snapshot: Snapshot) -> Decision:
         settings = snapshot.loaded.settings
         spec = settings.quarantine
-        reason = decision.would_reason if decision.dry_run else decision.reason
-        if decision.task_id is None or reason is None or reason not in spec.reasons:
-            return decision
-        task = snapshot.policy.tasks_by_id.get(decision.task_id)
-        if task is None or task.agent != snapshot.policy.agent:
-            return decision
         rule = effective_rule(spec, task)
         if rule is None:
             return decision
@@ -651,7 +698,7 @@ class Runtime:
                 decision_id=decision_id,
             )
         decision = dry_run(decision, request.headers) if snapshot.loaded.settings.dry_run else decision
-        if decision.direction is Direction.EGRESS and decision.task_id is not None:
+        if decision.direction is Direction.EGRESS:
             decision = self._watch(decision, snapshot)
         return decision
 
@@ -674,24 +721,7 @@ class Runtime:
             feed_stale=feed.stale_scope(now) if feed is not None else None,
         )
         decision = dry_run(decision) if snapshot.loaded.settings.dry_run else decision
-        return self._watch_name(decision, snapshot, now)
-
-    def _watch_name(self, decision: Decision, snapshot: Snapshot, now: float) -> Decision:
-        """Count a refused name no task of the agent names against each of the agent's active tasks
-        (a DNS query carries no task id; the agent that asks is the one whose tasks are at stake). A
-        name refused because the task naming it expired, is frozen or spent counts against nothing."""
-        if (decision.allow and not decision.dry_run) or decision.task_id is not None:
-            return decision
-        feed = self.feed
-        stale = feed.stale_scope(now) if feed is not None else None
-        blocks = self._blocks
-        local = snapshot.policy.tasks_by_agent.get(snapshot.policy.agent, ())
-        active = [t.id for t in local if task_state(t, now, stale, blocks=blocks) is None]
-        followups = decision.followups
-        for task_id in active:
-            watched = self._watch(replace(decision, task_id=task_id), snapshot)
-            followups = (*followups, *watched.followups[len(decision.followups) :])
-        return replace(decision, task_id=active[0] if len(active) == 1 else None, followups=followups)
+        return self._watch(decision, snapshot)
 
     def jwks(self) -> dict[str, Any]:
         """The JWKS document of the active keys (RFC 7517 §5)."""

@@ -135,7 +135,6 @@ class TaskService:
         self.runtime = runtime
         self._forward = forward
         self._published: str | None = None
-        self._issued_tokens: dict[str, str] = {}
         self._sub_grants: dict[str, SubGrant] = {}
         own = runtime.carried.own_revoked
         if own:
@@ -228,10 +227,12 @@ class TaskService:
             )
         token = sign_delegation(delegation, svid)
         child = delegation.child
-        self._issued_tokens[child.id] = token
         assert child.expires_at is not None  # a delegated child always has its end
         record = DelegatedChild(
-            task_id, child.expires_at.timestamp(), tuple((k, n) for k, (n, _) in sorted(reservations.items()))
+            task_id,
+            child.expires_at.timestamp(),
+            tuple((k, n) for k, (n, _) in sorted(reservations.items())),
+            token,
         )
         carried = runtime.carried
         runtime.remember(replace(carried, issued={**carried.issued, child.id: record}))
@@ -299,8 +300,9 @@ class TaskService:
         held = snapshot.policy.tasks_by_id.get(task_id)
         if held is not None and held.grant is not None:
             grants.append(held.grant.token)
-        if task_id in self._issued_tokens:
-            grants.append(self._issued_tokens[task_id])
+        issued = self.runtime.carried.issued.get(task_id)
+        if issued is not None and issued.token:  # kept in the durable state: also after a restart
+            grants.append(issued.token)
         svid = identity.state.svid
         single = sign_revocations(
             [task_id], svid.private_key, issuer=svid.spiffe_id, issued_at=revoked_at, x5c=list(svid.chain)

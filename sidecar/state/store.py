@@ -6,8 +6,9 @@ that have a limit (used and reserved for delegated tasks, per task and per rule)
 accepted through ``POST /v1/tasks``, this sidecar's own revocations, the revocation lists received
 from each source, and the child tasks it delegated (with what each reserved). Since schema 2 also
 continuous verification: the ladder actions honoured (freezes, unfreezes, kills - own quarantines
-and signed ones), the anomaly rule's strikes per task, and approvals (waiting, granted, used).
-``meta`` names the agent the file belongs to.
+and signed ones), the anomaly rule's strikes per task, and approvals (waiting, granted, used). Since
+schema 3 the child grant of each delegation and the time of the last contact with the cluster
+authority's revocation feed. ``meta`` names the agent the file belongs to.
 
 Durability: WAL mode; every change is one transaction, committed before the answer that depends on
 it (an allowed call is counted before it is allowed). With ``synchronous=NORMAL`` (the default) a
@@ -100,6 +101,12 @@ MIGRATIONS: tuple[str, ...] = (
         used_at REAL, used_by TEXT
     ) STRICT, WITHOUT ROWID;
     """,
+    # 3: the child grant itself (a revoke forwarded after a restart shows the authority over the
+    # child), and the last contact with the cluster authority's revocation feed
+    """
+    ALTER TABLE delegation ADD COLUMN token TEXT NOT NULL DEFAULT '';
+    CREATE TABLE feed_contact (id INTEGER PRIMARY KEY CHECK (id = 1), at REAL NOT NULL) STRICT;
+    """,
 )
 """The schema, as SQL scripts: ``MIGRATIONS[i]`` takes a file from version ``i`` to ``i + 1``."""
 
@@ -128,11 +135,15 @@ class DelegatedChild:
         parent: the delegating task's id.
         expires_at: the child's end (POSIX seconds); after it, the record is dropped.
         reserved: the parent's counters and the calls reserved from each for the child.
+        token: the child grant (compact JWS) as it was issued; a revocation of the child forwarded
+            to the cluster authority presents it as the proof of this agent's authority (``""`` for
+            records written before schema version 3).
     """
 
     parent: str
     expires_at: float
     reserved: tuple[tuple[BudgetKey, int], ...] = ()
+    token: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,9 +450,10 @@ class StateStore:
                     parent,
                     float(expires_at),
                     tuple((_key(*item[:2]), int(item[2])) for item in json.loads(reserved)),
+                    str(token),
                 )
-                for child, parent, expires_at, reserved in self._query(
-                    "SELECT child_id, parent_id, expires_at, reserved FROM delegation"
+                for child, parent, expires_at, reserved, token in self._query(
+                    "SELECT child_id, parent_id, expires_at, reserved, token FROM delegation"
                 )
             }
             remembered = Remembered(
@@ -495,14 +507,33 @@ class StateStore:
                 reserved = json.dumps([[k[0], _counter_text(k), n] for k, n in record.reserved])
                 ops.append(
                     (
-                        "INSERT OR REPLACE INTO delegation VALUES (?, ?, ?, ?)",
-                        (child, record.parent, record.expires_at, reserved),
+                        "INSERT OR REPLACE INTO delegation (child_id, parent_id, expires_at, reserved, token) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (child, record.parent, record.expires_at, reserved, record.token),
                     )
                 )
         for child in before.delegated.keys() - after.delegated.keys():
             ops.append(("DELETE FROM delegation WHERE child_id = ?", (child,)))
         if ops:
             self._write(ops)
+
+    # -- the revocation feed ---------------------------------------------------------------------------
+    def feed_contact(self) -> float | None:
+        """POSIX seconds of the last stored contact with the revocation feed (``None``: never).
+
+        Raises:
+            StateError: the read failed.
+        """
+        rows = self._query("SELECT at FROM feed_contact WHERE id = 1")
+        return float(rows[0][0]) if rows else None
+
+    def save_feed_contact(self, at: float) -> None:
+        """Store the time of the last contact with the revocation feed (POSIX seconds).
+
+        Raises:
+            StateError: the write failed.
+        """
+        self._write([("INSERT OR REPLACE INTO feed_contact VALUES (1, ?)", (at,))])
 
     # -- continuous verification ---------------------------------------------------------------------
     def save_actions(self, actions: Iterable[Action]) -> None:
@@ -606,6 +637,7 @@ class StateStore:
                     "tool": a.call.tool,
                     "content": a.call.content,
                     "policy_version": a.call.policy_version,
+                    "headers": a.call.headers,
                 },
                 ensure_ascii=False,
             )

@@ -22,9 +22,9 @@ from sidecar.identity.bundles import log_ignored, parse_bundle_document
 from sidecar.identity.devca import DevCA
 from sidecar.identity.jwtsvid import JwtSvidVerifier
 from sidecar.identity.workload_api import WorkloadApiIdentity
+from sidecar.simulation.workload_api import WorkloadApiServer
 from tests.support import spiffe_testdata as fx
 from tests.support.conformance import expect, load_files
-from tests.support.workload_api import WorkloadApiServer
 
 AUDIENCE = "spiffe://test.example/ns/agents/sa/worker"
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from sidecar.harness import AuthzStack, ManagedProcess, wait_until
+from sidecar.simulation.netns import AGENT_UID, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user, chown_tree
 from tests.support.agent_protocols import CALLS_PLAN, EXPECTED, MCP_HOST, WAREHOUSE, reason_of
 from tests.support.config import base_config, task, write_config, write_keys
-from tests.support.netns import AGENT_UID, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user, chown_tree
 from tests.support.netns_pod import REPO, pod_sandbox
 
 pytestmark = [

@@ -1,6 +1,6 @@
 """The cluster authority end to end: two ``agent-authz authority`` replicas, real sidecars, stock verifiers.
 
-No Kubernetes API server can run here: the replicas talk to ``tests/support/kube_api.py``, a double
+No Kubernetes API server can run here: the replicas talk to ``sidecar/simulation/kube_api.py``, a double
 speaking the API's REST protocol over HTTPS (ConfigMaps, resourceVersion, 409 Conflict, chunked
 watches, 410 Gone), with the RBAC of the Role the chart renders. Everything else is real: the
 replicas and sidecars are processes, upstream verification is a stock Envoy with ``jwt_authn`` and
@@ -28,6 +28,7 @@ import pytest
 
 from sidecar import cli
 from sidecar.harness import EnvoyProcess, SidecarProcess, http_get, wait_until
+from sidecar.simulation.kube_api import KubeApiDouble
 from sidecar.tokens.keys import load_signing_key
 from tests.support.authority_env import (
     NAMESPACES,
@@ -44,7 +45,6 @@ from tests.support.authority_env import (
     wait_feed_connected,
 )
 from tests.support.grant_chain import Chain
-from tests.support.kube_api import KubeApiDouble
 
 pytestmark = pytest.mark.e2e
 
@@ -587,6 +587,67 @@ def test_a_stale_feed_denies_delegated_grants_and_the_feed_reconnects(world: Wor
     FIGURES["feed_reconnect_after_ready_s (backoff: 0.1s doubling to 5s)"] = round(reconnected, 3)
     FIGURES["feed_outage_to_snapshot_s (sidecar metric)"] = round(outage, 3)
     FIGURES["stale_deny_after_outage_s (max_staleness 2s)"] = round(stale_after, 3)
+
+
+def test_a_sidecar_restarted_while_the_feed_is_down_gets_no_new_grace_period(world: World) -> None:
+    """The last contact is in the durable state: staleness counts from it across a restart, so
+    restarting (or crashing) the sidecar while the feed is unreachable never buys a fresh
+    ``max_staleness`` - the first request after the restart is already denied."""
+    cluster, sales = world.cluster, world.agents["sales"]
+    cluster.authorities[1].stop()
+    try:
+        wait_until(lambda: sales.reason() == "revocation_feed_stale", timeout=20, what="sales denied while stale")
+        sales.sidecar.stop()
+        sales.sidecar.start()
+        sales.sidecar.wait_ready()
+        assert sales.reason() == "revocation_feed_stale"  # not a fresh 2 s from the restart
+        text = http_get(sales.sidecar.admin_url + "/metrics")[1].decode()
+        assert metric_value(text, "agent_authz_revocation_feed_stale") == 1.0
+        age = metric_value(text, "agent_authz_revocation_feed_last_contact_age_seconds")
+        assert age is not None and age > 2.0  # the contact before the restart, not the restart
+    finally:
+        cluster.authorities[1].start()
+        cluster.authorities[1].wait_ready()
+    wait_until(lambda: sales.reason() == "allowed", timeout=20, what="sales allowed after the reconnect")
+
+
+def test_a_child_delegated_before_a_restart_is_revoked_at_the_authority_after_it(world: World) -> None:
+    """The child grant is kept in the durable state: after the delegating sidecar restarts, the
+    revocation it forwards still shows its authority over the child, and the authority accepts it."""
+    orch = world.agents["orch"]
+    status, body = task_api(
+        orch.sidecar,
+        "POST",
+        "/v1/tasks/q3/delegate",
+        {
+            "subject": MARKET,
+            "ttl": "20m",
+            "name": "extra",
+            "egress": [{"host": API, "methods": ["GET"], "paths": ["/v1/*"]}],
+        },
+    )
+    assert status == 201, body
+    orch.sidecar.stop()
+    orch.sidecar.start()
+    orch.sidecar.wait_ready()
+    wait_feed_connected(orch.sidecar)
+    status, body = task_api(orch.sidecar, "POST", "/v1/tasks/q3/extra/revoke")
+    assert status == 200, body
+
+    def outcome() -> str | None:
+        found = [
+            r
+            for i in range(2)
+            for r in world.cluster.records(i)
+            if r["kind"] == "revocation" and r.get("task_id") == "q3/extra"
+        ]
+        return found[-1]["outcome"] if found else None
+
+    assert wait_until(outcome, timeout=10, what="the authority's record of q3/extra") == "accepted"
+    entries = json.loads(world.cluster.revocations()["data"]["revocations.json"])["entries"]
+    assert {(e["id"], e["signer"]) for e in entries} >= {("q3/extra", ORCH)}
+    text = http_get(orch.sidecar.admin_url + "/metrics")[1].decode()
+    assert metric_value(text, "agent_authz_revocation_feed_forwarded_total", outcome="accepted") == 1.0
 
 
 # -- revocation reaches every sidecar it concerns in under a second -------------------------------------

@@ -21,7 +21,7 @@ from sidecar.bootstrap.render import render_envoy
 from sidecar.config.loader import load_config
 from sidecar.inject.annotations import check_task_annotation
 from sidecar.inject.settings import load_injector
-from sidecar.tokens.keys import load_signing_key
+from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
 from tests.support.commands import parses
 from tests.support.k8s import CHART, find, helm, helm_template, kubectl, secret_data, validate
 
@@ -60,7 +60,15 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                 "approvals": {"approvers": ["spiffe://prod.example/ns/ops/sa/approver"], "default_ttl": "5m"},
                 "sensitivity": {"default": "internal", "hosts": {"*.finance.internal": "restricted"}},
             },
+            "credentials": {
+                "sentiment": {"secretName": "sentiment-api", "key": "api-key", "header": "x-api-key"},
+                "filings.v2": {"secretName": "filings", "key": "token", "header": "authorization", "prefix": "Token "},
+            },
         },
+        "injection": {
+            "taskAuthors": {"users": ["ci@example.com"], "groups": [], "serviceAccounts": ["ci/deployer"]},
+        },
+        "authority": {"rootIssuers": {"configMap": "root-issuers"}},
     },
     "existing-secrets": {
         "agentNamespaces": ["agents"],
@@ -138,7 +146,14 @@ def test_default_install(rendered: dict[str, list[dict[str, Any]]]) -> None:
             "resources": ["pods"],
             "operations": ["CREATE", "UPDATE"],
             "scope": "Namespaced",
-        }
+        },
+        {  # who may declare a task is judged on the Job (its pods come from the job controller)
+            "apiGroups": ["batch"],
+            "apiVersions": ["v1"],
+            "resources": ["jobs"],
+            "operations": ["CREATE", "UPDATE"],
+            "scope": "Namespaced",
+        },
     ]
     selector = hook["namespaceSelector"]
     assert selector["matchLabels"] == {"agent-authz.io/inject": "enabled"}
@@ -346,6 +361,9 @@ def test_helm_test_pod_checks_the_service_with_its_ca(rendered: dict[str, list[d
         ("authority.replicas=0", "/authority/replicas"),
         ("sidecar.revocationFeed.staleAppliesTo=some", "/sidecar/revocationFeed/staleAppliesTo"),
         ("sidecar.revocationFeed.maxStaleness=soon", "/sidecar/revocationFeed/maxStaleness"),
+        ("injection.taskAuthors.serviceAccounts={deployer}", "/injection/taskAuthors/serviceAccounts/0"),
+        ("sidecar.credentials.sentiment.key=k", "/sidecar/credentials/sentiment"),
+        ("sidecar.credentials.Bad.secretName=s", "/sidecar/credentials"),
         ("typo=1", "additional properties 'typo'"),
         ("webhook.replica=3", "additional properties 'replica'"),
     ],
@@ -600,3 +618,88 @@ def test_without_the_authority_nothing_of_it_is_rendered() -> None:
             sidecar = yaml.safe_load(config_map["data"]["sidecar.yaml"])
             assert "grants" not in sidecar and sidecar["issuer"]["url"] == "https://agent-authz.example.org"
             assert "authority-ca.pem" not in config_map["data"]
+
+
+def test_credentials_come_from_secrets_mounted_into_the_sidecar_only(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """``sidecar.credentials`` names Secrets: the sidecar config reads each key from the directory
+    the webhook mounts the Secret at (the sidecar container only), and the webhook knows the Secrets
+    (its pods' own containers may not reach them)."""
+    manifests = rendered["agents"]
+    (settings,) = find(manifests, "ConfigMap", "-webhook-settings")
+    injector = yaml.safe_load(settings["data"]["injector.yaml"])
+    assert injector["credentials"] == [
+        {"name": "filings.v2", "secret_name": "filings", "key": "token"},
+        {"name": "sentiment", "secret_name": "sentiment-api", "key": "api-key"},
+    ]
+    assert injector["task_authors"] == {"users": ["ci@example.com"], "groups": [], "service_accounts": ["ci/deployer"]}
+    assert injector["grant_trust"] == {
+        "bundle": "/etc/agent-authz-webhook/trust/bundle.pem",
+        "root_issuers": "/etc/agent-authz-webhook/root-issuers/issuers.jwks.json",
+    }
+    for cm in find(manifests, "ConfigMap", "-sidecar"):
+        credentials = yaml.safe_load(cm["data"]["sidecar.yaml"])["credentials"]
+        assert credentials == {
+            "sentiment": {
+                "header": "x-api-key",
+                "file": "/etc/agent-authz/credentials/sentiment/api-key",
+                "prefix": "",
+            },
+            "filings.v2": {
+                "header": "authorization",
+                "file": "/etc/agent-authz/credentials/filings.v2/token",
+                "prefix": "Token ",
+            },
+        }
+    for name, text in settings["data"].items():
+        (tmp_path / name).write_text(text)
+    config = load_injector(tmp_path / "injector.yaml")  # the webhook starts with them
+    assert config.settings.credential_secrets == {"filings", "sentiment-api"}
+    (deployment,) = find(manifests, "Deployment", "-webhook")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["trust-bundle"]["configMap"] == {
+        "name": "spire-bundle",
+        "optional": True,
+        "items": [{"key": "bundle.crt", "path": "bundle.pem"}],
+    }
+    assert volumes["root-issuers"]["configMap"]["name"] == "root-issuers"
+    assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False  # still no API access
+
+
+def test_root_issuers_reach_the_sidecars_and_the_webhook(tmp_path: Path) -> None:
+    """``sidecar.rootIssuers`` (a JWKS) is written into each agent namespace's sidecar ConfigMap,
+    which the sidecar config names as its root issuers, and into the webhook's settings, which verify
+    the grants of requesters who are not task authors with it (unless ``authority.rootIssuers`` names
+    a ConfigMap, which the webhook then reads instead)."""
+    issuer = load_signing_key(generate_private_key_pem(), "ES256", file="issuer", field="")
+    public = {"keys": [issuer.public_jwk]}
+    jwks = json.dumps(public)
+    manifests = helm_template(values={"agentNamespaces": ["agents"], "sidecar": {"rootIssuers": jwks}}, namespace=NS)
+    (config_map,) = find(manifests, "ConfigMap", "-sidecar")
+    assert json.loads(config_map["data"]["root-issuers.jwks.json"]) == public
+    for name, text in config_map["data"].items():
+        (tmp_path / name).write_text(text)
+    settings = load_config(tmp_path / "sidecar.yaml").settings
+    assert [str(r.jwks) for r in settings.grants.root_issuers] == ["/etc/agent-authz/config/root-issuers.jwks.json"]
+    (webhook_settings,) = find(manifests, "ConfigMap", "-webhook-settings")
+    injector = yaml.safe_load(webhook_settings["data"]["injector.yaml"])
+    assert injector["grant_trust"]["root_issuers"] == "root-issuers.jwks.json"
+    webhook_dir = tmp_path / "webhook"
+    webhook_dir.mkdir()
+    for name, text in webhook_settings["data"].items():
+        (webhook_dir / name).write_text(text)
+    loaded = load_injector(webhook_dir / "injector.yaml")
+    assert loaded.settings.grant_trust.root_issuers == webhook_dir / "root-issuers.jwks.json"
+    # authority.rootIssuers wins for the webhook
+    both = helm_template(
+        values={
+            "agentNamespaces": ["agents"],
+            "sidecar": {"rootIssuers": jwks},
+            "authority": {"rootIssuers": {"configMap": "root-issuers"}},
+        },
+        namespace=NS,
+    )
+    (webhook_settings,) = find(both, "ConfigMap", "-webhook-settings")
+    injector = yaml.safe_load(webhook_settings["data"]["injector.yaml"])
+    assert injector["grant_trust"]["root_issuers"] == "/etc/agent-authz-webhook/root-issuers/issuers.jwks.json"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,11 +27,11 @@ import pytest
 from sidecar.demo.agent_servers import CALLS, ServerThread, warehouse_app
 from sidecar.demo.upstream import SampleUpstream, TokenCheck
 from sidecar.harness import AuthzStack, SidecarProcess, wait_until
+from sidecar.simulation.netns import AGENT_UID, as_user
 from tests.support.agent_protocols import MCP_HOST
 from tests.support.config import API_AUDIENCE, API_HOST, ISSUER, task, write_config
 from tests.support.continuous import Operator, call_admin
 from tests.support.grants_env import DELEGATION, ORCH, SUB, Scenario, check, dump, reason
-from tests.support.netns import AGENT_UID, as_user
 from tests.support.stack import Env, Reply, metric, send
 
 pytestmark = pytest.mark.e2e
@@ -305,6 +306,7 @@ def test_approval_happy_path_and_replay(approvals_env: Callable[..., Env], opera
     approved = operator.approve(approval_id, env.admin, ttl="10m")
     assert approved.returncode == 0, approved.stderr
     assert f"approved {approval_id} (DELETE {API_HOST}/v1/items/7)" in approved.stdout
+    assert re.search(r" until \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00: one retry", approved.stdout), approved.stdout
     (granted,) = control_records(env, "approval_granted")
     assert granted["approval"]["id"] == approval_id and granted["approval"]["approved_by"].startswith("key:")
 
@@ -343,6 +345,29 @@ def test_approval_binds_the_body(approvals_env: Callable[..., Env], operator: Op
     assert [r.method for r in env.upstream.requests()].count("POST") == 1
     too_big = env.send("POST", f"{ITEMS}/report", {"content-type": "application/json"}, b"x" * (64 * 1024 + 10))
     assert too_big.reason == "approval_body_unavailable"  # over the cap: the sidecar never saw all of it
+
+
+def test_approval_binds_the_headers_an_upstream_acts_on(approvals_env: Callable[..., Env], operator: Operator) -> None:
+    """The approved ``DELETE`` retried with ``X-HTTP-Method-Override: PURGE`` (a header many APIs act on) is
+    another call: ``approval_mismatch``, nothing delivered; the same call with a new request id and trace
+    context is the approved one."""
+    env = approvals_env()
+    first = env.send("DELETE", f"{ITEMS}/7", {"x-delete-mode": "soft"})
+    assert first.reason == "approval_required"
+    listing = first.json()["approval_id"]
+    assert operator.approve(listing, env.admin).returncode == 0
+    for forged in ({"x-delete-mode": "soft", "x-http-method-override": "PURGE"}, {"x-delete-mode": "recursive"}, {}):
+        assert env.send("DELETE", f"{ITEMS}/7", forged).reason == "approval_mismatch", forged
+    assert [r.method for r in env.upstream.requests()].count("DELETE") == 0
+    volatile = {
+        "x-delete-mode": "soft",
+        "traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01",
+        "x-request-id": "r2",
+    }
+    exact = env.send("DELETE", f"{ITEMS}/7", volatile)
+    assert exact.status == 200 and env.record(exact.decision_id)["approval"]["id"] == listing
+    (delivered,) = [r.headers for r in env.upstream.requests() if r.method == "DELETE"]
+    assert delivered["x-delete-mode"] == "soft" and "x-http-method-override" not in delivered
 
 
 @pytest.fixture(scope="module")

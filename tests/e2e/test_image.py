@@ -7,7 +7,7 @@ The demo runs with ``podman run`` where that works. Where it does not (in this s
 set rlimits: ``setrlimit RLIMIT_NOFILE: Operation not permitted``), it runs the way a runtime would:
 the image's root filesystem (``podman image mount``) as the lower layer of an overlay with a tmpfs
 upper, read-only root, in private mount and network namespaces, chrooted, as the image's default
-user with no capabilities and ``no_new_privs`` (:mod:`tests.support.container_exec`).
+user with no capabilities and ``no_new_privs`` (:mod:`sidecar.simulation.container_exec`).
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def _run_chroot(image: Image, argv: list[str], scratch: Path, state: Path, timeo
     spec_path.write_text(json.dumps(spec))
     # A fresh network namespace (loopback only, as `podman run --network none`) and mount namespace.
     namespaces = ["unshare", "--net", "--mount", "--propagation", "private", "--"]
-    runtime = [sys.executable, "-m", "tests.support.container_exec", str(spec_path)]
+    runtime = [sys.executable, "-m", "sidecar.simulation.container_exec", str(spec_path)]
     result = subprocess.run(
         [*namespaces, "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *runtime],
         cwd=REPO,
@@ -228,8 +228,10 @@ def test_the_demo_runs_inside_the_image(image: Image, run_in_image: Any) -> None
     # the decision log it wrote (as 65532, on the mounted volume) verifies with the host's CLI
     log = run_in_image.state / "demo" / "decisions.log"
     records = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(records) == 14 and log.stat().st_uid == 65532
+    # 14 decisions and the 3 CONNECT tunnels urllib opens for the HTTPS calls (each a decision, as in test_demo)
+    assert len(records) == 17 and log.stat().st_uid == 65532
+    assert [r["host"] for r in records if r["method"] == "CONNECT"] == ["sentiment.example.com"] * 3
     verified = subprocess.run(
         [sys.executable, "-m", "sidecar", "logs", "verify", str(log)], capture_output=True, text=True, timeout=60
     )
-    assert verified.returncode == 0 and "intact: 14 records" in verified.stdout, verified.stdout
+    assert verified.returncode == 0 and "intact: 17 records" in verified.stdout, verified.stdout

@@ -1,13 +1,13 @@
 """The injected pod spec actually works: the webhook's patched pod, run as the kubelet would.
 
 The chart is rendered (``helm template``), the webhook answers a real AdmissionReview for an agent
-pod, the patch is applied (``jsonpatch``), and :class:`tests.support.kubelet.Kubelet` runs the result: the
+pod, the patch is applied (``jsonpatch``), and :class:`sidecar.simulation.kubelet.Kubelet` runs the result: the
 ``agent-authz-init`` step in the pod's network namespace (root, only NET_ADMIN and NET_RAW), then
 the authz sidecar and Envoy as native sidecars (UID 1337, read-only root filesystem) until their
 startup probes pass, then the agent's own container (UID 1000). Volumes are laid out as the
 kubelet would: the chart's ConfigMap and signing-key Secret, the task annotation through the
 downward API, emptyDirs, and the SPIFFE CSI driver's directory holding the SPIRE agent socket -
-here a test server speaking the real SPIFFE Workload API and Envoy's SDS (``tests/support/workload_api.py``),
+here a test server speaking the real SPIFFE Workload API and Envoy's SDS (``sidecar/simulation/workload_api.py``),
 so both the sidecar and Envoy get the pod's X.509-SVID the way they would from SPIRE.
 
 The agent's traffic then goes through it: an allowed call arrives upstream with a task-scoped
@@ -36,13 +36,13 @@ import yaml
 from sidecar.harness import http_get, wait_until
 from sidecar.identity.devca import DevCA
 from sidecar.inject import layout
+from sidecar.simulation.kubelet import Kubelet
+from sidecar.simulation.netns import AGENT_UID, POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user
+from sidecar.simulation.workload_api import WorkloadApiServer, serve_sds
 from tests.support.certs import make_leaf, write_pair
 from tests.support.k8s import RESTRICTED, find, kubectl_annotate, secret_data, validate
-from tests.support.kubelet import Kubelet
-from tests.support.netns import AGENT_UID, POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user
 from tests.support.netns_pod import pod_sandbox, start_servers
 from tests.support.webhook_env import Webhook, admission_review, install, patched
-from tests.support.workload_api import WorkloadApiServer, serve_sds
 
 pytestmark = [
     pytest.mark.e2e,
@@ -54,21 +54,34 @@ TD = "test.example"
 AGENT = f"spiffe://{TD}/ns/agents/sa/worker"
 PLANNER = f"spiffe://{TD}/ns/orchestration/sa/planner"
 API = "api.example.com"
+SENTIMENT = "sentiment.example.com"
+KEYS = (b"sk-first-0f3a9c", b"sk-rotated-7d41e2")
 APP_PORT, API_PORT, HOOK_PORT = 8080, 9000, 9090
 TASK = {
     "id": "q3-report",
     "purpose": "Quarterly report",
     "on_behalf_of": "user:jane@example.com",
     "ttl": "1h",
-    "egress": [{"name": "items", "host": API, "methods": ["GET"], "paths": ["/v1/items/*"], "scope": "items:read"}],
+    "egress": [
+        {"name": "items", "host": API, "methods": ["GET"], "paths": ["/v1/items/*"], "scope": "items:read"},
+        {
+            "name": "sentiment",
+            "host": SENTIMENT,
+            "methods": ["POST"],
+            "paths": ["/v1/analyze"],
+            "token": False,
+            "credential": "sentiment",
+        },
+    ],
 }
 VALUES = {
     "agentNamespaces": ["agents"],
     "identity": {"trustDomain": TD},
     "sidecar": {
         "issuerUrl": "https://agent-authz.test.example",
+        "credentials": {"sentiment": {"secretName": "sentiment-api", "key": "api-key", "header": "x-api-key"}},
         "extraConfig": {
-            "envoy": {"destinations": {API: f"{UPSTREAM_IP}:80"}},
+            "envoy": {"destinations": {API: f"{UPSTREAM_IP}:80", SENTIMENT: f"{UPSTREAM_IP}:80"}},
             "ingress": {
                 "rules": [
                     {"name": "planner", "callers": [{"id": PLANNER}], "methods": ["GET"], "paths": ["/v1/status"]}
@@ -156,6 +169,10 @@ class RunningPod:
     def call_api(self, path: str) -> tuple[int | None, dict[str, str]]:
         return self.curl(f"http://{API}{path}", "--resolve", f"{API}:80:{UPSTREAM_IP}")
 
+    def call_sentiment(self, marker: str) -> tuple[int | None, dict[str, str]]:
+        url = f"http://{SENTIMENT}/v1/analyze"
+        return self.curl(url, "--resolve", f"{SENTIMENT}:80:{UPSTREAM_IP}", "-X", "POST", "-d", marker)
+
     def upstream(self, path: str) -> list[dict[str, Any]]:
         lines = self.upstream_log.read_text().splitlines() if self.upstream_log.exists() else []
         return [e for e in map(json.loads, lines) if e.get("path") == path]
@@ -203,6 +220,7 @@ def pod() -> Iterator[RunningPod]:
         objects = [m for m in installed.manifests if m["metadata"].get("namespace") == "agents"]
         config_maps = {m["metadata"]["name"]: m["data"] for m in find(objects, "ConfigMap")}
         secrets = {m["metadata"]["name"]: {k: secret_data(m, k) for k in m["data"]} for m in find(objects, "Secret")}
+        secrets["sentiment-api"] = {"api-key": KEYS[0] + b"\n"}  # the operator's: kubectl create secret generic
         path = f"{Path(sys.executable).parent}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         kubelet = sandbox.keep(
             Kubelet(
@@ -346,6 +364,53 @@ def test_an_inbound_call_needs_an_allowed_svid(pod: RunningPod, tmp_path: Path) 
         pod.net.exec_in(pod.net.upstream, [*base, url]), capture_output=True, text=True, timeout=20
     )
     assert refused.returncode != 0  # no client certificate: the handshake fails
+
+
+def test_a_secret_mounted_key_is_injected_and_a_rotation_is_used_without_a_restart(pod: RunningPod) -> None:
+    """``sidecar.credentials`` names a Secret: the webhook mounts it into the sidecar container only,
+    the sidecar sets it on the paid API's calls, and a rotated Secret (the kubelet's ``..data`` swap)
+    is used from the next call on - no restart, and the agent never holds either key."""
+    sidecar = pod.kubelet.container(layout.CONTAINER_SIDECAR)
+    assert {
+        "name": "agent-authz-credential-0",
+        "mountPath": "/etc/agent-authz/credentials/sentiment",
+        "readOnly": True,
+    } in sidecar["volumeMounts"]
+    pids = {name: proc.proc.pid for name, proc in pod.kubelet.running.items()}  # type: ignore[union-attr]
+
+    def upstream_key() -> str | None:
+        hits = [e for e in pod.upstream("/v1/analyze")]
+        return hits[-1]["headers"].get("x-api-key") if hits else None
+
+    status, headers = pod.call_sentiment("first")
+    assert status == 200, headers
+    assert upstream_key() == KEYS[0].decode()
+    assert all(KEYS[0].decode() not in value for value in headers.values())  # nothing of it comes back to the agent
+    digest = pod.readyz()["config_digest"]
+    pod.kubelet.update_secret("sentiment-api", {"api-key": KEYS[1] + b"\n"})
+    wait_until(lambda: pod.readyz()["config_digest"] != digest, timeout=10, what="the sidecar re-read the key")
+    status, _ = pod.call_sentiment("second")
+    assert status == 200 and upstream_key() == KEYS[1].decode()  # the very next call carries the new key
+    assert {name: proc.proc.pid for name, proc in pod.kubelet.running.items()} == pids  # type: ignore[union-attr]
+    # the agent's container has neither key: not mounted, not in its environment, not in any file it sees
+    probe = (
+        "import os, sys\n"
+        "keys = [k.encode() for k in sys.argv[1:]]\n"
+        "assert not os.path.exists('/etc/agent-authz/credentials'), 'mounted'\n"
+        "assert not any(k.decode() in v for k in keys for v in os.environ.values()), 'environment'\n"
+        "for root in ('/etc', '/run', '/var', '/tmp', '/app-logs'):\n"
+        "    for d, _, files in os.walk(root):\n"
+        "        for f in files:\n"
+        "            try:\n"
+        "                data = open(os.path.join(d, f), 'rb').read(1 << 20)\n"
+        "            except OSError:\n"
+        "                continue\n"
+        "            assert not any(k in data for k in keys), os.path.join(d, f)\n"
+        "print('clean')\n"
+    )
+    for uid in (AGENT_UID, 0):  # the agent's user, and root in its container
+        result = pod.kubelet.exec("agent", ["python", "-c", probe, *(k.decode() for k in KEYS)], uid=uid)
+        assert result.returncode == 0 and result.stdout.strip() == "clean", result.stderr
 
 
 def test_a_changed_task_annotation_is_enforced_without_a_restart(pod: RunningPod) -> None:

@@ -25,10 +25,10 @@ from cryptography.hazmat.primitives import serialization
 
 from sidecar.harness import AuthzStack, http_get
 from sidecar.identity.devca import DevCA
+from sidecar.simulation.netns import POD_IP, PROXY_UID, UPSTREAM_IP, as_user, chown_tree
 from sidecar.tls_intercept.trust import agent_trust_env
 from tests.support.certs import make_leaf, write_pair
 from tests.support.config import base_config, task, write_config, write_keys
-from tests.support.netns import POD_IP, PROXY_UID, UPSTREAM_IP, as_user, chown_tree
 from tests.support.netns_pod import Pod, pod_sandbox, start_servers, token_claims
 
 pytestmark = [

@@ -19,9 +19,7 @@ import pytest
 
 from sidecar.harness import AuthzStack
 from sidecar.identity.devca import DevCA
-from tests.support.certs import make_leaf, write_pair
-from tests.support.config import AGENT, PLANNER, add_file_identity, base_config, task, write_config, write_keys
-from tests.support.netns import (
+from sidecar.simulation.netns import (
     AGENT_UID,
     ATTACKER_IP,
     POD_IP,
@@ -32,6 +30,8 @@ from tests.support.netns import (
     as_user,
     chown_tree,
 )
+from tests.support.certs import make_leaf, write_pair
+from tests.support.config import AGENT, PLANNER, add_file_identity, base_config, task, write_config, write_keys
 from tests.support.netns_pod import Pod, pod_sandbox, start_servers, token_claims
 
 pytestmark = [

@@ -22,11 +22,11 @@ from cryptography.hazmat.primitives import serialization
 
 from sidecar.harness import SidecarProcess, http_get, wait_until
 from sidecar.identity.devca import DevCA
+from sidecar.simulation.kubelet import atomic_write
+from sidecar.simulation.workload_api import WorkloadApiServer
 from tests.support import spiffe_testdata as fx
 from tests.support.certs import key_usage, make_leaf
 from tests.support.config import AGENT, PLANNER, add_file_identity, base_config, task, write_config, write_keys
-from tests.support.kubelet import atomic_write
-from tests.support.workload_api import WorkloadApiServer
 
 pytestmark = pytest.mark.e2e
 

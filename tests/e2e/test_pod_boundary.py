@@ -3,7 +3,7 @@ squattable or forgettable by it.
 
 One injected pod for the whole module, built as the pod simulation builds it: the chart rendered
 (``helm template``, with ``sidecar.intercept.enabled`` so SDS is served), the webhook's patch for an
-agent pod applied, and :class:`tests.support.kubelet.Kubelet` running the result - the init step's
+agent pod applied, and :class:`sidecar.simulation.kubelet.Kubelet` running the result - the init step's
 real iptables rules, the real sidecar and Envoy as the proxy UID, the agent's container and a second
 container of the pod ("peer", another UID), each in its own mount and PID namespaces, the node's
 directories out of their sight. The agent's container is the most permissive spec the webhook
@@ -43,13 +43,13 @@ import yaml
 from sidecar.harness import ManagedProcess, unix_http, wait_until
 from sidecar.identity.devca import DevCA
 from sidecar.inject import layout
+from sidecar.simulation.kubelet import Kubelet
+from sidecar.simulation.netns import AGENT_UID, POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user
+from sidecar.simulation.workload_api import WorkloadApiServer, serve_sds
 from tests.support.census import OWN_ROW, CensusRow, Listener, census_rows, listeners, socket_owners
 from tests.support.k8s import RESTRICTED, find, secret_data, validate
-from tests.support.kubelet import Kubelet
-from tests.support.netns import AGENT_UID, POD_IP, PROXY_UID, UPSTREAM_IP, PodNetwork, as_user
 from tests.support.netns_pod import Sandbox, pod_sandbox, start_servers
 from tests.support.webhook_env import Webhook, admission_review, install, patched
-from tests.support.workload_api import WorkloadApiServer, serve_sds
 
 pytestmark = [
     pytest.mark.e2e,

@@ -10,6 +10,7 @@ the test plays its part with the JSON it would send.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -29,8 +30,9 @@ from sidecar.inject import layout
 from sidecar.tls_intercept.trust import agent_trust_env
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
 from tests.support.certs import make_leaf, write_pair
+from tests.support.grant_chain import Chain, root_task
 from tests.support.k8s import RESTRICTED, kubectl_annotate, validate
-from tests.support.webhook_env import Installed, Webhook, admission_review, install, patched
+from tests.support.webhook_env import Installed, Webhook, admission_review, install, patched, user_info
 from tests.support.webhook_pods import AGENT, TASK, TD, VALUES, agent_pod
 
 pytestmark = pytest.mark.e2e
@@ -158,8 +160,8 @@ def test_a_plain_pod_is_injected(webhook: Webhook) -> None:
 
 def test_a_jobs_pod_is_injected_before_its_own_init_containers(webhook: Webhook) -> None:
     pod = job_pod()
-    review = admission_review(pod, namespace="agents")
-    response = webhook.review(review)
+    review = admission_review(pod, namespace="agents", user=user_info("kube-system/job-controller"))
+    response = webhook.review(review)  # the job controller relays the Job's template (judged at the Job)
     result = patched(pod, response)
     validate(result)
     assert _names(result["spec"]["initContainers"]) == [
@@ -399,7 +401,7 @@ def test_malformed_reviews_get_http_400_with_a_message(
                 "kind": {"group": "apps", "version": "v1", "kind": "Deployment"},
                 "resource": {"group": "apps", "version": "v1", "resource": "deployments"},
             },
-            "handles v1 Pods only, got apps/v1 Deployment",
+            "handles v1 Pods and batch/v1 Jobs only, got apps/v1 Deployment",
         ),
         ({"subResource": "status"}, "(subresource status)"),
         ({"object": None}, "malformed pod: the object must be a Pod"),
@@ -600,3 +602,71 @@ def test_the_webhook_refuses_intercept_paths_outside_the_pod_layout(installed: I
     assert result.returncode == 2
     assert "intercept.state_dir must be /run/agent-authz/intercept" in result.stderr
     assert "intercept.publish_dir must be /etc/agent-authz/trust" in result.stderr
+
+
+def test_who_may_declare_a_task_is_judged_from_the_requester(installed: Installed, tmp_path: Path) -> None:
+    """AdmissionReviews from a task author (the deploy pipeline's ServiceAccount) and from an
+    orchestrator agent's ServiceAccount, for Pods and Jobs, CREATE and UPDATE, over TLS to the webhook
+    the chart configured - with the trust bundle and root issuers mounted where the chart mounts them."""
+    chain = Chain(DevCA.create(TD))
+    trust = tmp_path / "etc"
+    chain.ca.save(trust / "ca")
+    (trust / "issuers.jwks.json").write_text(json.dumps({"keys": [chain.issuer.public_jwk]}))
+    settings_dir = tmp_path / "settings"
+    settings_dir.mkdir()
+    (settings_dir / "sidecar.yaml").write_text((installed.settings_dir / "sidecar.yaml").read_text())
+    settings = yaml.safe_load((installed.settings_dir / "injector.yaml").read_text())
+    assert settings["grant_trust"] == {"bundle": "/etc/agent-authz-webhook/trust/bundle.pem"}  # the chart's mount
+    assert settings["task_authors"] == {"users": [], "groups": ["system:masters"], "service_accounts": []}
+    settings["grant_trust"] = {
+        "bundle": str(trust / "ca" / "bundle.pem"),
+        "root_issuers": str(trust / "issuers.jwks.json"),
+    }
+    settings["task_authors"]["service_accounts"] = ["ci/deployer"]
+    (settings_dir / "injector.yaml").write_text(yaml.safe_dump(settings))
+    (tmp_path / "log").mkdir()
+    server = Webhook(dataclasses.replace(installed, settings_dir=settings_dir), tmp_path / "log")
+    server.start()
+    try:
+        pipeline, orchestrator = user_info("ci/deployer"), user_info("agents/orchestrator")
+        root = chain.root(root_task("q3", f"spiffe://{TD}/ns/agents/sa/orchestrator"))
+        grant = chain.delegate(root, AGENT, "worker")
+        job = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "sub", "namespace": "agents"},
+            "spec": {"template": {k: v for k, v in agent_pod().items() if k in ("metadata", "spec")}},
+        }
+        job["spec"]["template"]["spec"]["restartPolicy"] = "Never"
+        refused = server.review(admission_review(job, user=orchestrator))
+        assert refused["allowed"] is False and refused["status"]["code"] == 403
+        assert "an unsigned task is accepted only from a task author" in refused["status"]["message"]
+        assert server.review(admission_review(job, user=pipeline))["allowed"] is True
+        signed = copy.deepcopy(job)
+        signed["spec"]["template"]["metadata"]["annotations"][layout.ANNOTATION_TASK] = grant
+        assert server.review(admission_review(signed, user=orchestrator))["allowed"] is True
+        # the job controller's pod of that Job is injected; the orchestrator's own pod with a task is not
+        created = copy.deepcopy(job_pod())
+        created["metadata"]["annotations"][layout.ANNOTATION_TASK] = grant
+        response = server.review(admission_review(created, user=user_info("kube-system/job-controller")))
+        validate(patched(created, response))
+        refused = server.review(admission_review(agent_pod(), user=orchestrator))
+        assert refused["allowed"] is False and "task author" in refused["status"]["message"]
+        pod = agent_pod(**{layout.ANNOTATION_TASK: grant})
+        running = patched(pod, server.review(admission_review(pod, user=orchestrator)))
+        # kubectl annotate of the running pod's task: an UPDATE judged by who annotates
+        widened = kubectl_annotate(running, f"{layout.ANNOTATION_TASK}={json.dumps(TASK)}")
+        refused = server.review(admission_review(widened, operation="UPDATE", old=running, user=orchestrator))
+        assert refused["allowed"] is False and "task author" in refused["status"]["message"]
+        assert server.review(admission_review(widened, operation="UPDATE", old=running, user=pipeline))["allowed"]
+        tampered = grant.rsplit(".", 1)[0] + ".AAAA"
+        forged = kubectl_annotate(running, f"{layout.ANNOTATION_TASK}={tampered}")
+        refused = server.review(admission_review(forged, operation="UPDATE", old=running, user=orchestrator))
+        assert refused["allowed"] is False and "the grant does not verify" in refused["status"]["message"]
+    finally:
+        server.stop()
+    events = [json.loads(line) for line in server.proc.stdout_path.read_text().splitlines() if line.startswith("{")]
+    events += [json.loads(line) for line in server.proc.stderr_path.read_text().splitlines() if line.startswith("{")]
+    denied = [e for e in events if e.get("event") == "admission" and e.get("allowed") is False]
+    assert {e["user"] for e in denied} == {"system:serviceaccount:agents:orchestrator"}
+    assert {e["kind"] for e in denied} == {"Job", "Pod"} and all("task" in e["message"] for e in denied)

@@ -14,10 +14,10 @@ import pytest
 
 from sidecar.harness import SidecarProcess, http_get, wait_until
 from sidecar.identity.devca import DevCA
+from sidecar.simulation.workload_api import WorkloadApiServer
 from tests.support.certs import make_leaf, url_pem
 from tests.support.config import AGENT, PLANNER, base_config, task, write_config, write_keys
 from tests.support.envoy_authz import check_request
-from tests.support.workload_api import WorkloadApiServer
 
 pytestmark = pytest.mark.e2e
 

@@ -4,7 +4,7 @@ Everything the chart would give an authority in a cluster, built from what the c
 ``helm template`` renders the authority's Role (fed to the API double as the ServiceAccount's RBAC,
 so a missing verb fails here), its ConfigMaps (seeded into the double) and its ``authority.yaml``
 (used as the base of each replica's config, with paths pointing at the files made here). The
-Kubernetes API server itself is a double (``tests/support/kube_api.py``): no API server can run
+Kubernetes API server itself is a double (``sidecar/simulation/kube_api.py``): no API server can run
 here. Each replica is a real ``agent-authz authority`` process; sidecars are real ``agent-authz
 serve`` processes with X.509-SVIDs from a dev CA.
 """
@@ -33,9 +33,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from sidecar.harness import AuthorityProcess, SidecarProcess, wait_until
 from sidecar.identity.devca import DevCA
+from sidecar.simulation.jwt_upstream import jwt_authn_bootstrap as stock_jwt_authn
+from sidecar.simulation.kube_api import KubeApiDouble, Subject, rules_from_role
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
 from tests.support.k8s import find, helm_template
-from tests.support.kube_api import KubeApiDouble, Subject, rules_from_role
 
 __all__ = [
     "BASE_URL",
@@ -439,123 +440,15 @@ def wait_feed_connected(sidecar: SidecarProcess, timeout: float = 15.0) -> None:
 
 
 def jwt_authn_bootstrap(*, issuer: str, audience: str, jwks_port: int, ca_file: Path) -> dict[str, Any]:
-    """An upstream's stock Envoy: every request must carry a JWT of ``issuer`` for ``audience``,
-    verified by the ``jwt_authn`` filter against the authority's JWKS (``remote_jwks`` over HTTPS to
-    the Service name, verified against ``ca_file``); allowed requests get a direct 200 ``ok``."""
-    host = f"{SERVICE}.{RELEASE_NS}.svc"
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "api",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                                        "http_connection_manager.v3.HttpConnectionManager",
-                                        "stat_prefix": "api",
-                                        "route_config": {
-                                            "virtual_hosts": [
-                                                {
-                                                    "name": "api",
-                                                    "domains": ["*"],
-                                                    "routes": [
-                                                        {
-                                                            "match": {"prefix": "/"},
-                                                            "direct_response": {
-                                                                "status": 200,
-                                                                "body": {"inline_string": "ok"},
-                                                            },
-                                                        }
-                                                    ],
-                                                }
-                                            ]
-                                        },
-                                        "http_filters": [
-                                            {
-                                                "name": "envoy.filters.http.jwt_authn",
-                                                "typed_config": {
-                                                    "@type": "type.googleapis.com/envoy.extensions.filters.http."
-                                                    "jwt_authn.v3.JwtAuthentication",
-                                                    "providers": {
-                                                        "agent_authz": {
-                                                            "issuer": issuer,
-                                                            "audiences": [audience],
-                                                            "remote_jwks": {
-                                                                "http_uri": {
-                                                                    "uri": f"https://{host}/ns/"
-                                                                    + issuer.rsplit("/", 1)[1]
-                                                                    + "/jwks.json",
-                                                                    "cluster": "authority",
-                                                                    "timeout": "2s",
-                                                                },
-                                                                "cache_duration": "300s",
-                                                            },
-                                                        }
-                                                    },
-                                                    "rules": [
-                                                        {
-                                                            "match": {"prefix": "/"},
-                                                            "requires": {"provider_name": "agent_authz"},
-                                                        }
-                                                    ],
-                                                },
-                                            },
-                                            {
-                                                "name": "envoy.filters.http.router",
-                                                "typed_config": {
-                                                    "@type": "type.googleapis.com/envoy.extensions.filters.http."
-                                                    "router.v3.Router"
-                                                },
-                                            },
-                                        ],
-                                    },
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                {
-                    "name": "authority",
-                    "type": "STATIC",
-                    "connect_timeout": "2s",
-                    "load_assignment": {
-                        "cluster_name": "authority",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {
-                                        "endpoint": {
-                                            "address": {
-                                                "socket_address": {"address": "127.0.0.1", "port_value": jwks_port}
-                                            }
-                                        }
-                                    }
-                                ]
-                            }
-                        ],
-                    },
-                    "transport_socket": {
-                        "name": "envoy.transport_sockets.tls",
-                        "typed_config": {
-                            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                            "sni": host,
-                            "common_tls_context": {
-                                "validation_context": {
-                                    "trusted_ca": {"filename": str(ca_file)},
-                                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": host}}],
-                                }
-                            },
-                        },
-                    },
-                }
-            ],
-        },
-    }
+    """An upstream's stock Envoy on ``127.0.0.1``: every request must carry a JWT of ``issuer`` for
+    ``audience``, verified by the ``jwt_authn`` filter against the authority's JWKS (``remote_jwks``
+    over HTTPS to the Service name on ``127.0.0.1:jwks_port``, verified against ``ca_file``); allowed
+    requests get a direct 200 ``ok`` (:func:`sidecar.simulation.jwt_upstream.jwt_authn_bootstrap`)."""
+    return stock_jwt_authn(
+        issuer=issuer,
+        audience=audience,
+        jwks_host=f"{SERVICE}.{RELEASE_NS}.svc",
+        jwks_address="127.0.0.1",
+        jwks_port=jwks_port,
+        ca_file=ca_file,
+    )

@@ -70,6 +70,7 @@ class DnsServer:
     Attributes:
         port: the bound port.
         received: what arrived (the log entries).
+        messages: the messages as they arrived (wire format).
     """
 
     def __init__(
@@ -77,6 +78,7 @@ class DnsServer:
     ) -> None:
         self.zone, self.ttl, self.log = zone, ttl, log
         self.received: list[dict[str, Any]] = []
+        self.messages: list[bytes] = []
         server = self
 
         class Udp(socketserver.BaseRequestHandler):
@@ -122,6 +124,7 @@ class DnsServer:
         entry = {"listener": self.listener, "transport": transport, **entry}
         with _lock:
             self.received.append(entry)
+            self.messages.append(data)
             if self.log is not None:
                 with self.log.open("a") as out:
                     out.write(json.dumps(entry) + "\n")

@@ -9,7 +9,6 @@ kubectl is used only in ``--local`` / ``--dry-run=client`` modes.
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import subprocess
@@ -19,6 +18,8 @@ from typing import Any
 
 import kubernetes_validate
 import yaml
+
+from sidecar.simulation.chart import find, secret_data
 
 __all__ = [
     "CHART",
@@ -99,16 +100,6 @@ def validate(manifest: dict[str, Any], versions: Sequence[str] = KUBE_VERSIONS) 
     """
     for version in versions:
         kubernetes_validate.validate(manifest, version, strict=True)
-
-
-def find(manifests: list[dict[str, Any]], kind: str, name_suffix: str = "") -> list[dict[str, Any]]:
-    """The manifests of ``kind`` whose name ends with ``name_suffix``."""
-    return [m for m in manifests if m["kind"] == kind and m["metadata"]["name"].endswith(name_suffix)]
-
-
-def secret_data(secret: dict[str, Any], key: str) -> bytes:
-    """A Secret's ``data[key]``, decoded."""
-    return base64.b64decode(secret["data"][key])
 
 
 def kubectl_annotate(obj: dict[str, Any], *annotations: str) -> dict[str, Any]:

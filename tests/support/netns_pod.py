@@ -7,8 +7,8 @@ namespace, a base directory, the processes started in them - and, whatever happe
 stopped and reaped, the namespaces and their hosts file deleted (asserted), the directory removed.
 
 :class:`Pod` is the running pod of the first two: the test thread sits in the pod namespace
-(:meth:`tests.support.netns.PodNetwork.inside`), so commands run there; with a hosts file
-(:meth:`tests.support.netns.PodNetwork.write_hosts`) agent commands go through ``ip netns exec``, which
+(:meth:`sidecar.simulation.netns.PodNetwork.inside`), so commands run there; with a hosts file
+(:meth:`sidecar.simulation.netns.PodNetwork.write_hosts`) agent commands go through ``ip netns exec``, which
 bind-mounts it over ``/etc/hosts`` for that command only.
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Protocol, TypeVar
 import jwt
 
 from sidecar.harness import AuthzStack, ManagedProcess, http_get, wait_until
-from tests.support.netns import AGENT_UID, PodNetwork, as_user, missing_tools
+from sidecar.simulation.netns import AGENT_UID, PodNetwork, as_user, missing_tools
 
 __all__ = ["REPO", "Curl", "Pod", "Sandbox", "jwks", "pod_sandbox", "start_servers", "token_claims"]
 
@@ -70,7 +70,7 @@ def pod_sandbox(prefix: str, *, tools: Sequence[str] = (), hosts: Mapping[str, s
 
     Args:
         prefix: of the base directory's name (in ``/tmp``: unix socket paths stay short).
-        tools: commands needed besides :func:`~tests.support.netns.missing_tools`'.
+        tools: commands needed besides :func:`~sidecar.simulation.netns.missing_tools`'.
         hosts: the pod's name resolution (``name -> address``), if any.
     """
     missing = missing_tools() + [tool for tool in tools if shutil.which(tool) is None]

@@ -163,6 +163,13 @@ pod layout of sidecar/inject/layout.py; the webhook refuses to start when they d
   "task_files" (list (dict "path" "/etc/agent-authz/pod/task" "revoked" "/etc/agent-authz/pod/revoked"))
   "dry_run" $s.dryRun
 -}}
+{{- if $s.credentials -}}
+{{- $credentials := dict -}}
+{{- range $name, $c := $s.credentials -}}
+{{- $_ := set $credentials $name (dict "header" $c.header "file" (printf "/etc/agent-authz/credentials/%s/%s" $name $c.key) "prefix" (default "" $c.prefix)) -}}
+{{- end -}}
+{{- $_ := set $config "credentials" $credentials -}}
+{{- end -}}
 {{- $dnsAllow := list (printf "*.%s" .Values.dns.clusterDomain) -}}
 {{- range .Values.dns.allow -}}
 {{- $dnsAllow = append $dnsAllow . -}}
@@ -179,6 +186,11 @@ pod layout of sidecar/inject/layout.py; the webhook refuses to start when they d
   "stale_applies_to" $s.revocationFeed.staleAppliesTo
 -}}
 {{- $_ := set $config "grants" (dict "revocation_feed" $feed) -}}
+{{- end -}}
+{{- if $s.rootIssuers -}}
+{{- $grants := default (dict) (get $config "grants") -}}
+{{- $_ := set $grants "root_issuers" (list (dict "jwks" "/etc/agent-authz/config/root-issuers.jwks.json")) -}}
+{{- $_ := set $config "grants" $grants -}}
 {{- end -}}
 {{- toYaml (mergeOverwrite $config (deepCopy $s.extraConfig)) -}}
 {{- end -}}
@@ -210,6 +222,19 @@ pod layout of sidecar/inject/layout.py; the webhook refuses to start when they d
   "init" (dict "resources" .Values.init.resources)
   "sidecar" (dict "resources" .Values.sidecar.resources "log_level" .Values.sidecar.logLevel)
   "envoy" (dict "resources" .Values.envoy.resources "concurrency" (int .Values.envoy.concurrency) "log_level" .Values.envoy.logLevel)
+  "task_authors" (dict "users" .Values.injection.taskAuthors.users "groups" .Values.injection.taskAuthors.groups "service_accounts" .Values.injection.taskAuthors.serviceAccounts)
 -}}
+{{- $trust := dict "bundle" "/etc/agent-authz-webhook/trust/bundle.pem" -}}
+{{- if .Values.authority.rootIssuers.configMap -}}
+{{- $_ := set $trust "root_issuers" "/etc/agent-authz-webhook/root-issuers/issuers.jwks.json" -}}
+{{- else if .Values.sidecar.rootIssuers -}}
+{{- $_ := set $trust "root_issuers" "root-issuers.jwks.json" -}}
+{{- end -}}
+{{- $_ := set $settings "grant_trust" $trust -}}
+{{- $credentials := list -}}
+{{- range $name, $c := .Values.sidecar.credentials -}}
+{{- $credentials = append $credentials (dict "name" $name "secret_name" $c.secretName "key" $c.key) -}}
+{{- end -}}
+{{- $_ := set $settings "credentials" $credentials -}}
 {{- toYaml $settings -}}
 {{- end -}}

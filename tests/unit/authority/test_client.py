@@ -57,6 +57,40 @@ def test_a_snapshot_older_than_what_was_applied_only_adds() -> None:
     assert applied == [(frozenset({"a", "b"}), True), (frozenset({"a"}), False), (frozenset({"a"}), True)]
 
 
+def test_the_last_contact_is_remembered_and_a_restart_counts_staleness_from_it() -> None:
+    """A sidecar restarted while the feed is down gets no fresh grace period: staleness counts from
+    the contact stored before the restart. What is stored is never later than the real contact:
+    snapshots at once, other events at most every ``contact_interval`` seconds."""
+    stored: list[float] = []
+    clock = [1000.0]
+    spec = RevocationFeedSpec(url="https://authority.authz.svc:8444", ca=Path("ca.pem"), max_staleness=30)
+
+    def client(last: float | None) -> FeedClient:
+        return FeedClient(
+            spec,
+            ca_file=Path("ca.pem"),
+            svid=lambda: None,
+            apply=lambda entries, snapshot: None,
+            clock=lambda: clock[0],
+            last_contact=last,
+            remember_contact=stored.append,
+        )
+
+    first = client(None)
+    assert first.contact_interval == 5.0
+    first.handle_event("snapshot", _event("10", time=1000.0))
+    for second in (1001.0, 1002.0, 1005.5, 1006.0):
+        clock[0] = second
+        first.handle_event("heartbeat", json.dumps({"revision": "10", "time": second}))
+    assert stored == [1000.0, 1005.5]  # the snapshot, then one heartbeat 5 s later
+    clock[0] = 1020.0  # the feed went down at 1006; the sidecar restarts at 1020
+    restarted = client(stored[-1])
+    assert restarted.status.last_contact == 1005.5 and restarted.status.started_at == 1020.0
+    assert not restarted.status.stale(1035.5) and restarted.status.stale(1036.0)  # 30 s after 1005.5, not 1020
+    assert client(None).status.stale(1050.5) and not client(None).status.stale(1050.0)  # nothing stored: from start
+    assert client(5000.0).status.last_contact == 1020.0  # a stored time in the future counts as now
+
+
 def test_ladder_actions_ride_on_snapshots_and_actions_events() -> None:
     """A snapshot hands over every action the authority keeps (and says it is a snapshot, so the
     sidecar can forward its own ones the authority lacks); an ``actions`` event the new ones; an

@@ -24,8 +24,8 @@ from sidecar.authority.protocol import (
     sign_key_proof,
     verify_key_proof,
 )
+from sidecar.simulation.kube_api import KubeApiDouble
 from sidecar.tokens.keys import KeySet, RetiredKey, generate_private_key_pem, load_signing_key
-from tests.support.kube_api import KubeApiDouble
 
 BASE = "https://authority.authz.svc"
 A, B = "spiffe://unit.example/ns/agents/sa/worker", "spiffe://unit.example/ns/research/sa/worker"

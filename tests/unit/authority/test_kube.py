@@ -1,6 +1,6 @@
 """The authority's Kubernetes client and ConfigMap document against the API double (HTTPS, real REST shapes).
 
-The Kubernetes API server cannot run here; ``tests/support/kube_api.py`` is a double that speaks
+The Kubernetes API server cannot run here; ``sidecar/simulation/kube_api.py`` is a double that speaks
 its protocol (resourceVersion, 409 Conflict, chunked watch events, 410 Gone, RBAC by resourceNames).
 """
 
@@ -19,7 +19,7 @@ import pytest
 
 from sidecar.authority.documents import ConfigMapDocument
 from sidecar.authority.kube import KubeApiError, KubeClient
-from tests.support.kube_api import KubeApiDouble, PolicyRule, Subject
+from sidecar.simulation.kube_api import KubeApiDouble, PolicyRule, Subject
 
 NS = "authz"
 ROLE = [
@@ -205,7 +205,7 @@ def test_a_watch_older_than_the_history_is_an_error_event_with_code_410(double: 
 
 
 def test_the_double_runs_as_a_process_for_the_cluster_scenario(tmp_path: Path) -> None:
-    """``python -m tests.support.kube_api``: what a scenario starts next to the authority replicas."""
+    """``python -m sidecar.simulation.kube_api``: what a scenario starts next to the authority replicas."""
     import sys
 
     from sidecar.harness import ManagedProcess, wait_until
@@ -214,7 +214,7 @@ def test_the_double_runs_as_a_process_for_the_cluster_scenario(tmp_path: Path) -
     seed.write_text(json.dumps(_configmap("mine", a="1")))
     ready = tmp_path / "ready.json"
     repo = Path(__file__).resolve().parents[3]
-    argv = [sys.executable, "-m", "tests.support.kube_api", "--dir", str(tmp_path / "kube"), "--seed", str(seed)]
+    argv = [sys.executable, "-m", "sidecar.simulation.kube_api", "--dir", str(tmp_path / "kube"), "--seed", str(seed)]
     process = ManagedProcess("kube-api", [*argv, "--ready-file", str(ready)], log_dir=tmp_path, cwd=repo)
     process.start()
     try:

@@ -15,8 +15,8 @@ from sidecar.authority.revocations import DATA_KEY, RevocationJudge, RevocationS
 from sidecar.identity.bundles import TrustBundles
 from sidecar.identity.devca import DevCA
 from sidecar.identity.x509svid import X509SvidVerifier
+from sidecar.simulation.kube_api import KubeApiDouble
 from tests.support.grant_chain import Chain, root_task
-from tests.support.kube_api import KubeApiDouble
 
 TD = "unit.example"
 ORCH = f"spiffe://{TD}/ns/agents/sa/orchestrator"

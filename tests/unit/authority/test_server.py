@@ -1,6 +1,6 @@
 """The authority process in-process: its listeners' TLS, and a rotated trust bundle taking effect without restart.
 
-The Kubernetes API is the double (``tests/support/kube_api.py``; no API server runs here).
+The Kubernetes API is the double (``sidecar/simulation/kube_api.py``; no API server runs here).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import yaml
 from sidecar.authority.config import load_authority_config
 from sidecar.authority.server import Authority
 from sidecar.identity.devca import DevCA
+from sidecar.simulation.kube_api import KubeApiDouble
 from tests.support.authority_env import serving_pair
-from tests.support.kube_api import KubeApiDouble
 
 TD = "unit.example"
 

@@ -22,7 +22,7 @@ from sidecar.control.documents import (
 from sidecar.control.quarantine import AnomalyDetector, effective_rule
 from sidecar.decision import Reason
 from sidecar.grants.verify import GrantVerifier
-from sidecar.policy.gates import CallBinding
+from sidecar.policy.gates import EMPTY_BODY, CallBinding, headers_digest
 from sidecar.policy.model import QuarantineRule
 from sidecar.tokens.keys import generate_private_key_pem, load_signing_key
 
@@ -165,3 +165,25 @@ def test_the_schema_refuses_counting_budgets_and_expiry() -> None:
         with pytest.raises(ValidationError, match="not out-of-task kinds"):
             QuarantineSpec.model_validate({"threshold": 3, "reasons": [reason]})
     assert QuarantineSpec.model_validate({"reasons": ["tls_not_allowed"]}).reasons == [Reason.TLS_NOT_ALLOWED]
+
+
+def test_the_headers_digest_binds_what_an_upstream_acts_on_and_nothing_volatile() -> None:
+    base = {"content-type": "application/json", "x-delete-mode": "soft", "user-agent": "sdk/1"}
+    volatile = {
+        ":authority": "api.internal",
+        "host": "api.internal",
+        "authorization": "Bearer agent-credential",
+        "x-request-id": "r1",
+        "traceparent": "00-aa-bb-01",
+        "x-b3-traceid": "1",
+        "x-envoy-expected-rq-timeout-ms": "15000",
+        "x-forwarded-proto": "http",
+        "x-agent-authz-caller": "forged",
+        "x-agent-task": "t1",
+        "content-length": "0",
+    }
+    assert headers_digest({**base, **volatile}) == headers_digest(base)
+    for name, value in (("x-http-method-override", "PURGE"), ("x-delete-mode", "hard"), ("cookie", "a=1")):
+        assert headers_digest({**base, name: value}) != headers_digest(base), name
+    assert headers_digest(volatile) == EMPTY_BODY
+    assert replace(CALL, headers=headers_digest(base)).digest != CALL.digest

@@ -17,6 +17,7 @@ import dns.flags
 import dns.message
 import dns.query
 import dns.rcode
+import dns.rrset
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -296,3 +297,33 @@ def test_an_answer_larger_than_the_client_takes_is_truncated(env: Env) -> None:
     assert small.flags & dns.flags.TC
     whole = env.ask("big.example.com", tcp=True)
     assert len(whole.answer[0]) == 200 and len(env.book.addresses("big.example.com", 0)) == 64  # bounded
+
+
+def test_an_allowed_query_reaches_the_resolver_as_its_question_only(env: Env) -> None:
+    """The message around an allowed name carries nothing of the agent's to the resolvers: its EDNS
+    options (1 KiB in a private option here) and its authority and additional records are not forwarded;
+    the question, RD and the DO bit are."""
+    secret = b"SECRET-" + b"x" * 1000
+    query = dns.message.make_query(
+        "api.example.com", "A", use_edns=0, want_dnssec=True, options=[dns.edns.GenericOption(65001, secret)]
+    )
+    query.additional.append(dns.rrset.from_text("carrier.", 0, "IN", "TXT", '"EXFIL-IN-ADDITIONAL"'))
+    query.authority.append(dns.rrset.from_text("carrier.", 0, "IN", "TXT", '"EXFIL-IN-AUTHORITY"'))
+    reply = dns.query.udp(query, "127.0.0.1", timeout=5, port=env.port)
+    assert [r.to_text() for rrset in reply.answer for r in rrset] == ["10.1.0.1"]
+    (forwarded,) = env.upstream.messages
+    assert not [m for m in (b"SECRET-", b"EXFIL-IN-ADDITIONAL", b"EXFIL-IN-AUTHORITY") if m in forwarded]
+    sent = dns.message.from_wire(forwarded)
+    assert (list(sent.options), sent.authority, sent.additional) == ([], [], [])
+    assert sent.id != query.id and sent.flags & dns.flags.RD and sent.ednsflags & dns.flags.DO
+    assert sent.payload == 1232 and sent.question == query.question
+
+
+@pytest.mark.parametrize("rdclass", ["CH", "HS", "ANY"])
+def test_an_allowed_name_in_another_class_is_refused_and_recorded_as_a_deny(env: Env, rdclass: str) -> None:
+    query = dns.message.make_query("api.example.com", "TXT", rdclass=rdclass, use_edns=0)
+    reply = dns.query.udp(query, "127.0.0.1", timeout=5, port=env.port)
+    assert reply.rcode() == dns.rcode.NXDOMAIN and env.upstream.messages == []
+    (record,) = env.records
+    assert (record.allow, record.reason) == (False, Reason.DNS_NOT_ALLOWED)
+    assert record.detail == f"class {rdclass}: only IN names resolve" and env.counts == {"refused": 1}

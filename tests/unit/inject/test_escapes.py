@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 
 from sidecar.config.loader import LoadedConfig
 from sidecar.config.schema import SidecarConfig
+from sidecar.errors import ConfigError
 from sidecar.inject import layout
 from sidecar.inject.escapes import RUNTIME_DEFAULT_CAPABILITIES, capability_set
 from sidecar.inject.review import API_VERSION, decide
@@ -224,3 +226,108 @@ def test_an_injected_pod_keeps_its_trust_mount_but_nothing_else_of_ours() -> Non
     assert review(result)["allowed"] is True  # what the injector itself adds with intercept
     _container(result)["volumeMounts"] = [{**trust, "readOnly": False}]
     assert "mounts volume 'agent-authz-trust'" in review(result)["status"]["message"]
+
+
+CREDENTIAL_SIDECAR = {
+    **SIDECAR,
+    "credentials": {"sentiment": {"header": "x-api-key", "file": "/etc/agent-authz/credentials/sentiment/api-key"}},
+}
+
+
+def credential_injector() -> InjectorConfig:
+    loaded = LoadedConfig(
+        SidecarConfig.model_validate(CREDENTIAL_SIDECAR), Path("/mem/sidecar.yaml"), Path("/mem"), "0" * 64
+    )
+    validated = InjectorSettings.model_validate(
+        {
+            "image": "img:1",
+            "sidecar_config": "sidecar.yaml",
+            "credentials": [{"name": "sentiment", "secret_name": "sentiment-api", "key": "api-key"}],
+        }
+    )
+    return build_injector(validated, loaded, file="/mem/injector.yaml")
+
+
+def _secret_volume(spec: dict[str, Any]) -> None:
+    spec["volumes"] = [{"name": "keys", "secret": {"secretName": "sentiment-api"}}]
+    spec["containers"][0]["volumeMounts"] = [{"name": "keys", "mountPath": "/keys"}]
+
+
+def _projected(spec: dict[str, Any]) -> None:
+    sources = [
+        {"configMap": {"name": "x"}},
+        {"secret": {"name": "sentiment-api", "items": [{"key": "api-key", "path": "k"}]}},
+    ]
+    spec["volumes"] = [{"name": "all", "projected": {"sources": sources}}]
+
+
+def _env(spec: dict[str, Any]) -> None:
+    ref = {"secretKeyRef": {"name": "sentiment-api", "key": "api-key"}}
+    spec["containers"][0]["env"] = [{"name": "API_KEY", "valueFrom": ref}]
+
+
+def _env_from_init(spec: dict[str, Any]) -> None:
+    spec["initContainers"] = [
+        {
+            "name": "setup",
+            "image": "x",
+            "securityContext": copy.deepcopy(RESTRICTED),
+            "envFrom": [{"secretRef": {"name": "sentiment-api"}}],
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_secret_volume, "volume 'keys' mounts the Secret 'sentiment-api'"),
+        (_projected, "volume 'all' mounts the Secret 'sentiment-api'"),
+        (_env, "container 'agent' reads the Secret 'sentiment-api' into its environment"),
+        (_env_from_init, "container 'setup' reads the Secret 'sentiment-api' into its environment"),
+    ],
+)
+def test_a_pod_whose_own_containers_reach_a_credential_secret_is_refused(mutate: Mutation, message: str) -> None:
+    """The API keys the sidecar injects come from Secrets the agent's pod could mount itself: the
+    webhook refuses that (any pod creator may mount any Secret of its namespace)."""
+    spec = pod(RESTRICTED)
+    mutate(spec["spec"])
+    answer = review(spec, credential_injector())
+    assert answer["allowed"] is False and message in answer["status"]["message"]
+    other = pod(RESTRICTED)  # another Secret is the pod's business
+    other["spec"]["volumes"] = [{"name": "mine", "secret": {"secretName": "my-own"}}]
+    assert review(other, credential_injector())["allowed"] is True
+
+
+def test_a_credential_secret_is_mounted_into_the_sidecar_container_only() -> None:
+    original = pod(RESTRICTED)
+    answer = review(original, credential_injector())
+    assert answer["allowed"] is True
+    patched = jsonpatch.apply_patch(original, json.loads(base64.b64decode(answer["patch"])))
+    volume = next(v for v in patched["spec"]["volumes"] if v.get("secret", {}).get("secretName") == "sentiment-api")
+    assert volume["secret"]["items"] == [{"key": "api-key", "path": "api-key"}]
+    mounts = {
+        c["name"]: [m for m in c.get("volumeMounts", []) if m["name"] == volume["name"]]
+        for c in patched["spec"]["initContainers"] + patched["spec"]["containers"]
+    }
+    assert mounts.pop(layout.CONTAINER_SIDECAR) == [
+        {"name": volume["name"], "mountPath": "/etc/agent-authz/credentials/sentiment", "readOnly": True}
+    ]
+    assert all(not found for found in mounts.values()), mounts  # not Envoy, not the init step, not the agent
+    again = review(patched, credential_injector())  # the injected pod, reinvoked: its own volume is ours
+    assert again["allowed"] is True and "patch" not in again
+
+
+def test_the_webhook_refuses_a_credential_the_sidecar_reads_elsewhere() -> None:
+    loaded = LoadedConfig(SidecarConfig.model_validate(CREDENTIAL_SIDECAR), Path("/mem/s.yaml"), Path("/mem"), "0" * 64)
+    settings = InjectorSettings.model_validate(
+        {
+            "image": "img:1",
+            "sidecar_config": "s.yaml",
+            "credentials": [{"name": "sentiment", "secret_name": "sentiment-api", "key": "other-key"}],
+        }
+    )
+    with pytest.raises(
+        ConfigError,
+        match=re.escape("credentials.sentiment.file must be /etc/agent-authz/credentials/sentiment/other-key"),
+    ):
+        build_injector(settings, loaded, file="/mem/injector.yaml")

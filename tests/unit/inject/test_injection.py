@@ -13,10 +13,13 @@ import yaml
 from sidecar.config.schema import SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.inject import layout
+from sidecar.inject.authors import Requester
 from sidecar.inject.pod import plan_injection
 from sidecar.inject.podspec import InjectionDenied
 from sidecar.inject.settings import check_layout, load_injector
 from tests.support.k8s import RESTRICTED
+
+ADMIN = Requester("kubernetes-admin", frozenset({"system:masters", "system:authenticated"}))
 
 SIDECAR: dict[str, Any] = {
     "identity": {"source": "workload_api", "workload_api": {"socket": "unix:///spiffe-workload-api/spire-agent.sock"}},
@@ -113,7 +116,7 @@ def test_flags_follow_the_sidecar_config(tmp_path: Path) -> None:
             ]
         },
     }
-    injection = plan_injection(pod, "ns", config, now=time.time())
+    injection = plan_injection(pod, "ns", config, now=time.time(), requester=ADMIN)
     ops = {op["path"]: op["value"] for op in injection.patch}
     assert ops["/metadata/annotations"] == {layout.ANNOTATION_STATUS: layout.STATUS_INJECTED}
     init = ops["/spec/initContainers"][0]["command"]
@@ -131,13 +134,15 @@ def test_opt_out_and_run_as_user_policies(tmp_path: Path) -> None:
         "spec": {"containers": [{"name": "a"}]},
     }
     with pytest.raises(InjectionDenied, match="is not allowed by this installation"):
-        plan_injection(pod, "ns", strict, now=time.time())
+        plan_injection(pod, "ns", strict, now=time.time(), requester=ADMIN)
     pod["metadata"]["annotations"] = {}
     with pytest.raises(InjectionDenied, match="sets no runAsUser"):
-        plan_injection(pod, "ns", strict, now=time.time())
+        plan_injection(pod, "ns", strict, now=time.time(), requester=ADMIN)
     pod["spec"]["securityContext"] = {"runAsUser": 1000}
     pod["spec"]["containers"][0]["securityContext"] = {"allowPrivilegeEscalation": False}
-    assert plan_injection(pod, "ns", strict, now=time.time()).outcome == "injected"
+    assert plan_injection(pod, "ns", strict, now=time.time(), requester=ADMIN).outcome == "injected"
     named = {"name": "a", "readinessProbe": {"httpGet": {"port": "web"}}, "securityContext": RESTRICTED}
     with pytest.raises(InjectionDenied, match="names port 'web', which the container does not declare"):
-        plan_injection({"spec": {"securityContext": {"runAsUser": 1}, "containers": [named]}}, "ns", strict, now=0)
+        plan_injection(
+            {"spec": {"securityContext": {"runAsUser": 1}, "containers": [named]}}, "ns", strict, now=0, requester=ADMIN
+        )

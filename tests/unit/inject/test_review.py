@@ -61,6 +61,7 @@ def body(operation: str = "CREATE", obj: object = None, old: object = None, **re
         "resource": {"group": "", "version": "v1", "resource": "pods"},
         "namespace": "agents",
         "operation": operation,
+        "userInfo": {"username": "kubernetes-admin", "groups": ["system:masters", "system:authenticated"]},
         "object": pod() if obj is None else obj,
         **request,
     }
@@ -115,7 +116,7 @@ def test_an_injected_pods_task_annotation_change_is_validated() -> None:
 @pytest.mark.parametrize(
     ("request_", "code", "message"),
     [
-        ({"kind": {"group": "apps", "version": "v1", "kind": "Deployment"}}, 400, "v1 Pods only"),
+        ({"kind": {"group": "apps", "version": "v1", "kind": "Deployment"}}, 400, "v1 Pods and batch/v1 Jobs only"),
         ({"subResource": "status"}, 400, "subresource status"),
         ({"operation": "PATCH"}, 400, "unknown operation"),
         ({"object": "not a pod"}, 403, "malformed pod"),

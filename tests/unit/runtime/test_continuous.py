@@ -121,6 +121,52 @@ def test_a_refused_name_counts_against_each_of_several_active_tasks(tmp_path: Pa
     assert set(rt.blocks) == {"t1", "t2"}
 
 
+def test_a_probe_judged_against_no_task_counts_against_each_active_task(tmp_path: Path) -> None:
+    """A host no task names while the agent holds two tasks, and a CONNECT to an outside host, are
+    judged against no task: they count against each active task of the agent all the same."""
+    other = {"name": "other", "host": "other.example.com", "methods": ["GET"], "paths": ["/*"]}
+    rt = runtime(tmp_path, [task("t1", egress=[READ]), task("t2", egress=[other])], quarantine={"threshold": 2})
+    first = rt.decide(req("/exfiltrate", host="evil.example.com"), "h1")
+    assert (first.reason, first.task_id, first.followups) == (Reason.HOST_NOT_ALLOWED, None, ())
+    tunnel = rt.decide(req("", method="CONNECT", host="evil.example.com:443"), "c1")
+    assert tunnel.reason is Reason.HOST_NOT_ALLOWED and tunnel.task_id is None
+    assert sorted(f.task_id or "" for f in tunnel.followups) == ["t1", "t2"]
+    assert set(rt.blocks) == {"t1", "t2"}
+
+
+def test_a_connect_probe_of_a_single_task_names_and_counts_against_it(tmp_path: Path) -> None:
+    rt = runtime(tmp_path, [task("t1", egress=[READ])], quarantine={"threshold": 2})
+    probes = [rt.decide(req("", method="CONNECT", host=f"evil{i}.example.com:443"), f"c{i}") for i in range(2)]
+    assert [(p.reason, p.task_id) for p in probes] == [(Reason.HOST_NOT_ALLOWED, "t1")] * 2
+    assert [f.reason for f in probes[1].followups] == [Reason.TASK_FROZEN]
+    assert rt.decide(req(), "after").reason is Reason.TASK_QUARANTINED
+
+
+def test_a_search_list_expansion_of_an_allowed_name_never_counts(tmp_path: Path) -> None:
+    """``ndots:5`` and a search domain make every lookup of ``api.example.com`` ask
+    ``api.example.com.corp.example`` first: refused, recorded, never a strike."""
+    rt = runtime(tmp_path, [task("t1", egress=[READ])], dns={"allow": ["*.cluster.local"]}, quarantine={"threshold": 1})
+    for name in (f"{API_HOST}.corp.example", f"{API_HOST}.us-west-2.compute.internal", "x.svc.cluster.local.corp"):
+        refused = rt.decide_dns(name, "A", "", name)
+        assert (refused.reason, refused.followups) == (Reason.DNS_NOT_ALLOWED, ()), name
+    assert rt.blocks == {}
+    probe = rt.decide_dns(f"data.{API_HOST}.evil.example", "A", "", "probe")  # the allowed name is not a prefix
+    assert [f.reason for f in probe.followups] == [Reason.TASK_FROZEN]
+
+
+def test_an_allowed_sni_to_another_address_counts(tmp_path: Path) -> None:
+    rt = runtime(tmp_path, [task("t1", egress=[READ, TLS])], quarantine={"threshold": 2})
+    connections = [
+        AuthzRequest(
+            Direction.EGRESS, "", "", "", "", {}, protocol=Protocol.TLS, sni="secure.example.com", destination=address
+        )
+        for address in ("10.66.0.1:443", "10.66.0.2:443")
+    ]
+    first, second = (rt.decide(c, f"m{i}") for i, c in enumerate(connections))
+    assert (first.reason, first.task_id) == (Reason.DESTINATION_MISMATCH, "t1")
+    assert [f.reason for f in second.followups] == [Reason.TASK_FROZEN]
+
+
 def test_sensitivity_labels_from_rules_hosts_and_the_default(tmp_path: Path) -> None:
     rules = [
         {**READ, "max_calls": None},
@@ -229,7 +275,7 @@ def test_the_continuous_tables_round_trip(tmp_path: Path) -> None:
                     "why", ("d1", "d2"), "file:/x", "a.b.c")  # fmt: skip
     store.save_actions([action, action])
     store.save_strikes("t1", [Strike("d1", 1.0, "path_not_allowed"), Strike("d2", 2.0, "host_not_allowed")])
-    call = CallBinding(AGENT, "t1", "h", 80, "DELETE", "/p", "q=1", "drop", "sha256:x", "v1")
+    call = CallBinding(AGENT, "t1", "h", 80, "DELETE", "/p", "q=1", "drop", "sha256:x", "v1", "sha256:h")
     approval = Approval("fedcba9876543210", call, ApprovalState.APPROVED, 1.0, 9.0, 2.0, "key:k")
     store.save_approvals([approval])
     store.close()

@@ -15,9 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from sidecar.control.approvals import Approval, ApprovalState
+from sidecar.control.documents import Action, ActionKind, Target
+from sidecar.control.quarantine import Strike
 from sidecar.errors import StateError
 from sidecar.grants.revocations import RevocationList
 from sidecar.policy.budget import BudgetLedger
+from sidecar.policy.gates import CallBinding
 from sidecar.state import MIGRATIONS, SCHEMA_VERSION, DelegatedChild, Remembered, StateStore
 
 AGENT = "spiffe://test.example/ns/agents/sa/worker"
@@ -326,3 +330,77 @@ def test_ledger_with_a_store_stays_exact(path: Path) -> None:
     again = opened(path)
     assert again.load()[1] == {("t1", ""): 5, ("t1", "r"): 3}
     again.close()
+
+
+def test_the_child_grant_and_the_feed_contact_survive_a_reopen(path: Path) -> None:
+    child = DelegatedChild("g1", 1_800_000_600.0, ((("g1", ""), 5),), "hdr.payload.sig")
+    store = opened(path)
+    assert store.feed_contact() is None
+    store.save(Remembered(), Remembered(delegated={"g1/child": child}))
+    store.save_feed_contact(1_800_000_000.25)
+    store.save_feed_contact(1_800_000_005.5)
+    store.close()
+    again = opened(path)
+    assert again.load()[0].delegated == {"g1/child": child}
+    assert again.load()[0].delegated["g1/child"].token == "hdr.payload.sig"
+    assert again.feed_contact() == 1_800_000_005.5
+    again.close()
+
+
+def test_a_version_1_file_is_migrated_through_2_to_3_keeping_its_rows(path: Path) -> None:
+    """A file written before continuous verification and the child grant: its delegation rows stay
+    (with no token: a forward after the restart carries none, as before), the continuous verification
+    tables arrive empty and the feed contact starts unknown."""
+    old = StateStore.open(path, migrations=MIGRATIONS[:1])
+    old.bind(AGENT)
+    old.close()
+    db = sqlite3.connect(path)
+    db.execute("INSERT INTO delegation VALUES ('g1/child', 'g1', 1800000600.0, '[]')")
+    db.execute("INSERT INTO own_revocation VALUES ('t9', 1800000100)")
+    db.commit()
+    db.close()
+    migrated = opened(path)
+    remembered = migrated.load()[0]
+    assert remembered.delegated == {"g1/child": DelegatedChild("g1", 1_800_000_600.0, (), "")}
+    assert remembered.own_revoked == {"t9": 1_800_000_100}
+    assert migrated.feed_contact() is None
+    assert migrated.load_actions() == [] and migrated.load_strikes() == {} and migrated.load_approvals() == []
+    migrated.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+    db.close()
+
+
+def test_a_version_2_file_is_migrated_keeping_its_continuous_verification_rows(path: Path) -> None:
+    """A file of schema 2 (continuous verification): its ladder actions, strikes, approvals and
+    delegations stay as they were; the delegations get an empty child grant and the feed contact
+    starts unknown."""
+    action = Action("0123456789abcdefghij", ActionKind.FREEZE, Target.parse(f"agent:{AGENT}"), 1.5, "key:k", True,
+                    "why", ("d1",), "file:/x", "a.b.c")  # fmt: skip
+    call = CallBinding(AGENT, "t1", "h", 80, "DELETE", "/p", "", "drop", "sha256:x", "v1")
+    approval = Approval("fedcba9876543210", call, ApprovalState.PENDING, 1.0, 9.0)
+    old = StateStore.open(path, migrations=MIGRATIONS[:2])
+    old.bind(AGENT)
+    old.save_actions([action])
+    old.save_strikes("t1", [Strike("d1", 1.0, "path_not_allowed")])
+    old.save_approvals([approval])
+    old.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone() == (2,)
+    db.execute("INSERT INTO delegation VALUES ('g1/child', 'g1', 1800000600.0, '[]')")
+    db.commit()
+    db.close()
+    migrated = opened(path)
+    assert migrated.load_actions() == [action]
+    assert migrated.load_strikes() == {"t1": [Strike("d1", 1.0, "path_not_allowed")]}
+    assert migrated.load_approvals() == [approval]
+    assert migrated.load()[0].delegated == {"g1/child": DelegatedChild("g1", 1_800_000_600.0, (), "")}
+    assert migrated.feed_contact() is None
+    migrated.save_feed_contact(1_800_000_001.0)  # the new table is writable
+    migrated.close()
+    again = opened(path)
+    assert again.feed_contact() == 1_800_000_001.0 and again.load_actions() == [action]
+    again.close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (3,)
+    db.close()

@@ -1,7 +1,7 @@
 """One container of a simulated pod, run as root in a fresh mount namespace (the harness of
-:mod:`tests.support.kubelet` starts it with ``nsenter --net=POD_NETNS unshare --mount``).
+:mod:`sidecar.simulation.kubelet` starts it with ``nsenter --net=POD_NETNS unshare --mount``).
 
-    python -m tests.support.container_exec SPEC.json
+    python -m sidecar.simulation.container_exec SPEC.json
 
 It does what a container runtime does with the kubelet's instructions, using this machine's own
 filesystem as the image: an overlay root (lower: ``/``; upper: a tmpfs, so nothing is written to
@@ -35,11 +35,18 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 _CLONE_NEWPID = 0x20000000
 _DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+_DEV_LINKS = {
+    "fd": "/proc/self/fd",
+    "stdin": "/proc/self/fd/0",
+    "stdout": "/proc/self/fd/1",
+    "stderr": "/proc/self/fd/2",
+}
+"""The symlinks a container runtime puts in ``/dev`` (runc's defaults): ``/dev/fd/N`` is how a
+process opens its own descriptors (OpenSSL reading a pipe, for one)."""
 _GRACE = 3.0
 
 
@@ -52,6 +59,28 @@ def _unshare_pid() -> None:
     if libc.unshare(_CLONE_NEWPID) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"unshare(CLONE_NEWPID): {os.strerror(err)}")
+
+
+def _in_root(root: Path, target: str) -> Path:
+    """``target`` inside ``root`` with its symlinks resolved as the container sees them (an absolute
+    link, like ``/var/run -> /run``, points into ``root``, never at the node's directory)."""
+    parts = list(Path(target.lstrip("/")).parts)
+    current = root
+    links = 0
+    while parts:
+        candidate = current / parts.pop(0)
+        if candidate.is_symlink():
+            links += 1
+            if links > 40:  # ELOOP, as the kernel counts
+                raise OSError(f"too many symbolic links in {target}")
+            link = os.readlink(candidate)
+            here = "/" + str(current.relative_to(root))
+            joined = os.path.normpath(os.path.join(here, link, *parts))  # an absolute link restarts; ".." stops at /
+            parts = list(Path(joined).parts[1:])
+            current = root
+            continue
+        current = candidate
+    return current
 
 
 def _prepare(spec: dict[str, object]) -> Path:
@@ -70,25 +99,33 @@ def _prepare(spec: dict[str, object]) -> Path:
     # repository under /tmp) must not hide the test's Python
     layers = [(str(layer), str(layer), True) for layer in spec["layers"]]  # type: ignore[attr-defined]
     hidden = [str(path) for path in spec.get("hide", [])]  # type: ignore[attr-defined]
-    for target in ["/proc", "/dev", "/sys", *hidden, *(t for _, t, _ in binds + layers)]:
-        (root / target.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    files = {t for s, t, _ in binds if Path(s).is_file()}  # e.g. the kubelet's /etc/hosts
+    for target in ["/proc", "/dev", "/sys", *hidden, *(t for _, t, _ in binds + layers if t not in files)]:
+        _in_root(root, target).mkdir(parents=True, exist_ok=True)
+    for target in files:
+        where = _in_root(root, target)
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.touch(exist_ok=True)
     if spec["readOnlyRootFilesystem"]:
         _mount("--bind", str(root), str(root))
         _mount("-o", "remount,bind,ro", str(root))
     for path in hidden:  # the node's directories: not in a real image
-        _mount("-t", "tmpfs", "-o", "ro,mode=0755,size=4k", "tmpfs", str(root / path.lstrip("/")))
+        _mount("-t", "tmpfs", "-o", "ro,mode=0755,size=4k", "tmpfs", str(_in_root(root, path)))
     dev = root / "dev"
     _mount("-t", "tmpfs", "-o", "mode=0755,nosuid", "tmpfs", str(dev))
     for name in _DEVICES:
         (dev / name).touch()
         _mount("--bind", f"/dev/{name}", str(dev / name))
+    for name, target in _DEV_LINKS.items():  # what runc creates in every container's /dev
+        (dev / name).symlink_to(target)
     (dev / "shm").mkdir()
     _mount("-t", "tmpfs", "-o", "mode=1777,nosuid,nodev", "tmpfs", str(dev / "shm"))
     _mount("--rbind", "/sys", str(root / "sys"))
     _mount("-o", "remount,bind,ro", str(root / "sys"))
     for source, target, read_only in binds + layers:
-        where = root / target.lstrip("/")
-        where.mkdir(parents=True, exist_ok=True)  # a layer below a volume: its mount point is in the volume
+        where = _in_root(root, target)
+        if target not in files:
+            where.mkdir(parents=True, exist_ok=True)  # a layer below a volume: its mount point is in the volume
         _mount("--rbind", source, str(where))
         if read_only:
             _mount("-o", "remount,bind,ro", str(where))
@@ -128,10 +165,12 @@ def main() -> None:
 
     def forward(signum: int, _frame: object) -> None:
         kill(signum)
-        threading.Timer(_GRACE, kill, (signal.SIGKILL,)).start()  # PID 1 gone: the whole namespace goes
+        # no thread here: after unshare(CLONE_NEWPID) this process cannot create one (EINVAL)
+        signal.setitimer(signal.ITIMER_REAL, _GRACE)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
+    signal.signal(signal.SIGALRM, lambda *_: kill(signal.SIGKILL))  # PID 1 gone: the whole namespace goes
     _, status = os.waitpid(child, 0)
     code = os.waitstatus_to_exitcode(status)
     os._exit(code if code >= 0 else 128 - code)  # killed by a signal: 128 + its number, as a shell reports

@@ -27,10 +27,10 @@ from spiffe._proto import workload_pb2, workload_pb2_grpc
 from sidecar.identity.devca import DevCA
 
 _DER = serialization.Encoding.DER
-_SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+_SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # noqa: S105 - a type URL
 
 
-class WorkloadApiServer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: ignore[misc]
+class WorkloadApiServer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):
     """Serves one workload's SVID from ``ca`` plus federated bundles.
 
     Args:
@@ -62,7 +62,7 @@ class WorkloadApiServer(workload_pb2_grpc.SpiffeWorkloadAPIServicer):  # type: i
         self._stopping = False
         self._issue()
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(self, self._server)
+        workload_pb2_grpc.add_SpiffeWorkloadAPIServicer_to_server(self, self._server)  # type: ignore[no-untyped-call]
         self._server.add_insecure_port(f"unix:{socket}")
 
     @property

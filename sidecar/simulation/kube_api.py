@@ -2,7 +2,7 @@
 
 No API server can run here (no etcd, no kube-apiserver binary, no Docker), so this server speaks the
 parts of the Kubernetes REST API that agent-authz uses, with the real shapes and semantics, the way
-``tests/support/workload_api.py`` speaks the SPIFFE Workload API. It is a double, and says so in
+``sidecar/simulation/workload_api.py`` speaks the SPIFFE Workload API. It is a double, and says so in
 every test that uses it.
 
 What it implements (``/api/v1/namespaces/{ns}/{resource}`` and
@@ -36,7 +36,7 @@ write that makes it conflict).
 
 Run it in-process (:meth:`KubeApiDouble.start` serves from a thread of its own) or as a process::
 
-    python -m tests.support.kube_api --dir DIR [--rbac rbac.json] [--ready-file FILE]
+    python -m sidecar.simulation.kube_api --dir DIR [--rbac rbac.json] [--ready-file FILE]
 
 which writes ``DIR/ca.crt``, ``DIR/token`` (the admin token) and the ready file
 ``{"url": "https://127.0.0.1:PORT", "pid": N}``.
@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import copy
 import datetime as dt
 import ipaddress
@@ -70,7 +71,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["KINDS", "KubeApiDouble", "PolicyRule", "Subject", "main", "rules_from_role"]
+__all__ = [
+    "JOB_CONTROLLER",
+    "KINDS",
+    "SERVICE_ACCOUNT_MOUNT",
+    "AdmissionWebhook",
+    "KubeApiDouble",
+    "PolicyRule",
+    "Subject",
+    "main",
+    "rules_from_role",
+]
 
 Json = dict[str, Any]
 
@@ -111,11 +122,30 @@ class PolicyRule:
 
 @dataclass
 class Subject:
-    """Who a bearer token authenticates as, and the rules bound to it per namespace (``None``: all)."""
+    """Who a bearer token authenticates as, and the rules bound to it per namespace (``None``: all).
+
+    Attributes:
+        name: the username (``system:serviceaccount:<ns>:<name>`` for a ServiceAccount).
+        rules: RBAC rules by namespace.
+        admin: every right (``system:masters``).
+        groups: the user's groups (``userInfo.groups`` of the AdmissionReviews it causes).
+    """
 
     name: str
     rules: dict[str | None, list[PolicyRule]] = field(default_factory=dict)
     admin: bool = False
+    groups: tuple[str, ...] = ()
+
+    @classmethod
+    def service_account(
+        cls, namespace: str, name: str, rules: dict[str | None, list[PolicyRule]] | None = None
+    ) -> Subject:
+        """A ServiceAccount's subject, with the groups the API server gives it."""
+        return cls(
+            f"system:serviceaccount:{namespace}:{name}",
+            rules or {},
+            groups=("system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"),
+        )
 
     def allows(self, verb: str, namespace: str, group: str, resource: str, name: str | None) -> bool:
         """RBAC: any rule bound in ``namespace`` (or cluster-wide) allows the request."""
@@ -123,6 +153,66 @@ class Subject:
             return True
         rules = [*self.rules.get(namespace, []), *self.rules.get(None, [])]
         return any(rule.allows(verb, group, resource, name) for rule in rules)
+
+    def user_info(self) -> Json:
+        """``userInfo`` as the API server puts it into an AdmissionReview."""
+        groups = list(self.groups) or (
+            ["system:masters", "system:authenticated"] if self.admin else ["system:authenticated"]
+        )
+        return {"username": self.name, "uid": str(uuid.uuid5(uuid.NAMESPACE_URL, self.name)), "groups": groups}
+
+
+JOB_CONTROLLER = Subject.service_account("kube-system", "job-controller")
+"""Who creates a Job's pods (the controller-manager with ``--use-service-account-credentials``)."""
+SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+"""Where the ServiceAccount admission plugin mounts the token volume in every container."""
+
+
+@dataclass(frozen=True)
+class AdmissionWebhook:
+    """A mutating admission webhook the double calls, as a ``MutatingWebhookConfiguration`` names it.
+
+    Attributes:
+        name: the webhook's name (``inject.agent-authz.io``).
+        url: where to POST (``https://127.0.0.1:PORT/inject``: the Service's endpoint).
+        ca_file: the ``caBundle`` that verifies it.
+        server_name: the Service's DNS name its certificate must name.
+        rules: ``(API group, resource, operation)`` it is registered for.
+        namespaces: the namespaces its ``namespaceSelector`` matches (the labeled ones).
+        timeout: ``timeoutSeconds``; with ``failurePolicy: Fail``, an unreachable webhook refuses.
+    """
+
+    name: str
+    url: str
+    ca_file: Path
+    server_name: str
+    rules: frozenset[tuple[str, str, str]]
+    namespaces: frozenset[str]
+    timeout: float = 10.0
+
+    @classmethod
+    def from_configuration(
+        cls, manifest: Mapping[str, Any], *, url: str, ca_file: Path, namespaces: frozenset[str]
+    ) -> AdmissionWebhook:
+        """The first webhook of a rendered ``MutatingWebhookConfiguration`` (its rules and timeout)."""
+        hook = manifest["webhooks"][0]
+        service = hook["clientConfig"]["service"]
+        rules = frozenset(
+            (group, resource, operation)
+            for rule in hook["rules"]
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for operation in rule["operations"]
+        )
+        return cls(
+            hook["name"],
+            url,
+            ca_file,
+            f"{service['name']}.{service['namespace']}.svc",
+            rules,
+            namespaces,
+            float(hook.get("timeoutSeconds", 10)),
+        )
 
 
 def rules_from_role(role: Mapping[str, Any]) -> list[PolicyRule]:
@@ -245,6 +335,9 @@ class KubeApiDouble:
         before_write: called as ``before_write(group, resource, namespace, name)`` (on the server's
             thread, before the write is checked and applied); tests use it to race a write.
         requests: ``(method, path, verb, subject)`` of each request, in order.
+        webhooks: the mutating admission webhooks called for pods and Jobs (:class:`AdmissionWebhook`).
+        events: what the controllers report (``{"object", "reason", "message"}``, e.g. ``FailedCreate``).
+        warnings: the admission warnings returned so far.
     """
 
     def __init__(
@@ -260,6 +353,12 @@ class KubeApiDouble:
         (directory / "token").write_text(self.admin_token)
         self.subjects: dict[str, Subject] = {self.admin_token: Subject("admin", admin=True), **(subjects or {})}
         self.url = ""
+        self.webhooks: list[AdmissionWebhook] = []
+        self.events: list[Json] = []
+        self.warnings: list[str] = []
+        self._bindings: dict[tuple[str, str], list[PolicyRule]] = {}
+        self._jobs_started: set[tuple[str, str]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.before_write: Callable[[str, str, str, str], None] | None = None
         self.requests: list[tuple[str, str, str, str]] = []
         self._objects: dict[tuple[str, str, str, str], Json] = {}
@@ -324,13 +423,14 @@ class KubeApiDouble:
             await self._runner.cleanup()
         await asyncio.sleep(0.05)  # let closed transports finish closing before the loop goes
 
-    def start(self) -> str:
-        """Serve from a thread of its own; returns the URL."""
+    def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve from a thread of its own on ``host:port`` (the thread inherits the caller's network
+        namespace); returns the URL."""
 
         def run() -> None:
             async def main() -> None:
                 self._stop = asyncio.Event()
-                await self.serve()
+                await self.serve(host, port)
                 self._started.set()
                 await self._stop.wait()
                 await self.aclose()
@@ -374,6 +474,70 @@ class KubeApiDouble:
         """The store's current resourceVersion."""
         with self._lock:
             return self._rv
+
+    def bind(self, namespace: str, service_account: str, rules: Sequence[PolicyRule]) -> None:
+        """Bind ``rules`` to a ServiceAccount in ``namespace`` (a Role and its RoleBinding)."""
+        with self._lock:
+            self._bindings[(namespace, service_account)] = list(rules)
+            for subject in self.subjects.values():
+                if subject.name == f"system:serviceaccount:{namespace}:{service_account}":
+                    subject.rules = {namespace: list(rules)}
+
+    def service_account_token(self, namespace: str, name: str) -> str:
+        """The bearer token of ServiceAccount ``namespace/name`` (what its pods' token volume holds)."""
+        username = f"system:serviceaccount:{namespace}:{name}"
+        with self._lock:
+            for token, subject in self.subjects.items():
+                if subject.name == username:
+                    return token
+            token = "sa-" + secrets.token_urlsafe(24)
+            rules = self._bindings.get((namespace, name))
+            self.subjects[token] = Subject.service_account(namespace, name, {namespace: rules} if rules else {})
+            return token
+
+    def objects(self, group: str, resource: str, namespace: str) -> list[Json]:
+        """Copies of the stored objects of a resource in ``namespace``, by name."""
+        with self._lock:
+            return [
+                copy.deepcopy(o)
+                for (g, r, n, _), o in sorted(self._objects.items())
+                if (g, r, n) == (group, resource, namespace)
+            ]
+
+    def set_pod_phase(self, namespace: str, name: str, phase: str) -> None:
+        """The kubelet reports a pod's phase (``Running``, ``Succeeded``, ``Failed``); the job controller
+        updates the pod's Job (``succeeded``/``failed``, and the ``Complete``/``Failed`` condition)."""
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        with self._lock:
+            key = ("", "pods", namespace, name)
+            pod = copy.deepcopy(self._objects[key])
+            pod["status"] = {**pod.get("status", {}), "phase": phase}
+            self._store(key, pod, "MODIFIED")
+            owner = next(
+                (
+                    o
+                    for o in pod["metadata"].get("ownerReferences", [])
+                    if o.get("kind") == "Job" and o.get("controller")
+                ),
+                None,
+            )
+            job_key = ("batch", "jobs", namespace, owner["name"]) if owner else None
+            if job_key is None or job_key not in self._objects or phase not in ("Succeeded", "Failed"):
+                return
+            job = copy.deepcopy(self._objects[job_key])
+            status = job.setdefault("status", {})
+            status["active"] = 0
+            done = "succeeded" if phase == "Succeeded" else "failed"
+            status[done] = int(status.get(done, 0)) + 1
+            kind = "Complete" if phase == "Succeeded" else "Failed"
+            criteria = "SuccessCriteriaMet" if phase == "Succeeded" else "FailureTarget"
+            status["conditions"] = [
+                {"type": criteria, "status": "True", "lastTransitionTime": now},
+                {"type": kind, "status": "True", "lastTransitionTime": now},
+            ]
+            if phase == "Succeeded":
+                status["completionTime"] = now
+            self._store(job_key, job, "MODIFIED")
 
     def compact(self) -> None:
         """Forget the event history: a watch resuming from an older resourceVersion gets 410 Gone."""
@@ -421,11 +585,14 @@ class KubeApiDouble:
             return _status(404, "NotFound", "the server could not find the requested resource")
         return group, resource, namespace, info.get("name")
 
+    def _subject(self, request: web.Request) -> Subject | None:
+        header = request.headers.get("Authorization", "")
+        return self.subjects.get(header.removeprefix("Bearer ").strip()) if header.startswith("Bearer ") else None
+
     def _authorize(
         self, request: web.Request, verb: str, group: str, resource: str, namespace: str, name: str | None
     ) -> web.Response | None:
-        header = request.headers.get("Authorization", "")
-        subject = self.subjects.get(header.removeprefix("Bearer ").strip()) if header.startswith("Bearer ") else None
+        subject = self._subject(request)
         self.requests.append((request.method, request.path, verb, subject.name if subject else "-"))
         if subject is None:
             return _status(401, "Unauthorized", "Unauthorized")
@@ -530,8 +697,8 @@ class KubeApiDouble:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         try:
-            for event in backlog:
-                await response.write(json.dumps({"type": event.type, "object": event.object}).encode() + b"\n")
+            for old in backlog:
+                await response.write(json.dumps({"type": old.type, "object": old.object}).encode() + b"\n")
             while True:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
@@ -622,6 +789,222 @@ class KubeApiDouble:
             result["metadata"]["namespace"] = namespace
             return self._store(key, result, "ADDED" if current is None else "MODIFIED")
 
+    # -- admission: defaults, webhooks, the job controller --------------------------------------------
+    @staticmethod
+    def _default_pod(pod: Json) -> None:
+        """What the ServiceAccount admission plugin adds: the ServiceAccount name and its token volume."""
+        spec = pod.setdefault("spec", {})
+        spec["serviceAccountName"] = spec.get("serviceAccountName") or spec.get("serviceAccount") or "default"
+        if spec.get("automountServiceAccountToken") is False:
+            return
+        volume = f"kube-api-access-{secrets.token_hex(3)[:5]}"
+        sources = [
+            {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+            {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+            {
+                "downwardAPI": {
+                    "items": [
+                        {"path": "namespace", "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"}}
+                    ]
+                }
+            },
+        ]
+        spec.setdefault("volumes", []).append({"name": volume, "projected": {"defaultMode": 0o644, "sources": sources}})
+        for kind in ("initContainers", "containers"):
+            for container in spec.get(kind, []):
+                mount = {"name": volume, "readOnly": True, "mountPath": SERVICE_ACCOUNT_MOUNT}
+                container.setdefault("volumeMounts", []).append(mount)
+
+    @staticmethod
+    def _default_job(job: Json) -> None:
+        spec = job.setdefault("spec", {})
+        for key, value in (("completions", 1), ("parallelism", 1), ("backoffLimit", 6), ("suspend", False)):
+            spec.setdefault(key, value)
+        job.setdefault("status", {})
+
+    async def _admit(
+        self,
+        operation: str,
+        group: str,
+        resource: str,
+        namespace: str,
+        name: str,
+        obj: Json,
+        old: Json | None,
+        subject: Subject,
+    ) -> Json | web.Response:
+        """Call every matching webhook in turn (``admission.k8s.io/v1``, over TLS verified for the
+        Service name); apply each JSON Patch; the first denial is the answer (``failurePolicy: Fail``)."""
+        import aiohttp
+
+        kind = KINDS[(group, resource)]
+        for hook in self.webhooks:
+            if (group, resource, operation) not in hook.rules or namespace not in hook.namespaces:
+                continue
+            uid = str(uuid.uuid4())
+            gvk = {"group": group, "version": "v1", "kind": kind}
+            gvr = {"group": group, "version": "v1", "resource": resource}
+            review = {
+                "apiVersion": "admission.k8s.io/v1",
+                "kind": "AdmissionReview",
+                "request": {
+                    "uid": uid,
+                    "kind": gvk,
+                    "resource": gvr,
+                    "requestKind": gvk,
+                    "requestResource": gvr,
+                    "name": name,
+                    "namespace": namespace,
+                    "operation": operation,
+                    "userInfo": subject.user_info(),
+                    "object": obj,
+                    "oldObject": old,
+                    "dryRun": False,
+                    "options": {
+                        "apiVersion": "meta.k8s.io/v1",
+                        "kind": "CreateOptions" if operation == "CREATE" else "UpdateOptions",
+                    },
+                },
+            }
+            context = ssl.create_default_context(cafile=str(hook.ca_file))
+            try:
+                async with (
+                    aiohttp.ClientSession(trust_env=False) as session,
+                    session.post(
+                        hook.url,
+                        json=review,
+                        ssl=context,
+                        server_hostname=hook.server_name,
+                        timeout=aiohttp.ClientTimeout(total=hook.timeout),
+                    ) as reply,
+                ):
+                    answer = await reply.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError, ValueError, ssl.SSLError, OSError) as exc:
+                return _status(
+                    500, "InternalError", f'Internal error occurred: failed calling webhook "{hook.name}": {exc}'
+                )
+            response = answer.get("response") if isinstance(answer, dict) else None
+            if not isinstance(response, dict) or response.get("uid") != uid:
+                return _status(500, "InternalError", f'webhook "{hook.name}" returned a response with a wrong uid')
+            self.warnings += [str(w) for w in response.get("warnings", [])]
+            if response.get("allowed") is not True:
+                status = response.get("status") or {}
+                return _status(
+                    int(status.get("code") or 400),
+                    str(status.get("reason") or "BadRequest"),
+                    f'admission webhook "{hook.name}" denied the request: {status.get("message", "")}',
+                )
+            if response.get("patch"):
+                patch = json.loads(base64.b64decode(response["patch"]))
+                obj = jsonpatch.apply_patch(obj, patch)
+        return obj
+
+    async def _admitted_write(
+        self,
+        group: str,
+        resource: str,
+        namespace: str,
+        name: str,
+        operation: str,
+        update: Callable[[Json | None], Json | web.Response],
+        subject: Subject,
+    ) -> Json | web.Response:
+        """A write of a pod or Job: defaults, then the webhooks, then the write - refused with 409 when
+        the object changed while the webhooks were deciding. Other resources are written directly."""
+        if (group, resource) not in (("", "pods"), ("batch", "jobs")):
+            return self._write(group, resource, namespace, name, update)
+        with self._lock:
+            current = copy.deepcopy(self._objects.get((group, resource, namespace, name)))
+        candidate = update(copy.deepcopy(current))
+        if isinstance(candidate, web.Response):
+            return candidate
+        problem = self._check_object(candidate, group, resource, namespace, name)
+        if problem is not None:
+            return problem
+        candidate["metadata"]["namespace"] = namespace
+        if operation == "CREATE":
+            (self._default_pod if resource == "pods" else self._default_job)(candidate)
+        admitted = await self._admit(operation, group, resource, namespace, name, candidate, current, subject)
+        if isinstance(admitted, web.Response):
+            return admitted
+        seen = current["metadata"]["resourceVersion"] if current is not None else None
+
+        def commit(now: Json | None) -> Json | web.Response:
+            if now is not None and seen is None:
+                return _status(409, "AlreadyExists", f'{resource} "{name}" already exists')
+            if (now is None) != (seen is None) or (now is not None and now["metadata"]["resourceVersion"] != seen):
+                return _conflict(resource, group, name)
+            return admitted
+
+        result = self._write(group, resource, namespace, name, commit)
+        if not isinstance(result, web.Response) and resource == "jobs":
+            self._start_job(namespace, result)
+        return result
+
+    def _start_job(self, namespace: str, job: Json) -> None:
+        """The job controller: an unsuspended Job gets its pod (created as the job controller)."""
+        key = (namespace, job["metadata"]["name"])
+        if job["spec"].get("suspend") or key in self._jobs_started:
+            return
+        self._jobs_started.add(key)
+        task = asyncio.get_running_loop().create_task(self._run_job(namespace, job))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_job(self, namespace: str, job: Json) -> None:
+        meta, template = job["metadata"], job["spec"]["template"]
+        template_meta = template.get("metadata", {})
+        labels = {
+            **template_meta.get("labels", {}),
+            "batch.kubernetes.io/controller-uid": meta["uid"],
+            "batch.kubernetes.io/job-name": meta["name"],
+            "controller-uid": meta["uid"],
+            "job-name": meta["name"],
+        }
+        owner = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "name": meta["name"],
+            "uid": meta["uid"],
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        pod: Json = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{meta['name']}-{secrets.token_hex(3)[:5]}",
+                "generateName": f"{meta['name']}-",
+                "namespace": namespace,
+                "labels": labels,
+                "annotations": dict(template_meta.get("annotations", {})),
+                "ownerReferences": [owner],
+                "finalizers": ["batch.kubernetes.io/job-tracking"],
+            },
+            "spec": copy.deepcopy(template["spec"]),
+        }
+        name = pod["metadata"]["name"]
+
+        def create(current: Json | None) -> Json | web.Response:
+            return pod if current is None else _status(409, "AlreadyExists", f'pods "{name}" already exists')
+
+        result = await self._admitted_write("", "pods", namespace, name, "CREATE", create, JOB_CONTROLLER)
+        if isinstance(result, web.Response):
+            message = json.loads(result.body)["message"] if isinstance(result.body, bytes) else str(result.body)
+            self.events.append({"object": f"job/{meta['name']}", "reason": "FailedCreate", "message": message})
+            return
+        self.events.append(
+            {"object": f"job/{meta['name']}", "reason": "SuccessfulCreate", "message": f"Created pod: {name}"}
+        )
+        with self._lock:
+            key = ("batch", "jobs", namespace, meta["name"])
+            if key in self._objects:
+                stored = copy.deepcopy(self._objects[key])
+                stored.setdefault("status", {}).update(
+                    active=1, startTime=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+                )
+                self._store(key, stored, "MODIFIED")
+
     async def _create(self, request: web.Request) -> web.Response:
         target = self._target(request)
         if isinstance(target, web.Response):
@@ -646,7 +1029,9 @@ class KubeApiDouble:
             created["metadata"].pop("resourceVersion", None)
             return dict(created)
 
-        result = self._write(group, resource, namespace, name, create)
+        subject = self._subject(request)
+        assert subject is not None  # authorized above
+        result = await self._admitted_write(group, resource, namespace, name, "CREATE", create, subject)
         return result if isinstance(result, web.Response) else web.json_response(result, status=201)
 
     async def _replace(self, request: web.Request) -> web.Response:
@@ -674,7 +1059,9 @@ class KubeApiDouble:
             updated["metadata"]["creationTimestamp"] = current["metadata"]["creationTimestamp"]
             return dict(updated)
 
-        result = self._write(group, resource, namespace, name, replace)
+        subject = self._subject(request)
+        assert subject is not None
+        result = await self._admitted_write(group, resource, namespace, name, "UPDATE", replace, subject)
         return result if isinstance(result, web.Response) else web.json_response(result)
 
     async def _patch(self, request: web.Request) -> web.Response:
@@ -717,7 +1104,9 @@ class KubeApiDouble:
                 return _conflict(resource, group, name)
             return patched
 
-        result = self._write(group, resource, namespace, name, apply)
+        subject = self._subject(request)
+        assert subject is not None
+        result = await self._admitted_write(group, resource, namespace, name, "UPDATE", apply, subject)
         return result if isinstance(result, web.Response) else web.json_response(result)
 
     async def _delete(self, request: web.Request) -> web.Response:
@@ -764,7 +1153,7 @@ def subjects_from_json(text: str) -> dict[str, Subject]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m tests.support.kube_api``: serve until SIGTERM (see the module docstring)."""
+    """``python -m sidecar.simulation.kube_api``: serve until SIGTERM (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="kube_api", description="Kubernetes API server double (HTTPS)")
     parser.add_argument("--dir", required=True, help="where ca.crt, the serving pair and the admin token go")
     parser.add_argument("--port", type=int, default=0)

@@ -4,18 +4,22 @@ No kubelet or container runtime runs here, so this does their part with the pod 
 produced, and nothing else:
 
 * **volumes** are laid out under a base directory: ``configMap`` and ``secret`` volumes from the
-  manifests the chart rendered, ``downwardAPI`` from the pod's annotations, ``emptyDir`` as empty
+  manifests the chart rendered, ``downwardAPI`` from the pod's annotations, ``projected`` ones (the
+  ServiceAccount token volume the API server adds: a token, ``ca.crt``, the namespace), ``emptyDir`` as empty
   world-writable directories, ``csi`` as a directory the test fills (the SPIFFE CSI driver's socket
   directory). Like the kubelet's AtomicWriter, each of the first three is a timestamped directory
-  behind a ``..data`` symlink, and an update swaps the symlink atomically (:meth:`update_annotations`);
+  behind a ``..data`` symlink, and an update swaps the symlink atomically (:meth:`update_annotations`,
+  :meth:`update_secret`);
 * **containers** run in the pod's network namespace, each in its own mount and PID namespaces with
   its volumes bind-mounted at their ``mountPath``, a read-only root when
   ``readOnlyRootFilesystem``, the node's directories (``hide``) out of sight, and its
   ``runAsUser``/``runAsGroup``, capabilities (computed as containerd does:
   :func:`sidecar.inject.escapes.capability_set`) and ``allowPrivilegeEscalation``
-  (:mod:`tests.support.container_exec`); the image is this machine's filesystem. :meth:`Kubelet.exec`
+  (:mod:`sidecar.simulation.container_exec`); the image is this machine's filesystem. :meth:`Kubelet.exec`
   runs another process in a container's place (its mounts and capabilities), optionally as another
   UID - ``kubectl exec``, or what a hijacked agent that got root in its container would have;
+* **/etc/hosts** is the kubelet's own file for the pod (``localhost``, the pod's address and name,
+  and its ``hostAliases``), bind-mounted into every container as a real kubelet does;
 * **order**: init containers one by one; a regular one must exit 0, a native sidecar
   (``restartPolicy: Always``) is started and its ``startupProbe`` must pass before the next; then
   the regular containers, whose ``readinessProbe`` must pass;
@@ -39,13 +43,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import sidecar
 from sidecar.harness import ManagedProcess, wait_until
 from sidecar.inject.escapes import capability_set
-from tests.support.netns import POD_IP, PodNetwork
+from sidecar.simulation.netns import PodLink, PodNetwork
 
-__all__ = ["Kubelet"]
+__all__ = ["Kubelet", "atomic_write"]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(sidecar.__file__).resolve().parent.parent
+"""The directory holding the ``sidecar`` package (the repository, or site-packages): an "image layer"."""
 
 
 def atomic_write(directory: Path, files: Mapping[str, bytes], mode: int) -> None:
@@ -89,12 +95,14 @@ class Kubelet:
         path: the image's ``PATH``.
         hide: the node's directories no container may see (default: ``base``); the CSI driver's
             directory belongs here too.
+        service_account_token: the token a ``serviceAccountToken`` projection gets (the API
+            server's, for the pod's ServiceAccount).
     """
 
     def __init__(
         self,
         pod: dict[str, Any],
-        net: PodNetwork,
+        net: PodNetwork | PodLink,
         base: Path,
         *,
         config_maps: Mapping[str, Mapping[str, str]],
@@ -102,8 +110,10 @@ class Kubelet:
         csi: Mapping[str, Path],
         path: str,
         hide: tuple[Path, ...] = (),
+        service_account_token: str | None = None,
     ) -> None:
         self.pod = pod
+        self.service_account_token = service_account_token
         self.hide = hide or (base,)
         self._execs = 0
         self.net = net
@@ -134,9 +144,9 @@ class Kubelet:
             path = self.base / "volumes" / volume["name"]
             self.volumes[volume["name"]] = path
             if "configMap" in volume:
-                data = self.config_maps[volume["configMap"]["name"]]
+                text = self.config_maps[volume["configMap"]["name"]]
                 atomic_write(
-                    path, {k: v.encode() for k, v in data.items()}, volume["configMap"].get("defaultMode", 0o644)
+                    path, {k: v.encode() for k, v in text.items()}, volume["configMap"].get("defaultMode", 0o644)
                 )
             elif "secret" in volume:
                 data = self.secrets[volume["secret"]["secretName"]]
@@ -146,6 +156,8 @@ class Kubelet:
                 )
             elif "downwardAPI" in volume:
                 atomic_write(path, self._downward(volume, annotations), volume["downwardAPI"].get("defaultMode", 0o644))
+            elif "projected" in volume:
+                atomic_write(path, self._projected(volume, annotations), volume["projected"].get("defaultMode", 0o644))
             elif "emptyDir" in volume:
                 path.mkdir(parents=True)
                 path.chmod(0o777)
@@ -153,6 +165,45 @@ class Kubelet:
                 self.volumes[volume["name"]] = self.csi[volume["csi"]["driver"]]
             else:
                 raise AssertionError(f"volume type not simulated: {volume}")
+
+    def _projected(self, volume: Mapping[str, Any], annotations: Mapping[str, str]) -> dict[str, bytes]:
+        files: dict[str, bytes] = {}
+        namespace = str(self.pod["metadata"].get("namespace", "default"))
+        for source in volume["projected"]["sources"]:
+            if "serviceAccountToken" in source:
+                assert self.service_account_token is not None, "a serviceAccountToken projection needs a token"
+                files[source["serviceAccountToken"]["path"]] = self.service_account_token.encode()
+            elif "configMap" in source:
+                data = self.config_maps[source["configMap"]["name"]]
+                for item in source["configMap"].get("items") or [{"key": k, "path": k} for k in data]:
+                    files[item["path"]] = data[item["key"]].encode()
+            elif "downwardAPI" in source:
+                for item in source["downwardAPI"]["items"]:
+                    field = item["fieldRef"]["fieldPath"]
+                    if field == "metadata.namespace":
+                        files[item["path"]] = namespace.encode()
+                    else:
+                        files.update(self._downward({"downwardAPI": {"items": [item]}}, annotations))
+            else:
+                raise AssertionError(f"projected source not simulated: {source}")
+        return files
+
+    def _hosts(self) -> Path:
+        """The pod's ``/etc/hosts``, as the kubelet writes it (``hostAliases`` appended)."""
+        path = self.base / "etc-hosts"
+        if not path.exists():
+            name = str(self.pod["metadata"].get("name", "pod"))
+            lines = [
+                "# Kubernetes-managed hosts file.",
+                "127.0.0.1\tlocalhost",
+                "::1\tlocalhost",
+                f"{self.net.pod_ip}\t{name}",
+            ]
+            for alias in self.pod["spec"].get("hostAliases", []):
+                lines.append(f"# Entries added by HostAliases.\n{alias['ip']}\t" + "\t".join(alias["hostnames"]))
+            path.write_text("\n".join(lines) + "\n")
+            path.chmod(0o644)
+        return path
 
     def update_annotations(self, pod: dict[str, Any]) -> None:
         """The pod's annotations changed (``kubectl annotate``): rewrite its downwardAPI volumes atomically."""
@@ -162,6 +213,17 @@ class Kubelet:
             if "downwardAPI" in volume:
                 files = self._downward(volume, annotations)
                 atomic_write(self.volumes[volume["name"]], files, volume["downwardAPI"].get("defaultMode", 0o644))
+
+    def update_secret(self, name: str, data: Mapping[str, bytes]) -> None:
+        """The Secret ``name`` changed (``kubectl create secret ... | kubectl apply``, a rotation): rewrite
+        every secret volume of it atomically (a new ``..<timestamp>`` directory, then the ``..data``
+        symlink swap), as the kubelet's next sync of the pod does."""
+        self.secrets = {**self.secrets, name: data}
+        for volume in self.pod["spec"].get("volumes", []):
+            if volume.get("secret", {}).get("secretName") == name:
+                items = volume["secret"].get("items") or [{"key": k, "path": k} for k in data]
+                files = {i["path"]: data[i["key"]] for i in items}
+                atomic_write(self.volumes[volume["name"]], files, volume["secret"].get("defaultMode", 0o644))
 
     # -- containers ------------------------------------------------------------------------------
     def container(self, name: str) -> dict[str, Any]:
@@ -196,7 +258,8 @@ class Kubelet:
             "mounts": [
                 {"source": str(self.volumes[m["name"]]), "target": m["mountPath"], "readOnly": m.get("readOnly", False)}
                 for m in container.get("volumeMounts", [])
-            ],
+            ]
+            + [{"source": str(self._hosts()), "target": "/etc/hosts", "readOnly": False}],
             "layers": sorted({str(REPO), sys.prefix, sys.base_prefix, str(python.parents[1])}),
             "hide": [str(p) for p in self.hide],
             "readOnlyRootFilesystem": bool(ctx.get("readOnlyRootFilesystem")),
@@ -224,7 +287,7 @@ class Kubelet:
             "--",
             sys.executable,
             "-m",
-            "tests.support.container_exec",
+            "sidecar.simulation.container_exec",
             str(spec),
         ]
 
@@ -282,12 +345,14 @@ class Kubelet:
         port = action["port"]
         if isinstance(port, str) and not port.isdigit():
             port = next(p["containerPort"] for p in container.get("ports", []) if p.get("name") == port)
-        return f"http://{POD_IP}:{port}{action.get('path', '/')}"
+        return f"http://{self.net.pod_ip}:{port}{action.get('path', '/')}"
 
     def _node_get(self, url: str) -> bool:
         """One plain HTTP GET from the node side; ``True`` on a 2xx/3xx answer, as the kubelet counts it."""
         argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", url]
-        out = subprocess.run(self.net.exec_in(self.net.upstream, argv), capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            self.net.exec_in(self.net.upstream, argv), capture_output=True, text=True, timeout=10, check=False
+        )
         return 200 <= int(out.stdout or 0) < 400
 
     def probe(self, container: Mapping[str, Any], kind: str, timeout: float = 30) -> None:
@@ -334,6 +399,19 @@ class Kubelet:
             self.hook(container, "postStart", timeout)
             if "readinessProbe" in container:
                 self.probe(container, "readinessProbe", timeout)
+
+    def exited(self) -> dict[str, int] | None:
+        """The exit codes of the pod's regular containers once all have exited (``None`` before)."""
+        codes: dict[str, int] = {}
+        for container in self.pod["spec"]["containers"]:
+            proc = self.running.get(container["name"])
+            if proc is None or proc.proc is None:
+                return None
+            code = proc.proc.poll()
+            if code is None:
+                return None
+            codes[container["name"]] = code
+        return codes
 
     def stop(self) -> None:
         """Stop the containers, then the native sidecars, in reverse start order (as on pod termination);

@@ -1,0 +1,1 @@
+"""``agent-authz demo --scenario cluster``: the quarterly-report workflow across pods of a simulated cluster."""
