@@ -44,12 +44,14 @@ import yaml  # noqa: E402
 
 from sidecar.identity.devca import DevCA  # noqa: E402
 from sidecar.inject import layout  # noqa: E402
-from tests.support.k8s import RESTRICTED, find, secret_data, validate  # noqa: E402
-from tests.support.kubelet import Kubelet  # noqa: E402
-from tests.support.netns import AGENT_UID  # noqa: E402
+from sidecar.simulation.chart import find, secret_data  # noqa: E402
+from sidecar.simulation.kubelet import Kubelet  # noqa: E402
+from sidecar.simulation.netns import AGENT_UID  # noqa: E402
+from sidecar.simulation.webhook import Webhook  # noqa: E402
+from sidecar.simulation.workload_api import WorkloadApiServer, serve_sds  # noqa: E402
+from tests.support.k8s import RESTRICTED, validate  # noqa: E402
 from tests.support.netns_pod import pod_sandbox  # noqa: E402
-from tests.support.webhook_env import Webhook, admission_review, install, patched  # noqa: E402
-from tests.support.workload_api import WorkloadApiServer, serve_sds  # noqa: E402
+from tests.support.webhook_env import admission_review, install, patched  # noqa: E402
 
 TD = "bench.example"
 AGENT = f"spiffe://{TD}/ns/agents/sa/worker"
