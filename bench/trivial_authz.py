@@ -1,30 +1,47 @@
-"""A trivial allow-all ext_authz server in our stack (grpc.aio + uvloop, raw bytes): the Python ceiling.
+"""Trivial allow-all ext_authz servers in our stack: the Python ceilings, one per transport.
 
-Run: ``python bench/trivial_authz.py unix:/path/to.sock`` (or ``host:port``). It answers every
-``Check`` with one prebuilt OK ``CheckResponse`` and does nothing else: no parsing, no decision, no
-log. Benchmark configuration (c) measures Envoy with this server.
+Run: ``python bench/trivial_authz.py [--transport grpc|aiohttp|raw] unix:/path/to.sock`` (or
+``host:port``). Each answers every check with one prebuilt OK and does nothing else: no parsing,
+no decision, no log. Benchmark configuration (c) measures Envoy with each:
+
+* ``grpc`` - grpc.aio + uvloop, raw bytes (Envoy's gRPC ext_authz), a prebuilt ``CheckResponse``;
+* ``aiohttp`` - an aiohttp web server + uvloop (Envoy's HTTP ext_authz service), an empty ``200``;
+* ``raw`` - an :class:`asyncio.Protocol` + uvloop feeding ``httptools`` (llhttp), the same ``200``
+  written from the parser's callback - the server shape of ``sidecar.envoy_authz.http_server``.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import signal
-import sys
 from typing import Any
 
-import grpc
 import uvloop
-from envoy.service.auth.v3 import external_auth_pb2
-from google.rpc import code_pb2, status_pb2
 
-OK = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)).SerializeToString()
+OK_HTTP = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
 
 
-async def check(_: bytes, __: Any) -> bytes:
-    return OK
+async def _until_signalled() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
 
 
-async def main(address: str) -> None:
+async def grpc_server(address: str) -> None:
+    import grpc
+    from envoy.service.auth.v3 import external_auth_pb2
+    from google.rpc import code_pb2, status_pb2
+
+    ok = external_auth_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)).SerializeToString()
+
+    async def check(_: bytes, __: Any) -> bytes:
+        return ok
+
     server = grpc.aio.server()
     server.add_generic_rpc_handlers(
         (
@@ -35,14 +52,66 @@ async def main(address: str) -> None:
     )
     server.add_insecure_port(address)
     await server.start()
-    print("ready", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await _until_signalled()
     await server.stop(0.5)
 
 
+async def aiohttp_server(address: str) -> None:
+    from aiohttp import web
+
+    async def check(_: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", check)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    if address.startswith("unix:"):
+        site: web.BaseSite = web.UnixSite(runner, address[5:])
+    else:
+        host, _, port = address.rpartition(":")
+        site = web.TCPSite(runner, host, int(port))
+    await site.start()
+    await _until_signalled()
+    await runner.cleanup()
+
+
+class _Raw(asyncio.Protocol):
+    def __init__(self) -> None:
+        import httptools
+
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
+
+    def on_message_complete(self) -> None:
+        self.transport.write(OK_HTTP)
+
+
+async def raw_server(address: str) -> None:
+    loop = asyncio.get_running_loop()
+    if address.startswith("unix:"):
+        if os.path.exists(address[5:]):
+            os.unlink(address[5:])
+        server = await loop.create_unix_server(_Raw, address[5:], backlog=1024)
+    else:
+        host, _, port = address.rpartition(":")
+        server = await loop.create_server(_Raw, host, int(port), backlog=1024)
+    await _until_signalled()
+    server.close()
+
+
+SERVERS = {"grpc": grpc_server, "aiohttp": aiohttp_server, "raw": raw_server}
+
+
 if __name__ == "__main__":
-    uvloop.run(main(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--transport", choices=sorted(SERVERS), default="grpc")
+    parser.add_argument("address")
+    args = parser.parse_args()
+    uvloop.run(SERVERS[args.transport](args.address))

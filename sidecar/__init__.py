@@ -32,6 +32,11 @@ graph is checked by ``tests/unit/test_import_graph.py``):
 
 from __future__ import annotations
 
-__all__ = ["__version__"]
+import time
+
+__all__ = ["STARTED", "__version__"]
 
 __version__ = "0.1.0"
+
+STARTED = time.monotonic()
+"""``time.monotonic()`` when the package was first imported: the start of ``serve``'s startup breakdown."""

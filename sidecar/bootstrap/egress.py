@@ -31,7 +31,14 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.bootstrap.clusters import dfp_cluster, dns_cache, host_port_cluster, tls_cluster
-from sidecar.bootstrap.filters import connection_manager, route_context, rpc_route_context, vhost
+from sidecar.bootstrap.filters import (
+    connect_route_context,
+    connection_manager,
+    route_metadata,
+    rpc_route_context,
+    rpc_route_metadata,
+    vhost,
+)
 from sidecar.bootstrap.kit import Kit
 from sidecar.bootstrap.names import BLACKHOLE_CLUSTER, DFP_CLUSTER, EGRESS, INTERCEPT_CONNECT, destination_cluster_name
 from sidecar.wire import CONNECT_FILTER_STATE, CONTEXT_UPSTREAM_TLS, LIST_FILTER_HEADER, ORIGINATE
@@ -47,7 +54,7 @@ def connect_route(kit: Kit) -> Any:
     """The ``CONNECT`` route every egress virtual host starts with: ext_authz decides it (the virtual
     host's context); an allowed tunnel ends in ``intercept_connect`` (``blackhole`` without ``intercept``)."""
     r = kit.route
-    return r.Route(
+    route = r.Route(
         match=r.RouteMatch(connect_matcher=r.RouteMatchConnectMatcher()),
         route=r.RouteAction(
             cluster=INTERCEPT_CONNECT if kit.xds is not None else BLACKHOLE_CLUSTER,
@@ -57,8 +64,12 @@ def connect_route(kit: Kit) -> Any:
                 )
             ],
         ),
-        typed_per_filter_config=route_context(kit, EGRESS),
+        typed_per_filter_config=connect_route_context(kit, EGRESS),  # over gRPC, whatever the transport
     )
+    metadata = route_metadata(kit, EGRESS)  # the context, as on every route that asks
+    if metadata is not None:
+        route.metadata = metadata
+    return route
 
 
 def connect_upgrade(kit: Kit) -> dict[str, Any]:
@@ -108,8 +119,11 @@ def rpc_vhost(kit: Kit, host: str, cluster: str, **extra: str) -> Any:
             typed_per_filter_config=rpc_route_context(kit, protocol, body=True, **extra),
         )
     )
-    for route in routes:
+    for route, body in zip(routes, [False] * (len(routes) - 1) + [True], strict=True):
         route.request_headers_to_remove = [LIST_FILTER_HEADER]
+        metadata = rpc_route_metadata(kit, protocol, body=body, **extra)
+        if metadata is not None:
+            route.metadata = metadata
     return r.VirtualHost(
         name=f"rpc|{destination_cluster_name(host)}",
         domains=[host, f"{host}:*"],

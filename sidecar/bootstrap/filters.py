@@ -1,9 +1,11 @@
 """The filters every listener is made of: ext_authz (HTTP and network), the HTTP connection manager,
 ``tcp_proxy``, the access logs - and the per-route config that names a check's context.
 
-* HTTP ext_authz: gRPC to ``agent_authz``, ``failure_mode_allow: false``, ``envoy.authz_timeout``,
-  ``validate_mutations``, ``include_peer_certificate``; 503 when the sidecar does not answer. Each
-  route names its context in ``context_extensions`` (:mod:`sidecar.wire`).
+* HTTP ext_authz: gRPC to ``agent_authz``, or with HTTP checks (``envoy.authz_transport: http``, the
+  default) Envoy's HTTP service to ``agent_authz_http``; ``failure_mode_allow: false``,
+  ``envoy.authz_timeout``, ``validate_mutations``, ``include_peer_certificate``; 503 when the sidecar
+  does not answer. Each route names its context in ``context_extensions`` (gRPC) and, with HTTP
+  checks, in its metadata (:mod:`sidecar.wire`).
 * the HTTP connection manager: ``normalize_path``, ``merge_slashes`` and
   ``path_with_escaped_slashes_action: REJECT_REQUEST``, so the upstream receives exactly the
   canonical path the sidecar authorized; ``strip_trailing_host_dot``, so ``Host: api.example.com.``
@@ -30,19 +32,26 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Any
 
 from sidecar.bootstrap.kit import Kit
-from sidecar.bootstrap.names import AUTHZ_CLUSTER, EGRESS, INGRESS
+from sidecar.bootstrap.names import AUTHZ_CLUSTER, AUTHZ_HTTP_CLUSTER, EGRESS, INGRESS
 from sidecar.wire import (
+    CONNECT_AUTHORITY_HEADER,
     CONTEXT_BODY_CAP,
     CONTEXT_DIRECTION,
+    CONTEXT_HEADER,
     CONTEXT_RPC_BODY_CAP,
     CONTEXT_RPC_PROTOCOL,
+    DECISION_ID_HEADER,
+    DESTINATION_HEADER,
     DIRECTION_METADATA,
     EXT_PROC_FILTER,
+    HTTP_CHECK_PREFIX,
     HTTP_FILTER,
+    HTTP_METADATA_KEYS,
     LIST_FILTER_HEADER,
     MAX_REQUEST_HEADERS_COUNT,
     MAX_REQUEST_HEADERS_KB,
@@ -50,25 +59,38 @@ from sidecar.wire import (
     METADATA_NAMESPACE,
     METADATA_REASON,
     NETWORK_FILTER,
+    PEER_CERTIFICATE_HEADER,
     PROTOCOL_METADATA,
+    REASON_HEADER,
     REFUSED_LOG_PREFIX,
+    REMAINING_HEADER,
+    RESERVED_HEADER_PREFIX,
+    SCHEME_HEADER,
     VIA_METADATA,
     dynamic_metadata_ref,
 )
 
 __all__ = [
     "LOG_POLICY",
+    "RE2_PROGRAM_SIZE",
     "access_log",
     "body_buffer",
     "body_route_context",
+    "connect_route_context",
     "connection_manager",
     "ext_authz_filter",
     "ext_proc_filter",
+    "http_service",
     "network_check",
     "refused_log",
+    "reserved_header_regex",
     "route_context",
+    "route_metadata",
     "rpc_route_context",
+    "rpc_route_metadata",
+    "strip_reserved",
     "tcp_forward",
+    "upstream_header_regex",
     "vhost",
 ]
 
@@ -106,9 +128,36 @@ _TCP_ACCESS_LOG_FORMAT = {
 }
 
 
+def _rpc_context(kit: Kit, protocol: str, *, body: bool, **extra: str) -> dict[str, str]:
+    extensions = {CONTEXT_DIRECTION: EGRESS, CONTEXT_RPC_PROTOCOL: protocol, **extra}
+    if body:
+        extensions[CONTEXT_RPC_BODY_CAP] = str(kit.body_cap)
+    return extensions
+
+
+def route_metadata(kit: Kit, direction: str, **extra: str) -> Any | None:
+    """The route's metadata: with HTTP checks, its context (the keys of ``context_extensions``)
+    under the ext_authz filter's namespace, which the HTTP service sends as
+    ``x-agent-authz-context`` (``%METADATA(ROUTE:envoy.filters.http.ext_authz)%``); ``None`` with
+    gRPC checks."""
+    return _metadata(kit, {CONTEXT_DIRECTION: direction, **extra})
+
+
+def rpc_route_metadata(kit: Kit, protocol: str, *, body: bool, **extra: str) -> Any | None:
+    """:func:`route_metadata` of an MCP/A2A route (see :func:`rpc_route_context`)."""
+    return _metadata(kit, _rpc_context(kit, protocol, body=body, **extra))
+
+
+def _metadata(kit: Kit, context: dict[str, str]) -> Any | None:
+    if kit.settings.http_checks() is None:
+        return None
+    return kit.core.Metadata(filter_metadata={HTTP_FILTER: kit.pb.Struct.from_dict(context)})
+
+
 def route_context(kit: Kit, direction: str, **extra: str) -> dict[str, Any]:
     """Per-route ext_authz config: the ``context_extensions`` of the route's checks (and, when the
-    filter buffers bodies for other routes, no body here)."""
+    filter buffers bodies for other routes, no body here). With HTTP checks the same context
+    travels in the route's metadata (:func:`route_metadata`)."""
     ea = kit.ext_authz
     extensions = {CONTEXT_DIRECTION: direction, **extra}
     settings = ea.CheckSettings(context_extensions=extensions)
@@ -116,6 +165,28 @@ def route_context(kit: Kit, direction: str, **extra: str) -> dict[str, Any]:
         settings.disable_request_body_buffering = True
     per_route = ea.ExtAuthzPerRoute(check_settings=settings)
     return {HTTP_FILTER: kit.pack(per_route)}
+
+
+def connect_route_context(kit: Kit, direction: str) -> dict[str, Any]:
+    """Per-route config of the ``CONNECT`` route: :func:`route_context`, and with HTTP checks the
+    check over gRPC all the same (``check_settings.grpc_service``). Envoy's HTTP ext_authz client
+    sends a ``CONNECT``'s check as ``CONNECT host:port`` - without the check prefix and the path,
+    and a ``200`` to it would open a tunnel on the check's connection - so the HTTP service cannot
+    carry it; gRPC can."""
+    config = route_context(kit, direction)
+    if kit.settings.http_checks() is None:
+        return config
+    ea, core = kit.ext_authz, kit.core
+    settings = ea.CheckSettings(
+        context_extensions={CONTEXT_DIRECTION: direction},
+        grpc_service=core.GrpcService(
+            envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+            timeout=timedelta(seconds=kit.settings.envoy.authz_timeout),
+        ),
+    )
+    if kit.rpc_hosts or kit.body_hosts:
+        settings.disable_request_body_buffering = True
+    return {HTTP_FILTER: kit.pack(ea.ExtAuthzPerRoute(check_settings=settings))}
 
 
 def body_route_context(kit: Kit, direction: str, **extra: str) -> dict[str, Any]:
@@ -143,10 +214,7 @@ def rpc_route_context(kit: Kit, protocol: str, *, body: bool, **extra: str) -> d
     buffered and ``rpc_body_cap``) in the context extensions; for MCP the ext_proc filter
     switched on (``tools/list`` filtering)."""
     ea = kit.ext_authz
-    extensions = {CONTEXT_DIRECTION: EGRESS, CONTEXT_RPC_PROTOCOL: protocol, **extra}
-    if body:
-        extensions[CONTEXT_RPC_BODY_CAP] = str(kit.body_cap)
-    settings = ea.CheckSettings(context_extensions=extensions)
+    settings = ea.CheckSettings(context_extensions=_rpc_context(kit, protocol, body=body, **extra))
     if body:
         settings.with_request_body = body_buffer(kit)
     else:
@@ -161,22 +229,155 @@ def rpc_route_context(kit: Kit, protocol: str, *, body: bool, **extra: str) -> d
 
 
 def ext_authz_filter(kit: Kit) -> Any:
-    """The HTTP ext_authz filter, asking the sidecar over gRPC (fail closed)."""
+    """The HTTP ext_authz filter, asking the sidecar over gRPC or, with HTTP checks
+    (``envoy.authz_transport: http``), over Envoy's HTTP service (:func:`http_service`); fail closed
+    either way (503 when the sidecar does not answer, answers garbage or a 5xx)."""
     ea, core = kit.ext_authz, kit.core
     config = ea.ExtAuthz(
-        grpc_service=core.GrpcService(
-            envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
-            timeout=timedelta(seconds=kit.settings.envoy.authz_timeout),
-        ),
         transport_api_version=core.ApiVersion.V3,
         failure_mode_allow=False,
         validate_mutations=True,
         include_peer_certificate=True,
         status_on_error=kit.types.HttpStatus(code=kit.types.StatusCode.ServiceUnavailable),
     )
+    if kit.settings.http_checks() is None:
+        config.grpc_service = core.GrpcService(
+            envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+            timeout=timedelta(seconds=kit.settings.envoy.authz_timeout),
+        )
+    else:
+        m = kit.matcher
+        config.http_service = http_service(kit)
+        # every client header goes to the check, except the client's own x-agent-authz-*: those
+        # names carry what Envoy tells the sidecar (the route context, the peer certificate, ...)
+        config.allowed_headers = m.ListStringMatcher(patterns=[m.StringMatcher(safe_regex=m.RegexMatcher(regex=".*"))])
+        config.disallowed_headers = m.ListStringMatcher(
+            patterns=[m.StringMatcher(safe_regex=m.RegexMatcher(regex=reserved_header_regex()))]
+        )
     if kit.rpc_hosts or kit.body_hosts:  # pack_as_bytes is read from here only; each route says whether it buffers
         config.with_request_body = body_buffer(kit)
     return kit.hcm.HttpFilter(name=HTTP_FILTER, typed_config=kit.pack(config))
+
+
+RE2_PROGRAM_SIZE = 1024
+"""``re2.max_program_size.error_level`` with HTTP checks (the bootstrap's runtime layer): the
+answer-header matcher of :func:`upstream_header_regex` compiles to ~420 instructions."""
+_NOT_UPSTREAM = ("content-length", REMAINING_HEADER, *HTTP_METADATA_KEYS)
+"""Names in an allowed check's answer that are not request headers to set (the answer's framing
+and the dynamic metadata); with the ``:`` pseudo-headers and ``x-envoy-*`` (Envoy's own, e.g. its
+``x-envoy-auth-headers-to-remove`` and ``x-envoy-upstream-service-time``) they never reach the
+upstream (the remaining budget, :data:`~sidecar.wire.REMAINING_HEADER`, goes to the client's
+response only, as with gRPC). A credential header can have none of these names (the schema refuses them)."""
+
+
+def upstream_header_regex(
+    excluded: tuple[str, ...] = _NOT_UPSTREAM, prefixes: tuple[str, ...] = (":", "x-envoy-")
+) -> str:
+    """An RE2 expression matching every header name except ``excluded`` and names starting with
+    one of ``prefixes`` (RE2 has no negative lookahead: the complement is spelled out over the
+    trie of the excluded names). The HTTP service's ``allowed_upstream_headers``: the headers an
+    allowed check's answer sets on the request are any names (a rule's credential header), so
+    the matcher names what is not one."""
+    trie: dict[str | None, Any] = {}
+    for word in excluded:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = True  # a word ends here
+    for prefix in prefixes:
+        node = trie
+        for char in prefix:
+            node = node.setdefault(char, {})
+        node.clear()
+        node[None] = True  # everything below is excluded
+
+    def below(node: dict[Any, Any]) -> str | None:
+        if None in node:
+            return None
+        chars = sorted(k for k in node if k)
+        options = [] if "" in node else [""]  # the name may end here unless a word ends here
+        options.append(f"[^{''.join(re.escape(c) for c in chars)}].*" if chars else ".+")
+        for char in chars:
+            rest = below(node[char])
+            if rest is not None:
+                options.append(re.escape(char) + rest)
+        return f"(?:{'|'.join(options)})"
+
+    return below(trie) or ""
+
+
+def reserved_header_regex() -> str:
+    """An RE2 expression matching the ``x-agent-authz-*`` names except
+    :data:`~sidecar.wire.CONNECT_AUTHORITY_HEADER`: the HTTP service's ``disallowed_headers``. Envoy
+    sets that one itself before ext_authz on the intercepting chains (from the tunnel's filter
+    state, after removing any the agent sent); every other reserved name in a check is Envoy's own
+    (``authorization_request.headers_to_add``), never the client's."""
+    rest = CONNECT_AUTHORITY_HEADER.removeprefix(RESERVED_HEADER_PREFIX)
+    return re.escape(RESERVED_HEADER_PREFIX) + upstream_header_regex((rest,), ())
+
+
+def strip_reserved(kit: Kit) -> Any:
+    """``header_mutation``, the first filter of every HTTP connection manager with HTTP checks: the
+    client's own ``x-agent-authz-*`` headers removed before anything reads the request. With gRPC
+    checks the sidecar sees them and removes them itself (``headers_to_remove``); the HTTP service
+    never sends them to the sidecar (``disallowed_headers``), so Envoy removes them here - a forged
+    ``x-agent-authz-caller`` never reaches an upstream or the local app."""
+    from envoy_data_plane.envoy.config.common.mutation_rules import v3 as rules
+    from envoy_data_plane.envoy.extensions.filters.http.header_mutation import v3 as hm
+
+    strip = rules.HeaderMutation(
+        remove_on_match=rules.HeaderMutationRemoveOnMatch(
+            key_matcher=kit.matcher.StringMatcher(prefix=RESERVED_HEADER_PREFIX)
+        )
+    )
+    return kit.hcm.HttpFilter(
+        name="agent_authz.strip_reserved",
+        typed_config=kit.pack(hm.HeaderMutation(mutations=hm.Mutations(request_mutations=[strip]))),
+    )
+
+
+def http_service(kit: Kit) -> Any:
+    """The ext_authz HTTP service of HTTP checks (:mod:`sidecar.wire` has what Envoy sends and reads).
+
+    The check goes to ``agent_authz_http`` under :data:`~sidecar.wire.HTTP_CHECK_PREFIX`, within
+    ``envoy.authz_timeout``; Envoy adds the route's context, the request's scheme, the address the
+    client connected to and the client certificate. From the answer: on ``200`` every header but
+    the answer's own (:func:`upstream_header_regex`) onto the request, overwriting; on a deny only
+    ``content-type``, the decision id and the reason to the client (with the body and status); the
+    decision id (and under a budget the calls remaining) on an allowed request's response; the
+    metadata headers as dynamic metadata."""
+    ea, core, m = kit.ext_authz, kit.core, kit.matcher
+
+    def exact(*names: str) -> Any:
+        return m.ListStringMatcher(patterns=[m.StringMatcher(exact=name) for name in names])
+
+    def header(name: str, value: str) -> Any:
+        return core.HeaderValue(key=name, value=value)
+
+    return ea.HttpService(
+        server_uri=core.HttpUri(
+            uri="http://agent-authz",
+            cluster=AUTHZ_HTTP_CLUSTER,
+            timeout=timedelta(seconds=kit.settings.envoy.authz_timeout),
+        ),
+        path_prefix=HTTP_CHECK_PREFIX,
+        authorization_request=ea.AuthorizationRequest(
+            headers_to_add=[
+                header(CONTEXT_HEADER, f"%METADATA(ROUTE:{HTTP_FILTER})%"),
+                header(SCHEME_HEADER, "%REQ(:SCHEME)%"),
+                header(DESTINATION_HEADER, "%DOWNSTREAM_LOCAL_ADDRESS%"),
+                header(PEER_CERTIFICATE_HEADER, "%DOWNSTREAM_PEER_CERT%"),
+            ]
+        ),
+        authorization_response=ea.AuthorizationResponse(
+            allowed_upstream_headers=m.ListStringMatcher(
+                patterns=[m.StringMatcher(safe_regex=m.RegexMatcher(regex=upstream_header_regex()))]
+            ),
+            allowed_client_headers=exact("content-type", DECISION_ID_HEADER, REASON_HEADER),
+            allowed_client_headers_on_success=exact(DECISION_ID_HEADER, REMAINING_HEADER),
+            dynamic_metadata_from_headers=exact(*HTTP_METADATA_KEYS),
+        ),
+    )
 
 
 def ext_proc_filter(kit: Kit) -> Any:
@@ -275,13 +476,16 @@ def refused_log(kit: Kit, namespace: str, stat_prefix: str, direction: str = EGR
         if http
         else grpc_log.TcpGrpcAccessLogConfig(common_config=common)
     )
+    # Envoy's access-log MetadataFilter ignores the matcher's ``invert``: with a present key it logs when
+    # the value matches, with an absent one when ``match_if_key_not_found``. A decision id is never null,
+    # so ``null_match`` logs exactly the entries without one (with ``present_match`` and ``invert``, as
+    # first written, Envoy streamed every request to the sidecar, which parsed and dropped it).
     undecided = al.AccessLogFilter(
         metadata_filter=al.MetadataFilter(
             matcher=m.MetadataMatcher(
                 filter=namespace,
                 path=[m.MetadataMatcherPathSegment(key=METADATA_DECISION_ID)],
-                value=m.ValueMatcher(present_match=True),
-                invert=True,
+                value=m.ValueMatcher(null_match=m.ValueMatcherNullMatch()),
             ),
             match_if_key_not_found=True,
         )
@@ -318,6 +522,7 @@ def connection_manager(
         path_with_escaped_slashes_action=hcm.HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
         route_config=route_config,
         http_filters=[
+            *([strip_reserved(kit)] if kit.settings.http_checks() is not None else []),
             *(before_authz or []),
             ext_authz_filter(kit),
             *([ext_proc_filter(kit)] if "mcp" in kit.rpc_hosts.values() else []),
@@ -338,10 +543,15 @@ def vhost(kit: Kit, name: str, domains: list[str], cluster: str, direction: str,
     r = kit.route
     context = extra.pop("context", {})
     body = bool(extra.pop("body", False))
+    route = r.Route(match=r.RouteMatch(prefix="/"), route=r.RouteAction(cluster=cluster))
+    # with HTTP checks the context travels in the route's metadata (a body route names its cap too)
+    metadata = route_metadata(kit, direction, **({CONTEXT_BODY_CAP: str(kit.body_cap)} if body else {}), **context)
+    if metadata is not None:
+        route.metadata = metadata
     return r.VirtualHost(
         name=name,
         domains=domains,
-        routes=[r.Route(match=r.RouteMatch(prefix="/"), route=r.RouteAction(cluster=cluster))],
+        routes=[route],
         typed_per_filter_config=(body_route_context if body else route_context)(kit, direction, **context),
         **extra,
     )

@@ -31,7 +31,14 @@ from typing import Any
 
 from sidecar.bootstrap.clusters import tls_cluster
 from sidecar.bootstrap.egress import egress_routes
-from sidecar.bootstrap.filters import connection_manager, network_check, route_context, tcp_forward, vhost
+from sidecar.bootstrap.filters import (
+    connection_manager,
+    network_check,
+    route_context,
+    route_metadata,
+    tcp_forward,
+    vhost,
+)
 from sidecar.bootstrap.kit import Kit
 from sidecar.bootstrap.names import (
     AUTHZ_CLUSTER,
@@ -133,10 +140,14 @@ def intercept_chain(kit: Kit, target: InterceptTarget, *, match_port: bool) -> A
     cluster = intercept_cluster_name(target)
     domains = [host, f"{host}:{port}"]
     allowed = vhost(kit, cluster, domains, cluster, EGRESS, context=context)
+    refuse = r.Route(match=r.RouteMatch(prefix="/"), direct_response=r.DirectResponseAction(status=421))
+    metadata = route_metadata(kit, EGRESS, **context)
+    if metadata is not None:
+        refuse.metadata = metadata
     misdirected = r.VirtualHost(
         name="misdirected",
         domains=["*"],
-        routes=[r.Route(match=r.RouteMatch(prefix="/"), direct_response=r.DirectResponseAction(status=421))],
+        routes=[refuse],
         typed_per_filter_config=route_context(kit, EGRESS, **context),
     )
     failure = kit.core.SubstitutionFormatString(json_format=kit.pb.Struct.from_dict(_UPSTREAM_FAILURE_BODY))

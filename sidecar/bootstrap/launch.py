@@ -9,11 +9,13 @@ created here if missing (:func:`sidecar.control_socket.prepare_socket_dir`).
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 from pathlib import Path
 
+from sidecar import STARTED
 from sidecar.bootstrap.names import XdsPaths
 from sidecar.bootstrap.render import write_envoy
 from sidecar.config.loader import LoadedConfig, load_config
@@ -111,7 +113,21 @@ def exec_envoy(
                 "the pod, the agent included, can reach it: set envoy.admin_socket",
                 file=sys.stderr,
             )
+    rendering = time.monotonic()
     write_envoy(loaded, out)
+    rendered = time.monotonic()
     wait_for_intercept_files(loaded)
+    stamps = {"started": STARTED, "render": rendering, "rendered": rendered, "exec": time.monotonic()}
+    print(  # stderr: the startup breakdown of the Envoy container (monotonic clock)
+        json.dumps(
+            {
+                "event": "envoy_exec",
+                "startup_s": {k: round(v - STARTED, 4) for k, v in stamps.items()},
+                "started_monotonic": STARTED,
+            }
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
     argv = envoy_argv(envoy, out, concurrency=concurrency, log_level=log_level, extra=extra or [])
     os.execv(argv[0], argv)  # noqa: S606 - the located Envoy binary, with our arguments

@@ -16,6 +16,7 @@ from sidecar.decision import Direction
 
 __all__ = [
     "AUTHZ_CLUSTER",
+    "AUTHZ_HTTP_CLUSTER",
     "BLACKHOLE_CLUSTER",
     "BUNDLE_SECRET",
     "DFP_CLUSTER",
@@ -38,6 +39,8 @@ EGRESS, INGRESS = Direction.EGRESS.value, Direction.INGRESS.value
 """The ``direction`` context extension of the routes of each side."""
 
 AUTHZ_CLUSTER = "agent_authz"
+AUTHZ_HTTP_CLUSTER = "agent_authz_http"
+"""The sidecar's ext_authz HTTP service (HTTP/1.1), for HTTP checks with ``envoy.authz_transport: http``."""
 """The sidecar's gRPC server: ext_authz ``Check`` and the intercept leaves' SDS."""
 DFP_CLUSTER = "dynamic_forward_proxy"
 LOCAL_APP_CLUSTER = "local_app"

@@ -25,10 +25,11 @@ from typing import Any
 
 from sidecar.bootstrap.clusters import blackhole_cluster, static_cluster
 from sidecar.bootstrap.egress import egress_listener, egress_routes
+from sidecar.bootstrap.filters import RE2_PROGRAM_SIZE
 from sidecar.bootstrap.ingress import ingress_listener
 from sidecar.bootstrap.intercept import DynamicResources, RenderCache, dynamic_resources, prune_render_cache
 from sidecar.bootstrap.kit import Kit
-from sidecar.bootstrap.names import AUTHZ_CLUSTER, INTERCEPT_CONNECT, InterceptTarget
+from sidecar.bootstrap.names import AUTHZ_CLUSTER, AUTHZ_HTTP_CLUSTER, INTERCEPT_CONNECT, InterceptTarget
 from sidecar.bootstrap.outbound import outbound_listener
 from sidecar.config.loader import LoadedConfig
 from sidecar.control_socket import SOCKET_MODE
@@ -62,6 +63,14 @@ def _bootstrap(kit: Kit) -> RenderedEnvoy:
         host, _, port = authz.rpartition(":")
         authz_address = kit.address(host, int(port))
     clusters = [static_cluster(kit, AUTHZ_CLUSTER, authz_address, http2=True)]
+    http_checks = settings.http_checks()
+    if http_checks is not None:  # HTTP checks over Envoy's HTTP ext_authz transport (HTTP/1.1)
+        if http_checks.startswith("unix:"):
+            http_address = core.Address(pipe=core.Pipe(path=http_checks[5:]))
+        else:
+            host, _, port = http_checks.rpartition(":")
+            http_address = kit.address(host.strip("[]"), int(port))
+        clusters.append(static_cluster(kit, AUTHZ_HTTP_CLUSTER, http_address))
     routes = egress_routes(kit)
     egress, egress_clusters = egress_listener(kit, routes)
     listeners = [egress]
@@ -111,6 +120,11 @@ def _bootstrap(kit: Kit) -> RenderedEnvoy:
         )
     else:
         admin_address = kit.address("127.0.0.1", envoy.admin_port)
+    if http_checks is not None:
+        # the answer-header matcher of the HTTP checks is a larger RE2 program than Envoy's default
+        # limit of 100 (a limit it enforces when the filter is built, not in --mode validate)
+        layer = kit.pb.Struct.from_dict({"re2.max_program_size.error_level": RE2_PROGRAM_SIZE})
+        extra["layered_runtime"] = b.LayeredRuntime(layers=[b.RuntimeLayer(name="agent-authz", static_layer=layer)])
     message = b.Bootstrap(
         node=core.Node(id="agent-authz", cluster="agent-authz"),
         admin=b.Admin(address=admin_address),

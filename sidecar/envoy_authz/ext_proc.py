@@ -6,7 +6,8 @@ gRPC server and socket as the authorization service. The filter runs only on the
 request ext_authz marked (``x-agent-authz-list-filter: 1``, an allowed ``tools/list``; Envoy's
 ``match_delegate`` skips it otherwise). Envoy skips the request, sends the response headers,
 buffers the response body (``BUFFERED``) and forwards the ext_authz dynamic metadata
-(``metadata_options.forwarding_namespaces``), so each filtered response is one stream:
+(``metadata_options.forwarding_namespaces``; ``mcp_list_filter`` is a list from gRPC checks, a JSON
+array in a string from HTTP checks), so each filtered response is one stream:
 
 1. ``response_headers``: without ``mcp_list_filter`` in the metadata (not an allowed
    ``tools/list`` - cannot happen through the rendered routes, but a stream is never trusted to be
@@ -27,6 +28,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import orjson
 import structlog
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -44,11 +46,21 @@ _NO_BODY = processing_mode_pb2.ProcessingMode.NONE
 
 
 def _allowed_names(request: Any) -> NameSet | None:
+    """The tool patterns of ``mcp_list_filter``: a list (gRPC checks) or a string holding a JSON
+    array of strings (HTTP checks: dynamic metadata from answer headers is a string). Anything
+    else filters everything out."""
     namespace = request.metadata_context.filter_metadata.get(METADATA_NAMESPACE)
     if namespace is None or METADATA_LIST_FILTER not in namespace.fields:
         return None
-    values = namespace.fields[METADATA_LIST_FILTER].list_value.values
-    return NameSet.compile(v.string_value for v in values if v.string_value)
+    value = namespace.fields[METADATA_LIST_FILTER]
+    if value.WhichOneof("kind") == "string_value":
+        try:
+            listed = orjson.loads(value.string_value)
+        except orjson.JSONDecodeError:
+            listed = []
+        names = listed if isinstance(listed, list) else []
+        return NameSet.compile(n for n in names if isinstance(n, str) and n)
+    return NameSet.compile(v.string_value for v in value.list_value.values if v.string_value)
 
 
 def _header(headers: Any, name: str) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, Literal
 
@@ -69,12 +69,12 @@ class AuthorizationService:
         self._ids = itertools.count()
 
     def _decide_and_record(
-        self, raw: bytes, metadata: Mapping[str, str] | None, started: int
-    ) -> tuple[Decision, dict[str, Any]]:
+        self, parse: Callable[[], AuthzRequest], build: Callable[[Decision], bytes], started: int
+    ) -> tuple[Decision, bytes, dict[str, Any]]:
         decision_id = f"{self._id_prefix}{next(self._ids):012x}"
         request_id = ""
         try:
-            request = parse_check_request(raw, metadata)
+            request = parse()
             request_id = request.request_id
             decision = self._decide(request, decision_id)
         except BadRequestError as exc:
@@ -82,14 +82,22 @@ class AuthorizationService:
         except Exception:
             _log.exception("decision_failed", decision_id=decision_id)
             decision = Decision(False, Reason.INTERNAL_ERROR, 403, decision_id, detail="internal error")
+        try:
+            answer = build(decision)
+        except ValueError as exc:  # e.g. a header the HTTP answer cannot carry: never sent half-built
+            _log.error("answer_unsendable", decision_id=decision_id, error=str(exc))
+            decision = _denied(decision, "the answer cannot carry a header of this decision")
+            answer = build(decision)
         latency_us = (time.perf_counter_ns() - started) // 1000
         record = decision_record(decision, request_id=request_id, latency_us=latency_us, now=self._clock())
         try:
             self._log.append(record)
         except DecisionLogError as exc:
-            decision = self._log_failed(decision, exc, record)
+            failed = self._log_failed(decision, exc, record)
+            if failed is not decision:
+                decision, answer = failed, build(failed)
         self._record_followups(decision, request_id)
-        return decision, record
+        return decision, answer, record
 
     def _record_followups(self, decision: Decision, request_id: str) -> None:
         for followup in decision.followups:
@@ -112,16 +120,7 @@ class AuthorizationService:
             record=unchained,
         )
         if decision.allow and self._fail_closed:
-            return replace(
-                decision,
-                allow=False,
-                reason=Reason.INTERNAL_ERROR,
-                http_status=403,
-                detail="decision log unavailable",
-                headers_to_set=(),
-                headers_to_remove=(),
-                token=None,
-            )
+            return _denied(decision, "decision log unavailable")
         return decision
 
     def new_id(self) -> str:
@@ -175,11 +174,38 @@ class AuthorizationService:
             self._metrics.count(decision)
         return decision
 
-    def _finish(self, decision: Decision, started: int) -> bytes:
+    def _finish(self, decision: Decision, started: int) -> None:
         self.decisions += 1
         if self._metrics is not None:
             self._metrics.observe(decision, (time.perf_counter_ns() - started) / 1e9)
-        return build_check_response(decision)
+
+    def answer(
+        self, parse: Callable[[], AuthzRequest], build: Callable[[Decision], bytes]
+    ) -> tuple[bytes, Callable[[], Awaitable[bytes]] | None]:
+        """Decide the request ``parse`` reads, record it and build the answer with ``build``.
+
+        Returns:
+            ``(answer, None)``; with ``decision_log.fsync``, ``(b"", wait)`` where ``await wait()``
+            syncs the record and returns the answer (a deny if the sync failed).
+        """
+        started = time.perf_counter_ns()
+        decision, answer, record = self._decide_and_record(parse, build, started)
+        if not self._log.fsync:
+            self._finish(decision, started)
+            return answer, None
+
+        async def synced() -> bytes:
+            nonlocal decision, answer
+            try:
+                await self._log.sync()
+            except DecisionLogError as exc:
+                failed = self._log_failed(decision, exc, record)
+                if failed is not decision:
+                    decision, answer = failed, build(failed)
+            self._finish(decision, started)
+            return answer
+
+        return b"", synced
 
     def check_bytes(self, raw: bytes, metadata: Mapping[str, str] | None = None) -> bytes:
         """Decide one serialized CheckRequest and return the serialized CheckResponse (no fsync wait).
@@ -187,19 +213,16 @@ class AuthorizationService:
         ``metadata`` is the call's gRPC metadata (network-level checks carry their context there).
         """
         started = time.perf_counter_ns()
-        decision, _ = self._decide_and_record(raw, metadata, started)
-        return self._finish(decision, started)
+        decision, answer, _ = self._decide_and_record(
+            lambda: parse_check_request(raw, metadata), build_check_response, started
+        )
+        self._finish(decision, started)
+        return answer
 
     async def check(self, raw: bytes, metadata: Mapping[str, str] | None = None) -> bytes:
         """Like :meth:`check_bytes`, and with ``decision_log.fsync`` wait until the record is synced."""
-        started = time.perf_counter_ns()
-        decision, record = self._decide_and_record(raw, metadata, started)
-        if self._log.fsync:
-            try:
-                await self._log.sync()
-            except DecisionLogError as exc:
-                decision = self._log_failed(decision, exc, record)
-        return self._finish(decision, started)
+        answer, wait = self.answer(lambda: parse_check_request(raw, metadata), build_check_response)
+        return answer if wait is None else await wait()
 
     async def _check(self, raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         metadata = context.invocation_metadata() or ()
@@ -210,3 +233,18 @@ class AuthorizationService:
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME, {"Check": grpc.unary_unary_rpc_method_handler(self._check)}
         )
+
+
+def _denied(decision: Decision, detail: str) -> Decision:
+    """``decision`` turned into an ``internal_error`` deny (no obligations)."""
+    return replace(
+        decision,
+        allow=False,
+        reason=Reason.INTERNAL_ERROR,
+        http_status=403,
+        detail=detail,
+        headers_to_set=(),
+        headers_to_remove=(),
+        token=None,
+        list_filter=None,
+    )

@@ -28,18 +28,17 @@ betterproto2 classes). Envoy facts relied on (``envoy.service.auth.v3``):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import orjson
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2
 from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from sidecar import wire
-from sidecar.decision import AuthzRequest, Decision, Direction, Interception, Protocol, Reason, RpcRoute
+from sidecar.decision import AuthzRequest, Decision, Direction, Protocol
+from sidecar.envoy_authz.context import METHOD, deny_body, route_context
 from sidecar.errors import BadRequestError
 
 __all__ = ["build_check_response", "parse_check_request"]
@@ -51,21 +50,7 @@ _MAX_REQUEST_BYTES = 96 * 1024
 counting a buffered body, is not a request we judge."""
 _MAX_BODY_BYTES = (1 << 20) + 1
 """The largest buffered body: ``envoy.rpc_body_cap`` (at most 1 MiB) plus the byte Envoy buffers more."""
-# JSON-RPC error codes of a deny on an MCP/A2A route: MCP's HeaderMismatch (-32020, 2026-07-28),
-# JSON-RPC's Invalid Request for a body that cannot be judged, and -32030 (in the JSON-RPC server
-# range, unused by MCP) for a call the task does not allow.
-_RPC_ERROR_CODES = {
-    Reason.MCP_HEADER_MISMATCH: -32020,
-    Reason.MCP_AMBIGUOUS_BODY: -32600,
-    Reason.MCP_INVALID_BODY: -32600,
-    Reason.MCP_BODY_TOO_LARGE: -32600,
-}
-_RPC_DENIED = -32030
-_NO_RPC_METHODS = ("GET", "DELETE", "HEAD", "OPTIONS")
-_RPC_PROTOCOLS = frozenset({"mcp", "a2a"})
-_METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,32}$")  # RFC 9110 §9.1 token
 _OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
-_DIRECTIONS = {d.value: d for d in (Direction.EGRESS, Direction.INGRESS)}  # a route never asks as "control"
 _OK = status_pb2.Status(code=code_pb2.OK)
 _DENIED = status_pb2.Status(code=code_pb2.PERMISSION_DENIED)
 
@@ -99,21 +84,6 @@ def _network_request(
     )
 
 
-def _interception(context: Mapping[str, str]) -> Interception | None:
-    """The ``intercept`` (``host:port``) and ``upstream_verify`` context extensions, typed.
-
-    Raises:
-        BadRequestError: ``intercept`` is not ``host:port`` (only a broken bootstrap sends that).
-    """
-    target = context.get(wire.CONTEXT_INTERCEPT)
-    if target is None:
-        return None
-    host, _, port = target.rpartition(":")
-    if not host or not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
-        raise BadRequestError("context_extensions.intercept must be host:port")
-    return Interception(host, int(port), context.get(wire.CONTEXT_UPSTREAM_VERIFY, ""))
-
-
 def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -> AuthzRequest:
     """Decode a serialized ``CheckRequest``.
 
@@ -144,15 +114,9 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
     if not attributes.request.HasField("http"):
         return _network_request(attributes, metadata)
     http = attributes.request.http
-    if not _METHOD.match(http.method):
+    if not METHOD.fullmatch(http.method):
         raise BadRequestError("missing or malformed HTTP method")
-    context = attributes.context_extensions
-    direction = _DIRECTIONS.get(context.get(wire.CONTEXT_DIRECTION, ""))
-    if direction is None:
-        raise BadRequestError("context_extensions.direction must be 'egress' or 'ingress'")
-    rpc = _rpc_route(context)
-    interception = _interception(context)
-    plain_cap = _cap(context.get(wire.CONTEXT_BODY_CAP, "")) if rpc is None else 0
+    direction, interception, upstream_tls, rpc, plain_cap = route_context(attributes.context_extensions)
     return AuthzRequest(
         direction=direction,
         method=http.method,
@@ -164,35 +128,13 @@ def parse_check_request(raw: bytes, metadata: Mapping[str, str] | None = None) -
         peer_certificate=attributes.source.certificate,
         destination=_address(attributes.destination),
         interception=interception,
-        upstream_tls=context.get(wire.CONTEXT_UPSTREAM_TLS) == wire.ORIGINATE,
+        upstream_tls=upstream_tls,
         # set by Envoy (and only there) on the intercepting chains; elsewhere an agent could send it
         connect=http.headers.get(wire.CONNECT_AUTHORITY_HEADER, "")[:300] if interception is not None else "",
         rpc=rpc,
         body=(http.raw_body or http.body.encode()) if (rpc is not None and rpc.body_cap) or plain_cap else None,
         body_cap=plain_cap,
     )
-
-
-def _cap(text: str) -> int:
-    """A body cap context extension: a positive decimal, else 0 (no body read)."""
-    return int(text) if text.isascii() and text.isdigit() and len(text) < 10 else 0
-
-
-def _rpc_route(context: Mapping[str, str]) -> RpcRoute | None:
-    """The ``rpc_protocol`` and ``rpc_body_cap`` context extensions, typed (a cap that is not a
-    positive decimal counts as none: the route's body is then not read).
-
-    Raises:
-        BadRequestError: ``rpc_protocol`` is neither ``mcp`` nor ``a2a`` (only a broken bootstrap
-            sends that).
-    """
-    protocol = context.get(wire.CONTEXT_RPC_PROTOCOL)
-    if protocol is None:
-        return None
-    if protocol not in _RPC_PROTOCOLS:
-        raise BadRequestError("context_extensions.rpc_protocol must be 'mcp' or 'a2a'")
-    cap = context.get(wire.CONTEXT_RPC_BODY_CAP, "")
-    return RpcRoute(protocol, int(cap) if cap.isascii() and cap.isdigit() else 0)
 
 
 def _add_headers(target: Any, headers: Iterable[tuple[str, str]]) -> None:
@@ -202,34 +144,6 @@ def _add_headers(target: Any, headers: Iterable[tuple[str, str]]) -> None:
         option.header.key = key
         option.header.value = value
         option.append_action = _OVERWRITE
-
-
-def _deny_fields(decision: Decision) -> dict[str, object]:
-    """What a deny body says besides the id and reason: ``approval_id`` (an approval now waits for
-    this call), ``remaining`` (calls left under the budget, on ``budget_exhausted``)."""
-    extra: dict[str, object] = {}
-    if decision.approval is not None:
-        extra["approval_id"] = decision.approval.get("id")
-    if decision.remaining is not None:
-        extra["remaining"] = decision.remaining
-    return extra
-
-
-def _deny_body(decision: Decision) -> str:
-    reason = decision.reason.value
-    if not decision.rpc_protocol or decision.method in _NO_RPC_METHODS:
-        return orjson.dumps({"decision_id": decision.decision_id, "reason": reason, **_deny_fields(decision)}).decode()
-    error = {
-        "code": _RPC_ERROR_CODES.get(decision.reason, _RPC_DENIED),
-        "message": f"agent-authz: {reason}",
-        "data": {
-            "decision_id": decision.decision_id,
-            "reason": reason,
-            "detail": decision.detail,
-            **_deny_fields(decision),
-        },
-    }
-    return orjson.dumps({"jsonrpc": "2.0", "id": decision.rpc_id, "error": error}).decode()
 
 
 def build_check_response(decision: Decision) -> bytes:
@@ -276,6 +190,6 @@ def build_check_response(decision: Decision) -> bytes:
                 (wire.REASON_HEADER, decision.reason.value),
             ),
         )
-        denied.body = _deny_body(decision)
+        denied.body = deny_body(decision)
     data: bytes = response.SerializeToString()
     return data

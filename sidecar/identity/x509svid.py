@@ -22,13 +22,16 @@ Checks, in order (each failure has a stable ``detail`` code):
 The same checks (:func:`check_leaf` and :meth:`X509SvidVerifier.verify_certificates`) validate the
 sidecar's own SVID (:mod:`sidecar.identity.local_svid`).
 
-Verified results are cached by the encoded certificate (and chain) until the
-certificate expires; a bundle change means a new verifier, so a new cache.
+Verified results are cached by the SHA-256 digest of the encoded certificate and chain (32 bytes a
+key, whatever the chain's size), at most ``max_entries`` of them, until the first certificate of
+the verified chain expires; a bundle change (a rotation, or a CA taken out of it: how SPIFFE
+revokes) means a new verifier, so a new, empty cache.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import re
 import urllib.parse
 from dataclasses import dataclass
@@ -162,7 +165,7 @@ class X509SvidVerifier:
     def __init__(self, bundles: TrustBundles, *, max_entries: int = 10_000) -> None:
         self.bundles = bundles
         self._stores = {td: Store(list(certs)) for td, certs in bundles.x509.items() if certs}
-        self._cache: dict[tuple[str, str], VerifiedSvid] = {}
+        self._cache: dict[bytes, VerifiedSvid] = {}
         self._max = max_entries
         self.hits = 0
         self.misses = 0
@@ -181,7 +184,8 @@ class X509SvidVerifier:
         Raises:
             IdentityError: with one of the ``detail`` codes listed in the module docstring.
         """
-        key = (certificate, chain)
+        # length-prefixed: no other (certificate, chain) pair encodes to the same bytes
+        key = hashlib.sha256(f"{len(certificate)}:{certificate}{chain}".encode(errors="surrogatepass")).digest()
         hit = self._cache.get(key)
         if hit is not None and now < hit.not_after:
             self.hits += 1

@@ -391,6 +391,14 @@ def check_layout(config: SidecarConfig) -> list[str]:
             f"listen.authz must be unix:{layout.AUTHZ_SOCKET} (the proxy's own directory, shared by Envoy and the "
             "sidecar; on TCP the agent could send its own Check or stream SDS)"
         )
+    http_checks = config.listen.authz_http  # when unset it lives beside listen.authz, checked above
+    if http_checks is not None and (
+        not http_checks.startswith("unix:") or Path(http_checks[5:]).parent != Path(layout.AUTHZ_SOCKET).parent
+    ):
+        problems.append(
+            f"listen.authz_http must be a Unix socket in {Path(layout.AUTHZ_SOCKET).parent}/ (the proxy's own "
+            "directory; on TCP the agent could send its own checks)"
+        )
     admin_socket = config.envoy.admin_socket
     if admin_socket is None or Path(admin_socket) != Path(layout.ENVOY_ADMIN_SOCKET):
         problems.append(

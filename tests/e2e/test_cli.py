@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from sidecar.envoy_bin import find_envoy
 from tests.support.config import API_HOST, base_config, task, write_config, write_keys
@@ -81,19 +82,38 @@ def test_envoy_config_validates_with_real_envoy(config: Path, tmp_path: Path) ->
     assert "OK" in validate.stdout + validate.stderr
 
 
-def test_rendered_config_enforces_fail_closed_and_path_normalization(config: Path) -> None:
+@pytest.mark.parametrize("transport", ["grpc", "http"])
+def test_rendered_config_enforces_fail_closed_and_path_normalization(config: Path, transport: str) -> None:
+    settings = yaml.safe_load(config.read_text())
+    settings.setdefault("envoy", {})["authz_transport"] = transport
+    config.write_text(yaml.safe_dump(settings))
     bootstrap = json.loads(run("envoy-config", "--config", str(config)).stdout)
     listener = bootstrap["staticResources"]["listeners"][0]
     hcm = listener["filterChains"][0]["filters"][0]["typedConfig"]
     assert hcm["normalizePath"] is True and hcm["mergeSlashes"] is True
     assert hcm["pathWithEscapedSlashesAction"] == "REJECT_REQUEST"
-    ext_authz = hcm["httpFilters"][0]
+    if transport == "http":  # before ext_authz only the removal of the client's own x-agent-authz-*
+        strip, ext_authz = hcm["httpFilters"][:2]
+        (mutation,) = strip["typedConfig"]["mutations"]["requestMutations"]
+        assert mutation == {"removeOnMatch": {"keyMatcher": {"prefix": "x-agent-authz-"}}}
+    else:
+        ext_authz = hcm["httpFilters"][0]
     assert ext_authz["name"] == "envoy.filters.http.ext_authz"
     assert not ext_authz["typedConfig"].get("failureModeAllow", False)
-    assert ext_authz["typedConfig"]["grpcService"]["timeout"] == "0.250s"
+    if transport == "grpc":
+        assert ext_authz["typedConfig"]["grpcService"]["timeout"] == "0.250s"
+    else:  # Envoy's HTTP service: the same timeout, 503 on error, the client's x-agent-authz-* never sent
+        service = ext_authz["typedConfig"]["httpService"]
+        assert service["serverUri"]["timeout"] == "0.250s" and service["serverUri"]["cluster"] == "agent_authz_http"
+        assert ext_authz["typedConfig"]["statusOnError"] == {"code": "ServiceUnavailable"}
+        (withheld,) = ext_authz["typedConfig"]["disallowedHeaders"]["patterns"]
+        assert withheld["safeRegex"]["regex"].startswith("x\\-agent\\-authz\\-")
     for vhost in hcm["routeConfig"]["virtualHosts"]:
         ctx = vhost["typedPerFilterConfig"]["envoy.filters.http.ext_authz"]["checkSettings"]["contextExtensions"]
         assert ctx == {"direction": "egress"}
+        if transport == "http":  # the same context in each route's metadata, which the HTTP service sends
+            for route in vhost["routes"]:
+                assert route["metadata"]["filterMetadata"]["envoy.filters.http.ext_authz"] == {"direction": "egress"}
     admin = bootstrap["admin"]["address"]["pipe"]  # a Unix socket only its owner may connect to, never TCP
     assert admin["path"].endswith("/envoy-admin.sock") and admin["mode"] == 0o600
 

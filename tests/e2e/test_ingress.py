@@ -234,3 +234,22 @@ def test_svid_rotation_without_restart(tmp_path: Path, short_dir: Path) -> None:
         ing.env.stack.stop()
         ing.env.upstream.stop()
         ing.app.stop()
+
+
+def test_a_caller_cannot_claim_another_certificate_or_context_in_headers(ing: IngressEnv) -> None:
+    """The names Envoy's HTTP checks use for the client certificate and the route's context are
+    headers a caller can send too: they never reach the check (Envoy's disallowed_headers)."""
+    from urllib.parse import quote
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    planner_cert, _ = make_leaf(ing.cas["test.example"], [PLANNER])
+    forged = {
+        "x-agent-authz-peer-certificate": quote(planner_cert.public_bytes(Encoding.PEM).decode()),
+        "x-agent-authz-context": '{"direction":"egress"}',
+    }
+    bot = ing.client(*make_leaf(ing.cas["test.example"], ["spiffe://test.example/ns/marketing/sa/bot"]))
+    reply = ing.call(bot, headers=forged)
+    assert (reply.status, reply.reason) == (403, "caller_not_allowed")
+    record = ing.env.record(reply.headers["x-agent-authz-decision-id"])
+    assert record["direction"] == "ingress" and record["caller"] == "spiffe://test.example/ns/marketing/sa/bot"

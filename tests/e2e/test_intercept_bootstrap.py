@@ -75,7 +75,8 @@ def test_static_bootstrap(tmp_path: Path) -> None:
         assert route["match"] == {"connectMatcher": {}} and route["route"]["cluster"] == "intercept_connect"
         check = route["typedPerFilterConfig"]["envoy.filters.http.ext_authz"]
         assert "disabled" not in check and check["checkSettings"]["contextExtensions"] == {"direction": "egress"}
-    state_filter = manager["httpFilters"][1]["typedConfig"]["onRequestHeaders"][0]
+    filters = {f["name"]: f["typedConfig"] for f in manager["httpFilters"]}
+    state_filter = filters["envoy.filters.http.set_filter_state"]["onRequestHeaders"][0]
     assert state_filter["objectKey"] == "agent_authz.connect" and state_filter["sharedWithUpstream"] == "ONCE"
     _write_dynamic(tmp_path / "sidecar.yaml")  # the bootstrap names these files: Envoy refuses to start without them
     result = subprocess.run(
@@ -121,11 +122,12 @@ def test_dynamic_listeners_and_clusters(tmp_path: Path) -> None:
     (manager,) = _typed(api["filters"])
     assert manager["routeConfig"]["validateClusters"] is False
     assert [f["name"] for f in manager["httpFilters"]] == [
+        "agent_authz.strip_reserved",  # HTTP checks (the default): the client's own x-agent-authz-* removed
         "envoy.filters.http.header_mutation",  # the CONNECT authority, before ext_authz reads the headers
         "envoy.filters.http.ext_authz",
         "envoy.filters.http.router",
     ]
-    mutations = manager["httpFilters"][0]["typedConfig"]["mutations"]["requestMutations"]
+    mutations = manager["httpFilters"][1]["typedConfig"]["mutations"]["requestMutations"]
     assert mutations[0] == {"remove": "x-agent-authz-connect"}  # whatever the agent sent is gone first
     assert mutations[1]["append"]["header"]["value"] == "%FILTER_STATE(agent_authz.connect:PLAIN)%"
     allowed, misdirected = manager["routeConfig"]["virtualHosts"]

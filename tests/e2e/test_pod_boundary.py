@@ -362,6 +362,20 @@ def test_the_agent_cannot_send_its_own_check_or_stream_sds(pod: BoundaryPod) -> 
     }
 
 
+def test_the_agent_cannot_send_its_own_http_check(pod: BoundaryPod) -> None:
+    """The HTTP checks service (Envoy's HTTP ext_authz transport) sits beside authz.sock: the same
+    directory, the same 0600, so nobody but the proxy user reaches it."""
+    ctl = pod.ctl_dir
+    http_sock = ctl / "authz-http.sock"
+    assert (http_sock.stat().st_uid, http_sock.stat().st_mode & 0o777) == (PROXY_UID, 0o600)
+    assert pod.outside_the_container("connect", {"targets": [["unix", str(http_sock)]]}) == ["EACCES"]
+    in_container = pod.both(
+        "connect", {"targets": [["unix", str(Path(layout.AUTHZ_SOCKET).parent / "authz-http.sock")]]}
+    )
+    for who, outcome in in_container.items():
+        assert outcome == ["ENOENT"], who  # not mounted in the agent's container
+
+
 def _counter(pod: BoundaryPod, name: str) -> int:
     stats = json.loads(pod.envoy_admin(f"/stats?filter=^{name}$&format=json")[1])["stats"]
     return int(stats[0]["value"])

@@ -134,7 +134,7 @@ def test_new_bundles_mean_a_new_cache(cas: dict[str, DevCA]) -> None:
         rotated.verify(url_pem(cert), now=time.time())
 
 
-def _intermediate(root: DevCA) -> DevCA:
+def _intermediate(root: DevCA, not_after: dt.datetime | None = None) -> DevCA:
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "intermediate")])
     cert = (
@@ -144,7 +144,7 @@ def _intermediate(root: DevCA) -> DevCA:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5))
-        .not_valid_after(dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))
+        .not_valid_after(not_after or dt.datetime.now(dt.UTC) + dt.timedelta(hours=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(key_usage(digital_signature=False, cert_sign=True, crl_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -178,3 +178,41 @@ def test_xfcc_chain_parsing() -> None:
     assert chain_from_xfcc('Hash=1;Chain="abc%22";URI=spiffe://x/y') == "abc%22"
     assert chain_from_xfcc("Hash=1;URI=spiffe://x/y") == ""
     assert chain_from_xfcc("") == ""
+
+
+def _chain(leaf: x509.Certificate, middle: DevCA) -> str:
+    return urllib.parse.quote((leaf.public_bytes(PEM) + middle.ca_cert.public_bytes(PEM)).decode(), safe="")
+
+
+def test_a_cached_chain_expires_with_its_intermediate(cas: dict[str, DevCA], verifier: X509SvidVerifier) -> None:
+    now = time.time()
+    middle = _intermediate(cas["example.org"], not_after=dt.datetime.fromtimestamp(now + 30, dt.UTC))
+    leaf, _ = make_leaf(middle, [ID])  # valid for longer than its intermediate
+    chain = _chain(leaf, middle)
+    verifier.verify(url_pem(leaf), chain, now=now)
+    verifier.verify(url_pem(leaf), chain, now=now + 29)
+    assert (verifier.misses, verifier.hits) == (1, 1)
+    with pytest.raises(IdentityError, match="svid_chain_invalid"):
+        verifier.verify(url_pem(leaf), chain, now=now + 31)
+
+
+def test_the_cache_key_is_the_certificate_and_its_chain(cas: dict[str, DevCA], verifier: X509SvidVerifier) -> None:
+    middle = _intermediate(cas["example.org"])
+    leaf, _ = make_leaf(middle, [ID])
+    assert verifier.verify(url_pem(leaf), _chain(leaf, middle), now=time.time()).spiffe_id == ID
+    with pytest.raises(IdentityError, match="svid_chain_invalid"):  # the same leaf without its chain
+        verifier.verify(url_pem(leaf), now=time.time())
+    stranger = _intermediate(DevCA.create("example.org"))
+    with pytest.raises(IdentityError, match="svid_chain_invalid"):  # nor with a chain to another CA
+        verifier.verify(url_pem(leaf), _chain(leaf, stranger), now=time.time())
+
+
+def test_the_cache_is_bounded(cas: dict[str, DevCA]) -> None:
+    bounded = X509SvidVerifier(TrustBundles({"example.org": (cas["example.org"].ca_cert,)}), max_entries=2)
+    leaves = [url_pem(make_leaf(cas["example.org"], [f"{ID}/{i}"])[0]) for i in range(3)]
+    for encoded in leaves:
+        bounded.verify(encoded, now=time.time())
+    bounded.verify(leaves[0], now=time.time())  # the oldest was evicted: verified again
+    assert (bounded.misses, bounded.hits) == (4, 0)
+    bounded.verify(leaves[2], now=time.time())
+    assert bounded.hits == 1

@@ -250,6 +250,20 @@ def test_bad_identity_files(tmp_path: Path, target: str, content: bytes | None, 
     assert info.value.field == field
 
 
+def test_a_changed_bundle_is_not_served_from_the_svid_cache(tmp_path: Path) -> None:
+    runtime, cas = make(tmp_path)
+    cert, _ = make_leaf(cas["partner.example"], ["spiffe://partner.example/reports/q3"])
+    for _ in range(2):  # verified once, then from the cache
+        assert runtime.decide(ingress(cert=url_pem(cert)), "d").allow
+    x509 = runtime.snapshot.identity.x509  # type: ignore[union-attr]
+    assert (x509.misses, x509.hits) == (1, 1)
+    # partner.example's CA taken out of its bundle (SPIFFE's revocation): a new CA in its place
+    DevCA.create("partner.example").save(tmp_path / "cas" / "partner.example")
+    assert runtime.reload()
+    decision = runtime.decide(ingress(cert=url_pem(cert)), "d")
+    assert decision.reason is Reason.UNTRUSTED_IDENTITY and decision.detail.startswith("svid_chain_invalid")
+
+
 def test_svid_rotation_by_file_reload(tmp_path: Path) -> None:
     runtime, cas = make(tmp_path)
     before = runtime.snapshot.identity.state.svid.serial  # type: ignore[union-attr]
