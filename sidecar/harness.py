@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -203,18 +204,36 @@ class ManagedProcess:
         return "\n".join(out)
 
     def stop(self, timeout: float = 5.0) -> int | None:
-        """SIGTERM, wait up to ``timeout`` s, then SIGKILL; always reaps. Returns the exit code."""
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL; always reaps. Returns the exit code.
+
+        The signals go to the process's whole group (its session, :meth:`start`), and whatever of the
+        group outlives the process is killed: a command run through wrappers (``setpriv``, ``nsenter``,
+        a container's PID namespace, where the command is PID 1 and ignores SIGTERM) leaves nothing
+        behind.
+        """
         proc = self.proc
         if proc is None:
             return None
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            self._signal_group(signal.SIGTERM)
             try:
                 proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                self._signal_group(signal.SIGKILL)
                 proc.wait(timeout)
+        self._signal_group(signal.SIGKILL)  # the rest of the group, if any
         return proc.returncode
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        proc = self.proc
+        assert proc is not None
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # no member left
+            pass
+        except PermissionError:  # a group we may not signal (started by another user): the process only
+            if proc.poll() is None:
+                proc.send_signal(sig)
 
 
 class SidecarProcess(ManagedProcess):
