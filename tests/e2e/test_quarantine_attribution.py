@@ -9,29 +9,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2
 
 from sidecar.harness import SidecarProcess
 from tests.support.config import write_config
-from tests.support.envoy_authz import check_request
-from tests.support.grants_env import ORCH, ROOT_TASK, Scenario, api, dump, reason
+from tests.support.grants_env import ORCH, ROOT_TASK, Scenario, api, check, dump, reason
 
 pytestmark = pytest.mark.e2e
-
-
-def _check(sock: Path, host: str, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> Any:
-    """One egress ``Check`` on the sidecar's gRPC socket, with the agent's headers (``x-agent-task``)."""
-    raw = check_request(method=method, host=host, path=path, headers=headers)
-    message = external_auth_pb2.CheckRequest.FromString(raw)
-    with grpc.insecure_channel(f"unix:{sock}") as channel:
-        call = channel.unary_unary(
-            "/envoy.service.auth.v3.Authorization/Check",
-            request_serializer=None,
-            response_deserializer=external_auth_pb2.CheckResponse.FromString,
-        )
-        return call(message.SerializeToString(), timeout=5)
 
 
 def _orchestrator(tmp_path: Path, short_dir: Path, extra_roots: int = 0) -> tuple[SidecarProcess, Path]:
@@ -71,8 +55,8 @@ def test_plain_http_probes_of_a_single_task_count(
     proc, sock = _orchestrator(tmp_path, short_dir)
     started.append(proc)
     for i in range(2):
-        assert reason(_check(sock, f"evil{i}.example.com", "/exfiltrate")) == "host_not_allowed"
-    assert reason(_check(sock, "market.internal", "/v1/prices/ACME")) == "task_quarantined"
+        assert reason(check(sock, f"evil{i}.example.com", "/exfiltrate")) == "host_not_allowed"
+    assert reason(check(sock, "market.internal", "/v1/prices/ACME")) == "task_quarantined"
 
 
 def test_connect_probes_to_outside_hosts_count(tmp_path: Path, short_dir: Path, started: list[SidecarProcess]) -> None:
@@ -81,12 +65,12 @@ def test_connect_probes_to_outside_hosts_count(tmp_path: Path, short_dir: Path, 
     proc, sock = _orchestrator(tmp_path, short_dir)
     started.append(proc)
     for i in range(2):
-        assert reason(_check(sock, f"evil{i}.example.com:443", "", method="CONNECT")) == "host_not_allowed"
+        assert reason(check(sock, f"evil{i}.example.com:443", "", method="CONNECT")) == "host_not_allowed"
     connects = [r for r in _records(proc) if r.get("method") == "CONNECT"]
     assert [r.get("task_id") for r in connects] == ["q3"] * 2
     (frozen,) = [r for r in _records(proc) if r.get("reason") == "task_frozen"]
     assert frozen["action"]["evidence"] == [r["decision_id"] for r in connects]
-    assert reason(_check(sock, "market.internal", "/v1/prices/ACME")) == "task_quarantined"
+    assert reason(check(sock, "market.internal", "/v1/prices/ACME")) == "task_quarantined"
 
 
 def test_unnamed_probes_count_against_each_task_of_an_agent_holding_two(
@@ -95,13 +79,13 @@ def test_unnamed_probes_count_against_each_task_of_an_agent_holding_two(
     proc, sock = _orchestrator(tmp_path, short_dir, extra_roots=1)
     started.append(proc)
     for i in range(2):
-        assert reason(_check(sock, f"evil{i}.example.com", "/exfiltrate")) == "host_not_allowed"
+        assert reason(check(sock, f"evil{i}.example.com", "/exfiltrate")) == "host_not_allowed"
     probes = [r for r in _records(proc) if r.get("reason") == "host_not_allowed"]
     assert [r.get("task_id") for r in probes] == [None, None]  # two tasks: the record names neither
     frozen = sorted(r["action"]["target"] for r in _records(proc) if r.get("reason") == "task_frozen")
     assert frozen == ["subtree:q3", "subtree:q3-extra0"]
     for task_id in ("q3", "q3-extra0"):
-        assert reason(_check(sock, "market.internal", "/v1/prices/ACME", {"x-agent-task": task_id})) == (
+        assert reason(check(sock, "market.internal", "/v1/prices/ACME", {"x-agent-task": task_id})) == (
             "task_quarantined"
         )
 
@@ -129,10 +113,10 @@ def test_self_delegation_does_not_reset_the_count(
         assert status == 201, body
         children.append(body["id"])
     for child in children:  # one out-of-task attempt per child (threshold 2)
-        assert reason(_check(sock, "evil.example.com", "/exfiltrate", {"x-agent-task": child})) == "host_not_allowed"
+        assert reason(check(sock, "evil.example.com", "/exfiltrate", {"x-agent-task": child})) == "host_not_allowed"
     frozen = [r["action"]["target"] for r in _records(proc) if r.get("reason") == "task_frozen"]
     assert frozen == ["subtree:q3"], frozen
-    assert reason(_check(sock, "market.internal", "/v1/prices/ACME", {"x-agent-task": "q3"})) == "task_quarantined"
-    assert reason(_check(sock, "market.internal", "/v1/prices/ACME", {"x-agent-task": children[0]})) == (
+    assert reason(check(sock, "market.internal", "/v1/prices/ACME", {"x-agent-task": "q3"})) == "task_quarantined"
+    assert reason(check(sock, "market.internal", "/v1/prices/ACME", {"x-agent-task": children[0]})) == (
         "task_quarantined"
     )

@@ -155,9 +155,11 @@ DELEGATION = {
 }
 
 
-def check(sock: Path, host: str, path: str) -> Any:
-    """One egress ``Check`` for ``host``/``path`` on the sidecar's gRPC socket ``sock`` (5 s timeout)."""
-    message = external_auth_pb2.CheckRequest.FromString(check_request(host=host, path=path))
+def check(sock: Path, host: str, path: str, headers: dict[str, str] | None = None, method: str = "GET") -> Any:
+    """One egress ``Check`` for ``method host/path`` (with the agent's ``headers``, e.g. ``x-agent-task``)
+    on the sidecar's gRPC socket ``sock`` (5 s timeout)."""
+    raw = check_request(method=method, host=host, path=path, headers=headers)
+    message = external_auth_pb2.CheckRequest.FromString(raw)
     with grpc.insecure_channel(f"unix:{sock}") as channel:
         call = channel.unary_unary(
             "/envoy.service.auth.v3.Authorization/Check",
