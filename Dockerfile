@@ -7,8 +7,9 @@
 #   scripts/build-image.sh          (no Docker engine: podman, chroot isolation; what CI runs)
 #
 # Probes (set by the chart and the webhook; nothing to configure in the image):
-#   authz sidecar  GET http://:15021/readyz (startup, readiness), GET http://:15021/healthz (liveness)
-#   Envoy          GET http://:15021/envoy/ready (startup, readiness; Envoy's admin /ready, relayed)
+#   authz sidecar  GET http://:15021/readyz (readiness), GET http://:15021/healthz (liveness)
+#   Envoy          GET http://:15021/proxy/ready (startup: the sidecar and Envoy both ready),
+#                  GET http://:15021/envoy/ready (readiness; Envoy's admin /ready, relayed)
 #   webhook        GET https://:8443/readyz (readiness), GET https://:8443/healthz (liveness)
 # Docker's HEALTHCHECK is not used by Kubernetes and is left out.
 

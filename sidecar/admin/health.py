@@ -8,6 +8,10 @@ Routes (plain HTTP, minimal bodies - no SPIFFE ID, digest or log head, unlike th
         ``127.0.0.1:envoy.admin_port`` without one) relayed: 200 when Envoy's listeners are
         initialised, 503 otherwise or when Envoy's admin does not answer within 1 s. Envoy's admin
         stays out of the agent's reach; this relays one read-only path.
+    ``GET /proxy/ready`` - both: 200 ``{"status": "ready"}`` only when ``/readyz`` and
+        ``/envoy/ready`` would both answer 200, else 503 with the first status word that failed.
+        The Envoy container's ``startupProbe``: the two native sidecars start side by side, and the
+        pod's own containers start only once this passes.
 
 The admin server binds to ``127.0.0.1`` (it serves the task API and the decision viewer), which a
 kubelet probe cannot reach: it connects to the pod IP. The Helm chart's injector points the
@@ -40,6 +44,20 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _envoy_ready(request: web.Request) -> web.Response:
+    status, body = await _envoy_status(request)
+    return web.json_response(body, status=status)
+
+
+async def _proxy_ready(request: web.Request) -> web.Response:
+    ready, body = readiness(request.app[RUNTIME], request.app[DECISION_LOG], request.app[INTERCEPT])
+    if not ready:
+        return web.json_response({"status": body["status"]}, status=503)
+    status, envoy = await _envoy_status(request)
+    return web.json_response({"status": envoy["status"]}, status=status)
+
+
+async def _envoy_status(request: web.Request) -> tuple[int, dict[str, str]]:
+    """Envoy's admin ``/ready``: ``(200|503, {"status": ..., ...})``."""
     loaded = request.app[RUNTIME].snapshot.loaded
     envoy = loaded.settings.envoy
     if envoy.admin_socket is not None:
@@ -55,8 +73,8 @@ async def _envoy_ready(request: web.Request) -> web.Response:
             text = (await reply.text()).strip()[:64]
             status = 200 if reply.status == 200 else 503
     except (aiohttp.ClientError, TimeoutError) as exc:
-        return web.json_response({"status": "envoy_unreachable", "error": type(exc).__name__}, status=503)
-    return web.json_response({"status": "ready" if status == 200 else "not_ready", "envoy": text}, status=status)
+        return 503, {"status": "envoy_unreachable", "error": type(exc).__name__}
+    return status, {"status": "ready" if status == 200 else "not_ready", "envoy": text}
 
 
 def make_health_app(
@@ -70,4 +88,5 @@ def make_health_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/envoy/ready", _envoy_ready)
+    app.router.add_get("/proxy/ready", _proxy_ready)
     return app

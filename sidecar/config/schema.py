@@ -832,8 +832,9 @@ class ListenSpec(_Model):
     """The admin HTTP server (JWKS, ``/healthz``, ``/readyz``, ``/metrics``, ``/decisions``, the task
     API): ``host:port`` or ``unix:/absolute/path``."""
     health: str | None = None
-    """``host:port`` of a probe server with only ``/healthz``, ``/readyz`` and ``/envoy/ready`` (Envoy's
-    admin ``/ready``, relayed) and one-word bodies, for kubelet probes (the chart: ``0.0.0.0:15021``)."""
+    """``host:port`` of a probe server with only ``/healthz``, ``/readyz``, ``/envoy/ready`` (Envoy's
+    admin ``/ready``, relayed) and ``/proxy/ready`` (both ready) and one-word bodies, for kubelet
+    probes (the chart: ``0.0.0.0:15021``)."""
 
     @field_validator("health")
     @classmethod

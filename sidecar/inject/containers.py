@@ -7,6 +7,12 @@
 3. ``agent-authz-envoy`` (native sidecar): ``agent-authz envoy`` (renders the bootstrap into the
    ``/run/agent-authz`` emptyDir, then becomes Envoy), same security context.
 
+The two native sidecars start side by side: ``agent-authz`` has no ``startupProbe``, so the
+kubelet starts ``agent-authz-envoy`` right after it (Envoy retries the sidecar's sockets until they
+exist); ``agent-authz-envoy``'s ``startupProbe`` is ``/proxy/ready`` (both ready), so the pod's own
+containers start only once the sidecar and Envoy are both ready. On termination they stop in
+reverse order: Envoy first.
+
 What the pod's own containers may not do is :mod:`sidecar.inject.escapes`; their probe and HTTP
 lifecycle hook ports bypass inbound mTLS (kubelet has no SVID). With ``intercept``, each of them
 mounts the trust volume and gets the trust variables (:func:`trust_patch`).
@@ -217,7 +223,8 @@ def build_containers(config: InjectorConfig, probe_ports: list[int]) -> list[Jso
         "ports": [{"name": "authz-health", "containerPort": health, "protocol": "TCP"}],
         "securityContext": _proxy_security(config),
         "resources": _resources(settings.sidecar.resources),
-        "startupProbe": _http_probe("/readyz", health, period=1, failures=120),
+        # no startupProbe: the kubelet starts the Envoy container right after this one, so the two
+        # start side by side; the Envoy container's startupProbe (/proxy/ready) waits for both
         "readinessProbe": _http_probe("/readyz", health, period=5, failures=3),
         "livenessProbe": _http_probe("/healthz", health, period=10, failures=3),
         "volumeMounts": sidecar_mounts,
@@ -240,7 +247,7 @@ def build_containers(config: InjectorConfig, probe_ports: list[int]) -> list[Jso
         "restartPolicy": "Always",
         "securityContext": _proxy_security(config),
         "resources": _resources(settings.envoy.resources),
-        "startupProbe": _http_probe("/envoy/ready", health, period=1, failures=120),
+        "startupProbe": _http_probe("/proxy/ready", health, period=1, failures=120),
         "readinessProbe": _http_probe("/envoy/ready", health, period=5, failures=3),
         "volumeMounts": [conf, run, spire],
     }

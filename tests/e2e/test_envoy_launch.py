@@ -66,8 +66,12 @@ def test_probe_server_relays_envoy_readiness_and_envoy_runs_by_exec(
         assert http_get(health + "/metrics")[0] == 404 and http_get(health + "/v1/tasks")[0] == 404
         status, body = http_get(health + "/envoy/ready")
         assert status == 503 and json.loads(body)["status"] == "envoy_unreachable"
+        status, body = http_get(health + "/proxy/ready")  # both, for the Envoy container's startupProbe
+        assert (status, json.loads(body)) == (503, {"status": "envoy_unreachable"})
 
         envoy = _run_envoy(tmp_path, path, health)
+        status, body = http_get(health + "/proxy/ready")
+        assert (status, json.loads(body)) == (200, {"status": "ready"})
         bootstrap = json.loads((tmp_path / "run" / "e.json").read_text())["admin"]["address"]
         warning = "Envoy's admin is on TCP"
         if admin == "socket":
@@ -83,6 +87,34 @@ def test_probe_server_relays_envoy_readiness_and_envoy_runs_by_exec(
     finally:
         if envoy is not None:
             envoy.stop()
+        sidecar.stop()
+
+
+def test_envoy_started_before_the_sidecar_becomes_ready_once_the_sidecar_is_up(tmp_path: Path, short_dir: Path) -> None:
+    """The pod starts both native sidecars side by side: Envoy may come first, before the sidecar's
+    sockets exist, and must still reach ``/ready`` (and ``/proxy/ready``) once the sidecar is up."""
+    write_keys(tmp_path)
+    config = base_config(short_dir, [task()])
+    config["listen"]["health"] = "127.0.0.1:0"
+    path = write_config(tmp_path, config)
+    argv = [sys.executable, "-m", "sidecar", "envoy", "--config", str(path), "--out", str(tmp_path / "run" / "e.json")]
+    envoy = ManagedProcess("envoy", [*argv, "--concurrency", "1"], log_dir=tmp_path)
+    envoy.start()
+    sidecar = SidecarProcess(path, log_dir=tmp_path)
+    try:
+        admin = short_dir / "envoy-admin.sock"
+        wait_until(lambda: envoy.check_alive() or admin.exists(), timeout=30, what="Envoy's admin socket")
+        assert not (short_dir / "authz.sock").exists()  # Envoy is up and the sidecar is not
+        sidecar.start()
+        health = f"http://{sidecar.wait_ready()['health']}"
+
+        def both_ready() -> bool:
+            envoy.check_alive()
+            return http_get(health + "/proxy/ready")[0] == 200
+
+        wait_until(both_ready, timeout=30, what="the sidecar and Envoy ready")
+    finally:
+        envoy.stop()
         sidecar.stop()
 
 

@@ -324,7 +324,8 @@ def test_the_read_only_listeners_hold_no_secret(pod: BoundaryPod) -> None:
     admin, health = "http://127.0.0.1:9902", "http://127.0.0.1:15021"
     gets = ["/.well-known/jwks.json", "/readyz", "/metrics", "/ca.pem", "/decisions/api/records", "/v1/tasks"]
     requests = [["GET", admin, path, None, {}] for path in gets]
-    requests += [["GET", health, path, None, {}] for path in ("/healthz", "/readyz", "/envoy/ready", "/metrics")]
+    probes = ("/healthz", "/readyz", "/envoy/ready", "/proxy/ready", "/metrics")
+    requests += [["GET", health, path, None, {}] for path in probes]
     requests += [["POST", health, "/readyz", "", {}], ["POST", admin, "/readyz", "", {}]]
     replies = pod.probe("http", {"requests": requests})
     by_path = dict(zip([f"{r[0]} :{r[1].rpartition(':')[2]}{r[2]}" for r in requests], replies, strict=True))
@@ -337,7 +338,7 @@ def test_the_read_only_listeners_hold_no_secret(pod: BoundaryPod) -> None:
     assert by_path["GET :9902/ca.pem"]["body"].startswith("-----BEGIN CERTIFICATE-----")
     assert [t["id"] for t in json.loads(by_path["GET :9902/v1/tasks"]["body"])["tasks"]] == ["q3-report"]
     assert "other-agents-task" not in by_path["GET :9902/v1/tasks"]["body"] + by_path["GET :9902/readyz"]["body"]
-    for path in ("/healthz", "/readyz", "/envoy/ready"):
+    for path in ("/healthz", "/readyz", "/envoy/ready", "/proxy/ready"):
         reply = by_path[f"GET :15021{path}"]
         assert reply["status"] == 200 and len(reply["body"]) < 80, reply  # one status word
     assert by_path["GET :15021/metrics"]["status"] == 404

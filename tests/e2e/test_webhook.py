@@ -138,8 +138,10 @@ def test_a_plain_pod_is_injected(webhook: Webhook) -> None:
     assert envoy["command"][:2] == ["agent-authz", "envoy"]
     assert sidecar["resources"] == {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}
     assert init["resources"] == {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}
-    assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 15021}
-    assert envoy["startupProbe"]["httpGet"] == {"path": "/envoy/ready", "port": 15021}
+    # the two native sidecars start side by side; the pod's containers wait for both (/proxy/ready)
+    assert "startupProbe" not in sidecar and sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 15021}
+    assert envoy["startupProbe"]["httpGet"] == {"path": "/proxy/ready", "port": 15021}
+    assert envoy["readinessProbe"]["httpGet"] == {"path": "/envoy/ready", "port": 15021}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["agent-authz-workload-api"]["csi"] == {"driver": "csi.spiffe.io", "readOnly": True}
     assert volumes["agent-authz-config"]["configMap"]["name"] == "aa-agent-authz-sidecar"
