@@ -22,6 +22,10 @@ response       the answer serialized (CheckResponse or HTTP response)
 state store    the durable counters (``sidecar.state``; only with limited budgets)
 glue           the handler around them (ids, clocks, exceptions)
 transport      everything else: the gRPC or HTTP server, the event loop, the interpreter
+refusals       recording what Envoy refused without a decision (the gRPC access log stream,
+               ``refused_by_proxy``): none under load, but py-spy's native sampling pauses the
+               sidecar past Envoy's ext_authz timeout now and then, and each such check comes back
+               as a refusal; counted apart, outside the decision's stages
 =============  ======================================================================
 
 The per-stage figure is the stage's share of busy samples times the sidecar's CPU seconds per
@@ -112,11 +116,13 @@ def _name(frame: str) -> str:
 
 def stage_of(stack: str) -> str:
     """The stage a collapsed ``py-spy`` stack (root first, ``;``-separated) is charged to:
-    one of :data:`STAGES`, ``idle`` or ``gil wait``."""
+    one of :data:`STAGES`, ``refusals``, ``idle`` or ``gil wait``."""
     frames = stack.split(";")
     tail = [_name(f) for f in frames[-6:]]
     if any(name.startswith(_WAITS) for name in tail):
         return "gil wait" if any(name.startswith(_GIL) for name in tail) else "idle"
+    if any("sidecar/envoy_authz/access_log.py" in frame for frame in frames):
+        return "refusals"
     for frame in reversed(frames):
         found = _FRAME.match(frame)
         if found is None:
@@ -223,6 +229,7 @@ def profile(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "samples": busy,
             "idle_samples": counts.get("idle", 0),
             "gil_wait_samples": counts.get("gil wait", 0),
+            "refusal_samples": counts.get("refusals", 0),
             "stages": {s: round(counts.get(s, 0) / max(busy, 1), 4) for s in STAGES},
             "transport_by_where": {
                 k: round(v / max(busy, 1), 4) for k, v in sorted(where.items(), key=lambda kv: -kv[1])
@@ -240,7 +247,7 @@ def report(result: dict[str, Any]) -> str:
     lines = [
         f"transport {result['transport']}, {result['load']} ({result['decisions_per_s']:.0f} decisions/s reached): "
         f"{per:.0f} µs of sidecar CPU per decision; {result['samples']} busy samples, "
-        f"{result['gil_wait_samples']} waiting for the GIL",
+        f"{result['gil_wait_samples']} waiting for the GIL, {result['refusal_samples']} recording refusals (apart)",
         "",
         "| stage | share of busy samples | µs per decision |",
         "|---|---:|---:|",
