@@ -38,7 +38,9 @@ _SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Se
 
 
 def sds_secret(kit: Kit, name: str, file_name: str) -> Any:
-    """An SDS secret of the identity source: the SPIRE agent (gRPC) or ``file_name`` in ``sds_dir``."""
+    """An SDS secret of the identity source: the SPIRE agent (gRPC, :meth:`Kit.xds_grpc`: Envoy
+    re-opens the stream within a quarter second once the agent's socket exists) or ``file_name`` in
+    ``sds_dir``."""
     core = kit.core
     identity = kit.settings.identity
     assert identity is not None

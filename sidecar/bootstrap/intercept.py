@@ -96,7 +96,8 @@ def upstream_verify(kit: Kit, host: str) -> str:
 
 def _leaf_secret(kit: Kit, host: str) -> Any:
     """The leaf of ``host`` from the sidecar's gRPC SDS (:mod:`sidecar.tls_intercept.sds`), over
-    ``agent_authz``."""
+    ``agent_authz`` (:meth:`Kit.xds_grpc`: Envoy may start before the sidecar, and re-opens the
+    stream within a quarter second once the sidecar's socket exists)."""
     return kit.tls.SdsSecretConfig(name=intercept_secret_name(host), sds_config=kit.xds_grpc(AUTHZ_CLUSTER))
 
 

@@ -10,6 +10,7 @@ serve`` loads them only if it renders the intercept resources.
 from __future__ import annotations
 
 import ipaddress
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -18,7 +19,13 @@ from sidecar.bootstrap.names import XdsPaths
 from sidecar.config.loader import LoadedConfig
 from sidecar.config.schema import SYSTEM_CA_BUNDLE
 
-__all__ = ["Kit", "is_ip", "package"]
+__all__ = ["XDS_RETRY_BASE", "XDS_RETRY_MAX", "Kit", "is_ip", "package"]
+
+XDS_RETRY_BASE = timedelta(milliseconds=25)
+XDS_RETRY_MAX = timedelta(milliseconds=250)
+"""The back-off of Envoy's gRPC xDS streams (:meth:`Kit.xds_grpc`): Envoy may start before the
+sidecar (or the SPIRE agent) listens, and then re-opens the stream at most a quarter second after
+the socket exists (Envoy's default: 500 ms base, up to 30 s; jittered either way)."""
 
 
 def is_ip(host: str) -> bool:
@@ -176,13 +183,19 @@ class Kit:
         return result
 
     def xds_grpc(self, cluster: str) -> Any:
-        """A gRPC xDS config source (SDS) over ``cluster`` (Envoy's own gRPC client)."""
+        """A gRPC xDS config source (SDS) over ``cluster`` (Envoy's own gRPC client), re-opening the
+        stream with a back-off from :data:`XDS_RETRY_BASE` to :data:`XDS_RETRY_MAX`
+        (``envoy_grpc.retry_policy``, which Envoy reads for xDS streams only)."""
         core = self.core
+        retry = core.RetryPolicy(
+            retry_back_off=core.BackoffStrategy(base_interval=XDS_RETRY_BASE, max_interval=XDS_RETRY_MAX)
+        )
+        envoy_grpc = core.GrpcService.EnvoyGrpc(cluster_name=cluster, retry_policy=retry)
         return core.ConfigSource(
             api_config_source=core.ApiConfigSource(
                 api_type=core.ApiConfigSource.GRPC,
                 transport_api_version=core.ApiVersion.V3,
-                grpc_services=[core.GrpcService(envoy_grpc=core.GrpcService.EnvoyGrpc(cluster_name=cluster))],
+                grpc_services=[core.GrpcService(envoy_grpc=envoy_grpc)],
             ),
             resource_api_version=core.ApiVersion.V3,
         )
