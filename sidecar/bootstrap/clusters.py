@@ -34,20 +34,23 @@ __all__ = [
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
-def static_cluster(kit: Kit, name: str, address: Any, *, http2: bool = False, dns: bool = False) -> Any:
-    """A cluster with one endpoint (``STRICT_DNS`` when ``dns``); ``http2`` for gRPC upstreams."""
-    c = kit.cluster
+def static_cluster(
+    kit: Kit, name: str, address: Any, *, http2: bool = False, dns: bool = False, transport_socket: Any = None
+) -> Any:
+    """A cluster with one endpoint (``STRICT_DNS`` when ``dns``); ``http2`` for gRPC upstreams;
+    ``transport_socket`` to the endpoint (TLS, the internal upstream), default plain TCP."""
+    c, uh = kit.cluster, kit.upstream_http
     options = {}
     if http2:
-        protocol = kit.upstream_http.HttpProtocolOptions(
-            explicit_http_config=kit.upstream_http.HttpProtocolOptionsExplicitHttpConfig(
+        protocol = uh.HttpProtocolOptions(
+            explicit_http_config=uh.HttpProtocolOptions.ExplicitHttpConfig(
                 http2_protocol_options=kit.core.Http2ProtocolOptions()
             )
         )
         options = {_HTTP_OPTIONS: kit.pack(protocol)}
     return c.Cluster(
         name=name,
-        type=c.ClusterDiscoveryType.STRICT_DNS if dns else c.ClusterDiscoveryType.STATIC,
+        type=c.Cluster.STRICT_DNS if dns else c.Cluster.STATIC,
         connect_timeout=timedelta(seconds=2),
         typed_extension_protocol_options=options,
         load_assignment=kit.endpoint.ClusterLoadAssignment(
@@ -58,6 +61,7 @@ def static_cluster(kit: Kit, name: str, address: Any, *, http2: bool = False, dn
                 )
             ],
         ),
+        transport_socket=transport_socket,
     )
 
 
@@ -77,12 +81,12 @@ def tls_cluster(kit: Kit, name: str, host: str, port: int, *, alpn: bool = False
     context = tls.UpstreamTlsContext(
         sni=host,
         common_tls_context=tls.CommonTlsContext(
-            tls_params=tls.TlsParameters(tls_minimum_protocol_version=tls.TlsParametersTlsProtocol.TLSv1_2),
+            tls_params=tls.TlsParameters(tls_minimum_protocol_version=tls.TlsParameters.TLSv1_2),
             validation_context=tls.CertificateValidationContext(
                 trusted_ca=kit.core.DataSource(filename=str(kit.upstream_ca())),
                 match_typed_subject_alt_names=[
                     tls.SubjectAltNameMatcher(
-                        san_type=tls.SubjectAltNameMatcherSanType.DNS,
+                        san_type=tls.SubjectAltNameMatcher.DNS,
                         matcher=kit.matcher.StringMatcher(exact=host),
                     )
                 ],
@@ -90,27 +94,23 @@ def tls_cluster(kit: Kit, name: str, host: str, port: int, *, alpn: bool = False
             alpn_protocols=["h2", "http/1.1"] if alpn else [],
         ),
     )
-    cluster = static_cluster(kit, name, kit.address(target, port), dns=not is_ip(target))
-    cluster.transport_socket = kit.core.TransportSocket(
-        name="envoy.transport_sockets.tls", typed_config=kit.pack(context)
-    )
+    socket = kit.core.TransportSocket(name="envoy.transport_sockets.tls", typed_config=kit.pack(context))
+    cluster = static_cluster(kit, name, kit.address(target, port), dns=not is_ip(target), transport_socket=socket)
     if alpn:
         uh, core = kit.upstream_http, kit.core
         protocol = uh.HttpProtocolOptions(
-            auto_config=uh.HttpProtocolOptionsAutoHttpConfig(
+            auto_config=uh.HttpProtocolOptions.AutoHttpConfig(
                 http_protocol_options=core.Http1ProtocolOptions(),
                 http2_protocol_options=core.Http2ProtocolOptions(),
             )
         )
-        cluster.typed_extension_protocol_options = {_HTTP_OPTIONS: kit.pack(protocol)}
+        cluster.typed_extension_protocol_options[_HTTP_OPTIONS].CopyFrom(kit.pack(protocol))
     return cluster
 
 
 def dns_cache(kit: Kit) -> Any:
     """The dynamic forward proxy's DNS cache (shared by its cluster and its filter)."""
-    return kit.dfp_common.DnsCacheConfig(
-        name="egress_dns", dns_lookup_family=kit.cluster.ClusterDnsLookupFamily.V4_PREFERRED
-    )
+    return kit.dfp_common.DnsCacheConfig(name="egress_dns", dns_lookup_family=kit.cluster.Cluster.V4_PREFERRED)
 
 
 def dfp_cluster(kit: Kit) -> Any:
@@ -119,8 +119,8 @@ def dfp_cluster(kit: Kit) -> Any:
     return c.Cluster(
         name=DFP_CLUSTER,
         connect_timeout=timedelta(seconds=2),
-        lb_policy=c.ClusterLbPolicy.CLUSTER_PROVIDED,
-        cluster_type=c.ClusterCustomClusterType(
+        lb_policy=c.Cluster.CLUSTER_PROVIDED,
+        cluster_type=c.Cluster.CustomClusterType(
             name="envoy.clusters.dynamic_forward_proxy",
             typed_config=kit.pack(kit.dfp_cluster.ClusterConfig(dns_cache_config=dns_cache(kit))),
         ),
@@ -132,8 +132,8 @@ def original_dst_cluster(kit: Kit, name: str) -> Any:
     c = kit.cluster
     return c.Cluster(
         name=name,
-        type=c.ClusterDiscoveryType.ORIGINAL_DST,
-        lb_policy=c.ClusterLbPolicy.CLUSTER_PROVIDED,
+        type=c.Cluster.ORIGINAL_DST,
+        lb_policy=c.Cluster.CLUSTER_PROVIDED,
         connect_timeout=timedelta(seconds=2),
     )
 
@@ -143,7 +143,7 @@ def blackhole_cluster(kit: Kit) -> Any:
     c = kit.cluster
     return c.Cluster(
         name=BLACKHOLE_CLUSTER,
-        type=c.ClusterDiscoveryType.STATIC,
+        type=c.Cluster.STATIC,
         connect_timeout=timedelta(seconds=1),
         load_assignment=kit.endpoint.ClusterLoadAssignment(cluster_name=BLACKHOLE_CLUSTER),
     )
@@ -154,8 +154,8 @@ def inbound_dst_cluster(kit: Kit) -> Any:
     c = kit.cluster
     return c.Cluster(
         name=INBOUND_DST_CLUSTER,
-        type=c.ClusterDiscoveryType.ORIGINAL_DST,
-        lb_policy=c.ClusterLbPolicy.CLUSTER_PROVIDED,
+        type=c.Cluster.ORIGINAL_DST,
+        lb_policy=c.Cluster.CLUSTER_PROVIDED,
         connect_timeout=timedelta(seconds=2),
-        original_dst_lb_config=c.ClusterOriginalDstLbConfig(use_http_header=True, http_header_name=INBOUND_DST_HEADER),
+        original_dst_lb_config=c.Cluster.OriginalDstLbConfig(use_http_header=True, http_header_name=INBOUND_DST_HEADER),
     )

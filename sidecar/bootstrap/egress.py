@@ -54,34 +54,28 @@ def connect_route(kit: Kit) -> Any:
     """The ``CONNECT`` route every egress virtual host starts with: ext_authz decides it (the virtual
     host's context); an allowed tunnel ends in ``intercept_connect`` (``blackhole`` without ``intercept``)."""
     r = kit.route
-    route = r.Route(
-        match=r.RouteMatch(connect_matcher=r.RouteMatchConnectMatcher()),
+    upgrade = r.RouteAction.UpgradeConfig
+    return r.Route(
+        match=r.RouteMatch(connect_matcher=r.RouteMatch.ConnectMatcher()),
         route=r.RouteAction(
             cluster=INTERCEPT_CONNECT if kit.xds is not None else BLACKHOLE_CLUSTER,
-            upgrade_configs=[
-                r.RouteActionUpgradeConfig(
-                    upgrade_type="CONNECT", connect_config=r.RouteActionUpgradeConfigConnectConfig()
-                )
-            ],
+            upgrade_configs=[upgrade(upgrade_type="CONNECT", connect_config=upgrade.ConnectConfig())],
         ),
         typed_per_filter_config=connect_route_context(kit, EGRESS),  # over gRPC, whatever the transport
+        metadata=route_metadata(kit, EGRESS),  # the context, as on every route that asks
     )
-    metadata = route_metadata(kit, EGRESS)  # the context, as on every route that asks
-    if metadata is not None:
-        route.metadata = metadata
-    return route
 
 
 def connect_upgrade(kit: Kit) -> dict[str, Any]:
     """The HTTP connection manager options that accept ``CONNECT`` (routed by :func:`connect_route`)."""
-    return {"upgrade_configs": [kit.hcm.HttpConnectionManagerUpgradeConfig(upgrade_type="CONNECT")]}
+    return {"upgrade_configs": [kit.hcm.HttpConnectionManager.UpgradeConfig(upgrade_type="CONNECT")]}
 
 
 def _connect_state(kit: Kit) -> Any:
     """``set_filter_state``: a ``CONNECT``'s ``:authority`` as :data:`~sidecar.wire.CONNECT_FILTER_STATE`,
     shared with the tunnel's upstream connection (the internal listener); nothing for other requests."""
-    from envoy_data_plane.envoy.extensions.filters.common.set_filter_state import v3 as common
-    from envoy_data_plane.envoy.extensions.filters.http.set_filter_state import v3 as sfs
+    from envoy.extensions.filters.common.set_filter_state.v3 import value_pb2 as common
+    from envoy.extensions.filters.http.set_filter_state.v3 import set_filter_state_pb2 as sfs
 
     value = common.FilterStateValue(
         object_key=CONNECT_FILTER_STATE,
@@ -89,7 +83,7 @@ def _connect_state(kit: Kit) -> Any:
         format_string=kit.core.SubstitutionFormatString(
             text_format_source=kit.core.DataSource(inline_string="%REQ(:AUTHORITY)%")
         ),
-        shared_with_upstream=common.FilterStateValueSharedWithUpstream.ONCE,
+        shared_with_upstream=common.FilterStateValue.ONCE,
         skip_if_empty=True,
     )
     return kit.hcm.HttpFilter(
@@ -103,27 +97,20 @@ def rpc_vhost(kit: Kit, host: str, cluster: str, **extra: str) -> Any:
     buffers nothing (judged on ``Mcp-Method`` / ``Mcp-Name``). Every route removes
     ``x-agent-authz-list-filter`` before the upstream."""
     r, protocol = kit.route, kit.rpc_hosts[host]
+
+    def route(body: bool, **match: Any) -> Any:
+        return r.Route(
+            match=r.RouteMatch(prefix="/", **match),
+            route=r.RouteAction(cluster=cluster),
+            typed_per_filter_config=rpc_route_context(kit, protocol, body=body, **extra),
+            metadata=rpc_route_metadata(kit, protocol, body=body, **extra),
+            request_headers_to_remove=[LIST_FILTER_HEADER],
+        )
+
     routes = []
     if protocol == "mcp" and host in kit.settings.envoy.mcp_header_decisions:
-        routes.append(
-            r.Route(
-                match=r.RouteMatch(prefix="/", headers=[r.HeaderMatcher(name="mcp-method", present_match=True)]),
-                route=r.RouteAction(cluster=cluster),
-                typed_per_filter_config=rpc_route_context(kit, protocol, body=False, **extra),
-            )
-        )
-    routes.append(
-        r.Route(
-            match=r.RouteMatch(prefix="/"),
-            route=r.RouteAction(cluster=cluster),
-            typed_per_filter_config=rpc_route_context(kit, protocol, body=True, **extra),
-        )
-    )
-    for route, body in zip(routes, [False] * (len(routes) - 1) + [True], strict=True):
-        route.request_headers_to_remove = [LIST_FILTER_HEADER]
-        metadata = rpc_route_metadata(kit, protocol, body=body, **extra)
-        if metadata is not None:
-            route.metadata = metadata
+        routes.append(route(False, headers=[r.HeaderMatcher(name="mcp-method", present_match=True)]))
+    routes.append(route(True))
     return r.VirtualHost(
         name=f"rpc|{destination_cluster_name(host)}",
         domains=[host, f"{host}:*"],
@@ -164,7 +151,7 @@ def egress_routes(kit: Kit) -> EgressRoutes:
         vhosts.append(vhost(kit, name, [host, f"{host}:*"], DFP_CLUSTER, EGRESS, body=True))
     vhosts.append(vhost(kit, "any_host", ["*"], DFP_CLUSTER, EGRESS))
     for virtual_host in vhosts:
-        if virtual_host.routes[0].match.connect_matcher is None:
+        if not virtual_host.routes[0].match.HasField("connect_matcher"):
             virtual_host.routes.insert(0, connect_route(kit))
     clusters.append(dfp_cluster(kit))
     dfp = kit.hcm.HttpFilter(

@@ -151,7 +151,7 @@ def rpc_route_metadata(kit: Kit, protocol: str, *, body: bool, **extra: str) -> 
 def _metadata(kit: Kit, context: dict[str, str]) -> Any | None:
     if kit.settings.http_checks() is None:
         return None
-    return kit.core.Metadata(filter_metadata={HTTP_FILTER: kit.pb.Struct.from_dict(context)})
+    return kit.core.Metadata(filter_metadata={HTTP_FILTER: kit.struct(context)})
 
 
 def route_context(kit: Kit, direction: str, **extra: str) -> dict[str, Any]:
@@ -180,7 +180,7 @@ def connect_route_context(kit: Kit, direction: str) -> dict[str, Any]:
     settings = ea.CheckSettings(
         context_extensions={CONTEXT_DIRECTION: direction},
         grpc_service=core.GrpcService(
-            envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+            envoy_grpc=core.GrpcService.EnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
             timeout=timedelta(seconds=kit.settings.envoy.authz_timeout),
         ),
     )
@@ -216,7 +216,7 @@ def rpc_route_context(kit: Kit, protocol: str, *, body: bool, **extra: str) -> d
     ea = kit.ext_authz
     settings = ea.CheckSettings(context_extensions=_rpc_context(kit, protocol, body=body, **extra))
     if body:
-        settings.with_request_body = body_buffer(kit)
+        settings.with_request_body.CopyFrom(body_buffer(kit))
     else:
         settings.disable_request_body_buffering = True
     config = {HTTP_FILTER: kit.pack(ea.ExtAuthzPerRoute(check_settings=settings))}
@@ -233,29 +233,35 @@ def ext_authz_filter(kit: Kit) -> Any:
     (``envoy.authz_transport: http``), over Envoy's HTTP service (:func:`http_service`); fail closed
     either way (503 when the sidecar does not answer, answers garbage or a 5xx)."""
     ea, core = kit.ext_authz, kit.core
+    transport: dict[str, Any]
+    if kit.settings.http_checks() is None:
+        transport = {
+            "grpc_service": core.GrpcService(
+                envoy_grpc=core.GrpcService.EnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+                timeout=timedelta(seconds=kit.settings.envoy.authz_timeout),
+            )
+        }
+    else:
+        m = kit.matcher
+        transport = {
+            "http_service": http_service(kit),
+            # every client header goes to the check, except the client's own x-agent-authz-*: those
+            # names carry what Envoy tells the sidecar (the route context, the peer certificate, ...)
+            "allowed_headers": m.ListStringMatcher(patterns=[m.StringMatcher(safe_regex=m.RegexMatcher(regex=".*"))]),
+            "disallowed_headers": m.ListStringMatcher(
+                patterns=[m.StringMatcher(safe_regex=m.RegexMatcher(regex=reserved_header_regex()))]
+            ),
+        }
     config = ea.ExtAuthz(
         transport_api_version=core.ApiVersion.V3,
         failure_mode_allow=False,
         validate_mutations=True,
         include_peer_certificate=True,
         status_on_error=kit.types.HttpStatus(code=kit.types.StatusCode.ServiceUnavailable),
+        # pack_as_bytes is read from here only; each route says whether it buffers
+        with_request_body=body_buffer(kit) if kit.rpc_hosts or kit.body_hosts else None,
+        **transport,
     )
-    if kit.settings.http_checks() is None:
-        config.grpc_service = core.GrpcService(
-            envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
-            timeout=timedelta(seconds=kit.settings.envoy.authz_timeout),
-        )
-    else:
-        m = kit.matcher
-        config.http_service = http_service(kit)
-        # every client header goes to the check, except the client's own x-agent-authz-*: those
-        # names carry what Envoy tells the sidecar (the route context, the peer certificate, ...)
-        config.allowed_headers = m.ListStringMatcher(patterns=[m.StringMatcher(safe_regex=m.RegexMatcher(regex=".*"))])
-        config.disallowed_headers = m.ListStringMatcher(
-            patterns=[m.StringMatcher(safe_regex=m.RegexMatcher(regex=reserved_header_regex()))]
-        )
-    if kit.rpc_hosts or kit.body_hosts:  # pack_as_bytes is read from here only; each route says whether it buffers
-        config.with_request_body = body_buffer(kit)
     return kit.hcm.HttpFilter(name=HTTP_FILTER, typed_config=kit.pack(config))
 
 
@@ -322,11 +328,11 @@ def strip_reserved(kit: Kit) -> Any:
     checks the sidecar sees them and removes them itself (``headers_to_remove``); the HTTP service
     never sends them to the sidecar (``disallowed_headers``), so Envoy removes them here - a forged
     ``x-agent-authz-caller`` never reaches an upstream or the local app."""
-    from envoy_data_plane.envoy.config.common.mutation_rules import v3 as rules
-    from envoy_data_plane.envoy.extensions.filters.http.header_mutation import v3 as hm
+    from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2 as rules
+    from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2 as hm
 
     strip = rules.HeaderMutation(
-        remove_on_match=rules.HeaderMutationRemoveOnMatch(
+        remove_on_match=rules.HeaderMutation.RemoveOnMatch(
             key_matcher=kit.matcher.StringMatcher(prefix=RESERVED_HEADER_PREFIX)
         )
     )
@@ -387,23 +393,24 @@ def ext_proc_filter(kit: Kit) -> Any:
     ``tools/list``; ``match_delegate`` skips it for every other request, so other responses
     cost no round trip; the route removes the header before the upstream)."""
     ep, core = kit.ext_proc, kit.core
-    from envoy_data_plane.envoy.extensions.common.matching.v3 import ExtensionWithMatcher
-    from envoy_data_plane.envoy.extensions.filters.common.matcher.action.v3 import SkipFilter
-    from envoy_data_plane.envoy.type.matcher.v3 import HttpRequestHeaderMatchInput
-    from envoy_data_plane.xds.core.v3 import TypedExtensionConfig as XdsExtension
-    from envoy_data_plane.xds.type.matcher import v3 as xm
+    from envoy.extensions.common.matching.v3.extension_matcher_pb2 import ExtensionWithMatcher
+    from envoy.extensions.filters.common.matcher.action.v3.skip_action_pb2 import SkipFilter
+    from envoy.type.matcher.v3.http_inputs_pb2 import HttpRequestHeaderMatchInput
+    from xds.core.v3.extension_pb2 import TypedExtensionConfig as XdsExtension
+    from xds.type.matcher.v3 import matcher_pb2, string_pb2
 
+    header, body = ep.ProcessingMode.HeaderSendMode, ep.ProcessingMode.BodySendMode
     mode = ep.ProcessingMode(
-        request_header_mode=ep.ProcessingModeHeaderSendMode.SKIP,
-        response_header_mode=ep.ProcessingModeHeaderSendMode.SEND,
-        request_body_mode=ep.ProcessingModeBodySendMode.NONE,
-        response_body_mode=ep.ProcessingModeBodySendMode.BUFFERED,
-        request_trailer_mode=ep.ProcessingModeHeaderSendMode.SKIP,
-        response_trailer_mode=ep.ProcessingModeHeaderSendMode.SKIP,
+        request_header_mode=header.SKIP,
+        response_header_mode=header.SEND,
+        request_body_mode=body.NONE,
+        response_body_mode=body.BUFFERED,
+        request_trailer_mode=header.SKIP,
+        response_trailer_mode=header.SKIP,
     )
     config = ep.ExternalProcessor(
         grpc_service=core.GrpcService(
-            envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+            envoy_grpc=core.GrpcService.EnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
             timeout=timedelta(seconds=kit.settings.envoy.authz_timeout),
         ),
         failure_mode_allow=False,
@@ -411,23 +418,24 @@ def ext_proc_filter(kit: Kit) -> Any:
         allow_mode_override=True,
         message_timeout=timedelta(seconds=kit.settings.envoy.authz_timeout),
         metadata_options=ep.MetadataOptions(
-            forwarding_namespaces=ep.MetadataOptionsMetadataNamespaces(untyped=[METADATA_NAMESPACE])
+            forwarding_namespaces=ep.MetadataOptions.MetadataNamespaces(untyped=[METADATA_NAMESPACE])
         ),
     )
-    marked = xm.MatcherMatcherListPredicateSinglePredicate(
+    matcher = matcher_pb2.Matcher
+    marked = matcher.MatcherList.Predicate.SinglePredicate(
         input=XdsExtension(
             name="list-filter", typed_config=kit.pack(HttpRequestHeaderMatchInput(header_name=LIST_FILTER_HEADER))
         ),
-        value_match=xm.StringMatcher(exact="1"),
+        value_match=string_pb2.StringMatcher(exact="1"),
     )
-    skip_unmarked = xm.Matcher(
-        matcher_list=xm.MatcherMatcherList(
+    skip_unmarked = matcher(
+        matcher_list=matcher.MatcherList(
             matchers=[
-                xm.MatcherMatcherListFieldMatcher(
-                    predicate=xm.MatcherMatcherListPredicate(
-                        not_matcher=xm.MatcherMatcherListPredicate(single_predicate=marked)
+                matcher.MatcherList.FieldMatcher(
+                    predicate=matcher.MatcherList.Predicate(
+                        not_matcher=matcher.MatcherList.Predicate(single_predicate=marked)
                     ),
-                    on_match=xm.MatcherOnMatch(action=XdsExtension(name="skip", typed_config=kit.pack(SkipFilter()))),
+                    on_match=matcher.OnMatch(action=XdsExtension(name="skip", typed_config=kit.pack(SkipFilter()))),
                 )
             ]
         )
@@ -441,7 +449,7 @@ def ext_proc_filter(kit: Kit) -> Any:
 
 def access_log(kit: Kit, log_format: dict[str, str] | None = None) -> Any:
     """A JSON access log on stdout (the HTTP format by default), under the ``drop-query`` policy."""
-    from envoy_data_plane.envoy.extensions.formatter.req_without_query.v3 import ReqWithoutQuery
+    from envoy.extensions.formatter.req_without_query.v3.req_without_query_pb2 import ReqWithoutQuery
 
     formatters = [
         kit.core.TypedExtensionConfig(
@@ -450,7 +458,7 @@ def access_log(kit: Kit, log_format: dict[str, str] | None = None) -> Any:
     ]
     log = kit.stream.StdoutAccessLog(
         log_format=kit.core.SubstitutionFormatString(
-            json_format=kit.pb.Struct.from_dict(log_format if log_format is not None else _ACCESS_LOG_FORMAT),
+            json_format=kit.struct(log_format if log_format is not None else _ACCESS_LOG_FORMAT),
             formatters=formatters if log_format is None else [],
         )
     )
@@ -461,12 +469,12 @@ def refused_log(kit: Kit, namespace: str, stat_prefix: str, direction: str = EGR
     """gRPC access logging to the sidecar (``agent_authz``) of the requests or connections that carry no
     decision in ``namespace`` (the HTTP or the network ext_authz filter's dynamic metadata): Envoy
     refused them without a Check, or the Check failed. The sidecar records each (``refused_by_proxy``)."""
-    from envoy_data_plane.envoy.extensions.access_loggers.grpc import v3 as grpc_log
+    from envoy.extensions.access_loggers.grpc.v3 import als_pb2 as grpc_log
 
     core, al, m = kit.core, kit.accesslog, kit.matcher
     common = grpc_log.CommonGrpcAccessLogConfig(
         log_name=f"{REFUSED_LOG_PREFIX}|{direction}|{stat_prefix}",
-        grpc_service=core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER)),
+        grpc_service=core.GrpcService(envoy_grpc=core.GrpcService.EnvoyGrpc(cluster_name=AUTHZ_CLUSTER)),
         transport_api_version=core.ApiVersion.V3,
         buffer_flush_interval=timedelta(milliseconds=200),
     )
@@ -484,10 +492,10 @@ def refused_log(kit: Kit, namespace: str, stat_prefix: str, direction: str = EGR
         metadata_filter=al.MetadataFilter(
             matcher=m.MetadataMatcher(
                 filter=namespace,
-                path=[m.MetadataMatcherPathSegment(key=METADATA_DECISION_ID)],
-                value=m.ValueMatcher(null_match=m.ValueMatcherNullMatch()),
+                path=[m.MetadataMatcher.PathSegment(key=METADATA_DECISION_ID)],
+                value=m.ValueMatcher(null_match=m.ValueMatcher.NullMatch()),
             ),
-            match_if_key_not_found=True,
+            match_if_key_not_found=kit.boolean(True),
         )
     )
     name = "envoy.access_loggers.http_grpc" if http else "envoy.access_loggers.tcp_grpc"
@@ -507,19 +515,21 @@ def connection_manager(
     """The egress/ingress HTTP connection manager. ``validate_clusters=False`` for routes to CDS
     clusters, which may arrive after the listener that names them (file-based xDS has no order);
     ``before_authz``: HTTP filters that run before ext_authz (what the check must see)."""
-    hcm = kit.hcm
-    route_config = kit.route.RouteConfiguration(name=stat_prefix, virtual_hosts=vhosts)
-    if validate_clusters is not None:
-        route_config.validate_clusters = validate_clusters
-    manager = hcm.HttpConnectionManager(
+    manager_class = kit.hcm.HttpConnectionManager
+    route_config = kit.route.RouteConfiguration(
+        name=stat_prefix,
+        virtual_hosts=vhosts,
+        validate_clusters=kit.boolean(validate_clusters) if validate_clusters is not None else None,
+    )
+    manager = manager_class(
         stat_prefix=stat_prefix,
-        codec_type=hcm.HttpConnectionManagerCodecType.AUTO,
-        normalize_path=True,
+        codec_type=manager_class.AUTO,
+        normalize_path=kit.boolean(True),
         merge_slashes=True,
         strip_trailing_host_dot=True,
-        max_request_headers_kb=MAX_REQUEST_HEADERS_KB,
-        common_http_protocol_options=kit.core.HttpProtocolOptions(max_headers_count=MAX_REQUEST_HEADERS_COUNT),
-        path_with_escaped_slashes_action=hcm.HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
+        max_request_headers_kb=kit.u32(MAX_REQUEST_HEADERS_KB),
+        common_http_protocol_options=kit.core.HttpProtocolOptions(max_headers_count=kit.u32(MAX_REQUEST_HEADERS_COUNT)),
+        path_with_escaped_slashes_action=manager_class.REJECT_REQUEST,
         route_config=route_config,
         http_filters=[
             *([strip_reserved(kit)] if kit.settings.http_checks() is not None else []),
@@ -527,7 +537,7 @@ def connection_manager(
             ext_authz_filter(kit),
             *([ext_proc_filter(kit)] if "mcp" in kit.rpc_hosts.values() else []),
             *filters,
-            hcm.HttpFilter(name="envoy.filters.http.router", typed_config=kit.pack(kit.router.Router())),
+            kit.hcm.HttpFilter(name="envoy.filters.http.router", typed_config=kit.pack(kit.router.Router())),
         ],
         access_log=[
             access_log(kit),
@@ -543,11 +553,9 @@ def vhost(kit: Kit, name: str, domains: list[str], cluster: str, direction: str,
     r = kit.route
     context = extra.pop("context", {})
     body = bool(extra.pop("body", False))
-    route = r.Route(match=r.RouteMatch(prefix="/"), route=r.RouteAction(cluster=cluster))
     # with HTTP checks the context travels in the route's metadata (a body route names its cap too)
     metadata = route_metadata(kit, direction, **({CONTEXT_BODY_CAP: str(kit.body_cap)} if body else {}), **context)
-    if metadata is not None:
-        route.metadata = metadata
+    route = r.Route(match=r.RouteMatch(prefix="/"), route=r.RouteAction(cluster=cluster), metadata=metadata)
     return r.VirtualHost(
         name=name,
         domains=domains,
@@ -569,7 +577,7 @@ def network_check(kit: Kit, protocol: str, *, via: str = "") -> Any:
     config = kit.net_ext_authz.ExtAuthz(
         stat_prefix=f"{via or 'outbound'}_{protocol}",
         grpc_service=core.GrpcService(
-            envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
+            envoy_grpc=core.GrpcService.EnvoyGrpc(cluster_name=AUTHZ_CLUSTER),
             timeout=timedelta(seconds=kit.settings.envoy.authz_timeout),
             initial_metadata=metadata,
         ),
@@ -590,7 +598,7 @@ def tcp_forward(kit: Kit, stat_prefix: str, cluster: str, *, max_duration: timed
         stat_prefix=stat_prefix,
         cluster=cluster,
         upstream_connect_mode=tp.UpstreamConnectMode.ON_DOWNSTREAM_DATA,
-        max_early_data_bytes=_EARLY_DATA_BYTES,
+        max_early_data_bytes=kit.u32(_EARLY_DATA_BYTES),
         access_log=[access_log(kit, _TCP_ACCESS_LOG_FORMAT), refused_log(kit, NETWORK_FILTER, stat_prefix)],
         max_downstream_connection_duration=max_duration,
     )

@@ -38,19 +38,14 @@ _SECRET_TYPE = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Se
 
 
 def sds_secret(kit: Kit, name: str, file_name: str) -> Any:
-    """An SDS secret of the identity source: the SPIRE agent (gRPC) or ``file_name`` in ``sds_dir``."""
+    """An SDS secret of the identity source: the SPIRE agent (gRPC, :meth:`Kit.xds_grpc`: Envoy
+    re-opens the stream within a quarter second once the agent's socket exists) or ``file_name`` in
+    ``sds_dir``."""
     core = kit.core
     identity = kit.settings.identity
     assert identity is not None
     if identity.source == "workload_api":
-        source = core.ConfigSource(
-            api_config_source=core.ApiConfigSource(
-                api_type=core.ApiConfigSourceApiType.GRPC,
-                transport_api_version=core.ApiVersion.V3,
-                grpc_services=[core.GrpcService(envoy_grpc=core.GrpcServiceEnvoyGrpc(cluster_name=SPIRE_CLUSTER))],
-            ),
-            resource_api_version=core.ApiVersion.V3,
-        )
+        source = kit.xds_grpc(SPIRE_CLUSTER)
     else:
         assert kit.sds_dir is not None
         source = core.ConfigSource(
@@ -83,9 +78,9 @@ def file_secrets(kit: Kit) -> None:
             watched_directory=core.WatchedDirectory(path=str(svid_path.parent)),
         ),
     )
-    validator = tls.SpiffeCertValidatorConfig(
+    validator = tls.SPIFFECertValidatorConfig(
         trust_domains=[
-            tls.SpiffeCertValidatorConfigTrustDomain(name=td, trust_bundle=source(path))
+            tls.SPIFFECertValidatorConfig.TrustDomain(name=td, trust_bundle=source(path))
             for td, path in sorted(files.bundles.items())
         ]
     )
@@ -98,7 +93,7 @@ def file_secrets(kit: Kit) -> None:
         ),
     )
     for secret, name in ((svid, "svid.json"), (bundles, "bundles.json")):
-        resource = {"@type": _SECRET_TYPE, **secret.to_dict()}
+        resource = {"@type": _SECRET_TYPE, **kit.to_dict(secret)}
         kit.files[kit.sds_dir / name] = json.dumps({"resources": [resource]}, indent=2) + "\n"
 
 
@@ -120,27 +115,27 @@ def ingress_listener(kit: Kit) -> tuple[Any, list[Any]]:
         file_secrets(kit)
     tls = kit.tls
     context = tls.DownstreamTlsContext(
-        require_client_certificate=True,
+        require_client_certificate=kit.boolean(True),
         common_tls_context=tls.CommonTlsContext(
-            tls_params=tls.TlsParameters(tls_minimum_protocol_version=tls.TlsParametersTlsProtocol.TLSv1_2),
+            tls_params=tls.TlsParameters(tls_minimum_protocol_version=tls.TlsParameters.TLSv1_2),
             tls_certificate_sds_secret_configs=[sds_secret(kit, svid_name, "svid.json")],
             validation_context_sds_secret_config=sds_secret(kit, bundle_name, "bundles.json"),
             alpn_protocols=["h2", "http/1.1"],
         ),
     )
-    hcm, ls = kit.hcm, kit.listener
+    manager_class, ls = kit.hcm.HttpConnectionManager, kit.listener
 
-    def chain(host: Any, **match: Any) -> Any:
+    def chain(host: Any, port: int | None = None) -> Any:
         manager = connection_manager(
             kit,
             "ingress_http",
             [host],
             [],
-            forward_client_cert_details=hcm.HttpConnectionManagerForwardClientCertDetails.SANITIZE_SET,
-            set_current_client_cert_details=hcm.HttpConnectionManagerSetCurrentClientCertDetails(uri=True, chain=True),
+            forward_client_cert_details=manager_class.SANITIZE_SET,
+            set_current_client_cert_details=manager_class.SetCurrentClientCertDetails(uri=True, chain=True),
         )
         return ls.FilterChain(
-            filter_chain_match=ls.FilterChainMatch(**match) if match else None,
+            filter_chain_match=ls.FilterChainMatch(destination_port=kit.u32(port)) if port is not None else None,
             filters=[manager],
             transport_socket=kit.core.TransportSocket(
                 name="envoy.transport_sockets.tls", typed_config=kit.pack(context)
@@ -162,13 +157,13 @@ def ingress_listener(kit: Kit) -> tuple[Any, list[Any]]:
             request_headers_to_add=[
                 kit.core.HeaderValueOption(
                     header=kit.core.HeaderValue(key=INBOUND_DST_HEADER, value="127.0.0.1:%DOWNSTREAM_LOCAL_PORT%"),
-                    append_action=kit.core.HeaderValueOptionHeaderAppendAction.OVERWRITE_IF_EXISTS_OR_ADD,
+                    append_action=kit.core.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
                 )
             ],
         )
         chains = [chain(redirected)]
         if envoy.local_app is not None:  # a direct connection to the listener's own port
-            chains.insert(0, chain(local, destination_port=envoy.ingress_port))
+            chains.insert(0, chain(local, envoy.ingress_port))
         listener_filters = [kit.listener_filter("envoy.filters.listener.original_dst", kit.original_dst.OriginalDst())]
     listener = ls.Listener(
         name="ingress_https",

@@ -44,12 +44,13 @@ def outbound_listener(kit: Kit, routes: EgressRoutes, ports: tuple[int, ...] = (
     def generic(port: int | None = None) -> list[Any]:
         """Passthrough/refusal of other TLS, and plain HTTP: for any port, or for ``port``."""
         suffix = f"|{port}" if port is not None else ""
-        tls, http = (
-            ls.FilterChainMatch(transport_protocol="tls"),
-            ls.FilterChainMatch(transport_protocol="raw_buffer", application_protocols=["http/1.0", "http/1.1", "h2c"]),
+        destination = kit.u32(port) if port is not None else None
+        tls = ls.FilterChainMatch(destination_port=destination, transport_protocol="tls")
+        http = ls.FilterChainMatch(
+            destination_port=destination,
+            transport_protocol="raw_buffer",
+            application_protocols=["http/1.0", "http/1.1", "h2c"],
         )
-        if port is not None:
-            tls.destination_port = http.destination_port = port
         return [
             ls.FilterChain(
                 name="outbound_tls" + suffix,

@@ -93,9 +93,8 @@ def _bootstrap(kit: Kit) -> RenderedEnvoy:
         internal = core.Address(
             envoy_internal_address=core.EnvoyInternalAddress(server_listener_name=INTERCEPT_CONNECT)
         )
-        connect_cluster = static_cluster(kit, INTERCEPT_CONNECT, internal)
-        connect_cluster.transport_socket = _internal_upstream(kit)  # carries the CONNECT's filter state
-        clusters.append(connect_cluster)
+        # the transport socket carries the CONNECT's filter state
+        clusters.append(static_cluster(kit, INTERCEPT_CONNECT, internal, transport_socket=_internal_upstream(kit)))
 
         def watched(path: Path) -> Any:
             return core.ConfigSource(
@@ -105,7 +104,7 @@ def _bootstrap(kit: Kit) -> RenderedEnvoy:
                 resource_api_version=core.ApiVersion.V3,
             )
 
-        extra["dynamic_resources"] = b.BootstrapDynamicResources(
+        extra["dynamic_resources"] = b.Bootstrap.DynamicResources(
             lds_config=watched(kit.xds.listeners), cds_config=watched(kit.xds.clusters)
         )
         extra["bootstrap_extensions"] = [
@@ -123,22 +122,22 @@ def _bootstrap(kit: Kit) -> RenderedEnvoy:
     if http_checks is not None:
         # the answer-header matcher of the HTTP checks is a larger RE2 program than Envoy's default
         # limit of 100 (a limit it enforces when the filter is built, not in --mode validate)
-        layer = kit.pb.Struct.from_dict({"re2.max_program_size.error_level": RE2_PROGRAM_SIZE})
+        layer = kit.struct({"re2.max_program_size.error_level": RE2_PROGRAM_SIZE})
         extra["layered_runtime"] = b.LayeredRuntime(layers=[b.RuntimeLayer(name="agent-authz", static_layer=layer)])
     message = b.Bootstrap(
         node=core.Node(id="agent-authz", cluster="agent-authz"),
         admin=b.Admin(address=admin_address),
-        static_resources=b.BootstrapStaticResources(listeners=listeners, clusters=clusters),
+        static_resources=b.Bootstrap.StaticResources(listeners=listeners, clusters=clusters),
         **extra,
     )
-    return RenderedEnvoy(message.to_dict(), dict(kit.files))
+    return RenderedEnvoy(kit.to_dict(message), dict(kit.files))
 
 
 def _internal_upstream(kit: Kit) -> Any:
     """The transport socket to the ``intercept_connect`` internal listener: plain bytes, and the filter
     state a ``CONNECT`` shared with its upstream (:data:`~sidecar.wire.CONNECT_FILTER_STATE`)."""
-    from envoy_data_plane.envoy.extensions.transport_sockets.internal_upstream import v3 as internal_upstream
-    from envoy_data_plane.envoy.extensions.transport_sockets.raw_buffer import v3 as raw_buffer
+    from envoy.extensions.transport_sockets.internal_upstream.v3 import internal_upstream_pb2 as internal_upstream
+    from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2 as raw_buffer
 
     raw = kit.core.TransportSocket(
         name="envoy.transport_sockets.raw_buffer", typed_config=kit.pack(raw_buffer.RawBuffer())

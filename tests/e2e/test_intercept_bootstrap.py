@@ -117,7 +117,14 @@ def test_dynamic_listeners_and_clusters(tmp_path: Path) -> None:
     assert sds["sdsConfig"]["apiConfigSource"] == {  # gRPC SDS from the sidecar: no key on disk
         "apiType": "GRPC",
         "transportApiVersion": "V3",
-        "grpcServices": [{"envoyGrpc": {"clusterName": "agent_authz"}}],
+        "grpcServices": [  # re-opened within 250 ms: Envoy may start before the sidecar listens
+            {
+                "envoyGrpc": {
+                    "clusterName": "agent_authz",
+                    "retryPolicy": {"retryBackOff": {"baseInterval": "0.025s", "maxInterval": "0.250s"}},
+                }
+            }
+        ],
     }
     (manager,) = _typed(api["filters"])
     assert manager["routeConfig"]["validateClusters"] is False
