@@ -82,13 +82,15 @@ def helm_template(
     args = ["template", release, str(CHART), "--namespace", namespace, "--kube-version", KUBE_VERSIONS[-1]]
     for item in set_values:
         args += ["--set", item]
-    if values is not None:
+    if values is None:
+        result = helm(*args)
+    else:
         import tempfile
 
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as handle:  # removed when helm is done
             yaml.safe_dump(values, handle)
-        args += ["-f", handle.name]
-    result = helm(*args)
+            handle.flush()
+            result = helm(*args, "-f", handle.name)
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
