@@ -39,9 +39,9 @@ EGRESS, INGRESS = Direction.EGRESS.value, Direction.INGRESS.value
 """The ``direction`` context extension of the routes of each side."""
 
 AUTHZ_CLUSTER = "agent_authz"
+"""The sidecar's gRPC server: ext_authz ``Check`` and the intercept leaves' SDS."""
 AUTHZ_HTTP_CLUSTER = "agent_authz_http"
 """The sidecar's ext_authz HTTP service (HTTP/1.1), for HTTP checks with ``envoy.authz_transport: http``."""
-"""The sidecar's gRPC server: ext_authz ``Check`` and the intercept leaves' SDS."""
 DFP_CLUSTER = "dynamic_forward_proxy"
 LOCAL_APP_CLUSTER = "local_app"
 ORIGINAL_DST_CLUSTER = "outbound_original_dst"
