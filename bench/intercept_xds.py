@@ -40,6 +40,7 @@ import grpc  # noqa: E402
 from cryptography import x509  # noqa: E402
 from google.protobuf import json_format  # noqa: E402
 
+from sidecar.bootstrap.filters import RE2_PROGRAM_SIZE  # noqa: E402
 from sidecar.bootstrap.names import InterceptTarget  # noqa: E402
 from sidecar.bootstrap.render import render_dynamic  # noqa: E402
 from sidecar.config.loader import load_config  # noqa: E402
@@ -319,10 +320,27 @@ def lds_add(work: Path, ca: PodCA, existing: int) -> str:
     }
     clusters = [_grpc_cluster("agent_authz", base / "authz.sock")] + [
         {"name": n, "type": "STATIC", "connect_timeout": "1s", "load_assignment": {"cluster_name": n}}
-        for n in ("dynamic_forward_proxy", "outbound_original_dst", "blackhole")
+        for n in (
+            "agent_authz_http",
+            "intercept_connect",
+            "dynamic_forward_proxy",
+            "outbound_original_dst",
+            "blackhole",
+        )
     ]
-    envoy = _envoy(base, _bootstrap([], clusters, dynamic_resources={"lds_config": source}))
+    # the HTTP checks' answer-header matcher needs the larger RE2 program limit the real bootstrap sets
+    runtime = {"layers": [{"name": "bench", "static_layer": {"re2.max_program_size.error_level": RE2_PROGRAM_SIZE}}]}
+    envoy = _envoy(base, _bootstrap([], clusters, dynamic_resources={"lds_config": source}, layered_runtime=runtime))
     try:
+
+        def listening() -> bool:
+            try:
+                envoy.listener_port("outbound")
+            except KeyError:  # the LDS listener is still warming (its SDS leaves)
+                return False
+            return True
+
+        wait_until(listening, timeout=30, what="the LDS listener")
         port = envoy.listener_port("outbound")
         started = time.perf_counter()
         rendered = listeners([*targets, new])

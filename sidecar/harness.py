@@ -434,7 +434,7 @@ class EnvoyProcess(ManagedProcess):
         status, body = self.admin("/listeners?format=json")
         if status != 200:
             raise RuntimeError(f"envoy admin /listeners answered {status}")
-        for listener in json.loads(body)["listener_statuses"]:
+        for listener in json.loads(body).get("listener_statuses", []):  # ``{}`` while none is active
             if listener["name"] == name:
                 return int(listener["local_address"]["socket_address"]["port_value"])
         raise KeyError(f"no listener named {name!r}")
