@@ -367,8 +367,16 @@ class DnsProxy:
                     data = await (_over_tcp if tcp else _over_udp)(wire, host, port)
                 response = dns.message.from_wire(data)
                 if not outbound.is_response(response):
-                    raise _NotTheAnswer("the resolver's message does not answer the question")
-            except (dns.exception.DNSException, OSError, EOFError, ValueError, IndexError, struct.error) as exc:
+                    raise _NotTheAnswer
+            except (
+                _NotTheAnswer,
+                dns.exception.DNSException,
+                OSError,
+                EOFError,
+                ValueError,
+                IndexError,
+                struct.error,
+            ) as exc:
                 _log.debug("dns_upstream_failed", upstream=host, error=type(exc).__name__)
                 continue
             return response
@@ -410,7 +418,7 @@ def _addresses(response: dns.message.Message) -> list[tuple[Address, int]]:
     return found
 
 
-class _NotTheAnswer(dns.exception.DNSException):
+class _NotTheAnswer(Exception):
     """A resolver's message that is no response to the forwarded query (id, flags or question differ)."""
 
 
