@@ -120,6 +120,9 @@ async def serve(config_path: Path, *, ready_file: Path | None = None, stop: asyn
         if store is not None:
             store.close()
         raise
+    # From here on the runtime's copy, without the tasks: the parsed ones (1,000 tasks x 10 rules: ~17 MB
+    # of models) are compiled into the policy and not kept alive by this frame for the process's life.
+    loaded = runtime.snapshot.loaded
     decision_log = open_decision_log(runtime)
     metrics = Metrics()
     metrics.bind(runtime, decision_log)
