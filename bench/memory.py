@@ -9,7 +9,7 @@ Per row, ``VmRSS`` / ``RssAnon`` / ``RssFile`` (MB, from ``/proc/PID/status``):
   ``_tasks`` and ``_sidecar_config``: decision logging to a file on);
 * the 1,000 × 10 stack after ``wrk -t1 -c16`` for ``--seconds`` through Envoy's egress listener
   (the last task's last rule, token cache hits: (d) of ``bench/run.py``), then the same after
-  ``--seconds`` more (flat means bounded).
+  ``--seconds`` more, twice (flat means bounded).
 
 Needs ``wrk`` on PATH.
 """
@@ -92,6 +92,8 @@ def stack_rss(work: Path, tasks: int, up: str, seconds: int) -> dict[str, Any]:
             out["load"] = rss(pid)
             _wrk(stack.egress_port, host, path, seconds)
             out["load2"] = rss(pid)
+            _wrk(stack.egress_port, host, path, seconds)
+            out["load3"] = rss(pid)
         return out
     finally:
         stack.stop()
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         ("serve idle, 1000 × 10", results["tasks_1000"]["idle"]),
         (f"after {args.seconds} s wrk -c16", results["tasks_1000"].get("load")),
         (f"after {2 * args.seconds} s wrk -c16", results["tasks_1000"].get("load2")),
+        (f"after {3 * args.seconds} s wrk -c16", results["tasks_1000"].get("load3")),
     ]
     print("| | VmRSS | RssAnon | RssFile |\n|---|---:|---:|---:|")
     for name, row in rows:
