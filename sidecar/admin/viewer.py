@@ -43,7 +43,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,7 @@ from aiohttp_sse import sse_response
 from sidecar.admin.control_api import control_error
 from sidecar.admin.delegation_tree import delegation_trees
 from sidecar.audit.log import DecisionLog
-from sidecar.audit.reader import RecordFilter, follow_lines, log_files, tail_records, time_bound
+from sidecar.audit.reader import RecordFilter, follow_lines, log_files, tail_lines, tail_records, time_bound
 from sidecar.config.durations import parse_duration
 from sidecar.control.documents import ControlCode, ControlError
 from sidecar.decision import Reason
@@ -116,35 +116,48 @@ class DecisionFeed:
     counts cover every record seen.
 
     Args:
-        initial: records already on disk, oldest first.
+        initial: records already on disk, oldest first: each a record, or the line of one as this
+            sidecar's decision log wrote it (``orjson``; decoded one at a time, and kept as it is
+            when its ``event`` is ``decision``, else skipped).
         capacity: how many records to keep.
         max_bytes: how many bytes of JSON to keep (``viewer.recent_bytes``).
     """
 
-    def __init__(self, initial: list[dict[str, Any]], capacity: int = RECENT, max_bytes: int = RECENT_BYTES) -> None:
+    def __init__(
+        self, initial: Iterable[dict[str, Any] | bytes], capacity: int = RECENT, max_bytes: int = RECENT_BYTES
+    ) -> None:
         self._recent: deque[bytes] = deque()
         self._capacity = capacity
         self._max_bytes = max_bytes
         self._bytes = 0
         self._by_task: dict[str, dict[str, list[int]]] = {}
         self._subscribers: set[_Subscriber] = set()
-        for record in initial:
-            self._add(record, None)
+        for item in initial:
+            if isinstance(item, bytes):
+                try:
+                    record = orjson.loads(item)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and record.get("event") == "decision":
+                    self._add(record, item, exact=True)
+            else:
+                self._add(item, None)
 
-    def _keep(self, raw: bytes) -> None:
+    def _keep(self, raw: bytes, exact: bool) -> None:
         size = len(raw) - raw.endswith(b"\n")
         if size > self._max_bytes:
             return
-        # a copy of exactly its size: orjson's bytes keep their whole write buffer (~8 KiB for a 1 KB record)
-        line = raw[:size] if size < len(raw) else bytes(memoryview(raw))
+        # orjson's bytes keep their whole write buffer (~8 KiB for a 1 KB record): kept as a copy of
+        # exactly their size (a slice); ``exact``: ``raw`` is such a copy already (a line read from disk)
+        line = raw[:size] if size < len(raw) else raw if exact else bytes(memoryview(raw))
         recent = self._recent
         recent.append(line)
         self._bytes += size
         while len(recent) > self._capacity or self._bytes > self._max_bytes:
             self._bytes -= len(recent.popleft())
 
-    def _add(self, record: dict[str, Any], line: bytes | None) -> None:
-        self._keep(orjson.dumps(record) if line is None else line)
+    def _add(self, record: dict[str, Any], line: bytes | None, exact: bool = False) -> None:
+        self._keep(orjson.dumps(record) if line is None else line, exact and line is not None)
         if record.get("direction") == "control":  # an operator's step or a quarantine, not a call
             return
         task, host, port = record.get("task_id"), record.get("host"), record.get("port")
@@ -644,18 +657,22 @@ def add_viewer_routes(
     """
     loaded = tasks.runtime.snapshot.loaded
     path = decision_log.path
-    initial: list[dict[str, Any]] = []
+    lines: list[bytes] = []
     if path is not None:
         try:
-            initial = [r for r in tail_records(log_files(path), RECENT) if r.get("event") == "decision"]
+            lines = tail_lines(log_files(path), RECENT)
         except OSError as exc:
             _log.warning("viewer_history_unreadable", error=str(exc))
     own = path.resolve() if path is not None else None
     others = _OtherLogs([p for p in (loaded.resolve(p) for p in loaded.settings.viewer.logs) if p.resolve() != own])
     earlier = others.history(RECENT)
-    if earlier:
-        initial = sorted(initial + earlier, key=lambda r: str(r.get("time") or ""))
+    initial: list[dict[str, Any]] | list[bytes] = lines
+    if earlier:  # merged by time with the other sidecars' records
+        mine = [r for r in map(orjson.loads, lines) if r.get("event") == "decision"]
+        initial = sorted(mine + earlier, key=lambda r: str(r.get("time") or ""))
+    del lines
     feed = DecisionFeed(initial, max_bytes=loaded.settings.viewer.recent_bytes)
+    del initial
     decision_log.listeners.append(feed.publish)
     spec = loaded.settings.decision_log
     key_file = loaded.resolve(spec.hmac_key_file) if spec.hmac_key_file is not None else None

@@ -14,7 +14,7 @@ import pytest
 
 from sidecar.admin.viewer import RECENT, RECENT_BYTES, DecisionFeed
 from sidecar.audit.log import DecisionLog
-from sidecar.audit.reader import RecordFilter, parse_time
+from sidecar.audit.reader import RecordFilter, log_files, parse_time, tail_lines
 from sidecar.config.schema import ViewerSpec
 
 AGENT = "spiffe://test.example/ns/agents/sa/worker"
@@ -169,3 +169,23 @@ def test_the_defaults_and_the_config_key() -> None:
     for bad in ("1KiB", "2GiB", 0):
         with pytest.raises(ValueError, match="recent_bytes must be between 64 KiB and 1 GiB"):
             ViewerSpec.model_validate({"recent_bytes": bad})
+
+
+def test_the_lines_of_the_log_at_start_are_kept_as_they_are(tmp_path: Path) -> None:
+    """At start the feed takes the log's last lines (``tail_lines``): decoded one at a time for the
+    counts, kept as the bytes read; a line that is no decision record is skipped."""
+    path = tmp_path / "decisions.log"
+    log = DecisionLog(path, stdout=False)
+    for n in range(6):
+        log.append(record(n))
+    log.close()
+    with path.open("ab") as handle:
+        handle.write(b'{"event": "other"}\n')
+    lines = tail_lines(log_files(path), RECENT)
+    assert len(lines) == 7
+    feed = DecisionFeed([*lines, b"not json"], max_bytes=RECENT_BYTES)
+    assert feed.records() == [orjson.loads(line) for line in lines[:6]]
+    assert all(kept is line for kept, line in zip(feed._recent, lines, strict=False))  # no copies
+    assert feed.size == sum(map(len, lines[:6]))
+    assert sum(a + d for where in feed.counts().values() for a, d in where.values()) == 6
+    assert feed.query(RecordFilter(task="t1"), 10) == [orjson.loads(lines[4]), orjson.loads(lines[1])]
