@@ -366,18 +366,11 @@ class DnsProxy:
                 async with asyncio.timeout(self._timeout):
                     data = await (_over_tcp if tcp else _over_udp)(wire, host, port)
                 response = dns.message.from_wire(data)
-                if not outbound.is_response(response):
-                    raise _NotTheAnswer
-            except (
-                _NotTheAnswer,
-                dns.exception.DNSException,
-                OSError,
-                EOFError,
-                ValueError,
-                IndexError,
-                struct.error,
-            ) as exc:
+            except (dns.exception.DNSException, OSError, EOFError, ValueError, IndexError, struct.error) as exc:
                 _log.debug("dns_upstream_failed", upstream=host, error=type(exc).__name__)
+                continue
+            if not outbound.is_response(response):  # another id, other flags or another question
+                _log.debug("dns_upstream_failed", upstream=host, error="not_the_answer")
                 continue
             return response
         return None
@@ -416,10 +409,6 @@ def _addresses(response: dns.message.Message) -> list[tuple[Address, int]]:
                 with contextlib.suppress(ValueError):
                     found.append((ipaddress.ip_address(rdata.address), rrset.ttl))
     return found
-
-
-class _NotTheAnswer(Exception):
-    """A resolver's message that is no response to the forwarded query (id, flags or question differ)."""
 
 
 class _Reply(asyncio.DatagramProtocol):

@@ -15,8 +15,9 @@ def test_serve_keeps_no_parsed_task_once_compiled(tmp_path: Path) -> None:
     """The tasks' models (1,000 tasks of 10 rules: ~17 MB) are dropped once compiled into the policy,
     also by ``serve``'s own frame, which lives as long as the process."""
     write_keys(tmp_path)
-    rules = [{"name": f"r{j}", "host": "api.internal", "methods": ["GET"], "paths": [f"/v{j}/*"]} for j in range(10)]
-    path = write_config(tmp_path, base_config(tmp_path, [task(f"t{i}", egress=rules) for i in range(20)]))
+    host = "serve-memory.internal"  # names this test's models among what other tests left in the process
+    rules = [{"name": f"r{j}", "host": host, "methods": ["GET"], "paths": [f"/v{j}/*"]} for j in range(10)]
+    path = write_config(tmp_path, base_config(tmp_path, [task(f"serve-memory-{i}", egress=rules) for i in range(20)]))
     ready = tmp_path / "ready.json"
 
     async def run() -> tuple[int, int]:
@@ -29,8 +30,8 @@ def test_serve_keeps_no_parsed_task_once_compiled(tmp_path: Path) -> None:
         gc.unfreeze()  # serve froze what it built: back where gc.get_objects() sees it
         gc.collect()
         alive = gc.get_objects()
-        specs = sum(isinstance(o, TaskSpec) for o in alive)
-        rule_specs = sum(isinstance(o, EgressRuleSpec) for o in alive)
+        specs = sum(isinstance(o, TaskSpec) and o.id.startswith("serve-memory-") for o in alive)
+        rule_specs = sum(isinstance(o, EgressRuleSpec) and o.host == host for o in alive)
         del alive
         stop.set()
         await serving
