@@ -23,8 +23,9 @@ Routes:
         SVID for this agent (``agent-authz approve --operator-token``); anyone else (the agent
         included) gets 403 and a ``not_authorized`` record.
 
-The viewer keeps the last :data:`RECENT` records in memory (loaded from the end of the log at start,
-then fed by the decision log); older ones are for ``agent-authz logs``. With ``viewer.logs`` it also
+The viewer keeps the last :data:`RECENT` records in memory as their JSON, at most ``viewer.recent_bytes``
+of it (loaded from the end of the log at start, then fed by the decision log); older ones are for
+``agent-authz logs``. With ``viewer.logs`` it also
 reads other sidecars' decision logs (their tail at start, then followed like ``tail -F`` in a thread)
 and shows their records with its own; their chains are verified by ``agent-authz logs verify``, not
 here. This sidecar's chain is verified by ``agent-authz logs verify --expect SEQ:HASH`` in a child
@@ -42,7 +43,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ from aiohttp_sse import sse_response
 from sidecar.admin.control_api import control_error
 from sidecar.admin.delegation_tree import delegation_trees
 from sidecar.audit.log import DecisionLog
-from sidecar.audit.reader import RecordFilter, follow_lines, log_files, tail_records, time_bound
+from sidecar.audit.reader import RecordFilter, follow_lines, log_files, tail_lines, tail_records, time_bound
 from sidecar.config.durations import parse_duration
 from sidecar.control.documents import ControlCode, ControlError
 from sidecar.decision import Reason
@@ -63,12 +64,21 @@ from sidecar.policy.model import SENSITIVITY_NAMES
 from sidecar.runtime.control import ControlService
 from sidecar.runtime.tasks import TaskService
 
-__all__ = ["CHAIN_CHECK_INTERVAL", "RECENT", "TASKS_CHECK_INTERVAL", "DecisionFeed", "add_viewer_routes"]
+__all__ = [
+    "CHAIN_CHECK_INTERVAL",
+    "RECENT",
+    "RECENT_BYTES",
+    "TASKS_CHECK_INTERVAL",
+    "DecisionFeed",
+    "add_viewer_routes",
+]
 
 _log = structlog.get_logger("agent_authz.viewer")
 
 RECENT = 10_000
-"""Records the viewer keeps in memory."""
+"""Records the viewer keeps in memory (at most; ``viewer.recent_bytes`` bounds their size too)."""
+RECENT_BYTES = 8 * 1024 * 1024
+"""Bytes of JSON the viewer keeps by default (``viewer.recent_bytes``)."""
 CHAIN_CHECK_INTERVAL = 5.0
 """Seconds between two chain verifications (results are reused in between)."""
 TASKS_CHECK_INTERVAL = 0.5
@@ -99,20 +109,55 @@ class _Subscriber:
 class DecisionFeed:
     """Recent records, per-task counts and live subscribers; a :class:`DecisionLog` listener.
 
+    The recent records are kept as their JSON (``orjson`` bytes: the line the decision log wrote),
+    at most ``capacity`` of them and at most ``max_bytes`` of JSON in all (the oldest go first); they
+    are decoded when asked for (:meth:`query`, :meth:`get`, :meth:`records`). A record larger than
+    ``max_bytes`` on its own is not kept (it is still counted and sent to live pages). The per-task
+    counts cover every record seen.
+
     Args:
-        initial: records already on disk, oldest first.
+        initial: records already on disk, oldest first: each a record, or the line of one as this
+            sidecar's decision log wrote it (``orjson``; decoded one at a time, and kept as it is
+            when its ``event`` is ``decision``, else skipped).
         capacity: how many records to keep.
+        max_bytes: how many bytes of JSON to keep (``viewer.recent_bytes``).
     """
 
-    def __init__(self, initial: list[dict[str, Any]], capacity: int = RECENT) -> None:
-        self._recent: deque[dict[str, Any]] = deque(maxlen=capacity)
+    def __init__(
+        self, initial: Iterable[dict[str, Any] | bytes], capacity: int = RECENT, max_bytes: int = RECENT_BYTES
+    ) -> None:
+        self._recent: deque[bytes] = deque()
+        self._capacity = capacity
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._by_task: dict[str, dict[str, list[int]]] = {}
         self._subscribers: set[_Subscriber] = set()
-        for record in initial:
-            self._add(record)
+        for item in initial:
+            if isinstance(item, bytes):
+                try:
+                    record = orjson.loads(item)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(record, dict) and record.get("event") == "decision":
+                    self._add(record, item, exact=True)
+            else:
+                self._add(item, None)
 
-    def _add(self, record: dict[str, Any]) -> None:
-        self._recent.append(record)
+    def _keep(self, raw: bytes, exact: bool) -> None:
+        size = len(raw) - raw.endswith(b"\n")
+        if size > self._max_bytes:
+            return
+        # orjson's bytes keep their whole write buffer (~8 KiB for a 1 KB record): kept as a copy of
+        # exactly their size (a slice); ``exact``: ``raw`` is such a copy already (a line read from disk)
+        line = raw[:size] if size < len(raw) else raw if exact else bytes(memoryview(raw))
+        recent = self._recent
+        recent.append(line)
+        self._bytes += size
+        while len(recent) > self._capacity or self._bytes > self._max_bytes:
+            self._bytes -= len(recent.popleft())
+
+    def _add(self, record: dict[str, Any], line: bytes | None, exact: bool = False) -> None:
+        self._keep(orjson.dumps(record) if line is None else line, exact and line is not None)
         if record.get("direction") == "control":  # an operator's step or a quarantine, not a call
             return
         task, host, port = record.get("task_id"), record.get("host"), record.get("port")
@@ -125,9 +170,16 @@ class DecisionFeed:
         counts = destinations.setdefault(where, [0, 0])
         counts[0 if record.get("decision") == "allow" else 1] += 1
 
-    def publish(self, record: dict[str, Any]) -> None:
-        """Take one new record (called by the decision log right after writing it)."""
-        self._add(record)
+    def publish(self, record: dict[str, Any], line: bytes | None = None) -> None:
+        """Take one new record (called by the decision log right after writing it).
+
+        Args:
+            record: the record.
+            line: its JSON exactly as :func:`orjson.dumps` writes it (the decision log's line, a
+                trailing newline allowed), kept instead of serializing ``record`` again; ``None``:
+                serialize it here.
+        """
+        self._add(record, line)
         self._send(("decision", record), lambda s: s.filter.matches(record))
 
     def notify_tasks(self) -> None:
@@ -145,18 +197,30 @@ class DecisionFeed:
             self._subscribers.discard(subscriber)
 
     def query(self, selected: RecordFilter, limit: int) -> list[dict[str, Any]]:
-        """Up to ``limit`` matching records, newest first."""
+        """Up to ``limit`` matching records, newest first (decoded; only those that may match are)."""
+        needles = _needles(selected)
         found: list[dict[str, Any]] = []
-        for record in reversed(self._recent):
-            if selected.matches(record):
-                found.append(record)
-                if len(found) >= limit:
-                    break
+        for line in reversed(self._recent):
+            if all(needle in line for needle in needles):
+                record = orjson.loads(line)
+                if selected.matches(record):
+                    found.append(record)
+                    if len(found) >= limit:
+                        break
         return found
 
     def records(self) -> list[dict[str, Any]]:
-        """The recent records, oldest first (a copy)."""
-        return list(self._recent)
+        """The recent records, oldest first (decoded: a copy)."""
+        return [orjson.loads(line) for line in self._recent]
+
+    def __len__(self) -> int:
+        """How many records are kept."""
+        return len(self._recent)
+
+    @property
+    def size(self) -> int:
+        """Bytes of JSON kept (at most ``max_bytes``)."""
+        return self._bytes
 
     @property
     def listening(self) -> bool:
@@ -164,8 +228,14 @@ class DecisionFeed:
         return bool(self._subscribers)
 
     def get(self, decision_id: str) -> dict[str, Any] | None:
-        """The recent record with this id, if any."""
-        return next((r for r in reversed(self._recent) if r.get("decision_id") == decision_id), None)
+        """The recent record with this id (decoded), if any."""
+        needle = b'"decision_id":' + orjson.dumps(decision_id)
+        for line in reversed(self._recent):
+            if needle in line:
+                record: dict[str, Any] = orjson.loads(line)
+                if record.get("decision_id") == decision_id:
+                    return record
+        return None
 
     def counts(self) -> dict[str, dict[str, list[int]]]:
         """``task_id -> destination -> [allowed, denied]`` over every record seen."""
@@ -187,6 +257,26 @@ class DecisionFeed:
             with contextlib.suppress(asyncio.QueueFull):
                 subscriber.queue.put_nowait(None)
         self._subscribers.clear()
+
+
+def _needles(selected: RecordFilter) -> list[bytes]:
+    """Byte strings every line that ``selected`` matches contains (a record's JSON as orjson writes it:
+    ``"key":value`` without spaces); a line without one of them need not be decoded."""
+    needles = [
+        b'"' + key + b'":' + orjson.dumps(value)
+        for key, value in (
+            (b"task_id", selected.task),
+            (b"agent", selected.agent),
+            (b"caller", selected.caller),
+            (b"decision", selected.decision),
+            (b"reason", selected.reason),
+        )
+        if value is not None
+    ]
+    for value in (selected.tool, selected.rpc_method):
+        if value is not None:
+            needles.append(b":" + orjson.dumps(value))
+    return needles
 
 
 class _ChainChecker:
@@ -512,7 +602,7 @@ async def _tree(request: web.Request) -> web.Response:
     body["logs"] = {
         "own": None if state.own_log is None else str(state.own_log),
         "others": list(state.others.status.values()),
-        "window": f"the last {RECENT} records",
+        "window": f"the last {len(state.feed)} records",
     }
     return web.json_response(body, dumps=_dumps)
 
@@ -567,18 +657,22 @@ def add_viewer_routes(
     """
     loaded = tasks.runtime.snapshot.loaded
     path = decision_log.path
-    initial: list[dict[str, Any]] = []
+    lines: list[bytes] = []
     if path is not None:
         try:
-            initial = [r for r in tail_records(log_files(path), RECENT) if r.get("event") == "decision"]
+            lines = tail_lines(log_files(path), RECENT)
         except OSError as exc:
             _log.warning("viewer_history_unreadable", error=str(exc))
     own = path.resolve() if path is not None else None
     others = _OtherLogs([p for p in (loaded.resolve(p) for p in loaded.settings.viewer.logs) if p.resolve() != own])
     earlier = others.history(RECENT)
-    if earlier:
-        initial = sorted(initial + earlier, key=lambda r: str(r.get("time") or ""))
-    feed = DecisionFeed(initial)
+    initial: list[dict[str, Any]] | list[bytes] = lines
+    if earlier:  # merged by time with the other sidecars' records
+        mine = [r for r in map(orjson.loads, lines) if r.get("event") == "decision"]
+        initial = sorted(mine + earlier, key=lambda r: str(r.get("time") or ""))
+    del lines
+    feed = DecisionFeed(initial, max_bytes=loaded.settings.viewer.recent_bytes)
+    del initial
     decision_log.listeners.append(feed.publish)
     spec = loaded.settings.decision_log
     key_file = loaded.resolve(spec.hmac_key_file) if spec.hmac_key_file is not None else None

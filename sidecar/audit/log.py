@@ -260,7 +260,8 @@ class DecisionLog:
         last_error: the message of the last failure, ``None`` once a write succeeds again.
         write_errors: failed writes by sink (``"file"``, ``"stdout"``).
         rotations: files rotated by this process.
-        listeners: called with each record after it is written (the viewer's live feed).
+        listeners: called with each record and its JSON line (bytes, as written, newline included)
+            after it is written (the viewer's live feed).
 
     Raises:
         DecisionLogError: ``path`` cannot be opened or its last record cannot be read.
@@ -299,7 +300,7 @@ class DecisionLog:
         self.last_error: str | None = None
         self.write_errors = {"file": 0, "stdout": 0}
         self.rotations = 0
-        self.listeners: list[Callable[[dict[str, Any]], None]] = []
+        self.listeners: list[Callable[[dict[str, Any], bytes], None]] = []
         if path is not None:
             try:
                 self._resume(path)
@@ -447,7 +448,7 @@ class DecisionLog:
             self.healthy = True
             self.last_error = None
         for listener in self.listeners:
-            listener(record)
+            listener(record, line)
 
     # -- durability -----------------------------------------------------------------------------
 

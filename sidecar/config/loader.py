@@ -16,7 +16,7 @@ import orjson
 import yaml
 from pydantic import ValidationError
 
-from sidecar.config.schema import UNION_TAGS, SidecarConfig
+from sidecar.config.schema import UNION_TAGS, SidecarConfig, TaskSpec
 from sidecar.errors import ConfigError, KeyLoadError
 
 __all__ = [
@@ -83,7 +83,26 @@ def format_loc(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _parse(source: Path, raw: bytes) -> SidecarConfig:
+def _tasks_one_by_one(tasks: list[object]) -> list[TaskSpec] | None:
+    """Validate ``tasks`` (the parsed document's list) one at a time, dropping each parsed task from the
+    list once it is a :class:`TaskSpec`: the document and the models are never both whole in memory
+    (1,000 tasks of 10 rules: ~7 MB parsed, ~17 MB validated; the allocator keeps what a load peaked at).
+
+    Returns:
+        The models, or ``None`` when one is invalid (``tasks`` is then partly consumed: parse again).
+    """
+    specs: list[TaskSpec] = []
+    for index, task in enumerate(tasks):
+        tasks[index] = None
+        try:
+            specs.append(TaskSpec.model_validate(task))
+        except ValidationError:
+            return None
+        del task
+    return specs
+
+
+def _parse(source: Path, raw: bytes, *, whole: bool = False) -> SidecarConfig:
     name = str(source)
     data: object = None
     if raw.lstrip()[:1] == b"{":  # JSON is YAML; orjson reads a large generated config ~10x faster
@@ -101,6 +120,13 @@ def _parse(source: Path, raw: bytes) -> SidecarConfig:
         raise ConfigError(name, where, f"invalid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise ConfigError(name, "", "the top level must be a mapping")
+    tasks = None if whole else data.get("tasks")
+    if isinstance(tasks, list) and tasks:
+        specs = _tasks_one_by_one(tasks)
+        if specs is not None:
+            data["tasks"] = specs
+        else:  # a task is invalid: validate the document as a whole for the same errors as always
+            return _parse(source, raw, whole=True)
     try:
         return SidecarConfig.model_validate(data)
     except ValidationError as exc:

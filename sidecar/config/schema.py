@@ -1194,6 +1194,19 @@ class ViewerSpec(_Model):
     sub-agent spent is only known from its own records). Their hash chains are not verified here
     (``agent-authz logs verify`` does that); a missing or unreadable file is named in the viewer, not
     an error."""
+    recent_bytes: ByteSize = ByteSize(8 * 1024 * 1024)
+    """Memory for the recent records the viewer shows (``8MiB``, ``32MB``, or bytes; 64 KiB - 1 GiB):
+    the last 10,000 records (this sidecar's and those of ``logs``), kept as their JSON, at most this
+    many bytes of it - the oldest go first, a single record larger than this is not kept (it is still
+    counted in the summaries and shown live). Records are ~0.6-1.5 KB: the default holds ~8,000.
+    Older records are for ``agent-authz logs``."""
+
+    @field_validator("recent_bytes")
+    @classmethod
+    def _recent_bytes(cls, value: ByteSize) -> ByteSize:
+        if not 64 * 1024 <= value <= 1024**3:
+            raise ValueError("recent_bytes must be between 64 KiB and 1 GiB")
+        return value
 
 
 class QuarantineSpec(_Model):

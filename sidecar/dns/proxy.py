@@ -1,6 +1,8 @@
 """The DNS proxy: every query of the agent (redirected here from port 53, UDP and TCP) is judged first.
 
-For each message (RFC 1035 §4; dnspython reads and writes the wire format):
+For each message (RFC 1035 §4; dnspython reads and writes the wire format, the forwarding is this
+module's own asyncio UDP and TCP - dnspython's ``dns.query`` would import an HTTP client for
+DNS-over-HTTPS, ~5 MB, whenever one is installed):
 
 1. not a DNS query - shorter than a header, undecodable, a response (``QR`` set), another opcode than
    ``QUERY``, not exactly one question, a name over 255 octets or a label over 63 - is dropped
@@ -14,7 +16,9 @@ For each message (RFC 1035 §4; dnspython reads and writes the wire format):
 3. an allowed one is forwarded to the pod's resolvers in order as a new query (:func:`_outbound`: the
    question, a fresh id, ``RD``/``CD``/``DO``, the proxy's own EDNS without options - nothing else of
    the agent's message, so EDNS options and extra records carry no data to the resolvers) (UDP
-   queries over UDP, TCP ones over TCP; dnspython checks the answer matches the question), and the
+   queries over UDP, on a socket connected to the resolver, TCP ones over TCP; each resolver gets
+   ``timeout`` seconds; its first message must answer the question - id, flags, question - else the
+   next resolver is asked; a truncated UDP answer is relayed as it is, ``TC`` set), and the
    answer is relayed with the agent's id; its ``A``/``AAAA`` records are remembered for the
    passthrough binding (:class:`~sidecar.dns.answers.AddressBook`). Counted (``allowed``); recorded
    once per name and type per ``dns.allowed_record_interval``. No resolver answering is SERVFAIL
@@ -40,7 +44,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-import dns.asyncquery
 import dns.edns
 import dns.exception
 import dns.flags
@@ -357,16 +360,17 @@ class DnsProxy:
 
     async def _forward(self, query: dns.message.Message, tcp: bool) -> dns.message.Message | None:
         outbound = _outbound(query)
+        wire = outbound.to_wire()
         for host, port in self._upstreams:
             try:
-                if tcp:
-                    response = await dns.asyncquery.tcp(outbound, host, timeout=self._timeout, port=port)
-                else:
-                    response = await dns.asyncquery.udp(
-                        outbound, host, timeout=self._timeout, port=port, ignore_unexpected=True
-                    )
-            except (dns.exception.DNSException, OSError, ValueError, EOFError) as exc:
+                async with asyncio.timeout(self._timeout):
+                    data = await (_over_tcp if tcp else _over_udp)(wire, host, port)
+                response = dns.message.from_wire(data)
+            except (dns.exception.DNSException, OSError, EOFError, ValueError, IndexError, struct.error) as exc:
                 _log.debug("dns_upstream_failed", upstream=host, error=type(exc).__name__)
+                continue
+            if not outbound.is_response(response):  # another id, other flags or another question
+                _log.debug("dns_upstream_failed", upstream=host, error="not_the_answer")
                 continue
             return response
         return None
@@ -405,6 +409,50 @@ def _addresses(response: dns.message.Message) -> list[tuple[Address, int]]:
                 with contextlib.suppress(ValueError):
                     found.append((ipaddress.ip_address(rdata.address), rrset.ttl))
     return found
+
+
+class _Reply(asyncio.DatagramProtocol):
+    """The first datagram on a UDP socket connected to one resolver (the kernel drops any other sender's)."""
+
+    def __init__(self) -> None:
+        self.message: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        if not self.message.done():
+            self.message.set_result(data)
+
+    def error_received(self, exc: Exception) -> None:  # e.g. ICMP port unreachable: no resolver there
+        if not self.message.done():
+            self.message.set_exception(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.message.done():
+            self.message.set_exception(exc or ConnectionError("the socket closed"))
+
+
+async def _over_udp(wire: bytes, host: str, port: int) -> bytes:
+    """Send ``wire`` to ``host:port`` over UDP; the first reply (the caller bounds the wait)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    transport, reply = await asyncio.get_running_loop().create_datagram_endpoint(
+        _Reply, remote_addr=(host, port), family=family
+    )
+    try:
+        transport.sendto(wire)
+        return await reply.message
+    finally:
+        transport.close()
+
+
+async def _over_tcp(wire: bytes, host: str, port: int) -> bytes:
+    """Send ``wire`` to ``host:port`` over TCP (RFC 7766 framing); the reply (the caller bounds the wait)."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(struct.pack("!H", len(wire)) + wire)
+        await writer.drain()
+        (length,) = struct.unpack("!H", await reader.readexactly(2))
+        return await reader.readexactly(length)
+    finally:
+        writer.close()
 
 
 class _Datagrams(asyncio.DatagramProtocol):

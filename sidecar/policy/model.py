@@ -33,6 +33,9 @@ __all__ = [
 SENSITIVITY_NAMES = ("public", "internal", "confidential", "restricted")
 """The labels by level: a compiled label is its index here (``0`` is ``public``)."""
 
+_NO_PATHS: frozenset[str] = frozenset()
+"""The ``exact`` of every matcher without exact paths (one object: an empty ``frozenset`` is 216 bytes)."""
+
 Blocks = Mapping[str, tuple[Reason, str]]
 """Task id -> why the freeze ladder blocks it: ``task_quarantined`` (frozen) or ``task_revoked``
 (killed), with a detail naming the action (:mod:`sidecar.control.ladder`)."""
@@ -55,7 +58,7 @@ class PathMatcher:
     @classmethod
     def compile(cls, patterns: list[str]) -> PathMatcher:
         """Build a matcher from validated patterns (see :class:`~sidecar.config.schema.EgressRuleSpec`)."""
-        exact = frozenset(p for p in patterns if p != "*" and not p.endswith("/*"))
+        exact = frozenset(p for p in patterns if p != "*" and not p.endswith("/*")) or _NO_PATHS
         prefixes = tuple(sorted({p[:-1] for p in patterns if p.endswith("/*")}))
         return cls(exact, prefixes, "*" in patterns)
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from sidecar.audit import reader
 from sidecar.audit.chain import GENESIS, ChainHead, canonical, record_hash, verify_lines
 from sidecar.audit.log import DecisionLog
-from sidecar.audit.reader import iter_lines, log_files, tail_records
+from sidecar.audit.reader import iter_lines, log_files, tail_lines, tail_records
 
 KEY = b"k" * 32
 
@@ -244,6 +245,19 @@ def test_tail_and_reverse_reading(tmp_path: Path) -> None:
     _write(path, 30, max_bytes=4096)
     tail = tail_records(log_files(path), 12)
     assert [r["seq"] for r in tail] == list(range(18, 30))
+
+
+def test_tail_lines_are_the_tail_records_as_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "decisions.log"
+    _write(path, 30, max_bytes=4096)  # rotated: the tail spans files
+    with path.open("ab") as handle:
+        handle.write(b"not json\n[1, 2]\n")  # neither is a record: skipped, not counted
+    lines = tail_lines(log_files(path), 12)
+    assert [orjson.loads(line) for line in lines] == tail_records(log_files(path), 12)
+    assert [orjson.loads(line)["seq"] for line in lines] == list(range(18, 30))
+    assert not [line for line in lines if line.endswith(b"\n")]
+    every = [raw.rstrip(b"\n") for _, _, raw in iter_lines(log_files(path))]
+    assert tail_lines(log_files(path), 100) == every[:30]  # the 30 records; the two junk lines last
 
 
 @given(st.lists(st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"")), max_size=10), st.binary(max_size=9))

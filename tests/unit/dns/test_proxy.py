@@ -4,6 +4,7 @@ and hostile input - junk, responses, oversized names, floods - that never crashe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 import threading
@@ -27,7 +28,7 @@ from sidecar.dns.answers import AddressBook
 from sidecar.dns.proxy import JUNK_RECORDS_PER_SECOND, DnsHooks, DnsProxy
 from sidecar.runtime import Runtime
 from tests.support.config import base_config, task, write_config, write_keys
-from tests.support.dns_server import DnsServer
+from tests.support.dns_server import DnsServer, answer
 
 ZONE = {
     "api.example.com": ["10.1.0.1", "fd00::1"],
@@ -327,3 +328,123 @@ def test_an_allowed_name_in_another_class_is_refused_and_recorded_as_a_deny(env:
     (record,) = env.records
     assert (record.allow, record.reason) == (False, Reason.DNS_NOT_ALLOWED)
     assert record.detail == f"class {rdclass}: only IN names resolve" and env.counts == {"refused": 1}
+
+
+class _Liar:
+    """A resolver on UDP and TCP (one port) whose every reply is ``lie(query, honest reply)``; ``None``
+    sends nothing (UDP) or closes the connection (TCP)."""
+
+    def __init__(self, lie: Any) -> None:
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.port = self.udp.getsockname()[1]
+        self.tcp = socket.create_server(("127.0.0.1", self.port))
+        self.lie = lie
+        self.received: list[str] = []
+        for target in (self._serve_udp, self._serve_tcp):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _reply(self, data: bytes, transport: str) -> bytes | None:
+        self.received.append(transport)
+        query = dns.message.from_wire(data)
+        honest, _ = answer(data, ZONE, 30, transport == "tcp")
+        assert honest is not None
+        lied: bytes | None = self.lie(query, dns.message.from_wire(honest))
+        return lied
+
+    def _serve_udp(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                data, peer = self.udp.recvfrom(65535)
+                reply = self._reply(data, "udp")
+                if reply is not None:
+                    self.udp.sendto(reply, peer)
+
+    def _serve_tcp(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.tcp.accept()
+                with conn:
+                    (length,) = struct.unpack("!H", conn.recv(2))
+                    reply = self._reply(conn.recv(length), "tcp")
+                    if reply is not None:
+                        conn.sendall(struct.pack("!H", len(reply)) + reply)
+
+    def close(self) -> None:
+        self.udp.close()
+        self.tcp.close()
+
+
+def _wrong_id(query: dns.message.Message, reply: dns.message.Message) -> bytes:
+    reply.id = (query.id + 1) % 65536
+    return bytes(reply.to_wire())
+
+
+def _wrong_question(query: dns.message.Message, reply: dns.message.Message) -> bytes:
+    other = dns.message.make_query("evil.example.net", "A")
+    other.id, other.flags = reply.id, reply.flags
+    other.answer.append(dns.rrset.from_text("evil.example.net.", 30, "IN", "A", "203.0.113.66"))
+    return bytes(other.to_wire())
+
+
+def _not_dns(query: dns.message.Message, reply: dns.message.Message) -> bytes:
+    return struct.pack("!H", query.id) + b"\xff" * 40
+
+
+def _silent(query: dns.message.Message, reply: dns.message.Message) -> None:
+    return None
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["udp", "tcp"])
+@pytest.mark.parametrize("lie", [_wrong_id, _wrong_question, _not_dns, _silent])
+def test_a_resolver_message_that_does_not_answer_the_question_is_not_relayed(
+    tmp_path: Path, lie: Any, tcp: bool
+) -> None:
+    """Its first message decides: not the answer (another id, another question, no DNS) - or none within
+    the timeout - and the next resolver is asked; with none left, SERVFAIL."""
+    liar = _Liar(lie)
+    try:
+        for env in _env(tmp_path, upstreams=(("127.0.0.1", liar.port),)):
+            upstream = env.upstream.port
+            reply = env.ask("api.example.com", tcp=tcp)
+            assert reply.rcode() == dns.rcode.SERVFAIL and reply.answer == []
+            assert env.counts == {"allowed": 1, "upstream_failed": 1}
+            assert liar.received == ["tcp" if tcp else "udp"]
+            env.proxy._upstreams = (("127.0.0.1", liar.port), ("127.0.0.1", upstream))
+            reply = env.ask("api.example.com", tcp=tcp)
+            assert [r.to_text() for r in reply.answer[0]] == ["10.1.0.1"]  # from the second resolver
+            assert env.forwarded() == ["api.example.com"] and len(liar.received) == 2
+            assert {str(a) for a in env.book.addresses("api.example.com", 0)} == {"10.1.0.1"}
+    finally:
+        liar.close()
+
+
+def test_the_resolvers_are_asked_in_order_past_one_that_is_not_there(tmp_path: Path) -> None:
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: UDP gets ICMP port unreachable, TCP a refused connection
+    for env in _env(tmp_path):
+        env.proxy._upstreams = (("127.0.0.1", port), ("127.0.0.1", env.upstream.port))
+        assert env.ask("api.example.com").answer[0][0].to_text() == "10.1.0.1"
+        assert env.ask("api.example.com", tcp=True).answer[0][0].to_text() == "10.1.0.1"
+        assert env.counts == {"allowed": 2}
+
+
+def test_a_truncated_answer_of_the_resolver_is_relayed_truncated(tmp_path: Path) -> None:
+    """Over UDP the proxy relays what the resolver sent, TC set: the agent retries over TCP itself."""
+
+    def truncated(query: dns.message.Message, reply: dns.message.Message) -> bytes:
+        reply.answer.clear()
+        reply.flags |= dns.flags.TC
+        return bytes(reply.to_wire())
+
+    liar = _Liar(truncated)
+    try:
+        for env in _env(tmp_path, upstreams=(("127.0.0.1", liar.port),)):
+            query = dns.message.make_query("api.example.com", "A", use_edns=0)
+            reply = dns.query.udp(query, "127.0.0.1", timeout=5, port=env.port, raise_on_truncation=False)
+            assert reply.flags & dns.flags.TC and reply.answer == [] and reply.id == query.id
+            assert liar.received == ["udp"] and env.counts == {"allowed": 1}
+    finally:
+        liar.close()
