@@ -656,13 +656,19 @@ def test_a_child_delegated_before_a_restart_is_revoked_at_the_authority_after_it
 def _first_deny(
     agents: list[Agent], started: float, expected: str = "task_revoked", timeout: float = 5.0
 ) -> dict[str, float]:
-    """Poll until each agent's next call is answered ``expected``; seconds from ``started`` for each."""
+    """Poll until each agent's next call is answered ``expected``; seconds from ``started`` for each.
+
+    One round of checks every 5 ms, not flat out: a busy loop of checks (each a decision, a record
+    and a gRPC channel) competes on the 2 cores with the very propagation it times - the authority
+    replicas, the Kubernetes API double and the sidecar rebuilding its runtime from the feed."""
     seen: dict[str, float] = {}
     deadline = started + timeout
     while len(seen) < len(agents) and time.perf_counter() < deadline:
         for agent in agents:
             if agent.name not in seen and agent.reason() == expected:
                 seen[agent.name] = time.perf_counter() - started
+        if len(seen) < len(agents):
+            time.sleep(0.005)
     missing = [a.name for a in agents if a.name not in seen]
     assert not missing, f"not {expected} after {timeout}s: {missing}"
     return seen
@@ -675,7 +681,21 @@ def _in_thread(action: Callable[[], Any]) -> threading.Thread:
 
 
 def test_a_revocation_made_anywhere_reaches_every_sidecar_it_concerns_in_under_a_second(world: World) -> None:
+    """From each place a revocation can start to the first deny at a sidecar streaming the feed.
+
+    Timed from a steady state: every sidecar's feed stream open. Tests of this module stop and
+    restart replicas, and a sidecar whose replica just came back reconnects after its back-off (up
+    to 5 s, jittered); that reconnect is measured apart (``bench/authority_feed.py``), not here."""
     cluster, agents = world.cluster, world.agents
+
+    def connected() -> bool:
+        for agent in agents.values():
+            text = http_get(agent.sidecar.admin_url + "/metrics")[1].decode()
+            if metric_value(text, "agent_authz_revocation_feed_connected") != 1.0:
+                return False
+        return True
+
+    wait_until(connected, timeout=30, what="every sidecar's revocation feed connected")
     figures: dict[str, dict[str, float]] = {}
     # 1. the orchestrator revokes a sub-agent through its local task API: forwarded to the authority
     started = time.perf_counter()
@@ -728,6 +748,7 @@ def test_a_revocation_made_anywhere_reaches_every_sidecar_it_concerns_in_under_a
     figures["root task q3 revoked at the other replica (orchestrator)"] = _first_deny([agents["orch"]], started)
     thread.join(10)
     FIGURES["propagation_first_deny_s"] = {k: {n: round(v, 4) for n, v in d.items()} for k, d in figures.items()}
+    print("propagation, first deny (s):", FIGURES["propagation_first_deny_s"])
     for action, per_sidecar in figures.items():
         for name, seconds in per_sidecar.items():
             assert seconds < 1.0, f"{action}: {name} took {seconds:.3f}s"
