@@ -187,9 +187,7 @@ def profile(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         if args.transport:
             extra["envoy"] = {"authz_transport": args.transport}
-        config = run._sidecar_config(
-            state, Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "authz.sock", args.tasks, up, **extra
-        )
+        config = run._sidecar_config(state, run.socket_dir() / "authz.sock", args.tasks, up, **extra)
         (work / "d-run").mkdir()
         stack = AuthzStack(config, work / "d-run")  # process logs apart from the config, as in a pod
         stack.start()

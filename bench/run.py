@@ -35,6 +35,7 @@ Needs ``wrk`` and ``hey`` (Debian packages) on PATH.
 from __future__ import annotations
 
 import argparse
+import atexit
 import gc
 import json
 import os
@@ -65,6 +66,14 @@ CALLER = "spiffe://bench.example/ns/agents/sa/caller"
 RULES_PER_TASK = 10
 TLS_HOST = "secure.svc.internal"
 TLS_PATH = "/api/v1/items/42"
+
+
+def socket_dir() -> Path:
+    """A short directory under ``/tmp`` for Unix sockets (the 107-byte ``sun_path`` limit), removed
+    when the benchmark process exits."""
+    path = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp"))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 # -- configuration ----------------------------------------------------------------------------------
@@ -452,7 +461,7 @@ class _Trivial:
 def _trivial_servers(bench: Bench, count: int, transport: str = "grpc") -> _Trivial:
     procs, sockets = [], []
     for index in range(count):
-        sock = Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "trivial.sock"
+        sock = socket_dir() / "trivial.sock"
         proc = ManagedProcess(
             f"trivial-{transport}{index}",
             [sys.executable, str(REPO / "bench" / "trivial_authz.py"), "--transport", transport, f"unix:{sock}"],
@@ -533,9 +542,7 @@ def run_configs(bench: Bench) -> None:
             state = work / name
             state.mkdir()
             _write_keys(state)
-            config = _sidecar_config(
-                state, Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "authz.sock", tasks, up, **extra_config
-            )
+            config = _sidecar_config(state, socket_dir() / "authz.sock", tasks, up, **extra_config)
             (work / f"{name}-run").mkdir()
             stack = AuthzStack(config, work / f"{name}-run")  # logs apart from the config, as in a pod
             started = time.monotonic()
@@ -585,7 +592,7 @@ def run_configs(bench: Bench) -> None:
         _write_keys(state)
         config = _sidecar_config(
             state,
-            Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "authz.sock",
+            socket_dir() / "authz.sock",
             tasks,
             up,
             identity={
@@ -653,7 +660,7 @@ def run_intercept(bench: Bench, plain_upstream: str) -> None:
     }
     config = _sidecar_config(
         state,
-        Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "authz.sock",
+        socket_dir() / "authz.sock",
         tasks,
         plain_upstream,
         envoy={
@@ -751,9 +758,7 @@ def startup(work: Path, tasks: int, runs: int) -> float:
     state = work / "startup"
     state.mkdir()
     _write_keys(state)
-    config = _sidecar_config(
-        state, Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "authz.sock", tasks, "127.0.0.1:9"
-    )
+    config = _sidecar_config(state, socket_dir() / "authz.sock", tasks, "127.0.0.1:9")
     times = []
     for i in range(runs):
         proc = SidecarProcess(config, log_dir=state, name=f"s{i}")

@@ -129,7 +129,7 @@ def run_soak(work: Path, *, minutes: float = 10, rate: int = 1000, tasks: int = 
         up = f"127.0.0.1:{upstream.listener_port('up')}"
         config = run._sidecar_config(
             state,
-            Path(tempfile.mkdtemp(prefix="bench-", dir="/tmp")) / "authz.sock",
+            run.socket_dir() / "authz.sock",
             tasks,
             up,
             issuer={"max_token_ttl": "5s"},
