@@ -330,15 +330,28 @@ def test_an_allowed_name_in_another_class_is_refused_and_recorded_as_a_deny(env:
     assert record.detail == f"class {rdclass}: only IN names resolve" and env.counts == {"refused": 1}
 
 
+def _udp_and_tcp_on_one_port(attempts: int = 50) -> tuple[socket.socket, socket.socket]:
+    """A UDP and a TCP socket bound to the same free port of 127.0.0.1 (a free UDP port may be taken
+    for TCP by another process: then another port)."""
+    for _ in range(attempts):
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("127.0.0.1", 0))
+        try:
+            tcp = socket.create_server(("127.0.0.1", udp.getsockname()[1]))
+        except OSError:
+            udp.close()
+            continue
+        return udp, tcp
+    raise RuntimeError(f"no port free for both UDP and TCP in {attempts} attempts")
+
+
 class _Liar:
     """A resolver on UDP and TCP (one port) whose every reply is ``lie(query, honest reply)``; ``None``
     sends nothing (UDP) or closes the connection (TCP)."""
 
     def __init__(self, lie: Any) -> None:
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind(("127.0.0.1", 0))
+        self.udp, self.tcp = _udp_and_tcp_on_one_port()
         self.port = self.udp.getsockname()[1]
-        self.tcp = socket.create_server(("127.0.0.1", self.port))
         self.lie = lie
         self.received: list[str] = []
         for target in (self._serve_udp, self._serve_tcp):
