@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import orjson
 
 from sidecar.config.durations import parse_duration
+
+_T = TypeVar("_T")
 
 __all__ = [
     "RecordFilter",
@@ -143,44 +145,36 @@ def last_chained(files: list[Path], *, scan: int = 1000) -> dict[str, Any] | Non
     return None
 
 
+def _tail(files: list[Path], count: int, keep: Callable[[bytes, dict[str, Any]], _T]) -> list[_T]:
+    """``keep(line, record)`` of up to the last ``count`` records across ``files``, oldest first
+    (reads backwards, not the whole log; a line that is not a JSON object is skipped)."""
+    found: list[_T] = []
+    for path in reversed(files):
+        for raw in _reverse_lines(path):
+            if len(found) >= count:
+                break
+            try:
+                record = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                found.append(keep(raw, record))
+        if len(found) >= count:
+            break
+    found.reverse()
+    return found
+
+
 def tail_lines(files: list[Path], count: int) -> list[bytes]:
     """The lines of the last ``count`` records across ``files`` (those :func:`tail_records` returns),
     oldest first, each without its newline: the records as bytes, never all decoded at once (10,000
     records are ~9 MB of lines and ~30 MB of dicts; the allocator keeps what a start peaked at)."""
-    found: list[bytes] = []
-    for path in reversed(files):
-        for raw in _reverse_lines(path):
-            if len(found) >= count:
-                break
-            try:
-                record = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                found.append(raw[:-1] if raw.endswith(b"\n") else raw)
-        if len(found) >= count:
-            break
-    found.reverse()
-    return found
+    return _tail(files, count, lambda raw, _: raw[:-1] if raw.endswith(b"\n") else raw)
 
 
 def tail_records(files: list[Path], count: int) -> list[dict[str, Any]]:
     """Up to ``count`` last records across ``files``, oldest first (reads backwards, not the whole log)."""
-    found: list[dict[str, Any]] = []
-    for path in reversed(files):
-        for raw in _reverse_lines(path):
-            if len(found) >= count:
-                break
-            try:
-                record = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                found.append(record)
-        if len(found) >= count:
-            break
-    found.reverse()
-    return found
+    return _tail(files, count, lambda _, record: record)
 
 
 def parse_time(value: str) -> float:
