@@ -466,6 +466,11 @@ def test_the_approve_button_is_for_an_operator_only(
     expect(page.locator("#operator")).to_have_text("operator: may approve")
     row.locator("button.a-approve").click()
     expect(row.locator(".a-error")).to_contain_text("control_untrusted_signer")
+    # the refusal is recorded; its record reaches the page live and reloads the approvals: the
+    # message stays on the row (it used to vanish 200 ms later, so the operator might never see it)
+    expect(page.locator("#records tbody tr", has_text="not_authorized").first).to_be_visible()
+    page.wait_for_timeout(500)  # past the reload the record schedules
+    expect(row.locator(".a-error")).to_contain_text("control_untrusted_signer")
     assert env.send("DELETE", f"http://{API_HOST}/v1/items/3").reason == "approval_required"
     page.click("#operator-out")
 

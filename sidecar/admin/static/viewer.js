@@ -12,6 +12,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   source: null, selected: null, shown: new Set(), records: [], timers: {},
   spiffeIds: new Set(), labels: new Map(),
+  approvalErrors: new Map(), // approval id -> why the last approve was refused (kept across list reloads)
 };
 
 function svg(tag, attrs, ...children) {
@@ -563,15 +564,19 @@ async function approve(id, ttl, cell) {
       body: JSON.stringify({ ttl }),
     });
   } catch (err) {
+    state.approvalErrors.set(id, err.message);
     cell.replaceChildren(el("span", { class: "a-error" }, err.message));
     return;
   }
   if (!response.ok) {
     let text = response.statusText;
     try { const body = await response.json(); text = `${body.error}: ${body.detail}`; } catch (err) { /* keep the status */ }
+    // the refusal is itself recorded, and its record reloads the list: the row keeps the message
+    state.approvalErrors.set(id, text);
     cell.replaceChildren(el("span", { class: "a-error" }, text));
     return;
   }
+  state.approvalErrors.delete(id);
   loadApprovals();
 }
 
@@ -587,6 +592,7 @@ function approvalRow(a) {
   } else if (a.approved_by) {
     action.append(el("span", { class: "muted" }, `by ${a.approved_by}`));
   }
+  if (state.approvalErrors.has(a.id)) action.append(" ", el("span", { class: "a-error" }, state.approvalErrors.get(a.id)));
   tr.append(
     el("td", { class: "a-id" }, a.id),
     el("td", { class: "a-status" }, a.status),
