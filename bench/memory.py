@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(1, str(REPO / "bench"))
 
-from run import _bootstrap, _listener, _sidecar_config, _target, _write_keys  # noqa: E402
+from run import _bootstrap, _listener, _sidecar_config, _target, _write_keys, wrk  # noqa: E402
 
 from sidecar.harness import AuthzStack, EnvoyProcess  # noqa: E402
 
@@ -59,18 +59,6 @@ def imports() -> dict[str, float]:
     return out
 
 
-def _wrk(port: int, host: str, path: str, seconds: int) -> float:
-    out = subprocess.run(
-        ["wrk", "-t1", "-c16", f"-d{seconds}s", "-H", f"Host: {host}", f"http://127.0.0.1:{port}{path}"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    if "Non-2xx" in out or "Socket errors" in out:
-        raise RuntimeError(f"wrk saw errors:\n{out}")
-    return float(out.split("Requests/sec:")[1].split()[0])
-
-
 def stack_rss(work: Path, tasks: int, up: str, seconds: int) -> dict[str, Any]:
     """The sidecar's RSS idle (2 s after ready) and, with ``seconds``, after two load runs."""
     state = work / f"state-{tasks}"
@@ -88,11 +76,11 @@ def stack_rss(work: Path, tasks: int, up: str, seconds: int) -> dict[str, Any]:
         out: dict[str, Any] = {"idle": rss(pid)}
         if seconds:
             host, path = _target(tasks)
-            out["rps"] = _wrk(stack.egress_port, host, path, seconds)
+            out["rps"] = wrk(stack.egress_port, host, path, seconds)[0]
             out["load"] = rss(pid)
-            _wrk(stack.egress_port, host, path, seconds)
+            wrk(stack.egress_port, host, path, seconds)[0]
             out["load2"] = rss(pid)
-            _wrk(stack.egress_port, host, path, seconds)
+            wrk(stack.egress_port, host, path, seconds)[0]
             out["load3"] = rss(pid)
         return out
     finally:

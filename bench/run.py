@@ -76,6 +76,24 @@ def socket_dir() -> Path:
     return path
 
 
+def wrk(port: int, host: str, path: str, seconds: int) -> tuple[float, int]:
+    """``wrk -t1 -c16`` for ``seconds`` against ``127.0.0.1:port``: ``(requests per second, requests)``.
+
+    Raises:
+        RuntimeError: wrk saw a non-2xx answer or a socket error.
+    """
+    out = subprocess.run(
+        ["wrk", "-t1", "-c16", f"-d{seconds}s", "-H", f"Host: {host}", f"http://127.0.0.1:{port}{path}"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    if "Non-2xx" in out or "Socket errors" in out:
+        raise RuntimeError(f"wrk saw errors:\n{out}")
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), requests  # type: ignore[union-attr]
+
+
 # -- configuration ----------------------------------------------------------------------------------
 def _tasks(count: int) -> list[dict[str, Any]]:
     return [
@@ -343,16 +361,8 @@ class Bench:
     def wrk(self, port: int, host: str, path: str) -> float:
         url = f"http://127.0.0.1:{port}{path}"
         subprocess.run(["wrk", "-t1", "-c16", "-d1s", "-H", f"Host: {host}", url], capture_output=True, check=True)
-        out = subprocess.run(
-            ["wrk", "-t1", "-c16", f"-d{self.seconds}s", "-H", f"Host: {host}", url],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        if "Non-2xx" in out or "Socket errors" in out:
-            raise RuntimeError(f"wrk saw errors:\n{out}")
-        self.last_requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-        return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+        rps, self.last_requests = wrk(port, host, path, self.seconds)
+        return rps
 
     def hey(self, port: int, host: str, path: str, rate: int) -> dict[str, float]:
         workers = 10
